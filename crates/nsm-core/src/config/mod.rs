@@ -1,0 +1,124 @@
+//! Configuration in two stages: [`raw`] mirrors the TOML file, [`Config`] is the validated,
+//! typed result. Validation reports every problem at once, each with its path
+//! (`inputs[1].window: unknown window "2w"; expected 1h, 1d or 1w`).
+
+mod raw;
+mod validate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::metric::{FieldPath, MetricDef, Role};
+use crate::window::Calendar;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub events: EventsConfig,
+    pub time: TimeConfig,
+    pub state: StateConfig,
+    pub http: HttpConfig,
+    /// North stars first, then inputs, guardrails and revenue, in file order.
+    pub metrics: Vec<MetricDef>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    pub dead_letter_topic: String,
+    /// Passed to librdkafka as they are, after `${VAR}` expansion.
+    pub properties: BTreeMap<String, String>,
+    /// Property keys whose values must never be logged (passwords, keys, expanded secrets).
+    pub secret_properties: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventsConfig {
+    pub name: FieldPath,
+    pub timestamp: FieldPath,
+    pub user: FieldPath,
+    pub id: FieldPath,
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TimeConfig {
+    pub calendar: Calendar,
+    pub allowed_lateness_ms: i64,
+    pub idle_timeout: Duration,
+    pub max_future_skew_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub path: PathBuf,
+    pub retention_ms: i64,
+    pub flush_interval: Duration,
+    pub sync_writes: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+impl Config {
+    /// Parses and validates a TOML config. `env` resolves `${VAR}` references in Kafka
+    /// properties (pass `|name| std::env::var(name).ok()` in a program).
+    pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        validate::parse_and_validate(text, env)
+    }
+
+    pub fn metric(&self, name: &str) -> Option<&MetricDef> {
+        self.metrics.iter().find(|metric| metric.name == name)
+    }
+
+    pub fn metrics_with_role(&self, role: Role) -> impl Iterator<Item = &MetricDef> {
+        self.metrics.iter().filter(move |metric| metric.role == role)
+    }
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where: `kafka.brokers`, `inputs[2].window`; empty for the file as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "configuration is invalid ({} problem{}):", self.0.len(), plural(self.0.len()))?;
+        for error in &self.0 {
+            if error.path.is_empty() {
+                writeln!(f, "  - {}", error.message)?;
+            } else {
+                writeln!(f, "  - {}: {}", error.path, error.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn plural(count: usize) -> &'static str {
+    if count == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+#[cfg(test)]
+mod tests;

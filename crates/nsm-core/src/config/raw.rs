@@ -1,0 +1,96 @@
+//! The config file as written: every field optional or defaulted, so that validation, not
+//! deserialization, finds the problems and can list all of them at once.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub kafka: RawKafka,
+    #[serde(default)]
+    pub events: RawEvents,
+    #[serde(default)]
+    pub time: RawTime,
+    #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
+    pub http: RawHttp,
+    pub north_star: Option<OneOrMany<RawMetric>>,
+    #[serde(default)]
+    pub inputs: Vec<RawMetric>,
+    #[serde(default)]
+    pub guardrails: Vec<RawMetric>,
+    pub revenue: Option<RawMetric>,
+}
+
+/// `[north_star]` as one table, or `[[north_star]]` for the rare product with two.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawKafka {
+    pub brokers: Option<String>,
+    pub topics: Option<Vec<String>>,
+    pub group_id: Option<String>,
+    pub dead_letter_topic: Option<String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawEvents {
+    pub name: Option<String>,
+    pub timestamp: Option<String>,
+    pub user: Option<String>,
+    pub id: Option<String>,
+    pub max_bytes: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTime {
+    pub zone: Option<String>,
+    pub week_start: Option<String>,
+    pub allowed_lateness: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_future_skew: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawState {
+    pub path: Option<String>,
+    pub retention: Option<String>,
+    pub flush_interval: Option<String>,
+    pub sync_writes: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawHttp {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawMetric {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub owner: Option<String>,
+    pub kind: Option<String>,
+    pub field: Option<String>,
+    #[serde(rename = "where")]
+    pub filter: Option<BTreeMap<String, toml::Value>>,
+    pub window: Option<String>,
+}

@@ -1,0 +1,140 @@
+use super::*;
+use crate::metric::{FilterField, Literal, MetricKind};
+use crate::window::CalendarUnit;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn errors_of(text: &str) -> Vec<(String, String)> {
+    match Config::from_toml(text, &no_env) {
+        Ok(_) => panic!("config unexpectedly valid"),
+        Err(errors) => errors.0.into_iter().map(|error| (error.path, error.message)).collect(),
+    }
+}
+
+#[test]
+fn example_config_is_valid_and_typed() {
+    let text = include_str!("../../../../config/example.toml");
+    let config = Config::from_toml(text, &no_env).expect("example config is valid");
+    assert_eq!(config.kafka.topics, vec!["product-events".to_string()]);
+    assert_eq!(config.kafka.dead_letter_topic, "product-events-dlq");
+    assert_eq!(config.time.allowed_lateness_ms, 3_600_000);
+    assert_eq!(config.time.calendar.zone_name(), "Europe/Berlin");
+    assert_eq!(config.metrics.len(), 6);
+    let north_star = &config.metrics[0];
+    assert_eq!(north_star.name, "weekly_active_messagers");
+    assert_eq!(north_star.role, Role::NorthStar);
+    assert_eq!(north_star.window, CalendarUnit::Week);
+    assert!(matches!(&north_star.kind, MetricKind::Distinct { field } if field.to_string() == "user_id"));
+    assert_eq!(north_star.filter.clauses[0].field, FilterField::EventName);
+    assert_eq!(north_star.filter.clauses[0].any_of, vec![Literal::Text("message_sent".into())]);
+    let revenue = config.metric("revenue").expect("revenue");
+    assert!(matches!(&revenue.kind, MetricKind::Sum { field } if field.to_string() == "properties.amount"));
+}
+
+#[test]
+fn every_problem_is_listed_with_its_path() {
+    let text = r#"
+[kafka]
+topics = []
+bogus = 1
+[time]
+zone = "Mars/Olympus"
+week_start = "funday"
+allowed_lateness = "soon"
+[north_star]
+name = "Bad Name"
+kind = "median"
+window = "2w"
+[[inputs]]
+name = "x"
+kind = "sum"
+window = "1d"
+"#;
+    let errors = errors_of(text);
+    let paths: Vec<&str> = errors.iter().map(|(path, _)| path.as_str()).collect();
+    for expected in [
+        "kafka.bogus",
+        "kafka.brokers",
+        "kafka.topics",
+        "time.zone",
+        "time.week_start",
+        "time.allowed_lateness",
+        "north_star.name",
+        "north_star.kind",
+        "north_star.window",
+        "inputs[0].field",
+    ] {
+        assert!(paths.contains(&expected), "missing {expected} in {errors:#?}");
+    }
+    let zone_message = &errors.iter().find(|(path, _)| path == "time.zone").expect("zone").1;
+    assert!(zone_message.contains("Mars/Olympus"), "{zone_message}");
+}
+
+#[test]
+fn syntax_errors_name_the_line() {
+    let errors = errors_of("[kafka]\nbrokers = \"a:1\"\ntopics = [\n");
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].0.starts_with("line "), "{errors:?}");
+}
+
+#[test]
+fn secrets_come_from_the_environment_and_are_marked() {
+    let text = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[kafka.properties]
+"sasl.username" = "nsm"
+"sasl.password" = "${KAFKA_PASSWORD}"
+"ssl.ca.location" = "/etc/ca.pem"
+[north_star]
+name = "n"
+kind = "count"
+window = "1d"
+"#;
+    let env = |name: &str| (name == "KAFKA_PASSWORD").then(|| "s3cret".to_string());
+    let config = Config::from_toml(text, &env).expect("valid");
+    assert_eq!(config.kafka.properties["sasl.password"], "s3cret");
+    assert!(config.kafka.secret_properties.contains("sasl.password"));
+    assert!(!config.kafka.secret_properties.contains("ssl.ca.location"));
+    let errors = errors_of(text);
+    assert_eq!(errors[0].0, "kafka.properties.\"sasl.password\"");
+    assert!(errors[0].1.contains("KAFKA_PASSWORD is not set"));
+}
+
+#[test]
+fn reserved_kafka_properties_are_refused() {
+    let text = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[kafka.properties]
+"enable.auto.commit" = true
+[north_star]
+name = "n"
+kind = "count"
+window = "1d"
+"#;
+    let errors = errors_of(text);
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].1.contains("nsm stores offsets"), "{errors:?}");
+}
+
+#[test]
+fn retention_must_outlive_two_windows_and_lateness() {
+    let text = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[state]
+retention = "8d"
+[north_star]
+name = "n"
+kind = "count"
+window = "1w"
+"#;
+    let errors = errors_of(text);
+    assert_eq!(errors[0].0, "state.retention");
+}

@@ -1,0 +1,520 @@
+//! From [`RawConfig`] to [`Config`], collecting every problem with its path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::{RawConfig, RawMetric};
+use super::{
+    Config, ConfigError, ConfigErrors, EventsConfig, HttpConfig, KafkaConfig, StateConfig,
+    TimeConfig,
+};
+use crate::decimal::Decimal;
+use crate::metric::{Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role};
+use crate::window::{parse_weekday, Calendar, CalendarUnit};
+
+/// librdkafka properties nsm sets itself; letting a user override them would break the
+/// offset-in-state guarantee or the consumer group.
+const RESERVED_PROPERTIES: [(&str, &str); 5] = [
+    ("bootstrap.servers", "set it with kafka.brokers"),
+    ("group.id", "set it with kafka.group_id"),
+    ("enable.auto.commit", "nsm stores offsets with its state and commits them itself"),
+    ("enable.auto.offset.store", "nsm stores offsets with its state and commits them itself"),
+    ("enable.partition.eof", "nsm sets it to track idle partitions"),
+];
+
+const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError { path: path.into(), message: message.into() });
+    }
+}
+
+pub(super) fn parse_and_validate(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let mut problems = Problems::default();
+    let raw = match parse_raw(text, &mut problems) {
+        Some(raw) => raw,
+        None => return Err(ConfigErrors(problems.0)),
+    };
+    let config = validate(raw, env, &mut problems);
+    if problems.0.is_empty() {
+        if let Some(config) = config {
+            return Ok(config);
+        }
+    }
+    Err(ConfigErrors(problems.0))
+}
+
+fn parse_raw(text: &str, problems: &mut Problems) -> Option<RawConfig> {
+    let deserializer = match toml::Deserializer::parse(text) {
+        Ok(deserializer) => deserializer,
+        Err(error) => {
+            problems.add(location(text, error.span()), error.message().trim().to_string());
+            return None;
+        }
+    };
+    let mut unknown = Vec::new();
+    let result = serde_ignored::deserialize(deserializer, |path| unknown.push(path.to_string()));
+    for path in unknown {
+        problems.add(path, "unknown key (check the spelling; see config/example.toml)");
+    }
+    match result {
+        Ok(raw) => Some(raw),
+        Err(error) => {
+            problems.add(location(text, error.span()), error.message().trim().to_string());
+            None
+        }
+    }
+}
+
+/// `line 12` for an error span, so a syntax error without a key path still says where it is.
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}")
+        }
+        None => String::new(),
+    }
+}
+
+fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<Config> {
+    let kafka = validate_kafka(&raw, env, problems);
+    let events = validate_events(&raw, problems);
+    let time = validate_time(&raw, problems);
+    let state = validate_state(&raw, problems);
+    let http = validate_http(&raw, problems);
+
+    let mut metrics = Vec::new();
+    let north_stars = raw.north_star.map(|many| many.into_vec()).unwrap_or_default();
+    if north_stars.is_empty() {
+        problems.add("north_star", "missing: every config needs one [north_star] metric");
+    }
+    let north_star_path = |index: usize| {
+        if north_stars.len() == 1 {
+            "north_star".to_string()
+        } else {
+            format!("north_star[{index}]")
+        }
+    };
+    let mut sections: Vec<(String, Role, &RawMetric)> = Vec::new();
+    for (index, metric) in north_stars.iter().enumerate() {
+        sections.push((north_star_path(index), Role::NorthStar, metric));
+    }
+    for (index, metric) in raw.inputs.iter().enumerate() {
+        sections.push((format!("inputs[{index}]"), Role::Input, metric));
+    }
+    for (index, metric) in raw.guardrails.iter().enumerate() {
+        sections.push((format!("guardrails[{index}]"), Role::Guardrail, metric));
+    }
+    if let Some(revenue) = &raw.revenue {
+        sections.push(("revenue".to_string(), Role::Revenue, revenue));
+    }
+    let default_distinct_field = events.as_ref().map(|events| events.user.clone());
+    let mut seen_names: BTreeMap<String, String> = BTreeMap::new();
+    for (path, role, metric) in sections {
+        let parsed = validate_metric(&path, role, metric, default_distinct_field.as_ref(), problems);
+        if let Some(parsed) = parsed {
+            if let Some(first) = seen_names.get(&parsed.name) {
+                problems.add(
+                    format!("{path}.name"),
+                    format!("duplicate metric name {:?}, already used at {first}", parsed.name),
+                );
+            } else {
+                seen_names.insert(parsed.name.clone(), path.clone());
+            }
+            metrics.push(parsed);
+        }
+    }
+
+    if let (Some(time), Some(state)) = (&time, &state) {
+        if state.retention_ms <= time.allowed_lateness_ms {
+            problems.add(
+                "state.retention",
+                "must be longer than time.allowed_lateness, or windows would be deleted while \
+                 late events can still correct them",
+            );
+        }
+        // The previous complete window must still be stored to be exported.
+        let longest_window_ms = metrics
+            .iter()
+            .map(|metric| match metric.window {
+                CalendarUnit::Hour => 3_600_000,
+                CalendarUnit::Day => 25 * 3_600_000,
+                CalendarUnit::Week => 7 * 25 * 3_600_000,
+            })
+            .max()
+            .unwrap_or(0);
+        if state.retention_ms < 2 * longest_window_ms + time.allowed_lateness_ms {
+            problems.add(
+                "state.retention",
+                "must cover two of the longest window plus the allowed lateness, so the previous \
+                 complete window is still stored (e.g. \"35d\" for weekly windows)",
+            );
+        }
+    }
+    Some(Config { kafka: kafka?, events: events?, time: time?, state: state?, http: http?, metrics })
+}
+
+fn validate_kafka(
+    raw: &RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<KafkaConfig> {
+    let brokers = raw.kafka.brokers.clone().unwrap_or_default();
+    if brokers.trim().is_empty() {
+        problems.add("kafka.brokers", "missing: a comma-separated list of host:port");
+    }
+    let topics = raw.kafka.topics.clone().unwrap_or_default();
+    if topics.is_empty() {
+        problems.add("kafka.topics", "missing: at least one topic to read events from");
+    }
+    for (index, topic) in topics.iter().enumerate() {
+        if let Err(message) = check_topic_name(topic) {
+            problems.add(format!("kafka.topics[{index}]"), message);
+        }
+    }
+    let group_id = raw.kafka.group_id.clone().unwrap_or_else(|| "nsm".to_string());
+    if group_id.trim().is_empty() {
+        problems.add("kafka.group_id", "must not be empty");
+    }
+    let dead_letter_topic = raw
+        .kafka
+        .dead_letter_topic
+        .clone()
+        .unwrap_or_else(|| format!("{}-dlq", topics.first().map(String::as_str).unwrap_or("nsm")));
+    if let Err(message) = check_topic_name(&dead_letter_topic) {
+        problems.add("kafka.dead_letter_topic", message);
+    }
+    if topics.contains(&dead_letter_topic) {
+        problems.add("kafka.dead_letter_topic", "must differ from the topics nsm reads");
+    }
+
+    let mut properties = BTreeMap::new();
+    let mut secret_properties = BTreeSet::new();
+    for (key, value) in &raw.kafka.properties {
+        let path = format!("kafka.properties.{key:?}");
+        if let Some((_, hint)) = RESERVED_PROPERTIES.iter().find(|(reserved, _)| reserved == key) {
+            problems.add(path, format!("is set by nsm; remove it ({hint})"));
+            continue;
+        }
+        let text = match value {
+            toml::Value::String(text) => text.clone(),
+            toml::Value::Integer(number) => number.to_string(),
+            toml::Value::Float(number) => number.to_string(),
+            toml::Value::Boolean(flag) => flag.to_string(),
+            _ => {
+                problems.add(path, "must be a string, number or boolean");
+                continue;
+            }
+        };
+        match expand_env(&text, env) {
+            Ok((expanded, used_env)) => {
+                if used_env || looks_secret(key) {
+                    secret_properties.insert(key.clone());
+                }
+                properties.insert(key.clone(), expanded);
+            }
+            Err(message) => problems.add(path, message),
+        }
+    }
+    Some(KafkaConfig { brokers, topics, group_id, dead_letter_topic, properties, secret_properties })
+}
+
+fn check_topic_name(topic: &str) -> Result<(), String> {
+    let valid_chars = topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if topic.is_empty() || topic.len() > 249 || !valid_chars {
+        return Err(format!(
+            "invalid topic name {topic:?}: 1 to 249 characters of a-z, A-Z, 0-9, '.', '_', '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn looks_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "key.pem", "token", "credentials"].iter().any(|word| key.contains(word))
+}
+
+/// Replaces `${NAME}` with the environment variable NAME; `$$` is a literal `$`.
+fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(String, bool), String> {
+    let mut out = String::with_capacity(text.len());
+    let mut used_env = false;
+    let mut rest = text;
+    while let Some(position) = rest.find('$') {
+        out.push_str(&rest[..position]);
+        let after = &rest[position + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let Some(close) = body.find('}') else {
+                return Err("unterminated ${...} reference".to_string());
+            };
+            let name = &body[..close];
+            match env(name) {
+                Some(value) => out.push_str(&value),
+                None => return Err(format!("environment variable {name} is not set")),
+            }
+            used_env = true;
+            rest = &body[close + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok((out, used_env))
+}
+
+fn field_path(path: &str, value: Option<&String>, default: &str, problems: &mut Problems) -> Option<FieldPath> {
+    let text = value.map(String::as_str).unwrap_or(default);
+    let parsed = FieldPath::parse(text);
+    if parsed.is_none() {
+        problems.add(path, format!("invalid field path {text:?}: dotted names like properties.amount"));
+    }
+    parsed
+}
+
+fn validate_events(raw: &RawConfig, problems: &mut Problems) -> Option<EventsConfig> {
+    let events = &raw.events;
+    let name = field_path("events.name", events.name.as_ref(), "event", problems);
+    let timestamp = field_path("events.timestamp", events.timestamp.as_ref(), "timestamp", problems);
+    let user = field_path("events.user", events.user.as_ref(), "user_id", problems);
+    let id = field_path("events.id", events.id.as_ref(), "event_id", problems);
+    let max_bytes = match &events.max_bytes {
+        None => Some(DEFAULT_MAX_EVENT_BYTES),
+        Some(value) => {
+            let parsed = parse_size(value);
+            if parsed.is_none() {
+                problems.add("events.max_bytes", "expected a size such as \"1MiB\", \"512KiB\" or 65536");
+            }
+            parsed
+        }
+    };
+    Some(EventsConfig { name: name?, timestamp: timestamp?, user: user?, id: id?, max_bytes: max_bytes? })
+}
+
+fn parse_size(value: &toml::Value) -> Option<usize> {
+    match value {
+        toml::Value::Integer(bytes) if *bytes > 0 => usize::try_from(*bytes).ok(),
+        toml::Value::String(text) => {
+            let text = text.trim();
+            let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+            let number: usize = text[..digits_end].parse().ok()?;
+            let multiplier = match text[digits_end..].trim() {
+                "" | "B" => 1,
+                "KiB" => 1024,
+                "MiB" => 1024 * 1024,
+                "KB" | "kB" => 1000,
+                "MB" => 1_000_000,
+                _ => return None,
+            };
+            number.checked_mul(multiplier).filter(|bytes| *bytes > 0)
+        }
+        _ => None,
+    }
+}
+
+fn duration(path: &str, value: Option<&String>, default: &str, problems: &mut Problems) -> Option<Duration> {
+    let text = value.map(String::as_str).unwrap_or(default);
+    match humantime::parse_duration(text) {
+        Ok(parsed) => Some(parsed),
+        Err(error) => {
+            problems.add(path, format!("invalid duration {text:?} ({error}); write e.g. \"90s\", \"5m\", \"1h\", \"35d\""));
+            None
+        }
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn validate_time(raw: &RawConfig, problems: &mut Problems) -> Option<TimeConfig> {
+    let time = &raw.time;
+    let zone_name = time.zone.clone().unwrap_or_else(|| "UTC".to_string());
+    let week_start_text = time.week_start.clone().unwrap_or_else(|| "monday".to_string());
+    let week_start = parse_weekday(&week_start_text);
+    if week_start.is_none() {
+        problems.add("time.week_start", format!("unknown weekday {week_start_text:?}; expected monday ... sunday"));
+    }
+    let calendar = match Calendar::new(&zone_name, week_start.unwrap_or(jiff::civil::Weekday::Monday)) {
+        Ok(calendar) => Some(calendar),
+        Err(_) => {
+            problems.add("time.zone", format!("unknown time zone {zone_name:?}; expected an IANA name such as \"Europe/Berlin\" or \"UTC\""));
+            None
+        }
+    };
+    let lateness = duration("time.allowed_lateness", time.allowed_lateness.as_ref(), "1h", problems);
+    let idle_timeout = duration("time.idle_timeout", time.idle_timeout.as_ref(), "5m", problems);
+    if idle_timeout == Some(Duration::ZERO) {
+        problems.add("time.idle_timeout", "must be longer than zero");
+    }
+    let skew = duration("time.max_future_skew", time.max_future_skew.as_ref(), "1h", problems);
+    week_start?;
+    Some(TimeConfig {
+        calendar: calendar?,
+        allowed_lateness_ms: millis(lateness?),
+        idle_timeout: idle_timeout?,
+        max_future_skew_ms: millis(skew?),
+    })
+}
+
+fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfig> {
+    let state = &raw.state;
+    let path = state.path.clone().unwrap_or_else(|| "nsm-state".to_string());
+    if path.trim().is_empty() {
+        problems.add("state.path", "must not be empty");
+    }
+    let retention = duration("state.retention", state.retention.as_ref(), "35d", problems);
+    let flush = duration("state.flush_interval", state.flush_interval.as_ref(), "200ms", problems);
+    if let Some(flush) = flush {
+        if flush < Duration::from_millis(10) || flush > Duration::from_secs(60) {
+            problems.add("state.flush_interval", "must be between 10ms and 60s");
+        }
+    }
+    Some(StateConfig {
+        path: PathBuf::from(path),
+        retention_ms: millis(retention?),
+        flush_interval: flush?,
+        sync_writes: state.sync_writes.unwrap_or(true),
+    })
+}
+
+fn validate_http(raw: &RawConfig, problems: &mut Problems) -> Option<HttpConfig> {
+    let text = raw.http.listen.clone().unwrap_or_else(|| "127.0.0.1:9464".to_string());
+    match text.parse::<SocketAddr>() {
+        Ok(listen) => Some(HttpConfig { listen }),
+        Err(_) => {
+            problems.add("http.listen", format!("invalid address {text:?}; expected host:port such as \"0.0.0.0:9464\""));
+            None
+        }
+    }
+}
+
+fn is_valid_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(first) if first.is_ascii_lowercase() || first == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn validate_metric(
+    path: &str,
+    role: Role,
+    raw: &RawMetric,
+    default_distinct_field: Option<&FieldPath>,
+    problems: &mut Problems,
+) -> Option<MetricDef> {
+    let name = raw.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        problems.add(format!("{path}.name"), "missing: a snake_case metric name");
+    } else if !is_valid_metric_name(&name) || name.len() > 100 {
+        problems.add(format!("{path}.name"), format!("invalid name {name:?}: lowercase letters, digits and '_', starting with a letter"));
+    }
+
+    let kind = match (raw.kind.as_deref(), &raw.field) {
+        (None, _) => {
+            problems.add(format!("{path}.kind"), "missing: one of count, sum, distinct");
+            None
+        }
+        (Some("count"), Some(_)) => {
+            problems.add(format!("{path}.field"), "a count has no field; remove it or use kind = \"sum\"");
+            None
+        }
+        (Some("count"), None) => Some(MetricKind::Count),
+        (Some("sum"), None) => {
+            problems.add(format!("{path}.field"), "missing: the numeric field to sum, e.g. \"properties.amount\"");
+            None
+        }
+        (Some("sum"), Some(field)) => {
+            field_path(&format!("{path}.field"), Some(field), "", problems).map(|field| MetricKind::Sum { field })
+        }
+        (Some("distinct"), field) => match field {
+            Some(field) => field_path(&format!("{path}.field"), Some(field), "", problems),
+            None => default_distinct_field.cloned(),
+        }
+        .map(|field| MetricKind::Distinct { field }),
+        (Some(other), _) => {
+            problems.add(format!("{path}.kind"), format!("unknown kind {other:?}; expected count, sum or distinct"));
+            None
+        }
+    };
+
+    let window = match raw.window.as_deref() {
+        None => {
+            problems.add(format!("{path}.window"), "missing: one of \"1h\", \"1d\", \"1w\"");
+            None
+        }
+        Some(text) => {
+            let unit = CalendarUnit::parse(text);
+            if unit.is_none() {
+                problems.add(format!("{path}.window"), format!("unknown window {text:?}; expected \"1h\", \"1d\" or \"1w\""));
+            }
+            unit
+        }
+    };
+
+    let mut clauses = Vec::new();
+    for (key, value) in raw.filter.iter().flatten() {
+        let clause_path = format!("{path}.where.{key}");
+        let field = if key == "event" {
+            Some(FilterField::EventName)
+        } else {
+            FieldPath::parse(key).map(FilterField::Path)
+        };
+        let Some(field) = field else {
+            problems.add(clause_path, "invalid field path");
+            continue;
+        };
+        let values: Vec<&toml::Value> = match value {
+            toml::Value::Array(values) => values.iter().collect(),
+            single => vec![single],
+        };
+        let mut any_of = Vec::new();
+        for value in values {
+            match literal(value) {
+                Some(parsed) => any_of.push(parsed),
+                None => problems.add(clause_path.clone(), "expected a string, number or boolean, or a list of them"),
+            }
+        }
+        if any_of.is_empty() {
+            problems.add(clause_path, "an empty list matches nothing");
+            continue;
+        }
+        clauses.push(Clause { field, any_of });
+    }
+
+    let owner = raw.owner.clone().filter(|owner| !owner.trim().is_empty());
+    Some(MetricDef {
+        name,
+        role,
+        owner,
+        description: raw.description.clone().unwrap_or_default(),
+        kind: kind?,
+        filter: Filter { clauses },
+        window: window?,
+    })
+}
+
+fn literal(value: &toml::Value) -> Option<Literal> {
+    match value {
+        toml::Value::String(text) => Some(Literal::Text(text.clone())),
+        toml::Value::Integer(number) => Some(Literal::Number(Decimal::from_integer(*number))),
+        toml::Value::Float(number) => Decimal::parse(&number.to_string()).ok().map(Literal::Number),
+        toml::Value::Boolean(flag) => Some(Literal::Bool(*flag)),
+        _ => None,
+    }
+}

@@ -1,0 +1,272 @@
+//! Applying one event: decode, validate everything, then update state.
+//!
+//! An event is applied to all metrics it matches or to none: every check (timestamp, value
+//! types, lateness) happens before the first state change, so a rejected event leaves no trace
+//! and can be replayed from the dead-letter topic once fixed.
+
+use std::borrow::Cow;
+
+use jiff::Timestamp;
+
+use super::plan::{CompiledMetric, Plan, ValueSource};
+use super::state::{Agg, PartitionState, WindowState};
+use super::Outcome;
+use crate::decimal::{Decimal, DecimalError};
+use crate::event::{Fields, Scalar};
+use crate::metric::Literal;
+use crate::reject::{RejectReason, Rejection};
+use crate::EpochMillis;
+
+/// What a matching event adds to one metric.
+enum Contribution<'a> {
+    One,
+    Amount(Decimal),
+    Member(Cow<'a, [u8]>),
+}
+
+pub(super) fn apply_event(
+    plan: &Plan,
+    state: &mut PartitionState,
+    payload: &[u8],
+    now_ms: EpochMillis,
+) -> Outcome {
+    match evaluate(plan, state, payload, now_ms) {
+        Ok((event_time_ms, contributions)) => {
+            let matched = contributions.len();
+            commit(plan, state, event_time_ms, contributions);
+            Outcome::Applied { event_time_ms, matched }
+        }
+        Err(rejection) => Outcome::Rejected(rejection),
+    }
+}
+
+type Contributions<'a> = Vec<(usize, Contribution<'a>)>;
+
+fn evaluate<'a>(
+    plan: &Plan,
+    state: &PartitionState,
+    payload: &'a [u8],
+    now_ms: EpochMillis,
+) -> Result<(EpochMillis, Contributions<'a>), Rejection> {
+    let settings = &plan.settings;
+    if payload.len() > settings.max_event_bytes {
+        return Err(Rejection::new(
+            RejectReason::Oversize,
+            format!("{} bytes exceeds events.max_bytes = {}", payload.len(), settings.max_event_bytes),
+        ));
+    }
+    let text = std::str::from_utf8(payload)
+        .map_err(|error| Rejection::new(RejectReason::InvalidJson, format!("not UTF-8: {error}")))?;
+    let fields = plan.schema.decode(text)?;
+
+    match fields.get(plan.name_slot) {
+        Some(Scalar::Text(_)) => {}
+        None => {
+            return Err(Rejection::new(
+                RejectReason::MissingEventName,
+                format!("no event name at {}", settings.event_name_field),
+            ))
+        }
+        Some(other) => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("event name at {} is a {}, not a string", settings.event_name_field, other.type_name()),
+            ))
+        }
+    }
+    let event_time_ms = event_time(&fields, plan)?;
+    if event_time_ms > now_ms.saturating_add(settings.max_future_skew_ms)
+        || event_time_ms < now_ms.saturating_sub(settings.retention_ms)
+    {
+        return Err(Rejection::new(
+            RejectReason::TimestampOutOfRange,
+            format!(
+                "timestamp {} is outside [now - retention, now + max_future_skew]",
+                format_ms(event_time_ms)
+            ),
+        ));
+    }
+
+    let mut contributions = Vec::new();
+    for (index, metric) in plan.compiled.iter().enumerate() {
+        if !matches_filter(metric, &fields) {
+            continue;
+        }
+        let contribution = contribution(plan, index, metric, &fields)?;
+        contributions.push((index, contribution));
+    }
+
+    if let Some(watermark) = state.watermark_ms() {
+        if event_time_ms < watermark - settings.allowed_lateness_ms {
+            return Err(Rejection::new(
+                RejectReason::Late,
+                format!(
+                    "event time {} is more than the allowed lateness behind the watermark {}",
+                    format_ms(event_time_ms),
+                    format_ms(watermark)
+                ),
+            ));
+        }
+    }
+    Ok((event_time_ms, contributions))
+}
+
+fn event_time(fields: &Fields<'_>, plan: &Plan) -> Result<EpochMillis, Rejection> {
+    let path = &plan.settings.timestamp_field;
+    match fields.get(plan.timestamp_slot) {
+        None => Err(Rejection::new(RejectReason::MissingTimestamp, format!("no timestamp at {path}"))),
+        Some(Scalar::Text(text)) => text
+            .parse::<Timestamp>()
+            .map(Timestamp::as_millisecond)
+            .map_err(|_| {
+                Rejection::new(
+                    RejectReason::InvalidTimestamp,
+                    format!("timestamp {text:?} at {path} is not RFC 3339 with an offset"),
+                )
+            }),
+        Some(Scalar::Number(text)) => text.parse::<i64>().map_err(|_| {
+            Rejection::new(
+                RejectReason::InvalidTimestamp,
+                format!("timestamp {text} at {path} is not integer epoch milliseconds"),
+            )
+        }),
+        Some(other) => Err(Rejection::new(
+            RejectReason::InvalidTimestamp,
+            format!("timestamp at {path} is a {}", other.type_name()),
+        )),
+    }
+}
+
+fn matches_filter(metric: &CompiledMetric, fields: &Fields<'_>) -> bool {
+    metric.clauses.iter().all(|(slot, any_of)| {
+        let Some(value) = fields.get(*slot) else { return false };
+        any_of.iter().any(|literal| literal_matches(literal, &value))
+    })
+}
+
+fn literal_matches(literal: &Literal, value: &Scalar<'_>) -> bool {
+    match (literal, value) {
+        (Literal::Text(expected), Scalar::Text(actual)) => expected == actual,
+        (Literal::Bool(expected), Scalar::Bool(actual)) => expected == actual,
+        (Literal::Number(expected), Scalar::Number(actual)) => Decimal::parse(actual).is_ok_and(|n| n == *expected),
+        _ => false,
+    }
+}
+
+fn contribution<'a>(
+    plan: &Plan,
+    index: usize,
+    metric: &CompiledMetric,
+    fields: &Fields<'a>,
+) -> Result<Contribution<'a>, Rejection> {
+    let field_name = || match &plan.metrics()[index].kind {
+        crate::metric::MetricKind::Sum { field } | crate::metric::MetricKind::Distinct { field } => field.to_string(),
+        crate::metric::MetricKind::Count => String::new(),
+    };
+    let metric_name = &plan.metrics()[index].name;
+    match &metric.value {
+        ValueSource::One => Ok(Contribution::One),
+        ValueSource::Sum(slot) => match fields.get(*slot) {
+            Some(Scalar::Number(text)) => match Decimal::parse(text) {
+                Ok(amount) => Ok(Contribution::Amount(amount)),
+                Err(DecimalError::OutOfRange) | Err(DecimalError::Syntax) => Err(Rejection::new(
+                    RejectReason::WrongType,
+                    format!("{} = {text} for metric {metric_name} is beyond the exact range", field_name()),
+                )),
+            },
+            None => Err(Rejection::new(
+                RejectReason::MissingField,
+                format!("metric {metric_name} sums {} but the event has none", field_name()),
+            )),
+            Some(other) => Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("metric {metric_name} sums {} but it is a {}", field_name(), other.type_name()),
+            )),
+        },
+        ValueSource::Distinct(slot) => match fields.get(*slot) {
+            Some(Scalar::Composite) => Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("metric {metric_name} counts distinct {} but it is an object or array", field_name()),
+            )),
+            Some(scalar) => Ok(Contribution::Member(member_key(scalar))),
+            None => Err(Rejection::new(
+                RejectReason::MissingField,
+                format!("metric {metric_name} counts distinct {} but the event has none", field_name()),
+            )),
+        },
+    }
+}
+
+/// The identity of a distinct value: a type tag, then its canonical text, so the string "42"
+/// and the number 42 are different members while 42 and 42.0 are the same.
+fn member_key<'a>(scalar: Scalar<'a>) -> Cow<'a, [u8]> {
+    let (tag, body): (u8, Cow<'a, str>) = match scalar {
+        Scalar::Text(text) => (b's', text),
+        Scalar::Number(text) => match Decimal::parse(text) {
+            Ok(number) => (b'n', Cow::Owned(number.to_string())),
+            Err(_) => (b'n', Cow::Borrowed(text)),
+        },
+        Scalar::Bool(flag) => (b'b', Cow::Borrowed(if flag { "true" } else { "false" })),
+        Scalar::Null | Scalar::Composite => (b'?', Cow::Borrowed("")),
+    };
+    let mut key = Vec::with_capacity(body.len() + 1);
+    key.push(tag);
+    key.extend_from_slice(body.as_bytes());
+    Cow::Owned(key)
+}
+
+fn commit(plan: &Plan, state: &mut PartitionState, event_time_ms: EpochMillis, contributions: Contributions<'_>) {
+    state.max_event_ms = Some(state.max_event_ms.map_or(event_time_ms, |max| max.max(event_time_ms)));
+    for (index, contribution) in contributions {
+        let compiled = &plan.compiled[index];
+        let bounds = match state.last_window[index] {
+            Some(bounds) if bounds.contains(event_time_ms) => bounds,
+            _ => match plan.calendar().window_of(compiled.window, event_time_ms) {
+                Some(bounds) => {
+                    state.last_window[index] = Some(bounds);
+                    bounds
+                }
+                // Unreachable: the timestamp was range-checked against the wall clock.
+                None => continue,
+            },
+        };
+        let window = state.windows[index]
+            .entry(bounds.start_ms)
+            .or_insert_with(|| WindowState { end_ms: bounds.end_ms, agg: Agg::empty(&compiled.value) });
+        let changed = match (&mut window.agg, contribution) {
+            (Agg::Count(count), Contribution::One) => {
+                *count += 1;
+                true
+            }
+            (Agg::Sum(sum), Contribution::Amount(amount)) => match sum.checked_add(amount) {
+                Some(total) => {
+                    *sum = total;
+                    true
+                }
+                None => false,
+            },
+            (Agg::Distinct(members), Contribution::Member(member)) => {
+                if members.contains(member.as_ref()) {
+                    false
+                } else {
+                    let member: Box<[u8]> = member.into_owned().into_boxed_slice();
+                    state.pending.new_members.push((index, bounds.start_ms, member.clone()));
+                    members.insert(member);
+                    true
+                }
+            }
+            _ => false,
+        };
+        if changed {
+            state.pending.dirty_windows.insert((index, bounds.start_ms));
+        }
+    }
+    state.pending.meta_dirty = true;
+}
+
+pub(super) fn format_ms(time_ms: EpochMillis) -> String {
+    match Timestamp::from_millisecond(time_ms) {
+        Ok(timestamp) => timestamp.to_string(),
+        Err(_) => format!("{time_ms}ms"),
+    }
+}

@@ -1,0 +1,108 @@
+//! The changes to persist after a batch of events: one entry per touched partition, written
+//! by the state store in a single atomic batch together with the partition's offset.
+
+use super::plan::Plan;
+use super::state::{AggValue, PartitionState};
+use crate::{EpochMillis, PartitionKey};
+
+/// A window's new value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowUpsert {
+    pub metric: usize,
+    pub start_ms: EpochMillis,
+    pub end_ms: EpochMillis,
+    pub value: AggValue,
+}
+
+/// A new member of a distinct set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInsert {
+    pub metric: usize,
+    pub start_ms: EpochMillis,
+    pub member: Box<[u8]>,
+}
+
+/// A window past the retention, to delete with its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowDelete {
+    pub metric: usize,
+    pub start_ms: EpochMillis,
+}
+
+/// Everything that changed in one partition. `next_offset` and the watermark fields are the
+/// partition's full current values, not deltas: writing them with the window changes in one
+/// batch is what makes a restart resume exactly where the state ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionChanges {
+    pub key: PartitionKey,
+    pub next_offset: Option<i64>,
+    pub max_event_ms: Option<EpochMillis>,
+    pub idle_floor_ms: Option<EpochMillis>,
+    pub upserts: Vec<WindowUpsert>,
+    pub members: Vec<MemberInsert>,
+    pub deletes: Vec<WindowDelete>,
+}
+
+/// All partitions' changes since the last flush.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    pub partitions: Vec<PartitionChanges>,
+}
+
+impl ChangeSet {
+    pub fn is_empty(&self) -> bool {
+        self.partitions.is_empty()
+    }
+}
+
+impl PartitionState {
+    pub(super) fn take_changes(&mut self, plan: &Plan, key: &PartitionKey) -> Option<PartitionChanges> {
+        let deletes = self.expire(plan);
+        if !self.pending.meta_dirty && self.pending.dirty_windows.is_empty() && deletes.is_empty() {
+            return None;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let upserts = pending
+            .dirty_windows
+            .into_iter()
+            .filter_map(|(metric, start_ms)| {
+                let window = self.windows[metric].get(&start_ms)?;
+                Some(WindowUpsert { metric, start_ms, end_ms: window.end_ms, value: window.agg.value() })
+            })
+            .collect();
+        let members = pending
+            .new_members
+            .into_iter()
+            .filter(|(metric, start_ms, _)| self.windows[*metric].contains_key(start_ms))
+            .map(|(metric, start_ms, member)| MemberInsert { metric, start_ms, member })
+            .collect();
+        Some(PartitionChanges {
+            key: key.clone(),
+            next_offset: self.next_offset,
+            max_event_ms: self.max_event_ms,
+            idle_floor_ms: self.idle_floor_ms,
+            upserts,
+            members,
+            deletes,
+        })
+    }
+
+    /// Drops windows that ended more than the retention before the watermark.
+    fn expire(&mut self, plan: &Plan) -> Vec<WindowDelete> {
+        let Some(watermark) = self.watermark_ms() else { return Vec::new() };
+        let horizon = watermark - plan.settings.retention_ms;
+        let mut deletes = Vec::new();
+        for (metric, windows) in self.windows.iter_mut().enumerate() {
+            while let Some(entry) = windows.first_entry() {
+                if entry.get().end_ms >= horizon {
+                    break;
+                }
+                let start_ms = *entry.key();
+                entry.remove();
+                self.pending.dirty_windows.remove(&(metric, start_ms));
+                deletes.push(WindowDelete { metric, start_ms });
+            }
+        }
+        deletes
+    }
+}

@@ -1,0 +1,148 @@
+//! The aggregation engine: applies events to per-partition window state, tracks the
+//! watermark, and hands out the changes to persist.
+//!
+//! State is kept per Kafka partition so that each partition's values are a deterministic
+//! function of its events up to an offset: that is what lets the offset be stored atomically
+//! with the state, and a restart from stored state give exactly the values of an
+//! uninterrupted run. The engine never does I/O; the caller persists [`ChangeSet`]s.
+
+mod apply;
+mod changes;
+mod plan;
+mod state;
+mod view;
+
+use std::collections::HashMap;
+
+pub use changes::{ChangeSet, MemberInsert, PartitionChanges, WindowDelete, WindowUpsert};
+pub use plan::Plan;
+pub use state::{AggValue, PartitionSnapshot, StoredMember, StoredWindow};
+pub use view::{MetricValues, PartitionStatus, WindowValue};
+
+use crate::reject::Rejection;
+use crate::{EpochMillis, PartitionKey};
+use state::PartitionState;
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The event was valid and counted by `matched` metrics (possibly none).
+    Applied { event_time_ms: EpochMillis, matched: usize },
+    /// The offset was already applied before a restart; the message is skipped.
+    AlreadyApplied,
+    /// The event was not applied; it belongs in the dead-letter topic.
+    Rejected(Rejection),
+}
+
+/// The engine for all partitions this instance owns.
+pub struct Engine {
+    plan: Plan,
+    partitions: HashMap<PartitionKey, PartitionState>,
+}
+
+impl Engine {
+    pub fn new(plan: Plan) -> Self {
+        Self { plan, partitions: HashMap::new() }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Takes ownership of a partition, from its stored snapshot (or empty for a new one).
+    pub fn restore_partition(&mut self, key: PartitionKey, snapshot: PartitionSnapshot) {
+        let state = PartitionState::restore(&self.plan, snapshot);
+        self.partitions.insert(key, state);
+    }
+
+    /// Gives a partition up (after its changes were persisted).
+    pub fn remove_partition(&mut self, key: &PartitionKey) {
+        self.partitions.remove(key);
+    }
+
+    pub fn owns(&self, key: &PartitionKey) -> bool {
+        self.partitions.contains_key(key)
+    }
+
+    pub fn partitions(&self) -> impl Iterator<Item = &PartitionKey> {
+        self.partitions.keys()
+    }
+
+    /// The offset to resume a partition from: the first not yet applied.
+    pub fn next_offset(&self, key: &PartitionKey) -> Option<i64> {
+        self.partitions.get(key).and_then(|state| state.next_offset)
+    }
+
+    /// Applies the message at `offset` of partition `key`. `now_ms` is the wall clock, used
+    /// only to refuse timestamps no retained window could hold.
+    ///
+    /// # Panics
+    /// In debug builds, if the partition was not restored first (a wiring bug).
+    pub fn apply(
+        &mut self,
+        key: &PartitionKey,
+        offset: i64,
+        payload: &[u8],
+        now_ms: EpochMillis,
+    ) -> Outcome {
+        let Some(state) = self.partitions.get_mut(key) else {
+            debug_assert!(false, "apply on partition {key} that was never restored");
+            return Outcome::AlreadyApplied;
+        };
+        if state.next_offset.is_some_and(|next| offset < next) {
+            return Outcome::AlreadyApplied;
+        }
+        let outcome = apply::apply_event(&self.plan, state, payload, now_ms);
+        state.next_offset = Some(offset + 1);
+        state.pending.meta_dirty = true;
+        outcome
+    }
+
+    /// Moves an idle partition's watermark to the wall clock, so current windows roll over and
+    /// complete even when no events arrive. The caller decides when a partition is idle.
+    pub fn advance_idle(&mut self, key: &PartitionKey, now_ms: EpochMillis) {
+        if let Some(state) = self.partitions.get_mut(key) {
+            if state.idle_floor_ms.is_none_or(|floor| floor < now_ms) {
+                state.idle_floor_ms = Some(now_ms);
+                state.pending.meta_dirty = true;
+            }
+        }
+    }
+
+    /// Everything changed since the last call, for one atomic write per partition; also
+    /// drops windows older than the retention.
+    pub fn take_changes(&mut self) -> ChangeSet {
+        let plan = &self.plan;
+        let mut partitions: Vec<PartitionChanges> = self
+            .partitions
+            .iter_mut()
+            .filter_map(|(key, state)| state.take_changes(plan, key))
+            .collect();
+        partitions.sort_by(|a, b| a.key.cmp(&b.key));
+        ChangeSet { partitions }
+    }
+
+    /// Current and previous window of every metric, summed over owned partitions.
+    pub fn metric_values(&self, now_ms: EpochMillis) -> Vec<MetricValues> {
+        view::metric_values(&self.plan, self.partitions.values(), now_ms)
+    }
+
+    /// Offsets and watermarks of owned partitions, for exposition and the windows API.
+    pub fn partition_status(&self) -> Vec<PartitionStatus> {
+        let mut status: Vec<PartitionStatus> = self
+            .partitions
+            .iter()
+            .map(|(key, state)| PartitionStatus {
+                key: key.clone(),
+                next_offset: state.next_offset,
+                watermark_ms: state.watermark_ms(),
+                max_event_time_ms: state.max_event_ms,
+            })
+            .collect();
+        status.sort_by(|a, b| a.key.cmp(&b.key));
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests;

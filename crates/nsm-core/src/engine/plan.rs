@@ -1,0 +1,113 @@
+//! The compiled form of the metric definitions: field slots resolved once at start.
+
+use crate::config::Config;
+use crate::event::{EventSchema, Slot};
+use crate::metric::{FieldPath, FilterField, Literal, MetricDef, MetricKind};
+use crate::window::{Calendar, CalendarUnit};
+use crate::EpochMillis;
+
+/// Settings of the engine that are not metric definitions.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub event_name_field: FieldPath,
+    pub timestamp_field: FieldPath,
+    pub calendar: Calendar,
+    pub allowed_lateness_ms: i64,
+    pub retention_ms: i64,
+    pub max_future_skew_ms: i64,
+    pub max_event_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum ValueSource {
+    One,
+    Sum(Slot),
+    Distinct(Slot),
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct CompiledMetric {
+    pub clauses: Vec<(Slot, Vec<Literal>)>,
+    pub value: ValueSource,
+    pub window: CalendarUnit,
+}
+
+/// Metric definitions plus everything precomputed to apply them fast.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    metrics: Vec<MetricDef>,
+    pub(super) compiled: Vec<CompiledMetric>,
+    pub(super) schema: EventSchema,
+    pub(super) name_slot: Slot,
+    pub(super) timestamp_slot: Slot,
+    pub(super) settings: EngineSettings,
+}
+
+impl Plan {
+    pub fn from_config(config: &Config) -> Plan {
+        Plan::new(
+            config.metrics.clone(),
+            EngineSettings {
+                event_name_field: config.events.name.clone(),
+                timestamp_field: config.events.timestamp.clone(),
+                calendar: config.time.calendar.clone(),
+                allowed_lateness_ms: config.time.allowed_lateness_ms,
+                retention_ms: config.state.retention_ms,
+                max_future_skew_ms: config.time.max_future_skew_ms,
+                max_event_bytes: config.events.max_bytes,
+            },
+        )
+    }
+
+    pub fn new(metrics: Vec<MetricDef>, settings: EngineSettings) -> Plan {
+        let mut schema = EventSchema::default();
+        let name_slot = schema.slot(&settings.event_name_field);
+        let timestamp_slot = schema.slot(&settings.timestamp_field);
+        let compiled = metrics
+            .iter()
+            .map(|metric| {
+                let clauses = metric
+                    .filter
+                    .clauses
+                    .iter()
+                    .map(|clause| {
+                        let slot = match &clause.field {
+                            FilterField::EventName => name_slot,
+                            FilterField::Path(path) => schema.slot(path),
+                        };
+                        (slot, clause.any_of.clone())
+                    })
+                    .collect();
+                let value = match &metric.kind {
+                    MetricKind::Count => ValueSource::One,
+                    MetricKind::Sum { field } => ValueSource::Sum(schema.slot(field)),
+                    MetricKind::Distinct { field } => ValueSource::Distinct(schema.slot(field)),
+                };
+                CompiledMetric { clauses, value, window: metric.window }
+            })
+            .collect();
+        Plan { metrics, compiled, schema, name_slot, timestamp_slot, settings }
+    }
+
+    pub fn metrics(&self) -> &[MetricDef] {
+        &self.metrics
+    }
+
+    pub fn metric_index(&self, name: &str) -> Option<usize> {
+        self.metrics.iter().position(|metric| metric.name == name)
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    pub fn calendar(&self) -> &Calendar {
+        &self.settings.calendar
+    }
+
+    /// A window is complete, and will never change again, once the watermark has passed its
+    /// end by the allowed lateness.
+    pub fn is_complete(&self, end_ms: EpochMillis, watermark_ms: Option<EpochMillis>) -> bool {
+        watermark_ms.is_some_and(|watermark| watermark >= end_ms + self.settings.allowed_lateness_ms)
+    }
+}

@@ -1,0 +1,74 @@
+//! Read-only views of the engine for exposition: current and previous windows, summed over
+//! the partitions this instance owns.
+
+use super::plan::Plan;
+use super::state::{AggValue, PartitionState};
+use crate::window::WindowBounds;
+use crate::{EpochMillis, PartitionKey};
+
+/// One window of one metric, summed over partitions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowValue {
+    pub bounds: WindowBounds,
+    pub value: AggValue,
+    /// Every owned partition's watermark is past the end plus the allowed lateness: the value
+    /// is final.
+    pub complete: bool,
+}
+
+/// A metric's current window (the one containing the instance clock) and the one before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricValues {
+    pub metric: usize,
+    pub current: WindowValue,
+    pub previous: WindowValue,
+}
+
+/// Progress of one owned partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStatus {
+    pub key: PartitionKey,
+    pub next_offset: Option<i64>,
+    pub watermark_ms: Option<EpochMillis>,
+    pub max_event_time_ms: Option<EpochMillis>,
+}
+
+/// The instance clock: the most advanced partition watermark, or the wall clock before any
+/// partition has one. It picks which window is "current".
+pub fn instance_clock<'a>(
+    partitions: impl Iterator<Item = Option<EpochMillis>>,
+    now_ms: EpochMillis,
+) -> EpochMillis {
+    partitions.flatten().max().unwrap_or(now_ms)
+}
+
+/// The watermark that decides completeness: the least advanced owned partition's. A partition
+/// without any watermark yet holds nothing, so it does not hold windows open.
+pub fn completeness_watermark(partitions: impl Iterator<Item = Option<EpochMillis>>) -> Option<EpochMillis> {
+    partitions.flatten().min()
+}
+
+pub(super) fn metric_values<'a>(
+    plan: &Plan,
+    partitions: impl Iterator<Item = &'a PartitionState> + Clone,
+    now_ms: EpochMillis,
+) -> Vec<MetricValues> {
+    let clock = instance_clock(partitions.clone().map(PartitionState::watermark_ms), now_ms);
+    let complete_until = completeness_watermark(partitions.clone().map(PartitionState::watermark_ms));
+    let calendar = plan.calendar();
+    let mut values = Vec::with_capacity(plan.compiled.len());
+    for (index, compiled) in plan.compiled.iter().enumerate() {
+        let Some(current) = calendar.window_of(compiled.window, clock) else { continue };
+        let Some(previous) = calendar.previous(compiled.window, current) else { continue };
+        let window_value = |bounds: WindowBounds| {
+            let zero = AggValue::zero_for(&compiled.value);
+            let value = partitions
+                .clone()
+                .filter_map(|state| state.windows[index].get(&bounds.start_ms))
+                .fold(zero, |sum, window| sum.plus(window.agg.value()));
+            WindowValue { bounds, value, complete: plan.is_complete(bounds.end_ms, complete_until) }
+        };
+        values.push(MetricValues { metric: index, current: window_value(current), previous: window_value(previous) });
+    }
+    values
+}

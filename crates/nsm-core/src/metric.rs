@@ -1,0 +1,154 @@
+//! Metric definitions: what a metric counts, over which events, in which window.
+
+use std::fmt;
+
+use crate::decimal::Decimal;
+use crate::window::CalendarUnit;
+
+/// The place of a metric in the North Star tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    NorthStar,
+    Input,
+    Guardrail,
+    Revenue,
+}
+
+impl Role {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NorthStar => "north_star",
+            Self::Input => "input",
+            Self::Guardrail => "guardrail",
+            Self::Revenue => "revenue",
+        }
+    }
+}
+
+/// A dotted path to a field of the JSON event (`properties.amount`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FieldPath(Vec<String>);
+
+impl FieldPath {
+    /// Splits at dots; `None` for an empty path or an empty segment (`a..b`).
+    pub fn parse(text: &str) -> Option<FieldPath> {
+        let segments: Vec<String> = text.split('.').map(str::to_string).collect();
+        if segments.iter().any(|segment| segment.is_empty()) {
+            return None;
+        }
+        Some(FieldPath(segments))
+    }
+
+    pub fn segments(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
+/// What a metric aggregates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Number of matching events.
+    Count,
+    /// Exact sum of a numeric field of matching events.
+    Sum { field: FieldPath },
+    /// Exact number of distinct values of a field among matching events.
+    Distinct { field: FieldPath },
+}
+
+impl MetricKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Count => "count",
+            Self::Sum { .. } => "sum",
+            Self::Distinct { .. } => "distinct",
+        }
+    }
+}
+
+/// A constant a filter compares a field with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Literal {
+    Text(String),
+    Number(Decimal),
+    Bool(bool),
+}
+
+impl fmt::Display for Literal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Text(text) => write!(f, "{text:?}"),
+            Self::Number(number) => write!(f, "{number}"),
+            Self::Bool(value) => write!(f, "{value}"),
+        }
+    }
+}
+
+/// Which field a filter clause looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterField {
+    /// The configured event-name field (`where = { event = "..." }`).
+    EventName,
+    Path(FieldPath),
+}
+
+/// `field` equals one of `any_of`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Clause {
+    pub field: FilterField,
+    pub any_of: Vec<Literal>,
+}
+
+/// All clauses must hold (an empty filter matches every event).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Filter {
+    pub clauses: Vec<Clause>,
+}
+
+/// One metric as the engine computes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricDef {
+    pub name: String,
+    pub role: Role,
+    pub owner: Option<String>,
+    pub description: String,
+    pub kind: MetricKind,
+    pub filter: Filter,
+    pub window: CalendarUnit,
+}
+
+impl MetricDef {
+    /// A stable text of everything that decides the metric's stored values. When it changes
+    /// between runs, stored windows of the metric no longer mean the same thing and are
+    /// discarded rather than mixed with new ones.
+    pub fn fingerprint(&self) -> String {
+        let field = match &self.kind {
+            MetricKind::Count => String::new(),
+            MetricKind::Sum { field } | MetricKind::Distinct { field } => field.to_string(),
+        };
+        let clauses: Vec<String> = self
+            .filter
+            .clauses
+            .iter()
+            .map(|clause| {
+                let field = match &clause.field {
+                    FilterField::EventName => "@event".to_string(),
+                    FilterField::Path(path) => path.to_string(),
+                };
+                let values: Vec<String> = clause.any_of.iter().map(Literal::to_string).collect();
+                format!("{field}in[{}]", values.join(","))
+            })
+            .collect();
+        format!(
+            "v1;kind={};field={field};window={};where={}",
+            self.kind.label(),
+            self.window.label(),
+            clauses.join("&")
+        )
+    }
+}
