@@ -101,7 +101,9 @@ fn scale_digits(digits: &[u8], exponent: i64) -> Result<i128, DecimalError> {
     let kept_len = if exponent >= 0 {
         digits.len()
     } else {
-        digits.len().saturating_sub(exponent.unsigned_abs() as usize)
+        digits
+            .len()
+            .saturating_sub(exponent.unsigned_abs() as usize)
     };
     let mut value: i128 = 0;
     for digit in &digits[..kept_len] {
@@ -174,8 +176,13 @@ mod tests {
     #[test]
     fn sums_are_independent_of_order() {
         let values = ["0.1", "0.2", "0.3", "1e10", "-1e10", "19.99"];
-        let forward = values.iter().fold(Decimal::ZERO, |acc, v| Decimal(acc.0 + parse(v).0));
-        let backward = values.iter().rev().fold(Decimal::ZERO, |acc, v| Decimal(acc.0 + parse(v).0));
+        let forward = values
+            .iter()
+            .fold(Decimal::ZERO, |acc, v| Decimal(acc.0 + parse(v).0));
+        let backward = values
+            .iter()
+            .rev()
+            .fold(Decimal::ZERO, |acc, v| Decimal(acc.0 + parse(v).0));
         assert_eq!(forward, backward);
         assert_eq!(forward.to_string(), "20.59");
     }

@@ -26,7 +26,10 @@ struct Node {
 
 impl Node {
     fn child(&self, key: &str) -> Option<&Node> {
-        self.children.iter().find(|(name, _)| &**name == key).map(|(_, node)| node)
+        self.children
+            .iter()
+            .find(|(name, _)| &**name == key)
+            .map(|(_, node)| node)
     }
 }
 
@@ -42,11 +45,15 @@ impl EventSchema {
     pub fn slot(&mut self, path: &FieldPath) -> Slot {
         let mut node = &mut self.root;
         for segment in path.segments() {
-            let position = node.children.iter().position(|(name, _)| **name == **segment);
+            let position = node
+                .children
+                .iter()
+                .position(|(name, _)| **name == **segment);
             let position = match position {
                 Some(position) => position,
                 None => {
-                    node.children.push((segment.as_str().into(), Node::default()));
+                    node.children
+                        .push((segment.as_str().into(), Node::default()));
                     node.children.len() - 1
                 }
             };
@@ -67,13 +74,19 @@ impl EventSchema {
     pub fn decode<'a>(&self, payload: &'a str) -> Result<Fields<'a>, Rejection> {
         let mut values = vec![None; self.slot_count];
         let mut deserializer = serde_json::Deserializer::from_str(payload);
-        let seed = ObjectSeed { node: &self.root, out: &mut values };
+        let seed = ObjectSeed {
+            node: &self.root,
+            out: &mut values,
+        };
         let saw_object = seed
             .deserialize(&mut deserializer)
             .and_then(|saw_object| deserializer.end().map(|()| saw_object))
             .map_err(|error| Rejection::new(RejectReason::InvalidJson, error.to_string()))?;
         if !saw_object {
-            return Err(Rejection::new(RejectReason::NotAnObject, "the event is not a JSON object"));
+            return Err(Rejection::new(
+                RejectReason::NotAnObject,
+                "the event is not a JSON object",
+            ));
         }
         Ok(Fields { values })
     }
@@ -175,9 +188,12 @@ impl<'de, 's, 'o> Visitor<'de> for ObjectSeed<'s, 'o, 'de> {
                     }
                     if !child.children.is_empty() {
                         let mut nested = serde_json::Deserializer::from_str(raw.get());
-                        ObjectSeed { node: child, out: self.out }
-                            .deserialize(&mut nested)
-                            .map_err(de::Error::custom)?;
+                        ObjectSeed {
+                            node: child,
+                            out: self.out,
+                        }
+                        .deserialize(&mut nested)
+                        .map_err(de::Error::custom)?;
                     }
                 }
                 _ => {
@@ -219,7 +235,10 @@ struct KeySeed;
 impl<'de> DeserializeSeed<'de> for KeySeed {
     type Value = Cow<'de, str>;
 
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_str(self)
     }
 }
@@ -258,9 +277,18 @@ mod tests {
         let payload = r#"{"event":"payment_succeeded","noise":{"deep":[1,2,{"x":null}]},
             "properties":{"amount":19.990000000000001,"plan":"pro\u0021"}}"#;
         let fields = schema.decode(payload).expect("valid");
-        assert_eq!(fields.get(name), Some(Scalar::Text(Cow::Borrowed("payment_succeeded"))));
-        assert_eq!(fields.get(amount), Some(Scalar::Number("19.990000000000001")));
-        assert_eq!(fields.get(plan), Some(Scalar::Text(Cow::Owned("pro!".to_string()))));
+        assert_eq!(
+            fields.get(name),
+            Some(Scalar::Text(Cow::Borrowed("payment_succeeded")))
+        );
+        assert_eq!(
+            fields.get(amount),
+            Some(Scalar::Number("19.990000000000001"))
+        );
+        assert_eq!(
+            fields.get(plan),
+            Some(Scalar::Text(Cow::Owned("pro!".to_string())))
+        );
         assert_eq!(fields.get(missing), None);
     }
 
@@ -279,7 +307,9 @@ mod tests {
         let mut schema = EventSchema::default();
         let whole = schema.slot(&path("properties"));
         let amount = schema.slot(&path("properties.amount"));
-        let fields = schema.decode(r#"{"properties":{"amount":5}}"#).expect("valid");
+        let fields = schema
+            .decode(r#"{"properties":{"amount":5}}"#)
+            .expect("valid");
         assert_eq!(fields.get(whole), Some(Scalar::Composite));
         assert_eq!(fields.get(amount), Some(Scalar::Number("5")));
     }

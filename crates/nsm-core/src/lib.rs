@@ -30,7 +30,10 @@ pub struct PartitionKey {
 
 impl PartitionKey {
     pub fn new(topic: impl Into<std::sync::Arc<str>>, partition: i32) -> Self {
-        Self { topic: topic.into(), partition }
+        Self {
+            topic: topic.into(),
+            partition,
+        }
     }
 }
 

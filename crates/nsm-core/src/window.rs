@@ -71,11 +71,19 @@ pub struct Calendar {
 impl Calendar {
     pub fn new(zone_name: &str, week_start: Weekday) -> Result<Self, jiff::Error> {
         let zone = TimeZone::get(zone_name)?;
-        Ok(Self { zone, zone_name: zone_name.to_string(), week_start })
+        Ok(Self {
+            zone,
+            zone_name: zone_name.to_string(),
+            week_start,
+        })
     }
 
     pub fn utc() -> Self {
-        Self { zone: TimeZone::UTC, zone_name: "UTC".to_string(), week_start: Weekday::Monday }
+        Self {
+            zone: TimeZone::UTC,
+            zone_name: "UTC".to_string(),
+            week_start: Weekday::Monday,
+        }
     }
 
     pub fn zone_name(&self) -> &str {
@@ -101,7 +109,10 @@ impl Calendar {
                     + i64::from(local.second()) * 1_000
                     + i64::from(local.subsec_nanosecond()) / 1_000_000;
                 let start_ms = time_ms - into_hour_ms;
-                Some(WindowBounds { start_ms, end_ms: start_ms + 3_600_000 })
+                Some(WindowBounds {
+                    start_ms,
+                    end_ms: start_ms + 3_600_000,
+                })
             }
             CalendarUnit::Day => {
                 let date = timestamp.to_zoned_datetime(self.zone.clone()).date();
@@ -124,12 +135,44 @@ impl Calendar {
     /// The interval from the start of local day `first` to the start of the day `days` later.
     fn days_from(&self, first: Date, days: i64) -> Option<WindowBounds> {
         let after = first.checked_add(days.days()).ok()?;
-        let start = first.to_zoned_datetime(self.zone.clone()).ok()?.start_of_day().ok()?;
-        let end = after.to_zoned_datetime(self.zone.clone()).ok()?.start_of_day().ok()?;
+        let start = first
+            .to_zoned_datetime(self.zone.clone())
+            .ok()?
+            .start_of_day()
+            .ok()?;
+        let end = after
+            .to_zoned_datetime(self.zone.clone())
+            .ok()?
+            .start_of_day()
+            .ok()?;
         Some(WindowBounds {
             start_ms: start.timestamp().as_millisecond(),
             end_ms: end.timestamp().as_millisecond(),
         })
+    }
+}
+
+/// Parses an instant given as RFC 3339 (`2026-11-23T10:00:00Z`) or integer epoch milliseconds.
+pub fn parse_instant(text: &str) -> Option<EpochMillis> {
+    let text = text.trim();
+    if let Ok(millis) = text.parse::<i64>() {
+        return Some(millis);
+    }
+    text.parse::<Timestamp>()
+        .ok()
+        .map(Timestamp::as_millisecond)
+}
+
+impl Calendar {
+    /// RFC 3339 text of an instant with the calendar zone's offset (`2026-11-23T00:00:00+01:00`).
+    pub fn format_local(&self, time_ms: EpochMillis) -> String {
+        match Timestamp::from_millisecond(time_ms) {
+            Ok(timestamp) => {
+                let offset = timestamp.to_zoned_datetime(self.zone.clone()).offset();
+                timestamp.display_with_offset(offset).to_string()
+            }
+            Err(_) => time_ms.to_string(),
+        }
     }
 }
 
@@ -154,7 +197,9 @@ mod tests {
     use super::*;
 
     fn ms(text: &str) -> EpochMillis {
-        text.parse::<Timestamp>().expect("test timestamp").as_millisecond()
+        text.parse::<Timestamp>()
+            .expect("test timestamp")
+            .as_millisecond()
     }
 
     fn berlin(week_start: Weekday) -> Calendar {
@@ -198,7 +243,9 @@ mod tests {
     #[test]
     fn hour_windows_follow_half_hour_zones() {
         let calendar = Calendar::new("Asia/Kolkata", Weekday::Monday).expect("zone");
-        let hour = calendar.window_of(CalendarUnit::Hour, ms("2026-05-01T10:10:00Z")).expect("w");
+        let hour = calendar
+            .window_of(CalendarUnit::Hour, ms("2026-05-01T10:10:00Z"))
+            .expect("w");
         // 10:10Z is 15:40 in Kolkata (+05:30): the local hour 15:00 started at 09:30Z.
         assert_eq!(hour.start_ms, ms("2026-05-01T09:30:00Z"));
         assert_eq!(hour.end_ms, ms("2026-05-01T10:30:00Z"));
@@ -208,10 +255,14 @@ mod tests {
     fn week_respects_configured_week_start() {
         // 2026-11-25 is a Wednesday.
         let time = ms("2026-11-25T12:00:00Z");
-        let monday = berlin(Weekday::Monday).window_of(CalendarUnit::Week, time).expect("w");
+        let monday = berlin(Weekday::Monday)
+            .window_of(CalendarUnit::Week, time)
+            .expect("w");
         assert_eq!(monday.start_ms, ms("2026-11-22T23:00:00Z")); // Mon 23 Nov 00:00 +01:00
         assert_eq!(monday.end_ms, ms("2026-11-29T23:00:00Z"));
-        let sunday = berlin(Weekday::Sunday).window_of(CalendarUnit::Week, time).expect("w");
+        let sunday = berlin(Weekday::Sunday)
+            .window_of(CalendarUnit::Week, time)
+            .expect("w");
         assert_eq!(sunday.start_ms, ms("2026-11-21T23:00:00Z")); // Sun 22 Nov 00:00 +01:00
         assert_eq!(sunday.end_ms, ms("2026-11-28T23:00:00Z"));
     }
@@ -229,11 +280,33 @@ mod tests {
     #[test]
     fn window_start_belongs_to_its_own_window_and_end_to_the_next() {
         let calendar = berlin(Weekday::Monday);
-        let day = calendar.window_of(CalendarUnit::Day, ms("2026-06-10T08:00:00Z")).expect("w");
-        assert_eq!(calendar.window_of(CalendarUnit::Day, day.start_ms), Some(day));
-        let next = calendar.window_of(CalendarUnit::Day, day.end_ms).expect("next");
+        let day = calendar
+            .window_of(CalendarUnit::Day, ms("2026-06-10T08:00:00Z"))
+            .expect("w");
+        assert_eq!(
+            calendar.window_of(CalendarUnit::Day, day.start_ms),
+            Some(day)
+        );
+        let next = calendar
+            .window_of(CalendarUnit::Day, day.end_ms)
+            .expect("next");
         assert_eq!(next.start_ms, day.end_ms);
         assert_eq!(calendar.previous(CalendarUnit::Day, next), Some(day));
+    }
+
+    #[test]
+    fn formats_local_time_and_parses_instants() {
+        let calendar = berlin(Weekday::Monday);
+        assert_eq!(
+            calendar.format_local(ms("2026-11-22T23:00:00Z")),
+            "2026-11-23T00:00:00+01:00"
+        );
+        assert_eq!(
+            parse_instant("2026-11-22T23:00:00Z"),
+            Some(ms("2026-11-22T23:00:00Z"))
+        );
+        assert_eq!(parse_instant("1795000000000"), Some(1_795_000_000_000));
+        assert_eq!(parse_instant("next week"), None);
     }
 
     #[test]

@@ -9,9 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use nsm_core::decimal::Decimal;
-use nsm_core::engine::{AggValue, ChangeSet, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan};
+use nsm_core::engine::{
+    AggValue, ChangeSet, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan,
+};
 use nsm_core::engine::{StoredMember, StoredWindow};
-use nsm_core::metric::{Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role};
+use nsm_core::metric::{
+    Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role,
+};
 use nsm_core::query::windows_between;
 use nsm_core::window::{Calendar, CalendarUnit};
 use nsm_core::PartitionKey;
@@ -29,18 +33,57 @@ fn path(text: &str) -> FieldPath {
 
 fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUnit) -> MetricDef {
     let clauses = event
-        .map(|event| vec![Clause { field: FilterField::EventName, any_of: vec![Literal::Text(event.into())] }])
+        .map(|event| {
+            vec![Clause {
+                field: FilterField::EventName,
+                any_of: vec![Literal::Text(event.into())],
+            }]
+        })
         .unwrap_or_default();
-    MetricDef { name: name.into(), role: Role::Input, owner: None, description: String::new(), kind, filter: Filter { clauses }, window }
+    MetricDef {
+        name: name.into(),
+        role: Role::Input,
+        owner: None,
+        description: String::new(),
+        kind,
+        filter: Filter { clauses },
+        window,
+    }
 }
 
 fn metrics() -> Vec<MetricDef> {
     vec![
-        metric("weekly_messagers", MetricKind::Distinct { field: path("user_id") }, Some("message_sent"), CalendarUnit::Week),
-        metric("daily_users", MetricKind::Distinct { field: path("user_id") }, None, CalendarUnit::Day),
-        metric("messages_hourly", MetricKind::Count, Some("message_sent"), CalendarUnit::Hour),
+        metric(
+            "weekly_messagers",
+            MetricKind::Distinct {
+                field: path("user_id"),
+            },
+            Some("message_sent"),
+            CalendarUnit::Week,
+        ),
+        metric(
+            "daily_users",
+            MetricKind::Distinct {
+                field: path("user_id"),
+            },
+            None,
+            CalendarUnit::Day,
+        ),
+        metric(
+            "messages_hourly",
+            MetricKind::Count,
+            Some("message_sent"),
+            CalendarUnit::Hour,
+        ),
         metric("events_daily", MetricKind::Count, None, CalendarUnit::Day),
-        metric("revenue_daily", MetricKind::Sum { field: path("properties.amount") }, Some("payment"), CalendarUnit::Day),
+        metric(
+            "revenue_daily",
+            MetricKind::Sum {
+                field: path("properties.amount"),
+            },
+            Some("payment"),
+            CalendarUnit::Day,
+        ),
     ]
 }
 
@@ -62,12 +105,20 @@ fn plan() -> Plan {
 /// Saturday 2026-10-24 20:00 UTC: the stream crosses Berlin's fall-back night and a Sunday
 /// week start.
 fn base_ms() -> i64 {
-    "2026-10-24T20:00:00Z".parse::<jiff::Timestamp>().expect("base").as_millisecond()
+    "2026-10-24T20:00:00Z"
+        .parse::<jiff::Timestamp>()
+        .expect("base")
+        .as_millisecond()
 }
 
 #[derive(Debug, Clone)]
 enum Message {
-    Valid { name: usize, user: u8, time_ms: i64, cents: u32 },
+    Valid {
+        name: usize,
+        user: u8,
+        time_ms: i64,
+        cents: u32,
+    },
     Invalid(u8),
     /// The payload of the n-th earlier message of the same partition, again.
     Repeat(usize),
@@ -106,7 +157,12 @@ struct Log {
 }
 
 fn build_logs(messages: &[(i32, Message)]) -> Vec<Log> {
-    let mut logs: Vec<Log> = (0..PARTITIONS).map(|_| Log { payloads: Vec::new(), truth: Vec::new() }).collect();
+    let mut logs: Vec<Log> = (0..PARTITIONS)
+        .map(|_| Log {
+            payloads: Vec::new(),
+            truth: Vec::new(),
+        })
+        .collect();
     for (partition, message) in messages {
         let log = &mut logs[*partition as usize];
         let (payload, truth) = match message {
@@ -115,7 +171,12 @@ fn build_logs(messages: &[(i32, Message)]) -> Vec<Log> {
                 (log.payloads[index].clone(), log.truth[index])
             }
             Message::Repeat(_) => continue,
-            Message::Valid { name, user, time_ms, cents } => (message.payload(), Some((*name, *user, *time_ms, *cents))),
+            Message::Valid {
+                name,
+                user,
+                time_ms,
+                cents,
+            } => (message.payload(), Some((*name, *user, *time_ms, *cents))),
             Message::Invalid(_) => (message.payload(), None),
         };
         log.payloads.push(payload);
@@ -157,7 +218,9 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                 let entry = result.entry(key).or_insert((bounds.end_ms, zero));
                 entry.1 = match entry.1 {
                     AggValue::Count(n) => AggValue::Count(n + 1),
-                    AggValue::Sum(sum) => AggValue::Sum(Decimal(sum.0 + i128::from(cents) * 10_000_000)),
+                    AggValue::Sum(sum) => {
+                        AggValue::Sum(Decimal(sum.0 + i128::from(cents) * 10_000_000))
+                    }
                     AggValue::Distinct(_) => {
                         let set = members.entry(key).or_default();
                         set.insert(user);
@@ -170,10 +233,13 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
     result
 }
 
+/// Next offset, largest event time and idle floor of a partition.
+type PartitionMeta = (Option<i64>, Option<i64>, Option<i64>);
+
 /// What RocksDB would hold, with the same overwrite semantics as the real store.
 #[derive(Default)]
 struct FakeStore {
-    offsets: BTreeMap<i32, (Option<i64>, Option<i64>, Option<i64>)>,
+    offsets: BTreeMap<i32, PartitionMeta>,
     windows: BTreeMap<(i32, usize, i64), (i64, AggValue)>,
     members: BTreeSet<(i32, usize, i64, Box<[u8]>)>,
 }
@@ -182,22 +248,30 @@ impl FakeStore {
     fn write(&mut self, changes: ChangeSet) {
         for part in changes.partitions {
             let p = part.key.partition;
-            self.offsets.insert(p, (part.next_offset, part.max_event_ms, part.idle_floor_ms));
+            self.offsets
+                .insert(p, (part.next_offset, part.max_event_ms, part.idle_floor_ms));
             for upsert in part.upserts {
-                self.windows.insert((p, upsert.metric, upsert.start_ms), (upsert.end_ms, upsert.value));
+                self.windows.insert(
+                    (p, upsert.metric, upsert.start_ms),
+                    (upsert.end_ms, upsert.value),
+                );
             }
             for member in part.members {
-                self.members.insert((p, member.metric, member.start_ms, member.member));
+                self.members
+                    .insert((p, member.metric, member.start_ms, member.member));
             }
             for delete in part.deletes {
                 self.windows.remove(&(p, delete.metric, delete.start_ms));
-                self.members.retain(|(mp, m, s, _)| !(*mp == p && *m == delete.metric && *s == delete.start_ms));
+                self.members.retain(|(mp, m, s, _)| {
+                    !(*mp == p && *m == delete.metric && *s == delete.start_ms)
+                });
             }
         }
     }
 
     fn snapshot(&self, partition: i32) -> PartitionSnapshot {
-        let (next_offset, max_event_ms, idle_floor_ms) = self.offsets.get(&partition).copied().unwrap_or_default();
+        let (next_offset, max_event_ms, idle_floor_ms) =
+            self.offsets.get(&partition).copied().unwrap_or_default();
         PartitionSnapshot {
             next_offset,
             max_event_ms,
@@ -206,13 +280,22 @@ impl FakeStore {
                 .windows
                 .iter()
                 .filter(|((p, _, _), _)| *p == partition)
-                .map(|((_, metric, start_ms), (end_ms, value))| StoredWindow { metric: *metric, start_ms: *start_ms, end_ms: *end_ms, value: *value })
+                .map(|((_, metric, start_ms), (end_ms, value))| StoredWindow {
+                    metric: *metric,
+                    start_ms: *start_ms,
+                    end_ms: *end_ms,
+                    value: *value,
+                })
                 .collect(),
             members: self
                 .members
                 .iter()
                 .filter(|(p, _, _, _)| *p == partition)
-                .map(|(_, metric, start_ms, member)| StoredMember { metric: *metric, start_ms: *start_ms, member: member.clone() })
+                .map(|(_, metric, start_ms, member)| StoredMember {
+                    metric: *metric,
+                    start_ms: *start_ms,
+                    member: member.clone(),
+                })
                 .collect(),
         }
     }
@@ -240,10 +323,17 @@ enum Step {
 }
 
 fn message_strategy() -> impl Strategy<Value = (i32, Message)> {
-    let valid = (0..3usize, 0..6u8, 0..48i64, -180..30i64, 0..10_000u32).prop_map(|(name, user, hour, jitter, cents)| {
-        // Mostly forward in time with jitter up to 3 h back: some in lateness, some beyond.
-        Message::Valid { name, user, time_ms: base_ms() + hour * HOUR / 2 + jitter * MINUTE, cents }
-    });
+    let valid = (0..3usize, 0..6u8, 0..48i64, -180..30i64, 0..10_000u32).prop_map(
+        |(name, user, hour, jitter, cents)| {
+            // Mostly forward in time with jitter up to 3 h back: some in lateness, some beyond.
+            Message::Valid {
+                name,
+                user,
+                time_ms: base_ms() + hour * HOUR / 2 + jitter * MINUTE,
+                cents,
+            }
+        },
+    );
     let message = prop_oneof![
         8 => valid,
         1 => any::<u8>().prop_map(Message::Invalid),

@@ -1,1 +1,397 @@
-//! placeholder
+//! RocksDB persistence of nsm's window state and Kafka offsets.
+//!
+//! This crate owns the on-disk format and nothing else: it never interprets events or decides
+//! values. Its one promise: a [`ChangeSet`] is written in a single atomic `WriteBatch`, so the
+//! offsets of a partition are never stored without the state they produced, nor the state
+//! without its offsets.
+//!
+//! Layout (column families):
+//! - `meta`: `format_version` → u32 BE; `metric/<name>` → the definition fingerprint.
+//! - `partitions`: `<topic> 0x00 <partition i32 BE>` → next offset, max event time, idle floor.
+//! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
+//! - `members`: `<window key> <member bytes>` → empty: the members of distinct sets.
+
+mod codec;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nsm_core::engine::{ChangeSet, PartitionSnapshot, Plan, StoredMember, StoredWindow};
+use nsm_core::PartitionKey;
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
+
+use codec::{
+    decode_partition_meta, decode_window_value, encode_partition_meta, encode_window_value,
+    partition_prefix, prefix_successor, split_partition_prefix, window_key, window_metric_prefix,
+};
+
+/// Bumped whenever the layout above changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+const CF_META: &str = "meta";
+const CF_PARTITIONS: &str = "partitions";
+const CF_WINDOWS: &str = "windows";
+const CF_MEMBERS: &str = "members";
+const FORMAT_VERSION_KEY: &[u8] = b"format_version";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot open the state directory {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error("the state directory {path} was written in format {found}, but this nsm reads format {expected}; move it away to start fresh")]
+    IncompatibleFormat {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("state storage failed: {0}")]
+    Storage(#[from] rocksdb::Error),
+    #[error("corrupt state record in {column_family}: {detail}")]
+    Corrupt {
+        column_family: &'static str,
+        detail: String,
+    },
+}
+
+/// Options of the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// fsync every write (survives power loss, not only process crashes).
+    pub sync_writes: bool,
+}
+
+/// A metric whose stored windows were dropped at open, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscardedMetric {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+/// The state store: cheap to clone, safe to share between the pipeline and HTTP threads.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    write_options: Arc<WriteOptions>,
+    metric_names: Arc<Vec<String>>,
+    metric_index: Arc<HashMap<String, usize>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` for the metrics of `plan`. Windows of metrics
+    /// whose definition changed since they were written, or that left the config, are
+    /// deleted: they no longer mean what the config says.
+    pub fn open(
+        path: &Path,
+        plan: &Plan,
+        options: &StoreOptions,
+    ) -> Result<(Store, Vec<DiscardedMetric>), StateError> {
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        // Bounded memory: small memtables, the block cache is RocksDB's default 8 MiB LRU.
+        db_options.set_write_buffer_size(32 * 1024 * 1024);
+        db_options.set_max_write_buffer_number(3);
+        let families = [CF_META, CF_PARTITIONS, CF_WINDOWS, CF_MEMBERS]
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&db_options, path, families).map_err(|source| {
+            StateError::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(options.sync_writes);
+        let metric_names: Vec<String> = plan
+            .metrics()
+            .iter()
+            .map(|metric| metric.name.clone())
+            .collect();
+        let metric_index = metric_names
+            .iter()
+            .enumerate()
+            .map(|(index, name)| (name.clone(), index))
+            .collect();
+        let store = Store {
+            db: Arc::new(db),
+            write_options: Arc::new(write_options),
+            metric_names: Arc::new(metric_names),
+            metric_index: Arc::new(metric_index),
+        };
+        store.check_format(path)?;
+        let discarded = store.reconcile_metrics(plan)?;
+        Ok((store, discarded))
+    }
+
+    fn cf(&self, name: &'static str) -> &ColumnFamily {
+        // The four families are created at open; a missing one is a bug in this file.
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
+    }
+
+    fn check_format(&self, path: &Path) -> Result<(), StateError> {
+        let meta = self.cf(CF_META);
+        match self.db.get_cf(meta, FORMAT_VERSION_KEY)? {
+            None => {
+                self.db.put_cf_opt(
+                    meta,
+                    FORMAT_VERSION_KEY,
+                    FORMAT_VERSION.to_be_bytes(),
+                    &self.write_options,
+                )?;
+                Ok(())
+            }
+            Some(bytes) => {
+                let found = <[u8; 4]>::try_from(bytes.as_slice())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StateError::Corrupt {
+                        column_family: CF_META,
+                        detail: "format_version is not 4 bytes".into(),
+                    })?;
+                if found != FORMAT_VERSION {
+                    return Err(StateError::IncompatibleFormat {
+                        path: path.to_path_buf(),
+                        found,
+                        expected: FORMAT_VERSION,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn reconcile_metrics(&self, plan: &Plan) -> Result<Vec<DiscardedMetric>, StateError> {
+        let meta = self.cf(CF_META);
+        let mut discarded = Vec::new();
+        let mut batch = WriteBatch::default();
+        for item in self.db.prefix_iterator_cf(meta, b"metric/") {
+            let (key, value) = item?;
+            let Some(name) = key.strip_prefix(b"metric/") else {
+                break;
+            };
+            let name = String::from_utf8_lossy(name).into_owned();
+            match plan.metrics().iter().find(|metric| metric.name == name) {
+                None => discarded.push(DiscardedMetric {
+                    name,
+                    reason: "no longer in the config",
+                }),
+                Some(metric) if metric.fingerprint().as_bytes() != &*value => {
+                    discarded.push(DiscardedMetric {
+                        name,
+                        reason: "its definition changed",
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        for metric in &discarded {
+            self.delete_metric_data(&metric.name, &mut batch)?;
+            batch.delete_cf(meta, format!("metric/{}", metric.name));
+        }
+        for metric in plan.metrics() {
+            batch.put_cf(
+                meta,
+                format!("metric/{}", metric.name),
+                metric.fingerprint(),
+            );
+        }
+        self.db.write_opt(batch, &self.write_options)?;
+        Ok(discarded)
+    }
+
+    fn delete_metric_data(&self, name: &str, batch: &mut WriteBatch) -> Result<(), StateError> {
+        for family in [CF_WINDOWS, CF_MEMBERS] {
+            let cf = self.cf(family);
+            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+                let (key, _) = item?;
+                let Some((_, rest)) = split_partition_prefix(&key) else {
+                    continue;
+                };
+                if rest.len() > name.len()
+                    && rest.starts_with(name.as_bytes())
+                    && rest[name.len()] == 0
+                {
+                    batch.delete_cf(cf, &key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all changes in one atomic batch.
+    pub fn write(&self, changes: &ChangeSet) -> Result<(), StateError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let partitions = self.cf(CF_PARTITIONS);
+        let windows = self.cf(CF_WINDOWS);
+        let members = self.cf(CF_MEMBERS);
+        let mut batch = WriteBatch::default();
+        for part in &changes.partitions {
+            let prefix = partition_prefix(&part.key);
+            batch.put_cf(
+                partitions,
+                &prefix,
+                encode_partition_meta(part.next_offset, part.max_event_ms, part.idle_floor_ms),
+            );
+            for upsert in &part.upserts {
+                let key = window_key(&prefix, self.metric_name(upsert.metric), upsert.start_ms);
+                batch.put_cf(
+                    windows,
+                    key,
+                    encode_window_value(upsert.end_ms, upsert.value),
+                );
+            }
+            for member in &part.members {
+                let mut key = window_key(&prefix, self.metric_name(member.metric), member.start_ms);
+                key.extend_from_slice(&member.member);
+                batch.put_cf(members, key, []);
+            }
+            for delete in &part.deletes {
+                let key = window_key(&prefix, self.metric_name(delete.metric), delete.start_ms);
+                batch.delete_range_cf(members, &key, prefix_successor(&key));
+                batch.delete_cf(windows, key);
+            }
+        }
+        self.db.write_opt(batch, &self.write_options)?;
+        Ok(())
+    }
+
+    fn metric_name(&self, index: usize) -> &str {
+        &self.metric_names[index]
+    }
+
+    /// Everything stored for one partition (empty for a partition never seen).
+    pub fn load_partition(&self, key: &PartitionKey) -> Result<PartitionSnapshot, StateError> {
+        let prefix = partition_prefix(key);
+        let mut snapshot = PartitionSnapshot::default();
+        if let Some(bytes) = self.db.get_cf(self.cf(CF_PARTITIONS), &prefix)? {
+            let (next_offset, max_event_ms, idle_floor_ms) = decode_partition_meta(&bytes)
+                .ok_or_else(|| StateError::Corrupt {
+                    column_family: CF_PARTITIONS,
+                    detail: format!("partition {key}"),
+                })?;
+            snapshot.next_offset = next_offset;
+            snapshot.max_event_ms = max_event_ms;
+            snapshot.idle_floor_ms = idle_floor_ms;
+        }
+        snapshot.windows = self.scan_windows(&prefix, None)?;
+        for item in self.db.iterator_cf(
+            self.cf(CF_MEMBERS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (stored_key, _) = item?;
+            if !stored_key.starts_with(&prefix) {
+                break;
+            }
+            let Some((metric, start_ms, member)) =
+                self.parse_window_key(&stored_key[prefix.len()..])
+            else {
+                return Err(StateError::Corrupt {
+                    column_family: CF_MEMBERS,
+                    detail: format!("member key in partition {key}"),
+                });
+            };
+            if let Some(metric) = metric {
+                snapshot.members.push(StoredMember {
+                    metric,
+                    start_ms,
+                    member: member.into(),
+                });
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// The stored windows of one partition, of one metric or of all.
+    pub fn windows(
+        &self,
+        key: &PartitionKey,
+        metric: Option<usize>,
+    ) -> Result<Vec<StoredWindow>, StateError> {
+        self.scan_windows(&partition_prefix(key), metric)
+    }
+
+    fn scan_windows(
+        &self,
+        prefix: &[u8],
+        metric: Option<usize>,
+    ) -> Result<Vec<StoredWindow>, StateError> {
+        let start = match metric {
+            Some(metric) => window_metric_prefix(prefix, self.metric_name(metric)),
+            None => prefix.to_vec(),
+        };
+        let mut windows = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_WINDOWS),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (stored_key, value) = item?;
+            if !stored_key.starts_with(&start) {
+                break;
+            }
+            let corrupt = || StateError::Corrupt {
+                column_family: CF_WINDOWS,
+                detail: "window record".into(),
+            };
+            let (index, start_ms, rest) = self
+                .parse_window_key(&stored_key[prefix.len()..])
+                .ok_or_else(corrupt)?;
+            if !rest.is_empty() {
+                return Err(corrupt());
+            }
+            let (end_ms, value) = decode_window_value(&value).ok_or_else(corrupt)?;
+            if let Some(index) = index {
+                windows.push(StoredWindow {
+                    metric: index,
+                    start_ms,
+                    end_ms,
+                    value,
+                });
+            }
+        }
+        Ok(windows)
+    }
+
+    /// Splits `<metric> 0x00 <start> <rest>`; the metric is `None` if no longer configured.
+    fn parse_window_key<'k>(&self, key: &'k [u8]) -> Option<(Option<usize>, i64, &'k [u8])> {
+        let separator = key.iter().position(|byte| *byte == 0)?;
+        let name = std::str::from_utf8(&key[..separator]).ok()?;
+        let start_bytes: [u8; 8] = key.get(separator + 1..separator + 9)?.try_into().ok()?;
+        let start_ms = codec::decode_i64(start_bytes);
+        Some((
+            self.metric_index.get(name).copied(),
+            start_ms,
+            &key[separator + 9..],
+        ))
+    }
+
+    /// Partitions that have stored state.
+    pub fn stored_partitions(&self) -> Result<Vec<PartitionKey>, StateError> {
+        let mut keys = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_PARTITIONS), IteratorMode::Start)
+        {
+            let (key, _) = item?;
+            let (partition, _) =
+                split_partition_prefix(&key).ok_or_else(|| StateError::Corrupt {
+                    column_family: CF_PARTITIONS,
+                    detail: "partition key".into(),
+                })?;
+            keys.push(partition);
+        }
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests;

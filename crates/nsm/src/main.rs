@@ -1,1 +1,87 @@
-fn main() {}
+//! nsm: turns product events in Kafka into a live North Star Metric.
+//!
+//! The binary wires the edges (Kafka, RocksDB, HTTP) around the pure core; it holds no
+//! business logic of its own.
+
+mod demo;
+mod generator;
+mod logging;
+mod pipeline;
+mod run;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nsm",
+    version,
+    about = "Live North Star Metric from product events in Kafka",
+    long_about = "nsm reads JSON product events from Kafka, keeps windowed North Star, input, \
+guardrail and revenue metrics exactly in RocksDB, and exposes them as Prometheus metrics.\n\n\
+Start with `nsm demo` (an in-process broker and a demo event stream), then write a config \
+(see config/example.toml) and run `nsm check --config FILE` and `nsm run --config FILE`."
+)]
+struct Cli {
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"], env = "NSM_LOG_FORMAT")]
+    log_format: String,
+    /// Log filter, in tracing's syntax (`info`, `nsm=debug,rdkafka=warn`).
+    #[arg(long, global = true, default_value = "info", env = "NSM_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the pipeline: consume events, keep state, serve /metrics. Stops cleanly on SIGTERM
+    /// or Ctrl-C, storing state and offsets first.
+    Run {
+        /// The TOML config file. `${VAR}` in kafka.properties reads the environment.
+        #[arg(long, short, env = "NSM_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file without running; lists every problem with its path.
+    Check {
+        #[arg(long, short, env = "NSM_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline on an embedded default: an in-process Kafka broker (librdkafka's
+    /// mock cluster), a demo event generator, and nsm consuming through the real client path.
+    Demo(demo::DemoArgs),
+    /// Produce JSON events, one per line, from a file or standard input into a topic.
+    Produce(tools::ProduceArgs),
+    /// Print every message of a topic (for example the dead-letter topic) as JSON lines.
+    Read(tools::ReadArgs),
+    /// Produce the demo event stream into a real broker.
+    Generate(tools::GenerateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(error) = logging::init(&cli.log_format, &cli.log) {
+        eprintln!("error: {error:#}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Run { config } => run::load_config(&config)
+            .and_then(|config| run::run_pipeline(config, generator::stop_flag())),
+        Command::Check { config } => tools::check(&config),
+        Command::Demo(args) => demo::run(args),
+        Command::Produce(args) => tools::produce(args),
+        Command::Read(args) => tools::read(args),
+        Command::Generate(args) => tools::generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "nsm failed");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -71,7 +71,10 @@ pub struct HttpConfig {
 impl Config {
     /// Parses and validates a TOML config. `env` resolves `${VAR}` references in Kafka
     /// properties (pass `|name| std::env::var(name).ok()` in a program).
-    pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    pub fn from_toml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         validate::parse_and_validate(text, env)
     }
 
@@ -80,7 +83,9 @@ impl Config {
     }
 
     pub fn metrics_with_role(&self, role: Role) -> impl Iterator<Item = &MetricDef> {
-        self.metrics.iter().filter(move |metric| metric.role == role)
+        self.metrics
+            .iter()
+            .filter(move |metric| metric.role == role)
     }
 }
 
@@ -98,7 +103,12 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "configuration is invalid ({} problem{}):", self.0.len(), plural(self.0.len()))?;
+        writeln!(
+            f,
+            "configuration is invalid ({} problem{}):",
+            self.0.len(),
+            plural(self.0.len())
+        )?;
         for error in &self.0 {
             if error.path.is_empty() {
                 writeln!(f, "  - {}", error.message)?;

@@ -9,7 +9,11 @@ fn no_env(_: &str) -> Option<String> {
 fn errors_of(text: &str) -> Vec<(String, String)> {
     match Config::from_toml(text, &no_env) {
         Ok(_) => panic!("config unexpectedly valid"),
-        Err(errors) => errors.0.into_iter().map(|error| (error.path, error.message)).collect(),
+        Err(errors) => errors
+            .0
+            .into_iter()
+            .map(|error| (error.path, error.message))
+            .collect(),
     }
 }
 
@@ -26,11 +30,18 @@ fn example_config_is_valid_and_typed() {
     assert_eq!(north_star.name, "weekly_active_messagers");
     assert_eq!(north_star.role, Role::NorthStar);
     assert_eq!(north_star.window, CalendarUnit::Week);
-    assert!(matches!(&north_star.kind, MetricKind::Distinct { field } if field.to_string() == "user_id"));
+    assert!(
+        matches!(&north_star.kind, MetricKind::Distinct { field } if field.to_string() == "user_id")
+    );
     assert_eq!(north_star.filter.clauses[0].field, FilterField::EventName);
-    assert_eq!(north_star.filter.clauses[0].any_of, vec![Literal::Text("message_sent".into())]);
+    assert_eq!(
+        north_star.filter.clauses[0].any_of,
+        vec![Literal::Text("message_sent".into())]
+    );
     let revenue = config.metric("revenue").expect("revenue");
-    assert!(matches!(&revenue.kind, MetricKind::Sum { field } if field.to_string() == "properties.amount"));
+    assert!(
+        matches!(&revenue.kind, MetricKind::Sum { field } if field.to_string() == "properties.amount")
+    );
 }
 
 #[test]
@@ -66,9 +77,16 @@ window = "1d"
         "north_star.window",
         "inputs[0].field",
     ] {
-        assert!(paths.contains(&expected), "missing {expected} in {errors:#?}");
+        assert!(
+            paths.contains(&expected),
+            "missing {expected} in {errors:#?}"
+        );
     }
-    let zone_message = &errors.iter().find(|(path, _)| path == "time.zone").expect("zone").1;
+    let zone_message = &errors
+        .iter()
+        .find(|(path, _)| path == "time.zone")
+        .expect("zone")
+        .1;
     assert!(zone_message.contains("Mars/Olympus"), "{zone_message}");
 }
 

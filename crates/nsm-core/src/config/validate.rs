@@ -19,9 +19,18 @@ use crate::window::{parse_weekday, Calendar, CalendarUnit};
 const RESERVED_PROPERTIES: [(&str, &str); 5] = [
     ("bootstrap.servers", "set it with kafka.brokers"),
     ("group.id", "set it with kafka.group_id"),
-    ("enable.auto.commit", "nsm stores offsets with its state and commits them itself"),
-    ("enable.auto.offset.store", "nsm stores offsets with its state and commits them itself"),
-    ("enable.partition.eof", "nsm sets it to track idle partitions"),
+    (
+        "enable.auto.commit",
+        "nsm stores offsets with its state and commits them itself",
+    ),
+    (
+        "enable.auto.offset.store",
+        "nsm stores offsets with its state and commits them itself",
+    ),
+    (
+        "enable.partition.eof",
+        "nsm sets it to track idle partitions",
+    ),
 ];
 
 const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -31,7 +40,10 @@ struct Problems(Vec<ConfigError>);
 
 impl Problems {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigError { path: path.into(), message: message.into() });
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 }
 
@@ -57,19 +69,28 @@ fn parse_raw(text: &str, problems: &mut Problems) -> Option<RawConfig> {
     let deserializer = match toml::Deserializer::parse(text) {
         Ok(deserializer) => deserializer,
         Err(error) => {
-            problems.add(location(text, error.span()), error.message().trim().to_string());
+            problems.add(
+                location(text, error.span()),
+                error.message().trim().to_string(),
+            );
             return None;
         }
     };
     let mut unknown = Vec::new();
     let result = serde_ignored::deserialize(deserializer, |path| unknown.push(path.to_string()));
     for path in unknown {
-        problems.add(path, "unknown key (check the spelling; see config/example.toml)");
+        problems.add(
+            path,
+            "unknown key (check the spelling; see config/example.toml)",
+        );
     }
     match result {
         Ok(raw) => Some(raw),
         Err(error) => {
-            problems.add(location(text, error.span()), error.message().trim().to_string());
+            problems.add(
+                location(text, error.span()),
+                error.message().trim().to_string(),
+            );
             None
         }
     }
@@ -98,9 +119,15 @@ fn validate(
     let http = validate_http(&raw, problems);
 
     let mut metrics = Vec::new();
-    let north_stars = raw.north_star.map(|many| many.into_vec()).unwrap_or_default();
+    let north_stars = raw
+        .north_star
+        .map(|many| many.into_vec())
+        .unwrap_or_default();
     if north_stars.is_empty() {
-        problems.add("north_star", "missing: every config needs one [north_star] metric");
+        problems.add(
+            "north_star",
+            "missing: every config needs one [north_star] metric",
+        );
     }
     let north_star_path = |index: usize| {
         if north_stars.len() == 1 {
@@ -125,12 +152,21 @@ fn validate(
     let default_distinct_field = events.as_ref().map(|events| events.user.clone());
     let mut seen_names: BTreeMap<String, String> = BTreeMap::new();
     for (path, role, metric) in sections {
-        let parsed = validate_metric(&path, role, metric, default_distinct_field.as_ref(), problems);
+        let parsed = validate_metric(
+            &path,
+            role,
+            metric,
+            default_distinct_field.as_ref(),
+            problems,
+        );
         if let Some(parsed) = parsed {
             if let Some(first) = seen_names.get(&parsed.name) {
                 problems.add(
                     format!("{path}.name"),
-                    format!("duplicate metric name {:?}, already used at {first}", parsed.name),
+                    format!(
+                        "duplicate metric name {:?}, already used at {first}",
+                        parsed.name
+                    ),
                 );
             } else {
                 seen_names.insert(parsed.name.clone(), path.clone());
@@ -165,7 +201,14 @@ fn validate(
             );
         }
     }
-    Some(Config { kafka: kafka?, events: events?, time: time?, state: state?, http: http?, metrics })
+    Some(Config {
+        kafka: kafka?,
+        events: events?,
+        time: time?,
+        state: state?,
+        http: http?,
+        metrics,
+    })
 }
 
 fn validate_kafka(
@@ -175,38 +218,55 @@ fn validate_kafka(
 ) -> Option<KafkaConfig> {
     let brokers = raw.kafka.brokers.clone().unwrap_or_default();
     if brokers.trim().is_empty() {
-        problems.add("kafka.brokers", "missing: a comma-separated list of host:port");
+        problems.add(
+            "kafka.brokers",
+            "missing: a comma-separated list of host:port",
+        );
     }
     let topics = raw.kafka.topics.clone().unwrap_or_default();
     if topics.is_empty() {
-        problems.add("kafka.topics", "missing: at least one topic to read events from");
+        problems.add(
+            "kafka.topics",
+            "missing: at least one topic to read events from",
+        );
     }
     for (index, topic) in topics.iter().enumerate() {
         if let Err(message) = check_topic_name(topic) {
             problems.add(format!("kafka.topics[{index}]"), message);
         }
     }
-    let group_id = raw.kafka.group_id.clone().unwrap_or_else(|| "nsm".to_string());
+    let group_id = raw
+        .kafka
+        .group_id
+        .clone()
+        .unwrap_or_else(|| "nsm".to_string());
     if group_id.trim().is_empty() {
         problems.add("kafka.group_id", "must not be empty");
     }
-    let dead_letter_topic = raw
-        .kafka
-        .dead_letter_topic
-        .clone()
-        .unwrap_or_else(|| format!("{}-dlq", topics.first().map(String::as_str).unwrap_or("nsm")));
+    let dead_letter_topic = raw.kafka.dead_letter_topic.clone().unwrap_or_else(|| {
+        format!(
+            "{}-dlq",
+            topics.first().map(String::as_str).unwrap_or("nsm")
+        )
+    });
     if let Err(message) = check_topic_name(&dead_letter_topic) {
         problems.add("kafka.dead_letter_topic", message);
     }
     if topics.contains(&dead_letter_topic) {
-        problems.add("kafka.dead_letter_topic", "must differ from the topics nsm reads");
+        problems.add(
+            "kafka.dead_letter_topic",
+            "must differ from the topics nsm reads",
+        );
     }
 
     let mut properties = BTreeMap::new();
     let mut secret_properties = BTreeSet::new();
     for (key, value) in &raw.kafka.properties {
         let path = format!("kafka.properties.{key:?}");
-        if let Some((_, hint)) = RESERVED_PROPERTIES.iter().find(|(reserved, _)| reserved == key) {
+        if let Some((_, hint)) = RESERVED_PROPERTIES
+            .iter()
+            .find(|(reserved, _)| reserved == key)
+        {
             problems.add(path, format!("is set by nsm; remove it ({hint})"));
             continue;
         }
@@ -230,11 +290,20 @@ fn validate_kafka(
             Err(message) => problems.add(path, message),
         }
     }
-    Some(KafkaConfig { brokers, topics, group_id, dead_letter_topic, properties, secret_properties })
+    Some(KafkaConfig {
+        brokers,
+        topics,
+        group_id,
+        dead_letter_topic,
+        properties,
+        secret_properties,
+    })
 }
 
 fn check_topic_name(topic: &str) -> Result<(), String> {
-    let valid_chars = topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let valid_chars = topic
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if topic.is_empty() || topic.len() > 249 || !valid_chars {
         return Err(format!(
             "invalid topic name {topic:?}: 1 to 249 characters of a-z, A-Z, 0-9, '.', '_', '-'"
@@ -245,7 +314,9 @@ fn check_topic_name(topic: &str) -> Result<(), String> {
 
 fn looks_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "secret", "key.pem", "token", "credentials"].iter().any(|word| key.contains(word))
+    ["password", "secret", "key.pem", "token", "credentials"]
+        .iter()
+        .any(|word| key.contains(word))
 }
 
 /// Replaces `${NAME}` with the environment variable NAME; `$$` is a literal `$`.
@@ -279,11 +350,19 @@ fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(Strin
     Ok((out, used_env))
 }
 
-fn field_path(path: &str, value: Option<&String>, default: &str, problems: &mut Problems) -> Option<FieldPath> {
+fn field_path(
+    path: &str,
+    value: Option<&String>,
+    default: &str,
+    problems: &mut Problems,
+) -> Option<FieldPath> {
     let text = value.map(String::as_str).unwrap_or(default);
     let parsed = FieldPath::parse(text);
     if parsed.is_none() {
-        problems.add(path, format!("invalid field path {text:?}: dotted names like properties.amount"));
+        problems.add(
+            path,
+            format!("invalid field path {text:?}: dotted names like properties.amount"),
+        );
     }
     parsed
 }
@@ -291,7 +370,12 @@ fn field_path(path: &str, value: Option<&String>, default: &str, problems: &mut 
 fn validate_events(raw: &RawConfig, problems: &mut Problems) -> Option<EventsConfig> {
     let events = &raw.events;
     let name = field_path("events.name", events.name.as_ref(), "event", problems);
-    let timestamp = field_path("events.timestamp", events.timestamp.as_ref(), "timestamp", problems);
+    let timestamp = field_path(
+        "events.timestamp",
+        events.timestamp.as_ref(),
+        "timestamp",
+        problems,
+    );
     let user = field_path("events.user", events.user.as_ref(), "user_id", problems);
     let id = field_path("events.id", events.id.as_ref(), "event_id", problems);
     let max_bytes = match &events.max_bytes {
@@ -299,12 +383,21 @@ fn validate_events(raw: &RawConfig, problems: &mut Problems) -> Option<EventsCon
         Some(value) => {
             let parsed = parse_size(value);
             if parsed.is_none() {
-                problems.add("events.max_bytes", "expected a size such as \"1MiB\", \"512KiB\" or 65536");
+                problems.add(
+                    "events.max_bytes",
+                    "expected a size such as \"1MiB\", \"512KiB\" or 65536",
+                );
             }
             parsed
         }
     };
-    Some(EventsConfig { name: name?, timestamp: timestamp?, user: user?, id: id?, max_bytes: max_bytes? })
+    Some(EventsConfig {
+        name: name?,
+        timestamp: timestamp?,
+        user: user?,
+        id: id?,
+        max_bytes: max_bytes?,
+    })
 }
 
 fn parse_size(value: &toml::Value) -> Option<usize> {
@@ -312,7 +405,9 @@ fn parse_size(value: &toml::Value) -> Option<usize> {
         toml::Value::Integer(bytes) if *bytes > 0 => usize::try_from(*bytes).ok(),
         toml::Value::String(text) => {
             let text = text.trim();
-            let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+            let digits_end = text
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len());
             let number: usize = text[..digits_end].parse().ok()?;
             let multiplier = match text[digits_end..].trim() {
                 "" | "B" => 1,
@@ -328,7 +423,12 @@ fn parse_size(value: &toml::Value) -> Option<usize> {
     }
 }
 
-fn duration(path: &str, value: Option<&String>, default: &str, problems: &mut Problems) -> Option<Duration> {
+fn duration(
+    path: &str,
+    value: Option<&String>,
+    default: &str,
+    problems: &mut Problems,
+) -> Option<Duration> {
     let text = value.map(String::as_str).unwrap_or(default);
     match humantime::parse_duration(text) {
         Ok(parsed) => Some(parsed),
@@ -346,24 +446,48 @@ fn millis(duration: Duration) -> i64 {
 fn validate_time(raw: &RawConfig, problems: &mut Problems) -> Option<TimeConfig> {
     let time = &raw.time;
     let zone_name = time.zone.clone().unwrap_or_else(|| "UTC".to_string());
-    let week_start_text = time.week_start.clone().unwrap_or_else(|| "monday".to_string());
+    let week_start_text = time
+        .week_start
+        .clone()
+        .unwrap_or_else(|| "monday".to_string());
     let week_start = parse_weekday(&week_start_text);
     if week_start.is_none() {
-        problems.add("time.week_start", format!("unknown weekday {week_start_text:?}; expected monday ... sunday"));
+        problems.add(
+            "time.week_start",
+            format!("unknown weekday {week_start_text:?}; expected monday ... sunday"),
+        );
     }
-    let calendar = match Calendar::new(&zone_name, week_start.unwrap_or(jiff::civil::Weekday::Monday)) {
+    let calendar = match Calendar::new(
+        &zone_name,
+        week_start.unwrap_or(jiff::civil::Weekday::Monday),
+    ) {
         Ok(calendar) => Some(calendar),
         Err(_) => {
             problems.add("time.zone", format!("unknown time zone {zone_name:?}; expected an IANA name such as \"Europe/Berlin\" or \"UTC\""));
             None
         }
     };
-    let lateness = duration("time.allowed_lateness", time.allowed_lateness.as_ref(), "1h", problems);
-    let idle_timeout = duration("time.idle_timeout", time.idle_timeout.as_ref(), "5m", problems);
+    let lateness = duration(
+        "time.allowed_lateness",
+        time.allowed_lateness.as_ref(),
+        "1h",
+        problems,
+    );
+    let idle_timeout = duration(
+        "time.idle_timeout",
+        time.idle_timeout.as_ref(),
+        "5m",
+        problems,
+    );
     if idle_timeout == Some(Duration::ZERO) {
         problems.add("time.idle_timeout", "must be longer than zero");
     }
-    let skew = duration("time.max_future_skew", time.max_future_skew.as_ref(), "1h", problems);
+    let skew = duration(
+        "time.max_future_skew",
+        time.max_future_skew.as_ref(),
+        "1h",
+        problems,
+    );
     week_start?;
     Some(TimeConfig {
         calendar: calendar?,
@@ -375,12 +499,20 @@ fn validate_time(raw: &RawConfig, problems: &mut Problems) -> Option<TimeConfig>
 
 fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfig> {
     let state = &raw.state;
-    let path = state.path.clone().unwrap_or_else(|| "nsm-state".to_string());
+    let path = state
+        .path
+        .clone()
+        .unwrap_or_else(|| "nsm-state".to_string());
     if path.trim().is_empty() {
         problems.add("state.path", "must not be empty");
     }
     let retention = duration("state.retention", state.retention.as_ref(), "35d", problems);
-    let flush = duration("state.flush_interval", state.flush_interval.as_ref(), "200ms", problems);
+    let flush = duration(
+        "state.flush_interval",
+        state.flush_interval.as_ref(),
+        "200ms",
+        problems,
+    );
     if let Some(flush) = flush {
         if flush < Duration::from_millis(10) || flush > Duration::from_secs(60) {
             problems.add("state.flush_interval", "must be between 10ms and 60s");
@@ -395,11 +527,18 @@ fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfi
 }
 
 fn validate_http(raw: &RawConfig, problems: &mut Problems) -> Option<HttpConfig> {
-    let text = raw.http.listen.clone().unwrap_or_else(|| "127.0.0.1:9464".to_string());
+    let text = raw
+        .http
+        .listen
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1:9464".to_string());
     match text.parse::<SocketAddr>() {
         Ok(listen) => Some(HttpConfig { listen }),
         Err(_) => {
-            problems.add("http.listen", format!("invalid address {text:?}; expected host:port such as \"0.0.0.0:9464\""));
+            problems.add(
+                "http.listen",
+                format!("invalid address {text:?}; expected host:port such as \"0.0.0.0:9464\""),
+            );
             None
         }
     }
@@ -422,25 +561,40 @@ fn validate_metric(
     if name.is_empty() {
         problems.add(format!("{path}.name"), "missing: a snake_case metric name");
     } else if !is_valid_metric_name(&name) || name.len() > 100 {
-        problems.add(format!("{path}.name"), format!("invalid name {name:?}: lowercase letters, digits and '_', starting with a letter"));
+        problems.add(
+            format!("{path}.name"),
+            format!(
+                "invalid name {name:?}: lowercase letters, digits and '_', starting with a letter"
+            ),
+        );
     }
 
     let kind = match (raw.kind.as_deref(), &raw.field) {
         (None, _) => {
-            problems.add(format!("{path}.kind"), "missing: one of count, sum, distinct");
+            problems.add(
+                format!("{path}.kind"),
+                "missing: one of count, sum, distinct",
+            );
             None
         }
         (Some("count"), Some(_)) => {
-            problems.add(format!("{path}.field"), "a count has no field; remove it or use kind = \"sum\"");
+            problems.add(
+                format!("{path}.field"),
+                "a count has no field; remove it or use kind = \"sum\"",
+            );
             None
         }
         (Some("count"), None) => Some(MetricKind::Count),
         (Some("sum"), None) => {
-            problems.add(format!("{path}.field"), "missing: the numeric field to sum, e.g. \"properties.amount\"");
+            problems.add(
+                format!("{path}.field"),
+                "missing: the numeric field to sum, e.g. \"properties.amount\"",
+            );
             None
         }
         (Some("sum"), Some(field)) => {
-            field_path(&format!("{path}.field"), Some(field), "", problems).map(|field| MetricKind::Sum { field })
+            field_path(&format!("{path}.field"), Some(field), "", problems)
+                .map(|field| MetricKind::Sum { field })
         }
         (Some("distinct"), field) => match field {
             Some(field) => field_path(&format!("{path}.field"), Some(field), "", problems),
@@ -448,20 +602,29 @@ fn validate_metric(
         }
         .map(|field| MetricKind::Distinct { field }),
         (Some(other), _) => {
-            problems.add(format!("{path}.kind"), format!("unknown kind {other:?}; expected count, sum or distinct"));
+            problems.add(
+                format!("{path}.kind"),
+                format!("unknown kind {other:?}; expected count, sum or distinct"),
+            );
             None
         }
     };
 
     let window = match raw.window.as_deref() {
         None => {
-            problems.add(format!("{path}.window"), "missing: one of \"1h\", \"1d\", \"1w\"");
+            problems.add(
+                format!("{path}.window"),
+                "missing: one of \"1h\", \"1d\", \"1w\"",
+            );
             None
         }
         Some(text) => {
             let unit = CalendarUnit::parse(text);
             if unit.is_none() {
-                problems.add(format!("{path}.window"), format!("unknown window {text:?}; expected \"1h\", \"1d\" or \"1w\""));
+                problems.add(
+                    format!("{path}.window"),
+                    format!("unknown window {text:?}; expected \"1h\", \"1d\" or \"1w\""),
+                );
             }
             unit
         }
@@ -487,7 +650,10 @@ fn validate_metric(
         for value in values {
             match literal(value) {
                 Some(parsed) => any_of.push(parsed),
-                None => problems.add(clause_path.clone(), "expected a string, number or boolean, or a list of them"),
+                None => problems.add(
+                    clause_path.clone(),
+                    "expected a string, number or boolean, or a list of them",
+                ),
             }
         }
         if any_of.is_empty() {
@@ -513,7 +679,9 @@ fn literal(value: &toml::Value) -> Option<Literal> {
     match value {
         toml::Value::String(text) => Some(Literal::Text(text.clone())),
         toml::Value::Integer(number) => Some(Literal::Number(Decimal::from_integer(*number))),
-        toml::Value::Float(number) => Decimal::parse(&number.to_string()).ok().map(Literal::Number),
+        toml::Value::Float(number) => Decimal::parse(&number.to_string())
+            .ok()
+            .map(Literal::Number),
         toml::Value::Boolean(flag) => Some(Literal::Bool(*flag)),
         _ => None,
     }

@@ -34,7 +34,10 @@ pub(super) fn apply_event(
         Ok((event_time_ms, contributions)) => {
             let matched = contributions.len();
             commit(plan, state, event_time_ms, contributions);
-            Outcome::Applied { event_time_ms, matched }
+            Outcome::Applied {
+                event_time_ms,
+                matched,
+            }
         }
         Err(rejection) => Outcome::Rejected(rejection),
     }
@@ -52,11 +55,16 @@ fn evaluate<'a>(
     if payload.len() > settings.max_event_bytes {
         return Err(Rejection::new(
             RejectReason::Oversize,
-            format!("{} bytes exceeds events.max_bytes = {}", payload.len(), settings.max_event_bytes),
+            format!(
+                "{} bytes exceeds events.max_bytes = {}",
+                payload.len(),
+                settings.max_event_bytes
+            ),
         ));
     }
-    let text = std::str::from_utf8(payload)
-        .map_err(|error| Rejection::new(RejectReason::InvalidJson, format!("not UTF-8: {error}")))?;
+    let text = std::str::from_utf8(payload).map_err(|error| {
+        Rejection::new(RejectReason::InvalidJson, format!("not UTF-8: {error}"))
+    })?;
     let fields = plan.schema.decode(text)?;
 
     match fields.get(plan.name_slot) {
@@ -70,7 +78,11 @@ fn evaluate<'a>(
         Some(other) => {
             return Err(Rejection::new(
                 RejectReason::WrongType,
-                format!("event name at {} is a {}, not a string", settings.event_name_field, other.type_name()),
+                format!(
+                    "event name at {} is a {}, not a string",
+                    settings.event_name_field,
+                    other.type_name()
+                ),
             ))
         }
     }
@@ -114,7 +126,10 @@ fn evaluate<'a>(
 fn event_time(fields: &Fields<'_>, plan: &Plan) -> Result<EpochMillis, Rejection> {
     let path = &plan.settings.timestamp_field;
     match fields.get(plan.timestamp_slot) {
-        None => Err(Rejection::new(RejectReason::MissingTimestamp, format!("no timestamp at {path}"))),
+        None => Err(Rejection::new(
+            RejectReason::MissingTimestamp,
+            format!("no timestamp at {path}"),
+        )),
         Some(Scalar::Text(text)) => text
             .parse::<Timestamp>()
             .map(Timestamp::as_millisecond)
@@ -139,8 +154,12 @@ fn event_time(fields: &Fields<'_>, plan: &Plan) -> Result<EpochMillis, Rejection
 
 fn matches_filter(metric: &CompiledMetric, fields: &Fields<'_>) -> bool {
     metric.clauses.iter().all(|(slot, any_of)| {
-        let Some(value) = fields.get(*slot) else { return false };
-        any_of.iter().any(|literal| literal_matches(literal, &value))
+        let Some(value) = fields.get(*slot) else {
+            return false;
+        };
+        any_of
+            .iter()
+            .any(|literal| literal_matches(literal, &value))
     })
 }
 
@@ -148,7 +167,9 @@ fn literal_matches(literal: &Literal, value: &Scalar<'_>) -> bool {
     match (literal, value) {
         (Literal::Text(expected), Scalar::Text(actual)) => expected == actual,
         (Literal::Bool(expected), Scalar::Bool(actual)) => expected == actual,
-        (Literal::Number(expected), Scalar::Number(actual)) => Decimal::parse(actual).is_ok_and(|n| n == *expected),
+        (Literal::Number(expected), Scalar::Number(actual)) => {
+            Decimal::parse(actual).is_ok_and(|n| n == *expected)
+        }
         _ => false,
     }
 }
@@ -160,7 +181,8 @@ fn contribution<'a>(
     fields: &Fields<'a>,
 ) -> Result<Contribution<'a>, Rejection> {
     let field_name = || match &plan.metrics()[index].kind {
-        crate::metric::MetricKind::Sum { field } | crate::metric::MetricKind::Distinct { field } => field.to_string(),
+        crate::metric::MetricKind::Sum { field }
+        | crate::metric::MetricKind::Distinct { field } => field.to_string(),
         crate::metric::MetricKind::Count => String::new(),
     };
     let metric_name = &plan.metrics()[index].name;
@@ -171,27 +193,43 @@ fn contribution<'a>(
                 Ok(amount) => Ok(Contribution::Amount(amount)),
                 Err(DecimalError::OutOfRange) | Err(DecimalError::Syntax) => Err(Rejection::new(
                     RejectReason::WrongType,
-                    format!("{} = {text} for metric {metric_name} is beyond the exact range", field_name()),
+                    format!(
+                        "{} = {text} for metric {metric_name} is beyond the exact range",
+                        field_name()
+                    ),
                 )),
             },
             None => Err(Rejection::new(
                 RejectReason::MissingField,
-                format!("metric {metric_name} sums {} but the event has none", field_name()),
+                format!(
+                    "metric {metric_name} sums {} but the event has none",
+                    field_name()
+                ),
             )),
             Some(other) => Err(Rejection::new(
                 RejectReason::WrongType,
-                format!("metric {metric_name} sums {} but it is a {}", field_name(), other.type_name()),
+                format!(
+                    "metric {metric_name} sums {} but it is a {}",
+                    field_name(),
+                    other.type_name()
+                ),
             )),
         },
         ValueSource::Distinct(slot) => match fields.get(*slot) {
             Some(Scalar::Composite) => Err(Rejection::new(
                 RejectReason::WrongType,
-                format!("metric {metric_name} counts distinct {} but it is an object or array", field_name()),
+                format!(
+                    "metric {metric_name} counts distinct {} but it is an object or array",
+                    field_name()
+                ),
             )),
             Some(scalar) => Ok(Contribution::Member(member_key(scalar))),
             None => Err(Rejection::new(
                 RejectReason::MissingField,
-                format!("metric {metric_name} counts distinct {} but the event has none", field_name()),
+                format!(
+                    "metric {metric_name} counts distinct {} but the event has none",
+                    field_name()
+                ),
             )),
         },
     }
@@ -215,8 +253,17 @@ fn member_key<'a>(scalar: Scalar<'a>) -> Cow<'a, [u8]> {
     Cow::Owned(key)
 }
 
-fn commit(plan: &Plan, state: &mut PartitionState, event_time_ms: EpochMillis, contributions: Contributions<'_>) {
-    state.max_event_ms = Some(state.max_event_ms.map_or(event_time_ms, |max| max.max(event_time_ms)));
+fn commit(
+    plan: &Plan,
+    state: &mut PartitionState,
+    event_time_ms: EpochMillis,
+    contributions: Contributions<'_>,
+) {
+    state.max_event_ms = Some(
+        state
+            .max_event_ms
+            .map_or(event_time_ms, |max| max.max(event_time_ms)),
+    );
     for (index, contribution) in contributions {
         let compiled = &plan.compiled[index];
         let bounds = match state.last_window[index] {
@@ -232,7 +279,10 @@ fn commit(plan: &Plan, state: &mut PartitionState, event_time_ms: EpochMillis, c
         };
         let window = state.windows[index]
             .entry(bounds.start_ms)
-            .or_insert_with(|| WindowState { end_ms: bounds.end_ms, agg: Agg::empty(&compiled.value) });
+            .or_insert_with(|| WindowState {
+                end_ms: bounds.end_ms,
+                agg: Agg::empty(&compiled.value),
+            });
         let changed = match (&mut window.agg, contribution) {
             (Agg::Count(count), Contribution::One) => {
                 *count += 1;
@@ -250,7 +300,10 @@ fn commit(plan: &Plan, state: &mut PartitionState, event_time_ms: EpochMillis, c
                     false
                 } else {
                     let member: Box<[u8]> = member.into_owned().into_boxed_slice();
-                    state.pending.new_members.push((index, bounds.start_ms, member.clone()));
+                    state
+                        .pending
+                        .new_members
+                        .push((index, bounds.start_ms, member.clone()));
                     members.insert(member);
                     true
                 }

@@ -56,7 +56,11 @@ impl ChangeSet {
 }
 
 impl PartitionState {
-    pub(super) fn take_changes(&mut self, plan: &Plan, key: &PartitionKey) -> Option<PartitionChanges> {
+    pub(super) fn take_changes(
+        &mut self,
+        plan: &Plan,
+        key: &PartitionKey,
+    ) -> Option<PartitionChanges> {
         let deletes = self.expire(plan);
         if !self.pending.meta_dirty && self.pending.dirty_windows.is_empty() && deletes.is_empty() {
             return None;
@@ -67,14 +71,23 @@ impl PartitionState {
             .into_iter()
             .filter_map(|(metric, start_ms)| {
                 let window = self.windows[metric].get(&start_ms)?;
-                Some(WindowUpsert { metric, start_ms, end_ms: window.end_ms, value: window.agg.value() })
+                Some(WindowUpsert {
+                    metric,
+                    start_ms,
+                    end_ms: window.end_ms,
+                    value: window.agg.value(),
+                })
             })
             .collect();
         let members = pending
             .new_members
             .into_iter()
             .filter(|(metric, start_ms, _)| self.windows[*metric].contains_key(start_ms))
-            .map(|(metric, start_ms, member)| MemberInsert { metric, start_ms, member })
+            .map(|(metric, start_ms, member)| MemberInsert {
+                metric,
+                start_ms,
+                member,
+            })
             .collect();
         Some(PartitionChanges {
             key: key.clone(),
@@ -89,7 +102,9 @@ impl PartitionState {
 
     /// Drops windows that ended more than the retention before the watermark.
     fn expire(&mut self, plan: &Plan) -> Vec<WindowDelete> {
-        let Some(watermark) = self.watermark_ms() else { return Vec::new() };
+        let Some(watermark) = self.watermark_ms() else {
+            return Vec::new();
+        };
         let horizon = watermark - plan.settings.retention_ms;
         let mut deletes = Vec::new();
         for (metric, windows) in self.windows.iter_mut().enumerate() {

@@ -15,9 +15,11 @@ mod view;
 use std::collections::HashMap;
 
 pub use changes::{ChangeSet, MemberInsert, PartitionChanges, WindowDelete, WindowUpsert};
-pub use plan::Plan;
+pub use plan::{EngineSettings, Plan};
 pub use state::{AggValue, PartitionSnapshot, StoredMember, StoredWindow};
-pub use view::{MetricValues, PartitionStatus, WindowValue};
+pub use view::{
+    completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
+};
 
 use crate::reject::Rejection;
 use crate::{EpochMillis, PartitionKey};
@@ -27,7 +29,10 @@ use state::PartitionState;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The event was valid and counted by `matched` metrics (possibly none).
-    Applied { event_time_ms: EpochMillis, matched: usize },
+    Applied {
+        event_time_ms: EpochMillis,
+        matched: usize,
+    },
     /// The offset was already applied before a restart; the message is skipped.
     AlreadyApplied,
     /// The event was not applied; it belongs in the dead-letter topic.
@@ -42,7 +47,10 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(plan: Plan) -> Self {
-        Self { plan, partitions: HashMap::new() }
+        Self {
+            plan,
+            partitions: HashMap::new(),
+        }
     }
 
     pub fn plan(&self) -> &Plan {

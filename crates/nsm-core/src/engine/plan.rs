@@ -83,10 +83,21 @@ impl Plan {
                     MetricKind::Sum { field } => ValueSource::Sum(schema.slot(field)),
                     MetricKind::Distinct { field } => ValueSource::Distinct(schema.slot(field)),
                 };
-                CompiledMetric { clauses, value, window: metric.window }
+                CompiledMetric {
+                    clauses,
+                    value,
+                    window: metric.window,
+                }
             })
             .collect();
-        Plan { metrics, compiled, schema, name_slot, timestamp_slot, settings }
+        Plan {
+            metrics,
+            compiled,
+            schema,
+            name_slot,
+            timestamp_slot,
+            settings,
+        }
     }
 
     pub fn metrics(&self) -> &[MetricDef] {
@@ -108,6 +119,7 @@ impl Plan {
     /// A window is complete, and will never change again, once the watermark has passed its
     /// end by the allowed lateness.
     pub fn is_complete(&self, end_ms: EpochMillis, watermark_ms: Option<EpochMillis>) -> bool {
-        watermark_ms.is_some_and(|watermark| watermark >= end_ms + self.settings.allowed_lateness_ms)
+        watermark_ms
+            .is_some_and(|watermark| watermark >= end_ms + self.settings.allowed_lateness_ms)
     }
 }

@@ -136,9 +136,12 @@ pub(super) struct PartitionState {
 impl PartitionState {
     pub fn restore(plan: &Plan, snapshot: PartitionSnapshot) -> PartitionState {
         let metric_count = plan.compiled.len();
-        let mut windows: Vec<BTreeMap<EpochMillis, WindowState>> = (0..metric_count).map(|_| BTreeMap::new()).collect();
+        let mut windows: Vec<BTreeMap<EpochMillis, WindowState>> =
+            (0..metric_count).map(|_| BTreeMap::new()).collect();
         for stored in &snapshot.windows {
-            let Some(compiled) = plan.compiled.get(stored.metric) else { continue };
+            let Some(compiled) = plan.compiled.get(stored.metric) else {
+                continue;
+            };
             let agg = match (stored.value, &compiled.value) {
                 (AggValue::Count(count), ValueSource::One) => Agg::Count(count),
                 (AggValue::Sum(sum), ValueSource::Sum(_)) => Agg::Sum(sum),
@@ -147,20 +150,39 @@ impl PartitionState {
                 // windows, so this is only reached by a hand-made snapshot.
                 _ => continue,
             };
-            windows[stored.metric].insert(stored.start_ms, WindowState { end_ms: stored.end_ms, agg });
+            windows[stored.metric].insert(
+                stored.start_ms,
+                WindowState {
+                    end_ms: stored.end_ms,
+                    agg,
+                },
+            );
         }
         for member in snapshot.members {
-            let window = windows.get_mut(member.metric).and_then(|windows| windows.get_mut(&member.start_ms));
-            if let Some(WindowState { agg: Agg::Distinct(members), .. }) = window {
+            let window = windows
+                .get_mut(member.metric)
+                .and_then(|windows| windows.get_mut(&member.start_ms));
+            if let Some(WindowState {
+                agg: Agg::Distinct(members),
+                ..
+            }) = window
+            {
                 members.insert(member.member);
             }
         }
         if cfg!(debug_assertions) {
             for stored in &snapshot.windows {
-                if let (AggValue::Distinct(count), Some(window)) =
-                    (stored.value, windows.get(stored.metric).and_then(|w| w.get(&stored.start_ms)))
-                {
-                    debug_assert_eq!(window.agg.value(), AggValue::Distinct(count), "stored count matches members");
+                if let (AggValue::Distinct(count), Some(window)) = (
+                    stored.value,
+                    windows
+                        .get(stored.metric)
+                        .and_then(|w| w.get(&stored.start_ms)),
+                ) {
+                    debug_assert_eq!(
+                        window.agg.value(),
+                        AggValue::Distinct(count),
+                        "stored count matches members"
+                    );
                 }
             }
         }

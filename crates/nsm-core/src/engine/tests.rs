@@ -9,12 +9,19 @@ const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
 
 fn ms(text: &str) -> i64 {
-    text.parse::<jiff::Timestamp>().expect("timestamp").as_millisecond()
+    text.parse::<jiff::Timestamp>()
+        .expect("timestamp")
+        .as_millisecond()
 }
 
 fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUnit) -> MetricDef {
     let clauses = event
-        .map(|event| vec![Clause { field: FilterField::EventName, any_of: vec![Literal::Text(event.into())] }])
+        .map(|event| {
+            vec![Clause {
+                field: FilterField::EventName,
+                any_of: vec![Literal::Text(event.into())],
+            }]
+        })
         .unwrap_or_default();
     MetricDef {
         name: name.into(),
@@ -33,9 +40,28 @@ fn path(text: &str) -> FieldPath {
 
 fn test_plan() -> Plan {
     let metrics = vec![
-        metric("active_users", MetricKind::Distinct { field: path("user_id") }, Some("message_sent"), CalendarUnit::Day),
-        metric("messages", MetricKind::Count, Some("message_sent"), CalendarUnit::Hour),
-        metric("revenue", MetricKind::Sum { field: path("properties.amount") }, Some("payment"), CalendarUnit::Week),
+        metric(
+            "active_users",
+            MetricKind::Distinct {
+                field: path("user_id"),
+            },
+            Some("message_sent"),
+            CalendarUnit::Day,
+        ),
+        metric(
+            "messages",
+            MetricKind::Count,
+            Some("message_sent"),
+            CalendarUnit::Hour,
+        ),
+        metric(
+            "revenue",
+            MetricKind::Sum {
+                field: path("properties.amount"),
+            },
+            Some("payment"),
+            CalendarUnit::Week,
+        ),
     ];
     Plan::new(
         metrics,
@@ -75,7 +101,12 @@ fn values(engine: &Engine) -> Vec<(f64, f64)> {
     engine
         .metric_values(ms(NOW))
         .iter()
-        .map(|values| (values.current.value.to_f64(), values.previous.value.to_f64()))
+        .map(|values| {
+            (
+                values.current.value.to_f64(),
+                values.previous.value.to_f64(),
+            )
+        })
         .collect()
 }
 
@@ -112,12 +143,27 @@ fn counts_sums_and_distinct_users_per_window() {
 fn late_events_are_rejected_but_lateness_allows_corrections() {
     let mut engine = engine();
     let now = ms(NOW);
-    engine.apply(&key(), 0, &event("message_sent", "ana", "2026-11-23T10:00:00Z"), now);
+    engine.apply(
+        &key(),
+        0,
+        &event("message_sent", "ana", "2026-11-23T10:00:00Z"),
+        now,
+    );
     // 50 minutes behind the watermark: within the hour of lateness, corrects its window.
-    let outcome = engine.apply(&key(), 1, &event("message_sent", "bo", "2026-11-23T09:10:00Z"), now);
+    let outcome = engine.apply(
+        &key(),
+        1,
+        &event("message_sent", "bo", "2026-11-23T09:10:00Z"),
+        now,
+    );
     assert!(matches!(outcome, Outcome::Applied { .. }));
     // 61 minutes behind: late, not applied.
-    let outcome = engine.apply(&key(), 2, &event("message_sent", "cy", "2026-11-23T08:59:00Z"), now);
+    let outcome = engine.apply(
+        &key(),
+        2,
+        &event("message_sent", "cy", "2026-11-23T08:59:00Z"),
+        now,
+    );
     assert_eq!(reason(outcome), Some(RejectReason::Late));
     assert_eq!(values(&engine)[0], (2.0, 0.0));
     assert_eq!(values(&engine)[1], (1.0, 1.0));
@@ -131,8 +177,16 @@ fn replaying_last_month_is_not_late() {
     // against the stream's own watermark, so none of it is late.
     for (offset, day) in (1..=21).enumerate() {
         let time = format!("2026-11-{day:02}T12:00:00Z");
-        let outcome = engine.apply(&key(), offset as i64, &event("message_sent", "ana", &time), now);
-        assert!(matches!(outcome, Outcome::Applied { .. }), "{time}: {outcome:?}");
+        let outcome = engine.apply(
+            &key(),
+            offset as i64,
+            &event("message_sent", "ana", &time),
+            now,
+        );
+        assert!(
+            matches!(outcome, Outcome::Applied { .. }),
+            "{time}: {outcome:?}"
+        );
     }
 }
 
@@ -144,20 +198,54 @@ fn bad_events_are_rejected_with_bounded_reasons_and_change_nothing() {
         (b"not json".to_vec(), RejectReason::InvalidJson),
         (vec![0xff, 0xfe, b'{'], RejectReason::InvalidJson),
         (b"[1,2]".to_vec(), RejectReason::NotAnObject),
-        (br#"{"user_id":"a","timestamp":"2026-11-23T10:00:00Z"}"#.to_vec(), RejectReason::MissingEventName),
-        (br#"{"event":"message_sent","user_id":"a"}"#.to_vec(), RejectReason::MissingTimestamp),
-        (br#"{"event":"message_sent","user_id":"a","timestamp":"yesterday"}"#.to_vec(), RejectReason::InvalidTimestamp),
-        (br#"{"event":"message_sent","user_id":"a","timestamp":"9999-01-01T00:00:00Z"}"#.to_vec(), RejectReason::TimestampOutOfRange),
-        (br#"{"event":"message_sent","user_id":"a","timestamp":0}"#.to_vec(), RejectReason::TimestampOutOfRange),
-        (br#"{"event":"message_sent","timestamp":"2026-11-23T10:00:00Z"}"#.to_vec(), RejectReason::MissingField),
-        (br#"{"event":"message_sent","user_id":{"id":1},"timestamp":"2026-11-23T10:00:00Z"}"#.to_vec(), RejectReason::WrongType),
-        (payment("\"12\"", "2026-11-23T10:00:00Z"), RejectReason::WrongType),
-        (payment("1e300", "2026-11-23T10:00:00Z"), RejectReason::WrongType),
+        (
+            br#"{"user_id":"a","timestamp":"2026-11-23T10:00:00Z"}"#.to_vec(),
+            RejectReason::MissingEventName,
+        ),
+        (
+            br#"{"event":"message_sent","user_id":"a"}"#.to_vec(),
+            RejectReason::MissingTimestamp,
+        ),
+        (
+            br#"{"event":"message_sent","user_id":"a","timestamp":"yesterday"}"#.to_vec(),
+            RejectReason::InvalidTimestamp,
+        ),
+        (
+            br#"{"event":"message_sent","user_id":"a","timestamp":"9999-01-01T00:00:00Z"}"#
+                .to_vec(),
+            RejectReason::TimestampOutOfRange,
+        ),
+        (
+            br#"{"event":"message_sent","user_id":"a","timestamp":0}"#.to_vec(),
+            RejectReason::TimestampOutOfRange,
+        ),
+        (
+            br#"{"event":"message_sent","timestamp":"2026-11-23T10:00:00Z"}"#.to_vec(),
+            RejectReason::MissingField,
+        ),
+        (
+            br#"{"event":"message_sent","user_id":{"id":1},"timestamp":"2026-11-23T10:00:00Z"}"#
+                .to_vec(),
+            RejectReason::WrongType,
+        ),
+        (
+            payment("\"12\"", "2026-11-23T10:00:00Z"),
+            RejectReason::WrongType,
+        ),
+        (
+            payment("1e300", "2026-11-23T10:00:00Z"),
+            RejectReason::WrongType,
+        ),
         (vec![b' '; 5000], RejectReason::Oversize),
     ];
     for (offset, (payload, expected)) in cases.into_iter().enumerate() {
         let outcome = engine.apply(&key(), offset as i64, &payload, now);
-        assert_eq!(reason(outcome), Some(expected), "{}", String::from_utf8_lossy(&payload));
+        assert_eq!(
+            reason(outcome),
+            Some(expected),
+            "{}",
+            String::from_utf8_lossy(&payload)
+        );
     }
     assert_eq!(values(&engine), vec![(0.0, 0.0), (0.0, 0.0), (0.0, 0.0)]);
     // The partition moved on past every bad message.
@@ -170,14 +258,25 @@ fn epoch_millisecond_timestamps_are_accepted() {
     let time = ms("2026-11-23T10:30:00Z");
     let payload = format!(r#"{{"event":"message_sent","user_id":7,"timestamp":{time}}}"#);
     let outcome = engine.apply(&key(), 0, payload.as_bytes(), ms(NOW));
-    assert_eq!(outcome, Outcome::Applied { event_time_ms: time, matched: 2 });
+    assert_eq!(
+        outcome,
+        Outcome::Applied {
+            event_time_ms: time,
+            matched: 2
+        }
+    );
 }
 
 #[test]
 fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
     let mut engine = engine();
     let now = ms(NOW);
-    engine.apply(&key(), 0, &event("message_sent", "ana", "2026-11-23T10:00:00Z"), now);
+    engine.apply(
+        &key(),
+        0,
+        &event("message_sent", "ana", "2026-11-23T10:00:00Z"),
+        now,
+    );
     engine.apply(&key(), 1, &payment("5.5", "2026-11-23T10:01:00Z"), now);
     let changes = engine.take_changes();
     assert_eq!(changes.partitions.len(), 1);
@@ -194,21 +293,38 @@ fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
         windows: part
             .upserts
             .iter()
-            .map(|u| StoredWindow { metric: u.metric, start_ms: u.start_ms, end_ms: u.end_ms, value: u.value })
+            .map(|u| StoredWindow {
+                metric: u.metric,
+                start_ms: u.start_ms,
+                end_ms: u.end_ms,
+                value: u.value,
+            })
             .collect(),
         members: part
             .members
             .iter()
-            .map(|m| StoredMember { metric: m.metric, start_ms: m.start_ms, member: m.member.clone() })
+            .map(|m| StoredMember {
+                metric: m.metric,
+                start_ms: m.start_ms,
+                member: m.member.clone(),
+            })
             .collect(),
     };
     let mut restored = Engine::new(test_plan());
     restored.restore_partition(key(), snapshot);
     assert_eq!(values(&restored), values(&engine));
     // Kafka may redeliver offset 1: it is skipped, not counted twice.
-    assert_eq!(restored.apply(&key(), 1, &payment("5.5", "2026-11-23T10:01:00Z"), now), Outcome::AlreadyApplied);
+    assert_eq!(
+        restored.apply(&key(), 1, &payment("5.5", "2026-11-23T10:01:00Z"), now),
+        Outcome::AlreadyApplied
+    );
     // Ana again the same day: still one distinct user.
-    restored.apply(&key(), 2, &event("message_sent", "ana", "2026-11-23T10:02:00Z"), now);
+    restored.apply(
+        &key(),
+        2,
+        &event("message_sent", "ana", "2026-11-23T10:02:00Z"),
+        now,
+    );
     assert_eq!(values(&restored)[0], (1.0, 0.0));
     assert_eq!(values(&restored)[2], (5.5, 0.0));
 }
@@ -217,7 +333,12 @@ fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
 fn idle_partitions_move_to_the_wall_clock_and_complete_windows() {
     let mut engine = engine();
     let now = ms("2026-11-23T10:20:00Z");
-    engine.apply(&key(), 0, &event("message_sent", "ana", "2026-11-23T10:10:00Z"), now);
+    engine.apply(
+        &key(),
+        0,
+        &event("message_sent", "ana", "2026-11-23T10:10:00Z"),
+        now,
+    );
     let before = &engine.metric_values(now)[1];
     assert_eq!(before.current.value, AggValue::Count(1));
     assert!(!before.previous.complete || before.previous.value == AggValue::Count(0));
@@ -225,10 +346,18 @@ fn idle_partitions_move_to_the_wall_clock_and_complete_windows() {
     let later = ms("2026-11-23T12:20:00Z");
     engine.advance_idle(&key(), later);
     let after = &engine.metric_values(later)[1];
-    assert_eq!(after.current.value, AggValue::Count(0), "the current hour drained");
+    assert_eq!(
+        after.current.value,
+        AggValue::Count(0),
+        "the current hour drained"
+    );
     assert_eq!(after.current.bounds.start_ms, ms("2026-11-23T12:00:00Z"));
     // 10:00-11:00 UTC is complete: the watermark passed its end by more than the lateness.
-    let hour = engine.plan().calendar().window_of(CalendarUnit::Hour, ms("2026-11-23T10:10:00Z")).expect("w");
+    let hour = engine
+        .plan()
+        .calendar()
+        .window_of(CalendarUnit::Hour, ms("2026-11-23T10:10:00Z"))
+        .expect("w");
     assert!(engine.plan().is_complete(hour.end_ms, Some(later)));
     let changes = engine.take_changes();
     assert_eq!(changes.partitions[0].idle_floor_ms, Some(later));
@@ -237,14 +366,30 @@ fn idle_partitions_move_to_the_wall_clock_and_complete_windows() {
 #[test]
 fn windows_past_retention_are_deleted() {
     let mut engine = engine();
-    engine.apply(&key(), 0, &event("message_sent", "ana", "2026-10-01T10:00:00Z"), ms("2026-10-02T00:00:00Z"));
+    engine.apply(
+        &key(),
+        0,
+        &event("message_sent", "ana", "2026-10-01T10:00:00Z"),
+        ms("2026-10-02T00:00:00Z"),
+    );
     engine.take_changes();
     let now = ms(NOW);
-    engine.apply(&key(), 1, &event("message_sent", "ana", "2026-11-20T10:00:00Z"), now);
+    engine.apply(
+        &key(),
+        1,
+        &event("message_sent", "ana", "2026-11-20T10:00:00Z"),
+        now,
+    );
     let changes = engine.take_changes();
     let deletes = &changes.partitions[0].deletes;
-    assert_eq!(deletes.len(), 2, "the October day and hour windows: {deletes:?}");
-    assert!(deletes.iter().all(|d| d.start_ms < ms("2026-10-02T00:00:00Z")));
+    assert_eq!(
+        deletes.len(),
+        2,
+        "the October day and hour windows: {deletes:?}"
+    );
+    assert!(deletes
+        .iter()
+        .all(|d| d.start_ms < ms("2026-10-02T00:00:00Z")));
 }
 
 #[test]

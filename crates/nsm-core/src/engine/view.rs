@@ -35,7 +35,7 @@ pub struct PartitionStatus {
 
 /// The instance clock: the most advanced partition watermark, or the wall clock before any
 /// partition has one. It picks which window is "current".
-pub fn instance_clock<'a>(
+pub fn instance_clock(
     partitions: impl Iterator<Item = Option<EpochMillis>>,
     now_ms: EpochMillis,
 ) -> EpochMillis {
@@ -44,7 +44,9 @@ pub fn instance_clock<'a>(
 
 /// The watermark that decides completeness: the least advanced owned partition's. A partition
 /// without any watermark yet holds nothing, so it does not hold windows open.
-pub fn completeness_watermark(partitions: impl Iterator<Item = Option<EpochMillis>>) -> Option<EpochMillis> {
+pub fn completeness_watermark(
+    partitions: impl Iterator<Item = Option<EpochMillis>>,
+) -> Option<EpochMillis> {
     partitions.flatten().min()
 }
 
@@ -54,21 +56,34 @@ pub(super) fn metric_values<'a>(
     now_ms: EpochMillis,
 ) -> Vec<MetricValues> {
     let clock = instance_clock(partitions.clone().map(PartitionState::watermark_ms), now_ms);
-    let complete_until = completeness_watermark(partitions.clone().map(PartitionState::watermark_ms));
+    let complete_until =
+        completeness_watermark(partitions.clone().map(PartitionState::watermark_ms));
     let calendar = plan.calendar();
     let mut values = Vec::with_capacity(plan.compiled.len());
     for (index, compiled) in plan.compiled.iter().enumerate() {
-        let Some(current) = calendar.window_of(compiled.window, clock) else { continue };
-        let Some(previous) = calendar.previous(compiled.window, current) else { continue };
+        let Some(current) = calendar.window_of(compiled.window, clock) else {
+            continue;
+        };
+        let Some(previous) = calendar.previous(compiled.window, current) else {
+            continue;
+        };
         let window_value = |bounds: WindowBounds| {
             let zero = AggValue::zero_for(&compiled.value);
             let value = partitions
                 .clone()
                 .filter_map(|state| state.windows[index].get(&bounds.start_ms))
                 .fold(zero, |sum, window| sum.plus(window.agg.value()));
-            WindowValue { bounds, value, complete: plan.is_complete(bounds.end_ms, complete_until) }
+            WindowValue {
+                bounds,
+                value,
+                complete: plan.is_complete(bounds.end_ms, complete_until),
+            }
         };
-        values.push(MetricValues { metric: index, current: window_value(current), previous: window_value(previous) });
+        values.push(MetricValues {
+            metric: index,
+            current: window_value(current),
+            previous: window_value(previous),
+        });
     }
     values
 }

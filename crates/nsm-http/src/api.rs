@@ -1,0 +1,166 @@
+//! The JSON API: metric definitions and stored windows.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use nsm_core::engine::{AggValue, PartitionStatus};
+use nsm_core::metric::{FilterField, MetricKind};
+use nsm_core::query::windows_between;
+use nsm_core::window::parse_instant;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::AppState;
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+pub(crate) async fn list_metrics(State(state): State<AppState>) -> Json<Value> {
+    let metrics: Vec<Value> = state
+        .plan
+        .metrics()
+        .iter()
+        .map(|metric| {
+            let field = match &metric.kind {
+                MetricKind::Count => None,
+                MetricKind::Sum { field } | MetricKind::Distinct { field } => {
+                    Some(field.to_string())
+                }
+            };
+            let filter: serde_json::Map<String, Value> = metric
+                .filter
+                .clauses
+                .iter()
+                .map(|clause| {
+                    let key = match &clause.field {
+                        FilterField::EventName => "event".to_string(),
+                        FilterField::Path(path) => path.to_string(),
+                    };
+                    let values: Vec<Value> = clause
+                        .any_of
+                        .iter()
+                        .map(|literal| Value::String(literal.to_string()))
+                        .collect();
+                    (key, Value::Array(values))
+                })
+                .collect();
+            json!({
+                "name": metric.name,
+                "role": metric.role.label(),
+                "owner": metric.owner,
+                "description": metric.description,
+                "kind": metric.kind.label(),
+                "field": field,
+                "where": filter,
+                "window": metric.window.label(),
+                "windows_url": format!("/api/v1/metrics/{}/windows", metric.name),
+            })
+        })
+        .collect();
+    Json(json!({
+        "zone": state.plan.calendar().zone_name(),
+        "metrics": metrics,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct WindowQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+pub(crate) async fn metric_windows(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<WindowQuery>,
+) -> Response {
+    let Some(metric) = state.plan.metric_index(&name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no metric named {name:?}; GET /api/v1/metrics lists them"),
+        );
+    };
+    let parse = |text: &Option<String>, what: &str| -> Result<Option<i64>, Response> {
+        match text {
+            None => Ok(None),
+            Some(text) => parse_instant(text).map(Some).ok_or_else(|| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{what}={text:?} is neither RFC 3339 nor epoch milliseconds"),
+                )
+            }),
+        }
+    };
+    let to_ms = match parse(&query.to, "to") {
+        Ok(value) => value.unwrap_or(i64::MAX),
+        Err(response) => return response,
+    };
+    let from_ms = match parse(&query.from, "from") {
+        Ok(value) => value.unwrap_or(i64::MIN),
+        Err(response) => return response,
+    };
+    if from_ms > to_ms {
+        return error(StatusCode::BAD_REQUEST, "from must not be after to");
+    }
+    let partitions: Vec<PartitionStatus> = state
+        .published
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .partitions
+        .clone();
+    let store = state.store.clone();
+    let keys: Vec<_> = partitions.iter().map(|status| status.key.clone()).collect();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let mut stored = Vec::new();
+        for key in &keys {
+            stored.extend(store.windows(key, Some(metric))?);
+        }
+        Ok::<_, nsm_state::StateError>(stored)
+    })
+    .await;
+    let stored = match loaded {
+        Ok(Ok(stored)) => stored,
+        Ok(Err(state_error)) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, state_error.to_string())
+        }
+        Err(join_error) => return error(StatusCode::INTERNAL_SERVER_ERROR, join_error.to_string()),
+    };
+    let completeness = nsm_core::engine::completeness_watermark(
+        partitions.iter().map(|status| status.watermark_ms),
+    );
+    let records = windows_between(&state.plan, metric, stored, completeness, from_ms, to_ms);
+    let calendar = state.plan.calendar();
+    let windows: Vec<Value> = records
+        .iter()
+        .map(|record| {
+            json!({
+                "start": calendar.format_local(record.bounds.start_ms),
+                "end": calendar.format_local(record.bounds.end_ms),
+                "start_ms": record.bounds.start_ms,
+                "end_ms": record.bounds.end_ms,
+                "value": value_json(record.value),
+                "complete": record.complete,
+            })
+        })
+        .collect();
+    let definition = &state.plan.metrics()[metric];
+    Json(json!({
+        "metric": definition.name,
+        "kind": definition.kind.label(),
+        "window": definition.window.label(),
+        "zone": calendar.zone_name(),
+        "partitions": partitions.len(),
+        "windows": windows,
+    }))
+    .into_response()
+}
+
+fn value_json(value: AggValue) -> Value {
+    match value {
+        AggValue::Count(count) | AggValue::Distinct(count) => json!(count),
+        // The exact decimal text is a valid JSON number.
+        AggValue::Sum(sum) => serde_json::from_str(&sum.to_string()).unwrap_or(Value::Null),
+    }
+}

@@ -1,0 +1,347 @@
+//! Every series nsm exports, in one place: names, labels and their bounded values.
+//!
+//! Business values (`nsm_metric_*`) and self-metrics (`nsm_events_*`, `nsm_consumer_*`, ...).
+//! The pipeline never touches a Prometheus handle per event: it counts locally and hands
+//! batches to [`Telemetry`] when it publishes, off the hot path.
+
+use std::collections::BTreeSet;
+
+use nsm_core::engine::{AggValue, MetricValues, PartitionStatus, Plan, WindowValue};
+use nsm_core::reject::RejectReason;
+use nsm_core::PartitionKey;
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+
+/// Counts accumulated by the pipeline between two publishes.
+#[derive(Debug, Default, Clone)]
+pub struct BatchCounts {
+    pub consumed: Vec<(PartitionKey, u64)>,
+    pub rejected: Vec<(RejectReason, u64)>,
+    /// Seconds from the Kafka message timestamp to the moment its effect became visible.
+    pub visible_latencies_seconds: Vec<f64>,
+}
+
+/// All exported series.
+pub struct Telemetry {
+    registry: Registry,
+    metric_value: GaugeVec,
+    window_start: GaugeVec,
+    window_end: GaugeVec,
+    window_complete: GaugeVec,
+    consumed: IntCounterVec,
+    invalid: IntCounterVec,
+    late: IntCounter,
+    dead_letters: IntCounterVec,
+    consumer_lag: IntGaugeVec,
+    watermark: GaugeVec,
+    last_event: GaugeVec,
+    partitions_owned: IntGauge,
+    visible_latency: Histogram,
+    checkpoint_duration: HistogramVec,
+    last_publish: Gauge,
+    exported_partitions: std::sync::Mutex<BTreeSet<PartitionKey>>,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: T,
+) -> T {
+    // Names are static and unique; a failure here is a bug caught by every test.
+    registry
+        .register(Box::new(collector.clone()))
+        .unwrap_or_else(|error| panic!("telemetry registration: {error}"));
+    collector
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    register(
+        registry,
+        GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}")),
+    )
+}
+
+impl Telemetry {
+    pub fn new(plan: &Plan, version: &str) -> Telemetry {
+        let registry = Registry::new();
+        let metric_value = gauge_vec(&registry, "nsm_metric_value", "Value of a metric in its current or previous window, summed over the partitions this instance owns.", &["metric", "window"]);
+        let window_start = gauge_vec(
+            &registry,
+            "nsm_metric_window_start_timestamp_seconds",
+            "Start of the window the value belongs to, Unix seconds.",
+            &["metric", "window"],
+        );
+        let window_end = gauge_vec(
+            &registry,
+            "nsm_metric_window_end_timestamp_seconds",
+            "End (exclusive) of the window the value belongs to, Unix seconds.",
+            &["metric", "window"],
+        );
+        let window_complete = gauge_vec(&registry, "nsm_metric_window_complete", "1 once the window can no longer change: every owned partition's watermark passed its end plus the allowed lateness.", &["metric", "window"]);
+        let info = gauge_vec(
+            &registry,
+            "nsm_metric_info",
+            "Metadata of each configured metric; always 1.",
+            &["metric", "role", "kind", "period", "owner", "description"],
+        );
+        for metric in plan.metrics() {
+            info.with_label_values(&[
+                metric.name.as_str(),
+                metric.role.label(),
+                metric.kind.label(),
+                metric.window.label(),
+                metric.owner.as_deref().unwrap_or(""),
+                metric.description.as_str(),
+            ])
+            .set(1.0);
+        }
+        let build = gauge_vec(
+            &registry,
+            "nsm_build_info",
+            "Version of the running nsm; always 1.",
+            &["version"],
+        );
+        build.with_label_values(&[version]).set(1.0);
+
+        let consumed = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "nsm_events_consumed_total",
+                    "Kafka messages consumed, valid or not.",
+                ),
+                &["topic", "partition"],
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let invalid = register(&registry, IntCounterVec::new(Opts::new("nsm_events_invalid_total", "Messages rejected as invalid, by reason; each is sent to the dead-letter topic."), &["reason"]).unwrap_or_else(|e| panic!("{e}")));
+        for reason in RejectReason::ALL
+            .iter()
+            .filter(|reason| **reason != RejectReason::Late)
+        {
+            invalid.with_label_values(&[reason.label()]);
+        }
+        let late = register(&registry, IntCounter::new("nsm_events_late_total", "Events older than the watermark by more than the allowed lateness; sent to the dead-letter topic.").unwrap_or_else(|e| panic!("{e}")));
+        let dead_letters = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("nsm_dead_letters_total", "Dead letters by delivery result."),
+                &["result"],
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        for result in ["delivered", "failed"] {
+            dead_letters.with_label_values(&[result]);
+        }
+        let consumer_lag = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "nsm_consumer_lag_messages",
+                    "Messages between the consumer position and the end of the partition.",
+                ),
+                &["topic", "partition"],
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let watermark = gauge_vec(&registry, "nsm_watermark_timestamp_seconds", "Event-time watermark of a partition, Unix seconds; moves to the wall clock when the partition is idle.", &["topic", "partition"]);
+        let last_event = gauge_vec(
+            &registry,
+            "nsm_last_event_timestamp_seconds",
+            "Largest event time applied in a partition, Unix seconds.",
+            &["topic", "partition"],
+        );
+        let partitions_owned = register(
+            &registry,
+            IntGauge::new(
+                "nsm_partitions_owned",
+                "Kafka partitions this instance owns.",
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let visible_latency = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "nsm_event_visible_latency_seconds",
+                    "From an event's Kafka timestamp to its effect being visible on /metrics.",
+                )
+                .buckets(vec![
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ]),
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let checkpoint_duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "nsm_state_checkpoint_duration_seconds",
+                    "Time to write state and offsets in one atomic batch, by result.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["result"],
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let last_publish = register(
+            &registry,
+            Gauge::new(
+                "nsm_last_publish_timestamp_seconds",
+                "Wall-clock time values were last published, Unix seconds.",
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        Telemetry {
+            registry,
+            metric_value,
+            window_start,
+            window_end,
+            window_complete,
+            consumed,
+            invalid,
+            late,
+            dead_letters,
+            consumer_lag,
+            watermark,
+            last_event,
+            partitions_owned,
+            visible_latency,
+            checkpoint_duration,
+            last_publish,
+            exported_partitions: std::sync::Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Publishes the metric values; called right after they were made durable.
+    pub fn publish_values(&self, plan: &Plan, values: &[MetricValues], now_ms: i64) {
+        for metric_values in values {
+            let name = plan.metrics()[metric_values.metric].name.as_str();
+            self.publish_window(name, "current", &metric_values.current);
+            self.publish_window(name, "previous", &metric_values.previous);
+        }
+        self.last_publish.set(now_ms as f64 / 1000.0);
+    }
+
+    fn publish_window(&self, name: &str, window: &str, value: &WindowValue) {
+        let labels = [name, window];
+        self.metric_value
+            .with_label_values(&labels)
+            .set(value_f64(value.value));
+        self.window_start
+            .with_label_values(&labels)
+            .set(value.bounds.start_ms as f64 / 1000.0);
+        self.window_end
+            .with_label_values(&labels)
+            .set(value.bounds.end_ms as f64 / 1000.0);
+        self.window_complete
+            .with_label_values(&labels)
+            .set(if value.complete { 1.0 } else { 0.0 });
+    }
+
+    /// Publishes partition progress; series of partitions no longer owned disappear.
+    pub fn publish_partitions(&self, partitions: &[PartitionStatus]) {
+        let mut exported = self
+            .exported_partitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current: BTreeSet<PartitionKey> =
+            partitions.iter().map(|status| status.key.clone()).collect();
+        for gone in exported.difference(&current) {
+            let partition = gone.partition.to_string();
+            let labels = [&*gone.topic, partition.as_str()];
+            let _ = self.watermark.remove_label_values(&labels);
+            let _ = self.last_event.remove_label_values(&labels);
+            let _ = self.consumer_lag.remove_label_values(&labels);
+            let _ = self.consumed.remove_label_values(&labels);
+        }
+        for status in partitions {
+            let partition = status.key.partition.to_string();
+            let labels = [&*status.key.topic, partition.as_str()];
+            if let Some(watermark) = status.watermark_ms {
+                self.watermark
+                    .with_label_values(&labels)
+                    .set(watermark as f64 / 1000.0);
+            }
+            if let Some(last) = status.max_event_time_ms {
+                self.last_event
+                    .with_label_values(&labels)
+                    .set(last as f64 / 1000.0);
+            }
+            self.consumed.with_label_values(&labels);
+        }
+        self.partitions_owned.set(partitions.len() as i64);
+        *exported = current;
+    }
+
+    pub fn record_batch(&self, counts: &BatchCounts) {
+        for (key, count) in &counts.consumed {
+            let partition = key.partition.to_string();
+            self.consumed
+                .with_label_values(&[&*key.topic, partition.as_str()])
+                .inc_by(*count);
+        }
+        for (reason, count) in &counts.rejected {
+            if *reason == RejectReason::Late {
+                self.late.inc_by(*count);
+            } else {
+                self.invalid
+                    .with_label_values(&[reason.label()])
+                    .inc_by(*count);
+            }
+        }
+        for latency in &counts.visible_latencies_seconds {
+            self.visible_latency.observe(*latency);
+        }
+    }
+
+    pub fn record_lag(&self, key: &PartitionKey, lag: i64) {
+        let partition = key.partition.to_string();
+        let exported = self
+            .exported_partitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if exported.contains(key) {
+            self.consumer_lag
+                .with_label_values(&[&*key.topic, partition.as_str()])
+                .set(lag);
+        }
+    }
+
+    pub fn record_dead_letters(&self, delivered: u64, failed: u64) {
+        let set = |result: &str, total: u64| {
+            let counter = self.dead_letters.with_label_values(&[result]);
+            let current = counter.get();
+            if total > current {
+                counter.inc_by(total - current);
+            }
+        };
+        set("delivered", delivered);
+        set("failed", failed);
+    }
+
+    pub fn record_checkpoint(&self, seconds: f64, ok: bool) {
+        self.checkpoint_duration
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .observe(seconds);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let encoder = prometheus::TextEncoder::new();
+        encoder
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|error| format!("# encoding failed: {error}\n"))
+    }
+}
+
+fn value_f64(value: AggValue) -> f64 {
+    value.to_f64()
+}

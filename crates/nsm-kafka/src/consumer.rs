@@ -1,0 +1,354 @@
+//! The consumer loop: one thread polls Kafka, hands each message to the handler, forwards
+//! rejected ones to the dead-letter topic, and checkpoints on an interval.
+//!
+//! A plain thread with `BaseConsumer` rather than an async stream: rebalance callbacks then
+//! run inside `poll`, on this thread, between two messages, so the handler can persist a
+//! partition before giving it up without any cross-task coordination.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nsm_core::PartitionKey;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message};
+use tracing::{debug, error, info, warn};
+
+use crate::client::ClientSettings;
+use crate::dead_letter::{DeadLetter, DeadLetterProducer, DeadLetterStats};
+use crate::KafkaError;
+
+/// What to do with a message after the handler saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Applied or skipped; nothing more to do.
+    Done,
+    /// Rejected: forward to the dead-letter topic with this reason label and detail.
+    DeadLetter {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+/// A failure of the handler that the consumer cannot work around (storage is broken).
+#[derive(Debug, Clone)]
+pub struct HandlerError(pub String);
+
+/// Consumer lag of one partition, from librdkafka's statistics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub key: PartitionKey,
+    pub lag: i64,
+}
+
+/// The pipeline behind the consumer.
+pub trait PartitionHandler: Send + 'static {
+    /// Partitions were assigned: take them over and say where to resume each, in order
+    /// (`None`: from the group's committed offset, or `auto.offset.reset`).
+    fn assigned(&mut self, partitions: &[PartitionKey]) -> Result<Vec<Option<i64>>, HandlerError>;
+    /// Partitions are being revoked: persist them and let them go.
+    fn revoked(&mut self, partitions: &[PartitionKey]) -> Result<(), HandlerError>;
+    /// One message. `produced_ms` is the Kafka message timestamp.
+    fn process(
+        &mut self,
+        key: &PartitionKey,
+        offset: i64,
+        payload: &[u8],
+        produced_ms: Option<i64>,
+    ) -> Disposition;
+    /// Persist state and offsets atomically; return the next offset of each partition, to
+    /// commit to the group. Only called once the dead letters before it are delivered.
+    fn checkpoint(&mut self) -> Result<Vec<(PartitionKey, i64)>, HandlerError>;
+    /// Called at least every poll interval, with or without messages.
+    fn tick(&mut self);
+    /// Fresh consumer-lag figures.
+    fn lag(&mut self, lags: Vec<PartitionLag>);
+}
+
+/// Settings of the consumer loop.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    pub client: ClientSettings,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    pub dead_letter_topic: String,
+    pub checkpoint_interval: Duration,
+}
+
+struct Shared<H> {
+    handler: Mutex<H>,
+    dead_letters: DeadLetterProducer,
+    /// Set when the handler failed in a rebalance: the loop stops with that error.
+    fatal: Mutex<Option<String>>,
+}
+
+impl<H> Shared<H> {
+    fn handler(&self) -> MutexGuard<'_, H> {
+        // A poisoned lock means the handler panicked mid-update; its state is suspect, but
+        // the next checkpoint or restart decides, so carry on with the inner value.
+        self.handler
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn fail(&self, message: String) {
+        error!(error = %message, "stopping the consumer");
+        let mut fatal = self
+            .fatal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        fatal.get_or_insert(message);
+    }
+}
+
+struct Context<H> {
+    shared: Arc<Shared<H>>,
+}
+
+impl<H: PartitionHandler> ClientContext for Context<H> {
+    fn stats(&self, statistics: Statistics) {
+        let mut lags = Vec::new();
+        for (topic, topic_stats) in statistics.topics {
+            let topic: Arc<str> = topic.into();
+            for (partition, partition_stats) in topic_stats.partitions {
+                // -1 is librdkafka's internal unassigned partition; a negative lag is unknown.
+                if partition >= 0 && partition_stats.consumer_lag >= 0 {
+                    lags.push(PartitionLag {
+                        key: PartitionKey::new(topic.clone(), partition),
+                        lag: partition_stats.consumer_lag,
+                    });
+                }
+            }
+        }
+        self.shared.handler().lag(lags);
+    }
+
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+fn keys_of(list: &TopicPartitionList) -> Vec<PartitionKey> {
+    list.elements()
+        .iter()
+        .map(|element| PartitionKey::new(element.topic(), element.partition()))
+        .collect()
+}
+
+impl<H: PartitionHandler> ConsumerContext for Context<H> {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        error: RDKafkaRespErr,
+        list: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match error {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let keys = keys_of(list);
+                info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions assigned");
+                match self.shared.handler().assigned(&keys) {
+                    Ok(offsets) => {
+                        for (key, offset) in keys.iter().zip(offsets) {
+                            if let Some(offset) = offset {
+                                if let Err(error) = list.set_partition_offset(
+                                    &key.topic,
+                                    key.partition,
+                                    Offset::Offset(offset),
+                                ) {
+                                    warn!(partition = %key, error = %error, "cannot set the resume offset");
+                                }
+                            }
+                        }
+                    }
+                    Err(HandlerError(message)) => self
+                        .shared
+                        .fail(format!("cannot load partition state: {message}")),
+                }
+                let result = if cooperative {
+                    consumer.incremental_assign(list)
+                } else {
+                    consumer.assign(list)
+                };
+                if let Err(error) = result {
+                    self.shared
+                        .fail(format!("cannot assign partitions: {error}"));
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let keys = keys_of(list);
+                info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked");
+                // Dead letters first, then state: the stored offsets never pass an undelivered one.
+                if let Err(error) = self.shared.dead_letters.flush(Duration::from_secs(30)) {
+                    warn!(error = %error, "dead letters not yet delivered at revoke; their events will be re-read");
+                } else if let Err(HandlerError(message)) = self.shared.handler().revoked(&keys) {
+                    self.shared
+                        .fail(format!("cannot persist revoked partitions: {message}"));
+                }
+                let result = if cooperative {
+                    consumer.incremental_unassign(list)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(error) = result {
+                    warn!(error = %error, "cannot unassign partitions");
+                }
+            }
+            other => {
+                warn!(error = ?other, "rebalance error; dropping the assignment");
+                if let Err(error) = consumer.unassign() {
+                    warn!(error = %error, "cannot unassign partitions");
+                }
+            }
+        }
+    }
+}
+
+/// Runs the consumer until `stop` is set, then checkpoints and leaves the group.
+pub fn run_consumer<H: PartitionHandler>(
+    options: &ConsumerOptions,
+    handler: H,
+    dead_letter_stats: Arc<DeadLetterStats>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), KafkaError> {
+    let dead_letters = DeadLetterProducer::new(
+        &options.client,
+        &options.dead_letter_topic,
+        dead_letter_stats,
+    )?;
+    let shared = Arc::new(Shared {
+        handler: Mutex::new(handler),
+        dead_letters,
+        fatal: Mutex::new(None),
+    });
+    let config = options.client.client_config(&[
+        ("group.id", &options.group_id),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("statistics.interval.ms", "5000"),
+        ("enable.partition.eof", "false"),
+    ]);
+    let consumer: BaseConsumer<Context<H>> = config.create_with_context(Context {
+        shared: shared.clone(),
+    })?;
+    let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    info!(brokers = %options.client.brokers, topics = ?options.topics, group = %options.group_id,
+          properties = %options.client.redacted(), "consumer started");
+
+    let mut topic_names: HashMap<String, Arc<str>> = HashMap::new();
+    let mut last_checkpoint = Instant::now();
+    let mut result = Ok(());
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(message) = take_fatal(&shared) {
+            result = Err(KafkaError::Other(message));
+            break;
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(message)) => {
+                let topic = match topic_names.get(message.topic()) {
+                    Some(topic) => topic.clone(),
+                    None => {
+                        let topic: Arc<str> = message.topic().into();
+                        topic_names.insert(message.topic().to_string(), topic.clone());
+                        topic
+                    }
+                };
+                let key = PartitionKey {
+                    topic,
+                    partition: message.partition(),
+                };
+                let payload = message.payload().unwrap_or_default();
+                let produced_ms = message.timestamp().to_millis();
+                let disposition =
+                    shared
+                        .handler()
+                        .process(&key, message.offset(), payload, produced_ms);
+                if let Disposition::DeadLetter { reason, detail } = disposition {
+                    shared.dead_letters.send(&DeadLetter {
+                        source_topic: message.topic(),
+                        source_partition: message.partition(),
+                        source_offset: message.offset(),
+                        key: message.key(),
+                        payload,
+                        reason,
+                        detail: &detail,
+                    });
+                }
+            }
+            Some(Err(error)) => warn!(error = %error, "consume error"),
+            None => {}
+        }
+        shared.handler().tick();
+        if last_checkpoint.elapsed() >= options.checkpoint_interval {
+            if let Err(error) = checkpoint(&consumer, &shared) {
+                result = Err(error);
+                break;
+            }
+            last_checkpoint = Instant::now();
+        }
+    }
+    if result.is_ok() {
+        result = checkpoint(&consumer, &shared);
+    }
+    info!("consumer stopping: leaving the group");
+    // Dropping the consumer closes it: the final revoke persists and releases partitions.
+    drop(consumer);
+    if let Some(message) = take_fatal(&shared) {
+        result = result.and(Err(KafkaError::Other(message)));
+    }
+    result
+}
+
+fn take_fatal<H>(shared: &Shared<H>) -> Option<String> {
+    shared
+        .fatal
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
+fn checkpoint<H: PartitionHandler>(
+    consumer: &BaseConsumer<Context<H>>,
+    shared: &Shared<H>,
+) -> Result<(), KafkaError> {
+    if let Err(error) = shared.dead_letters.flush(Duration::from_secs(5)) {
+        // Not fatal: the broker may be briefly away. State stays in memory and the next
+        // checkpoint tries again; nothing past an undelivered dead letter is stored.
+        warn!(error = %error, "dead letters not delivered yet; checkpoint postponed");
+        return Ok(());
+    }
+    let offsets = shared
+        .handler()
+        .checkpoint()
+        .map_err(|HandlerError(detail)| KafkaError::Handler {
+            action: "persist",
+            detail,
+        })?;
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let mut list = TopicPartitionList::new();
+    for (key, offset) in &offsets {
+        if let Err(error) =
+            list.add_partition_offset(&key.topic, key.partition, Offset::Offset(*offset))
+        {
+            debug!(partition = %key, error = %error, "cannot add offset to commit");
+        }
+    }
+    // The group's committed offsets are for lag monitoring and a fallback: the truth is the
+    // offset stored with the state, so an async commit that fails loses nothing.
+    if let Err(error) = consumer.commit(&list, CommitMode::Async) {
+        debug!(error = %error, "offset commit to the group failed");
+    }
+    Ok(())
+}

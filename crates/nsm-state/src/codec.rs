@@ -1,0 +1,193 @@
+//! Byte encodings of keys and values. Integers in keys are big-endian with the sign bit
+//! flipped, so RocksDB's byte order is numeric order.
+
+use nsm_core::decimal::Decimal;
+use nsm_core::engine::AggValue;
+use nsm_core::PartitionKey;
+
+pub fn encode_i64(value: i64) -> [u8; 8] {
+    ((value as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn decode_i64(bytes: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(bytes) ^ (1 << 63)) as i64
+}
+
+/// `<topic> 0x00 <partition i32 BE>`; topic names cannot contain 0x00.
+pub fn partition_prefix(key: &PartitionKey) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(key.topic.len() + 5);
+    prefix.extend_from_slice(key.topic.as_bytes());
+    prefix.push(0);
+    prefix.extend_from_slice(&key.partition.to_be_bytes());
+    prefix
+}
+
+/// The inverse of [`partition_prefix`], with the bytes that follow it.
+pub fn split_partition_prefix(key: &[u8]) -> Option<(PartitionKey, &[u8])> {
+    let separator = key.iter().position(|byte| *byte == 0)?;
+    let topic = std::str::from_utf8(&key[..separator]).ok()?;
+    let partition: [u8; 4] = key.get(separator + 1..separator + 5)?.try_into().ok()?;
+    Some((
+        PartitionKey::new(topic, i32::from_be_bytes(partition)),
+        &key[separator + 5..],
+    ))
+}
+
+pub fn window_metric_prefix(partition_prefix: &[u8], metric: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(partition_prefix.len() + metric.len() + 9);
+    key.extend_from_slice(partition_prefix);
+    key.extend_from_slice(metric.as_bytes());
+    key.push(0);
+    key
+}
+
+pub fn window_key(partition_prefix: &[u8], metric: &str, start_ms: i64) -> Vec<u8> {
+    let mut key = window_metric_prefix(partition_prefix, metric);
+    key.extend_from_slice(&encode_i64(start_ms));
+    key
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+pub fn prefix_successor(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: no finite successor; an empty upper bound never occurs for our keys, which
+    // always contain a 0x00 separator.
+    vec![0xff; prefix.len() + 1]
+}
+
+fn encode_optional(out: &mut Vec<u8>, value: Option<i64>) {
+    match value {
+        Some(value) => {
+            out.push(1);
+            out.extend_from_slice(&value.to_be_bytes());
+        }
+        None => {
+            out.push(0);
+            out.extend_from_slice(&[0; 8]);
+        }
+    }
+}
+
+fn decode_optional(bytes: &[u8]) -> Option<Option<i64>> {
+    let flag = *bytes.first()?;
+    let value = i64::from_be_bytes(bytes.get(1..9)?.try_into().ok()?);
+    match flag {
+        0 => Some(None),
+        1 => Some(Some(value)),
+        _ => None,
+    }
+}
+
+pub fn encode_partition_meta(
+    next_offset: Option<i64>,
+    max_event_ms: Option<i64>,
+    idle_floor_ms: Option<i64>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(27);
+    encode_optional(&mut out, next_offset);
+    encode_optional(&mut out, max_event_ms);
+    encode_optional(&mut out, idle_floor_ms);
+    out
+}
+
+pub type PartitionMeta = (Option<i64>, Option<i64>, Option<i64>);
+
+pub fn decode_partition_meta(bytes: &[u8]) -> Option<PartitionMeta> {
+    if bytes.len() != 27 {
+        return None;
+    }
+    Some((
+        decode_optional(&bytes[0..9])?,
+        decode_optional(&bytes[9..18])?,
+        decode_optional(&bytes[18..27])?,
+    ))
+}
+
+const TAG_COUNT: u8 = 1;
+const TAG_SUM: u8 = 2;
+const TAG_DISTINCT: u8 = 3;
+
+pub fn encode_window_value(end_ms: i64, value: AggValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(25);
+    out.extend_from_slice(&end_ms.to_be_bytes());
+    match value {
+        AggValue::Count(count) => {
+            out.push(TAG_COUNT);
+            out.extend_from_slice(&count.to_be_bytes());
+        }
+        AggValue::Sum(sum) => {
+            out.push(TAG_SUM);
+            out.extend_from_slice(&sum.0.to_be_bytes());
+        }
+        AggValue::Distinct(count) => {
+            out.push(TAG_DISTINCT);
+            out.extend_from_slice(&count.to_be_bytes());
+        }
+    }
+    out
+}
+
+pub fn decode_window_value(bytes: &[u8]) -> Option<(i64, AggValue)> {
+    let end_ms = i64::from_be_bytes(bytes.get(0..8)?.try_into().ok()?);
+    let payload = bytes.get(9..)?;
+    let value = match *bytes.get(8)? {
+        TAG_COUNT => AggValue::Count(u64::from_be_bytes(payload.try_into().ok()?)),
+        TAG_SUM => AggValue::Sum(Decimal(i128::from_be_bytes(payload.try_into().ok()?))),
+        TAG_DISTINCT => AggValue::Distinct(u64::from_be_bytes(payload.try_into().ok()?)),
+        _ => return None,
+    };
+    Some((end_ms, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_integers_sort_numerically_as_bytes() {
+        let values = [i64::MIN, -5, -1, 0, 1, 1_700_000_000_000, i64::MAX];
+        let encoded: Vec<[u8; 8]> = values.iter().map(|v| encode_i64(*v)).collect();
+        assert!(encoded.windows(2).all(|pair| pair[0] < pair[1]));
+        assert!(values.iter().all(|v| decode_i64(encode_i64(*v)) == *v));
+    }
+
+    #[test]
+    fn values_round_trip() {
+        for value in [
+            AggValue::Count(7),
+            AggValue::Sum(Decimal(-12_345)),
+            AggValue::Distinct(u64::MAX),
+        ] {
+            assert_eq!(
+                decode_window_value(&encode_window_value(99, value)),
+                Some((99, value))
+            );
+        }
+        let meta = (Some(10), None, Some(-3));
+        assert_eq!(
+            decode_partition_meta(&encode_partition_meta(meta.0, meta.1, meta.2)),
+            Some(meta)
+        );
+        assert_eq!(decode_window_value(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn partition_prefix_round_trips_and_bounds_its_keys() {
+        let key = PartitionKey::new("product-events", 11);
+        let prefix = partition_prefix(&key);
+        let (parsed, rest) = split_partition_prefix(&prefix).expect("parse");
+        assert_eq!(parsed, key);
+        assert!(rest.is_empty());
+        let window = window_key(&prefix, "m", 5);
+        let mut member = window.clone();
+        member.extend_from_slice(&[0xff, 0xff]);
+        assert!(member < prefix_successor(&window));
+        assert!(window_key(&prefix, "m", 6) >= prefix_successor(&window));
+    }
+}

@@ -1,0 +1,204 @@
+use nsm_core::engine::{AggValue, Engine, Outcome};
+use nsm_core::Config;
+
+use super::*;
+
+const CONFIG: &str = r#"
+[kafka]
+brokers = "localhost:9092"
+topics = ["events"]
+[time]
+zone = "Europe/Berlin"
+[north_star]
+name = "active_users"
+kind = "distinct"
+field = "user_id"
+where = { event = "message_sent" }
+window = "1d"
+[[inputs]]
+name = "messages"
+owner = "team"
+kind = "count"
+where = { event = "message_sent" }
+window = "1h"
+[revenue]
+name = "revenue"
+kind = "sum"
+field = "amount"
+where = { event = "payment" }
+window = "1w"
+"#;
+
+fn plan_from(text: &str) -> Plan {
+    let config = Config::from_toml(text, &|_| None).expect("valid config");
+    Plan::from_config(&config)
+}
+
+fn key(partition: i32) -> PartitionKey {
+    PartitionKey::new("events", partition)
+}
+
+const NOW: i64 = 1_795_000_000_000; // 2026-11-18
+
+fn event(name: &str, user: &str, minutes: i64) -> Vec<u8> {
+    let time = NOW - 3_600_000 + minutes * 60_000;
+    format!(r#"{{"event":"{name}","user_id":"{user}","timestamp":{time},"amount":2.5}}"#)
+        .into_bytes()
+}
+
+fn feed(engine: &mut Engine, partition: i32, from_offset: i64, events: &[Vec<u8>]) {
+    for (index, payload) in events.iter().enumerate() {
+        let outcome = engine.apply(&key(partition), from_offset + index as i64, payload, NOW);
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    }
+}
+
+fn options() -> StoreOptions {
+    StoreOptions { sync_writes: false }
+}
+
+#[test]
+fn written_changes_restore_the_same_values_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = plan_from(CONFIG);
+    let (store, discarded) = Store::open(dir.path(), &plan, &options()).expect("open");
+    assert!(discarded.is_empty());
+    let mut engine = Engine::new(plan.clone());
+    for partition in [0, 1] {
+        engine.restore_partition(
+            key(partition),
+            store.load_partition(&key(partition)).expect("load"),
+        );
+    }
+    feed(
+        &mut engine,
+        0,
+        0,
+        &[
+            event("message_sent", "ana", 1),
+            event("message_sent", "bo", 2),
+            event("payment", "ana", 3),
+        ],
+    );
+    feed(&mut engine, 1, 0, &[event("message_sent", "cy", 4)]);
+    store.write(&engine.take_changes()).expect("write");
+    feed(&mut engine, 0, 3, &[event("message_sent", "ana", 5)]);
+    store.write(&engine.take_changes()).expect("write");
+    let expected = engine.metric_values(NOW);
+    drop(store);
+
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    assert_eq!(
+        store.stored_partitions().expect("partitions"),
+        vec![key(0), key(1)]
+    );
+    let mut restored = Engine::new(plan.clone());
+    for partition in [0, 1] {
+        let snapshot = store.load_partition(&key(partition)).expect("load");
+        restored.restore_partition(key(partition), snapshot);
+    }
+    assert_eq!(restored.metric_values(NOW), expected);
+    assert_eq!(restored.next_offset(&key(0)), Some(4));
+    assert_eq!(restored.next_offset(&key(1)), Some(1));
+    let values: Vec<AggValue> = expected.iter().map(|v| v.current.value).collect();
+    assert_eq!(values[0], AggValue::Distinct(3));
+    assert_eq!(
+        values[2],
+        AggValue::Sum(nsm_core::decimal::Decimal::parse("2.5").expect("2.5"))
+    );
+    let windows = store.windows(&key(0), Some(1)).expect("windows");
+    assert_eq!(
+        windows.iter().map(|w| w.value).collect::<Vec<_>>(),
+        vec![AggValue::Count(3)]
+    );
+}
+
+#[test]
+fn changed_metric_definitions_discard_only_that_metric() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = plan_from(CONFIG);
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut engine = Engine::new(plan.clone());
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    feed(
+        &mut engine,
+        0,
+        0,
+        &[event("message_sent", "ana", 1), event("payment", "ana", 2)],
+    );
+    store.write(&engine.take_changes()).expect("write");
+    drop(store);
+
+    let changed = CONFIG.replace("window = \"1h\"", "window = \"1d\"");
+    let changed_plan = plan_from(&changed);
+    let (store, discarded) = Store::open(dir.path(), &changed_plan, &options()).expect("reopen");
+    assert_eq!(
+        discarded,
+        vec![DiscardedMetric {
+            name: "messages".into(),
+            reason: "its definition changed"
+        }]
+    );
+    let snapshot = store.load_partition(&key(0)).expect("load");
+    let metrics: Vec<usize> = snapshot.windows.iter().map(|w| w.metric).collect();
+    assert_eq!(
+        metrics,
+        vec![0, 2],
+        "active_users and revenue kept, messages dropped"
+    );
+    assert_eq!(snapshot.members.len(), 1);
+}
+
+#[test]
+fn expired_windows_are_deleted_with_their_members() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = plan_from(CONFIG);
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut engine = Engine::new(plan.clone());
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    feed(&mut engine, 0, 0, &[event("message_sent", "ana", 1)]);
+    store.write(&engine.take_changes()).expect("write");
+    // 40 days later the old windows are past the 35-day retention.
+    let later = NOW + 40 * 86_400_000;
+    let payload = format!(r#"{{"event":"message_sent","user_id":"bo","timestamp":{later}}}"#);
+    engine.apply(&key(0), 1, payload.as_bytes(), later);
+    store.write(&engine.take_changes()).expect("write");
+    let snapshot = store.load_partition(&key(0)).expect("load");
+    assert!(
+        snapshot.windows.iter().all(|w| w.start_ms > NOW),
+        "{:?}",
+        snapshot.windows
+    );
+    assert_eq!(snapshot.members.len(), 1, "only bo's membership remains");
+}
+
+#[test]
+fn an_incompatible_format_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = plan_from(CONFIG);
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    store
+        .db
+        .put_cf(store.cf(CF_META), FORMAT_VERSION_KEY, 99u32.to_be_bytes())
+        .expect("put");
+    drop(store);
+    let error = Store::open(dir.path(), &plan, &options())
+        .err()
+        .expect("refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("format 99") && message.contains("reads format 1"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_unwritable_directory_fails_to_open_with_its_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"x").expect("write");
+    let error = Store::open(&file, &plan_from(CONFIG), &options())
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("not-a-directory"), "{error}");
+}

@@ -1,0 +1,261 @@
+//! The pipeline behind the consumer: the core engine, the state store and the exposition,
+//! wired together. It implements the Kafka crate's `PartitionHandler`.
+//!
+//! Order of effects at each checkpoint: changes are written to RocksDB (state and offsets in
+//! one batch), and only then are values published to `/metrics` and offsets committed to the
+//! group. What `/metrics` shows has therefore always been made durable first.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nsm_core::engine::{Engine, Outcome, Plan};
+use nsm_core::reject::RejectReason;
+use nsm_core::PartitionKey;
+use nsm_http::{BatchCounts, Published, Readiness, Telemetry};
+use nsm_kafka::{DeadLetterStats, Disposition, HandlerError, PartitionHandler, PartitionLag};
+use nsm_state::Store;
+use tracing::{error, info, warn};
+
+/// How many event latencies to keep between publishes; beyond, every n-th is kept.
+const MAX_LATENCY_SAMPLES: usize = 50_000;
+/// How often idle partitions are checked.
+const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+pub fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub struct Pipeline {
+    engine: Engine,
+    store: Store,
+    telemetry: Arc<Telemetry>,
+    published: Arc<RwLock<Published>>,
+    readiness: Arc<Readiness>,
+    dead_letter_stats: Arc<DeadLetterStats>,
+    idle_timeout: Duration,
+    last_message: HashMap<PartitionKey, Instant>,
+    last_idle_check: Instant,
+    consumed: HashMap<PartitionKey, u64>,
+    rejected: HashMap<RejectReason, u64>,
+    produced_times_ms: Vec<i64>,
+    latency_sample_every: usize,
+    messages_since_publish: usize,
+    last_warned: HashMap<RejectReason, Instant>,
+}
+
+/// At most one log line per rejection reason in this interval; counters carry the rest.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+pub struct PipelineParts {
+    pub plan: Plan,
+    pub store: Store,
+    pub telemetry: Arc<Telemetry>,
+    pub published: Arc<RwLock<Published>>,
+    pub readiness: Arc<Readiness>,
+    pub dead_letter_stats: Arc<DeadLetterStats>,
+    pub idle_timeout: Duration,
+}
+
+impl Pipeline {
+    pub fn new(parts: PipelineParts) -> Pipeline {
+        Pipeline {
+            engine: Engine::new(parts.plan),
+            store: parts.store,
+            telemetry: parts.telemetry,
+            published: parts.published,
+            readiness: parts.readiness,
+            dead_letter_stats: parts.dead_letter_stats,
+            idle_timeout: parts.idle_timeout,
+            last_message: HashMap::new(),
+            last_idle_check: Instant::now(),
+            consumed: HashMap::new(),
+            rejected: HashMap::new(),
+            produced_times_ms: Vec::new(),
+            latency_sample_every: 1,
+            messages_since_publish: 0,
+            last_warned: HashMap::new(),
+        }
+    }
+
+    fn persist(&mut self) -> Result<(), HandlerError> {
+        let changes = self.engine.take_changes();
+        let started = Instant::now();
+        let result = self.store.write(&changes);
+        self.telemetry
+            .record_checkpoint(started.elapsed().as_secs_f64(), result.is_ok());
+        if let Err(state_error) = result {
+            error!(error = %state_error, "cannot write state; stopping so nothing is shown that is not stored");
+            self.readiness
+                .set_not_ready(format!("state write failed: {state_error}"));
+            return Err(HandlerError(state_error.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Makes the durable values visible.
+    fn publish(&mut self) {
+        let now_ms = wall_clock_ms();
+        let values = self.engine.metric_values(now_ms);
+        self.telemetry
+            .publish_values(self.engine.plan(), &values, now_ms);
+        let partitions = self.engine.partition_status();
+        self.telemetry.publish_partitions(&partitions);
+        self.published
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .partitions = partitions;
+
+        let counts = BatchCounts {
+            consumed: self.consumed.drain().collect(),
+            rejected: self.rejected.drain().collect(),
+            visible_latencies_seconds: self
+                .produced_times_ms
+                .drain(..)
+                .map(|produced_ms| (now_ms - produced_ms).max(0) as f64 / 1000.0)
+                .collect(),
+        };
+        self.telemetry.record_batch(&counts);
+        self.latency_sample_every = 1;
+        self.messages_since_publish = 0;
+        let stats = &self.dead_letter_stats;
+        self.telemetry.record_dead_letters(
+            stats.delivered.load(Ordering::Relaxed),
+            stats.failed.load(Ordering::Relaxed),
+        );
+    }
+
+    fn advance_idle_partitions(&mut self) {
+        let now_ms = wall_clock_ms();
+        let idle: Vec<PartitionKey> = self
+            .last_message
+            .iter()
+            .filter(|(_, last)| last.elapsed() >= self.idle_timeout)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in idle {
+            self.engine.advance_idle(&key, now_ms);
+        }
+    }
+}
+
+impl PartitionHandler for Pipeline {
+    fn assigned(&mut self, partitions: &[PartitionKey]) -> Result<Vec<Option<i64>>, HandlerError> {
+        let mut offsets = Vec::with_capacity(partitions.len());
+        for key in partitions {
+            let started = Instant::now();
+            let snapshot = self.store.load_partition(key).map_err(|state_error| {
+                self.readiness
+                    .set_not_ready(format!("cannot load partition {key}: {state_error}"));
+                HandlerError(format!("partition {key}: {state_error}"))
+            })?;
+            let next_offset = snapshot.next_offset;
+            info!(partition = %key, next_offset = ?next_offset, windows = snapshot.windows.len(),
+                  distinct_members = snapshot.members.len(), elapsed_ms = started.elapsed().as_millis() as u64,
+                  "partition state restored");
+            self.engine.restore_partition(key.clone(), snapshot);
+            self.last_message.insert(key.clone(), Instant::now());
+            offsets.push(next_offset);
+        }
+        self.publish();
+        self.readiness.set_ready();
+        Ok(offsets)
+    }
+
+    fn revoked(&mut self, partitions: &[PartitionKey]) -> Result<(), HandlerError> {
+        self.persist()?;
+        for key in partitions {
+            self.engine.remove_partition(key);
+            self.last_message.remove(key);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn process(
+        &mut self,
+        key: &PartitionKey,
+        offset: i64,
+        payload: &[u8],
+        produced_ms: Option<i64>,
+    ) -> Disposition {
+        let outcome = self.engine.apply(key, offset, payload, wall_clock_ms());
+        match self.consumed.get_mut(key) {
+            Some(count) => *count += 1,
+            None => {
+                self.consumed.insert(key.clone(), 1);
+            }
+        }
+        if let Some(last) = self.last_message.get_mut(key) {
+            *last = Instant::now();
+        }
+        match outcome {
+            Outcome::Applied { .. } => {
+                self.messages_since_publish += 1;
+                if let Some(produced_ms) = produced_ms {
+                    if self.produced_times_ms.len() >= MAX_LATENCY_SAMPLES {
+                        // Keep memory bounded under bursts: thin the samples evenly.
+                        self.latency_sample_every *= 2;
+                        let every = 2;
+                        let mut index = 0;
+                        self.produced_times_ms.retain(|_| {
+                            index += 1;
+                            index % every == 0
+                        });
+                    }
+                    if self.messages_since_publish % self.latency_sample_every == 0 {
+                        self.produced_times_ms.push(produced_ms);
+                    }
+                }
+                Disposition::Done
+            }
+            Outcome::AlreadyApplied => Disposition::Done,
+            Outcome::Rejected(rejection) => {
+                *self.rejected.entry(rejection.reason).or_default() += 1;
+                let should_log = self
+                    .last_warned
+                    .get(&rejection.reason)
+                    .is_none_or(|at| at.elapsed() >= REJECTION_LOG_INTERVAL);
+                if should_log {
+                    self.last_warned.insert(rejection.reason, Instant::now());
+                    warn!(partition = %key, offset, reason = rejection.reason.label(), detail = %rejection.detail,
+                          "event rejected and sent to the dead-letter topic (further ones of this reason are only counted for 10s)");
+                }
+                Disposition::DeadLetter {
+                    reason: rejection.reason.label(),
+                    detail: rejection.detail,
+                }
+            }
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<Vec<(PartitionKey, i64)>, HandlerError> {
+        self.persist()?;
+        self.publish();
+        Ok(self
+            .engine
+            .partition_status()
+            .into_iter()
+            .filter_map(|status| status.next_offset.map(|offset| (status.key, offset)))
+            .collect())
+    }
+
+    fn tick(&mut self) {
+        if self.last_idle_check.elapsed() >= IDLE_CHECK_INTERVAL {
+            self.last_idle_check = Instant::now();
+            self.advance_idle_partitions();
+        }
+    }
+
+    fn lag(&mut self, lags: Vec<PartitionLag>) {
+        for PartitionLag { key, lag } in lags {
+            if self.engine.owns(&key) {
+                self.telemetry.record_lag(&key, lag);
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! `nsm run`: wires the store, the consumer thread and the HTTP server, and stops them in
+//! order on SIGINT or SIGTERM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use nsm_core::engine::Plan;
+use nsm_core::Config;
+use nsm_http::{AppState, Published, Readiness, Telemetry};
+use nsm_kafka::{ClientSettings, ConsumerOptions, DeadLetterStats};
+use nsm_state::{Store, StoreOptions};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::pipeline::{Pipeline, PipelineParts};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Reads and validates a config file, resolving `${VAR}` from the environment.
+pub fn load_config(path: &std::path::Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    Config::from_toml(&text, &|name| std::env::var(name).ok())
+        .map_err(|errors| anyhow!("{}: {errors}", path.display()))
+}
+
+pub fn client_settings(config: &Config) -> ClientSettings {
+    ClientSettings {
+        brokers: config.kafka.brokers.clone(),
+        properties: config.kafka.properties.clone(),
+        secret_properties: config.kafka.secret_properties.clone(),
+    }
+}
+
+/// Runs the pipeline until `stop` is set (by a signal, or by the caller).
+pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
+    let plan = Plan::from_config(&config);
+    std::fs::create_dir_all(&config.state.path).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            config.state.path.display()
+        )
+    })?;
+    let (store, discarded) = Store::open(
+        &config.state.path,
+        &plan,
+        &StoreOptions {
+            sync_writes: config.state.sync_writes,
+        },
+    )?;
+    for metric in discarded {
+        warn!(metric = %metric.name, reason = metric.reason, "stored windows of this metric were discarded");
+    }
+    info!(path = %config.state.path.display(), metrics = plan.metrics().len(), zone = plan.calendar().zone_name(), "state opened");
+
+    let telemetry = Arc::new(Telemetry::new(&plan, VERSION));
+    let published = Arc::new(RwLock::new(Published::default()));
+    let readiness = Arc::new(Readiness::default());
+    readiness.set_not_ready("waiting for the partition assignment");
+    let dead_letter_stats = Arc::new(DeadLetterStats::default());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("nsm-http")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.http.listen))
+        .with_context(|| format!("cannot listen on {} (http.listen)", config.http.listen))?;
+    info!(address = %config.http.listen, "serving /metrics, /healthz, /readyz and /api/v1");
+    let app_state = AppState {
+        plan: Arc::new(plan.clone()),
+        store: store.clone(),
+        telemetry: telemetry.clone(),
+        published: published.clone(),
+        readiness: readiness.clone(),
+    };
+    let (http_stop_sender, mut http_stop) = watch::channel(false);
+    let server = runtime.spawn(nsm_http::serve(listener, app_state, async move {
+        let _ = http_stop.wait_for(|stopped| *stopped).await;
+    }));
+    runtime.spawn(stop_on_signal(stop.clone()));
+
+    ensure_dead_letter_topic(&config)?;
+    let options = ConsumerOptions {
+        client: client_settings(&config),
+        topics: config.kafka.topics.clone(),
+        group_id: config.kafka.group_id.clone(),
+        dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+        checkpoint_interval: config.state.flush_interval,
+    };
+    let pipeline = Pipeline::new(PipelineParts {
+        plan,
+        store,
+        telemetry,
+        published,
+        readiness: readiness.clone(),
+        dead_letter_stats: dead_letter_stats.clone(),
+        idle_timeout: config.time.idle_timeout,
+    });
+    let consumer_stop = stop.clone();
+    let consumer = std::thread::Builder::new()
+        .name("nsm-consumer".into())
+        .spawn(move || {
+            nsm_kafka::run_consumer(&options, pipeline, dead_letter_stats, consumer_stop)
+        })
+        .context("cannot start the consumer thread")?;
+    let result = consumer
+        .join()
+        .map_err(|_| anyhow!("the consumer thread panicked"))?;
+    stop.store(true, Ordering::SeqCst);
+    readiness.set_not_ready("shutting down");
+    let _ = http_stop_sender.send(true);
+    runtime.block_on(async {
+        match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => warn!(error = %error, "http server error"),
+            Ok(Err(error)) => warn!(error = %error, "http server task failed"),
+            Err(_) => warn!("http server did not stop within 5s"),
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result.context("the consumer stopped with an error")?;
+    info!("stopped cleanly; state and offsets are stored");
+    Ok(())
+}
+
+/// The dead-letter topic must exist before the first rejected event: the dead-letter producer
+/// retries forever, so a missing topic would hold every checkpoint back. nsm creates it when
+/// the broker allows, and otherwise stops with a clear error.
+fn ensure_dead_letter_topic(config: &Config) -> Result<()> {
+    let settings = client_settings(config);
+    let topic = config.kafka.dead_letter_topic.as_str();
+    if nsm_kafka::topic_partition_count(&settings, topic)?.is_some() {
+        return Ok(());
+    }
+    if let Err(error) = nsm_kafka::ensure_topics(&settings, &[(topic, 1)]) {
+        warn!(topic, error = %error, "cannot create the dead-letter topic");
+    }
+    match nsm_kafka::topic_partition_count(&settings, topic)? {
+        Some(_) => {
+            info!(topic, "dead-letter topic created");
+            Ok(())
+        }
+        None => Err(anyhow!("the dead-letter topic {topic:?} (kafka.dead_letter_topic) does not exist and cannot be created; create it")),
+    }
+}
+
+/// Sets `stop` on the first SIGINT or SIGTERM.
+async fn stop_on_signal(stop: Arc<AtomicBool>) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                warn!(error = %error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received: stopping"),
+        _ = terminate => info!("SIGTERM received: stopping"),
+    }
+    stop.store(true, Ordering::SeqCst);
+}

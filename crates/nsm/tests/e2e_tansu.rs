@@ -1,0 +1,251 @@
+//! End to end against a real Kafka-protocol broker (tansu, installed by `make test`): a known
+//! stream of valid, invalid and late events is produced while nsm consumes it; nsm is killed
+//! with SIGKILL mid-stream, twice, and restarted; the values must still be exact.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn tansu_binary() -> PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("tansu"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .chain(std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo/bin/tansu")));
+    for candidate in candidates {
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("tansu is not installed: `make test` installs it (cargo install tansu --locked --features dynostore)");
+}
+
+fn start_tansu(dir: &Path) -> (Process, String) {
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let broker = Process::spawn(
+        "tansu",
+        Command::new(tansu_binary()).args([
+            "broker",
+            "--storage-engine",
+            "memory://tansu/",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ]),
+        dir,
+    );
+    wait_for(
+        "tansu to listen",
+        Duration::from_secs(30),
+        Some(&broker),
+        || TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
+    (broker, format!("127.0.0.1:{port}"))
+}
+
+fn consumed_total(samples: &std::collections::BTreeMap<String, f64>) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| series.starts_with("nsm_events_consumed_total"))
+        .map(|(_, value)| value)
+        .sum()
+}
+
+#[test]
+fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_broker, brokers) = start_tansu(dir.path());
+    let topic = "product-events";
+
+    let stream = known_stream(2_000, 30);
+    let total_lines = stream.lines.len() as f64;
+    let events_file = dir.path().join("events.jsonl");
+    std::fs::write(&events_file, stream.lines.join("\n")).expect("write events");
+    // The topics exist before nsm starts; the stream itself is produced while nsm consumes.
+    nsm_tool(&[
+        "produce",
+        "--brokers",
+        &brokers,
+        "--topic",
+        topic,
+        "--partitions",
+        "4",
+        "--file",
+        "/dev/null",
+    ]);
+
+    let port = free_port();
+    let config_path = dir.path().join("nsm.toml");
+    std::fs::write(
+        &config_path,
+        test_config(&brokers, topic, &dir.path().join("state"), port, "nsm-e2e"),
+    )
+    .expect("config");
+    let start_nsm = || {
+        Process::spawn(
+            "nsm",
+            Command::new(NSM).args(["run", "--config", config_path.to_str().expect("utf8")]),
+            dir.path(),
+        )
+    };
+
+    let mut producer = Process::spawn(
+        "producer",
+        Command::new(NSM).args([
+            "produce",
+            "--brokers",
+            &brokers,
+            "--topic",
+            topic,
+            "--key-field",
+            "user_id",
+            "--file",
+            events_file.to_str().expect("utf8"),
+        ]),
+        dir.path(),
+    );
+
+    // Two crashes at different points of the stream.
+    let mut nsm = start_nsm();
+    for fraction in [0.2, 0.5] {
+        wait_for(
+            "nsm to consume part of the stream",
+            Duration::from_secs(180),
+            Some(&nsm),
+            || {
+                let samples = scrape(port)?;
+                (consumed_total(&samples) >= total_lines * fraction).then_some(())
+            },
+        );
+        nsm.kill_9();
+        nsm = start_nsm();
+    }
+    let status = producer.child.wait().expect("producer");
+    assert!(
+        status.success(),
+        "producer failed:\n{}",
+        producer.log_text()
+    );
+
+    let expected_messages = stream.messages_current_hour as f64;
+    let samples = wait_for(
+        "the whole stream counted",
+        Duration::from_secs(180),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (metric_value(&samples, "messages_sent", "current")? >= expected_messages
+                && metric_value(&samples, "daily_active_messagers", "current")?
+                    >= stream.messagers as f64)
+                .then_some(samples)
+        },
+    );
+    // Settle: nothing more may arrive; the values must not overshoot.
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = scrape(port).unwrap_or(samples);
+    assert_eq!(
+        metric_value(&samples, "messages_sent", "current"),
+        Some(expected_messages),
+        "messages this hour"
+    );
+    assert_eq!(
+        metric_value(&samples, "messages_sent", "previous"),
+        Some(stream.messages_previous_hour as f64),
+        "messages previous hour"
+    );
+    assert_eq!(
+        metric_value(&samples, "daily_active_messagers", "current"),
+        Some(stream.messagers as f64),
+        "north star"
+    );
+    assert_eq!(
+        metric_value(&samples, "complaints", "current"),
+        Some(stream.complaints as f64),
+        "guardrail"
+    );
+    let revenue = metric_value(&samples, "revenue", "current").expect("revenue");
+    assert!(
+        (revenue - stream.revenue).abs() < 1e-6,
+        "revenue {revenue} != {}",
+        stream.revenue
+    );
+
+    // The windows API agrees with /metrics, window by window.
+    let (status, body) = http_get(
+        port,
+        &format!(
+            "/api/v1/metrics/messages_sent/windows?from={}&to={}",
+            stream.hour_ms - 3_600_000,
+            stream.hour_ms + 3_600_000
+        ),
+    )
+    .expect("api");
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let values: Vec<u64> = json["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .map(|w| w["value"].as_u64().expect("value"))
+        .collect();
+    assert_eq!(
+        values,
+        vec![
+            stream.messages_previous_hour as u64,
+            stream.messages_current_hour as u64
+        ]
+    );
+
+    // Every bad event reached the dead-letter topic. Delivery there is at-least-once across a
+    // SIGKILL, so count distinct source offsets.
+    let dead_letters = nsm_tool(&[
+        "read",
+        "--brokers",
+        &brokers,
+        "--topic",
+        "product-events-dlq",
+        "--quiet",
+        "3s",
+    ]);
+    let mut distinct: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for line in dead_letters.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("json line");
+        let headers = &record["headers"];
+        let field = |name: &str| headers[name].as_str().unwrap_or_default().to_string();
+        distinct.insert((
+            field("nsm-source-partition"),
+            field("nsm-source-offset"),
+            field("nsm-reason"),
+        ));
+    }
+    let late = distinct
+        .iter()
+        .filter(|(_, _, reason)| reason == "late")
+        .count();
+    assert_eq!(late, stream.late, "late events dead-lettered: {distinct:?}");
+    let invalid = distinct.len() - late;
+    assert_eq!(
+        invalid,
+        stream.invalid.values().sum::<usize>(),
+        "invalid events dead-lettered: {distinct:?}"
+    );
+
+    let status = nsm.terminate(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "graceful stop failed:\n{}",
+        nsm.log_text()
+    );
+}

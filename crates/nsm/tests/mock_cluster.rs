@@ -1,0 +1,218 @@
+//! Integration through librdkafka's in-process mock cluster: the real nsm binary consumes a
+//! known stream through the real client path, exports exact values, dead-letters bad events,
+//! and after a graceful stop and restart neither loses nor double-counts anything.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::mocking::MockCluster;
+
+#[test]
+fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = "events";
+    cluster.create_topic(topic, 3, 1).expect("topic");
+    cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
+    let brokers = cluster.bootstrap_servers();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stream = known_stream(60, 3);
+    let events_file = dir.path().join("events.jsonl");
+    std::fs::write(&events_file, stream.lines.join("\n")).expect("write events");
+    nsm_tool(&[
+        "produce",
+        "--brokers",
+        &brokers,
+        "--topic",
+        topic,
+        "--file",
+        events_file.to_str().expect("utf8"),
+        "--key-field",
+        "user_id",
+    ]);
+
+    let port = free_port();
+    let config_path = dir.path().join("nsm.toml");
+    std::fs::write(
+        &config_path,
+        test_config(&brokers, topic, &dir.path().join("state"), port, "nsm-mock"),
+    )
+    .expect("config");
+    let run = |dir: &std::path::Path| {
+        Process::spawn(
+            "nsm",
+            std::process::Command::new(NSM).args([
+                "run",
+                "--config",
+                config_path.to_str().expect("utf8"),
+            ]),
+            dir,
+        )
+    };
+    let mut nsm = run(dir.path());
+
+    let expected_messages = stream.messages_current_hour as f64;
+    let samples = wait_for(
+        "all messages counted",
+        Duration::from_secs(90),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (metric_value(&samples, "messages_sent", "current")? == expected_messages
+                && samples.get("nsm_events_late_total").copied()? == stream.late as f64)
+                .then_some(samples)
+        },
+    );
+    assert_values(&samples, &stream);
+    for (reason, count) in &stream.invalid {
+        let series = format!("nsm_events_invalid_total{{reason=\"{reason}\"}}");
+        assert_eq!(
+            samples.get(&series).copied(),
+            Some(*count as f64),
+            "{series}"
+        );
+    }
+    let (status, _) = http_get(port, "/readyz").expect("readyz");
+    assert_eq!(status, 200);
+
+    // The windows API returns both stored hours of messages, exactly.
+    let (status, body) = http_get(
+        port,
+        &format!(
+            "/api/v1/metrics/messages_sent/windows?from={}",
+            stream.hour_ms - 3_600_000
+        ),
+    )
+    .expect("api");
+    assert_eq!(status, 200, "{body}");
+    let windows: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let values: Vec<(i64, u64, bool)> = windows["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .map(|w| {
+            (
+                w["start_ms"].as_i64().expect("start"),
+                w["value"].as_u64().expect("value"),
+                w["complete"].as_bool().expect("complete"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        values,
+        vec![
+            (
+                stream.hour_ms - 3_600_000,
+                stream.messages_previous_hour as u64,
+                false
+            ),
+            (stream.hour_ms, stream.messages_current_hour as u64, false)
+        ]
+    );
+
+    // Every bad event is in the dead-letter topic with its reason.
+    let dead_letters = nsm_tool(&[
+        "read",
+        "--brokers",
+        &brokers,
+        "--topic",
+        "events-dlq",
+        "--quiet",
+        "2s",
+    ]);
+    let mut reasons: Vec<String> = dead_letters
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).expect("json line")["headers"]
+                ["nsm-reason"]
+                .as_str()
+                .expect("reason")
+                .to_string()
+        })
+        .collect();
+    reasons.sort();
+    let mut expected_reasons: Vec<String> = stream.invalid.keys().map(|r| r.to_string()).collect();
+    expected_reasons.extend(["late".to_string(), "late".to_string()]);
+    expected_reasons.sort();
+    assert_eq!(reasons, expected_reasons);
+
+    // SIGTERM stops cleanly; a restart resumes from stored offsets: same values, nothing twice.
+    let status = nsm.terminate(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        nsm.log_text()
+    );
+    let mut nsm = run(dir.path());
+    let samples = wait_for(
+        "values after restart",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (samples.get("nsm_partitions_owned").copied()? == 3.0).then_some(samples)
+        },
+    );
+    assert_values(&samples, &stream);
+
+    // New events after the restart add exactly once.
+    let more = dir.path().join("more.jsonl");
+    let time = stream.hour_ms + 2_000_000;
+    std::fs::write(
+        &more,
+        format!(r#"{{"event":"message_sent","user_id":"newcomer","timestamp":{time}}}"#),
+    )
+    .expect("write");
+    nsm_tool(&[
+        "produce",
+        "--brokers",
+        &brokers,
+        "--topic",
+        topic,
+        "--file",
+        more.to_str().expect("utf8"),
+        "--key-field",
+        "user_id",
+    ]);
+    wait_for("the new event", Duration::from_secs(60), Some(&nsm), || {
+        let samples = scrape(port)?;
+        (metric_value(&samples, "messages_sent", "current")? == expected_messages + 1.0
+            && metric_value(&samples, "daily_active_messagers", "current")?
+                == stream.messagers as f64 + 1.0)
+            .then_some(())
+    });
+    nsm.terminate(Duration::from_secs(30));
+}
+
+fn assert_values(samples: &std::collections::BTreeMap<String, f64>, stream: &KnownStream) {
+    assert_eq!(
+        metric_value(samples, "messages_sent", "current"),
+        Some(stream.messages_current_hour as f64)
+    );
+    assert_eq!(
+        metric_value(samples, "messages_sent", "previous"),
+        Some(stream.messages_previous_hour as f64)
+    );
+    assert_eq!(
+        metric_value(samples, "daily_active_messagers", "current"),
+        Some(stream.messagers as f64)
+    );
+    assert_eq!(
+        metric_value(samples, "complaints", "current"),
+        Some(stream.complaints as f64)
+    );
+    let revenue = metric_value(samples, "revenue", "current").expect("revenue");
+    assert!(
+        (revenue - stream.revenue).abs() < 1e-6,
+        "revenue {revenue} != {}",
+        stream.revenue
+    );
+    let start = samples
+        .get("nsm_metric_window_start_timestamp_seconds{metric=\"messages_sent\",window=\"current\"}")
+        .copied()
+        .expect("window start");
+    assert_eq!(start, (stream.hour_ms / 1000) as f64);
+    assert!(samples.contains_key("nsm_metric_info{description=\"Users who sent a message today\",kind=\"distinct\",metric=\"daily_active_messagers\",owner=\"\",period=\"day\",role=\"north_star\"}"), "info series");
+}
