@@ -82,24 +82,18 @@ pub(crate) async fn metric_windows(
             format!("no metric named {name:?}; GET /api/v1/metrics lists them"),
         );
     };
-    let parse = |text: &Option<String>, what: &str| -> Result<Option<i64>, Response> {
+    let parse = |text: &Option<String>, what: &str| -> Result<Option<i64>, String> {
         match text {
             None => Ok(None),
             Some(text) => parse_instant(text).map(Some).ok_or_else(|| {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    format!("{what}={text:?} is neither RFC 3339 nor epoch milliseconds"),
-                )
+                format!("{what}={text:?} is neither RFC 3339 nor epoch milliseconds")
             }),
         }
     };
-    let to_ms = match parse(&query.to, "to") {
-        Ok(value) => value.unwrap_or(i64::MAX),
-        Err(response) => return response,
-    };
-    let from_ms = match parse(&query.from, "from") {
-        Ok(value) => value.unwrap_or(i64::MIN),
-        Err(response) => return response,
+    let bounds = parse(&query.from, "from").and_then(|from| Ok((from, parse(&query.to, "to")?)));
+    let (from_ms, to_ms) = match bounds {
+        Ok((from, to)) => (from.unwrap_or(i64::MIN), to.unwrap_or(i64::MAX)),
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     if from_ms > to_ms {
         return error(StatusCode::BAD_REQUEST, "from must not be after to");

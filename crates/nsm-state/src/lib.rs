@@ -257,7 +257,7 @@ impl Store {
             }
             for delete in &part.deletes {
                 let key = window_key(&prefix, self.metric_name(delete.metric), delete.start_ms);
-                batch.delete_range_cf(members, &key, prefix_successor(&key));
+                batch.delete_range_cf(members, key.as_slice(), prefix_successor(&key).as_slice());
                 batch.delete_cf(windows, key);
             }
         }

@@ -119,7 +119,7 @@ impl EventGenerator {
         let country = COUNTRIES[(user as usize) % COUNTRIES.len()];
         let client = CLIENTS[rng.random_range(0..CLIENTS.len())];
         // Half the events carry RFC 3339 text, half epoch milliseconds: both are accepted.
-        let timestamp = if self.sequence % 2 == 0 {
+        let timestamp = if self.sequence.is_multiple_of(2) {
             match jiff::Timestamp::from_millisecond(time_ms) {
                 Ok(timestamp) => format!("\"{timestamp}\""),
                 Err(_) => time_ms.to_string(),

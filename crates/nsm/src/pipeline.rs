@@ -207,7 +207,10 @@ impl PartitionHandler for Pipeline {
                             index % every == 0
                         });
                     }
-                    if self.messages_since_publish % self.latency_sample_every == 0 {
+                    if self
+                        .messages_since_publish
+                        .is_multiple_of(self.latency_sample_every)
+                    {
                         self.produced_times_ms.push(produced_ms);
                     }
                 }

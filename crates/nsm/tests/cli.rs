@@ -1,0 +1,100 @@
+//! The command line as a user meets it: help that explains, and config errors listed with
+//! their paths before anything starts.
+
+mod common;
+
+use std::process::Command;
+
+use common::NSM;
+
+fn repo_file(path: &str) -> String {
+    format!("{}/../../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn help_lists_every_command() {
+    let output = Command::new(NSM)
+        .arg("--help")
+        .output()
+        .expect("nsm --help");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for command in ["run", "check", "demo", "produce", "read", "generate"] {
+        assert!(help.contains(command), "--help misses {command}:\n{help}");
+    }
+    let output = Command::new(NSM)
+        .args(["run", "--help"])
+        .output()
+        .expect("nsm run --help");
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        help.contains("--config") && help.contains("SIGTERM"),
+        "{help}"
+    );
+}
+
+#[test]
+fn check_accepts_the_example_and_demo_configs() {
+    for config in ["config/example.toml", "config/demo.toml"] {
+        let output = Command::new(NSM)
+            .args(["check", "--config", &repo_file(config)])
+            .output()
+            .expect("nsm check");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{config}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("valid") && stdout.contains("north_star"),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn check_lists_every_problem_with_its_path_and_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[kafka]
+brokers = "localhost:9092"
+topics = ["events"]
+[kafka.properties]
+"sasl.password" = "${NSM_TEST_UNSET_SECRET}"
+[time]
+zone = "Europe/Berlinn"
+[north_star]
+name = "nsm"
+kind = "distinct"
+window = "1wk"
+[[inputs]]
+name = "clicks"
+kind = "count"
+field = "x"
+window = "1d"
+"#,
+    )
+    .expect("write");
+    let output = Command::new(NSM)
+        .args(["check", "--config", path.to_str().expect("utf8")])
+        .env_remove("NSM_TEST_UNSET_SECRET")
+        .output()
+        .expect("nsm check");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "kafka.properties.\"sasl.password\": environment variable NSM_TEST_UNSET_SECRET is not set",
+        "time.zone: unknown time zone \"Europe/Berlinn\"",
+        "north_star.window: unknown window \"1wk\"",
+        "inputs[0].field: a count has no field",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
