@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use common::*;
 
+/// `session.timeout.ms` of `test_config`.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
 fn tansu_binary() -> PathBuf {
     let candidates = std::env::var_os("PATH")
         .map(|path| {
@@ -111,6 +114,12 @@ fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {
             topic,
             "--key-field",
             "user_id",
+            // One message per record batch. tansu 0.6 in memory, asked to fetch from an
+            // offset inside a batch, answers with the next batch and so skips the rest of
+            // the one asked for (a restart from a stored offset would lose those events on
+            // that broker; Kafka returns the whole batch and the client skips ahead).
+            "--property",
+            "batch.num.messages=1",
             "--file",
             events_file.to_str().expect("utf8"),
         ]),
@@ -130,6 +139,11 @@ fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {
             },
         );
         nsm.kill_9();
+        // A crashed member stays in the group until its session times out (6 s in the test
+        // config). A restart that joins before then shares the partitions with the dead
+        // member, and tansu 0.6 does not rebalance again when it later expires it; a real
+        // restart (systemd's RestartSec, a rescheduled pod) comes later than that anyway.
+        std::thread::sleep(SESSION_TIMEOUT + Duration::from_secs(1));
         nsm = start_nsm();
     }
     let status = producer.child.wait().expect("producer");
@@ -140,12 +154,23 @@ fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {
     );
 
     let expected_messages = stream.messages_current_hour as f64;
+    let mut last_progress = String::new();
     let samples = wait_for(
         "the whole stream counted",
         Duration::from_secs(180),
         Some(&nsm),
         || {
             let samples = scrape(port)?;
+            let progress = format!(
+                "messages_sent={:?} daily_active_messagers={:?} consumed={}",
+                metric_value(&samples, "messages_sent", "current"),
+                metric_value(&samples, "daily_active_messagers", "current"),
+                consumed_total(&samples)
+            );
+            if progress != last_progress {
+                eprintln!("progress: {progress}");
+                last_progress = progress;
+            }
             (metric_value(&samples, "messages_sent", "current")? >= expected_messages
                 && metric_value(&samples, "daily_active_messagers", "current")?
                     >= stream.messagers as f64)

@@ -260,9 +260,12 @@ pub fn known_stream(users: usize, per_user: usize) -> KnownStream {
         messages_previous_hour += 1;
     }
     let mut messages_current_hour = 0;
+    // Spread over the first 50 minutes of the hour, whatever the size of the stream, so
+    // every message of "the current hour" really falls in it.
+    let spacing_ms = (50 * 60_000 / (users * per_user).max(1) as i64).clamp(1, 100);
     for round in 0..per_user {
         for user in 0..users {
-            let time = hour_ms + (round * users + user) as i64 * 100;
+            let time = hour_ms + (round * users + user) as i64 * spacing_ms;
             lines.push(format!(
                 r#"{{"event":"message_sent","user_id":"u{user}","timestamp":{time}}}"#
             ));
