@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nsm_core::engine::{AggValue, PartitionStatus};
-use nsm_core::metric::{FilterField, MetricKind};
+use nsm_core::metric::{FilterField, Literal, MetricKind};
 use nsm_core::query::windows_between;
 use nsm_core::window::parse_instant;
 use serde::Deserialize;
@@ -38,11 +38,7 @@ pub(crate) async fn list_metrics(State(state): State<AppState>) -> Json<Value> {
                         FilterField::EventName => "event".to_string(),
                         FilterField::Path(path) => path.to_string(),
                     };
-                    let values: Vec<Value> = clause
-                        .any_of
-                        .iter()
-                        .map(|literal| Value::String(literal.to_string()))
-                        .collect();
+                    let values: Vec<Value> = clause.any_of.iter().map(literal_json).collect();
                     (key, Value::Array(values))
                 })
                 .collect();
@@ -149,6 +145,14 @@ pub(crate) async fn metric_windows(
         "windows": windows,
     }))
     .into_response()
+}
+
+fn literal_json(literal: &Literal) -> Value {
+    match literal {
+        Literal::Text(text) => Value::String(text.clone()),
+        Literal::Bool(flag) => Value::Bool(*flag),
+        Literal::Number(number) => serde_json::from_str(&number.to_string()).unwrap_or(Value::Null),
+    }
 }
 
 fn value_json(value: AggValue) -> Value {
