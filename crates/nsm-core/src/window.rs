@@ -18,25 +18,41 @@ pub enum CalendarUnit {
     Hour,
     Day,
     Week,
+    Month,
 }
 
 impl CalendarUnit {
-    /// Parses the config spelling of a window (`"1h"`, `"1d"`, `"1w"`, or the unit's name).
+    /// Parses the config spelling of a window (`"1h"`, `"1d"`, `"1w"`, `"1mo"`, or the
+    /// unit's name).
     pub fn parse(text: &str) -> Option<Self> {
         match text.trim() {
             "1h" | "hour" | "hourly" => Some(Self::Hour),
             "1d" | "day" | "daily" => Some(Self::Day),
             "1w" | "week" | "weekly" => Some(Self::Week),
+            "1mo" | "month" | "monthly" => Some(Self::Month),
             _ => None,
         }
     }
 
-    /// The short label used in exported series and the API (`hour`, `day`, `week`).
+    /// The short label used in exported series and the API (`hour`, `day`, `week`, `month`).
     pub fn label(self) -> &'static str {
         match self {
             Self::Hour => "hour",
             Self::Day => "day",
             Self::Week => "week",
+            Self::Month => "month",
+        }
+    }
+
+    /// The longest a window of this unit can last, DST included: what retention and
+    /// completeness checks must allow for.
+    pub fn max_length_ms(self) -> i64 {
+        const HOUR_MS: i64 = 3_600_000;
+        match self {
+            Self::Hour => HOUR_MS,
+            Self::Day => 25 * HOUR_MS,
+            Self::Week => 7 * 24 * HOUR_MS + HOUR_MS,
+            Self::Month => 31 * 24 * HOUR_MS + HOUR_MS,
         }
     }
 }
@@ -123,6 +139,11 @@ impl Calendar {
                 let days_into_week = self.week_start.until(date.weekday());
                 let first = date.checked_sub(i64::from(days_into_week).days()).ok()?;
                 self.days_from(first, 7)
+            }
+            CalendarUnit::Month => {
+                let date = timestamp.to_zoned_datetime(self.zone.clone()).date();
+                let first = date.first_of_month();
+                self.days_from(first, i64::from(date.days_in_month()))
             }
         }
     }
@@ -275,6 +296,47 @@ mod tests {
         assert_eq!(week.start_ms, ms("2026-03-22T23:00:00Z"));
         assert_eq!(week.end_ms, ms("2026-03-29T22:00:00Z"));
         assert_eq!(week.end_ms - week.start_ms, 167 * 3_600_000);
+    }
+
+    #[test]
+    fn month_containing_spring_forward_is_one_hour_short() {
+        let calendar = berlin(Weekday::Monday);
+        let march = calendar
+            .window_of(CalendarUnit::Month, ms("2026-03-15T12:00:00Z"))
+            .expect("window");
+        assert_eq!(march.start_ms, ms("2026-02-28T23:00:00Z")); // 1 March 00:00 +01:00
+        assert_eq!(march.end_ms, ms("2026-03-31T22:00:00Z")); // 1 April 00:00 +02:00
+        assert_eq!(march.end_ms - march.start_ms, (31 * 24 - 1) * 3_600_000);
+        let february = calendar
+            .previous(CalendarUnit::Month, march)
+            .expect("previous");
+        assert_eq!(february.start_ms, ms("2026-01-31T23:00:00Z"));
+        assert_eq!(february.end_ms, march.start_ms);
+    }
+
+    #[test]
+    fn months_have_their_calendar_length_leap_years_included() {
+        let calendar = Calendar::utc();
+        let february_2028 = calendar
+            .window_of(CalendarUnit::Month, ms("2028-02-29T23:59:59.999Z"))
+            .expect("window");
+        assert_eq!(february_2028.start_ms, ms("2028-02-01T00:00:00Z"));
+        assert_eq!(february_2028.end_ms, ms("2028-03-01T00:00:00Z"));
+        // The first instant of a month starts it; the end belongs to the next one.
+        let december = calendar
+            .window_of(CalendarUnit::Month, ms("2026-12-01T00:00:00Z"))
+            .expect("window");
+        assert_eq!(december.start_ms, ms("2026-12-01T00:00:00Z"));
+        assert_eq!(december.end_ms, ms("2027-01-01T00:00:00Z"));
+        for unit in [
+            CalendarUnit::Hour,
+            CalendarUnit::Day,
+            CalendarUnit::Week,
+            CalendarUnit::Month,
+        ] {
+            assert_eq!(CalendarUnit::parse(unit.label()), Some(unit));
+        }
+        assert_eq!(CalendarUnit::parse("1mo"), Some(CalendarUnit::Month));
     }
 
     #[test]

@@ -84,6 +84,14 @@ fn metrics() -> Vec<MetricDef> {
             Some("payment"),
             CalendarUnit::Day,
         ),
+        metric(
+            "monthly_payers",
+            MetricKind::Distinct {
+                field: path("user_id"),
+            },
+            Some("payment"),
+            CalendarUnit::Month,
+        ),
     ]
 }
 

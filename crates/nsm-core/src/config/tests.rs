@@ -156,3 +156,28 @@ window = "1w"
     let errors = errors_of(text);
     assert_eq!(errors[0].0, "state.retention");
 }
+
+#[test]
+fn monthly_windows_need_two_months_of_retention() {
+    let monthly = |retention: &str| {
+        format!(
+            r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[state]
+retention = "{retention}"
+[north_star]
+name = "monthly_active_users"
+kind = "distinct"
+window = "1mo"
+"#
+        )
+    };
+    let errors = errors_of(&monthly("35d"));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "state.retention");
+    assert!(errors[0].1.contains("at least \"63d\""), "{}", errors[0].1);
+    let config = Config::from_toml(&monthly("70d"), &no_env).expect("valid with 70d");
+    assert_eq!(config.metrics[0].window, CalendarUnit::Month);
+}

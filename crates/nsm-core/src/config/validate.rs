@@ -186,18 +186,20 @@ fn validate(
         // The previous complete window must still be stored to be exported.
         let longest_window_ms = metrics
             .iter()
-            .map(|metric| match metric.window {
-                CalendarUnit::Hour => 3_600_000,
-                CalendarUnit::Day => 25 * 3_600_000,
-                CalendarUnit::Week => 7 * 25 * 3_600_000,
-            })
+            .map(|metric| metric.window.max_length_ms())
             .max()
             .unwrap_or(0);
-        if state.retention_ms < 2 * longest_window_ms + time.allowed_lateness_ms {
+        let needed_ms = 2 * longest_window_ms + time.allowed_lateness_ms;
+        if state.retention_ms < needed_ms {
+            const DAY_MS: i64 = 86_400_000;
+            let needed_days = (needed_ms + DAY_MS - 1) / DAY_MS;
             problems.add(
                 "state.retention",
-                "must cover two of the longest window plus the allowed lateness, so the previous \
-                 complete window is still stored (e.g. \"35d\" for weekly windows)",
+                format!(
+                    "must cover two of the longest window plus the allowed lateness, so the \
+                     previous complete window is still stored: at least \"{needed_days}d\" here \
+                     (\"35d\" suits weekly windows, \"70d\" monthly ones)"
+                ),
             );
         }
     }
@@ -614,7 +616,7 @@ fn validate_metric(
         None => {
             problems.add(
                 format!("{path}.window"),
-                "missing: one of \"1h\", \"1d\", \"1w\"",
+                "missing: one of \"1h\", \"1d\", \"1w\", \"1mo\"",
             );
             None
         }
@@ -623,7 +625,7 @@ fn validate_metric(
             if unit.is_none() {
                 problems.add(
                     format!("{path}.window"),
-                    format!("unknown window {text:?}; expected \"1h\", \"1d\" or \"1w\""),
+                    format!("unknown window {text:?}; expected \"1h\", \"1d\", \"1w\" or \"1mo\""),
                 );
             }
             unit
