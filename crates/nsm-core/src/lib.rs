@@ -10,6 +10,7 @@ pub mod config;
 pub mod decimal;
 pub mod engine;
 pub mod event;
+pub mod lint;
 pub mod metric;
 pub mod query;
 pub mod reject;

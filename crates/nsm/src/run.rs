@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use nsm_core::engine::Plan;
+use nsm_core::lint::Severity;
 use nsm_core::Config;
 use nsm_http::{AppState, Published, Readiness, Telemetry};
 use nsm_kafka::{ClientSettings, ConsumerOptions, DeadLetterStats};
@@ -26,6 +27,28 @@ pub fn load_config(path: &std::path::Path) -> Result<Config> {
         .map_err(|errors| anyhow!("{}: {errors}", path.display()))
 }
 
+/// Logs the North Star linter's findings; its errors (revenue as the North Star, more than
+/// two North Stars) stop the start, as `nsm check` reports them.
+pub fn refuse_lint_errors(config: &Config) -> Result<()> {
+    let mut errors = Vec::new();
+    for finding in nsm_core::lint::lint(config) {
+        match finding.severity {
+            Severity::Warning => {
+                warn!(check = finding.check, path = %finding.path, hint = finding.hint, "{}", finding.message)
+            }
+            Severity::Error => errors.push(finding.to_string()),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "the config makes a classic North Star mistake:\n  {}",
+            errors.join("\n  ")
+        ))
+    }
+}
+
 pub fn client_settings(config: &Config) -> ClientSettings {
     ClientSettings {
         brokers: config.kafka.brokers.clone(),
@@ -36,6 +59,7 @@ pub fn client_settings(config: &Config) -> ClientSettings {
 
 /// Runs the pipeline until `stop` is set (by a signal, or by the caller).
 pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
+    refuse_lint_errors(&config)?;
     let plan = Plan::from_config(&config);
     std::fs::create_dir_all(&config.state.path).with_context(|| {
         format!(

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use nsm_core::lint::Severity;
 use nsm_core::metric::{FilterField, MetricKind, Role};
 use nsm_kafka::{ensure_topics, read_topic, ClientSettings, EventProducer};
 use serde_json::json;
@@ -72,6 +73,24 @@ pub fn check(path: &Path) -> Result<()> {
                 metric.window
             )?;
         }
+    }
+    let findings = nsm_core::lint::lint(&config);
+    if findings.is_empty() {
+        writeln!(out, "  lint: no findings")?;
+    }
+    for finding in &findings {
+        writeln!(out, "  {finding}")?;
+    }
+    let errors = findings
+        .iter()
+        .filter(|finding| finding.severity == Severity::Error)
+        .count();
+    if errors > 0 {
+        bail!(
+            "{}: {errors} lint error{} (listed above); nsm run refuses this config too",
+            path.display(),
+            if errors == 1 { "" } else { "s" }
+        );
     }
     Ok(())
 }

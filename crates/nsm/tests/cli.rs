@@ -98,3 +98,68 @@ window = "1d"
         );
     }
 }
+
+#[test]
+fn check_and_run_refuse_revenue_as_the_north_star_with_a_hint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("revenue-star.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[kafka]
+brokers = "127.0.0.1:1"
+topics = ["events"]
+[state]
+path = "{state}"
+[north_star]
+name = "weekly_revenue"
+kind = "sum"
+field = "properties.amount"
+where = {{ event = "payment_succeeded" }}
+window = "1w"
+[[inputs]]
+name = "payments"
+kind = "count"
+where = {{ event = "payment_succeeded" }}
+window = "1w"
+[revenue]
+name = "revenue"
+kind = "sum"
+field = "properties.amount"
+where = {{ event = "payment_succeeded" }}
+window = "1w"
+"#,
+            state = dir.path().join("state").display()
+        ),
+    )
+    .expect("write");
+    let config = path.to_str().expect("utf8");
+
+    let output = Command::new(NSM)
+        .args(["check", "--config", config])
+        .output()
+        .expect("nsm check");
+    assert!(!output.status.success(), "a lint error must fail the check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "error: north_star: North Star \"weekly_revenue\" computes exactly what [revenue] computes [revenue_as_north_star]",
+        "hint: revenue is the lagging outcome",
+        "warning: inputs: 1 input metric; 3 to 5 cover the levers of a North Star [few_inputs]",
+        "warning: inputs[0].owner: input \"payments\" has no owner [input_without_owner]",
+        "warning: guardrails: no guardrail metric [no_guardrail]",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+
+    let output = Command::new(NSM)
+        .args(["run", "--config", config])
+        .output()
+        .expect("nsm run");
+    assert!(!output.status.success(), "nsm run must refuse the config");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("classic North Star mistake") && stderr.contains("revenue_as_north_star"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,410 @@
+//! The North Star linter: the classic mistakes in choosing and breaking down a North Star
+//! Metric, found in a valid config. `nsm check` prints every finding with a hint; errors stop
+//! `nsm check` and `nsm run`, warnings only inform.
+//!
+//! The checks follow the practice the product is built on: revenue is the lagging outcome and
+//! never the North Star; a North Star must be able to fall (no sign-up or all-event counts);
+//! one North Star, two at most for a two-sided marketplace; 3–5 inputs, each owned by a team;
+//! at least one guardrail against gaming; revenue tracked beside the North Star.
+
+use std::fmt;
+
+use crate::config::Config;
+use crate::metric::{FilterField, Literal, MetricDef, MetricKind, Role};
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+impl Severity {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Warning => "warning",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// One finding: where, what is wrong, and what to do instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    /// A stable name of the check (`revenue_as_north_star`), for tests and log filters.
+    pub check: &'static str,
+    /// Where in the config: `north_star`, `inputs[2].owner`, `guardrails`.
+    pub path: String,
+    pub message: String,
+    pub hint: &'static str,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: {} [{}]\n    hint: {}",
+            self.severity.label(),
+            self.path,
+            self.message,
+            self.check,
+            self.hint
+        )
+    }
+}
+
+/// Words that, as the last segment of a summed field, say the sum is money.
+const MONEY_WORDS: [&str; 12] = [
+    "amount",
+    "revenue",
+    "price",
+    "cost",
+    "paid",
+    "payment",
+    "mrr",
+    "arr",
+    "gmv",
+    "cents",
+    "total_price",
+    "order_value",
+];
+
+/// Event names that only count arrivals, not value received.
+const SIGN_UP_WORDS: [&str; 8] = [
+    "signup",
+    "sign_up",
+    "signed_up",
+    "register",
+    "registered",
+    "registration",
+    "account_created",
+    "install",
+];
+
+/// Every finding for `config`, errors first, then in config order.
+pub fn lint(config: &Config) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let north_stars: Vec<&MetricDef> = config.metrics_with_role(Role::NorthStar).collect();
+    let inputs: Vec<&MetricDef> = config.metrics_with_role(Role::Input).collect();
+    let revenue = config.metrics_with_role(Role::Revenue).next();
+
+    if north_stars.len() > 2 {
+        findings.push(Finding {
+            severity: Severity::Error,
+            check: "too_many_north_stars",
+            path: "north_star".into(),
+            message: format!(
+                "{} North Star metrics; a product has one, a two-sided marketplace two",
+                north_stars.len()
+            ),
+            hint: "keep the one number that best captures the value customers get; move the \
+                   others to [[inputs]] or [[guardrails]]",
+        });
+    }
+    for (index, north_star) in north_stars.iter().enumerate() {
+        let path = if north_stars.len() == 1 {
+            "north_star".to_string()
+        } else {
+            format!("north_star[{index}]")
+        };
+        lint_north_star(north_star, revenue, &path, &mut findings);
+    }
+
+    match inputs.len() {
+        0 => findings.push(Finding {
+            severity: Severity::Warning,
+            check: "no_inputs",
+            path: "inputs".into(),
+            message: "the North Star has no input metrics".into(),
+            hint: "break it into 3 to 5 levers that teams can move (activation, frequency, \
+                   coverage...), each an [[inputs]] with an owner",
+        }),
+        1..=2 => findings.push(Finding {
+            severity: Severity::Warning,
+            check: "few_inputs",
+            path: "inputs".into(),
+            message: format!(
+                "{} input metric{}; 3 to 5 cover the levers of a North Star",
+                inputs.len(),
+                if inputs.len() == 1 { "" } else { "s" }
+            ),
+            hint: "add the missing levers, so a change of the North Star can be traced to one",
+        }),
+        3..=5 => {}
+        more => findings.push(Finding {
+            severity: Severity::Warning,
+            check: "many_inputs",
+            path: "inputs".into(),
+            message: format!("{more} input metrics; more than 5 blur who moves the North Star"),
+            hint: "keep the 3 to 5 levers with the most influence; track the rest elsewhere",
+        }),
+    }
+    for (index, input) in inputs.iter().enumerate() {
+        if input.owner.is_none() {
+            findings.push(Finding {
+                severity: Severity::Warning,
+                check: "input_without_owner",
+                path: format!("inputs[{index}].owner"),
+                message: format!("input {:?} has no owner", input.name),
+                hint: "name the team that moves this lever (owner = \"growth-team\"); it is \
+                       shown on dashboards and in alerts",
+            });
+        }
+    }
+    if config.metrics_with_role(Role::Guardrail).next().is_none() {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            check: "no_guardrail",
+            path: "guardrails".into(),
+            message: "no guardrail metric".into(),
+            hint: "add a [[guardrails]] metric (complaints, churn, errors) that would fall if \
+                   customers were worse off while the North Star rose",
+        });
+    }
+    if revenue.is_none() {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            check: "no_revenue",
+            path: "revenue".into(),
+            message: "no [revenue] metric".into(),
+            hint: "track revenue beside the North Star: the dangerous divergence (North Star \
+                   flat while revenue grows) can only be seen with both",
+        });
+    }
+    findings.sort_by_key(|finding| std::cmp::Reverse(finding.severity));
+    findings
+}
+
+fn lint_north_star(
+    north_star: &MetricDef,
+    revenue: Option<&MetricDef>,
+    path: &str,
+    findings: &mut Vec<Finding>,
+) {
+    let revenue_hint = "revenue is the lagging outcome: keep it in [revenue] and choose as North \
+                        Star the value customers get (messages sent in active teams, nights \
+                        booked, questions resolved)";
+    if revenue.is_some_and(|revenue| revenue.fingerprint() == north_star.fingerprint()) {
+        findings.push(Finding {
+            severity: Severity::Error,
+            check: "revenue_as_north_star",
+            path: path.into(),
+            message: format!(
+                "North Star {:?} computes exactly what [revenue] computes",
+                north_star.name
+            ),
+            hint: revenue_hint,
+        });
+    } else if let MetricKind::Sum { field } = &north_star.kind {
+        let last = field
+            .segments()
+            .last()
+            .map(|segment| segment.to_ascii_lowercase())
+            .unwrap_or_default();
+        if MONEY_WORDS.iter().any(|word| last.contains(word)) {
+            findings.push(Finding {
+                severity: Severity::Warning,
+                check: "revenue_as_north_star",
+                path: path.into(),
+                message: format!(
+                    "North Star {:?} sums {field}, which looks like money",
+                    north_star.name
+                ),
+                hint: revenue_hint,
+            });
+        }
+    }
+
+    let event_names: Vec<String> = north_star
+        .filter
+        .clauses
+        .iter()
+        .filter(|clause| clause.field == FilterField::EventName)
+        .flat_map(|clause| clause.any_of.iter())
+        .filter_map(|literal| match literal {
+            Literal::Text(name) => Some(name.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect();
+    if let Some(sign_up) = event_names
+        .iter()
+        .find(|name| SIGN_UP_WORDS.iter().any(|word| name.contains(word)))
+    {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            check: "vanity_north_star",
+            path: path.into(),
+            message: format!(
+                "North Star {:?} counts {sign_up:?} events: arrivals, not value received",
+                north_star.name
+            ),
+            hint: "count what customers get once they are in (the core action done, the job \
+                   completed); keep sign-ups as an activation input",
+        });
+    } else if event_names.is_empty() && north_star.kind == MetricKind::Count {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            check: "vanity_north_star",
+            path: path.into(),
+            message: format!(
+                "North Star {:?} counts every event, whatever it is",
+                north_star.name
+            ),
+            hint: "filter on the core action (where = { event = \"message_sent\" }): raw \
+                   event volume grows with noise and retries, not with customer value",
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(metrics: &str) -> Config {
+        let text = format!("[kafka]\nbrokers = \"b:9092\"\ntopics = [\"events\"]\n{metrics}");
+        Config::from_toml(&text, &|_| None).expect("valid config")
+    }
+
+    fn checks(config: &Config) -> Vec<(Severity, &'static str, String)> {
+        lint(config)
+            .into_iter()
+            .map(|finding| (finding.severity, finding.check, finding.path))
+            .collect()
+    }
+
+    const HEALTHY_TREE: &str = r#"
+[[inputs]]
+name = "activated_teams"
+owner = "onboarding"
+kind = "count"
+where = { event = "team_activated" }
+window = "1w"
+[[inputs]]
+name = "messages_per_team"
+owner = "messaging"
+kind = "count"
+where = { event = "message_sent" }
+window = "1w"
+[[inputs]]
+name = "returning_users"
+owner = "growth"
+kind = "distinct"
+where = { event = "session_started" }
+window = "1w"
+[[guardrails]]
+name = "complaints"
+owner = "support"
+kind = "count"
+where = { event = "complaint_filed" }
+window = "1w"
+[revenue]
+name = "revenue"
+kind = "sum"
+field = "properties.amount"
+where = { event = "payment_succeeded" }
+window = "1w"
+"#;
+
+    #[test]
+    fn a_healthy_tree_has_no_findings() {
+        let config = config(&format!(
+            "[north_star]\nname = \"weekly_active_messagers\"\nkind = \"distinct\"\n\
+             where = {{ event = \"message_sent\" }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
+        ));
+        assert_eq!(checks(&config), vec![]);
+    }
+
+    #[test]
+    fn revenue_as_north_star_is_an_error_when_identical_and_a_warning_when_money_like() {
+        let identical = config(&format!(
+            "[north_star]\nname = \"weekly_revenue\"\nkind = \"sum\"\nfield = \"properties.amount\"\n\
+             where = {{ event = \"payment_succeeded\" }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
+        ));
+        assert_eq!(
+            checks(&identical),
+            vec![(
+                Severity::Error,
+                "revenue_as_north_star",
+                "north_star".into()
+            )]
+        );
+        let money = config(&format!(
+            "[north_star]\nname = \"gmv\"\nkind = \"sum\"\nfield = \"order.total_price\"\n\
+             where = {{ event = \"order_placed\" }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
+        ));
+        assert_eq!(
+            checks(&money),
+            vec![(
+                Severity::Warning,
+                "revenue_as_north_star",
+                "north_star".into()
+            )]
+        );
+        let minutes = config(&format!(
+            "[north_star]\nname = \"minutes_listened\"\nkind = \"sum\"\nfield = \"properties.minutes\"\n\
+             where = {{ event = \"track_played\" }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
+        ));
+        assert_eq!(checks(&minutes), vec![]);
+    }
+
+    #[test]
+    fn sign_ups_and_all_event_counts_are_vanity_north_stars() {
+        let sign_ups = config(&format!(
+            "[north_star]\nname = \"weekly_signups\"\nkind = \"count\"\n\
+             where = {{ event = [\"user_signed_up\", \"invite_accepted\"] }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
+        ));
+        assert_eq!(
+            checks(&sign_ups),
+            vec![(Severity::Warning, "vanity_north_star", "north_star".into())]
+        );
+        let everything = config(&format!(
+            "[north_star]\nname = \"events\"\nkind = \"count\"\nwindow = \"1w\"\n{HEALTHY_TREE}"
+        ));
+        assert_eq!(
+            checks(&everything),
+            vec![(Severity::Warning, "vanity_north_star", "north_star".into())]
+        );
+    }
+
+    #[test]
+    fn more_than_two_north_stars_is_an_error() {
+        let three = config(&format!(
+            "[[north_star]]\nname = \"a\"\nkind = \"count\"\nwhere = {{ event = \"a\" }}\nwindow = \"1w\"\n\
+             [[north_star]]\nname = \"b\"\nkind = \"count\"\nwhere = {{ event = \"b\" }}\nwindow = \"1w\"\n\
+             [[north_star]]\nname = \"c\"\nkind = \"count\"\nwhere = {{ event = \"c\" }}\nwindow = \"1w\"\n\
+             {HEALTHY_TREE}"
+        ));
+        assert_eq!(
+            checks(&three),
+            vec![(Severity::Error, "too_many_north_stars", "north_star".into())]
+        );
+    }
+
+    #[test]
+    fn a_bare_north_star_gets_every_tree_warning_with_paths() {
+        let bare = config(
+            "[north_star]\nname = \"weekly_active_messagers\"\nkind = \"distinct\"\n\
+             where = { event = \"message_sent\" }\nwindow = \"1w\"\n\
+             [[inputs]]\nname = \"messages\"\nkind = \"count\"\nwindow = \"1w\"\n",
+        );
+        assert_eq!(
+            checks(&bare),
+            vec![
+                (Severity::Warning, "few_inputs", "inputs".into()),
+                (
+                    Severity::Warning,
+                    "input_without_owner",
+                    "inputs[0].owner".into()
+                ),
+                (Severity::Warning, "no_guardrail", "guardrails".into()),
+                (Severity::Warning, "no_revenue", "revenue".into()),
+            ]
+        );
+        let finding = &lint(&bare)[1];
+        assert_eq!(
+            finding.to_string().lines().next(),
+            Some("warning: inputs[0].owner: input \"messages\" has no owner [input_without_owner]")
+        );
+    }
+}
