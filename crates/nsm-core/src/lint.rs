@@ -40,6 +40,12 @@ pub struct Finding {
     pub hint: &'static str,
 }
 
+impl Finding {
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -266,6 +272,11 @@ mod tests {
         Config::from_toml(&text, &|_| None).expect("valid config")
     }
 
+    /// A config with the healthy input tree below and this North Star definition.
+    fn with_north_star(definition: &str) -> Config {
+        config(&format!("[north_star]\n{definition}\n{HEALTHY_TREE}"))
+    }
+
     fn checks(config: &Config) -> Vec<(Severity, &'static str, String)> {
         lint(config)
             .into_iter()
@@ -308,19 +319,24 @@ window = "1w"
 
     #[test]
     fn a_healthy_tree_has_no_findings() {
-        let config = config(&format!(
-            "[north_star]\nname = \"weekly_active_messagers\"\nkind = \"distinct\"\n\
-             where = {{ event = \"message_sent\" }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
-        ));
+        let config = with_north_star(
+            r#"name = "weekly_active_messagers"
+kind = "distinct"
+where = { event = "message_sent" }
+window = "1w""#,
+        );
         assert_eq!(checks(&config), vec![]);
     }
 
     #[test]
     fn revenue_as_north_star_is_an_error_when_identical_and_a_warning_when_money_like() {
-        let identical = config(&format!(
-            "[north_star]\nname = \"weekly_revenue\"\nkind = \"sum\"\nfield = \"properties.amount\"\n\
-             where = {{ event = \"payment_succeeded\" }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
-        ));
+        let identical = with_north_star(
+            r#"name = "weekly_revenue"
+kind = "sum"
+field = "properties.amount"
+where = { event = "payment_succeeded" }
+window = "1w""#,
+        );
         assert_eq!(
             checks(&identical),
             vec![(
@@ -329,10 +345,13 @@ window = "1w"
                 "north_star".into()
             )]
         );
-        let money = config(&format!(
-            "[north_star]\nname = \"gmv\"\nkind = \"sum\"\nfield = \"order.total_price\"\n\
-             where = {{ event = \"order_placed\" }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
-        ));
+        let money = with_north_star(
+            r#"name = "gmv"
+kind = "sum"
+field = "order.total_price"
+where = { event = "order_placed" }
+window = "1w""#,
+        );
         assert_eq!(
             checks(&money),
             vec![(
@@ -341,26 +360,29 @@ window = "1w"
                 "north_star".into()
             )]
         );
-        let minutes = config(&format!(
-            "[north_star]\nname = \"minutes_listened\"\nkind = \"sum\"\nfield = \"properties.minutes\"\n\
-             where = {{ event = \"track_played\" }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
-        ));
+        let minutes = with_north_star(
+            r#"name = "minutes_listened"
+kind = "sum"
+field = "properties.minutes"
+where = { event = "track_played" }
+window = "1w""#,
+        );
         assert_eq!(checks(&minutes), vec![]);
     }
 
     #[test]
     fn sign_ups_and_all_event_counts_are_vanity_north_stars() {
-        let sign_ups = config(&format!(
-            "[north_star]\nname = \"weekly_signups\"\nkind = \"count\"\n\
-             where = {{ event = [\"user_signed_up\", \"invite_accepted\"] }}\nwindow = \"1w\"\n{HEALTHY_TREE}"
-        ));
+        let sign_ups = with_north_star(
+            r#"name = "weekly_signups"
+kind = "count"
+where = { event = ["user_signed_up", "invite_accepted"] }
+window = "1w""#,
+        );
         assert_eq!(
             checks(&sign_ups),
             vec![(Severity::Warning, "vanity_north_star", "north_star".into())]
         );
-        let everything = config(&format!(
-            "[north_star]\nname = \"events\"\nkind = \"count\"\nwindow = \"1w\"\n{HEALTHY_TREE}"
-        ));
+        let everything = with_north_star("name = \"events\"\nkind = \"count\"\nwindow = \"1w\"");
         assert_eq!(
             checks(&everything),
             vec![(Severity::Warning, "vanity_north_star", "north_star".into())]

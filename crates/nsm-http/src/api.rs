@@ -4,6 +4,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use nsm_core::decimal::Decimal;
 use nsm_core::engine::{AggValue, PartitionStatus};
 use nsm_core::metric::{FilterField, Literal, MetricKind};
 use nsm_core::query::windows_between;
@@ -151,14 +152,18 @@ fn literal_json(literal: &Literal) -> Value {
     match literal {
         Literal::Text(text) => Value::String(text.clone()),
         Literal::Bool(flag) => Value::Bool(*flag),
-        Literal::Number(number) => serde_json::from_str(&number.to_string()).unwrap_or(Value::Null),
+        Literal::Number(number) => decimal_json(*number),
     }
+}
+
+/// The exact decimal text is a valid JSON number.
+fn decimal_json(number: Decimal) -> Value {
+    serde_json::from_str(&number.to_string()).unwrap_or(Value::Null)
 }
 
 fn value_json(value: AggValue) -> Value {
     match value {
         AggValue::Count(count) | AggValue::Distinct(count) => json!(count),
-        // The exact decimal text is a valid JSON number.
-        AggValue::Sum(sum) => serde_json::from_str(&sum.to_string()).unwrap_or(Value::Null),
+        AggValue::Sum(sum) => decimal_json(sum),
     }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use nsm_core::engine::Plan;
-use nsm_core::lint::Severity;
 use nsm_core::Config;
 use nsm_http::{AppState, Published, Readiness, Telemetry};
 use nsm_kafka::{ClientSettings, ConsumerOptions, DeadLetterStats};
@@ -30,15 +29,13 @@ pub fn load_config(path: &std::path::Path) -> Result<Config> {
 /// Logs the North Star linter's findings; its errors (revenue as the North Star, more than
 /// two North Stars) stop the start, as `nsm check` reports them.
 pub fn refuse_lint_errors(config: &Config) -> Result<()> {
-    let mut errors = Vec::new();
-    for finding in nsm_core::lint::lint(config) {
-        match finding.severity {
-            Severity::Warning => {
-                warn!(check = finding.check, path = %finding.path, hint = finding.hint, "{}", finding.message)
-            }
-            Severity::Error => errors.push(finding.to_string()),
-        }
+    let (errors, warnings): (Vec<_>, Vec<_>) = nsm_core::lint::lint(config)
+        .into_iter()
+        .partition(|finding| finding.is_error());
+    for finding in warnings {
+        warn!(check = finding.check, path = %finding.path, hint = finding.hint, "{}", finding.message);
     }
+    let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
     if errors.is_empty() {
         Ok(())
     } else {

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nsm_core::lint::Severity;
 use nsm_core::metric::{FilterField, MetricKind, Role};
 use nsm_kafka::{ensure_topics, read_topic, ClientSettings, EventProducer};
 use serde_json::json;
@@ -81,10 +80,7 @@ pub fn check(path: &Path) -> Result<()> {
     for finding in &findings {
         writeln!(out, "  {finding}")?;
     }
-    let errors = findings
-        .iter()
-        .filter(|finding| finding.severity == Severity::Error)
-        .count();
+    let errors = findings.iter().filter(|finding| finding.is_error()).count();
     if errors > 0 {
         bail!(
             "{}: {errors} lint error{} (listed above); nsm run refuses this config too",
