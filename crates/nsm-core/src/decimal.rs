@@ -29,6 +29,10 @@ impl Decimal {
         Decimal(i128::from(value) * SCALE)
     }
 
+    pub fn from_count(value: u64) -> Decimal {
+        Decimal(i128::from(value) * SCALE)
+    }
+
     /// Parses JSON number syntax (`-12.5`, `3e2`, `0.000000001`).
     pub fn parse(text: &str) -> Result<Decimal, DecimalError> {
         let bytes = text.as_bytes();

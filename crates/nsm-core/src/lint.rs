@@ -222,6 +222,21 @@ fn lint_north_star(
         }
     }
 
+    if let MetricKind::Ratio { denominator, .. } = &north_star.kind {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            check: "ratio_north_star",
+            path: path.into(),
+            message: format!(
+                "North Star {:?} is a ratio: it rises when its denominator {denominator:?} \
+                 falls, even while fewer customers get value",
+                north_star.name
+            ),
+            hint: "make the North Star the count in the numerator and track the rate as an \
+                   input, or keep the rate and guard its denominator with a guardrail",
+        });
+    }
+
     let event_names: Vec<String> = north_star
         .filter
         .clauses
@@ -386,6 +401,20 @@ window = "1w""#,
         assert_eq!(
             checks(&everything),
             vec![(Severity::Warning, "vanity_north_star", "north_star".into())]
+        );
+    }
+
+    #[test]
+    fn a_ratio_north_star_is_a_warning() {
+        let ratio = with_north_star(
+            r#"name = "team_activation_rate"
+kind = "ratio"
+numerator = "activated_teams"
+denominator = "messages_per_team""#,
+        );
+        assert_eq!(
+            checks(&ratio),
+            vec![(Severity::Warning, "ratio_north_star", "north_star".into())]
         );
     }
 

@@ -59,6 +59,13 @@ pub enum MetricKind {
     Sum { field: FieldPath },
     /// Exact number of distinct values of a field among matching events.
     Distinct { field: FieldPath },
+    /// One metric divided by another of the same window (resolution rate = resolved /
+    /// started). Keeps no state of its own: it is computed from its parts whenever it is read,
+    /// and the parts are exported beside it so PromQL can re-aggregate across instances.
+    Ratio {
+        numerator: String,
+        denominator: String,
+    },
 }
 
 impl MetricKind {
@@ -67,6 +74,15 @@ impl MetricKind {
             Self::Count => "count",
             Self::Sum { .. } => "sum",
             Self::Distinct { .. } => "distinct",
+            Self::Ratio { .. } => "ratio",
+        }
+    }
+
+    /// The event field the metric reads, if any.
+    pub fn field(&self) -> Option<&FieldPath> {
+        match self {
+            Self::Sum { field } | Self::Distinct { field } => Some(field),
+            Self::Count | Self::Ratio { .. } => None,
         }
     }
 }
@@ -128,8 +144,11 @@ impl MetricDef {
     /// discarded rather than mixed with new ones.
     pub fn fingerprint(&self) -> String {
         let field = match &self.kind {
-            MetricKind::Count => String::new(),
-            MetricKind::Sum { field } | MetricKind::Distinct { field } => field.to_string(),
+            MetricKind::Ratio {
+                numerator,
+                denominator,
+            } => format!("{numerator}/{denominator}"),
+            kind => kind.field().map(FieldPath::to_string).unwrap_or_default(),
         };
         let clauses: Vec<String> = self
             .filter

@@ -15,8 +15,10 @@ pub struct WindowRecord {
     pub complete: bool,
 }
 
-/// Sums the stored windows of `metric` that overlap `[from_ms, to_ms)`, oldest first.
-/// `completeness_watermark` is the least advanced owned partition's watermark.
+/// Sums the stored windows of `metric` that overlap `[from_ms, to_ms)`, oldest first; a
+/// ratio is computed from its parts' windows. `completeness_watermark` is the least advanced
+/// owned partition's watermark. `stored` must hold the windows of the metric, or of both
+/// parts for a ratio (see [`stored_metrics`]).
 pub fn windows_between(
     plan: &Plan,
     metric: usize,
@@ -25,16 +27,39 @@ pub fn windows_between(
     from_ms: EpochMillis,
     to_ms: EpochMillis,
 ) -> Vec<WindowRecord> {
-    let mut by_start: BTreeMap<EpochMillis, (EpochMillis, AggValue)> = BTreeMap::new();
-    for window in stored {
-        if window.metric != metric || window.end_ms <= from_ms || window.start_ms >= to_ms {
-            continue;
+    let stored: Vec<StoredWindow> = stored.into_iter().collect();
+    let summed = |metric: usize| {
+        let mut by_start: BTreeMap<EpochMillis, (EpochMillis, AggValue)> = BTreeMap::new();
+        for window in &stored {
+            if window.metric != metric || window.end_ms <= from_ms || window.start_ms >= to_ms {
+                continue;
+            }
+            by_start
+                .entry(window.start_ms)
+                .and_modify(|(_, value)| *value = value.plus(window.value))
+                .or_insert((window.end_ms, window.value));
         }
         by_start
-            .entry(window.start_ms)
-            .and_modify(|(_, value)| *value = value.plus(window.value))
-            .or_insert((window.end_ms, window.value));
-    }
+    };
+    let by_start = match plan.ratio_parts(metric) {
+        None => summed(metric),
+        Some((numerator, denominator)) => {
+            let numerators = summed(numerator);
+            let mut denominators = summed(denominator);
+            let mut ratios = BTreeMap::new();
+            // A window where only one part had events still has a ratio (0/n or n/0).
+            for (start_ms, (end_ms, value)) in numerators {
+                let zero = AggValue::zero_of(plan, denominator);
+                let below = denominators.remove(&start_ms).map_or(zero, |(_, v)| v);
+                ratios.insert(start_ms, (end_ms, AggValue::ratio(value, below)));
+            }
+            for (start_ms, (end_ms, value)) in denominators {
+                let zero = AggValue::zero_of(plan, numerator);
+                ratios.insert(start_ms, (end_ms, AggValue::ratio(zero, value)));
+            }
+            ratios
+        }
+    };
     by_start
         .into_iter()
         .map(|(start_ms, (end_ms, value))| WindowRecord {
@@ -43,4 +68,12 @@ pub fn windows_between(
             complete: plan.is_complete(end_ms, completeness_watermark),
         })
         .collect()
+}
+
+/// The metrics whose stored windows [`windows_between`] needs for `metric`.
+pub fn stored_metrics(plan: &Plan, metric: usize) -> Vec<usize> {
+    match plan.ratio_parts(metric) {
+        Some((numerator, denominator)) => vec![numerator, denominator],
+        None => vec![metric],
+    }
 }

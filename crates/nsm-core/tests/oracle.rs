@@ -92,8 +92,20 @@ fn metrics() -> Vec<MetricDef> {
             Some("payment"),
             CalendarUnit::Month,
         ),
+        metric(
+            "revenue_per_event",
+            MetricKind::Ratio {
+                numerator: "revenue_daily".into(),
+                denominator: "events_daily".into(),
+            },
+            None,
+            CalendarUnit::Day,
+        ),
     ]
 }
+
+const RATIO: usize = 6;
+const RATIO_PARTS: (usize, usize) = (4, 3);
 
 fn plan() -> Plan {
     Plan::new(
@@ -209,6 +221,9 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
             }
             watermark = Some(watermark.map_or(time_ms, |w| w.max(time_ms)));
             for (index, def) in metrics().iter().enumerate() {
+                if index == RATIO {
+                    continue;
+                }
                 let wanted = match &def.filter.clauses.first() {
                     Some(clause) => clause.any_of[0] == Literal::Text(EVENT_NAMES[name].into()),
                     None => true,
@@ -222,6 +237,7 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                     MetricKind::Count => AggValue::Count(0),
                     MetricKind::Sum { .. } => AggValue::Sum(Decimal::ZERO),
                     MetricKind::Distinct { .. } => AggValue::Distinct(0),
+                    MetricKind::Ratio { .. } => unreachable!("ratios keep no windows"),
                 };
                 let entry = result.entry(key).or_insert((bounds.end_ms, zero));
                 entry.1 = match entry.1 {
@@ -234,6 +250,7 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                         set.insert(user);
                         AggValue::Distinct(set.len() as u64)
                     }
+                    AggValue::Ratio { .. } => unreachable!("ratios keep no windows"),
                 };
             }
         }
@@ -429,13 +446,25 @@ proptest! {
         for metric in 0..metrics().len() {
             let stored: Vec<StoredWindow> = (0..PARTITIONS).flat_map(|p| store.snapshot(p).windows).collect();
             let records = windows_between(&plan, metric, stored, None, i64::MIN, i64::MAX);
-            for record in records {
-                let sum = expected
+            let summed = |metric: usize, start_ms: i64| {
+                expected
                     .iter()
-                    .filter(|((_, m, s), _)| *m == metric && *s == record.bounds.start_ms)
+                    .filter(|((_, m, s), _)| *m == metric && *s == start_ms)
                     .map(|(_, (_, value))| *value)
                     .reduce(AggValue::plus)
-                    .expect("window exists in oracle");
+            };
+            for record in records {
+                let start_ms = record.bounds.start_ms;
+                let sum = if metric == RATIO {
+                    // Every window with a numerator has a denominator: both count all events.
+                    let (numerator, denominator) = RATIO_PARTS;
+                    AggValue::ratio(
+                        summed(numerator, start_ms).unwrap_or(AggValue::Sum(Decimal::ZERO)),
+                        summed(denominator, start_ms).expect("every event counts"),
+                    )
+                } else {
+                    summed(metric, start_ms).expect("window exists in oracle")
+                };
                 prop_assert_eq!(record.value, sum);
             }
         }

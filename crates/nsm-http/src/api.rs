@@ -7,7 +7,7 @@ use axum::Json;
 use nsm_core::decimal::Decimal;
 use nsm_core::engine::{AggValue, PartitionStatus};
 use nsm_core::metric::{FilterField, Literal, MetricKind};
-use nsm_core::query::windows_between;
+use nsm_core::query::{stored_metrics, windows_between};
 use nsm_core::window::parse_instant;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,11 +24,13 @@ pub(crate) async fn list_metrics(State(state): State<AppState>) -> Json<Value> {
         .metrics()
         .iter()
         .map(|metric| {
-            let field = match &metric.kind {
-                MetricKind::Count => None,
-                MetricKind::Sum { field } | MetricKind::Distinct { field } => {
-                    Some(field.to_string())
-                }
+            let field = metric.kind.field().map(ToString::to_string);
+            let (numerator, denominator) = match &metric.kind {
+                MetricKind::Ratio {
+                    numerator,
+                    denominator,
+                } => (Some(numerator), Some(denominator)),
+                _ => (None, None),
             };
             let filter: serde_json::Map<String, Value> = metric
                 .filter
@@ -50,6 +52,8 @@ pub(crate) async fn list_metrics(State(state): State<AppState>) -> Json<Value> {
                 "description": metric.description,
                 "kind": metric.kind.label(),
                 "field": field,
+                "numerator": numerator,
+                "denominator": denominator,
                 "where": filter,
                 "window": metric.window.label(),
                 "windows_url": format!("/api/v1/metrics/{}/windows", metric.name),
@@ -103,10 +107,13 @@ pub(crate) async fn metric_windows(
         .clone();
     let store = state.store.clone();
     let keys: Vec<_> = partitions.iter().map(|status| status.key.clone()).collect();
+    let needed = stored_metrics(&state.plan, metric);
     let loaded = tokio::task::spawn_blocking(move || {
         let mut stored = Vec::new();
         for key in &keys {
-            stored.extend(store.windows(key, Some(metric))?);
+            for metric in &needed {
+                stored.extend(store.windows(key, Some(*metric))?);
+            }
         }
         Ok::<_, nsm_state::StateError>(stored)
     })
@@ -165,5 +172,14 @@ fn value_json(value: AggValue) -> Value {
     match value {
         AggValue::Count(count) | AggValue::Distinct(count) => json!(count),
         AggValue::Sum(sum) => decimal_json(sum),
+        // The quotient as a float (null when the denominator is zero), with both exact parts.
+        AggValue::Ratio {
+            numerator,
+            denominator,
+        } => json!({
+            "ratio": Some(value.to_f64()).filter(|ratio| ratio.is_finite()),
+            "numerator": decimal_json(numerator),
+            "denominator": decimal_json(denominator),
+        }),
     }
 }

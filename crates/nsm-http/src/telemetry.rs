@@ -30,6 +30,7 @@ pub struct Telemetry {
     window_start: GaugeVec,
     window_end: GaugeVec,
     window_complete: GaugeVec,
+    ratio_part: GaugeVec,
     consumed: IntCounterVec,
     invalid: IntCounterVec,
     late: IntCounter,
@@ -79,6 +80,7 @@ impl Telemetry {
             &["metric", "window"],
         );
         let window_complete = gauge_vec(&registry, "nsm_metric_window_complete", "1 once the window can no longer change: every owned partition's watermark passed its end plus the allowed lateness.", &["metric", "window"]);
+        let ratio_part = gauge_vec(&registry, "nsm_metric_ratio_part", "Numerator and denominator of a ratio metric in its current or previous window. Sum each part across instances before dividing.", &["metric", "window", "part"]);
         let info = gauge_vec(
             &registry,
             "nsm_metric_info",
@@ -201,6 +203,7 @@ impl Telemetry {
             window_start,
             window_end,
             window_complete,
+            ratio_part,
             consumed,
             invalid,
             late,
@@ -234,7 +237,7 @@ impl Telemetry {
         let labels = [name, window];
         self.metric_value
             .with_label_values(&labels)
-            .set(value_f64(value.value));
+            .set(value.value.to_f64());
         self.window_start
             .with_label_values(&labels)
             .set(value.bounds.start_ms as f64 / 1000.0);
@@ -244,6 +247,18 @@ impl Telemetry {
         self.window_complete
             .with_label_values(&labels)
             .set(if value.complete { 1.0 } else { 0.0 });
+        if let AggValue::Ratio {
+            numerator,
+            denominator,
+        } = value.value
+        {
+            self.ratio_part
+                .with_label_values(&[name, window, "numerator"])
+                .set(numerator.to_f64());
+            self.ratio_part
+                .with_label_values(&[name, window, "denominator"])
+                .set(denominator.to_f64());
+        }
     }
 
     /// Publishes partition progress; series of partitions no longer owned disappear.
@@ -340,8 +355,4 @@ impl Telemetry {
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|error| format!("# encoding failed: {error}\n"))
     }
-}
-
-fn value_f64(value: AggValue) -> f64 {
-    value.to_f64()
 }

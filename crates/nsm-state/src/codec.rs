@@ -112,6 +112,9 @@ pub fn decode_partition_meta(bytes: &[u8]) -> Option<PartitionMeta> {
 const TAG_COUNT: u8 = 1;
 const TAG_SUM: u8 = 2;
 const TAG_DISTINCT: u8 = 3;
+/// Ratios are computed from their parts and never stored by the engine; the tag keeps the
+/// codec total.
+const TAG_RATIO: u8 = 4;
 
 pub fn encode_window_value(end_ms: i64, value: AggValue) -> Vec<u8> {
     let mut out = Vec::with_capacity(25);
@@ -129,6 +132,14 @@ pub fn encode_window_value(end_ms: i64, value: AggValue) -> Vec<u8> {
             out.push(TAG_DISTINCT);
             out.extend_from_slice(&count.to_be_bytes());
         }
+        AggValue::Ratio {
+            numerator,
+            denominator,
+        } => {
+            out.push(TAG_RATIO);
+            out.extend_from_slice(&numerator.0.to_be_bytes());
+            out.extend_from_slice(&denominator.0.to_be_bytes());
+        }
     }
     out
 }
@@ -140,6 +151,10 @@ pub fn decode_window_value(bytes: &[u8]) -> Option<(i64, AggValue)> {
         TAG_COUNT => AggValue::Count(u64::from_be_bytes(payload.try_into().ok()?)),
         TAG_SUM => AggValue::Sum(Decimal(i128::from_be_bytes(payload.try_into().ok()?))),
         TAG_DISTINCT => AggValue::Distinct(u64::from_be_bytes(payload.try_into().ok()?)),
+        TAG_RATIO if payload.len() == 32 => AggValue::Ratio {
+            numerator: Decimal(i128::from_be_bytes(payload[..16].try_into().ok()?)),
+            denominator: Decimal(i128::from_be_bytes(payload[16..].try_into().ok()?)),
+        },
         _ => return None,
     };
     Some((end_ms, value))
@@ -163,6 +178,10 @@ mod tests {
             AggValue::Count(7),
             AggValue::Sum(Decimal(-12_345)),
             AggValue::Distinct(u64::MAX),
+            AggValue::Ratio {
+                numerator: Decimal(3),
+                denominator: Decimal(-4),
+            },
         ] {
             assert_eq!(
                 decode_window_value(&encode_window_value(99, value)),

@@ -39,6 +39,10 @@ pub fn check(path: &Path) -> Result<()> {
                 MetricKind::Count => "count of events".to_string(),
                 MetricKind::Sum { field } => format!("sum of {field}"),
                 MetricKind::Distinct { field } => format!("distinct {field}"),
+                MetricKind::Ratio {
+                    numerator,
+                    denominator,
+                } => format!("{numerator} / {denominator}"),
             };
             let filter: Vec<String> = metric
                 .filter

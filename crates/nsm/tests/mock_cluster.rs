@@ -209,6 +209,16 @@ fn assert_values(samples: &std::collections::BTreeMap<String, f64>, stream: &Kno
         "revenue {revenue} != {}",
         stream.revenue
     );
+    // The ratio of two daily metrics, with its exact parts for re-aggregation.
+    let ratio = metric_value(samples, "revenue_per_messager", "current").expect("ratio");
+    assert!((ratio - stream.revenue / stream.messagers as f64).abs() < 1e-9);
+    let part = |part: &str| {
+        samples
+            .get(&format!("nsm_metric_ratio_part{{metric=\"revenue_per_messager\",part=\"{part}\",window=\"current\"}}"))
+            .copied()
+    };
+    assert_eq!(part("denominator"), Some(stream.messagers as f64));
+    assert!((part("numerator").expect("numerator") - stream.revenue).abs() < 1e-6);
     let start = samples
         .get("nsm_metric_window_start_timestamp_seconds{metric=\"messages_sent\",window=\"current\"}")
         .copied()

@@ -93,4 +93,7 @@ pub struct RawMetric {
     #[serde(rename = "where")]
     pub filter: Option<BTreeMap<String, toml::Value>>,
     pub window: Option<String>,
+    /// Ratio only: the metric names divided.
+    pub numerator: Option<String>,
+    pub denominator: Option<String>,
 }

@@ -181,3 +181,73 @@ window = "1mo"
     let config = Config::from_toml(&monthly("70d"), &no_env).expect("valid with 70d");
     assert_eq!(config.metrics[0].window, CalendarUnit::Month);
 }
+
+const RATIO_BASE: &str = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[north_star]
+name = "resolved"
+kind = "count"
+where = { event = "conversation_resolved" }
+window = "1w"
+[[inputs]]
+name = "started"
+kind = "count"
+where = { event = "conversation_started" }
+window = "1w"
+[[inputs]]
+name = "started_today"
+kind = "count"
+where = { event = "conversation_started" }
+window = "1d"
+"#;
+
+#[test]
+fn a_ratio_names_its_parts_and_takes_their_window() {
+    let text = format!(
+        "{RATIO_BASE}[[inputs]]\nname = \"resolution_rate\"\nkind = \"ratio\"\n\
+         numerator = \"resolved\"\ndenominator = \"started\"\n"
+    );
+    let config = Config::from_toml(&text, &no_env).expect("valid ratio");
+    let rate = config.metric("resolution_rate").expect("ratio metric");
+    assert_eq!(
+        rate.kind,
+        MetricKind::Ratio {
+            numerator: "resolved".into(),
+            denominator: "started".into()
+        }
+    );
+    assert_eq!(rate.window, CalendarUnit::Week);
+}
+
+#[test]
+fn a_ratio_with_missing_or_mismatched_parts_is_refused_with_paths() {
+    let text = format!(
+        "{RATIO_BASE}\
+         [[inputs]]\nname = \"no_parts\"\nkind = \"ratio\"\nfield = \"user_id\"\n\
+         [[inputs]]\nname = \"unknown_part\"\nkind = \"ratio\"\nnumerator = \"resolved\"\ndenominator = \"opened\"\n\
+         [[inputs]]\nname = \"mixed_windows\"\nkind = \"ratio\"\nnumerator = \"resolved\"\ndenominator = \"started_today\"\n\
+         [[inputs]]\nname = \"ratio_of_ratio\"\nkind = \"ratio\"\nnumerator = \"mixed_windows\"\ndenominator = \"started\"\n\
+         [[inputs]]\nname = \"daily_window\"\nkind = \"ratio\"\nnumerator = \"resolved\"\ndenominator = \"started\"\nwindow = \"1d\"\n\
+         [[guardrails]]\nname = \"count_with_parts\"\nkind = \"count\"\nnumerator = \"resolved\"\nwindow = \"1w\"\n"
+    );
+    let errors = errors_of(&text);
+    let paths: Vec<&str> = errors.iter().map(|(path, _)| path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "inputs[2].field",
+            "inputs[2].numerator",
+            "inputs[2].denominator",
+            "guardrails[0].numerator",
+            "inputs[3].denominator",
+            "inputs[4]",
+            "inputs[5].numerator",
+            "inputs[6].window",
+        ],
+        "{errors:#?}"
+    );
+    assert!(errors[4].1.contains("no metric named \"opened\""));
+    assert!(errors[5].1.contains("same window"));
+}

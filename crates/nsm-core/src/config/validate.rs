@@ -151,6 +151,8 @@ fn validate(
     }
     let default_distinct_field = events.as_ref().map(|events| events.user.clone());
     let mut seen_names: BTreeMap<String, String> = BTreeMap::new();
+    let mut metric_paths = Vec::new();
+    let mut explicit_window = Vec::new();
     for (path, role, metric) in sections {
         let parsed = validate_metric(
             &path,
@@ -172,8 +174,11 @@ fn validate(
                 seen_names.insert(parsed.name.clone(), path.clone());
             }
             metrics.push(parsed);
+            metric_paths.push(path);
+            explicit_window.push(metric.window.is_some());
         }
     }
+    resolve_ratios(&mut metrics, &metric_paths, &explicit_window, problems);
 
     if let (Some(time), Some(state)) = (&time, &state) {
         if state.retention_ms <= time.allowed_lateness_ms {
@@ -571,11 +576,25 @@ fn validate_metric(
         );
     }
 
+    let is_ratio = raw.kind.as_deref() == Some("ratio");
+    if !is_ratio {
+        for (key, present) in [
+            ("numerator", raw.numerator.is_some()),
+            ("denominator", raw.denominator.is_some()),
+        ] {
+            if present {
+                problems.add(
+                    format!("{path}.{key}"),
+                    "only a ratio has a numerator and a denominator; remove it or use kind = \"ratio\"",
+                );
+            }
+        }
+    }
     let kind = match (raw.kind.as_deref(), &raw.field) {
         (None, _) => {
             problems.add(
                 format!("{path}.kind"),
-                "missing: one of count, sum, distinct",
+                "missing: one of count, sum, distinct, ratio",
             );
             None
         }
@@ -603,16 +622,19 @@ fn validate_metric(
             None => default_distinct_field.cloned(),
         }
         .map(|field| MetricKind::Distinct { field }),
+        (Some("ratio"), field) => validate_ratio(path, raw, field.is_some(), problems),
         (Some(other), _) => {
             problems.add(
                 format!("{path}.kind"),
-                format!("unknown kind {other:?}; expected count, sum or distinct"),
+                format!("unknown kind {other:?}; expected count, sum, distinct or ratio"),
             );
             None
         }
     };
 
     let window = match raw.window.as_deref() {
+        // A ratio takes its parts' window; `resolve_ratios` fills it in.
+        None if is_ratio => Some(CalendarUnit::Week),
         None => {
             problems.add(
                 format!("{path}.window"),
@@ -675,6 +697,118 @@ fn validate_metric(
         filter: Filter { clauses },
         window: window?,
     })
+}
+
+/// A ratio's own keys: the two part names, and no field or filter (those belong to the parts).
+fn validate_ratio(
+    path: &str,
+    raw: &RawMetric,
+    has_field: bool,
+    problems: &mut Problems,
+) -> Option<MetricKind> {
+    if has_field {
+        problems.add(
+            format!("{path}.field"),
+            "a ratio has no field; its numerator and denominator metrics read the events",
+        );
+    }
+    if raw.filter.is_some() {
+        problems.add(
+            format!("{path}.where"),
+            "a ratio has no filter; put it on the numerator or denominator metric",
+        );
+    }
+    let part = |key: &str, value: &Option<String>, problems: &mut Problems| {
+        let name = value.clone().filter(|name| !name.trim().is_empty());
+        if name.is_none() {
+            problems.add(
+                format!("{path}.{key}"),
+                format!(
+                    "missing: a ratio needs its {key}, the name of another metric in this \
+                     config (a ratio without both parts cannot be computed or re-aggregated)"
+                ),
+            );
+        }
+        name
+    };
+    let numerator = part("numerator", &raw.numerator, problems);
+    let denominator = part("denominator", &raw.denominator, problems);
+    Some(MetricKind::Ratio {
+        numerator: numerator?,
+        denominator: denominator?,
+    })
+}
+
+/// Checks that every ratio's parts exist, are not ratios themselves, and share one window,
+/// and gives a ratio without its own `window` the parts' window.
+fn resolve_ratios(
+    metrics: &mut [MetricDef],
+    paths: &[String],
+    explicit_window: &[bool],
+    problems: &mut Problems,
+) {
+    let known: Vec<String> = metrics.iter().map(|metric| metric.name.clone()).collect();
+    for index in 0..metrics.len() {
+        let MetricKind::Ratio {
+            numerator,
+            denominator,
+        } = metrics[index].kind.clone()
+        else {
+            continue;
+        };
+        let path = &paths[index];
+        let mut part_windows = Vec::new();
+        for (key, name) in [("numerator", &numerator), ("denominator", &denominator)] {
+            let Some(part) = metrics.iter().find(|metric| &metric.name == name) else {
+                problems.add(
+                    format!("{path}.{key}"),
+                    format!(
+                        "no metric named {name:?} (the ratio's {key} is missing); known: {}",
+                        known.join(", ")
+                    ),
+                );
+                continue;
+            };
+            if part.name == metrics[index].name {
+                problems.add(format!("{path}.{key}"), "a ratio cannot divide itself");
+            } else if matches!(part.kind, MetricKind::Ratio { .. }) {
+                problems.add(
+                    format!("{path}.{key}"),
+                    format!("{name:?} is a ratio; the parts of a ratio must be counts, sums or distinct counts"),
+                );
+            } else {
+                part_windows.push((key, name, part.window));
+            }
+        }
+        if let [(_, first_name, first), (_, second_name, second)] = part_windows[..] {
+            if first != second {
+                problems.add(
+                    path.clone(),
+                    format!(
+                        "the numerator {first_name:?} has window {:?} but the denominator \
+                         {second_name:?} has {:?}; a ratio divides values of the same window",
+                        first.label(),
+                        second.label()
+                    ),
+                );
+            }
+        }
+        if let Some((_, name, window)) = part_windows.first().copied() {
+            if !explicit_window[index] {
+                metrics[index].window = window;
+            } else if metrics[index].window != window {
+                problems.add(
+                    format!("{path}.window"),
+                    format!(
+                        "{:?} differs from the window {:?} of its part {name:?}; remove it (a \
+                         ratio takes its parts' window) or make them equal",
+                        metrics[index].window.label(),
+                        window.label()
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn literal(value: &toml::Value) -> Option<Literal> {

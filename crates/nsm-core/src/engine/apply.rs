@@ -101,7 +101,7 @@ fn evaluate<'a>(
 
     let mut contributions = Vec::new();
     for (index, metric) in plan.compiled.iter().enumerate() {
-        if !matches_filter(metric, &fields) {
+        if !metric.value.is_stateful() || !matches_filter(metric, &fields) {
             continue;
         }
         let contribution = contribution(plan, index, metric, &fields)?;
@@ -180,14 +180,16 @@ fn contribution<'a>(
     metric: &CompiledMetric,
     fields: &Fields<'a>,
 ) -> Result<Contribution<'a>, Rejection> {
-    let field_name = || match &plan.metrics()[index].kind {
-        crate::metric::MetricKind::Sum { field }
-        | crate::metric::MetricKind::Distinct { field } => field.to_string(),
-        crate::metric::MetricKind::Count => String::new(),
+    let field_name = || {
+        plan.metrics()[index]
+            .kind
+            .field()
+            .map(ToString::to_string)
+            .unwrap_or_default()
     };
     let metric_name = &plan.metrics()[index].name;
     match &metric.value {
-        ValueSource::One => Ok(Contribution::One),
+        ValueSource::One | ValueSource::Ratio { .. } => Ok(Contribution::One),
         ValueSource::Sum(slot) => match fields.get(*slot) {
             Some(Scalar::Number(text)) => match Decimal::parse(text) {
                 Ok(amount) => Ok(Contribution::Amount(amount)),

@@ -23,6 +23,18 @@ pub(super) enum ValueSource {
     One,
     Sum(Slot),
     Distinct(Slot),
+    /// Computed from two other metrics (plan indices) when read; never applied to.
+    Ratio {
+        numerator: usize,
+        denominator: usize,
+    },
+}
+
+impl ValueSource {
+    /// Whether events are applied to the metric (every kind but a ratio).
+    pub fn is_stateful(&self) -> bool {
+        !matches!(self, Self::Ratio { .. })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +75,7 @@ impl Plan {
         let mut schema = EventSchema::default();
         let name_slot = schema.slot(&settings.event_name_field);
         let timestamp_slot = schema.slot(&settings.timestamp_field);
+        let index_of = |name: &str| metrics.iter().position(|metric| metric.name == name);
         let compiled = metrics
             .iter()
             .map(|metric| {
@@ -82,6 +95,18 @@ impl Plan {
                     MetricKind::Count => ValueSource::One,
                     MetricKind::Sum { field } => ValueSource::Sum(schema.slot(field)),
                     MetricKind::Distinct { field } => ValueSource::Distinct(schema.slot(field)),
+                    // Validation resolved both names; an unknown one (a hand-built plan) reads
+                    // as the ratio itself, which has no state and so stays 0/0.
+                    MetricKind::Ratio {
+                        numerator,
+                        denominator,
+                    } => {
+                        let own = index_of(&metric.name).unwrap_or(0);
+                        ValueSource::Ratio {
+                            numerator: index_of(numerator).unwrap_or(own),
+                            denominator: index_of(denominator).unwrap_or(own),
+                        }
+                    }
                 };
                 CompiledMetric {
                     clauses,
@@ -106,6 +131,17 @@ impl Plan {
 
     pub fn metric_index(&self, name: &str) -> Option<usize> {
         self.metrics.iter().position(|metric| metric.name == name)
+    }
+
+    /// The numerator and denominator of a ratio metric.
+    pub fn ratio_parts(&self, metric: usize) -> Option<(usize, usize)> {
+        match self.compiled.get(metric)?.value {
+            ValueSource::Ratio {
+                numerator,
+                denominator,
+            } => Some((numerator, denominator)),
+            _ => None,
+        }
     }
 
     pub fn settings(&self) -> &EngineSettings {

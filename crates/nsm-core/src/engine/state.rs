@@ -13,13 +13,46 @@ pub enum AggValue {
     Count(u64),
     Sum(Decimal),
     Distinct(u64),
+    /// Both parts, exact; the quotient is taken only when a float is needed.
+    Ratio {
+        numerator: Decimal,
+        denominator: Decimal,
+    },
 }
 
 impl AggValue {
+    /// The value as a float; a ratio with a zero denominator is NaN (undefined, not zero).
     pub fn to_f64(self) -> f64 {
         match self {
             Self::Count(count) | Self::Distinct(count) => count as f64,
             Self::Sum(sum) => sum.to_f64(),
+            Self::Ratio {
+                numerator,
+                denominator,
+            } => {
+                if denominator == Decimal::ZERO {
+                    f64::NAN
+                } else {
+                    numerator.to_f64() / denominator.to_f64()
+                }
+            }
+        }
+    }
+
+    /// The exact value of a count, distinct count or sum; `None` for a ratio.
+    pub fn to_decimal(self) -> Option<Decimal> {
+        match self {
+            Self::Count(count) | Self::Distinct(count) => Some(Decimal::from_count(count)),
+            Self::Sum(sum) => Some(sum),
+            Self::Ratio { .. } => None,
+        }
+    }
+
+    /// The ratio of two values of the same window.
+    pub fn ratio(numerator: AggValue, denominator: AggValue) -> AggValue {
+        Self::Ratio {
+            numerator: numerator.to_decimal().unwrap_or(Decimal::ZERO),
+            denominator: denominator.to_decimal().unwrap_or(Decimal::ZERO),
         }
     }
 
@@ -30,8 +63,28 @@ impl AggValue {
             (Self::Count(a), Self::Count(b)) => Self::Count(a.saturating_add(b)),
             (Self::Distinct(a), Self::Distinct(b)) => Self::Distinct(a.saturating_add(b)),
             (Self::Sum(a), Self::Sum(b)) => Self::Sum(a.checked_add(b).unwrap_or(a)),
+            (
+                Self::Ratio {
+                    numerator: a,
+                    denominator: b,
+                },
+                Self::Ratio {
+                    numerator: c,
+                    denominator: d,
+                },
+            ) => Self::Ratio {
+                numerator: a.checked_add(c).unwrap_or(a),
+                denominator: b.checked_add(d).unwrap_or(b),
+            },
             (mismatched, _) => mismatched,
         }
+    }
+
+    /// The zero of a metric of the plan.
+    pub fn zero_of(plan: &Plan, metric: usize) -> AggValue {
+        plan.compiled
+            .get(metric)
+            .map_or(Self::Count(0), |compiled| Self::zero_for(&compiled.value))
     }
 
     /// The zero of a metric's kind.
@@ -40,6 +93,10 @@ impl AggValue {
             ValueSource::One => Self::Count(0),
             ValueSource::Sum(_) => Self::Sum(Decimal::ZERO),
             ValueSource::Distinct(_) => Self::Distinct(0),
+            ValueSource::Ratio { .. } => Self::Ratio {
+                numerator: Decimal::ZERO,
+                denominator: Decimal::ZERO,
+            },
         }
     }
 }
@@ -49,6 +106,10 @@ impl std::fmt::Display for AggValue {
         match self {
             Self::Count(count) | Self::Distinct(count) => write!(f, "{count}"),
             Self::Sum(sum) => write!(f, "{sum}"),
+            Self::Ratio {
+                numerator,
+                denominator,
+            } => write!(f, "{numerator}/{denominator}"),
         }
     }
 }
@@ -93,6 +154,8 @@ impl Agg {
             ValueSource::One => Agg::Count(0),
             ValueSource::Sum(_) => Agg::Sum(Decimal::ZERO),
             ValueSource::Distinct(_) => Agg::Distinct(HashSet::new()),
+            // Never reached: ratios keep no windows (the engine skips them when applying).
+            ValueSource::Ratio { .. } => Agg::Count(0),
         }
     }
 

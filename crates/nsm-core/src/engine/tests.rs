@@ -402,3 +402,72 @@ fn sums_are_exact_decimals() {
     let value = engine.metric_values(now)[2].current.value;
     assert_eq!(value, AggValue::Sum(Decimal::from_integer(1)));
 }
+
+#[test]
+fn a_ratio_divides_its_parts_of_the_same_window_and_keeps_no_state() {
+    let mut metrics = test_plan().metrics().to_vec();
+    metrics.push(metric(
+        "resolved",
+        MetricKind::Count,
+        Some("resolved"),
+        CalendarUnit::Day,
+    ));
+    metrics.push(metric(
+        "started",
+        MetricKind::Count,
+        Some("started"),
+        CalendarUnit::Day,
+    ));
+    metrics.push(metric(
+        "resolution_rate",
+        MetricKind::Ratio {
+            numerator: "resolved".into(),
+            denominator: "started".into(),
+        },
+        None,
+        CalendarUnit::Day,
+    ));
+    let plan = Plan::new(metrics, test_plan().settings().clone());
+    let mut engine = Engine::new(plan);
+    engine.restore_partition(key(), PartitionSnapshot::default());
+    let rate = |engine: &Engine| engine.metric_values(ms(NOW))[5].current.value;
+    assert!(rate(&engine).to_f64().is_nan(), "0/0 is undefined, not 0");
+    let stream = [
+        // Yesterday's resolution belongs to yesterday's ratio.
+        ("resolved", "2026-11-22T20:00:00Z"),
+        ("started", "2026-11-23T09:00:00Z"),
+        ("started", "2026-11-23T09:01:00Z"),
+        ("started", "2026-11-23T09:02:00Z"),
+        ("started", "2026-11-23T09:03:00Z"),
+        ("resolved", "2026-11-23T09:30:00Z"),
+    ];
+    for (offset, (name, time)) in stream.iter().enumerate() {
+        let outcome = engine.apply(&key(), offset as i64, &event(name, "ana", time), ms(NOW));
+        assert!(
+            matches!(outcome, Outcome::Applied { matched: 1, .. }),
+            "{outcome:?}: a ratio is never matched itself"
+        );
+    }
+    assert_eq!(
+        rate(&engine),
+        AggValue::Ratio {
+            numerator: Decimal::from_integer(1),
+            denominator: Decimal::from_integer(4)
+        }
+    );
+    assert_eq!(rate(&engine).to_f64(), 0.25);
+    let previous = engine.metric_values(ms(NOW))[5].previous.value;
+    assert_eq!(
+        previous,
+        AggValue::Ratio {
+            numerator: Decimal::from_integer(1),
+            denominator: Decimal::ZERO
+        }
+    );
+    assert!(previous.to_f64().is_nan());
+    let changes = engine.take_changes();
+    assert!(changes.partitions[0]
+        .upserts
+        .iter()
+        .all(|upsert| upsert.metric != 5));
+}

@@ -1,7 +1,7 @@
 //! Read-only views of the engine for exposition: current and previous windows, summed over
 //! the partitions this instance owns.
 
-use super::plan::Plan;
+use super::plan::{Plan, ValueSource};
 use super::state::{AggValue, PartitionState};
 use crate::window::WindowBounds;
 use crate::{EpochMillis, PartitionKey};
@@ -59,6 +59,31 @@ pub(super) fn metric_values<'a>(
     let complete_until =
         completeness_watermark(partitions.clone().map(PartitionState::watermark_ms));
     let calendar = plan.calendar();
+    let stored_value = |index: usize, bounds: WindowBounds| {
+        let zero = AggValue::zero_for(&plan.compiled[index].value);
+        partitions
+            .clone()
+            .filter_map(|state| state.windows[index].get(&bounds.start_ms))
+            .fold(zero, |sum, window| sum.plus(window.agg.value()))
+    };
+    let window_value = |index: usize, bounds: WindowBounds| {
+        let value = match plan.compiled[index].value {
+            // Parts share the ratio's window (checked by validation), so the same bounds.
+            ValueSource::Ratio {
+                numerator,
+                denominator,
+            } => AggValue::ratio(
+                stored_value(numerator, bounds),
+                stored_value(denominator, bounds),
+            ),
+            _ => stored_value(index, bounds),
+        };
+        WindowValue {
+            bounds,
+            value,
+            complete: plan.is_complete(bounds.end_ms, complete_until),
+        }
+    };
     let mut values = Vec::with_capacity(plan.compiled.len());
     for (index, compiled) in plan.compiled.iter().enumerate() {
         let Some(current) = calendar.window_of(compiled.window, clock) else {
@@ -67,22 +92,10 @@ pub(super) fn metric_values<'a>(
         let Some(previous) = calendar.previous(compiled.window, current) else {
             continue;
         };
-        let window_value = |bounds: WindowBounds| {
-            let zero = AggValue::zero_for(&compiled.value);
-            let value = partitions
-                .clone()
-                .filter_map(|state| state.windows[index].get(&bounds.start_ms))
-                .fold(zero, |sum, window| sum.plus(window.agg.value()));
-            WindowValue {
-                bounds,
-                value,
-                complete: plan.is_complete(bounds.end_ms, complete_until),
-            }
-        };
         values.push(MetricValues {
             metric: index,
-            current: window_value(current),
-            previous: window_value(previous),
+            current: window_value(index, current),
+            previous: window_value(index, previous),
         });
     }
     values

@@ -209,6 +209,12 @@ owner = "messaging-team"
 kind = "count"
 where = {{ event = "message_sent" }}
 window = "1h"
+[[inputs]]
+name = "revenue_per_messager"
+owner = "growth-team"
+kind = "ratio"
+numerator = "revenue"
+denominator = "daily_active_messagers"
 [[guardrails]]
 name = "complaints"
 owner = "support-team"
