@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use nsm_core::decimal::Decimal;
 use nsm_core::engine::{
-    AggValue, ChangeSet, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan,
+    AggValue, ChangeSet, DedupSettings, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan,
+    SeenId,
 };
 use nsm_core::engine::{StoredMember, StoredWindow};
 use nsm_core::metric::{
@@ -26,6 +27,10 @@ const HOUR: i64 = 60 * MINUTE;
 const LATENESS: i64 = HOUR;
 const PARTITIONS: i32 = 2;
 const EVENT_NAMES: [&str; 3] = ["message_sent", "payment", "page_viewed"];
+/// Ids come from a small space, so different events share ids (counted once within the
+/// horizon) as well as repeated messages do.
+const ID_SPACE: u8 = 60;
+const DEDUP_HORIZON: i64 = 2 * HOUR;
 
 fn path(text: &str) -> FieldPath {
     FieldPath::parse(text).expect("path")
@@ -118,6 +123,10 @@ fn plan() -> Plan {
             retention_ms: 400 * 24 * HOUR,
             max_future_skew_ms: HOUR,
             max_event_bytes: 1024,
+            dedup: Some(DedupSettings {
+                id_field: path("event_id"),
+                horizon_ms: DEDUP_HORIZON,
+            }),
         },
     )
 }
@@ -138,6 +147,8 @@ enum Message {
         user: u8,
         time_ms: i64,
         cents: u32,
+        /// `None`: the event carries no id and cannot be deduplicated.
+        id: Option<u8>,
     },
     Invalid(u8),
     /// The payload of the n-th earlier message of the same partition, again.
@@ -147,12 +158,18 @@ enum Message {
 impl Message {
     fn payload(&self) -> Vec<u8> {
         match self {
-            Message::Valid { name, user, time_ms, cents } => {
+            Message::Valid { name, user, time_ms, cents, id } => {
                 let timestamp = jiff::Timestamp::from_millisecond(*time_ms).expect("time");
                 // Alternate the two timestamp encodings and number spellings.
                 let time = if user % 2 == 0 { format!("\"{timestamp}\"") } else { time_ms.to_string() };
+                // Ids as text and as numbers: 7 and "7" are different ids.
+                let id = match id {
+                    None => String::new(),
+                    Some(id) if id % 2 == 0 => format!(r#""event_id":{id},"#),
+                    Some(id) => format!(r#""event_id":"{}","#, id / 2),
+                };
                 format!(
-                    r#"{{"event":"{}","user_id":"user-{user}","timestamp":{time},"properties":{{"amount":{}.{:02}}}}}"#,
+                    r#"{{{id}"event":"{}","user_id":"user-{user}","timestamp":{time},"properties":{{"amount":{}.{:02}}}}}"#,
                     EVENT_NAMES[*name],
                     cents / 100,
                     cents % 100
@@ -170,10 +187,13 @@ impl Message {
     }
 }
 
+/// What the oracle knows a valid message is: event name, user, time, cents, id.
+type Truth = (usize, u8, i64, u32, Option<u8>);
+
 /// A partition's Kafka log: payloads, and what the oracle knows each one is.
 struct Log {
     payloads: Vec<Vec<u8>>,
-    truth: Vec<Option<(usize, u8, i64, u32)>>,
+    truth: Vec<Option<Truth>>,
 }
 
 fn build_logs(messages: &[(i32, Message)]) -> Vec<Log> {
@@ -196,7 +216,11 @@ fn build_logs(messages: &[(i32, Message)]) -> Vec<Log> {
                 user,
                 time_ms,
                 cents,
-            } => (message.payload(), Some((*name, *user, *time_ms, *cents))),
+                id,
+            } => (
+                message.payload(),
+                Some((*name, *user, *time_ms, *cents, *id)),
+            ),
             Message::Invalid(_) => (message.payload(), None),
         };
         log.payloads.push(payload);
@@ -206,7 +230,8 @@ fn build_logs(messages: &[(i32, Message)]) -> Vec<Log> {
 }
 
 /// The naive batch recomputation: per partition, walk the log in offset order, drop late
-/// events, then aggregate every accepted event into its windows.
+/// events, drop events whose id was kept less than the horizon behind the watermark, then
+/// aggregate every accepted event into its windows.
 fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
     let plan = plan();
     let calendar = plan.calendar();
@@ -215,9 +240,17 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
     for (partition, log) in logs.iter().enumerate() {
         let partition = partition as i32;
         let mut watermark: Option<i64> = None;
-        for (name, user, time_ms, cents) in log.truth.iter().flatten().copied() {
+        let mut kept_ids: BTreeMap<u8, i64> = BTreeMap::new();
+        for (name, user, time_ms, cents, id) in log.truth.iter().flatten().copied() {
             if watermark.is_some_and(|w| time_ms < w - LATENESS) {
                 continue;
+            }
+            if let Some(id) = id {
+                let seen = kept_ids.get(&id).copied();
+                if seen.is_some_and(|seen| watermark.is_none_or(|w| seen > w - DEDUP_HORIZON)) {
+                    continue;
+                }
+                kept_ids.insert(id, time_ms);
             }
             watermark = Some(watermark.map_or(time_ms, |w| w.max(time_ms)));
             for (index, def) in metrics().iter().enumerate() {
@@ -267,6 +300,7 @@ struct FakeStore {
     offsets: BTreeMap<i32, PartitionMeta>,
     windows: BTreeMap<(i32, usize, i64), (i64, AggValue)>,
     members: BTreeSet<(i32, usize, i64, Box<[u8]>)>,
+    seen_ids: BTreeSet<(i32, SeenId)>,
 }
 
 impl FakeStore {
@@ -284,6 +318,13 @@ impl FakeStore {
             for member in part.members {
                 self.members
                     .insert((p, member.metric, member.start_ms, member.member));
+            }
+            for seen in part.seen_ids {
+                self.seen_ids.insert((p, seen));
+            }
+            if let Some(before) = part.forget_ids_before_ms {
+                self.seen_ids
+                    .retain(|(sp, seen)| !(*sp == p && seen.time_ms < before));
             }
             for delete in part.deletes {
                 self.windows.remove(&(p, delete.metric, delete.start_ms));
@@ -322,6 +363,12 @@ impl FakeStore {
                     member: member.clone(),
                 })
                 .collect(),
+            seen_ids: self
+                .seen_ids
+                .iter()
+                .filter(|(p, _)| *p == partition)
+                .map(|(_, seen)| seen.clone())
+                .collect(),
         }
     }
 }
@@ -348,14 +395,16 @@ enum Step {
 }
 
 fn message_strategy() -> impl Strategy<Value = (i32, Message)> {
-    let valid = (0..3usize, 0..6u8, 0..48i64, -180..30i64, 0..10_000u32).prop_map(
-        |(name, user, hour, jitter, cents)| {
+    let id = prop_oneof![1 => Just(None), 4 => (0..ID_SPACE).prop_map(Some)];
+    let valid = (0..3usize, 0..6u8, 0..48i64, -180..30i64, 0..10_000u32, id).prop_map(
+        |(name, user, hour, jitter, cents, id)| {
             // Mostly forward in time with jitter up to 3 h back: some in lateness, some beyond.
             Message::Valid {
                 name,
                 user,
                 time_ms: base_ms() + hour * HOUR / 2 + jitter * MINUTE,
                 cents,
+                id,
             }
         },
     );

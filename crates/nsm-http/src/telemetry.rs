@@ -19,6 +19,8 @@ use prometheus::{
 pub struct BatchCounts {
     pub consumed: Vec<(PartitionKey, u64)>,
     pub rejected: Vec<(RejectReason, u64)>,
+    /// Valid events skipped because their id was already applied within the dedup horizon.
+    pub duplicates: u64,
     /// Seconds from the Kafka message timestamp to the moment its effect became visible.
     pub visible_latencies_seconds: Vec<f64>,
 }
@@ -34,6 +36,7 @@ pub struct Telemetry {
     consumed: IntCounterVec,
     invalid: IntCounterVec,
     late: IntCounter,
+    duplicates: IntCounter,
     dead_letters: IntCounterVec,
     consumer_lag: IntGaugeVec,
     watermark: GaugeVec,
@@ -125,6 +128,7 @@ impl Telemetry {
             invalid.with_label_values(&[reason.label()]);
         }
         let late = register(&registry, IntCounter::new("nsm_events_late_total", "Events older than the watermark by more than the allowed lateness; sent to the dead-letter topic.").unwrap_or_else(|e| panic!("{e}")));
+        let duplicates = register(&registry, IntCounter::new("nsm_events_duplicate_total", "Valid events skipped because an event with the same id was applied within events.dedup_horizon.").unwrap_or_else(|e| panic!("{e}")));
         let dead_letters = register(
             &registry,
             IntCounterVec::new(
@@ -207,6 +211,7 @@ impl Telemetry {
             consumed,
             invalid,
             late,
+            duplicates,
             dead_letters,
             consumer_lag,
             watermark,
@@ -312,6 +317,7 @@ impl Telemetry {
                     .inc_by(*count);
             }
         }
+        self.duplicates.inc_by(counts.duplicates);
         for latency in &counts.visible_latencies_seconds {
             self.visible_latency.observe(*latency);
         }

@@ -10,6 +10,9 @@
 //! - `partitions`: `<topic> 0x00 <partition i32 BE>` → next offset, max event time, idle floor.
 //! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
 //! - `members`: `<window key> <member bytes>` → empty: the members of distinct sets.
+//! - `seen_ids`: `<partition key> <event time i64, sign-flipped BE> <id bytes>` → empty: event
+//!   ids within the dedup horizon, ordered by time so the expired ones go with one range
+//!   delete. (Added without a format change: a store without it simply remembers no ids.)
 
 mod codec;
 
@@ -17,7 +20,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nsm_core::engine::{ChangeSet, PartitionSnapshot, Plan, StoredMember, StoredWindow};
+use nsm_core::engine::{ChangeSet, PartitionSnapshot, Plan, SeenId, StoredMember, StoredWindow};
 use nsm_core::PartitionKey;
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
@@ -25,8 +28,9 @@ use rocksdb::{
 };
 
 use codec::{
-    decode_partition_meta, decode_window_value, encode_partition_meta, encode_window_value,
-    partition_prefix, prefix_successor, split_partition_prefix, window_key, window_metric_prefix,
+    decode_i64, decode_partition_meta, decode_window_value, encode_partition_meta,
+    encode_window_value, partition_prefix, prefix_successor, seen_id_key, split_partition_prefix,
+    window_key, window_metric_prefix,
 };
 
 /// Bumped whenever the layout above changes incompatibly.
@@ -36,6 +40,7 @@ const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
 const CF_WINDOWS: &str = "windows";
 const CF_MEMBERS: &str = "members";
+const CF_SEEN_IDS: &str = "seen_ids";
 const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +103,7 @@ impl Store {
         // Bounded memory: small memtables, the block cache is RocksDB's default 8 MiB LRU.
         db_options.set_write_buffer_size(32 * 1024 * 1024);
         db_options.set_max_write_buffer_number(3);
-        let families = [CF_META, CF_PARTITIONS, CF_WINDOWS, CF_MEMBERS]
+        let families = [CF_META, CF_PARTITIONS, CF_WINDOWS, CF_MEMBERS, CF_SEEN_IDS]
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&db_options, path, families).map_err(|source| {
             StateError::Open {
@@ -131,7 +136,7 @@ impl Store {
     }
 
     fn cf(&self, name: &'static str) -> &ColumnFamily {
-        // The four families are created at open; a missing one is a bug in this file.
+        // The families are created at open; a missing one is a bug in this file.
         self.db
             .cf_handle(name)
             .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
@@ -234,6 +239,7 @@ impl Store {
         let partitions = self.cf(CF_PARTITIONS);
         let windows = self.cf(CF_WINDOWS);
         let members = self.cf(CF_MEMBERS);
+        let seen_ids = self.cf(CF_SEEN_IDS);
         let mut batch = WriteBatch::default();
         for part in &changes.partitions {
             let prefix = partition_prefix(&part.key);
@@ -259,6 +265,17 @@ impl Store {
                 let key = window_key(&prefix, self.metric_name(delete.metric), delete.start_ms);
                 batch.delete_range_cf(members, key.as_slice(), prefix_successor(&key).as_slice());
                 batch.delete_cf(windows, key);
+            }
+            // Forget before remembering: an id applied again after it expired is kept.
+            if let Some(before_ms) = part.forget_ids_before_ms {
+                batch.delete_range_cf(
+                    seen_ids,
+                    seen_id_key(&prefix, i64::MIN, &[]).as_slice(),
+                    seen_id_key(&prefix, before_ms, &[]).as_slice(),
+                );
+            }
+            for seen in &part.seen_ids {
+                batch.put_cf(seen_ids, seen_id_key(&prefix, seen.time_ms, &seen.id), []);
             }
         }
         self.db.write_opt(batch, &self.write_options)?;
@@ -307,6 +324,26 @@ impl Store {
                     member: member.into(),
                 });
             }
+        }
+        for item in self.db.iterator_cf(
+            self.cf(CF_SEEN_IDS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (stored_key, _) = item?;
+            if !stored_key.starts_with(&prefix) {
+                break;
+            }
+            let rest = &stored_key[prefix.len()..];
+            let (Some(time), Some(id)) = (rest.get(..8), rest.get(8..)) else {
+                return Err(StateError::Corrupt {
+                    column_family: CF_SEEN_IDS,
+                    detail: format!("id key in partition {key}"),
+                });
+            };
+            snapshot.seen_ids.push(SeenId {
+                time_ms: decode_i64(time.try_into().unwrap_or_default()),
+                id: id.into(),
+            });
         }
         Ok(snapshot)
     }

@@ -202,3 +202,43 @@ fn an_unwritable_directory_fails_to_open_with_its_path() {
         .expect("refused");
     assert!(error.to_string().contains("not-a-directory"), "{error}");
 }
+
+fn with_id(id: &str, minutes: i64) -> Vec<u8> {
+    let time = NOW - 3_600_000 + minutes * 60_000;
+    format!(r#"{{"event_id":"{id}","event":"message_sent","user_id":"u","timestamp":{time}}}"#)
+        .into_bytes()
+}
+
+#[test]
+fn event_ids_within_the_horizon_survive_a_reopen_and_expired_ones_are_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = plan_from(&CONFIG.replace("[time]", "[events]\ndedup_horizon = \"10m\"\n[time]"));
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut engine = Engine::new(plan.clone());
+    engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    feed(&mut engine, 0, 0, &[with_id("a", 0), with_id("b", 5)]);
+    store.write(&engine.take_changes()).expect("write");
+    // The watermark moves to minute 12: "a" (minute 0) is past the 10-minute horizon.
+    feed(&mut engine, 0, 2, &[with_id("c", 12)]);
+    store.write(&engine.take_changes()).expect("write");
+    drop(store);
+
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let snapshot = store.load_partition(&key(0)).expect("load");
+    let ids: Vec<&[u8]> = snapshot.seen_ids.iter().map(|seen| &*seen.id).collect();
+    assert_eq!(
+        ids,
+        vec![&b"sb"[..], &b"sc"[..]],
+        "a was forgotten on disk too"
+    );
+    let mut restored = Engine::new(plan);
+    restored.restore_partition(key(0), snapshot);
+    assert!(matches!(
+        restored.apply(&key(0), 3, &with_id("b", 5), NOW),
+        Outcome::Duplicate { .. }
+    ));
+    assert!(matches!(
+        restored.apply(&key(0), 4, &with_id("a", 3), NOW),
+        Outcome::Applied { .. }
+    ));
+}

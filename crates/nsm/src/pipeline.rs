@@ -42,6 +42,7 @@ pub struct Pipeline {
     last_idle_check: Instant,
     consumed: HashMap<PartitionKey, u64>,
     rejected: HashMap<RejectReason, u64>,
+    duplicates: u64,
     produced_times_ms: Vec<i64>,
     latency_sample_every: usize,
     messages_since_publish: usize,
@@ -75,6 +76,7 @@ impl Pipeline {
             last_idle_check: Instant::now(),
             consumed: HashMap::new(),
             rejected: HashMap::new(),
+            duplicates: 0,
             produced_times_ms: Vec::new(),
             latency_sample_every: 1,
             messages_since_publish: 0,
@@ -113,6 +115,7 @@ impl Pipeline {
         let counts = BatchCounts {
             consumed: self.consumed.drain().collect(),
             rejected: self.rejected.drain().collect(),
+            duplicates: std::mem::take(&mut self.duplicates),
             visible_latencies_seconds: self
                 .produced_times_ms
                 .drain(..)
@@ -217,6 +220,10 @@ impl PartitionHandler for Pipeline {
                 Disposition::Done
             }
             Outcome::AlreadyApplied => Disposition::Done,
+            Outcome::Duplicate { .. } => {
+                self.duplicates += 1;
+                Disposition::Done
+            }
             Outcome::Rejected(rejection) => {
                 *self.rejected.entry(rejection.reason).or_default() += 1;
                 let should_log = self

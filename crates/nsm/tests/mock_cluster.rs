@@ -74,6 +74,11 @@ fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart(
             "{series}"
         );
     }
+    assert_eq!(
+        samples.get("nsm_events_duplicate_total").copied(),
+        Some(stream.duplicates as f64),
+        "retried payments are counted once"
+    );
     let (status, _) = http_get(port, "/readyz").expect("readyz");
     assert_eq!(status, 200);
 

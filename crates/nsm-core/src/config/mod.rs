@@ -44,6 +44,9 @@ pub struct EventsConfig {
     pub timestamp: FieldPath,
     pub user: FieldPath,
     pub id: FieldPath,
+    /// An event whose id was applied less than this before (in event time, behind the
+    /// watermark) counts once; 0 turns deduplication off. Defaults to the allowed lateness.
+    pub dedup_horizon_ms: i64,
     pub max_bytes: usize,
 }
 

@@ -58,6 +58,7 @@ pub struct RawEvents {
     pub timestamp: Option<String>,
     pub user: Option<String>,
     pub id: Option<String>,
+    pub dedup_horizon: Option<String>,
     pub max_bytes: Option<toml::Value>,
 }
 

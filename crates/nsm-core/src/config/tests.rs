@@ -24,6 +24,10 @@ fn example_config_is_valid_and_typed() {
     assert_eq!(config.kafka.topics, vec!["product-events".to_string()]);
     assert_eq!(config.kafka.dead_letter_topic, "product-events-dlq");
     assert_eq!(config.time.allowed_lateness_ms, 3_600_000);
+    assert_eq!(
+        config.events.dedup_horizon_ms, 3_600_000,
+        "deduplication covers the allowed lateness by default"
+    );
     assert_eq!(config.time.calendar.zone_name(), "Europe/Berlin");
     assert_eq!(config.metrics.len(), 6);
     let north_star = &config.metrics[0];

@@ -113,8 +113,13 @@ fn validate(
     problems: &mut Problems,
 ) -> Option<Config> {
     let kafka = validate_kafka(&raw, env, problems);
-    let events = validate_events(&raw, problems);
+    let mut events = validate_events(&raw, problems);
     let time = validate_time(&raw, problems);
+    if let (Some(events), Some(time)) = (&mut events, &time) {
+        if events.dedup_horizon_ms < 0 {
+            events.dedup_horizon_ms = time.allowed_lateness_ms;
+        }
+    }
     let state = validate_state(&raw, problems);
     let http = validate_http(&raw, problems);
 
@@ -385,6 +390,12 @@ fn validate_events(raw: &RawConfig, problems: &mut Problems) -> Option<EventsCon
     );
     let user = field_path("events.user", events.user.as_ref(), "user_id", problems);
     let id = field_path("events.id", events.id.as_ref(), "event_id", problems);
+    // Defaults to the allowed lateness (filled in by `validate`): every duplicate that could
+    // still be applied is then recognised, since older ones are refused as late anyway.
+    let dedup_horizon = match &events.dedup_horizon {
+        Some(text) => duration("events.dedup_horizon", Some(text), "", problems).map(millis),
+        None => Some(-1),
+    };
     let max_bytes = match &events.max_bytes {
         None => Some(DEFAULT_MAX_EVENT_BYTES),
         Some(value) => {
@@ -403,6 +414,7 @@ fn validate_events(raw: &RawConfig, problems: &mut Problems) -> Option<EventsCon
         timestamp: timestamp?,
         user: user?,
         id: id?,
+        dedup_horizon_ms: dedup_horizon?,
         max_bytes: max_bytes?,
     })
 }

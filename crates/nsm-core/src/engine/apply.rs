@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use jiff::Timestamp;
 
 use super::plan::{CompiledMetric, Plan, ValueSource};
-use super::state::{Agg, PartitionState, WindowState};
+use super::state::{id_digest, Agg, PartitionState, SeenId, WindowState};
 use super::Outcome;
 use crate::decimal::{Decimal, DecimalError};
 use crate::event::{Fields, Scalar};
@@ -31,9 +31,15 @@ pub(super) fn apply_event(
     now_ms: EpochMillis,
 ) -> Outcome {
     match evaluate(plan, state, payload, now_ms) {
-        Ok((event_time_ms, contributions)) => {
-            let matched = contributions.len();
-            commit(plan, state, event_time_ms, contributions);
+        Ok(evaluated) => {
+            let event_time_ms = evaluated.event_time_ms;
+            if let Some(id) = &evaluated.id {
+                if is_duplicate(plan, state, id) {
+                    return Outcome::Duplicate { event_time_ms };
+                }
+            }
+            let matched = evaluated.contributions.len();
+            commit(plan, state, evaluated);
             Outcome::Applied {
                 event_time_ms,
                 matched,
@@ -45,12 +51,35 @@ pub(super) fn apply_event(
 
 type Contributions<'a> = Vec<(usize, Contribution<'a>)>;
 
+/// A valid event, ready to commit.
+struct Evaluated<'a> {
+    event_time_ms: EpochMillis,
+    /// The event id's stored form, when deduplication is on and the event has one.
+    id: Option<Cow<'a, [u8]>>,
+    contributions: Contributions<'a>,
+}
+
+/// An id is remembered while its event time is less than the horizon behind the watermark.
+/// Deciding by the watermark, not by when memory is swept, keeps the answer a function of the
+/// partition's log: replays after a restart decide exactly as the first run did.
+fn is_duplicate(plan: &Plan, state: &PartitionState, id: &[u8]) -> bool {
+    let Some(dedup) = &plan.settings.dedup else {
+        return false;
+    };
+    let Some(seen_ms) = state.seen_ids.get(&id_digest(id)) else {
+        return false;
+    };
+    state
+        .watermark_ms()
+        .is_none_or(|watermark| *seen_ms > watermark.saturating_sub(dedup.horizon_ms))
+}
+
 fn evaluate<'a>(
     plan: &Plan,
     state: &PartitionState,
     payload: &'a [u8],
     now_ms: EpochMillis,
-) -> Result<(EpochMillis, Contributions<'a>), Rejection> {
+) -> Result<Evaluated<'a>, Rejection> {
     let settings = &plan.settings;
     if payload.len() > settings.max_event_bytes {
         return Err(Rejection::new(
@@ -99,6 +128,24 @@ fn evaluate<'a>(
         ));
     }
 
+    let id = match plan.id_slot.and_then(|slot| fields.get(slot)) {
+        None | Some(Scalar::Null) => None,
+        Some(Scalar::Composite) => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!(
+                    "event id at {} is an object or array",
+                    plan.settings
+                        .dedup
+                        .as_ref()
+                        .map(|dedup| dedup.id_field.to_string())
+                        .unwrap_or_default()
+                ),
+            ))
+        }
+        Some(scalar) => Some(member_key(scalar)),
+    };
+
     let mut contributions = Vec::new();
     for (index, metric) in plan.compiled.iter().enumerate() {
         if !metric.value.is_stateful() || !matches_filter(metric, &fields) {
@@ -120,7 +167,11 @@ fn evaluate<'a>(
             ));
         }
     }
-    Ok((event_time_ms, contributions))
+    Ok(Evaluated {
+        event_time_ms,
+        id,
+        contributions,
+    })
 }
 
 fn event_time(fields: &Fields<'_>, plan: &Plan) -> Result<EpochMillis, Rejection> {
@@ -255,12 +306,19 @@ fn member_key<'a>(scalar: Scalar<'a>) -> Cow<'a, [u8]> {
     Cow::Owned(key)
 }
 
-fn commit(
-    plan: &Plan,
-    state: &mut PartitionState,
-    event_time_ms: EpochMillis,
-    contributions: Contributions<'_>,
-) {
+fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
+    let Evaluated {
+        event_time_ms,
+        id,
+        contributions,
+    } = evaluated;
+    if let Some(id) = id {
+        state.seen_ids.insert(id_digest(&id), event_time_ms);
+        state.pending.new_ids.push(SeenId {
+            time_ms: event_time_ms,
+            id: id.into_owned().into_boxed_slice(),
+        });
+    }
     state.max_event_ms = Some(
         state
             .max_event_ms

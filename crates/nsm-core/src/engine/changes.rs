@@ -2,7 +2,7 @@
 //! by the state store in a single atomic batch together with the partition's offset.
 
 use super::plan::Plan;
-use super::state::{AggValue, PartitionState};
+use super::state::{AggValue, PartitionState, SeenId};
 use crate::{EpochMillis, PartitionKey};
 
 /// A window's new value.
@@ -41,6 +41,10 @@ pub struct PartitionChanges {
     pub upserts: Vec<WindowUpsert>,
     pub members: Vec<MemberInsert>,
     pub deletes: Vec<WindowDelete>,
+    /// Event ids newly remembered for deduplication.
+    pub seen_ids: Vec<SeenId>,
+    /// Stored ids with an event time before this are past the dedup horizon: delete them.
+    pub forget_ids_before_ms: Option<EpochMillis>,
 }
 
 /// All partitions' changes since the last flush.
@@ -62,7 +66,12 @@ impl PartitionState {
         key: &PartitionKey,
     ) -> Option<PartitionChanges> {
         let deletes = self.expire(plan);
-        if !self.pending.meta_dirty && self.pending.dirty_windows.is_empty() && deletes.is_empty() {
+        let forget_ids_before_ms = self.forget_old_ids(plan);
+        if !self.pending.meta_dirty
+            && self.pending.dirty_windows.is_empty()
+            && deletes.is_empty()
+            && forget_ids_before_ms.is_none()
+        {
             return None;
         }
         let pending = std::mem::take(&mut self.pending);
@@ -97,7 +106,31 @@ impl PartitionState {
             upserts,
             members,
             deletes,
+            seen_ids: pending.new_ids,
+            forget_ids_before_ms,
         })
+    }
+
+    /// Drops ids past the dedup horizon from memory, once the watermark has moved a tenth of
+    /// the horizon since the last sweep (a sweep walks every id). Returns the bound below
+    /// which stored ids can go too. Sweeping never changes an answer: [`is_duplicate`]
+    /// already ignores such ids.
+    ///
+    /// [`is_duplicate`]: super::apply
+    fn forget_old_ids(&mut self, plan: &Plan) -> Option<EpochMillis> {
+        let horizon_ms = plan.settings.dedup.as_ref()?.horizon_ms;
+        let watermark = self.watermark_ms()?;
+        let due = self
+            .ids_swept_at_ms
+            .is_none_or(|swept| watermark - swept >= (horizon_ms / 10).max(1));
+        if !due {
+            return None;
+        }
+        self.ids_swept_at_ms = Some(watermark);
+        // Remembered while time > watermark - horizon, so forget time <= that bound.
+        let bound = watermark.saturating_sub(horizon_ms);
+        self.seen_ids.retain(|_, time_ms| *time_ms > bound);
+        Some(bound.saturating_add(1))
     }
 
     /// Drops windows that ended more than the retention before the watermark.

@@ -15,8 +15,8 @@ mod view;
 use std::collections::HashMap;
 
 pub use changes::{ChangeSet, MemberInsert, PartitionChanges, WindowDelete, WindowUpsert};
-pub use plan::{EngineSettings, Plan};
-pub use state::{AggValue, PartitionSnapshot, StoredMember, StoredWindow};
+pub use plan::{DedupSettings, EngineSettings, Plan};
+pub use state::{AggValue, PartitionSnapshot, SeenId, StoredMember, StoredWindow};
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
 };
@@ -35,6 +35,9 @@ pub enum Outcome {
     },
     /// The offset was already applied before a restart; the message is skipped.
     AlreadyApplied,
+    /// A valid event whose id was already applied within the dedup horizon: counted once,
+    /// skipped now (not a dead letter: nothing is wrong with it).
+    Duplicate { event_time_ms: EpochMillis },
     /// The event was not applied; it belongs in the dead-letter topic.
     Rejected(Rejection),
 }

@@ -16,6 +16,16 @@ pub struct EngineSettings {
     pub retention_ms: i64,
     pub max_future_skew_ms: i64,
     pub max_event_bytes: usize,
+    /// Counting each event id once; `None` turns deduplication off.
+    pub dedup: Option<DedupSettings>,
+}
+
+/// An event whose id was applied before, with an event time less than `horizon_ms` behind the
+/// partition's watermark, is a duplicate (producers retry; delivery upstream is at least once).
+#[derive(Debug, Clone)]
+pub struct DedupSettings {
+    pub id_field: FieldPath,
+    pub horizon_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +62,7 @@ pub struct Plan {
     pub(super) schema: EventSchema,
     pub(super) name_slot: Slot,
     pub(super) timestamp_slot: Slot,
+    pub(super) id_slot: Option<Slot>,
     pub(super) settings: EngineSettings,
 }
 
@@ -67,6 +78,10 @@ impl Plan {
                 retention_ms: config.state.retention_ms,
                 max_future_skew_ms: config.time.max_future_skew_ms,
                 max_event_bytes: config.events.max_bytes,
+                dedup: (config.events.dedup_horizon_ms > 0).then(|| DedupSettings {
+                    id_field: config.events.id.clone(),
+                    horizon_ms: config.events.dedup_horizon_ms,
+                }),
             },
         )
     }
@@ -75,6 +90,10 @@ impl Plan {
         let mut schema = EventSchema::default();
         let name_slot = schema.slot(&settings.event_name_field);
         let timestamp_slot = schema.slot(&settings.timestamp_field);
+        let id_slot = settings
+            .dedup
+            .as_ref()
+            .map(|dedup| schema.slot(&dedup.id_field));
         let index_of = |name: &str| metrics.iter().position(|metric| metric.name == name);
         let compiled = metrics
             .iter()
@@ -121,6 +140,7 @@ impl Plan {
             schema,
             name_slot,
             timestamp_slot,
+            id_slot,
             settings,
         }
     }

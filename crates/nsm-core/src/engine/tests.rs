@@ -1,4 +1,4 @@
-use super::plan::EngineSettings;
+use super::plan::{DedupSettings, EngineSettings};
 use super::*;
 use crate::decimal::Decimal;
 use crate::metric::{Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role};
@@ -7,6 +7,7 @@ use crate::window::{Calendar, CalendarUnit};
 
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
+const MINUTE: i64 = 60_000;
 
 fn ms(text: &str) -> i64 {
     text.parse::<jiff::Timestamp>()
@@ -73,6 +74,10 @@ fn test_plan() -> Plan {
             retention_ms: 35 * DAY,
             max_future_skew_ms: HOUR,
             max_event_bytes: 4096,
+            dedup: Some(DedupSettings {
+                id_field: path("event_id"),
+                horizon_ms: 10 * MINUTE,
+            }),
         },
     )
 }
@@ -287,6 +292,7 @@ fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
     assert!(engine.take_changes().is_empty(), "nothing changed since");
 
     let snapshot = PartitionSnapshot {
+        seen_ids: part.seen_ids.clone(),
         next_offset: part.next_offset,
         max_event_ms: part.max_event_ms,
         idle_floor_ms: part.idle_floor_ms,
@@ -470,4 +476,83 @@ fn a_ratio_divides_its_parts_of_the_same_window_and_keeps_no_state() {
         .upserts
         .iter()
         .all(|upsert| upsert.metric != 5));
+}
+
+fn message(id: &str, user: &str, time: &str) -> Vec<u8> {
+    format!(
+        r#"{{"event_id":"{id}","event":"message_sent","user_id":"{user}","timestamp":"{time}"}}"#
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_repeated_event_id_counts_once_within_the_horizon_and_again_after_it() {
+    let mut engine = engine();
+    let now = ms(NOW);
+    let messages = |engine: &Engine| engine.metric_values(now)[1].current.value;
+    let apply = |engine: &mut Engine, offset: i64, payload: Vec<u8>| {
+        engine.apply(&key(), offset, &payload, now)
+    };
+    assert!(matches!(
+        apply(&mut engine, 0, message("e1", "ana", "2026-11-23T11:00:00Z")),
+        Outcome::Applied { .. }
+    ));
+    // A producer retry: same id, same payload.
+    assert!(matches!(
+        apply(&mut engine, 1, message("e1", "ana", "2026-11-23T11:00:00Z")),
+        Outcome::Duplicate { .. }
+    ));
+    // Same id, other content: still the same event (the first one wins).
+    assert!(matches!(
+        apply(&mut engine, 2, message("e1", "bob", "2026-11-23T11:05:00Z")),
+        Outcome::Duplicate { .. }
+    ));
+    // Events without an id cannot be deduplicated; they all count.
+    apply(
+        &mut engine,
+        3,
+        event("message_sent", "cem", "2026-11-23T11:06:00Z"),
+    );
+    apply(
+        &mut engine,
+        4,
+        event("message_sent", "cem", "2026-11-23T11:06:00Z"),
+    );
+    assert_eq!(messages(&engine), AggValue::Count(3));
+
+    // The watermark moves 10 minutes past e1: it is forgotten, and counts again.
+    apply(&mut engine, 5, message("e2", "dan", "2026-11-23T11:10:00Z"));
+    assert!(matches!(
+        apply(&mut engine, 6, message("e1", "ana", "2026-11-23T11:00:00Z")),
+        Outcome::Applied { .. }
+    ));
+    assert_eq!(messages(&engine), AggValue::Count(5));
+
+    // Remembered ids survive a restart from the stored changes, and old ones are forgotten.
+    let changes = engine.take_changes();
+    let part = &changes.partitions[0];
+    assert_eq!(part.seen_ids.len(), 3, "e1, e2, e1 again");
+    assert_eq!(
+        part.forget_ids_before_ms,
+        Some(ms("2026-11-23T11:00:00Z") + 1)
+    );
+    let mut restarted = Engine::new(test_plan());
+    restarted.restore_partition(
+        key(),
+        PartitionSnapshot {
+            next_offset: part.next_offset,
+            max_event_ms: part.max_event_ms,
+            seen_ids: part.seen_ids.clone(),
+            ..PartitionSnapshot::default()
+        },
+    );
+    assert!(matches!(
+        restarted.apply(
+            &key(),
+            7,
+            &message("e2", "dan", "2026-11-23T11:10:00Z"),
+            now
+        ),
+        Outcome::Duplicate { .. }
+    ));
 }

@@ -244,6 +244,8 @@ pub struct KnownStream {
     pub revenue: f64,
     pub invalid: BTreeMap<&'static str, usize>,
     pub late: usize,
+    /// Payments sent twice with the same event id (a producer retry), counted once.
+    pub duplicates: usize,
 }
 
 pub fn known_stream(users: usize, per_user: usize) -> KnownStream {
@@ -280,6 +282,7 @@ pub fn known_stream(users: usize, per_user: usize) -> KnownStream {
     }
     let mut complaints = 0;
     let mut revenue_cents = 0i64;
+    let mut duplicates = 0;
     for user in 0..users {
         let time = hour_ms + 1_000_000 + user as i64;
         if user % 10 == 0 {
@@ -290,11 +293,16 @@ pub fn known_stream(users: usize, per_user: usize) -> KnownStream {
         }
         if user % 4 == 0 {
             let cents = 999 + user as i64;
-            lines.push(format!(
-                r#"{{"event":"payment_succeeded","user_id":"u{user}","timestamp":{time},"properties":{{"amount":{}.{:02}}}}}"#,
+            let payment = format!(
+                r#"{{"event_id":"pay-{user}","event":"payment_succeeded","user_id":"u{user}","timestamp":{time},"properties":{{"amount":{}.{:02}}}}}"#,
                 cents / 100,
                 cents % 100
-            ));
+            );
+            if user % 8 == 0 {
+                lines.push(payment.clone());
+                duplicates += 1;
+            }
+            lines.push(payment);
             revenue_cents += cents;
         }
     }
@@ -342,5 +350,6 @@ pub fn known_stream(users: usize, per_user: usize) -> KnownStream {
         revenue: revenue_cents as f64 / 100.0,
         invalid,
         late: 2,
+        duplicates,
     }
 }
