@@ -14,8 +14,8 @@ use tracing::info;
 use crate::generator::{run_generator, stop_flag, GeneratorOptions};
 use crate::run::{load_config, run_pipeline};
 
-/// The demo's config: a collaboration tool whose North Star is weekly active messagers.
-const DEMO_CONFIG: &str = include_str!("../../../config/demo.toml");
+/// The demo's config: a collaboration tool whose North Star is weekly active teams.
+const DEMO_CONFIG: &str = include_str!("../../../config/collaboration.toml");
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
