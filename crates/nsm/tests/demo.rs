@@ -33,7 +33,15 @@ fn demo_feeds_every_metric(product: &str, north_star: &str) {
         Duration::from_secs(90),
         Some(&demo),
         || {
-            let samples = scrape(port)?;
+            let Some(samples) = scrape(port) else {
+                // A demo that failed to start (a config it refuses) fails the test at once.
+                let log = demo.log_text();
+                assert!(
+                    !log.contains("nsm failed"),
+                    "{product}: the demo failed:\n{log}"
+                );
+                return None;
+            };
             let current: Vec<f64> = samples
                 .iter()
                 .filter(|(series, _)| {

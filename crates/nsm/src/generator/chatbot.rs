@@ -92,7 +92,7 @@ pub(super) fn event(rng: &mut StdRng, customers: u32) -> Draft {
                 "sources_cited": if by_ai { rng.random_range(0..4) } else { 0 },
             })
         }
-        "conversation_resolved" => return north_star_or_human(rng, customers),
+        "conversation_resolved" => return resolved_conversation(rng, customers),
         "conversation_abandoned" => json!({ "idle_seconds": rng.random_range(120..3_600) }),
         "escalated_to_human" => json!({
             "reason": weighted(rng, &[("asked_for_human", 45), ("low_confidence", 35), ("policy_topic", 20)]),
@@ -109,7 +109,7 @@ pub(super) fn event(rng: &mut StdRng, customers: u32) -> Draft {
 }
 
 /// A resolved conversation: by the AI about six times in ten, else by an agent.
-fn north_star_or_human(rng: &mut StdRng, customers: u32) -> Draft {
+fn resolved_conversation(rng: &mut StdRng, customers: u32) -> Draft {
     let resolved_by = if rng.random_bool(0.62) { "ai" } else { "human" };
     resolution(rng, customers, resolved_by)
 }
