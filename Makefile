@@ -1,5 +1,6 @@
 # nsm — the two commands a new machine needs:
-#   make run    build and run the pipeline on its embedded default (in-process broker + demo stream)
+#   make run    build and run the pipeline on its embedded default (in-process broker + demo stream);
+#               make run PRODUCT=chatbot|collaboration|marketplace picks the product (default collaboration)
 #   make test   install what the tests need (system packages, the tansu broker) and run them all
 
 SHELL := /bin/bash
@@ -10,11 +11,13 @@ APT_PACKAGES := libclang-dev clang libssl-dev pkg-config cmake g++ make promethe
 TANSU_VERSION := 0.6.0
 CARGO_BIN := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
+# The product `make run` simulates, each with its example config in config/.
+PRODUCT ?= collaboration
 
 .PHONY: run test deps tansu build check fmt lint clean
 
 run: deps
-	$(CARGO) run --bin nsm -- demo
+	$(CARGO) run --bin nsm -- demo --product $(PRODUCT)
 
 test: deps tansu
 	$(CARGO) test --workspace --all-targets --no-fail-fast

@@ -11,14 +11,15 @@ use nsm_core::Config;
 use nsm_kafka::{ClientSettings, EventProducer};
 use tracing::info;
 
-use crate::generator::{run_generator, stop_flag, GeneratorOptions};
+use crate::generator::{run_generator, stop_flag, GeneratorOptions, Product};
 use crate::run::{load_config, run_pipeline};
-
-/// The demo's config: a collaboration tool whose North Star is weekly active messagers.
-const DEMO_CONFIG: &str = include_str!("../../../config/demo.toml");
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
+    /// The product whose events are generated and whose example config, built in from
+    /// config/, measures them.
+    #[arg(long, value_enum, default_value_t = Product::default())]
+    product: Product,
     /// Events per second of the demo stream.
     #[arg(long, default_value_t = 200)]
     rate: u32,
@@ -28,8 +29,9 @@ pub struct DemoArgs {
     /// Partitions of the demo topic.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
-    /// Run the demo with this config instead of the built-in one (its brokers and state path
-    /// are replaced by the embedded broker and a temporary directory).
+    /// Run the demo with this config instead of the product's built-in one (its brokers and
+    /// state path are replaced by the embedded broker and a temporary directory). The stream
+    /// is still the --product one, so the config should filter on its events.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -37,8 +39,8 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> Result<()> {
     let mut config = match &args.config {
         Some(path) => load_config(path)?,
-        None => Config::from_toml(DEMO_CONFIG, &|name| std::env::var(name).ok())
-            .map_err(|errors| anyhow!("built-in demo config: {errors}"))?,
+        None => Config::from_toml(args.product.config_text(), &|name| std::env::var(name).ok())
+            .map_err(|errors| anyhow!("built-in {}: {errors}", args.product.config_file()))?,
     };
     let topic = config
         .kafka
@@ -63,16 +65,20 @@ pub fn run(args: DemoArgs) -> Result<()> {
     config.http.listen = args.listen;
     info!(brokers = %config.kafka.brokers, topic = %topic, state = %state_dir.path().display(), "embedded broker started");
     eprintln!(
-        "\nnsm demo: {} events/s of a collaboration product flow through an in-process Kafka broker.\n  \
+        "\nnsm demo: {} events/s of {} flow through an in-process Kafka broker.\n  \
          curl http://{}/metrics | grep nsm_metric_value\n  \
          curl http://{}/api/v1/metrics\n  Ctrl-C stops everything.\n",
-        args.rate, args.listen, args.listen
+        args.rate,
+        args.product.describe(),
+        args.listen,
+        args.listen
     );
 
     let stop = stop_flag();
     let producer = EventProducer::new(&ClientSettings::new(config.kafka.brokers.clone()))?;
     let generator_stop = stop.clone();
     let options = GeneratorOptions {
+        product: args.product,
         topic,
         rate: args.rate,
         count: None,

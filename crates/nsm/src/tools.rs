@@ -9,7 +9,7 @@ use nsm_core::metric::{FilterField, MetricKind, Role};
 use nsm_kafka::{ensure_topics, read_topic, ClientSettings, EventProducer};
 use serde_json::json;
 
-use crate::generator::{run_generator, stop_flag, GeneratorOptions};
+use crate::generator::{run_generator, stop_flag, GeneratorOptions, Product};
 use crate::run::load_config;
 
 /// Prints a summary of a valid config, or every problem of an invalid one.
@@ -217,15 +217,20 @@ pub fn read(args: ReadArgs) -> Result<()> {
 pub struct GenerateArgs {
     #[command(flatten)]
     connection: ConnectionArgs,
-    #[arg(long, default_value = "product-events")]
-    topic: String,
+    /// The product whose events to generate (its example config in config/ measures them).
+    #[arg(long, value_enum, default_value_t = Product::default())]
+    product: Product,
+    /// Topic to produce to [default: the product config's topic, e.g. collaboration-events].
+    #[arg(long)]
+    topic: Option<String>,
     /// Events per second.
     #[arg(long, default_value_t = 1000)]
     rate: u32,
     /// Stop after this many events (default: run until Ctrl-C).
     #[arg(long)]
     count: Option<u64>,
-    /// Distinct users in the stream.
+    /// People in the stream: users (collaboration), end customers (chatbot) or guests
+    /// (marketplace); teams, workspaces and hosts scale with it.
     #[arg(long, default_value_t = 5000)]
     users: u32,
     #[arg(long, default_value_t = 42)]
@@ -242,14 +247,18 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.bad_share) {
         bail!("--bad-share must be between 0 and 1");
     }
+    let topic = args
+        .topic
+        .unwrap_or_else(|| args.product.topic().to_string());
     let settings = args.connection.settings();
     if let Some(partitions) = args.partitions {
-        ensure_topics(&settings, &[(args.topic.as_str(), partitions)])?;
+        ensure_topics(&settings, &[(topic.as_str(), partitions)])?;
     }
     let producer = EventProducer::new(&settings)?;
     let stop = stop_flag();
     let options = GeneratorOptions {
-        topic: args.topic,
+        product: args.product,
+        topic,
         rate: args.rate,
         count: args.count,
         users: args.users,

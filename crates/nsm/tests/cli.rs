@@ -33,9 +33,18 @@ fn help_lists_every_command() {
     );
 }
 
+/// The configs a product team copies: the reference of every key and one example per product
+/// (the collaboration one is also the built-in demo config).
+const SHIPPED_CONFIGS: [&str; 4] = [
+    "config/example.toml",
+    "config/support-chatbot.toml",
+    "config/collaboration.toml",
+    "config/marketplace.toml",
+];
+
 #[test]
-fn check_accepts_the_example_and_demo_configs() {
-    for config in ["config/example.toml", "config/demo.toml"] {
+fn check_accepts_every_shipped_config_with_no_lint_finding() {
+    for config in SHIPPED_CONFIGS {
         let output = Command::new(NSM)
             .args(["check", "--config", &repo_file(config)])
             .output()
@@ -48,7 +57,13 @@ fn check_accepts_the_example_and_demo_configs() {
         );
         assert!(
             stdout.contains("valid") && stdout.contains("north_star"),
-            "{stdout}"
+            "{config}: {stdout}"
+        );
+        // An example that teaches the North Star practice must pass its own linter cleanly:
+        // 3 to 5 owned inputs, a guardrail, revenue, no vanity or revenue North Star.
+        assert!(
+            stdout.contains("lint: no findings") && !stdout.contains("warning:"),
+            "{config} has lint findings:\n{stdout}"
         );
     }
 }

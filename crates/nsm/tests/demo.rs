@@ -1,0 +1,89 @@
+//! `nsm demo --product ...`, as `make run PRODUCT=...` starts it: the built-in config and the
+//! generated stream of each product agree through the whole binary (in-process broker, real
+//! client path, RocksDB, /metrics), and Ctrl-C-like termination stops it cleanly.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// Runs the demo of `product` until every metric of its config shows a non-zero current
+/// value on /metrics, then stops it with SIGTERM.
+fn demo_feeds_every_metric(product: &str, north_star: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut demo = Process::spawn(
+        &format!("nsm-demo-{product}"),
+        Command::new(NSM).args([
+            "demo",
+            "--product",
+            product,
+            "--listen",
+            &listen,
+            "--rate",
+            "500",
+        ]),
+        dir.path(),
+    );
+    let samples = wait_for(
+        "every metric of the demo config non-zero",
+        Duration::from_secs(90),
+        Some(&demo),
+        || {
+            let Some(samples) = scrape(port) else {
+                // A demo that failed to start (a config it refuses) fails the test at once.
+                let log = demo.log_text();
+                assert!(
+                    !log.contains("nsm failed"),
+                    "{product}: the demo failed:\n{log}"
+                );
+                return None;
+            };
+            let current: Vec<f64> = samples
+                .iter()
+                .filter(|(series, _)| {
+                    series.starts_with("nsm_metric_value{") && series.ends_with("current\"}")
+                })
+                .map(|(_, value)| *value)
+                .collect();
+            (current.len() >= 7 && current.iter().all(|value| *value > 0.0)).then_some(samples)
+        },
+    );
+    assert!(
+        metric_value(&samples, north_star, "current").is_some_and(|value| value > 0.0),
+        "{product}: no North Star {north_star} in {samples:?}"
+    );
+    let status = demo.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{product}: {status}\n{}", demo.log_text());
+}
+
+#[test]
+fn the_chatbot_demo_feeds_every_metric() {
+    demo_feeds_every_metric("chatbot", "ai_resolved_conversations");
+}
+
+#[test]
+fn the_collaboration_demo_feeds_every_metric() {
+    demo_feeds_every_metric("collaboration", "weekly_active_teams");
+}
+
+#[test]
+fn the_marketplace_demo_feeds_every_metric() {
+    demo_feeds_every_metric("marketplace", "nights_booked");
+}
+
+#[test]
+fn an_unknown_product_is_refused_with_the_list_of_products() {
+    let output = Command::new(NSM)
+        .args(["demo", "--product", "bakery"])
+        .output()
+        .expect("nsm demo");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for product in ["chatbot", "collaboration", "marketplace"] {
+        assert!(stderr.contains(product), "{stderr}");
+    }
+}
