@@ -301,14 +301,8 @@ impl Store {
             snapshot.idle_floor_ms = idle_floor_ms;
         }
         snapshot.windows = self.scan_windows(&prefix, None)?;
-        for item in self.db.iterator_cf(
-            self.cf(CF_MEMBERS),
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (stored_key, _) = item?;
-            if !stored_key.starts_with(&prefix) {
-                break;
-            }
+        for stored_key in self.keys_under(CF_MEMBERS, &prefix) {
+            let stored_key = stored_key?;
             let Some((metric, start_ms, member)) =
                 self.parse_window_key(&stored_key[prefix.len()..])
             else {
@@ -325,14 +319,8 @@ impl Store {
                 });
             }
         }
-        for item in self.db.iterator_cf(
-            self.cf(CF_SEEN_IDS),
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (stored_key, _) = item?;
-            if !stored_key.starts_with(&prefix) {
-                break;
-            }
+        for stored_key in self.keys_under(CF_SEEN_IDS, &prefix) {
+            let stored_key = stored_key?;
             let rest = &stored_key[prefix.len()..];
             let (Some(time), Some(id)) = (rest.get(..8), rest.get(8..)) else {
                 return Err(StateError::Corrupt {
@@ -346,6 +334,21 @@ impl Store {
             });
         }
         Ok(snapshot)
+    }
+
+    /// The keys of a column family that start with `prefix`, in order.
+    fn keys_under<'a>(
+        &'a self,
+        family: &'static str,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = Result<Box<[u8]>, StateError>> + 'a {
+        self.db
+            .iterator_cf(
+                self.cf(family),
+                IteratorMode::From(prefix, Direction::Forward),
+            )
+            .map(|item| item.map(|(key, _)| key).map_err(StateError::from))
+            .take_while(move |item| item.as_ref().map_or(true, |key| key.starts_with(prefix)))
     }
 
     /// The stored windows of one partition, of one metric or of all.
