@@ -59,6 +59,13 @@ pub enum MetricKind {
     Sum { field: FieldPath },
     /// Exact number of distinct values of a field among matching events.
     Distinct { field: FieldPath },
+    /// Entities (`entity`, e.g. a project id) with at least `at_least` matching events, or at
+    /// least `at_least` distinct values of `actor` (e.g. user ids), in the window.
+    Threshold {
+        entity: FieldPath,
+        actor: Option<FieldPath>,
+        at_least: u32,
+    },
     /// One metric divided by another of the same window (resolution rate = resolved /
     /// started). Keeps no state of its own: it is computed from its parts whenever it is read,
     /// and the parts are exported beside it so PromQL can re-aggregate across instances.
@@ -74,6 +81,7 @@ impl MetricKind {
             Self::Count => "count",
             Self::Sum { .. } => "sum",
             Self::Distinct { .. } => "distinct",
+            Self::Threshold { .. } => "threshold",
             Self::Ratio { .. } => "ratio",
         }
     }
@@ -82,6 +90,7 @@ impl MetricKind {
     pub fn field(&self) -> Option<&FieldPath> {
         match self {
             Self::Sum { field } | Self::Distinct { field } => Some(field),
+            Self::Threshold { actor, .. } => actor.as_ref(),
             Self::Count | Self::Ratio { .. } => None,
         }
     }
@@ -148,6 +157,14 @@ impl MetricDef {
                 numerator,
                 denominator,
             } => format!("{numerator}/{denominator}"),
+            MetricKind::Threshold {
+                entity,
+                actor,
+                at_least,
+            } => {
+                let actor = actor.as_ref().map(FieldPath::to_string).unwrap_or_default();
+                format!("{entity}>={at_least}:{actor}")
+            }
             kind => kind.field().map(FieldPath::to_string).unwrap_or_default(),
         };
         let clauses: Vec<String> = self

@@ -106,7 +106,32 @@ fn metrics() -> Vec<MetricDef> {
             None,
             CalendarUnit::Day,
         ),
+        metric(
+            "teams_with_two_messagers",
+            MetricKind::Threshold {
+                entity: path("team_id"),
+                actor: Some(path("user_id")),
+                at_least: 2,
+            },
+            Some("message_sent"),
+            CalendarUnit::Day,
+        ),
+        metric(
+            "users_with_three_events",
+            MetricKind::Threshold {
+                entity: path("user_id"),
+                actor: None,
+                at_least: 3,
+            },
+            None,
+            CalendarUnit::Hour,
+        ),
     ]
+}
+
+/// The team of a user: users 0, 3 are in team-0, and so on.
+fn team_of(user: u8) -> u8 {
+    user % 3
 }
 
 const RATIO: usize = 6;
@@ -169,8 +194,9 @@ impl Message {
                     Some(id) => format!(r#""event_id":"{}","#, id / 2),
                 };
                 format!(
-                    r#"{{{id}"event":"{}","user_id":"user-{user}","timestamp":{time},"properties":{{"amount":{}.{:02}}}}}"#,
+                    r#"{{{id}"event":"{}","user_id":"user-{user}","team_id":"team-{}","timestamp":{time},"properties":{{"amount":{}.{:02}}}}}"#,
                     EVENT_NAMES[*name],
+                    team_of(*user),
                     cents / 100,
                     cents % 100
                 )
@@ -237,6 +263,8 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
     let calendar = plan.calendar();
     let mut result: BTreeMap<(i32, usize, i64), (i64, AggValue)> = BTreeMap::new();
     let mut members: BTreeMap<(i32, usize, i64), BTreeSet<u8>> = BTreeMap::new();
+    // Threshold progress: per window, per entity, the actors seen (or one entry per event).
+    let mut progress: BTreeMap<(i32, usize, i64), BTreeMap<u8, Vec<u8>>> = BTreeMap::new();
     for (partition, log) in logs.iter().enumerate() {
         let partition = partition as i32;
         let mut watermark: Option<i64> = None;
@@ -269,9 +297,33 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                 let zero = match def.kind {
                     MetricKind::Count => AggValue::Count(0),
                     MetricKind::Sum { .. } => AggValue::Sum(Decimal::ZERO),
-                    MetricKind::Distinct { .. } => AggValue::Distinct(0),
+                    MetricKind::Distinct { .. } | MetricKind::Threshold { .. } => {
+                        AggValue::Distinct(0)
+                    }
                     MetricKind::Ratio { .. } => unreachable!("ratios keep no windows"),
                 };
+                if let MetricKind::Threshold {
+                    actor, at_least, ..
+                } = &def.kind
+                {
+                    let entities = progress.entry(key).or_default();
+                    let (entity, actor) = match actor {
+                        Some(_) => (team_of(user), Some(user)),
+                        None => (user, None),
+                    };
+                    let seen = entities.entry(entity).or_default();
+                    match actor {
+                        Some(actor) if !seen.contains(&actor) => seen.push(actor),
+                        Some(_) => {}
+                        None => seen.push(0),
+                    }
+                    let reached = entities
+                        .values()
+                        .filter(|seen| seen.len() >= *at_least as usize)
+                        .count();
+                    result.insert(key, (bounds.end_ms, AggValue::Distinct(reached as u64)));
+                    continue;
+                }
                 let entry = result.entry(key).or_insert((bounds.end_ms, zero));
                 entry.1 = match entry.1 {
                     AggValue::Count(n) => AggValue::Count(n + 1),
@@ -484,7 +536,8 @@ proptest! {
 
         // Distinct members stored match the counts, so a restart rebuilds the same sets.
         for ((p, metric, start), (_, value)) in &store.windows {
-            if let AggValue::Distinct(count) = value {
+            let is_distinct = matches!(metrics()[*metric].kind, MetricKind::Distinct { .. });
+            if let (AggValue::Distinct(count), true) = (value, is_distinct) {
                 let stored = store.members.iter().filter(|(mp, m, s, _)| mp == p && m == metric && s == start).count();
                 prop_assert_eq!(stored as u64, *count);
             }

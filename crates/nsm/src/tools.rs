@@ -43,6 +43,16 @@ pub fn check(path: &Path) -> Result<()> {
                     numerator,
                     denominator,
                 } => format!("{numerator} / {denominator}"),
+                MetricKind::Threshold {
+                    entity,
+                    actor: Some(actor),
+                    at_least,
+                } => format!("{entity} with at least {at_least} distinct {actor}"),
+                MetricKind::Threshold {
+                    entity,
+                    actor: None,
+                    at_least,
+                } => format!("{entity} with at least {at_least} events"),
             };
             let filter: Vec<String> = metric
                 .filter

@@ -94,6 +94,9 @@ pub struct RawMetric {
     #[serde(rename = "where")]
     pub filter: Option<BTreeMap<String, toml::Value>>,
     pub window: Option<String>,
+    /// Threshold only: the entity counted, and how many events or actors it needs.
+    pub entity: Option<String>,
+    pub at_least: Option<i64>,
     /// Ratio only: the metric names divided.
     pub numerator: Option<String>,
     pub denominator: Option<String>,

@@ -255,3 +255,32 @@ fn a_ratio_with_missing_or_mismatched_parts_is_refused_with_paths() {
     assert!(errors[4].1.contains("no metric named \"opened\""));
     assert!(errors[5].1.contains("same window"));
 }
+
+#[test]
+fn a_threshold_names_its_entity_and_k_and_refuses_stray_keys() {
+    let valid = format!(
+        "{RATIO_BASE}[[inputs]]\nname = \"busy_projects\"\nkind = \"threshold\"\n\
+         entity = \"properties.project_id\"\nfield = \"user_id\"\nat_least = 3\nwindow = \"1w\"\n"
+    );
+    let config = Config::from_toml(&valid, &no_env).expect("valid threshold");
+    assert_eq!(
+        config.metric("busy_projects").expect("metric").kind,
+        MetricKind::Threshold {
+            entity: FieldPath::parse("properties.project_id").expect("path"),
+            actor: FieldPath::parse("user_id"),
+            at_least: 3
+        }
+    );
+    let invalid = format!(
+        "{RATIO_BASE}[[inputs]]\nname = \"no_entity\"\nkind = \"threshold\"\nat_least = 0\nwindow = \"1w\"\n\
+         [[inputs]]\nname = \"stray\"\nkind = \"count\"\nentity = \"team_id\"\nwindow = \"1w\"\n"
+    );
+    let paths: Vec<String> = errors_of(&invalid)
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect();
+    assert_eq!(
+        paths,
+        vec!["inputs[2].entity", "inputs[2].at_least", "inputs[3].entity"]
+    );
+}

@@ -589,6 +589,19 @@ fn validate_metric(
     }
 
     let is_ratio = raw.kind.as_deref() == Some("ratio");
+    if raw.kind.as_deref() != Some("threshold") {
+        for (key, present) in [
+            ("entity", raw.entity.is_some()),
+            ("at_least", raw.at_least.is_some()),
+        ] {
+            if present {
+                problems.add(
+                    format!("{path}.{key}"),
+                    "only a threshold has an entity and at_least; remove it or use kind = \"threshold\"",
+                );
+            }
+        }
+    }
     if !is_ratio {
         for (key, present) in [
             ("numerator", raw.numerator.is_some()),
@@ -606,7 +619,7 @@ fn validate_metric(
         (None, _) => {
             problems.add(
                 format!("{path}.kind"),
-                "missing: one of count, sum, distinct, ratio",
+                "missing: one of count, sum, distinct, threshold, ratio",
             );
             None
         }
@@ -635,10 +648,13 @@ fn validate_metric(
         }
         .map(|field| MetricKind::Distinct { field }),
         (Some("ratio"), field) => validate_ratio(path, raw, field.is_some(), problems),
+        (Some("threshold"), field) => validate_threshold(path, raw, field.as_ref(), problems),
         (Some(other), _) => {
             problems.add(
                 format!("{path}.kind"),
-                format!("unknown kind {other:?}; expected count, sum, distinct or ratio"),
+                format!(
+                    "unknown kind {other:?}; expected count, sum, distinct, threshold or ratio"
+                ),
             );
             None
         }
@@ -708,6 +724,59 @@ fn validate_metric(
         kind: kind?,
         filter: Filter { clauses },
         window: window?,
+    })
+}
+
+/// A threshold's keys: the entity it counts, k, and optionally the actor field whose distinct
+/// values must reach k (without it, k events do).
+fn validate_threshold(
+    path: &str,
+    raw: &RawMetric,
+    actor: Option<&String>,
+    problems: &mut Problems,
+) -> Option<MetricKind> {
+    let entity = match &raw.entity {
+        None => {
+            problems.add(
+                format!("{path}.entity"),
+                "missing: the field of the entity counted, e.g. \"properties.project_id\"",
+            );
+            None
+        }
+        Some(entity) => field_path(&format!("{path}.entity"), Some(entity), "", problems),
+    };
+    let actor = match actor {
+        Some(actor) => Some(field_path(
+            &format!("{path}.field"),
+            Some(actor),
+            "",
+            problems,
+        )?),
+        None => None,
+    };
+    let at_least = match raw.at_least {
+        None => {
+            problems.add(
+                format!("{path}.at_least"),
+                "missing: how many events (or distinct `field` values) an entity needs, e.g. 3",
+            );
+            None
+        }
+        Some(value) => match u32::try_from(value) {
+            Ok(value) if (1..=10_000).contains(&value) => Some(value),
+            _ => {
+                problems.add(
+                    format!("{path}.at_least"),
+                    format!("{value} is out of range; expected 1 to 10000"),
+                );
+                None
+            }
+        },
+    };
+    Some(MetricKind::Threshold {
+        entity: entity?,
+        actor,
+        at_least: at_least?,
     })
 }
 

@@ -22,6 +22,11 @@ enum Contribution<'a> {
     One,
     Amount(Decimal),
     Member(Cow<'a, [u8]>),
+    /// One event of an entity, by an actor when the threshold counts distinct actors.
+    Progress {
+        entity: Cow<'a, [u8]>,
+        actor: Option<Cow<'a, [u8]>>,
+    },
 }
 
 pub(super) fn apply_event(
@@ -268,23 +273,56 @@ fn contribution<'a>(
                 ),
             )),
         },
-        ValueSource::Distinct(slot) => match fields.get(*slot) {
-            Some(Scalar::Composite) => Err(Rejection::new(
-                RejectReason::WrongType,
-                format!(
-                    "metric {metric_name} counts distinct {} but it is an object or array",
-                    field_name()
-                ),
-            )),
-            Some(scalar) => Ok(Contribution::Member(member_key(scalar))),
-            None => Err(Rejection::new(
-                RejectReason::MissingField,
-                format!(
-                    "metric {metric_name} counts distinct {} but the event has none",
-                    field_name()
-                ),
-            )),
-        },
+        ValueSource::Distinct(slot) => {
+            member_of(fields, *slot, metric_name, "counts distinct", &field_name())
+                .map(Contribution::Member)
+        }
+        ValueSource::Threshold { entity, actor, .. } => {
+            let kind = &plan.metrics()[index].kind;
+            let entity_name = match kind {
+                crate::metric::MetricKind::Threshold { entity, .. } => entity.to_string(),
+                _ => String::new(),
+            };
+            let entity = member_of(
+                fields,
+                *entity,
+                metric_name,
+                "counts entities by",
+                &entity_name,
+            )?;
+            let actor = match actor {
+                Some(slot) => Some(member_of(
+                    fields,
+                    *slot,
+                    metric_name,
+                    "counts distinct",
+                    &field_name(),
+                )?),
+                None => None,
+            };
+            Ok(Contribution::Progress { entity, actor })
+        }
+    }
+}
+
+/// The member key of a field a metric needs; missing or composite values reject the event.
+fn member_of<'a>(
+    fields: &Fields<'a>,
+    slot: crate::event::Slot,
+    metric_name: &str,
+    verb: &str,
+    field_name: &str,
+) -> Result<Cow<'a, [u8]>, Rejection> {
+    match fields.get(slot) {
+        Some(Scalar::Composite) => Err(Rejection::new(
+            RejectReason::WrongType,
+            format!("metric {metric_name} {verb} {field_name} but it is an object or array"),
+        )),
+        Some(scalar) => Ok(member_key(scalar)),
+        None => Err(Rejection::new(
+            RejectReason::MissingField,
+            format!("metric {metric_name} {verb} {field_name} but the event has none"),
+        )),
     }
 }
 
@@ -355,6 +393,21 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
                 }
                 None => false,
             },
+            (Agg::Threshold(threshold), Contribution::Progress { entity, actor }) => {
+                let ValueSource::Threshold { at_least, .. } = compiled.value else {
+                    continue;
+                };
+                match threshold.add(at_least, &entity, actor.as_deref()) {
+                    Some(member) => {
+                        state
+                            .pending
+                            .new_members
+                            .push((index, bounds.start_ms, member));
+                        true
+                    }
+                    None => false,
+                }
+            }
             (Agg::Distinct(members), Contribution::Member(member)) => {
                 if members.contains(member.as_ref()) {
                     false

@@ -10,6 +10,7 @@ mod apply;
 mod changes;
 mod plan;
 mod state;
+mod threshold;
 mod view;
 
 use std::collections::HashMap;

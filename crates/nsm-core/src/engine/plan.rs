@@ -33,6 +33,12 @@ pub(super) enum ValueSource {
     One,
     Sum(Slot),
     Distinct(Slot),
+    /// Entities reaching `at_least` events, or distinct actors when `actor` is set.
+    Threshold {
+        entity: Slot,
+        actor: Option<Slot>,
+        at_least: u32,
+    },
     /// Computed from two other metrics (plan indices) when read; never applied to.
     Ratio {
         numerator: usize,
@@ -114,6 +120,15 @@ impl Plan {
                     MetricKind::Count => ValueSource::One,
                     MetricKind::Sum { field } => ValueSource::Sum(schema.slot(field)),
                     MetricKind::Distinct { field } => ValueSource::Distinct(schema.slot(field)),
+                    MetricKind::Threshold {
+                        entity,
+                        actor,
+                        at_least,
+                    } => ValueSource::Threshold {
+                        entity: schema.slot(entity),
+                        actor: actor.as_ref().map(|actor| schema.slot(actor)),
+                        at_least: *at_least,
+                    },
                     // Validation resolved both names; an unknown one (a hand-built plan) reads
                     // as the ratio itself, which has no state and so stays 0/0.
                     MetricKind::Ratio {

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use super::plan::{Plan, ValueSource};
+use super::threshold::ThresholdAgg;
 use crate::decimal::Decimal;
 use crate::window::WindowBounds;
 use crate::EpochMillis;
@@ -93,7 +94,7 @@ impl AggValue {
         match source {
             ValueSource::One => Self::Count(0),
             ValueSource::Sum(_) => Self::Sum(Decimal::ZERO),
-            ValueSource::Distinct(_) => Self::Distinct(0),
+            ValueSource::Distinct(_) | ValueSource::Threshold { .. } => Self::Distinct(0),
             ValueSource::Ratio { .. } => Self::Ratio {
                 numerator: Decimal::ZERO,
                 denominator: Decimal::ZERO,
@@ -156,6 +157,7 @@ pub(super) enum Agg {
     Count(u64),
     Sum(Decimal),
     Distinct(HashSet<Box<[u8]>>),
+    Threshold(ThresholdAgg),
 }
 
 impl Agg {
@@ -164,6 +166,7 @@ impl Agg {
             ValueSource::One => Agg::Count(0),
             ValueSource::Sum(_) => Agg::Sum(Decimal::ZERO),
             ValueSource::Distinct(_) => Agg::Distinct(HashSet::new()),
+            ValueSource::Threshold { .. } => Agg::Threshold(ThresholdAgg::default()),
             // Never reached: ratios keep no windows (the engine skips them when applying).
             ValueSource::Ratio { .. } => Agg::Count(0),
         }
@@ -174,6 +177,8 @@ impl Agg {
             Agg::Count(count) => AggValue::Count(*count),
             Agg::Sum(sum) => AggValue::Sum(*sum),
             Agg::Distinct(members) => AggValue::Distinct(members.len() as u64),
+            // The number of entities past the threshold is a distinct count of entities.
+            Agg::Threshold(threshold) => AggValue::Distinct(threshold.reached()),
         }
     }
 }
@@ -226,6 +231,9 @@ impl PartitionState {
                 (AggValue::Count(count), ValueSource::One) => Agg::Count(count),
                 (AggValue::Sum(sum), ValueSource::Sum(_)) => Agg::Sum(sum),
                 (AggValue::Distinct(_), ValueSource::Distinct(_)) => Agg::Distinct(HashSet::new()),
+                (AggValue::Distinct(_), ValueSource::Threshold { .. }) => {
+                    Agg::Threshold(ThresholdAgg::default())
+                }
                 // A kind mismatch means the definition changed; the store discards such
                 // windows, so this is only reached by a hand-made snapshot.
                 _ => continue,
@@ -242,12 +250,30 @@ impl PartitionState {
             let window = windows
                 .get_mut(member.metric)
                 .and_then(|windows| windows.get_mut(&member.start_ms));
-            if let Some(WindowState {
-                agg: Agg::Distinct(members),
-                ..
-            }) = window
-            {
-                members.insert(member.member);
+            let source = plan
+                .compiled
+                .get(member.metric)
+                .map(|compiled| &compiled.value);
+            match (window, source) {
+                (
+                    Some(WindowState {
+                        agg: Agg::Distinct(members),
+                        ..
+                    }),
+                    _,
+                ) => {
+                    members.insert(member.member);
+                }
+                (
+                    Some(WindowState {
+                        agg: Agg::Threshold(threshold),
+                        ..
+                    }),
+                    Some(ValueSource::Threshold {
+                        actor, at_least, ..
+                    }),
+                ) => threshold.restore(*at_least, &member.member, actor.is_some()),
+                _ => {}
             }
         }
         if cfg!(debug_assertions) {
@@ -261,7 +287,7 @@ impl PartitionState {
                     debug_assert_eq!(
                         window.agg.value(),
                         AggValue::Distinct(count),
-                        "stored count matches members"
+                        "stored count matches members (or threshold progress)"
                     );
                 }
             }
