@@ -135,6 +135,15 @@ pub struct Filter {
     pub clauses: Vec<Clause>,
 }
 
+/// A breakdown of a metric by the values of some event fields ("nights booked by plan and
+/// region"). Every segment is kept exactly; the export shows the `top` largest of each window
+/// and sums the rest into one overflow series, so Prometheus cardinality stays bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segmentation {
+    pub by: Vec<FieldPath>,
+    pub top: u32,
+}
+
 /// One metric as the engine computes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricDef {
@@ -145,6 +154,7 @@ pub struct MetricDef {
     pub kind: MetricKind,
     pub filter: Filter,
     pub window: CalendarUnit,
+    pub segments: Option<Segmentation>,
 }
 
 impl MetricDef {
@@ -180,8 +190,16 @@ impl MetricDef {
                 format!("{field}in[{}]", values.join(","))
             })
             .collect();
+        // The breakdown fields decide what is stored; `top` only what is exported.
+        let by = match &self.segments {
+            None => String::new(),
+            Some(segments) => {
+                let fields: Vec<String> = segments.by.iter().map(FieldPath::to_string).collect();
+                format!(";by={}", fields.join(","))
+            }
+        };
         format!(
-            "v1;kind={};field={field};window={};where={}",
+            "v1;kind={};field={field};window={};where={}{by}",
             self.kind.label(),
             self.window.label(),
             clauses.join("&")

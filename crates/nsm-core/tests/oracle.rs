@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use nsm_core::decimal::Decimal;
+use nsm_core::engine::{segment_label, StoredMember, StoredSegment, StoredWindow};
 use nsm_core::engine::{
     AggValue, ChangeSet, DedupSettings, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan,
     SeenId,
 };
-use nsm_core::engine::{StoredMember, StoredWindow};
 use nsm_core::metric::{
-    Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role,
+    Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role, Segmentation,
 };
 use nsm_core::query::windows_between;
 use nsm_core::window::{Calendar, CalendarUnit};
@@ -53,10 +53,27 @@ fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUni
         kind,
         filter: Filter { clauses },
         window,
+        segments: None,
     }
 }
 
+/// Breakdowns: weekly messagers and daily revenue by team, hourly messages by team and a
+/// field no event has (a "(none)" segment).
 fn metrics() -> Vec<MetricDef> {
+    let mut metrics = unsegmented_metrics();
+    let by = |fields: &[&str]| {
+        Some(Segmentation {
+            by: fields.iter().map(|field| path(field)).collect(),
+            top: 2,
+        })
+    };
+    metrics[0].segments = by(&["team_id"]);
+    metrics[2].segments = by(&["team_id", "properties.plan"]);
+    metrics[4].segments = by(&["team_id"]);
+    metrics
+}
+
+fn unsegmented_metrics() -> Vec<MetricDef> {
     vec![
         metric(
             "weekly_messagers",
@@ -258,6 +275,84 @@ fn build_logs(messages: &[(i32, Message)]) -> Vec<Log> {
 /// The naive batch recomputation: per partition, walk the log in offset order, drop late
 /// events, drop events whose id was kept less than the horizon behind the watermark, then
 /// aggregate every accepted event into its windows.
+type SegmentKey = (i32, usize, i64, String);
+
+/// The segment values of every window, by partition, metric, start and segment label.
+fn segment_oracle(logs: &[Log]) -> BTreeMap<SegmentKey, AggValue> {
+    let plan = plan();
+    let mut result = BTreeMap::new();
+    let mut members: BTreeMap<SegmentKey, BTreeSet<u8>> = BTreeMap::new();
+    for (partition, log) in logs.iter().enumerate() {
+        for (name, user, time_ms, cents) in accepted_events(log) {
+            for (index, def) in metrics().iter().enumerate() {
+                let Some(segments) = &def.segments else {
+                    continue;
+                };
+                if !wants(def, name) {
+                    continue;
+                }
+                let bounds = plan
+                    .calendar()
+                    .window_of(def.window, time_ms)
+                    .expect("window");
+                let label = if segments.by.len() == 2 {
+                    format!("team-{}/(none)", team_of(user))
+                } else {
+                    format!("team-{}", team_of(user))
+                };
+                let key = (partition as i32, index, bounds.start_ms, label);
+                let value = match def.kind {
+                    MetricKind::Count => AggValue::Count(1),
+                    MetricKind::Sum { .. } => {
+                        AggValue::Sum(Decimal(i128::from(cents) * 10_000_000))
+                    }
+                    _ => {
+                        let set = members.entry(key.clone()).or_default();
+                        set.insert(user);
+                        result.insert(key, AggValue::Distinct(set.len() as u64));
+                        continue;
+                    }
+                };
+                let entry = result.entry(key).or_insert(match value {
+                    AggValue::Count(_) => AggValue::Count(0),
+                    _ => AggValue::Sum(Decimal::ZERO),
+                });
+                *entry = entry.plus(value);
+            }
+        }
+    }
+    result
+}
+
+fn wants(def: &MetricDef, name: usize) -> bool {
+    match &def.filter.clauses.first() {
+        Some(clause) => clause.any_of[0] == Literal::Text(EVENT_NAMES[name].into()),
+        None => true,
+    }
+}
+
+/// The events a partition applies, in offset order: not late, not a duplicate.
+fn accepted_events(log: &Log) -> Vec<(usize, u8, i64, u32)> {
+    let mut accepted = Vec::new();
+    let mut watermark: Option<i64> = None;
+    let mut kept_ids: BTreeMap<u8, i64> = BTreeMap::new();
+    for (name, user, time_ms, cents, id) in log.truth.iter().flatten().copied() {
+        if watermark.is_some_and(|w| time_ms < w - LATENESS) {
+            continue;
+        }
+        if let Some(id) = id {
+            let seen = kept_ids.get(&id).copied();
+            if seen.is_some_and(|seen| watermark.is_none_or(|w| seen > w - DEDUP_HORIZON)) {
+                continue;
+            }
+            kept_ids.insert(id, time_ms);
+        }
+        watermark = Some(watermark.map_or(time_ms, |w| w.max(time_ms)));
+        accepted.push((name, user, time_ms, cents));
+    }
+    accepted
+}
+
 fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
     let plan = plan();
     let calendar = plan.calendar();
@@ -267,29 +362,9 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
     let mut progress: BTreeMap<(i32, usize, i64), BTreeMap<u8, Vec<u8>>> = BTreeMap::new();
     for (partition, log) in logs.iter().enumerate() {
         let partition = partition as i32;
-        let mut watermark: Option<i64> = None;
-        let mut kept_ids: BTreeMap<u8, i64> = BTreeMap::new();
-        for (name, user, time_ms, cents, id) in log.truth.iter().flatten().copied() {
-            if watermark.is_some_and(|w| time_ms < w - LATENESS) {
-                continue;
-            }
-            if let Some(id) = id {
-                let seen = kept_ids.get(&id).copied();
-                if seen.is_some_and(|seen| watermark.is_none_or(|w| seen > w - DEDUP_HORIZON)) {
-                    continue;
-                }
-                kept_ids.insert(id, time_ms);
-            }
-            watermark = Some(watermark.map_or(time_ms, |w| w.max(time_ms)));
+        for (name, user, time_ms, cents) in accepted_events(log) {
             for (index, def) in metrics().iter().enumerate() {
-                if index == RATIO {
-                    continue;
-                }
-                let wanted = match &def.filter.clauses.first() {
-                    Some(clause) => clause.any_of[0] == Literal::Text(EVENT_NAMES[name].into()),
-                    None => true,
-                };
-                if !wanted {
+                if index == RATIO || !wants(def, name) {
                     continue;
                 }
                 let bounds = calendar.window_of(def.window, time_ms).expect("window");
@@ -353,7 +428,11 @@ struct FakeStore {
     windows: BTreeMap<(i32, usize, i64), (i64, AggValue)>,
     members: BTreeSet<(i32, usize, i64, Box<[u8]>)>,
     seen_ids: BTreeSet<(i32, SeenId)>,
+    segments: BTreeMap<StoredSegmentKey, AggValue>,
 }
+
+/// Partition, metric, window start and segment key of a stored segment.
+type StoredSegmentKey = (i32, usize, i64, Box<[u8]>);
 
 impl FakeStore {
     fn write(&mut self, changes: ChangeSet) {
@@ -371,6 +450,12 @@ impl FakeStore {
                 self.members
                     .insert((p, member.metric, member.start_ms, member.member));
             }
+            for segment in part.segments {
+                self.segments.insert(
+                    (p, segment.metric, segment.start_ms, segment.segment),
+                    segment.value,
+                );
+            }
             for seen in part.seen_ids {
                 self.seen_ids.insert((p, seen));
             }
@@ -382,6 +467,9 @@ impl FakeStore {
                 self.windows.remove(&(p, delete.metric, delete.start_ms));
                 self.members.retain(|(mp, m, s, _)| {
                     !(*mp == p && *m == delete.metric && *s == delete.start_ms)
+                });
+                self.segments.retain(|(sp, m, s, _), _| {
+                    !(*sp == p && *m == delete.metric && *s == delete.start_ms)
                 });
             }
         }
@@ -413,6 +501,17 @@ impl FakeStore {
                     metric: *metric,
                     start_ms: *start_ms,
                     member: member.clone(),
+                })
+                .collect(),
+            segments: self
+                .segments
+                .iter()
+                .filter(|((p, _, _, _), _)| *p == partition)
+                .map(|((_, metric, start_ms, segment), value)| StoredSegment {
+                    metric: *metric,
+                    start_ms: *start_ms,
+                    segment: segment.clone(),
+                    value: *value,
                 })
                 .collect(),
             seen_ids: self
@@ -534,11 +633,20 @@ proptest! {
         let expected = oracle(&logs);
         prop_assert_eq!(&store.windows, &expected);
 
-        // Distinct members stored match the counts, so a restart rebuilds the same sets.
+        // Every segment of every stored window, exactly.
+        let segments: BTreeMap<SegmentKey, AggValue> = store
+            .segments
+            .iter()
+            .map(|((p, m, s, segment), value)| ((*p, *m, *s, segment_label(segment)), *value))
+            .collect();
+        prop_assert_eq!(&segments, &segment_oracle(&logs));
+
+        // Distinct members stored match the counts, so a restart rebuilds the same sets
+        // (segment members, tagged 0xff, rebuild the segments' sets).
         for ((p, metric, start), (_, value)) in &store.windows {
             let is_distinct = matches!(metrics()[*metric].kind, MetricKind::Distinct { .. });
             if let (AggValue::Distinct(count), true) = (value, is_distinct) {
-                let stored = store.members.iter().filter(|(mp, m, s, _)| mp == p && m == metric && s == start).count();
+                let stored = store.members.iter().filter(|(mp, m, s, member)| mp == p && m == metric && s == start && member.first() != Some(&0xff)).count();
                 prop_assert_eq!(stored as u64, *count);
             }
         }

@@ -33,6 +33,9 @@ pub struct Telemetry {
     window_end: GaugeVec,
     window_complete: GaugeVec,
     ratio_part: GaugeVec,
+    segment_value: GaugeVec,
+    /// (metric, window, segment) series exported at the last publish.
+    exported_segments: std::sync::Mutex<BTreeSet<[String; 3]>>,
     consumed: IntCounterVec,
     invalid: IntCounterVec,
     late: IntCounter,
@@ -84,6 +87,7 @@ impl Telemetry {
         );
         let window_complete = gauge_vec(&registry, "nsm_metric_window_complete", "1 once the window can no longer change: every owned partition's watermark passed its end plus the allowed lateness.", &["metric", "window"]);
         let ratio_part = gauge_vec(&registry, "nsm_metric_ratio_part", "Numerator and denominator of a ratio metric in its current or previous window. Sum each part across instances before dividing.", &["metric", "window", "part"]);
+        let segment_value = gauge_vec(&registry, "nsm_metric_segment_value", "Value of one segment of a metric with a breakdown (`by`), in its current or previous window: the `top` largest segments, and `__other__` summing the rest.", &["metric", "window", "segment"]);
         let info = gauge_vec(
             &registry,
             "nsm_metric_info",
@@ -208,6 +212,8 @@ impl Telemetry {
             window_end,
             window_complete,
             ratio_part,
+            segment_value,
+            exported_segments: std::sync::Mutex::new(BTreeSet::new()),
             consumed,
             invalid,
             late,
@@ -230,11 +236,36 @@ impl Telemetry {
 
     /// Publishes the metric values; called right after they were made durable.
     pub fn publish_values(&self, plan: &Plan, values: &[MetricValues], now_ms: i64) {
+        let mut segments = BTreeSet::new();
         for metric_values in values {
             let name = plan.metrics()[metric_values.metric].name.as_str();
             self.publish_window(name, "current", &metric_values.current);
             self.publish_window(name, "previous", &metric_values.previous);
+            for (window, exported) in [
+                ("current", &metric_values.current_segments),
+                ("previous", &metric_values.previous_segments),
+            ] {
+                for segment in exported {
+                    let labels = [name.to_string(), window.to_string(), segment.label.clone()];
+                    self.segment_value
+                        .with_label_values(&labels)
+                        .set(segment.value.to_f64());
+                    segments.insert(labels);
+                }
+            }
         }
+        // Segments that left the top (or whose window rolled over) disappear at once, so the
+        // series count stays bounded by `top` + 1 per metric and window.
+        let mut exported = self
+            .exported_segments
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for gone in exported.difference(&segments) {
+            let _ = self
+                .segment_value
+                .remove_label_values(&[&gone[0], &gone[1], &gone[2]]);
+        }
+        *exported = segments;
         self.last_publish.set(now_ms as f64 / 1000.0);
     }
 

@@ -10,6 +10,8 @@
 //! - `partitions`: `<topic> 0x00 <partition i32 BE>` → next offset, max event time, idle floor.
 //! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
 //! - `members`: `<window key> <member bytes>` → empty: the members of distinct sets.
+//! - `segments`: `<window key> <segment key>` → value: the breakdown of segmented metrics.
+//!   (Also added without a format change.)
 //! - `seen_ids`: `<partition key> <event time i64, sign-flipped BE> <id bytes>` → empty: event
 //!   ids within the dedup horizon, ordered by time so the expired ones go with one range
 //!   delete. (Added without a format change: a store without it simply remembers no ids.)
@@ -20,7 +22,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nsm_core::engine::{ChangeSet, PartitionSnapshot, Plan, SeenId, StoredMember, StoredWindow};
+use nsm_core::engine::{
+    ChangeSet, PartitionSnapshot, Plan, SeenId, StoredMember, StoredSegment, StoredWindow,
+};
 use nsm_core::PartitionKey;
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
@@ -41,6 +45,7 @@ const CF_PARTITIONS: &str = "partitions";
 const CF_WINDOWS: &str = "windows";
 const CF_MEMBERS: &str = "members";
 const CF_SEEN_IDS: &str = "seen_ids";
+const CF_SEGMENTS: &str = "segments";
 const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +108,15 @@ impl Store {
         // Bounded memory: small memtables, the block cache is RocksDB's default 8 MiB LRU.
         db_options.set_write_buffer_size(32 * 1024 * 1024);
         db_options.set_max_write_buffer_number(3);
-        let families = [CF_META, CF_PARTITIONS, CF_WINDOWS, CF_MEMBERS, CF_SEEN_IDS]
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let families = [
+            CF_META,
+            CF_PARTITIONS,
+            CF_WINDOWS,
+            CF_MEMBERS,
+            CF_SEEN_IDS,
+            CF_SEGMENTS,
+        ]
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&db_options, path, families).map_err(|source| {
             StateError::Open {
                 path: path.to_path_buf(),
@@ -213,7 +225,7 @@ impl Store {
     }
 
     fn delete_metric_data(&self, name: &str, batch: &mut WriteBatch) -> Result<(), StateError> {
-        for family in [CF_WINDOWS, CF_MEMBERS] {
+        for family in [CF_WINDOWS, CF_MEMBERS, CF_SEGMENTS] {
             let cf = self.cf(family);
             for item in self.db.iterator_cf(cf, IteratorMode::Start) {
                 let (key, _) = item?;
@@ -240,6 +252,7 @@ impl Store {
         let windows = self.cf(CF_WINDOWS);
         let members = self.cf(CF_MEMBERS);
         let seen_ids = self.cf(CF_SEEN_IDS);
+        let segments = self.cf(CF_SEGMENTS);
         let mut batch = WriteBatch::default();
         for part in &changes.partitions {
             let prefix = partition_prefix(&part.key);
@@ -256,6 +269,12 @@ impl Store {
                     encode_window_value(upsert.end_ms, upsert.value),
                 );
             }
+            for segment in &part.segments {
+                let mut key =
+                    window_key(&prefix, self.metric_name(segment.metric), segment.start_ms);
+                key.extend_from_slice(&segment.segment);
+                batch.put_cf(segments, key, encode_window_value(0, segment.value));
+            }
             for member in &part.members {
                 let mut key = window_key(&prefix, self.metric_name(member.metric), member.start_ms);
                 key.extend_from_slice(&member.member);
@@ -263,7 +282,9 @@ impl Store {
             }
             for delete in &part.deletes {
                 let key = window_key(&prefix, self.metric_name(delete.metric), delete.start_ms);
-                batch.delete_range_cf(members, key.as_slice(), prefix_successor(&key).as_slice());
+                let end = prefix_successor(&key);
+                batch.delete_range_cf(members, key.as_slice(), end.as_slice());
+                batch.delete_range_cf(segments, key.as_slice(), end.as_slice());
                 batch.delete_cf(windows, key);
             }
             // Forget before remembering: an id applied again after it expired is kept.
@@ -316,6 +337,32 @@ impl Store {
                     metric,
                     start_ms,
                     member: member.into(),
+                });
+            }
+        }
+        for item in self.db.iterator_cf(
+            self.cf(CF_SEGMENTS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (stored_key, value) = item?;
+            if !stored_key.starts_with(&prefix) {
+                break;
+            }
+            let parsed = self
+                .parse_window_key(&stored_key[prefix.len()..])
+                .zip(decode_window_value(&value));
+            let Some(((metric, start_ms, segment), (_, value))) = parsed else {
+                return Err(StateError::Corrupt {
+                    column_family: CF_SEGMENTS,
+                    detail: format!("segment in partition {key}"),
+                });
+            };
+            if let Some(metric) = metric {
+                snapshot.segments.push(StoredSegment {
+                    metric,
+                    start_ms,
+                    segment: segment.into(),
+                    value,
                 });
             }
         }

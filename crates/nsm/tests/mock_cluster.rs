@@ -214,6 +214,31 @@ fn assert_values(samples: &std::collections::BTreeMap<String, f64>, stream: &Kno
         "revenue {revenue} != {}",
         stream.revenue
     );
+    // Revenue by user: the three largest payers, and the rest summed in one series.
+    let segments: Vec<(&String, f64)> = samples
+        .iter()
+        .filter(|(series, _)| {
+            series.starts_with("nsm_metric_segment_value{metric=\"revenue\"")
+                && series.contains("window=\"current\"")
+        })
+        .map(|(series, value)| (series, *value))
+        .collect();
+    assert_eq!(segments.len(), 4, "top 3 and __other__: {segments:?}");
+    let top_payer = format!("segment=\"u{}\"", (stream.messagers - 1) / 4 * 4);
+    assert!(
+        segments
+            .iter()
+            .any(|(series, _)| series.contains(&top_payer)),
+        "{top_payer} in {segments:?}"
+    );
+    assert!(segments
+        .iter()
+        .any(|(series, _)| series.contains("segment=\"__other__\"")));
+    let total: f64 = segments.iter().map(|(_, value)| value).sum();
+    assert!(
+        (total - stream.revenue).abs() < 1e-6,
+        "segments sum to the revenue"
+    );
     // The ratio of two daily metrics, with its exact parts for re-aggregation.
     let ratio = metric_value(samples, "revenue_per_messager", "current").expect("ratio");
     assert!((ratio - stream.revenue / stream.messagers as f64).abs() < 1e-9);

@@ -94,6 +94,9 @@ pub struct RawMetric {
     #[serde(rename = "where")]
     pub filter: Option<BTreeMap<String, toml::Value>>,
     pub window: Option<String>,
+    /// A breakdown by these fields, and how many segments to export.
+    pub by: Option<Vec<String>>,
+    pub top: Option<i64>,
     /// Threshold only: the entity counted, and how many events or actors it needs.
     pub entity: Option<String>,
     pub at_least: Option<i64>,

@@ -284,3 +284,27 @@ fn a_threshold_names_its_entity_and_k_and_refuses_stray_keys() {
         vec!["inputs[2].entity", "inputs[2].at_least", "inputs[3].entity"]
     );
 }
+
+#[test]
+fn a_breakdown_takes_fields_and_a_top_and_only_on_additive_kinds() {
+    let valid = format!(
+        "{RATIO_BASE}[[guardrails]]\nname = \"by_plan\"\nkind = \"count\"\nwindow = \"1w\"\n\
+         by = [\"properties.plan\", \"context.country\"]\n"
+    );
+    let config = Config::from_toml(&valid, &no_env).expect("valid breakdown");
+    let segments = config.metric("by_plan").and_then(|m| m.segments.clone());
+    assert_eq!(segments.map(|s| (s.by.len(), s.top)), Some((2, 10)));
+    let invalid = format!(
+        "{RATIO_BASE}[[guardrails]]\nname = \"too_many\"\nkind = \"count\"\nwindow = \"1w\"\nby = [\"a\"]\ntop = 0\n\
+         [[guardrails]]\nname = \"rate\"\nkind = \"ratio\"\nnumerator = \"resolved\"\ndenominator = \"started\"\nby = [\"a\"]\n\
+         [[guardrails]]\nname = \"stray_top\"\nkind = \"count\"\nwindow = \"1w\"\ntop = 5\n"
+    );
+    let paths: Vec<String> = errors_of(&invalid)
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect();
+    assert_eq!(
+        paths,
+        vec!["guardrails[0].top", "guardrails[1].by", "guardrails[2].top"]
+    );
+}

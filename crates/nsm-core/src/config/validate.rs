@@ -11,7 +11,9 @@ use super::{
     TimeConfig,
 };
 use crate::decimal::Decimal;
-use crate::metric::{Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role};
+use crate::metric::{
+    Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role, Segmentation,
+};
 use crate::window::{parse_weekday, Calendar, CalendarUnit};
 
 /// librdkafka properties nsm sets itself; letting a user override them would break the
@@ -715,6 +717,7 @@ fn validate_metric(
         clauses.push(Clause { field, any_of });
     }
 
+    let segments = validate_segments(path, raw, kind.as_ref(), problems);
     let owner = raw.owner.clone().filter(|owner| !owner.trim().is_empty());
     Some(MetricDef {
         name,
@@ -724,6 +727,70 @@ fn validate_metric(
         kind: kind?,
         filter: Filter { clauses },
         window: window?,
+        segments,
+    })
+}
+
+/// Most segments a breakdown may export per window (beside the overflow series).
+const MAX_TOP_SEGMENTS: i64 = 1000;
+const DEFAULT_TOP_SEGMENTS: u32 = 10;
+
+fn validate_segments(
+    path: &str,
+    raw: &RawMetric,
+    kind: Option<&MetricKind>,
+    problems: &mut Problems,
+) -> Option<Segmentation> {
+    let Some(by) = &raw.by else {
+        if raw.top.is_some() {
+            problems.add(
+                format!("{path}.top"),
+                "only a breakdown has a top; add by = [\"field\", ...] or remove it",
+            );
+        }
+        return None;
+    };
+    if by.is_empty() || by.len() > 4 {
+        problems.add(
+            format!("{path}.by"),
+            "expected 1 to 4 fields to break the metric down by",
+        );
+    }
+    if let Some(kind) = kind {
+        if !matches!(
+            kind,
+            MetricKind::Count | MetricKind::Sum { .. } | MetricKind::Distinct { .. }
+        ) {
+            problems.add(
+                format!("{path}.by"),
+                format!(
+                    "a breakdown is kept for count, sum and distinct metrics, not for a {}",
+                    kind.label()
+                ),
+            );
+        }
+    }
+    let fields: Vec<Option<FieldPath>> = by
+        .iter()
+        .enumerate()
+        .map(|(index, field)| field_path(&format!("{path}.by[{index}]"), Some(field), "", problems))
+        .collect();
+    let top = match raw.top {
+        None => Some(DEFAULT_TOP_SEGMENTS),
+        Some(top) if (1..=MAX_TOP_SEGMENTS).contains(&top) => u32::try_from(top).ok(),
+        Some(top) => {
+            problems.add(
+                format!("{path}.top"),
+                format!(
+                    "{top} is out of range; expected 1 to {MAX_TOP_SEGMENTS} exported segments"
+                ),
+            );
+            None
+        }
+    };
+    Some(Segmentation {
+        by: fields.into_iter().collect::<Option<Vec<_>>>()?,
+        top: top?,
     })
 }
 

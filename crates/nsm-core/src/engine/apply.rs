@@ -5,10 +5,12 @@
 //! and can be replayed from the dead-letter topic once fixed.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use jiff::Timestamp;
 
 use super::plan::{CompiledMetric, Plan, ValueSource};
+use super::segment::{segment_key, segment_member, MAX_SEGMENTS_PER_WINDOW, OVERFLOW_KEY};
 use super::state::{id_digest, Agg, PartitionState, SeenId, WindowState};
 use super::Outcome;
 use crate::decimal::{Decimal, DecimalError};
@@ -18,6 +20,7 @@ use crate::reject::{RejectReason, Rejection};
 use crate::EpochMillis;
 
 /// What a matching event adds to one metric.
+#[derive(Clone)]
 enum Contribution<'a> {
     One,
     Amount(Decimal),
@@ -54,7 +57,8 @@ pub(super) fn apply_event(
     }
 }
 
-type Contributions<'a> = Vec<(usize, Contribution<'a>)>;
+/// Per matching metric: its index, what the event adds, and its segment for a breakdown.
+type Contributions<'a> = Vec<(usize, Contribution<'a>, Option<Box<[u8]>>)>;
 
 /// A valid event, ready to commit.
 struct Evaluated<'a> {
@@ -157,7 +161,15 @@ fn evaluate<'a>(
             continue;
         }
         let contribution = contribution(plan, index, metric, &fields)?;
-        contributions.push((index, contribution));
+        let segment = (!metric.segment_slots.is_empty()).then(|| {
+            let values: Vec<Option<Cow<'_, [u8]>>> = metric
+                .segment_slots
+                .iter()
+                .map(|slot| fields.get(*slot).map(member_key))
+                .collect();
+            segment_key(values.iter().map(Option::as_deref))
+        });
+        contributions.push((index, contribution, segment));
     }
 
     if let Some(watermark) = state.watermark_ms() {
@@ -362,7 +374,7 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
             .max_event_ms
             .map_or(event_time_ms, |max| max.max(event_time_ms)),
     );
-    for (index, contribution) in contributions {
+    for (index, contribution, segment) in contributions {
         let compiled = &plan.compiled[index];
         let bounds = match state.last_window[index] {
             Some(bounds) if bounds.contains(event_time_ms) => bounds,
@@ -380,54 +392,92 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
             .or_insert_with(|| WindowState {
                 end_ms: bounds.end_ms,
                 agg: Agg::empty(&compiled.value),
+                segments: HashMap::new(),
             });
-        let changed = match (&mut window.agg, contribution) {
-            (Agg::Count(count), Contribution::One) => {
-                *count += 1;
-                true
-            }
-            (Agg::Sum(sum), Contribution::Amount(amount)) => match sum.checked_add(amount) {
-                Some(total) => {
-                    *sum = total;
-                    true
+        let pending = &mut state.pending;
+        if let Some(segment) = segment {
+            let segment = if window.segments.len() >= MAX_SEGMENTS_PER_WINDOW
+                && !window.segments.contains_key(&segment)
+            {
+                OVERFLOW_KEY.into()
+            } else {
+                segment
+            };
+            let agg = window
+                .segments
+                .entry(segment.clone())
+                .or_insert_with(|| Agg::empty(&compiled.value));
+            match add(agg, &compiled.value, contribution.clone()) {
+                Added::Nothing => {}
+                Added::Value => {
+                    pending
+                        .dirty_segments
+                        .insert((index, bounds.start_ms, segment));
                 }
-                None => false,
-            },
-            (Agg::Threshold(threshold), Contribution::Progress { entity, actor }) => {
-                let ValueSource::Threshold { at_least, .. } = compiled.value else {
-                    continue;
-                };
-                match threshold.add(at_least, &entity, actor.as_deref()) {
-                    Some(member) => {
-                        state
-                            .pending
-                            .new_members
-                            .push((index, bounds.start_ms, member));
-                        true
-                    }
-                    None => false,
-                }
-            }
-            (Agg::Distinct(members), Contribution::Member(member)) => {
-                if members.contains(member.as_ref()) {
-                    false
-                } else {
-                    let member: Box<[u8]> = member.into_owned().into_boxed_slice();
-                    state
-                        .pending
-                        .new_members
-                        .push((index, bounds.start_ms, member.clone()));
-                    members.insert(member);
-                    true
+                Added::Member(member) => {
+                    let stored = segment_member(&segment, &member);
+                    pending.new_members.push((index, bounds.start_ms, stored));
+                    pending
+                        .dirty_segments
+                        .insert((index, bounds.start_ms, segment));
                 }
             }
-            _ => false,
-        };
-        if changed {
-            state.pending.dirty_windows.insert((index, bounds.start_ms));
+        }
+        match add(&mut window.agg, &compiled.value, contribution) {
+            Added::Nothing => {}
+            Added::Value => {
+                pending.dirty_windows.insert((index, bounds.start_ms));
+            }
+            Added::Member(member) => {
+                pending.new_members.push((index, bounds.start_ms, member));
+                pending.dirty_windows.insert((index, bounds.start_ms));
+            }
         }
     }
     state.pending.meta_dirty = true;
+}
+
+/// What applying a contribution changed.
+enum Added {
+    Nothing,
+    Value,
+    /// The value changed through a new member, to store with it.
+    Member(Box<[u8]>),
+}
+
+fn add(agg: &mut Agg, source: &ValueSource, contribution: Contribution<'_>) -> Added {
+    match (agg, contribution) {
+        (Agg::Count(count), Contribution::One) => {
+            *count += 1;
+            Added::Value
+        }
+        (Agg::Sum(sum), Contribution::Amount(amount)) => match sum.checked_add(amount) {
+            Some(total) => {
+                *sum = total;
+                Added::Value
+            }
+            None => Added::Nothing,
+        },
+        (Agg::Threshold(threshold), Contribution::Progress { entity, actor }) => {
+            let ValueSource::Threshold { at_least, .. } = source else {
+                return Added::Nothing;
+            };
+            match threshold.add(*at_least, &entity, actor.as_deref()) {
+                Some(member) => Added::Member(member),
+                None => Added::Nothing,
+            }
+        }
+        (Agg::Distinct(members), Contribution::Member(member)) => {
+            if members.contains(member.as_ref()) {
+                Added::Nothing
+            } else {
+                let member: Box<[u8]> = member.into_owned().into_boxed_slice();
+                members.insert(member.clone());
+                Added::Member(member)
+            }
+        }
+        _ => Added::Nothing,
+    }
 }
 
 pub(super) fn format_ms(time_ms: EpochMillis) -> String {

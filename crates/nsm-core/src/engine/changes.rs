@@ -14,6 +14,15 @@ pub struct WindowUpsert {
     pub value: AggValue,
 }
 
+/// A segment's new value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentUpsert {
+    pub metric: usize,
+    pub start_ms: EpochMillis,
+    pub segment: Box<[u8]>,
+    pub value: AggValue,
+}
+
 /// A new member of a distinct set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberInsert {
@@ -22,7 +31,7 @@ pub struct MemberInsert {
     pub member: Box<[u8]>,
 }
 
-/// A window past the retention, to delete with its members.
+/// A window past the retention, to delete with its members and segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowDelete {
     pub metric: usize,
@@ -39,6 +48,7 @@ pub struct PartitionChanges {
     pub max_event_ms: Option<EpochMillis>,
     pub idle_floor_ms: Option<EpochMillis>,
     pub upserts: Vec<WindowUpsert>,
+    pub segments: Vec<SegmentUpsert>,
     pub members: Vec<MemberInsert>,
     pub deletes: Vec<WindowDelete>,
     /// Event ids newly remembered for deduplication.
@@ -88,6 +98,23 @@ impl PartitionState {
                 })
             })
             .collect();
+        let segments = pending
+            .dirty_segments
+            .into_iter()
+            .filter_map(|(metric, start_ms, segment)| {
+                let value = self.windows[metric]
+                    .get(&start_ms)?
+                    .segments
+                    .get(&segment)?
+                    .value();
+                Some(SegmentUpsert {
+                    metric,
+                    start_ms,
+                    segment,
+                    value,
+                })
+            })
+            .collect();
         let members = pending
             .new_members
             .into_iter()
@@ -104,6 +131,7 @@ impl PartitionState {
             max_event_ms: self.max_event_ms,
             idle_floor_ms: self.idle_floor_ms,
             upserts,
+            segments,
             members,
             deletes,
             seen_ids: pending.new_ids,
@@ -148,6 +176,9 @@ impl PartitionState {
                 let start_ms = *entry.key();
                 entry.remove();
                 self.pending.dirty_windows.remove(&(metric, start_ms));
+                self.pending
+                    .dirty_segments
+                    .retain(|(m, start, _)| !(*m == metric && *start == start_ms));
                 deletes.push(WindowDelete { metric, start_ms });
             }
         }

@@ -9,15 +9,19 @@
 mod apply;
 mod changes;
 mod plan;
+mod segment;
 mod state;
 mod threshold;
 mod view;
 
 use std::collections::HashMap;
 
-pub use changes::{ChangeSet, MemberInsert, PartitionChanges, WindowDelete, WindowUpsert};
+pub use changes::{
+    ChangeSet, MemberInsert, PartitionChanges, SegmentUpsert, WindowDelete, WindowUpsert,
+};
 pub use plan::{DedupSettings, EngineSettings, Plan};
-pub use state::{AggValue, PartitionSnapshot, SeenId, StoredMember, StoredWindow};
+pub use segment::{segment_label, SegmentValue, OVERFLOW_LABEL};
+pub use state::{AggValue, PartitionSnapshot, SeenId, StoredMember, StoredSegment, StoredWindow};
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
 };

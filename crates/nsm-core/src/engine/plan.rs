@@ -58,6 +58,10 @@ pub(super) struct CompiledMetric {
     pub clauses: Vec<(Slot, Vec<Literal>)>,
     pub value: ValueSource,
     pub window: CalendarUnit,
+    /// The fields of a breakdown (empty without one).
+    pub segment_slots: Vec<Slot>,
+    /// How many segments to export.
+    pub top_segments: usize,
 }
 
 /// Metric definitions plus everything precomputed to apply them fast.
@@ -142,10 +146,15 @@ impl Plan {
                         }
                     }
                 };
+                let segments = metric.segments.as_ref();
                 CompiledMetric {
                     clauses,
                     value,
                     window: metric.window,
+                    segment_slots: segments
+                        .map(|segments| segments.by.iter().map(|f| schema.slot(f)).collect())
+                        .unwrap_or_default(),
+                    top_segments: segments.map_or(0, |segments| segments.top as usize),
                 }
             })
             .collect();

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use super::plan::{Plan, ValueSource};
+use super::segment::split_segment_member;
 use super::threshold::ThresholdAgg;
 use crate::decimal::Decimal;
 use crate::window::WindowBounds;
@@ -133,6 +134,15 @@ pub struct StoredMember {
     pub member: Box<[u8]>,
 }
 
+/// A stored segment of one window of one metric in one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSegment {
+    pub metric: usize,
+    pub start_ms: EpochMillis,
+    pub segment: Box<[u8]>,
+    pub value: AggValue,
+}
+
 /// An event id remembered for deduplication, with the event time it was first applied at.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SeenId {
@@ -148,6 +158,7 @@ pub struct PartitionSnapshot {
     pub idle_floor_ms: Option<EpochMillis>,
     pub windows: Vec<StoredWindow>,
     pub members: Vec<StoredMember>,
+    pub segments: Vec<StoredSegment>,
     /// Ids within the dedup horizon; an id stored twice keeps its latest time.
     pub seen_ids: Vec<SeenId>,
 }
@@ -187,6 +198,8 @@ impl Agg {
 pub(super) struct WindowState {
     pub end_ms: EpochMillis,
     pub agg: Agg,
+    /// The breakdown of a segmented metric, by segment key (empty otherwise).
+    pub segments: HashMap<Box<[u8]>, Agg>,
 }
 
 /// Changes since the last [`PartitionState::take_changes`].
@@ -194,6 +207,7 @@ pub(super) struct WindowState {
 pub(super) struct Pending {
     pub dirty_windows: BTreeSet<(usize, EpochMillis)>,
     pub new_members: Vec<(usize, EpochMillis, Box<[u8]>)>,
+    pub dirty_segments: BTreeSet<(usize, EpochMillis, Box<[u8]>)>,
     pub new_ids: Vec<SeenId>,
     pub meta_dirty: bool,
 }
@@ -243,8 +257,25 @@ impl PartitionState {
                 WindowState {
                     end_ms: stored.end_ms,
                     agg,
+                    segments: HashMap::new(),
                 },
             );
+        }
+        for stored in snapshot.segments {
+            let Some(window) = windows
+                .get_mut(stored.metric)
+                .and_then(|windows| windows.get_mut(&stored.start_ms))
+            else {
+                continue;
+            };
+            let agg = match stored.value {
+                AggValue::Count(count) => Agg::Count(count),
+                AggValue::Sum(sum) => Agg::Sum(sum),
+                // Rebuilt from the segment members below.
+                AggValue::Distinct(_) => Agg::Distinct(HashSet::new()),
+                AggValue::Ratio { .. } => continue,
+            };
+            window.segments.insert(stored.segment, agg);
         }
         for member in snapshot.members {
             let window = windows
@@ -258,12 +289,20 @@ impl PartitionState {
                 (
                     Some(WindowState {
                         agg: Agg::Distinct(members),
+                        segments,
                         ..
                     }),
                     _,
-                ) => {
-                    members.insert(member.member);
-                }
+                ) => match split_segment_member(&member.member) {
+                    Some((segment, value)) => {
+                        if let Some(Agg::Distinct(segment_members)) = segments.get_mut(segment) {
+                            segment_members.insert(value.into());
+                        }
+                    }
+                    None => {
+                        members.insert(member.member);
+                    }
+                },
                 (
                     Some(WindowState {
                         agg: Agg::Threshold(threshold),

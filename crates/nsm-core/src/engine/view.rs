@@ -1,7 +1,10 @@
 //! Read-only views of the engine for exposition: current and previous windows, summed over
 //! the partitions this instance owns.
 
+use std::collections::HashMap;
+
 use super::plan::{Plan, ValueSource};
+use super::segment::{top_segments, SegmentValue};
 use super::state::{AggValue, PartitionState};
 use crate::window::WindowBounds;
 use crate::{EpochMillis, PartitionKey};
@@ -16,12 +19,15 @@ pub struct WindowValue {
     pub complete: bool,
 }
 
-/// A metric's current window (the one containing the instance clock) and the one before it.
+/// A metric's current window (the one containing the instance clock) and the one before it,
+/// with the exported segments of each for a metric with a breakdown.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricValues {
     pub metric: usize,
     pub current: WindowValue,
     pub previous: WindowValue,
+    pub current_segments: Vec<SegmentValue>,
+    pub previous_segments: Vec<SegmentValue>,
 }
 
 /// Progress of one owned partition.
@@ -84,6 +90,26 @@ pub(super) fn metric_values<'a>(
             complete: plan.is_complete(bounds.end_ms, complete_until),
         }
     };
+    let segments = |index: usize, bounds: WindowBounds| {
+        let compiled = &plan.compiled[index];
+        if compiled.segment_slots.is_empty() {
+            return Vec::new();
+        }
+        let mut summed: HashMap<Box<[u8]>, AggValue> = HashMap::new();
+        for state in partitions.clone() {
+            let Some(window) = state.windows[index].get(&bounds.start_ms) else {
+                continue;
+            };
+            for (segment, agg) in &window.segments {
+                let value = agg.value();
+                summed
+                    .entry(segment.clone())
+                    .and_modify(|sum| *sum = sum.plus(value))
+                    .or_insert(value);
+            }
+        }
+        top_segments(summed, compiled.top_segments)
+    };
     let mut values = Vec::with_capacity(plan.compiled.len());
     for (index, compiled) in plan.compiled.iter().enumerate() {
         let Some(current) = calendar.window_of(compiled.window, clock) else {
@@ -96,6 +122,8 @@ pub(super) fn metric_values<'a>(
             metric: index,
             current: window_value(index, current),
             previous: window_value(index, previous),
+            current_segments: segments(index, current),
+            previous_segments: segments(index, previous),
         });
     }
     values

@@ -193,6 +193,7 @@ fn booking(rng: &mut StdRng, listing: &Listing, guest: u32, nights: u64) -> Draf
     let properties = json!({
         "booking_id": format!("bk-{}-{}", listing.id(), rng.random_range(0..1_000)),
         "nights": nights,
+        "city": listing.city,
         "guests": rng.random_range(1..5),
         "price": euros(price_cents),
         "fee": euros(price_cents * FEE_PERCENT / 100),

@@ -227,6 +227,8 @@ kind = "sum"
 field = "properties.amount"
 where = {{ event = "payment_succeeded" }}
 window = "1d"
+by = ["user_id"]
+top = 3
 "#,
         state = state.display()
     )
