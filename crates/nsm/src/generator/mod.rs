@@ -249,6 +249,9 @@ fn euros(cents: u64) -> Value {
     json!(cents as f64 / 100.0)
 }
 
+/// One event in this many is sent twice, as a producer retry would.
+const RETRY_EVERY: u64 = 500;
+
 /// Produces events at the configured rate, stamped with the wall clock, until the count is
 /// reached or `stop` is set.
 pub fn run_generator(
@@ -264,6 +267,7 @@ pub fn run_generator(
     let started = Instant::now();
     let mut sent: u64 = 0;
     let mut flawed: u64 = 0;
+    let mut retried: u64 = 0;
     info!(topic = %topic, ?product, rate, "demo generator started");
     while !stop.load(Ordering::Relaxed) && count.is_none_or(|count| sent < count) {
         // Pace by elapsed time so the rate holds whatever the batch cost.
@@ -278,10 +282,21 @@ pub fn run_generator(
             flawed += u64::from(event.flaw.is_some());
             producer.send(&topic, Some(event.key.as_bytes()), event.payload.as_bytes())?;
             sent += 1;
+            // Every so often, a producer retry: the same event again, which nsm counts once
+            // (nsm_events_duplicate_total). Not counted in `sent`: the stream has one event.
+            if sent.is_multiple_of(RETRY_EVERY) && event.flaw.is_none() {
+                producer.send(&topic, Some(event.key.as_bytes()), event.payload.as_bytes())?;
+                retried += 1;
+            }
         }
     }
     producer.flush(Duration::from_secs(30))?;
-    info!(sent, deliberately_bad = flawed, "demo generator stopped");
+    info!(
+        sent,
+        deliberately_bad = flawed,
+        retried,
+        "demo generator stopped"
+    );
     Ok(sent)
 }
 
