@@ -66,6 +66,10 @@ pub enum MetricKind {
         actor: Option<FieldPath>,
         at_least: u32,
     },
+    /// Retention: entities of the distinct metric `of` in a window that were also in its
+    /// previous window, as a rate of the previous window's entities (the count is exported as
+    /// the rate's numerator).
+    Retention { of: String },
     /// One metric divided by another of the same window (resolution rate = resolved /
     /// started). Keeps no state of its own: it is computed from its parts whenever it is read,
     /// and the parts are exported beside it so PromQL can re-aggregate across instances.
@@ -82,6 +86,7 @@ impl MetricKind {
             Self::Sum { .. } => "sum",
             Self::Distinct { .. } => "distinct",
             Self::Threshold { .. } => "threshold",
+            Self::Retention { .. } => "retention",
             Self::Ratio { .. } => "ratio",
         }
     }
@@ -91,7 +96,7 @@ impl MetricKind {
         match self {
             Self::Sum { field } | Self::Distinct { field } => Some(field),
             Self::Threshold { actor, .. } => actor.as_ref(),
-            Self::Count | Self::Ratio { .. } => None,
+            Self::Count | Self::Ratio { .. } | Self::Retention { .. } => None,
         }
     }
 }
@@ -167,6 +172,7 @@ impl MetricDef {
                 numerator,
                 denominator,
             } => format!("{numerator}/{denominator}"),
+            MetricKind::Retention { of } => format!("returning:{of}"),
             MetricKind::Threshold {
                 entity,
                 actor,

@@ -42,6 +42,9 @@ pub fn windows_between(
         by_start
     };
     let by_start = match plan.ratio_parts(metric) {
+        None if plan.retention_base(metric).is_some() => {
+            retention_windows(plan, metric, &stored, from_ms, to_ms)
+        }
         None => summed(metric),
         Some((numerator, denominator)) => {
             let numerators = summed(numerator);
@@ -72,8 +75,55 @@ pub fn windows_between(
 
 /// The metrics whose stored windows [`windows_between`] needs for `metric`.
 pub fn stored_metrics(plan: &Plan, metric: usize) -> Vec<usize> {
-    match plan.ratio_parts(metric) {
-        Some((numerator, denominator)) => vec![numerator, denominator],
-        None => vec![metric],
+    match (plan.ratio_parts(metric), plan.retention_base(metric)) {
+        (Some((numerator, denominator)), _) => vec![numerator, denominator],
+        (None, Some(base)) => vec![metric, base],
+        (None, None) => vec![metric],
     }
+}
+
+/// Every window of the base metric in range, with its returning entities over the previous
+/// window's entities.
+fn retention_windows(
+    plan: &Plan,
+    metric: usize,
+    stored: &[StoredWindow],
+    from_ms: EpochMillis,
+    to_ms: EpochMillis,
+) -> BTreeMap<EpochMillis, (EpochMillis, AggValue)> {
+    let Some(base) = plan.retention_base(metric) else {
+        return BTreeMap::new();
+    };
+    let sum_at = |metric: usize, start_ms: EpochMillis| {
+        stored
+            .iter()
+            .filter(|window| window.metric == metric && window.start_ms == start_ms)
+            .map(|window| window.value)
+            .reduce(AggValue::plus)
+    };
+    let unit = plan.metrics()[base].window;
+    let mut result = BTreeMap::new();
+    for window in stored {
+        if window.metric != base || window.end_ms <= from_ms || window.start_ms >= to_ms {
+            continue;
+        }
+        if result.contains_key(&window.start_ms) {
+            continue;
+        }
+        let bounds = WindowBounds {
+            start_ms: window.start_ms,
+            end_ms: window.end_ms,
+        };
+        let returning = sum_at(metric, window.start_ms).unwrap_or(AggValue::Count(0));
+        let before = plan
+            .calendar()
+            .previous(unit, bounds)
+            .and_then(|previous| sum_at(base, previous.start_ms))
+            .unwrap_or(AggValue::Distinct(0));
+        result.insert(
+            window.start_ms,
+            (window.end_ms, AggValue::ratio(returning, before)),
+        );
+    }
+    result
 }

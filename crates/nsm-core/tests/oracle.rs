@@ -143,8 +143,20 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             None,
             CalendarUnit::Hour,
         ),
+        metric(
+            "returning_messagers",
+            MetricKind::Retention {
+                of: "weekly_messagers".into(),
+            },
+            None,
+            CalendarUnit::Week,
+        ),
     ]
 }
+
+/// The retention metric, and the weekly distinct metric it reads.
+const RETENTION: usize = 9;
+const RETENTION_BASE: usize = 0;
 
 /// The team of a user: users 0, 3 are in team-0, and so on.
 fn team_of(user: u8) -> u8 {
@@ -364,7 +376,7 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
         let partition = partition as i32;
         for (name, user, time_ms, cents) in accepted_events(log) {
             for (index, def) in metrics().iter().enumerate() {
-                if index == RATIO || !wants(def, name) {
+                if index == RATIO || index == RETENTION || !wants(def, name) {
                     continue;
                 }
                 let bounds = calendar.window_of(def.window, time_ms).expect("window");
@@ -375,7 +387,9 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                     MetricKind::Distinct { .. } | MetricKind::Threshold { .. } => {
                         AggValue::Distinct(0)
                     }
-                    MetricKind::Ratio { .. } => unreachable!("ratios keep no windows"),
+                    MetricKind::Ratio { .. } | MetricKind::Retention { .. } => {
+                        unreachable!("derived metrics are skipped")
+                    }
                 };
                 if let MetricKind::Threshold {
                     actor, at_least, ..
@@ -412,6 +426,28 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                     }
                     AggValue::Ratio { .. } => unreachable!("ratios keep no windows"),
                 };
+            }
+        }
+    }
+    // Returning messagers: members of a week also in the week before, where there are any.
+    let week_unit = metrics()[RETENTION_BASE].window;
+    let weeks: Vec<((i32, usize, i64), i64)> = result
+        .iter()
+        .filter(|((_, metric, _), _)| *metric == RETENTION_BASE)
+        .map(|(key, (end_ms, _))| (*key, *end_ms))
+        .collect();
+    for ((partition, _, start_ms), end_ms) in weeks {
+        let bounds = nsm_core::window::WindowBounds { start_ms, end_ms };
+        let previous = calendar.previous(week_unit, bounds).expect("previous week");
+        let this_week = members.get(&(partition, RETENTION_BASE, start_ms));
+        let week_before = members.get(&(partition, RETENTION_BASE, previous.start_ms));
+        if let (Some(this_week), Some(week_before)) = (this_week, week_before) {
+            let returning = this_week.intersection(week_before).count() as u64;
+            if returning > 0 {
+                result.insert(
+                    (partition, RETENTION, start_ms),
+                    (end_ms, AggValue::Count(returning)),
+                );
             }
         }
     }
@@ -665,7 +701,14 @@ proptest! {
             };
             for record in records {
                 let start_ms = record.bounds.start_ms;
-                let sum = if metric == RATIO {
+                let sum = if metric == RETENTION {
+                    let unit = metrics()[RETENTION_BASE].window;
+                    let previous = plan.calendar().previous(unit, record.bounds).expect("previous");
+                    AggValue::ratio(
+                        summed(RETENTION, start_ms).unwrap_or(AggValue::Count(0)),
+                        summed(RETENTION_BASE, previous.start_ms).unwrap_or(AggValue::Distinct(0)),
+                    )
+                } else if metric == RATIO {
                     // Every window with a numerator has a denominator: both count all events.
                     let (numerator, denominator) = RATIO_PARTS;
                     AggValue::ratio(

@@ -48,6 +48,9 @@ pub fn check(path: &Path) -> Result<()> {
                     actor: Some(actor),
                     at_least,
                 } => format!("{entity} with at least {at_least} distinct {actor}"),
+                MetricKind::Retention { of } => {
+                    format!("share of last window's {of} back in this one")
+                }
                 MetricKind::Threshold {
                     entity,
                     actor: None,

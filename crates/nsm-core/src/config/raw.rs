@@ -100,6 +100,8 @@ pub struct RawMetric {
     /// Threshold only: the entity counted, and how many events or actors it needs.
     pub entity: Option<String>,
     pub at_least: Option<i64>,
+    /// Retention only: the distinct metric whose returning entities are counted.
+    pub of: Option<String>,
     /// Ratio only: the metric names divided.
     pub numerator: Option<String>,
     pub denominator: Option<String>,

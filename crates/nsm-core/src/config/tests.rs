@@ -29,7 +29,7 @@ fn example_config_is_valid_and_typed() {
         "deduplication covers the allowed lateness by default"
     );
     assert_eq!(config.time.calendar.zone_name(), "Europe/Berlin");
-    assert_eq!(config.metrics.len(), 6);
+    assert_eq!(config.metrics.len(), 7);
     let north_star = &config.metrics[0];
     assert_eq!(north_star.name, "weekly_active_messagers");
     assert_eq!(north_star.role, Role::NorthStar);
@@ -307,4 +307,26 @@ fn a_breakdown_takes_fields_and_a_top_and_only_on_additive_kinds() {
         paths,
         vec!["guardrails[0].top", "guardrails[1].by", "guardrails[2].top"]
     );
+}
+
+#[test]
+fn retention_reads_a_distinct_metric_and_takes_its_window() {
+    let text = format!(
+        "{RATIO_BASE}[[inputs]]\nname = \"active\"\nkind = \"distinct\"\nwindow = \"1d\"\n\
+         [[inputs]]\nname = \"returning\"\nkind = \"retention\"\nof = \"active\"\n"
+    );
+    let config = Config::from_toml(&text, &no_env).expect("valid retention");
+    assert_eq!(
+        config.metric("returning").map(|m| m.window),
+        Some(CalendarUnit::Day)
+    );
+    let invalid = format!(
+        "{RATIO_BASE}[[inputs]]\nname = \"of_a_count\"\nkind = \"retention\"\nof = \"started\"\n\
+         [[inputs]]\nname = \"of_nothing\"\nkind = \"retention\"\n"
+    );
+    let paths: Vec<String> = errors_of(&invalid)
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect();
+    assert_eq!(paths, vec!["inputs[3].of", "inputs[2].of"]);
 }

@@ -186,6 +186,7 @@ fn validate(
         }
     }
     resolve_ratios(&mut metrics, &metric_paths, &explicit_window, problems);
+    resolve_retention(&mut metrics, &metric_paths, &explicit_window, problems);
 
     if let (Some(time), Some(state)) = (&time, &state) {
         if state.retention_ms <= time.allowed_lateness_ms {
@@ -590,7 +591,14 @@ fn validate_metric(
         );
     }
 
-    let is_ratio = raw.kind.as_deref() == Some("ratio");
+    // Derived kinds take their window from the metrics they read.
+    let is_ratio = matches!(raw.kind.as_deref(), Some("ratio" | "retention"));
+    if raw.kind.as_deref() != Some("retention") && raw.of.is_some() {
+        problems.add(
+            format!("{path}.of"),
+            "only a retention metric has `of`; remove it or use kind = \"retention\"",
+        );
+    }
     if raw.kind.as_deref() != Some("threshold") {
         for (key, present) in [
             ("entity", raw.entity.is_some()),
@@ -604,7 +612,7 @@ fn validate_metric(
             }
         }
     }
-    if !is_ratio {
+    if raw.kind.as_deref() != Some("ratio") {
         for (key, present) in [
             ("numerator", raw.numerator.is_some()),
             ("denominator", raw.denominator.is_some()),
@@ -621,7 +629,7 @@ fn validate_metric(
         (None, _) => {
             problems.add(
                 format!("{path}.kind"),
-                "missing: one of count, sum, distinct, threshold, ratio",
+                "missing: one of count, sum, distinct, threshold, ratio, retention",
             );
             None
         }
@@ -650,6 +658,24 @@ fn validate_metric(
         }
         .map(|field| MetricKind::Distinct { field }),
         (Some("ratio"), field) => validate_ratio(path, raw, field.is_some(), problems),
+        (Some("retention"), field) => {
+            if field.is_some() || raw.filter.is_some() {
+                problems.add(
+                    path.to_string(),
+                    "a retention metric has no field or where; they belong to its `of` metric",
+                );
+            }
+            match &raw.of {
+                Some(of) if !of.trim().is_empty() => Some(MetricKind::Retention { of: of.clone() }),
+                _ => {
+                    problems.add(
+                        format!("{path}.of"),
+                        "missing: the distinct metric whose returning entities to count",
+                    );
+                    None
+                }
+            }
+        }
         (Some("threshold"), field) => validate_threshold(path, raw, field.as_ref(), problems),
         (Some(other), _) => {
             problems.add(
@@ -887,6 +913,60 @@ fn validate_ratio(
     })
 }
 
+/// Checks that every retention metric reads a distinct metric, and gives it that window.
+fn resolve_retention(
+    metrics: &mut [MetricDef],
+    paths: &[String],
+    explicit_window: &[bool],
+    problems: &mut Problems,
+) {
+    for index in 0..metrics.len() {
+        let MetricKind::Retention { of } = metrics[index].kind.clone() else {
+            continue;
+        };
+        let path = &paths[index];
+        let Some(base) = metrics.iter().find(|metric| metric.name == of) else {
+            let distinct: Vec<&str> = metrics
+                .iter()
+                .filter(|metric| matches!(metric.kind, MetricKind::Distinct { .. }))
+                .map(|metric| metric.name.as_str())
+                .collect();
+            problems.add(
+                format!("{path}.of"),
+                format!(
+                    "no metric named {of:?}; distinct metrics: {}",
+                    distinct.join(", ")
+                ),
+            );
+            continue;
+        };
+        if !matches!(base.kind, MetricKind::Distinct { .. }) {
+            problems.add(
+                format!("{path}.of"),
+                format!(
+                    "{of:?} is a {}; retention counts the returning entities of a distinct metric",
+                    base.kind.label()
+                ),
+            );
+            continue;
+        }
+        let window = base.window;
+        if !explicit_window[index] {
+            metrics[index].window = window;
+        } else if metrics[index].window != window {
+            problems.add(
+                format!("{path}.window"),
+                format!(
+                    "{:?} differs from the window {:?} of {of:?}; remove it (retention takes \
+                     the window of its metric)",
+                    metrics[index].window.label(),
+                    window.label()
+                ),
+            );
+        }
+    }
+}
+
 /// Checks that every ratio's parts exist, are not ratios themselves, and share one window,
 /// and gives a ratio without its own `window` the parts' window.
 fn resolve_ratios(
@@ -919,10 +999,13 @@ fn resolve_ratios(
             };
             if part.name == metrics[index].name {
                 problems.add(format!("{path}.{key}"), "a ratio cannot divide itself");
-            } else if matches!(part.kind, MetricKind::Ratio { .. }) {
+            } else if matches!(
+                part.kind,
+                MetricKind::Ratio { .. } | MetricKind::Retention { .. }
+            ) {
                 problems.add(
                     format!("{path}.{key}"),
-                    format!("{name:?} is a ratio; the parts of a ratio must be counts, sums or distinct counts"),
+                    format!("{name:?} is a {}; the parts of a ratio must be counts, sums, distinct counts or thresholds", part.kind.label()),
                 );
             } else {
                 part_windows.push((key, name, part.window));

@@ -5,7 +5,7 @@
 //! and can be replayed from the dead-letter topic once fixed.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use jiff::Timestamp;
 
@@ -17,6 +17,7 @@ use crate::decimal::{Decimal, DecimalError};
 use crate::event::{Fields, Scalar};
 use crate::metric::Literal;
 use crate::reject::{RejectReason, Rejection};
+use crate::window::WindowBounds;
 use crate::EpochMillis;
 
 /// What a matching event adds to one metric.
@@ -257,7 +258,9 @@ fn contribution<'a>(
     };
     let metric_name = &plan.metrics()[index].name;
     match &metric.value {
-        ValueSource::One | ValueSource::Ratio { .. } => Ok(Contribution::One),
+        ValueSource::One | ValueSource::Ratio { .. } | ValueSource::Retention { .. } => {
+            Ok(Contribution::One)
+        }
         ValueSource::Sum(slot) => match fields.get(*slot) {
             Some(Scalar::Number(text)) => match Decimal::parse(text) {
                 Ok(amount) => Ok(Contribution::Amount(amount)),
@@ -423,18 +426,78 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
                 }
             }
         }
-        match add(&mut window.agg, &compiled.value, contribution) {
-            Added::Nothing => {}
+        let new_member = match add(&mut window.agg, &compiled.value, contribution) {
+            Added::Nothing => None,
             Added::Value => {
                 pending.dirty_windows.insert((index, bounds.start_ms));
+                None
             }
             Added::Member(member) => {
-                pending.new_members.push((index, bounds.start_ms, member));
+                pending
+                    .new_members
+                    .push((index, bounds.start_ms, member.clone()));
                 pending.dirty_windows.insert((index, bounds.start_ms));
+                Some(member)
             }
+        };
+        if let Some(member) = new_member {
+            count_returning(plan, state, index, bounds, &member);
         }
     }
     state.pending.meta_dirty = true;
+}
+
+/// Keeps the retention metrics of distinct metric `base` up to date when `member` joins its
+/// window `bounds`: it returns in this window if it was in the previous one, and makes the
+/// next window's member (seen earlier, out of order) a returning one.
+fn count_returning(
+    plan: &Plan,
+    state: &mut PartitionState,
+    base: usize,
+    bounds: WindowBounds,
+    member: &[u8],
+) {
+    let dependents = &plan.retention_of[base];
+    if dependents.is_empty() {
+        return;
+    }
+    let unit = plan.compiled[base].window;
+    let calendar = plan.calendar();
+    let in_window = |windows: &BTreeMap<EpochMillis, WindowState>, start_ms: EpochMillis| {
+        matches!(
+            windows.get(&start_ms),
+            Some(WindowState { agg: Agg::Distinct(members), .. }) if members.contains(member)
+        )
+    };
+    let mut returning_in = Vec::with_capacity(2);
+    if let Some(previous) = calendar.previous(unit, bounds) {
+        if in_window(&state.windows[base], previous.start_ms) {
+            returning_in.push(bounds);
+        }
+    }
+    if let Some(next) = calendar.window_of(unit, bounds.end_ms) {
+        if in_window(&state.windows[base], next.start_ms) {
+            returning_in.push(next);
+        }
+    }
+    for &retention in dependents {
+        for window in &returning_in {
+            let entry = state.windows[retention]
+                .entry(window.start_ms)
+                .or_insert_with(|| WindowState {
+                    end_ms: window.end_ms,
+                    agg: Agg::Count(0),
+                    segments: HashMap::new(),
+                });
+            if let Agg::Count(count) = &mut entry.agg {
+                *count += 1;
+                state
+                    .pending
+                    .dirty_windows
+                    .insert((retention, window.start_ms));
+            }
+        }
+    }
 }
 
 /// What applying a contribution changed.

@@ -39,6 +39,11 @@ pub(super) enum ValueSource {
         actor: Option<Slot>,
         at_least: u32,
     },
+    /// Counts members of the distinct metric `of` (a plan index) that were also in its
+    /// previous window; kept up to date when `of` gains a member.
+    Retention {
+        of: usize,
+    },
     /// Computed from two other metrics (plan indices) when read; never applied to.
     Ratio {
         numerator: usize,
@@ -47,9 +52,10 @@ pub(super) enum ValueSource {
 }
 
 impl ValueSource {
-    /// Whether events are applied to the metric (every kind but a ratio).
+    /// Whether events are applied to the metric directly (ratio and retention metrics are
+    /// derived from other metrics).
     pub fn is_stateful(&self) -> bool {
-        !matches!(self, Self::Ratio { .. })
+        !matches!(self, Self::Ratio { .. } | Self::Retention { .. })
     }
 }
 
@@ -73,6 +79,8 @@ pub struct Plan {
     pub(super) name_slot: Slot,
     pub(super) timestamp_slot: Slot,
     pub(super) id_slot: Option<Slot>,
+    /// Per metric: the retention metrics that read it.
+    pub(super) retention_of: Vec<Vec<usize>>,
     pub(super) settings: EngineSettings,
 }
 
@@ -105,7 +113,7 @@ impl Plan {
             .as_ref()
             .map(|dedup| schema.slot(&dedup.id_field));
         let index_of = |name: &str| metrics.iter().position(|metric| metric.name == name);
-        let compiled = metrics
+        let compiled: Vec<CompiledMetric> = metrics
             .iter()
             .map(|metric| {
                 let clauses = metric
@@ -133,6 +141,9 @@ impl Plan {
                         actor: actor.as_ref().map(|actor| schema.slot(actor)),
                         at_least: *at_least,
                     },
+                    MetricKind::Retention { of } => ValueSource::Retention {
+                        of: index_of(of).unwrap_or_else(|| index_of(&metric.name).unwrap_or(0)),
+                    },
                     // Validation resolved both names; an unknown one (a hand-built plan) reads
                     // as the ratio itself, which has no state and so stays 0/0.
                     MetricKind::Ratio {
@@ -158,9 +169,18 @@ impl Plan {
                 }
             })
             .collect();
+        let mut retention_of = vec![Vec::new(); compiled.len()];
+        for (index, metric) in compiled.iter().enumerate() {
+            if let ValueSource::Retention { of } = metric.value {
+                if of != index {
+                    retention_of[of].push(index);
+                }
+            }
+        }
         Plan {
             metrics,
             compiled,
+            retention_of,
             schema,
             name_slot,
             timestamp_slot,
@@ -184,6 +204,14 @@ impl Plan {
                 numerator,
                 denominator,
             } => Some((numerator, denominator)),
+            _ => None,
+        }
+    }
+
+    /// The distinct metric a retention metric reads.
+    pub fn retention_base(&self, metric: usize) -> Option<usize> {
+        match self.compiled.get(metric)?.value {
+            ValueSource::Retention { of } => Some(of),
             _ => None,
         }
     }

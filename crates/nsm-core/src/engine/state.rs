@@ -96,7 +96,7 @@ impl AggValue {
             ValueSource::One => Self::Count(0),
             ValueSource::Sum(_) => Self::Sum(Decimal::ZERO),
             ValueSource::Distinct(_) | ValueSource::Threshold { .. } => Self::Distinct(0),
-            ValueSource::Ratio { .. } => Self::Ratio {
+            ValueSource::Ratio { .. } | ValueSource::Retention { .. } => Self::Ratio {
                 numerator: Decimal::ZERO,
                 denominator: Decimal::ZERO,
             },
@@ -178,6 +178,8 @@ impl Agg {
             ValueSource::Sum(_) => Agg::Sum(Decimal::ZERO),
             ValueSource::Distinct(_) => Agg::Distinct(HashSet::new()),
             ValueSource::Threshold { .. } => Agg::Threshold(ThresholdAgg::default()),
+            // The number of returning entities; the rate is taken when read.
+            ValueSource::Retention { .. } => Agg::Count(0),
             // Never reached: ratios keep no windows (the engine skips them when applying).
             ValueSource::Ratio { .. } => Agg::Count(0),
         }
@@ -242,7 +244,9 @@ impl PartitionState {
                 continue;
             };
             let agg = match (stored.value, &compiled.value) {
-                (AggValue::Count(count), ValueSource::One) => Agg::Count(count),
+                (AggValue::Count(count), ValueSource::One | ValueSource::Retention { .. }) => {
+                    Agg::Count(count)
+                }
                 (AggValue::Sum(sum), ValueSource::Sum(_)) => Agg::Sum(sum),
                 (AggValue::Distinct(_), ValueSource::Distinct(_)) => Agg::Distinct(HashSet::new()),
                 (AggValue::Distinct(_), ValueSource::Threshold { .. }) => {

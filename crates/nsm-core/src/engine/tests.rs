@@ -558,3 +558,54 @@ fn a_repeated_event_id_counts_once_within_the_horizon_and_again_after_it() {
         Outcome::Duplicate { .. }
     ));
 }
+
+#[test]
+fn returning_users_count_in_order_and_out_of_order_across_the_day_boundary() {
+    let mut metrics = test_plan().metrics().to_vec();
+    metrics.push(metric(
+        "returning_users",
+        MetricKind::Retention {
+            of: "active_users".into(),
+        },
+        None,
+        CalendarUnit::Day,
+    ));
+    let plan = Plan::new(metrics, test_plan().settings().clone());
+    let mut engine = Engine::new(plan);
+    engine.restore_partition(key(), PartitionSnapshot::default());
+    let now = ms("2026-11-23T00:30:00+01:00");
+    let stream = [
+        // Ana and Bo on Sunday; Ana again on Monday: she returns.
+        ("ana", "2026-11-22T20:00:00+01:00"),
+        ("bo", "2026-11-22T21:00:00+01:00"),
+        ("ana", "2026-11-23T00:10:00+01:00"),
+        // Cy on Monday first, then a late Sunday event: Cy returns on Monday too.
+        ("cy", "2026-11-23T00:15:00+01:00"),
+        ("cy", "2026-11-22T23:50:00+01:00"),
+        // Dan only on Monday: new, not returning.
+        ("dan", "2026-11-23T00:20:00+01:00"),
+    ];
+    for (offset, (user, time)) in stream.iter().enumerate() {
+        let outcome = engine.apply(
+            &key(),
+            offset as i64,
+            &event("message_sent", user, time),
+            now,
+        );
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    }
+    let retention = engine.metric_values(now)[3].clone();
+    // 2 of Sunday's 3 users (ana, bo, cy) came back on Monday.
+    assert_eq!(
+        retention.current.value,
+        AggValue::Ratio {
+            numerator: Decimal::from_integer(2),
+            denominator: Decimal::from_integer(3)
+        }
+    );
+    let stored = engine.take_changes();
+    assert!(stored.partitions[0]
+        .upserts
+        .iter()
+        .any(|upsert| upsert.metric == 3 && upsert.value == AggValue::Count(2)));
+}

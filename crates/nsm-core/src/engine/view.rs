@@ -66,7 +66,11 @@ pub(super) fn metric_values<'a>(
         completeness_watermark(partitions.clone().map(PartitionState::watermark_ms));
     let calendar = plan.calendar();
     let stored_value = |index: usize, bounds: WindowBounds| {
-        let zero = AggValue::zero_for(&plan.compiled[index].value);
+        // What the windows hold: a retention metric stores its count of returning entities.
+        let zero = match &plan.compiled[index].value {
+            ValueSource::Retention { .. } => AggValue::Count(0),
+            source => AggValue::zero_for(source),
+        };
         partitions
             .clone()
             .filter_map(|state| state.windows[index].get(&bounds.start_ms))
@@ -82,6 +86,13 @@ pub(super) fn metric_values<'a>(
                 stored_value(numerator, bounds),
                 stored_value(denominator, bounds),
             ),
+            // Returning entities as a rate of the previous window's entities.
+            ValueSource::Retention { of } => {
+                let before = calendar
+                    .previous(plan.compiled[index].window, bounds)
+                    .map_or(AggValue::Distinct(0), |previous| stored_value(of, previous));
+                AggValue::ratio(stored_value(index, bounds), before)
+            }
             _ => stored_value(index, bounds),
         };
         WindowValue {
