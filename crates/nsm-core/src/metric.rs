@@ -66,6 +66,13 @@ pub enum MetricKind {
         actor: Option<FieldPath>,
         at_least: u32,
     },
+    /// Entities (`entity`) that did an event matching `from`, then an event matching the
+    /// metric's filter within `within_ms`; counted once per window of the second event.
+    Conversion {
+        entity: FieldPath,
+        from: Filter,
+        within_ms: i64,
+    },
     /// Retention: entities of the distinct metric `of` in a window that were also in its
     /// previous window, as a rate of the previous window's entities (the count is exported as
     /// the rate's numerator).
@@ -87,6 +94,7 @@ impl MetricKind {
             Self::Distinct { .. } => "distinct",
             Self::Threshold { .. } => "threshold",
             Self::Retention { .. } => "retention",
+            Self::Conversion { .. } => "conversion",
             Self::Ratio { .. } => "ratio",
         }
     }
@@ -96,6 +104,7 @@ impl MetricKind {
         match self {
             Self::Sum { field } | Self::Distinct { field } => Some(field),
             Self::Threshold { actor, .. } => actor.as_ref(),
+            Self::Conversion { entity, .. } => Some(entity),
             Self::Count | Self::Ratio { .. } | Self::Retention { .. } => None,
         }
     }
@@ -173,6 +182,11 @@ impl MetricDef {
                 denominator,
             } => format!("{numerator}/{denominator}"),
             MetricKind::Retention { of } => format!("returning:{of}"),
+            MetricKind::Conversion {
+                entity,
+                from,
+                within_ms,
+            } => format!("{entity};from={};within={within_ms}", filter_text(from)),
             MetricKind::Threshold {
                 entity,
                 actor,
@@ -183,19 +197,6 @@ impl MetricDef {
             }
             kind => kind.field().map(FieldPath::to_string).unwrap_or_default(),
         };
-        let clauses: Vec<String> = self
-            .filter
-            .clauses
-            .iter()
-            .map(|clause| {
-                let field = match &clause.field {
-                    FilterField::EventName => "@event".to_string(),
-                    FilterField::Path(path) => path.to_string(),
-                };
-                let values: Vec<String> = clause.any_of.iter().map(Literal::to_string).collect();
-                format!("{field}in[{}]", values.join(","))
-            })
-            .collect();
         // The breakdown fields decide what is stored; `top` only what is exported.
         let by = match &self.segments {
             None => String::new(),
@@ -208,7 +209,24 @@ impl MetricDef {
             "v1;kind={};field={field};window={};where={}{by}",
             self.kind.label(),
             self.window.label(),
-            clauses.join("&")
+            filter_text(&self.filter)
         )
     }
+}
+
+/// A stable text of a filter, for fingerprints.
+fn filter_text(filter: &Filter) -> String {
+    let clauses: Vec<String> = filter
+        .clauses
+        .iter()
+        .map(|clause| {
+            let field = match &clause.field {
+                FilterField::EventName => "@event".to_string(),
+                FilterField::Path(path) => path.to_string(),
+            };
+            let values: Vec<String> = clause.any_of.iter().map(Literal::to_string).collect();
+            format!("{field}in[{}]", values.join(","))
+        })
+        .collect();
+    clauses.join("&")
 }

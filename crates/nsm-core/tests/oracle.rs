@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use nsm_core::decimal::Decimal;
-use nsm_core::engine::{segment_label, StoredMember, StoredSegment, StoredWindow};
+use nsm_core::engine::{segment_label, FunnelRecord, StoredMember, StoredSegment, StoredWindow};
 use nsm_core::engine::{
     AggValue, ChangeSet, DedupSettings, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan,
     SeenId,
@@ -151,8 +151,27 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             None,
             CalendarUnit::Week,
         ),
+        metric(
+            "paid_after_messaging",
+            MetricKind::Conversion {
+                entity: path("user_id"),
+                from: Filter {
+                    clauses: vec![Clause {
+                        field: FilterField::EventName,
+                        any_of: vec![Literal::Text("message_sent".into())],
+                    }],
+                },
+                within_ms: CONVERSION_WITHIN,
+            },
+            Some("payment"),
+            CalendarUnit::Day,
+        ),
     ]
 }
+
+/// Users who paid within two hours after sending a message, by the day of the payment.
+const CONVERSION: usize = 10;
+const CONVERSION_WITHIN: i64 = 2 * HOUR;
 
 /// The retention metric, and the weekly distinct metric it reads.
 const RETENTION: usize = 9;
@@ -376,7 +395,7 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
         let partition = partition as i32;
         for (name, user, time_ms, cents) in accepted_events(log) {
             for (index, def) in metrics().iter().enumerate() {
-                if index == RATIO || index == RETENTION || !wants(def, name) {
+                if [RATIO, RETENTION, CONVERSION].contains(&index) || !wants(def, name) {
                     continue;
                 }
                 let bounds = calendar.window_of(def.window, time_ms).expect("window");
@@ -387,7 +406,9 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                     MetricKind::Distinct { .. } | MetricKind::Threshold { .. } => {
                         AggValue::Distinct(0)
                     }
-                    MetricKind::Ratio { .. } | MetricKind::Retention { .. } => {
+                    MetricKind::Ratio { .. }
+                    | MetricKind::Retention { .. }
+                    | MetricKind::Conversion { .. } => {
                         unreachable!("derived metrics are skipped")
                     }
                 };
@@ -429,6 +450,36 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
             }
         }
     }
+    // Conversions: a payment counts its user in the payment's day when the same user sent a
+    // message at most two hours before it (in event time, whatever the arrival order).
+    for (partition, log) in logs.iter().enumerate() {
+        let events = accepted_events(log);
+        let mut converted: BTreeMap<i64, (i64, BTreeSet<u8>)> = BTreeMap::new();
+        for &(name, user, paid_ms, _) in &events {
+            if EVENT_NAMES[name] != "payment" {
+                continue;
+            }
+            let messaged_before = events.iter().any(|&(other, sender, sent_ms, _)| {
+                EVENT_NAMES[other] == "message_sent"
+                    && sender == user
+                    && sent_ms <= paid_ms
+                    && paid_ms <= sent_ms + CONVERSION_WITHIN
+            });
+            if messaged_before {
+                let day = calendar.window_of(CalendarUnit::Day, paid_ms).expect("day");
+                let entry = converted
+                    .entry(day.start_ms)
+                    .or_insert((day.end_ms, BTreeSet::new()));
+                entry.1.insert(user);
+            }
+        }
+        for (start_ms, (end_ms, users)) in converted {
+            result.insert(
+                (partition as i32, CONVERSION, start_ms),
+                (end_ms, AggValue::Distinct(users.len() as u64)),
+            );
+        }
+    }
     // Returning messagers: members of a week also in the week before, where there are any.
     let week_unit = metrics()[RETENTION_BASE].window;
     let weeks: Vec<((i32, usize, i64), i64)> = result
@@ -464,6 +515,7 @@ struct FakeStore {
     windows: BTreeMap<(i32, usize, i64), (i64, AggValue)>,
     members: BTreeSet<(i32, usize, i64, Box<[u8]>)>,
     seen_ids: BTreeSet<(i32, SeenId)>,
+    funnels: BTreeSet<(i32, FunnelRecord)>,
     segments: BTreeMap<StoredSegmentKey, AggValue>,
 }
 
@@ -491,6 +543,20 @@ impl FakeStore {
                     (p, segment.metric, segment.start_ms, segment.segment),
                     segment.value,
                 );
+            }
+            for record in part.funnel_inserts {
+                self.funnels.insert((p, record));
+            }
+            for record in part.funnel_deletes {
+                self.funnels.remove(&(p, record));
+            }
+            for (metric, step, before) in part.forget_funnels_before {
+                self.funnels.retain(|(fp, record)| {
+                    !(*fp == p
+                        && record.metric == metric
+                        && record.step == step
+                        && record.time_ms < before)
+                });
             }
             for seen in part.seen_ids {
                 self.seen_ids.insert((p, seen));
@@ -549,6 +615,12 @@ impl FakeStore {
                     segment: segment.clone(),
                     value: *value,
                 })
+                .collect(),
+            funnels: self
+                .funnels
+                .iter()
+                .filter(|(p, _)| *p == partition)
+                .map(|(_, record)| record.clone())
                 .collect(),
             seen_ids: self
                 .seen_ids

@@ -242,3 +242,41 @@ fn event_ids_within_the_horizon_survive_a_reopen_and_expired_ones_are_deleted() 
         Outcome::Applied { .. }
     ));
 }
+
+#[test]
+fn conversion_funnels_survive_a_reopen_so_a_late_start_still_converts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "{CONFIG}[[guardrails]]\nname = \"paid_after_messaging\"\nkind = \"conversion\"\n\
+         from = {{ event = \"message_sent\" }}\nwhere = {{ event = \"payment\" }}\n\
+         within = \"30m\"\nwindow = \"1d\"\n"
+    );
+    let plan = plan_from(&text);
+    let conversion = plan.metric_index("paid_after_messaging").expect("metric");
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut engine = Engine::new(plan.clone());
+    engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    // Ana pays at minute 20 before any message of hers has arrived.
+    feed(&mut engine, 0, 0, &[event("payment", "ana", 20)]);
+    store.write(&engine.take_changes()).expect("write");
+    drop(store);
+
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let mut restored = Engine::new(plan);
+    restored.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    // Her message from minute 5 arrives late: the stored pending payment converts.
+    feed(&mut restored, 0, 1, &[event("message_sent", "ana", 5)]);
+    let value = restored.metric_values(NOW)[conversion].current.value;
+    assert_eq!(value, AggValue::Distinct(1));
+    store.write(&restored.take_changes()).expect("write");
+    let snapshot = store.load_partition(&key(0)).expect("load");
+    assert_eq!(
+        snapshot
+            .funnels
+            .iter()
+            .map(|record| record.step)
+            .collect::<Vec<_>>(),
+        vec![nsm_core::engine::FunnelStep::Start],
+        "the converted payment is no longer pending"
+    );
+}

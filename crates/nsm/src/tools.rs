@@ -48,6 +48,9 @@ pub fn check(path: &Path) -> Result<()> {
                     actor: Some(actor),
                     at_least,
                 } => format!("{entity} with at least {at_least} distinct {actor}"),
+                MetricKind::Conversion {
+                    entity, within_ms, ..
+                } => format!("{entity} converting within {}s", within_ms / 1000),
                 MetricKind::Retention { of } => {
                     format!("share of last window's {of} back in this one")
                 }

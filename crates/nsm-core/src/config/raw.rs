@@ -100,6 +100,9 @@ pub struct RawMetric {
     /// Threshold only: the entity counted, and how many events or actors it needs.
     pub entity: Option<String>,
     pub at_least: Option<i64>,
+    /// Conversion only: the start events, and how soon after them the conversion counts.
+    pub from: Option<BTreeMap<String, toml::Value>>,
+    pub within: Option<String>,
     /// Retention only: the distinct metric whose returning entities are counted.
     pub of: Option<String>,
     /// Ratio only: the metric names divided.

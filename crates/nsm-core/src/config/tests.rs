@@ -29,7 +29,7 @@ fn example_config_is_valid_and_typed() {
         "deduplication covers the allowed lateness by default"
     );
     assert_eq!(config.time.calendar.zone_name(), "Europe/Berlin");
-    assert_eq!(config.metrics.len(), 7);
+    assert_eq!(config.metrics.len(), 8);
     let north_star = &config.metrics[0];
     assert_eq!(north_star.name, "weekly_active_messagers");
     assert_eq!(north_star.role, Role::NorthStar);
@@ -329,4 +329,22 @@ fn retention_reads_a_distinct_metric_and_takes_its_window() {
         .map(|(path, _)| path)
         .collect();
     assert_eq!(paths, vec!["inputs[3].of", "inputs[2].of"]);
+}
+
+#[test]
+fn a_conversion_needs_its_start_its_end_and_a_duration() {
+    let text = format!(
+        "{RATIO_BASE}[[inputs]]\nname = \"converted\"\nkind = \"conversion\"\nwindow = \"1w\"\n\
+         [[inputs]]\nname = \"stray\"\nkind = \"count\"\nwithin = \"1d\"\nwindow = \"1w\"\n"
+    );
+    let paths: Vec<String> = errors_of(&text).into_iter().map(|(path, _)| path).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "inputs[2].from",
+            "inputs[2].where",
+            "inputs[2].within",
+            "inputs[3].within"
+        ]
+    );
 }

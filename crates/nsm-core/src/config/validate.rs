@@ -593,6 +593,19 @@ fn validate_metric(
 
     // Derived kinds take their window from the metrics they read.
     let is_ratio = matches!(raw.kind.as_deref(), Some("ratio" | "retention"));
+    if raw.kind.as_deref() != Some("conversion") {
+        for (key, present) in [
+            ("from", raw.from.is_some()),
+            ("within", raw.within.is_some()),
+        ] {
+            if present {
+                problems.add(
+                    format!("{path}.{key}"),
+                    "only a conversion has from and within; remove it or use kind = \"conversion\"",
+                );
+            }
+        }
+    }
     if raw.kind.as_deref() != Some("retention") && raw.of.is_some() {
         problems.add(
             format!("{path}.of"),
@@ -629,7 +642,7 @@ fn validate_metric(
         (None, _) => {
             problems.add(
                 format!("{path}.kind"),
-                "missing: one of count, sum, distinct, threshold, ratio, retention",
+                "missing: one of count, sum, distinct, threshold, ratio, retention, conversion",
             );
             None
         }
@@ -658,6 +671,7 @@ fn validate_metric(
         }
         .map(|field| MetricKind::Distinct { field }),
         (Some("ratio"), field) => validate_ratio(path, raw, field.is_some(), problems),
+        (Some("conversion"), _) => validate_conversion(path, raw, default_distinct_field, problems),
         (Some("retention"), field) => {
             if field.is_some() || raw.filter.is_some() {
                 problems.add(
@@ -710,9 +724,31 @@ fn validate_metric(
         }
     };
 
+    let filter = parse_filter(&format!("{path}.where"), raw.filter.as_ref(), problems);
+
+    let segments = validate_segments(path, raw, kind.as_ref(), problems);
+    let owner = raw.owner.clone().filter(|owner| !owner.trim().is_empty());
+    Some(MetricDef {
+        name,
+        role,
+        owner,
+        description: raw.description.clone().unwrap_or_default(),
+        kind: kind?,
+        filter,
+        window: window?,
+        segments,
+    })
+}
+
+/// `{ event = "x", "properties.plan" = ["pro", "business"] }`: all clauses must hold.
+fn parse_filter(
+    path: &str,
+    table: Option<&BTreeMap<String, toml::Value>>,
+    problems: &mut Problems,
+) -> Filter {
     let mut clauses = Vec::new();
-    for (key, value) in raw.filter.iter().flatten() {
-        let clause_path = format!("{path}.where.{key}");
+    for (key, value) in table.into_iter().flatten() {
+        let clause_path = format!("{path}.{key}");
         let field = if key == "event" {
             Some(FilterField::EventName)
         } else {
@@ -742,18 +778,48 @@ fn validate_metric(
         }
         clauses.push(Clause { field, any_of });
     }
+    Filter { clauses }
+}
 
-    let segments = validate_segments(path, raw, kind.as_ref(), problems);
-    let owner = raw.owner.clone().filter(|owner| !owner.trim().is_empty());
-    Some(MetricDef {
-        name,
-        role,
-        owner,
-        description: raw.description.clone().unwrap_or_default(),
-        kind: kind?,
-        filter: Filter { clauses },
-        window: window?,
-        segments,
+/// A conversion's keys: the start filter `from`, the duration `within`, and the entity
+/// (`field`, default `events.user`); `where` selects the conversion events.
+fn validate_conversion(
+    path: &str,
+    raw: &RawMetric,
+    default_entity: Option<&FieldPath>,
+    problems: &mut Problems,
+) -> Option<MetricKind> {
+    let entity = match &raw.field {
+        Some(field) => field_path(&format!("{path}.field"), Some(field), "", problems),
+        None => default_entity.cloned(),
+    };
+    if raw.from.is_none() {
+        problems.add(
+            format!("{path}.from"),
+            "missing: the start events, e.g. from = { event = \"onboarding_completed\" }",
+        );
+    }
+    if raw.filter.is_none() {
+        problems.add(
+            format!("{path}.where"),
+            "missing: the conversion events, e.g. where = { event = \"message_sent\" }",
+        );
+    }
+    let from = parse_filter(&format!("{path}.from"), raw.from.as_ref(), problems);
+    let within = match &raw.within {
+        None => {
+            problems.add(
+                format!("{path}.within"),
+                "missing: how soon after the start the conversion must happen, e.g. \"7d\"",
+            );
+            None
+        }
+        Some(text) => duration(&format!("{path}.within"), Some(text), "", problems),
+    };
+    Some(MetricKind::Conversion {
+        entity: entity?,
+        from,
+        within_ms: millis(within?),
     })
 }
 

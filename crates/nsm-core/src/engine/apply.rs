@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use jiff::Timestamp;
 
+use super::funnel::{FunnelRecord, FunnelStep};
 use super::plan::{CompiledMetric, Plan, ValueSource};
 use super::segment::{segment_key, segment_member, MAX_SEGMENTS_PER_WINDOW, OVERFLOW_KEY};
 use super::state::{id_digest, Agg, PartitionState, SeenId, WindowState};
@@ -26,6 +27,10 @@ enum Contribution<'a> {
     One,
     Amount(Decimal),
     Member(Cow<'a, [u8]>),
+    /// A conversion's start event (A) of an entity.
+    FunnelStart(Cow<'a, [u8]>),
+    /// A conversion's end event (B) of an entity.
+    FunnelEnd(Cow<'a, [u8]>),
     /// One event of an entity, by an actor when the threshold counts distinct actors.
     Progress {
         entity: Cow<'a, [u8]>,
@@ -158,7 +163,31 @@ fn evaluate<'a>(
 
     let mut contributions = Vec::new();
     for (index, metric) in plan.compiled.iter().enumerate() {
-        if !metric.value.is_stateful() || !matches_filter(metric, &fields) {
+        if let ValueSource::Conversion { entity, .. } = metric.value {
+            let starts = matches_clauses(&metric.from_clauses, &fields);
+            let ends = matches_clauses(&metric.clauses, &fields);
+            if starts || ends {
+                let metric_def = &plan.metrics()[index];
+                let entity_name = metric_def.kind.field().map(ToString::to_string);
+                let entity = member_of(
+                    &fields,
+                    entity,
+                    &metric_def.name,
+                    "converts",
+                    &entity_name.unwrap_or_default(),
+                )?;
+                // A start first, so an event that is both converts on its own.
+                if starts {
+                    let start = Contribution::FunnelStart(entity.clone());
+                    contributions.push((index, start, None));
+                }
+                if ends {
+                    contributions.push((index, Contribution::FunnelEnd(entity), None));
+                }
+            }
+            continue;
+        }
+        if !metric.value.is_stateful() || !matches_clauses(&metric.clauses, &fields) {
             continue;
         }
         let contribution = contribution(plan, index, metric, &fields)?;
@@ -221,8 +250,8 @@ fn event_time(fields: &Fields<'_>, plan: &Plan) -> Result<EpochMillis, Rejection
     }
 }
 
-fn matches_filter(metric: &CompiledMetric, fields: &Fields<'_>) -> bool {
-    metric.clauses.iter().all(|(slot, any_of)| {
+fn matches_clauses(clauses: &[(crate::event::Slot, Vec<Literal>)], fields: &Fields<'_>) -> bool {
+    clauses.iter().all(|(slot, any_of)| {
         let Some(value) = fields.get(*slot) else {
             return false;
         };
@@ -258,9 +287,11 @@ fn contribution<'a>(
     };
     let metric_name = &plan.metrics()[index].name;
     match &metric.value {
-        ValueSource::One | ValueSource::Ratio { .. } | ValueSource::Retention { .. } => {
-            Ok(Contribution::One)
-        }
+        // Derived and conversion metrics never get here (see `evaluate`).
+        ValueSource::One
+        | ValueSource::Ratio { .. }
+        | ValueSource::Retention { .. }
+        | ValueSource::Conversion { .. } => Ok(Contribution::One),
         ValueSource::Sum(slot) => match fields.get(*slot) {
             Some(Scalar::Number(text)) => match Decimal::parse(text) {
                 Ok(amount) => Ok(Contribution::Amount(amount)),
@@ -379,6 +410,10 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
     );
     for (index, contribution, segment) in contributions {
         let compiled = &plan.compiled[index];
+        if let Contribution::FunnelStart(_) | Contribution::FunnelEnd(_) = contribution {
+            funnel_step(plan, state, index, contribution, event_time_ms);
+            continue;
+        }
         let bounds = match state.last_window[index] {
             Some(bounds) if bounds.contains(event_time_ms) => bounds,
             _ => match plan.calendar().window_of(compiled.window, event_time_ms) {
@@ -445,6 +480,70 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
         }
     }
     state.pending.meta_dirty = true;
+}
+
+/// Moves a conversion metric's funnel, and counts the entity in the windows of the events
+/// that converted.
+fn funnel_step(
+    plan: &Plan,
+    state: &mut PartitionState,
+    index: usize,
+    contribution: Contribution<'_>,
+    event_time_ms: EpochMillis,
+) {
+    let compiled = &plan.compiled[index];
+    let ValueSource::Conversion { within_ms, .. } = compiled.value else {
+        return;
+    };
+    let (entity, update) = match contribution {
+        Contribution::FunnelStart(entity) => {
+            let update = state.funnels[index].start(&entity, event_time_ms, within_ms);
+            (entity, update)
+        }
+        Contribution::FunnelEnd(entity) => {
+            let update = state.funnels[index].end(&entity, event_time_ms, within_ms);
+            (entity, update)
+        }
+        _ => return,
+    };
+    let record = |step: FunnelStep, time_ms: EpochMillis| FunnelRecord {
+        metric: index,
+        step,
+        time_ms,
+        entity: entity.as_ref().into(),
+    };
+    if let Some((step, time_ms)) = update.remembered {
+        state.pending.funnel_inserts.push(record(step, time_ms));
+    }
+    for time_ms in &update.forgotten_ends {
+        state
+            .pending
+            .funnel_deletes
+            .push(record(FunnelStep::PendingEnd, *time_ms));
+    }
+    for time_ms in update.converted_at {
+        let Some(bounds) = plan.calendar().window_of(compiled.window, time_ms) else {
+            continue;
+        };
+        let window = state.windows[index]
+            .entry(bounds.start_ms)
+            .or_insert_with(|| WindowState {
+                end_ms: bounds.end_ms,
+                agg: Agg::empty(&compiled.value),
+                segments: HashMap::new(),
+            });
+        if let Added::Member(member) = add(
+            &mut window.agg,
+            &compiled.value,
+            Contribution::Member(entity.clone()),
+        ) {
+            state
+                .pending
+                .new_members
+                .push((index, bounds.start_ms, member));
+            state.pending.dirty_windows.insert((index, bounds.start_ms));
+        }
+    }
 }
 
 /// Keeps the retention metrics of distinct metric `base` up to date when `member` joins its

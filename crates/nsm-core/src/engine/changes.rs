@@ -1,7 +1,8 @@
 //! The changes to persist after a batch of events: one entry per touched partition, written
 //! by the state store in a single atomic batch together with the partition's offset.
 
-use super::plan::Plan;
+use super::funnel::{FunnelRecord, FunnelStep};
+use super::plan::{Plan, ValueSource};
 use super::state::{AggValue, PartitionState, SeenId};
 use crate::{EpochMillis, PartitionKey};
 
@@ -55,6 +56,11 @@ pub struct PartitionChanges {
     pub seen_ids: Vec<SeenId>,
     /// Stored ids with an event time before this are past the dedup horizon: delete them.
     pub forget_ids_before_ms: Option<EpochMillis>,
+    /// Funnel times of conversion metrics newly remembered, then ones no longer needed.
+    pub funnel_inserts: Vec<FunnelRecord>,
+    pub funnel_deletes: Vec<FunnelRecord>,
+    /// Per conversion metric and step: stored funnel times before this can go.
+    pub forget_funnels_before: Vec<(usize, FunnelStep, EpochMillis)>,
 }
 
 /// All partitions' changes since the last flush.
@@ -77,10 +83,12 @@ impl PartitionState {
     ) -> Option<PartitionChanges> {
         let deletes = self.expire(plan);
         let forget_ids_before_ms = self.forget_old_ids(plan);
+        let forget_funnels_before = self.forget_old_funnels(plan);
         if !self.pending.meta_dirty
             && self.pending.dirty_windows.is_empty()
             && deletes.is_empty()
             && forget_ids_before_ms.is_none()
+            && forget_funnels_before.is_empty()
         {
             return None;
         }
@@ -136,7 +144,38 @@ impl PartitionState {
             deletes,
             seen_ids: pending.new_ids,
             forget_ids_before_ms,
+            funnel_inserts: pending.funnel_inserts,
+            funnel_deletes: pending.funnel_deletes,
+            forget_funnels_before,
         })
+    }
+
+    /// Forgets funnel times no future event can pair with (see [`super::funnel`]): starts
+    /// older than `watermark - lateness - within`, pending ends older than
+    /// `watermark - lateness`. Runs when the watermark moved a minute since the last time.
+    fn forget_old_funnels(&mut self, plan: &Plan) -> Vec<(usize, FunnelStep, EpochMillis)> {
+        let Some(watermark) = self.watermark_ms() else {
+            return Vec::new();
+        };
+        let due = self
+            .funnels_swept_at_ms
+            .is_none_or(|swept| watermark - swept >= 60_000);
+        if !due {
+            return Vec::new();
+        }
+        self.funnels_swept_at_ms = Some(watermark);
+        let mut forgets = Vec::new();
+        for (metric, compiled) in plan.compiled.iter().enumerate() {
+            let ValueSource::Conversion { within_ms, .. } = compiled.value else {
+                continue;
+            };
+            let ends_before = watermark.saturating_sub(plan.settings.allowed_lateness_ms);
+            let starts_before = ends_before.saturating_sub(within_ms);
+            self.funnels[metric].forget(starts_before, ends_before);
+            forgets.push((metric, FunnelStep::Start, starts_before));
+            forgets.push((metric, FunnelStep::PendingEnd, ends_before));
+        }
+        forgets
     }
 
     /// Drops ids past the dedup horizon from memory, once the watermark has moved a tenth of

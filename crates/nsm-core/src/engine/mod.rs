@@ -8,6 +8,7 @@
 
 mod apply;
 mod changes;
+mod funnel;
 mod plan;
 mod segment;
 mod state;
@@ -19,6 +20,7 @@ use std::collections::HashMap;
 pub use changes::{
     ChangeSet, MemberInsert, PartitionChanges, SegmentUpsert, WindowDelete, WindowUpsert,
 };
+pub use funnel::{FunnelRecord, FunnelStep};
 pub use plan::{DedupSettings, EngineSettings, Plan};
 pub use segment::{segment_label, SegmentValue, OVERFLOW_LABEL};
 pub use state::{AggValue, PartitionSnapshot, SeenId, StoredMember, StoredSegment, StoredWindow};

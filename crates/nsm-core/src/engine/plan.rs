@@ -39,6 +39,11 @@ pub(super) enum ValueSource {
         actor: Option<Slot>,
         at_least: u32,
     },
+    /// Entities converting from a `from_clauses` event to a `clauses` event within the time.
+    Conversion {
+        entity: Slot,
+        within_ms: i64,
+    },
     /// Counts members of the distinct metric `of` (a plan index) that were also in its
     /// previous window; kept up to date when `of` gains a member.
     Retention {
@@ -62,6 +67,8 @@ impl ValueSource {
 #[derive(Debug, Clone)]
 pub(super) struct CompiledMetric {
     pub clauses: Vec<(Slot, Vec<Literal>)>,
+    /// A conversion's start events (empty otherwise).
+    pub from_clauses: Vec<(Slot, Vec<Literal>)>,
     pub value: ValueSource,
     pub window: CalendarUnit,
     /// The fields of a breakdown (empty without one).
@@ -116,18 +123,24 @@ impl Plan {
         let compiled: Vec<CompiledMetric> = metrics
             .iter()
             .map(|metric| {
-                let clauses = metric
-                    .filter
-                    .clauses
-                    .iter()
-                    .map(|clause| {
-                        let slot = match &clause.field {
-                            FilterField::EventName => name_slot,
-                            FilterField::Path(path) => schema.slot(path),
-                        };
-                        (slot, clause.any_of.clone())
-                    })
-                    .collect();
+                let mut compile_filter = |filter: &crate::metric::Filter| {
+                    filter
+                        .clauses
+                        .iter()
+                        .map(|clause| {
+                            let slot = match &clause.field {
+                                FilterField::EventName => name_slot,
+                                FilterField::Path(path) => schema.slot(path),
+                            };
+                            (slot, clause.any_of.clone())
+                        })
+                        .collect::<Vec<_>>()
+                };
+                let clauses = compile_filter(&metric.filter);
+                let from_clauses = match &metric.kind {
+                    MetricKind::Conversion { from, .. } => compile_filter(from),
+                    _ => Vec::new(),
+                };
                 let value = match &metric.kind {
                     MetricKind::Count => ValueSource::One,
                     MetricKind::Sum { field } => ValueSource::Sum(schema.slot(field)),
@@ -140,6 +153,12 @@ impl Plan {
                         entity: schema.slot(entity),
                         actor: actor.as_ref().map(|actor| schema.slot(actor)),
                         at_least: *at_least,
+                    },
+                    MetricKind::Conversion {
+                        entity, within_ms, ..
+                    } => ValueSource::Conversion {
+                        entity: schema.slot(entity),
+                        within_ms: *within_ms,
                     },
                     MetricKind::Retention { of } => ValueSource::Retention {
                         of: index_of(of).unwrap_or_else(|| index_of(&metric.name).unwrap_or(0)),
@@ -160,6 +179,7 @@ impl Plan {
                 let segments = metric.segments.as_ref();
                 CompiledMetric {
                     clauses,
+                    from_clauses,
                     value,
                     window: metric.window,
                     segment_slots: segments

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
+use super::funnel::{FunnelRecord, Funnels};
 use super::plan::{Plan, ValueSource};
 use super::segment::split_segment_member;
 use super::threshold::ThresholdAgg;
@@ -95,7 +96,9 @@ impl AggValue {
         match source {
             ValueSource::One => Self::Count(0),
             ValueSource::Sum(_) => Self::Sum(Decimal::ZERO),
-            ValueSource::Distinct(_) | ValueSource::Threshold { .. } => Self::Distinct(0),
+            ValueSource::Distinct(_)
+            | ValueSource::Threshold { .. }
+            | ValueSource::Conversion { .. } => Self::Distinct(0),
             ValueSource::Ratio { .. } | ValueSource::Retention { .. } => Self::Ratio {
                 numerator: Decimal::ZERO,
                 denominator: Decimal::ZERO,
@@ -159,6 +162,8 @@ pub struct PartitionSnapshot {
     pub windows: Vec<StoredWindow>,
     pub members: Vec<StoredMember>,
     pub segments: Vec<StoredSegment>,
+    /// Funnel times of conversion metrics.
+    pub funnels: Vec<FunnelRecord>,
     /// Ids within the dedup horizon; an id stored twice keeps its latest time.
     pub seen_ids: Vec<SeenId>,
 }
@@ -176,7 +181,10 @@ impl Agg {
         match source {
             ValueSource::One => Agg::Count(0),
             ValueSource::Sum(_) => Agg::Sum(Decimal::ZERO),
-            ValueSource::Distinct(_) => Agg::Distinct(HashSet::new()),
+            // A conversion's window holds the entities that converted in it.
+            ValueSource::Distinct(_) | ValueSource::Conversion { .. } => {
+                Agg::Distinct(HashSet::new())
+            }
             ValueSource::Threshold { .. } => Agg::Threshold(ThresholdAgg::default()),
             // The number of returning entities; the rate is taken when read.
             ValueSource::Retention { .. } => Agg::Count(0),
@@ -210,6 +218,8 @@ pub(super) struct Pending {
     pub dirty_windows: BTreeSet<(usize, EpochMillis)>,
     pub new_members: Vec<(usize, EpochMillis, Box<[u8]>)>,
     pub dirty_segments: BTreeSet<(usize, EpochMillis, Box<[u8]>)>,
+    pub funnel_inserts: Vec<FunnelRecord>,
+    pub funnel_deletes: Vec<FunnelRecord>,
     pub new_ids: Vec<SeenId>,
     pub meta_dirty: bool,
 }
@@ -229,6 +239,10 @@ pub(super) struct PartitionState {
     /// is stored, so the digest never needs to be stable across versions), to the event time
     /// they were applied at.
     pub seen_ids: HashMap<u128, EpochMillis>,
+    /// Per metric: the funnel state of a conversion metric (empty for others).
+    pub funnels: Vec<Funnels>,
+    /// The watermark at the last sweep of `funnels`.
+    pub funnels_swept_at_ms: Option<EpochMillis>,
     /// The watermark at the last sweep of `seen_ids`.
     pub ids_swept_at_ms: Option<EpochMillis>,
     pub pending: Pending,
@@ -248,7 +262,10 @@ impl PartitionState {
                     Agg::Count(count)
                 }
                 (AggValue::Sum(sum), ValueSource::Sum(_)) => Agg::Sum(sum),
-                (AggValue::Distinct(_), ValueSource::Distinct(_)) => Agg::Distinct(HashSet::new()),
+                (
+                    AggValue::Distinct(_),
+                    ValueSource::Distinct(_) | ValueSource::Conversion { .. },
+                ) => Agg::Distinct(HashSet::new()),
                 (AggValue::Distinct(_), ValueSource::Threshold { .. }) => {
                     Agg::Threshold(ThresholdAgg::default())
                 }
@@ -335,6 +352,12 @@ impl PartitionState {
                 }
             }
         }
+        let mut funnels: Vec<Funnels> = (0..metric_count).map(|_| Funnels::default()).collect();
+        for record in &snapshot.funnels {
+            if let Some(funnel) = funnels.get_mut(record.metric) {
+                funnel.restore(record.step, record.time_ms, &record.entity);
+            }
+        }
         let mut seen_ids = HashMap::with_capacity(snapshot.seen_ids.len());
         for seen in &snapshot.seen_ids {
             let time = seen_ids.entry(id_digest(&seen.id)).or_insert(seen.time_ms);
@@ -346,6 +369,8 @@ impl PartitionState {
             idle_floor_ms: snapshot.idle_floor_ms,
             windows,
             last_window: vec![None; metric_count],
+            funnels,
+            funnels_swept_at_ms: None,
             seen_ids,
             ids_swept_at_ms: None,
             pending: Pending::default(),
