@@ -213,6 +213,12 @@ fn validate(
             );
         }
     }
+    let alerting = super::alerting::validate(
+        &raw.alerting,
+        &metrics,
+        time.as_ref().map(|time| time.idle_timeout),
+        &mut problems.0,
+    );
     Some(Config {
         kafka: kafka?,
         events: events?,
@@ -220,6 +226,7 @@ fn validate(
         state: state?,
         http: http?,
         metrics,
+        alerting: alerting?,
     })
 }
 
