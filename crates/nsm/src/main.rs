@@ -4,6 +4,7 @@
 //! business logic of its own.
 
 mod demo;
+mod generate;
 mod generator;
 mod logging;
 mod pipeline;
@@ -59,6 +60,11 @@ enum Command {
     Read(tools::ReadArgs),
     /// Produce the demo event stream into a real broker.
     Generate(tools::GenerateArgs),
+    /// Write the Prometheus rule file of a config: recording rules (metrics summed across
+    /// instances, growth, the revenue gap) and the on-call alerts, `[alerting]` thresholds.
+    Rules(generate::GenerateArgs),
+    /// Write the Grafana dashboard of a config (provisioning JSON model).
+    Dashboards(generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +81,8 @@ fn main() -> ExitCode {
         Command::Produce(args) => tools::produce(args),
         Command::Read(args) => tools::read(args),
         Command::Generate(args) => tools::generate(args),
+        Command::Rules(args) => generate::write(args, nsm_gen::rules),
+        Command::Dashboards(args) => generate::write(args, nsm_gen::dashboard),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 //! typed result. Validation reports every problem at once, each with its path
 //! (`inputs[1].window: unknown window "2w"; expected 1h, 1d or 1w`).
 
+pub mod alerting;
 mod raw;
 mod validate;
 
@@ -10,6 +11,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub use alerting::{AlertingConfig, GuardrailAlerting, WorseWhen};
 
 use crate::metric::{FieldPath, MetricDef, Role};
 use crate::window::Calendar;
@@ -24,6 +27,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// North stars first, then inputs, guardrails and revenue, in file order.
     pub metrics: Vec<MetricDef>,
+    /// Thresholds of the generated Prometheus alerts (`[alerting]`, optional).
+    pub alerting: AlertingConfig,
 }
 
 #[derive(Debug, Clone)]

@@ -23,6 +23,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub guardrails: Vec<RawMetric>,
     pub revenue: Option<RawMetric>,
+    #[serde(default)]
+    pub alerting: super::alerting::RawAlerting,
 }
 
 /// `[north_star]` as one table, or `[[north_star]]` for the rare product with two.

@@ -216,6 +216,12 @@ fn validate(
             );
         }
     }
+    let alerting = super::alerting::validate(
+        &raw.alerting,
+        &metrics,
+        time.as_ref().map(|time| time.idle_timeout),
+        &mut problems.0,
+    );
     Some(Config {
         kafka: kafka?,
         events: events?,
@@ -223,6 +229,7 @@ fn validate(
         state: state?,
         http: http?,
         metrics,
+        alerting: alerting?,
     })
 }
 

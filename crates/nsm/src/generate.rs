@@ -1,0 +1,48 @@
+//! `nsm rules` and `nsm dashboards`: read a config, write what `nsm-gen` makes of it.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use nsm_core::Config;
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// The TOML config file to generate from.
+    #[arg(long, short, env = "NSM_CONFIG")]
+    config: PathBuf,
+    /// Write here instead of standard output (replaced atomically).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+}
+
+/// Loads the config and writes `generate(config, source)` to the output.
+pub fn write(args: GenerateArgs, generate: fn(&Config, &str) -> String) -> Result<()> {
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("cannot read config file {}", args.config.display()))?;
+    // Generated files never contain Kafka properties, so an unset `${VAR}` secret must not
+    // stop a CI job that generates rules without the production environment.
+    let config = Config::from_toml(&text, &|name| Some(std::env::var(name).unwrap_or_default()))
+        .map_err(|errors| anyhow!("{}: {errors}", args.config.display()))?;
+    let source = args.config.display().to_string();
+    let generated = generate(&config, &source);
+    match &args.output {
+        None => std::io::stdout()
+            .lock()
+            .write_all(generated.as_bytes())
+            .context("cannot write to standard output")?,
+        Some(path) => {
+            let directory = path
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let mut file = tempfile::NamedTempFile::new_in(directory)
+                .with_context(|| format!("cannot write in {}", directory.display()))?;
+            file.write_all(generated.as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            file.persist(path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
