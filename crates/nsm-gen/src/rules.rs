@@ -151,8 +151,13 @@ const UNITS: [CalendarUnit; 4] = [
     CalendarUnit::Month,
 ];
 
+/// Metrics exported as a rate with exact parts (`nsm_metric_ratio_part`): ratios and
+/// retention rates.
 fn is_ratio(metric: &MetricDef) -> bool {
-    matches!(metric.kind, MetricKind::Ratio { .. })
+    matches!(
+        metric.kind,
+        MetricKind::Ratio { .. } | MetricKind::Retention { .. }
+    )
 }
 
 impl Generator<'_> {
