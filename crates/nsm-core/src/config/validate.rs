@@ -600,51 +600,7 @@ fn validate_metric(
 
     // Derived kinds take their window from the metrics they read.
     let is_ratio = matches!(raw.kind.as_deref(), Some("ratio" | "retention"));
-    if raw.kind.as_deref() != Some("conversion") {
-        for (key, present) in [
-            ("from", raw.from.is_some()),
-            ("within", raw.within.is_some()),
-        ] {
-            if present {
-                problems.add(
-                    format!("{path}.{key}"),
-                    "only a conversion has from and within; remove it or use kind = \"conversion\"",
-                );
-            }
-        }
-    }
-    if raw.kind.as_deref() != Some("retention") && raw.of.is_some() {
-        problems.add(
-            format!("{path}.of"),
-            "only a retention metric has `of`; remove it or use kind = \"retention\"",
-        );
-    }
-    if raw.kind.as_deref() != Some("threshold") {
-        for (key, present) in [
-            ("entity", raw.entity.is_some()),
-            ("at_least", raw.at_least.is_some()),
-        ] {
-            if present {
-                problems.add(
-                    format!("{path}.{key}"),
-                    "only a threshold has an entity and at_least; remove it or use kind = \"threshold\"",
-                );
-            }
-        }
-    }
-    if raw.kind.as_deref() != Some("ratio") {
-        for (key, present) in [
-            ("numerator", raw.numerator.is_some()),
-            ("denominator", raw.denominator.is_some()),
-        ] {
-            if present {
-                problems.add(
-                    format!("{path}.{key}"),
-                    "only a ratio has a numerator and a denominator; remove it or use kind = \"ratio\"",
-                );
-            }
-        }
-    }
+    refuse_keys_of_other_kinds(path, raw, problems);
     let kind = match (raw.kind.as_deref(), &raw.field) {
         (None, _) => {
             problems.add(
@@ -891,6 +847,27 @@ fn validate_segments(
         by: fields.into_iter().collect::<Option<Vec<_>>>()?,
         top: top?,
     })
+}
+
+/// Keys that belong to one kind only, refused (with the kind they belong to) on the others.
+fn refuse_keys_of_other_kinds(path: &str, raw: &RawMetric, problems: &mut Problems) {
+    let kind_keys: [(&str, &str, bool); 7] = [
+        ("conversion", "from", raw.from.is_some()),
+        ("conversion", "within", raw.within.is_some()),
+        ("retention", "of", raw.of.is_some()),
+        ("threshold", "entity", raw.entity.is_some()),
+        ("threshold", "at_least", raw.at_least.is_some()),
+        ("ratio", "numerator", raw.numerator.is_some()),
+        ("ratio", "denominator", raw.denominator.is_some()),
+    ];
+    for (owner, key, present) in kind_keys {
+        if present && raw.kind.as_deref() != Some(owner) {
+            problems.add(
+                format!("{path}.{key}"),
+                format!("only a {owner} metric has `{key}`; remove it or use kind = \"{owner}\""),
+            );
+        }
+    }
 }
 
 /// A threshold's keys: the entity it counts, k, and optionally the actor field whose distinct

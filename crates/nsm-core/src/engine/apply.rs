@@ -425,13 +425,7 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
                 None => continue,
             },
         };
-        let window = state.windows[index]
-            .entry(bounds.start_ms)
-            .or_insert_with(|| WindowState {
-                end_ms: bounds.end_ms,
-                agg: Agg::empty(&compiled.value),
-                segments: HashMap::new(),
-            });
+        let window = window_entry(&mut state.windows[index], bounds, &compiled.value);
         let pending = &mut state.pending;
         if let Some(segment) = segment {
             let segment = if window.segments.len() >= MAX_SEGMENTS_PER_WINDOW
@@ -525,13 +519,7 @@ fn funnel_step(
         let Some(bounds) = plan.calendar().window_of(compiled.window, time_ms) else {
             continue;
         };
-        let window = state.windows[index]
-            .entry(bounds.start_ms)
-            .or_insert_with(|| WindowState {
-                end_ms: bounds.end_ms,
-                agg: Agg::empty(&compiled.value),
-                segments: HashMap::new(),
-            });
+        let window = window_entry(&mut state.windows[index], bounds, &compiled.value);
         if let Added::Member(member) = add(
             &mut window.agg,
             &compiled.value,
@@ -581,13 +569,8 @@ fn count_returning(
     }
     for &retention in dependents {
         for window in &returning_in {
-            let entry = state.windows[retention]
-                .entry(window.start_ms)
-                .or_insert_with(|| WindowState {
-                    end_ms: window.end_ms,
-                    agg: Agg::Count(0),
-                    segments: HashMap::new(),
-                });
+            let source = &plan.compiled[retention].value;
+            let entry = window_entry(&mut state.windows[retention], *window, source);
             if let Agg::Count(count) = &mut entry.agg {
                 *count += 1;
                 state
@@ -597,6 +580,21 @@ fn count_returning(
             }
         }
     }
+}
+
+/// The window of a metric at `bounds`, created empty for the metric's kind if new.
+fn window_entry<'s>(
+    windows: &'s mut BTreeMap<EpochMillis, WindowState>,
+    bounds: WindowBounds,
+    source: &ValueSource,
+) -> &'s mut WindowState {
+    windows
+        .entry(bounds.start_ms)
+        .or_insert_with(|| WindowState {
+            end_ms: bounds.end_ms,
+            agg: Agg::empty(source),
+            segments: HashMap::new(),
+        })
 }
 
 /// What applying a contribution changed.
