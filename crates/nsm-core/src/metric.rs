@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::decimal::Decimal;
-use crate::window::CalendarUnit;
+use crate::window::{CalendarUnit, Trailing};
 
 /// The place of a metric in the North Star tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -167,8 +167,22 @@ pub struct MetricDef {
     pub description: String,
     pub kind: MetricKind,
     pub filter: Filter,
+    /// The calendar window; for a trailing metric, the nominal period generated rules compare
+    /// it over.
     pub window: CalendarUnit,
+    /// A trailing window instead of the calendar one.
+    pub trailing: Option<Trailing>,
     pub segments: Option<Segmentation>,
+}
+
+impl MetricDef {
+    /// The window's label: `week`, or `trailing_7d`.
+    pub fn window_label(&self) -> String {
+        match &self.trailing {
+            Some(trailing) => trailing.label(),
+            None => self.window.label().to_string(),
+        }
+    }
 }
 
 impl MetricDef {
@@ -208,7 +222,7 @@ impl MetricDef {
         format!(
             "v1;kind={};field={field};window={};where={}{by}",
             self.kind.label(),
-            self.window.label(),
+            self.window_label(),
             filter_text(&self.filter)
         )
     }

@@ -380,3 +380,105 @@ mod tests {
         assert_eq!(parse_weekday("funday"), None);
     }
 }
+
+/// A trailing window: the last `length_ms`, moving in steps of `step_ms`. Events are kept in
+/// step buckets aligned to the Unix epoch (trailing windows ignore the time zone); the value
+/// at a clock is the aggregate of the buckets in `[end - length, end)`, where `end` is the end
+/// of the bucket holding the clock. It is exact at step granularity and drains as the clock
+/// moves on, even without events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Trailing {
+    pub length_ms: i64,
+    pub step_ms: i64,
+}
+
+impl Trailing {
+    /// Steps tried, smallest first: the first that divides the length into at most
+    /// [`Trailing::MAX_BUCKETS`] buckets is used.
+    const STEPS_MS: [i64; 12] = [
+        60_000, 300_000, 600_000, 900_000, 1_800_000, 3_600_000, 7_200_000, 10_800_000, 14_400_000,
+        21_600_000, 43_200_000, 86_400_000,
+    ];
+    pub const MAX_BUCKETS: i64 = 1000;
+
+    /// A trailing window of `length_ms`; `None` unless it is a whole number of minutes
+    /// between 1 minute and 1000 days.
+    pub fn new(length_ms: i64) -> Option<Trailing> {
+        let step_ms = Self::STEPS_MS.iter().copied().find(|step| {
+            length_ms >= *step && length_ms % step == 0 && length_ms / step <= Self::MAX_BUCKETS
+        })?;
+        Some(Trailing { length_ms, step_ms })
+    }
+
+    /// The step bucket holding `time_ms`.
+    pub fn bucket_of(&self, time_ms: EpochMillis) -> WindowBounds {
+        let start_ms = time_ms.div_euclid(self.step_ms) * self.step_ms;
+        WindowBounds {
+            start_ms,
+            end_ms: start_ms + self.step_ms,
+        }
+    }
+
+    /// The window shown at `clock_ms`: the length ending with the bucket holding the clock.
+    pub fn range_at(&self, clock_ms: EpochMillis) -> WindowBounds {
+        let end_ms = self.bucket_of(clock_ms).end_ms;
+        WindowBounds {
+            start_ms: end_ms - self.length_ms,
+            end_ms,
+        }
+    }
+
+    /// The window of the same length just before `range`.
+    pub fn previous(&self, range: WindowBounds) -> WindowBounds {
+        WindowBounds {
+            start_ms: range.start_ms - self.length_ms,
+            end_ms: range.start_ms,
+        }
+    }
+
+    /// The label in exported series and the API: `trailing_7d`, `trailing_90m`.
+    pub fn label(&self) -> String {
+        let minutes = self.length_ms / 60_000;
+        if minutes % (24 * 60) == 0 {
+            format!("trailing_{}d", minutes / (24 * 60))
+        } else if minutes % 60 == 0 {
+            format!("trailing_{}h", minutes / 60)
+        } else {
+            format!("trailing_{minutes}m")
+        }
+    }
+
+    /// The calendar period a trailing window is compared over in generated rules.
+    pub fn nominal_unit(&self) -> CalendarUnit {
+        const HOUR_MS: i64 = 3_600_000;
+        match self.length_ms {
+            length if length <= HOUR_MS => CalendarUnit::Hour,
+            length if length <= 24 * HOUR_MS => CalendarUnit::Day,
+            length if length <= 7 * 24 * HOUR_MS => CalendarUnit::Week,
+            _ => CalendarUnit::Month,
+        }
+    }
+}
+
+#[cfg(test)]
+mod trailing_tests {
+    use super::*;
+
+    #[test]
+    fn steps_divide_the_length_into_at_most_a_thousand_buckets() {
+        let week = Trailing::new(7 * 86_400_000).expect("7d");
+        assert_eq!(week.step_ms, 900_000, "15-minute steps: 672 buckets");
+        assert_eq!(Trailing::new(3_600_000).map(|t| t.step_ms), Some(60_000));
+        assert_eq!(
+            Trailing::new(28 * 86_400_000).map(|t| t.step_ms),
+            Some(3_600_000)
+        );
+        assert_eq!(Trailing::new(30_000), None, "under a minute");
+        assert_eq!(Trailing::new(90_500), None, "not whole minutes");
+        let range = Trailing::new(3_600_000)
+            .expect("1h")
+            .range_at(10 * 60_000 + 5);
+        assert_eq!((range.start_ms, range.end_ms), (-49 * 60_000, 11 * 60_000));
+        assert_eq!(week.label(), "trailing_7d");
+    }
+}

@@ -18,7 +18,7 @@ use nsm_core::metric::{
     Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role, Segmentation,
 };
 use nsm_core::query::windows_between;
-use nsm_core::window::{Calendar, CalendarUnit};
+use nsm_core::window::{Calendar, CalendarUnit, Trailing};
 use nsm_core::PartitionKey;
 use proptest::prelude::*;
 
@@ -53,6 +53,7 @@ fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUni
         kind,
         filter: Filter { clauses },
         window,
+        trailing: None,
         segments: None,
     }
 }
@@ -166,7 +167,38 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             Some("payment"),
             CalendarUnit::Day,
         ),
+        trailing(
+            metric(
+                "messages_trailing_3h",
+                MetricKind::Count,
+                Some("message_sent"),
+                CalendarUnit::Day,
+            ),
+            3 * HOUR,
+        ),
+        trailing(
+            metric(
+                "users_trailing_90m",
+                MetricKind::Distinct {
+                    field: path("user_id"),
+                },
+                None,
+                CalendarUnit::Day,
+            ),
+            90 * MINUTE,
+        ),
     ]
+}
+
+/// Trailing windows: messages over the last 3 hours, users over the last 90 minutes.
+const TRAILING_COUNT: usize = 11;
+const TRAILING_DISTINCT: usize = 12;
+
+fn trailing(metric: MetricDef, length_ms: i64) -> MetricDef {
+    MetricDef {
+        trailing: Some(Trailing::new(length_ms).expect("trailing length")),
+        ..metric
+    }
 }
 
 /// Users who paid within two hours after sending a message, by the day of the payment.
@@ -398,7 +430,10 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                 if [RATIO, RETENTION, CONVERSION].contains(&index) || !wants(def, name) {
                     continue;
                 }
-                let bounds = calendar.window_of(def.window, time_ms).expect("window");
+                let bounds = match &def.trailing {
+                    Some(trailing) => trailing.bucket_of(time_ms),
+                    None => calendar.window_of(def.window, time_ms).expect("window"),
+                };
                 let key = (partition, index, bounds.start_ms);
                 let zero = match def.kind {
                     MetricKind::Count => AggValue::Count(0),
@@ -737,6 +772,37 @@ proptest! {
             }
         }
         store.write(engine.take_changes());
+
+        // The trailing windows as /metrics shows them, at the end of the stream, equal the
+        // events in the trailing range: counted, and distinct users united per partition.
+        let values = restored_engine(&store).metric_values(now_ms);
+        let accepted: Vec<Vec<(usize, u8, i64, u32)>> = logs.iter().map(accepted_events).collect();
+        if let Some(clock) = accepted.iter().flatten().map(|event| event.2).max() {
+            let range = |metric: usize| metrics()[metric].trailing.expect("trailing").range_at(clock);
+            let in_range = |metric: usize, time_ms: i64| {
+                let range = range(metric);
+                range.start_ms <= time_ms && time_ms < range.end_ms
+            };
+            let messages = accepted
+                .iter()
+                .flatten()
+                .filter(|event| EVENT_NAMES[event.0] == "message_sent" && in_range(TRAILING_COUNT, event.2))
+                .count() as u64;
+            let users: u64 = accepted
+                .iter()
+                .map(|events| {
+                    events
+                        .iter()
+                        .filter(|event| in_range(TRAILING_DISTINCT, event.2))
+                        .map(|event| event.1)
+                        .collect::<BTreeSet<u8>>()
+                        .len() as u64
+                })
+                .sum();
+            prop_assert_eq!(values[TRAILING_COUNT].current.value, AggValue::Count(messages));
+            prop_assert_eq!(values[TRAILING_COUNT].current.bounds, range(TRAILING_COUNT));
+            prop_assert_eq!(values[TRAILING_DISTINCT].current.value, AggValue::Distinct(users));
+        }
 
         let expected = oracle(&logs);
         prop_assert_eq!(&store.windows, &expected);

@@ -55,7 +55,7 @@ pub(crate) async fn list_metrics(State(state): State<AppState>) -> Json<Value> {
                 "numerator": numerator,
                 "denominator": denominator,
                 "where": filter,
-                "window": metric.window.label(),
+                "window": metric.window_label(),
                 "windows_url": format!("/api/v1/metrics/{}/windows", metric.name),
             })
         })
@@ -147,7 +147,7 @@ pub(crate) async fn metric_windows(
     Json(json!({
         "metric": definition.name,
         "kind": definition.kind.label(),
-        "window": definition.window.label(),
+        "window": definition.window_label(),
         "zone": calendar.zone_name(),
         "partitions": partitions.len(),
         "windows": windows,

@@ -99,7 +99,7 @@ impl Telemetry {
                 metric.name.as_str(),
                 metric.role.label(),
                 metric.kind.label(),
-                metric.window.label(),
+                metric.window_label().as_str(),
                 metric.owner.as_deref().unwrap_or(""),
                 metric.description.as_str(),
             ])

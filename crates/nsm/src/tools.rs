@@ -89,7 +89,7 @@ pub fn check(path: &Path) -> Result<()> {
                 "  {:<10} {}: {what} where {filter}, per {}{owner}",
                 role.label(),
                 metric.name,
-                metric.window
+                metric.window_label()
             )?;
         }
     }

@@ -96,6 +96,8 @@ pub struct RawMetric {
     #[serde(rename = "where")]
     pub filter: Option<BTreeMap<String, toml::Value>>,
     pub window: Option<String>,
+    /// A trailing window (`"7d"`) instead of a calendar `window`.
+    pub trailing: Option<String>,
     /// A breakdown by these fields, and how many segments to export.
     pub by: Option<Vec<String>>,
     pub top: Option<i64>,

@@ -348,3 +348,35 @@ fn a_conversion_needs_its_start_its_end_and_a_duration() {
         ]
     );
 }
+
+#[test]
+fn a_trailing_window_replaces_the_calendar_one_for_counts_sums_and_distinct_counts() {
+    let text = format!(
+        "{RATIO_BASE}[[inputs]]\nname = \"active_7d\"\nkind = \"distinct\"\ntrailing = \"7d\"\n"
+    );
+    let config = Config::from_toml(&text, &no_env).expect("valid trailing");
+    let metric = config.metric("active_7d").expect("metric");
+    assert_eq!(metric.window_label(), "trailing_7d");
+    assert_eq!(
+        metric.window,
+        CalendarUnit::Week,
+        "compared week over week in rules"
+    );
+    let invalid = format!(
+        "{RATIO_BASE}[[inputs]]\nname = \"both\"\nkind = \"count\"\ntrailing = \"1d\"\nwindow = \"1d\"\n\
+         [[inputs]]\nname = \"odd\"\nkind = \"count\"\ntrailing = \"90s\"\n\
+         [[inputs]]\nname = \"busy\"\nkind = \"threshold\"\nentity = \"team_id\"\nat_least = 2\ntrailing = \"1d\"\n"
+    );
+    let paths: Vec<String> = errors_of(&invalid)
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect();
+    assert_eq!(
+        paths,
+        vec![
+            "inputs[2].trailing",
+            "inputs[3].trailing",
+            "inputs[4].trailing"
+        ]
+    );
+}

@@ -14,7 +14,7 @@ use crate::decimal::Decimal;
 use crate::metric::{
     Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role, Segmentation,
 };
-use crate::window::{parse_weekday, Calendar, CalendarUnit};
+use crate::window::{parse_weekday, Calendar, CalendarUnit, Trailing};
 
 /// librdkafka properties nsm sets itself; letting a user override them would break the
 /// offset-in-state guarantee or the consumer group.
@@ -199,7 +199,11 @@ fn validate(
         // The previous complete window must still be stored to be exported.
         let longest_window_ms = metrics
             .iter()
-            .map(|metric| metric.window.max_length_ms())
+            .map(|metric| match &metric.trailing {
+                // A trailing window's last bucket may still be filling.
+                Some(trailing) => trailing.length_ms + trailing.step_ms,
+                None => metric.window.max_length_ms(),
+            })
             .max()
             .unwrap_or(0);
         let needed_ms = 2 * longest_window_ms + time.allowed_lateness_ms;
@@ -658,16 +662,19 @@ fn validate_metric(
             problems.add(
                 format!("{path}.kind"),
                 format!(
-                    "unknown kind {other:?}; expected count, sum, distinct, threshold or ratio"
+                    "unknown kind {other:?}; expected count, sum, distinct, threshold, ratio, \
+                     retention or conversion"
                 ),
             );
             None
         }
     };
 
+    let trailing = validate_trailing(path, raw, kind.as_ref(), problems);
     let window = match raw.window.as_deref() {
         // A ratio takes its parts' window; `resolve_ratios` fills it in.
         None if is_ratio => Some(CalendarUnit::Week),
+        None if raw.trailing.is_some() => trailing.map(|trailing| trailing.nominal_unit()),
         None => {
             problems.add(
                 format!("{path}.window"),
@@ -699,6 +706,7 @@ fn validate_metric(
         kind: kind?,
         filter,
         window: window?,
+        trailing,
         segments,
     })
 }
@@ -784,6 +792,53 @@ fn validate_conversion(
         from,
         within_ms: millis(within?),
     })
+}
+
+/// `trailing = "7d"`: a moving window instead of a calendar one, for counts, sums and distinct
+/// counts without a breakdown.
+fn validate_trailing(
+    path: &str,
+    raw: &RawMetric,
+    kind: Option<&MetricKind>,
+    problems: &mut Problems,
+) -> Option<Trailing> {
+    let text = raw.trailing.as_ref()?;
+    let key = format!("{path}.trailing");
+    if raw.window.is_some() {
+        problems.add(
+            key.clone(),
+            "a metric has either a calendar `window` or a `trailing` one; remove one",
+        );
+    }
+    if raw.by.is_some() {
+        problems.add(key.clone(), "a trailing metric has no breakdown (`by`) yet");
+    }
+    if let Some(kind) = kind {
+        if !matches!(
+            kind,
+            MetricKind::Count | MetricKind::Sum { .. } | MetricKind::Distinct { .. }
+        ) {
+            problems.add(
+                key.clone(),
+                format!(
+                    "a trailing window is kept for count, sum and distinct metrics, not for a {}",
+                    kind.label()
+                ),
+            );
+        }
+    }
+    let length = duration(&key, Some(text), "", problems)?;
+    let trailing = Trailing::new(millis(length));
+    if trailing.is_none() {
+        problems.add(
+            key,
+            format!(
+                "{text:?} is not a trailing length nsm keeps: whole minutes from \"1m\" to \
+                 \"1000d\" (\"24h\", \"7d\", \"28d\")"
+            ),
+        );
+    }
+    trailing
 }
 
 /// Most segments a breakdown may export per window (beside the overflow series).
@@ -990,6 +1045,13 @@ fn resolve_retention(
             );
             continue;
         };
+        if base.trailing.is_some() {
+            problems.add(
+                format!("{path}.of"),
+                format!("{of:?} has a trailing window; retention compares calendar windows"),
+            );
+            continue;
+        }
         if !matches!(base.kind, MetricKind::Distinct { .. }) {
             problems.add(
                 format!("{path}.of"),
@@ -1058,26 +1120,28 @@ fn resolve_ratios(
                     format!("{name:?} is a {}; the parts of a ratio must be counts, sums, distinct counts or thresholds", part.kind.label()),
                 );
             } else {
-                part_windows.push((key, name, part.window));
+                part_windows.push((key, name, part.window, part.trailing, part.window_label()));
             }
         }
-        if let [(_, first_name, first), (_, second_name, second)] = part_windows[..] {
-            if first != second {
+        if let [(_, first_name, first, first_trailing, first_label), (_, second_name, second, second_trailing, second_label)] =
+            &part_windows[..]
+        {
+            if first != second || first_trailing != second_trailing {
                 problems.add(
                     path.clone(),
                     format!(
-                        "the numerator {first_name:?} has window {:?} but the denominator \
-                         {second_name:?} has {:?}; a ratio divides values of the same window",
-                        first.label(),
-                        second.label()
+                        "the numerator {first_name:?} has window {first_label:?} but the \
+                         denominator {second_name:?} has {second_label:?}; a ratio divides \
+                         values of the same window"
                     ),
                 );
             }
         }
-        if let Some((_, name, window)) = part_windows.first().copied() {
+        if let Some((_, name, window, trailing, _)) = part_windows.first().cloned() {
+            metrics[index].trailing = trailing;
             if !explicit_window[index] {
                 metrics[index].window = window;
-            } else if metrics[index].window != window {
+            } else if trailing.is_some() || metrics[index].window != window {
                 problems.add(
                     format!("{path}.window"),
                     format!(

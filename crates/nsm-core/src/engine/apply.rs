@@ -416,7 +416,7 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
         }
         let bounds = match state.last_window[index] {
             Some(bounds) if bounds.contains(event_time_ms) => bounds,
-            _ => match plan.calendar().window_of(compiled.window, event_time_ms) {
+            _ => match plan.bucket_of(index, event_time_ms) {
                 Some(bounds) => {
                     state.last_window[index] = Some(bounds);
                     bounds

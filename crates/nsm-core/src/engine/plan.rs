@@ -3,7 +3,7 @@
 use crate::config::Config;
 use crate::event::{EventSchema, Slot};
 use crate::metric::{FieldPath, FilterField, Literal, MetricDef, MetricKind};
-use crate::window::{Calendar, CalendarUnit};
+use crate::window::{Calendar, CalendarUnit, Trailing, WindowBounds};
 use crate::EpochMillis;
 
 /// Settings of the engine that are not metric definitions.
@@ -71,6 +71,8 @@ pub(super) struct CompiledMetric {
     pub from_clauses: Vec<(Slot, Vec<Literal>)>,
     pub value: ValueSource,
     pub window: CalendarUnit,
+    /// A trailing window's step buckets replace the calendar windows.
+    pub trailing: Option<Trailing>,
     /// The fields of a breakdown (empty without one).
     pub segment_slots: Vec<Slot>,
     /// How many segments to export.
@@ -182,6 +184,7 @@ impl Plan {
                     from_clauses,
                     value,
                     window: metric.window,
+                    trailing: metric.trailing,
                     segment_slots: segments
                         .map(|segments| segments.by.iter().map(|f| schema.slot(f)).collect())
                         .unwrap_or_default(),
@@ -242,6 +245,16 @@ impl Plan {
 
     pub fn calendar(&self) -> &Calendar {
         &self.settings.calendar
+    }
+
+    /// The window an event at `time_ms` is kept in: its calendar window, or its step bucket
+    /// for a trailing metric.
+    pub(super) fn bucket_of(&self, metric: usize, time_ms: EpochMillis) -> Option<WindowBounds> {
+        let compiled = &self.compiled[metric];
+        match &compiled.trailing {
+            Some(trailing) => Some(trailing.bucket_of(time_ms)),
+            None => self.settings.calendar.window_of(compiled.window, time_ms),
+        }
     }
 
     /// A window is complete, and will never change again, once the watermark has passed its

@@ -32,6 +32,7 @@ fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUni
         kind,
         filter: Filter { clauses },
         window,
+        trailing: None,
         segments: None,
     }
 }
@@ -609,4 +610,58 @@ fn returning_users_count_in_order_and_out_of_order_across_the_day_boundary() {
         .upserts
         .iter()
         .any(|upsert| upsert.metric == 3 && upsert.value == AggValue::Count(2)));
+}
+
+#[test]
+fn a_trailing_window_moves_with_the_clock_and_drains_when_traffic_stops() {
+    let mut metrics = test_plan().metrics().to_vec();
+    let mut recent = metric(
+        "recent_messagers",
+        MetricKind::Distinct {
+            field: path("user_id"),
+        },
+        Some("message_sent"),
+        CalendarUnit::Hour,
+    );
+    recent.trailing = crate::window::Trailing::new(30 * MINUTE);
+    metrics.push(recent);
+    let plan = Plan::new(metrics, test_plan().settings().clone());
+    let mut engine = Engine::new(plan);
+    engine.restore_partition(key(), PartitionSnapshot::default());
+    let now = ms("2026-11-23T10:40:00Z");
+    let stream = [
+        ("ana", "2026-11-23T10:00:00Z"),
+        ("bo", "2026-11-23T10:20:00Z"),
+        ("ana", "2026-11-23T10:25:00Z"),
+        ("cy", "2026-11-23T10:29:30Z"),
+    ];
+    for (offset, (user, time)) in stream.iter().enumerate() {
+        engine.apply(
+            &key(),
+            offset as i64,
+            &event("message_sent", user, time),
+            now,
+        );
+    }
+    let recent = |engine: &Engine, now: i64| engine.metric_values(now)[3].clone();
+    // The clock is 10:29:30: the 30 minutes ending with its minute, [10:00, 10:30).
+    let at_end = recent(&engine, now);
+    assert_eq!(at_end.current.value, AggValue::Distinct(3), "ana once");
+    assert_eq!(at_end.current.bounds.start_ms, ms("2026-11-23T10:00:00Z"));
+    // Traffic stops; the idle partition follows the wall clock and the window drains.
+    engine.advance_idle(&key(), ms("2026-11-23T10:52:10Z"));
+    let later = recent(&engine, now);
+    assert_eq!(later.current.bounds.start_ms, ms("2026-11-23T10:23:00Z"));
+    assert_eq!(
+        later.current.value,
+        AggValue::Distinct(2),
+        "ana at 10:25 and cy"
+    );
+    assert_eq!(
+        later.previous.value,
+        AggValue::Distinct(2),
+        "ana and bo before 10:23"
+    );
+    engine.advance_idle(&key(), ms("2026-11-23T11:30:00Z"));
+    assert_eq!(recent(&engine, now).current.value, AggValue::Distinct(0));
 }

@@ -1,10 +1,11 @@
 //! Read-only views of the engine for exposition: current and previous windows, summed over
 //! the partitions this instance owns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::plan::{Plan, ValueSource};
 use super::segment::{top_segments, SegmentValue};
+use super::state::Agg;
 use super::state::{AggValue, PartitionState};
 use crate::window::WindowBounds;
 use crate::{EpochMillis, PartitionKey};
@@ -76,6 +77,31 @@ pub(super) fn metric_values<'a>(
             .filter_map(|state| state.windows[index].get(&bounds.start_ms))
             .fold(zero, |sum, window| sum.plus(window.agg.value()))
     };
+    // A trailing metric's value over a range: its step buckets in the range, with distinct
+    // members united per partition (a member in several buckets counts once).
+    let stored_value = |index: usize, bounds: WindowBounds| {
+        if plan.compiled[index].trailing.is_none() {
+            return stored_value(index, bounds);
+        }
+        let mut total = AggValue::zero_for(&plan.compiled[index].value);
+        for state in partitions.clone() {
+            let buckets = state.windows[index].range(bounds.start_ms..bounds.end_ms);
+            if let ValueSource::Distinct(_) = plan.compiled[index].value {
+                let mut union: HashSet<&[u8]> = HashSet::new();
+                for (_, bucket) in buckets {
+                    if let Agg::Distinct(members) = &bucket.agg {
+                        union.extend(members.iter().map(|member| &**member));
+                    }
+                }
+                total = total.plus(AggValue::Distinct(union.len() as u64));
+            } else {
+                for (_, bucket) in buckets {
+                    total = total.plus(bucket.agg.value());
+                }
+            }
+        }
+        total
+    };
     let window_value = |index: usize, bounds: WindowBounds| {
         let value = match plan.compiled[index].value {
             // Parts share the ratio's window (checked by validation), so the same bounds.
@@ -123,11 +149,20 @@ pub(super) fn metric_values<'a>(
     };
     let mut values = Vec::with_capacity(plan.compiled.len());
     for (index, compiled) in plan.compiled.iter().enumerate() {
-        let Some(current) = calendar.window_of(compiled.window, clock) else {
-            continue;
-        };
-        let Some(previous) = calendar.previous(compiled.window, current) else {
-            continue;
+        let (current, previous) = match &compiled.trailing {
+            Some(trailing) => {
+                let current = trailing.range_at(clock);
+                (current, trailing.previous(current))
+            }
+            None => {
+                let Some(current) = calendar.window_of(compiled.window, clock) else {
+                    continue;
+                };
+                let Some(previous) = calendar.previous(compiled.window, current) else {
+                    continue;
+                };
+                (current, previous)
+            }
         };
         values.push(MetricValues {
             metric: index,
