@@ -17,6 +17,11 @@ fn errors_of(text: &str) -> Vec<(String, String)> {
     }
 }
 
+/// Just the paths of every problem, in order.
+fn error_paths(text: &str) -> Vec<String> {
+    errors_of(text).into_iter().map(|(path, _)| path).collect()
+}
+
 #[test]
 fn example_config_is_valid_and_typed() {
     let text = include_str!("../../../../config/example.toml");
@@ -275,10 +280,7 @@ fn a_threshold_names_its_entity_and_k_and_refuses_stray_keys() {
         "{RATIO_BASE}[[inputs]]\nname = \"no_entity\"\nkind = \"threshold\"\nat_least = 0\nwindow = \"1w\"\n\
          [[inputs]]\nname = \"stray\"\nkind = \"count\"\nentity = \"team_id\"\nwindow = \"1w\"\n"
     );
-    let paths: Vec<String> = errors_of(&invalid)
-        .into_iter()
-        .map(|(path, _)| path)
-        .collect();
+    let paths = error_paths(&invalid);
     assert_eq!(
         paths,
         vec!["inputs[2].entity", "inputs[2].at_least", "inputs[3].entity"]
@@ -299,10 +301,7 @@ fn a_breakdown_takes_fields_and_a_top_and_only_on_additive_kinds() {
          [[guardrails]]\nname = \"rate\"\nkind = \"ratio\"\nnumerator = \"resolved\"\ndenominator = \"started\"\nby = [\"a\"]\n\
          [[guardrails]]\nname = \"stray_top\"\nkind = \"count\"\nwindow = \"1w\"\ntop = 5\n"
     );
-    let paths: Vec<String> = errors_of(&invalid)
-        .into_iter()
-        .map(|(path, _)| path)
-        .collect();
+    let paths = error_paths(&invalid);
     assert_eq!(
         paths,
         vec!["guardrails[0].top", "guardrails[1].by", "guardrails[2].top"]
@@ -324,10 +323,7 @@ fn retention_reads_a_distinct_metric_and_takes_its_window() {
         "{RATIO_BASE}[[inputs]]\nname = \"of_a_count\"\nkind = \"retention\"\nof = \"started\"\n\
          [[inputs]]\nname = \"of_nothing\"\nkind = \"retention\"\n"
     );
-    let paths: Vec<String> = errors_of(&invalid)
-        .into_iter()
-        .map(|(path, _)| path)
-        .collect();
+    let paths = error_paths(&invalid);
     assert_eq!(paths, vec!["inputs[3].of", "inputs[2].of"]);
 }
 
@@ -337,7 +333,7 @@ fn a_conversion_needs_its_start_its_end_and_a_duration() {
         "{RATIO_BASE}[[inputs]]\nname = \"converted\"\nkind = \"conversion\"\nwindow = \"1w\"\n\
          [[inputs]]\nname = \"stray\"\nkind = \"count\"\nwithin = \"1d\"\nwindow = \"1w\"\n"
     );
-    let paths: Vec<String> = errors_of(&text).into_iter().map(|(path, _)| path).collect();
+    let paths = error_paths(&text);
     assert_eq!(
         paths,
         vec![
@@ -367,10 +363,7 @@ fn a_trailing_window_replaces_the_calendar_one_for_counts_sums_and_distinct_coun
          [[inputs]]\nname = \"odd\"\nkind = \"count\"\ntrailing = \"90s\"\n\
          [[inputs]]\nname = \"busy\"\nkind = \"threshold\"\nentity = \"team_id\"\nat_least = 2\ntrailing = \"1d\"\n"
     );
-    let paths: Vec<String> = errors_of(&invalid)
-        .into_iter()
-        .map(|(path, _)| path)
-        .collect();
+    let paths = error_paths(&invalid);
     assert_eq!(
         paths,
         vec![
