@@ -76,6 +76,15 @@ const MONEY_WORDS: [&str; 12] = [
     "order_value",
 ];
 
+/// Words that, as the last segment of a field, say it holds a running total.
+const CUMULATIVE_WORDS: [&str; 5] = [
+    "running_total",
+    "cumulative",
+    "lifetime",
+    "to_date",
+    "all_time",
+];
+
 /// Event names that only count arrivals, not value received.
 const SIGN_UP_WORDS: [&str; 8] = [
     "signup",
@@ -220,6 +229,45 @@ fn lint_north_star(
                 hint: revenue_hint,
             });
         }
+    }
+
+    // A North Star that can hardly fall: a window of months, or a running total in the event.
+    let long_trailing = north_star
+        .trailing
+        .filter(|trailing| trailing.length_ms > 90 * 86_400_000);
+    let cumulative_field = north_star.kind.field().filter(|field| {
+        let last = field
+            .segments()
+            .last()
+            .map(|segment| segment.to_ascii_lowercase())
+            .unwrap_or_default();
+        CUMULATIVE_WORDS.iter().any(|word| last.contains(word))
+    });
+    if let Some(trailing) = long_trailing {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            check: "vanity_north_star",
+            path: path.into(),
+            message: format!(
+                "North Star {:?} trails {}: close to a cumulative total, it barely falls",
+                north_star.name,
+                trailing.label().trim_start_matches("trailing_")
+            ),
+            hint: "a North Star should move with this week's value: use a weekly or monthly \
+                   window (or a trailing 7d/28d one)",
+        });
+    } else if let Some(field) = cumulative_field {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            check: "vanity_north_star",
+            path: path.into(),
+            message: format!(
+                "North Star {:?} reads {field}, which looks like a running total",
+                north_star.name
+            ),
+            hint: "sum what happened in each event (nights of this booking), not a total to \
+                   date that only grows",
+        });
     }
 
     if let MetricKind::Ratio { denominator, .. } = &north_star.kind {
@@ -400,6 +448,33 @@ window = "1w""#,
         let everything = with_north_star("name = \"events\"\nkind = \"count\"\nwindow = \"1w\"");
         assert_eq!(
             checks(&everything),
+            vec![(Severity::Warning, "vanity_north_star", "north_star".into())]
+        );
+    }
+
+    #[test]
+    fn north_stars_that_barely_fall_are_vanity_warnings() {
+        let months = with_north_star(
+            r#"name = "active_users"
+kind = "distinct"
+where = { event = "message_sent" }
+trailing = "120d"
+[state]
+retention = "250d""#,
+        );
+        assert_eq!(
+            checks(&months),
+            vec![(Severity::Warning, "vanity_north_star", "north_star".into())]
+        );
+        let running_total = with_north_star(
+            r#"name = "nights"
+kind = "sum"
+field = "properties.lifetime_nights"
+where = { event = "booking_confirmed" }
+window = "1w""#,
+        );
+        assert_eq!(
+            checks(&running_total),
             vec![(Severity::Warning, "vanity_north_star", "north_star".into())]
         );
     }
