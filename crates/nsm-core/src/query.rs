@@ -1,9 +1,9 @@
 //! Answers to "what were the values of this metric between two times", computed from the
 //! stored windows of the partitions an instance owns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::engine::{AggValue, Plan, StoredWindow};
+use crate::engine::{top_segments, AggValue, Plan, SegmentValue, StoredSegment, StoredWindow};
 use crate::window::WindowBounds;
 use crate::EpochMillis;
 
@@ -71,6 +71,30 @@ pub fn windows_between(
             complete: plan.is_complete(end_ms, completeness_watermark),
         })
         .collect()
+}
+
+/// The exported segments of one window of `metric` (summed over partitions): the metric's top
+/// segments and the overflow, as on `/metrics`.
+pub fn window_segments(
+    plan: &Plan,
+    metric: usize,
+    stored: &[StoredSegment],
+    start_ms: EpochMillis,
+) -> Vec<SegmentValue> {
+    let Some(segmentation) = &plan.metrics()[metric].segments else {
+        return Vec::new();
+    };
+    let mut summed: HashMap<Box<[u8]>, AggValue> = HashMap::new();
+    for segment in stored
+        .iter()
+        .filter(|segment| segment.metric == metric && segment.start_ms == start_ms)
+    {
+        summed
+            .entry(segment.segment.clone())
+            .and_modify(|sum| *sum = sum.plus(segment.value))
+            .or_insert(segment.value);
+    }
+    top_segments(summed, segmentation.top as usize)
 }
 
 /// The metrics whose stored windows [`windows_between`] needs for `metric`.

@@ -5,9 +5,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nsm_core::decimal::Decimal;
+use nsm_core::engine::SegmentValue;
 use nsm_core::engine::{AggValue, PartitionStatus};
 use nsm_core::metric::{FilterField, Literal, MetricKind};
-use nsm_core::query::{stored_metrics, windows_between};
+use nsm_core::query::{stored_metrics, window_segments, windows_between};
 use nsm_core::window::parse_instant;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -108,17 +109,22 @@ pub(crate) async fn metric_windows(
     let store = state.store.clone();
     let keys: Vec<_> = partitions.iter().map(|status| status.key.clone()).collect();
     let needed = stored_metrics(&state.plan, metric);
+    let segmented = state.plan.metrics()[metric].segments.is_some();
     let loaded = tokio::task::spawn_blocking(move || {
         let mut stored = Vec::new();
+        let mut segments = Vec::new();
         for key in &keys {
             for metric in &needed {
                 stored.extend(store.windows(key, Some(*metric))?);
             }
+            if segmented {
+                segments.extend(store.segments(key, metric)?);
+            }
         }
-        Ok::<_, nsm_state::StateError>(stored)
+        Ok::<_, nsm_state::StateError>((stored, segments))
     })
     .await;
-    let stored = match loaded {
+    let (stored, segments) = match loaded {
         Ok(Ok(stored)) => stored,
         Ok(Err(state_error)) => {
             return error(StatusCode::INTERNAL_SERVER_ERROR, state_error.to_string())
@@ -140,6 +146,9 @@ pub(crate) async fn metric_windows(
                 "end_ms": record.bounds.end_ms,
                 "value": value_json(record.value),
                 "complete": record.complete,
+                "segments": segments_json(
+                    &window_segments(&state.plan, metric, &segments, record.bounds.start_ms)
+                ),
             })
         })
         .collect();
@@ -166,6 +175,19 @@ fn literal_json(literal: &Literal) -> Value {
 /// The exact decimal text is a valid JSON number.
 fn decimal_json(number: Decimal) -> Value {
     serde_json::from_str(&number.to_string()).unwrap_or(Value::Null)
+}
+
+/// `[{"segment": "pro/DE", "value": 12}, ..., {"segment": "__other__", ...}]`, largest first;
+/// `null` without a breakdown.
+fn segments_json(segments: &[SegmentValue]) -> Value {
+    if segments.is_empty() {
+        return Value::Null;
+    }
+    let entries: Vec<Value> = segments
+        .iter()
+        .map(|segment| json!({ "segment": segment.label, "value": value_json(segment.value) }))
+        .collect();
+    Value::Array(entries)
 }
 
 fn value_json(value: AggValue) -> Value {

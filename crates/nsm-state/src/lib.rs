@@ -369,32 +369,7 @@ impl Store {
                 });
             }
         }
-        for item in self.db.iterator_cf(
-            self.cf(CF_SEGMENTS),
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (stored_key, value) = item?;
-            if !stored_key.starts_with(&prefix) {
-                break;
-            }
-            let parsed = self
-                .parse_window_key(&stored_key[prefix.len()..])
-                .zip(decode_window_value(&value));
-            let Some(((metric, start_ms, segment), (_, value))) = parsed else {
-                return Err(StateError::Corrupt {
-                    column_family: CF_SEGMENTS,
-                    detail: format!("segment in partition {key}"),
-                });
-            };
-            if let Some(metric) = metric {
-                snapshot.segments.push(StoredSegment {
-                    metric,
-                    start_ms,
-                    segment: segment.into(),
-                    value,
-                });
-            }
-        }
+        snapshot.segments = self.scan_segments(key, &prefix)?;
         for stored_key in self.keys_under(CF_FUNNELS, &prefix) {
             let stored_key = stored_key?;
             let rest = &stored_key[prefix.len()..];
@@ -452,6 +427,53 @@ impl Store {
             )
             .map(|item| item.map(|(key, _)| key).map_err(StateError::from))
             .take_while(move |item| item.as_ref().map_or(true, |key| key.starts_with(prefix)))
+    }
+
+    /// The stored segments of one metric's windows in one partition.
+    pub fn segments(
+        &self,
+        key: &PartitionKey,
+        metric: usize,
+    ) -> Result<Vec<StoredSegment>, StateError> {
+        let prefix = window_metric_prefix(&partition_prefix(key), self.metric_name(metric));
+        self.scan_segments(key, &prefix)
+    }
+
+    /// Segments stored under `prefix` (a partition's, or one metric's in it).
+    fn scan_segments(
+        &self,
+        key: &PartitionKey,
+        prefix: &[u8],
+    ) -> Result<Vec<StoredSegment>, StateError> {
+        let partition_length = partition_prefix(key).len();
+        let mut segments = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_SEGMENTS),
+            IteratorMode::From(prefix, Direction::Forward),
+        ) {
+            let (stored_key, value) = item?;
+            if !stored_key.starts_with(prefix) {
+                break;
+            }
+            let parsed = self
+                .parse_window_key(&stored_key[partition_length..])
+                .zip(decode_window_value(&value));
+            let Some(((metric, start_ms, segment), (_, value))) = parsed else {
+                return Err(StateError::Corrupt {
+                    column_family: CF_SEGMENTS,
+                    detail: format!("segment in partition {key}"),
+                });
+            };
+            if let Some(metric) = metric {
+                segments.push(StoredSegment {
+                    metric,
+                    start_ms,
+                    segment: segment.into(),
+                    value,
+                });
+            }
+        }
+        Ok(segments)
     }
 
     /// The stored windows of one partition, of one metric or of all.

@@ -117,6 +117,22 @@ fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart(
         ]
     );
 
+    // Revenue's stored day carries its top segments and the overflow, summing to the total.
+    let (status, body) = http_get(port, "/api/v1/metrics/revenue/windows").expect("api");
+    assert_eq!(status, 200, "{body}");
+    let windows: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let segments = windows["windows"][0]["segments"]
+        .as_array()
+        .expect("segments")
+        .clone();
+    assert_eq!(segments.len(), 4, "{segments:?}");
+    assert_eq!(segments[3]["segment"], "__other__");
+    let total: f64 = segments
+        .iter()
+        .map(|segment| segment["value"].as_f64().expect("value"))
+        .sum();
+    assert!((total - stream.revenue).abs() < 1e-6, "{segments:?}");
+
     // Every bad event is in the dead-letter topic with its reason.
     let dead_letters = nsm_tool(&[
         "read",

@@ -22,7 +22,7 @@ pub use changes::{
 };
 pub use funnel::{FunnelRecord, FunnelStep};
 pub use plan::{DedupSettings, EngineSettings, Plan};
-pub use segment::{segment_label, SegmentValue, OVERFLOW_LABEL};
+pub use segment::{segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
 pub use state::{AggValue, PartitionSnapshot, SeenId, StoredMember, StoredSegment, StoredWindow};
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
