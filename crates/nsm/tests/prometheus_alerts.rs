@@ -314,17 +314,36 @@ fn north_star_flat_while_revenue_grows_fires_on_a_real_prometheus() {
     let setup = start(true);
     let port = setup.prometheus_port;
     let started = Instant::now();
-    wait_for(
-        "NSMFlatWhileRevenueGrows firing on /api/v1/alerts",
-        Duration::from_secs(70),
-        Some(&setup.prometheus),
-        || {
-            if setup.nsm.log_text().contains("ERROR") {
-                panic!("nsm logged an error:\n{}", setup.nsm.log_text());
-            }
-            (alert_state(port, "NSMFlatWhileRevenueGrows")? == "firing").then_some(())
-        },
-    );
+    // What Prometheus saw, once a second, for the failure message.
+    let mut history = Vec::new();
+    let mut last_record = Instant::now() - Duration::from_secs(1);
+    loop {
+        if setup.nsm.log_text().contains("ERROR") {
+            panic!("nsm logged an error:\n{}", setup.nsm.log_text());
+        }
+        let state = alert_state(port, "NSMFlatWhileRevenueGrows");
+        if state.as_deref() == Some("firing") {
+            break;
+        }
+        if last_record.elapsed() >= Duration::from_secs(1) {
+            last_record = Instant::now();
+            history.push(format!(
+                "{:>4.1}s growth {:?} stale {:?} up {:?} alert {state:?}",
+                started.elapsed().as_secs_f64(),
+                query(port, "nsm:metric_growth"),
+                query(port, "label_replace(nsm:data_stale:reason == 1, \"metric\", \"$1\", \"reason\", \"(.*)\")"),
+                query(port, "label_replace(up, \"metric\", \"up\", \"\", \"\")"),
+            ));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(75),
+            "NSMFlatWhileRevenueGrows not firing after 75 s; Prometheus saw:\n{}\n\
+             Prometheus log:\n{}",
+            history.join("\n"),
+            setup.prometheus.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The page carries the values it is about: flat North Star, growing revenue.
     let growth = query(port, "nsm:metric_growth");
     let of = |metric: &str| growth.iter().find(|(m, _)| m == metric).map(|(_, v)| *v);
