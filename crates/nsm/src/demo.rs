@@ -73,7 +73,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     config.http.listen = args.listen;
     info!(brokers = %config.kafka.brokers, topic = %topic, state = %state_dir.path().display(), "embedded broker started");
     eprintln!(
-        "\nnsm demo: {} events/s of {} flow through an in-process Kafka broker.\n  \
+        "\nnsm demo: up to {} events/s of {} flow through an in-process Kafka broker.\n  \
          scenario: {} (over {}).\n  \
          curl http://{}/metrics | grep nsm_metric_value\n  \
          curl http://{}/api/v1/metrics\n  Ctrl-C stops everything.\n",
