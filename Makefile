@@ -1,6 +1,8 @@
 # nsm — the two commands a new machine needs:
 #   make run    build and run the pipeline on its embedded default (in-process broker + demo stream);
-#               make run PRODUCT=chatbot|collaboration|marketplace picks the product (default collaboration)
+#               make run PRODUCT=chatbot|collaboration|marketplace picks the product (default collaboration),
+#               make run SCENARIO=healthy|nsm-flattens|guardrail-breach|traffic-stops how its stream
+#               changes over time (default healthy); SCENARIO_PERIOD=10m how fast
 #   make test   install what the tests need (system packages, the tansu broker) and run them all
 
 SHELL := /bin/bash
@@ -13,11 +15,14 @@ CARGO_BIN := $(HOME)/.cargo/bin
 export PATH := $(CARGO_BIN):$(PATH)
 # The product `make run` simulates, each with its example config in config/.
 PRODUCT ?= collaboration
+# How the demo stream changes over time, and over how long (see `nsm demo --help`).
+SCENARIO ?= healthy
+SCENARIO_PERIOD ?= 10m
 
 .PHONY: run test deps tansu build check fmt lint clean
 
 run: deps
-	$(CARGO) run --bin nsm -- demo --product $(PRODUCT)
+	$(CARGO) run --bin nsm -- demo --product $(PRODUCT) --scenario $(SCENARIO) --scenario-period $(SCENARIO_PERIOD)
 
 test: deps tansu
 	$(CARGO) test --workspace --all-targets --no-fail-fast

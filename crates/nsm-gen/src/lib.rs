@@ -12,4 +12,4 @@ mod promql;
 mod rules;
 
 pub use dashboard::dashboard;
-pub use rules::rules;
+pub use rules::{rules, rules_scaled};

@@ -40,6 +40,17 @@ impl Timing {
         }
     }
 
+    /// Every duration divided by `scale`, rounded up to a whole second (1 leaves it as is).
+    pub fn scaled(self, scale: u64) -> Timing {
+        let scale = scale.max(1);
+        let divide = |seconds: u64| seconds.div_ceil(scale).max(1);
+        Timing {
+            window: divide(self.window),
+            grace: divide(self.grace),
+            keep_firing: divide(self.keep_firing),
+        }
+    }
+
     /// The range over which growth must have stayed below (or above) a threshold for `periods`
     /// complete windows: the growth of the window before the current one is recorded during the
     /// whole current window, so `periods - 1` windows back plus the grace see `periods` values.

@@ -166,3 +166,24 @@ fn every_dashboard_shows_the_tree_with_owners_and_pipeline_health() {
         }
     }
 }
+
+/// `--time-scale` divides every window-derived duration of the business rules and nothing
+/// else; scale 1 is the production file.
+#[test]
+fn time_scaled_rules_divide_window_durations_only() {
+    let config = load(&repo_root().join("config/example.toml"));
+    let source = "config/example.toml";
+    assert_eq!(
+        nsm_gen::rules_scaled(&config, source, 1),
+        nsm_gen::rules(&config, source)
+    );
+    let scaled = nsm_gen::rules_scaled(&config, source, 360);
+    assert!(scaled.contains("TIME-SCALED"), "{scaled}");
+    // A day is 4m, a week 28m; the North Star's grace (6h) 1m, keep_firing_for (1d) 4m.
+    assert!(scaled.contains(" offset 4m)"), "day growth look-back");
+    assert!(scaled.contains(" offset 28m)"), "week growth look-back");
+    assert!(scaled.contains("for: 1m\n        keep_firing_for: 4m"));
+    assert!(!scaled.contains("offset 7d") && !scaled.contains("offset 1d"));
+    // Freshness alerts are about the wall clock: unscaled.
+    assert!(scaled.contains("sum(rate(nsm_events_consumed_total[5m])) == 0\n        for: 15m"));
+}

@@ -11,7 +11,7 @@ use nsm_core::Config;
 use nsm_kafka::{ClientSettings, EventProducer};
 use tracing::info;
 
-use crate::generator::{run_generator, stop_flag, GeneratorOptions, Product};
+use crate::generator::{run_generator, stop_flag, GeneratorOptions, Product, Scenario};
 use crate::run::{load_config, run_pipeline};
 
 #[derive(Debug, clap::Args)]
@@ -20,7 +20,15 @@ pub struct DemoArgs {
     /// config/, measures them.
     #[arg(long, value_enum, default_value_t = Product::default())]
     product: Product,
-    /// Events per second of the demo stream.
+    /// How the stream changes over time, so each alert's situation can be watched: healthy
+    /// growth, a North Star flattening while revenue grows, a guardrail breach, traffic
+    /// stopping.
+    #[arg(long, value_enum, default_value_t = Scenario::default())]
+    scenario: Scenario,
+    /// The time over which the scenario ramps (traffic-stops: how long traffic flows).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    scenario_period: std::time::Duration,
+    /// Events per second of the demo stream (at most; a scenario may leave slots empty).
     #[arg(long, default_value_t = 200)]
     rate: u32,
     /// Where to serve /metrics and the API.
@@ -65,11 +73,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
     config.http.listen = args.listen;
     info!(brokers = %config.kafka.brokers, topic = %topic, state = %state_dir.path().display(), "embedded broker started");
     eprintln!(
-        "\nnsm demo: {} events/s of {} flow through an in-process Kafka broker.\n  \
+        "\nnsm demo: up to {} events/s of {} flow through an in-process Kafka broker.\n  \
+         scenario: {} (over {}).\n  \
          curl http://{}/metrics | grep nsm_metric_value\n  \
          curl http://{}/api/v1/metrics\n  Ctrl-C stops everything.\n",
         args.rate,
         args.product.describe(),
+        args.scenario.describe(),
+        humantime::format_duration(args.scenario_period),
         args.listen,
         args.listen
     );
@@ -85,6 +96,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         users: 5_000,
         seed: 42,
         bad_share: 0.002,
+        scenario: Some(args.scenario),
+        scenario_period: args.scenario_period,
     };
     let generator = std::thread::Builder::new()
         .name("nsm-demo-generator".into())

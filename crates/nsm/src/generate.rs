@@ -16,8 +16,28 @@ pub struct GenerateArgs {
     output: Option<PathBuf>,
 }
 
+/// `nsm rules`: the config and output, and the time scale of accelerated-time tests.
+#[derive(Debug, clap::Args)]
+pub struct RulesArgs {
+    #[command(flatten)]
+    common: GenerateArgs,
+    /// Divide every window-derived duration of the business rules (growth look-back,
+    /// sustained ranges, `for`, hold-back) by this, for event time replayed this many times
+    /// faster than the wall clock (end-to-end tests, demos). Never in production.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    time_scale: u32,
+}
+
+/// `nsm rules`.
+pub fn write_rules(args: RulesArgs) -> Result<()> {
+    let scale = args.time_scale;
+    write(args.common, |config, source| {
+        nsm_gen::rules_scaled(config, source, scale)
+    })
+}
+
 /// Loads the config and writes `generate(config, source)` to the output.
-pub fn write(args: GenerateArgs, generate: fn(&Config, &str) -> String) -> Result<()> {
+pub fn write(args: GenerateArgs, generate: impl Fn(&Config, &str) -> String) -> Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read config file {}", args.config.display()))?;
     // Generated files never contain Kafka properties, so an unset `${VAR}` secret must not

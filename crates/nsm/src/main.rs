@@ -62,7 +62,7 @@ enum Command {
     Generate(tools::GenerateArgs),
     /// Write the Prometheus rule file of a config: recording rules (metrics summed across
     /// instances, growth, the revenue gap) and the on-call alerts, `[alerting]` thresholds.
-    Rules(generate::GenerateArgs),
+    Rules(generate::RulesArgs),
     /// Write the Grafana dashboard of a config (provisioning JSON model).
     Dashboards(generate::GenerateArgs),
 }
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Command::Produce(args) => tools::produce(args),
         Command::Read(args) => tools::read(args),
         Command::Generate(args) => tools::generate(args),
-        Command::Rules(args) => generate::write(args, nsm_gen::rules),
+        Command::Rules(args) => generate::write_rules(args),
         Command::Dashboards(args) => generate::write(args, nsm_gen::dashboard),
     };
     match result {

@@ -280,6 +280,8 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         users: args.users,
         seed: args.seed,
         bad_share: args.bad_share,
+        scenario: None,
+        scenario_period: std::time::Duration::ZERO,
     };
     let sent = run_generator(&producer, options, &stop)
         .map_err(|error| anyhow!("generator: {error:#}"))?;

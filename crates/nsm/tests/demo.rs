@@ -87,3 +87,68 @@ fn an_unknown_product_is_refused_with_the_list_of_products() {
         assert!(stderr.contains(product), "{stderr}");
     }
 }
+
+/// `make run SCENARIO=traffic-stops`: events flow for one period, then none at all, which is
+/// what NoEvents and WatermarkStale page for.
+#[test]
+fn the_traffic_stops_scenario_stops_the_stream_after_its_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut demo = Process::spawn(
+        "nsm-demo-traffic-stops",
+        Command::new(NSM).args([
+            "demo",
+            "--scenario",
+            "traffic-stops",
+            "--scenario-period",
+            "3s",
+            "--listen",
+            &listen,
+            "--rate",
+            "500",
+        ]),
+        dir.path(),
+    );
+    // Summed over the demo topic's partitions.
+    let consumed = |port| {
+        let samples = scrape(port)?;
+        let counts: Vec<f64> = samples
+            .iter()
+            .filter(|(series, _)| series.starts_with("nsm_events_consumed_total{"))
+            .map(|(_, value)| *value)
+            .collect();
+        (!counts.is_empty()).then(|| counts.iter().sum::<f64>())
+    };
+    wait_for(
+        "events consumed",
+        Duration::from_secs(60),
+        Some(&demo),
+        || consumed(port).filter(|count| *count > 0.0),
+    );
+    // Well past the period and the pipeline's flush, the count no longer moves.
+    std::thread::sleep(Duration::from_secs(5));
+    let stopped = consumed(port).expect("scrape");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(consumed(port), Some(stopped), "events still flow");
+    let status = demo.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", demo.log_text());
+}
+
+#[test]
+fn an_unknown_scenario_is_refused_with_the_list_of_scenarios() {
+    let output = Command::new(NSM)
+        .args(["demo", "--scenario", "meltdown"])
+        .output()
+        .expect("nsm demo");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for scenario in [
+        "healthy",
+        "nsm-flattens",
+        "guardrail-breach",
+        "traffic-stops",
+    ] {
+        assert!(stderr.contains(scenario), "{stderr}");
+    }
+}

@@ -77,3 +77,9 @@ pub fn run_promtool(args: &[&str], what: &str) -> String {
     );
     text
 }
+
+/// Parses a config text, panicking with its problems.
+pub fn load_text(text: &str) -> Config {
+    Config::from_toml(text, &|_| Some(String::new()))
+        .unwrap_or_else(|errors| panic!("config: {errors}"))
+}

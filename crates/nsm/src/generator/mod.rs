@@ -10,8 +10,11 @@
 mod chatbot;
 mod collaboration;
 mod marketplace;
+mod scenario;
 #[cfg(test)]
 mod tests;
+
+pub use scenario::Scenario;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -95,6 +98,10 @@ pub struct GeneratorOptions {
     pub seed: u64,
     /// Share of deliberately broken events (truncated JSON, wrong types, late), 0..1.
     pub bad_share: f64,
+    /// How the stream changes over time; `None` keeps it steady (`nsm generate`).
+    pub scenario: Option<Scenario>,
+    /// The time over which the scenario ramps (see [`Scenario`]).
+    pub scenario_period: Duration,
 }
 
 /// How a deliberately bad event is broken, and so why nsm must reject it.
@@ -156,7 +163,46 @@ impl EventGenerator {
 
     /// The next event, stamped `time_ms`.
     pub fn next_event(&mut self, time_ms: i64) -> GeneratedEvent {
-        self.sequence += 1;
+        let (flaw, draft) = self.draw();
+        self.finish(draft, flaw, time_ms)
+    }
+
+    /// The next slot of the stream `elapsed` after its start, shaped by the scenario: `None`
+    /// when the scenario sends nothing in it. Without a scenario, [`Self::next_event`].
+    pub fn next_scenario_event(
+        &mut self,
+        time_ms: i64,
+        elapsed: Duration,
+    ) -> Option<GeneratedEvent> {
+        let Some(scenario) = self.options.scenario else {
+            return Some(self.next_event(time_ms));
+        };
+        let period = self.options.scenario_period;
+        let product = self.options.product;
+        match scenario.slot(&mut self.rng, elapsed, period) {
+            scenario::Slot::Skip => None,
+            scenario::Slot::Normal => {
+                let (flaw, mut draft) = self.draw();
+                if flaw.is_none() {
+                    scenario.reshape(product, &mut draft, elapsed, period);
+                }
+                Some(self.finish(draft, flaw, time_ms))
+            }
+            scenario::Slot::Guardrail => {
+                let users = self.options.users.max(1);
+                let name = scenario::guardrail_event(product);
+                // Guardrail events are about 1% of a product's mix: draw until one comes.
+                let draft = (0..100_000)
+                    .map(|_| product_event(product, &mut self.rng, users))
+                    .find(|draft| draft.name == name)
+                    .unwrap_or_else(|| product_event(product, &mut self.rng, users));
+                Some(self.finish(draft, None, time_ms))
+            }
+        }
+    }
+
+    /// A drawn event and its deliberate flaw, if any.
+    fn draw(&mut self) -> (Option<Flaw>, Draft) {
         let users = self.options.users.max(1);
         let product = self.options.product;
         let rng = &mut self.rng;
@@ -180,6 +226,12 @@ impl EventGenerator {
             (Product::Marketplace, Some(_)) => marketplace::north_star_event(rng, users),
             (Product::Marketplace, None) => marketplace::event(rng, users),
         };
+        (flaw, draft)
+    }
+
+    /// The envelope around `draft`, stamped `time_ms` (older when late), cut when truncated.
+    fn finish(&mut self, draft: Draft, flaw: Option<Flaw>, time_ms: i64) -> GeneratedEvent {
+        self.sequence += 1;
         let time_ms = if flaw == Some(Flaw::Late) {
             time_ms - LATE_BY_MS
         } else {
@@ -215,6 +267,15 @@ impl EventGenerator {
         event.insert("timestamp".into(), timestamp);
         event.extend(fields);
         Value::Object(event).to_string()
+    }
+}
+
+/// A normal event of `product`.
+fn product_event(product: Product, rng: &mut StdRng, users: u32) -> Draft {
+    match product {
+        Product::Chatbot => chatbot::event(rng, users),
+        Product::Collaboration => collaboration::event(rng, users),
+        Product::Marketplace => marketplace::event(rng, users),
     }
 }
 
@@ -268,6 +329,7 @@ pub fn run_generator(
     let mut sent: u64 = 0;
     let mut flawed: u64 = 0;
     let mut retried: u64 = 0;
+    let mut skipped: u64 = 0;
     info!(topic = %topic, ?product, rate, "demo generator started");
     while !stop.load(Ordering::Relaxed) && count.is_none_or(|count| sent < count) {
         // Pace by elapsed time so the rate holds whatever the batch cost.
@@ -277,8 +339,14 @@ pub fn run_generator(
             continue;
         }
         let now_ms = wall_clock_ms();
+        let elapsed = started.elapsed();
         while sent < due && count.is_none_or(|count| sent < count) {
-            let event = generator.next_event(now_ms);
+            // `sent` counts the slots of the stream; a scenario may leave some empty.
+            let Some(event) = generator.next_scenario_event(now_ms, elapsed) else {
+                sent += 1;
+                skipped += 1;
+                continue;
+            };
             flawed += u64::from(event.flaw.is_some());
             producer.send(&topic, Some(event.key.as_bytes()), event.payload.as_bytes())?;
             sent += 1;
@@ -295,6 +363,7 @@ pub fn run_generator(
         sent,
         deliberately_bad = flawed,
         retried,
+        left_empty_by_scenario = skipped,
         "demo generator stopped"
     );
     Ok(sent)

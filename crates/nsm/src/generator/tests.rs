@@ -37,6 +37,8 @@ fn stream(product: Product) -> Vec<(i64, GeneratedEvent)> {
         users: 5_000,
         seed: 7,
         bad_share: BAD_SHARE,
+        scenario: None,
+        scenario_period: Duration::ZERO,
     });
     (0..EVENTS as i64)
         .map(|second| {
