@@ -302,21 +302,33 @@ impl Generator<'_> {
                 format!(
                     "max without (window) (\n  \
                        nsm:metric_value:sum{{{matcher}, window=\"previous\"}}\n  \
-                       / (nsm:metric_value:sum{{{matcher}, window=\"previous\"}} offset {offset})\n  \
+                       / ignoring (window)\n  \
+                       nsm:metric_value:sum{{{matcher}, window=\"before_previous\"}}\n  \
                        - 1\n\
                      )\n\
-                     and on (metric)\n\
+                     or\n\
                      (\n  \
-                       nsm:metric_window_end:max{{{matcher}, window=\"previous\"}} offset {offset}\n  \
-                       == on (metric)\n  \
-                       nsm:metric_window_start:max{{{matcher}, window=\"previous\"}}\n\
+                       max without (window) (\n    \
+                         nsm:metric_value:sum{{{matcher}, window=\"previous\"}}\n    \
+                         / (nsm:metric_value:sum{{{matcher}, window=\"previous\"}} offset {offset})\n    \
+                         - 1\n  \
+                       )\n  \
+                       and on (metric)\n  \
+                       (\n    \
+                         nsm:metric_window_end:max{{{matcher}, window=\"previous\"}} offset {offset}\n    \
+                         == on (metric)\n    \
+                         nsm:metric_window_start:max{{{matcher}, window=\"previous\"}}\n  \
+                       )\n\
                      )"
                 ),
             );
             if first_growth {
                 rule = rule.comment(
                     "Growth of the last whole window over the one before it (see the header):\n\
-                     0.05 is +5%. Only where the look-back found the window just before.",
+                     0.05 is +5%. From nsm's own `before_previous` window when it exports one\n\
+                     (its retention keeps three windows), so it holds right after a Prometheus\n\
+                     restart; else from Prometheus history, only where the look-back found the\n\
+                     window just before.",
                 );
                 first_growth = false;
             }

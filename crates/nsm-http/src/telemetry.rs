@@ -72,7 +72,7 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Ga
 impl Telemetry {
     pub fn new(plan: &Plan, version: &str) -> Telemetry {
         let registry = Registry::new();
-        let metric_value = gauge_vec(&registry, "nsm_metric_value", "Value of a metric in its current or previous window, summed over the partitions this instance owns.", &["metric", "window"]);
+        let metric_value = gauge_vec(&registry, "nsm_metric_value", "Value of a metric in its current or previous window (and before_previous, when the retention keeps it), summed over the partitions this instance owns.", &["metric", "window"]);
         let window_start = gauge_vec(
             &registry,
             "nsm_metric_window_start_timestamp_seconds",
@@ -241,6 +241,9 @@ impl Telemetry {
             let name = plan.metrics()[metric_values.metric].name.as_str();
             self.publish_window(name, "current", &metric_values.current);
             self.publish_window(name, "previous", &metric_values.previous);
+            if let Some(before_previous) = &metric_values.before_previous {
+                self.publish_window(name, "before_previous", before_previous);
+            }
             for (window, exported) in [
                 ("current", &metric_values.current_segments),
                 ("previous", &metric_values.previous_segments),

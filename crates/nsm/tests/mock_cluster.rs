@@ -255,6 +255,19 @@ fn assert_values(samples: &std::collections::BTreeMap<String, f64>, stream: &Kno
         (total - stream.revenue).abs() < 1e-6,
         "segments sum to the revenue"
     );
+    // The hour before the previous one comes from nsm's own state (the retention keeps it),
+    // so growth needs no Prometheus history.
+    assert_eq!(
+        metric_value(samples, "messages_sent", "before_previous"),
+        Some(0.0)
+    );
+    let before_start = samples
+        .get("nsm_metric_window_start_timestamp_seconds{metric=\"messages_sent\",window=\"before_previous\"}")
+        .copied();
+    assert_eq!(
+        before_start,
+        Some(((stream.hour_ms - 2 * 3_600_000) / 1000) as f64)
+    );
     // The ratio of two daily metrics, with its exact parts for re-aggregation.
     let ratio = metric_value(samples, "revenue_per_messager", "current").expect("ratio");
     assert!((ratio - stream.revenue / stream.messagers as f64).abs() < 1e-9);

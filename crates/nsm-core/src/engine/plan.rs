@@ -247,6 +247,24 @@ impl Plan {
         &self.settings.calendar
     }
 
+    /// Whether the retention keeps a metric's window before the previous one whole (three
+    /// windows plus the allowed lateness behind the watermark). Validation only demands two.
+    pub fn keeps_before_previous(&self, metric: usize) -> bool {
+        let compiled = &self.compiled[metric];
+        let span_ms = match &compiled.trailing {
+            Some(trailing) => trailing.length_ms + trailing.step_ms,
+            None => compiled.window.max_length_ms(),
+        };
+        // A ratio or retention rate also reads its parts' (or base's) windows, one further
+        // back for retention.
+        let windows = if self.retention_base(metric).is_some() {
+            4
+        } else {
+            3
+        };
+        self.settings.retention_ms >= windows * span_ms + self.settings.allowed_lateness_ms
+    }
+
     /// The window an event at `time_ms` is kept in: its calendar window, or its step bucket
     /// for a trailing metric.
     pub(super) fn bucket_of(&self, metric: usize, time_ms: EpochMillis) -> Option<WindowBounds> {

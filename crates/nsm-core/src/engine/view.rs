@@ -27,6 +27,9 @@ pub struct MetricValues {
     pub metric: usize,
     pub current: WindowValue,
     pub previous: WindowValue,
+    /// The window before `previous`, when the retention keeps it whole: lets growth of the
+    /// last whole window be computed from nsm's own state, right after a Prometheus restart.
+    pub before_previous: Option<WindowValue>,
     pub current_segments: Vec<SegmentValue>,
     pub previous_segments: Vec<SegmentValue>,
 }
@@ -164,10 +167,19 @@ pub(super) fn metric_values<'a>(
                 (current, previous)
             }
         };
+        let before_previous = plan
+            .keeps_before_previous(index)
+            .then(|| match &compiled.trailing {
+                Some(trailing) => Some(trailing.previous(previous)),
+                None => calendar.previous(compiled.window, previous),
+            })
+            .flatten()
+            .map(|bounds| window_value(index, bounds));
         values.push(MetricValues {
             metric: index,
             current: window_value(index, current),
             previous: window_value(index, previous),
+            before_previous,
             current_segments: segments(index, current),
             previous_segments: segments(index, previous),
         });
