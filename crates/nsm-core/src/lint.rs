@@ -10,7 +10,7 @@
 use std::fmt;
 
 use crate::config::Config;
-use crate::metric::{FilterField, Literal, MetricDef, MetricKind, Role};
+use crate::metric::{FieldPath, FilterField, Literal, MetricDef, MetricKind, Role};
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -96,6 +96,16 @@ const SIGN_UP_WORDS: [&str; 8] = [
     "account_created",
     "install",
 ];
+
+/// Whether the last segment of `field` contains one of `words` (case-insensitive).
+fn names_any(field: &FieldPath, words: &[&str]) -> bool {
+    let last = field
+        .segments()
+        .last()
+        .map(|segment| segment.to_ascii_lowercase())
+        .unwrap_or_default();
+    words.iter().any(|word| last.contains(word))
+}
 
 /// Every finding for `config`, errors first, then in config order.
 pub fn lint(config: &Config) -> Vec<Finding> {
@@ -212,12 +222,7 @@ fn lint_north_star(
             hint: revenue_hint,
         });
     } else if let MetricKind::Sum { field } = &north_star.kind {
-        let last = field
-            .segments()
-            .last()
-            .map(|segment| segment.to_ascii_lowercase())
-            .unwrap_or_default();
-        if MONEY_WORDS.iter().any(|word| last.contains(word)) {
+        if names_any(field, &MONEY_WORDS) {
             findings.push(Finding {
                 severity: Severity::Warning,
                 check: "revenue_as_north_star",
@@ -235,14 +240,10 @@ fn lint_north_star(
     let long_trailing = north_star
         .trailing
         .filter(|trailing| trailing.length_ms > 90 * 86_400_000);
-    let cumulative_field = north_star.kind.field().filter(|field| {
-        let last = field
-            .segments()
-            .last()
-            .map(|segment| segment.to_ascii_lowercase())
-            .unwrap_or_default();
-        CUMULATIVE_WORDS.iter().any(|word| last.contains(word))
-    });
+    let cumulative_field = north_star
+        .kind
+        .field()
+        .filter(|field| names_any(field, &CUMULATIVE_WORDS));
     if let Some(trailing) = long_trailing {
         findings.push(Finding {
             severity: Severity::Warning,

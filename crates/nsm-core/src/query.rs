@@ -28,19 +28,7 @@ pub fn windows_between(
     to_ms: EpochMillis,
 ) -> Vec<WindowRecord> {
     let stored: Vec<StoredWindow> = stored.into_iter().collect();
-    let summed = |metric: usize| {
-        let mut by_start: BTreeMap<EpochMillis, (EpochMillis, AggValue)> = BTreeMap::new();
-        for window in &stored {
-            if window.metric != metric || window.end_ms <= from_ms || window.start_ms >= to_ms {
-                continue;
-            }
-            by_start
-                .entry(window.start_ms)
-                .and_modify(|(_, value)| *value = value.plus(window.value))
-                .or_insert((window.end_ms, window.value));
-        }
-        by_start
-    };
+    let summed = |metric: usize| sum_by_start(&stored, metric, from_ms, to_ms);
     let by_start = match plan.ratio_parts(metric) {
         None if plan.retention_base(metric).is_some() => {
             retention_windows(plan, metric, &stored, from_ms, to_ms)
@@ -71,6 +59,27 @@ pub fn windows_between(
             complete: plan.is_complete(end_ms, completeness_watermark),
         })
         .collect()
+}
+
+/// The stored windows of `metric` overlapping `[from_ms, to_ms)`, summed over partitions, by
+/// start.
+fn sum_by_start(
+    stored: &[StoredWindow],
+    metric: usize,
+    from_ms: EpochMillis,
+    to_ms: EpochMillis,
+) -> BTreeMap<EpochMillis, (EpochMillis, AggValue)> {
+    let mut by_start: BTreeMap<EpochMillis, (EpochMillis, AggValue)> = BTreeMap::new();
+    for window in stored {
+        if window.metric != metric || window.end_ms <= from_ms || window.start_ms >= to_ms {
+            continue;
+        }
+        by_start
+            .entry(window.start_ms)
+            .and_modify(|(_, value)| *value = value.plus(window.value))
+            .or_insert((window.end_ms, window.value));
+    }
+    by_start
 }
 
 /// The exported segments of one window of `metric` (summed over partitions): the metric's top
@@ -118,36 +127,25 @@ fn retention_windows(
     let Some(base) = plan.retention_base(metric) else {
         return BTreeMap::new();
     };
-    let sum_at = |metric: usize, start_ms: EpochMillis| {
-        stored
-            .iter()
-            .filter(|window| window.metric == metric && window.start_ms == start_ms)
-            .map(|window| window.value)
-            .reduce(AggValue::plus)
-    };
+    // The previous window of one in range may start before it: sum everything, once.
+    let returning = sum_by_start(stored, metric, EpochMillis::MIN, EpochMillis::MAX);
+    let entities = sum_by_start(stored, base, EpochMillis::MIN, EpochMillis::MAX);
     let unit = plan.metrics()[base].window;
     let mut result = BTreeMap::new();
-    for window in stored {
-        if window.metric != base || window.end_ms <= from_ms || window.start_ms >= to_ms {
+    for (&start_ms, &(end_ms, _)) in entities.range(..to_ms) {
+        if end_ms <= from_ms {
             continue;
         }
-        if result.contains_key(&window.start_ms) {
-            continue;
-        }
-        let bounds = WindowBounds {
-            start_ms: window.start_ms,
-            end_ms: window.end_ms,
-        };
-        let returning = sum_at(metric, window.start_ms).unwrap_or(AggValue::Count(0));
+        let bounds = WindowBounds { start_ms, end_ms };
+        let back = returning
+            .get(&start_ms)
+            .map_or(AggValue::Count(0), |(_, value)| *value);
         let before = plan
             .calendar()
             .previous(unit, bounds)
-            .and_then(|previous| sum_at(base, previous.start_ms))
-            .unwrap_or(AggValue::Distinct(0));
-        result.insert(
-            window.start_ms,
-            (window.end_ms, AggValue::ratio(returning, before)),
-        );
+            .and_then(|previous| entities.get(&previous.start_ms))
+            .map_or(AggValue::Distinct(0), |(_, value)| *value);
+        result.insert(start_ms, (end_ms, AggValue::ratio(back, before)));
     }
     result
 }

@@ -603,7 +603,7 @@ fn validate_metric(
     }
 
     // Derived kinds take their window from the metrics they read.
-    let is_ratio = matches!(raw.kind.as_deref(), Some("ratio" | "retention"));
+    let is_derived = matches!(raw.kind.as_deref(), Some("ratio" | "retention"));
     refuse_keys_of_other_kinds(path, raw, problems);
     let kind = match (raw.kind.as_deref(), &raw.field) {
         (None, _) => {
@@ -673,7 +673,7 @@ fn validate_metric(
     let trailing = validate_trailing(path, raw, kind.as_ref(), problems);
     let window = match raw.window.as_deref() {
         // A ratio takes its parts' window; `resolve_ratios` fills it in.
-        None if is_ratio => Some(CalendarUnit::Week),
+        None if is_derived => Some(CalendarUnit::Week),
         None if raw.trailing.is_some() => trailing.map(|trailing| trailing.nominal_unit()),
         None => {
             problems.add(

@@ -48,7 +48,7 @@ pub(super) fn apply_event(
         Ok(evaluated) => {
             let event_time_ms = evaluated.event_time_ms;
             if let Some(id) = &evaluated.id {
-                if is_duplicate(plan, state, id) {
+                if is_duplicate(plan, state, id.digest) {
                     return Outcome::Duplicate { event_time_ms };
                 }
             }
@@ -66,22 +66,28 @@ pub(super) fn apply_event(
 /// Per matching metric: its index, what the event adds, and its segment for a breakdown.
 type Contributions<'a> = Vec<(usize, Contribution<'a>, Option<Box<[u8]>>)>;
 
+/// An event's id: its stored form, and the digest it is remembered by (hashed once).
+struct EventId<'a> {
+    stored: Cow<'a, [u8]>,
+    digest: u128,
+}
+
 /// A valid event, ready to commit.
 struct Evaluated<'a> {
     event_time_ms: EpochMillis,
-    /// The event id's stored form, when deduplication is on and the event has one.
-    id: Option<Cow<'a, [u8]>>,
+    /// The event id, when deduplication is on and the event has one.
+    id: Option<EventId<'a>>,
     contributions: Contributions<'a>,
 }
 
 /// An id is remembered while its event time is less than the horizon behind the watermark.
 /// Deciding by the watermark, not by when memory is swept, keeps the answer a function of the
 /// partition's log: replays after a restart decide exactly as the first run did.
-fn is_duplicate(plan: &Plan, state: &PartitionState, id: &[u8]) -> bool {
+fn is_duplicate(plan: &Plan, state: &PartitionState, digest: u128) -> bool {
     let Some(dedup) = &plan.settings.dedup else {
         return false;
     };
-    let Some(seen_ms) = state.seen_ids.get(&id_digest(id)) else {
+    let Some(seen_ms) = state.seen_ids.get(&digest) else {
         return false;
     };
     state
@@ -158,7 +164,13 @@ fn evaluate<'a>(
                 ),
             ))
         }
-        Some(scalar) => Some(member_key(scalar)),
+        Some(scalar) => {
+            let stored = member_key(scalar);
+            Some(EventId {
+                digest: id_digest(&stored),
+                stored,
+            })
+        }
     };
 
     let mut contributions = Vec::new();
@@ -168,13 +180,12 @@ fn evaluate<'a>(
             let ends = matches_clauses(&metric.clauses, &fields);
             if starts || ends {
                 let metric_def = &plan.metrics()[index];
-                let entity_name = metric_def.kind.field().map(ToString::to_string);
                 let entity = member_of(
                     &fields,
                     entity,
                     &metric_def.name,
                     "converts",
-                    &entity_name.unwrap_or_default(),
+                    metric_def.kind.field(),
                 )?;
                 // A start first, so an event that is both converts on its own.
                 if starts {
@@ -320,21 +331,22 @@ fn contribution<'a>(
             )),
         },
         ValueSource::Distinct(slot) => {
-            member_of(fields, *slot, metric_name, "counts distinct", &field_name())
+            let field = plan.metrics()[index].kind.field();
+            member_of(fields, *slot, metric_name, "counts distinct", field)
                 .map(Contribution::Member)
         }
         ValueSource::Threshold { entity, actor, .. } => {
             let kind = &plan.metrics()[index].kind;
-            let entity_name = match kind {
-                crate::metric::MetricKind::Threshold { entity, .. } => entity.to_string(),
-                _ => String::new(),
+            let entity_field = match kind {
+                crate::metric::MetricKind::Threshold { entity, .. } => Some(entity),
+                _ => None,
             };
             let entity = member_of(
                 fields,
                 *entity,
                 metric_name,
                 "counts entities by",
-                &entity_name,
+                entity_field,
             )?;
             let actor = match actor {
                 Some(slot) => Some(member_of(
@@ -342,7 +354,7 @@ fn contribution<'a>(
                     *slot,
                     metric_name,
                     "counts distinct",
-                    &field_name(),
+                    kind.field(),
                 )?),
                 None => None,
             };
@@ -357,17 +369,25 @@ fn member_of<'a>(
     slot: crate::event::Slot,
     metric_name: &str,
     verb: &str,
-    field_name: &str,
+    field: Option<&crate::metric::FieldPath>,
 ) -> Result<Cow<'a, [u8]>, Rejection> {
+    // The field's name is only formatted for a rejection, never per valid event.
+    let field_name = || field.map(ToString::to_string).unwrap_or_default();
     match fields.get(slot) {
         Some(Scalar::Composite) => Err(Rejection::new(
             RejectReason::WrongType,
-            format!("metric {metric_name} {verb} {field_name} but it is an object or array"),
+            format!(
+                "metric {metric_name} {verb} {} but it is an object or array",
+                field_name()
+            ),
         )),
         Some(scalar) => Ok(member_key(scalar)),
         None => Err(Rejection::new(
             RejectReason::MissingField,
-            format!("metric {metric_name} {verb} {field_name} but the event has none"),
+            format!(
+                "metric {metric_name} {verb} {} but the event has none",
+                field_name()
+            ),
         )),
     }
 }
@@ -397,10 +417,10 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
         contributions,
     } = evaluated;
     if let Some(id) = id {
-        state.seen_ids.insert(id_digest(&id), event_time_ms);
+        state.seen_ids.insert(id.digest, event_time_ms);
         state.pending.new_ids.push(SeenId {
             time_ms: event_time_ms,
-            id: id.into_owned().into_boxed_slice(),
+            id: id.stored.into_owned().into_boxed_slice(),
         });
     }
     state.max_event_ms = Some(

@@ -9,6 +9,7 @@
 mod apply;
 mod changes;
 mod funnel;
+mod pair;
 mod plan;
 mod segment;
 mod state;

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use super::pair;
 use super::state::AggValue;
 
 /// Distinct segments kept per window and partition before new ones go to the overflow.
@@ -58,20 +59,12 @@ pub fn segment_label(key: &[u8]) -> String {
 
 /// The stored member of a segment's distinct set.
 pub fn segment_member(segment: &[u8], member: &[u8]) -> Box<[u8]> {
-    let length = u32::try_from(segment.len()).unwrap_or(u32::MAX);
-    let mut bytes = Vec::with_capacity(5 + segment.len() + member.len());
-    bytes.push(SEGMENT_MEMBER_TAG);
-    bytes.extend_from_slice(&length.to_be_bytes());
-    bytes.extend_from_slice(segment);
-    bytes.extend_from_slice(member);
-    bytes.into_boxed_slice()
+    pair::join(&[SEGMENT_MEMBER_TAG], segment, member)
 }
 
 /// The segment and member of a stored segment member; `None` for a plain member.
 pub fn split_segment_member(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let rest = bytes.strip_prefix(&[SEGMENT_MEMBER_TAG])?;
-    let length = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    Some((rest.get(4..4 + length)?, rest.get(4 + length..)?))
+    pair::split(bytes.strip_prefix(&[SEGMENT_MEMBER_TAG])?)
 }
 
 /// One exported segment of a window.

@@ -7,6 +7,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::pair;
+
 /// How far one entity is towards the threshold.
 #[derive(Debug)]
 enum Progress {
@@ -46,14 +48,17 @@ impl ThresholdAgg {
             (Progress::Reached, _) => return None,
             (Progress::Events(count), _) => {
                 *count += 1;
-                (pair(entity, &count.to_be_bytes()), *count >= at_least)
+                (
+                    pair::join(&[], entity, &count.to_be_bytes()),
+                    *count >= at_least,
+                )
             }
             (Progress::Actors(actors), Some(actor)) => {
                 if !actors.insert(actor.into()) {
                     return None;
                 }
                 (
-                    pair(entity, actor),
+                    pair::join(&[], entity, actor),
                     actors.len() as u64 >= u64::from(at_least),
                 )
             }
@@ -68,27 +73,11 @@ impl ThresholdAgg {
 
     /// Replays one stored member (from [`ThresholdAgg::add`]) after a restart.
     pub fn restore(&mut self, at_least: u32, member: &[u8], counts_actors: bool) {
-        if let Some((entity, second)) = split_pair(member) {
+        if let Some((entity, second)) = pair::split(member) {
             let actor = counts_actors.then_some(second);
             self.add(at_least, entity, actor);
         }
     }
-}
-
-/// `<entity length u32 BE> <entity> <second>`: unambiguous whatever bytes the parts hold.
-fn pair(entity: &[u8], second: &[u8]) -> Box<[u8]> {
-    let length = u32::try_from(entity.len()).unwrap_or(u32::MAX);
-    let mut bytes = Vec::with_capacity(4 + entity.len() + second.len());
-    bytes.extend_from_slice(&length.to_be_bytes());
-    bytes.extend_from_slice(entity);
-    bytes.extend_from_slice(second);
-    bytes.into_boxed_slice()
-}
-
-fn split_pair(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let length = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-    let entity = bytes.get(4..4 + length)?;
-    Some((entity, &bytes[4 + length..]))
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ pub(super) fn metric_values<'a>(
     let complete_until =
         completeness_watermark(partitions.clone().map(PartitionState::watermark_ms));
     let calendar = plan.calendar();
-    let stored_value = |index: usize, bounds: WindowBounds| {
+    let calendar_value = |index: usize, bounds: WindowBounds| {
         // What the windows hold: a retention metric stores its count of returning entities.
         let zero = match &plan.compiled[index].value {
             ValueSource::Retention { .. } => AggValue::Count(0),
@@ -84,7 +84,7 @@ pub(super) fn metric_values<'a>(
     // members united per partition (a member in several buckets counts once).
     let stored_value = |index: usize, bounds: WindowBounds| {
         if plan.compiled[index].trailing.is_none() {
-            return stored_value(index, bounds);
+            return calendar_value(index, bounds);
         }
         let mut total = AggValue::zero_for(&plan.compiled[index].value);
         for state in partitions.clone() {
