@@ -9,7 +9,12 @@
 //! - `meta`: `format_version` → u32 BE; `metric/<name>` → the definition fingerprint.
 //! - `partitions`: `<topic> 0x00 <partition i32 BE>` → next offset, max event time, idle floor.
 //! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
-//! - `members`: `<window key> <member bytes>` → empty: the members of distinct sets.
+//! - `members`: `<window key> <entry key>` → value: per-entity entries of a window, read one
+//!   at a time (never loaded whole): members of distinct sets (empty value), threshold
+//!   progress, trailing occurrences (see `nsm_core::engine::members`). Bloom filters make the
+//!   common miss, a new member, cheap.
+//! - `gaps`: `<window key> <previous bucket i64, sign-flipped BE>` → count u64 BE: the gap
+//!   histograms of trailing distinct buckets, loaded with the windows.
 //! - `segments`: `<window key> <segment key>` → value: the breakdown of segmented metrics.
 //!   (Also added without a format change.)
 //! - `funnels`: `<partition key> <metric> 0x00 <step a|b> <time> <entity>` → empty: funnel
@@ -25,13 +30,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nsm_core::engine::{
-    ChangeSet, FunnelRecord, FunnelStep, PartitionSnapshot, Plan, SeenId, StoredMember,
-    StoredSegment, StoredWindow,
+    ChangeSet, FunnelRecord, FunnelStep, PartitionSnapshot, Plan, SeenId, StateReadError,
+    StateReader, StoredGap, StoredSegment, StoredWindow,
 };
 use nsm_core::PartitionKey;
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
+    Options, WriteBatch, WriteOptions, DB,
 };
 
 use codec::{
@@ -40,8 +45,9 @@ use codec::{
     split_partition_prefix, window_key, window_metric_prefix,
 };
 
-/// Bumped whenever the layout above changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the layout above changes incompatibly. 2: members carry values (threshold
+/// progress, trailing occurrences) and are no longer loaded whole; `gaps` added.
+pub const FORMAT_VERSION: u32 = 2;
 
 const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
@@ -50,6 +56,7 @@ const CF_MEMBERS: &str = "members";
 const CF_SEEN_IDS: &str = "seen_ids";
 const CF_SEGMENTS: &str = "segments";
 const CF_FUNNELS: &str = "funnels";
+const CF_GAPS: &str = "gaps";
 const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +86,17 @@ pub enum StateError {
 pub struct StoreOptions {
     /// fsync every write (survives power loss, not only process crashes).
     pub sync_writes: bool,
+    /// RocksDB's block cache, shared by all column families, in bytes.
+    pub block_cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            sync_writes: false,
+            block_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// A metric whose stored windows were dropped at open, and why.
@@ -109,9 +127,18 @@ impl Store {
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
-        // Bounded memory: small memtables, the block cache is RocksDB's default 8 MiB LRU.
-        db_options.set_write_buffer_size(32 * 1024 * 1024);
-        db_options.set_max_write_buffer_number(3);
+        // Bounded memory: small memtables, and one LRU block cache that also holds the index
+        // and filter blocks, so reading members never grows past it.
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        table.set_bloom_filter(10.0, false);
+        let mut family_options = Options::default();
+        family_options.set_block_based_table_factory(&table);
+        family_options.set_write_buffer_size(32 * 1024 * 1024);
+        family_options.set_max_write_buffer_number(3);
         let families = [
             CF_META,
             CF_PARTITIONS,
@@ -120,8 +147,9 @@ impl Store {
             CF_SEEN_IDS,
             CF_SEGMENTS,
             CF_FUNNELS,
+            CF_GAPS,
         ]
-        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        .map(|name| ColumnFamilyDescriptor::new(name, family_options.clone()));
         let db = DB::open_cf_descriptors(&db_options, path, families).map_err(|source| {
             StateError::Open {
                 path: path.to_path_buf(),
@@ -230,7 +258,7 @@ impl Store {
     }
 
     fn delete_metric_data(&self, name: &str, batch: &mut WriteBatch) -> Result<(), StateError> {
-        for family in [CF_WINDOWS, CF_MEMBERS, CF_SEGMENTS, CF_FUNNELS] {
+        for family in [CF_WINDOWS, CF_MEMBERS, CF_SEGMENTS, CF_FUNNELS, CF_GAPS] {
             let cf = self.cf(family);
             for item in self.db.iterator_cf(cf, IteratorMode::Start) {
                 let (key, _) = item?;
@@ -259,6 +287,7 @@ impl Store {
         let seen_ids = self.cf(CF_SEEN_IDS);
         let segments = self.cf(CF_SEGMENTS);
         let funnels = self.cf(CF_FUNNELS);
+        let gaps = self.cf(CF_GAPS);
         let mut batch = WriteBatch::default();
         for part in &changes.partitions {
             let prefix = partition_prefix(&part.key);
@@ -284,13 +313,24 @@ impl Store {
             for member in &part.members {
                 let mut key = window_key(&prefix, self.metric_name(member.metric), member.start_ms);
                 key.extend_from_slice(&member.member);
-                batch.put_cf(members, key, []);
+                batch.put_cf(members, key, &member.value);
             }
+            for gap in &part.gaps {
+                let mut key = window_key(&prefix, self.metric_name(gap.metric), gap.start_ms);
+                key.extend_from_slice(&codec::encode_i64(gap.previous_ms));
+                if gap.count == 0 {
+                    batch.delete_cf(gaps, key);
+                } else {
+                    batch.put_cf(gaps, key, gap.count.to_be_bytes());
+                }
+            }
+            // After the puts: entries written for a window deleted in this batch go too.
             for delete in &part.deletes {
                 let key = window_key(&prefix, self.metric_name(delete.metric), delete.start_ms);
                 let end = prefix_successor(&key);
                 batch.delete_range_cf(members, key.as_slice(), end.as_slice());
                 batch.delete_range_cf(segments, key.as_slice(), end.as_slice());
+                batch.delete_range_cf(gaps, key.as_slice(), end.as_slice());
                 batch.delete_cf(windows, key);
             }
             // Forget before remembering: an id applied again after it expired is kept.
@@ -351,24 +391,7 @@ impl Store {
             snapshot.idle_floor_ms = idle_floor_ms;
         }
         snapshot.windows = self.scan_windows(&prefix, None)?;
-        for stored_key in self.keys_under(CF_MEMBERS, &prefix) {
-            let stored_key = stored_key?;
-            let Some((metric, start_ms, member)) =
-                self.parse_window_key(&stored_key[prefix.len()..])
-            else {
-                return Err(StateError::Corrupt {
-                    column_family: CF_MEMBERS,
-                    detail: format!("member key in partition {key}"),
-                });
-            };
-            if let Some(metric) = metric {
-                snapshot.members.push(StoredMember {
-                    metric,
-                    start_ms,
-                    member: member.into(),
-                });
-            }
-        }
+        snapshot.gaps = self.scan_gaps(key, &prefix)?;
         snapshot.segments = self.scan_segments(key, &prefix)?;
         for stored_key in self.keys_under(CF_FUNNELS, &prefix) {
             let stored_key = stored_key?;
@@ -414,6 +437,18 @@ impl Store {
         Ok(snapshot)
     }
 
+    /// How many member entries a partition has stored (it walks them all: for tests and
+    /// diagnostics, not for the event path).
+    pub fn stored_member_count(&self, key: &PartitionKey) -> Result<usize, StateError> {
+        let prefix = partition_prefix(key);
+        let mut count = 0;
+        for stored_key in self.keys_under(CF_MEMBERS, &prefix) {
+            stored_key?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// The keys of a column family that start with `prefix`, in order.
     fn keys_under<'a>(
         &'a self,
@@ -427,6 +462,47 @@ impl Store {
             )
             .map(|item| item.map(|(key, _)| key).map_err(StateError::from))
             .take_while(move |item| item.as_ref().map_or(true, |key| key.starts_with(prefix)))
+    }
+
+    /// The gap histograms of trailing distinct buckets in one partition.
+    fn scan_gaps(&self, key: &PartitionKey, prefix: &[u8]) -> Result<Vec<StoredGap>, StateError> {
+        let mut gaps = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_GAPS),
+            IteratorMode::From(prefix, Direction::Forward),
+        ) {
+            let (stored_key, value) = item?;
+            if !stored_key.starts_with(prefix) {
+                break;
+            }
+            let parsed = self.parse_window_key(&stored_key[prefix.len()..]).and_then(
+                |(metric, start_ms, rest)| {
+                    let previous: [u8; 8] = rest.try_into().ok()?;
+                    let count: [u8; 8] = value.as_ref().try_into().ok()?;
+                    Some((
+                        metric,
+                        start_ms,
+                        decode_i64(previous),
+                        u64::from_be_bytes(count),
+                    ))
+                },
+            );
+            let Some((metric, start_ms, previous_ms, count)) = parsed else {
+                return Err(StateError::Corrupt {
+                    column_family: CF_GAPS,
+                    detail: format!("gap record in partition {key}"),
+                });
+            };
+            if let Some(metric) = metric {
+                gaps.push(StoredGap {
+                    metric,
+                    start_ms,
+                    previous_ms,
+                    count,
+                });
+            }
+        }
+        Ok(gaps)
     }
 
     /// The stored segments of one metric's windows in one partition.
@@ -555,6 +631,28 @@ impl Store {
             keys.push(partition);
         }
         Ok(keys)
+    }
+}
+
+/// Members and threshold progress are read one entry at a time, by the pipeline's thread,
+/// after the change sets before them were written.
+impl StateReader for Store {
+    fn member(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: i64,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StateReadError> {
+        let mut stored_key = window_key(
+            &partition_prefix(partition),
+            self.metric_name(metric),
+            start_ms,
+        );
+        stored_key.extend_from_slice(key);
+        self.db
+            .get_cf(self.cf(CF_MEMBERS), stored_key)
+            .map_err(|error| StateReadError(error.to_string()))
     }
 }
 

@@ -54,7 +54,12 @@ fn feed(engine: &mut Engine, partition: i32, from_offset: i64, events: &[Vec<u8>
 }
 
 fn options() -> StoreOptions {
-    StoreOptions { sync_writes: false }
+    StoreOptions::default()
+}
+
+/// An engine reading stored members from `store`, as the pipeline runs it.
+fn engine_on(store: &Store, plan: &Plan) -> Engine {
+    Engine::with_reader(plan.clone(), Box::new(store.clone()), 1024)
 }
 
 #[test]
@@ -63,7 +68,7 @@ fn written_changes_restore_the_same_values_after_reopen() {
     let plan = plan_from(CONFIG);
     let (store, discarded) = Store::open(dir.path(), &plan, &options()).expect("open");
     assert!(discarded.is_empty());
-    let mut engine = Engine::new(plan.clone());
+    let mut engine = engine_on(&store, &plan);
     for partition in [0, 1] {
         engine.restore_partition(
             key(partition),
@@ -85,14 +90,15 @@ fn written_changes_restore_the_same_values_after_reopen() {
     feed(&mut engine, 0, 3, &[event("message_sent", "ana", 5)]);
     store.write(&engine.take_changes()).expect("write");
     let expected = engine.metric_values(NOW);
-    drop(store);
+    // The engine reads members through the store: close both.
+    drop((store, engine));
 
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
     assert_eq!(
         store.stored_partitions().expect("partitions"),
         vec![key(0), key(1)]
     );
-    let mut restored = Engine::new(plan.clone());
+    let mut restored = engine_on(&store, &plan);
     for partition in [0, 1] {
         let snapshot = store.load_partition(&key(partition)).expect("load");
         restored.restore_partition(key(partition), snapshot);
@@ -111,6 +117,20 @@ fn written_changes_restore_the_same_values_after_reopen() {
         windows.iter().map(|w| w.value).collect::<Vec<_>>(),
         vec![AggValue::Count(3)]
     );
+    // Members are read from RocksDB, not loaded: bo again is no new user, dan is.
+    feed(
+        &mut restored,
+        0,
+        4,
+        &[
+            event("message_sent", "bo", 6),
+            event("message_sent", "dan", 7),
+        ],
+    );
+    assert_eq!(
+        restored.metric_values(NOW)[0].current.value,
+        AggValue::Distinct(4)
+    );
 }
 
 #[test]
@@ -118,7 +138,7 @@ fn changed_metric_definitions_discard_only_that_metric() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = plan_from(CONFIG);
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
-    let mut engine = Engine::new(plan.clone());
+    let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), PartitionSnapshot::default());
     feed(
         &mut engine,
@@ -127,7 +147,8 @@ fn changed_metric_definitions_discard_only_that_metric() {
         &[event("message_sent", "ana", 1), event("payment", "ana", 2)],
     );
     store.write(&engine.take_changes()).expect("write");
-    drop(store);
+    // The engine reads members through the store: close both.
+    drop((store, engine));
 
     let changed = CONFIG.replace("window = \"1h\"", "window = \"1d\"");
     let changed_plan = plan_from(&changed);
@@ -146,7 +167,7 @@ fn changed_metric_definitions_discard_only_that_metric() {
         vec![0, 2],
         "active_users and revenue kept, messages dropped"
     );
-    assert_eq!(snapshot.members.len(), 1);
+    assert_eq!(store.stored_member_count(&key(0)).expect("count"), 1);
 }
 
 #[test]
@@ -154,7 +175,7 @@ fn expired_windows_are_deleted_with_their_members() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = plan_from(CONFIG);
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
-    let mut engine = Engine::new(plan.clone());
+    let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), PartitionSnapshot::default());
     feed(&mut engine, 0, 0, &[event("message_sent", "ana", 1)]);
     store.write(&engine.take_changes()).expect("write");
@@ -169,7 +190,11 @@ fn expired_windows_are_deleted_with_their_members() {
         "{:?}",
         snapshot.windows
     );
-    assert_eq!(snapshot.members.len(), 1, "only bo's membership remains");
+    assert_eq!(
+        store.stored_member_count(&key(0)).expect("count"),
+        1,
+        "only bo's membership remains"
+    );
 }
 
 #[test]
@@ -181,13 +206,14 @@ fn an_incompatible_format_is_refused_with_a_clear_error() {
         .db
         .put_cf(store.cf(CF_META), FORMAT_VERSION_KEY, 99u32.to_be_bytes())
         .expect("put");
+    // The engine reads members through the store: close both.
     drop(store);
     let error = Store::open(dir.path(), &plan, &options())
         .err()
         .expect("refused");
     let message = error.to_string();
     assert!(
-        message.contains("format 99") && message.contains("reads format 1"),
+        message.contains("format 99") && message.contains("reads format 2"),
         "{message}"
     );
 }
@@ -214,14 +240,15 @@ fn event_ids_within_the_horizon_survive_a_reopen_and_expired_ones_are_deleted() 
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = plan_from(&CONFIG.replace("[time]", "[events]\ndedup_horizon = \"10m\"\n[time]"));
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
-    let mut engine = Engine::new(plan.clone());
+    let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
     feed(&mut engine, 0, 0, &[with_id("a", 0), with_id("b", 5)]);
     store.write(&engine.take_changes()).expect("write");
     // The watermark moves to minute 12: "a" (minute 0) is past the 10-minute horizon.
     feed(&mut engine, 0, 2, &[with_id("c", 12)]);
     store.write(&engine.take_changes()).expect("write");
-    drop(store);
+    // The engine reads members through the store: close both.
+    drop((store, engine));
 
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
     let snapshot = store.load_partition(&key(0)).expect("load");
@@ -254,12 +281,13 @@ fn conversion_funnels_survive_a_reopen_so_a_late_start_still_converts() {
     let plan = plan_from(&text);
     let conversion = plan.metric_index("paid_after_messaging").expect("metric");
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
-    let mut engine = Engine::new(plan.clone());
+    let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
     // Ana pays at minute 20 before any message of hers has arrived.
     feed(&mut engine, 0, 0, &[event("payment", "ana", 20)]);
     store.write(&engine.take_changes()).expect("write");
-    drop(store);
+    // The engine reads members through the store: close both.
+    drop((store, engine));
 
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
     let mut restored = Engine::new(plan);
@@ -278,5 +306,53 @@ fn conversion_funnels_survive_a_reopen_so_a_late_start_still_converts() {
             .collect::<Vec<_>>(),
         vec![nsm_core::engine::FunnelStep::Start],
         "the converted payment is no longer pending"
+    );
+}
+
+#[test]
+fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
+    let config = CONFIG.replace(
+        "[[inputs]]",
+        "[[inputs]]\nname = \"users_2h\"\nowner = \"team\"\nkind = \"distinct\"\nfield = \"user_id\"\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\n\n[[inputs]]",
+    );
+    let plan = plan_from(&config);
+    let trailing = plan.metric_index("users_2h").expect("trailing metric");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    // Ana twice, bo once, in the last hour.
+    feed(
+        &mut engine,
+        0,
+        0,
+        &[
+            event("message_sent", "ana", 1),
+            event("message_sent", "bo", 20),
+            event("message_sent", "ana", 40),
+        ],
+    );
+    store.write(&engine.take_changes()).expect("write");
+    let expected = engine.metric_values(NOW);
+    assert_eq!(expected[trailing].current.value, AggValue::Distinct(2));
+    drop((store, engine));
+
+    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let mut restored = engine_on(&store, &plan);
+    restored.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    assert_eq!(restored.metric_values(NOW), expected);
+    // Ana again, read from disk as a known member: still two; cy is the third.
+    feed(
+        &mut restored,
+        0,
+        3,
+        &[
+            event("message_sent", "ana", 50),
+            event("message_sent", "cy", 55),
+        ],
+    );
+    assert_eq!(
+        restored.metric_values(NOW)[trailing].current.value,
+        AggValue::Distinct(3)
     );
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nsm_core::engine::{Engine, Outcome, Plan};
+use nsm_core::engine::{Engine, Outcome, Plan, DEFAULT_MEMBER_CACHE};
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
 use nsm_http::{BatchCounts, Published, Readiness, Telemetry};
@@ -33,6 +33,8 @@ pub fn wall_clock_ms() -> i64 {
 pub struct Pipeline {
     engine: Engine,
     store: Store,
+    /// Set when stored state could not be read: nothing more is stored, the consumer stops.
+    read_failure: Option<String>,
     telemetry: Arc<Telemetry>,
     published: Arc<RwLock<Published>>,
     readiness: Arc<Readiness>,
@@ -65,8 +67,14 @@ pub struct PipelineParts {
 impl Pipeline {
     pub fn new(parts: PipelineParts) -> Pipeline {
         Pipeline {
-            engine: Engine::new(parts.plan),
+            // Members are read from the store: memory stays bounded whatever the users.
+            engine: Engine::with_reader(
+                parts.plan,
+                Box::new(parts.store.clone()),
+                DEFAULT_MEMBER_CACHE,
+            ),
             store: parts.store,
+            read_failure: None,
             telemetry: parts.telemetry,
             published: parts.published,
             readiness: parts.readiness,
@@ -85,6 +93,11 @@ impl Pipeline {
     }
 
     fn persist(&mut self) -> Result<(), HandlerError> {
+        if let Some(failure) = &self.read_failure {
+            // A partition may hold a half-applied event: store nothing more, stop, and let
+            // the restart resume from the last whole state.
+            return Err(HandlerError(failure.clone()));
+        }
         let changes = self.engine.take_changes();
         let started = Instant::now();
         let result = self.store.write(&changes);
@@ -158,7 +171,7 @@ impl PartitionHandler for Pipeline {
             })?;
             let next_offset = snapshot.next_offset;
             info!(partition = %key, next_offset = ?next_offset, windows = snapshot.windows.len(),
-                  distinct_members = snapshot.members.len(), elapsed_ms = started.elapsed().as_millis() as u64,
+                  elapsed_ms = started.elapsed().as_millis() as u64,
                   "partition state restored");
             self.engine.restore_partition(key.clone(), snapshot);
             self.last_message.insert(key.clone(), Instant::now());
@@ -220,6 +233,16 @@ impl PartitionHandler for Pipeline {
                 Disposition::Done
             }
             Outcome::AlreadyApplied => Disposition::Done,
+            Outcome::StateUnreadable(read_error) => {
+                if self.read_failure.is_none() {
+                    error!(partition = %key, offset, error = %read_error,
+                           "cannot read stored state; stopping at the next checkpoint without storing anything more");
+                    self.readiness
+                        .set_not_ready(format!("state read failed: {read_error}"));
+                    self.read_failure = Some(format!("partition {key}: {read_error}"));
+                }
+                Disposition::Done
+            }
             Outcome::Duplicate { .. } => {
                 self.duplicates += 1;
                 Disposition::Done

@@ -69,6 +69,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         &plan,
         &StoreOptions {
             sync_writes: config.state.sync_writes,
+            ..StoreOptions::default()
         },
     )?;
     for metric in discarded {

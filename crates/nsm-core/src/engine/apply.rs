@@ -10,9 +10,12 @@ use std::collections::{BTreeMap, HashMap};
 use jiff::Timestamp;
 
 use super::funnel::{FunnelRecord, FunnelStep};
+use super::members::{MemberIndex, Source, StateReadError};
 use super::plan::{CompiledMetric, Plan, ValueSource};
 use super::segment::{segment_key, segment_member, MAX_SEGMENTS_PER_WINDOW, OVERFLOW_KEY};
 use super::state::{id_digest, Agg, PartitionState, SeenId, WindowState};
+use super::threshold::{Step, ThresholdWindow};
+use super::trailing::TrailingDistinct;
 use super::Outcome;
 use crate::decimal::{Decimal, DecimalError};
 use crate::event::{Fields, Scalar};
@@ -41,6 +44,7 @@ enum Contribution<'a> {
 pub(super) fn apply_event(
     plan: &Plan,
     state: &mut PartitionState,
+    source: &Source<'_>,
     payload: &[u8],
     now_ms: EpochMillis,
 ) -> Outcome {
@@ -53,7 +57,12 @@ pub(super) fn apply_event(
                 }
             }
             let matched = evaluated.contributions.len();
-            commit(plan, state, evaluated);
+            if let Err(error) = commit(plan, state, source, evaluated) {
+                // The event may be half applied: nothing of this partition is stored any
+                // more, so a restart resumes from its last whole state.
+                state.poisoned = true;
+                return Outcome::StateUnreadable(error);
+            }
             Outcome::Applied {
                 event_time_ms,
                 matched,
@@ -410,7 +419,12 @@ fn member_key<'a>(scalar: Scalar<'a>) -> Cow<'a, [u8]> {
     Cow::Owned(key)
 }
 
-fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
+fn commit(
+    plan: &Plan,
+    state: &mut PartitionState,
+    source: &Source<'_>,
+    evaluated: Evaluated<'_>,
+) -> Result<(), StateReadError> {
     let Evaluated {
         event_time_ms,
         id,
@@ -423,15 +437,15 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
             id: id.stored.into_owned().into_boxed_slice(),
         });
     }
-    state.max_event_ms = Some(
-        state
-            .max_event_ms
-            .map_or(event_time_ms, |max| max.max(event_time_ms)),
-    );
+    let newest_ms = state
+        .max_event_ms
+        .map_or(event_time_ms, |max| max.max(event_time_ms));
+    state.max_event_ms = Some(newest_ms);
+    state.pending.meta_dirty = true;
     for (index, contribution, segment) in contributions {
         let compiled = &plan.compiled[index];
         if let Contribution::FunnelStart(_) | Contribution::FunnelEnd(_) = contribution {
-            funnel_step(plan, state, index, contribution, event_time_ms);
+            funnel_step(plan, state, source, index, contribution, event_time_ms)?;
             continue;
         }
         let bounds = match state.last_window[index] {
@@ -445,7 +459,32 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
                 None => continue,
             },
         };
+        if let (Some(trailing), Contribution::Member(member)) = (&compiled.trailing, &contribution)
+        {
+            let mut dirty_gaps = Vec::new();
+            let mut dirty_windows = Vec::new();
+            TrailingDistinct {
+                metric: index,
+                trailing: *trailing,
+                windows: &mut state.windows[index],
+                members: &mut state.members,
+                dirty_gaps: &mut dirty_gaps,
+                dirty_windows: &mut dirty_windows,
+            }
+            .add(source, bounds.start_ms, member, newest_ms)?;
+            let pending = &mut state.pending;
+            pending.dirty_gaps.extend(
+                dirty_gaps
+                    .into_iter()
+                    .map(|(bucket, previous)| (index, bucket, previous)),
+            );
+            pending
+                .dirty_windows
+                .extend(dirty_windows.into_iter().map(|bucket| (index, bucket)));
+            continue;
+        }
         let window = window_entry(&mut state.windows[index], bounds, &compiled.value);
+        let members = &mut state.members;
         let pending = &mut state.pending;
         if let Some(segment) = segment {
             let segment = if window.segments.len() >= MAX_SEGMENTS_PER_WINDOW
@@ -459,41 +498,37 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
                 .segments
                 .entry(segment.clone())
                 .or_insert_with(|| Agg::empty(&compiled.value));
-            match add(agg, &compiled.value, contribution.clone()) {
-                Added::Nothing => {}
-                Added::Value => {
-                    pending
-                        .dirty_segments
-                        .insert((index, bounds.start_ms, segment));
+            // A segment's members are kept apart from the window's, tagged with the segment.
+            let segment_contribution = match &contribution {
+                Contribution::Member(member) => {
+                    Contribution::Member(Cow::Owned(segment_member(&segment, member).into()))
                 }
-                Added::Member(member) => {
-                    let stored = segment_member(&segment, &member);
-                    pending.new_members.push((index, bounds.start_ms, stored));
-                    pending
-                        .dirty_segments
-                        .insert((index, bounds.start_ms, segment));
-                }
+                other => other.clone(),
+            };
+            let target = Target {
+                metric: index,
+                start_ms: bounds.start_ms,
+                source: &compiled.value,
+            };
+            if target.add(agg, members, source, &segment_contribution)? {
+                pending
+                    .dirty_segments
+                    .insert((index, bounds.start_ms, segment));
             }
         }
-        let new_member = match add(&mut window.agg, &compiled.value, contribution) {
-            Added::Nothing => None,
-            Added::Value => {
-                pending.dirty_windows.insert((index, bounds.start_ms));
-                None
-            }
-            Added::Member(member) => {
-                pending
-                    .new_members
-                    .push((index, bounds.start_ms, member.clone()));
-                pending.dirty_windows.insert((index, bounds.start_ms));
-                Some(member)
-            }
+        let target = Target {
+            metric: index,
+            start_ms: bounds.start_ms,
+            source: &compiled.value,
         };
-        if let Some(member) = new_member {
-            count_returning(plan, state, index, bounds, &member);
+        if target.add(&mut window.agg, members, source, &contribution)? {
+            pending.dirty_windows.insert((index, bounds.start_ms));
+            if let Contribution::Member(member) = &contribution {
+                count_returning(plan, state, source, index, bounds, member)?;
+            }
         }
     }
-    state.pending.meta_dirty = true;
+    Ok(())
 }
 
 /// Moves a conversion metric's funnel, and counts the entity in the windows of the events
@@ -501,13 +536,14 @@ fn commit(plan: &Plan, state: &mut PartitionState, evaluated: Evaluated<'_>) {
 fn funnel_step(
     plan: &Plan,
     state: &mut PartitionState,
+    source: &Source<'_>,
     index: usize,
     contribution: Contribution<'_>,
     event_time_ms: EpochMillis,
-) {
+) -> Result<(), StateReadError> {
     let compiled = &plan.compiled[index];
     let ValueSource::Conversion { within_ms, .. } = compiled.value else {
-        return;
+        return Ok(());
     };
     let (entity, update) = match contribution {
         Contribution::FunnelStart(entity) => {
@@ -518,7 +554,7 @@ fn funnel_step(
             let update = state.funnels[index].end(&entity, event_time_ms, within_ms);
             (entity, update)
         }
-        _ => return,
+        _ => return Ok(()),
     };
     let record = |step: FunnelStep, time_ms: EpochMillis| FunnelRecord {
         metric: index,
@@ -540,18 +576,17 @@ fn funnel_step(
             continue;
         };
         let window = window_entry(&mut state.windows[index], bounds, &compiled.value);
-        if let Added::Member(member) = add(
-            &mut window.agg,
-            &compiled.value,
-            Contribution::Member(entity.clone()),
-        ) {
-            state
-                .pending
-                .new_members
-                .push((index, bounds.start_ms, member));
+        let target = Target {
+            metric: index,
+            start_ms: bounds.start_ms,
+            source: &compiled.value,
+        };
+        let member = Contribution::Member(entity.clone());
+        if target.add(&mut window.agg, &mut state.members, source, &member)? {
             state.pending.dirty_windows.insert((index, bounds.start_ms));
         }
     }
+    Ok(())
 }
 
 /// Keeps the retention metrics of distinct metric `base` up to date when `member` joins its
@@ -560,30 +595,31 @@ fn funnel_step(
 fn count_returning(
     plan: &Plan,
     state: &mut PartitionState,
+    source: &Source<'_>,
     base: usize,
     bounds: WindowBounds,
     member: &[u8],
-) {
+) -> Result<(), StateReadError> {
     let dependents = &plan.retention_of[base];
     if dependents.is_empty() {
-        return;
+        return Ok(());
     }
     let unit = plan.compiled[base].window;
     let calendar = plan.calendar();
-    let in_window = |windows: &BTreeMap<EpochMillis, WindowState>, start_ms: EpochMillis| {
-        matches!(
-            windows.get(&start_ms),
-            Some(WindowState { agg: Agg::Distinct(members), .. }) if members.contains(member)
-        )
+    let in_window = |state: &mut PartitionState, start_ms: EpochMillis| {
+        if !state.windows[base].contains_key(&start_ms) {
+            return Ok(false);
+        }
+        state.members.contains(source, base, start_ms, member)
     };
     let mut returning_in = Vec::with_capacity(2);
     if let Some(previous) = calendar.previous(unit, bounds) {
-        if in_window(&state.windows[base], previous.start_ms) {
+        if in_window(state, previous.start_ms)? {
             returning_in.push(bounds);
         }
     }
     if let Some(next) = calendar.window_of(unit, bounds.end_ms) {
-        if in_window(&state.windows[base], next.start_ms) {
+        if in_window(state, next.start_ms)? {
             returning_in.push(next);
         }
     }
@@ -600,6 +636,7 @@ fn count_returning(
             }
         }
     }
+    Ok(())
 }
 
 /// The window of a metric at `bounds`, created empty for the metric's kind if new.
@@ -614,49 +651,69 @@ fn window_entry<'s>(
             end_ms: bounds.end_ms,
             agg: Agg::empty(source),
             segments: HashMap::new(),
+            gaps: BTreeMap::new(),
         })
 }
 
-/// What applying a contribution changed.
-enum Added {
-    Nothing,
-    Value,
-    /// The value changed through a new member, to store with it.
-    Member(Box<[u8]>),
+/// The window (or segment) a contribution is added to, in the member index's terms.
+struct Target<'p> {
+    metric: usize,
+    start_ms: EpochMillis,
+    source: &'p ValueSource,
 }
 
-fn add(agg: &mut Agg, source: &ValueSource, contribution: Contribution<'_>) -> Added {
-    match (agg, contribution) {
-        (Agg::Count(count), Contribution::One) => {
-            *count += 1;
-            Added::Value
-        }
-        (Agg::Sum(sum), Contribution::Amount(amount)) => match sum.checked_add(amount) {
-            Some(total) => {
-                *sum = total;
-                Added::Value
+impl Target<'_> {
+    /// Adds a contribution; returns whether the window must be stored: its value changed, or
+    /// it holds new per-entity entries (which expire with it, so it must be known after a
+    /// restart).
+    fn add(
+        &self,
+        agg: &mut Agg,
+        members: &mut MemberIndex,
+        source: &Source<'_>,
+        contribution: &Contribution<'_>,
+    ) -> Result<bool, StateReadError> {
+        Ok(match (agg, contribution) {
+            (Agg::Count(count), Contribution::One) => {
+                *count += 1;
+                true
             }
-            None => Added::Nothing,
-        },
-        (Agg::Threshold(threshold), Contribution::Progress { entity, actor }) => {
-            let ValueSource::Threshold { at_least, .. } = source else {
-                return Added::Nothing;
-            };
-            match threshold.add(*at_least, &entity, actor.as_deref()) {
-                Some(member) => Added::Member(member),
-                None => Added::Nothing,
+            (Agg::Sum(sum), Contribution::Amount(amount)) => match sum.checked_add(*amount) {
+                Some(total) => {
+                    *sum = total;
+                    true
+                }
+                None => false,
+            },
+            (Agg::Threshold(reached), Contribution::Progress { entity, actor }) => {
+                let ValueSource::Threshold { at_least, .. } = self.source else {
+                    return Ok(false);
+                };
+                let window = ThresholdWindow {
+                    metric: self.metric,
+                    start_ms: self.start_ms,
+                    at_least: *at_least,
+                };
+                match window.add(members, source, entity, actor.as_deref())? {
+                    Step::Reached => {
+                        *reached += 1;
+                        true
+                    }
+                    Step::Progressed => true,
+                    Step::Nothing => false,
+                }
             }
-        }
-        (Agg::Distinct(members), Contribution::Member(member)) => {
-            if members.contains(member.as_ref()) {
-                Added::Nothing
-            } else {
-                let member: Box<[u8]> = member.into_owned().into_boxed_slice();
-                members.insert(member.clone());
-                Added::Member(member)
+            (Agg::Distinct(count), Contribution::Member(member)) => {
+                if members.contains(source, self.metric, self.start_ms, member)? {
+                    false
+                } else {
+                    members.insert(self.metric, self.start_ms, member);
+                    *count += 1;
+                    true
+                }
             }
-        }
-        _ => Added::Nothing,
+            _ => false,
+        })
     }
 }
 

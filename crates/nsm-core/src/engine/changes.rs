@@ -3,7 +3,7 @@
 
 use super::funnel::{FunnelRecord, FunnelStep};
 use super::plan::{Plan, ValueSource};
-use super::state::{AggValue, PartitionState, SeenId};
+use super::state::{AggValue, PartitionState, SeenId, StoredGap};
 use crate::{EpochMillis, PartitionKey};
 
 /// A window's new value.
@@ -24,12 +24,14 @@ pub struct SegmentUpsert {
     pub value: AggValue,
 }
 
-/// A new member of a distinct set.
+/// A per-entity entry of a window, new or changed: a member of a distinct set (empty value),
+/// threshold progress, or a trailing occurrence (see [`super::members`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberInsert {
     pub metric: usize,
     pub start_ms: EpochMillis,
     pub member: Box<[u8]>,
+    pub value: Box<[u8]>,
 }
 
 /// A window past the retention, to delete with its members and segments.
@@ -51,6 +53,8 @@ pub struct PartitionChanges {
     pub upserts: Vec<WindowUpsert>,
     pub segments: Vec<SegmentUpsert>,
     pub members: Vec<MemberInsert>,
+    /// Changed gap counts of trailing distinct buckets (a zero count is deleted).
+    pub gaps: Vec<StoredGap>,
     pub deletes: Vec<WindowDelete>,
     /// Event ids newly remembered for deduplication.
     pub seen_ids: Vec<SeenId>,
@@ -81,6 +85,9 @@ impl PartitionState {
         plan: &Plan,
         key: &PartitionKey,
     ) -> Option<PartitionChanges> {
+        if self.poisoned {
+            return None;
+        }
         let deletes = self.expire(plan);
         let forget_ids_before_ms = self.forget_old_ids(plan);
         let forget_funnels_before = self.forget_old_funnels(plan);
@@ -123,14 +130,22 @@ impl PartitionState {
                 })
             })
             .collect();
-        let members = pending
-            .new_members
+        // Entries of windows deleted in this batch go too: the store deletes after it puts.
+        let members = self.members.take_written();
+        let gaps = pending
+            .dirty_gaps
             .into_iter()
-            .filter(|(metric, start_ms, _)| self.windows[*metric].contains_key(start_ms))
-            .map(|(metric, start_ms, member)| MemberInsert {
-                metric,
-                start_ms,
-                member,
+            .filter_map(|(metric, start_ms, previous_ms)| {
+                let count = *self.windows[metric]
+                    .get(&start_ms)?
+                    .gaps
+                    .get(&previous_ms)?;
+                Some(StoredGap {
+                    metric,
+                    start_ms,
+                    previous_ms,
+                    count,
+                })
             })
             .collect();
         Some(PartitionChanges {
@@ -141,6 +156,7 @@ impl PartitionState {
             upserts,
             segments,
             members,
+            gaps,
             deletes,
             seen_ids: pending.new_ids,
             forget_ids_before_ms,
@@ -217,6 +233,9 @@ impl PartitionState {
                 self.pending.dirty_windows.remove(&(metric, start_ms));
                 self.pending
                     .dirty_segments
+                    .retain(|(m, start, _)| !(*m == metric && *start == start_ms));
+                self.pending
+                    .dirty_gaps
                     .retain(|(m, start, _)| !(*m == metric && *start == start_ms));
                 deletes.push(WindowDelete { metric, start_ms });
             }

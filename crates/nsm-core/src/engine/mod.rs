@@ -9,11 +9,13 @@
 mod apply;
 mod changes;
 mod funnel;
+mod members;
 mod pair;
 mod plan;
 mod segment;
 mod state;
 mod threshold;
+mod trailing;
 mod view;
 
 use std::collections::HashMap;
@@ -22,9 +24,12 @@ pub use changes::{
     ChangeSet, MemberInsert, PartitionChanges, SegmentUpsert, WindowDelete, WindowUpsert,
 };
 pub use funnel::{FunnelRecord, FunnelStep};
+pub use members::{MemoryReader, StateReadError, StateReader};
 pub use plan::{DedupSettings, EngineSettings, Plan};
 pub use segment::{segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
-pub use state::{AggValue, PartitionSnapshot, SeenId, StoredMember, StoredSegment, StoredWindow};
+pub use state::{
+    AggValue, PartitionSnapshot, SeenId, StoredGap, StoredSegment, StoredWindow, NO_PREVIOUS,
+};
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
 };
@@ -48,19 +53,50 @@ pub enum Outcome {
     Duplicate { event_time_ms: EpochMillis },
     /// The event was not applied; it belongs in the dead-letter topic.
     Rejected(Rejection),
+    /// Stored state could not be read while applying the event. The partition takes no more
+    /// events and stores nothing more: the caller must stop and restart from stored state.
+    StateUnreadable(members::StateReadError),
 }
+
+/// Entries of members and threshold progress kept in memory per engine (written since the
+/// last checkpoint aside): about 40 bytes each, so 1M is some 40 MB.
+pub const DEFAULT_MEMBER_CACHE: usize = 1_000_000;
 
 /// The engine for all partitions this instance owns.
 pub struct Engine {
     plan: Plan,
     partitions: HashMap<PartitionKey, PartitionState>,
+    /// Where members and threshold progress are read once they are stored.
+    reader: Box<dyn StateReader>,
+    /// Set when the engine stores its own members (see [`Engine::new`]).
+    memory: Option<MemoryReader>,
+    member_cache: usize,
 }
 
 impl Engine {
+    /// An engine that keeps members in memory: each change set's members are stored in a
+    /// [`MemoryReader`] when taken. For tests and in-process use; memory grows with them.
     pub fn new(plan: Plan) -> Self {
+        let memory = MemoryReader::default();
         Self {
             plan,
             partitions: HashMap::new(),
+            reader: Box::new(memory.clone()),
+            memory: Some(memory),
+            member_cache: DEFAULT_MEMBER_CACHE,
+        }
+    }
+
+    /// An engine that reads stored members from `reader`, which the caller keeps up to date
+    /// by storing every [`ChangeSet`] before the next event is applied. At most
+    /// `member_cache` entries are cached in memory, shared by the owned partitions.
+    pub fn with_reader(plan: Plan, reader: Box<dyn StateReader>, member_cache: usize) -> Self {
+        Self {
+            plan,
+            partitions: HashMap::new(),
+            reader,
+            memory: None,
+            member_cache,
         }
     }
 
@@ -70,7 +106,9 @@ impl Engine {
 
     /// Takes ownership of a partition, from its stored snapshot (or empty for a new one).
     pub fn restore_partition(&mut self, key: PartitionKey, snapshot: PartitionSnapshot) {
-        let state = PartitionState::restore(&self.plan, snapshot);
+        // The cache is split between partitions as they are taken.
+        let share = self.member_cache / (self.partitions.len() + 1);
+        let state = PartitionState::restore(&self.plan, snapshot, share);
         self.partitions.insert(key, state);
     }
 
@@ -111,7 +149,16 @@ impl Engine {
         if state.next_offset.is_some_and(|next| offset < next) {
             return Outcome::AlreadyApplied;
         }
-        let outcome = apply::apply_event(&self.plan, state, payload, now_ms);
+        if state.poisoned {
+            return Outcome::StateUnreadable(members::StateReadError(format!(
+                "partition {key} stopped after an earlier read failure"
+            )));
+        }
+        let source = members::Source {
+            reader: &*self.reader,
+            partition: key,
+        };
+        let outcome = apply::apply_event(&self.plan, state, &source, payload, now_ms);
         state.next_offset = Some(offset + 1);
         state.pending.meta_dirty = true;
         outcome
@@ -138,7 +185,20 @@ impl Engine {
             .filter_map(|(key, state)| state.take_changes(plan, key))
             .collect();
         partitions.sort_by(|a, b| a.key.cmp(&b.key));
+        if let Some(memory) = &self.memory {
+            for changes in &partitions {
+                memory.write(changes);
+            }
+        }
         ChangeSet { partitions }
+    }
+
+    /// Per-entity entries held in memory (written since the last checkpoint, and cached).
+    pub fn resident_members(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|state| state.members.resident())
+            .sum()
     }
 
     /// Current and previous window of every metric, summed over owned partitions.

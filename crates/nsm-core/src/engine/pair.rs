@@ -12,6 +12,7 @@ pub(super) fn join(tag: &[u8], first: &[u8], second: &[u8]) -> Box<[u8]> {
 }
 
 /// The two parts of [`join`]'s bytes after the tag.
+#[cfg(test)]
 pub(super) fn split(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     let length = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     Some((bytes.get(4..4 + length)?, bytes.get(4 + length..)?))

@@ -63,6 +63,7 @@ pub fn segment_member(segment: &[u8], member: &[u8]) -> Box<[u8]> {
 }
 
 /// The segment and member of a stored segment member; `None` for a plain member.
+#[cfg(test)]
 pub fn split_segment_member(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     pair::split(bytes.strip_prefix(&[SEGMENT_MEMBER_TAG])?)
 }

@@ -1,12 +1,11 @@
 //! In-memory state of one partition, and its stored form.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
 use super::funnel::{FunnelRecord, Funnels};
+use super::members::MemberIndex;
 use super::plan::{Plan, ValueSource};
-use super::segment::split_segment_member;
-use super::threshold::ThresholdAgg;
 use crate::decimal::Decimal;
 use crate::window::WindowBounds;
 use crate::EpochMillis;
@@ -129,13 +128,18 @@ pub struct StoredWindow {
     pub value: AggValue,
 }
 
-/// A stored member of a distinct set.
+/// In a bucket of a trailing distinct metric: how many of its members occurred last before
+/// it in the bucket starting at `previous_ms` ([`NO_PREVIOUS`] when not within the length).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMember {
+pub struct StoredGap {
     pub metric: usize,
     pub start_ms: EpochMillis,
-    pub member: Box<[u8]>,
+    pub previous_ms: EpochMillis,
+    pub count: u64,
 }
+
+/// The `previous_ms` of members that did not occur within the trailing length before.
+pub const NO_PREVIOUS: EpochMillis = EpochMillis::MIN;
 
 /// A stored segment of one window of one metric in one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,20 +164,24 @@ pub struct PartitionSnapshot {
     pub max_event_ms: Option<EpochMillis>,
     pub idle_floor_ms: Option<EpochMillis>,
     pub windows: Vec<StoredWindow>,
-    pub members: Vec<StoredMember>,
     pub segments: Vec<StoredSegment>,
+    /// The gap histograms of trailing distinct metrics' buckets.
+    pub gaps: Vec<StoredGap>,
     /// Funnel times of conversion metrics.
     pub funnels: Vec<FunnelRecord>,
     /// Ids within the dedup horizon; an id stored twice keeps its latest time.
     pub seen_ids: Vec<SeenId>,
 }
 
+/// A window's value in memory. Members of distinct sets and threshold progress are kept by
+/// the partition's [`MemberIndex`], not here: memory does not grow with the entities.
 #[derive(Debug)]
 pub(super) enum Agg {
     Count(u64),
     Sum(Decimal),
-    Distinct(HashSet<Box<[u8]>>),
-    Threshold(ThresholdAgg),
+    Distinct(u64),
+    /// Entities that reached the threshold.
+    Threshold(u64),
 }
 
 impl Agg {
@@ -182,10 +190,8 @@ impl Agg {
             ValueSource::One => Agg::Count(0),
             ValueSource::Sum(_) => Agg::Sum(Decimal::ZERO),
             // A conversion's window holds the entities that converted in it.
-            ValueSource::Distinct(_) | ValueSource::Conversion { .. } => {
-                Agg::Distinct(HashSet::new())
-            }
-            ValueSource::Threshold { .. } => Agg::Threshold(ThresholdAgg::default()),
+            ValueSource::Distinct(_) | ValueSource::Conversion { .. } => Agg::Distinct(0),
+            ValueSource::Threshold { .. } => Agg::Threshold(0),
             // The number of returning entities; the rate is taken when read.
             ValueSource::Retention { .. } => Agg::Count(0),
             // Never reached: ratios keep no windows (the engine skips them when applying).
@@ -197,9 +203,9 @@ impl Agg {
         match self {
             Agg::Count(count) => AggValue::Count(*count),
             Agg::Sum(sum) => AggValue::Sum(*sum),
-            Agg::Distinct(members) => AggValue::Distinct(members.len() as u64),
+            Agg::Distinct(count) => AggValue::Distinct(*count),
             // The number of entities past the threshold is a distinct count of entities.
-            Agg::Threshold(threshold) => AggValue::Distinct(threshold.reached()),
+            Agg::Threshold(reached) => AggValue::Distinct(*reached),
         }
     }
 }
@@ -210,13 +216,17 @@ pub(super) struct WindowState {
     pub agg: Agg,
     /// The breakdown of a segmented metric, by segment key (empty otherwise).
     pub segments: HashMap<Box<[u8]>, Agg>,
+    /// A trailing distinct bucket's members by the bucket of their previous occurrence
+    /// (see [`super::trailing`]); empty otherwise.
+    pub gaps: BTreeMap<EpochMillis, u64>,
 }
 
 /// Changes since the last [`PartitionState::take_changes`].
 #[derive(Debug, Default)]
 pub(super) struct Pending {
     pub dirty_windows: BTreeSet<(usize, EpochMillis)>,
-    pub new_members: Vec<(usize, EpochMillis, Box<[u8]>)>,
+    /// (metric, bucket start, previous bucket) of changed gap counts.
+    pub dirty_gaps: BTreeSet<(usize, EpochMillis, EpochMillis)>,
     pub dirty_segments: BTreeSet<(usize, EpochMillis, Box<[u8]>)>,
     pub funnel_inserts: Vec<FunnelRecord>,
     pub funnel_deletes: Vec<FunnelRecord>,
@@ -245,11 +255,20 @@ pub(super) struct PartitionState {
     pub funnels_swept_at_ms: Option<EpochMillis>,
     /// The watermark at the last sweep of `seen_ids`.
     pub ids_swept_at_ms: Option<EpochMillis>,
+    /// Members, threshold progress and trailing occurrences: written ones and a cache.
+    pub members: MemberIndex,
+    /// Reading stored state failed while applying an event, which may then be half applied:
+    /// nothing more is applied or taken for storage, so the stored state stays whole.
+    pub poisoned: bool,
     pub pending: Pending,
 }
 
 impl PartitionState {
-    pub fn restore(plan: &Plan, snapshot: PartitionSnapshot) -> PartitionState {
+    pub fn restore(
+        plan: &Plan,
+        snapshot: PartitionSnapshot,
+        member_cache: usize,
+    ) -> PartitionState {
         let metric_count = plan.compiled.len();
         let mut windows: Vec<BTreeMap<EpochMillis, WindowState>> =
             (0..metric_count).map(|_| BTreeMap::new()).collect();
@@ -263,11 +282,11 @@ impl PartitionState {
                 }
                 (AggValue::Sum(sum), ValueSource::Sum(_)) => Agg::Sum(sum),
                 (
-                    AggValue::Distinct(_),
+                    AggValue::Distinct(count),
                     ValueSource::Distinct(_) | ValueSource::Conversion { .. },
-                ) => Agg::Distinct(HashSet::new()),
-                (AggValue::Distinct(_), ValueSource::Threshold { .. }) => {
-                    Agg::Threshold(ThresholdAgg::default())
+                ) => Agg::Distinct(count),
+                (AggValue::Distinct(reached), ValueSource::Threshold { .. }) => {
+                    Agg::Threshold(reached)
                 }
                 // A kind mismatch means the definition changed; the store discards such
                 // windows, so this is only reached by a hand-made snapshot.
@@ -279,6 +298,7 @@ impl PartitionState {
                     end_ms: stored.end_ms,
                     agg,
                     segments: HashMap::new(),
+                    gaps: BTreeMap::new(),
                 },
             );
         }
@@ -292,64 +312,17 @@ impl PartitionState {
             let agg = match stored.value {
                 AggValue::Count(count) => Agg::Count(count),
                 AggValue::Sum(sum) => Agg::Sum(sum),
-                // Rebuilt from the segment members below.
-                AggValue::Distinct(_) => Agg::Distinct(HashSet::new()),
+                AggValue::Distinct(count) => Agg::Distinct(count),
                 AggValue::Ratio { .. } => continue,
             };
             window.segments.insert(stored.segment, agg);
         }
-        for member in snapshot.members {
-            let window = windows
-                .get_mut(member.metric)
-                .and_then(|windows| windows.get_mut(&member.start_ms));
-            let source = plan
-                .compiled
-                .get(member.metric)
-                .map(|compiled| &compiled.value);
-            match (window, source) {
-                (
-                    Some(WindowState {
-                        agg: Agg::Distinct(members),
-                        segments,
-                        ..
-                    }),
-                    _,
-                ) => match split_segment_member(&member.member) {
-                    Some((segment, value)) => {
-                        if let Some(Agg::Distinct(segment_members)) = segments.get_mut(segment) {
-                            segment_members.insert(value.into());
-                        }
-                    }
-                    None => {
-                        members.insert(member.member);
-                    }
-                },
-                (
-                    Some(WindowState {
-                        agg: Agg::Threshold(threshold),
-                        ..
-                    }),
-                    Some(ValueSource::Threshold {
-                        actor, at_least, ..
-                    }),
-                ) => threshold.restore(*at_least, &member.member, actor.is_some()),
-                _ => {}
-            }
-        }
-        if cfg!(debug_assertions) {
-            for stored in &snapshot.windows {
-                if let (AggValue::Distinct(count), Some(window)) = (
-                    stored.value,
-                    windows
-                        .get(stored.metric)
-                        .and_then(|w| w.get(&stored.start_ms)),
-                ) {
-                    debug_assert_eq!(
-                        window.agg.value(),
-                        AggValue::Distinct(count),
-                        "stored count matches members (or threshold progress)"
-                    );
-                }
+        for gap in snapshot.gaps {
+            if let Some(window) = windows
+                .get_mut(gap.metric)
+                .and_then(|windows| windows.get_mut(&gap.start_ms))
+            {
+                window.gaps.insert(gap.previous_ms, gap.count);
             }
         }
         let mut funnels: Vec<Funnels> = (0..metric_count).map(|_| Funnels::default()).collect();
@@ -373,6 +346,8 @@ impl PartitionState {
             funnels_swept_at_ms: None,
             seen_ids,
             ids_swept_at_ms: None,
+            members: MemberIndex::new(member_cache),
+            poisoned: false,
             pending: Pending::default(),
         }
     }

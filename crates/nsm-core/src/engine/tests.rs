@@ -296,6 +296,7 @@ fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
     let snapshot = PartitionSnapshot {
         seen_ids: part.seen_ids.clone(),
         segments: Vec::new(),
+        gaps: Vec::new(),
         funnels: Vec::new(),
         next_offset: part.next_offset,
         max_event_ms: part.max_event_ms,
@@ -310,17 +311,11 @@ fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
                 value: u.value,
             })
             .collect(),
-        members: part
-            .members
-            .iter()
-            .map(|m| StoredMember {
-                metric: m.metric,
-                start_ms: m.start_ms,
-                member: m.member.clone(),
-            })
-            .collect(),
     };
-    let mut restored = Engine::new(test_plan());
+    // Members are not in the snapshot: the restored engine reads them from the store.
+    let stored = MemoryReader::default();
+    stored.write(part);
+    let mut restored = Engine::with_reader(test_plan(), Box::new(stored), 16);
     restored.restore_partition(key(), snapshot);
     assert_eq!(values(&restored), values(&engine));
     // Kafka may redeliver offset 1: it is skipped, not counted twice.

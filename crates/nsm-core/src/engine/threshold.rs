@@ -1,116 +1,140 @@
 //! Threshold metrics: the number of entities (projects, organisations) with at least k events,
 //! or at least k distinct actors, in a window.
 //!
-//! Only progress up to k is kept: once an entity reaches the threshold, its actors or event
-//! count are dropped and only its key stays, so memory per entity is bounded by k. Progress is
-//! stored as members of the window, one per step towards k, and a restore replays them.
+//! Per entity the window keeps its progress towards k (an entry `p <entity>` → count), and,
+//! when actors are counted, each actor seen until k (`a <entity> <actor>`). Both live in the
+//! partition's member index, so memory does not grow with the entities; past k nothing more
+//! is written.
 
-use std::collections::{HashMap, HashSet};
-
+use super::members::{MemberIndex, Source};
 use super::pair;
+use crate::EpochMillis;
 
-/// How far one entity is towards the threshold.
-#[derive(Debug)]
-enum Progress {
-    Events(u32),
-    Actors(HashSet<Box<[u8]>>),
+use super::members::StateReadError;
+
+const PROGRESS_TAG: &[u8] = b"p";
+const ACTOR_TAG: &[u8] = b"a";
+
+/// One threshold metric's window, as the member index sees it.
+pub(super) struct ThresholdWindow {
+    pub metric: usize,
+    pub start_ms: EpochMillis,
+    pub at_least: u32,
+}
+
+/// What one event did to an entity's progress.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Nothing: the entity was past k, or the actor already counted.
+    Nothing,
+    /// Progress was made and stored.
+    Progressed,
+    /// The entity reached k with this event.
     Reached,
 }
 
-/// The state of one threshold metric in one window.
-#[derive(Debug, Default)]
-pub(super) struct ThresholdAgg {
-    entities: HashMap<Box<[u8]>, Progress>,
-    reached: u64,
-}
-
-impl ThresholdAgg {
-    /// Entities that reached the threshold.
-    pub fn reached(&self) -> u64 {
-        self.reached
-    }
-
+impl ThresholdWindow {
     /// Counts one event of `entity` (by `actor` when the metric counts distinct actors).
-    /// Returns the member to store when progress was made, `None` when the event changed
-    /// nothing (the entity was already past the threshold, or the actor already counted).
-    pub fn add(&mut self, at_least: u32, entity: &[u8], actor: Option<&[u8]>) -> Option<Box<[u8]>> {
-        let progress = match self.entities.get_mut(entity) {
-            Some(progress) => progress,
-            None => self
-                .entities
-                .entry(entity.into())
-                .or_insert_with(|| match actor {
-                    Some(_) => Progress::Actors(HashSet::new()),
-                    None => Progress::Events(0),
-                }),
-        };
-        let (member, done) = match (progress, actor) {
-            (Progress::Reached, _) => return None,
-            (Progress::Events(count), _) => {
-                *count += 1;
-                (
-                    pair::join(&[], entity, &count.to_be_bytes()),
-                    *count >= at_least,
-                )
-            }
-            (Progress::Actors(actors), Some(actor)) => {
-                if !actors.insert(actor.into()) {
-                    return None;
-                }
-                (
-                    pair::join(&[], entity, actor),
-                    actors.len() as u64 >= u64::from(at_least),
-                )
-            }
-            (Progress::Actors(_), None) => return None,
-        };
-        if done {
-            self.entities.insert(entity.into(), Progress::Reached);
-            self.reached += 1;
+    pub fn add(
+        &self,
+        members: &mut MemberIndex,
+        source: &Source<'_>,
+        entity: &[u8],
+        actor: Option<&[u8]>,
+    ) -> Result<Step, StateReadError> {
+        let progress_key = pair::join(PROGRESS_TAG, entity, &[]);
+        let progress = members
+            .get(source, self.metric, self.start_ms, &progress_key)?
+            .and_then(|value| <[u8; 4]>::try_from(&*value).ok())
+            .map_or(0, u32::from_be_bytes);
+        if progress >= self.at_least {
+            return Ok(Step::Nothing);
         }
-        Some(member)
-    }
-
-    /// Replays one stored member (from [`ThresholdAgg::add`]) after a restart.
-    pub fn restore(&mut self, at_least: u32, member: &[u8], counts_actors: bool) {
-        if let Some((entity, second)) = pair::split(member) {
-            let actor = counts_actors.then_some(second);
-            self.add(at_least, entity, actor);
+        if let Some(actor) = actor {
+            let actor_key = pair::join(ACTOR_TAG, entity, actor);
+            if members.contains(source, self.metric, self.start_ms, &actor_key)? {
+                return Ok(Step::Nothing);
+            }
+            members.insert(self.metric, self.start_ms, &actor_key);
         }
+        let progress = progress + 1;
+        members.put(
+            self.metric,
+            self.start_ms,
+            &progress_key,
+            Box::from(progress.to_be_bytes()),
+        );
+        Ok(if progress >= self.at_least {
+            Step::Reached
+        } else {
+            Step::Progressed
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::members::MemoryReader;
+    use crate::PartitionKey;
 
     #[test]
     fn entities_count_once_when_they_reach_k_events_or_k_actors() {
-        let mut events = ThresholdAgg::default();
-        assert!(events.add(3, b"p1", None).is_some());
-        assert!(events.add(3, b"p1", None).is_some());
-        assert_eq!(events.reached(), 0);
-        assert!(events.add(3, b"p1", None).is_some());
-        assert_eq!(events.reached(), 1);
-        assert!(
-            events.add(3, b"p1", None).is_none(),
+        let reader = MemoryReader::default();
+        let partition = PartitionKey::new("t", 0);
+        let source = Source {
+            reader: &reader,
+            partition: &partition,
+        };
+        let mut members = MemberIndex::new(16);
+        let events = ThresholdWindow {
+            metric: 0,
+            start_ms: 0,
+            at_least: 3,
+        };
+        let mut add = |window: &ThresholdWindow, entity: &str, actor: Option<&str>| {
+            window
+                .add(
+                    &mut members,
+                    &source,
+                    entity.as_bytes(),
+                    actor.map(str::as_bytes),
+                )
+                .expect("in memory")
+        };
+        assert_eq!(add(&events, "p1", None), Step::Progressed);
+        assert_eq!(add(&events, "p1", None), Step::Progressed);
+        assert_eq!(add(&events, "p1", None), Step::Reached);
+        assert_eq!(
+            add(&events, "p1", None),
+            Step::Nothing,
             "past k nothing is kept"
         );
 
-        let mut actors = ThresholdAgg::default();
-        let mut stored = Vec::new();
-        for (entity, actor) in [("p1", "ana"), ("p1", "ana"), ("p1", "bo"), ("p2", "ana")] {
-            stored.extend(actors.add(2, entity.as_bytes(), Some(actor.as_bytes())));
-        }
-        assert_eq!(actors.reached(), 1);
-        assert_eq!(stored.len(), 3, "a repeated actor stores nothing");
+        let actors = ThresholdWindow {
+            metric: 1,
+            start_ms: 0,
+            at_least: 2,
+        };
+        assert_eq!(add(&actors, "p1", Some("ana")), Step::Progressed);
+        assert_eq!(
+            add(&actors, "p1", Some("ana")),
+            Step::Nothing,
+            "a repeated actor"
+        );
+        assert_eq!(add(&actors, "p2", Some("ana")), Step::Progressed);
+        assert_eq!(add(&actors, "p1", Some("bo")), Step::Reached);
 
-        let mut restored = ThresholdAgg::default();
-        for member in &stored {
-            restored.restore(2, member, true);
-        }
-        assert_eq!(restored.reached(), 1);
-        assert!(restored.add(2, b"p2", Some(b"cy")).is_some());
-        assert_eq!(restored.reached(), 2);
+        // Stored and read back: progress continues where it was.
+        reader.write_members(&partition, &members.take_written(), &[]);
+        let mut restored = MemberIndex::new(16);
+        let step = actors
+            .add(&mut restored, &source, b"p2", Some(b"cy"))
+            .expect("in memory");
+        assert_eq!(step, Step::Reached);
+        let step = actors
+            .add(&mut restored, &source, b"p2", Some(b"ana"))
+            .expect("in memory");
+        assert_eq!(step, Step::Nothing);
     }
 }

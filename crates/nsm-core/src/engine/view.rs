@@ -1,12 +1,12 @@
 //! Read-only views of the engine for exposition: current and previous windows, summed over
 //! the partitions this instance owns.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use super::plan::{Plan, ValueSource};
 use super::segment::{top_segments, SegmentValue};
-use super::state::Agg;
 use super::state::{AggValue, PartitionState};
+use super::trailing::distinct_in_range;
 use crate::window::WindowBounds;
 use crate::{EpochMillis, PartitionKey};
 
@@ -80,25 +80,20 @@ pub(super) fn metric_values<'a>(
             .filter_map(|state| state.windows[index].get(&bounds.start_ms))
             .fold(zero, |sum, window| sum.plus(window.agg.value()))
     };
-    // A trailing metric's value over a range: its step buckets in the range, with distinct
-    // members united per partition (a member in several buckets counts once).
+    // A trailing metric's value over a range: its step buckets in the range, a distinct
+    // member counted once per partition through the gap histograms (see `trailing`).
     let stored_value = |index: usize, bounds: WindowBounds| {
         if plan.compiled[index].trailing.is_none() {
             return calendar_value(index, bounds);
         }
         let mut total = AggValue::zero_for(&plan.compiled[index].value);
         for state in partitions.clone() {
-            let buckets = state.windows[index].range(bounds.start_ms..bounds.end_ms);
+            let windows = &state.windows[index];
             if let ValueSource::Distinct(_) = plan.compiled[index].value {
-                let mut union: HashSet<&[u8]> = HashSet::new();
-                for (_, bucket) in buckets {
-                    if let Agg::Distinct(members) = &bucket.agg {
-                        union.extend(members.iter().map(|member| &**member));
-                    }
-                }
-                total = total.plus(AggValue::Distinct(union.len() as u64));
+                let distinct = distinct_in_range(windows, bounds.start_ms, bounds.end_ms);
+                total = total.plus(AggValue::Distinct(distinct));
             } else {
-                for (_, bucket) in buckets {
+                for (_, bucket) in windows.range(bounds.start_ms..bounds.end_ms) {
                     total = total.plus(bucket.agg.value());
                 }
             }

@@ -1,0 +1,186 @@
+//! Exact trailing distinct counts in bounded memory.
+//!
+//! A trailing distinct metric keeps its members per step bucket, on disk. Uniting the sets of
+//! the buckets in a range at every publish would need them all in memory, so instead each
+//! occurrence (a member's first event in a bucket) remembers the bucket of the member's
+//! previous occurrence, and each bucket keeps in memory only a histogram: how many of its
+//! occurrences had their previous one in bucket p (its *gaps*). A member counts in the range
+//! `[s, e)` exactly once, through its first occurrence in the range, which is the one whose
+//! previous occurrence is before `s`:
+//!
+//! `distinct([s, e)) = Σ over buckets b in [s, e) of Σ over p < s of gaps[b][p]`
+//!
+//! Any range is exact, so `current`, `previous` and `before_previous` are. A previous
+//! occurrence a whole length or more before b is kept as [`NO_PREVIOUS`]: every range holding
+//! b starts after it. The histogram has at most one entry per bucket of the length, whatever
+//! the number of members.
+//!
+//! Finding a new occurrence's neighbours: the previous one is the member's last occurrence
+//! unless a later one exists. A later one can only be in the buckets up to the partition's
+//! newest event, at most the allowed lateness away, which are probed one by one; it then knows
+//! the previous one. Otherwise the member's last occurrence per period of one length (stored
+//! under the period's first bucket, tag `0x00`) gives it, from this period or the one before.
+
+use std::collections::BTreeMap;
+
+use super::members::{MemberIndex, Source, StateReadError};
+use super::state::{Agg, WindowState, NO_PREVIOUS};
+use crate::window::Trailing;
+use crate::EpochMillis;
+
+/// The tag of a member's last occurrence in a period (member keys never start with 0).
+const LAST_TAG: u8 = 0;
+
+/// One trailing distinct metric of one partition, being changed.
+pub(super) struct TrailingDistinct<'a> {
+    pub metric: usize,
+    pub trailing: Trailing,
+    pub windows: &'a mut BTreeMap<EpochMillis, WindowState>,
+    pub members: &'a mut MemberIndex,
+    /// Gap counts changed, as (bucket start, previous bucket).
+    pub dirty_gaps: &'a mut Vec<(EpochMillis, EpochMillis)>,
+    /// Windows created or changed.
+    pub dirty_windows: &'a mut Vec<EpochMillis>,
+}
+
+impl TrailingDistinct<'_> {
+    /// Records `member` in the bucket starting at `bucket_ms`; `newest_ms` is the partition's
+    /// newest event time. Returns whether the member is new in the bucket.
+    pub fn add(
+        &mut self,
+        source: &Source<'_>,
+        bucket_ms: EpochMillis,
+        member: &[u8],
+        newest_ms: EpochMillis,
+    ) -> Result<bool, StateReadError> {
+        let metric = self.metric;
+        if self.members.contains(source, metric, bucket_ms, member)? {
+            return Ok(false);
+        }
+        let step = self.trailing.step_ms;
+        // A later occurrence, nearest first.
+        let mut next = None;
+        let newest_bucket = self.trailing.bucket_of(newest_ms).start_ms;
+        let mut probe = bucket_ms + step;
+        while probe <= newest_bucket {
+            if self.windows.contains_key(&probe) {
+                if let Some(value) = self.members.get(source, metric, probe, member)? {
+                    next = Some((probe, decode_previous(&value)));
+                    break;
+                }
+            }
+            probe += step;
+        }
+        let period_ms = self.period_of(bucket_ms);
+        let last_key = last_key(member);
+        let last_in_period = self
+            .members
+            .get(source, metric, period_ms, &last_key)?
+            .map(|value| decode_previous(&value));
+        let previous = match next {
+            Some((_, previous_of_next)) => previous_of_next,
+            None => match last_in_period {
+                Some(last) => last,
+                None => self
+                    .members
+                    .get(
+                        source,
+                        metric,
+                        period_ms - self.trailing.length_ms,
+                        &last_key,
+                    )?
+                    .map_or(NO_PREVIOUS, |value| decode_previous(&value)),
+            },
+        };
+
+        self.members
+            .put(metric, bucket_ms, member, encode_previous(previous));
+        if let Agg::Distinct(count) = &mut self.ensure_window(bucket_ms).agg {
+            *count += 1;
+        }
+        self.dirty_windows.push(bucket_ms);
+        self.count_gap(bucket_ms, previous, 1);
+        if let Some((next_ms, previous_of_next)) = next {
+            self.members
+                .put(metric, next_ms, member, encode_previous(bucket_ms));
+            self.count_gap(next_ms, previous_of_next, -1);
+            self.count_gap(next_ms, bucket_ms, 1);
+        }
+        if last_in_period.is_none_or(|last| last < bucket_ms) {
+            self.members
+                .put(metric, period_ms, &last_key, encode_previous(bucket_ms));
+            // The period's first bucket holds the entry, so that it expires with it.
+            self.ensure_window(period_ms);
+        }
+        Ok(true)
+    }
+
+    /// The first bucket of the period of one length holding `bucket_ms`.
+    fn period_of(&self, bucket_ms: EpochMillis) -> EpochMillis {
+        bucket_ms.div_euclid(self.trailing.length_ms) * self.trailing.length_ms
+    }
+
+    fn count_gap(&mut self, bucket_ms: EpochMillis, previous_ms: EpochMillis, delta: i64) {
+        let previous_ms = if previous_ms <= bucket_ms - self.trailing.length_ms {
+            NO_PREVIOUS
+        } else {
+            previous_ms
+        };
+        let window = self.ensure_window(bucket_ms);
+        let count = window.gaps.entry(previous_ms).or_insert(0);
+        *count = count.saturating_add_signed(delta);
+        self.dirty_gaps.push((bucket_ms, previous_ms));
+    }
+
+    fn ensure_window(&mut self, bucket_ms: EpochMillis) -> &mut WindowState {
+        let end_ms = bucket_ms + self.trailing.step_ms;
+        let dirty_windows = &mut *self.dirty_windows;
+        self.windows.entry(bucket_ms).or_insert_with(|| {
+            dirty_windows.push(bucket_ms);
+            WindowState {
+                end_ms,
+                agg: Agg::Distinct(0),
+                segments: Default::default(),
+                gaps: BTreeMap::new(),
+            }
+        })
+    }
+}
+
+/// The distinct members of one partition's buckets in `[start_ms, end_ms)`.
+pub(super) fn distinct_in_range(
+    windows: &BTreeMap<EpochMillis, WindowState>,
+    start_ms: EpochMillis,
+    end_ms: EpochMillis,
+) -> u64 {
+    windows
+        .range(start_ms..end_ms)
+        .map(|(_, bucket)| {
+            bucket
+                .gaps
+                .range(..start_ms)
+                .map(|(_, count)| count)
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+fn last_key(member: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(member.len() + 1);
+    key.push(LAST_TAG);
+    key.extend_from_slice(member);
+    key
+}
+
+/// A bucket start as stored; empty for none.
+fn encode_previous(previous_ms: EpochMillis) -> Box<[u8]> {
+    if previous_ms == NO_PREVIOUS {
+        Box::default()
+    } else {
+        Box::from(previous_ms.to_be_bytes())
+    }
+}
+
+fn decode_previous(value: &[u8]) -> EpochMillis {
+    <[u8; 8]>::try_from(value).map_or(NO_PREVIOUS, i64::from_be_bytes)
+}
