@@ -9,9 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use nsm_core::decimal::Decimal;
-use nsm_core::engine::{
-    segment_label, FunnelRecord, MemoryReader, StoredGap, StoredSegment, StoredWindow,
-};
+use nsm_core::engine::{segment_label, MemoryReader, StoredGap, StoredSegment, StoredWindow};
 use nsm_core::engine::{
     AggValue, ChangeSet, DedupSettings, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan,
     SeenId,
@@ -554,7 +552,6 @@ struct FakeStore {
     members: MemoryReader,
     gaps: BTreeMap<(i32, usize, i64, i64), u64>,
     seen_ids: BTreeSet<(i32, SeenId)>,
-    funnels: BTreeSet<(i32, FunnelRecord)>,
     segments: BTreeMap<StoredSegmentKey, AggValue>,
 }
 
@@ -583,20 +580,6 @@ impl FakeStore {
                     (p, segment.metric, segment.start_ms, segment.segment),
                     segment.value,
                 );
-            }
-            for record in part.funnel_inserts {
-                self.funnels.insert((p, record));
-            }
-            for record in part.funnel_deletes {
-                self.funnels.remove(&(p, record));
-            }
-            for (metric, step, before) in part.forget_funnels_before {
-                self.funnels.retain(|(fp, record)| {
-                    !(*fp == p
-                        && record.metric == metric
-                        && record.step == step
-                        && record.time_ms < before)
-                });
             }
             for seen in part.seen_ids {
                 self.seen_ids.insert((p, seen));
@@ -656,12 +639,6 @@ impl FakeStore {
                     segment: segment.clone(),
                     value: *value,
                 })
-                .collect(),
-            funnels: self
-                .funnels
-                .iter()
-                .filter(|(p, _)| *p == partition)
-                .map(|(_, record)| record.clone())
                 .collect(),
             seen_ids: self
                 .seen_ids

@@ -56,22 +56,6 @@ pub fn seen_id_key(partition_prefix: &[u8], time_ms: i64, id: &[u8]) -> Vec<u8> 
     key
 }
 
-/// `<partition key> <metric> 0x00 <step tag> <time> <entity>`: funnel times of a conversion
-/// metric, per step in event-time order.
-pub fn funnel_key(
-    partition_prefix: &[u8],
-    metric: &str,
-    step_tag: u8,
-    time_ms: i64,
-    entity: &[u8],
-) -> Vec<u8> {
-    let mut key = window_metric_prefix(partition_prefix, metric);
-    key.push(step_tag);
-    key.extend_from_slice(&encode_i64(time_ms));
-    key.extend_from_slice(entity);
-    key
-}
-
 /// The smallest key greater than every key starting with `prefix`.
 pub fn prefix_successor(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();

@@ -15,10 +15,10 @@
 //!   common miss, a new member, cheap.
 //! - `gaps`: `<window key> <previous bucket i64, sign-flipped BE>` → count u64 BE: the gap
 //!   histograms of trailing distinct buckets, loaded with the windows.
+//! - Conversion funnels are member entries of a pseudo-window (`nsm_core::engine::funnel`);
+//!   format 1's `funnels` family is opened if present and otherwise unused.
 //! - `segments`: `<window key> <segment key>` → value: the breakdown of segmented metrics.
 //!   (Also added without a format change.)
-//! - `funnels`: `<partition key> <metric> 0x00 <step a|b> <time> <entity>` → empty: funnel
-//!   times of conversion metrics (added without a format change).
 //! - `seen_ids`: `<partition key> <event time i64, sign-flipped BE> <id bytes>` → empty: event
 //!   ids within the dedup horizon, ordered by time so the expired ones go with one range
 //!   delete. (Added without a format change: a store without it simply remembers no ids.)
@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nsm_core::engine::{
-    ChangeSet, FunnelRecord, FunnelStep, PartitionSnapshot, Plan, SeenId, StateReadError,
-    StateReader, StoredGap, StoredSegment, StoredWindow,
+    ChangeSet, PartitionSnapshot, Plan, SeenId, StateReadError, StateReader, StoredGap,
+    StoredSegment, StoredWindow,
 };
 use nsm_core::PartitionKey;
 use rocksdb::{
@@ -41,8 +41,8 @@ use rocksdb::{
 
 use codec::{
     decode_i64, decode_partition_meta, decode_window_value, encode_partition_meta,
-    encode_window_value, funnel_key, partition_prefix, prefix_successor, seen_id_key,
-    split_partition_prefix, window_key, window_metric_prefix,
+    encode_window_value, partition_prefix, prefix_successor, seen_id_key, split_partition_prefix,
+    window_key, window_metric_prefix,
 };
 
 /// Bumped whenever the layout above changes incompatibly. 2: members carry values (threshold
@@ -55,7 +55,6 @@ const CF_WINDOWS: &str = "windows";
 const CF_MEMBERS: &str = "members";
 const CF_SEEN_IDS: &str = "seen_ids";
 const CF_SEGMENTS: &str = "segments";
-const CF_FUNNELS: &str = "funnels";
 const CF_GAPS: &str = "gaps";
 const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
@@ -146,10 +145,19 @@ impl Store {
             CF_MEMBERS,
             CF_SEEN_IDS,
             CF_SEGMENTS,
-            CF_FUNNELS,
             CF_GAPS,
-        ]
-        .map(|name| ColumnFamilyDescriptor::new(name, family_options.clone()));
+        ];
+        // RocksDB opens a store only with all its families: add any this version does not
+        // use, so an older store reaches the format check and its clear message.
+        let mut names: Vec<String> = families.iter().map(ToString::to_string).collect();
+        for existing in DB::list_cf(&db_options, path).unwrap_or_default() {
+            if !names.contains(&existing) && existing != "default" {
+                names.push(existing);
+            }
+        }
+        let families = names
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, family_options.clone()));
         let db = DB::open_cf_descriptors(&db_options, path, families).map_err(|source| {
             StateError::Open {
                 path: path.to_path_buf(),
@@ -258,7 +266,7 @@ impl Store {
     }
 
     fn delete_metric_data(&self, name: &str, batch: &mut WriteBatch) -> Result<(), StateError> {
-        for family in [CF_WINDOWS, CF_MEMBERS, CF_SEGMENTS, CF_FUNNELS, CF_GAPS] {
+        for family in [CF_WINDOWS, CF_MEMBERS, CF_SEGMENTS, CF_GAPS] {
             let cf = self.cf(family);
             for item in self.db.iterator_cf(cf, IteratorMode::Start) {
                 let (key, _) = item?;
@@ -286,7 +294,6 @@ impl Store {
         let members = self.cf(CF_MEMBERS);
         let seen_ids = self.cf(CF_SEEN_IDS);
         let segments = self.cf(CF_SEGMENTS);
-        let funnels = self.cf(CF_FUNNELS);
         let gaps = self.cf(CF_GAPS);
         let mut batch = WriteBatch::default();
         for part in &changes.partitions {
@@ -341,28 +348,11 @@ impl Store {
                     seen_id_key(&prefix, before_ms, &[]).as_slice(),
                 );
             }
-            let funnel_key_of = |record: &FunnelRecord| {
-                funnel_key(
-                    &prefix,
-                    self.metric_name(record.metric),
-                    record.step.tag(),
-                    record.time_ms,
-                    &record.entity,
-                )
-            };
-            for record in &part.funnel_inserts {
-                batch.put_cf(funnels, funnel_key_of(record), []);
-            }
-            for record in &part.funnel_deletes {
-                batch.delete_cf(funnels, funnel_key_of(record));
-            }
-            for (metric, step, before_ms) in &part.forget_funnels_before {
-                let name = self.metric_name(*metric);
-                batch.delete_range_cf(
-                    funnels,
-                    funnel_key(&prefix, name, step.tag(), i64::MIN, &[]).as_slice(),
-                    funnel_key(&prefix, name, step.tag(), *before_ms, &[]).as_slice(),
-                );
+            for range in &part.member_range_deletes {
+                let key = window_key(&prefix, self.metric_name(range.metric), range.start_ms);
+                let mut end = key.clone();
+                end.extend_from_slice(&range.before);
+                batch.delete_range_cf(members, key.as_slice(), end.as_slice());
             }
             for seen in &part.seen_ids {
                 batch.put_cf(seen_ids, seen_id_key(&prefix, seen.time_ms, &seen.id), []);
@@ -393,33 +383,6 @@ impl Store {
         snapshot.windows = self.scan_windows(&prefix, None)?;
         snapshot.gaps = self.scan_gaps(key, &prefix)?;
         snapshot.segments = self.scan_segments(key, &prefix)?;
-        for stored_key in self.keys_under(CF_FUNNELS, &prefix) {
-            let stored_key = stored_key?;
-            let rest = &stored_key[prefix.len()..];
-            let parsed = rest
-                .iter()
-                .position(|byte| *byte == 0)
-                .and_then(|separator| {
-                    let name = std::str::from_utf8(&rest[..separator]).ok()?;
-                    let step = FunnelStep::from_tag(*rest.get(separator + 1)?)?;
-                    let time: [u8; 8] = rest.get(separator + 2..separator + 10)?.try_into().ok()?;
-                    Some((name, step, decode_i64(time), &rest[separator + 10..]))
-                });
-            let Some((name, step, time_ms, entity)) = parsed else {
-                return Err(StateError::Corrupt {
-                    column_family: CF_FUNNELS,
-                    detail: format!("funnel key in partition {key}"),
-                });
-            };
-            if let Some(metric) = self.metric_index.get(name).copied() {
-                snapshot.funnels.push(FunnelRecord {
-                    metric,
-                    step,
-                    time_ms,
-                    entity: entity.into(),
-                });
-            }
-        }
         for stored_key in self.keys_under(CF_SEEN_IDS, &prefix) {
             let stored_key = stored_key?;
             let rest = &stored_key[prefix.len()..];

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use jiff::Timestamp;
 
-use super::funnel::{FunnelRecord, FunnelStep};
+use super::funnel::Funnel;
 use super::members::{MemberIndex, Source, StateReadError};
 use super::plan::{CompiledMetric, Plan, ValueSource};
 use super::segment::{segment_key, segment_member, MAX_SEGMENTS_PER_WINDOW, OVERFLOW_KEY};
@@ -545,33 +545,26 @@ fn funnel_step(
     let ValueSource::Conversion { within_ms, .. } = compiled.value else {
         return Ok(());
     };
-    let (entity, update) = match contribution {
+    let mut funnel = Funnel {
+        metric: index,
+        within_ms,
+        members: &mut state.members,
+    };
+    let (entity, converted_at) = match contribution {
         Contribution::FunnelStart(entity) => {
-            let update = state.funnels[index].start(&entity, event_time_ms, within_ms);
-            (entity, update)
+            let converted_at = funnel.start(source, &entity, event_time_ms)?;
+            (entity, converted_at)
         }
         Contribution::FunnelEnd(entity) => {
-            let update = state.funnels[index].end(&entity, event_time_ms, within_ms);
-            (entity, update)
+            let converted = funnel.end(source, &entity, event_time_ms)?;
+            (
+                entity,
+                converted.then_some(event_time_ms).into_iter().collect(),
+            )
         }
         _ => return Ok(()),
     };
-    let record = |step: FunnelStep, time_ms: EpochMillis| FunnelRecord {
-        metric: index,
-        step,
-        time_ms,
-        entity: entity.as_ref().into(),
-    };
-    if let Some((step, time_ms)) = update.remembered {
-        state.pending.funnel_inserts.push(record(step, time_ms));
-    }
-    for time_ms in &update.forgotten_ends {
-        state
-            .pending
-            .funnel_deletes
-            .push(record(FunnelStep::PendingEnd, *time_ms));
-    }
-    for time_ms in update.converted_at {
+    for time_ms in converted_at {
         let Some(bounds) = plan.calendar().window_of(compiled.window, time_ms) else {
             continue;
         };

@@ -1,7 +1,7 @@
 //! The changes to persist after a batch of events: one entry per touched partition, written
 //! by the state store in a single atomic batch together with the partition's offset.
 
-use super::funnel::{FunnelRecord, FunnelStep};
+use super::funnel::{period_bound, period_of, FUNNEL_WINDOW};
 use super::plan::{Plan, ValueSource};
 use super::state::{AggValue, PartitionState, SeenId, StoredGap};
 use crate::{EpochMillis, PartitionKey};
@@ -34,6 +34,15 @@ pub struct MemberInsert {
     pub value: Box<[u8]>,
 }
 
+/// Member entries of one window whose keys sort before `before`, to delete (old funnel
+/// periods of a conversion metric).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRangeDelete {
+    pub metric: usize,
+    pub start_ms: EpochMillis,
+    pub before: Box<[u8]>,
+}
+
 /// A window past the retention, to delete with its members and segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowDelete {
@@ -60,11 +69,8 @@ pub struct PartitionChanges {
     pub seen_ids: Vec<SeenId>,
     /// Stored ids with an event time before this are past the dedup horizon: delete them.
     pub forget_ids_before_ms: Option<EpochMillis>,
-    /// Funnel times of conversion metrics newly remembered, then ones no longer needed.
-    pub funnel_inserts: Vec<FunnelRecord>,
-    pub funnel_deletes: Vec<FunnelRecord>,
-    /// Per conversion metric and step: stored funnel times before this can go.
-    pub forget_funnels_before: Vec<(usize, FunnelStep, EpochMillis)>,
+    /// Member entries no future event can read, deleted after the puts.
+    pub member_range_deletes: Vec<MemberRangeDelete>,
 }
 
 /// All partitions' changes since the last flush.
@@ -90,12 +96,12 @@ impl PartitionState {
         }
         let deletes = self.expire(plan);
         let forget_ids_before_ms = self.forget_old_ids(plan);
-        let forget_funnels_before = self.forget_old_funnels(plan);
+        let member_range_deletes = self.forget_old_funnels(plan);
         if !self.pending.meta_dirty
             && self.pending.dirty_windows.is_empty()
             && deletes.is_empty()
             && forget_ids_before_ms.is_none()
-            && forget_funnels_before.is_empty()
+            && member_range_deletes.is_empty()
         {
             return None;
         }
@@ -160,38 +166,37 @@ impl PartitionState {
             deletes,
             seen_ids: pending.new_ids,
             forget_ids_before_ms,
-            funnel_inserts: pending.funnel_inserts,
-            funnel_deletes: pending.funnel_deletes,
-            forget_funnels_before,
+            member_range_deletes,
         })
     }
 
-    /// Forgets funnel times no future event can pair with (see [`super::funnel`]): starts
-    /// older than `watermark - lateness - within`, pending ends older than
-    /// `watermark - lateness`. Runs when the watermark moved a minute since the last time.
-    fn forget_old_funnels(&mut self, plan: &Plan) -> Vec<(usize, FunnelStep, EpochMillis)> {
+    /// Deletes the funnel periods of conversion metrics that no future event can read (see
+    /// [`super::funnel`]): those before the period of `watermark - lateness - within`. An A or
+    /// B event at `t >= watermark - lateness` reads its period and the one before or after.
+    fn forget_old_funnels(&mut self, plan: &Plan) -> Vec<MemberRangeDelete> {
         let Some(watermark) = self.watermark_ms() else {
             return Vec::new();
         };
-        let due = self
-            .funnels_swept_at_ms
-            .is_none_or(|swept| watermark - swept >= 60_000);
-        if !due {
-            return Vec::new();
-        }
-        self.funnels_swept_at_ms = Some(watermark);
-        let mut forgets = Vec::new();
+        let mut deletes = Vec::new();
         for (metric, compiled) in plan.compiled.iter().enumerate() {
             let ValueSource::Conversion { within_ms, .. } = compiled.value else {
                 continue;
             };
-            let ends_before = watermark.saturating_sub(plan.settings.allowed_lateness_ms);
-            let starts_before = ends_before.saturating_sub(within_ms);
-            self.funnels[metric].forget(starts_before, ends_before);
-            forgets.push((metric, FunnelStep::Start, starts_before));
-            forgets.push((metric, FunnelStep::PendingEnd, ends_before));
+            let horizon = watermark
+                .saturating_sub(plan.settings.allowed_lateness_ms)
+                .saturating_sub(within_ms);
+            let keep_from = period_of(horizon, within_ms);
+            if self.funnels_kept_from[metric].is_some_and(|kept| kept >= keep_from) {
+                continue;
+            }
+            self.funnels_kept_from[metric] = Some(keep_from);
+            deletes.push(MemberRangeDelete {
+                metric,
+                start_ms: FUNNEL_WINDOW,
+                before: period_bound(keep_from),
+            });
         }
-        forgets
+        deletes
     }
 
     /// Drops ids past the dedup horizon from memory, once the watermark has moved a tenth of

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use super::changes::{MemberInsert, PartitionChanges, WindowDelete};
+use super::changes::{MemberInsert, MemberRangeDelete, PartitionChanges, WindowDelete};
 
 use crate::{EpochMillis, PartitionKey};
 
@@ -52,6 +52,17 @@ impl MemoryReader {
     /// Stores the member changes of one partition, as nsm-state does.
     pub fn write(&self, changes: &PartitionChanges) {
         self.write_members(&changes.key, &changes.members, &changes.deletes);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        for MemberRangeDelete {
+            metric,
+            start_ms,
+            before,
+        } in &changes.member_range_deletes
+        {
+            entries.retain(|(partition, (m, s, key)), _| {
+                !(*partition == changes.key && m == metric && s == start_ms && key < before)
+            });
+        }
     }
 
     /// Stores member entries, then deletes the windows' entries (the order of a store batch).

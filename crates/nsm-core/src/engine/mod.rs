@@ -21,9 +21,9 @@ mod view;
 use std::collections::HashMap;
 
 pub use changes::{
-    ChangeSet, MemberInsert, PartitionChanges, SegmentUpsert, WindowDelete, WindowUpsert,
+    ChangeSet, MemberInsert, MemberRangeDelete, PartitionChanges, SegmentUpsert, WindowDelete,
+    WindowUpsert,
 };
-pub use funnel::{FunnelRecord, FunnelStep};
 pub use members::{MemoryReader, StateReadError, StateReader};
 pub use plan::{DedupSettings, EngineSettings, Plan};
 pub use segment::{segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};

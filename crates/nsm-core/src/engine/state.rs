@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
-use super::funnel::{FunnelRecord, Funnels};
 use super::members::MemberIndex;
 use super::plan::{Plan, ValueSource};
 use crate::decimal::Decimal;
@@ -167,8 +166,6 @@ pub struct PartitionSnapshot {
     pub segments: Vec<StoredSegment>,
     /// The gap histograms of trailing distinct metrics' buckets.
     pub gaps: Vec<StoredGap>,
-    /// Funnel times of conversion metrics.
-    pub funnels: Vec<FunnelRecord>,
     /// Ids within the dedup horizon; an id stored twice keeps its latest time.
     pub seen_ids: Vec<SeenId>,
 }
@@ -228,8 +225,6 @@ pub(super) struct Pending {
     /// (metric, bucket start, previous bucket) of changed gap counts.
     pub dirty_gaps: BTreeSet<(usize, EpochMillis, EpochMillis)>,
     pub dirty_segments: BTreeSet<(usize, EpochMillis, Box<[u8]>)>,
-    pub funnel_inserts: Vec<FunnelRecord>,
-    pub funnel_deletes: Vec<FunnelRecord>,
     pub new_ids: Vec<SeenId>,
     pub meta_dirty: bool,
 }
@@ -249,10 +244,9 @@ pub(super) struct PartitionState {
     /// is stored, so the digest never needs to be stable across versions), to the event time
     /// they were applied at.
     pub seen_ids: HashMap<u128, EpochMillis>,
-    /// Per metric: the funnel state of a conversion metric (empty for others).
-    pub funnels: Vec<Funnels>,
-    /// The watermark at the last sweep of `funnels`.
-    pub funnels_swept_at_ms: Option<EpochMillis>,
+    /// Per metric: the first funnel period still stored, for conversion metrics (see
+    /// [`super::funnel`]); `None` until the first sweep.
+    pub funnels_kept_from: Vec<Option<EpochMillis>>,
     /// The watermark at the last sweep of `seen_ids`.
     pub ids_swept_at_ms: Option<EpochMillis>,
     /// Members, threshold progress and trailing occurrences: written ones and a cache.
@@ -325,12 +319,6 @@ impl PartitionState {
                 window.gaps.insert(gap.previous_ms, gap.count);
             }
         }
-        let mut funnels: Vec<Funnels> = (0..metric_count).map(|_| Funnels::default()).collect();
-        for record in &snapshot.funnels {
-            if let Some(funnel) = funnels.get_mut(record.metric) {
-                funnel.restore(record.step, record.time_ms, &record.entity);
-            }
-        }
         let mut seen_ids = HashMap::with_capacity(snapshot.seen_ids.len());
         for seen in &snapshot.seen_ids {
             let time = seen_ids.entry(id_digest(&seen.id)).or_insert(seen.time_ms);
@@ -342,8 +330,7 @@ impl PartitionState {
             idle_floor_ms: snapshot.idle_floor_ms,
             windows,
             last_window: vec![None; metric_count],
-            funnels,
-            funnels_swept_at_ms: None,
+            funnels_kept_from: vec![None; metric_count],
             seen_ids,
             ids_swept_at_ms: None,
             members: MemberIndex::new(member_cache),

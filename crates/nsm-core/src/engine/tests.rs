@@ -297,7 +297,6 @@ fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
         seen_ids: part.seen_ids.clone(),
         segments: Vec::new(),
         gaps: Vec::new(),
-        funnels: Vec::new(),
         next_offset: part.next_offset,
         max_event_ms: part.max_event_ms,
         idle_floor_ms: part.idle_floor_ms,
