@@ -12,7 +12,6 @@ use nsm_core::decimal::Decimal;
 use nsm_core::engine::{segment_label, MemoryReader, StoredGap, StoredSegment, StoredWindow};
 use nsm_core::engine::{
     AggValue, ChangeSet, DedupSettings, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan,
-    SeenId,
 };
 use nsm_core::metric::{
     Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role, Segmentation,
@@ -551,7 +550,6 @@ struct FakeStore {
     /// Members, threshold progress and trailing occurrences, read one at a time.
     members: MemoryReader,
     gaps: BTreeMap<(i32, usize, i64, i64), u64>,
-    seen_ids: BTreeSet<(i32, SeenId)>,
     segments: BTreeMap<StoredSegmentKey, AggValue>,
 }
 
@@ -580,13 +578,6 @@ impl FakeStore {
                     (p, segment.metric, segment.start_ms, segment.segment),
                     segment.value,
                 );
-            }
-            for seen in part.seen_ids {
-                self.seen_ids.insert((p, seen));
-            }
-            if let Some(before) = part.forget_ids_before_ms {
-                self.seen_ids
-                    .retain(|(sp, seen)| !(*sp == p && seen.time_ms < before));
             }
             for delete in part.deletes {
                 self.windows.remove(&(p, delete.metric, delete.start_ms));
@@ -639,12 +630,6 @@ impl FakeStore {
                     segment: segment.clone(),
                     value: *value,
                 })
-                .collect(),
-            seen_ids: self
-                .seen_ids
-                .iter()
-                .filter(|(p, _)| *p == partition)
-                .map(|(_, seen)| seen.clone())
                 .collect(),
         }
     }

@@ -47,15 +47,6 @@ pub fn window_key(partition_prefix: &[u8], metric: &str, start_ms: i64) -> Vec<u
     key
 }
 
-/// `<partition key> <time> <id>`: ids of a partition in event-time order.
-pub fn seen_id_key(partition_prefix: &[u8], time_ms: i64, id: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(partition_prefix.len() + 8 + id.len());
-    key.extend_from_slice(partition_prefix);
-    key.extend_from_slice(&encode_i64(time_ms));
-    key.extend_from_slice(id);
-    key
-}
-
 /// The smallest key greater than every key starting with `prefix`.
 pub fn prefix_successor(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();

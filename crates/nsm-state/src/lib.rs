@@ -15,13 +15,12 @@
 //!   common miss, a new member, cheap.
 //! - `gaps`: `<window key> <previous bucket i64, sign-flipped BE>` → count u64 BE: the gap
 //!   histograms of trailing distinct buckets, loaded with the windows.
-//! - Conversion funnels are member entries of a pseudo-window (`nsm_core::engine::funnel`);
-//!   format 1's `funnels` family is opened if present and otherwise unused.
 //! - `segments`: `<window key> <segment key>` → value: the breakdown of segmented metrics.
-//!   (Also added without a format change.)
-//! - `seen_ids`: `<partition key> <event time i64, sign-flipped BE> <id bytes>` → empty: event
-//!   ids within the dedup horizon, ordered by time so the expired ones go with one range
-//!   delete. (Added without a format change: a store without it simply remembers no ids.)
+//! - Conversion funnels are member entries of a pseudo-window of their metric
+//!   (`nsm_core::engine::funnel`), and event ids remembered for deduplication are member
+//!   entries of the namespace named by the empty string, one window per period of the
+//!   horizon (`nsm_core::engine::dedup`). Format 1's `funnels` and `seen_ids` families are
+//!   opened if present and otherwise unused.
 
 mod codec;
 
@@ -30,8 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nsm_core::engine::{
-    ChangeSet, PartitionSnapshot, Plan, SeenId, StateReadError, StateReader, StoredGap,
-    StoredSegment, StoredWindow,
+    ChangeSet, PartitionSnapshot, Plan, StateReadError, StateReader, StoredGap, StoredSegment,
+    StoredWindow,
 };
 use nsm_core::PartitionKey;
 use rocksdb::{
@@ -41,8 +40,8 @@ use rocksdb::{
 
 use codec::{
     decode_i64, decode_partition_meta, decode_window_value, encode_partition_meta,
-    encode_window_value, partition_prefix, prefix_successor, seen_id_key, split_partition_prefix,
-    window_key, window_metric_prefix,
+    encode_window_value, partition_prefix, prefix_successor, split_partition_prefix, window_key,
+    window_metric_prefix,
 };
 
 /// Bumped whenever the layout above changes incompatibly. 2: members carry values (threshold
@@ -53,7 +52,6 @@ const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
 const CF_WINDOWS: &str = "windows";
 const CF_MEMBERS: &str = "members";
-const CF_SEEN_IDS: &str = "seen_ids";
 const CF_SEGMENTS: &str = "segments";
 const CF_GAPS: &str = "gaps";
 const FORMAT_VERSION_KEY: &[u8] = b"format_version";
@@ -143,7 +141,6 @@ impl Store {
             CF_PARTITIONS,
             CF_WINDOWS,
             CF_MEMBERS,
-            CF_SEEN_IDS,
             CF_SEGMENTS,
             CF_GAPS,
         ];
@@ -292,7 +289,6 @@ impl Store {
         let partitions = self.cf(CF_PARTITIONS);
         let windows = self.cf(CF_WINDOWS);
         let members = self.cf(CF_MEMBERS);
-        let seen_ids = self.cf(CF_SEEN_IDS);
         let segments = self.cf(CF_SEGMENTS);
         let gaps = self.cf(CF_GAPS);
         let mut batch = WriteBatch::default();
@@ -340,30 +336,29 @@ impl Store {
                 batch.delete_range_cf(gaps, key.as_slice(), end.as_slice());
                 batch.delete_cf(windows, key);
             }
-            // Forget before remembering: an id applied again after it expired is kept.
-            if let Some(before_ms) = part.forget_ids_before_ms {
-                batch.delete_range_cf(
-                    seen_ids,
-                    seen_id_key(&prefix, i64::MIN, &[]).as_slice(),
-                    seen_id_key(&prefix, before_ms, &[]).as_slice(),
-                );
-            }
             for range in &part.member_range_deletes {
                 let key = window_key(&prefix, self.metric_name(range.metric), range.start_ms);
                 let mut end = key.clone();
                 end.extend_from_slice(&range.before);
                 batch.delete_range_cf(members, key.as_slice(), end.as_slice());
             }
-            for seen in &part.seen_ids {
-                batch.put_cf(seen_ids, seen_id_key(&prefix, seen.time_ms, &seen.id), []);
+            for expired in &part.windows_before {
+                let name = self.metric_name(expired.metric);
+                batch.delete_range_cf(
+                    members,
+                    window_key(&prefix, name, i64::MIN).as_slice(),
+                    window_key(&prefix, name, expired.before_ms).as_slice(),
+                );
             }
         }
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())
     }
 
+    /// The stored name of a metric; the empty string (no metric's name) for the engine's
+    /// own namespace one past the last metric, which holds event ids.
     fn metric_name(&self, index: usize) -> &str {
-        &self.metric_names[index]
+        self.metric_names.get(index).map_or("", String::as_str)
     }
 
     /// Everything stored for one partition (empty for a partition never seen).
@@ -383,20 +378,6 @@ impl Store {
         snapshot.windows = self.scan_windows(&prefix, None)?;
         snapshot.gaps = self.scan_gaps(key, &prefix)?;
         snapshot.segments = self.scan_segments(key, &prefix)?;
-        for stored_key in self.keys_under(CF_SEEN_IDS, &prefix) {
-            let stored_key = stored_key?;
-            let rest = &stored_key[prefix.len()..];
-            let (Some(time), Some(id)) = (rest.get(..8), rest.get(8..)) else {
-                return Err(StateError::Corrupt {
-                    column_family: CF_SEEN_IDS,
-                    detail: format!("id key in partition {key}"),
-                });
-            };
-            snapshot.seen_ids.push(SeenId {
-                time_ms: decode_i64(time.try_into().unwrap_or_default()),
-                id: id.into(),
-            });
-        }
         Ok(snapshot)
     }
 

@@ -242,30 +242,36 @@ fn event_ids_within_the_horizon_survive_a_reopen_and_expired_ones_are_deleted() 
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
     let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
-    feed(&mut engine, 0, 0, &[with_id("a", 0), with_id("b", 5)]);
+    feed(&mut engine, 0, 0, &[with_id("a", 0), with_id("b", 15)]);
     store.write(&engine.take_changes()).expect("write");
-    // The watermark moves to minute 12: "a" (minute 0) is past the 10-minute horizon.
-    feed(&mut engine, 0, 2, &[with_id("c", 12)]);
+    // The watermark moves to minute 24: "a" (minute 0) is past the 10-minute horizon, and
+    // so is its whole period of ids.
+    feed(&mut engine, 0, 2, &[with_id("c", 24)]);
     store.write(&engine.take_changes()).expect("write");
     // The engine reads members through the store: close both.
     drop((store, engine));
 
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
-    let snapshot = store.load_partition(&key(0)).expect("load");
-    let ids: Vec<&[u8]> = snapshot.seen_ids.iter().map(|seen| &*seen.id).collect();
-    assert_eq!(
-        ids,
-        vec![&b"sb"[..], &b"sc"[..]],
-        "a was forgotten on disk too"
-    );
-    let mut restored = Engine::new(plan);
-    restored.restore_partition(key(0), snapshot);
+    let period_of = |minutes: i64| {
+        let time = NOW - 3_600_000 + minutes * 60_000;
+        time.div_euclid(600_000) * 600_000
+    };
+    let stored_id = |minutes: i64, id: &[u8]| {
+        store
+            .member(&key(0), plan.ids_namespace(), period_of(minutes), id)
+            .expect("read")
+    };
+    assert_eq!(stored_id(0, b"sa"), None, "a was forgotten on disk");
+    assert!(stored_id(15, b"sb").is_some());
+    assert!(stored_id(24, b"sc").is_some());
+    let mut restored = engine_on(&store, &plan);
+    restored.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
     assert!(matches!(
-        restored.apply(&key(0), 3, &with_id("b", 5), NOW),
+        restored.apply(&key(0), 3, &with_id("b", 15), NOW),
         Outcome::Duplicate { .. }
     ));
     assert!(matches!(
-        restored.apply(&key(0), 4, &with_id("a", 3), NOW),
+        restored.apply(&key(0), 4, &with_id("a", 16), NOW),
         Outcome::Applied { .. }
     ));
 }

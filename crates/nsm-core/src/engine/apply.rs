@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use jiff::Timestamp;
 
+use super::dedup::SeenIds;
 use super::funnel::Funnel;
 use super::members::{MemberIndex, Source, StateReadError};
 use super::plan::{CompiledMetric, Plan, ValueSource};
 use super::segment::{segment_key, segment_member, MAX_SEGMENTS_PER_WINDOW, OVERFLOW_KEY};
-use super::state::{id_digest, Agg, PartitionState, SeenId, WindowState};
+use super::state::{Agg, PartitionState, WindowState};
 use super::threshold::{Step, ThresholdWindow};
 use super::trailing::TrailingDistinct;
 use super::Outcome;
@@ -52,8 +53,13 @@ pub(super) fn apply_event(
         Ok(evaluated) => {
             let event_time_ms = evaluated.event_time_ms;
             if let Some(id) = &evaluated.id {
-                if is_duplicate(plan, state, id.digest) {
-                    return Outcome::Duplicate { event_time_ms };
+                match is_duplicate(plan, state, source, id, event_time_ms) {
+                    Ok(true) => return Outcome::Duplicate { event_time_ms },
+                    Ok(false) => {}
+                    Err(error) => {
+                        state.poisoned = true;
+                        return Outcome::StateUnreadable(error);
+                    }
                 }
             }
             let matched = evaluated.contributions.len();
@@ -75,33 +81,35 @@ pub(super) fn apply_event(
 /// Per matching metric: its index, what the event adds, and its segment for a breakdown.
 type Contributions<'a> = Vec<(usize, Contribution<'a>, Option<Box<[u8]>>)>;
 
-/// An event's id: its stored form, and the digest it is remembered by (hashed once).
-struct EventId<'a> {
-    stored: Cow<'a, [u8]>,
-    digest: u128,
-}
-
 /// A valid event, ready to commit.
 struct Evaluated<'a> {
     event_time_ms: EpochMillis,
-    /// The event id, when deduplication is on and the event has one.
-    id: Option<EventId<'a>>,
+    /// The event id (its stored form), when deduplication is on and the event has one.
+    id: Option<Cow<'a, [u8]>>,
     contributions: Contributions<'a>,
 }
 
-/// An id is remembered while its event time is less than the horizon behind the watermark.
-/// Deciding by the watermark, not by when memory is swept, keeps the answer a function of the
-/// partition's log: replays after a restart decide exactly as the first run did.
-fn is_duplicate(plan: &Plan, state: &PartitionState, digest: u128) -> bool {
+/// Whether the event's id was applied within the dedup horizon (see [`super::dedup`]).
+fn is_duplicate(
+    plan: &Plan,
+    state: &mut PartitionState,
+    source: &Source<'_>,
+    id: &[u8],
+    event_time_ms: EpochMillis,
+) -> Result<bool, StateReadError> {
     let Some(dedup) = &plan.settings.dedup else {
-        return false;
+        return Ok(false);
     };
-    let Some(seen_ms) = state.seen_ids.get(&digest) else {
-        return false;
+    // Nothing applied yet: nothing to repeat.
+    let (Some(watermark_ms), Some(newest_ms)) = (state.watermark_ms(), state.max_event_ms) else {
+        return Ok(false);
     };
-    state
-        .watermark_ms()
-        .is_none_or(|watermark| *seen_ms > watermark.saturating_sub(dedup.horizon_ms))
+    SeenIds {
+        namespace: plan.ids_namespace(),
+        horizon_ms: dedup.horizon_ms,
+        members: &mut state.members,
+    }
+    .is_duplicate(source, id, watermark_ms, newest_ms.max(event_time_ms))
 }
 
 fn evaluate<'a>(
@@ -173,13 +181,7 @@ fn evaluate<'a>(
                 ),
             ))
         }
-        Some(scalar) => {
-            let stored = member_key(scalar);
-            Some(EventId {
-                digest: id_digest(&stored),
-                stored,
-            })
-        }
+        Some(scalar) => Some(member_key(scalar)),
     };
 
     let mut contributions = Vec::new();
@@ -430,12 +432,13 @@ fn commit(
         id,
         contributions,
     } = evaluated;
-    if let Some(id) = id {
-        state.seen_ids.insert(id.digest, event_time_ms);
-        state.pending.new_ids.push(SeenId {
-            time_ms: event_time_ms,
-            id: id.stored.into_owned().into_boxed_slice(),
-        });
+    if let (Some(id), Some(dedup)) = (id, &plan.settings.dedup) {
+        SeenIds {
+            namespace: plan.ids_namespace(),
+            horizon_ms: dedup.horizon_ms,
+            members: &mut state.members,
+        }
+        .remember(&id, event_time_ms);
     }
     let newest_ms = state
         .max_event_ms

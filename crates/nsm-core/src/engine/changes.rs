@@ -1,9 +1,10 @@
 //! The changes to persist after a batch of events: one entry per touched partition, written
 //! by the state store in a single atomic batch together with the partition's offset.
 
+use super::dedup::expired_before;
 use super::funnel::{period_bound, period_of, FUNNEL_WINDOW};
 use super::plan::{Plan, ValueSource};
-use super::state::{AggValue, PartitionState, SeenId, StoredGap};
+use super::state::{AggValue, PartitionState, StoredGap};
 use crate::{EpochMillis, PartitionKey};
 
 /// A window's new value.
@@ -43,6 +44,14 @@ pub struct MemberRangeDelete {
     pub before: Box<[u8]>,
 }
 
+/// Every window of a namespace starting before `before_ms`, to delete with its entries (old
+/// periods of remembered event ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowsBefore {
+    pub metric: usize,
+    pub before_ms: EpochMillis,
+}
+
 /// A window past the retention, to delete with its members and segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowDelete {
@@ -65,10 +74,8 @@ pub struct PartitionChanges {
     /// Changed gap counts of trailing distinct buckets (a zero count is deleted).
     pub gaps: Vec<StoredGap>,
     pub deletes: Vec<WindowDelete>,
-    /// Event ids newly remembered for deduplication.
-    pub seen_ids: Vec<SeenId>,
-    /// Stored ids with an event time before this are past the dedup horizon: delete them.
-    pub forget_ids_before_ms: Option<EpochMillis>,
+    /// Namespaces whose old windows go (event ids past the dedup horizon).
+    pub windows_before: Vec<WindowsBefore>,
     /// Member entries no future event can read, deleted after the puts.
     pub member_range_deletes: Vec<MemberRangeDelete>,
 }
@@ -95,12 +102,16 @@ impl PartitionState {
             return None;
         }
         let deletes = self.expire(plan);
-        let forget_ids_before_ms = self.forget_old_ids(plan);
+        let windows_before: Vec<WindowsBefore> = self
+            .watermark_ms()
+            .and_then(|watermark| expired_before(plan, watermark, &mut self.ids_kept_from))
+            .into_iter()
+            .collect();
         let member_range_deletes = self.forget_old_funnels(plan);
         if !self.pending.meta_dirty
             && self.pending.dirty_windows.is_empty()
             && deletes.is_empty()
-            && forget_ids_before_ms.is_none()
+            && windows_before.is_empty()
             && member_range_deletes.is_empty()
         {
             return None;
@@ -164,8 +175,7 @@ impl PartitionState {
             members,
             gaps,
             deletes,
-            seen_ids: pending.new_ids,
-            forget_ids_before_ms,
+            windows_before,
             member_range_deletes,
         })
     }
@@ -197,28 +207,6 @@ impl PartitionState {
             });
         }
         deletes
-    }
-
-    /// Drops ids past the dedup horizon from memory, once the watermark has moved a tenth of
-    /// the horizon since the last sweep (a sweep walks every id). Returns the bound below
-    /// which stored ids can go too. Sweeping never changes an answer: [`is_duplicate`]
-    /// already ignores such ids.
-    ///
-    /// [`is_duplicate`]: super::apply
-    fn forget_old_ids(&mut self, plan: &Plan) -> Option<EpochMillis> {
-        let horizon_ms = plan.settings.dedup.as_ref()?.horizon_ms;
-        let watermark = self.watermark_ms()?;
-        let due = self
-            .ids_swept_at_ms
-            .is_none_or(|swept| watermark - swept >= (horizon_ms / 10).max(1));
-        if !due {
-            return None;
-        }
-        self.ids_swept_at_ms = Some(watermark);
-        // Remembered while time > watermark - horizon, so forget time <= that bound.
-        let bound = watermark.saturating_sub(horizon_ms);
-        self.seen_ids.retain(|_, time_ms| *time_ms > bound);
-        Some(bound.saturating_add(1))
     }
 
     /// Drops windows that ended more than the retention before the watermark.

@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use super::changes::{MemberInsert, MemberRangeDelete, PartitionChanges, WindowDelete};
+use super::changes::{
+    MemberInsert, MemberRangeDelete, PartitionChanges, WindowDelete, WindowsBefore,
+};
 
 use crate::{EpochMillis, PartitionKey};
 
@@ -61,6 +63,11 @@ impl MemoryReader {
         {
             entries.retain(|(partition, (m, s, key)), _| {
                 !(*partition == changes.key && m == metric && s == start_ms && key < before)
+            });
+        }
+        for WindowsBefore { metric, before_ms } in &changes.windows_before {
+            entries.retain(|(partition, (m, s, _)), _| {
+                !(*partition == changes.key && m == metric && s < before_ms)
             });
         }
     }

@@ -8,6 +8,7 @@
 
 mod apply;
 mod changes;
+mod dedup;
 mod funnel;
 mod members;
 mod pair;
@@ -22,14 +23,12 @@ use std::collections::HashMap;
 
 pub use changes::{
     ChangeSet, MemberInsert, MemberRangeDelete, PartitionChanges, SegmentUpsert, WindowDelete,
-    WindowUpsert,
+    WindowUpsert, WindowsBefore,
 };
 pub use members::{MemoryReader, StateReadError, StateReader};
 pub use plan::{DedupSettings, EngineSettings, Plan};
 pub use segment::{segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
-pub use state::{
-    AggValue, PartitionSnapshot, SeenId, StoredGap, StoredSegment, StoredWindow, NO_PREVIOUS,
-};
+pub use state::{AggValue, PartitionSnapshot, StoredGap, StoredSegment, StoredWindow, NO_PREVIOUS};
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
 };

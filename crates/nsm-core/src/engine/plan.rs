@@ -231,6 +231,12 @@ impl Plan {
         }
     }
 
+    /// The member namespace of the engine's own entries (event ids): one past the last
+    /// metric. Stores name it with the empty string, which no metric has.
+    pub fn ids_namespace(&self) -> usize {
+        self.compiled.len()
+    }
+
     /// The distinct metric a retention metric reads.
     pub fn retention_base(&self, metric: usize) -> Option<usize> {
         match self.compiled.get(metric)?.value {

@@ -1,7 +1,6 @@
 //! In-memory state of one partition, and its stored form.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
 
 use super::members::MemberIndex;
 use super::plan::{Plan, ValueSource};
@@ -149,13 +148,6 @@ pub struct StoredSegment {
     pub value: AggValue,
 }
 
-/// An event id remembered for deduplication, with the event time it was first applied at.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SeenId {
-    pub time_ms: EpochMillis,
-    pub id: Box<[u8]>,
-}
-
 /// Everything stored for one partition; restoring it gives back the exact in-memory state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PartitionSnapshot {
@@ -166,8 +158,6 @@ pub struct PartitionSnapshot {
     pub segments: Vec<StoredSegment>,
     /// The gap histograms of trailing distinct metrics' buckets.
     pub gaps: Vec<StoredGap>,
-    /// Ids within the dedup horizon; an id stored twice keeps its latest time.
-    pub seen_ids: Vec<SeenId>,
 }
 
 /// A window's value in memory. Members of distinct sets and threshold progress are kept by
@@ -225,7 +215,6 @@ pub(super) struct Pending {
     /// (metric, bucket start, previous bucket) of changed gap counts.
     pub dirty_gaps: BTreeSet<(usize, EpochMillis, EpochMillis)>,
     pub dirty_segments: BTreeSet<(usize, EpochMillis, Box<[u8]>)>,
-    pub new_ids: Vec<SeenId>,
     pub meta_dirty: bool,
 }
 
@@ -240,15 +229,12 @@ pub(super) struct PartitionState {
     pub windows: Vec<BTreeMap<EpochMillis, WindowState>>,
     /// Per metric: the window of the last event, to skip time-zone arithmetic for the next.
     pub last_window: Vec<Option<WindowBounds>>,
-    /// Event ids applied within the dedup horizon, by a 128-bit digest (the full id is what
-    /// is stored, so the digest never needs to be stable across versions), to the event time
-    /// they were applied at.
-    pub seen_ids: HashMap<u128, EpochMillis>,
     /// Per metric: the first funnel period still stored, for conversion metrics (see
     /// [`super::funnel`]); `None` until the first sweep.
     pub funnels_kept_from: Vec<Option<EpochMillis>>,
-    /// The watermark at the last sweep of `seen_ids`.
-    pub ids_swept_at_ms: Option<EpochMillis>,
+    /// The first dedup id period still stored (see [`super::dedup`]); `None` until the
+    /// first sweep.
+    pub ids_kept_from: Option<EpochMillis>,
     /// Members, threshold progress and trailing occurrences: written ones and a cache.
     pub members: MemberIndex,
     /// Reading stored state failed while applying an event, which may then be half applied:
@@ -319,11 +305,6 @@ impl PartitionState {
                 window.gaps.insert(gap.previous_ms, gap.count);
             }
         }
-        let mut seen_ids = HashMap::with_capacity(snapshot.seen_ids.len());
-        for seen in &snapshot.seen_ids {
-            let time = seen_ids.entry(id_digest(&seen.id)).or_insert(seen.time_ms);
-            *time = (*time).max(seen.time_ms);
-        }
         PartitionState {
             next_offset: snapshot.next_offset,
             max_event_ms: snapshot.max_event_ms,
@@ -331,8 +312,7 @@ impl PartitionState {
             windows,
             last_window: vec![None; metric_count],
             funnels_kept_from: vec![None; metric_count],
-            seen_ids,
-            ids_swept_at_ms: None,
+            ids_kept_from: None,
             members: MemberIndex::new(member_cache),
             poisoned: false,
             pending: Pending::default(),
@@ -346,17 +326,4 @@ impl PartitionState {
             (event, idle) => event.or(idle),
         }
     }
-}
-
-/// A 128-bit digest of an event id: two SipHash runs (the standard library's fixed-key
-/// hasher) with distinct prefixes. Collisions are out of reach in practice (about 1e-20 for
-/// 100 million ids in one horizon). Only stable within a process: the full id is what is stored.
-pub(super) fn id_digest(id: &[u8]) -> u128 {
-    let half = |salt: u8| {
-        let mut hasher = std::hash::DefaultHasher::new();
-        hasher.write_u8(salt);
-        id.hash(&mut hasher);
-        hasher.finish()
-    };
-    (u128::from(half(1)) << 64) | u128::from(half(2))
 }

@@ -294,7 +294,6 @@ fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
     assert!(engine.take_changes().is_empty(), "nothing changed since");
 
     let snapshot = PartitionSnapshot {
-        seen_ids: part.seen_ids.clone(),
         segments: Vec::new(),
         gaps: Vec::new(),
         next_offset: part.next_offset,
@@ -526,21 +525,28 @@ fn a_repeated_event_id_counts_once_within_the_horizon_and_again_after_it() {
     ));
     assert_eq!(messages(&engine), AggValue::Count(5));
 
-    // Remembered ids survive a restart from the stored changes, and old ones are forgotten.
+    // Remembered ids survive a restart from the stored changes, and old periods are deleted.
     let changes = engine.take_changes();
     let part = &changes.partitions[0];
-    assert_eq!(part.seen_ids.len(), 3, "e1, e2, e1 again");
+    let ids = test_plan().ids_namespace();
+    let stored_ids = part.members.iter().filter(|m| m.metric == ids).count();
+    assert_eq!(stored_ids, 2, "e1 (applied again) and e2");
     assert_eq!(
-        part.forget_ids_before_ms,
-        Some(ms("2026-11-23T11:00:00Z") + 1)
+        part.windows_before,
+        vec![WindowsBefore {
+            metric: ids,
+            // Periods of the 10-minute horizon before the one holding 11:00.
+            before_ms: ms("2026-11-23T11:00:00Z"),
+        }]
     );
-    let mut restarted = Engine::new(test_plan());
+    let stored = MemoryReader::default();
+    stored.write(part);
+    let mut restarted = Engine::with_reader(test_plan(), Box::new(stored), 16);
     restarted.restore_partition(
         key(),
         PartitionSnapshot {
             next_offset: part.next_offset,
             max_event_ms: part.max_event_ms,
-            seen_ids: part.seen_ids.clone(),
             ..PartitionSnapshot::default()
         },
     );
