@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+use nsm_core::config::Resolver;
 use nsm_core::engine::Plan;
 use nsm_core::Config;
 use nsm_http::{AppState, Published, Readiness, Telemetry};
@@ -18,12 +19,25 @@ use crate::pipeline::{Pipeline, PipelineParts};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Reads and validates a config file, resolving `${VAR}` from the environment.
+/// Reads and validates a config file, resolving `${VAR}` from the environment and
+/// `${file:PATH}` from the file system.
 pub fn load_config(path: &std::path::Path) -> Result<Config> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    Config::from_toml(&text, &|name| std::env::var(name).ok())
-        .map_err(|errors| anyhow!("{}: {errors}", path.display()))
+    Config::from_toml_with(
+        &text,
+        &Resolver {
+            env: &|name| std::env::var(name).ok(),
+            file: &read_secret_file,
+        },
+    )
+    .map_err(|errors| anyhow!("{}: {errors}", path.display()))
+}
+
+/// The content of a `${file:PATH}` secret; the error says why not, never what is inside.
+pub fn read_secret_file(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read secret file {path}: {error}"))
 }
 
 /// Logs the North Star linter's findings; its errors (revenue as the North Star, more than
@@ -50,7 +64,6 @@ pub fn client_settings(config: &Config) -> ClientSettings {
     ClientSettings {
         brokers: config.kafka.brokers.clone(),
         properties: config.kafka.properties.clone(),
-        secret_properties: config.kafka.secret_properties.clone(),
     }
 }
 

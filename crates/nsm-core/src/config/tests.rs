@@ -123,12 +123,84 @@ window = "1d"
 "#;
     let env = |name: &str| (name == "KAFKA_PASSWORD").then(|| "s3cret".to_string());
     let config = Config::from_toml(text, &env).expect("valid");
-    assert_eq!(config.kafka.properties["sasl.password"], "s3cret");
-    assert!(config.kafka.secret_properties.contains("sasl.password"));
-    assert!(!config.kafka.secret_properties.contains("ssl.ca.location"));
+    assert_eq!(config.kafka.properties.get("sasl.password"), Some("s3cret"));
+    assert!(config.kafka.properties.is_secret("sasl.password"));
+    assert!(!config.kafka.properties.is_secret("ssl.ca.location"));
+    assert!(!format!("{config:?}").contains("s3cret"));
     let errors = errors_of(text);
     assert_eq!(errors[0].0, "kafka.properties.\"sasl.password\"");
     assert!(errors[0].1.contains("KAFKA_PASSWORD is not set"));
+}
+
+#[test]
+fn secrets_come_from_files_and_every_unreadable_one_is_listed() {
+    let text = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[kafka.properties]
+"sasl.password" = "${file:/run/secrets/kafka-password}"
+"ssl.key.password" = "${file:/run/secrets/missing}"
+"sasl.oauthbearer.config" = "${file:/run/secrets/also-missing}"
+"ssl.ca.location" = "/etc/ca.pem"
+[north_star]
+name = "n"
+kind = "count"
+window = "1d"
+"#;
+    let file = |path: &str| {
+        if path == "/run/secrets/kafka-password" {
+            Ok("from-a-file\n".to_string())
+        } else {
+            Err(format!("cannot read secret file {path}: No such file"))
+        }
+    };
+    let errors = Config::from_toml_with(
+        text,
+        &Resolver {
+            env: &no_env,
+            file: &file,
+        },
+    )
+    .expect_err("two files are missing")
+    .0;
+    let listed: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|error| (error.path.as_str(), error.message.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (
+                "kafka.properties.\"sasl.oauthbearer.config\"",
+                "cannot read secret file /run/secrets/also-missing: No such file"
+            ),
+            (
+                "kafka.properties.\"ssl.key.password\"",
+                "cannot read secret file /run/secrets/missing: No such file"
+            ),
+        ]
+    );
+
+    let text = text
+        .replace("/run/secrets/missing", "/run/secrets/kafka-password")
+        .replace("/run/secrets/also-missing", "/run/secrets/kafka-password");
+    let config = Config::from_toml_with(
+        &text,
+        &Resolver {
+            env: &no_env,
+            file: &file,
+        },
+    )
+    .expect("every file readable");
+    assert_eq!(
+        config.kafka.properties.get("sasl.password"),
+        Some("from-a-file")
+    );
+    assert!(config.kafka.properties.is_secret("sasl.password"));
+    assert!(!format!("{config:?}").contains("from-a-file"));
+    // Without a file system (nsm demo's built-in configs), a file reference is an error.
+    assert!(Config::from_toml(&text, &no_env).is_err());
 }
 
 #[test]

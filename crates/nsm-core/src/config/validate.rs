@@ -1,11 +1,12 @@
 //! From [`RawConfig`] to [`Config`], collecting every problem with its path.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::raw::{RawConfig, RawMetric};
+use super::secrets::{self, KafkaProperties, Resolver};
 use super::{
     Config, ConfigError, ConfigErrors, EventsConfig, HttpConfig, KafkaConfig, StateConfig,
     TimeConfig,
@@ -51,14 +52,14 @@ impl Problems {
 
 pub(super) fn parse_and_validate(
     text: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    resolver: &Resolver<'_>,
 ) -> Result<Config, ConfigErrors> {
     let mut problems = Problems::default();
     let raw = match parse_raw(text, &mut problems) {
         Some(raw) => raw,
         None => return Err(ConfigErrors(problems.0)),
     };
-    let config = validate(raw, env, &mut problems);
+    let config = validate(raw, resolver, &mut problems);
     if problems.0.is_empty() {
         if let Some(config) = config {
             return Ok(config);
@@ -109,12 +110,8 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     }
 }
 
-fn validate(
-    raw: RawConfig,
-    env: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Problems,
-) -> Option<Config> {
-    let kafka = validate_kafka(&raw, env, problems);
+fn validate(raw: RawConfig, resolver: &Resolver<'_>, problems: &mut Problems) -> Option<Config> {
+    let kafka = validate_kafka(&raw, resolver, problems);
     let mut events = validate_events(&raw, problems);
     let time = validate_time(&raw, problems);
     if let (Some(events), Some(time)) = (&mut events, &time) {
@@ -239,7 +236,7 @@ fn validate(
 
 fn validate_kafka(
     raw: &RawConfig,
-    env: &dyn Fn(&str) -> Option<String>,
+    resolver: &Resolver<'_>,
     problems: &mut Problems,
 ) -> Option<KafkaConfig> {
     let brokers = raw.kafka.brokers.clone().unwrap_or_default();
@@ -285,8 +282,7 @@ fn validate_kafka(
         );
     }
 
-    let mut properties = BTreeMap::new();
-    let mut secret_properties = BTreeSet::new();
+    let mut properties = KafkaProperties::default();
     for (key, value) in &raw.kafka.properties {
         let path = format!("kafka.properties.{key:?}");
         if let Some((_, hint)) = RESERVED_PROPERTIES
@@ -306,13 +302,10 @@ fn validate_kafka(
                 continue;
             }
         };
-        match expand_env(&text, env) {
-            Ok((expanded, used_env)) => {
-                if used_env || looks_secret(key) {
-                    secret_properties.insert(key.clone());
-                }
-                properties.insert(key.clone(), expanded);
-            }
+        // A value that came from the environment or a file is a secret whatever its name.
+        match secrets::expand(&text, resolver) {
+            Ok((expanded, true)) => properties.insert_secret(key.clone(), expanded),
+            Ok((expanded, false)) => properties.insert(key.clone(), expanded),
             Err(message) => problems.add(path, message),
         }
     }
@@ -322,7 +315,6 @@ fn validate_kafka(
         group_id,
         dead_letter_topic,
         properties,
-        secret_properties,
     })
 }
 
@@ -336,44 +328,6 @@ fn check_topic_name(topic: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn looks_secret(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    ["password", "secret", "key.pem", "token", "credentials"]
-        .iter()
-        .any(|word| key.contains(word))
-}
-
-/// Replaces `${NAME}` with the environment variable NAME; `$$` is a literal `$`.
-fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(String, bool), String> {
-    let mut out = String::with_capacity(text.len());
-    let mut used_env = false;
-    let mut rest = text;
-    while let Some(position) = rest.find('$') {
-        out.push_str(&rest[..position]);
-        let after = &rest[position + 1..];
-        if let Some(stripped) = after.strip_prefix('$') {
-            out.push('$');
-            rest = stripped;
-        } else if let Some(body) = after.strip_prefix('{') {
-            let Some(close) = body.find('}') else {
-                return Err("unterminated ${...} reference".to_string());
-            };
-            let name = &body[..close];
-            match env(name) {
-                Some(value) => out.push_str(&value),
-                None => return Err(format!("environment variable {name} is not set")),
-            }
-            used_env = true;
-            rest = &body[close + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    Ok((out, used_env))
 }
 
 fn field_path(
