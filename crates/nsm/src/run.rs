@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context, Result};
 use nsm_core::config::Resolver;
 use nsm_core::engine::Plan;
 use nsm_core::Config;
-use nsm_http::{AppState, Published, Readiness, Telemetry};
+use nsm_http::{AppState, BasicAuth, Protection, Published, Readiness, Telemetry};
 use nsm_kafka::{ClientSettings, ConsumerOptions, DeadLetterStats};
 use nsm_state::{Store, StoreOptions};
 use tokio::sync::watch;
@@ -70,6 +70,7 @@ pub fn client_settings(config: &Config) -> ClientSettings {
 /// Runs the pipeline until `stop` is set (by a signal, or by the caller).
 pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     refuse_lint_errors(&config)?;
+    let protection = http_protection(&config)?;
     let plan = Plan::from_config(&config);
     std::fs::create_dir_all(&config.state.path).with_context(|| {
         format!(
@@ -104,7 +105,12 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.http.listen))
         .with_context(|| format!("cannot listen on {} (http.listen)", config.http.listen))?;
-    info!(address = %config.http.listen, "serving /metrics, /healthz, /readyz and /api/v1");
+    info!(
+        address = %config.http.listen,
+        tls = protection.tls.is_some(),
+        basic_auth = protection.basic_auth.is_some(),
+        "serving /metrics, /healthz, /readyz and /api/v1"
+    );
     let app_state = AppState {
         plan: Arc::new(plan.clone()),
         store: store.clone(),
@@ -113,9 +119,14 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         readiness: readiness.clone(),
     };
     let (http_stop_sender, mut http_stop) = watch::channel(false);
-    let server = runtime.spawn(nsm_http::serve(listener, app_state, async move {
-        let _ = http_stop.wait_for(|stopped| *stopped).await;
-    }));
+    let server = runtime.spawn(nsm_http::serve(
+        listener,
+        app_state,
+        protection,
+        async move {
+            let _ = http_stop.wait_for(|stopped| *stopped).await;
+        },
+    ));
     runtime.spawn(stop_on_signal(stop.clone()));
 
     ensure_dead_letter_topic(&config)?;
@@ -160,6 +171,24 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     result.context("the consumer stopped with an error")?;
     info!("stopped cleanly; state and offsets are stored");
     Ok(())
+}
+
+/// HTTPS and basic auth from `[http.tls]` and `[http.basic_auth]`. The certificate and key
+/// are loaded here, before anything starts, so a wrong path stops nsm at once with the path.
+pub fn http_protection(config: &Config) -> Result<Protection> {
+    let tls = match &config.http.tls {
+        Some(tls) => Some(nsm_http::tls_server_config(&tls.cert_file, &tls.key_file)?),
+        None => None,
+    };
+    let basic_auth = config
+        .http
+        .basic_auth
+        .as_ref()
+        .and_then(|users| BasicAuth::new(users.iter()));
+    if basic_auth.is_some() && tls.is_none() {
+        warn!("http.basic_auth without http.tls: passwords cross the network in clear text");
+    }
+    Ok(Protection { tls, basic_auth })
 }
 
 /// The dead-letter topic must exist before the first rejected event: the dead-letter producer

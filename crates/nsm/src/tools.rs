@@ -288,3 +288,32 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     eprintln!("generated {sent} events");
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct HashPasswordArgs {
+    /// bcrypt cost: each step doubles the work of checking a password (and of guessing it).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    cost: u32,
+}
+
+/// `nsm hash-password`: the password comes from standard input, never from an argument that
+/// `ps` or a shell history would show.
+pub fn hash_password(args: HashPasswordArgs) -> Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line
+        .strip_suffix("\r\n")
+        .or_else(|| line.strip_suffix('\n'))
+        .unwrap_or(&line);
+    if password.is_empty() {
+        bail!(
+            "no password on standard input: `nsm hash-password < file`, or type it and press Enter"
+        );
+    }
+    let hash = nsm_http::hash_password(password, args.cost)?;
+    println!("{hash}");
+    Ok(())
+}

@@ -7,6 +7,7 @@ mod raw;
 pub mod secrets;
 mod validate;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,6 +75,50 @@ pub struct StateConfig {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// `[http.tls]`: serve HTTPS only.
+    pub tls: Option<HttpTls>,
+    /// `[http.basic_auth]`: `/metrics` and `/api` need one of these users.
+    pub basic_auth: Option<BasicAuthUsers>,
+}
+
+/// PEM files of the HTTPS certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// User names and the bcrypt hashes of their passwords. `Debug` shows the names only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BasicAuthUsers {
+    users: BTreeMap<String, String>,
+}
+
+impl BasicAuthUsers {
+    pub(crate) fn new(users: BTreeMap<String, String>) -> Self {
+        Self { users }
+    }
+
+    /// Users and their bcrypt hashes; validation has checked the hashes' shape.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.users
+            .iter()
+            .map(|(name, hash)| (name.as_str(), hash.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+impl fmt::Debug for BasicAuthUsers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.users.keys()).finish()
+    }
 }
 
 impl Config {

@@ -445,3 +445,62 @@ fn a_trailing_window_replaces_the_calendar_one_for_counts_sums_and_distinct_coun
         ]
     );
 }
+
+const HTTP_BASE: &str = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[north_star]
+name = "n"
+kind = "count"
+window = "1d"
+"#;
+
+#[test]
+fn http_tls_and_basic_auth_are_optional_and_read_in_the_prometheus_style() {
+    let config = Config::from_toml(HTTP_BASE, &no_env).expect("valid");
+    assert!(config.http.tls.is_none() && config.http.basic_auth.is_none());
+
+    let hash = "$2y$10$Fj7XKDnAOd3ycCpmERbx7.fAfNVqVH3bGkUE5pF6BRFGclXh4WC8m";
+    let text = format!(
+        "{HTTP_BASE}[http]\nlisten = \"0.0.0.0:9464\"\n[http.tls]\ncert_file = \"/etc/nsm/tls.crt\"\n\
+         key_file = \"/etc/nsm/tls.key\"\n[http.basic_auth]\nusers = {{ prometheus = \"{hash}\" }}\n"
+    );
+    let config = Config::from_toml(&text, &no_env).expect("valid");
+    let tls = config.http.tls.as_ref().expect("tls");
+    assert_eq!(tls.cert_file, std::path::Path::new("/etc/nsm/tls.crt"));
+    assert_eq!(tls.key_file, std::path::Path::new("/etc/nsm/tls.key"));
+    let users = config.http.basic_auth.as_ref().expect("basic auth");
+    assert_eq!(users.iter().collect::<Vec<_>>(), [("prometheus", hash)]);
+    // Hashes are not shown in a config dump, only user names.
+    let debug = format!("{config:?}");
+    assert!(
+        debug.contains("prometheus") && !debug.contains(hash),
+        "{debug}"
+    );
+}
+
+#[test]
+fn http_security_problems_are_listed_and_a_plaintext_password_is_never_echoed() {
+    let text = format!(
+        "{HTTP_BASE}[http.tls]\ncert_file = \"/etc/nsm/tls.crt\"\n[http.basic_auth]\n\
+         users = {{ alice = \"plaintext-hunter2\", \"bad:name\" = \"$2b$04$abcdefghijklmnopqrstuu5Bd0ZBNs6mCAyJ5b3EW3Ey6H1.ESEre\", bob = 7 }}\n"
+    );
+    let errors = errors_of(&text);
+    let paths: Vec<&str> = errors.iter().map(|(path, _)| path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "http.tls.key_file",
+            "http.basic_auth.users.\"alice\"",
+            "http.basic_auth.users.\"bad:name\"",
+            "http.basic_auth.users.\"bob\"",
+        ],
+        "{errors:?}"
+    );
+    assert!(errors[1].1.contains("not a bcrypt hash"), "{errors:?}");
+    assert!(!format!("{errors:?}").contains("hunter2"), "{errors:?}");
+
+    let errors = errors_of(&format!("{HTTP_BASE}[http.basic_auth]\nusers = {{}}\n"));
+    assert_eq!(errors[0].0, "http.basic_auth.users");
+}

@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawMetric};
+use super::raw::{RawBasicAuth, RawConfig, RawMetric};
 use super::secrets::{self, KafkaProperties, Resolver};
 use super::{
-    Config, ConfigError, ConfigErrors, EventsConfig, HttpConfig, KafkaConfig, StateConfig,
-    TimeConfig,
+    BasicAuthUsers, Config, ConfigError, ConfigErrors, EventsConfig, HttpConfig, HttpTls,
+    KafkaConfig, StateConfig, TimeConfig,
 };
 use crate::decimal::Decimal;
 use crate::metric::{
@@ -519,8 +519,8 @@ fn validate_http(raw: &RawConfig, problems: &mut Problems) -> Option<HttpConfig>
         .listen
         .clone()
         .unwrap_or_else(|| "127.0.0.1:9464".to_string());
-    match text.parse::<SocketAddr>() {
-        Ok(listen) => Some(HttpConfig { listen }),
+    let listen = match text.parse::<SocketAddr>() {
+        Ok(listen) => Some(listen),
         Err(_) => {
             problems.add(
                 "http.listen",
@@ -528,7 +528,104 @@ fn validate_http(raw: &RawConfig, problems: &mut Problems) -> Option<HttpConfig>
             );
             None
         }
+    };
+    let tls = raw.http.tls.as_ref().and_then(|tls| {
+        let cert_file = required_file(
+            tls.cert_file.as_deref(),
+            "http.tls.cert_file",
+            "certificate chain",
+            problems,
+        );
+        let key_file = required_file(
+            tls.key_file.as_deref(),
+            "http.tls.key_file",
+            "private key",
+            problems,
+        );
+        Some(HttpTls {
+            cert_file: cert_file?,
+            key_file: key_file?,
+        })
+    });
+    let basic_auth = raw
+        .http
+        .basic_auth
+        .as_ref()
+        .and_then(|auth| basic_auth_users(auth, problems));
+    Some(HttpConfig {
+        listen: listen?,
+        tls,
+        basic_auth,
+    })
+}
+
+fn required_file(
+    path: Option<&str>,
+    key: &str,
+    what: &str,
+    problems: &mut Problems,
+) -> Option<PathBuf> {
+    match path {
+        Some(path) if !path.trim().is_empty() => Some(PathBuf::from(path)),
+        _ => {
+            problems.add(key, format!("missing: the PEM file of the {what}"));
+            None
+        }
     }
+}
+
+/// `[http.basic_auth] users`: every name with a bcrypt hash. A value that is not a hash may
+/// be a plaintext password, so no message ever shows it.
+fn basic_auth_users(auth: &RawBasicAuth, problems: &mut Problems) -> Option<BasicAuthUsers> {
+    let hint = "generate one with `nsm hash-password` (or `htpasswd -nBC 10 USER`)";
+    let Some(raw_users) = auth.users.as_ref().filter(|users| !users.is_empty()) else {
+        problems.add(
+            "http.basic_auth.users",
+            format!("missing: at least one user, as {{ name = \"<bcrypt hash>\" }}; {hint}"),
+        );
+        return None;
+    };
+    let mut users = BTreeMap::new();
+    for (name, hash) in raw_users {
+        let path = format!("http.basic_auth.users.{name:?}");
+        if name.is_empty() || name.contains(':') || name.chars().any(char::is_control) {
+            problems.add(
+                path,
+                "a user name must be non-empty, without ':' or control characters",
+            );
+            continue;
+        }
+        match hash {
+            toml::Value::String(hash) if is_bcrypt_hash(hash) => {
+                users.insert(name.clone(), hash.clone());
+            }
+            _ => problems.add(
+                path,
+                format!("not a bcrypt hash (passwords are never written in the config); {hint}"),
+            ),
+        }
+    }
+    (users.len() == raw_users.len()).then(|| BasicAuthUsers::new(users))
+}
+
+/// `$2b$10$` followed by 53 characters of bcrypt's base64, as htpasswd, Python's bcrypt and
+/// `nsm hash-password` write them (`$2a$`, `$2x$`, `$2y$` too).
+fn is_bcrypt_hash(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let cost_is_valid = text
+        .get(4..6)
+        .and_then(|cost| cost.parse::<u32>().ok())
+        .is_some_and(|cost| (4..=31).contains(&cost));
+    bytes.len() == 60
+        && bytes[0] == b'$'
+        && bytes[1] == b'2'
+        && matches!(bytes[2], b'a' | b'b' | b'x' | b'y')
+        && bytes[3] == b'$'
+        && cost_is_valid
+        && bytes[6] == b'$'
+        && bytes[7..]
+            .iter()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'/'))
 }
 
 fn is_valid_metric_name(name: &str) -> bool {
