@@ -10,11 +10,14 @@ use nsm_kafka::{ensure_topics, read_topic, ClientSettings, EventProducer};
 use serde_json::json;
 
 use crate::generator::{run_generator, stop_flag, GeneratorOptions, Product};
-use crate::run::load_config;
+use crate::run::{http_protection, load_config};
 
 /// Prints a summary of a valid config, or every problem of an invalid one.
 pub fn check(path: &Path) -> Result<()> {
     let config = load_config(path)?;
+    // Secret files are read by load_config; the certificate and key are loaded here, so
+    // that a check before the start (systemd's ExecStartPre) catches a wrong path too.
+    let protection = http_protection(&config)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}: valid", path.display())?;
     writeln!(
@@ -25,6 +28,26 @@ pub fn check(path: &Path) -> Result<()> {
         config.kafka.brokers,
         config.kafka.group_id,
         config.kafka.dead_letter_topic
+    )?;
+    let users = config
+        .http
+        .basic_auth
+        .as_ref()
+        .map_or(0, |users| users.len());
+    writeln!(
+        out,
+        "  http: {}://{}{}",
+        if protection.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+        config.http.listen,
+        match users {
+            0 => String::new(),
+            1 => ", basic auth for 1 user".to_string(),
+            users => format!(", basic auth for {users} users"),
+        }
     )?;
     writeln!(
         out,

@@ -436,7 +436,29 @@ fn https_with_basic_auth_serves_only_authenticated_clients_and_a_real_prometheus
         "missing {expected:?} in:\n{stderr}"
     );
 
+    // `nsm check` (systemd's ExecStartPre) catches it too.
+    let output = Command::new(NSM)
+        .args(["check", "--config", config])
+        .output()
+        .expect("nsm check");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains(&expected),
+        "{stderr}"
+    );
+
     std::fs::write(&config_path, secure_config(&cert_file)).expect("config");
+    let output = Command::new(NSM)
+        .args(["check", "--config", config])
+        .output()
+        .expect("nsm check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "http: https://127.0.0.1:{port}, basic auth for 1 user"
+        )),
+        "{stdout}"
+    );
     let nsm = Process::spawn(
         "nsm",
         Command::new(NSM).args(["run", "--config", config]),
