@@ -1,27 +1,52 @@
 //! HTTP for nsm: Prometheus exposition at `/metrics`, health at `/healthz` and `/readyz`, and
-//! the JSON API under `/api/v1`.
+//! the JSON API under `/api/v1`, over plain HTTP or HTTPS (rustls), optionally behind basic
+//! authentication with bcrypt hashes.
 //!
-//! This crate owns axum and prometheus. It reads state (the store, the published partition
-//! status) but never changes it, and it never blocks the pipeline: handlers read RocksDB on
-//! tokio's blocking pool.
+//! This crate owns axum, rustls and prometheus. It reads state (the store, the published
+//! partition status) but never changes it, and it never blocks the pipeline: handlers read
+//! RocksDB, and passwords are checked, on tokio's blocking pool.
 
 mod api;
+mod auth;
 mod telemetry;
+mod tls;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use nsm_core::engine::{PartitionStatus, Plan};
 use nsm_state::Store;
 use tokio::net::TcpListener;
 
+pub use auth::{hash_password, BasicAuth};
 pub use telemetry::{BatchCounts, Telemetry};
+pub use tls::server_config as tls_server_config;
+
+/// Errors of the HTTP edge.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The certificate or key cannot be used; the message names the file.
+    #[error("{0}")]
+    Tls(String),
+    #[error("cannot hash the password: {0}")]
+    Auth(String),
+}
+
+/// How the endpoint is protected: HTTPS when `tls` is set; when `basic_auth` is set,
+/// `/metrics` and `/api` need credentials, while the probes `/healthz` and `/readyz` stay
+/// open (`/readyz` says why it is not ready only to an authenticated client).
+#[derive(Clone, Default)]
+pub struct Protection {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub basic_auth: Option<Arc<BasicAuth>>,
+}
 
 /// What the pipeline publishes for the HTTP side to read.
 #[derive(Debug, Default)]
@@ -72,25 +97,48 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+pub fn router(state: AppState, basic_auth: Option<Arc<BasicAuth>>) -> Router {
+    let mut protected = Router::new()
         .route("/metrics", get(metrics))
+        .route("/api/v1/metrics", get(api::list_metrics))
+        .route("/api/v1/metrics/{name}/windows", get(api::metric_windows));
+    if let Some(auth) = &basic_auth {
+        protected = protected.layer(middleware::from_fn_with_state(auth.clone(), auth::require));
+    }
+    // Kubelet probes carry no credentials, so the probes stay open; they tell nothing but
+    // whether nsm is up and ready.
+    let probes = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/api/v1/metrics", get(api::list_metrics))
-        .route("/api/v1/metrics/{name}/windows", get(api::metric_windows))
-        .with_state(state)
+        .layer(Extension(Probes { basic_auth }));
+    protected.merge(probes).with_state(state)
 }
 
-/// Serves until `shutdown` completes.
+/// Serves until `shutdown` completes, over HTTPS when `protection.tls` is set.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    protection: Protection,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = router(state, protection.basic_auth);
+    match protection.tls {
+        Some(config) => {
+            axum::serve(tls::TlsListener::new(listener, config), router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Probes {
+    basic_auth: Option<Arc<BasicAuth>>,
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -105,14 +153,23 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(
+    State(state): State<AppState>,
+    Extension(probes): Extension<Probes>,
+    headers: HeaderMap,
+) -> Response {
     if state.readiness.is_ready() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", state.readiness.reason()),
-        )
-            .into_response()
+        return (StatusCode::OK, "ready\n").into_response();
     }
+    // The reason can name paths and storage errors: for authenticated clients only.
+    let show_reason = match &probes.basic_auth {
+        None => true,
+        Some(auth) => auth.allows(&headers).await,
+    };
+    let body = if show_reason {
+        format!("not ready: {}\n", state.readiness.reason())
+    } else {
+        "not ready\n".to_string()
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
 }

@@ -19,7 +19,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message};
 use tracing::{debug, error, info, warn};
 
-use crate::client::ClientSettings;
+use crate::client::{ClientRole, ClientSettings};
 use crate::dead_letter::{DeadLetter, DeadLetterProducer, DeadLetterStats};
 use crate::KafkaError;
 
@@ -229,17 +229,20 @@ pub fn run_consumer<H: PartitionHandler>(
         dead_letters,
         fatal: Mutex::new(None),
     });
-    let config = options.client.client_config(&[
-        ("group.id", &options.group_id),
-        ("enable.auto.commit", "false"),
-        ("enable.auto.offset.store", "false"),
-        ("auto.offset.reset", "earliest"),
-        ("statistics.interval.ms", "5000"),
-        ("enable.partition.eof", "false"),
-    ]);
-    let consumer: BaseConsumer<Context<H>> = config.create_with_context(Context {
-        shared: shared.clone(),
-    })?;
+    let consumer: BaseConsumer<Context<H>> = options.client.create_with_context(
+        ClientRole::Consumer,
+        &[
+            ("group.id", &options.group_id),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("statistics.interval.ms", "5000"),
+            ("enable.partition.eof", "false"),
+        ],
+        Context {
+            shared: shared.clone(),
+        },
+    )?;
     let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     info!(brokers = %options.client.brokers, topics = ?options.topics, group = %options.group_id,

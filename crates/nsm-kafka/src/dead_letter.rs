@@ -11,7 +11,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::ClientContext;
 use tracing::error;
 
-use crate::client::ClientSettings;
+use crate::client::{ClientRole, ClientSettings};
 use crate::KafkaError;
 
 /// Header with the bounded reason label (`invalid_json`, `late`, ...).
@@ -84,8 +84,11 @@ impl DeadLetterProducer {
     ) -> Result<Self, KafkaError> {
         // Retry forever: a dead letter is only given up on a permanent error, so a broker
         // outage delays checkpoints instead of losing rejected events.
-        let config = settings.client_config(&[("message.timeout.ms", "0"), ("linger.ms", "20")]);
-        let producer = config.create_with_context(DeadLetterContext { stats })?;
+        let producer = settings.create_with_context(
+            ClientRole::Producer,
+            &[("message.timeout.ms", "0"), ("linger.ms", "20")],
+            DeadLetterContext { stats },
+        )?;
         Ok(Self {
             producer,
             topic: topic.to_string(),

@@ -26,6 +26,9 @@ pub use tools::{
 pub enum KafkaError {
     #[error("kafka client: {0}")]
     Client(#[from] rdkafka::error::KafkaError),
+    /// librdkafka refused a property; the message never holds a secret value.
+    #[error("kafka property {key:?} (kafka.properties): {message}")]
+    Property { key: String, message: String },
     #[error("cannot {action} partition state: {detail}")]
     Handler {
         action: &'static str,

@@ -13,12 +13,12 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
 
-use crate::client::ClientSettings;
+use crate::client::{ClientRole, ClientSettings};
 use crate::KafkaError;
 
 /// Creates topics that do not exist yet; existing ones are left as they are.
 pub fn ensure_topics(settings: &ClientSettings, topics: &[(&str, i32)]) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = settings.client_config(&[]).create()?;
+    let admin: AdminClient<DefaultClientContext> = settings.create(ClientRole::Producer, &[])?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, partitions)| {
@@ -49,9 +49,10 @@ pub fn topic_partition_count(
     settings: &ClientSettings,
     topic: &str,
 ) -> Result<Option<usize>, KafkaError> {
-    let consumer: BaseConsumer = settings
-        .client_config(&[("allow.auto.create.topics", "false")])
-        .create()?;
+    let consumer: BaseConsumer = settings.create(
+        ClientRole::Consumer,
+        &[("allow.auto.create.topics", "false")],
+    )?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     Ok(metadata
         .topics()
@@ -69,9 +70,10 @@ pub struct EventProducer {
 
 impl EventProducer {
     pub fn new(settings: &ClientSettings) -> Result<Self, KafkaError> {
-        let producer = settings
-            .client_config(&[("linger.ms", "5"), ("message.timeout.ms", "30000")])
-            .create()?;
+        let producer = settings.create(
+            ClientRole::Producer,
+            &[("linger.ms", "5"), ("message.timeout.ms", "30000")],
+        )?;
         Ok(Self { producer })
     }
 
@@ -117,13 +119,14 @@ pub fn read_topic(
     quiet: Duration,
     deadline: Duration,
 ) -> Result<Vec<ReadRecord>, KafkaError> {
-    let consumer: BaseConsumer = settings
-        .client_config(&[
+    let consumer: BaseConsumer = settings.create(
+        ClientRole::Consumer,
+        &[
             ("group.id", "nsm-reader"),
             ("enable.auto.commit", "false"),
             ("enable.partition.eof", "false"),
-        ])
-        .create()?;
+        ],
+    )?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut list = TopicPartitionList::new();
     for topic_metadata in metadata.topics() {

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
+use nsm_core::config::Resolver;
 use nsm_core::Config;
 
 #[derive(Debug, clap::Args)]
@@ -40,10 +41,17 @@ pub fn write_rules(args: RulesArgs) -> Result<()> {
 pub fn write(args: GenerateArgs, generate: impl Fn(&Config, &str) -> String) -> Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read config file {}", args.config.display()))?;
-    // Generated files never contain Kafka properties, so an unset `${VAR}` secret must not
-    // stop a CI job that generates rules without the production environment.
-    let config = Config::from_toml(&text, &|name| Some(std::env::var(name).unwrap_or_default()))
-        .map_err(|errors| anyhow!("{}: {errors}", args.config.display()))?;
+    // Generated files never contain Kafka properties, so an unset `${VAR}` or an absent
+    // `${file:PATH}` secret must not stop a CI job that generates rules without the
+    // production environment.
+    let config = Config::from_toml_with(
+        &text,
+        &Resolver {
+            env: &|name| Some(std::env::var(name).unwrap_or_default()),
+            file: &|_| Ok("unread".to_string()),
+        },
+    )
+    .map_err(|errors| anyhow!("{}: {errors}", args.config.display()))?;
     let source = args.config.display().to_string();
     let generated = generate(&config, &source);
     match &args.output {

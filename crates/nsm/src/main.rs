@@ -65,6 +65,9 @@ enum Command {
     Rules(generate::RulesArgs),
     /// Write the Grafana dashboard of a config (provisioning JSON model).
     Dashboards(generate::GenerateArgs),
+    /// Print the bcrypt hash of a password read from standard input (one line), for
+    /// `[http.basic_auth] users`: `nsm hash-password < password-file`.
+    HashPassword(tools::HashPasswordArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => tools::generate(args),
         Command::Rules(args) => generate::write_rules(args),
         Command::Dashboards(args) => generate::write(args, nsm_gen::dashboard),
+        Command::HashPassword(args) => tools::hash_password(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

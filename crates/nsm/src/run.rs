@@ -6,9 +6,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+use nsm_core::config::Resolver;
 use nsm_core::engine::Plan;
 use nsm_core::Config;
-use nsm_http::{AppState, Published, Readiness, Telemetry};
+use nsm_http::{AppState, BasicAuth, Protection, Published, Readiness, Telemetry};
 use nsm_kafka::{ClientSettings, ConsumerOptions, DeadLetterStats};
 use nsm_state::{Store, StoreOptions};
 use tokio::sync::watch;
@@ -18,12 +19,25 @@ use crate::pipeline::{Pipeline, PipelineParts};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Reads and validates a config file, resolving `${VAR}` from the environment.
+/// Reads and validates a config file, resolving `${VAR}` from the environment and
+/// `${file:PATH}` from the file system.
 pub fn load_config(path: &std::path::Path) -> Result<Config> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    Config::from_toml(&text, &|name| std::env::var(name).ok())
-        .map_err(|errors| anyhow!("{}: {errors}", path.display()))
+    Config::from_toml_with(
+        &text,
+        &Resolver {
+            env: &|name| std::env::var(name).ok(),
+            file: &read_secret_file,
+        },
+    )
+    .map_err(|errors| anyhow!("{}: {errors}", path.display()))
+}
+
+/// The content of a `${file:PATH}` secret; the error says why not, never what is inside.
+pub fn read_secret_file(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read secret file {path}: {error}"))
 }
 
 /// Logs the North Star linter's findings; its errors (revenue as the North Star, more than
@@ -50,13 +64,13 @@ pub fn client_settings(config: &Config) -> ClientSettings {
     ClientSettings {
         brokers: config.kafka.brokers.clone(),
         properties: config.kafka.properties.clone(),
-        secret_properties: config.kafka.secret_properties.clone(),
     }
 }
 
 /// Runs the pipeline until `stop` is set (by a signal, or by the caller).
 pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     refuse_lint_errors(&config)?;
+    let protection = http_protection(&config)?;
     let plan = Plan::from_config(&config);
     std::fs::create_dir_all(&config.state.path).with_context(|| {
         format!(
@@ -92,7 +106,12 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.http.listen))
         .with_context(|| format!("cannot listen on {} (http.listen)", config.http.listen))?;
-    info!(address = %config.http.listen, "serving /metrics, /healthz, /readyz and /api/v1");
+    info!(
+        address = %config.http.listen,
+        tls = protection.tls.is_some(),
+        basic_auth = protection.basic_auth.is_some(),
+        "serving /metrics, /healthz, /readyz and /api/v1"
+    );
     let app_state = AppState {
         plan: Arc::new(plan.clone()),
         store: store.clone(),
@@ -101,9 +120,14 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         readiness: readiness.clone(),
     };
     let (http_stop_sender, mut http_stop) = watch::channel(false);
-    let server = runtime.spawn(nsm_http::serve(listener, app_state, async move {
-        let _ = http_stop.wait_for(|stopped| *stopped).await;
-    }));
+    let server = runtime.spawn(nsm_http::serve(
+        listener,
+        app_state,
+        protection,
+        async move {
+            let _ = http_stop.wait_for(|stopped| *stopped).await;
+        },
+    ));
     runtime.spawn(stop_on_signal(stop.clone()));
 
     ensure_dead_letter_topic(&config)?;
@@ -148,6 +172,24 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     result.context("the consumer stopped with an error")?;
     info!("stopped cleanly; state and offsets are stored");
     Ok(())
+}
+
+/// HTTPS and basic auth from `[http.tls]` and `[http.basic_auth]`. The certificate and key
+/// are loaded here, before anything starts, so a wrong path stops nsm at once with the path.
+pub fn http_protection(config: &Config) -> Result<Protection> {
+    let tls = match &config.http.tls {
+        Some(tls) => Some(nsm_http::tls_server_config(&tls.cert_file, &tls.key_file)?),
+        None => None,
+    };
+    let basic_auth = config
+        .http
+        .basic_auth
+        .as_ref()
+        .and_then(|users| BasicAuth::new(users.iter()));
+    if basic_auth.is_some() && tls.is_none() {
+        warn!("http.basic_auth without http.tls: passwords cross the network in clear text");
+    }
+    Ok(Protection { tls, basic_auth })
 }
 
 /// The dead-letter topic must exist before the first rejected event: the dead-letter producer

@@ -10,11 +10,14 @@ use nsm_kafka::{ensure_topics, read_topic, ClientSettings, EventProducer};
 use serde_json::json;
 
 use crate::generator::{run_generator, stop_flag, GeneratorOptions, Product};
-use crate::run::load_config;
+use crate::run::{http_protection, load_config};
 
 /// Prints a summary of a valid config, or every problem of an invalid one.
 pub fn check(path: &Path) -> Result<()> {
     let config = load_config(path)?;
+    // Secret files are read by load_config; the certificate and key are loaded here, so
+    // that a check before the start (systemd's ExecStartPre) catches a wrong path too.
+    let protection = http_protection(&config)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}: valid", path.display())?;
     writeln!(
@@ -25,6 +28,26 @@ pub fn check(path: &Path) -> Result<()> {
         config.kafka.brokers,
         config.kafka.group_id,
         config.kafka.dead_letter_topic
+    )?;
+    let users = config
+        .http
+        .basic_auth
+        .as_ref()
+        .map_or(0, |users| users.len());
+    writeln!(
+        out,
+        "  http: {}://{}{}",
+        if protection.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+        config.http.listen,
+        match users {
+            0 => String::new(),
+            1 => ", basic auth for 1 user".to_string(),
+            users => format!(", basic auth for {users} users"),
+        }
     )?;
     writeln!(
         out,
@@ -286,5 +309,34 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let sent = run_generator(&producer, options, &stop)
         .map_err(|error| anyhow!("generator: {error:#}"))?;
     eprintln!("generated {sent} events");
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HashPasswordArgs {
+    /// bcrypt cost: each step doubles the work of checking a password (and of guessing it).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    cost: u32,
+}
+
+/// `nsm hash-password`: the password comes from standard input, never from an argument that
+/// `ps` or a shell history would show.
+pub fn hash_password(args: HashPasswordArgs) -> Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line
+        .strip_suffix("\r\n")
+        .or_else(|| line.strip_suffix('\n'))
+        .unwrap_or(&line);
+    if password.is_empty() {
+        bail!(
+            "no password on standard input: `nsm hash-password < file`, or type it and press Enter"
+        );
+    }
+    let hash = nsm_http::hash_password(password, args.cost)?;
+    println!("{hash}");
     Ok(())
 }

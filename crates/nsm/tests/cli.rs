@@ -28,6 +28,7 @@ fn help_lists_every_command() {
         "generate",
         "rules",
         "dashboards",
+        "hash-password",
     ] {
         assert!(help.contains(command), "--help misses {command}:\n{help}");
     }

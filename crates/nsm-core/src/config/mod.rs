@@ -4,15 +4,17 @@
 
 pub mod alerting;
 mod raw;
+pub mod secrets;
 mod validate;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use alerting::{AlertingConfig, GuardrailAlerting, WorseWhen};
+pub use secrets::{KafkaProperties, Resolver};
 
 use crate::metric::{FieldPath, MetricDef, Role};
 use crate::window::Calendar;
@@ -37,10 +39,9 @@ pub struct KafkaConfig {
     pub topics: Vec<String>,
     pub group_id: String,
     pub dead_letter_topic: String,
-    /// Passed to librdkafka as they are, after `${VAR}` expansion.
-    pub properties: BTreeMap<String, String>,
-    /// Property keys whose values must never be logged (passwords, keys, expanded secrets).
-    pub secret_properties: BTreeSet<String>,
+    /// Passed to librdkafka as they are, after `${VAR}` and `${file:PATH}` expansion;
+    /// secret values never show in `Debug` output.
+    pub properties: KafkaProperties,
 }
 
 #[derive(Debug, Clone)]
@@ -74,16 +75,78 @@ pub struct StateConfig {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// `[http.tls]`: serve HTTPS only.
+    pub tls: Option<HttpTls>,
+    /// `[http.basic_auth]`: `/metrics` and `/api` need one of these users.
+    pub basic_auth: Option<BasicAuthUsers>,
+}
+
+/// PEM files of the HTTPS certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// User names and the bcrypt hashes of their passwords. `Debug` shows the names only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BasicAuthUsers {
+    users: BTreeMap<String, String>,
+}
+
+impl BasicAuthUsers {
+    pub(crate) fn new(users: BTreeMap<String, String>) -> Self {
+        Self { users }
+    }
+
+    /// Users and their bcrypt hashes; validation has checked the hashes' shape.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.users
+            .iter()
+            .map(|(name, hash)| (name.as_str(), hash.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+impl fmt::Debug for BasicAuthUsers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.users.keys()).finish()
+    }
 }
 
 impl Config {
     /// Parses and validates a TOML config. `env` resolves `${VAR}` references in Kafka
-    /// properties (pass `|name| std::env::var(name).ok()` in a program).
+    /// properties; `${file:PATH}` references are refused (see [`Config::from_toml_with`]).
     pub fn from_toml(
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        validate::parse_and_validate(text, env)
+        let no_files = |path: &str| -> Result<String, String> {
+            Err(format!(
+                "cannot read secret file {path}: files are not read here"
+            ))
+        };
+        Config::from_toml_with(
+            text,
+            &Resolver {
+                env,
+                file: &no_files,
+            },
+        )
+    }
+
+    /// Parses and validates a TOML config, resolving `${VAR}` and `${file:PATH}` references
+    /// in Kafka properties through `resolver` (the process environment and file system in a
+    /// program).
+    pub fn from_toml_with(text: &str, resolver: &Resolver<'_>) -> Result<Config, ConfigErrors> {
+        validate::parse_and_validate(text, resolver)
     }
 
     pub fn metric(&self, name: &str) -> Option<&MetricDef> {

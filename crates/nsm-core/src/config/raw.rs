@@ -84,6 +84,30 @@ pub struct RawState {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawHttp {
     pub listen: Option<String>,
+    pub tls: Option<RawHttpTls>,
+    pub basic_auth: Option<RawBasicAuth>,
+}
+
+/// `[http.tls]`: serve HTTPS with this certificate chain and key (PEM files).
+#[derive(Debug, Default, Deserialize)]
+pub struct RawHttpTls {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+/// `[http.basic_auth]`: user name to bcrypt hash, as in Prometheus' web config.
+#[derive(Default, Deserialize)]
+pub struct RawBasicAuth {
+    pub users: Option<BTreeMap<String, toml::Value>>,
+}
+
+impl std::fmt::Debug for RawBasicAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&String> = self.users.iter().flat_map(|users| users.keys()).collect();
+        f.debug_struct("RawBasicAuth")
+            .field("users", &names)
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -123,12 +123,84 @@ window = "1d"
 "#;
     let env = |name: &str| (name == "KAFKA_PASSWORD").then(|| "s3cret".to_string());
     let config = Config::from_toml(text, &env).expect("valid");
-    assert_eq!(config.kafka.properties["sasl.password"], "s3cret");
-    assert!(config.kafka.secret_properties.contains("sasl.password"));
-    assert!(!config.kafka.secret_properties.contains("ssl.ca.location"));
+    assert_eq!(config.kafka.properties.get("sasl.password"), Some("s3cret"));
+    assert!(config.kafka.properties.is_secret("sasl.password"));
+    assert!(!config.kafka.properties.is_secret("ssl.ca.location"));
+    assert!(!format!("{config:?}").contains("s3cret"));
     let errors = errors_of(text);
     assert_eq!(errors[0].0, "kafka.properties.\"sasl.password\"");
     assert!(errors[0].1.contains("KAFKA_PASSWORD is not set"));
+}
+
+#[test]
+fn secrets_come_from_files_and_every_unreadable_one_is_listed() {
+    let text = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[kafka.properties]
+"sasl.password" = "${file:/run/secrets/kafka-password}"
+"ssl.key.password" = "${file:/run/secrets/missing}"
+"sasl.oauthbearer.config" = "${file:/run/secrets/also-missing}"
+"ssl.ca.location" = "/etc/ca.pem"
+[north_star]
+name = "n"
+kind = "count"
+window = "1d"
+"#;
+    let file = |path: &str| {
+        if path == "/run/secrets/kafka-password" {
+            Ok("from-a-file\n".to_string())
+        } else {
+            Err(format!("cannot read secret file {path}: No such file"))
+        }
+    };
+    let errors = Config::from_toml_with(
+        text,
+        &Resolver {
+            env: &no_env,
+            file: &file,
+        },
+    )
+    .expect_err("two files are missing")
+    .0;
+    let listed: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|error| (error.path.as_str(), error.message.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (
+                "kafka.properties.\"sasl.oauthbearer.config\"",
+                "cannot read secret file /run/secrets/also-missing: No such file"
+            ),
+            (
+                "kafka.properties.\"ssl.key.password\"",
+                "cannot read secret file /run/secrets/missing: No such file"
+            ),
+        ]
+    );
+
+    let text = text
+        .replace("/run/secrets/missing", "/run/secrets/kafka-password")
+        .replace("/run/secrets/also-missing", "/run/secrets/kafka-password");
+    let config = Config::from_toml_with(
+        &text,
+        &Resolver {
+            env: &no_env,
+            file: &file,
+        },
+    )
+    .expect("every file readable");
+    assert_eq!(
+        config.kafka.properties.get("sasl.password"),
+        Some("from-a-file")
+    );
+    assert!(config.kafka.properties.is_secret("sasl.password"));
+    assert!(!format!("{config:?}").contains("from-a-file"));
+    // Without a file system (nsm demo's built-in configs), a file reference is an error.
+    assert!(Config::from_toml(&text, &no_env).is_err());
 }
 
 #[test]
@@ -372,4 +444,63 @@ fn a_trailing_window_replaces_the_calendar_one_for_counts_sums_and_distinct_coun
             "inputs[4].trailing"
         ]
     );
+}
+
+const HTTP_BASE: &str = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[north_star]
+name = "n"
+kind = "count"
+window = "1d"
+"#;
+
+#[test]
+fn http_tls_and_basic_auth_are_optional_and_read_in_the_prometheus_style() {
+    let config = Config::from_toml(HTTP_BASE, &no_env).expect("valid");
+    assert!(config.http.tls.is_none() && config.http.basic_auth.is_none());
+
+    let hash = "$2y$10$Fj7XKDnAOd3ycCpmERbx7.fAfNVqVH3bGkUE5pF6BRFGclXh4WC8m";
+    let text = format!(
+        "{HTTP_BASE}[http]\nlisten = \"0.0.0.0:9464\"\n[http.tls]\ncert_file = \"/etc/nsm/tls.crt\"\n\
+         key_file = \"/etc/nsm/tls.key\"\n[http.basic_auth]\nusers = {{ prometheus = \"{hash}\" }}\n"
+    );
+    let config = Config::from_toml(&text, &no_env).expect("valid");
+    let tls = config.http.tls.as_ref().expect("tls");
+    assert_eq!(tls.cert_file, std::path::Path::new("/etc/nsm/tls.crt"));
+    assert_eq!(tls.key_file, std::path::Path::new("/etc/nsm/tls.key"));
+    let users = config.http.basic_auth.as_ref().expect("basic auth");
+    assert_eq!(users.iter().collect::<Vec<_>>(), [("prometheus", hash)]);
+    // Hashes are not shown in a config dump, only user names.
+    let debug = format!("{config:?}");
+    assert!(
+        debug.contains("prometheus") && !debug.contains(hash),
+        "{debug}"
+    );
+}
+
+#[test]
+fn http_security_problems_are_listed_and_a_plaintext_password_is_never_echoed() {
+    let text = format!(
+        "{HTTP_BASE}[http.tls]\ncert_file = \"/etc/nsm/tls.crt\"\n[http.basic_auth]\n\
+         users = {{ alice = \"plaintext-hunter2\", \"bad:name\" = \"$2b$04$abcdefghijklmnopqrstuu5Bd0ZBNs6mCAyJ5b3EW3Ey6H1.ESEre\", bob = 7 }}\n"
+    );
+    let errors = errors_of(&text);
+    let paths: Vec<&str> = errors.iter().map(|(path, _)| path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "http.tls.key_file",
+            "http.basic_auth.users.\"alice\"",
+            "http.basic_auth.users.\"bad:name\"",
+            "http.basic_auth.users.\"bob\"",
+        ],
+        "{errors:?}"
+    );
+    assert!(errors[1].1.contains("not a bcrypt hash"), "{errors:?}");
+    assert!(!format!("{errors:?}").contains("hunter2"), "{errors:?}");
+
+    let errors = errors_of(&format!("{HTTP_BASE}[http.basic_auth]\nusers = {{}}\n"));
+    assert_eq!(errors[0].0, "http.basic_auth.users");
 }

@@ -1,14 +1,15 @@
 //! From [`RawConfig`] to [`Config`], collecting every problem with its path.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawMetric};
+use super::raw::{RawBasicAuth, RawConfig, RawMetric};
+use super::secrets::{self, KafkaProperties, Resolver};
 use super::{
-    Config, ConfigError, ConfigErrors, EventsConfig, HttpConfig, KafkaConfig, StateConfig,
-    TimeConfig,
+    BasicAuthUsers, Config, ConfigError, ConfigErrors, EventsConfig, HttpConfig, HttpTls,
+    KafkaConfig, StateConfig, TimeConfig,
 };
 use crate::decimal::Decimal;
 use crate::metric::{
@@ -51,14 +52,14 @@ impl Problems {
 
 pub(super) fn parse_and_validate(
     text: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    resolver: &Resolver<'_>,
 ) -> Result<Config, ConfigErrors> {
     let mut problems = Problems::default();
     let raw = match parse_raw(text, &mut problems) {
         Some(raw) => raw,
         None => return Err(ConfigErrors(problems.0)),
     };
-    let config = validate(raw, env, &mut problems);
+    let config = validate(raw, resolver, &mut problems);
     if problems.0.is_empty() {
         if let Some(config) = config {
             return Ok(config);
@@ -109,12 +110,8 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     }
 }
 
-fn validate(
-    raw: RawConfig,
-    env: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Problems,
-) -> Option<Config> {
-    let kafka = validate_kafka(&raw, env, problems);
+fn validate(raw: RawConfig, resolver: &Resolver<'_>, problems: &mut Problems) -> Option<Config> {
+    let kafka = validate_kafka(&raw, resolver, problems);
     let mut events = validate_events(&raw, problems);
     let time = validate_time(&raw, problems);
     if let (Some(events), Some(time)) = (&mut events, &time) {
@@ -239,7 +236,7 @@ fn validate(
 
 fn validate_kafka(
     raw: &RawConfig,
-    env: &dyn Fn(&str) -> Option<String>,
+    resolver: &Resolver<'_>,
     problems: &mut Problems,
 ) -> Option<KafkaConfig> {
     let brokers = raw.kafka.brokers.clone().unwrap_or_default();
@@ -285,8 +282,7 @@ fn validate_kafka(
         );
     }
 
-    let mut properties = BTreeMap::new();
-    let mut secret_properties = BTreeSet::new();
+    let mut properties = KafkaProperties::default();
     for (key, value) in &raw.kafka.properties {
         let path = format!("kafka.properties.{key:?}");
         if let Some((_, hint)) = RESERVED_PROPERTIES
@@ -306,13 +302,10 @@ fn validate_kafka(
                 continue;
             }
         };
-        match expand_env(&text, env) {
-            Ok((expanded, used_env)) => {
-                if used_env || looks_secret(key) {
-                    secret_properties.insert(key.clone());
-                }
-                properties.insert(key.clone(), expanded);
-            }
+        // A value that came from the environment or a file is a secret whatever its name.
+        match secrets::expand(&text, resolver) {
+            Ok((expanded, true)) => properties.insert_secret(key.clone(), expanded),
+            Ok((expanded, false)) => properties.insert(key.clone(), expanded),
             Err(message) => problems.add(path, message),
         }
     }
@@ -322,7 +315,6 @@ fn validate_kafka(
         group_id,
         dead_letter_topic,
         properties,
-        secret_properties,
     })
 }
 
@@ -336,44 +328,6 @@ fn check_topic_name(topic: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn looks_secret(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    ["password", "secret", "key.pem", "token", "credentials"]
-        .iter()
-        .any(|word| key.contains(word))
-}
-
-/// Replaces `${NAME}` with the environment variable NAME; `$$` is a literal `$`.
-fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(String, bool), String> {
-    let mut out = String::with_capacity(text.len());
-    let mut used_env = false;
-    let mut rest = text;
-    while let Some(position) = rest.find('$') {
-        out.push_str(&rest[..position]);
-        let after = &rest[position + 1..];
-        if let Some(stripped) = after.strip_prefix('$') {
-            out.push('$');
-            rest = stripped;
-        } else if let Some(body) = after.strip_prefix('{') {
-            let Some(close) = body.find('}') else {
-                return Err("unterminated ${...} reference".to_string());
-            };
-            let name = &body[..close];
-            match env(name) {
-                Some(value) => out.push_str(&value),
-                None => return Err(format!("environment variable {name} is not set")),
-            }
-            used_env = true;
-            rest = &body[close + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    Ok((out, used_env))
 }
 
 fn field_path(
@@ -565,8 +519,8 @@ fn validate_http(raw: &RawConfig, problems: &mut Problems) -> Option<HttpConfig>
         .listen
         .clone()
         .unwrap_or_else(|| "127.0.0.1:9464".to_string());
-    match text.parse::<SocketAddr>() {
-        Ok(listen) => Some(HttpConfig { listen }),
+    let listen = match text.parse::<SocketAddr>() {
+        Ok(listen) => Some(listen),
         Err(_) => {
             problems.add(
                 "http.listen",
@@ -574,7 +528,104 @@ fn validate_http(raw: &RawConfig, problems: &mut Problems) -> Option<HttpConfig>
             );
             None
         }
+    };
+    let tls = raw.http.tls.as_ref().and_then(|tls| {
+        let cert_file = required_file(
+            tls.cert_file.as_deref(),
+            "http.tls.cert_file",
+            "certificate chain",
+            problems,
+        );
+        let key_file = required_file(
+            tls.key_file.as_deref(),
+            "http.tls.key_file",
+            "private key",
+            problems,
+        );
+        Some(HttpTls {
+            cert_file: cert_file?,
+            key_file: key_file?,
+        })
+    });
+    let basic_auth = raw
+        .http
+        .basic_auth
+        .as_ref()
+        .and_then(|auth| basic_auth_users(auth, problems));
+    Some(HttpConfig {
+        listen: listen?,
+        tls,
+        basic_auth,
+    })
+}
+
+fn required_file(
+    path: Option<&str>,
+    key: &str,
+    what: &str,
+    problems: &mut Problems,
+) -> Option<PathBuf> {
+    match path {
+        Some(path) if !path.trim().is_empty() => Some(PathBuf::from(path)),
+        _ => {
+            problems.add(key, format!("missing: the PEM file of the {what}"));
+            None
+        }
     }
+}
+
+/// `[http.basic_auth] users`: every name with a bcrypt hash. A value that is not a hash may
+/// be a plaintext password, so no message ever shows it.
+fn basic_auth_users(auth: &RawBasicAuth, problems: &mut Problems) -> Option<BasicAuthUsers> {
+    let hint = "generate one with `nsm hash-password` (or `htpasswd -nBC 10 USER`)";
+    let Some(raw_users) = auth.users.as_ref().filter(|users| !users.is_empty()) else {
+        problems.add(
+            "http.basic_auth.users",
+            format!("missing: at least one user, as {{ name = \"<bcrypt hash>\" }}; {hint}"),
+        );
+        return None;
+    };
+    let mut users = BTreeMap::new();
+    for (name, hash) in raw_users {
+        let path = format!("http.basic_auth.users.{name:?}");
+        if name.is_empty() || name.contains(':') || name.chars().any(char::is_control) {
+            problems.add(
+                path,
+                "a user name must be non-empty, without ':' or control characters",
+            );
+            continue;
+        }
+        match hash {
+            toml::Value::String(hash) if is_bcrypt_hash(hash) => {
+                users.insert(name.clone(), hash.clone());
+            }
+            _ => problems.add(
+                path,
+                format!("not a bcrypt hash (passwords are never written in the config); {hint}"),
+            ),
+        }
+    }
+    (users.len() == raw_users.len()).then(|| BasicAuthUsers::new(users))
+}
+
+/// `$2b$10$` followed by 53 characters of bcrypt's base64, as htpasswd, Python's bcrypt and
+/// `nsm hash-password` write them (`$2a$`, `$2x$`, `$2y$` too).
+fn is_bcrypt_hash(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let cost_is_valid = text
+        .get(4..6)
+        .and_then(|cost| cost.parse::<u32>().ok())
+        .is_some_and(|cost| (4..=31).contains(&cost));
+    bytes.len() == 60
+        && bytes[0] == b'$'
+        && bytes[1] == b'2'
+        && matches!(bytes[2], b'a' | b'b' | b'x' | b'y')
+        && bytes[3] == b'$'
+        && cost_is_valid
+        && bytes[6] == b'$'
+        && bytes[7..]
+            .iter()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'/'))
 }
 
 fn is_valid_metric_name(name: &str) -> bool {
