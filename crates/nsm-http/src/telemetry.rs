@@ -48,6 +48,7 @@ pub struct Telemetry {
     visible_latency: Histogram,
     checkpoint_duration: HistogramVec,
     last_publish: Gauge,
+    state_entries_in_memory: IntGauge,
     exported_partitions: std::sync::Mutex<BTreeSet<PartitionKey>>,
 }
 
@@ -205,6 +206,16 @@ impl Telemetry {
             )
             .unwrap_or_else(|e| panic!("{e}")),
         );
+        let state_entries_in_memory = register(
+            &registry,
+            IntGauge::new(
+                "nsm_state_entries_in_memory",
+                "Per-entity state entries (members, threshold progress, funnels, event ids) held \
+                 in memory: written since the last checkpoint, or cached. Bounded; the rest is \
+                 read from RocksDB.",
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
         Telemetry {
             registry,
             metric_value,
@@ -226,6 +237,7 @@ impl Telemetry {
             visible_latency,
             checkpoint_duration,
             last_publish,
+            state_entries_in_memory,
             exported_partitions: std::sync::Mutex::new(BTreeSet::new()),
         }
     }
@@ -380,6 +392,12 @@ impl Telemetry {
         };
         set("delivered", delivered);
         set("failed", failed);
+    }
+
+    /// Per-entity state entries held in memory (see `Engine::resident_members`).
+    pub fn record_state_entries_in_memory(&self, entries: usize) {
+        self.state_entries_in_memory
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     pub fn record_checkpoint(&self, seconds: f64, ok: bool) {

@@ -120,6 +120,8 @@ impl Pipeline {
             .publish_values(self.engine.plan(), &values, now_ms);
         let partitions = self.engine.partition_status();
         self.telemetry.publish_partitions(&partitions);
+        self.telemetry
+            .record_state_entries_in_memory(self.engine.resident_members());
         self.published
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
