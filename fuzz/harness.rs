@@ -211,7 +211,7 @@ impl Harness {
             }
             Outcome::Applied { event_time_ms, .. } => {
                 assert!(payload.len() <= self.max_bytes, "oversize event applied");
-                self.check_applied(*event_time_ms, &reference, &changes);
+                self.check_applied(*event_time_ms, payload, &reference, &changes);
                 self.max_event_ms = Some(
                     self.max_event_ms
                         .map_or(*event_time_ms, |max| max.max(*event_time_ms)),
@@ -233,7 +233,7 @@ impl Harness {
                  {reference:?}"
             ),
             RejectReason::NotAnObject => assert!(
-                matches!(reference, Reference::Other | Reference::TooDeep),
+                matches!(reference, Reference::Other | Reference::Unreadable),
                 "an object rejected as not_an_object"
             ),
             RejectReason::MissingEventName => {
@@ -248,7 +248,13 @@ impl Harness {
         }
     }
 
-    fn check_applied(&self, event_time_ms: i64, reference: &Reference, changes: &PartitionChanges) {
+    fn check_applied(
+        &self,
+        event_time_ms: i64,
+        payload: &[u8],
+        reference: &Reference,
+        changes: &PartitionChanges,
+    ) {
         assert!(
             (NOW_MS - 35 * 86_400_000..=NOW_MS + 3_600_000).contains(&event_time_ms),
             "event time {event_time_ms} outside the retention and the future skew"
@@ -257,9 +263,12 @@ impl Harness {
             // Repeated keys the engine does not read are harmless; repeated ones it reads are
             // rejected, or the name and time checks below would disagree with `Value`.
             Reference::Object(object, _) => object,
-            // serde_json's Value stops at 128 levels; the engine skips deeper unread values.
-            Reference::TooDeep => return,
-            other => panic!("the engine applied what is not a JSON object: {other:?}"),
+            // The engine skips what it does not read, however deep or large.
+            Reference::Unreadable => return,
+            other => panic!(
+                "the engine applied what is not a JSON object ({other:?}): {}",
+                String::from_utf8_lossy(payload)
+            ),
         };
         let name = object
             .get("event")
@@ -387,8 +396,9 @@ fn assert_unchanged(changes: &PartitionChanges, max_event_ms: Option<i64>, outco
 #[derive(Debug)]
 enum Reference {
     NotJson,
-    /// Valid JSON nested deeper than `Value` reads (128 levels).
-    TooDeep,
+    /// Valid JSON that `Value` cannot hold: nested deeper than 128 levels, or with a number
+    /// beyond the range of a float (`1e400`).
+    Unreadable,
     Other,
     /// An object, and what makes it valid JSON the engine may still refuse.
     Object(serde_json::Map<String, Value>, Quirks),
@@ -437,7 +447,12 @@ impl Reference {
                 )
             }
             Ok(_) => Reference::Other,
-            Err(error) if error.to_string().contains("recursion limit") => Reference::TooDeep,
+            Err(error)
+                if error.to_string().contains("recursion limit")
+                    || error.to_string().contains("number out of range") =>
+            {
+                Reference::Unreadable
+            }
             Err(_) => Reference::NotJson,
         }
     }

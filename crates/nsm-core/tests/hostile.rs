@@ -138,3 +138,15 @@ fn a_lone_surrogate_escape_is_refused_where_read_and_ignored_elsewhere() {
     // Unicode-checking parser accepts it, and refused the others as "object or array").
     assert_eq!(reasons, [None, invalid, invalid, None]);
 }
+
+#[test]
+fn numbers_beyond_a_float_are_valid_json_refused_only_where_read() {
+    use RejectReason::*;
+    let reasons = reasons(&outcomes("huge-numbers"));
+    // An unread amount; a summed one; a timestamp; then distinct and threshold members, which
+    // are kept as exact text (found by fuzzing: the harness's own reader refused the first).
+    assert_eq!(
+        reasons,
+        [None, Some(WrongType), Some(InvalidTimestamp), None]
+    );
+}
