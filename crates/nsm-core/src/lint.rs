@@ -246,11 +246,13 @@ fn lint_partitioning(config: &Config, findings: &mut Vec<Finding>) {
         return;
     }
     let Some(key_field) = &config.kafka.key_field else {
-        let mut entities: Vec<String> = counted
-            .iter()
-            .map(|(_, field, _)| field.to_string())
-            .collect();
-        entities.dedup();
+        let mut entities: Vec<String> = Vec::new();
+        for (_, field, _) in &counted {
+            let field = field.to_string();
+            if !entities.contains(&field) {
+                entities.push(field);
+            }
+        }
         let names: Vec<&str> = counted
             .iter()
             .map(|(metric, _, _)| metric.name.as_str())

@@ -253,8 +253,12 @@ fn check_sum_range(
     event_time_ms: EpochMillis,
     segment: Option<&[u8]>,
 ) -> Result<(), Rejection> {
-    let Some(bounds) = plan.bucket_of(index, event_time_ms) else {
-        return Ok(());
+    let bounds = match state.last_window[index] {
+        Some(bounds) if bounds.contains(event_time_ms) => bounds,
+        _ => match plan.bucket_of(index, event_time_ms) {
+            Some(bounds) => bounds,
+            None => return Ok(()),
+        },
     };
     let Some(window) = state.windows[index].get(&bounds.start_ms) else {
         return Ok(());
