@@ -4,6 +4,7 @@
 #               make run SCENARIO=healthy|nsm-flattens|guardrail-breach|traffic-stops how its stream
 #               changes over time (default healthy); SCENARIO_PERIOD=10m how fast
 #   make test   install what the tests need (system packages, the tansu broker) and run them all
+#   make fuzz   fuzz event decoding and Engine::apply for FUZZ_SECONDS (nightly + cargo-fuzz)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -19,7 +20,11 @@ PRODUCT ?= collaboration
 SCENARIO ?= healthy
 SCENARIO_PERIOD ?= 10m
 
-.PHONY: run test deps tansu build check fmt lint clean
+# How long `make fuzz` runs; the seed corpus is fuzz/corpus/apply, crashes land in
+# fuzz/artifacts/apply.
+FUZZ_SECONDS ?= 60
+
+.PHONY: run test deps tansu build check fmt lint clean fuzz cargo-fuzz
 
 run: deps
 	$(CARGO) run --bin nsm -- demo --product $(PRODUCT) --scenario $(SCENARIO) --scenario-period $(SCENARIO_PERIOD)
@@ -53,6 +58,21 @@ tansu:
 	  echo "installing tansu $(TANSU_VERSION) (about 11 minutes on 2 cores, once per machine)"; \
 	  $(CARGO) install tansu --version $(TANSU_VERSION) --locked --features dynostore; \
 	fi
+
+# Fuzzing needs a nightly toolchain (libFuzzer's sanitizer flags) and cargo-fuzz; the fuzz crate
+# is outside the workspace and builds nsm-core only. New inputs that reach new code go to a
+# scratch corpus so the seed corpus in the repository stays small; copy a finding into
+# fuzz/corpus/apply once it is fixed, and the stable test crates/nsm-core/tests/hostile.rs
+# replays it in `make test`. No sanitizer: the workspace forbids unsafe code, and AddressSanitizer
+# would cost three quarters of the executions.
+fuzz: cargo-fuzz
+	@mkdir -p fuzz/target/corpus-apply
+	cd fuzz && $(CARGO) +nightly fuzz run apply -O --sanitizer none target/corpus-apply corpus/apply -- \
+	  -dict=dict.txt -max_len=8192 -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048
+
+cargo-fuzz:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 
 clean:
 	$(CARGO) clean

@@ -5,6 +5,12 @@
 //! filter and value fields). They are compiled once into a [`EventSchema`], a tree of object
 //! keys with a numbered slot at each wanted leaf. Decoding walks the JSON once and stores the
 //! raw text of each wanted value in its slot, so numbers keep their exact decimal text.
+//!
+//! A key nsm reads that appears twice in one object (`{"event":"a","event":"b"}`) rejects the
+//! event as invalid JSON: parsers disagree on which one counts (first, last, or an error), so
+//! nsm would count it differently from the warehouse that replays the same topic. Repeated
+//! keys nsm never reads cannot change a value and are left alone. Every node of the schema
+//! (objects on the way to a wanted field, too) has a slot, which is how a repeat is noticed.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -42,6 +48,7 @@ pub struct EventSchema {
 
 impl EventSchema {
     /// The slot of `path`, adding it on first use; the same path always gets the same slot.
+    /// The objects on the way get slots too (see the module doc).
     pub fn slot(&mut self, path: &FieldPath) -> Slot {
         let mut node = &mut self.root;
         for segment in path.segments() {
@@ -52,22 +59,20 @@ impl EventSchema {
             let position = match position {
                 Some(position) => position,
                 None => {
-                    node.children
-                        .push((segment.as_str().into(), Node::default()));
+                    let child = Node {
+                        slot: Some(self.slot_count),
+                        children: Vec::new(),
+                    };
+                    self.slot_count += 1;
+                    node.children.push((segment.as_str().into(), child));
                     node.children.len() - 1
                 }
             };
             node = &mut node.children[position].1;
         }
-        match node.slot {
-            Some(slot) => slot,
-            None => {
-                let slot = self.slot_count;
-                node.slot = Some(slot);
-                self.slot_count += 1;
-                slot
-            }
-        }
+        // Every node but the root has a slot; a path always has at least one segment.
+        node.slot
+            .unwrap_or_else(|| unreachable!("a field path is never empty"))
     }
 
     /// Decodes one event. `payload` must already be valid UTF-8.
@@ -184,6 +189,12 @@ impl<'de, 's, 'o> Visitor<'de> for ObjectSeed<'s, 'o, 'de> {
                 Some(child) if child.slot.is_some() || !child.children.is_empty() => {
                     let raw: &'de RawValue = map.next_value()?;
                     if let Some(slot) = child.slot {
+                        if self.out[slot].is_some() {
+                            return Err(de::Error::custom(format_args!(
+                                "key {key:?} appears twice in one object"
+                            )));
+                        }
+                        check_escapes(&key, raw)?;
                         self.out[slot] = Some(raw);
                     }
                     if !child.children.is_empty() {
@@ -226,6 +237,23 @@ impl<'de, 's, 'o> Visitor<'de> for ObjectSeed<'s, 'o, 'de> {
     }
     fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
         Ok(false)
+    }
+}
+
+/// A string nsm reads must decode to Unicode text. JSON's grammar lets `\ud800` (half of a
+/// surrogate pair) stand alone, but no UTF-8 text holds it: such a value could match no filter
+/// and be no member, so the event is refused as invalid rather than counted by half its
+/// metrics. Strings without escapes are valid UTF-8 already, and unread ones are skipped.
+fn check_escapes<E: de::Error>(key: &str, raw: &RawValue) -> Result<(), E> {
+    let text = raw.get();
+    if !(text.starts_with('"') && text.contains('\\')) {
+        return Ok(());
+    }
+    match serde_json::from_str::<Cow<'_, str>>(text) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(E::custom(format_args!(
+            "the string at key {key:?} is not Unicode text: {error}"
+        ))),
     }
 }
 
@@ -312,6 +340,57 @@ mod tests {
             .expect("valid");
         assert_eq!(fields.get(whole), Some(Scalar::Composite));
         assert_eq!(fields.get(amount), Some(Scalar::Number("5")));
+    }
+
+    #[test]
+    fn a_repeated_key_that_is_read_rejects_the_event_and_others_do_not() {
+        let mut schema = EventSchema::default();
+        let name = schema.slot(&path("event"));
+        let amount = schema.slot(&path("properties.amount"));
+        let reason = |payload: &str| schema.decode(payload).map(|_| ()).map_err(|r| r.reason);
+        assert_eq!(
+            reason(r#"{"event":"a","event":"b"}"#),
+            Err(RejectReason::InvalidJson)
+        );
+        // The object on the way counts too: last-wins parsers would see no amount here.
+        assert_eq!(
+            reason(r#"{"properties":{"amount":1},"properties":{}}"#),
+            Err(RejectReason::InvalidJson)
+        );
+        assert_eq!(
+            reason(r#"{"properties":{"amount":1,"amount":2}}"#),
+            Err(RejectReason::InvalidJson)
+        );
+        // The same key in different objects, and repeats nsm never reads, are fine.
+        let fields = schema
+            .decode(r#"{"event":"a","noise":1,"noise":2,"properties":{"event":"b","amount":3}}"#)
+            .expect("valid");
+        assert_eq!(fields.get(name), Some(Scalar::Text(Cow::Borrowed("a"))));
+        assert_eq!(fields.get(amount), Some(Scalar::Number("3")));
+    }
+
+    #[test]
+    fn a_lone_surrogate_escape_rejects_a_read_string_only() {
+        let mut schema = EventSchema::default();
+        let name = schema.slot(&path("event"));
+        let reason = |payload: &str| schema.decode(payload).map(|_| ()).map_err(|r| r.reason);
+        // Found by fuzzing: serde_json skips it in unread values, and cannot decode it.
+        assert_eq!(
+            reason(r#"{"event":"a\ud800"}"#),
+            Err(RejectReason::InvalidJson)
+        );
+        assert_eq!(
+            reason(r#"{"event":"\udc00\ud83d"}"#),
+            Err(RejectReason::InvalidJson)
+        );
+        assert_eq!(reason(r#"{"event":"a","other":"\ud800"}"#), Ok(()));
+        let fields = schema
+            .decode(r#"{"event":"\ud83d\ude00 \\ud800"}"#)
+            .expect("a pair, and an escaped backslash");
+        assert_eq!(
+            fields.get(name),
+            Some(Scalar::Text(Cow::Owned("\u{1f600} \\ud800".to_string())))
+        );
     }
 
     #[test]

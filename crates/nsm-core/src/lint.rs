@@ -187,6 +187,7 @@ pub fn lint(config: &Config) -> Vec<Finding> {
                    customers were worse off while the North Star rose",
         });
     }
+    lint_partitioning(config, &mut findings);
     if revenue.is_none() {
         findings.push(Finding {
             severity: Severity::Warning,
@@ -199,6 +200,96 @@ pub fn lint(config: &Config) -> Vec<Finding> {
     }
     findings.sort_by_key(|finding| std::cmp::Reverse(finding.severity));
     findings
+}
+
+/// The entity whose events must all land in one partition for a metric to be exact, and the
+/// config key naming it: distinct values, threshold entities and converting entities are kept
+/// per partition and summed (see ARCHITECTURE.md, "Distinct counts across partitions").
+fn partitioned_entity(metric: &MetricDef) -> Option<(&FieldPath, &'static str)> {
+    match &metric.kind {
+        MetricKind::Distinct { field } => Some((field, "field")),
+        MetricKind::Threshold { entity, .. } => Some((entity, "entity")),
+        MetricKind::Conversion { entity, .. } => Some((entity, "field")),
+        MetricKind::Count
+        | MetricKind::Sum { .. }
+        | MetricKind::Ratio { .. }
+        | MetricKind::Retention { .. } => None,
+    }
+}
+
+/// Where a metric is in the config file: `north_star`, `inputs[2]`, `revenue`.
+fn metric_path(config: &Config, metric: &MetricDef) -> String {
+    let same_role: Vec<&MetricDef> = config.metrics_with_role(metric.role).collect();
+    let index = same_role
+        .iter()
+        .position(|other| other.name == metric.name)
+        .unwrap_or_default();
+    match metric.role {
+        Role::NorthStar if same_role.len() == 1 => "north_star".into(),
+        Role::NorthStar => format!("north_star[{index}]"),
+        Role::Input => format!("inputs[{index}]"),
+        Role::Guardrail => format!("guardrails[{index}]"),
+        Role::Revenue => "revenue".into(),
+    }
+}
+
+/// Distinct counts are exact only when producers key events by the entity counted. Without
+/// `kafka.key_field` nsm cannot tell, and says so once; with it, every metric counting another
+/// entity (not declared in `kafka.nested_in_key`) gets a warning of its own.
+fn lint_partitioning(config: &Config, findings: &mut Vec<Finding>) {
+    let counted: Vec<(&MetricDef, &FieldPath, &'static str)> = config
+        .metrics
+        .iter()
+        .filter_map(|metric| partitioned_entity(metric).map(|(field, key)| (metric, field, key)))
+        .collect();
+    if counted.is_empty() {
+        return;
+    }
+    let Some(key_field) = &config.kafka.key_field else {
+        let mut entities: Vec<String> = Vec::new();
+        for (_, field, _) in &counted {
+            let field = field.to_string();
+            if !entities.contains(&field) {
+                entities.push(field);
+            }
+        }
+        let names: Vec<&str> = counted
+            .iter()
+            .map(|(metric, _, _)| metric.name.as_str())
+            .collect();
+        findings.push(Finding {
+            severity: Severity::Warning,
+            check: "message_key_unknown",
+            path: "kafka.key_field".into(),
+            message: format!(
+                "{} count distinct {} per Kafka partition, but the config does not say how \
+                 producers key events",
+                names.join(", "),
+                entities.join(", ")
+            ),
+            hint: "distinct counts are exact only when all events of one entity share a \
+                   partition: key events by the entity and set kafka.key_field to that field, \
+                   so nsm check can warn about metrics counting another one",
+        });
+        return;
+    };
+    for (metric, field, key) in counted {
+        if field == key_field || config.kafka.nested_in_key.contains(field) {
+            continue;
+        }
+        findings.push(Finding {
+            severity: Severity::Warning,
+            check: "distinct_not_keyed",
+            path: format!("{}.{key}", metric_path(config, metric)),
+            message: format!(
+                "{:?} counts distinct {field}, but events are keyed by {key_field}: one \
+                 {field} in several partitions counts once in each",
+                metric.name
+            ),
+            hint: "key events by this field, or, if each of its values belongs to a single \
+                   key value (every user in one team), list it in kafka.nested_in_key",
+        });
+    }
 }
 
 fn lint_north_star(
@@ -331,8 +422,14 @@ fn lint_north_star(
 mod tests {
     use super::*;
 
+    /// A config keyed by user_id, the entity the distinct counts below count.
     fn config(metrics: &str) -> Config {
-        let text = format!("[kafka]\nbrokers = \"b:9092\"\ntopics = [\"events\"]\n{metrics}");
+        keyed("key_field = \"user_id\"", metrics)
+    }
+
+    fn keyed(kafka: &str, metrics: &str) -> Config {
+        let text =
+            format!("[kafka]\nbrokers = \"b:9092\"\ntopics = [\"events\"]\n{kafka}\n{metrics}");
         Config::from_toml(&text, &|_| None).expect("valid config")
     }
 
@@ -532,6 +629,116 @@ denominator = "messages_per_team""#,
         assert_eq!(
             finding.to_string().lines().next(),
             Some("warning: inputs[0].owner: input \"messages\" has no owner [input_without_owner]")
+        );
+    }
+
+    const TEAM_TREE: &str = r#"
+[north_star]
+name = "weekly_active_messagers"
+kind = "distinct"
+field = "user_id"
+where = { event = "message_sent" }
+window = "1w"
+[[inputs]]
+name = "active_teams"
+owner = "collaboration"
+kind = "threshold"
+entity = "team_id"
+field = "user_id"
+at_least = 3
+window = "1w"
+[[inputs]]
+name = "messages"
+owner = "messaging"
+kind = "count"
+window = "1w"
+[[inputs]]
+name = "teams_paying"
+owner = "sales"
+kind = "distinct"
+field = "team_id"
+where = { event = "payment_succeeded" }
+window = "1w"
+[[guardrails]]
+name = "complaints"
+owner = "support"
+kind = "count"
+where = { event = "complaint_filed" }
+window = "1w"
+[revenue]
+name = "revenue"
+kind = "sum"
+field = "properties.amount"
+where = { event = "payment_succeeded" }
+window = "1w"
+"#;
+
+    #[test]
+    fn without_a_key_field_distinct_counts_get_one_warning() {
+        let config = keyed("", TEAM_TREE);
+        assert_eq!(
+            checks(&config),
+            vec![(
+                Severity::Warning,
+                "message_key_unknown",
+                "kafka.key_field".into()
+            )]
+        );
+        let finding = &lint(&config)[0];
+        assert!(
+            finding
+                .message
+                .contains("weekly_active_messagers, active_teams, teams_paying")
+                && finding.message.contains("user_id, team_id"),
+            "{finding}"
+        );
+        // Counts and sums are exact however events are keyed: nothing to say.
+        let counts_only = keyed(
+            "",
+            "[north_star]\nname = \"messages_sent\"\nkind = \"count\"\n\
+             where = { event = \"message_sent\" }\nwindow = \"1w\"",
+        );
+        assert!(
+            !checks(&counts_only)
+                .iter()
+                .any(|(_, check, _)| *check == "message_key_unknown"),
+            "{:?}",
+            checks(&counts_only)
+        );
+    }
+
+    #[test]
+    fn metrics_counting_another_entity_than_the_key_are_warned_each_with_its_path() {
+        let by_team = keyed("key_field = \"team_id\"", TEAM_TREE);
+        assert_eq!(
+            checks(&by_team),
+            vec![(
+                Severity::Warning,
+                "distinct_not_keyed",
+                "north_star.field".into()
+            )]
+        );
+        // Users nest in teams: declared, it is exact and says nothing.
+        let nested = keyed(
+            "key_field = \"team_id\"\nnested_in_key = [\"user_id\"]",
+            TEAM_TREE,
+        );
+        assert_eq!(checks(&nested), vec![]);
+        let by_user = keyed("key_field = \"user_id\"", TEAM_TREE);
+        assert_eq!(
+            checks(&by_user),
+            vec![
+                (
+                    Severity::Warning,
+                    "distinct_not_keyed",
+                    "inputs[0].entity".into()
+                ),
+                (
+                    Severity::Warning,
+                    "distinct_not_keyed",
+                    "inputs[2].field".into()
+                ),
+            ]
         );
     }
 }

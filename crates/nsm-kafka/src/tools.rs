@@ -2,6 +2,8 @@
 //! ships its own because Debian's kcat is too old for current brokers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -9,8 +11,9 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
 use rdkafka::Message;
 
 use crate::client::{ClientRole, ClientSettings};
@@ -63,18 +66,56 @@ pub fn topic_partition_count(
         .map(|found| found.partitions().len()))
 }
 
+/// Deliveries the broker refused: counted, and the first reason kept, so that `flush` can say
+/// so instead of reporting every message as produced.
+#[derive(Default)]
+struct DeliveryFailures {
+    count: AtomicU64,
+    first: Mutex<Option<String>>,
+}
+
+struct CountingContext {
+    failures: Arc<DeliveryFailures>,
+}
+
+impl ClientContext for CountingContext {}
+
+impl ProducerContext for CountingContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, message)) = result {
+            self.failures.count.fetch_add(1, Ordering::Relaxed);
+            let mut first = self
+                .failures
+                .first
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            first.get_or_insert_with(|| {
+                let size = message.payload().map_or(0, <[u8]>::len);
+                format!("{error} (a message of {size} bytes)")
+            });
+        }
+    }
+}
+
 /// A producer that waits for room instead of failing when its queue is full.
 pub struct EventProducer {
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<CountingContext>,
+    failures: Arc<DeliveryFailures>,
 }
 
 impl EventProducer {
     pub fn new(settings: &ClientSettings) -> Result<Self, KafkaError> {
-        let producer = settings.create(
+        let failures = Arc::new(DeliveryFailures::default());
+        let producer = settings.create_with_context(
             ClientRole::Producer,
             &[("linger.ms", "5"), ("message.timeout.ms", "30000")],
+            CountingContext {
+                failures: failures.clone(),
+            },
         )?;
-        Ok(Self { producer })
+        Ok(Self { producer, failures })
     }
 
     /// Queues one message; a key keeps one entity's events in one partition.
@@ -94,9 +135,23 @@ impl EventProducer {
         }
     }
 
-    /// Waits until everything queued is delivered.
+    /// Waits until everything queued is delivered; an error if the broker refused any message
+    /// since the producer was created.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)?;
+        let failed = self.failures.count.load(Ordering::Relaxed);
+        if failed > 0 {
+            let first = self
+                .failures
+                .first
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone()
+                .unwrap_or_default();
+            return Err(KafkaError::Other(format!(
+                "{failed} message(s) were not delivered; the first: {first}"
+            )));
+        }
         Ok(())
     }
 }
@@ -183,4 +238,41 @@ pub fn header_map(record: &ReadRecord) -> HashMap<&str, &str> {
         .iter()
         .map(|(key, value)| (key.as_str(), value.as_str()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    use super::*;
+
+    #[test]
+    fn a_message_the_broker_refuses_fails_the_flush_instead_of_counting_as_produced() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("events", 1, 1).expect("topic");
+        let producer = EventProducer::new(&ClientSettings::new(cluster.bootstrap_servers()))
+            .expect("producer");
+        producer
+            .send("events", None, b"{\"event\":\"a\"}")
+            .expect("queued");
+        producer.flush(Duration::from_secs(10)).expect("delivered");
+        // The broker refuses the next produce request for good (not a retriable error).
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+        );
+        producer
+            .send("events", None, b"{\"event\":\"b\"}")
+            .expect("queued");
+        let error = producer
+            .flush(Duration::from_secs(10))
+            .expect_err("the refusal is reported");
+        assert!(
+            error
+                .to_string()
+                .contains("1 message(s) were not delivered"),
+            "{error}"
+        );
+    }
 }

@@ -23,6 +23,7 @@
 //!   opened if present and otherwise unused.
 
 mod codec;
+mod format;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,9 +45,7 @@ use codec::{
     window_metric_prefix,
 };
 
-/// Bumped whenever the layout above changes incompatibly. 2: members carry values (threshold
-/// progress, trailing occurrences) and are no longer loaded whole; `gaps` added.
-pub const FORMAT_VERSION: u32 = 2;
+pub use format::{FormatError, FORMAT_VERSION};
 
 const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
@@ -54,7 +53,6 @@ const CF_WINDOWS: &str = "windows";
 const CF_MEMBERS: &str = "members";
 const CF_SEGMENTS: &str = "segments";
 const CF_GAPS: &str = "gaps";
-const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -63,12 +61,8 @@ pub enum StateError {
         path: PathBuf,
         source: rocksdb::Error,
     },
-    #[error("the state directory {path} was written in format {found}, but this nsm reads format {expected}; move it away to start fresh")]
-    IncompatibleFormat {
-        path: PathBuf,
-        found: u32,
-        expected: u32,
-    },
+    #[error(transparent)]
+    Format(#[from] FormatError),
     #[error("state storage failed: {0}")]
     Storage(#[from] rocksdb::Error),
     #[error("corrupt state record in {column_family}: {detail}")]
@@ -180,7 +174,14 @@ impl Store {
             metric_names: Arc::new(metric_names),
             metric_index: Arc::new(metric_index),
         };
-        store.check_format(path)?;
+        let data = [CF_PARTITIONS, CF_WINDOWS, CF_MEMBERS].map(|name| store.cf(name));
+        format::check(
+            &store.db,
+            store.cf(CF_META),
+            &data,
+            &store.write_options,
+            path,
+        )?;
         let discarded = store.reconcile_metrics(plan)?;
         Ok((store, discarded))
     }
@@ -190,37 +191,6 @@ impl Store {
         self.db
             .cf_handle(name)
             .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
-    }
-
-    fn check_format(&self, path: &Path) -> Result<(), StateError> {
-        let meta = self.cf(CF_META);
-        match self.db.get_cf(meta, FORMAT_VERSION_KEY)? {
-            None => {
-                self.db.put_cf_opt(
-                    meta,
-                    FORMAT_VERSION_KEY,
-                    FORMAT_VERSION.to_be_bytes(),
-                    &self.write_options,
-                )?;
-                Ok(())
-            }
-            Some(bytes) => {
-                let found = <[u8; 4]>::try_from(bytes.as_slice())
-                    .map(u32::from_be_bytes)
-                    .map_err(|_| StateError::Corrupt {
-                        column_family: CF_META,
-                        detail: "format_version is not 4 bytes".into(),
-                    })?;
-                if found != FORMAT_VERSION {
-                    return Err(StateError::IncompatibleFormat {
-                        path: path.to_path_buf(),
-                        found,
-                        expected: FORMAT_VERSION,
-                    });
-                }
-                Ok(())
-            }
-        }
     }
 
     fn reconcile_metrics(&self, plan: &Plan) -> Result<Vec<DiscardedMetric>, StateError> {

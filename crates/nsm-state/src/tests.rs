@@ -204,7 +204,11 @@ fn an_incompatible_format_is_refused_with_a_clear_error() {
     let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
     store
         .db
-        .put_cf(store.cf(CF_META), FORMAT_VERSION_KEY, 99u32.to_be_bytes())
+        .put_cf(
+            store.cf(CF_META),
+            format::FORMAT_VERSION_KEY,
+            99u32.to_be_bytes(),
+        )
         .expect("put");
     // The engine reads members through the store: close both.
     drop(store);

@@ -158,7 +158,10 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         .join()
         .map_err(|_| anyhow!("the consumer thread panicked"))?;
     stop.store(true, Ordering::SeqCst);
-    readiness.set_not_ready("shutting down");
+    // A failure already said why nsm is not ready (a state write failed...): keep that reason.
+    if readiness.is_ready() {
+        readiness.set_not_ready("shutting down");
+    }
     let _ = http_stop_sender.send(true);
     runtime.block_on(async {
         match tokio::time::timeout(Duration::from_secs(5), server).await {

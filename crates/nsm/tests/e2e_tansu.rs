@@ -5,8 +5,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -14,57 +12,6 @@ use common::*;
 
 /// `session.timeout.ms` of `test_config`.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
-
-fn tansu_binary() -> PathBuf {
-    let candidates = std::env::var_os("PATH")
-        .map(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("tansu"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default()
-        .into_iter()
-        .chain(std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo/bin/tansu")));
-    for candidate in candidates {
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!("tansu is not installed: `make test` installs it (cargo install tansu --locked --features dynostore)");
-}
-
-fn start_tansu(dir: &Path) -> (Process, String) {
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let broker = Process::spawn(
-        "tansu",
-        Command::new(tansu_binary()).args([
-            "broker",
-            "--storage-engine",
-            "memory://tansu/",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ]),
-        dir,
-    );
-    wait_for(
-        "tansu to listen",
-        Duration::from_secs(30),
-        Some(&broker),
-        || TcpStream::connect(("127.0.0.1", port)).ok(),
-    );
-    (broker, format!("127.0.0.1:{port}"))
-}
-
-fn consumed_total(samples: &std::collections::BTreeMap<String, f64>) -> f64 {
-    samples
-        .iter()
-        .filter(|(series, _)| series.starts_with("nsm_events_consumed_total"))
-        .map(|(_, value)| value)
-        .sum()
-}
 
 #[test]
 fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {

@@ -39,6 +39,13 @@ pub struct KafkaConfig {
     pub topics: Vec<String>,
     pub group_id: String,
     pub dead_letter_topic: String,
+    /// The event field producers use as the message key, when the config says; `nsm check`
+    /// compares it with what distinct counts count (see ARCHITECTURE.md, "Distinct counts
+    /// across partitions"). nsm itself never reads message keys.
+    pub key_field: Option<FieldPath>,
+    /// Fields whose every value belongs to one key value (each user in one team), so that
+    /// counting them distinct is exact under that key too.
+    pub nested_in_key: Vec<FieldPath>,
     /// Passed to librdkafka as they are, after `${VAR}` and `${file:PATH}` expansion;
     /// secret values never show in `Debug` output.
     pub properties: KafkaProperties,

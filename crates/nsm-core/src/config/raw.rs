@@ -50,6 +50,8 @@ pub struct RawKafka {
     pub topics: Option<Vec<String>>,
     pub group_id: Option<String>,
     pub dead_letter_topic: Option<String>,
+    pub key_field: Option<String>,
+    pub nested_in_key: Option<Vec<String>>,
     #[serde(default)]
     pub properties: BTreeMap<String, toml::Value>,
 }

@@ -282,6 +282,31 @@ fn validate_kafka(
         );
     }
 
+    let key_field = raw
+        .kafka
+        .key_field
+        .as_ref()
+        .and_then(|text| field_path("kafka.key_field", Some(text), text, problems));
+    let nested = raw.kafka.nested_in_key.as_deref().unwrap_or_default();
+    let nested_in_key: Vec<FieldPath> = nested
+        .iter()
+        .enumerate()
+        .filter_map(|(index, text)| {
+            field_path(
+                &format!("kafka.nested_in_key[{index}]"),
+                Some(text),
+                text,
+                problems,
+            )
+        })
+        .collect();
+    if !nested.is_empty() && raw.kafka.key_field.is_none() {
+        problems.add(
+            "kafka.nested_in_key",
+            "needs kafka.key_field: the field these fields nest in",
+        );
+    }
+
     let mut properties = KafkaProperties::default();
     for (key, value) in &raw.kafka.properties {
         let path = format!("kafka.properties.{key:?}");
@@ -314,6 +339,8 @@ fn validate_kafka(
         topics,
         group_id,
         dead_letter_topic,
+        key_field,
+        nested_in_key,
         properties,
     })
 }

@@ -221,6 +221,16 @@ fn evaluate<'a>(
                 .collect();
             segment_key(values.iter().map(Option::as_deref))
         });
+        if let Contribution::Amount(amount) = &contribution {
+            check_sum_range(
+                plan,
+                state,
+                index,
+                *amount,
+                event_time_ms,
+                segment.as_deref(),
+            )?;
+        }
         contributions.push((index, contribution, segment));
     }
 
@@ -243,6 +253,57 @@ fn evaluate<'a>(
     })
 }
 
+/// Refuses an amount that would take its window's sum, or its segment's, beyond the exact
+/// range (about 1.7e29): adding it would lose it, and the event must then count nowhere
+/// rather than in some metrics only.
+fn check_sum_range(
+    plan: &Plan,
+    state: &PartitionState,
+    index: usize,
+    amount: Decimal,
+    event_time_ms: EpochMillis,
+    segment: Option<&[u8]>,
+) -> Result<(), Rejection> {
+    let bounds = match state.last_window[index] {
+        Some(bounds) if bounds.contains(event_time_ms) => bounds,
+        _ => match plan.bucket_of(index, event_time_ms) {
+            Some(bounds) => bounds,
+            None => return Ok(()),
+        },
+    };
+    let Some(window) = state.windows[index].get(&bounds.start_ms) else {
+        return Ok(());
+    };
+    let fits = |agg: Option<&Agg>| match agg {
+        Some(Agg::Sum(sum)) => sum.checked_add(amount).is_some(),
+        _ => true,
+    };
+    let segment_agg = segment.and_then(|segment| {
+        window.segments.get(segment).or_else(|| {
+            // A new segment beyond the cap is added to the overflow segment (see `commit`).
+            (window.segments.len() >= MAX_SEGMENTS_PER_WINDOW)
+                .then(|| window.segments.get(OVERFLOW_KEY))
+                .flatten()
+        })
+    });
+    if fits(Some(&window.agg)) && fits(segment_agg) {
+        return Ok(());
+    }
+    let metric = &plan.metrics()[index];
+    Err(Rejection::new(
+        RejectReason::WrongType,
+        format!(
+            "{} = {amount} would take the sum of metric {} beyond the exact range",
+            metric
+                .kind
+                .field()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            metric.name
+        ),
+    ))
+}
+
 fn event_time(fields: &Fields<'_>, plan: &Plan) -> Result<EpochMillis, Rejection> {
     let path = &plan.settings.timestamp_field;
     match fields.get(plan.timestamp_slot) {
@@ -254,10 +315,21 @@ fn event_time(fields: &Fields<'_>, plan: &Plan) -> Result<EpochMillis, Rejection
             .parse::<Timestamp>()
             .map(Timestamp::as_millisecond)
             .map_err(|_| {
-                Rejection::new(
-                    RejectReason::InvalidTimestamp,
-                    format!("timestamp {text:?} at {path} is not RFC 3339 with an offset"),
-                )
+                // Well-formed but beyond what a timestamp can hold (the last hours of year
+                // 9999, with their offset): as far out of range as any other absurd time.
+                let well_formed = jiff::fmt::temporal::Pieces::parse(text.as_bytes())
+                    .is_ok_and(|pieces| pieces.offset().is_some());
+                if well_formed {
+                    Rejection::new(
+                        RejectReason::TimestampOutOfRange,
+                        format!("timestamp {text:?} at {path} is beyond the representable range"),
+                    )
+                } else {
+                    Rejection::new(
+                        RejectReason::InvalidTimestamp,
+                        format!("timestamp {text:?} at {path} is not RFC 3339 with an offset"),
+                    )
+                }
             }),
         Some(Scalar::Number(text)) => text.parse::<i64>().map_err(|_| {
             Rejection::new(

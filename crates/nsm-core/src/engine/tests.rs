@@ -244,6 +244,17 @@ fn bad_events_are_rejected_with_bounded_reasons_and_change_nothing() {
             RejectReason::WrongType,
         ),
         (vec![b' '; 5000], RejectReason::Oversize),
+        // Well-formed, but past the last instant a timestamp can hold (found by fuzzing).
+        (
+            br#"{"event":"message_sent","user_id":"a","timestamp":"9999-12-31T23:59:59Z"}"#
+                .to_vec(),
+            RejectReason::TimestampOutOfRange,
+        ),
+        // A field the engine reads, given twice (found by fuzzing).
+        (
+            br#"{"event":"message_sent","user_id":"a","user_id":"b","timestamp":0}"#.to_vec(),
+            RejectReason::InvalidJson,
+        ),
     ];
     for (offset, (payload, expected)) in cases.into_iter().enumerate() {
         let outcome = engine.apply(&key(), offset as i64, &payload, now);
@@ -256,7 +267,7 @@ fn bad_events_are_rejected_with_bounded_reasons_and_change_nothing() {
     }
     assert_eq!(values(&engine), vec![(0.0, 0.0), (0.0, 0.0), (0.0, 0.0)]);
     // The partition moved on past every bad message.
-    assert_eq!(engine.next_offset(&key()), Some(13));
+    assert_eq!(engine.next_offset(&key()), Some(15));
 }
 
 #[test]
@@ -404,6 +415,26 @@ fn sums_are_exact_decimals() {
     }
     let value = engine.metric_values(now)[2].current.value;
     assert_eq!(value, AggValue::Sum(Decimal::from_integer(1)));
+}
+
+#[test]
+fn an_amount_beyond_the_exact_range_of_its_window_is_rejected_not_lost() {
+    let mut engine = engine();
+    let now = ms(NOW);
+    let largest = "170000000000000000000000000000";
+    let time = "2026-11-23T10:00:00Z";
+    let outcome = engine.apply(&key(), 0, &payment(largest, time), now);
+    assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    // Adding it again does not fit the week's sum: before, the event was applied and its
+    // amount silently dropped.
+    let outcome = engine.apply(&key(), 1, &payment(largest, time), now);
+    assert_eq!(reason(outcome), Some(RejectReason::WrongType));
+    let outcome = engine.apply(&key(), 2, &payment(&format!("-{largest}"), time), now);
+    assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    assert_eq!(
+        engine.metric_values(now)[2].current.value,
+        AggValue::Sum(Decimal::ZERO)
+    );
 }
 
 #[test]

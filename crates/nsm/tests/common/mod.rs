@@ -181,6 +181,7 @@ brokers = "{brokers}"
 topics = ["{topic}"]
 group_id = "{group}"
 dead_letter_topic = "{topic}-dlq"
+key_field = "user_id"
 [kafka.properties]
 "topic.metadata.refresh.interval.ms" = "1000"
 # A killed instance is noticed in seconds, so a restart gets its partitions back quickly.
@@ -353,5 +354,107 @@ pub fn known_stream(users: usize, per_user: usize) -> KnownStream {
         invalid,
         late: 2,
         duplicates,
+    }
+}
+
+/// The tansu broker binary: on the PATH or in ~/.cargo/bin (`make test` installs it).
+pub fn tansu_binary() -> PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("tansu"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .chain(std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo/bin/tansu")));
+    for candidate in candidates {
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("tansu is not installed: `make test` installs it (cargo install tansu --locked --features dynostore)");
+}
+
+/// A tansu broker in memory on a free port, with its log in `dir`; and its address.
+pub fn start_tansu(dir: &Path) -> (Process, String) {
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let broker = Process::spawn(
+        "tansu",
+        Command::new(tansu_binary()).args([
+            "broker",
+            "--storage-engine",
+            "memory://tansu/",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ]),
+        dir,
+    );
+    wait_for(
+        "tansu to listen",
+        Duration::from_secs(30),
+        Some(&broker),
+        || TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
+    (broker, format!("127.0.0.1:{port}"))
+}
+
+/// Messages consumed, over every partition.
+pub fn consumed_total(samples: &std::collections::BTreeMap<String, f64>) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| series.starts_with("nsm_events_consumed_total"))
+        .map(|(_, value)| value)
+        .sum()
+}
+
+/// A tmpfs mounted at `path` (root only), unmounted when dropped. `None`, with the reason on
+/// standard error, where mounting is not permitted: the caller skips its test.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, options: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).expect("mount point");
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(path)
+            .output();
+        match output {
+            Ok(output) if output.status.success() => Some(Tmpfs {
+                path: path.to_path_buf(),
+            }),
+            Ok(output) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs here ({}); this test needs a file system \
+                     that refuses writes",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+                None
+            }
+            Err(error) => {
+                eprintln!("SKIPPED: cannot run mount ({error})");
+                None
+            }
+        }
+    }
+
+    pub fn remount(&self, options: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.path)
+            .status()
+            .expect("mount -o remount");
+        assert!(status.success(), "remount {options}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }

@@ -1,0 +1,100 @@
+//! The state format version: stored in the `meta` column family when a store is created, and
+//! checked at every open before anything is read, so that a state directory nsm cannot read
+//! exactly is refused with what to do, never read into wrong numbers.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{ColumnFamily, IteratorMode, WriteOptions, DB};
+
+/// Bumped whenever the layout described in the crate doc changes incompatibly. 2: members
+/// carry values (threshold progress, trailing occurrences, funnels, event ids) and are read one
+/// at a time, never loaded whole; `gaps` added; `funnels` and `seen_ids` no longer used.
+pub const FORMAT_VERSION: u32 = 2;
+
+pub(crate) const FORMAT_VERSION_KEY: &[u8] = b"format_version";
+
+/// What every refusal tells the operator to do when the right nsm version is not at hand:
+/// state is rebuilt only by replaying the topics, so the group's offsets must go back too.
+const REBUILD: &str = "to rebuild the state instead, move the directory away and replay the \
+                       topics: reset the consumer group's offsets to the earliest (or set a new \
+                       kafka.group_id); windows older than the topics' retention are lost";
+
+/// A state directory nsm refuses to open.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("the state directory {path} was written by a newer nsm, in state format {found}; this nsm reads format {expected}. Run the nsm version that wrote it (or a newer one); {REBUILD}")]
+    Newer {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("the state directory {path} is in state format {found}, which this nsm (format {expected}) cannot read or migrate; {REBUILD}")]
+    Older {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("the state directory {path} has an unreadable format version ({detail}): it was not written by nsm, or is damaged; {REBUILD}")]
+    Unknown { path: PathBuf, detail: String },
+    #[error("the state directory {path} holds data but no format version: it was not written by nsm; point state.path at an empty or nsm-owned directory")]
+    Missing { path: PathBuf },
+    #[error("cannot read or write the format version of {path}: {source}")]
+    Storage {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+}
+
+/// Checks the format version of an opened store; a new, empty store gets the current one.
+/// `data` are the column families that hold state: a store with data there and no version
+/// was not made by nsm.
+pub(crate) fn check(
+    db: &DB,
+    meta: &ColumnFamily,
+    data: &[&ColumnFamily],
+    write_options: &WriteOptions,
+    path: &Path,
+) -> Result<(), FormatError> {
+    let storage = |source| FormatError::Storage {
+        path: path.to_path_buf(),
+        source,
+    };
+    let Some(bytes) = db.get_cf(meta, FORMAT_VERSION_KEY).map_err(storage)? else {
+        for family in data {
+            let first = db.iterator_cf(*family, IteratorMode::Start).next();
+            if first.transpose().map_err(storage)?.is_some() {
+                return Err(FormatError::Missing {
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+        return db
+            .put_cf_opt(
+                meta,
+                FORMAT_VERSION_KEY,
+                FORMAT_VERSION.to_be_bytes(),
+                write_options,
+            )
+            .map_err(storage);
+    };
+    let found = <[u8; 4]>::try_from(bytes.as_slice())
+        .map(u32::from_be_bytes)
+        .map_err(|_| FormatError::Unknown {
+            path: path.to_path_buf(),
+            detail: format!("{} bytes where 4 were expected", bytes.len()),
+        })?;
+    let (path, expected) = (path.to_path_buf(), FORMAT_VERSION);
+    match found.cmp(&FORMAT_VERSION) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(FormatError::Newer {
+            path,
+            found,
+            expected,
+        }),
+        std::cmp::Ordering::Less => Err(FormatError::Older {
+            path,
+            found,
+            expected,
+        }),
+    }
+}
