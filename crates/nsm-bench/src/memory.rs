@@ -110,7 +110,7 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| temporary.path().to_path_buf());
-    let (store, _) = Store::open(&path, &plan, &StoreOptions::default())?;
+    let store = Store::open(&path, &plan, &StoreOptions::default())?;
     let mut engine = match args.store {
         StoreKind::Rocksdb => {
             Engine::with_reader(plan.clone(), Box::new(store.clone()), DEFAULT_MEMBER_CACHE)

@@ -410,6 +410,16 @@ impl Generator<'_> {
             .label("reason", "no_events"),
             Rule::record(
                 "nsm:data_stale:reason",
+                "(max(nsm_kafka_brokers_up) == bool 0) or on () vector(0)",
+            )
+            .label("reason", "kafka_unreachable"),
+            Rule::record(
+                "nsm:data_stale:reason",
+                "(sum(nsm_partitions_owned) == bool 0) or on () vector(0)",
+            )
+            .label("reason", "no_partitions"),
+            Rule::record(
+                "nsm:data_stale:reason",
                 format!(
                     "(max(nsm_consumer_lag_messages) > bool {}) or on () vector(0)",
                     alerting.max_consumer_lag_messages
@@ -627,6 +637,15 @@ impl Generator<'_> {
             format!(
                 "No nsm target of job {job} is up ({{{{ $labels.instance }}}}). The North Star and its inputs are not measured; business alerts are held back until it is back."
             ),
+        ));
+
+        let mut rule = Rule::alert("KafkaUnreachable", "max(nsm_kafka_brokers_up) == 0");
+        rule.for_seconds = Some(120);
+        rules.push(self.annotate(
+            rule,
+            "critical",
+            "nsm cannot reach Kafka",
+            "No nsm instance is connected to a Kafka broker. Values on /metrics hold their last stored state and are stale; nsm reconnects by itself and resumes where it stopped. Check the brokers and the network (and SASL/SSL settings after a change).".to_string(),
         ));
 
         let mut rule = Rule::alert("NoEvents", "sum(rate(nsm_events_consumed_total[5m])) == 0");

@@ -49,6 +49,10 @@ pub struct Telemetry {
     checkpoint_duration: HistogramVec,
     last_publish: Gauge,
     state_entries_in_memory: IntGauge,
+    restore_duration: GaugeVec,
+    brokers_up: IntGauge,
+    restored_records: IntCounter,
+    changelog_records: IntCounter,
     exported_partitions: std::sync::Mutex<BTreeSet<PartitionKey>>,
 }
 
@@ -216,6 +220,36 @@ impl Telemetry {
             )
             .unwrap_or_else(|e| panic!("{e}")),
         );
+        let restore_duration = gauge_vec(
+            &registry,
+            "nsm_state_restore_duration_seconds",
+            "Time the last take-over of each owned partition spent restoring its state from the changelog (0: the local copy was current).",
+            &["topic", "partition"],
+        );
+        let brokers_up = register(
+            &registry,
+            IntGauge::new(
+                "nsm_kafka_brokers_up",
+                "Kafka brokers the consumer is connected to, from librdkafka's statistics every 5s; 0 while the cluster is unreachable.",
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let restored_records = register(
+            &registry,
+            IntCounter::new(
+                "nsm_state_restored_records_total",
+                "Changelog records read to restore partitions taken over.",
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let changelog_records = register(
+            &registry,
+            IntCounter::new(
+                "nsm_changelog_records_total",
+                "State change records written to the changelog topic, end markers included.",
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
         Telemetry {
             registry,
             metric_value,
@@ -239,6 +273,10 @@ impl Telemetry {
             last_publish,
             state_entries_in_memory,
             exported_partitions: std::sync::Mutex::new(BTreeSet::new()),
+            restore_duration,
+            brokers_up,
+            restored_records,
+            changelog_records,
         }
     }
 
@@ -404,6 +442,31 @@ impl Telemetry {
         self.checkpoint_duration
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .observe(seconds);
+    }
+
+    /// A partition was taken over: its restore took `seconds` and read `records`.
+    pub fn record_restore(&self, key: &PartitionKey, seconds: f64, records: u64) {
+        let partition = key.partition.to_string();
+        self.restore_duration
+            .with_label_values(&[&*key.topic, partition.as_str()])
+            .set(seconds);
+        self.restored_records.inc_by(records);
+    }
+
+    /// A partition was given up: its restore figure goes with it.
+    pub fn forget_restore(&self, key: &PartitionKey) {
+        let partition = key.partition.to_string();
+        let _ = self
+            .restore_duration
+            .remove_label_values(&[&*key.topic, partition.as_str()]);
+    }
+
+    pub fn record_brokers_up(&self, up: usize) {
+        self.brokers_up.set(up as i64);
+    }
+
+    pub fn record_changelog(&self, records: usize) {
+        self.changelog_records.inc_by(records as u64);
     }
 
     /// The text exposition format.

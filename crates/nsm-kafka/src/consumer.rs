@@ -68,6 +68,8 @@ pub trait PartitionHandler: Send + 'static {
     fn tick(&mut self);
     /// Fresh consumer-lag figures.
     fn lag(&mut self, lags: Vec<PartitionLag>);
+    /// How many of the cluster's brokers the consumer is connected to, of those it knows.
+    fn brokers(&mut self, _up: usize, _known: usize) {}
 }
 
 /// Settings of the consumer loop.
@@ -125,7 +127,17 @@ impl<H: PartitionHandler> ClientContext for Context<H> {
                 }
             }
         }
-        self.shared.handler().lag(lags);
+        // Bootstrap entries (node id -1) stand for the configured addresses, not brokers.
+        let brokers = statistics
+            .brokers
+            .values()
+            .filter(|broker| broker.nodeid >= 0);
+        let (known, up) = brokers.fold((0, 0), |(known, up), broker| {
+            (known + 1, up + usize::from(broker.state == "UP"))
+        });
+        let mut handler = self.shared.handler();
+        handler.lag(lags);
+        handler.brokers(up, known);
     }
 
     fn error(&self, error: RdKafkaError, reason: &str) {

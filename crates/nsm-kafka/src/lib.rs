@@ -7,11 +7,13 @@
 //! delivered before the offsets that passed them are checkpointed, and partitions are
 //! checkpointed before they are given up in a rebalance.
 
+mod changelog;
 mod client;
 mod consumer;
 mod dead_letter;
 mod tools;
 
+pub use changelog::{ensure_changelog_topic, ChangelogReader, ChangelogWriter};
 pub use client::ClientSettings;
 pub use consumer::{
     run_consumer, ConsumerOptions, Disposition, HandlerError, PartitionHandler, PartitionLag,

@@ -9,7 +9,11 @@ use rocksdb::{ColumnFamily, IteratorMode, WriteOptions, DB};
 /// Bumped whenever the layout described in the crate doc changes incompatibly. 2: members
 /// carry values (threshold progress, trailing occurrences, funnels, event ids) and are read one
 /// at a time, never loaded whole; `gaps` added; `funnels` and `seen_ids` no longer used.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: metric fingerprints per partition (`fingerprints`), changelog positions in `meta`.
+pub const FORMAT_VERSION: u32 = 3;
+
+/// The one older format this nsm migrates at open (its fingerprints move to each partition).
+pub(crate) const FORMAT_WITH_GLOBAL_FINGERPRINTS: u32 = 2;
 
 pub(crate) const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
@@ -45,16 +49,17 @@ pub enum FormatError {
     },
 }
 
-/// Checks the format version of an opened store; a new, empty store gets the current one.
-/// `data` are the column families that hold state: a store with data there and no version
-/// was not made by nsm.
+/// Checks the format version of an opened store and returns it; a new, empty store gets the
+/// current one. `data` are the column families that hold state: a store with data there and
+/// no version was not made by nsm. [`FORMAT_WITH_GLOBAL_FINGERPRINTS`] is accepted, for the
+/// caller to migrate.
 pub(crate) fn check(
     db: &DB,
     meta: &ColumnFamily,
     data: &[&ColumnFamily],
     write_options: &WriteOptions,
     path: &Path,
-) -> Result<(), FormatError> {
+) -> Result<u32, FormatError> {
     let storage = |source| FormatError::Storage {
         path: path.to_path_buf(),
         source,
@@ -68,14 +73,14 @@ pub(crate) fn check(
                 });
             }
         }
-        return db
-            .put_cf_opt(
-                meta,
-                FORMAT_VERSION_KEY,
-                FORMAT_VERSION.to_be_bytes(),
-                write_options,
-            )
-            .map_err(storage);
+        db.put_cf_opt(
+            meta,
+            FORMAT_VERSION_KEY,
+            FORMAT_VERSION.to_be_bytes(),
+            write_options,
+        )
+        .map_err(storage)?;
+        return Ok(FORMAT_VERSION);
     };
     let found = <[u8; 4]>::try_from(bytes.as_slice())
         .map(u32::from_be_bytes)
@@ -84,8 +89,11 @@ pub(crate) fn check(
             detail: format!("{} bytes where 4 were expected", bytes.len()),
         })?;
     let (path, expected) = (path.to_path_buf(), FORMAT_VERSION);
+    if found == FORMAT_WITH_GLOBAL_FINGERPRINTS {
+        return Ok(found);
+    }
     match found.cmp(&FORMAT_VERSION) {
-        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Equal => Ok(found),
         std::cmp::Ordering::Greater => Err(FormatError::Newer {
             path,
             found,

@@ -6,8 +6,12 @@
 //! without its offsets.
 //!
 //! Layout (column families):
-//! - `meta`: `format_version` → u32 BE; `metric/<name>` → the definition fingerprint.
+//! - `meta`: `format_version` → u32 BE; `changelog/<partition key>` → the next changelog
+//!   offset the local copy of that partition has not read (local only, never sent).
 //! - `partitions`: `<topic> 0x00 <partition i32 BE>` → next offset, max event time, idle floor.
+//! - `fingerprints`: `<partition key> <metric>` → the definition the partition's data of that
+//!   metric was computed with (checked when the partition is taken, see
+//!   [`Store::prepare_adoption`]).
 //! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
 //! - `members`: `<window key> <entry key>` → value: per-entity entries of a window, read one
 //!   at a time (never loaded whole): members of distinct sets (empty value), threshold
@@ -21,7 +25,11 @@
 //!   entries of the namespace named by the empty string, one window per period of the
 //!   horizon (`nsm_core::engine::dedup`). Format 1's `funnels` and `seen_ids` families are
 //!   opened if present and otherwise unused.
+//!
+//! Every family but `meta` is keyed under the partition key, so a partition's state is one
+//! key range in each, and the changelog (see [`changelog`]) carries exactly those families.
 
+pub mod changelog;
 mod codec;
 mod format;
 
@@ -45,6 +53,9 @@ use codec::{
     window_metric_prefix,
 };
 
+pub use changelog::{
+    ChangeRecord, PartitionRecords, PartitionRestore, PreparedWrite, RestoreOutcome,
+};
 pub use format::{FormatError, FORMAT_VERSION};
 
 const CF_META: &str = "meta";
@@ -53,6 +64,7 @@ const CF_WINDOWS: &str = "windows";
 const CF_MEMBERS: &str = "members";
 const CF_SEGMENTS: &str = "segments";
 const CF_GAPS: &str = "gaps";
+const CF_FINGERPRINTS: &str = "fingerprints";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -90,12 +102,15 @@ impl Default for StoreOptions {
     }
 }
 
-/// A metric whose stored windows were dropped at open, and why.
+/// A metric whose stored data in a partition was dropped when the partition was taken, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiscardedMetric {
     pub name: String,
     pub reason: &'static str,
 }
+
+/// A stored key and its value.
+type StoredEntry = (Box<[u8]>, Box<[u8]>);
 
 /// The state store: cheap to clone, safe to share between the pipeline and HTTP threads.
 #[derive(Clone)]
@@ -103,18 +118,15 @@ pub struct Store {
     db: Arc<DB>,
     write_options: Arc<WriteOptions>,
     metric_names: Arc<Vec<String>>,
+    metric_fingerprints: Arc<Vec<String>>,
     metric_index: Arc<HashMap<String, usize>>,
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path` for the metrics of `plan`. Windows of metrics
-    /// whose definition changed since they were written, or that left the config, are
-    /// deleted: they no longer mean what the config says.
-    pub fn open(
-        path: &Path,
-        plan: &Plan,
-        options: &StoreOptions,
-    ) -> Result<(Store, Vec<DiscardedMetric>), StateError> {
+    /// Opens (or creates) the store at `path` for the metrics of `plan`. Data of metrics whose
+    /// definition changed since it was written, or that left the config, is deleted when its
+    /// partition is taken ([`Store::prepare_adoption`]): it no longer means what the config says.
+    pub fn open(path: &Path, plan: &Plan, options: &StoreOptions) -> Result<Store, StateError> {
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
@@ -137,6 +149,7 @@ impl Store {
             CF_MEMBERS,
             CF_SEGMENTS,
             CF_GAPS,
+            CF_FINGERPRINTS,
         ];
         // RocksDB opens a store only with all its families: add any this version does not
         // use, so an older store reaches the format check and its clear message.
@@ -163,6 +176,11 @@ impl Store {
             .iter()
             .map(|metric| metric.name.clone())
             .collect();
+        let metric_fingerprints: Vec<String> = plan
+            .metrics()
+            .iter()
+            .map(|metric| metric.fingerprint())
+            .collect();
         let metric_index = metric_names
             .iter()
             .enumerate()
@@ -172,18 +190,21 @@ impl Store {
             db: Arc::new(db),
             write_options: Arc::new(write_options),
             metric_names: Arc::new(metric_names),
+            metric_fingerprints: Arc::new(metric_fingerprints),
             metric_index: Arc::new(metric_index),
         };
         let data = [CF_PARTITIONS, CF_WINDOWS, CF_MEMBERS].map(|name| store.cf(name));
-        format::check(
+        let found = format::check(
             &store.db,
             store.cf(CF_META),
             &data,
             &store.write_options,
             path,
         )?;
-        let discarded = store.reconcile_metrics(plan)?;
-        Ok((store, discarded))
+        if found == format::FORMAT_WITH_GLOBAL_FINGERPRINTS {
+            store.migrate_fingerprints_to_partitions()?;
+        }
+        Ok(store)
     }
 
     fn cf(&self, name: &'static str) -> &ColumnFamily {
@@ -193,133 +214,184 @@ impl Store {
             .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
     }
 
-    fn reconcile_metrics(&self, plan: &Plan) -> Result<Vec<DiscardedMetric>, StateError> {
+    /// Format 2 kept one fingerprint per metric for the whole store, checked at every open;
+    /// format 3 keeps them per partition, so that they travel with the partition's changelog.
+    fn migrate_fingerprints_to_partitions(&self) -> Result<(), StateError> {
         let meta = self.cf(CF_META);
-        let mut discarded = Vec::new();
         let mut batch = WriteBatch::default();
+        let mut global = Vec::new();
         for item in self.db.prefix_iterator_cf(meta, b"metric/") {
             let (key, value) = item?;
             let Some(name) = key.strip_prefix(b"metric/") else {
                 break;
             };
-            let name = String::from_utf8_lossy(name).into_owned();
-            match plan.metrics().iter().find(|metric| metric.name == name) {
-                None => discarded.push(DiscardedMetric {
-                    name,
-                    reason: "no longer in the config",
-                }),
-                Some(metric) if metric.fingerprint().as_bytes() != &*value => {
-                    discarded.push(DiscardedMetric {
-                        name,
-                        reason: "its definition changed",
-                    })
-                }
-                Some(_) => {}
+            global.push((name.to_vec(), value.to_vec()));
+            batch.delete_cf(meta, &key);
+        }
+        for partition in self.stored_partitions()? {
+            let prefix = partition_prefix(&partition);
+            for (name, fingerprint) in &global {
+                let mut key = prefix.clone();
+                key.extend_from_slice(name);
+                batch.put_cf(self.cf(CF_FINGERPRINTS), key, fingerprint);
             }
         }
-        for metric in &discarded {
-            self.delete_metric_data(&metric.name, &mut batch)?;
-            batch.delete_cf(meta, format!("metric/{}", metric.name));
-        }
-        for metric in plan.metrics() {
-            batch.put_cf(
-                meta,
-                format!("metric/{}", metric.name),
-                metric.fingerprint(),
-            );
-        }
+        batch.put_cf(
+            meta,
+            format::FORMAT_VERSION_KEY,
+            FORMAT_VERSION.to_be_bytes(),
+        );
         self.db.write_opt(batch, &self.write_options)?;
-        Ok(discarded)
-    }
-
-    fn delete_metric_data(&self, name: &str, batch: &mut WriteBatch) -> Result<(), StateError> {
-        for family in [CF_WINDOWS, CF_MEMBERS, CF_SEGMENTS, CF_GAPS] {
-            let cf = self.cf(family);
-            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
-                let (key, _) = item?;
-                let Some((_, rest)) = split_partition_prefix(&key) else {
-                    continue;
-                };
-                if rest.len() > name.len()
-                    && rest.starts_with(name.as_bytes())
-                    && rest[name.len()] == 0
-                {
-                    batch.delete_cf(cf, &key);
-                }
-            }
-        }
         Ok(())
     }
 
-    /// Writes all changes in one atomic batch.
+    /// Deletes the data of metrics that changed or left the config from one partition, and
+    /// stores every configured metric's fingerprint for it.
+    fn reconcile_partition(
+        &self,
+        prefix: &[u8],
+        recorder: &mut changelog::Recorder<'_>,
+    ) -> Result<Vec<DiscardedMetric>, StateError> {
+        let mut stored = HashMap::new();
+        for item in self.entries_under(CF_FINGERPRINTS, prefix) {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            stored.insert(name, value);
+        }
+        let mut discarded = Vec::new();
+        for (name, fingerprint) in &stored {
+            let reason = match self.metric_index.get(name) {
+                None => "no longer in the config",
+                Some(&index) if self.metric_fingerprints[index].as_bytes() != &**fingerprint => {
+                    "its definition changed"
+                }
+                Some(_) => continue,
+            };
+            discarded.push(DiscardedMetric {
+                name: name.clone(),
+                reason,
+            });
+            let start = window_metric_prefix(prefix, name);
+            let end = prefix_successor(&start);
+            for family in [CF_WINDOWS, CF_MEMBERS, CF_SEGMENTS, CF_GAPS] {
+                recorder.delete_range(family, &start, &end)?;
+            }
+            let mut key = prefix.to_vec();
+            key.extend_from_slice(name.as_bytes());
+            recorder.delete(CF_FINGERPRINTS, &key);
+        }
+        for (name, fingerprint) in self
+            .metric_names
+            .iter()
+            .zip(self.metric_fingerprints.iter())
+        {
+            if stored
+                .get(name)
+                .is_some_and(|value| &**value == fingerprint.as_bytes())
+            {
+                continue;
+            }
+            let mut key = prefix.to_vec();
+            key.extend_from_slice(name.as_bytes());
+            recorder.put(CF_FINGERPRINTS, &key, fingerprint.as_bytes());
+        }
+        discarded.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(discarded)
+    }
+
+    /// Writes all changes in one atomic batch (no changelog).
     pub fn write(&self, changes: &ChangeSet) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
-        let partitions = self.cf(CF_PARTITIONS);
-        let windows = self.cf(CF_WINDOWS);
-        let members = self.cf(CF_MEMBERS);
-        let segments = self.cf(CF_SEGMENTS);
-        let gaps = self.cf(CF_GAPS);
-        let mut batch = WriteBatch::default();
+        let prepared = self.prepare(changes, false)?;
+        self.commit(prepared, &[])
+    }
+
+    /// Makes the batch that stores `changes`, and with `changelog` the records of the same
+    /// changes for each partition (see [`changelog`]).
+    pub fn prepare(
+        &self,
+        changes: &ChangeSet,
+        changelog: bool,
+    ) -> Result<PreparedWrite, StateError> {
+        let mut recorder = changelog::Recorder::new(self, changelog);
         for part in &changes.partitions {
             let prefix = partition_prefix(&part.key);
-            batch.put_cf(
-                partitions,
-                &prefix,
-                encode_partition_meta(part.next_offset, part.max_event_ms, part.idle_floor_ms),
-            );
             for upsert in &part.upserts {
                 let key = window_key(&prefix, self.metric_name(upsert.metric), upsert.start_ms);
-                batch.put_cf(
-                    windows,
-                    key,
-                    encode_window_value(upsert.end_ms, upsert.value),
+                recorder.put(
+                    CF_WINDOWS,
+                    &key,
+                    &encode_window_value(upsert.end_ms, upsert.value),
                 );
             }
             for segment in &part.segments {
                 let mut key =
                     window_key(&prefix, self.metric_name(segment.metric), segment.start_ms);
                 key.extend_from_slice(&segment.segment);
-                batch.put_cf(segments, key, encode_window_value(0, segment.value));
+                recorder.put(CF_SEGMENTS, &key, &encode_window_value(0, segment.value));
             }
             for member in &part.members {
                 let mut key = window_key(&prefix, self.metric_name(member.metric), member.start_ms);
                 key.extend_from_slice(&member.member);
-                batch.put_cf(members, key, &member.value);
+                recorder.put(CF_MEMBERS, &key, &member.value);
             }
             for gap in &part.gaps {
                 let mut key = window_key(&prefix, self.metric_name(gap.metric), gap.start_ms);
                 key.extend_from_slice(&codec::encode_i64(gap.previous_ms));
                 if gap.count == 0 {
-                    batch.delete_cf(gaps, key);
+                    recorder.delete(CF_GAPS, &key);
                 } else {
-                    batch.put_cf(gaps, key, gap.count.to_be_bytes());
+                    recorder.put(CF_GAPS, &key, &gap.count.to_be_bytes());
                 }
             }
             // After the puts: entries written for a window deleted in this batch go too.
             for delete in &part.deletes {
                 let key = window_key(&prefix, self.metric_name(delete.metric), delete.start_ms);
                 let end = prefix_successor(&key);
-                batch.delete_range_cf(members, key.as_slice(), end.as_slice());
-                batch.delete_range_cf(segments, key.as_slice(), end.as_slice());
-                batch.delete_range_cf(gaps, key.as_slice(), end.as_slice());
-                batch.delete_cf(windows, key);
+                for family in [CF_MEMBERS, CF_SEGMENTS, CF_GAPS] {
+                    recorder.delete_range(family, &key, &end)?;
+                }
+                recorder.delete(CF_WINDOWS, &key);
             }
             for range in &part.member_range_deletes {
                 let key = window_key(&prefix, self.metric_name(range.metric), range.start_ms);
                 let mut end = key.clone();
                 end.extend_from_slice(&range.before);
-                batch.delete_range_cf(members, key.as_slice(), end.as_slice());
+                recorder.delete_range(CF_MEMBERS, &key, &end)?;
             }
             for expired in &part.windows_before {
                 let name = self.metric_name(expired.metric);
-                batch.delete_range_cf(
-                    members,
-                    window_key(&prefix, name, i64::MIN).as_slice(),
-                    window_key(&prefix, name, expired.before_ms).as_slice(),
-                );
+                recorder.delete_range(
+                    CF_MEMBERS,
+                    &window_key(&prefix, name, i64::MIN),
+                    &window_key(&prefix, name, expired.before_ms),
+                )?;
             }
+            // Last: the partition's offsets and watermark, the end marker of its records.
+            recorder.end_partition(
+                &part.key,
+                &encode_partition_meta(part.next_offset, part.max_event_ms, part.idle_floor_ms),
+            );
+        }
+        Ok(recorder.finish())
+    }
+
+    /// Writes a prepared batch atomically, with the changelog position each partition's
+    /// records reached (`positions`: the next changelog offset, after its end marker).
+    pub fn commit(
+        &self,
+        prepared: PreparedWrite,
+        positions: &[(PartitionKey, i64)],
+    ) -> Result<(), StateError> {
+        let mut batch = prepared.batch;
+        for (partition, position) in positions {
+            batch.put_cf(
+                self.cf(CF_META),
+                changelog::position_key(partition),
+                position.to_be_bytes(),
+            );
         }
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())
@@ -376,6 +448,40 @@ impl Store {
             )
             .map(|item| item.map(|(key, _)| key).map_err(StateError::from))
             .take_while(move |item| item.as_ref().map_or(true, |key| key.starts_with(prefix)))
+    }
+
+    /// The keys and values of a column family that start with `prefix`, in order.
+    fn entries_under<'a>(
+        &'a self,
+        family: &'static str,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = Result<StoredEntry, StateError>> + 'a {
+        self.db
+            .iterator_cf(
+                self.cf(family),
+                IteratorMode::From(prefix, Direction::Forward),
+            )
+            .map(|item| item.map_err(StateError::from))
+            .take_while(move |item| {
+                item.as_ref()
+                    .map_or(true, |(key, _)| key.starts_with(prefix))
+            })
+    }
+
+    /// The stored keys of a column family in `[start, end)`, in order.
+    fn keys_between<'a>(
+        &'a self,
+        family: &'static str,
+        start: &'a [u8],
+        end: &'a [u8],
+    ) -> impl Iterator<Item = Result<Box<[u8]>, StateError>> + 'a {
+        self.db
+            .iterator_cf(
+                self.cf(family),
+                IteratorMode::From(start, Direction::Forward),
+            )
+            .map(|item| item.map(|(key, _)| key).map_err(StateError::from))
+            .take_while(move |item| item.as_ref().map_or(true, |key| &**key < end))
     }
 
     /// The gap histograms of trailing distinct buckets in one partition.

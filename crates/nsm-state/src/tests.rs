@@ -57,6 +57,15 @@ fn options() -> StoreOptions {
     StoreOptions::default()
 }
 
+/// Takes a partition as the pipeline does; the metrics whose data was discarded.
+fn adopt(store: &Store, partition: i32, tail: &[Vec<u8>]) -> Vec<DiscardedMetric> {
+    let (adoption, discarded) = store
+        .prepare_adoption(&key(partition), tail, false)
+        .expect("adopt");
+    store.commit(adoption, &[]).expect("commit");
+    discarded
+}
+
 /// An engine reading stored members from `store`, as the pipeline runs it.
 fn engine_on(store: &Store, plan: &Plan) -> Engine {
     Engine::with_reader(plan.clone(), Box::new(store.clone()), 1024)
@@ -66,8 +75,7 @@ fn engine_on(store: &Store, plan: &Plan) -> Engine {
 fn written_changes_restore_the_same_values_after_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = plan_from(CONFIG);
-    let (store, discarded) = Store::open(dir.path(), &plan, &options()).expect("open");
-    assert!(discarded.is_empty());
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
     let mut engine = engine_on(&store, &plan);
     for partition in [0, 1] {
         engine.restore_partition(
@@ -93,7 +101,7 @@ fn written_changes_restore_the_same_values_after_reopen() {
     // The engine reads members through the store: close both.
     drop((store, engine));
 
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
     assert_eq!(
         store.stored_partitions().expect("partitions"),
         vec![key(0), key(1)]
@@ -137,7 +145,9 @@ fn written_changes_restore_the_same_values_after_reopen() {
 fn changed_metric_definitions_discard_only_that_metric() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = plan_from(CONFIG);
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    // Taking a partition stores the definitions its data is computed with.
+    assert!(adopt(&store, 0, &[]).is_empty());
     let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), PartitionSnapshot::default());
     feed(
@@ -152,7 +162,8 @@ fn changed_metric_definitions_discard_only_that_metric() {
 
     let changed = CONFIG.replace("window = \"1h\"", "window = \"1d\"");
     let changed_plan = plan_from(&changed);
-    let (store, discarded) = Store::open(dir.path(), &changed_plan, &options()).expect("reopen");
+    let store = Store::open(dir.path(), &changed_plan, &options()).expect("reopen");
+    let discarded = adopt(&store, 0, &[]);
     assert_eq!(
         discarded,
         vec![DiscardedMetric {
@@ -174,7 +185,7 @@ fn changed_metric_definitions_discard_only_that_metric() {
 fn expired_windows_are_deleted_with_their_members() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = plan_from(CONFIG);
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
     let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), PartitionSnapshot::default());
     feed(&mut engine, 0, 0, &[event("message_sent", "ana", 1)]);
@@ -201,7 +212,7 @@ fn expired_windows_are_deleted_with_their_members() {
 fn an_incompatible_format_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = plan_from(CONFIG);
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
     store
         .db
         .put_cf(
@@ -217,7 +228,8 @@ fn an_incompatible_format_is_refused_with_a_clear_error() {
         .expect("refused");
     let message = error.to_string();
     assert!(
-        message.contains("format 99") && message.contains("reads format 2"),
+        message.contains("format 99")
+            && message.contains(&format!("reads format {FORMAT_VERSION}")),
         "{message}"
     );
 }
@@ -243,7 +255,7 @@ fn with_id(id: &str, minutes: i64) -> Vec<u8> {
 fn event_ids_within_the_horizon_survive_a_reopen_and_expired_ones_are_deleted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plan = plan_from(&CONFIG.replace("[time]", "[events]\ndedup_horizon = \"10m\"\n[time]"));
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
     let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
     feed(&mut engine, 0, 0, &[with_id("a", 0), with_id("b", 15)]);
@@ -255,7 +267,7 @@ fn event_ids_within_the_horizon_survive_a_reopen_and_expired_ones_are_deleted() 
     // The engine reads members through the store: close both.
     drop((store, engine));
 
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
     let period_of = |minutes: i64| {
         let time = NOW - 3_600_000 + minutes * 60_000;
         time.div_euclid(600_000) * 600_000
@@ -290,7 +302,7 @@ fn conversion_funnels_survive_a_reopen_so_a_late_start_still_converts() {
     );
     let plan = plan_from(&text);
     let conversion = plan.metric_index("paid_after_messaging").expect("metric");
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
     let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
     // Ana pays at minute 20 before any message of hers has arrived.
@@ -299,7 +311,7 @@ fn conversion_funnels_survive_a_reopen_so_a_late_start_still_converts() {
     // The engine reads members through the store: close both.
     drop((store, engine));
 
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
     let mut restored = engine_on(&store, &plan);
     restored.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
     // Her message from minute 5 arrives late: the stored pending payment converts.
@@ -326,7 +338,7 @@ fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
     let plan = plan_from(&config);
     let trailing = plan.metric_index("users_2h").expect("trailing metric");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("open");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
     let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), PartitionSnapshot::default());
     // Ana twice, bo once, in the last hour.
@@ -345,7 +357,7 @@ fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
     assert_eq!(expected[trailing].current.value, AggValue::Distinct(2));
     drop((store, engine));
 
-    let (store, _) = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
     let mut restored = engine_on(&store, &plan);
     restored.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
     assert_eq!(restored.metric_values(NOW), expected);
@@ -363,4 +375,266 @@ fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
         restored.metric_values(NOW)[trailing].current.value,
         AggValue::Distinct(3)
     );
+}
+
+/// A changelog partition as a list of (offset, key, value), appended in send order.
+#[derive(Default)]
+struct Topic(Vec<(i64, Vec<u8>, Option<Vec<u8>>)>);
+
+impl Topic {
+    fn append(&mut self, record: &ChangeRecord) {
+        let offset = self.0.len() as i64;
+        self.0
+            .push((offset, record.key.clone(), record.value.clone()));
+    }
+
+    /// Sends a prepared write as the pipeline does (records, then the end marker) and returns
+    /// the positions to commit with it.
+    fn send(&mut self, prepared: &PreparedWrite) -> Vec<(PartitionKey, i64)> {
+        prepared
+            .partitions
+            .iter()
+            .map(|partition| {
+                partition.records.iter().for_each(|r| self.append(r));
+                self.append(&partition.end);
+                (partition.partition.clone(), self.0.len() as i64)
+            })
+            .collect()
+    }
+
+    /// What log compaction keeps: the last record of each key, in offset order.
+    fn compacted(&self) -> Topic {
+        let mut last = HashMap::new();
+        for (offset, key, _) in &self.0 {
+            last.insert(key.clone(), *offset);
+        }
+        Topic(
+            self.0
+                .iter()
+                .filter(|(offset, key, _)| last[key] == *offset)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+/// Everything a store holds for a partition, family by family.
+fn dump(store: &Store, partition: i32) -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    let prefix = partition_prefix(&key(partition));
+    let mut out = Vec::new();
+    for (_, family) in changelog::FAMILIES {
+        for item in store.entries_under(family, &prefix) {
+            let (stored_key, value) = item.expect("read");
+            out.push((family, stored_key.to_vec(), value.to_vec()));
+        }
+    }
+    out
+}
+
+fn restore(store: &Store, topic: &Topic, from: i64) -> RestoreOutcome {
+    let mut restore = PartitionRestore::new(store, &key(0), from);
+    for (offset, record_key, value) in topic.0.iter().filter(|r| r.0 >= from) {
+        restore
+            .record(*offset, record_key, value.as_deref())
+            .expect("apply");
+    }
+    restore.finish().expect("finish")
+}
+
+/// Runs a stream through an engine on `store`, sending every checkpoint to `topic`: a day
+/// of events, then one 40 days later that expires the first day's windows and members.
+fn run_with_changelog(store: &Store, plan: &Plan, topic: &mut Topic) {
+    let (adoption, _) = store.prepare_adoption(&key(0), &[], false).expect("adopt");
+    let positions = topic.send(&adoption);
+    store.commit(adoption, &positions).expect("commit");
+    let mut engine = engine_on(store, plan);
+    engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    let users = ["ana", "bo", "cy", "di"];
+    for round in 0..3 {
+        let events: Vec<Vec<u8>> = users
+            .iter()
+            .map(|user| event("message_sent", user, round * 10))
+            .chain([event("payment", "ana", round * 10 + 1)])
+            .collect();
+        feed(&mut engine, 0, round * 5, &events);
+        let prepared = store
+            .prepare(&engine.take_changes(), true)
+            .expect("prepare");
+        let positions = topic.send(&prepared);
+        store.commit(prepared, &positions).expect("commit");
+    }
+    let later = NOW + 40 * 86_400_000;
+    let payload = format!(r#"{{"event":"message_sent","user_id":"eve","timestamp":{later}}}"#);
+    engine.apply(&key(0), 15, payload.as_bytes(), later);
+    let prepared = store
+        .prepare(&engine.take_changes(), true)
+        .expect("prepare");
+    let positions = topic.send(&prepared);
+    store.commit(prepared, &positions).expect("commit");
+}
+
+#[test]
+fn a_partition_restored_from_its_changelog_equals_the_store_that_wrote_it() {
+    let plan = plan_from(CONFIG);
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let original = Store::open(dirs[0].path(), &plan, &options()).expect("open");
+    let mut topic = Topic::default();
+    run_with_changelog(&original, &plan, &mut topic);
+    assert_eq!(
+        original.stored_member_count(&key(0)).expect("count"),
+        1,
+        "only eve is left"
+    );
+    let tombstones = topic.0.iter().filter(|r| r.2.is_none()).count();
+    assert!(
+        tombstones >= 4,
+        "the expired members are deleted in the changelog too"
+    );
+
+    for (dir, topic) in [(&dirs[1], &topic), (&dirs[2], &topic.compacted())] {
+        let copy = Store::open(dir.path(), &plan, &options()).expect("open");
+        let RestoreOutcome::Restored { tail, .. } = restore(&copy, topic, 0) else {
+            panic!("a small changelog restores in one pass");
+        };
+        assert!(tail.is_empty());
+        assert_eq!(dump(&copy, 0), dump(&original, 0));
+        assert_eq!(
+            copy.changelog_position(&key(0)).expect("position"),
+            Some(topic.0.last().expect("records").0 + 1)
+        );
+    }
+}
+
+#[test]
+fn an_unfinished_write_is_never_restored_and_the_next_owner_reverts_it() {
+    let plan = plan_from(CONFIG);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let original = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut topic = Topic::default();
+    run_with_changelog(&original, &plan, &mut topic);
+    let whole = dump(&original, 0);
+    let finished = topic.0.len() as i64;
+
+    // A write that stopped half-way: some records, no end marker, nothing stored locally.
+    let mut engine = engine_on(&original, &plan);
+    engine.restore_partition(key(0), original.load_partition(&key(0)).expect("load"));
+    let later = NOW + 40 * 86_400_000 + 60_000;
+    let events: Vec<Vec<u8>> = ["fay", "gus", "eve"]
+        .iter()
+        .map(|user| {
+            format!(r#"{{"event":"message_sent","user_id":"{user}","timestamp":{later}}}"#)
+                .into_bytes()
+        })
+        .collect();
+    for (index, payload) in events.iter().enumerate() {
+        engine.apply(&key(0), 16 + index as i64, payload, later);
+    }
+    let unfinished = original
+        .prepare(&engine.take_changes(), true)
+        .expect("prepare");
+    for record in &unfinished.partitions[0].records {
+        topic.append(record);
+    }
+
+    // The next owner restores the finished writes only, and its first write reverts the rest.
+    let next_dir = tempfile::tempdir().expect("tempdir");
+    let next = Store::open(next_dir.path(), &plan, &options()).expect("open");
+    let RestoreOutcome::Restored { tail, .. } = restore(&next, &topic, 0) else {
+        panic!("one pass");
+    };
+    assert_eq!(tail.len(), unfinished.partitions[0].records.len());
+    assert_eq!(dump(&next, 0), whole);
+    assert_eq!(
+        next.changelog_position(&key(0)).expect("position"),
+        Some(finished)
+    );
+    let (adoption, _) = next.prepare_adoption(&key(0), &tail, false).expect("adopt");
+    let positions = topic.send(&adoption);
+    next.commit(adoption, &positions).expect("commit");
+
+    // From the start, compacted or not, the changelog now reads as the finished state.
+    for topic in [&topic, &topic.compacted()] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let third = Store::open(dir.path(), &plan, &options()).expect("open");
+        let RestoreOutcome::Restored { tail, .. } = restore(&third, topic, 0) else {
+            panic!("one pass");
+        };
+        assert!(tail.is_empty());
+        assert_eq!(dump(&third, 0), whole);
+    }
+    // The original instance, restarting from its own position, catches up the same way.
+    let RestoreOutcome::Restored { tail, .. } = restore(&original, &topic, finished) else {
+        panic!("one pass");
+    };
+    assert!(tail.is_empty());
+    assert_eq!(dump(&original, 0), whole);
+}
+
+#[test]
+fn a_metric_that_changed_is_deleted_from_the_changelog_too() {
+    let plan = plan_from(CONFIG);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let original = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut topic = Topic::default();
+    run_with_changelog(&original, &plan, &mut topic);
+    drop(original);
+
+    let changed_plan = plan_from(&CONFIG.replace("window = \"1h\"", "window = \"1d\""));
+    let store = Store::open(dir.path(), &changed_plan, &options()).expect("reopen");
+    let (adoption, discarded) = store.prepare_adoption(&key(0), &[], false).expect("adopt");
+    assert_eq!(discarded.len(), 1, "{discarded:?}");
+    let positions = topic.send(&adoption);
+    store.commit(adoption, &positions).expect("commit");
+
+    let copy_dir = tempfile::tempdir().expect("tempdir");
+    let copy = Store::open(copy_dir.path(), &changed_plan, &options()).expect("open");
+    restore(&copy, &topic.compacted(), 0);
+    assert_eq!(dump(&copy, 0), dump(&store, 0));
+    let (_, discarded) = copy.prepare_adoption(&key(0), &[], false).expect("adopt");
+    assert!(
+        discarded.is_empty(),
+        "the restored copy already has the new definition"
+    );
+}
+
+#[test]
+fn a_format_2_store_gets_its_metric_definitions_per_partition() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = plan_from(CONFIG);
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    feed(&mut engine, 0, 0, &[event("message_sent", "ana", 1)]);
+    store.write(&engine.take_changes()).expect("write");
+    // Format 2 kept one fingerprint per metric in `meta`, none per partition.
+    let mut batch = WriteBatch::default();
+    for metric in plan.metrics() {
+        batch.put_cf(
+            store.cf(CF_META),
+            format!("metric/{}", metric.name),
+            metric.fingerprint(),
+        );
+    }
+    batch.put_cf(
+        store.cf(CF_META),
+        format::FORMAT_VERSION_KEY,
+        2u32.to_be_bytes(),
+    );
+    store.db.write(batch).expect("write");
+    drop((store, engine));
+
+    let store = Store::open(dir.path(), &plan, &options()).expect("migrated");
+    assert!(
+        adopt(&store, 0, &[]).is_empty(),
+        "the definitions carried over: nothing discarded"
+    );
+    assert_eq!(store.stored_member_count(&key(0)).expect("count"), 1);
+    let version = store
+        .db
+        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
+        .expect("read")
+        .expect("version");
+    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
 }

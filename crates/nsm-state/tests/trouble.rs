@@ -74,7 +74,7 @@ fn store_messages(store: &Store, count: usize) -> Engine {
 
 /// The restored value of the distinct metric, and the partition's next offset.
 fn restored(path: &Path) -> (AggValue, Option<i64>) {
-    let (store, _) = Store::open(path, &plan(), &options()).expect("reopen");
+    let store = Store::open(path, &plan(), &options()).expect("reopen");
     let mut engine = Engine::new(plan());
     engine.restore_partition(key(), store.load_partition(&key()).expect("load"));
     (
@@ -104,14 +104,17 @@ fn refusal(path: &Path) -> String {
 #[test]
 fn a_newer_format_is_refused_with_what_to_do() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path(), &plan(), &options()).expect("open");
+    let store = Store::open(dir.path(), &plan(), &options()).expect("open");
     store_messages(&store, 3);
     drop(store);
     set_format_version(dir.path(), Some(&(FORMAT_VERSION + 1).to_be_bytes()));
     let message = refusal(dir.path());
     for part in [
         &dir.path().display().to_string(),
-        "written by a newer nsm, in state format 2; this nsm reads format 1",
+        &format!(
+            "written by a newer nsm, in state format {}; this nsm reads format {FORMAT_VERSION}",
+            FORMAT_VERSION + 1
+        ),
         "Run the nsm version that wrote it",
         "reset the consumer group's offsets to the earliest",
     ] {
@@ -126,7 +129,9 @@ fn an_older_or_unreadable_format_is_refused() {
     set_format_version(dir.path(), Some(&0u32.to_be_bytes()));
     let message = refusal(dir.path());
     assert!(
-        message.contains("in state format 0, which this nsm (format 1) cannot read or migrate"),
+        message.contains(&format!(
+            "in state format 0, which this nsm (format {FORMAT_VERSION}) cannot read or migrate"
+        )),
         "{message}"
     );
     set_format_version(dir.path(), Some(b"v1"));
@@ -140,7 +145,7 @@ fn an_older_or_unreadable_format_is_refused() {
 #[test]
 fn stored_data_without_a_format_version_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path(), &plan(), &options()).expect("open");
+    let store = Store::open(dir.path(), &plan(), &options()).expect("open");
     store_messages(&store, 1);
     drop(store);
     set_format_version(dir.path(), None);
@@ -158,7 +163,7 @@ fn stored_data_without_a_format_version_is_refused() {
 #[test]
 fn a_garbled_current_file_fails_to_open_with_the_path() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path(), &plan(), &options()).expect("open");
+    let store = Store::open(dir.path(), &plan(), &options()).expect("open");
     store_messages(&store, 3);
     drop(store);
     std::fs::write(dir.path().join("CURRENT"), b"\x00garbage\xff").expect("garble");
@@ -188,7 +193,7 @@ fn table_files(path: &Path) -> Vec<PathBuf> {
 #[test]
 fn garbage_in_the_table_files_is_an_error_never_other_numbers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path(), &plan(), &options()).expect("open");
+    let store = Store::open(dir.path(), &plan(), &options()).expect("open");
     store_messages(&store, 20);
     drop(store);
     assert_eq!(restored(dir.path()), (AggValue::Distinct(20), Some(20)));
@@ -205,7 +210,7 @@ fn garbage_in_the_table_files_is_an_error_never_other_numbers() {
         bytes[middle / 4..end].fill(0x5a);
         std::fs::write(file, bytes).expect("garble");
     }
-    let result = Store::open(dir.path(), &plan(), &options()).and_then(|(store, _)| {
+    let result = Store::open(dir.path(), &plan(), &options()).and_then(|store| {
         store.load_partition(&key())?;
         Ok(store)
     });
@@ -308,7 +313,7 @@ fn a_full_disk_fails_the_write_and_keeps_the_last_complete_batch() {
     let Some(mount) = Tmpfs::mount(&state, "size=1m") else {
         return;
     };
-    let (store, _) = Store::open(&state, &plan(), &options()).expect("open on the small disk");
+    let store = Store::open(&state, &plan(), &options()).expect("open on the small disk");
     let mut engine = Engine::new(plan());
     engine.restore_partition(key(), store.load_partition(&key()).expect("load"));
     // Messages of 50 KiB user ids, one write each, until the disk is full.

@@ -56,11 +56,16 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .first()
         .cloned()
         .ok_or_else(|| anyhow!("the demo config names no topic"))?;
-    let cluster = nsm_kafka::mock::start(&[
+    // The mock broker cannot create topics through the admin API: nsm's own are made here.
+    let mut topics = vec![
         (topic.as_str(), args.partitions),
         (config.kafka.dead_letter_topic.as_str(), 1),
-    ])
-    .context("cannot start the in-process Kafka broker")?;
+    ];
+    if let Some(changelog) = &config.state.changelog_topic {
+        topics.push((changelog.as_str(), args.partitions));
+    }
+    let cluster =
+        nsm_kafka::mock::start(&topics).context("cannot start the in-process Kafka broker")?;
     // The embedded broker starts empty every time, so the state must too: stored offsets of
     // an earlier run would point past the new topic's end.
     let state_dir = tempfile::Builder::new()

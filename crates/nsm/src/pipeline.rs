@@ -1,9 +1,10 @@
 //! The pipeline behind the consumer: the core engine, the state store and the exposition,
 //! wired together. It implements the Kafka crate's `PartitionHandler`.
 //!
-//! Order of effects at each checkpoint: changes are written to RocksDB (state and offsets in
-//! one batch), and only then are values published to `/metrics` and offsets committed to the
-//! group. What `/metrics` shows has therefore always been made durable first.
+//! Order of effects at each checkpoint: changes are sent to the changelog topic (when there is
+//! one) and acknowledged, then written to RocksDB (state and offsets in one batch), and only
+//! then are values published to `/metrics` and offsets committed to the group. What
+//! `/metrics` shows has therefore always been made durable first.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -17,6 +18,8 @@ use nsm_http::{BatchCounts, Published, Readiness, Telemetry};
 use nsm_kafka::{DeadLetterStats, Disposition, HandlerError, PartitionHandler, PartitionLag};
 use nsm_state::Store;
 use tracing::{error, info, warn};
+
+use crate::changelog::Changelog;
 
 /// How many event latencies to keep between publishes; beyond, every n-th is kept.
 const MAX_LATENCY_SAMPLES: usize = 50_000;
@@ -33,6 +36,9 @@ pub fn wall_clock_ms() -> i64 {
 pub struct Pipeline {
     engine: Engine,
     store: Store,
+    changelog: Option<Changelog>,
+    /// Whether the last statistics showed a connected broker (to log changes only).
+    kafka_reachable: bool,
     /// Set when stored state could not be read: nothing more is stored, the consumer stops.
     read_failure: Option<String>,
     telemetry: Arc<Telemetry>,
@@ -57,6 +63,7 @@ const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct PipelineParts {
     pub plan: Plan,
     pub store: Store,
+    pub changelog: Option<Changelog>,
     pub telemetry: Arc<Telemetry>,
     pub published: Arc<RwLock<Published>>,
     pub readiness: Arc<Readiness>,
@@ -74,6 +81,8 @@ impl Pipeline {
                 DEFAULT_MEMBER_CACHE,
             ),
             store: parts.store,
+            changelog: parts.changelog,
+            kafka_reachable: true,
             read_failure: None,
             telemetry: parts.telemetry,
             published: parts.published,
@@ -99,16 +108,74 @@ impl Pipeline {
             return Err(HandlerError(failure.clone()));
         }
         let changes = self.engine.take_changes();
+        if changes.is_empty() {
+            return Ok(());
+        }
         let started = Instant::now();
-        let result = self.store.write(&changes);
+        let with_records = self.changelog.is_some();
+        let result = self.write(|store| Ok((store.prepare(&changes, with_records)?, ())));
         self.telemetry
             .record_checkpoint(started.elapsed().as_secs_f64(), result.is_ok());
-        if let Err(state_error) = result {
-            error!(error = %state_error, "cannot write state; stopping so nothing is shown that is not stored");
-            self.readiness
-                .set_not_ready(format!("state write failed: {state_error}"));
-            return Err(HandlerError(state_error.to_string()));
+        result.map(|_| ())
+    }
+
+    /// Makes a write, sends it to the changelog and stores it: the one path of every state
+    /// change. A failure stops nsm, so nothing is shown that is not stored.
+    fn write<T>(
+        &mut self,
+        prepare: impl FnOnce(&Store) -> Result<(nsm_state::PreparedWrite, T), nsm_state::StateError>,
+    ) -> Result<T, HandlerError> {
+        let result = prepare(&self.store)
+            .map_err(|error| format!("state write failed: {error}"))
+            .and_then(|(prepared, extra)| {
+                let positions = match &self.changelog {
+                    Some(changelog) => {
+                        let positions = changelog.send(&prepared)?;
+                        self.telemetry.record_changelog(prepared.record_count());
+                        positions
+                    }
+                    None => Vec::new(),
+                };
+                self.store
+                    .commit(prepared, &positions)
+                    .map_err(|error| format!("state write failed: {error}"))?;
+                Ok(extra)
+            });
+        result.map_err(|message| {
+            error!(error = %message, "cannot write state; stopping so nothing is shown that is not stored");
+            self.readiness.set_not_ready(message.clone());
+            HandlerError(message)
+        })
+    }
+
+    /// Brings a partition's stored state up to date before it is loaded: restored from the
+    /// changelog when another instance wrote it since, an unfinished write reverted, data of
+    /// changed metrics dropped.
+    fn adopt(&mut self, key: &PartitionKey) -> Result<(), HandlerError> {
+        let started = Instant::now();
+        let restored = match &self.changelog {
+            Some(changelog) => changelog.restore(&self.store, key).map_err(|message| {
+                self.readiness.set_not_ready(message.clone());
+                HandlerError(message)
+            })?,
+            None => Default::default(),
+        };
+        let crate::changelog::Restored {
+            tail,
+            seed,
+            records,
+        } = restored;
+        let discarded = self.write(|store| store.prepare_adoption(key, &tail, seed))?;
+        for metric in discarded {
+            warn!(partition = %key, metric = %metric.name, reason = metric.reason,
+                  "stored data of this metric was discarded");
         }
+        let seconds = started.elapsed().as_secs_f64();
+        if records > 0 || !tail.is_empty() || seed {
+            info!(partition = %key, records, unfinished_reverted = tail.len(), seeded = seed,
+                  elapsed_ms = (seconds * 1000.0) as u64, "partition restored from the changelog");
+        }
+        self.telemetry.record_restore(key, seconds, records);
         Ok(())
     }
 
@@ -164,7 +231,12 @@ impl Pipeline {
 impl PartitionHandler for Pipeline {
     fn assigned(&mut self, partitions: &[PartitionKey]) -> Result<Vec<Option<i64>>, HandlerError> {
         let mut offsets = Vec::with_capacity(partitions.len());
+        self.readiness.set_not_ready(format!(
+            "restoring the state of {} assigned partition(s)",
+            partitions.len()
+        ));
         for key in partitions {
+            self.adopt(key)?;
             let started = Instant::now();
             let snapshot = self.store.load_partition(key).map_err(|state_error| {
                 self.readiness
@@ -189,6 +261,7 @@ impl PartitionHandler for Pipeline {
         for key in partitions {
             self.engine.remove_partition(key);
             self.last_message.remove(key);
+            self.telemetry.forget_restore(key);
         }
         self.publish();
         Ok(())
@@ -284,6 +357,22 @@ impl PartitionHandler for Pipeline {
             self.last_idle_check = Instant::now();
             self.advance_idle_partitions();
         }
+    }
+
+    fn brokers(&mut self, up: usize, known: usize) {
+        let reachable = up > 0 || known == 0;
+        if reachable != self.kafka_reachable {
+            if reachable {
+                info!(up, known, "Kafka reachable again");
+            } else {
+                warn!(
+                    known,
+                    "no Kafka broker reachable: values hold and are stale until one returns"
+                );
+            }
+            self.kafka_reachable = reachable;
+        }
+        self.telemetry.record_brokers_up(up);
     }
 
     fn lag(&mut self, lags: Vec<PartitionLag>) {

@@ -15,6 +15,7 @@ use nsm_state::{Store, StoreOptions};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::changelog::Changelog;
 use crate::pipeline::{Pipeline, PipelineParts};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -78,7 +79,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
             config.state.path.display()
         )
     })?;
-    let (store, discarded) = Store::open(
+    let store = Store::open(
         &config.state.path,
         &plan,
         &StoreOptions {
@@ -86,9 +87,6 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
             ..StoreOptions::default()
         },
     )?;
-    for metric in discarded {
-        warn!(metric = %metric.name, reason = metric.reason, "stored windows of this metric were discarded");
-    }
     info!(path = %config.state.path.display(), metrics = plan.metrics().len(), zone = plan.calendar().zone_name(), "state opened");
 
     let telemetry = Arc::new(Telemetry::new(&plan, VERSION));
@@ -131,6 +129,21 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     runtime.spawn(stop_on_signal(stop.clone()));
 
     ensure_dead_letter_topic(&config)?;
+    let changelog = match &config.state.changelog_topic {
+        Some(topic) => {
+            ensure_changelog_topic(&config, topic)?;
+            info!(topic = %topic, "state changes go to the changelog topic; partitions taken over are restored from it");
+            Some(Changelog::new(
+                &client_settings(&config),
+                topic,
+                stop.clone(),
+            )?)
+        }
+        None => {
+            warn!("state.changelog = false: a partition that moves to another instance starts from empty state there; run one instance only");
+            None
+        }
+    };
     let options = ConsumerOptions {
         client: client_settings(&config),
         topics: config.kafka.topics.clone(),
@@ -141,6 +154,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     let pipeline = Pipeline::new(PipelineParts {
         plan,
         store,
+        changelog,
         telemetry,
         published,
         readiness: readiness.clone(),
@@ -214,6 +228,20 @@ fn ensure_dead_letter_topic(config: &Config) -> Result<()> {
         }
         None => Err(anyhow!("the dead-letter topic {topic:?} (kafka.dead_letter_topic) does not exist and cannot be created; create it")),
     }
+}
+
+/// The changelog needs a partition for every input partition number: as many as the input
+/// topic with the most.
+fn ensure_changelog_topic(config: &Config, topic: &str) -> Result<()> {
+    let settings = client_settings(config);
+    let mut partitions = 1;
+    for input in &config.kafka.topics {
+        if let Some(count) = nsm_kafka::topic_partition_count(&settings, input)? {
+            partitions = partitions.max(count);
+        }
+    }
+    nsm_kafka::ensure_changelog_topic(&settings, topic, partitions)?;
+    Ok(())
 }
 
 /// Sets `stop` on the first SIGINT or SIGTERM.

@@ -1,6 +1,7 @@
 //! Integration through librdkafka's in-process mock cluster: the real nsm binary consumes a
 //! known stream through the real client path, exports exact values, dead-letters bad events,
-//! and after a graceful stop and restart neither loses nor double-counts anything.
+//! and after a graceful stop and restart, or the loss of its state directory (restored from
+//! the changelog), neither loses nor double-counts anything.
 
 mod common;
 
@@ -15,6 +16,10 @@ fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart(
     let topic = "events";
     cluster.create_topic(topic, 3, 1).expect("topic");
     cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
+    // The mock cluster cannot create topics through the admin API.
+    cluster
+        .create_topic("nsm-mock-changelog", 3, 1)
+        .expect("changelog topic");
     let brokers = cluster.bootstrap_servers();
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -177,6 +182,28 @@ fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart(
         },
     );
     assert_values(&samples, &stream);
+
+    // The state directory is lost: a fresh one is restored from the changelog topic, offsets
+    // included, so nothing is counted twice or missed.
+    let status = nsm.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{}", nsm.log_text());
+    std::fs::rename(dir.path().join("state"), dir.path().join("state-lost")).expect("move");
+    let mut nsm = run(dir.path());
+    let samples = wait_for(
+        "values restored from the changelog",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (samples.get("nsm_partitions_owned").copied()? == 3.0).then_some(samples)
+        },
+    );
+    assert_values(&samples, &stream);
+    assert!(
+        samples.get("nsm_state_restored_records_total").copied() > Some(0.0),
+        "restored from the changelog: {}",
+        nsm.log_text()
+    );
 
     // New events after the restart add exactly once.
     let more = dir.path().join("more.jsonl");

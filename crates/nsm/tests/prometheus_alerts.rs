@@ -236,6 +236,10 @@ fn start(flat: bool) -> Setup {
     // One partition: one watermark, so every window closes exactly when the replay crosses it.
     cluster.create_topic(topic, 1, 1).expect("topic");
     cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
+    // The mock cluster cannot create topics through the admin API.
+    cluster
+        .create_topic("nsm-prometheus-changelog", 1, 1)
+        .expect("changelog topic");
     let brokers = cluster.bootstrap_servers();
 
     let dir = tempfile::tempdir().expect("tempdir");

@@ -70,6 +70,10 @@ fn kafka_secrets_from_the_environment_and_files_never_appear_in_logs_or_errors()
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("events", 2, 1).expect("topic");
     cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
+    // The mock cluster cannot create topics through the admin API.
+    cluster
+        .create_topic("nsm-secrets-changelog", 2, 1)
+        .expect("changelog topic");
     let brokers = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().expect("tempdir");
 
@@ -363,6 +367,9 @@ fn https_with_basic_auth_serves_only_authenticated_clients_and_a_real_prometheus
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("events", 1, 1).expect("topic");
     cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
+    cluster
+        .create_topic("nsm-tls-changelog", 1, 1)
+        .expect("changelog topic");
     let brokers = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().expect("tempdir");
 

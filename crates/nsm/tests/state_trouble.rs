@@ -48,8 +48,12 @@ fn a_state_directory_from_a_newer_nsm_is_refused_at_start_with_what_to_do() {
         .expect("nsm run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let newer = format!(
+        "written by a newer nsm, in state format 7; this nsm reads format {}",
+        nsm_state::FORMAT_VERSION
+    );
     for part in [
-        "written by a newer nsm, in state format 7; this nsm reads format 1",
+        newer.as_str(),
         "reset the consumer group's offsets to the earliest",
     ] {
         assert!(stderr.contains(part), "{part:?} not in: {stderr}");
@@ -71,6 +75,10 @@ fn a_full_disk_stops_nsm_and_a_restart_with_room_loses_and_double_counts_nothing
     let topic = "events";
     cluster.create_topic(topic, 1, 1).expect("topic");
     cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
+    // The mock cluster cannot create topics through the admin API.
+    cluster
+        .create_topic("nsm-full-disk-changelog", 1, 1)
+        .expect("changelog topic");
     let brokers = cluster.bootstrap_servers();
 
     // 40 messages of 40 users with 100 KiB ids: each id is stored as a distinct member, so
@@ -163,7 +171,9 @@ fn a_full_disk_stops_nsm_and_a_restart_with_room_loses_and_double_counts_nothing
     }
 
     // Room again: the restart resumes from the last complete write (at least the first 8
-    // messages) and counts each event once.
+    // messages) and counts each event once. The changelog may be ahead of the failed local
+    // write (it is written first): the restart then restores the rest from it and has
+    // nothing left to consume.
     disk.remount("size=64m");
     let mut nsm = run();
     let samples = wait_for(
@@ -172,9 +182,7 @@ fn a_full_disk_stops_nsm_and_a_restart_with_room_loses_and_double_counts_nothing
         Some(&nsm),
         || {
             let samples = scrape(port)?;
-            (consumed_total(&samples) > 0.0
-                && metric_value(&samples, "messages_sent", "current")? >= users as f64)
-                .then_some(samples)
+            (metric_value(&samples, "messages_sent", "current")? >= users as f64).then_some(samples)
         },
     );
     std::thread::sleep(Duration::from_secs(1));

@@ -77,6 +77,9 @@ pub struct StateConfig {
     pub retention_ms: i64,
     pub flush_interval: Duration,
     pub sync_writes: bool,
+    /// The compacted topic every state change is also written to, from which the instance a
+    /// partition moves to restores it; `None` when `state.changelog = false`.
+    pub changelog_topic: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -81,6 +81,8 @@ pub struct RawState {
     pub retention: Option<String>,
     pub flush_interval: Option<String>,
     pub sync_writes: Option<bool>,
+    pub changelog: Option<bool>,
+    pub changelog_topic: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -504,3 +504,35 @@ fn http_security_problems_are_listed_and_a_plaintext_password_is_never_echoed() 
     let errors = errors_of(&format!("{HTTP_BASE}[http.basic_auth]\nusers = {{}}\n"));
     assert_eq!(errors[0].0, "http.basic_auth.users");
 }
+
+#[test]
+fn the_changelog_is_on_by_default_and_named_after_the_group() {
+    let minimal = |state: &str| {
+        format!(
+            "[kafka]\nbrokers = \"b:9092\"\ntopics = [\"events\"]\ngroup_id = \"metrics\"\n\
+             [state]\n{state}\n[north_star]\nname = \"n\"\nkind = \"count\"\nwindow = \"1d\"\n"
+        )
+    };
+    let config = Config::from_toml(&minimal(""), &no_env).expect("valid");
+    assert_eq!(
+        config.state.changelog_topic.as_deref(),
+        Some("metrics-changelog")
+    );
+    let config = Config::from_toml(&minimal("changelog = false"), &no_env).expect("valid");
+    assert_eq!(config.state.changelog_topic, None);
+    let config =
+        Config::from_toml(&minimal("changelog_topic = \"state-log\""), &no_env).expect("valid");
+    assert_eq!(config.state.changelog_topic.as_deref(), Some("state-log"));
+
+    for state in [
+        "changelog_topic = \"events\"",
+        "changelog_topic = \"bad topic\"",
+        "changelog = false\nchangelog_topic = \"state-log\"",
+    ] {
+        assert_eq!(
+            error_paths(&minimal(state)),
+            vec!["state.changelog_topic"],
+            "{state}"
+        );
+    }
+}

@@ -532,11 +532,37 @@ fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfi
             problems.add("state.flush_interval", "must be between 10ms and 60s");
         }
     }
+    let changelog_topic = state.changelog.unwrap_or(true).then(|| {
+        state.changelog_topic.clone().unwrap_or_else(|| {
+            format!(
+                "{}-changelog",
+                raw.kafka.group_id.as_deref().unwrap_or("nsm")
+            )
+        })
+    });
+    if let Some(topic) = &changelog_topic {
+        if let Err(message) = check_topic_name(topic) {
+            problems.add("state.changelog_topic", message);
+        }
+        let inputs = raw.kafka.topics.as_deref().unwrap_or_default();
+        if inputs.contains(topic) || raw.kafka.dead_letter_topic.as_ref() == Some(topic) {
+            problems.add(
+                "state.changelog_topic",
+                "must differ from the topics nsm reads and the dead-letter topic",
+            );
+        }
+    } else if state.changelog_topic.is_some() {
+        problems.add(
+            "state.changelog_topic",
+            "is set but state.changelog = false: remove one of them",
+        );
+    }
     Some(StateConfig {
         path: PathBuf::from(path),
         retention_ms: millis(retention?),
         flush_interval: flush?,
         sync_writes: state.sync_writes.unwrap_or(true),
+        changelog_topic,
     })
 }
 

@@ -1,0 +1,478 @@
+//! The store's side of the changelog: every write is also a list of keyed records, so that a
+//! compacted Kafka topic holds the latest value of every stored key and another instance can
+//! rebuild a partition from it (restore) when the partition moves.
+//!
+//! A record's key is one byte naming the column family and the store key; its value is the
+//! stored value, or none (a tombstone) for a deleted key. Range deletes are expanded into a
+//! tombstone per stored key, so compaction alone keeps the topic bounded by the live state.
+//!
+//! Each partition's records of one write end with its **end marker**, the partition's meta
+//! record (offsets and watermark), sent only once the others are acknowledged. Records after
+//! the last end marker of a partition are the *tail* of a write that did not finish: a
+//! restore never applies them, and the new owner's first write reverts their keys to the
+//! restored values, so that the topic reads right from the start again.
+
+use std::collections::BTreeMap;
+
+use nsm_core::PartitionKey;
+use rocksdb::WriteBatch;
+
+use crate::codec::{encode_partition_meta, partition_prefix, prefix_successor};
+use crate::{
+    StateError, Store, CF_FINGERPRINTS, CF_GAPS, CF_MEMBERS, CF_META, CF_PARTITIONS, CF_SEGMENTS,
+    CF_WINDOWS,
+};
+
+/// The column families a changelog carries, with the byte that names each in record keys.
+pub(crate) const FAMILIES: [(u8, &str); 6] = [
+    (b'p', CF_PARTITIONS),
+    (b'w', CF_WINDOWS),
+    (b'm', CF_MEMBERS),
+    (b's', CF_SEGMENTS),
+    (b'g', CF_GAPS),
+    (b'f', CF_FINGERPRINTS),
+];
+
+fn family_byte(family: &'static str) -> u8 {
+    FAMILIES
+        .iter()
+        .find(|(_, name)| *name == family)
+        .map(|(byte, _)| *byte)
+        .unwrap_or_else(|| unreachable!("{family} is not carried by the changelog"))
+}
+
+fn family_of(byte: u8) -> Option<&'static str> {
+    FAMILIES
+        .iter()
+        .find(|(found, _)| *found == byte)
+        .map(|(_, name)| *name)
+}
+
+fn record_key(family: &'static str, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + 1);
+    out.push(family_byte(family));
+    out.extend_from_slice(key);
+    out
+}
+
+/// One changelog record: a store key and its value, or `None` for a deleted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The records of one partition in one write: `records` in any order (one per key), then
+/// `end`, which must be sent only after every one of them was acknowledged.
+#[derive(Debug, Clone)]
+pub struct PartitionRecords {
+    pub partition: PartitionKey,
+    pub records: Vec<ChangeRecord>,
+    pub end: ChangeRecord,
+}
+
+/// A write made ready: the local batch, and the changelog records of the same changes.
+/// Send the records first, then [`Store::commit`] the batch with the changelog positions.
+pub struct PreparedWrite {
+    pub(crate) batch: WriteBatch,
+    pub partitions: Vec<PartitionRecords>,
+}
+
+impl PreparedWrite {
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty() && self.partitions.is_empty()
+    }
+
+    /// The number of changelog records, end markers included.
+    pub fn record_count(&self) -> usize {
+        self.partitions
+            .iter()
+            .map(|partition| partition.records.len() + 1)
+            .sum()
+    }
+}
+
+/// Builds a local batch and, when asked, the changelog records of the same operations. Records
+/// are kept one per key, the latest operation winning, so their order never matters.
+pub(crate) struct Recorder<'s> {
+    store: &'s Store,
+    pub(crate) batch: WriteBatch,
+    records: Option<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    partitions: Vec<PartitionRecords>,
+}
+
+impl<'s> Recorder<'s> {
+    pub(crate) fn new(store: &'s Store, record: bool) -> Self {
+        Recorder {
+            store,
+            batch: WriteBatch::default(),
+            records: record.then(BTreeMap::new),
+            partitions: Vec::new(),
+        }
+    }
+
+    pub(crate) fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(self.store.cf(family), key, value);
+        if let Some(records) = &mut self.records {
+            records.insert(record_key(family, key), Some(value.to_vec()));
+        }
+    }
+
+    pub(crate) fn delete(&mut self, family: &'static str, key: &[u8]) {
+        self.batch.delete_cf(self.store.cf(family), key);
+        if let Some(records) = &mut self.records {
+            records.insert(record_key(family, key), None);
+        }
+    }
+
+    /// Deletes `[start, end)`: one range delete locally, a tombstone per key in the changelog
+    /// (those stored, and those put earlier in this write).
+    pub(crate) fn delete_range(
+        &mut self,
+        family: &'static str,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<(), StateError> {
+        self.batch
+            .delete_range_cf(self.store.cf(family), start, end);
+        if let Some(records) = &mut self.records {
+            for stored in self.store.keys_between(family, start, end) {
+                records.insert(record_key(family, &stored?), None);
+            }
+            let range = record_key(family, start)..record_key(family, end);
+            for (_, value) in records.range_mut(range) {
+                *value = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Only to the changelog: a record whose value the store already holds (a revert, or a
+    /// snapshot of stored state).
+    pub(crate) fn record_only(&mut self, family: &'static str, key: &[u8], value: Option<&[u8]>) {
+        if let Some(records) = &mut self.records {
+            records.insert(record_key(family, key), value.map(<[u8]>::to_vec));
+        }
+    }
+
+    /// Closes one partition's records with its end marker, the meta record `meta`, which is
+    /// also written locally.
+    pub(crate) fn end_partition(&mut self, partition: &PartitionKey, meta: &[u8]) {
+        let prefix = partition_prefix(partition);
+        self.batch
+            .put_cf(self.store.cf(CF_PARTITIONS), &prefix, meta);
+        if let Some(records) = &mut self.records {
+            let records = std::mem::take(records)
+                .into_iter()
+                .map(|(key, value)| ChangeRecord { key, value })
+                .collect();
+            self.partitions.push(PartitionRecords {
+                partition: partition.clone(),
+                records,
+                end: ChangeRecord {
+                    key: record_key(CF_PARTITIONS, &prefix),
+                    value: Some(meta.to_vec()),
+                },
+            });
+        }
+    }
+
+    pub(crate) fn finish(self) -> PreparedWrite {
+        PreparedWrite {
+            batch: self.batch,
+            partitions: self.partitions,
+        }
+    }
+}
+
+/// Where the local copy of a partition stands in the changelog: the next changelog offset to
+/// read. Kept in `meta`, never sent.
+pub(crate) fn position_key(partition: &PartitionKey) -> Vec<u8> {
+    let mut key = b"changelog/".to_vec();
+    key.extend_from_slice(&partition_prefix(partition));
+    key
+}
+
+impl Store {
+    /// The next changelog offset the local copy of `partition` has not read, if it ever read
+    /// or wrote one.
+    pub fn changelog_position(&self, partition: &PartitionKey) -> Result<Option<i64>, StateError> {
+        let Some(bytes) = self.db.get_cf(self.cf(CF_META), position_key(partition))? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| StateError::Corrupt {
+                column_family: CF_META,
+                detail: format!("changelog position of {partition}"),
+            })?;
+        Ok(Some(i64::from_be_bytes(bytes)))
+    }
+
+    /// Whether anything is stored for `partition`.
+    pub fn has_partition_data(&self, partition: &PartitionKey) -> Result<bool, StateError> {
+        let prefix = partition_prefix(partition);
+        for (_, family) in FAMILIES {
+            if let Some(first) = self.keys_under(family, &prefix).next() {
+                first?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Deletes everything stored for `partition`, and its changelog position: before a restore
+    /// from the start of the changelog.
+    pub fn clear_partition(&self, partition: &PartitionKey) -> Result<(), StateError> {
+        let prefix = partition_prefix(partition);
+        let end = prefix_successor(&prefix);
+        let mut batch = WriteBatch::default();
+        for (_, family) in FAMILIES {
+            batch.delete_range_cf(self.cf(family), prefix.as_slice(), end.as_slice());
+        }
+        batch.delete_cf(self.cf(CF_META), position_key(partition));
+        self.db.write_opt(batch, &self.write_options)?;
+        Ok(())
+    }
+
+    /// The changelog records that make a partition's stored copy whole again after a
+    /// restore, or on its first changelog, in one write ending with its end marker:
+    /// - `tail`: keys of an unfinished write found after the last end marker, reverted to the
+    ///   stored values;
+    /// - `seed`: everything stored (the changelog is empty but the store is not);
+    /// - the partition's metric definitions: data of a metric that changed or left the config
+    ///   is deleted (and named in the result), and every metric's fingerprint is stored.
+    pub fn prepare_adoption(
+        &self,
+        partition: &PartitionKey,
+        tail: &[Vec<u8>],
+        seed: bool,
+    ) -> Result<(PreparedWrite, Vec<crate::DiscardedMetric>), StateError> {
+        let prefix = partition_prefix(partition);
+        let mut recorder = Recorder::new(self, true);
+        if seed {
+            for (_, family) in FAMILIES {
+                for item in self.entries_under(family, &prefix) {
+                    let (key, value) = item?;
+                    if family != CF_PARTITIONS {
+                        recorder.record_only(family, &key, Some(&*value));
+                    }
+                }
+            }
+        }
+        for key in tail {
+            let Some(family) = key.first().copied().and_then(family_of) else {
+                continue;
+            };
+            let stored = self.db.get_cf(self.cf(family), &key[1..])?;
+            recorder.record_only(family, &key[1..], stored.as_deref());
+        }
+        let discarded = self.reconcile_partition(&prefix, &mut recorder)?;
+        let meta = self
+            .db
+            .get_cf(self.cf(CF_PARTITIONS), &prefix)?
+            .unwrap_or_else(|| encode_partition_meta(None, None, None));
+        recorder.end_partition(partition, &meta);
+        Ok((recorder.finish(), discarded))
+    }
+
+    /// Applies restored records of one partition to the store.
+    pub(crate) fn apply_records(&self, records: &[ChangeRecord]) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        for record in records {
+            let family = record
+                .key
+                .first()
+                .copied()
+                .and_then(family_of)
+                .ok_or_else(|| StateError::Corrupt {
+                    column_family: "changelog",
+                    detail: format!("a record key starting with byte {:?}", record.key.first()),
+                })?;
+            let key = &record.key[1..];
+            match &record.value {
+                Some(value) => batch.put_cf(self.cf(family), key, value),
+                None => batch.delete_cf(self.cf(family), key),
+            }
+        }
+        self.db.write_opt(batch, &self.write_options)?;
+        Ok(())
+    }
+
+    pub(crate) fn set_changelog_position(
+        &self,
+        partition: &PartitionKey,
+        position: i64,
+    ) -> Result<(), StateError> {
+        self.db.put_cf_opt(
+            self.cf(CF_META),
+            position_key(partition),
+            position.to_be_bytes(),
+            &self.write_options,
+        )?;
+        Ok(())
+    }
+}
+
+/// How much of an unfinished tail a restore holds in memory before it writes it out; past
+/// this, a tail that turns out unfinished needs a second pass from the start.
+const PENDING_LIMIT_BYTES: usize = 64 * 1024 * 1024;
+/// Records written to the store per batch while restoring.
+const APPLY_CHUNK: usize = 10_000;
+
+/// Rebuilds one partition from its changelog records, read in offset order from some start.
+/// Records up to the last end marker are applied; those after it (an unfinished write) are
+/// not, and come back as the tail to revert.
+pub struct PartitionRestore<'s> {
+    store: &'s Store,
+    partition: PartitionKey,
+    prefix: Vec<u8>,
+    end_key: Vec<u8>,
+    start: i64,
+    /// Records since the last end marker, not yet written.
+    pending: Vec<ChangeRecord>,
+    pending_bytes: usize,
+    /// Records since the last end marker were written out (the tail grew past the limit).
+    spilled: bool,
+    last_end: Option<i64>,
+    /// The last offset read, of any partition.
+    last_read: Option<i64>,
+    /// Second pass: apply records up to this offset, keep only the keys of later ones.
+    apply_through: Option<i64>,
+    tail_keys: Vec<Vec<u8>>,
+    applied: u64,
+}
+
+/// What a restore found.
+#[derive(Debug)]
+pub enum RestoreOutcome {
+    /// Restored; `tail` holds the keys of an unfinished write to revert with
+    /// [`Store::prepare_adoption`].
+    Restored { tail: Vec<Vec<u8>>, records: u64 },
+    /// An unfinished tail was too large to hold back: clear the partition and restore again
+    /// from the start of the changelog with [`PartitionRestore::through`] this offset.
+    RestartThrough(Option<i64>),
+}
+
+impl<'s> PartitionRestore<'s> {
+    /// A restore of `partition` reading the changelog from offset `start`.
+    pub fn new(store: &'s Store, partition: &PartitionKey, start: i64) -> Self {
+        let prefix = partition_prefix(partition);
+        PartitionRestore {
+            store,
+            partition: partition.clone(),
+            end_key: record_key(CF_PARTITIONS, &prefix),
+            prefix,
+            start,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            spilled: false,
+            last_end: None,
+            last_read: None,
+            apply_through: None,
+            tail_keys: Vec::new(),
+            applied: 0,
+        }
+    }
+
+    /// The second pass of a restore whose tail was too large: apply only records up to
+    /// `last_end` (none when `None`).
+    pub fn through(mut self, last_end: Option<i64>) -> Self {
+        self.apply_through = Some(last_end.unwrap_or(-1));
+        self
+    }
+
+    /// Whether a record key belongs to this partition (a changelog partition carries the
+    /// partitions of that number of every input topic).
+    pub fn belongs(&self, key: &[u8]) -> bool {
+        key.len() > self.prefix.len() && key[1..].starts_with(&self.prefix)
+    }
+
+    /// The next record, in offset order.
+    pub fn record(
+        &mut self,
+        offset: i64,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<(), StateError> {
+        self.last_read = Some(offset);
+        if !self.belongs(key) {
+            return Ok(());
+        }
+        let record = ChangeRecord {
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+        };
+        if let Some(through) = self.apply_through {
+            if offset <= through {
+                self.pending.push(record);
+                if self.pending.len() >= APPLY_CHUNK {
+                    self.write_pending()?;
+                }
+            } else {
+                self.tail_keys.push(record.key);
+            }
+            return Ok(());
+        }
+        let is_end = record.key == self.end_key;
+        self.pending_bytes += record.key.len() + record.value.as_ref().map_or(0, Vec::len);
+        self.pending.push(record);
+        if is_end {
+            self.write_pending()?;
+            self.spilled = false;
+            self.last_end = Some(offset);
+        } else if self.pending_bytes > PENDING_LIMIT_BYTES {
+            self.write_pending()?;
+            self.spilled = true;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> Result<(), StateError> {
+        for chunk in self.pending.chunks(APPLY_CHUNK) {
+            self.store.apply_records(chunk)?;
+        }
+        self.applied += self.pending.len() as u64;
+        self.pending.clear();
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Ends the restore: the store's position is set after the last end marker read, so a
+    /// restart before the tail is reverted finds the same tail again.
+    pub fn finish(mut self) -> Result<RestoreOutcome, StateError> {
+        if self.apply_through.is_some() {
+            let through = self.apply_through.unwrap_or(-1);
+            self.write_pending()?;
+            let position = if through >= self.start {
+                through + 1
+            } else {
+                self.start
+            };
+            self.store
+                .set_changelog_position(&self.partition, position)?;
+            return Ok(RestoreOutcome::Restored {
+                tail: self.tail_keys,
+                records: self.applied,
+            });
+        }
+        if self.spilled {
+            return Ok(RestoreOutcome::RestartThrough(self.last_end));
+        }
+        // After the last record read when nothing of this partition is held back (the rest
+        // belonged to other input topics' partitions of that number), else after the last end.
+        let position = match (self.pending.is_empty(), self.last_read, self.last_end) {
+            (true, Some(read), _) => read + 1,
+            (false, _, Some(end)) => end + 1,
+            _ => self.start,
+        };
+        self.store
+            .set_changelog_position(&self.partition, position)?;
+        let tail = self.pending.drain(..).map(|record| record.key).collect();
+        Ok(RestoreOutcome::Restored {
+            tail,
+            records: self.applied,
+        })
+    }
+}

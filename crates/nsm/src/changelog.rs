@@ -1,0 +1,213 @@
+//! The state changelog, wired: sending a prepared write before it is stored, and bringing a
+//! partition's local copy up to date before it is taken.
+//!
+//! Order of a write: the records of every partition, then (once all are acknowledged) each
+//! partition's end marker, then (once acknowledged) the local RocksDB batch with the changelog
+//! positions reached. A crash anywhere leaves the changelog at or ahead of the local copy,
+//! never behind it, and an unfinished write is recognised by its missing end marker.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nsm_core::PartitionKey;
+use nsm_kafka::{ChangelogReader, ChangelogWriter, ClientSettings};
+use nsm_state::{PartitionRestore, PreparedWrite, RestoreOutcome, Store};
+use tracing::info;
+
+/// How long a write still waits for the broker once nsm was asked to stop.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Changelog {
+    topic: String,
+    writer: ChangelogWriter,
+    reader: ChangelogReader,
+    stop: Arc<AtomicBool>,
+}
+
+/// What bringing a partition up to date did.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Keys of an unfinished write found after the last end marker, to revert.
+    pub tail: Vec<Vec<u8>>,
+    /// The changelog is empty but the store holds the partition: send it all.
+    pub seed: bool,
+    /// Changelog records read.
+    pub records: u64,
+}
+
+impl Changelog {
+    pub fn new(
+        settings: &ClientSettings,
+        topic: &str,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, nsm_kafka::KafkaError> {
+        Ok(Changelog {
+            topic: topic.to_string(),
+            writer: ChangelogWriter::new(settings, topic)?,
+            reader: ChangelogReader::new(settings, topic)?,
+            stop,
+        })
+    }
+
+    /// Sends a prepared write and returns the changelog position each of its partitions
+    /// reached, to store with it.
+    pub fn send(&self, prepared: &PreparedWrite) -> Result<Vec<(PartitionKey, i64)>, String> {
+        if prepared.partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let failed = |error: nsm_kafka::KafkaError| format!("changelog {}: {error}", self.topic);
+        for partition in &prepared.partitions {
+            for record in &partition.records {
+                self.writer
+                    .send(
+                        partition.partition.partition,
+                        &record.key,
+                        record.value.as_deref(),
+                    )
+                    .map_err(failed)?;
+            }
+        }
+        self.await_delivery().map_err(failed)?;
+        for partition in &prepared.partitions {
+            self.writer
+                .send(
+                    partition.partition.partition,
+                    &partition.end.key,
+                    partition.end.value.as_deref(),
+                )
+                .map_err(failed)?;
+        }
+        let next = self.await_delivery().map_err(failed)?;
+        prepared
+            .partitions
+            .iter()
+            .map(|partition| {
+                let number = partition.partition.partition;
+                next.get(&number)
+                    .map(|position| (partition.partition.clone(), *position))
+                    .ok_or_else(|| {
+                        format!(
+                            "changelog {}: no acknowledged offset for partition {number}",
+                            self.topic
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    fn await_delivery(&self) -> Result<std::collections::HashMap<i32, i64>, nsm_kafka::KafkaError> {
+        let give_up = StopGrace::new(&self.stop);
+        self.writer.await_delivery(&|| give_up.expired())
+    }
+
+    /// Brings the store's copy of `key` up to date with the changelog: nothing to do when it
+    /// wrote or read the changelog's last record itself, the records since its position
+    /// otherwise, everything from the start when it has no position.
+    pub fn restore(&self, store: &Store, key: &PartitionKey) -> Result<Restored, String> {
+        let failed = |error: nsm_kafka::KafkaError| {
+            format!(
+                "cannot read the changelog {} partition {} for {key}: {error}",
+                self.topic, key.partition
+            )
+        };
+        let state_failed = |error: nsm_state::StateError| format!("partition {key}: {error}");
+        let (low, high) = self.reader.watermarks(key.partition).map_err(failed)?;
+        let position = store.changelog_position(key).map_err(state_failed)?;
+        let start = match position {
+            Some(position) if position == high => return Ok(Restored::default()),
+            Some(position) if position >= low && position < high => position,
+            _ if low == high => {
+                // An empty changelog: what the store holds (if anything) goes to it.
+                let seed = store.has_partition_data(key).map_err(state_failed)?;
+                return Ok(Restored {
+                    seed,
+                    ..Restored::default()
+                });
+            }
+            _ => {
+                store.clear_partition(key).map_err(state_failed)?;
+                low
+            }
+        };
+        info!(partition = %key, changelog = %self.topic, from = start, to = high, "restoring partition state from the changelog");
+        let (outcome, mut records) =
+            self.read_into(PartitionRestore::new(store, key, start), key, start, high)?;
+        let outcome = match outcome {
+            RestoreOutcome::RestartThrough(last_end) => {
+                // An unfinished write too large to hold back was written out: start over.
+                store.clear_partition(key).map_err(state_failed)?;
+                let restore = PartitionRestore::new(store, key, low).through(last_end);
+                let (outcome, more) = self.read_into(restore, key, low, high)?;
+                records += more;
+                outcome
+            }
+            restored => restored,
+        };
+        match outcome {
+            RestoreOutcome::Restored { tail, .. } => Ok(Restored {
+                tail,
+                seed: false,
+                records,
+            }),
+            RestoreOutcome::RestartThrough(_) => Err(format!(
+                "partition {key}: the changelog restore did not settle in two passes"
+            )),
+        }
+    }
+
+    fn read_into(
+        &self,
+        mut restore: PartitionRestore<'_>,
+        key: &PartitionKey,
+        from: i64,
+        to: i64,
+    ) -> Result<(RestoreOutcome, u64), String> {
+        let records = self
+            .reader
+            .read(
+                key.partition,
+                from,
+                to,
+                &mut |offset: i64, record_key: &[u8], value: Option<&[u8]>| {
+                    restore
+                        .record(offset, record_key, value)
+                        .map_err(|error| error.to_string())
+                },
+            )
+            .map_err(|error| {
+                format!(
+                    "cannot restore {key} from the changelog {}: {error}",
+                    self.topic
+                )
+            })?;
+        let outcome = restore
+            .finish()
+            .map_err(|error| format!("partition {key}: {error}"))?;
+        Ok((outcome, records))
+    }
+}
+
+/// Gives up waiting `STOP_GRACE` after the stop flag was first seen set.
+struct StopGrace<'a> {
+    stop: &'a AtomicBool,
+    seen: std::cell::Cell<Option<Instant>>,
+}
+
+impl<'a> StopGrace<'a> {
+    fn new(stop: &'a AtomicBool) -> Self {
+        StopGrace {
+            stop,
+            seen: std::cell::Cell::new(None),
+        }
+    }
+
+    fn expired(&self) -> bool {
+        if !self.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let seen = self.seen.get().unwrap_or_else(Instant::now);
+        self.seen.set(Some(seen));
+        seen.elapsed() >= STOP_GRACE
+    }
+}
