@@ -1,6 +1,7 @@
 //! End to end against a real Kafka-protocol broker (tansu, installed by `make test`): a known
 //! stream of valid, invalid and late events is produced while nsm consumes it; nsm is killed
-//! with SIGKILL mid-stream, twice, and restarted; the values must still be exact.
+//! with SIGKILL at random points mid-stream, three times, and restarted; the values must still
+//! be exact.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use rand::{Rng, SeedableRng};
 
 /// `session.timeout.ms` of `test_config`.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
@@ -73,9 +75,14 @@ fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {
         dir.path(),
     );
 
-    // Two crashes at different points of the stream.
+    // Three crashes at random points of the stream: each run consumes some of it, then is
+    // killed at a random instant, mid-checkpoint or not (a changelog write cut short included).
+    let seed: u64 = rand::random();
+    eprintln!("kill points from seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut nsm = start_nsm();
-    for fraction in [0.2, 0.5] {
+    for _ in 0..3 {
+        let fraction = rng.random_range(0.05..0.25);
         wait_for(
             "nsm to consume part of the stream",
             Duration::from_secs(180),
@@ -85,6 +92,7 @@ fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {
                 (consumed_total(&samples) >= total_lines * fraction).then_some(())
             },
         );
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
         nsm.kill_9();
         // A crashed member stays in the group until its session times out (6 s in the test
         // config). A restart that joins before then shares the partitions with the dead
