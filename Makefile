@@ -5,6 +5,8 @@
 #               changes over time (default healthy); SCENARIO_PERIOD=10m how fast
 #   make test   install what the tests need (system packages, the tansu broker) and run them all
 #   make fuzz   fuzz event decoding and Engine::apply for FUZZ_SECONDS (nightly + cargo-fuzz)
+#   make bench  measure the core path against parse-only and memory at BENCH_USERS distinct
+#               users, in release mode, and write BENCHMARKS.md
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -24,7 +26,12 @@ SCENARIO_PERIOD ?= 10m
 # fuzz/artifacts/apply.
 FUZZ_SECONDS ?= 60
 
-.PHONY: run test deps tansu build check fmt lint clean fuzz cargo-fuzz
+# Sizes of `make bench`: events of the core-path runs, distinct users of the memory run.
+BENCH_EVENTS ?= 1000000
+BENCH_USERS ?= 5000000
+BENCH_DIR := target/bench
+
+.PHONY: run test deps tansu build check fmt lint clean fuzz cargo-fuzz bench
 
 run: deps
 	$(CARGO) run --bin nsm -- demo --product $(PRODUCT) --scenario $(SCENARIO) --scenario-period $(SCENARIO_PERIOD)
@@ -73,6 +80,19 @@ fuzz: cargo-fuzz
 cargo-fuzz:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+
+# Each measurement prints one JSON line; the report turns them into BENCHMARKS.md. The memory
+# runs are separate processes, so each peak RSS is its own.
+bench: deps
+	$(CARGO) build --release --workspace
+	@mkdir -p $(BENCH_DIR)
+	@bin=$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/nsm-bench; \
+	set -e; : > $(BENCH_DIR)/results.jsonl; \
+	$$bin core --events $(BENCH_EVENTS) | tee -a $(BENCH_DIR)/results.jsonl; \
+	$$bin memory --users $(BENCH_USERS) --store rocksdb | tee -a $(BENCH_DIR)/results.jsonl; \
+	$$bin memory --users $(BENCH_USERS) --store memory | tee -a $(BENCH_DIR)/results.jsonl; \
+	$$bin report --results $(BENCH_DIR)/results.jsonl \
+	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS)"
 
 clean:
 	$(CARGO) clean

@@ -1,5 +1,9 @@
 //! `nsm-bench`: measurements of nsm that are not tests. Each run prints one JSON line.
 //!
+//! `nsm-bench core --events N` runs the core path (decode, 8 metrics, RocksDB writes every
+//! 50,000 events) and a parse-only baseline over the same ~400-byte events, alternately,
+//! and reports the median events per second of each and their ratio.
+//!
 //! `nsm-bench memory --users N --store rocksdb|memory` feeds every user twice through the
 //! engine and the real state store, with a realistic config (8 metrics, 3 exact distinct
 //! counts, a 7-day trailing distinct count, a segment breakdown, a threshold), in event-time
@@ -7,7 +11,10 @@
 //! trailing distinct count equals N and reports the peak resident memory of the process
 //! (`VmHWM`). `--store memory` keeps members in memory instead: the baseline that grows.
 
+mod core_path;
 mod memory;
+mod report;
+mod workload;
 
 use clap::{Parser, Subcommand};
 
@@ -22,10 +29,17 @@ struct Cli {
 enum Command {
     /// Peak resident memory with N distinct users in a 7-day trailing window.
     Memory(memory::MemoryArgs),
+    /// Events per second through decoding, every metric and the state write, beside a
+    /// parse-only baseline over the same bytes.
+    Core(core_path::CoreArgs),
+    /// Writes BENCHMARKS.md from the JSON lines of the other measurements.
+    Report(report::ReportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Memory(args) => memory::run(&args),
+        Command::Core(args) => core_path::run(&args),
+        Command::Report(args) => report::run(&args),
     }
 }

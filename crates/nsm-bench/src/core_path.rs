@@ -1,0 +1,205 @@
+//! The core path in process: decoding, every metric and the state write of each event, beside
+//! a parse-only baseline over the same bytes (serde_json's typed, borrowed parsing of the
+//! fields the metrics read), run alternately in one process so machine noise hits both.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use anyhow::bail;
+use clap::Args;
+use nsm_core::engine::{Engine, Outcome, Plan, DEFAULT_MEMBER_CACHE};
+use nsm_core::PartitionKey;
+use nsm_state::{Store, StoreOptions};
+use serde::Deserialize;
+
+use crate::workload::{bench_plan, coprime_stride, write_event, NOW_MS, STEP_MS, WEEK_MS};
+
+/// Events between two state writes, as a busy pipeline takes them in one flush interval.
+const CHECKPOINT_EVERY: usize = 50_000;
+
+#[derive(Args)]
+pub struct CoreArgs {
+    /// Events per run.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Distinct users the events come from (each user is in one team of five).
+    #[arg(long, default_value_t = 200_000)]
+    users: u64,
+    /// Runs of each path, alternating; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+/// The fields the bench config reads, parsed the fastest way serde_json offers.
+#[derive(Deserialize)]
+#[allow(dead_code)] // Read only through black_box: the parse is what is measured.
+struct TypedEvent<'a> {
+    event_id: &'a str,
+    event: &'a str,
+    timestamp: i64,
+    user_id: &'a str,
+    team_id: &'a str,
+    #[serde(borrow)]
+    properties: TypedProperties<'a>,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct TypedProperties<'a> {
+    platform: &'a str,
+    amount: f64,
+}
+
+/// Events in one buffer, with the end of each.
+struct Events {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Events {
+    fn generate(count: u64, users: u64) -> Events {
+        let users = users.max(1);
+        let stride = coprime_stride(users);
+        let spacing_ms = (WEEK_MS - 2 * STEP_MS) as f64 / count.max(1) as f64;
+        let start_ms = NOW_MS - WEEK_MS + STEP_MS;
+        let mut bytes = Vec::with_capacity(count as usize * 420);
+        let mut ends = Vec::with_capacity(count as usize);
+        let mut payload = Vec::with_capacity(512);
+        for index in 0..count {
+            let user = (index as u128 * stride as u128 % users as u128) as u64;
+            write_event(
+                &mut payload,
+                index,
+                user,
+                start_ms + (index as f64 * spacing_ms) as i64,
+            );
+            bytes.extend_from_slice(&payload);
+            ends.push(bytes.len());
+        }
+        Events { bytes, ends }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(start, end)| &self.bytes[start..end])
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+}
+
+/// Wall-clock and CPU seconds of one run (CPU: every thread of the process, RocksDB's too).
+struct Run {
+    seconds: f64,
+    cpu_seconds: f64,
+}
+
+fn measure(work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Run> {
+    let cpu_before = process_cpu_seconds()?;
+    let started = Instant::now();
+    work()?;
+    Ok(Run {
+        seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: process_cpu_seconds()? - cpu_before,
+    })
+}
+
+fn parse_only(events: &Events) -> anyhow::Result<()> {
+    let mut parsed = 0usize;
+    for payload in events.iter() {
+        let event: TypedEvent<'_> = serde_json::from_slice(payload)?;
+        black_box(&event);
+        parsed += 1;
+    }
+    black_box(parsed);
+    Ok(())
+}
+
+fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<()> {
+    let directory = tempfile::tempdir()?;
+    let store = Store::open(directory.path(), plan, &StoreOptions::default())?;
+    let mut engine =
+        Engine::with_reader(plan.clone(), Box::new(store.clone()), DEFAULT_MEMBER_CACHE);
+    let key = PartitionKey::new("events", 0);
+    engine.restore_partition(key.clone(), store.load_partition(&key)?);
+    for (offset, payload) in events.iter().enumerate() {
+        match engine.apply(&key, offset as i64, payload, NOW_MS) {
+            Outcome::Applied { .. } => {}
+            other => bail!("event {offset} was not applied: {other:?}"),
+        }
+        if (offset + 1) % CHECKPOINT_EVERY == 0 {
+            store.commit(store.prepare(&engine.take_changes(), false)?, &[])?;
+        }
+    }
+    store.commit(store.prepare(&engine.take_changes(), false)?, &[])?;
+    black_box(engine.metric_values(NOW_MS));
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
+    let plan = bench_plan()?;
+    let events = Events::generate(args.events, args.users);
+    let count = events.len() as f64;
+    let mut parse_rates = Vec::new();
+    let mut core_rates = Vec::new();
+    let mut core_cpu_rates = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let parse = measure(|| parse_only(&events))?;
+        parse_rates.push(count / parse.seconds);
+        let core = measure(|| core_path(&plan, &events))?;
+        core_rates.push(count / core.seconds);
+        core_cpu_rates.push(count / core.cpu_seconds.max(1e-9));
+    }
+    let parse = median(parse_rates.clone());
+    let core = median(core_rates.clone());
+    let rounded = |rates: &[f64]| {
+        rates
+            .iter()
+            .map(|rate| format!("{rate:.0}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    println!(
+        "{{\"bench\":\"core\",\"events\":{},\"users\":{},\"mean_event_bytes\":{},\"metrics\":{},\
+         \"parse_only_events_per_second\":{parse:.0},\"nsm_events_per_second\":{core:.0},\
+         \"nsm_events_per_cpu_second\":{:.0},\"nsm_to_parse_only\":{:.3},\
+         \"parse_only_runs\":[{}],\"nsm_runs\":[{}]}}",
+        events.len(),
+        args.users,
+        events.bytes.len() / events.len().max(1),
+        plan.metrics().len(),
+        median(core_cpu_rates),
+        core / parse,
+        rounded(&parse_rates),
+        rounded(&core_rates),
+    );
+    Ok(())
+}
+
+/// CPU time of this process so far, user and system, from `/proc/self/stat` (Linux, whose
+/// clock tick for these fields is 1/100 s on every architecture it runs nsm on).
+fn process_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counting from 0 after it.
+    let ticks = |index: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(index)
+            .ok_or_else(|| anyhow::anyhow!("short /proc/self/stat"))?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
