@@ -26,7 +26,7 @@ const READ_STALL: Duration = Duration::from_secs(60);
 
 /// Makes sure the changelog topic exists, compacted, with at least `partitions` partitions.
 /// An existing topic with fewer is an error: its partition `p` must exist for every input
-/// partition `p`.
+/// partition `p`. A topic nsm creates has one replica: create it yourself (compacted) for more.
 pub fn ensure_changelog_topic(
     settings: &ClientSettings,
     topic: &str,
@@ -39,9 +39,12 @@ pub fn ensure_changelog_topic(
         let wanted = i32::try_from(partitions.max(1)).unwrap_or(i32::MAX);
         // Compacted: the latest value of every key is kept, deleted keys go after
         // delete.retention.ms, and nothing else is ever deleted by age.
+        // A day before compaction may touch a record: an unfinished write's records cannot
+        // replace the finished values a new owner reverts them to before it has done so.
         let new_topic = NewTopic::new(topic, wanted, TopicReplication::Fixed(1))
             .set("cleanup.policy", "compact")
-            .set("retention.ms", "-1");
+            .set("retention.ms", "-1")
+            .set("min.compaction.lag.ms", "86400000");
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -144,8 +147,15 @@ impl ChangelogWriter {
         })
     }
 
-    /// Queues one record (`value` none: a tombstone), waiting while the local queue is full.
-    pub fn send(&self, partition: i32, key: &[u8], value: Option<&[u8]>) -> Result<(), KafkaError> {
+    /// Queues one record (`value` none: a tombstone), waiting while the local queue is full
+    /// unless `give_up` says so.
+    pub fn send(
+        &self,
+        partition: i32,
+        key: &[u8],
+        value: Option<&[u8]>,
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<(), KafkaError> {
         loop {
             let mut record: BaseRecord<'_, [u8], [u8], ()> =
                 BaseRecord::to(&self.topic).partition(partition).key(key);
@@ -155,6 +165,11 @@ impl ChangelogWriter {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if give_up() {
+                        return Err(KafkaError::Other(
+                            "stopped while the changelog queue was full".into(),
+                        ));
+                    }
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 Err((error, _)) => return Err(error.into()),
@@ -224,6 +239,8 @@ impl ChangelogReader {
                 ("group.id", "nsm-changelog-restore"),
                 ("enable.auto.commit", "false"),
                 ("enable.partition.eof", "false"),
+                // An offset gone from the log is an error, never a silent jump to its end.
+                ("auto.offset.reset", "error"),
             ],
         )?;
         Ok(Self {
@@ -257,6 +274,7 @@ impl ChangelogReader {
         self.consumer.assign(&list)?;
         let mut read = 0;
         let mut last_progress = Instant::now();
+        let mut last_error: Option<String> = None;
         let result = loop {
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
@@ -274,7 +292,19 @@ impl ChangelogReader {
                     }
                 }
                 Some(Err(error)) => {
-                    warn!(topic = %self.topic, partition, error = %error, "changelog read error")
+                    warn!(topic = %self.topic, partition, error = %error, "changelog read error");
+                    if matches!(
+                        error.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange
+                        )
+                    ) {
+                        break Err(KafkaError::Other(format!(
+                            "offset {from} of {} partition {partition} is no longer in the log: {error}",
+                            self.topic
+                        )));
+                    }
+                    last_error = Some(error.to_string());
                 }
                 None => {
                     if self.position(partition)? >= to {
@@ -282,9 +312,13 @@ impl ChangelogReader {
                     }
                     if last_progress.elapsed() > READ_STALL {
                         break Err(KafkaError::Other(format!(
-                            "no changelog record from {} partition {partition} for {}s while restoring (read {read} up to offset {to})",
+                            "no changelog record from {} partition {partition} for {}s while restoring (read {read} up to offset {to}){}",
                             self.topic,
-                            READ_STALL.as_secs()
+                            READ_STALL.as_secs(),
+                            last_error
+                                .as_deref()
+                                .map(|error| format!("; last error: {error}"))
+                                .unwrap_or_default()
                         )));
                     }
                 }

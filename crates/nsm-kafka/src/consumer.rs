@@ -53,6 +53,10 @@ pub trait PartitionHandler: Send + 'static {
     fn assigned(&mut self, partitions: &[PartitionKey]) -> Result<Vec<Option<i64>>, HandlerError>;
     /// Partitions are being revoked: persist them and let them go.
     fn revoked(&mut self, partitions: &[PartitionKey]) -> Result<(), HandlerError>;
+    /// Partitions are being revoked but cannot be persisted (their dead letters are not
+    /// delivered): let them go without storing anything more of them; their new owner resumes
+    /// from their last stored state.
+    fn abandoned(&mut self, partitions: &[PartitionKey]);
     /// One message. `produced_ms` is the Kafka message timestamp.
     fn process(
         &mut self,
@@ -200,7 +204,8 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
                 info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked");
                 // Dead letters first, then state: the stored offsets never pass an undelivered one.
                 if let Err(error) = self.shared.dead_letters.flush(Duration::from_secs(30)) {
-                    warn!(error = %error, "dead letters not yet delivered at revoke; their events will be re-read");
+                    warn!(error = %error, "dead letters not yet delivered at revoke; the partitions are given up unstored and their events will be re-read");
+                    self.shared.handler().abandoned(&keys);
                 } else if let Err(HandlerError(message)) = self.shared.handler().revoked(&keys) {
                     self.shared
                         .fail(format!("cannot persist revoked partitions: {message}"));

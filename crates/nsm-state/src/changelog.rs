@@ -17,7 +17,9 @@ use std::collections::BTreeMap;
 use nsm_core::PartitionKey;
 use rocksdb::WriteBatch;
 
-use crate::codec::{encode_partition_meta, partition_prefix, prefix_successor};
+use crate::codec::{
+    decode_partition_meta, encode_partition_meta, partition_prefix, prefix_successor,
+};
 use crate::{
     StateError, Store, CF_FINGERPRINTS, CF_GAPS, CF_MEMBERS, CF_META, CF_PARTITIONS, CF_SEGMENTS,
     CF_WINDOWS,
@@ -76,11 +78,24 @@ pub struct PartitionRecords {
 pub struct PreparedWrite {
     pub(crate) batch: WriteBatch,
     pub partitions: Vec<PartitionRecords>,
+    /// Partitions written without changelog records: their positions are dropped.
+    pub(crate) without_changelog: Vec<PartitionKey>,
 }
 
 impl PreparedWrite {
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty() && self.partitions.is_empty()
+    }
+
+    /// The write without its changelog records, for a store that runs without a changelog:
+    /// committing it drops the positions of its partitions.
+    pub fn without_changelog_records(mut self) -> Self {
+        self.without_changelog.extend(
+            self.partitions
+                .drain(..)
+                .map(|partition| partition.partition),
+        );
+        self
     }
 
     /// The number of changelog records, end markers included.
@@ -99,6 +114,7 @@ pub(crate) struct Recorder<'s> {
     pub(crate) batch: WriteBatch,
     records: Option<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
     partitions: Vec<PartitionRecords>,
+    without_changelog: Vec<PartitionKey>,
 }
 
 impl<'s> Recorder<'s> {
@@ -108,6 +124,7 @@ impl<'s> Recorder<'s> {
             batch: WriteBatch::default(),
             records: record.then(BTreeMap::new),
             partitions: Vec::new(),
+            without_changelog: Vec::new(),
         }
     }
 
@@ -174,6 +191,8 @@ impl<'s> Recorder<'s> {
                     value: Some(meta.to_vec()),
                 },
             });
+        } else {
+            self.without_changelog.push(partition.clone());
         }
     }
 
@@ -181,6 +200,7 @@ impl<'s> Recorder<'s> {
         PreparedWrite {
             batch: self.batch,
             partitions: self.partitions,
+            without_changelog: self.without_changelog,
         }
     }
 }
@@ -193,21 +213,67 @@ pub(crate) fn position_key(partition: &PartitionKey) -> Vec<u8> {
     key
 }
 
+/// Where a partition's local copy stands in the changelog, and when that was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangelogPosition {
+    /// The next changelog offset the local copy has not read.
+    pub offset: i64,
+    /// Wall-clock time the position was stored, Unix milliseconds: tombstones after an old
+    /// position may have been compacted away since (`delete.retention.ms`).
+    pub written_ms: i64,
+}
+
+pub(crate) fn encode_position(offset: i64) -> [u8; 16] {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64);
+    let mut out = [0; 16];
+    out[..8].copy_from_slice(&offset.to_be_bytes());
+    out[8..].copy_from_slice(&now_ms.to_be_bytes());
+    out
+}
+
 impl Store {
-    /// The next changelog offset the local copy of `partition` has not read, if it ever read
-    /// or wrote one.
-    pub fn changelog_position(&self, partition: &PartitionKey) -> Result<Option<i64>, StateError> {
+    /// Where the local copy of `partition` stands in the changelog, if it ever read or wrote
+    /// it (and has not written without it since).
+    pub fn changelog_position(
+        &self,
+        partition: &PartitionKey,
+    ) -> Result<Option<ChangelogPosition>, StateError> {
         let Some(bytes) = self.db.get_cf(self.cf(CF_META), position_key(partition))? else {
             return Ok(None);
         };
-        let bytes: [u8; 8] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| StateError::Corrupt {
-                column_family: CF_META,
-                detail: format!("changelog position of {partition}"),
-            })?;
-        Ok(Some(i64::from_be_bytes(bytes)))
+        let corrupt = || StateError::Corrupt {
+            column_family: CF_META,
+            detail: format!("changelog position of {partition}"),
+        };
+        let bytes: [u8; 16] = bytes.as_slice().try_into().map_err(|_| corrupt())?;
+        let half = |range: std::ops::Range<usize>| {
+            bytes[range]
+                .try_into()
+                .map(i64::from_be_bytes)
+                .map_err(|_| corrupt())
+        };
+        Ok(Some(ChangelogPosition {
+            offset: half(0..8)?,
+            written_ms: half(8..16)?,
+        }))
+    }
+
+    /// The input offset the stored copy of `partition` resumes from.
+    pub fn stored_next_offset(&self, partition: &PartitionKey) -> Result<Option<i64>, StateError> {
+        let Some(bytes) = self
+            .db
+            .get_cf(self.cf(CF_PARTITIONS), partition_prefix(partition))?
+        else {
+            return Ok(None);
+        };
+        decode_partition_meta(&bytes)
+            .map(|(next_offset, _, _)| next_offset)
+            .ok_or_else(|| StateError::Corrupt {
+                column_family: CF_PARTITIONS,
+                detail: format!("partition {partition}"),
+            })
     }
 
     /// Whether anything is stored for `partition`.
@@ -308,7 +374,7 @@ impl Store {
         self.db.put_cf_opt(
             self.cf(CF_META),
             position_key(partition),
-            position.to_be_bytes(),
+            encode_position(position),
             &self.write_options,
         )?;
         Ok(())
@@ -340,6 +406,8 @@ pub struct PartitionRestore<'s> {
     last_read: Option<i64>,
     /// Second pass: apply records up to this offset, keep only the keys of later ones.
     apply_through: Option<i64>,
+    /// Bytes of an unfinished tail held back before it is written out.
+    pending_limit: usize,
     tail_keys: Vec<Vec<u8>>,
     applied: u64,
 }
@@ -371,6 +439,7 @@ impl<'s> PartitionRestore<'s> {
             last_end: None,
             last_read: None,
             apply_through: None,
+            pending_limit: PENDING_LIMIT_BYTES,
             tail_keys: Vec::new(),
             applied: 0,
         }
@@ -380,6 +449,13 @@ impl<'s> PartitionRestore<'s> {
     /// `last_end` (none when `None`).
     pub fn through(mut self, last_end: Option<i64>) -> Self {
         self.apply_through = Some(last_end.unwrap_or(-1));
+        self
+    }
+
+    /// Holds back at most `bytes` of records after an end marker (64 MiB by default) before
+    /// writing them out; a tail larger than that costs a second pass.
+    pub fn hold_back_at_most(mut self, bytes: usize) -> Self {
+        self.pending_limit = bytes;
         self
     }
 
@@ -422,7 +498,7 @@ impl<'s> PartitionRestore<'s> {
             self.write_pending()?;
             self.spilled = false;
             self.last_end = Some(offset);
-        } else if self.pending_bytes > PENDING_LIMIT_BYTES {
+        } else if self.pending_bytes > self.pending_limit {
             self.write_pending()?;
             self.spilled = true;
         }
@@ -458,7 +534,9 @@ impl<'s> PartitionRestore<'s> {
             });
         }
         if self.spilled {
-            return Ok(RestoreOutcome::RestartThrough(self.last_end));
+            // Everything before the start was finished (the store read or wrote it).
+            let through = self.last_end.unwrap_or(self.start - 1);
+            return Ok(RestoreOutcome::RestartThrough(Some(through)));
         }
         // After the last record read when nothing of this partition is held back (the rest
         // belonged to other input topics' partitions of that number), else after the last end.
@@ -474,5 +552,52 @@ impl<'s> PartitionRestore<'s> {
             tail,
             records: self.applied,
         })
+    }
+}
+
+/// What a changelog partition holds of one input partition, read without applying anything:
+/// for a store that holds the partition without a changelog position (written before the
+/// changelog, or with it turned off), to tell which copy is newer.
+pub struct ChangelogProbe {
+    prefix: Vec<u8>,
+    end_key: Vec<u8>,
+    /// The input offset of the last finished write found (`Some(None)`: one without offset).
+    finished: Option<Option<i64>>,
+    keys: std::collections::BTreeSet<Vec<u8>>,
+}
+
+impl ChangelogProbe {
+    pub fn new(partition: &PartitionKey) -> Self {
+        let prefix = partition_prefix(partition);
+        ChangelogProbe {
+            end_key: record_key(CF_PARTITIONS, &prefix),
+            prefix,
+            finished: None,
+            keys: std::collections::BTreeSet::new(),
+        }
+    }
+
+    pub fn record(&mut self, key: &[u8], value: Option<&[u8]>) {
+        if key.len() <= self.prefix.len() || !key[1..].starts_with(&self.prefix) {
+            return;
+        }
+        if key == self.end_key {
+            if let Some(meta) = value.and_then(decode_partition_meta) {
+                self.finished = Some(meta.0);
+            }
+        } else {
+            self.keys.insert(key.to_vec());
+        }
+    }
+
+    /// The input offset the changelog's last finished write of the partition resumes from;
+    /// `None` when it holds no finished write of it.
+    pub fn finished_offset(&self) -> Option<Option<i64>> {
+        self.finished
+    }
+
+    /// Every key of the partition the changelog holds (to overwrite when the store's copy wins).
+    pub fn into_keys(self) -> Vec<Vec<u8>> {
+        self.keys.into_iter().collect()
     }
 }

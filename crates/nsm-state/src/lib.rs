@@ -54,7 +54,8 @@ use codec::{
 };
 
 pub use changelog::{
-    ChangeRecord, PartitionRecords, PartitionRestore, PreparedWrite, RestoreOutcome,
+    ChangeRecord, ChangelogPosition, ChangelogProbe, PartitionRecords, PartitionRestore,
+    PreparedWrite, RestoreOutcome,
 };
 pub use format::{FormatError, FORMAT_VERSION};
 
@@ -379,18 +380,23 @@ impl Store {
     }
 
     /// Writes a prepared batch atomically, with the changelog position each partition's
-    /// records reached (`positions`: the next changelog offset, after its end marker).
+    /// records reached (`positions`: the next changelog offset, after its end marker). A write
+    /// made without the changelog drops the positions of its partitions: the changelog no
+    /// longer follows them.
     pub fn commit(
         &self,
         prepared: PreparedWrite,
         positions: &[(PartitionKey, i64)],
     ) -> Result<(), StateError> {
         let mut batch = prepared.batch;
+        for partition in &prepared.without_changelog {
+            batch.delete_cf(self.cf(CF_META), changelog::position_key(partition));
+        }
         for (partition, position) in positions {
             batch.put_cf(
                 self.cf(CF_META),
                 changelog::position_key(partition),
-                position.to_be_bytes(),
+                changelog::encode_position(*position),
             );
         }
         self.db.write_opt(batch, &self.write_options)?;

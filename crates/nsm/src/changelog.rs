@@ -12,11 +12,18 @@ use std::time::{Duration, Instant};
 
 use nsm_core::PartitionKey;
 use nsm_kafka::{ChangelogReader, ChangelogWriter, ClientSettings};
-use nsm_state::{PartitionRestore, PreparedWrite, RestoreOutcome, Store};
+use nsm_state::{ChangelogProbe, PartitionRestore, PreparedWrite, RestoreOutcome, Store};
 use tracing::info;
 
 /// How long a write still waits for the broker once nsm was asked to stop.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How old a stored position may be and still be read from: tombstones written after it
+/// must still be in the changelog. Kafka keeps them `delete.retention.ms`, one day by default.
+const TRUST_POSITION_MS: i64 = 20 * 3_600_000;
+
+fn wall_clock_ms() -> i64 {
+    crate::pipeline::wall_clock_ms()
+}
 
 pub struct Changelog {
     topic: String,
@@ -57,6 +64,8 @@ impl Changelog {
             return Ok(Vec::new());
         }
         let failed = |error: nsm_kafka::KafkaError| format!("changelog {}: {error}", self.topic);
+        let grace = StopGrace::new(&self.stop);
+        let give_up = || grace.expired();
         for partition in &prepared.partitions {
             for record in &partition.records {
                 self.writer
@@ -64,6 +73,7 @@ impl Changelog {
                         partition.partition.partition,
                         &record.key,
                         record.value.as_deref(),
+                        &give_up,
                     )
                     .map_err(failed)?;
             }
@@ -75,6 +85,7 @@ impl Changelog {
                     partition.partition.partition,
                     &partition.end.key,
                     partition.end.value.as_deref(),
+                    &give_up,
                 )
                 .map_err(failed)?;
         }
@@ -103,7 +114,9 @@ impl Changelog {
 
     /// Brings the store's copy of `key` up to date with the changelog: nothing to do when it
     /// wrote or read the changelog's last record itself, the records since its position
-    /// otherwise, everything from the start when it has no position.
+    /// otherwise, everything from the start when it has no position or an old one. A store
+    /// that holds the partition without a position (written before the changelog, or with it
+    /// off) is compared with the changelog by input offset: the newer copy wins.
     pub fn restore(&self, store: &Store, key: &PartitionKey) -> Result<Restored, String> {
         let failed = |error: nsm_kafka::KafkaError| {
             format!(
@@ -115,21 +128,57 @@ impl Changelog {
         let (low, high) = self.reader.watermarks(key.partition).map_err(failed)?;
         let position = store.changelog_position(key).map_err(state_failed)?;
         let start = match position {
-            Some(position) if position == high => return Ok(Restored::default()),
-            Some(position) if position >= low && position < high => position,
-            _ if low == high => {
-                // An empty changelog: what the store holds (if anything) goes to it.
-                let seed = store.has_partition_data(key).map_err(state_failed)?;
-                return Ok(Restored {
-                    seed,
-                    ..Restored::default()
-                });
+            Some(position) if position.offset == high => return Ok(Restored::default()),
+            Some(position)
+                if position.offset >= low
+                    && position.offset < high
+                    && wall_clock_ms() - position.written_ms < TRUST_POSITION_MS =>
+            {
+                position.offset
+            }
+            None if store.has_partition_data(key).map_err(state_failed)? => {
+                let mut probe = ChangelogProbe::new(key);
+                let records = self
+                    .reader
+                    .read(
+                        key.partition,
+                        low,
+                        high,
+                        &mut |_: i64, record_key: &[u8], value: Option<&[u8]>| {
+                            probe.record(record_key, value);
+                            Ok(())
+                        },
+                    )
+                    .map_err(failed)?;
+                let stored = store.stored_next_offset(key).map_err(state_failed)?;
+                match probe.finished_offset() {
+                    Some(logged) if logged >= stored => {
+                        info!(partition = %key, stored = ?stored, changelog = ?logged,
+                              "the changelog is ahead of the stored copy: restoring from it");
+                        store.clear_partition(key).map_err(state_failed)?;
+                        low
+                    }
+                    _ => {
+                        // The store's copy is newer, or the only one: it replaces what the
+                        // changelog holds of the partition.
+                        info!(partition = %key, stored = ?stored, changelog = ?probe.finished_offset(),
+                              "the stored copy is ahead of the changelog: sending it whole");
+                        return Ok(Restored {
+                            tail: probe.into_keys(),
+                            seed: true,
+                            records,
+                        });
+                    }
+                }
             }
             _ => {
                 store.clear_partition(key).map_err(state_failed)?;
                 low
             }
         };
+        if start == high {
+            return Ok(Restored::default());
+        }
         info!(partition = %key, changelog = %self.topic, from = start, to = high, "restoring partition state from the changelog");
         let (outcome, mut records) =
             self.read_into(PartitionRestore::new(store, key, start), key, start, high)?;

@@ -128,13 +128,13 @@ impl Pipeline {
         let result = prepare(&self.store)
             .map_err(|error| format!("state write failed: {error}"))
             .and_then(|(prepared, extra)| {
-                let positions = match &self.changelog {
+                let (prepared, positions) = match &self.changelog {
                     Some(changelog) => {
                         let positions = changelog.send(&prepared)?;
                         self.telemetry.record_changelog(prepared.record_count());
-                        positions
+                        (prepared, positions)
                     }
-                    None => Vec::new(),
+                    None => (prepared.without_changelog_records(), Vec::new()),
                 };
                 self.store
                     .commit(prepared, &positions)
@@ -265,6 +265,15 @@ impl PartitionHandler for Pipeline {
         }
         self.publish();
         Ok(())
+    }
+
+    fn abandoned(&mut self, partitions: &[PartitionKey]) {
+        for key in partitions {
+            self.engine.remove_partition(key);
+            self.last_message.remove(key);
+            self.telemetry.forget_restore(key);
+        }
+        self.publish();
     }
 
     fn process(

@@ -312,3 +312,82 @@ fn assert_values(samples: &std::collections::BTreeMap<String, f64>, stream: &Kno
     assert_eq!(start, (stream.hour_ms / 1000) as f64);
     assert!(samples.contains_key("nsm_metric_info{description=\"Users who sent a message today\",kind=\"distinct\",metric=\"daily_active_messagers\",owner=\"\",period=\"day\",role=\"north_star\"}"), "info series");
 }
+
+#[test]
+fn a_state_kept_without_the_changelog_seeds_it_once_turned_on() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = "events";
+    cluster.create_topic(topic, 2, 1).expect("topic");
+    cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
+    cluster
+        .create_topic("nsm-seed-changelog", 2, 1)
+        .expect("changelog topic");
+    let brokers = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stream = known_stream(40, 2);
+    let events_file = dir.path().join("events.jsonl");
+    std::fs::write(&events_file, stream.lines.join("\n")).expect("write events");
+    nsm_tool(&[
+        "produce",
+        "--brokers",
+        &brokers,
+        "--topic",
+        topic,
+        "--file",
+        events_file.to_str().expect("utf8"),
+        "--key-field",
+        "user_id",
+    ]);
+    let port = free_port();
+    let config = |changelog: bool, state: &str| {
+        let text = test_config(&brokers, topic, &dir.path().join(state), port, "nsm-seed");
+        if changelog {
+            text
+        } else {
+            text.replace("[state]\n", "[state]\nchangelog = false\n")
+        }
+    };
+    let run = |text: String, name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("config");
+        Process::spawn(
+            name,
+            std::process::Command::new(NSM).args(["run", "--config", path.to_str().expect("utf8")]),
+            dir.path(),
+        )
+    };
+    let counted = |process: &Process| {
+        wait_for(
+            "every message counted",
+            Duration::from_secs(90),
+            Some(process),
+            || {
+                let samples = scrape(port)?;
+                (samples.get("nsm_partitions_owned").copied()? == 2.0
+                    && metric_value(&samples, "messages_sent", "current")?
+                        == stream.messages_current_hour as f64)
+                    .then_some(samples)
+            },
+        )
+    };
+
+    // Without the changelog, then with it: the stored copy is sent whole.
+    let mut without = run(config(false, "state"), "without-changelog");
+    counted(&without);
+    assert!(without.terminate(Duration::from_secs(30)).success());
+    let mut with = run(config(true, "state"), "with-changelog");
+    let samples = counted(&with);
+    assert_values(&samples, &stream);
+    assert!(with.terminate(Duration::from_secs(30)).success());
+    assert!(
+        with.log_text().contains("sending it whole"),
+        "{}",
+        with.log_text()
+    );
+
+    // The changelog alone now rebuilds the same values in an empty state directory.
+    let fresh = run(config(true, "fresh-state"), "fresh");
+    let samples = counted(&fresh);
+    assert_values(&samples, &stream);
+    assert!(samples.get("nsm_state_restored_records_total").copied() > Some(0.0));
+}
