@@ -490,6 +490,32 @@ window = "1w""#,
     }
 
     #[test]
+    fn more_than_five_inputs_is_a_warning_on_the_inputs() {
+        let extra: String = (0..3)
+            .map(|index| {
+                format!(
+                    "[[inputs]]\nname = \"extra_{index}\"\nowner = \"team\"\nkind = \"count\"\n\
+                     where = {{ event = \"extra_{index}\" }}\nwindow = \"1w\"\n"
+                )
+            })
+            .collect();
+        let config = config(&format!(
+            "[north_star]\nname = \"weekly_active_messagers\"\nkind = \"distinct\"\n\
+             where = {{ event = \"message_sent\" }}\nwindow = \"1w\"\n{HEALTHY_TREE}\n{extra}"
+        ));
+        assert_eq!(
+            checks(&config),
+            vec![(Severity::Warning, "many_inputs", "inputs".into())]
+        );
+        let finding = lint(&config).remove(0);
+        assert!(
+            finding.message.starts_with("6 input metrics"),
+            "{}",
+            finding.message
+        );
+    }
+
+    #[test]
     fn revenue_as_north_star_is_an_error_when_identical_and_a_warning_when_money_like() {
         let identical = with_north_star(
             r#"name = "weekly_revenue"
