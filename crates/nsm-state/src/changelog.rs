@@ -83,10 +83,6 @@ pub struct PreparedWrite {
 }
 
 impl PreparedWrite {
-    pub fn is_empty(&self) -> bool {
-        self.batch.is_empty() && self.partitions.is_empty()
-    }
-
     /// The write without its changelog records, for a store that runs without a changelog:
     /// committing it drops the positions of its partitions.
     pub fn without_changelog_records(mut self) -> Self {
@@ -211,6 +207,31 @@ pub(crate) fn position_key(partition: &PartitionKey) -> Vec<u8> {
     let mut key = b"changelog/".to_vec();
     key.extend_from_slice(&partition_prefix(partition));
     key
+}
+
+/// Which records of a changelog partition belong to one input partition, and which one is its
+/// end marker (a changelog partition carries that partition number of every input topic).
+struct PartitionRecordKeys {
+    prefix: Vec<u8>,
+    end_key: Vec<u8>,
+}
+
+impl PartitionRecordKeys {
+    fn new(partition: &PartitionKey) -> Self {
+        let prefix = partition_prefix(partition);
+        PartitionRecordKeys {
+            end_key: record_key(CF_PARTITIONS, &prefix),
+            prefix,
+        }
+    }
+
+    fn belongs(&self, key: &[u8]) -> bool {
+        key.len() > self.prefix.len() && key[1..].starts_with(&self.prefix)
+    }
+
+    fn is_end(&self, key: &[u8]) -> bool {
+        key == self.end_key
+    }
 }
 
 /// Where a partition's local copy stands in the changelog, and when that was written.
@@ -393,8 +414,7 @@ const APPLY_CHUNK: usize = 10_000;
 pub struct PartitionRestore<'s> {
     store: &'s Store,
     partition: PartitionKey,
-    prefix: Vec<u8>,
-    end_key: Vec<u8>,
+    keys: PartitionRecordKeys,
     start: i64,
     /// Records since the last end marker, not yet written.
     pending: Vec<ChangeRecord>,
@@ -426,12 +446,10 @@ pub enum RestoreOutcome {
 impl<'s> PartitionRestore<'s> {
     /// A restore of `partition` reading the changelog from offset `start`.
     pub fn new(store: &'s Store, partition: &PartitionKey, start: i64) -> Self {
-        let prefix = partition_prefix(partition);
         PartitionRestore {
             store,
             partition: partition.clone(),
-            end_key: record_key(CF_PARTITIONS, &prefix),
-            prefix,
+            keys: PartitionRecordKeys::new(partition),
             start,
             pending: Vec::new(),
             pending_bytes: 0,
@@ -459,12 +477,6 @@ impl<'s> PartitionRestore<'s> {
         self
     }
 
-    /// Whether a record key belongs to this partition (a changelog partition carries the
-    /// partitions of that number of every input topic).
-    pub fn belongs(&self, key: &[u8]) -> bool {
-        key.len() > self.prefix.len() && key[1..].starts_with(&self.prefix)
-    }
-
     /// The next record, in offset order.
     pub fn record(
         &mut self,
@@ -473,7 +485,7 @@ impl<'s> PartitionRestore<'s> {
         value: Option<&[u8]>,
     ) -> Result<(), StateError> {
         self.last_read = Some(offset);
-        if !self.belongs(key) {
+        if !self.keys.belongs(key) {
             return Ok(());
         }
         let record = ChangeRecord {
@@ -491,7 +503,7 @@ impl<'s> PartitionRestore<'s> {
             }
             return Ok(());
         }
-        let is_end = record.key == self.end_key;
+        let is_end = self.keys.is_end(&record.key);
         self.pending_bytes += record.key.len() + record.value.as_ref().map_or(0, Vec::len);
         self.pending.push(record);
         if is_end {
@@ -518,8 +530,7 @@ impl<'s> PartitionRestore<'s> {
     /// Ends the restore: the store's position is set after the last end marker read, so a
     /// restart before the tail is reverted finds the same tail again.
     pub fn finish(mut self) -> Result<RestoreOutcome, StateError> {
-        if self.apply_through.is_some() {
-            let through = self.apply_through.unwrap_or(-1);
+        if let Some(through) = self.apply_through {
             self.write_pending()?;
             let position = if through >= self.start {
                 through + 1
@@ -559,8 +570,7 @@ impl<'s> PartitionRestore<'s> {
 /// for a store that holds the partition without a changelog position (written before the
 /// changelog, or with it turned off), to tell which copy is newer.
 pub struct ChangelogProbe {
-    prefix: Vec<u8>,
-    end_key: Vec<u8>,
+    matcher: PartitionRecordKeys,
     /// The input offset of the last finished write found (`Some(None)`: one without offset).
     finished: Option<Option<i64>>,
     keys: std::collections::BTreeSet<Vec<u8>>,
@@ -568,20 +578,18 @@ pub struct ChangelogProbe {
 
 impl ChangelogProbe {
     pub fn new(partition: &PartitionKey) -> Self {
-        let prefix = partition_prefix(partition);
         ChangelogProbe {
-            end_key: record_key(CF_PARTITIONS, &prefix),
-            prefix,
+            matcher: PartitionRecordKeys::new(partition),
             finished: None,
             keys: std::collections::BTreeSet::new(),
         }
     }
 
     pub fn record(&mut self, key: &[u8], value: Option<&[u8]>) {
-        if key.len() <= self.prefix.len() || !key[1..].starts_with(&self.prefix) {
+        if !self.matcher.belongs(key) {
             return;
         }
-        if key == self.end_key {
+        if self.matcher.is_end(key) {
             if let Some(meta) = value.and_then(decode_partition_meta) {
                 self.finished = Some(meta.0);
             }

@@ -21,10 +21,6 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// must still be in the changelog. Kafka keeps them `delete.retention.ms`, one day by default.
 const TRUST_POSITION_MS: i64 = 20 * 3_600_000;
 
-fn wall_clock_ms() -> i64 {
-    crate::pipeline::wall_clock_ms()
-}
-
 pub struct Changelog {
     topic: String,
     writer: ChangelogWriter,
@@ -37,7 +33,8 @@ pub struct Changelog {
 pub struct Restored {
     /// Keys of an unfinished write found after the last end marker, to revert.
     pub tail: Vec<Vec<u8>>,
-    /// The changelog is empty but the store holds the partition: send it all.
+    /// The store's copy of the partition is newer than the changelog's (or the only one):
+    /// send it whole, with `tail` holding every other key the changelog has of it.
     pub seed: bool,
     /// Changelog records read.
     pub records: u64,
@@ -64,6 +61,7 @@ impl Changelog {
             return Ok(Vec::new());
         }
         let failed = |error: nsm_kafka::KafkaError| format!("changelog {}: {error}", self.topic);
+        // One grace for the whole write: once stopping, it gets STOP_GRACE in all.
         let grace = StopGrace::new(&self.stop);
         let give_up = || grace.expired();
         for partition in &prepared.partitions {
@@ -78,7 +76,7 @@ impl Changelog {
                     .map_err(failed)?;
             }
         }
-        self.await_delivery().map_err(failed)?;
+        self.writer.await_delivery(&give_up).map_err(failed)?;
         for partition in &prepared.partitions {
             self.writer
                 .send(
@@ -89,7 +87,7 @@ impl Changelog {
                 )
                 .map_err(failed)?;
         }
-        let next = self.await_delivery().map_err(failed)?;
+        let next = self.writer.await_delivery(&give_up).map_err(failed)?;
         prepared
             .partitions
             .iter()
@@ -105,11 +103,6 @@ impl Changelog {
                     })
             })
             .collect()
-    }
-
-    fn await_delivery(&self) -> Result<std::collections::HashMap<i32, i64>, nsm_kafka::KafkaError> {
-        let give_up = StopGrace::new(&self.stop);
-        self.writer.await_delivery(&|| give_up.expired())
     }
 
     /// Brings the store's copy of `key` up to date with the changelog: nothing to do when it
@@ -132,7 +125,8 @@ impl Changelog {
             Some(position)
                 if position.offset >= low
                     && position.offset < high
-                    && wall_clock_ms() - position.written_ms < TRUST_POSITION_MS =>
+                    && crate::pipeline::wall_clock_ms() - position.written_ms
+                        < TRUST_POSITION_MS =>
             {
                 position.offset
             }
