@@ -131,6 +131,9 @@ impl Store {
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
+        // All memtables together stay within 64 MiB, whatever the families: 3 of 32 MiB for
+        // each of 7 could otherwise reach 672 MiB.
+        db_options.set_db_write_buffer_size(64 * 1024 * 1024);
         // Bounded memory: small memtables, and one LRU block cache that also holds the index
         // and filter blocks, so reading members never grows past it.
         let cache = Cache::new_lru_cache(options.block_cache_bytes);

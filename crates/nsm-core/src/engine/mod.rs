@@ -57,9 +57,11 @@ pub enum Outcome {
     StateUnreadable(members::StateReadError),
 }
 
-/// Entries of members and threshold progress kept in memory per engine (written since the
-/// last checkpoint aside): about 40 bytes each, so 1M is some 40 MB.
-pub const DEFAULT_MEMBER_CACHE: usize = 1_000_000;
+/// Entries of members and threshold progress cached per engine (written since the last
+/// checkpoint aside), in each of two generations. An entry takes a 33-byte slot, and a hash
+/// table grows to the next power of two past 7/8 full: 900k entries stay within 2^20 slots
+/// (33 MiB a generation) where a round million would take 2^21.
+pub const DEFAULT_MEMBER_CACHE: usize = 900_000;
 
 /// The engine for all partitions this instance owns.
 pub struct Engine {
