@@ -98,12 +98,12 @@ struct Run {
 }
 
 fn measure(work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Run> {
-    let cpu_before = process_cpu_seconds()?;
+    let cpu_before = crate::procfs::cpu_seconds("self")?;
     let started = Instant::now();
     work()?;
     Ok(Run {
         seconds: started.elapsed().as_secs_f64(),
-        cpu_seconds: process_cpu_seconds()? - cpu_before,
+        cpu_seconds: crate::procfs::cpu_seconds("self")? - cpu_before,
     })
 }
 
@@ -182,24 +182,4 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
         rounded(&core_rates),
     );
     Ok(())
-}
-
-/// CPU time of this process so far, user and system, from `/proc/self/stat` (Linux, whose
-/// clock tick for these fields is 1/100 s on every architecture it runs nsm on).
-fn process_cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    // The command name may hold spaces; the fields after its closing parenthesis do not.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 counting from 0 after it.
-    let ticks = |index: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(index)
-            .ok_or_else(|| anyhow::anyhow!("short /proc/self/stat"))?
-            .parse::<f64>()?)
-    };
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }

@@ -10,9 +10,15 @@
 //! order over the 7 days before a fixed clock, checkpointing like the pipeline. It checks the
 //! trailing distinct count equals N and reports the peak resident memory of the process
 //! (`VmHWM`). `--store memory` keeps members in memory instead: the baseline that grows.
+//!
+//! `nsm-bench e2e --events N` starts tansu, produces N events, reads them with a bare
+//! librdkafka consumer (the ceiling) and then with `nsm run`, restarts nsm on its state and
+//! measures freshness at a steady rate (see [`e2e`]).
 
 mod core_path;
+mod e2e;
 mod memory;
+mod procfs;
 mod report;
 mod workload;
 
@@ -32,6 +38,9 @@ enum Command {
     /// Events per second through decoding, every metric and the state write, beside a
     /// parse-only baseline over the same bytes.
     Core(core_path::CoreArgs),
+    /// nsm on a real broker (tansu) beside a bare librdkafka consumer of the same topic; then
+    /// the restart to the first correct scrape and the freshness at a steady rate.
+    E2e(e2e::E2eArgs),
     /// Writes BENCHMARKS.md from the JSON lines of the other measurements.
     Report(report::ReportArgs),
 }
@@ -40,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Memory(args) => memory::run(&args),
         Command::Core(args) => core_path::run(&args),
+        Command::E2e(args) => e2e::run(&args),
         Command::Report(args) => report::run(&args),
     }
 }
