@@ -186,22 +186,19 @@ impl ChangelogWriter {
     ) -> Result<HashMap<i32, i64>, KafkaError> {
         let started = Instant::now();
         let mut warned = false;
-        loop {
-            match self.producer.flush(Duration::from_millis(500)) {
-                Ok(()) => break,
-                Err(RdKafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
-                    if give_up() {
-                        return Err(KafkaError::Other(
-                            "stopped while the changelog was not acknowledged".into(),
-                        ));
-                    }
-                    if !warned && started.elapsed() > Duration::from_secs(5) {
-                        warned = true;
-                        warn!(topic = %self.topic, "changelog not acknowledged yet: the checkpoint waits for the broker");
-                    }
-                }
-                Err(error) => return Err(error.into()),
-            }
+        let delivered = crate::delivery::wait_delivered(
+            &|| self.producer.in_flight_count(),
+            give_up,
+            Duration::from_secs(5),
+            &mut || {
+                warned = true;
+                warn!(topic = %self.topic, "changelog not acknowledged yet: the checkpoint waits for the broker");
+            },
+        );
+        if !delivered {
+            return Err(KafkaError::Other(
+                "stopped while the changelog was not acknowledged".into(),
+            ));
         }
         if warned {
             info!(topic = %self.topic, waited_ms = started.elapsed().as_millis() as u64, "changelog acknowledged; checkpoints resume");

@@ -159,7 +159,19 @@ impl DeadLetterProducer {
 
     /// Waits until every queued dead letter is delivered (or failed permanently).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)?;
-        Ok(())
+        let deadline = std::time::Instant::now() + timeout;
+        let delivered = crate::delivery::wait_delivered(
+            &|| self.producer.in_flight_count(),
+            &|| std::time::Instant::now() >= deadline,
+            timeout,
+            &mut || {},
+        );
+        if delivered {
+            Ok(())
+        } else {
+            Err(KafkaError::Other(format!(
+                "dead letters not delivered within {timeout:?}"
+            )))
+        }
     }
 }

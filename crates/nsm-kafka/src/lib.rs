@@ -11,6 +11,7 @@ mod changelog;
 mod client;
 mod consumer;
 mod dead_letter;
+mod delivery;
 mod tools;
 
 pub use changelog::{ensure_changelog_topic, ChangelogReader, ChangelogWriter};
