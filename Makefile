@@ -5,8 +5,9 @@
 #               changes over time (default healthy); SCENARIO_PERIOD=10m how fast
 #   make test   install what the tests need (system packages, the tansu broker) and run them all
 #   make fuzz   fuzz event decoding and Engine::apply for FUZZ_SECONDS (nightly + cargo-fuzz)
-#   make bench  measure the core path against parse-only and memory at BENCH_USERS distinct
-#               users, in release mode, and write BENCHMARKS.md
+#   make bench  measure the core path against parse-only, memory at BENCH_USERS distinct users,
+#               and nsm on tansu against a bare consumer (throughput, CPU, restart, freshness),
+#               in release mode, and write BENCHMARKS.md
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -29,6 +30,8 @@ FUZZ_SECONDS ?= 60
 # Sizes of `make bench`: events of the core-path runs, distinct users of the memory run.
 BENCH_EVENTS ?= 1000000
 BENCH_USERS ?= 5000000
+# Events of the end-to-end run on tansu (its state is the one the restart is timed with).
+BENCH_E2E_EVENTS ?= 10000000
 BENCH_DIR := target/bench
 
 .PHONY: run test deps tansu build check fmt lint clean fuzz cargo-fuzz bench
@@ -83,7 +86,7 @@ cargo-fuzz:
 
 # Each measurement prints one JSON line; the report turns them into BENCHMARKS.md. The memory
 # runs are separate processes, so each peak RSS is its own.
-bench: deps
+bench: deps tansu
 	$(CARGO) build --release --workspace
 	@mkdir -p $(BENCH_DIR)
 	@bin=$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/nsm-bench; \
@@ -91,8 +94,9 @@ bench: deps
 	$$bin core --events $(BENCH_EVENTS) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store rocksdb | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store memory | tee -a $(BENCH_DIR)/results.jsonl; \
+	$$bin e2e --events $(BENCH_E2E_EVENTS) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin report --results $(BENCH_DIR)/results.jsonl \
-	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS)"
+	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS) BENCH_E2E_EVENTS=$(BENCH_E2E_EVENTS)"
 
 clean:
 	$(CARGO) clean

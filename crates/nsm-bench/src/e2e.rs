@@ -58,6 +58,11 @@ pub struct E2eArgs {
 }
 
 const TOPIC: &str = "bench-events";
+/// How often a wait scrapes: often, where the time of the answer is measured.
+const POLL: Duration = Duration::from_millis(10);
+/// How often the wait for nsm to read the whole stream scrapes: rendering `/metrics` costs
+/// nsm CPU, and this span is long.
+const CATCH_UP_POLL: Duration = Duration::from_millis(100);
 /// Longest wait for anything the bench waits on, per million events of the stream.
 const PATIENCE_PER_MILLION: Duration = Duration::from_secs(120);
 
@@ -102,7 +107,7 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
         ]),
         dir,
     )?;
-    wait("tansu to listen", Duration::from_secs(30), || {
+    wait("tansu to listen", Duration::from_secs(30), POLL, || {
         Ok(TcpStream::connect(("127.0.0.1", broker_port)).ok())
     })?;
 
@@ -159,6 +164,16 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
         );
     }
 
+    // Checkpoints block the consumer thread: their share of the span says how much.
+    let checkpoint_seconds = sum_of(&before, "nsm_state_checkpoint_duration_seconds_sum");
+    let checkpoints = sum_of(&before, "nsm_state_checkpoint_duration_seconds_count");
+    let checkpoint_mean_ms = checkpoint_seconds * 1e3 / checkpoints.max(1.0);
+    let checkpoint_share = checkpoint_seconds / through.seconds;
+    eprintln!(
+        "nsm checkpoints: {checkpoints} of {checkpoint_mean_ms:.0} ms on average, {:.0}% of the span",
+        checkpoint_share * 100.0
+    );
+
     // 3. Restart on the state just written.
     let expected = restart_values(&before);
     let stopping = Instant::now();
@@ -169,6 +184,7 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
     wait(
         "the first correct scrape after the restart",
         patience,
+        POLL,
         || {
             instance.check_alive()?;
             Ok(scrape(http_port).filter(|now| restart_values(now) == expected))
@@ -190,6 +206,7 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
          \"bare_events_per_second\":{:.0},\"bare_cpu_seconds_per_million\":{:.2},\
          \"nsm_events_per_second\":{:.0},\"nsm_cpu_seconds_per_million\":{:.2},\
          \"nsm_to_bare\":{:.3},\"nsm_cpu_to_bare\":{:.2},\
+         \"nsm_checkpoint_mean_ms\":{checkpoint_mean_ms:.1},\"nsm_checkpoint_share\":{checkpoint_share:.3},\
          \"shutdown_seconds\":{shutdown_seconds:.2},\"restart_seconds\":{restart_seconds:.2},\
          \"freshness_rate\":{:.0},\"freshness_events\":{},\"freshness_p50_ms\":{:.0},\
          \"freshness_p99_ms\":{:.0},\"freshness_max_ms\":{:.0}}}",
@@ -279,6 +296,7 @@ fn bare_consumer(brokers: &str, events: u64, patience: Duration) -> anyhow::Resu
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100")
         .create()?;
     consumer.subscribe(&[TOPIC])?;
     let deadline = Instant::now() + patience;
@@ -318,7 +336,7 @@ fn nsm_consumes(
     patience: Duration,
 ) -> anyhow::Result<Span> {
     let pid = instance.child.id().to_string();
-    let (started, cpu) = wait("nsm's first message", patience, || {
+    let (started, cpu) = wait("nsm's first message", patience, POLL, || {
         instance.check_alive()?;
         let consumed = scrape(port).map_or(0.0, |s| sum_of(&s, "nsm_events_consumed_total"));
         if consumed > 0.0 {
@@ -327,7 +345,7 @@ fn nsm_consumes(
             Ok(None)
         }
     })?;
-    wait("nsm to consume the stream", patience, || {
+    wait("nsm to consume the stream", patience, CATCH_UP_POLL, || {
         instance.check_alive()?;
         let consumed = scrape(port).map_or(0.0, |s| sum_of(&s, "nsm_events_consumed_total"));
         Ok((consumed >= events as f64).then_some(()))
@@ -446,6 +464,7 @@ fn freshness(
     let waited = wait(
         "the freshness run to be visible",
         Duration::from_secs(60),
+        POLL,
         || {
             instance.check_alive()?;
             Ok(scrape(port).filter(|s| {
@@ -561,10 +580,11 @@ impl Drop for Running {
     }
 }
 
-/// Polls `check` every 10 ms until it gives a value, or fails after `patience`.
+/// Polls `check` every `every` until it gives a value, or fails after `patience`.
 fn wait<T>(
     what: &str,
     patience: Duration,
+    every: Duration,
     mut check: impl FnMut() -> anyhow::Result<Option<T>>,
 ) -> anyhow::Result<T> {
     let deadline = Instant::now() + patience;
@@ -575,7 +595,7 @@ fn wait<T>(
         if Instant::now() > deadline {
             bail!("gave up waiting for {what} after {patience:?}");
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(every);
     }
 }
 

@@ -25,6 +25,10 @@ const CORE_TARGET_EVENTS_PER_SECOND: f64 = 1_000_000.0;
 const CORE_TARGET_RATIO: f64 = 0.5;
 const MEMORY_TARGET_MIB: f64 = 512.0;
 const MEMORY_TARGET_USERS: f64 = 5_000_000.0;
+const E2E_TARGET_RATIO: f64 = 0.95;
+const E2E_TARGET_CPU_RATIO: f64 = 2.0;
+const FRESHNESS_TARGET_P99_MS: f64 = 1_000.0;
+const RESTART_TARGET_SECONDS: f64 = 5.0;
 
 pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.results)
@@ -36,15 +40,14 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()
         .context("a result line is not JSON")?;
     let find = |bench: &'static str| results.iter().filter(move |r| r["bench"] == bench);
-    let number = |value: &Value, key: &str| value[key].as_f64().unwrap_or(f64::NAN);
-    let verdict = |met: bool| if met { "met" } else { "**not met**" };
 
     let mut out = String::new();
     out.push_str("# Benchmarks\n\n");
     out.push_str(&format!(
-        "Measured by `{}` on {}, {} ({}), with nsm {} built in release mode. Figures of one \
-         section come from one run of one process, alternating the two sides, so machine noise \
-         hits both; the median of the rounds is shown with every round beside it.\n\n",
+        "Measured by `{}` on {}, {} ({}), with nsm {} built in release mode. The core path \
+         alternates its two sides in one process, so machine noise hits both, and shows the \
+         median of the rounds with every round beside it; the end-to-end figures come from \
+         one run against one broker, the ceiling first.\n\n",
         args.command,
         today(),
         machine(),
@@ -112,15 +115,105 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
             target
         ));
     }
+    for e2e in find("e2e") {
+        end_to_end(&mut out, e2e);
+    }
     out.push_str(
-        "\n## Not measured yet\n\nEnd to end against a bare librdkafka consumer on tansu, \
-         freshness at 20k events/s, restart to the first correct scrape and the Quix Streams \
-         peer are not part of `make bench` yet.\n",
+        "\n## Not measured yet\n\nThe Quix Streams peer is not part of `make bench` yet.\n",
     );
     std::fs::write(&args.output, out)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
     println!("wrote {}", args.output.display());
     Ok(())
+}
+
+fn number(value: &Value, key: &str) -> f64 {
+    value[key].as_f64().unwrap_or(f64::NAN)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**not met**"
+    }
+}
+
+/// The sections of one `nsm-bench e2e` run: throughput and CPU against the bare consumer,
+/// the restart, the freshness.
+fn end_to_end(out: &mut String, e2e: &Value) {
+    out.push_str("\n## End to end on a real broker\n\n");
+    out.push_str(&format!(
+        "{} events of {} bytes on average from {} users, keyed by user over {} partitions, \
+         produced to tansu (in memory) beforehand. The ceiling is a bare librdkafka consumer \
+         with nsm's consumer settings that does nothing with the messages; then `nsm run` \
+         reads the same topic with the bench config, the changelog on, as deployed. Each side \
+         is timed from its first message to its last, with its own process' CPU over that \
+         span; tansu runs on the same 2 cores.\n\n",
+        e2e["events"], e2e["mean_event_bytes"], e2e["users"], e2e["partitions"]
+    ));
+    let ratio = number(e2e, "nsm_to_bare");
+    let cpu_ratio = number(e2e, "nsm_cpu_to_bare");
+    out.push_str("| bare consumer events/s | nsm events/s | nsm / bare | bare CPU-s per million | nsm CPU-s per million | nsm CPU / bare | target |\n|---|---|---|---|---|---|---|\n");
+    out.push_str(&format!(
+        "| {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | ≥ 0.95 of the bare consumer: {}; ≤ 2× its CPU: {} |\n",
+        number(e2e, "bare_events_per_second"),
+        number(e2e, "nsm_events_per_second"),
+        ratio,
+        number(e2e, "bare_cpu_seconds_per_million"),
+        number(e2e, "nsm_cpu_seconds_per_million"),
+        cpu_ratio,
+        verdict(ratio >= E2E_TARGET_RATIO),
+        verdict(cpu_ratio <= E2E_TARGET_CPU_RATIO),
+    ));
+    out.push_str(&format!(
+        "\nnsm's checkpoints (changelog sent and acknowledged, then the RocksDB batch) took \
+         {:.0} ms on average and {:.0}% of its span; the consumer thread waits for them.\n",
+        number(e2e, "nsm_checkpoint_mean_ms"),
+        number(e2e, "nsm_checkpoint_share") * 100.0
+    ));
+
+    out.push_str("\n## Restart\n\n");
+    out.push_str(
+        "nsm is stopped with SIGTERM once it has read the stream, and started again on its \
+         state: from the start of the process to the first scrape of `/metrics` showing every \
+         value it showed before the stop (the 7-day trailing count aside: it drains on the \
+         wall clock between the two scrapes).\n\n",
+    );
+    let restart = number(e2e, "restart_seconds");
+    out.push_str("| state of (events) | stop (s) | start to first correct scrape (s) | target |\n|---|---|---|---|\n");
+    out.push_str(&format!(
+        "| {} | {:.2} | {:.2} | < 5 s{}: {} |\n",
+        e2e["events"],
+        number(e2e, "shutdown_seconds"),
+        restart,
+        if number(e2e, "events") >= 10_000_000.0 {
+            ""
+        } else {
+            " with 10M events (this state is smaller)"
+        },
+        verdict(restart < RESTART_TARGET_SECONDS),
+    ));
+
+    out.push_str("\n## Freshness\n\n");
+    out.push_str(
+        "Events with the current time are sent at a steady rate into the topic nsm (restarted \
+         above) reads, while `/metrics` is scraped every 10 ms. An event's delay runs from the \
+         call that sends it to the end of the first scrape whose `messages` count includes it \
+         (the k-th message counts once k are visible), so it holds the producer's batching, \
+         the broker, nsm's flush interval (200 ms, the default) and its checkpoint.\n\n",
+    );
+    let p99 = number(e2e, "freshness_p99_ms");
+    out.push_str("| events/s sent | messages timed | p50 (ms) | p99 (ms) | max (ms) | target |\n|---|---|---|---|---|---|\n");
+    out.push_str(&format!(
+        "| {:.0} | {} | {:.0} | {:.0} | {:.0} | p99 < 1 s at 20k events/s: {} |\n",
+        number(e2e, "freshness_rate"),
+        e2e["freshness_events"],
+        number(e2e, "freshness_p50_ms"),
+        p99,
+        number(e2e, "freshness_max_ms"),
+        verdict(p99 < FRESHNESS_TARGET_P99_MS && number(e2e, "freshness_rate") >= 19_000.0),
+    ));
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
