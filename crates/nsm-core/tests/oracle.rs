@@ -1,15 +1,18 @@
 //! The engine against a naive batch oracle over random streams.
 //!
-//! Streams span the Berlin DST fall-back, arrive out of order within and beyond the allowed
-//! lateness, repeat earlier messages (late ones included), mix in invalid events, and are
-//! consumed with crashes: unflushed state is lost, the engine restarts from what was stored,
-//! and Kafka redelivers from an older committed offset. Whatever happens, the stored windows
-//! must equal a batch recomputation over each partition's log.
+//! Streams span the Berlin DST fall-back, the spring-forward or a month's end, arrive out of
+//! order within and beyond the allowed lateness, repeat earlier messages (late ones
+//! included), mix in invalid events, and are consumed with crashes: unflushed state is lost,
+//! the engine restarts from what was stored, and Kafka redelivers from an older committed
+//! offset. Whatever happens, the stored windows must equal a batch recomputation over each
+//! partition's log.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use nsm_core::decimal::Decimal;
-use nsm_core::engine::{segment_label, MemoryReader, StoredGap, StoredSegment, StoredWindow};
+use nsm_core::engine::{
+    segment_label, MemoryReader, StoredGap, StoredSegment, StoredWindow, OVERFLOW_LABEL,
+};
 use nsm_core::engine::{
     AggValue, ChangeSet, DedupSettings, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan,
 };
@@ -186,12 +189,25 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             ),
             90 * MINUTE,
         ),
+        trailing(
+            metric(
+                "revenue_trailing_2h",
+                MetricKind::Sum {
+                    field: path("properties.amount"),
+                },
+                Some("payment"),
+                CalendarUnit::Day,
+            ),
+            2 * HOUR,
+        ),
     ]
 }
 
-/// Trailing windows: messages over the last 3 hours, users over the last 90 minutes.
+/// Trailing windows: messages over the last 3 hours, users over the last 90 minutes, revenue
+/// over the last 2 hours.
 const TRAILING_COUNT: usize = 11;
 const TRAILING_DISTINCT: usize = 12;
+const TRAILING_SUM: usize = 13;
 
 fn trailing(metric: MetricDef, length_ms: i64) -> MetricDef {
     MetricDef {
@@ -235,13 +251,47 @@ fn plan() -> Plan {
     )
 }
 
-/// Saturday 2026-10-24 20:00 UTC: the stream crosses Berlin's fall-back night and a Sunday
-/// week start.
-fn base_ms() -> i64 {
-    "2026-10-24T20:00:00Z"
+/// Where a stream starts (UTC); each crosses a calendar edge of Berlin in its day: the
+/// fall-back night and a Sunday week start (Saturday 2026-10-24), the spring-forward night,
+/// whose hour from 02:00 does not exist (Saturday 2026-03-28), and a month's end (Sunday
+/// 2026-05-31, June starting at 22:00 UTC).
+const STARTS: [&str; 3] = [
+    "2026-10-24T20:00:00Z",
+    "2026-03-28T20:00:00Z",
+    "2026-05-31T12:00:00Z",
+];
+
+fn start_ms(start: usize) -> i64 {
+    STARTS[start]
         .parse::<jiff::Timestamp>()
-        .expect("base")
+        .expect("start")
         .as_millisecond()
+}
+
+/// Moves a stream generated from time zero to its start.
+fn starting_at(messages: Vec<(i32, Message)>, start_ms: i64) -> Vec<(i32, Message)> {
+    messages
+        .into_iter()
+        .map(|(partition, message)| match message {
+            Message::Valid {
+                name,
+                user,
+                time_ms,
+                cents,
+                id,
+            } => (
+                partition,
+                Message::Valid {
+                    name,
+                    user,
+                    time_ms: start_ms + time_ms,
+                    cents,
+                    id,
+                },
+            ),
+            other => (partition, other),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -665,7 +715,8 @@ fn message_strategy() -> impl Strategy<Value = (i32, Message)> {
             Message::Valid {
                 name,
                 user,
-                time_ms: base_ms() + hour * HOUR / 2 + jitter * MINUTE,
+                // From time zero; `starting_at` moves the stream to one of `STARTS`.
+                time_ms: hour * HOUR / 2 + jitter * MINUTE,
                 cents,
                 id,
             }
@@ -704,10 +755,12 @@ proptest! {
         messages in prop::collection::vec(message_strategy(), 1..150),
         steps in prop::collection::vec(step_strategy(), 0..300),
         sort in any::<bool>(),
+        start in 0..STARTS.len(),
     ) {
+        let messages = starting_at(messages, start_ms(start));
         let messages = if sort { sorted_by_time(messages) } else { messages };
         let logs = build_logs(&messages);
-        let now_ms = base_ms() + 30 * HOUR;
+        let now_ms = start_ms(start) + 30 * HOUR;
 
         let mut store = FakeStore::default();
         let mut engine = restored_engine(&store);
@@ -771,6 +824,16 @@ proptest! {
                     })
                     .sum()
             };
+            let revenue_cents: i128 = accepted
+                .iter()
+                .flatten()
+                .filter(|event| EVENT_NAMES[event.0] == "payment" && in_range(TRAILING_SUM, event.2))
+                .map(|event| i128::from(event.3))
+                .sum();
+            prop_assert_eq!(
+                values[TRAILING_SUM].current.value,
+                AggValue::Sum(Decimal(revenue_cents * 10_000_000))
+            );
             prop_assert_eq!(values[TRAILING_COUNT].current.value, AggValue::Count(messages));
             prop_assert_eq!(values[TRAILING_COUNT].current.bounds, range(TRAILING_COUNT));
             let users = users_in(range(TRAILING_DISTINCT));
@@ -803,7 +866,55 @@ proptest! {
             .iter()
             .map(|((p, m, s, segment), value)| ((*p, *m, *s, segment_label(segment)), *value))
             .collect();
-        prop_assert_eq!(&segments, &segment_oracle(&logs));
+        let expected_segments = segment_oracle(&logs);
+        prop_assert_eq!(&segments, &expected_segments);
+
+        // What /metrics shows of each breakdown, in the current and the previous window: the
+        // `top` largest segments (summed over partitions) exactly, then one overflow series
+        // holding the rest.
+        let values = restored_engine(&store).metric_values(now_ms);
+        for (metric, def) in metrics().iter().enumerate() {
+            let Some(segmentation) = &def.segments else { continue };
+            let top = segmentation.top as usize;
+            let shown = &values[metric];
+            for (bounds, exported) in [
+                (shown.current.bounds, &shown.current_segments),
+                (shown.previous.bounds, &shown.previous_segments),
+            ] {
+                let mut truth: BTreeMap<String, AggValue> = BTreeMap::new();
+                for ((_, m, start, label), value) in &expected_segments {
+                    if *m == metric && *start == bounds.start_ms {
+                        let summed = truth.get(label).map_or(*value, |sum| sum.plus(*value));
+                        truth.insert(label.clone(), summed);
+                    }
+                }
+                prop_assert!(exported.len() <= top + 1);
+                let kept: BTreeSet<&str> = exported
+                    .iter()
+                    .filter(|segment| segment.label != OVERFLOW_LABEL)
+                    .map(|segment| segment.label.as_str())
+                    .collect();
+                prop_assert_eq!(kept.len(), truth.len().min(top));
+                for segment in exported.iter() {
+                    if segment.label == OVERFLOW_LABEL {
+                        let rest = truth
+                            .iter()
+                            .filter(|(label, _)| !kept.contains(label.as_str()))
+                            .map(|(_, value)| *value)
+                            .reduce(AggValue::plus);
+                        prop_assert_eq!(Some(segment.value), rest);
+                        continue;
+                    }
+                    prop_assert_eq!(Some(&segment.value), truth.get(&segment.label));
+                    // Kept because no segment left out is larger.
+                    for (label, value) in &truth {
+                        if !kept.contains(label.as_str()) {
+                            prop_assert!(value.to_f64() <= segment.value.to_f64());
+                        }
+                    }
+                }
+            }
+        }
 
         // Distinct members stored match the counts, so a restart rebuilds the same sets
         // (segment members, tagged 0xff, rebuild the segments' sets).
