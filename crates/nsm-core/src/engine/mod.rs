@@ -59,9 +59,9 @@ pub enum Outcome {
 
 /// Entries of members and threshold progress cached per engine (written since the last
 /// checkpoint aside), in each of two generations. An entry takes a 33-byte slot, and a hash
-/// table grows to the next power of two past 7/8 full: 900k entries stay within 2^20 slots
-/// (33 MiB a generation) where a round million would take 2^21.
-pub const DEFAULT_MEMBER_CACHE: usize = 900_000;
+/// table grows to the next power of two past 7/8 full: 458,752 entries fill 2^19 slots
+/// (17 MiB a generation) where one more would take 2^20.
+pub const DEFAULT_MEMBER_CACHE: usize = 458_752;
 
 /// The engine for all partitions this instance owns.
 pub struct Engine {
