@@ -351,8 +351,12 @@ impl MemberIndex {
         for (digest, ((metric, start_ms, member), value)) in written {
             match Small::new(&value) {
                 Some(small) => self.remember(digest, (metric, start_ms), small),
-                // Never written today; an uncached entry makes its window incomplete.
+                // Too long to cache (a conversion's times): an older, shorter value cached
+                // for the entry would now be wrong, and the window has an entry only the
+                // reader knows.
                 None => {
+                    self.recent.entries.remove(&digest);
+                    self.older.entries.remove(&digest);
                     self.complete.insert((metric, start_ms), false);
                 }
             }
@@ -533,6 +537,26 @@ mod tests {
         assert!(
             reader.reads.load(Ordering::Relaxed) >= 2,
             "asked the reader"
+        );
+    }
+
+    #[test]
+    fn a_value_too_long_to_cache_replaces_the_cached_one() {
+        let reader = CountingReader::default();
+        let partition = PartitionKey::new("t", 0);
+        let source = Source {
+            reader: &reader,
+            partition: &partition,
+        };
+        let mut index = MemberIndex::new(16);
+        index.put(0, 0, b"f", Box::from(&b"short"[..]));
+        store(&reader, &partition, &mut index);
+        let long: Box<[u8]> = Box::from(&b"longer than eight bytes"[..]);
+        index.put(0, 0, b"f", long.clone());
+        store(&reader, &partition, &mut index);
+        assert_eq!(
+            index.get(&source, 0, 0, b"f").expect("in memory"),
+            Some(long)
         );
     }
 
