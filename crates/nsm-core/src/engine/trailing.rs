@@ -77,19 +77,34 @@ impl TrailingDistinct<'_> {
             .members
             .get(source, metric, period_ms, &last_key)?
             .map(|value| decode_previous(&value));
+        let length = self.trailing.length_ms;
         let previous = match next {
-            Some((_, previous_of_next)) => previous_of_next,
+            Some((_, previous_of_next)) if previous_of_next != NO_PREVIOUS => previous_of_next,
+            // The later occurrence has none within a length before it, which tells nothing
+            // of an earlier one within a length of this bucket: none is in
+            // `[next - length, bucket)`, so the latest before this bucket is the latest
+            // before `min(bucket, next - length)`, and no occurrence lies between that bound
+            // and the end of its period.
+            Some((next_ms, _)) => {
+                let before = bucket_ms.min(next_ms - length);
+                let period = self.period_of(before);
+                let in_period = if period == period_ms {
+                    last_in_period
+                } else {
+                    self.last_in(source, period, &last_key)?
+                };
+                match in_period {
+                    Some(last) => last,
+                    None => self
+                        .last_in(source, period - length, &last_key)?
+                        .unwrap_or(NO_PREVIOUS),
+                }
+            }
             None => match last_in_period {
                 Some(last) => last,
                 None => self
-                    .members
-                    .get(
-                        source,
-                        metric,
-                        period_ms - self.trailing.length_ms,
-                        &last_key,
-                    )?
-                    .map_or(NO_PREVIOUS, |value| decode_previous(&value)),
+                    .last_in(source, period_ms - length, &last_key)?
+                    .unwrap_or(NO_PREVIOUS),
             },
         };
 
@@ -113,6 +128,19 @@ impl TrailingDistinct<'_> {
             self.ensure_window(period_ms);
         }
         Ok(true)
+    }
+
+    /// The member's last occurrence stored for the period starting at `period_ms`.
+    fn last_in(
+        &mut self,
+        source: &Source<'_>,
+        period_ms: EpochMillis,
+        last_key: &[u8],
+    ) -> Result<Option<EpochMillis>, StateReadError> {
+        Ok(self
+            .members
+            .get(source, self.metric, period_ms, last_key)?
+            .map(|value| decode_previous(&value)))
     }
 
     /// The first bucket of the period of one length holding `bucket_ms`.
