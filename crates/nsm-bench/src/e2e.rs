@@ -271,13 +271,18 @@ fn write_stream(path: &Path, events: u64, users: u64, end_ms: i64) -> anyhow::Re
 }
 
 /// The bench config, on this broker, state directory and port. The flush interval is the
-/// default (200 ms): freshness is measured as users get it.
+/// default (200 ms): freshness is measured as users get it. Fetches wait at most 100 ms, as
+/// the bare consumer's: tansu answers a waiting fetch only when its wait ends, not when data
+/// arrives as a Kafka broker does, so librdkafka's 500 ms would cap both sides' throughput and
+/// add to every delay. (Not nsm's default: frequent fetches wedged tansu after a broker
+/// outage in the outage test.)
 fn nsm_config(brokers: &str, state: &Path, http_port: u16) -> String {
     let config = CONFIG.replace(
         "brokers = \"127.0.0.1:9092\"\ntopics = [\"events\"]",
         &format!(
             "brokers = \"{brokers}\"\ntopics = [\"{TOPIC}\"]\ngroup_id = \"nsm-bench\"\n\
-             dead_letter_topic = \"{TOPIC}-dlq\"\nkey_field = \"user_id\""
+             dead_letter_topic = \"{TOPIC}-dlq\"\nkey_field = \"user_id\"\n\
+             [kafka.properties]\n\"fetch.wait.max.ms\" = \"100\""
         ),
     );
     let config = config.replace(

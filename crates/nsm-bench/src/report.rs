@@ -146,7 +146,9 @@ fn end_to_end(out: &mut String, e2e: &Value) {
     out.push_str(&format!(
         "{} events of {} bytes on average from {} users, keyed by user over {} partitions, \
          produced to tansu (in memory) beforehand. The ceiling is a bare librdkafka consumer \
-         with nsm's consumer settings that does nothing with the messages; then `nsm run` \
+         with nsm's consumer settings that does nothing with the messages (both sides fetch \
+         with `fetch.wait.max.ms` = 100: tansu answers a waiting fetch only when its wait \
+         ends); then `nsm run` \
          reads the same topic with the bench config, the changelog on, as deployed. Each side \
          is timed from its first message to its last, with its own process' CPU over that \
          span; tansu runs on the same 2 cores.\n\n",

@@ -255,10 +255,6 @@ pub fn run_consumer<H: PartitionHandler>(
             ("auto.offset.reset", "earliest"),
             ("statistics.interval.ms", "5000"),
             ("enable.partition.eof", "false"),
-            // A broker answers a fetch as soon as it has data (fetch.min.bytes is 1), so this
-            // bounds only how long a fetch may wait on a broker that does not wake it when
-            // data arrives (tansu waits it out): 500 ms by default, half the freshness goal.
-            ("fetch.wait.max.ms", "100"),
         ],
         Context {
             shared: shared.clone(),
