@@ -90,7 +90,7 @@ bench: deps tansu
 	$(CARGO) build --release --workspace
 	@mkdir -p $(BENCH_DIR)
 	@bin=$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/nsm-bench; \
-	set -e; : > $(BENCH_DIR)/results.jsonl; \
+	set -eo pipefail; : > $(BENCH_DIR)/results.jsonl; \
 	$$bin core --events $(BENCH_EVENTS) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store rocksdb | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store memory | tee -a $(BENCH_DIR)/results.jsonl; \
