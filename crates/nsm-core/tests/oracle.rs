@@ -269,29 +269,13 @@ fn start_ms(start: usize) -> i64 {
 }
 
 /// Moves a stream generated from time zero to its start.
-fn starting_at(messages: Vec<(i32, Message)>, start_ms: i64) -> Vec<(i32, Message)> {
+fn starting_at(mut messages: Vec<(i32, Message)>, start_ms: i64) -> Vec<(i32, Message)> {
+    for (_, message) in &mut messages {
+        if let Message::Valid { time_ms, .. } = message {
+            *time_ms += start_ms;
+        }
+    }
     messages
-        .into_iter()
-        .map(|(partition, message)| match message {
-            Message::Valid {
-                name,
-                user,
-                time_ms,
-                cents,
-                id,
-            } => (
-                partition,
-                Message::Valid {
-                    name,
-                    user,
-                    time_ms: start_ms + time_ms,
-                    cents,
-                    id,
-                },
-            ),
-            other => (partition, other),
-        })
-        .collect()
 }
 
 #[derive(Debug, Clone)]

@@ -290,15 +290,7 @@ impl MemberIndex {
         if let Some(cached) = self.cached(digest, (metric, start_ms)) {
             return Ok(Some(cached.value()));
         }
-        if self.is_complete(source, (metric, start_ms))? {
-            return Ok(None);
-        }
-        let value = source
-            .reader
-            .member(source.partition, metric, start_ms, key)?;
-        if let Some(small) = value.as_deref().and_then(Small::new) {
-            self.remember(digest, (metric, start_ms), small);
-        }
+        let value = self.stored(source, digest, metric, start_ms, key)?;
         Ok(value.map(Vec::into_boxed_slice))
     }
 
@@ -314,15 +306,7 @@ impl MemberIndex {
         if self.written.contains_key(&digest) || self.cached(digest, (metric, start_ms)).is_some() {
             return Ok(true);
         }
-        if self.is_complete(source, (metric, start_ms))? {
-            return Ok(false);
-        }
-        let value = source
-            .reader
-            .member(source.partition, metric, start_ms, key)?;
-        if let Some(small) = value.as_deref().and_then(Small::new) {
-            self.remember(digest, (metric, start_ms), small);
-        }
+        let value = self.stored(source, digest, metric, start_ms, key)?;
         Ok(value.is_some())
     }
 
@@ -383,6 +367,28 @@ impl MemberIndex {
         let small = *self.older.entries.get(&digest)?;
         self.remember(digest, namespace, small);
         Some(small)
+    }
+
+    /// An entry neither written nor cached: none in a complete window, else the reader's
+    /// answer, cached when present.
+    fn stored(
+        &mut self,
+        source: &Source<'_>,
+        digest: u128,
+        metric: usize,
+        start_ms: EpochMillis,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StateReadError> {
+        if self.is_complete(source, (metric, start_ms))? {
+            return Ok(None);
+        }
+        let value = source
+            .reader
+            .member(source.partition, metric, start_ms, key)?;
+        if let Some(small) = value.as_deref().and_then(Small::new) {
+            self.remember(digest, (metric, start_ms), small);
+        }
+        Ok(value)
     }
 
     /// Whether every entry of a window is in `written` or the cache; asks the reader the

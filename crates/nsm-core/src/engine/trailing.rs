@@ -73,20 +73,18 @@ impl TrailingDistinct<'_> {
         }
         let period_ms = self.period_of(bucket_ms);
         let last_key = last_key(member);
-        let last_in_period = self
-            .members
-            .get(source, metric, period_ms, &last_key)?
-            .map(|value| decode_previous(&value));
+        let last_in_period = self.last_in(source, period_ms, &last_key)?;
         let length = self.trailing.length_ms;
         let previous = match next {
             Some((_, previous_of_next)) if previous_of_next != NO_PREVIOUS => previous_of_next,
-            // The later occurrence has none within a length before it, which tells nothing
-            // of an earlier one within a length of this bucket: none is in
-            // `[next - length, bucket)`, so the latest before this bucket is the latest
-            // before `min(bucket, next - length)`, and no occurrence lies between that bound
-            // and the end of its period.
-            Some((next_ms, _)) => {
-                let before = bucket_ms.min(next_ms - length);
+            // No later occurrence: the latest before this bucket is the latest before it.
+            // A later one with none within a length before it tells nothing of an earlier
+            // one within a length of this bucket, but none is in `[next - length, bucket)`:
+            // the latest before this bucket is the latest before `min(bucket, next - length)`.
+            // Either way no occurrence lies between that bound and the end of its period, so
+            // the period's last, or else the period before's, is it.
+            _ => {
+                let before = next.map_or(bucket_ms, |(next_ms, _)| bucket_ms.min(next_ms - length));
                 let period = self.period_of(before);
                 let in_period = if period == period_ms {
                     last_in_period
@@ -100,12 +98,6 @@ impl TrailingDistinct<'_> {
                         .unwrap_or(NO_PREVIOUS),
                 }
             }
-            None => match last_in_period {
-                Some(last) => last,
-                None => self
-                    .last_in(source, period_ms - length, &last_key)?
-                    .unwrap_or(NO_PREVIOUS),
-            },
         };
 
         self.members
