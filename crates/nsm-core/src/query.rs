@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::engine::{top_segments, AggValue, Plan, SegmentValue, StoredSegment, StoredWindow};
+use crate::engine::{metric_segments, AggValue, Plan, SegmentValue, StoredSegment, StoredWindow};
 use crate::window::WindowBounds;
 use crate::EpochMillis;
 
@@ -83,27 +83,28 @@ fn sum_by_start(
 }
 
 /// The exported segments of one window of `metric` (summed over partitions): the metric's top
-/// segments and the overflow, as on `/metrics`.
+/// segments and the overflow, as on `/metrics`. `stored` must hold the segments of the
+/// metrics [`stored_metrics`] names.
 pub fn window_segments(
     plan: &Plan,
     metric: usize,
     stored: &[StoredSegment],
-    start_ms: EpochMillis,
+    bounds: WindowBounds,
 ) -> Vec<SegmentValue> {
-    let Some(segmentation) = &plan.metrics()[metric].segments else {
-        return Vec::new();
-    };
-    let mut summed: HashMap<Box<[u8]>, AggValue> = HashMap::new();
-    for segment in stored
-        .iter()
-        .filter(|segment| segment.metric == metric && segment.start_ms == start_ms)
-    {
+    let summed = |metric: usize, start_ms: EpochMillis| {
+        let mut summed: HashMap<Box<[u8]>, AggValue> = HashMap::new();
+        for segment in stored
+            .iter()
+            .filter(|segment| segment.metric == metric && segment.start_ms == start_ms)
+        {
+            summed
+                .entry(segment.segment.clone())
+                .and_modify(|sum| *sum = sum.plus(segment.value))
+                .or_insert(segment.value);
+        }
         summed
-            .entry(segment.segment.clone())
-            .and_modify(|sum| *sum = sum.plus(segment.value))
-            .or_insert(segment.value);
-    }
-    top_segments(summed, segmentation.top as usize)
+    };
+    metric_segments(plan, metric, bounds, summed)
 }
 
 /// The metrics whose stored windows [`windows_between`] needs for `metric`.

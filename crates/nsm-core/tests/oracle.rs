@@ -61,7 +61,8 @@ fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUni
 }
 
 /// Breakdowns: weekly messagers and daily revenue by team, hourly messages by team and a
-/// field no event has (a "(none)" segment).
+/// field no event has (a "(none)" segment); by team as well every other kind: the events a
+/// ratio divides, the ratio, both thresholds, the retention and the conversion.
 fn metrics() -> Vec<MetricDef> {
     let mut metrics = unsegmented_metrics();
     let by = |fields: &[&str]| {
@@ -72,7 +73,9 @@ fn metrics() -> Vec<MetricDef> {
     };
     metrics[0].segments = by(&["team_id"]);
     metrics[2].segments = by(&["team_id", "properties.plan"]);
-    metrics[4].segments = by(&["team_id"]);
+    for index in [3, 4, RATIO, 7, 8, RETENTION, CONVERSION] {
+        metrics[index].segments = by(&["team_id"]);
+    }
     metrics
 }
 
@@ -200,6 +203,24 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             ),
             2 * HOUR,
         ),
+        trailing(
+            metric(
+                "paid_after_messaging_trailing_3h",
+                MetricKind::Conversion {
+                    entity: path("user_id"),
+                    from: Filter {
+                        clauses: vec![Clause {
+                            field: FilterField::EventName,
+                            any_of: vec![Literal::Text("message_sent".into())],
+                        }],
+                    },
+                    within_ms: CONVERSION_WITHIN,
+                },
+                Some("payment"),
+                CalendarUnit::Day,
+            ),
+            3 * HOUR,
+        ),
     ]
 }
 
@@ -208,6 +229,8 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
 const TRAILING_COUNT: usize = 11;
 const TRAILING_DISTINCT: usize = 12;
 const TRAILING_SUM: usize = 13;
+/// The conversion again, over the last 3 hours of payments.
+const TRAILING_CONVERSION: usize = 14;
 
 fn trailing(metric: MetricDef, length_ms: i64) -> MetricDef {
     MetricDef {
@@ -373,48 +396,34 @@ fn build_logs(messages: &[(i32, Message)]) -> Vec<Log> {
 /// aggregate every accepted event into its windows.
 type SegmentKey = (i32, usize, i64, String);
 
-/// The segment values of every window, by partition, metric, start and segment label.
+/// The segment values of every window, by partition, metric, start and segment label. A
+/// segment's values are the metric's over the events carrying the segment (each metric here
+/// is broken down by team), so the oracle of each team's events gives them.
 fn segment_oracle(logs: &[Log]) -> BTreeMap<SegmentKey, AggValue> {
-    let plan = plan();
+    let defs = metrics();
+    let accepted: Vec<Vec<Event>> = logs.iter().map(accepted_events).collect();
     let mut result = BTreeMap::new();
-    let mut members: BTreeMap<SegmentKey, BTreeSet<u8>> = BTreeMap::new();
-    for (partition, log) in logs.iter().enumerate() {
-        for (name, user, time_ms, cents) in accepted_events(log) {
-            for (index, def) in metrics().iter().enumerate() {
-                let Some(segments) = &def.segments else {
-                    continue;
-                };
-                if !wants(def, name) {
-                    continue;
-                }
-                let bounds = plan
-                    .calendar()
-                    .window_of(def.window, time_ms)
-                    .expect("window");
-                let label = if segments.by.len() == 2 {
-                    format!("team-{}/(none)", team_of(user))
-                } else {
-                    format!("team-{}", team_of(user))
-                };
-                let key = (partition as i32, index, bounds.start_ms, label);
-                let value = match def.kind {
-                    MetricKind::Count => AggValue::Count(1),
-                    MetricKind::Sum { .. } => {
-                        AggValue::Sum(Decimal(i128::from(cents) * 10_000_000))
-                    }
-                    _ => {
-                        let set = members.entry(key.clone()).or_default();
-                        set.insert(user);
-                        result.insert(key, AggValue::Distinct(set.len() as u64));
-                        continue;
-                    }
-                };
-                let entry = result.entry(key).or_insert(match value {
-                    AggValue::Count(_) => AggValue::Count(0),
-                    _ => AggValue::Sum(Decimal::ZERO),
-                });
-                *entry = entry.plus(value);
-            }
+    for team in 0..3 {
+        let of_team: Vec<Vec<Event>> = accepted
+            .iter()
+            .map(|events| {
+                events
+                    .iter()
+                    .filter(|event| team_of(event.1) == team)
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        for ((partition, metric, start_ms), (_, value)) in oracle_of(&of_team) {
+            let Some(segments) = &defs[metric].segments else {
+                continue;
+            };
+            let label = if segments.by.len() == 2 {
+                format!("team-{team}/(none)")
+            } else {
+                format!("team-{team}")
+            };
+            result.insert((partition, metric, start_ms, label), value);
         }
     }
     result
@@ -427,8 +436,11 @@ fn wants(def: &MetricDef, name: usize) -> bool {
     }
 }
 
+/// An applied event: name, user, time, cents.
+type Event = (usize, u8, i64, u32);
+
 /// The events a partition applies, in offset order: not late, not a duplicate.
-fn accepted_events(log: &Log) -> Vec<(usize, u8, i64, u32)> {
+fn accepted_events(log: &Log) -> Vec<Event> {
     let mut accepted = Vec::new();
     let mut watermark: Option<i64> = None;
     let mut kept_ids: BTreeMap<u8, i64> = BTreeMap::new();
@@ -450,17 +462,24 @@ fn accepted_events(log: &Log) -> Vec<(usize, u8, i64, u32)> {
 }
 
 fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
+    let accepted: Vec<Vec<Event>> = logs.iter().map(accepted_events).collect();
+    oracle_of(&accepted)
+}
+
+/// Every stored window, from each partition's applied events.
+fn oracle_of(accepted: &[Vec<Event>]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
     let plan = plan();
     let calendar = plan.calendar();
     let mut result: BTreeMap<(i32, usize, i64), (i64, AggValue)> = BTreeMap::new();
     let mut members: BTreeMap<(i32, usize, i64), BTreeSet<u8>> = BTreeMap::new();
     // Threshold progress: per window, per entity, the actors seen (or one entry per event).
     let mut progress: BTreeMap<(i32, usize, i64), BTreeMap<u8, Vec<u8>>> = BTreeMap::new();
-    for (partition, log) in logs.iter().enumerate() {
+    for (partition, events) in accepted.iter().enumerate() {
         let partition = partition as i32;
-        for (name, user, time_ms, cents) in accepted_events(log) {
+        for &(name, user, time_ms, cents) in events {
             for (index, def) in metrics().iter().enumerate() {
-                if [RATIO, RETENTION, CONVERSION].contains(&index) || !wants(def, name) {
+                let derived = [RATIO, RETENTION, CONVERSION, TRAILING_CONVERSION];
+                if derived.contains(&index) || !wants(def, name) {
                     continue;
                 }
                 let bounds = match &def.trailing {
@@ -518,34 +537,28 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
             }
         }
     }
-    // Conversions: a payment counts its user in the payment's day when the same user sent a
-    // message at most two hours before it (in event time, whatever the arrival order).
-    for (partition, log) in logs.iter().enumerate() {
-        let events = accepted_events(log);
-        let mut converted: BTreeMap<i64, (i64, BTreeSet<u8>)> = BTreeMap::new();
-        for &(name, user, paid_ms, _) in &events {
-            if EVENT_NAMES[name] != "payment" {
-                continue;
-            }
-            let messaged_before = events.iter().any(|&(other, sender, sent_ms, _)| {
-                EVENT_NAMES[other] == "message_sent"
-                    && sender == user
-                    && sent_ms <= paid_ms
-                    && paid_ms <= sent_ms + CONVERSION_WITHIN
-            });
-            if messaged_before {
-                let day = calendar.window_of(CalendarUnit::Day, paid_ms).expect("day");
+    // Conversions: a payment counts its user in the payment's day (or 15-minute bucket of the
+    // trailing one) when the same user sent a message at most two hours before it (in event
+    // time, whatever the arrival order).
+    for (partition, events) in accepted.iter().enumerate() {
+        for metric in [CONVERSION, TRAILING_CONVERSION] {
+            let mut converted: BTreeMap<i64, (i64, BTreeSet<u8>)> = BTreeMap::new();
+            for (user, paid_ms) in conversions(events) {
+                let window = match metrics()[metric].trailing {
+                    Some(trailing) => trailing.bucket_of(paid_ms),
+                    None => calendar.window_of(CalendarUnit::Day, paid_ms).expect("day"),
+                };
                 let entry = converted
-                    .entry(day.start_ms)
-                    .or_insert((day.end_ms, BTreeSet::new()));
+                    .entry(window.start_ms)
+                    .or_insert((window.end_ms, BTreeSet::new()));
                 entry.1.insert(user);
             }
-        }
-        for (start_ms, (end_ms, users)) in converted {
-            result.insert(
-                (partition as i32, CONVERSION, start_ms),
-                (end_ms, AggValue::Distinct(users.len() as u64)),
-            );
+            for (start_ms, (end_ms, users)) in converted {
+                result.insert(
+                    (partition as i32, metric, start_ms),
+                    (end_ms, AggValue::Distinct(users.len() as u64)),
+                );
+            }
         }
     }
     // Returning messagers: members of a week also in the week before, where there are any.
@@ -571,6 +584,78 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
         }
     }
     result
+}
+
+/// The segments of a window as `/metrics` shows them, before the top is taken: summed over
+/// partitions; a ratio's divide its parts', a retention's its returning users by its base's
+/// users of the week before.
+fn shown_segments(
+    expected: &BTreeMap<SegmentKey, AggValue>,
+    metric: usize,
+    bounds: nsm_core::window::WindowBounds,
+) -> BTreeMap<String, AggValue> {
+    let summed = |metric: usize, start_ms: i64| {
+        let mut truth: BTreeMap<String, AggValue> = BTreeMap::new();
+        for ((_, m, start, label), value) in expected {
+            if *m == metric && *start == start_ms {
+                let summed = truth.get(label).map_or(*value, |sum| sum.plus(*value));
+                truth.insert(label.clone(), summed);
+            }
+        }
+        truth
+    };
+    let divided = |numerators: BTreeMap<String, AggValue>,
+                   denominators: BTreeMap<String, AggValue>,
+                   zeros: (AggValue, AggValue)| {
+        let labels: BTreeSet<&String> = numerators.keys().chain(denominators.keys()).collect();
+        labels
+            .into_iter()
+            .map(|label| {
+                let numerator = numerators.get(label).copied().unwrap_or(zeros.0);
+                let denominator = denominators.get(label).copied().unwrap_or(zeros.1);
+                (label.clone(), AggValue::ratio(numerator, denominator))
+            })
+            .collect()
+    };
+    if metric == RATIO {
+        let (numerator, denominator) = RATIO_PARTS;
+        divided(
+            summed(numerator, bounds.start_ms),
+            summed(denominator, bounds.start_ms),
+            (AggValue::Sum(Decimal::ZERO), AggValue::Count(0)),
+        )
+    } else if metric == RETENTION {
+        let unit = metrics()[RETENTION_BASE].window;
+        let previous = plan()
+            .calendar()
+            .previous(unit, bounds)
+            .expect("previous week");
+        divided(
+            summed(RETENTION, bounds.start_ms),
+            summed(RETENTION_BASE, previous.start_ms),
+            (AggValue::Count(0), AggValue::Distinct(0)),
+        )
+    } else {
+        summed(metric, bounds.start_ms)
+    }
+}
+
+/// The payments that convert (user, time): a message of the same user at most two hours
+/// before.
+fn conversions(events: &[Event]) -> Vec<(u8, i64)> {
+    events
+        .iter()
+        .filter(|event| EVENT_NAMES[event.0] == "payment")
+        .filter(|&&(_, user, paid_ms, _)| {
+            events.iter().any(|&(other, sender, sent_ms, _)| {
+                EVENT_NAMES[other] == "message_sent"
+                    && sender == user
+                    && sent_ms <= paid_ms
+                    && paid_ms <= sent_ms + CONVERSION_WITHIN
+            })
+        })
+        .map(|&(_, user, paid_ms, _)| (user, paid_ms))
+        .collect()
 }
 
 /// Next offset, largest event time and idle floor of a partition.
@@ -827,6 +912,25 @@ proptest! {
                 prop_assert_eq!(before.value, AggValue::Distinct(users_in(before.bounds)));
             }
             prop_assert_eq!(values[TRAILING_DISTINCT].current.value, AggValue::Distinct(users));
+            // Converted users of a range (by payment time), united per partition.
+            let converted_in = |bounds: nsm_core::window::WindowBounds| -> u64 {
+                accepted
+                    .iter()
+                    .map(|events| {
+                        conversions(events)
+                            .into_iter()
+                            .filter(|(_, paid_ms)| bounds.start_ms <= *paid_ms && *paid_ms < bounds.end_ms)
+                            .map(|(user, _)| user)
+                            .collect::<BTreeSet<u8>>()
+                            .len() as u64
+                    })
+                    .sum()
+            };
+            let shown = &values[TRAILING_CONVERSION];
+            prop_assert_eq!(shown.current.bounds, range(TRAILING_CONVERSION));
+            for window in [Some(&shown.current), Some(&shown.previous), shown.before_previous.as_ref()].into_iter().flatten() {
+                prop_assert_eq!(window.value, AggValue::Distinct(converted_in(window.bounds)));
+            }
         }
 
         let expected = oracle(&logs);
@@ -836,7 +940,8 @@ proptest! {
             .windows
             .iter()
             .filter(|((_, metric, _), (_, value))| {
-                !(*metric == TRAILING_DISTINCT && *value == AggValue::Distinct(0))
+                let trailing_distinct = [TRAILING_DISTINCT, TRAILING_CONVERSION].contains(metric);
+                !(trailing_distinct && *value == AggValue::Distinct(0))
             })
             .map(|(key, value)| (*key, *value))
             .collect();
@@ -865,13 +970,7 @@ proptest! {
                 (shown.current.bounds, &shown.current_segments),
                 (shown.previous.bounds, &shown.previous_segments),
             ] {
-                let mut truth: BTreeMap<String, AggValue> = BTreeMap::new();
-                for ((_, m, start, label), value) in &expected_segments {
-                    if *m == metric && *start == bounds.start_ms {
-                        let summed = truth.get(label).map_or(*value, |sum| sum.plus(*value));
-                        truth.insert(label.clone(), summed);
-                    }
-                }
+                let truth = shown_segments(&expected_segments, metric, bounds);
                 prop_assert!(exported.len() <= top + 1);
                 let kept: BTreeSet<&str> = exported
                     .iter()
@@ -939,7 +1038,7 @@ proptest! {
                         summed(numerator, start_ms).unwrap_or(AggValue::Sum(Decimal::ZERO)),
                         summed(denominator, start_ms).expect("every event counts"),
                     )
-                } else if metric == TRAILING_DISTINCT {
+                } else if [TRAILING_DISTINCT, TRAILING_CONVERSION].contains(&metric) {
                     // An empty period-start bucket (see above) is in no oracle window.
                     summed(metric, start_ms).unwrap_or(AggValue::Distinct(0))
                 } else {

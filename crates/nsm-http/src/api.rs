@@ -118,7 +118,9 @@ pub(crate) async fn metric_windows(
                 stored.extend(store.windows(key, Some(*metric))?);
             }
             if segmented {
-                segments.extend(store.segments(key, metric)?);
+                for metric in &needed {
+                    segments.extend(store.segments(key, *metric)?);
+                }
             }
         }
         Ok::<_, nsm_state::StateError>((stored, segments))
@@ -147,7 +149,7 @@ pub(crate) async fn metric_windows(
                 "value": value_json(record.value),
                 "complete": record.complete,
                 "segments": segments_json(
-                    &window_segments(&state.plan, metric, &segments, record.bounds.start_ms)
+                    &window_segments(&state.plan, metric, &segments, record.bounds)
                 ),
             })
         })

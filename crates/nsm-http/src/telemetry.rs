@@ -34,6 +34,7 @@ pub struct Telemetry {
     window_complete: GaugeVec,
     ratio_part: GaugeVec,
     segment_value: GaugeVec,
+    segment_ratio_part: GaugeVec,
     /// (metric, window, segment) series exported at the last publish.
     exported_segments: std::sync::Mutex<BTreeSet<[String; 3]>>,
     consumed: IntCounterVec,
@@ -91,6 +92,7 @@ impl Telemetry {
             &["metric", "window"],
         );
         let window_complete = gauge_vec(&registry, "nsm_metric_window_complete", "1 once the window can no longer change: every owned partition's watermark passed its end plus the allowed lateness.", &["metric", "window"]);
+        let segment_ratio_part = gauge_vec(&registry, "nsm_metric_segment_ratio_part", "Numerator and denominator of one exported segment of a ratio or retention metric with a breakdown. Sum each part across instances before dividing.", &["metric", "window", "segment", "part"]);
         let ratio_part = gauge_vec(&registry, "nsm_metric_ratio_part", "Numerator and denominator of a ratio metric in its current or previous window. Sum each part across instances before dividing.", &["metric", "window", "part"]);
         let segment_value = gauge_vec(&registry, "nsm_metric_segment_value", "Value of one segment of a metric with a breakdown (`by`), in its current or previous window: the `top` largest segments, and `__other__` summing the rest.", &["metric", "window", "segment"]);
         let info = gauge_vec(
@@ -258,6 +260,7 @@ impl Telemetry {
             window_complete,
             ratio_part,
             segment_value,
+            segment_ratio_part,
             exported_segments: std::sync::Mutex::new(BTreeSet::new()),
             consumed,
             invalid,
@@ -303,6 +306,19 @@ impl Telemetry {
                     self.segment_value
                         .with_label_values(&labels)
                         .set(segment.value.to_f64());
+                    if let AggValue::Ratio {
+                        numerator,
+                        denominator,
+                    } = segment.value
+                    {
+                        for (part, value) in
+                            [("numerator", numerator), ("denominator", denominator)]
+                        {
+                            self.segment_ratio_part
+                                .with_label_values(&[&labels[0], &labels[1], &labels[2], part])
+                                .set(value.to_f64());
+                        }
+                    }
                     segments.insert(labels);
                 }
             }
@@ -317,6 +333,11 @@ impl Telemetry {
             let _ = self
                 .segment_value
                 .remove_label_values(&[&gone[0], &gone[1], &gone[2]]);
+            for part in ["numerator", "denominator"] {
+                let _ = self
+                    .segment_ratio_part
+                    .remove_label_values(&[&gone[0], &gone[1], &gone[2], part]);
+            }
         }
         *exported = segments;
         self.last_publish.set(now_ms as f64 / 1000.0);

@@ -305,6 +305,18 @@ fn assert_values(samples: &std::collections::BTreeMap<String, f64>, stream: &Kno
     };
     assert_eq!(part("denominator"), Some(stream.messagers as f64));
     assert!((part("numerator").expect("numerator") - stream.revenue).abs() < 1e-6);
+    // By user too: the top payer's revenue over one messager, with both parts.
+    let segment_part = |part: &str| {
+        samples
+            .get(&format!("nsm_metric_segment_ratio_part{{metric=\"revenue_per_messager\",part=\"{part}\",{top_payer},window=\"current\"}}"))
+            .copied()
+    };
+    let top_payer_revenue = segments
+        .iter()
+        .find(|(series, _)| series.contains(&top_payer))
+        .map(|(_, value)| *value);
+    assert_eq!(segment_part("denominator"), Some(1.0));
+    assert_eq!(segment_part("numerator"), top_payer_revenue);
     let start = samples
         .get("nsm_metric_window_start_timestamp_seconds{metric=\"messages_sent\",window=\"current\"}")
         .copied()

@@ -360,23 +360,47 @@ fn a_threshold_names_its_entity_and_k_and_refuses_stray_keys() {
 }
 
 #[test]
-fn a_breakdown_takes_fields_and_a_top_and_only_on_additive_kinds() {
+fn a_breakdown_takes_fields_and_a_top_on_every_kind() {
     let valid = format!(
         "{RATIO_BASE}[[guardrails]]\nname = \"by_plan\"\nkind = \"count\"\nwindow = \"1w\"\n\
-         by = [\"properties.plan\", \"context.country\"]\n"
+         by = [\"properties.plan\", \"context.country\"]\n\
+         [[inputs]]\nname = \"busy_projects\"\nkind = \"threshold\"\nentity = \"project_id\"\n\
+         at_least = 3\nwindow = \"1w\"\nby = [\"properties.plan\"]\n\
+         [[inputs]]\nname = \"active\"\nkind = \"distinct\"\nwindow = \"1w\"\nby = [\"properties.plan\"]\n\
+         [[inputs]]\nname = \"returning\"\nkind = \"retention\"\nof = \"active\"\nby = [\"properties.plan\"]\n"
     );
     let config = Config::from_toml(&valid, &no_env).expect("valid breakdown");
     let segments = config.metric("by_plan").and_then(|m| m.segments.clone());
     assert_eq!(segments.map(|s| (s.by.len(), s.top)), Some((2, 10)));
+    for name in ["busy_projects", "returning"] {
+        assert!(config
+            .metric(name)
+            .and_then(|m| m.segments.clone())
+            .is_some());
+    }
     let invalid = format!(
         "{RATIO_BASE}[[guardrails]]\nname = \"too_many\"\nkind = \"count\"\nwindow = \"1w\"\nby = [\"a\"]\ntop = 0\n\
          [[guardrails]]\nname = \"rate\"\nkind = \"ratio\"\nnumerator = \"resolved\"\ndenominator = \"started\"\nby = [\"a\"]\n\
-         [[guardrails]]\nname = \"stray_top\"\nkind = \"count\"\nwindow = \"1w\"\ntop = 5\n"
+         [[guardrails]]\nname = \"stray_top\"\nkind = \"count\"\nwindow = \"1w\"\ntop = 5\n\
+         [[guardrails]]\nname = \"active\"\nkind = \"distinct\"\nwindow = \"1w\"\nby = [\"b\"]\n\
+         [[guardrails]]\nname = \"returning\"\nkind = \"retention\"\nof = \"active\"\nby = [\"a\"]\n"
     );
-    let paths = error_paths(&invalid);
+    let errors = errors_of(&invalid);
+    let paths: Vec<&str> = errors.iter().map(|(path, _)| path.as_str()).collect();
     assert_eq!(
         paths,
-        vec!["guardrails[0].top", "guardrails[1].by", "guardrails[2].top"]
+        vec![
+            "guardrails[0].top",
+            "guardrails[2].top",
+            // Both parts of the ratio lack the breakdown.
+            "guardrails[1].by",
+            "guardrails[1].by",
+            "guardrails[4].by"
+        ]
+    );
+    assert!(
+        errors[4].1.contains("its of \"active\" is by [\"b\"]"),
+        "{errors:#?}"
     );
 }
 

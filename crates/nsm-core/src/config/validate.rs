@@ -800,7 +800,7 @@ fn validate_metric(
 
     let filter = parse_filter(&format!("{path}.where"), raw.filter.as_ref(), problems);
 
-    let segments = validate_segments(path, raw, kind.as_ref(), problems);
+    let segments = validate_segments(path, raw, problems);
     let owner = raw.owner.clone().filter(|owner| !owner.trim().is_empty());
     Some(MetricDef {
         name,
@@ -898,8 +898,8 @@ fn validate_conversion(
     })
 }
 
-/// `trailing = "7d"`: a moving window instead of a calendar one, for counts, sums and distinct
-/// counts without a breakdown.
+/// `trailing = "7d"`: a moving window instead of a calendar one, for counts, sums, distinct
+/// counts and conversions without a breakdown.
 fn validate_trailing(
     path: &str,
     raw: &RawMetric,
@@ -920,12 +920,16 @@ fn validate_trailing(
     if let Some(kind) = kind {
         if !matches!(
             kind,
-            MetricKind::Count | MetricKind::Sum { .. } | MetricKind::Distinct { .. }
+            MetricKind::Count
+                | MetricKind::Sum { .. }
+                | MetricKind::Distinct { .. }
+                | MetricKind::Conversion { .. }
         ) {
             problems.add(
                 key.clone(),
                 format!(
-                    "a trailing window is kept for count, sum and distinct metrics, not for a {}",
+                    "a trailing window is kept for count, sum, distinct and conversion metrics, \
+                     not for a {}",
                     kind.label()
                 ),
             );
@@ -949,12 +953,10 @@ fn validate_trailing(
 const MAX_TOP_SEGMENTS: i64 = 1000;
 const DEFAULT_TOP_SEGMENTS: u32 = 10;
 
-fn validate_segments(
-    path: &str,
-    raw: &RawMetric,
-    kind: Option<&MetricKind>,
-    problems: &mut Problems,
-) -> Option<Segmentation> {
+/// `by = [...]`: a breakdown, for every kind. A ratio's or a retention's segments are those of
+/// the metrics it reads, so they must be broken down by the same fields (`resolve_ratios`,
+/// `resolve_retention`).
+fn validate_segments(path: &str, raw: &RawMetric, problems: &mut Problems) -> Option<Segmentation> {
     let Some(by) = &raw.by else {
         if raw.top.is_some() {
             problems.add(
@@ -969,20 +971,6 @@ fn validate_segments(
             format!("{path}.by"),
             "expected 1 to 4 fields to break the metric down by",
         );
-    }
-    if let Some(kind) = kind {
-        if !matches!(
-            kind,
-            MetricKind::Count | MetricKind::Sum { .. } | MetricKind::Distinct { .. }
-        ) {
-            problems.add(
-                format!("{path}.by"),
-                format!(
-                    "a breakdown is kept for count, sum and distinct metrics, not for a {}",
-                    kind.label()
-                ),
-            );
-        }
     }
     let fields: Vec<Option<FieldPath>> = by
         .iter()
@@ -1166,6 +1154,7 @@ fn resolve_retention(
             );
             continue;
         }
+        check_breakdown_of_part(path, &metrics[index], "of", base, problems);
         let window = base.window;
         if !explicit_window[index] {
             metrics[index].window = window;
@@ -1180,6 +1169,42 @@ fn resolve_retention(
                 ),
             );
         }
+    }
+}
+
+/// A ratio's or retention's segments are computed from the segments of the metric it reads
+/// (`key` names it), so a breakdown needs the same one there.
+fn check_breakdown_of_part(
+    path: &str,
+    metric: &MetricDef,
+    key: &str,
+    part: &MetricDef,
+    problems: &mut Problems,
+) {
+    let Some(segments) = &metric.segments else {
+        return;
+    };
+    let by = |segments: &Segmentation| {
+        let fields: Vec<String> = segments.by.iter().map(ToString::to_string).collect();
+        format!("{fields:?}")
+    };
+    if part.segments.as_ref().map(|part| &part.by) != Some(&segments.by) {
+        let theirs = part
+            .segments
+            .as_ref()
+            .map_or("has no breakdown".to_string(), |part| {
+                format!("is by {}", by(part))
+            });
+        problems.add(
+            format!("{path}.by"),
+            format!(
+                "the {} is by {} but its {key} {:?} {theirs}; its segments are computed from \
+                 that metric's, so give both the same `by`",
+                metric.kind.label(),
+                by(segments),
+                part.name
+            ),
+        );
     }
 }
 
@@ -1224,6 +1249,7 @@ fn resolve_ratios(
                     format!("{name:?} is a {}; the parts of a ratio must be counts, sums, distinct counts or thresholds", part.kind.label()),
                 );
             } else {
+                check_breakdown_of_part(path, &metrics[index], key, part, problems);
                 part_windows.push((key, name, part.window, part.trailing, part.window_label()));
             }
         }

@@ -22,7 +22,7 @@ use crate::decimal::{Decimal, DecimalError};
 use crate::event::{Fields, Scalar};
 use crate::metric::Literal;
 use crate::reject::{RejectReason, Rejection};
-use crate::window::WindowBounds;
+use crate::window::{Trailing, WindowBounds};
 use crate::EpochMillis;
 
 /// What a matching event adds to one metric.
@@ -186,6 +186,7 @@ fn evaluate<'a>(
 
     let mut contributions = Vec::new();
     for (index, metric) in plan.compiled.iter().enumerate() {
+        let segment = || segment_of(metric, &fields);
         if let ValueSource::Conversion { entity, .. } = metric.value {
             let starts = matches_clauses(&metric.from_clauses, &fields);
             let ends = matches_clauses(&metric.clauses, &fields);
@@ -201,10 +202,10 @@ fn evaluate<'a>(
                 // A start first, so an event that is both converts on its own.
                 if starts {
                     let start = Contribution::FunnelStart(entity.clone());
-                    contributions.push((index, start, None));
+                    contributions.push((index, start, segment()));
                 }
                 if ends {
-                    contributions.push((index, Contribution::FunnelEnd(entity), None));
+                    contributions.push((index, Contribution::FunnelEnd(entity), segment()));
                 }
             }
             continue;
@@ -213,14 +214,7 @@ fn evaluate<'a>(
             continue;
         }
         let contribution = contribution(plan, index, metric, &fields)?;
-        let segment = (!metric.segment_slots.is_empty()).then(|| {
-            let values: Vec<Option<Cow<'_, [u8]>>> = metric
-                .segment_slots
-                .iter()
-                .map(|slot| fields.get(*slot).map(member_key))
-                .collect();
-            segment_key(values.iter().map(Option::as_deref))
-        });
+        let segment = segment();
         if let Contribution::Amount(amount) = &contribution {
             check_sum_range(
                 plan,
@@ -250,6 +244,18 @@ fn evaluate<'a>(
         event_time_ms,
         id,
         contributions,
+    })
+}
+
+/// The segment of an event in a metric with a breakdown.
+fn segment_of(metric: &CompiledMetric, fields: &Fields<'_>) -> Option<Box<[u8]>> {
+    (!metric.segment_slots.is_empty()).then(|| {
+        let values: Vec<Option<Cow<'_, [u8]>>> = metric
+            .segment_slots
+            .iter()
+            .map(|slot| fields.get(*slot).map(member_key))
+            .collect();
+        segment_key(values.iter().map(Option::as_deref))
     })
 }
 
@@ -520,7 +526,12 @@ fn commit(
     for (index, contribution, segment) in contributions {
         let compiled = &plan.compiled[index];
         if let Contribution::FunnelStart(_) | Contribution::FunnelEnd(_) = contribution {
-            funnel_step(plan, state, source, index, contribution, event_time_ms)?;
+            let step = FunnelStep {
+                metric: index,
+                time_ms: event_time_ms,
+                newest_ms,
+            };
+            step.apply(plan, state, source, &contribution, segment)?;
             continue;
         }
         let bounds = match state.last_window[index] {
@@ -536,112 +547,214 @@ fn commit(
         };
         if let (Some(trailing), Contribution::Member(member)) = (&compiled.trailing, &contribution)
         {
-            let mut dirty_gaps = Vec::new();
-            let mut dirty_windows = Vec::new();
-            TrailingDistinct {
+            let bucket = TrailingBucket {
                 metric: index,
                 trailing: *trailing,
-                windows: &mut state.windows[index],
-                members: &mut state.members,
-                dirty_gaps: &mut dirty_gaps,
-                dirty_windows: &mut dirty_windows,
-            }
-            .add(source, bounds.start_ms, member, newest_ms)?;
-            let pending = &mut state.pending;
-            pending.dirty_gaps.extend(
-                dirty_gaps
-                    .into_iter()
-                    .map(|(bucket, previous)| (index, bucket, previous)),
-            );
-            pending
-                .dirty_windows
-                .extend(dirty_windows.into_iter().map(|bucket| (index, bucket)));
+                start_ms: bounds.start_ms,
+            };
+            bucket.add(state, source, member, newest_ms)?;
             continue;
         }
         let window = window_entry(&mut state.windows[index], bounds, &compiled.value);
         let members = &mut state.members;
         let pending = &mut state.pending;
-        if let Some(segment) = segment {
-            let segment = if window.segments.len() >= MAX_SEGMENTS_PER_WINDOW
-                && !window.segments.contains_key(&segment)
-            {
-                OVERFLOW_KEY.into()
-            } else {
-                segment
-            };
-            let agg = window
-                .segments
-                .entry(segment.clone())
-                .or_insert_with(|| Agg::empty(&compiled.value));
-            // A segment's members are kept apart from the window's, tagged with the segment.
-            let segment_contribution = match &contribution {
-                Contribution::Member(member) => {
-                    Contribution::Member(Cow::Owned(segment_member(&segment, member).into()))
-                }
-                other => other.clone(),
-            };
-            let target = Target {
-                metric: index,
-                start_ms: bounds.start_ms,
-                source: &compiled.value,
-            };
-            if target.add(agg, members, source, &segment_contribution)? {
-                pending
-                    .dirty_segments
-                    .insert((index, bounds.start_ms, segment));
-            }
-        }
         let target = Target {
             metric: index,
             start_ms: bounds.start_ms,
             source: &compiled.value,
         };
+        // Retention counts a member new in a window (or a segment) after the window is done.
+        let mut new_members: Vec<NewMember<'_>> = Vec::new();
+        if let Some(segment) = segment {
+            let segment = capped_segment(window, segment);
+            let agg = window
+                .segments
+                .entry(segment.clone())
+                .or_insert_with(|| Agg::empty(&compiled.value));
+            let tagged = tagged_with(&segment, &contribution);
+            if target.add(agg, members, source, &tagged)? {
+                pending
+                    .dirty_segments
+                    .insert((index, bounds.start_ms, segment.clone()));
+                if let Contribution::Member(member) = tagged {
+                    new_members.push((member, Some(segment)));
+                }
+            }
+        }
         if target.add(&mut window.agg, members, source, &contribution)? {
             pending.dirty_windows.insert((index, bounds.start_ms));
             if let Contribution::Member(member) = &contribution {
-                count_returning(plan, state, source, index, bounds, member)?;
+                new_members.push((member.clone(), None));
             }
+        }
+        for (member, segment) in new_members {
+            count_returning(
+                plan,
+                state,
+                source,
+                index,
+                bounds,
+                &member,
+                segment.as_deref(),
+            )?;
         }
     }
     Ok(())
 }
 
-/// Moves a conversion metric's funnel, and counts the entity in the windows of the events
-/// that converted.
-fn funnel_step(
-    plan: &Plan,
-    state: &mut PartitionState,
-    source: &Source<'_>,
-    index: usize,
-    contribution: Contribution<'_>,
-    event_time_ms: EpochMillis,
-) -> Result<(), StateReadError> {
-    let compiled = &plan.compiled[index];
-    let ValueSource::Conversion { within_ms, .. } = compiled.value else {
-        return Ok(());
-    };
-    let mut funnel = Funnel {
-        metric: index,
-        within_ms,
-        members: &mut state.members,
-    };
-    let (entity, converted_at) = match contribution {
-        Contribution::FunnelStart(entity) => {
-            let converted_at = funnel.start(source, &entity, event_time_ms)?;
-            (entity, converted_at)
+/// A member new in a window, or in the segment of it given.
+type NewMember<'a> = (Cow<'a, [u8]>, Option<Box<[u8]>>);
+
+/// A new segment of a full window goes to the overflow segment.
+fn capped_segment(window: &WindowState, segment: Box<[u8]>) -> Box<[u8]> {
+    if window.segments.len() >= MAX_SEGMENTS_PER_WINDOW && !window.segments.contains_key(&segment) {
+        OVERFLOW_KEY.into()
+    } else {
+        segment
+    }
+}
+
+/// A contribution to a segment: its entities are kept apart from the window's (and from other
+/// segments'), tagged with the segment.
+fn tagged_with<'a>(segment: &[u8], contribution: &Contribution<'a>) -> Contribution<'a> {
+    let tag = |entity: &[u8]| Cow::Owned(segment_member(segment, entity).into());
+    match contribution {
+        Contribution::Member(member) => Contribution::Member(tag(member)),
+        Contribution::Progress { entity, actor } => Contribution::Progress {
+            entity: tag(entity),
+            actor: actor.clone(),
+        },
+        other => other.clone(),
+    }
+}
+
+/// One step bucket of a trailing distinct metric (or conversion: its converted entities).
+struct TrailingBucket {
+    metric: usize,
+    trailing: Trailing,
+    start_ms: EpochMillis,
+}
+
+impl TrailingBucket {
+    fn add(
+        &self,
+        state: &mut PartitionState,
+        source: &Source<'_>,
+        member: &[u8],
+        newest_ms: EpochMillis,
+    ) -> Result<(), StateReadError> {
+        let mut dirty_gaps = Vec::new();
+        let mut dirty_windows = Vec::new();
+        TrailingDistinct {
+            metric: self.metric,
+            trailing: self.trailing,
+            windows: &mut state.windows[self.metric],
+            members: &mut state.members,
+            dirty_gaps: &mut dirty_gaps,
+            dirty_windows: &mut dirty_windows,
         }
-        Contribution::FunnelEnd(entity) => {
-            let converted = funnel.end(source, &entity, event_time_ms)?;
-            (
-                entity,
-                converted.then_some(event_time_ms).into_iter().collect(),
-            )
+        .add(source, self.start_ms, member, newest_ms)?;
+        let pending = &mut state.pending;
+        let metric = self.metric;
+        pending.dirty_gaps.extend(
+            dirty_gaps
+                .into_iter()
+                .map(|(bucket, previous)| (metric, bucket, previous)),
+        );
+        pending
+            .dirty_windows
+            .extend(dirty_windows.into_iter().map(|bucket| (metric, bucket)));
+        Ok(())
+    }
+}
+
+/// One event of a conversion metric, moving the funnels of its entity.
+struct FunnelStep {
+    metric: usize,
+    time_ms: EpochMillis,
+    /// The partition's newest event time.
+    newest_ms: EpochMillis,
+}
+
+impl FunnelStep {
+    /// Moves the entity's funnel and counts it in the windows of the events that converted.
+    /// With a breakdown the entity also has a funnel per segment (tagged with it), so it
+    /// converts in a segment when both its events carry the segment's values.
+    fn apply(
+        &self,
+        plan: &Plan,
+        state: &mut PartitionState,
+        source: &Source<'_>,
+        contribution: &Contribution<'_>,
+        segment: Option<Box<[u8]>>,
+    ) -> Result<(), StateReadError> {
+        let (entity, starts) = match contribution {
+            Contribution::FunnelStart(entity) => (entity, true),
+            Contribution::FunnelEnd(entity) => (entity, false),
+            _ => return Ok(()),
+        };
+        for time_ms in self.move_funnel(plan, state, source, entity, starts)? {
+            self.count(plan, state, source, entity, None, time_ms)?;
         }
-        _ => return Ok(()),
-    };
-    for time_ms in converted_at {
+        if let Some(segment) = segment {
+            let tagged = segment_member(&segment, entity);
+            for time_ms in self.move_funnel(plan, state, source, &tagged, starts)? {
+                self.count(plan, state, source, entity, Some(&segment), time_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The times of the events the step converted: this one, or the waiting ones a start
+    /// reaches.
+    fn move_funnel(
+        &self,
+        plan: &Plan,
+        state: &mut PartitionState,
+        source: &Source<'_>,
+        entity: &[u8],
+        starts: bool,
+    ) -> Result<Vec<EpochMillis>, StateReadError> {
+        let ValueSource::Conversion { within_ms, .. } = plan.compiled[self.metric].value else {
+            return Ok(Vec::new());
+        };
+        let mut funnel = Funnel {
+            metric: self.metric,
+            within_ms,
+            members: &mut state.members,
+        };
+        if starts {
+            funnel.start(source, entity, self.time_ms)
+        } else {
+            let converted = funnel.end(source, entity, self.time_ms)?;
+            Ok(converted.then_some(self.time_ms).into_iter().collect())
+        }
+    }
+
+    /// Counts `entity` once in the window (or trailing bucket) of a conversion at `time_ms`,
+    /// or in its segment there.
+    fn count(
+        &self,
+        plan: &Plan,
+        state: &mut PartitionState,
+        source: &Source<'_>,
+        entity: &[u8],
+        segment: Option<&[u8]>,
+        time_ms: EpochMillis,
+    ) -> Result<(), StateReadError> {
+        let index = self.metric;
+        let compiled = &plan.compiled[index];
+        if let Some(trailing) = compiled.trailing {
+            // Validation keeps breakdowns off trailing metrics.
+            let bucket = TrailingBucket {
+                metric: index,
+                trailing,
+                start_ms: trailing.bucket_of(time_ms).start_ms,
+            };
+            return bucket.add(state, source, entity, self.newest_ms);
+        }
         let Some(bounds) = plan.calendar().window_of(compiled.window, time_ms) else {
-            continue;
+            return Ok(());
         };
         let window = window_entry(&mut state.windows[index], bounds, &compiled.value);
         let target = Target {
@@ -649,17 +762,38 @@ fn funnel_step(
             start_ms: bounds.start_ms,
             source: &compiled.value,
         };
-        let member = Contribution::Member(entity.clone());
-        if target.add(&mut window.agg, &mut state.members, source, &member)? {
-            state.pending.dirty_windows.insert((index, bounds.start_ms));
+        let members = &mut state.members;
+        match segment {
+            None => {
+                let member = Contribution::Member(Cow::Borrowed(entity));
+                if target.add(&mut window.agg, members, source, &member)? {
+                    state.pending.dirty_windows.insert((index, bounds.start_ms));
+                }
+            }
+            Some(segment) => {
+                let segment = capped_segment(window, segment.into());
+                let agg = window
+                    .segments
+                    .entry(segment.clone())
+                    .or_insert_with(|| Agg::empty(&compiled.value));
+                let member =
+                    Contribution::Member(Cow::Owned(segment_member(&segment, entity).into()));
+                if target.add(agg, members, source, &member)? {
+                    state
+                        .pending
+                        .dirty_segments
+                        .insert((index, bounds.start_ms, segment));
+                }
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Keeps the retention metrics of distinct metric `base` up to date when `member` joins its
-/// window `bounds`: it returns in this window if it was in the previous one, and makes the
-/// next window's member (seen earlier, out of order) a returning one.
+/// window `bounds` (or the segment `segment` there, `member` then tagged with it): it returns
+/// in this window if it was in the previous one, and makes the next window's member (seen
+/// earlier, out of order) a returning one.
 fn count_returning(
     plan: &Plan,
     state: &mut PartitionState,
@@ -667,8 +801,17 @@ fn count_returning(
     base: usize,
     bounds: WindowBounds,
     member: &[u8],
+    segment: Option<&[u8]>,
 ) -> Result<(), StateReadError> {
-    let dependents = &plan.retention_of[base];
+    // A segment's returning entities count only in retention metrics broken down too.
+    let counts = |retention: &usize| {
+        segment.is_none() || !plan.compiled[*retention].segment_slots.is_empty()
+    };
+    let dependents: Vec<usize> = plan.retention_of[base]
+        .iter()
+        .copied()
+        .filter(counts)
+        .collect();
     if dependents.is_empty() {
         return Ok(());
     }
@@ -691,16 +834,29 @@ fn count_returning(
             returning_in.push(next);
         }
     }
-    for &retention in dependents {
+    for retention in dependents {
         for window in &returning_in {
             let source = &plan.compiled[retention].value;
             let entry = window_entry(&mut state.windows[retention], *window, source);
-            if let Agg::Count(count) = &mut entry.agg {
+            let pending = &mut state.pending;
+            let agg = match segment {
+                None => {
+                    pending.dirty_windows.insert((retention, window.start_ms));
+                    &mut entry.agg
+                }
+                Some(segment) => {
+                    let segment = capped_segment(entry, segment.into());
+                    pending
+                        .dirty_segments
+                        .insert((retention, window.start_ms, segment.clone()));
+                    entry
+                        .segments
+                        .entry(segment)
+                        .or_insert_with(|| Agg::empty(source))
+                }
+            };
+            if let Agg::Count(count) = agg {
                 *count += 1;
-                state
-                    .pending
-                    .dirty_windows
-                    .insert((retention, window.start_ms));
             }
         }
     }

@@ -27,7 +27,7 @@ pub use changes::{
 };
 pub use members::{MemoryReader, StateReadError, StateReader};
 pub use plan::{DedupSettings, EngineSettings, Plan};
-pub use segment::{segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
+pub use segment::{metric_segments, segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
 pub use state::{AggValue, PartitionSnapshot, StoredGap, StoredSegment, StoredWindow, NO_PREVIOUS};
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,

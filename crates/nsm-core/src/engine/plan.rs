@@ -75,8 +75,6 @@ pub(super) struct CompiledMetric {
     pub trailing: Option<Trailing>,
     /// The fields of a breakdown (empty without one).
     pub segment_slots: Vec<Slot>,
-    /// How many segments to export.
-    pub top_segments: usize,
 }
 
 /// Metric definitions plus everything precomputed to apply them fast.
@@ -188,7 +186,6 @@ impl Plan {
                     segment_slots: segments
                         .map(|segments| segments.by.iter().map(|f| schema.slot(f)).collect())
                         .unwrap_or_default(),
-                    top_segments: segments.map_or(0, |segments| segments.top as usize),
                 }
             })
             .collect();

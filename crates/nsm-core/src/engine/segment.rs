@@ -8,7 +8,10 @@
 use std::collections::HashMap;
 
 use super::pair;
+use super::plan::{Plan, ValueSource};
 use super::state::AggValue;
+use crate::window::WindowBounds;
+use crate::EpochMillis;
 
 /// Distinct segments kept per window and partition before new ones go to the overflow.
 pub const MAX_SEGMENTS_PER_WINDOW: usize = 10_000;
@@ -85,10 +88,18 @@ pub fn top_segments(summed: HashMap<Box<[u8]>, AggValue>, top: usize) -> Vec<Seg
             value,
         })
         .collect();
+    // An undefined ratio (n/0) ranks below every number.
+    let rank = |value: &AggValue| {
+        let value = value.to_f64();
+        if value.is_nan() {
+            f64::NEG_INFINITY
+        } else {
+            value
+        }
+    };
     segments.sort_by(|a, b| {
-        b.value
-            .to_f64()
-            .total_cmp(&a.value.to_f64())
+        rank(&b.value)
+            .total_cmp(&rank(&a.value))
             .then_with(|| a.label.cmp(&b.label))
     });
     let mut overflow: Option<AggValue> = None;
@@ -107,6 +118,66 @@ pub fn top_segments(summed: HashMap<Box<[u8]>, AggValue>, top: usize) -> Vec<Seg
         });
     }
     kept
+}
+
+/// The segments of one metric's window (`bounds`) to export: the `top` of its breakdown.
+/// `summed(metric, start)` gives a metric's segments of the window starting at `start`,
+/// summed over partitions. A ratio divides its parts' segments, a retention its returning
+/// entities by its base's segment entities of the window before.
+pub fn metric_segments(
+    plan: &Plan,
+    metric: usize,
+    bounds: WindowBounds,
+    summed: impl Fn(usize, EpochMillis) -> HashMap<Box<[u8]>, AggValue>,
+) -> Vec<SegmentValue> {
+    let Some(segmentation) = &plan.metrics()[metric].segments else {
+        return Vec::new();
+    };
+    let compiled = &plan.compiled[metric];
+    let values = match compiled.value {
+        ValueSource::Ratio {
+            numerator,
+            denominator,
+        } => divided(
+            summed(numerator, bounds.start_ms),
+            summed(denominator, bounds.start_ms),
+            (
+                AggValue::zero_of(plan, numerator),
+                AggValue::zero_of(plan, denominator),
+            ),
+        ),
+        ValueSource::Retention { of } => {
+            let before = plan
+                .calendar()
+                .previous(compiled.window, bounds)
+                .map(|previous| summed(of, previous.start_ms))
+                .unwrap_or_default();
+            divided(
+                summed(metric, bounds.start_ms),
+                before,
+                (AggValue::Count(0), AggValue::Distinct(0)),
+            )
+        }
+        _ => summed(metric, bounds.start_ms),
+    };
+    top_segments(values, segmentation.top as usize)
+}
+
+/// Per segment of either side, the ratio of the two (a side without it reads `zeros`).
+fn divided(
+    numerators: HashMap<Box<[u8]>, AggValue>,
+    mut denominators: HashMap<Box<[u8]>, AggValue>,
+    zeros: (AggValue, AggValue),
+) -> HashMap<Box<[u8]>, AggValue> {
+    let mut ratios = HashMap::with_capacity(numerators.len().max(denominators.len()));
+    for (segment, numerator) in numerators {
+        let denominator = denominators.remove(&segment).unwrap_or(zeros.1);
+        ratios.insert(segment, AggValue::ratio(numerator, denominator));
+    }
+    for (segment, denominator) in denominators {
+        ratios.insert(segment, AggValue::ratio(zeros.0, denominator));
+    }
+    ratios
 }
 
 #[cfg(test)]

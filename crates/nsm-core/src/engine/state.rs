@@ -186,6 +186,23 @@ impl Agg {
         }
     }
 
+    /// A stored value back in the form a metric of `source` keeps; `None` when the kinds
+    /// differ.
+    pub fn restored(value: AggValue, source: &ValueSource) -> Option<Agg> {
+        Some(match (value, source) {
+            (AggValue::Count(count), ValueSource::One | ValueSource::Retention { .. }) => {
+                Agg::Count(count)
+            }
+            (AggValue::Sum(sum), ValueSource::Sum(_)) => Agg::Sum(sum),
+            (
+                AggValue::Distinct(count),
+                ValueSource::Distinct(_) | ValueSource::Conversion { .. },
+            ) => Agg::Distinct(count),
+            (AggValue::Distinct(reached), ValueSource::Threshold { .. }) => Agg::Threshold(reached),
+            _ => return None,
+        })
+    }
+
     pub fn value(&self) -> AggValue {
         match self {
             Agg::Count(count) => AggValue::Count(*count),
@@ -256,21 +273,10 @@ impl PartitionState {
             let Some(compiled) = plan.compiled.get(stored.metric) else {
                 continue;
             };
-            let agg = match (stored.value, &compiled.value) {
-                (AggValue::Count(count), ValueSource::One | ValueSource::Retention { .. }) => {
-                    Agg::Count(count)
-                }
-                (AggValue::Sum(sum), ValueSource::Sum(_)) => Agg::Sum(sum),
-                (
-                    AggValue::Distinct(count),
-                    ValueSource::Distinct(_) | ValueSource::Conversion { .. },
-                ) => Agg::Distinct(count),
-                (AggValue::Distinct(reached), ValueSource::Threshold { .. }) => {
-                    Agg::Threshold(reached)
-                }
-                // A kind mismatch means the definition changed; the store discards such
-                // windows, so this is only reached by a hand-made snapshot.
-                _ => continue,
+            // A kind mismatch means the definition changed; the store discards such windows,
+            // so this is only reached by a hand-made snapshot.
+            let Some(agg) = Agg::restored(stored.value, &compiled.value) else {
+                continue;
             };
             windows[stored.metric].insert(
                 stored.start_ms,
@@ -289,13 +295,12 @@ impl PartitionState {
             else {
                 continue;
             };
-            let agg = match stored.value {
-                AggValue::Count(count) => Agg::Count(count),
-                AggValue::Sum(sum) => Agg::Sum(sum),
-                AggValue::Distinct(count) => Agg::Distinct(count),
-                AggValue::Ratio { .. } => continue,
+            let Some(compiled) = plan.compiled.get(stored.metric) else {
+                continue;
             };
-            window.segments.insert(stored.segment, agg);
+            if let Some(agg) = Agg::restored(stored.value, &compiled.value) {
+                window.segments.insert(stored.segment, agg);
+            }
         }
         for gap in snapshot.gaps {
             if let Some(window) = windows

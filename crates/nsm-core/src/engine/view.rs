@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::plan::{Plan, ValueSource};
-use super::segment::{top_segments, SegmentValue};
+use super::segment::{metric_segments, SegmentValue};
 use super::state::{AggValue, PartitionState};
 use super::trailing::distinct_in_range;
 use crate::window::WindowBounds;
@@ -81,7 +81,8 @@ pub(super) fn metric_values<'a>(
             .fold(zero, |sum, window| sum.plus(window.agg.value()))
     };
     // A trailing metric's value over a range: its step buckets in the range, a distinct
-    // member counted once per partition through the gap histograms (see `trailing`).
+    // member (or converted entity) counted once per partition through the gap histograms (see
+    // `trailing`).
     let stored_value = |index: usize, bounds: WindowBounds| {
         if plan.compiled[index].trailing.is_none() {
             return calendar_value(index, bounds);
@@ -89,7 +90,9 @@ pub(super) fn metric_values<'a>(
         let mut total = AggValue::zero_for(&plan.compiled[index].value);
         for state in partitions.clone() {
             let windows = &state.windows[index];
-            if let ValueSource::Distinct(_) = plan.compiled[index].value {
+            if let ValueSource::Distinct(_) | ValueSource::Conversion { .. } =
+                plan.compiled[index].value
+            {
                 let distinct = distinct_in_range(windows, bounds.start_ms, bounds.end_ms);
                 total = total.plus(AggValue::Distinct(distinct));
             } else {
@@ -125,14 +128,10 @@ pub(super) fn metric_values<'a>(
             complete: plan.is_complete(bounds.end_ms, complete_until),
         }
     };
-    let segments = |index: usize, bounds: WindowBounds| {
-        let compiled = &plan.compiled[index];
-        if compiled.segment_slots.is_empty() {
-            return Vec::new();
-        }
+    let summed_segments = |index: usize, start_ms: EpochMillis| {
         let mut summed: HashMap<Box<[u8]>, AggValue> = HashMap::new();
         for state in partitions.clone() {
-            let Some(window) = state.windows[index].get(&bounds.start_ms) else {
+            let Some(window) = state.windows[index].get(&start_ms) else {
                 continue;
             };
             for (segment, agg) in &window.segments {
@@ -143,8 +142,10 @@ pub(super) fn metric_values<'a>(
                     .or_insert(value);
             }
         }
-        top_segments(summed, compiled.top_segments)
+        summed
     };
+    let segments =
+        |index: usize, bounds: WindowBounds| metric_segments(plan, index, bounds, summed_segments);
     let mut values = Vec::with_capacity(plan.compiled.len());
     for (index, compiled) in plan.compiled.iter().enumerate() {
         let (current, previous) = match &compiled.trailing {
