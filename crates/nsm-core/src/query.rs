@@ -128,6 +128,11 @@ fn retention_windows(
     let Some(base) = plan.retention_base(metric) else {
         return BTreeMap::new();
     };
+    // A trailing retention stores no windows: it is read from its base's histograms over
+    // whole ranges, which `/metrics` shows.
+    if plan.metrics()[metric].trailing.is_some() {
+        return BTreeMap::new();
+    }
     // The previous window of one in range may start before it: sum everything, once.
     let returning = sum_by_start(stored, metric, EpochMillis::MIN, EpochMillis::MAX);
     let entities = sum_by_start(stored, base, EpochMillis::MIN, EpochMillis::MAX);

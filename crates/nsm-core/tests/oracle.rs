@@ -221,6 +221,17 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             ),
             3 * HOUR,
         ),
+        trailing(
+            metric(
+                "returning_users_trailing_90m",
+                MetricKind::Retention {
+                    of: "users_trailing_90m".into(),
+                },
+                None,
+                CalendarUnit::Day,
+            ),
+            90 * MINUTE,
+        ),
     ]
 }
 
@@ -231,6 +242,8 @@ const TRAILING_DISTINCT: usize = 12;
 const TRAILING_SUM: usize = 13;
 /// The conversion again, over the last 3 hours of payments.
 const TRAILING_CONVERSION: usize = 14;
+/// Users of the last 90 minutes also there in the 90 minutes before.
+const TRAILING_RETENTION: usize = 15;
 
 fn trailing(metric: MetricDef, length_ms: i64) -> MetricDef {
     MetricDef {
@@ -478,7 +491,13 @@ fn oracle_of(accepted: &[Vec<Event>]) -> BTreeMap<(i32, usize, i64), (i64, AggVa
         let partition = partition as i32;
         for &(name, user, time_ms, cents) in events {
             for (index, def) in metrics().iter().enumerate() {
-                let derived = [RATIO, RETENTION, CONVERSION, TRAILING_CONVERSION];
+                let derived = [
+                    RATIO,
+                    RETENTION,
+                    CONVERSION,
+                    TRAILING_CONVERSION,
+                    TRAILING_RETENTION,
+                ];
                 if derived.contains(&index) || !wants(def, name) {
                     continue;
                 }
@@ -926,6 +945,34 @@ proptest! {
                     })
                     .sum()
             };
+            // Returning users of a range: in it and in the range before, per partition; the
+            // rate divides by the users of the range before.
+            let returning_in = |bounds: nsm_core::window::WindowBounds| -> u64 {
+                let length = bounds.end_ms - bounds.start_ms;
+                accepted
+                    .iter()
+                    .map(|events| {
+                        let users = |start: i64, end: i64| -> BTreeSet<u8> {
+                            events.iter().filter(|event| start <= event.2 && event.2 < end).map(|event| event.1).collect()
+                        };
+                        users(bounds.start_ms, bounds.end_ms)
+                            .intersection(&users(bounds.start_ms - length, bounds.start_ms))
+                            .count() as u64
+                    })
+                    .sum()
+            };
+            let shown = &values[TRAILING_RETENTION];
+            prop_assert_eq!(shown.current.bounds, range(TRAILING_DISTINCT));
+            for window in [Some(&shown.current), Some(&shown.previous), shown.before_previous.as_ref()].into_iter().flatten() {
+                let before = nsm_core::window::WindowBounds {
+                    start_ms: 2 * window.bounds.start_ms - window.bounds.end_ms,
+                    end_ms: window.bounds.start_ms,
+                };
+                prop_assert_eq!(
+                    window.value,
+                    AggValue::ratio(AggValue::Count(returning_in(window.bounds)), AggValue::Distinct(users_in(before)))
+                );
+            }
             let shown = &values[TRAILING_CONVERSION];
             prop_assert_eq!(shown.current.bounds, range(TRAILING_CONVERSION));
             for window in [Some(&shown.current), Some(&shown.previous), shown.before_previous.as_ref()].into_iter().flatten() {

@@ -195,10 +195,8 @@ impl Store {
             .iter()
             .map(|metric| metric.name.clone())
             .collect();
-        let metric_fingerprints: Vec<String> = plan
-            .metrics()
-            .iter()
-            .map(|metric| metric.fingerprint())
+        let metric_fingerprints: Vec<String> = (0..plan.metrics().len())
+            .map(|metric| plan.fingerprint(metric))
             .collect();
         let metric_index = metric_names
             .iter()

@@ -415,6 +415,19 @@ fn retention_reads_a_distinct_metric_and_takes_its_window() {
         config.metric("returning").map(|m| m.window),
         Some(CalendarUnit::Day)
     );
+    // Of a trailing metric: the range against the one before it.
+    let trailing = format!(
+        "{RATIO_BASE}[[inputs]]\nname = \"active_7d\"\nkind = \"distinct\"\ntrailing = \"7d\"\n\
+         [[inputs]]\nname = \"returning_7d\"\nkind = \"retention\"\nof = \"active_7d\"\n"
+    );
+    let config = Config::from_toml(&trailing, &no_env).expect("valid trailing retention");
+    assert_eq!(
+        config.metric("returning_7d").and_then(|m| m.trailing),
+        config.metric("active_7d").and_then(|m| m.trailing)
+    );
+    // It reads two lengths back: 4 weeks and the lateness do not fit in 28 days.
+    let short = format!("{trailing}[state]\nretention = \"28d\"\n");
+    assert_eq!(error_paths(&short), vec!["state.retention"]);
     let invalid = format!(
         "{RATIO_BASE}[[inputs]]\nname = \"of_a_count\"\nkind = \"retention\"\nof = \"started\"\n\
          [[inputs]]\nname = \"of_nothing\"\nkind = \"retention\"\n"

@@ -197,6 +197,10 @@ fn validate(raw: RawConfig, resolver: &Resolver<'_>, problems: &mut Problems) ->
         let longest_window_ms = metrics
             .iter()
             .map(|metric| match &metric.trailing {
+                // A trailing retention reads its base two lengths back.
+                Some(trailing) if matches!(metric.kind, MetricKind::Retention { .. }) => {
+                    2 * trailing.length_ms + trailing.step_ms
+                }
                 // A trailing window's last bucket may still be filling.
                 Some(trailing) => trailing.length_ms + trailing.step_ms,
                 None => metric.window.max_length_ms(),
@@ -899,7 +903,7 @@ fn validate_conversion(
 }
 
 /// `trailing = "7d"`: a moving window instead of a calendar one, for counts, sums, distinct
-/// counts and conversions without a breakdown.
+/// counts and conversions without a breakdown (ratios and retentions take their parts').
 fn validate_trailing(
     path: &str,
     raw: &RawMetric,
@@ -917,23 +921,18 @@ fn validate_trailing(
     if raw.by.is_some() {
         problems.add(key.clone(), "a trailing metric has no breakdown (`by`) yet");
     }
-    if let Some(kind) = kind {
-        if !matches!(
-            kind,
-            MetricKind::Count
-                | MetricKind::Sum { .. }
-                | MetricKind::Distinct { .. }
-                | MetricKind::Conversion { .. }
-        ) {
-            problems.add(
-                key.clone(),
-                format!(
-                    "a trailing window is kept for count, sum, distinct and conversion metrics, \
-                     not for a {}",
-                    kind.label()
-                ),
-            );
-        }
+    match kind {
+        Some(MetricKind::Ratio { .. } | MetricKind::Retention { .. }) => problems.add(
+            key.clone(),
+            "a ratio or retention takes the window of the metrics it reads; put `trailing` on \
+             them",
+        ),
+        Some(MetricKind::Threshold { .. }) => problems.add(
+            key.clone(),
+            "a trailing window is kept for count, sum, distinct and conversion metrics, not \
+             for a threshold",
+        ),
+        _ => {}
     }
     let length = duration(&key, Some(text), "", problems)?;
     let trailing = Trailing::new(millis(length));
@@ -1137,13 +1136,6 @@ fn resolve_retention(
             );
             continue;
         };
-        if base.trailing.is_some() {
-            problems.add(
-                format!("{path}.of"),
-                format!("{of:?} has a trailing window; retention compares calendar windows"),
-            );
-            continue;
-        }
         if !matches!(base.kind, MetricKind::Distinct { .. }) {
             problems.add(
                 format!("{path}.of"),
@@ -1155,7 +1147,9 @@ fn resolve_retention(
             continue;
         }
         check_breakdown_of_part(path, &metrics[index], "of", base, problems);
-        let window = base.window;
+        // A trailing base gives a trailing retention: the range against the one before it.
+        let (window, trailing) = (base.window, base.trailing);
+        metrics[index].trailing = trailing;
         if !explicit_window[index] {
             metrics[index].window = window;
         } else if metrics[index].window != window {

@@ -549,7 +549,7 @@ fn commit(
         {
             let bucket = TrailingBucket {
                 metric: index,
-                trailing: *trailing,
+                span: plan.gap_span(index).unwrap_or(*trailing),
                 start_ms: bounds.start_ms,
             };
             bucket.add(state, source, member, newest_ms)?;
@@ -631,7 +631,9 @@ fn tagged_with<'a>(segment: &[u8], contribution: &Contribution<'a>) -> Contribut
 /// One step bucket of a trailing distinct metric (or conversion: its converted entities).
 struct TrailingBucket {
     metric: usize,
-    trailing: Trailing,
+    /// The metric's trailing window, or a longer one of the same step when its gaps must
+    /// reach further back (`Plan::gap_span`).
+    span: Trailing,
     start_ms: EpochMillis,
 }
 
@@ -647,7 +649,7 @@ impl TrailingBucket {
         let mut dirty_windows = Vec::new();
         TrailingDistinct {
             metric: self.metric,
-            trailing: self.trailing,
+            trailing: self.span,
             windows: &mut state.windows[self.metric],
             members: &mut state.members,
             dirty_gaps: &mut dirty_gaps,
@@ -748,7 +750,7 @@ impl FunnelStep {
             // Validation keeps breakdowns off trailing metrics.
             let bucket = TrailingBucket {
                 metric: index,
-                trailing,
+                span: plan.gap_span(index).unwrap_or(trailing),
                 start_ms: trailing.bucket_of(time_ms).start_ms,
             };
             return bucket.add(state, source, entity, self.newest_ms);

@@ -242,6 +242,34 @@ impl Plan {
         }
     }
 
+    /// How far back a trailing distinct metric's occurrences keep their previous occurrence
+    /// exactly, as a trailing window of that length (see `trailing`): one length, or two for
+    /// the base of a retention, which compares the range with the one before it.
+    pub(super) fn gap_span(&self, metric: usize) -> Option<Trailing> {
+        let trailing = self.compiled[metric].trailing?;
+        Some(if self.retention_of[metric].is_empty() {
+            trailing
+        } else {
+            Trailing {
+                length_ms: 2 * trailing.length_ms,
+                step_ms: trailing.step_ms,
+            }
+        })
+    }
+
+    /// The metric's fingerprint (see [`MetricDef::fingerprint`]), plus what the plan derives
+    /// for it from other metrics: the base of a trailing retention stores its gaps over two
+    /// lengths, which older stored gaps do not have.
+    pub fn fingerprint(&self, metric: usize) -> String {
+        let own = self.metrics[metric].fingerprint();
+        match self.gap_span(metric) {
+            Some(span) if self.compiled[metric].trailing != Some(span) => {
+                format!("{own};gaps={}", span.length_ms)
+            }
+            _ => own,
+        }
+    }
+
     pub fn settings(&self) -> &EngineSettings {
         &self.settings
     }

@@ -15,6 +15,11 @@
 //! b starts after it. The histogram has at most one entry per bucket of the length, whatever
 //! the number of members.
 //!
+//! A trailing retention ("members of this range also in the one before") counts the first
+//! occurrences in `[s, e)` whose previous one is in `[s - length, s)`; its base keeps the
+//! previous occurrence exactly two lengths back (the same algorithm, run for twice the
+//! length), so that is a sum over the same histograms.
+//!
 //! Finding a new occurrence's neighbours: the previous one is the member's last occurrence
 //! unless a later one exists. A later one can only be in the buckets up to the partition's
 //! newest event, at most the allowed lateness away, which are probed one by one; it then knows
@@ -179,6 +184,27 @@ pub(super) fn distinct_in_range(
             bucket
                 .gaps
                 .range(..start_ms)
+                .map(|(_, count)| count)
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// The members of one partition's buckets in `[start_ms, end_ms)` that were also in the range
+/// of the same length before it: those whose first occurrence in the range has its previous
+/// one in the range before. Exact when the gaps reach two lengths back (`Plan::gap_span`).
+pub(super) fn returning_in_range(
+    windows: &BTreeMap<EpochMillis, WindowState>,
+    start_ms: EpochMillis,
+    end_ms: EpochMillis,
+) -> u64 {
+    let before_ms = start_ms - (end_ms - start_ms);
+    windows
+        .range(start_ms..end_ms)
+        .map(|(_, bucket)| {
+            bucket
+                .gaps
+                .range(before_ms..start_ms)
                 .map(|(_, count)| count)
                 .sum::<u64>()
         })

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::plan::{Plan, ValueSource};
 use super::segment::{metric_segments, SegmentValue};
 use super::state::{AggValue, PartitionState};
-use super::trailing::distinct_in_range;
+use super::trailing::{distinct_in_range, returning_in_range};
 use crate::window::WindowBounds;
 use crate::{EpochMillis, PartitionKey};
 
@@ -69,12 +69,13 @@ pub(super) fn metric_values<'a>(
     let complete_until =
         completeness_watermark(partitions.clone().map(PartitionState::watermark_ms));
     let calendar = plan.calendar();
+    // What the windows hold: a retention metric's are its count of returning entities.
+    let stored_zero = |index: usize| match &plan.compiled[index].value {
+        ValueSource::Retention { .. } => AggValue::Count(0),
+        source => AggValue::zero_for(source),
+    };
     let calendar_value = |index: usize, bounds: WindowBounds| {
-        // What the windows hold: a retention metric stores its count of returning entities.
-        let zero = match &plan.compiled[index].value {
-            ValueSource::Retention { .. } => AggValue::Count(0),
-            source => AggValue::zero_for(source),
-        };
+        let zero = stored_zero(index);
         partitions
             .clone()
             .filter_map(|state| state.windows[index].get(&bounds.start_ms))
@@ -87,10 +88,15 @@ pub(super) fn metric_values<'a>(
         if plan.compiled[index].trailing.is_none() {
             return calendar_value(index, bounds);
         }
-        let mut total = AggValue::zero_for(&plan.compiled[index].value);
+        let mut total = stored_zero(index);
         for state in partitions.clone() {
             let windows = &state.windows[index];
-            if let ValueSource::Distinct(_) | ValueSource::Conversion { .. } =
+            if let ValueSource::Retention { of } = plan.compiled[index].value {
+                // Returning entities, from the base's histograms; the rate is taken below.
+                let returning =
+                    returning_in_range(&state.windows[of], bounds.start_ms, bounds.end_ms);
+                total = total.plus(AggValue::Count(returning));
+            } else if let ValueSource::Distinct(_) | ValueSource::Conversion { .. } =
                 plan.compiled[index].value
             {
                 let distinct = distinct_in_range(windows, bounds.start_ms, bounds.end_ms);
@@ -115,9 +121,13 @@ pub(super) fn metric_values<'a>(
             ),
             // Returning entities as a rate of the previous window's entities.
             ValueSource::Retention { of } => {
-                let before = calendar
-                    .previous(plan.compiled[index].window, bounds)
-                    .map_or(AggValue::Distinct(0), |previous| stored_value(of, previous));
+                let compiled = &plan.compiled[index];
+                let previous = match &compiled.trailing {
+                    Some(trailing) => Some(trailing.previous(bounds)),
+                    None => calendar.previous(compiled.window, bounds),
+                };
+                let before =
+                    previous.map_or(AggValue::Distinct(0), |previous| stored_value(of, previous));
                 AggValue::ratio(stored_value(index, bounds), before)
             }
             _ => stored_value(index, bounds),
