@@ -91,11 +91,12 @@ pub fn window_segments(
     stored: &[StoredSegment],
     bounds: WindowBounds,
 ) -> Vec<SegmentValue> {
-    let summed = |metric: usize, start_ms: EpochMillis| {
+    // Stored segments are those of calendar windows and of trailing metrics' buckets.
+    let summed = |metric: usize, bounds: WindowBounds| {
         let mut summed: HashMap<Box<[u8]>, AggValue> = HashMap::new();
         for segment in stored
             .iter()
-            .filter(|segment| segment.metric == metric && segment.start_ms == start_ms)
+            .filter(|segment| segment.metric == metric && segment.start_ms == bounds.start_ms)
         {
             summed
                 .entry(segment.segment.clone())

@@ -62,7 +62,8 @@ fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUni
 
 /// Breakdowns: weekly messagers and daily revenue by team, hourly messages by team and a
 /// field no event has (a "(none)" segment); by team as well every other kind: the events a
-/// ratio divides, the ratio, both thresholds, the retention and the conversion.
+/// ratio divides, the ratio, both thresholds, the retention, the conversion and every
+/// trailing metric.
 fn metrics() -> Vec<MetricDef> {
     let mut metrics = unsegmented_metrics();
     let by = |fields: &[&str]| {
@@ -75,6 +76,13 @@ fn metrics() -> Vec<MetricDef> {
     metrics[2].segments = by(&["team_id", "properties.plan"]);
     for index in [3, 4, RATIO, 7, 8, RETENTION, CONVERSION] {
         metrics[index].segments = by(&["team_id"]);
+    }
+    for index in [TRAILING_COUNT, TRAILING_SUM, TRAILING_CONVERSION] {
+        metrics[index].segments = by(&["team_id"]);
+    }
+    // By event name, users fall in several segments of one window.
+    for index in [1, TRAILING_DISTINCT, TRAILING_RETENTION] {
+        metrics[index].segments = by(&["event"]);
     }
     metrics
 }
@@ -244,6 +252,14 @@ const TRAILING_SUM: usize = 13;
 const TRAILING_CONVERSION: usize = 14;
 /// Users of the last 90 minutes also there in the 90 minutes before.
 const TRAILING_RETENTION: usize = 15;
+/// Every trailing metric; each is broken down by team too.
+const TRAILING: [usize; 5] = [
+    TRAILING_COUNT,
+    TRAILING_DISTINCT,
+    TRAILING_SUM,
+    TRAILING_CONVERSION,
+    TRAILING_RETENTION,
+];
 
 fn trailing(metric: MetricDef, length_ms: i64) -> MetricDef {
     MetricDef {
@@ -410,36 +426,73 @@ fn build_logs(messages: &[(i32, Message)]) -> Vec<Log> {
 type SegmentKey = (i32, usize, i64, String);
 
 /// The segment values of every window, by partition, metric, start and segment label. A
-/// segment's values are the metric's over the events carrying the segment (each metric here
-/// is broken down by team), so the oracle of each team's events gives them.
+/// segment's values are the metric's over the events carrying the segment, so the oracle of
+/// those events gives them.
 fn segment_oracle(logs: &[Log]) -> BTreeMap<SegmentKey, AggValue> {
     let defs = metrics();
     let accepted: Vec<Vec<Event>> = logs.iter().map(accepted_events).collect();
     let mut result = BTreeMap::new();
-    for team in 0..3 {
-        let of_team: Vec<Vec<Event>> = accepted
+    for segment in Segment::ALL {
+        let carrying: Vec<Vec<Event>> = accepted
             .iter()
             .map(|events| {
                 events
                     .iter()
-                    .filter(|event| team_of(event.1) == team)
+                    .filter(|event| segment.holds(event))
                     .copied()
                     .collect()
             })
             .collect();
-        for ((partition, metric, start_ms), (_, value)) in oracle_of(&of_team) {
-            let Some(segments) = &defs[metric].segments else {
-                continue;
-            };
-            let label = if segments.by.len() == 2 {
-                format!("team-{team}/(none)")
-            } else {
-                format!("team-{team}")
-            };
-            result.insert((partition, metric, start_ms, label), value);
+        for ((partition, metric, start_ms), (_, value)) in oracle_of(&carrying) {
+            if let Some(label) = segment.label_in(&defs[metric]) {
+                result.insert((partition, metric, start_ms, label), value);
+            }
         }
     }
     result
+}
+
+/// A segment of the breakdowns here: by team, or by event name (a user is in several).
+#[derive(Debug, Clone, Copy)]
+enum Segment {
+    Team(u8),
+    Name(usize),
+}
+
+impl Segment {
+    const ALL: [Segment; 6] = [
+        Segment::Team(0),
+        Segment::Team(1),
+        Segment::Team(2),
+        Segment::Name(0),
+        Segment::Name(1),
+        Segment::Name(2),
+    ];
+
+    fn holds(self, event: &Event) -> bool {
+        match self {
+            Segment::Team(team) => team_of(event.1) == team,
+            Segment::Name(name) => event.0 == name,
+        }
+    }
+
+    /// The label of the segment in a metric broken down its way.
+    fn label_in(self, def: &MetricDef) -> Option<String> {
+        let by: Vec<String> = def
+            .segments
+            .as_ref()?
+            .by
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let by: Vec<&str> = by.iter().map(String::as_str).collect();
+        match (self, &by[..]) {
+            (Segment::Team(team), ["team_id"]) => Some(format!("team-{team}")),
+            (Segment::Team(team), ["team_id", _]) => Some(format!("team-{team}/(none)")),
+            (Segment::Name(name), ["event"]) => Some(EVENT_NAMES[name].to_string()),
+            _ => None,
+        }
+    }
 }
 
 fn wants(def: &MetricDef, name: usize) -> bool {
@@ -659,6 +712,102 @@ fn shown_segments(
     }
 }
 
+/// A trailing metric's value over a range, from the applied events (those carrying the
+/// segment, for a segment), or `None` where a segment has nothing to show: no event for a count or sum, no
+/// member for a distinct count, neither a returning user nor one the range before.
+fn trailing_truth(
+    accepted: &[Vec<Event>],
+    metric: usize,
+    bounds: nsm_core::window::WindowBounds,
+    segment: Option<Segment>,
+) -> Option<AggValue> {
+    let carrying = |events: &Vec<Event>| -> Vec<Event> {
+        events
+            .iter()
+            .filter(|event| segment.is_none_or(|segment| segment.holds(event)))
+            .copied()
+            .collect()
+    };
+    let events: Vec<Vec<Event>> = accepted.iter().map(carrying).collect();
+    let inside = |time_ms: i64, bounds: nsm_core::window::WindowBounds| {
+        bounds.start_ms <= time_ms && time_ms < bounds.end_ms
+    };
+    let named = |name: &str| -> Vec<Event> {
+        events
+            .iter()
+            .flatten()
+            .filter(|event| EVENT_NAMES[event.0] == name && inside(event.2, bounds))
+            .copied()
+            .collect()
+    };
+    // Distinct users per partition, summed: of the events, or of the conversions.
+    let users = |bounds: nsm_core::window::WindowBounds| -> Vec<BTreeSet<u8>> {
+        events
+            .iter()
+            .map(|events| {
+                events
+                    .iter()
+                    .filter(|event| inside(event.2, bounds))
+                    .map(|event| event.1)
+                    .collect()
+            })
+            .collect()
+    };
+    let before = nsm_core::window::WindowBounds {
+        start_ms: 2 * bounds.start_ms - bounds.end_ms,
+        end_ms: bounds.start_ms,
+    };
+    let shown_if = |shown: bool, value: AggValue| (segment.is_none() || shown).then_some(value);
+    match metric {
+        TRAILING_COUNT => {
+            let messages = named("message_sent").len();
+            shown_if(messages > 0, AggValue::Count(messages as u64))
+        }
+        TRAILING_SUM => {
+            let payments = named("payment");
+            let cents: i128 = payments.iter().map(|event| i128::from(event.3)).sum();
+            shown_if(
+                !payments.is_empty(),
+                AggValue::Sum(Decimal(cents * 10_000_000)),
+            )
+        }
+        TRAILING_DISTINCT => {
+            let count: usize = users(bounds).iter().map(BTreeSet::len).sum();
+            shown_if(count > 0, AggValue::Distinct(count as u64))
+        }
+        TRAILING_CONVERSION => {
+            let count: usize = events
+                .iter()
+                .map(|events| {
+                    conversions(events)
+                        .into_iter()
+                        .filter(|(_, paid_ms)| inside(*paid_ms, bounds))
+                        .map(|(user, _)| user)
+                        .collect::<BTreeSet<u8>>()
+                        .len()
+                })
+                .sum();
+            shown_if(count > 0, AggValue::Distinct(count as u64))
+        }
+        TRAILING_RETENTION => {
+            let returning: usize = users(bounds)
+                .iter()
+                .zip(users(before))
+                .map(|(now, then)| now.intersection(&then).count())
+                .sum();
+            let then: usize = users(before).iter().map(BTreeSet::len).sum();
+            shown_if(
+                returning > 0 || then > 0,
+                AggValue::ratio(
+                    AggValue::Count(returning as u64),
+                    AggValue::Distinct(then as u64),
+                ),
+            )
+        }
+        _ => unreachable!("not a trailing metric"),
+    }
+}
+
 /// The payments that convert (user, time): a message of the same user at most two hours
 /// before.
 fn conversions(events: &[Event]) -> Vec<(u8, i64)> {
@@ -687,9 +836,13 @@ struct FakeStore {
     windows: BTreeMap<(i32, usize, i64), (i64, AggValue)>,
     /// Members, threshold progress and trailing occurrences, read one at a time.
     members: MemoryReader,
-    gaps: BTreeMap<(i32, usize, i64, i64), u64>,
+    gaps: BTreeMap<StoredGapKey, u64>,
     segments: BTreeMap<StoredSegmentKey, AggValue>,
 }
+
+/// Partition, metric, bucket start, segment (empty for the bucket's own) and previous bucket
+/// of a stored gap count.
+type StoredGapKey = (i32, usize, i64, Box<[u8]>, i64);
 
 /// Partition, metric, window start and segment key of a stored segment.
 type StoredSegmentKey = (i32, usize, i64, Box<[u8]>);
@@ -708,8 +861,14 @@ impl FakeStore {
                 );
             }
             for gap in &part.gaps {
-                self.gaps
-                    .insert((p, gap.metric, gap.start_ms, gap.previous_ms), gap.count);
+                let key = (
+                    p,
+                    gap.metric,
+                    gap.start_ms,
+                    gap.segment.clone(),
+                    gap.previous_ms,
+                );
+                self.gaps.insert(key, gap.count);
             }
             for segment in part.segments {
                 self.segments.insert(
@@ -719,7 +878,7 @@ impl FakeStore {
             }
             for delete in part.deletes {
                 self.windows.remove(&(p, delete.metric, delete.start_ms));
-                self.gaps.retain(|(gp, m, s, _), _| {
+                self.gaps.retain(|(gp, m, s, _, _), _| {
                     !(*gp == p && *m == delete.metric && *s == delete.start_ms)
                 });
                 self.segments.retain(|(sp, m, s, _), _| {
@@ -750,13 +909,16 @@ impl FakeStore {
             gaps: self
                 .gaps
                 .iter()
-                .filter(|((p, _, _, _), count)| *p == partition && **count > 0)
-                .map(|((_, metric, start_ms, previous_ms), count)| StoredGap {
-                    metric: *metric,
-                    start_ms: *start_ms,
-                    previous_ms: *previous_ms,
-                    count: *count,
-                })
+                .filter(|((p, _, _, _, _), count)| *p == partition && **count > 0)
+                .map(
+                    |((_, metric, start_ms, segment, previous_ms), count)| StoredGap {
+                        metric: *metric,
+                        start_ms: *start_ms,
+                        segment: segment.clone(),
+                        previous_ms: *previous_ms,
+                        count: *count,
+                    },
+                )
                 .collect(),
             segments: self
                 .segments
@@ -884,99 +1046,18 @@ proptest! {
         store.write(engine.take_changes());
 
         // The trailing windows as /metrics shows them, at the end of the stream, equal the
-        // events in the trailing range: counted, and distinct users united per partition.
+        // events in the trailing ranges: current, previous and before-previous.
         let values = restored_engine(&store).metric_values(now_ms);
-        let accepted: Vec<Vec<(usize, u8, i64, u32)>> = logs.iter().map(accepted_events).collect();
+        let accepted: Vec<Vec<Event>> = logs.iter().map(accepted_events).collect();
         if let Some(clock) = accepted.iter().flatten().map(|event| event.2).max() {
-            let range = |metric: usize| metrics()[metric].trailing.expect("trailing").range_at(clock);
-            let in_range = |metric: usize, time_ms: i64| {
-                let range = range(metric);
-                range.start_ms <= time_ms && time_ms < range.end_ms
-            };
-            let messages = accepted
-                .iter()
-                .flatten()
-                .filter(|event| EVENT_NAMES[event.0] == "message_sent" && in_range(TRAILING_COUNT, event.2))
-                .count() as u64;
-            // Distinct users of a range, united per partition: every range the view shows.
-            let users_in = |bounds: nsm_core::window::WindowBounds| -> u64 {
-                accepted
-                    .iter()
-                    .map(|events| {
-                        events
-                            .iter()
-                            .filter(|event| bounds.start_ms <= event.2 && event.2 < bounds.end_ms)
-                            .map(|event| event.1)
-                            .collect::<BTreeSet<u8>>()
-                            .len() as u64
-                    })
-                    .sum()
-            };
-            let revenue_cents: i128 = accepted
-                .iter()
-                .flatten()
-                .filter(|event| EVENT_NAMES[event.0] == "payment" && in_range(TRAILING_SUM, event.2))
-                .map(|event| i128::from(event.3))
-                .sum();
-            prop_assert_eq!(
-                values[TRAILING_SUM].current.value,
-                AggValue::Sum(Decimal(revenue_cents * 10_000_000))
-            );
-            prop_assert_eq!(values[TRAILING_COUNT].current.value, AggValue::Count(messages));
-            prop_assert_eq!(values[TRAILING_COUNT].current.bounds, range(TRAILING_COUNT));
-            let users = users_in(range(TRAILING_DISTINCT));
-            let shown = &values[TRAILING_DISTINCT];
-            prop_assert_eq!(shown.previous.value, AggValue::Distinct(users_in(shown.previous.bounds)));
-            if let Some(before) = &shown.before_previous {
-                prop_assert_eq!(before.value, AggValue::Distinct(users_in(before.bounds)));
-            }
-            prop_assert_eq!(values[TRAILING_DISTINCT].current.value, AggValue::Distinct(users));
-            // Converted users of a range (by payment time), united per partition.
-            let converted_in = |bounds: nsm_core::window::WindowBounds| -> u64 {
-                accepted
-                    .iter()
-                    .map(|events| {
-                        conversions(events)
-                            .into_iter()
-                            .filter(|(_, paid_ms)| bounds.start_ms <= *paid_ms && *paid_ms < bounds.end_ms)
-                            .map(|(user, _)| user)
-                            .collect::<BTreeSet<u8>>()
-                            .len() as u64
-                    })
-                    .sum()
-            };
-            // Returning users of a range: in it and in the range before, per partition; the
-            // rate divides by the users of the range before.
-            let returning_in = |bounds: nsm_core::window::WindowBounds| -> u64 {
-                let length = bounds.end_ms - bounds.start_ms;
-                accepted
-                    .iter()
-                    .map(|events| {
-                        let users = |start: i64, end: i64| -> BTreeSet<u8> {
-                            events.iter().filter(|event| start <= event.2 && event.2 < end).map(|event| event.1).collect()
-                        };
-                        users(bounds.start_ms, bounds.end_ms)
-                            .intersection(&users(bounds.start_ms - length, bounds.start_ms))
-                            .count() as u64
-                    })
-                    .sum()
-            };
-            let shown = &values[TRAILING_RETENTION];
-            prop_assert_eq!(shown.current.bounds, range(TRAILING_DISTINCT));
-            for window in [Some(&shown.current), Some(&shown.previous), shown.before_previous.as_ref()].into_iter().flatten() {
-                let before = nsm_core::window::WindowBounds {
-                    start_ms: 2 * window.bounds.start_ms - window.bounds.end_ms,
-                    end_ms: window.bounds.start_ms,
-                };
-                prop_assert_eq!(
-                    window.value,
-                    AggValue::ratio(AggValue::Count(returning_in(window.bounds)), AggValue::Distinct(users_in(before)))
-                );
-            }
-            let shown = &values[TRAILING_CONVERSION];
-            prop_assert_eq!(shown.current.bounds, range(TRAILING_CONVERSION));
-            for window in [Some(&shown.current), Some(&shown.previous), shown.before_previous.as_ref()].into_iter().flatten() {
-                prop_assert_eq!(window.value, AggValue::Distinct(converted_in(window.bounds)));
+            for metric in TRAILING {
+                let shown = &values[metric];
+                let range = metrics()[metric].trailing.expect("trailing").range_at(clock);
+                prop_assert_eq!(shown.current.bounds, range);
+                for window in [Some(&shown.current), Some(&shown.previous), shown.before_previous.as_ref()].into_iter().flatten() {
+                    let truth = trailing_truth(&accepted, metric, window.bounds, None);
+                    prop_assert_eq!(Some(window.value), truth, "{} {:?}", metrics()[metric].name, window.bounds);
+                }
             }
         }
 
@@ -1017,7 +1098,18 @@ proptest! {
                 (shown.current.bounds, &shown.current_segments),
                 (shown.previous.bounds, &shown.previous_segments),
             ] {
-                let truth = shown_segments(&expected_segments, metric, bounds);
+                let truth = if TRAILING.contains(&metric) {
+                    Segment::ALL
+                        .into_iter()
+                        .filter_map(|segment| {
+                            let label = segment.label_in(def)?;
+                            let value = trailing_truth(&accepted, metric, bounds, Some(segment))?;
+                            Some((label, value))
+                        })
+                        .collect()
+                } else {
+                    shown_segments(&expected_segments, metric, bounds)
+                };
                 prop_assert!(exported.len() <= top + 1);
                 let kept: BTreeSet<&str> = exported
                     .iter()

@@ -17,8 +17,9 @@
 //!   at a time (never loaded whole): members of distinct sets (empty value), threshold
 //!   progress, trailing occurrences (see `nsm_core::engine::members`). Bloom filters make the
 //!   common miss, a new member, cheap.
-//! - `gaps`: `<window key> <previous bucket i64, sign-flipped BE>` → count u64 BE: the gap
-//!   histograms of trailing distinct buckets, loaded with the windows.
+//! - `gaps`: `<window key> <previous bucket i64, sign-flipped BE> [<segment key>]` → count
+//!   u64 BE: the gap histograms of trailing distinct buckets and of their segments (a bucket's
+//!   own has no segment key), loaded with the windows.
 //! - `segments`: `<window key> <segment key>` → value: the breakdown of segmented metrics.
 //! - Conversion funnels are member entries of a pseudo-window of their metric
 //!   (`nsm_core::engine::funnel`), and event ids remembered for deduplication are member
@@ -357,6 +358,7 @@ impl Store {
             for gap in &part.gaps {
                 let mut key = window_key(&prefix, self.metric_name(gap.metric), gap.start_ms);
                 key.extend_from_slice(&codec::encode_i64(gap.previous_ms));
+                key.extend_from_slice(&gap.segment);
                 if gap.count == 0 {
                     recorder.delete(CF_GAPS, &key);
                 } else {
@@ -519,17 +521,18 @@ impl Store {
             }
             let parsed = self.parse_window_key(&stored_key[prefix.len()..]).and_then(
                 |(metric, start_ms, rest)| {
-                    let previous: [u8; 8] = rest.try_into().ok()?;
+                    let previous: [u8; 8] = rest.get(..8)?.try_into().ok()?;
                     let count: [u8; 8] = value.as_ref().try_into().ok()?;
                     Some((
                         metric,
                         start_ms,
+                        Box::from(&rest[8..]),
                         decode_i64(previous),
                         u64::from_be_bytes(count),
                     ))
                 },
             );
-            let Some((metric, start_ms, previous_ms, count)) = parsed else {
+            let Some((metric, start_ms, segment, previous_ms, count)) = parsed else {
                 return Err(StateError::Corrupt {
                     column_family: CF_GAPS,
                     detail: format!("gap record in partition {key}"),
@@ -539,6 +542,7 @@ impl Store {
                 gaps.push(StoredGap {
                     metric,
                     start_ms,
+                    segment,
                     previous_ms,
                     count,
                 });

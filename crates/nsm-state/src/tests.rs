@@ -331,9 +331,10 @@ fn conversion_funnels_survive_a_reopen_so_a_late_start_still_converts() {
 
 #[test]
 fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
+    // By user too: each segment keeps gap histograms of its own.
     let config = CONFIG.replace(
         "[[inputs]]",
-        "[[inputs]]\nname = \"users_2h\"\nowner = \"team\"\nkind = \"distinct\"\nfield = \"user_id\"\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\n\n[[inputs]]",
+        "[[inputs]]\nname = \"users_2h\"\nowner = \"team\"\nkind = \"distinct\"\nfield = \"user_id\"\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\nby = [\"user_id\"]\n\n[[inputs]]",
     );
     let plan = plan_from(&config);
     let trailing = plan.metric_index("users_2h").expect("trailing metric");
@@ -355,6 +356,18 @@ fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
     store.write(&engine.take_changes()).expect("write");
     let expected = engine.metric_values(NOW);
     assert_eq!(expected[trailing].current.value, AggValue::Distinct(2));
+    let segments = &expected[trailing].current_segments;
+    let ones: Vec<(&str, AggValue)> = segments
+        .iter()
+        .map(|segment| (segment.label.as_str(), segment.value))
+        .collect();
+    assert_eq!(
+        ones,
+        vec![
+            ("ana", AggValue::Distinct(1)),
+            ("bo", AggValue::Distinct(1))
+        ]
+    );
     drop((store, engine));
 
     let store = Store::open(dir.path(), &plan, &options()).expect("reopen");

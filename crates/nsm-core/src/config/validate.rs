@@ -903,7 +903,7 @@ fn validate_conversion(
 }
 
 /// `trailing = "7d"`: a moving window instead of a calendar one, for counts, sums, distinct
-/// counts and conversions without a breakdown (ratios and retentions take their parts').
+/// counts and conversions (ratios and retentions take their parts').
 fn validate_trailing(
     path: &str,
     raw: &RawMetric,
@@ -917,9 +917,6 @@ fn validate_trailing(
             key.clone(),
             "a metric has either a calendar `window` or a `trailing` one; remove one",
         );
-    }
-    if raw.by.is_some() {
-        problems.add(key.clone(), "a trailing metric has no breakdown (`by`) yet");
     }
     match kind {
         Some(MetricKind::Ratio { .. } | MetricKind::Retention { .. }) => problems.add(

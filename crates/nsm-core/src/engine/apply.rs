@@ -5,7 +5,7 @@
 //! and can be replayed from the dead-letter topic once fixed.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 
@@ -552,7 +552,10 @@ fn commit(
                 span: plan.gap_span(index).unwrap_or(*trailing),
                 start_ms: bounds.start_ms,
             };
-            bucket.add(state, source, member, newest_ms)?;
+            bucket.add(state, source, member, None, newest_ms)?;
+            if let Some(segment) = &segment {
+                bucket.add(state, source, member, Some(segment), newest_ms)?;
+            }
             continue;
         }
         let window = window_entry(&mut state.windows[index], bounds, &compiled.value);
@@ -638,34 +641,37 @@ struct TrailingBucket {
 }
 
 impl TrailingBucket {
+    /// Adds the member to the bucket's own set or, given a segment, the member tagged with
+    /// the segment to the segment's.
     fn add(
         &self,
         state: &mut PartitionState,
         source: &Source<'_>,
         member: &[u8],
+        segment: Option<&[u8]>,
         newest_ms: EpochMillis,
     ) -> Result<(), StateReadError> {
-        let mut dirty_gaps = Vec::new();
-        let mut dirty_windows = Vec::new();
+        let windows = &mut state.windows[self.metric];
+        let (segment, member): (Option<Box<[u8]>>, Cow<'_, [u8]>) = match segment {
+            None => (None, Cow::Borrowed(member)),
+            Some(segment) => {
+                let capped = match windows.get(&self.start_ms) {
+                    Some(window) => capped_segment(window, segment.into()),
+                    None => segment.into(),
+                };
+                let tagged = segment_member(&capped, member);
+                (Some(capped), Cow::Owned(tagged.into()))
+            }
+        };
         TrailingDistinct {
             metric: self.metric,
             trailing: self.span,
-            windows: &mut state.windows[self.metric],
+            segment: segment.as_deref(),
+            windows,
             members: &mut state.members,
-            dirty_gaps: &mut dirty_gaps,
-            dirty_windows: &mut dirty_windows,
+            pending: &mut state.pending,
         }
-        .add(source, self.start_ms, member, newest_ms)?;
-        let pending = &mut state.pending;
-        let metric = self.metric;
-        pending.dirty_gaps.extend(
-            dirty_gaps
-                .into_iter()
-                .map(|(bucket, previous)| (metric, bucket, previous)),
-        );
-        pending
-            .dirty_windows
-            .extend(dirty_windows.into_iter().map(|bucket| (metric, bucket)));
+        .add(source, self.start_ms, &member, newest_ms)?;
         Ok(())
     }
 }
@@ -747,13 +753,12 @@ impl FunnelStep {
         let index = self.metric;
         let compiled = &plan.compiled[index];
         if let Some(trailing) = compiled.trailing {
-            // Validation keeps breakdowns off trailing metrics.
             let bucket = TrailingBucket {
                 metric: index,
                 span: plan.gap_span(index).unwrap_or(trailing),
                 start_ms: trailing.bucket_of(time_ms).start_ms,
             };
-            return bucket.add(state, source, entity, self.newest_ms);
+            return bucket.add(state, source, entity, segment, self.newest_ms);
         }
         let Some(bounds) = plan.calendar().window_of(compiled.window, time_ms) else {
             return Ok(());
@@ -873,12 +878,7 @@ fn window_entry<'s>(
 ) -> &'s mut WindowState {
     windows
         .entry(bounds.start_ms)
-        .or_insert_with(|| WindowState {
-            end_ms: bounds.end_ms,
-            agg: Agg::empty(source),
-            segments: HashMap::new(),
-            gaps: BTreeMap::new(),
-        })
+        .or_insert_with(|| WindowState::new(bounds.end_ms, Agg::empty(source)))
 }
 
 /// The window (or segment) a contribution is added to, in the member index's terms.

@@ -152,14 +152,14 @@ impl PartitionState {
         let gaps = pending
             .dirty_gaps
             .into_iter()
-            .filter_map(|(metric, start_ms, previous_ms)| {
-                let count = *self.windows[metric]
-                    .get(&start_ms)?
-                    .gaps
-                    .get(&previous_ms)?;
+            .filter_map(|(metric, start_ms, segment, previous_ms)| {
+                let window = self.windows[metric].get(&start_ms)?;
+                let of_segment = (!segment.is_empty()).then_some(&*segment);
+                let count = *window.gaps_of(of_segment)?.get(&previous_ms)?;
                 Some(StoredGap {
                     metric,
                     start_ms,
+                    segment,
                     previous_ms,
                     count,
                 })
@@ -229,7 +229,7 @@ impl PartitionState {
                     .retain(|(m, start, _)| !(*m == metric && *start == start_ms));
                 self.pending
                     .dirty_gaps
-                    .retain(|(m, start, _)| !(*m == metric && *start == start_ms));
+                    .retain(|(m, start, _, _)| !(*m == metric && *start == start_ms));
                 deletes.push(WindowDelete { metric, start_ms });
             }
         }

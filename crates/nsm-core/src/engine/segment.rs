@@ -11,7 +11,6 @@ use super::pair;
 use super::plan::{Plan, ValueSource};
 use super::state::AggValue;
 use crate::window::WindowBounds;
-use crate::EpochMillis;
 
 /// Distinct segments kept per window and partition before new ones go to the overflow.
 pub const MAX_SEGMENTS_PER_WINDOW: usize = 10_000;
@@ -121,14 +120,14 @@ pub fn top_segments(summed: HashMap<Box<[u8]>, AggValue>, top: usize) -> Vec<Seg
 }
 
 /// The segments of one metric's window (`bounds`) to export: the `top` of its breakdown.
-/// `summed(metric, start)` gives a metric's segments of the window starting at `start`,
-/// summed over partitions. A ratio divides its parts' segments, a retention its returning
-/// entities by its base's segment entities of the window before.
+/// `summed(metric, bounds)` gives a metric's segments of the window (or trailing range) at
+/// `bounds`, summed over partitions. A ratio divides its parts' segments, a retention its
+/// returning entities by its base's segment entities of the window before.
 pub fn metric_segments(
     plan: &Plan,
     metric: usize,
     bounds: WindowBounds,
-    summed: impl Fn(usize, EpochMillis) -> HashMap<Box<[u8]>, AggValue>,
+    summed: impl Fn(usize, WindowBounds) -> HashMap<Box<[u8]>, AggValue>,
 ) -> Vec<SegmentValue> {
     let Some(segmentation) = &plan.metrics()[metric].segments else {
         return Vec::new();
@@ -139,26 +138,28 @@ pub fn metric_segments(
             numerator,
             denominator,
         } => divided(
-            summed(numerator, bounds.start_ms),
-            summed(denominator, bounds.start_ms),
+            summed(numerator, bounds),
+            summed(denominator, bounds),
             (
                 AggValue::zero_of(plan, numerator),
                 AggValue::zero_of(plan, denominator),
             ),
         ),
         ValueSource::Retention { of } => {
-            let before = plan
-                .calendar()
-                .previous(compiled.window, bounds)
-                .map(|previous| summed(of, previous.start_ms))
+            let previous = match &compiled.trailing {
+                Some(trailing) => Some(trailing.previous(bounds)),
+                None => plan.calendar().previous(compiled.window, bounds),
+            };
+            let before = previous
+                .map(|previous| summed(of, previous))
                 .unwrap_or_default();
             divided(
-                summed(metric, bounds.start_ms),
+                summed(metric, bounds),
                 before,
                 (AggValue::Count(0), AggValue::Distinct(0)),
             )
         }
-        _ => summed(metric, bounds.start_ms),
+        _ => summed(metric, bounds),
     };
     top_segments(values, segmentation.top as usize)
 }

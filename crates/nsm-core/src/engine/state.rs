@@ -126,12 +126,15 @@ pub struct StoredWindow {
     pub value: AggValue,
 }
 
-/// In a bucket of a trailing distinct metric: how many of its members occurred last before
-/// it in the bucket starting at `previous_ms` ([`NO_PREVIOUS`] when not within the length).
+/// In a bucket of a trailing distinct metric: how many of its members (or of one segment's)
+/// occurred last before it in the bucket starting at `previous_ms` ([`NO_PREVIOUS`] when not
+/// within the length).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredGap {
     pub metric: usize,
     pub start_ms: EpochMillis,
+    /// The segment key, or empty for the bucket's own histogram (no segment key is empty).
+    pub segment: Box<[u8]>,
     pub previous_ms: EpochMillis,
     pub count: u64,
 }
@@ -223,14 +226,37 @@ pub(super) struct WindowState {
     /// A trailing distinct bucket's members by the bucket of their previous occurrence
     /// (see [`super::trailing`]); empty otherwise.
     pub gaps: BTreeMap<EpochMillis, u64>,
+    /// The same per segment of a breakdown.
+    pub segment_gaps: HashMap<Box<[u8]>, BTreeMap<EpochMillis, u64>>,
+}
+
+impl WindowState {
+    pub fn new(end_ms: EpochMillis, agg: Agg) -> WindowState {
+        WindowState {
+            end_ms,
+            agg,
+            segments: HashMap::new(),
+            gaps: BTreeMap::new(),
+            segment_gaps: HashMap::new(),
+        }
+    }
+
+    /// The gap histogram of the bucket, or of one of its segments.
+    pub fn gaps_of(&self, segment: Option<&[u8]>) -> Option<&BTreeMap<EpochMillis, u64>> {
+        match segment {
+            None => Some(&self.gaps),
+            Some(segment) => self.segment_gaps.get(segment),
+        }
+    }
 }
 
 /// Changes since the last [`PartitionState::take_changes`].
 #[derive(Debug, Default)]
 pub(super) struct Pending {
     pub dirty_windows: BTreeSet<(usize, EpochMillis)>,
-    /// (metric, bucket start, previous bucket) of changed gap counts.
-    pub dirty_gaps: BTreeSet<(usize, EpochMillis, EpochMillis)>,
+    /// (metric, bucket start, segment (empty for the bucket's own), previous bucket) of
+    /// changed gap counts.
+    pub dirty_gaps: BTreeSet<(usize, EpochMillis, Box<[u8]>, EpochMillis)>,
     pub dirty_segments: BTreeSet<(usize, EpochMillis, Box<[u8]>)>,
     pub meta_dirty: bool,
 }
@@ -278,15 +304,7 @@ impl PartitionState {
             let Some(agg) = Agg::restored(stored.value, &compiled.value) else {
                 continue;
             };
-            windows[stored.metric].insert(
-                stored.start_ms,
-                WindowState {
-                    end_ms: stored.end_ms,
-                    agg,
-                    segments: HashMap::new(),
-                    gaps: BTreeMap::new(),
-                },
-            );
+            windows[stored.metric].insert(stored.start_ms, WindowState::new(stored.end_ms, agg));
         }
         for stored in snapshot.segments {
             let Some(window) = windows
@@ -307,7 +325,12 @@ impl PartitionState {
                 .get_mut(gap.metric)
                 .and_then(|windows| windows.get_mut(&gap.start_ms))
             {
-                window.gaps.insert(gap.previous_ms, gap.count);
+                let gaps = if gap.segment.is_empty() {
+                    &mut window.gaps
+                } else {
+                    window.segment_gaps.entry(gap.segment).or_default()
+                };
+                gaps.insert(gap.previous_ms, gap.count);
             }
         }
         PartitionState {

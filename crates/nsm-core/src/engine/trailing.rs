@@ -29,23 +29,24 @@
 use std::collections::BTreeMap;
 
 use super::members::{MemberIndex, Source, StateReadError};
-use super::state::{Agg, WindowState, NO_PREVIOUS};
+use super::state::{Agg, Pending, WindowState, NO_PREVIOUS};
 use crate::window::Trailing;
 use crate::EpochMillis;
 
 /// The tag of a member's last occurrence in a period (member keys never start with 0).
 const LAST_TAG: u8 = 0;
 
-/// One trailing distinct metric of one partition, being changed.
+/// One trailing distinct metric of one partition (or one segment of it), being changed.
 pub(super) struct TrailingDistinct<'a> {
     pub metric: usize,
     pub trailing: Trailing,
+    /// The segment whose members are added (tagged with it), counted in the segment's value
+    /// and histogram of each bucket; `None` for the metric's own.
+    pub segment: Option<&'a [u8]>,
     pub windows: &'a mut BTreeMap<EpochMillis, WindowState>,
     pub members: &'a mut MemberIndex,
-    /// Gap counts changed, as (bucket start, previous bucket).
-    pub dirty_gaps: &'a mut Vec<(EpochMillis, EpochMillis)>,
-    /// Windows created or changed.
-    pub dirty_windows: &'a mut Vec<EpochMillis>,
+    /// Where the changed windows, segments and gap counts are noted.
+    pub pending: &'a mut Pending,
 }
 
 impl TrailingDistinct<'_> {
@@ -107,10 +108,7 @@ impl TrailingDistinct<'_> {
 
         self.members
             .put(metric, bucket_ms, member, encode_previous(previous));
-        if let Agg::Distinct(count) = &mut self.ensure_window(bucket_ms).agg {
-            *count += 1;
-        }
-        self.dirty_windows.push(bucket_ms);
+        self.count_member(bucket_ms);
         self.count_gap(bucket_ms, previous, 1);
         if let Some((next_ms, previous_of_next)) = next {
             self.members
@@ -145,48 +143,72 @@ impl TrailingDistinct<'_> {
         bucket_ms.div_euclid(self.trailing.length_ms) * self.trailing.length_ms
     }
 
+    /// One more member in the bucket's value, or its segment's.
+    fn count_member(&mut self, bucket_ms: EpochMillis) {
+        let (metric, segment) = (self.metric, self.segment);
+        let window = self.ensure_window(bucket_ms);
+        let agg = match segment {
+            None => &mut window.agg,
+            Some(segment) => window
+                .segments
+                .entry(segment.into())
+                .or_insert(Agg::Distinct(0)),
+        };
+        if let Agg::Distinct(count) = agg {
+            *count += 1;
+        }
+        match segment {
+            None => self.pending.dirty_windows.insert((metric, bucket_ms)),
+            Some(segment) => {
+                self.pending
+                    .dirty_segments
+                    .insert((metric, bucket_ms, segment.into()))
+            }
+        };
+    }
+
     fn count_gap(&mut self, bucket_ms: EpochMillis, previous_ms: EpochMillis, delta: i64) {
         let previous_ms = if previous_ms <= bucket_ms - self.trailing.length_ms {
             NO_PREVIOUS
         } else {
             previous_ms
         };
+        let (metric, segment) = (self.metric, self.segment);
         let window = self.ensure_window(bucket_ms);
-        let count = window.gaps.entry(previous_ms).or_insert(0);
+        let gaps = match segment {
+            None => &mut window.gaps,
+            Some(segment) => window.segment_gaps.entry(segment.into()).or_default(),
+        };
+        let count = gaps.entry(previous_ms).or_insert(0);
         *count = count.saturating_add_signed(delta);
-        self.dirty_gaps.push((bucket_ms, previous_ms));
+        let segment = Box::from(segment.unwrap_or_default());
+        self.pending
+            .dirty_gaps
+            .insert((metric, bucket_ms, segment, previous_ms));
     }
 
     fn ensure_window(&mut self, bucket_ms: EpochMillis) -> &mut WindowState {
         let end_ms = bucket_ms + self.trailing.step_ms;
-        let dirty_windows = &mut *self.dirty_windows;
+        let (metric, pending) = (self.metric, &mut *self.pending);
         self.windows.entry(bucket_ms).or_insert_with(|| {
-            dirty_windows.push(bucket_ms);
-            WindowState {
-                end_ms,
-                agg: Agg::Distinct(0),
-                segments: Default::default(),
-                gaps: BTreeMap::new(),
-            }
+            pending.dirty_windows.insert((metric, bucket_ms));
+            WindowState::new(end_ms, Agg::Distinct(0))
         })
     }
 }
 
-/// The distinct members of one partition's buckets in `[start_ms, end_ms)`.
+/// The distinct members of one partition's buckets in `[start_ms, end_ms)`, or of one
+/// segment's.
 pub(super) fn distinct_in_range(
     windows: &BTreeMap<EpochMillis, WindowState>,
     start_ms: EpochMillis,
     end_ms: EpochMillis,
+    segment: Option<&[u8]>,
 ) -> u64 {
     windows
         .range(start_ms..end_ms)
-        .map(|(_, bucket)| {
-            bucket
-                .gaps
-                .range(..start_ms)
-                .map(|(_, count)| count)
-                .sum::<u64>()
-        })
+        .filter_map(|(_, bucket)| bucket.gaps_of(segment))
+        .map(|gaps| gaps.range(..start_ms).map(|(_, count)| count).sum::<u64>())
         .sum()
 }
 
@@ -197,18 +219,30 @@ pub(super) fn returning_in_range(
     windows: &BTreeMap<EpochMillis, WindowState>,
     start_ms: EpochMillis,
     end_ms: EpochMillis,
+    segment: Option<&[u8]>,
 ) -> u64 {
     let before_ms = start_ms - (end_ms - start_ms);
     windows
         .range(start_ms..end_ms)
-        .map(|(_, bucket)| {
-            bucket
-                .gaps
-                .range(before_ms..start_ms)
+        .filter_map(|(_, bucket)| bucket.gaps_of(segment))
+        .map(|gaps| {
+            gaps.range(before_ms..start_ms)
                 .map(|(_, count)| count)
                 .sum::<u64>()
         })
         .sum()
+}
+
+/// The segments with members in one partition's buckets in `[start_ms, end_ms)`.
+pub(super) fn segments_in_range(
+    windows: &BTreeMap<EpochMillis, WindowState>,
+    start_ms: EpochMillis,
+    end_ms: EpochMillis,
+) -> std::collections::BTreeSet<&[u8]> {
+    windows
+        .range(start_ms..end_ms)
+        .flat_map(|(_, bucket)| bucket.segment_gaps.keys().map(|key| &**key))
+        .collect()
 }
 
 fn last_key(member: &[u8]) -> Vec<u8> {

@@ -1,12 +1,13 @@
 //! Read-only views of the engine for exposition: current and previous windows, summed over
 //! the partitions this instance owns.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use super::plan::{Plan, ValueSource};
 use super::segment::{metric_segments, SegmentValue};
-use super::state::{AggValue, PartitionState};
-use super::trailing::{distinct_in_range, returning_in_range};
+use super::state::{Agg, AggValue, PartitionState};
+use super::trailing::{distinct_in_range, returning_in_range, segments_in_range};
+use crate::decimal::Decimal;
 use crate::window::WindowBounds;
 use crate::{EpochMillis, PartitionKey};
 
@@ -88,26 +89,9 @@ pub(super) fn metric_values<'a>(
         if plan.compiled[index].trailing.is_none() {
             return calendar_value(index, bounds);
         }
-        let mut total = stored_zero(index);
-        for state in partitions.clone() {
-            let windows = &state.windows[index];
-            if let ValueSource::Retention { of } = plan.compiled[index].value {
-                // Returning entities, from the base's histograms; the rate is taken below.
-                let returning =
-                    returning_in_range(&state.windows[of], bounds.start_ms, bounds.end_ms);
-                total = total.plus(AggValue::Count(returning));
-            } else if let ValueSource::Distinct(_) | ValueSource::Conversion { .. } =
-                plan.compiled[index].value
-            {
-                let distinct = distinct_in_range(windows, bounds.start_ms, bounds.end_ms);
-                total = total.plus(AggValue::Distinct(distinct));
-            } else {
-                for (_, bucket) in windows.range(bounds.start_ms..bounds.end_ms) {
-                    total = total.plus(bucket.agg.value());
-                }
-            }
-        }
-        total
+        partitions.clone().fold(stored_zero(index), |total, state| {
+            total.plus(range_value(plan, state, index, bounds, None))
+        })
     };
     let window_value = |index: usize, bounds: WindowBounds| {
         let value = match plan.compiled[index].value {
@@ -138,16 +122,12 @@ pub(super) fn metric_values<'a>(
             complete: plan.is_complete(bounds.end_ms, complete_until),
         }
     };
-    let summed_segments = |index: usize, start_ms: EpochMillis| {
+    let summed_segments = |index: usize, bounds: WindowBounds| {
         let mut summed: HashMap<Box<[u8]>, AggValue> = HashMap::new();
         for state in partitions.clone() {
-            let Some(window) = state.windows[index].get(&start_ms) else {
-                continue;
-            };
-            for (segment, agg) in &window.segments {
-                let value = agg.value();
+            for (segment, value) in partition_segments(plan, state, index, bounds) {
                 summed
-                    .entry(segment.clone())
+                    .entry(segment)
                     .and_modify(|sum| *sum = sum.plus(value))
                     .or_insert(value);
             }
@@ -191,4 +171,80 @@ pub(super) fn metric_values<'a>(
         });
     }
     values
+}
+
+/// One partition's value of a trailing metric over a range of its buckets, or of one segment:
+/// summed buckets, distinct members through the gap histograms, or a retention's returning
+/// entities through its base's (the rate is taken by the caller).
+fn range_value(
+    plan: &Plan,
+    state: &PartitionState,
+    index: usize,
+    bounds: WindowBounds,
+    segment: Option<&[u8]>,
+) -> AggValue {
+    let (start_ms, end_ms) = (bounds.start_ms, bounds.end_ms);
+    let windows = &state.windows[index];
+    match &plan.compiled[index].value {
+        ValueSource::Retention { of } => AggValue::Count(returning_in_range(
+            &state.windows[*of],
+            start_ms,
+            end_ms,
+            segment,
+        )),
+        ValueSource::Distinct(_) | ValueSource::Conversion { .. } => {
+            AggValue::Distinct(distinct_in_range(windows, start_ms, end_ms, segment))
+        }
+        source => windows
+            .range(start_ms..end_ms)
+            .filter_map(|(_, bucket)| match segment {
+                None => Some(bucket.agg.value()),
+                Some(segment) => bucket.segments.get(segment).map(Agg::value),
+            })
+            .fold(AggValue::zero_for(source), AggValue::plus),
+    }
+}
+
+/// One partition's segments of a metric's window, or of a trailing metric's range (where a
+/// segment counts when it has members, as a calendar window's does).
+fn partition_segments(
+    plan: &Plan,
+    state: &PartitionState,
+    index: usize,
+    bounds: WindowBounds,
+) -> Vec<(Box<[u8]>, AggValue)> {
+    let windows = &state.windows[index];
+    let compiled = &plan.compiled[index];
+    if compiled.trailing.is_none() {
+        return windows
+            .get(&bounds.start_ms)
+            .map(|window| {
+                let segments = window.segments.iter();
+                segments
+                    .map(|(key, agg)| (key.clone(), agg.value()))
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    let keys: BTreeSet<&[u8]> = match &compiled.value {
+        ValueSource::Retention { of } => {
+            segments_in_range(&state.windows[*of], bounds.start_ms, bounds.end_ms)
+        }
+        ValueSource::Distinct(_) | ValueSource::Conversion { .. } => {
+            segments_in_range(windows, bounds.start_ms, bounds.end_ms)
+        }
+        _ => windows
+            .range(bounds.start_ms..bounds.end_ms)
+            .flat_map(|(_, bucket)| bucket.segments.keys().map(|key| &**key))
+            .collect(),
+    };
+    let is_gap_count = matches!(
+        compiled.value,
+        ValueSource::Retention { .. } | ValueSource::Distinct(_) | ValueSource::Conversion { .. }
+    );
+    keys.into_iter()
+        .map(|key| (key, range_value(plan, state, index, bounds, Some(key))))
+        .filter(|(_, value)| !(is_gap_count && value.to_decimal() == Some(Decimal::ZERO)))
+        .map(|(key, value)| (Box::from(key), value))
+        .collect()
 }
