@@ -200,7 +200,67 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             ),
             2 * HOUR,
         ),
+        trailing(
+            metric(
+                "busy_teams_trailing_2h",
+                MetricKind::Threshold {
+                    entity: path("team_id"),
+                    actor: None,
+                    at_least: 3,
+                },
+                None,
+                CalendarUnit::Day,
+            ),
+            2 * HOUR,
+        ),
+        trailing(
+            metric(
+                "teams_with_two_users_trailing_90m",
+                MetricKind::Threshold {
+                    entity: path("team_id"),
+                    actor: Some(path("user_id")),
+                    at_least: 2,
+                },
+                None,
+                CalendarUnit::Day,
+            ),
+            90 * MINUTE,
+        ),
     ]
+}
+
+/// Trailing thresholds: teams with at least 3 events in the last 2 hours, and teams with at
+/// least 2 distinct users in the last 90 minutes.
+const TRAILING_THRESHOLDS: [usize; 2] = [14, 15];
+
+/// The teams of one partition qualifying for a threshold metric of teams (`kind`) in
+/// `[start, end)`: counted naively from the applied events.
+fn qualifying_teams(
+    events: &[(usize, u8, i64, u32)],
+    kind: &MetricKind,
+    start: i64,
+    end: i64,
+) -> u64 {
+    let MetricKind::Threshold {
+        actor, at_least, ..
+    } = kind
+    else {
+        unreachable!("a threshold metric");
+    };
+    let (actor, at_least) = (actor.is_some(), *at_least as usize);
+    let mut by_team: BTreeMap<u8, Vec<u8>> = BTreeMap::new();
+    for &(_, user, time_ms, _) in events {
+        if start <= time_ms && time_ms < end {
+            let seen = by_team.entry(team_of(user)).or_default();
+            if !actor || !seen.contains(&user) {
+                seen.push(user);
+            }
+        }
+    }
+    by_team
+        .values()
+        .filter(|seen| seen.len() >= at_least)
+        .count() as u64
 }
 
 /// Trailing windows: messages over the last 3 hours, users over the last 90 minutes, revenue
@@ -460,7 +520,10 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
         let partition = partition as i32;
         for (name, user, time_ms, cents) in accepted_events(log) {
             for (index, def) in metrics().iter().enumerate() {
-                if [RATIO, RETENTION, CONVERSION].contains(&index) || !wants(def, name) {
+                if [RATIO, RETENTION, CONVERSION].contains(&index)
+                    || TRAILING_THRESHOLDS.contains(&index)
+                    || !wants(def, name)
+                {
                     continue;
                 }
                 let bounds = match &def.trailing {
@@ -546,6 +609,32 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                 (partition as i32, CONVERSION, start_ms),
                 (end_ms, AggValue::Distinct(users.len() as u64)),
             );
+        }
+    }
+    // Trailing thresholds: each bucket holds the value of the range ending with it, wherever
+    // that is not zero (up to a length after the last event).
+    for (partition, log) in logs.iter().enumerate() {
+        let events = accepted_events(log);
+        for metric in TRAILING_THRESHOLDS {
+            let def = &metrics()[metric];
+            let trailing = def.trailing.expect("trailing");
+            let ends: BTreeSet<i64> = events
+                .iter()
+                .flat_map(|event| {
+                    let first = trailing.bucket_of(event.2).end_ms;
+                    (0..trailing.length_ms / trailing.step_ms)
+                        .map(move |n| first + n * trailing.step_ms)
+                })
+                .collect();
+            for end in ends {
+                let reached = qualifying_teams(&events, &def.kind, end - trailing.length_ms, end);
+                if reached > 0 {
+                    result.insert(
+                        (partition as i32, metric, end - trailing.step_ms),
+                        (end, AggValue::Distinct(reached)),
+                    );
+                }
+            }
         }
     }
     // Returning messagers: members of a week also in the week before, where there are any.
@@ -827,16 +916,31 @@ proptest! {
                 prop_assert_eq!(before.value, AggValue::Distinct(users_in(before.bounds)));
             }
             prop_assert_eq!(values[TRAILING_DISTINCT].current.value, AggValue::Distinct(users));
+            // Trailing thresholds: every range the view shows, against a naive count of the
+            // teams qualifying in it, per partition.
+            for metric in TRAILING_THRESHOLDS {
+                let shown = &values[metric];
+                prop_assert_eq!(shown.current.bounds, range(metric));
+                prop_assert!(shown.before_previous.is_some(), "the retention keeps it");
+                for window in [Some(&shown.current), Some(&shown.previous), shown.before_previous.as_ref()].into_iter().flatten() {
+                    let naive: u64 = accepted
+                        .iter()
+                        .map(|events| qualifying_teams(events, &metrics()[metric].kind, window.bounds.start_ms, window.bounds.end_ms))
+                        .sum();
+                    prop_assert_eq!(window.value, AggValue::Distinct(naive), "metric {} at {:?}", metric, window.bounds);
+                }
+            }
         }
 
         let expected = oracle(&logs);
-        // A trailing distinct metric may keep an empty bucket: the first of a period of one
-        // length holds the members' last occurrences in that period.
+        // A trailing distinct or threshold metric may keep an empty bucket: the first of a
+        // period of one length holds per-member (per-entity) entries of that period.
         let stored_windows: BTreeMap<_, _> = store
             .windows
             .iter()
             .filter(|((_, metric, _), (_, value))| {
-                !(*metric == TRAILING_DISTINCT && *value == AggValue::Distinct(0))
+                let keeps_empty = *metric == TRAILING_DISTINCT || TRAILING_THRESHOLDS.contains(metric);
+                !(keeps_empty && *value == AggValue::Distinct(0))
             })
             .map(|(key, value)| (*key, *value))
             .collect();
@@ -917,10 +1021,9 @@ proptest! {
             let stored: Vec<StoredWindow> = (0..PARTITIONS).flat_map(|p| store.snapshot(p).windows).collect();
             let records = windows_between(&plan, metric, stored, None, i64::MIN, i64::MAX);
             let summed = |metric: usize, start_ms: i64| {
-                expected
-                    .iter()
-                    .filter(|((_, m, s), _)| *m == metric && *s == start_ms)
-                    .map(|(_, (_, value))| *value)
+                (0..PARTITIONS)
+                    .filter_map(|p| expected.get(&(p, metric, start_ms)))
+                    .map(|(_, value)| *value)
                     .reduce(AggValue::plus)
             };
             for record in records {
@@ -939,7 +1042,7 @@ proptest! {
                         summed(numerator, start_ms).unwrap_or(AggValue::Sum(Decimal::ZERO)),
                         summed(denominator, start_ms).expect("every event counts"),
                     )
-                } else if metric == TRAILING_DISTINCT {
+                } else if metric == TRAILING_DISTINCT || TRAILING_THRESHOLDS.contains(&metric) {
                     // An empty period-start bucket (see above) is in no oracle window.
                     summed(metric, start_ms).unwrap_or(AggValue::Distinct(0))
                 } else {

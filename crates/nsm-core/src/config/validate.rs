@@ -898,8 +898,8 @@ fn validate_conversion(
     })
 }
 
-/// `trailing = "7d"`: a moving window instead of a calendar one, for counts, sums and distinct
-/// counts without a breakdown.
+/// `trailing = "7d"`: a moving window instead of a calendar one, for counts, sums, distinct
+/// counts and thresholds without a breakdown.
 fn validate_trailing(
     path: &str,
     raw: &RawMetric,
@@ -920,12 +920,16 @@ fn validate_trailing(
     if let Some(kind) = kind {
         if !matches!(
             kind,
-            MetricKind::Count | MetricKind::Sum { .. } | MetricKind::Distinct { .. }
+            MetricKind::Count
+                | MetricKind::Sum { .. }
+                | MetricKind::Distinct { .. }
+                | MetricKind::Threshold { .. }
         ) {
             problems.add(
                 key.clone(),
                 format!(
-                    "a trailing window is kept for count, sum and distinct metrics, not for a {}",
+                    "a trailing window is kept for count, sum, distinct and threshold metrics, \
+                     not for a {}",
                     kind.label()
                 ),
             );

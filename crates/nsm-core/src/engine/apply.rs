@@ -17,6 +17,7 @@ use super::segment::{segment_key, segment_member, MAX_SEGMENTS_PER_WINDOW, OVERF
 use super::state::{Agg, PartitionState, WindowState};
 use super::threshold::{Step, ThresholdWindow};
 use super::trailing::TrailingDistinct;
+use super::trailing_threshold::TrailingThreshold;
 use super::Outcome;
 use crate::decimal::{Decimal, DecimalError};
 use crate::event::{Fields, Scalar};
@@ -554,6 +555,29 @@ fn commit(
                     .map(|(bucket, previous)| (index, bucket, previous)),
             );
             pending
+                .dirty_windows
+                .extend(dirty_windows.into_iter().map(|bucket| (index, bucket)));
+            continue;
+        }
+        if let (
+            Some(trailing),
+            Contribution::Progress { entity, actor },
+            ValueSource::Threshold { at_least, .. },
+        ) = (&compiled.trailing, &contribution, &compiled.value)
+        {
+            let mut dirty_windows = Vec::new();
+            TrailingThreshold {
+                metric: index,
+                trailing: *trailing,
+                at_least: *at_least,
+                allowed_lateness_ms: plan.settings.allowed_lateness_ms,
+                windows: &mut state.windows[index],
+                members: &mut state.members,
+                dirty_windows: &mut dirty_windows,
+            }
+            .add(source, bounds.start_ms, entity, actor.as_deref(), newest_ms)?;
+            state
+                .pending
                 .dirty_windows
                 .extend(dirty_windows.into_iter().map(|bucket| (index, bucket)));
             continue;

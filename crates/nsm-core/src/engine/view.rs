@@ -7,6 +7,7 @@ use super::plan::{Plan, ValueSource};
 use super::segment::{top_segments, SegmentValue};
 use super::state::{AggValue, PartitionState};
 use super::trailing::distinct_in_range;
+use super::trailing_threshold::qualifying_at;
 use crate::window::WindowBounds;
 use crate::{EpochMillis, PartitionKey};
 
@@ -81,17 +82,21 @@ pub(super) fn metric_values<'a>(
             .fold(zero, |sum, window| sum.plus(window.agg.value()))
     };
     // A trailing metric's value over a range: its step buckets in the range, a distinct
-    // member counted once per partition through the gap histograms (see `trailing`).
+    // member counted once per partition through the gap histograms (see `trailing`); a
+    // threshold's last bucket holds the range's value (see `trailing_threshold`).
     let stored_value = |index: usize, bounds: WindowBounds| {
-        if plan.compiled[index].trailing.is_none() {
+        let Some(trailing) = &plan.compiled[index].trailing else {
             return calendar_value(index, bounds);
-        }
+        };
         let mut total = AggValue::zero_for(&plan.compiled[index].value);
         for state in partitions.clone() {
             let windows = &state.windows[index];
             if let ValueSource::Distinct(_) = plan.compiled[index].value {
                 let distinct = distinct_in_range(windows, bounds.start_ms, bounds.end_ms);
                 total = total.plus(AggValue::Distinct(distinct));
+            } else if let ValueSource::Threshold { .. } = plan.compiled[index].value {
+                let reached = qualifying_at(windows, bounds.end_ms - trailing.step_ms);
+                total = total.plus(AggValue::Distinct(reached));
             } else {
                 for (_, bucket) in windows.range(bounds.start_ms..bounds.end_ms) {
                     total = total.plus(bucket.agg.value());
