@@ -516,10 +516,11 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
     let mut members: BTreeMap<(i32, usize, i64), BTreeSet<u8>> = BTreeMap::new();
     // Threshold progress: per window, per entity, the actors seen (or one entry per event).
     let mut progress: BTreeMap<(i32, usize, i64), BTreeMap<u8, Vec<u8>>> = BTreeMap::new();
+    let defs = metrics();
     for (partition, log) in logs.iter().enumerate() {
         let partition = partition as i32;
         for (name, user, time_ms, cents) in accepted_events(log) {
-            for (index, def) in metrics().iter().enumerate() {
+            for (index, def) in defs.iter().enumerate() {
                 if [RATIO, RETENTION, CONVERSION].contains(&index)
                     || TRAILING_THRESHOLDS.contains(&index)
                     || !wants(def, name)
@@ -614,7 +615,8 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
     // Trailing thresholds: each bucket holds the value of the range ending with it, wherever
     // that is not zero (up to a length after the last event).
     for (partition, log) in logs.iter().enumerate() {
-        let events = accepted_events(log);
+        let mut events = accepted_events(log);
+        events.sort_by_key(|event| event.2);
         for metric in TRAILING_THRESHOLDS {
             let def = &metrics()[metric];
             let trailing = def.trailing.expect("trailing");
@@ -627,7 +629,11 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                 })
                 .collect();
             for end in ends {
-                let reached = qualifying_teams(&events, &def.kind, end - trailing.length_ms, end);
+                // Only the events in range, found in the sorted events.
+                let start = end - trailing.length_ms;
+                let in_range = &events[events.partition_point(|event| event.2 < start)
+                    ..events.partition_point(|event| event.2 < end)];
+                let reached = qualifying_teams(in_range, &def.kind, start, end);
                 if reached > 0 {
                     result.insert(
                         (partition as i32, metric, end - trailing.step_ms),
@@ -1006,11 +1012,13 @@ proptest! {
 
         // Distinct members stored match the counts, so a restart rebuilds the same sets
         // (segment members, tagged 0xff, rebuild the segments' sets).
+        let defs = metrics();
+        let entries = store.members.entries();
         for ((p, metric, start), (_, value)) in &store.windows {
-            let is_distinct = matches!(metrics()[*metric].kind, MetricKind::Distinct { .. });
+            let is_distinct = matches!(defs[*metric].kind, MetricKind::Distinct { .. });
             if let (AggValue::Distinct(count), true) = (value, is_distinct) {
                 // Plain members only: not segment members (0xff) nor last occurrences (0x00).
-                let stored = store.members.entries().iter().filter(|(mp, m, s, member)| mp.partition == *p && m == metric && s == start && !matches!(member.first(), Some(0xff | 0x00))).count();
+                let stored = entries.iter().filter(|(mp, m, s, member)| mp.partition == *p && m == metric && s == start && !matches!(member.first(), Some(0xff | 0x00))).count();
                 prop_assert_eq!(stored as u64, *count);
             }
         }
