@@ -11,7 +11,10 @@
 //! of such starts at e. Each bucket's window holds exactly that number (`Agg::Threshold`): the
 //! value of the trailing window ending with the bucket, in this partition. A view reads one
 //! bucket ([`qualifying_at`]); nothing else is kept in memory, no histogram is needed, and an
-//! entity costs one window increment per bucket it qualifies at, once.
+//! entity costs one window increment per bucket it qualifies at, once (an entity reaching k
+//! for the first time in a while: up to one per bucket of the length, 672 for 7 days).
+//! Histograms of qualification runs per bucket, as trailing distinct counts keep gaps, would
+//! answer the same ranges with up to a length's worth of entries per bucket.
 //!
 //! Per entity the member index keeps `A(e)` capped at k (past k nothing can change) as a
 //! run-length list over the buckets from the *horizon* on: the bucket of the partition's
@@ -534,8 +537,8 @@ mod tests {
         fixture.add(0, "p", None);
         fixture.add(12, "p", None);
         assert_eq!(fixture.values(0, 25), vec![0; 25]);
-        // Late: between the two, within a length of each only at minute 9 (0..=9) and
-        // 12..=15 is out of reach of 0; ranges ending at 9 hold 0, 6 but not 12.
+        // Late, between the two: the ranges ending at 6 to 9 hold 0 and 6, those ending at
+        // 12 to 15 hold 6 and 12; never three.
         fixture.add(6, "p", None);
         assert_eq!(
             fixture.values(0, 25),
