@@ -48,6 +48,9 @@ const COUNTS_TAG: &[u8] = b"c";
 /// The tag of an entity's actor's occurrences.
 const OCCURRENCES_TAG: &[u8] = b"o";
 
+/// An entry found, with its home.
+type Found = (EpochMillis, Box<[u8]>);
+
 /// One trailing threshold metric of one partition, being changed.
 pub(super) struct TrailingThreshold<'a> {
     pub metric: usize,
@@ -189,7 +192,7 @@ impl TrailingThreshold<'_> {
         key: &[u8],
         top: EpochMillis,
         bottom: EpochMillis,
-    ) -> Result<Option<(EpochMillis, Box<[u8]>)>, StateReadError> {
+    ) -> Result<Option<Found>, StateReadError> {
         let mut period = top;
         while period >= bottom {
             // Entries live only in buckets that exist: a home bucket is created with its first
@@ -586,9 +589,7 @@ mod tests {
         assert_eq!(fixture.values(0, 25), expected);
         // ana at 8 (late, between 4 and nothing later): with bo up to 17.
         fixture.add(8, "p", Some("ana"));
-        for minute in 14..18 {
-            expected[minute] = 1;
-        }
+        expected[14..18].fill(1);
         assert_eq!(fixture.values(0, 25), expected);
     }
 
