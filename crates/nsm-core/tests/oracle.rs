@@ -226,31 +226,45 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             ),
             90 * MINUTE,
         ),
+        // Shorter than the allowed lateness: a late event reaches back several lengths.
+        trailing(
+            metric(
+                "teams_with_two_messagers_trailing_20m",
+                MetricKind::Threshold {
+                    entity: path("team_id"),
+                    actor: Some(path("user_id")),
+                    at_least: 2,
+                },
+                Some("message_sent"),
+                CalendarUnit::Day,
+            ),
+            20 * MINUTE,
+        ),
     ]
 }
 
-/// Trailing thresholds: teams with at least 3 events in the last 2 hours, and teams with at
-/// least 2 distinct users in the last 90 minutes.
-const TRAILING_THRESHOLDS: [usize; 2] = [14, 15];
+/// Trailing thresholds: teams with at least 3 events in the last 2 hours, teams with at least
+/// 2 distinct users in the last 90 minutes, and with 2 messagers in the last 20 minutes.
+const TRAILING_THRESHOLDS: [usize; 3] = [14, 15, 16];
 
-/// The teams of one partition qualifying for a threshold metric of teams (`kind`) in
-/// `[start, end)`: counted naively from the applied events.
+/// The teams of one partition qualifying for a threshold metric of teams in `[start, end)`:
+/// counted naively from the applied events it matches.
 fn qualifying_teams(
     events: &[(usize, u8, i64, u32)],
-    kind: &MetricKind,
+    def: &MetricDef,
     start: i64,
     end: i64,
 ) -> u64 {
     let MetricKind::Threshold {
         actor, at_least, ..
-    } = kind
+    } = &def.kind
     else {
         unreachable!("a threshold metric");
     };
     let (actor, at_least) = (actor.is_some(), *at_least as usize);
     let mut by_team: BTreeMap<u8, Vec<u8>> = BTreeMap::new();
-    for &(_, user, time_ms, _) in events {
-        if start <= time_ms && time_ms < end {
+    for &(name, user, time_ms, _) in events {
+        if start <= time_ms && time_ms < end && wants(def, name) {
             let seen = by_team.entry(team_of(user)).or_default();
             if !actor || !seen.contains(&user) {
                 seen.push(user);
@@ -633,7 +647,7 @@ fn oracle(logs: &[Log]) -> BTreeMap<(i32, usize, i64), (i64, AggValue)> {
                 let start = end - trailing.length_ms;
                 let in_range = &events[events.partition_point(|event| event.2 < start)
                     ..events.partition_point(|event| event.2 < end)];
-                let reached = qualifying_teams(in_range, &def.kind, start, end);
+                let reached = qualifying_teams(in_range, def, start, end);
                 if reached > 0 {
                     result.insert(
                         (partition as i32, metric, end - trailing.step_ms),
@@ -931,7 +945,7 @@ proptest! {
                 for window in [Some(&shown.current), Some(&shown.previous), shown.before_previous.as_ref()].into_iter().flatten() {
                     let naive: u64 = accepted
                         .iter()
-                        .map(|events| qualifying_teams(events, &metrics()[metric].kind, window.bounds.start_ms, window.bounds.end_ms))
+                        .map(|events| qualifying_teams(events, &metrics()[metric], window.bounds.start_ms, window.bounds.end_ms))
                         .sum();
                     prop_assert_eq!(window.value, AggValue::Distinct(naive), "metric {} at {:?}", metric, window.bounds);
                 }

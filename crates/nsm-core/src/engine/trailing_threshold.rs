@@ -622,6 +622,32 @@ mod tests {
     }
 
     #[test]
+    fn a_late_event_finds_entries_more_than_a_length_behind_the_newest() {
+        // The lateness (30 minutes) is three lengths: p's entries are two periods back.
+        let mut fixture = Fixture::new(2);
+        fixture.add(0, "p", Some("ana"));
+        fixture.add(35, "q", Some("cy"));
+        fixture.add(8, "p", Some("bo"));
+        let mut expected = vec![0; 40];
+        expected[8] = 1;
+        expected[9] = 1;
+        assert_eq!(fixture.values(0, 40), expected);
+        // ana again at 6: present in the ranges ending at 6 to 15 now, with bo until 17.
+        fixture.add(6, "p", Some("ana"));
+        expected[10..16].fill(1);
+        assert_eq!(fixture.values(0, 40), expected);
+        // And by events: p's counts from minute 1 are found for a late event at 9.
+        let mut events = Fixture::new(2);
+        events.add(1, "p", None);
+        events.add(36, "q", None);
+        events.add(9, "p", None);
+        let mut expected = vec![0; 40];
+        expected[9] = 1;
+        expected[10] = 1;
+        assert_eq!(events.values(0, 40), expected);
+    }
+
+    #[test]
     fn counts_keep_their_encoding() {
         let mut counts = Counts::default();
         counts.add(5 * MINUTE, 15 * MINUTE, 3);
