@@ -29,7 +29,8 @@ use serde_json::Value;
 pub const NOW_MS: i64 = 1_792_929_600_000;
 
 /// A realistic config: a weekly distinct North Star, hourly counts, a revenue sum with a
-/// breakdown, a threshold, a conversion, a retention, a ratio and a trailing distinct count.
+/// breakdown, a threshold, a conversion, a retention, a ratio, a trailing distinct count and a
+/// trailing threshold.
 pub const CONFIG: &str = r#"
 [kafka]
 brokers = "127.0.0.1:9092"
@@ -63,6 +64,15 @@ field = "user_id"
 at_least = 2
 where = { event = "message_sent" }
 window = "1d"
+[[inputs]]
+name = "active_teams_7d"
+owner = "collaboration"
+kind = "threshold"
+entity = "team_id"
+field = "user_id"
+at_least = 2
+where = { event = "message_sent" }
+trailing = "7d"
 [[inputs]]
 name = "activated"
 owner = "onboarding"

@@ -81,9 +81,15 @@ fn metrics() -> Vec<MetricDef> {
         metrics[index].segments = by(&["team_id"]);
     }
     // By event name, users fall in several segments of one window.
-    for index in [1, TRAILING_DISTINCT, TRAILING_RETENTION] {
+    for index in [
+        1,
+        TRAILING_DISTINCT,
+        TRAILING_RETENTION,
+        TRAILING_THRESHOLDS[0],
+    ] {
         metrics[index].segments = by(&["event"]);
     }
+    metrics[TRAILING_THRESHOLDS[1]].segments = by(&["team_id"]);
     metrics
 }
 
@@ -240,7 +246,81 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             ),
             90 * MINUTE,
         ),
+        trailing(
+            metric(
+                "busy_teams_trailing_2h",
+                MetricKind::Threshold {
+                    entity: path("team_id"),
+                    actor: None,
+                    at_least: 3,
+                },
+                None,
+                CalendarUnit::Day,
+            ),
+            2 * HOUR,
+        ),
+        trailing(
+            metric(
+                "teams_with_two_users_trailing_90m",
+                MetricKind::Threshold {
+                    entity: path("team_id"),
+                    actor: Some(path("user_id")),
+                    at_least: 2,
+                },
+                None,
+                CalendarUnit::Day,
+            ),
+            90 * MINUTE,
+        ),
+        // Shorter than the allowed lateness: a late event reaches back several lengths.
+        trailing(
+            metric(
+                "teams_with_two_messagers_trailing_20m",
+                MetricKind::Threshold {
+                    entity: path("team_id"),
+                    actor: Some(path("user_id")),
+                    at_least: 2,
+                },
+                Some("message_sent"),
+                CalendarUnit::Day,
+            ),
+            20 * MINUTE,
+        ),
     ]
+}
+
+/// Trailing thresholds: teams with at least 3 events in the last 2 hours, teams with at least
+/// 2 distinct users in the last 90 minutes, and with 2 messagers in the last 20 minutes.
+const TRAILING_THRESHOLDS: [usize; 3] = [16, 17, 18];
+
+/// The teams of one partition qualifying for a threshold metric of teams in `[start, end)`:
+/// counted naively from the applied events it matches.
+fn qualifying_teams(
+    events: &[(usize, u8, i64, u32)],
+    def: &MetricDef,
+    start: i64,
+    end: i64,
+) -> u64 {
+    let MetricKind::Threshold {
+        actor, at_least, ..
+    } = &def.kind
+    else {
+        unreachable!("a threshold metric");
+    };
+    let (actor, at_least) = (actor.is_some(), *at_least as usize);
+    let mut by_team: BTreeMap<u8, Vec<u8>> = BTreeMap::new();
+    for &(name, user, time_ms, _) in events {
+        if start <= time_ms && time_ms < end && wants(def, name) {
+            let seen = by_team.entry(team_of(user)).or_default();
+            if !actor || !seen.contains(&user) {
+                seen.push(user);
+            }
+        }
+    }
+    by_team
+        .values()
+        .filter(|seen| seen.len() >= at_least)
+        .count() as u64
 }
 
 /// Trailing windows: messages over the last 3 hours, users over the last 90 minutes, revenue
@@ -253,12 +333,15 @@ const TRAILING_CONVERSION: usize = 14;
 /// Users of the last 90 minutes also there in the 90 minutes before.
 const TRAILING_RETENTION: usize = 15;
 /// Every trailing metric; each is broken down by team too.
-const TRAILING: [usize; 5] = [
+const TRAILING: [usize; 8] = [
     TRAILING_COUNT,
     TRAILING_DISTINCT,
     TRAILING_SUM,
     TRAILING_CONVERSION,
     TRAILING_RETENTION,
+    TRAILING_THRESHOLDS[0],
+    TRAILING_THRESHOLDS[1],
+    TRAILING_THRESHOLDS[2],
 ];
 
 fn trailing(metric: MetricDef, length_ms: i64) -> MetricDef {
@@ -540,10 +623,11 @@ fn oracle_of(accepted: &[Vec<Event>]) -> BTreeMap<(i32, usize, i64), (i64, AggVa
     let mut members: BTreeMap<(i32, usize, i64), BTreeSet<u8>> = BTreeMap::new();
     // Threshold progress: per window, per entity, the actors seen (or one entry per event).
     let mut progress: BTreeMap<(i32, usize, i64), BTreeMap<u8, Vec<u8>>> = BTreeMap::new();
+    let defs = metrics();
     for (partition, events) in accepted.iter().enumerate() {
         let partition = partition as i32;
         for &(name, user, time_ms, cents) in events {
-            for (index, def) in metrics().iter().enumerate() {
+            for (index, def) in defs.iter().enumerate() {
                 let derived = [
                     RATIO,
                     RETENTION,
@@ -551,7 +635,10 @@ fn oracle_of(accepted: &[Vec<Event>]) -> BTreeMap<(i32, usize, i64), (i64, AggVa
                     TRAILING_CONVERSION,
                     TRAILING_RETENTION,
                 ];
-                if derived.contains(&index) || !wants(def, name) {
+                if derived.contains(&index)
+                    || TRAILING_THRESHOLDS.contains(&index)
+                    || !wants(def, name)
+                {
                     continue;
                 }
                 let bounds = match &def.trailing {
@@ -630,6 +717,37 @@ fn oracle_of(accepted: &[Vec<Event>]) -> BTreeMap<(i32, usize, i64), (i64, AggVa
                     (partition as i32, metric, start_ms),
                     (end_ms, AggValue::Distinct(users.len() as u64)),
                 );
+            }
+        }
+    }
+    // Trailing thresholds: each bucket holds the value of the range ending with it, wherever
+    // that is not zero (up to a length after the last event).
+    for (partition, events) in accepted.iter().enumerate() {
+        let mut events = events.clone();
+        events.sort_by_key(|event| event.2);
+        for metric in TRAILING_THRESHOLDS {
+            let def = &metrics()[metric];
+            let trailing = def.trailing.expect("trailing");
+            let ends: BTreeSet<i64> = events
+                .iter()
+                .flat_map(|event| {
+                    let first = trailing.bucket_of(event.2).end_ms;
+                    (0..trailing.length_ms / trailing.step_ms)
+                        .map(move |n| first + n * trailing.step_ms)
+                })
+                .collect();
+            for end in ends {
+                // Only the events in range, found in the sorted events.
+                let start = end - trailing.length_ms;
+                let in_range = &events[events.partition_point(|event| event.2 < start)
+                    ..events.partition_point(|event| event.2 < end)];
+                let reached = qualifying_teams(in_range, def, start, end);
+                if reached > 0 {
+                    result.insert(
+                        (partition as i32, metric, end - trailing.step_ms),
+                        (end, AggValue::Distinct(reached)),
+                    );
+                }
             }
         }
     }
@@ -803,6 +921,14 @@ fn trailing_truth(
                     AggValue::Distinct(then as u64),
                 ),
             )
+        }
+        metric if TRAILING_THRESHOLDS.contains(&metric) => {
+            let def = &metrics()[metric];
+            let reached: u64 = events
+                .iter()
+                .map(|events| qualifying_teams(events, def, bounds.start_ms, bounds.end_ms))
+                .sum();
+            shown_if(reached > 0, AggValue::Distinct(reached))
         }
         _ => unreachable!("not a trailing metric"),
     }
@@ -1062,14 +1188,15 @@ proptest! {
         }
 
         let expected = oracle(&logs);
-        // A trailing distinct metric may keep an empty bucket: the first of a period of one
-        // length holds the members' last occurrences in that period.
+        // A trailing distinct or threshold metric may keep an empty bucket: the first of a
+        // period of one length holds per-member (per-entity) entries of that period.
         let stored_windows: BTreeMap<_, _> = store
             .windows
             .iter()
             .filter(|((_, metric, _), (_, value))| {
-                let trailing_distinct = [TRAILING_DISTINCT, TRAILING_CONVERSION].contains(metric);
-                !(trailing_distinct && *value == AggValue::Distinct(0))
+                let keeps_empty = [TRAILING_DISTINCT, TRAILING_CONVERSION].contains(metric)
+                    || TRAILING_THRESHOLDS.contains(metric);
+                !(keeps_empty && *value == AggValue::Distinct(0))
             })
             .map(|(key, value)| (*key, *value))
             .collect();
@@ -1140,11 +1267,13 @@ proptest! {
 
         // Distinct members stored match the counts, so a restart rebuilds the same sets
         // (segment members, tagged 0xff, rebuild the segments' sets).
+        let defs = metrics();
+        let entries = store.members.entries();
         for ((p, metric, start), (_, value)) in &store.windows {
-            let is_distinct = matches!(metrics()[*metric].kind, MetricKind::Distinct { .. });
+            let is_distinct = matches!(defs[*metric].kind, MetricKind::Distinct { .. });
             if let (AggValue::Distinct(count), true) = (value, is_distinct) {
                 // Plain members only: not segment members (0xff) nor last occurrences (0x00).
-                let stored = store.members.entries().iter().filter(|(mp, m, s, member)| mp.partition == *p && m == metric && s == start && !matches!(member.first(), Some(0xff | 0x00))).count();
+                let stored = entries.iter().filter(|(mp, m, s, member)| mp.partition == *p && m == metric && s == start && !matches!(member.first(), Some(0xff | 0x00))).count();
                 prop_assert_eq!(stored as u64, *count);
             }
         }
@@ -1155,10 +1284,9 @@ proptest! {
             let stored: Vec<StoredWindow> = (0..PARTITIONS).flat_map(|p| store.snapshot(p).windows).collect();
             let records = windows_between(&plan, metric, stored, None, i64::MIN, i64::MAX);
             let summed = |metric: usize, start_ms: i64| {
-                expected
-                    .iter()
-                    .filter(|((_, m, s), _)| *m == metric && *s == start_ms)
-                    .map(|(_, (_, value))| *value)
+                (0..PARTITIONS)
+                    .filter_map(|p| expected.get(&(p, metric, start_ms)))
+                    .map(|(_, value)| *value)
                     .reduce(AggValue::plus)
             };
             for record in records {
@@ -1177,7 +1305,9 @@ proptest! {
                         summed(numerator, start_ms).unwrap_or(AggValue::Sum(Decimal::ZERO)),
                         summed(denominator, start_ms).expect("every event counts"),
                     )
-                } else if [TRAILING_DISTINCT, TRAILING_CONVERSION].contains(&metric) {
+                } else if [TRAILING_DISTINCT, TRAILING_CONVERSION].contains(&metric)
+                    || TRAILING_THRESHOLDS.contains(&metric)
+                {
                     // An empty period-start bucket (see above) is in no oracle window.
                     summed(metric, start_ms).unwrap_or(AggValue::Distinct(0))
                 } else {

@@ -390,6 +390,52 @@ fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
     );
 }
 
+#[test]
+fn trailing_thresholds_survive_a_reopen_with_counts_on_disk() {
+    let config = CONFIG.replace(
+        "[[inputs]]",
+        "[[inputs]]\nname = \"chatty_2h\"\nowner = \"team\"\nkind = \"threshold\"\nentity = \"user_id\"\nat_least = 2\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\n\n[[inputs]]",
+    );
+    let plan = plan_from(&config);
+    let chatty = plan.metric_index("chatty_2h").expect("trailing threshold");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    feed(
+        &mut engine,
+        0,
+        0,
+        &[
+            event("message_sent", "ana", 1),
+            event("message_sent", "bo", 20),
+        ],
+    );
+    store.write(&engine.take_changes()).expect("write");
+    let expected = engine.metric_values(NOW);
+    assert_eq!(expected[chatty].current.value, AggValue::Distinct(0));
+    drop((store, engine));
+
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let mut restored = engine_on(&store, &plan);
+    restored.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    assert_eq!(restored.metric_values(NOW), expected);
+    // Ana's second message, and bo's, late: their first ones are read from disk.
+    feed(
+        &mut restored,
+        0,
+        2,
+        &[
+            event("message_sent", "ana", 40),
+            event("message_sent", "bo", 10),
+        ],
+    );
+    assert_eq!(
+        restored.metric_values(NOW)[chatty].current.value,
+        AggValue::Distinct(2)
+    );
+}
+
 /// A changelog partition as a list of (offset, key, value), appended in send order.
 #[derive(Default)]
 struct Topic(Vec<(i64, Vec<u8>, Option<Vec<u8>>)>);

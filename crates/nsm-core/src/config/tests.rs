@@ -455,9 +455,13 @@ fn a_conversion_needs_its_start_its_end_and_a_duration() {
 }
 
 #[test]
-fn a_trailing_window_replaces_the_calendar_one_for_counts_sums_and_distinct_counts() {
+fn a_trailing_window_replaces_the_calendar_one_for_every_kind_with_events() {
     let text = format!(
-        "{RATIO_BASE}[[inputs]]\nname = \"active_7d\"\nkind = \"distinct\"\ntrailing = \"7d\"\n"
+        "{RATIO_BASE}[[inputs]]\nname = \"active_7d\"\nkind = \"distinct\"\ntrailing = \"7d\"\n\
+         [[inputs]]\nname = \"busy_7d\"\nkind = \"threshold\"\nentity = \"team_id\"\n\
+         field = \"user_id\"\nat_least = 3\ntrailing = \"7d\"\nby = [\"plan\"]\n\
+         [[inputs]]\nname = \"converted\"\nkind = \"conversion\"\nfrom = {{ event = \"a\" }}\n\
+         where = {{ event = \"b\" }}\nwithin = \"1d\"\ntrailing = \"1d\"\n"
     );
     let config = Config::from_toml(&text, &no_env).expect("valid trailing");
     let metric = config.metric("active_7d").expect("metric");
@@ -467,10 +471,13 @@ fn a_trailing_window_replaces_the_calendar_one_for_counts_sums_and_distinct_coun
         CalendarUnit::Week,
         "compared week over week in rules"
     );
+    let busy = config.metric("busy_7d").expect("metric");
+    assert_eq!(busy.window_label(), "trailing_7d");
     let invalid = format!(
         "{RATIO_BASE}[[inputs]]\nname = \"both\"\nkind = \"count\"\ntrailing = \"1d\"\nwindow = \"1d\"\n\
          [[inputs]]\nname = \"odd\"\nkind = \"count\"\ntrailing = \"90s\"\n\
-         [[inputs]]\nname = \"busy\"\nkind = \"threshold\"\nentity = \"team_id\"\nat_least = 2\ntrailing = \"1d\"\n"
+         [[inputs]]\nname = \"rate\"\nkind = \"ratio\"\nnumerator = \"resolved\"\n\
+         denominator = \"started\"\ntrailing = \"1d\"\n"
     );
     let paths = error_paths(&invalid);
     assert_eq!(

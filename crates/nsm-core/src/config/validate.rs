@@ -903,7 +903,7 @@ fn validate_conversion(
 }
 
 /// `trailing = "7d"`: a moving window instead of a calendar one, for counts, sums, distinct
-/// counts and conversions (ratios and retentions take their parts').
+/// counts, thresholds and conversions (ratios and retentions take their parts').
 fn validate_trailing(
     path: &str,
     raw: &RawMetric,
@@ -918,18 +918,12 @@ fn validate_trailing(
             "a metric has either a calendar `window` or a `trailing` one; remove one",
         );
     }
-    match kind {
-        Some(MetricKind::Ratio { .. } | MetricKind::Retention { .. }) => problems.add(
+    if let Some(MetricKind::Ratio { .. } | MetricKind::Retention { .. }) = kind {
+        problems.add(
             key.clone(),
             "a ratio or retention takes the window of the metrics it reads; put `trailing` on \
              them",
-        ),
-        Some(MetricKind::Threshold { .. }) => problems.add(
-            key.clone(),
-            "a trailing window is kept for count, sum, distinct and conversion metrics, not \
-             for a threshold",
-        ),
-        _ => {}
+        );
     }
     let length = duration(&key, Some(text), "", problems)?;
     let trailing = Trailing::new(millis(length));

@@ -17,6 +17,7 @@ use super::segment::{segment_key, segment_member, MAX_SEGMENTS_PER_WINDOW, OVERF
 use super::state::{Agg, PartitionState, WindowState};
 use super::threshold::{Step, ThresholdWindow};
 use super::trailing::TrailingDistinct;
+use super::trailing_threshold::TrailingThreshold;
 use super::Outcome;
 use crate::decimal::{Decimal, DecimalError};
 use crate::event::{Fields, Scalar};
@@ -555,6 +556,39 @@ fn commit(
             bucket.add(state, source, member, None, newest_ms)?;
             if let Some(segment) = &segment {
                 bucket.add(state, source, member, Some(segment), newest_ms)?;
+            }
+            continue;
+        }
+        if let (
+            Some(trailing),
+            Contribution::Progress { entity, actor },
+            ValueSource::Threshold { at_least, .. },
+        ) = (&compiled.trailing, &contribution, &compiled.value)
+        {
+            let windows = &mut state.windows[index];
+            // A segment's entities are the entity tagged with it, counted apart.
+            let segment = segment.map(|segment| match windows.get(&bounds.start_ms) {
+                Some(window) => capped_segment(window, segment),
+                None => segment,
+            });
+            let tagged = segment
+                .as_ref()
+                .map(|segment| segment_member(segment, entity));
+            let mut threshold = TrailingThreshold {
+                metric: index,
+                trailing: *trailing,
+                at_least: *at_least,
+                allowed_lateness_ms: plan.settings.allowed_lateness_ms,
+                segment: None,
+                windows,
+                members: &mut state.members,
+                pending: &mut state.pending,
+            };
+            let actor = actor.as_deref();
+            threshold.add(source, bounds.start_ms, entity, actor, newest_ms)?;
+            if let (Some(segment), Some(tagged)) = (&segment, &tagged) {
+                threshold.segment = Some(segment);
+                threshold.add(source, bounds.start_ms, tagged, actor, newest_ms)?;
             }
             continue;
         }

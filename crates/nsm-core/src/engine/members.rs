@@ -1,5 +1,6 @@
 //! Per-entity state kept on disk, not in memory: the members of distinct sets, threshold
-//! progress and the occurrences of trailing distinct members.
+//! progress, the occurrences of trailing distinct members and the counts of trailing
+//! threshold entities.
 //!
 //! Memory must not grow with the number of users or entities, so the engine keeps only what it
 //! wrote since the last checkpoint (exact, needed until it is stored) and a bounded cache of

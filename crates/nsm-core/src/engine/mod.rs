@@ -17,6 +17,7 @@ mod segment;
 mod state;
 mod threshold;
 mod trailing;
+mod trailing_threshold;
 mod view;
 
 use std::collections::HashMap;

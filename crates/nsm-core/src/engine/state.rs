@@ -170,7 +170,8 @@ pub(super) enum Agg {
     Count(u64),
     Sum(Decimal),
     Distinct(u64),
-    /// Entities that reached the threshold.
+    /// Entities that reached the threshold; in a trailing threshold's bucket, those qualifying
+    /// in the range of one length ending with it (see [`super::trailing_threshold`]).
     Threshold(u64),
 }
 

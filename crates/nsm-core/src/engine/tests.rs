@@ -696,3 +696,61 @@ fn a_trailing_window_moves_with_the_clock_and_drains_when_traffic_stops() {
     engine.advance_idle(&key(), ms("2026-11-23T11:30:00Z"));
     assert_eq!(recent(&engine, now).current.value, AggValue::Distinct(0));
 }
+
+#[test]
+fn a_trailing_threshold_counts_teams_with_k_users_in_the_moving_window() {
+    let mut metrics = test_plan().metrics().to_vec();
+    let mut busy = metric(
+        "teams_with_two_messagers",
+        MetricKind::Threshold {
+            entity: path("team_id"),
+            actor: Some(path("user_id")),
+            at_least: 2,
+        },
+        Some("message_sent"),
+        CalendarUnit::Hour,
+    );
+    busy.trailing = crate::window::Trailing::new(30 * MINUTE);
+    metrics.push(busy);
+    let plan = Plan::new(metrics, test_plan().settings().clone());
+    let mut engine = Engine::new(plan);
+    engine.restore_partition(key(), PartitionSnapshot::default());
+    let now = ms("2026-11-23T11:00:00Z");
+    let message = |user: &str, team: &str, time: &str| {
+        format!(r#"{{"event":"message_sent","user_id":"{user}","team_id":"{team}","timestamp":"{time}"}}"#)
+            .into_bytes()
+    };
+    let stream = [
+        ("ana", "red", "2026-11-23T10:00:00Z"),
+        ("ana", "red", "2026-11-23T10:10:00Z"),
+        ("bo", "red", "2026-11-23T10:20:00Z"),
+        ("cy", "blue", "2026-11-23T10:21:00Z"),
+        // Late: dy joins blue at 10:05, within 30 minutes of cy.
+        ("dy", "blue", "2026-11-23T10:05:00Z"),
+    ];
+    for (offset, (user, team, time)) in stream.iter().enumerate() {
+        let outcome = engine.apply(&key(), offset as i64, &message(user, team, time), now);
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    }
+    let busy = |engine: &Engine| engine.metric_values(now)[3].clone();
+    // The clock is 10:21: the 30 minutes ending with its minute, [09:52, 10:22).
+    let shown = busy(&engine);
+    assert_eq!(shown.current.bounds.start_ms, ms("2026-11-23T09:52:00Z"));
+    assert_eq!(shown.current.value, AggValue::Distinct(2), "red and blue");
+    // Later the ranges lose ana at 10:10 (red) and dy at 10:05 (blue).
+    engine.advance_idle(&key(), ms("2026-11-23T10:36:30Z"));
+    assert_eq!(busy(&engine).current.value, AggValue::Distinct(1), "red");
+    engine.advance_idle(&key(), ms("2026-11-23T10:40:00Z"));
+    let drained = busy(&engine);
+    assert_eq!(drained.current.value, AggValue::Distinct(0));
+    // [09:41, 10:11): ana alone in red, dy alone in blue.
+    assert_eq!(drained.previous.value, AggValue::Distinct(0));
+    let stored = engine.take_changes();
+    let windows = stored.partitions[0]
+        .upserts
+        .iter()
+        .filter(|upsert| upsert.metric == 3 && upsert.value != AggValue::Distinct(0))
+        .count();
+    // Red qualifies in the ranges ending 10:20 to 10:39, blue in those ending 10:21 to 10:34.
+    assert_eq!(windows, 20, "a window per bucket with a qualifying team");
+}

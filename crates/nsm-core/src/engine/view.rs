@@ -7,6 +7,7 @@ use super::plan::{Plan, ValueSource};
 use super::segment::{metric_segments, SegmentValue};
 use super::state::{Agg, AggValue, PartitionState};
 use super::trailing::{distinct_in_range, returning_in_range, segments_in_range};
+use super::trailing_threshold::qualifying_at;
 use crate::decimal::Decimal;
 use crate::window::WindowBounds;
 use crate::{EpochMillis, PartitionKey};
@@ -84,7 +85,7 @@ pub(super) fn metric_values<'a>(
     };
     // A trailing metric's value over a range: its step buckets in the range, a distinct
     // member (or converted entity) counted once per partition through the gap histograms (see
-    // `trailing`).
+    // `trailing`); a threshold's last bucket holds the range's value (see `trailing_threshold`).
     let stored_value = |index: usize, bounds: WindowBounds| {
         if plan.compiled[index].trailing.is_none() {
             return calendar_value(index, bounds);
@@ -195,6 +196,11 @@ fn range_value(
         ValueSource::Distinct(_) | ValueSource::Conversion { .. } => {
             AggValue::Distinct(distinct_in_range(windows, start_ms, end_ms, segment))
         }
+        // The last bucket holds the range's value (see `trailing_threshold`).
+        ValueSource::Threshold { .. } => {
+            let step_ms = plan.compiled[index].trailing.map_or(0, |t| t.step_ms);
+            AggValue::Distinct(qualifying_at(windows, end_ms - step_ms, segment))
+        }
         source => windows
             .range(start_ms..end_ms)
             .filter_map(|(_, bucket)| match segment {
@@ -220,6 +226,17 @@ fn partition_segments(
             .get(&bounds.start_ms)
             .map(|window| {
                 let segments = window.segments.iter();
+                segments
+                    .map(|(key, agg)| (key.clone(), agg.value()))
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    if let (ValueSource::Threshold { .. }, Some(trailing)) = (&compiled.value, &compiled.trailing) {
+        let last = windows.get(&(bounds.end_ms - trailing.step_ms));
+        return last
+            .map(|bucket| {
+                let segments = bucket.segments.iter();
                 segments
                     .map(|(key, agg)| (key.clone(), agg.value()))
                     .collect()
