@@ -8,7 +8,7 @@ use nsm_core::engine::{AggValue, Engine, Outcome, DEFAULT_MEMBER_CACHE};
 use nsm_core::PartitionKey;
 use nsm_state::{Store, StoreOptions};
 
-use crate::workload::{bench_plan, coprime_stride, write_event, NOW_MS, STEP_MS, WEEK_MS};
+use crate::workload::{coprime_stride, every_kind_plan, write_event, NOW_MS, STEP_MS, WEEK_MS};
 
 /// Events between two checkpoints, as a busy pipeline takes them in one flush interval.
 const CHECKPOINT_EVERY: u64 = 50_000;
@@ -34,7 +34,7 @@ pub struct MemoryArgs {
 }
 
 pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
-    let plan = bench_plan()?;
+    let plan = every_kind_plan()?;
     let temporary = tempfile::tempdir()?;
     let path = args
         .state_dir

@@ -87,7 +87,10 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     out.push_str("## Memory\n\n");
     out.push_str(
         "Every user sends two messages over the 7 days before the bench clock, through the \
-         engine and the real RocksDB store, checkpointing every 50,000 events; the 7-day \
+         engine and the real RocksDB store, checkpointing every 50,000 events, with the core \
+         path's config plus a metric of every kind it lacks (retentions of the weekly and of \
+         the 7-day trailing distinct counts, a 7-day trailing threshold of teams, a \
+         conversion); the 7-day \
          trailing distinct count is checked exact against the users sent. `memory` keeps the \
          members in a map instead of RocksDB: the baseline that grows with the users. Peak \
          resident memory is the process' `VmHWM`.\n\n",

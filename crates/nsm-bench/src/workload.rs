@@ -75,9 +75,53 @@ pub const NOW_MS: i64 = 1_795_435_200_000; // 2026-11-23T12:00:00Z
 pub const WEEK_MS: i64 = 7 * 86_400_000;
 /// One trailing step: events start after it, so all are in the trailing 7 days.
 pub const STEP_MS: i64 = 15 * 60_000;
+/// Metrics of the kinds [`CONFIG`] lacks, added for the memory run so that every kind's
+/// per-entity state is measured: retentions of a calendar and of a trailing distinct count,
+/// a trailing threshold, a conversion.
+pub const EVERY_KIND: &str = r#"
+[[inputs]]
+name = "returning_weekly_users"
+owner = "growth"
+kind = "retention"
+of = "weekly_active_users"
+[[inputs]]
+name = "returning_users_7d"
+owner = "growth"
+kind = "retention"
+of = "users_7d"
+[[inputs]]
+name = "teams_with_3_senders_7d"
+owner = "collaboration"
+kind = "threshold"
+entity = "team_id"
+field = "user_id"
+at_least = 3
+where = { event = "message_sent" }
+trailing = "7d"
+[[inputs]]
+name = "paid_after_messaging"
+owner = "growth"
+kind = "conversion"
+from = { event = "message_sent" }
+where = { event = "payment" }
+within = "1d"
+window = "1w"
+"#;
+
 /// The compiled plan of [`CONFIG`].
 pub fn bench_plan() -> anyhow::Result<Plan> {
-    let config = Config::from_toml(CONFIG, &|_| None)
+    plan_of(CONFIG)
+}
+
+/// The compiled plan of [`CONFIG`] with [`EVERY_KIND`].
+pub fn every_kind_plan() -> anyhow::Result<Plan> {
+    // The extra inputs go before `[[guardrails]]`, beside the others.
+    let text = CONFIG.replacen("[[guardrails]]", &format!("{EVERY_KIND}[[guardrails]]"), 1);
+    plan_of(&text)
+}
+
+fn plan_of(text: &str) -> anyhow::Result<Plan> {
+    let config = Config::from_toml(text, &|_| None)
         .map_err(|errors| anyhow::anyhow!("bench config: {errors}"))?;
     Ok(Plan::from_config(&config))
 }

@@ -600,8 +600,10 @@ fn commit(
             start_ms: bounds.start_ms,
             source: &compiled.value,
         };
-        // Retention counts a member new in a window (or a segment) after the window is done.
-        let mut new_members: Vec<NewMember<'_>> = Vec::new();
+        // A retention counts a member new in a window (or a segment), once the window's
+        // borrow ends; most metrics have none, and note nothing.
+        let has_retention = !plan.retention_of[index].is_empty();
+        let mut new_in_segment: Option<NewMember<'_>> = None;
         if let Some(segment) = segment {
             let segment = capped_segment(window, segment);
             let agg = window
@@ -613,34 +615,27 @@ fn commit(
                 pending
                     .dirty_segments
                     .insert((index, bounds.start_ms, segment.clone()));
-                if let Contribution::Member(member) = tagged {
-                    new_members.push((member, Some(segment)));
+                if let (Contribution::Member(member), true) = (tagged, has_retention) {
+                    new_in_segment = Some((member, segment));
                 }
             }
         }
-        if target.add(&mut window.agg, members, source, &contribution)? {
+        let new_in_window = target.add(&mut window.agg, members, source, &contribution)? && {
             pending.dirty_windows.insert((index, bounds.start_ms));
-            if let Contribution::Member(member) = &contribution {
-                new_members.push((member.clone(), None));
-            }
+            has_retention
+        };
+        if let (true, Contribution::Member(member)) = (new_in_window, &contribution) {
+            count_returning(plan, state, source, index, bounds, member, None)?;
         }
-        for (member, segment) in new_members {
-            count_returning(
-                plan,
-                state,
-                source,
-                index,
-                bounds,
-                &member,
-                segment.as_deref(),
-            )?;
+        if let Some((member, segment)) = new_in_segment {
+            count_returning(plan, state, source, index, bounds, &member, Some(&segment))?;
         }
     }
     Ok(())
 }
 
-/// A member new in a window, or in the segment of it given.
-type NewMember<'a> = (Cow<'a, [u8]>, Option<Box<[u8]>>);
+/// A member new in a segment (tagged with it), and the segment.
+type NewMember<'a> = (Cow<'a, [u8]>, Box<[u8]>);
 
 /// A new segment of a full window goes to the overflow segment.
 fn capped_segment(window: &WindowState, segment: Box<[u8]>) -> Box<[u8]> {
