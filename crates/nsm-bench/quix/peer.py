@@ -139,6 +139,8 @@ def build(app, topic, progress):
 
 def main():
     args = parse_args()
+    # The application takes the callback when it is made, and Progress needs the application
+    # to stop it: the callback looks Progress up when it is called.
     progress = None
     app = Application(
         broker_address=args.brokers,
