@@ -37,6 +37,10 @@ BENCH_DIR := target/bench
 # (and again when the requirements change); `make test` never needs it.
 QUIX_VENV := $(BENCH_DIR)/quix-venv
 QUIX_REQUIREMENTS := crates/nsm-bench/quix/requirements.txt
+# The peer reads about 3,000 events/s here: close to an hour of BENCH_E2E_EVENTS' default.
+# BENCH_QUIX=no skips it (and its venv).
+BENCH_QUIX ?= yes
+QUIX_WANTED := $(filter yes,$(BENCH_QUIX))
 
 .PHONY: run test deps tansu build check fmt lint clean fuzz cargo-fuzz bench quix-venv
 
@@ -101,7 +105,7 @@ $(QUIX_VENV)/installed: $(QUIX_REQUIREMENTS)
 
 # Each measurement prints one JSON line; the report turns them into BENCHMARKS.md. The memory
 # runs are separate processes, so each peak RSS is its own.
-bench: deps tansu quix-venv
+bench: deps tansu $(if $(QUIX_WANTED),quix-venv)
 	$(CARGO) build --release --workspace
 	@mkdir -p $(BENCH_DIR)
 	@bin=$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/nsm-bench; \
@@ -109,9 +113,9 @@ bench: deps tansu quix-venv
 	$$bin core --events $(BENCH_EVENTS) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store rocksdb | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store memory | tee -a $(BENCH_DIR)/results.jsonl; \
-	$$bin e2e --events $(BENCH_E2E_EVENTS) --quix-python $(abspath $(QUIX_VENV))/bin/python | tee -a $(BENCH_DIR)/results.jsonl; \
+	$$bin e2e --events $(BENCH_E2E_EVENTS) $(if $(QUIX_WANTED),--quix-python $(abspath $(QUIX_VENV))/bin/python) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin report --results $(BENCH_DIR)/results.jsonl \
-	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS) BENCH_E2E_EVENTS=$(BENCH_E2E_EVENTS)"
+	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS) BENCH_E2E_EVENTS=$(BENCH_E2E_EVENTS) BENCH_QUIX=$(BENCH_QUIX)"
 
 clean:
 	$(CARGO) clean
