@@ -32,10 +32,10 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::Message;
 
 use crate::procfs;
+use crate::workload::{coprime_stride, write_event, CONFIG, STEP_MS, WEEK_MS};
 use quix::{QuixPeer, QuixRead};
 
 mod quix;
-use crate::workload::{coprime_stride, write_event, CONFIG, STEP_MS, WEEK_MS};
 
 #[derive(Args)]
 pub struct E2eArgs {
