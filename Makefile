@@ -6,8 +6,8 @@
 #   make test   install what the tests need (system packages, the tansu broker) and run them all
 #   make fuzz   fuzz event decoding and Engine::apply for FUZZ_SECONDS (nightly + cargo-fuzz)
 #   make bench  measure the core path against parse-only, memory at BENCH_USERS distinct users,
-#               and nsm on tansu against a bare consumer (throughput, CPU, restart, freshness),
-#               in release mode, and write BENCHMARKS.md
+#               and nsm on tansu against a bare consumer and a Quix Streams peer (throughput,
+#               CPU, restart, freshness), in release mode, and write BENCHMARKS.md
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -33,8 +33,17 @@ BENCH_USERS ?= 5000000
 # Events of the end-to-end run on tansu (its state is the one the restart is timed with).
 BENCH_E2E_EVENTS ?= 10000000
 BENCH_DIR := target/bench
+# The Quix Streams peer's Python: a venv of its pinned requirements, made by `make bench` once
+# (and again when the requirements change); `make test` never needs it.
+QUIX_VENV := $(BENCH_DIR)/quix-venv
+QUIX_REQUIREMENTS := crates/nsm-bench/quix/requirements.txt
+# The peer reads 3,000 to 4,000 events/s here, so it reads the start of the topic only:
+# BENCH_QUIX_EVENTS events (about 5 minutes). BENCH_QUIX=no skips it (and its venv).
+BENCH_QUIX ?= yes
+BENCH_QUIX_EVENTS ?= 1000000
+QUIX_WANTED := $(filter yes,$(BENCH_QUIX))
 
-.PHONY: run test deps tansu build check fmt lint clean fuzz cargo-fuzz bench
+.PHONY: run test deps tansu build check fmt lint clean fuzz cargo-fuzz bench quix-venv
 
 run: deps
 	$(CARGO) run --bin nsm -- demo --product $(PRODUCT) --scenario $(SCENARIO) --scenario-period $(SCENARIO_PERIOD)
@@ -84,9 +93,20 @@ cargo-fuzz:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 
+quix-venv: $(QUIX_VENV)/installed
+
+# Debian's python3 makes venvs only with python3-venv (ensurepip) installed.
+$(QUIX_VENV)/installed: $(QUIX_REQUIREMENTS)
+	@python3 -c 'import ensurepip, venv' 2>/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv >/dev/null; }
+	python3 -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/pip install -q -r $(QUIX_REQUIREMENTS)
+	@touch $@
+
 # Each measurement prints one JSON line; the report turns them into BENCHMARKS.md. The memory
 # runs are separate processes, so each peak RSS is its own.
-bench: deps tansu
+bench: deps tansu $(if $(QUIX_WANTED),quix-venv)
 	$(CARGO) build --release --workspace
 	@mkdir -p $(BENCH_DIR)
 	@bin=$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/nsm-bench; \
@@ -94,9 +114,9 @@ bench: deps tansu
 	$$bin core --events $(BENCH_EVENTS) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store rocksdb | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store memory | tee -a $(BENCH_DIR)/results.jsonl; \
-	$$bin e2e --events $(BENCH_E2E_EVENTS) | tee -a $(BENCH_DIR)/results.jsonl; \
+	$$bin e2e --events $(BENCH_E2E_EVENTS) $(if $(QUIX_WANTED),--quix-python $(abspath $(QUIX_VENV))/bin/python --quix-events $(BENCH_QUIX_EVENTS)) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin report --results $(BENCH_DIR)/results.jsonl \
-	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS) BENCH_E2E_EVENTS=$(BENCH_E2E_EVENTS)"
+	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS) BENCH_E2E_EVENTS=$(BENCH_E2E_EVENTS) BENCH_QUIX=$(BENCH_QUIX) BENCH_QUIX_EVENTS=$(BENCH_QUIX_EVENTS)"
 
 clean:
 	$(CARGO) clean

@@ -6,8 +6,10 @@
 //! 2. A bare librdkafka consumer (the settings nsm's consumer uses, doing nothing with the
 //!    messages) reads it whole: the ceiling. Then `nsm run` reads it whole. Both are timed
 //!    from their first message to their last, with their process' CPU over the same span.
-//! 3. nsm is stopped with SIGTERM and started again on its state: the time from the start to
-//!    the first scrape showing the values it showed before the stop.
+//! 3. nsm is stopped with SIGTERM. With `--quix-python`, the Quix Streams peer
+//!    (`quix/peer.py`, see [`quix`]) reads the same topic whole meanwhile, timed the same way.
+//!    nsm is started again on its state: the time from the start to the first scrape showing
+//!    the values it showed before the stop.
 //! 4. Events are produced at a steady rate with the current time, while `/metrics` is scraped
 //!    every 10 ms: an event's delay is from its send to the first scrape whose `messages`
 //!    count includes it (the k-th message counts once k are visible).
@@ -31,6 +33,9 @@ use rdkafka::Message;
 
 use crate::procfs;
 use crate::workload::{coprime_stride, write_event, CONFIG, STEP_MS, WEEK_MS};
+use quix::{QuixPeer, QuixRead};
+
+mod quix;
 
 #[derive(Args)]
 pub struct E2eArgs {
@@ -55,6 +60,18 @@ pub struct E2eArgs {
     /// The tansu binary [default: on the PATH, else ~/.cargo/bin/tansu].
     #[arg(long)]
     tansu: Option<PathBuf>,
+    /// A Python with the Quix Streams peer's requirements installed (`make bench` makes one in
+    /// target/bench/quix-venv): the peer reads the same topic after nsm. Without it the peer
+    /// is skipped.
+    #[arg(long)]
+    quix_python: Option<PathBuf>,
+    /// The Quix Streams peer's script.
+    #[arg(long, default_value = quix::DEFAULT_SCRIPT)]
+    quix_peer: PathBuf,
+    /// Events the Quix Streams peer reads, from the start of the topic's partitions (it reads
+    /// about 4,000 a second here) [default: all of them].
+    #[arg(long)]
+    quix_events: Option<u64>,
 }
 
 const TOPIC: &str = "bench-events";
@@ -174,11 +191,13 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
         checkpoint_share * 100.0
     );
 
-    // 3. Restart on the state just written.
+    // 3. Restart on the state just written; the peer reads the topic while nsm is stopped,
+    //    so nothing else runs beside it but the broker.
     let expected = restart_values(&before);
     let stopping = Instant::now();
     instance.terminate()?;
     let shutdown_seconds = stopping.elapsed().as_secs_f64();
+    let quix = quix_reads(args, &brokers, dir)?;
     let starting = Instant::now();
     let instance = start_nsm()?;
     wait(
@@ -209,7 +228,7 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
          \"nsm_checkpoint_mean_ms\":{checkpoint_mean_ms:.1},\"nsm_checkpoint_share\":{checkpoint_share:.3},\
          \"shutdown_seconds\":{shutdown_seconds:.2},\"restart_seconds\":{restart_seconds:.2},\
          \"freshness_rate\":{:.0},\"freshness_events\":{},\"freshness_p50_ms\":{:.0},\
-         \"freshness_p99_ms\":{:.0},\"freshness_max_ms\":{:.0}}}",
+         \"freshness_p99_ms\":{:.0},\"freshness_max_ms\":{:.0}{}}}",
         args.events,
         args.users,
         args.partitions,
@@ -224,9 +243,52 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
         freshness.p50_ms,
         freshness.p99_ms,
         freshness.max_ms,
+        quix_fields(quix.as_ref(), &bare, args.events),
     );
     drop(instance);
     Ok(())
+}
+
+/// The Quix Streams peer's read of the topic, when the bench was given a Python for it.
+fn quix_reads(args: &E2eArgs, brokers: &str, dir: &Path) -> anyhow::Result<Option<QuixRead>> {
+    let Some(python) = &args.quix_python else {
+        eprintln!("Quix Streams peer skipped: no --quix-python (`make bench` installs one)");
+        return Ok(None);
+    };
+    let peer = QuixPeer {
+        python,
+        script: &args.quix_peer,
+    };
+    let events = args.quix_events.unwrap_or(args.events).min(args.events);
+    let read = quix::quix_consumes(&peer, brokers, events, dir)?;
+    eprintln!(
+        "Quix Streams peer: {} events, {:.0} events/s, {:.2} CPU-s per million; its weekly \
+         active users (by Thursday week start, ms): {}",
+        read.events,
+        read.span.events_per_second(read.events),
+        read.span.cpu_per_million(read.events),
+        read.weekly_active_users
+    );
+    Ok(Some(read))
+}
+
+/// The peer's JSON fields, after a comma; none when it was skipped.
+fn quix_fields(quix: Option<&QuixRead>, bare: &Span, events: u64) -> String {
+    let Some(QuixRead {
+        span, events: read, ..
+    }) = quix
+    else {
+        return String::new();
+    };
+    // Rates and CPU per event are over what each side read: the peer may read a prefix.
+    format!(
+        ",\"quix_events\":{read},\"quix_events_per_second\":{:.0},\
+         \"quix_cpu_seconds_per_million\":{:.2},\"quix_to_bare\":{:.3},\"quix_cpu_to_bare\":{:.2}",
+        span.events_per_second(*read),
+        span.cpu_per_million(*read),
+        span.events_per_second(*read) / bare.events_per_second(events),
+        span.cpu_per_million(*read) / bare.cpu_per_million(events),
+    )
 }
 
 /// One side's read of the whole stream: from its first message to its last.
@@ -529,15 +591,31 @@ struct Running {
 
 impl Running {
     fn spawn(name: &'static str, command: &mut Command, dir: &Path) -> anyhow::Result<Running> {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = command
+        let (log, file) = open_log(name, dir)?;
+        command
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
-            .stderr(file)
+            .stderr(file);
+        Self::start(name, command, log)
+    }
+
+    /// A child the bench talks to: its stdin and stdout are pipes (`child.stdin`,
+    /// `child.stdout`), its stderr goes to the log.
+    fn spawn_talking(
+        name: &'static str,
+        command: &mut Command,
+        dir: &Path,
+    ) -> anyhow::Result<Running> {
+        let (log, file) = open_log(name, dir)?;
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(file);
+        Self::start(name, command, log)
+    }
+
+    fn start(name: &'static str, command: &mut Command, log: PathBuf) -> anyhow::Result<Running> {
+        let child = command
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
         Ok(Running { name, child, log })
@@ -576,6 +654,31 @@ impl Running {
         }
         Ok(())
     }
+
+    /// Waits for an exit of the child's own accord, which must be a success.
+    fn wait_for_exit(&mut self, patience: Duration) -> anyhow::Result<()> {
+        let status = wait(&format!("{} to exit", self.name), patience, POLL, || {
+            Ok(self.child.try_wait()?)
+        })?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status}; see {}",
+                self.name,
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `<dir>/<name>.log`, opened for appending.
+fn open_log(name: &str, dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    let log = dir.join(format!("{name}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    Ok((log, file))
 }
 
 impl Drop for Running {

@@ -12,7 +12,8 @@
 //! (`VmHWM`). `--store memory` keeps members in memory instead: the baseline that grows.
 //!
 //! `nsm-bench e2e --events N` starts tansu, produces N events, reads them with a bare
-//! librdkafka consumer (the ceiling) and then with `nsm run`, restarts nsm on its state and
+//! librdkafka consumer (the ceiling), then with `nsm run`, then (given `--quix-python`) with
+//! a Quix Streams application computing two of the same metrics, restarts nsm on its state and
 //! measures freshness at a steady rate (see [`e2e`]).
 
 mod core_path;

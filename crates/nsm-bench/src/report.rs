@@ -121,9 +121,6 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     for e2e in find("e2e") {
         end_to_end(&mut out, e2e);
     }
-    out.push_str(
-        "\n## Not measured yet\n\nThe Quix Streams peer is not part of `make bench` yet.\n",
-    );
     std::fs::write(&args.output, out)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
     println!("wrote {}", args.output.display());
@@ -178,6 +175,8 @@ fn end_to_end(out: &mut String, e2e: &Value) {
         number(e2e, "nsm_checkpoint_share") * 100.0
     ));
 
+    quix_peer(out, e2e);
+
     out.push_str("\n## Restart\n\n");
     out.push_str(
         "nsm is stopped with SIGTERM once it has read the stream, and started again on its \
@@ -219,6 +218,57 @@ fn end_to_end(out: &mut String, e2e: &Value) {
         number(e2e, "freshness_max_ms"),
         verdict(p99 < FRESHNESS_TARGET_P99_MS && number(e2e, "freshness_rate") >= 19_000.0),
     ));
+}
+
+/// The Quix Streams peer beside the bare consumer and nsm, over the same topic.
+fn quix_peer(out: &mut String, e2e: &Value) {
+    out.push_str("\n## The Quix Streams peer\n\n");
+    if e2e.get("quix_events_per_second").is_none() {
+        out.push_str(
+            "Not run: `nsm-bench e2e` was not given `--quix-python` (`make bench` gives it \
+             one).\n",
+        );
+        return;
+    }
+    out.push_str(
+        "A Quix Streams application (`crates/nsm-bench/quix/peer.py`, quixstreams 3.28.1, \
+         RocksDB state and changelog topics on, its defaults) reads the same topic from the \
+         same broker after nsm, while nsm is stopped, and computes with its own tumbling \
+         windows a 1-day count of the messages and the weekly distinct count of their users \
+         (nsm's `messages_by_platform` and `weekly_active_users`). Quix groups windows by \
+         message key (here the user), so its daily count is per user, and the distinct count \
+         takes a second stage: each user's first message of a week is re-keyed to one key \
+         through a repartition topic on the broker and counted in a second window. Its weeks \
+         start on Thursdays (Unix epoch alignment), nsm's on Mondays. The peer computes 2 \
+         metrics where nsm computes the config's 8. Timed like the other two, from its first \
+         message to its last, its process' CPU over that span.",
+    );
+    // A run may give the peer the start of the topic only: it reads some 4,000 events/s.
+    match (e2e.get("quix_events"), e2e.get("events")) {
+        (Some(read), Some(all)) if read != all => out.push_str(&format!(
+            " It reads the first {read} of the {all} events (from the start of each \
+             partition); its rates are over those.\n\n"
+        )),
+        _ => out.push_str("\n\n"),
+    }
+    out.push_str(
+        "| reader | events/s | / bare | CPU-s per million | CPU / bare |\n|---|---|---|---|---|\n",
+    );
+    out.push_str(&format!(
+        "| bare librdkafka consumer | {:.0} | 1 | {:.2} | 1 |\n",
+        number(e2e, "bare_events_per_second"),
+        number(e2e, "bare_cpu_seconds_per_million"),
+    ));
+    for (reader, prefix) in [("nsm", "nsm"), ("Quix Streams peer", "quix")] {
+        // The ratios as the run computed them, from the unrounded figures.
+        out.push_str(&format!(
+            "| {reader} | {:.0} | {:.3} | {:.2} | {:.1} |\n",
+            number(e2e, &format!("{prefix}_events_per_second")),
+            number(e2e, &format!("{prefix}_to_bare")),
+            number(e2e, &format!("{prefix}_cpu_seconds_per_million")),
+            number(e2e, &format!("{prefix}_cpu_to_bare")),
+        ));
+    }
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
