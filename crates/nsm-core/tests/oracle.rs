@@ -171,21 +171,7 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             None,
             CalendarUnit::Week,
         ),
-        metric(
-            "paid_after_messaging",
-            MetricKind::Conversion {
-                entity: path("user_id"),
-                from: Filter {
-                    clauses: vec![Clause {
-                        field: FilterField::EventName,
-                        any_of: vec![Literal::Text("message_sent".into())],
-                    }],
-                },
-                within_ms: CONVERSION_WITHIN,
-            },
-            Some("payment"),
-            CalendarUnit::Day,
-        ),
+        paid_after_messaging("paid_after_messaging"),
         trailing(
             metric(
                 "messages_trailing_3h",
@@ -218,21 +204,7 @@ fn unsegmented_metrics() -> Vec<MetricDef> {
             2 * HOUR,
         ),
         trailing(
-            metric(
-                "paid_after_messaging_trailing_3h",
-                MetricKind::Conversion {
-                    entity: path("user_id"),
-                    from: Filter {
-                        clauses: vec![Clause {
-                            field: FilterField::EventName,
-                            any_of: vec![Literal::Text("message_sent".into())],
-                        }],
-                    },
-                    within_ms: CONVERSION_WITHIN,
-                },
-                Some("payment"),
-                CalendarUnit::Day,
-            ),
+            paid_after_messaging("paid_after_messaging_trailing_3h"),
             3 * HOUR,
         ),
         trailing(
@@ -349,6 +321,22 @@ fn trailing(metric: MetricDef, length_ms: i64) -> MetricDef {
         trailing: Some(Trailing::new(length_ms).expect("trailing length")),
         ..metric
     }
+}
+
+/// Users who paid within two hours after sending a message, in the day of the payment.
+fn paid_after_messaging(name: &str) -> MetricDef {
+    let from = Filter {
+        clauses: vec![Clause {
+            field: FilterField::EventName,
+            any_of: vec![Literal::Text("message_sent".into())],
+        }],
+    };
+    let kind = MetricKind::Conversion {
+        entity: path("user_id"),
+        from,
+        within_ms: CONVERSION_WITHIN,
+    };
+    metric(name, kind, Some("payment"), CalendarUnit::Day)
 }
 
 /// Users who paid within two hours after sending a message, by the day of the payment.

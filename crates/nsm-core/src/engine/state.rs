@@ -207,6 +207,16 @@ impl Agg {
         })
     }
 
+    /// The same kind of value, at zero.
+    pub fn emptied(&self) -> Agg {
+        match self {
+            Agg::Count(_) => Agg::Count(0),
+            Agg::Sum(_) => Agg::Sum(Decimal::ZERO),
+            Agg::Distinct(_) => Agg::Distinct(0),
+            Agg::Threshold(_) => Agg::Threshold(0),
+        }
+    }
+
     pub fn value(&self) -> AggValue {
         match self {
             Agg::Count(count) => AggValue::Count(*count),
@@ -242,6 +252,33 @@ impl WindowState {
         }
     }
 
+    /// Adds one to a bucket's count (its members, or its entities past a threshold), or to one
+    /// of its segments', and notes the change for the next checkpoint.
+    pub fn count_one(
+        &mut self,
+        pending: &mut Pending,
+        metric: usize,
+        start_ms: EpochMillis,
+        segment: Option<&[u8]>,
+    ) {
+        let agg = match segment {
+            None => &mut self.agg,
+            Some(segment) => {
+                let empty = self.agg.emptied();
+                self.segments.entry(segment.into()).or_insert(empty)
+            }
+        };
+        if let Agg::Distinct(count) | Agg::Threshold(count) = agg {
+            *count += 1;
+        }
+        match segment {
+            None => pending.dirty_windows.insert((metric, start_ms)),
+            Some(segment) => pending
+                .dirty_segments
+                .insert((metric, start_ms, segment.into())),
+        };
+    }
+
     /// The gap histogram of the bucket, or of one of its segments.
     pub fn gaps_of(&self, segment: Option<&[u8]>) -> Option<&BTreeMap<EpochMillis, u64>> {
         match segment {
@@ -249,6 +286,21 @@ impl WindowState {
             Some(segment) => self.segment_gaps.get(segment),
         }
     }
+}
+
+/// The bucket of a trailing metric starting at `start_ms`, created (`empty`, noted for the
+/// next checkpoint) if new.
+pub(super) fn ensure_bucket<'w>(
+    windows: &'w mut BTreeMap<EpochMillis, WindowState>,
+    pending: &mut Pending,
+    metric: usize,
+    bucket: WindowBounds,
+    empty: Agg,
+) -> &'w mut WindowState {
+    windows.entry(bucket.start_ms).or_insert_with(|| {
+        pending.dirty_windows.insert((metric, bucket.start_ms));
+        WindowState::new(bucket.end_ms, empty)
+    })
 }
 
 /// Changes since the last [`PartitionState::take_changes`].

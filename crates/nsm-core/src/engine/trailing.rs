@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 
 use super::members::{MemberIndex, Source, StateReadError};
-use super::state::{Agg, Pending, WindowState, NO_PREVIOUS};
+use super::state::{ensure_bucket, Agg, Pending, WindowState, NO_PREVIOUS};
 use crate::window::Trailing;
 use crate::EpochMillis;
 
@@ -146,25 +146,10 @@ impl TrailingDistinct<'_> {
     /// One more member in the bucket's value, or its segment's.
     fn count_member(&mut self, bucket_ms: EpochMillis) {
         let (metric, segment) = (self.metric, self.segment);
-        let window = self.ensure_window(bucket_ms);
-        let agg = match segment {
-            None => &mut window.agg,
-            Some(segment) => window
-                .segments
-                .entry(segment.into())
-                .or_insert(Agg::Distinct(0)),
-        };
-        if let Agg::Distinct(count) = agg {
-            *count += 1;
-        }
-        match segment {
-            None => self.pending.dirty_windows.insert((metric, bucket_ms)),
-            Some(segment) => {
-                self.pending
-                    .dirty_segments
-                    .insert((metric, bucket_ms, segment.into()))
-            }
-        };
+        let bucket = self.trailing.bucket_of(bucket_ms);
+        let empty = Agg::Distinct(0);
+        let window = ensure_bucket(self.windows, self.pending, metric, bucket, empty);
+        window.count_one(self.pending, metric, bucket_ms, segment);
     }
 
     fn count_gap(&mut self, bucket_ms: EpochMillis, previous_ms: EpochMillis, delta: i64) {
@@ -188,12 +173,14 @@ impl TrailingDistinct<'_> {
     }
 
     fn ensure_window(&mut self, bucket_ms: EpochMillis) -> &mut WindowState {
-        let end_ms = bucket_ms + self.trailing.step_ms;
-        let (metric, pending) = (self.metric, &mut *self.pending);
-        self.windows.entry(bucket_ms).or_insert_with(|| {
-            pending.dirty_windows.insert((metric, bucket_ms));
-            WindowState::new(end_ms, Agg::Distinct(0))
-        })
+        let bucket = self.trailing.bucket_of(bucket_ms);
+        ensure_bucket(
+            self.windows,
+            self.pending,
+            self.metric,
+            bucket,
+            Agg::Distinct(0),
+        )
     }
 }
 

@@ -39,7 +39,7 @@ use std::collections::BTreeMap;
 
 use super::members::{MemberIndex, Source, StateReadError};
 use super::pair;
-use super::state::{Agg, Pending, WindowState};
+use super::state::{ensure_bucket, Agg, Pending, WindowState};
 use crate::window::Trailing;
 use crate::EpochMillis;
 
@@ -233,34 +233,21 @@ impl TrailingThreshold<'_> {
     /// One more entity qualifying in the range ending with the bucket, or in its segment.
     fn count_qualifying(&mut self, bucket_ms: EpochMillis) {
         let (metric, segment) = (self.metric, self.segment);
-        let window = self.ensure_window(bucket_ms);
-        let agg = match segment {
-            None => &mut window.agg,
-            Some(segment) => window
-                .segments
-                .entry(segment.into())
-                .or_insert(Agg::Threshold(0)),
-        };
-        if let Agg::Threshold(reached) = agg {
-            *reached += 1;
-        }
-        match segment {
-            None => self.pending.dirty_windows.insert((metric, bucket_ms)),
-            Some(segment) => {
-                self.pending
-                    .dirty_segments
-                    .insert((metric, bucket_ms, segment.into()))
-            }
-        };
+        let bucket = self.trailing.bucket_of(bucket_ms);
+        let empty = Agg::Threshold(0);
+        let window = ensure_bucket(self.windows, self.pending, metric, bucket, empty);
+        window.count_one(self.pending, metric, bucket_ms, segment);
     }
 
     fn ensure_window(&mut self, bucket_ms: EpochMillis) -> &mut WindowState {
-        let end_ms = bucket_ms + self.trailing.step_ms;
-        let (metric, pending) = (self.metric, &mut *self.pending);
-        self.windows.entry(bucket_ms).or_insert_with(|| {
-            pending.dirty_windows.insert((metric, bucket_ms));
-            WindowState::new(end_ms, Agg::Threshold(0))
-        })
+        let bucket = self.trailing.bucket_of(bucket_ms);
+        ensure_bucket(
+            self.windows,
+            self.pending,
+            self.metric,
+            bucket,
+            Agg::Threshold(0),
+        )
     }
 }
 
