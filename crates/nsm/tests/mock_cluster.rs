@@ -42,7 +42,7 @@ fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart(
     let config_path = dir.path().join("nsm.toml");
     std::fs::write(
         &config_path,
-        test_config(&brokers, topic, &dir.path().join("state"), port, "nsm-mock"),
+        test_config(&brokers, topic, &dir.path().join("state"), port, "nsm-mock") + BY_USER,
     )
     .expect("config");
     let run = |dir: &std::path::Path| {
@@ -234,6 +234,27 @@ fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart(
     nsm.terminate(Duration::from_secs(30));
 }
 
+/// Revenue per messager by user: a ratio broken down like its parts (revenue is by user in
+/// the test config).
+const BY_USER: &str = r#"
+[[guardrails]]
+name = "messagers_by_user"
+owner = "growth-team"
+kind = "distinct"
+field = "user_id"
+where = { event = "message_sent" }
+window = "1d"
+by = ["user_id"]
+[[guardrails]]
+name = "revenue_per_messager_by_user"
+owner = "growth-team"
+kind = "ratio"
+numerator = "revenue"
+denominator = "messagers_by_user"
+by = ["user_id"]
+top = 3
+"#;
+
 fn assert_values(samples: &std::collections::BTreeMap<String, f64>, stream: &KnownStream) {
     assert_eq!(
         metric_value(samples, "messages_sent", "current"),
@@ -308,7 +329,7 @@ fn assert_values(samples: &std::collections::BTreeMap<String, f64>, stream: &Kno
     // By user too: the top payer's revenue over one messager, with both parts.
     let segment_part = |part: &str| {
         samples
-            .get(&format!("nsm_metric_segment_ratio_part{{metric=\"revenue_per_messager\",part=\"{part}\",{top_payer},window=\"current\"}}"))
+            .get(&format!("nsm_metric_segment_ratio_part{{metric=\"revenue_per_messager_by_user\",part=\"{part}\",{top_payer},window=\"current\"}}"))
             .copied()
     };
     let top_payer_revenue = segments
@@ -352,7 +373,8 @@ fn a_state_kept_without_the_changelog_seeds_it_once_turned_on() {
     ]);
     let port = free_port();
     let config = |changelog: bool, state: &str| {
-        let text = test_config(&brokers, topic, &dir.path().join(state), port, "nsm-seed");
+        let text =
+            test_config(&brokers, topic, &dir.path().join(state), port, "nsm-seed") + BY_USER;
         if changelog {
             text
         } else {

@@ -204,7 +204,6 @@ kind = "distinct"
 field = "user_id"
 where = {{ event = "message_sent" }}
 window = "1d"
-by = ["user_id"]
 [[inputs]]
 name = "messages_sent"
 owner = "messaging-team"
@@ -217,8 +216,6 @@ owner = "growth-team"
 kind = "ratio"
 numerator = "revenue"
 denominator = "daily_active_messagers"
-by = ["user_id"]
-top = 3
 [[guardrails]]
 name = "complaints"
 owner = "support-team"
