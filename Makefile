@@ -113,6 +113,7 @@ bench: deps tansu $(if $(QUIX_WANTED),quix-venv)
 	set -eo pipefail; : > $(BENCH_DIR)/results.jsonl; \
 	$$bin core --events $(BENCH_EVENTS) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store rocksdb | tee -a $(BENCH_DIR)/results.jsonl; \
+	$$bin memory --users $(BENCH_USERS) --store rocksdb --metrics every-kind | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store memory | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin e2e --events $(BENCH_E2E_EVENTS) $(if $(QUIX_WANTED),--quix-python $(abspath $(QUIX_VENV))/bin/python --quix-events $(BENCH_QUIX_EVENTS)) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin report --results $(BENCH_DIR)/results.jsonl \

@@ -6,7 +6,10 @@
 //!
 //! `nsm-bench memory --users N --store rocksdb|memory` feeds every user twice through the
 //! engine and the real state store, with a realistic config (8 metrics, 3 exact distinct
-//! counts, a 7-day trailing distinct count, a segment breakdown, a threshold), in event-time
+//! counts, a 7-day trailing distinct count, a segment breakdown, a threshold), or with
+//! `--metrics every-kind` that config plus a metric of every kind with per-entity state it
+//! lacks (retentions of the weekly and of the 7-day trailing distinct counts, a 7-day
+//! trailing threshold, a conversion), in event-time
 //! order over the 7 days before a fixed clock, checkpointing like the pipeline. It checks the
 //! trailing distinct count equals N and reports the peak resident memory of the process
 //! (`VmHWM`). `--store memory` keeps members in memory instead: the baseline that grows.

@@ -8,7 +8,9 @@ use nsm_core::engine::{AggValue, Engine, Outcome, DEFAULT_MEMBER_CACHE};
 use nsm_core::PartitionKey;
 use nsm_state::{Store, StoreOptions};
 
-use crate::workload::{coprime_stride, every_kind_plan, write_event, NOW_MS, STEP_MS, WEEK_MS};
+use crate::workload::{
+    bench_plan, coprime_stride, every_kind_plan, write_event, NOW_MS, STEP_MS, WEEK_MS,
+};
 
 /// Events between two checkpoints, as a busy pipeline takes them in one flush interval.
 const CHECKPOINT_EVERY: u64 = 50_000;
@@ -21,6 +23,24 @@ pub enum StoreKind {
     Memory,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Metrics {
+    /// The core path's config (8 metrics; distinct counts, a trailing one, a threshold).
+    Core,
+    /// The core path's config plus a metric of every kind it lacks (retentions, a trailing
+    /// threshold, a conversion).
+    EveryKind,
+}
+
+impl Metrics {
+    fn label(self) -> &'static str {
+        match self {
+            Metrics::Core => "core",
+            Metrics::EveryKind => "every-kind",
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct MemoryArgs {
     /// Distinct users; each sends two messages.
@@ -28,13 +48,18 @@ pub struct MemoryArgs {
     users: u64,
     #[arg(long, value_enum, default_value_t = StoreKind::Rocksdb)]
     store: StoreKind,
+    #[arg(long, value_enum, default_value_t = Metrics::Core)]
+    metrics: Metrics,
     /// State directory (a temporary one by default).
     #[arg(long)]
     state_dir: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
-    let plan = every_kind_plan()?;
+    let plan = match args.metrics {
+        Metrics::Core => bench_plan()?,
+        Metrics::EveryKind => every_kind_plan()?,
+    };
     let temporary = tempfile::tempdir()?;
     let path = args
         .state_dir
@@ -100,13 +125,14 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
     }
     let (peak_kib, resident_kib) = process_memory_kib()?;
     println!(
-        "{{\"bench\":\"memory\",\"store\":\"{}\",\"users\":{users},\"events\":{events},\
+        "{{\"bench\":\"memory\",\"store\":\"{}\",\"metrics\":\"{}\",\"users\":{users},\"events\":{events},\
          \"mean_event_bytes\":{},\"users_7d\":{expected},\"peak_rss_mib\":{:.1},\"rss_mib\":{:.1},\
          \"resident_member_entries\":{},\"seconds\":{elapsed:.1},\"events_per_second\":{:.0}}}",
         match args.store {
             StoreKind::Rocksdb => "rocksdb",
             StoreKind::Memory => "memory",
         },
+        args.metrics.label(),
         bytes / events,
         peak_kib as f64 / 1024.0,
         resident_kib as f64 / 1024.0,
