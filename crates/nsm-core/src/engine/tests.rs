@@ -754,3 +754,55 @@ fn a_trailing_threshold_counts_teams_with_k_users_in_the_moving_window() {
     // Red qualifies in the ranges ending 10:20 to 10:39, blue in those ending 10:21 to 10:34.
     assert_eq!(windows, 20, "a window per bucket with a qualifying team");
 }
+
+#[test]
+fn segments_beyond_the_cap_of_a_window_are_kept_together_in_the_overflow() {
+    // Users who sent at least one message, by user: every event opens a new segment.
+    let mut users = metric(
+        "messagers",
+        MetricKind::Threshold {
+            entity: path("user_id"),
+            actor: None,
+            at_least: 1,
+        },
+        Some("message_sent"),
+        CalendarUnit::Day,
+    );
+    users.segments = Some(crate::metric::Segmentation {
+        by: vec![path("user_id")],
+        top: 3,
+    });
+    let plan = Plan::new(vec![users], test_plan().settings().clone());
+    let mut engine = Engine::new(plan);
+    engine.restore_partition(key(), PartitionSnapshot::default());
+    let beyond = 5;
+    let total = segment::MAX_SEGMENTS_PER_WINDOW + beyond;
+    for user in 0..total {
+        let payload = event("message_sent", &format!("u{user}"), "2026-11-23T10:00:00Z");
+        let outcome = engine.apply(&key(), user as i64, &payload, ms(NOW));
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    }
+    let shown = &engine.metric_values(ms(NOW))[0];
+    assert_eq!(shown.current.value, AggValue::Distinct(total as u64));
+    // The state keeps the cap and one overflow segment, whatever the data.
+    let changes = engine.take_changes();
+    let stored = &changes.partitions[0].segments;
+    assert_eq!(stored.len(), segment::MAX_SEGMENTS_PER_WINDOW + 1);
+    let overflow = stored
+        .iter()
+        .find(|upsert| &*upsert.segment == segment::OVERFLOW_KEY)
+        .map(|upsert| upsert.value);
+    assert_eq!(overflow, Some(AggValue::Distinct(beyond as u64)));
+    // Exported: the top 3, then `__other__` with the rest, the overflow's users included.
+    let labels: Vec<&str> = shown
+        .current_segments
+        .iter()
+        .map(|segment| segment.label.as_str())
+        .collect();
+    assert_eq!(labels.len(), 4);
+    assert_eq!(labels[3], OVERFLOW_LABEL);
+    assert_eq!(
+        shown.current_segments[3].value,
+        AggValue::Distinct(total as u64 - 3)
+    );
+}
