@@ -37,8 +37,8 @@ BENCH_DIR := target/bench
 # (and again when the requirements change); `make test` never needs it.
 QUIX_VENV := $(BENCH_DIR)/quix-venv
 QUIX_REQUIREMENTS := crates/nsm-bench/quix/requirements.txt
-# The peer reads 3,000 to 4,000 events/s here, so it reads the start of the topic only:
-# BENCH_QUIX_EVENTS events (about 5 minutes). BENCH_QUIX=no skips it (and its venv).
+# The peer reads 3,000 to 4,000 events/s here, so it reads a shorter stream of the same
+# shape: BENCH_QUIX_EVENTS events (about 5 minutes). BENCH_QUIX=no skips it (and its venv).
 BENCH_QUIX ?= yes
 BENCH_QUIX_EVENTS ?= 1000000
 QUIX_WANTED := $(filter yes,$(BENCH_QUIX))

@@ -68,13 +68,16 @@ pub struct E2eArgs {
     /// The Quix Streams peer's script.
     #[arg(long, default_value = quix::DEFAULT_SCRIPT)]
     quix_peer: PathBuf,
-    /// Events the Quix Streams peer reads, from the start of the topic's partitions (it reads
-    /// about 4,000 a second here) [default: all of them].
+    /// Events the Quix Streams peer reads (it reads about 4,000 a second here): fewer than
+    /// `--events` make a shorter stream of the same shape, users scaled, in a topic of its own
+    /// [default: the whole stream].
     #[arg(long)]
     quix_events: Option<u64>,
 }
 
 const TOPIC: &str = "bench-events";
+/// The Quix Streams peer's shorter stream, when it reads fewer events than nsm.
+const QUIX_TOPIC: &str = "bench-events-quix";
 /// How often a wait scrapes: often, where the time of the answer is measured.
 const POLL: Duration = Duration::from_millis(10);
 /// How often the wait for nsm to read the whole stream scrapes: rendering `/metrics` costs
@@ -130,21 +133,16 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
 
     // 1. The stream, produced once.
     let stream_end_ms = wall_clock_ms() - 3 * 3_600_000;
-    let events_file = dir.join("events.jsonl");
-    let mean_bytes = write_stream(&events_file, args.events, args.users, stream_end_ms)?;
+    let stream = Stream {
+        nsm,
+        brokers: &brokers,
+        partitions: args.partitions,
+        end_ms: stream_end_ms,
+        dir,
+    };
     let produce_started = Instant::now();
-    let status = Command::new(nsm)
-        .args(["produce", "--brokers", &brokers, "--topic", TOPIC])
-        .args(["--partitions", &args.partitions.to_string()])
-        .args(["--key-field", "user_id", "--log", "warn", "--file"])
-        .arg(&events_file)
-        .status()
-        .context("nsm produce")?;
-    if !status.success() {
-        bail!("nsm produce failed: {status}");
-    }
+    let mean_bytes = stream.produce(TOPIC, args.events, args.users)?;
     let produce_seconds = produce_started.elapsed().as_secs_f64();
-    std::fs::remove_file(&events_file)?;
     eprintln!("produced {} events in {produce_seconds:.1} s", args.events);
 
     // 2. The ceiling, then nsm, over the same topic.
@@ -197,7 +195,7 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
     let stopping = Instant::now();
     instance.terminate()?;
     let shutdown_seconds = stopping.elapsed().as_secs_f64();
-    let quix = quix_reads(args, &brokers, dir)?;
+    let quix = quix_reads(args, &stream)?;
     let starting = Instant::now();
     let instance = start_nsm()?;
     wait(
@@ -250,7 +248,7 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
 }
 
 /// The Quix Streams peer's read of the topic, when the bench was given a Python for it.
-fn quix_reads(args: &E2eArgs, brokers: &str, dir: &Path) -> anyhow::Result<Option<QuixRead>> {
+fn quix_reads(args: &E2eArgs, stream: &Stream<'_>) -> anyhow::Result<Option<QuixRead>> {
     let Some(python) = &args.quix_python else {
         eprintln!("Quix Streams peer skipped: no --quix-python (`make bench` installs one)");
         return Ok(None);
@@ -259,8 +257,17 @@ fn quix_reads(args: &E2eArgs, brokers: &str, dir: &Path) -> anyhow::Result<Optio
         python,
         script: &args.quix_peer,
     };
+    // Fewer events than the stream's: a shorter stream of the same shape (the users scaled
+    // with it) in a topic of the peer's own, read whole.
     let events = args.quix_events.unwrap_or(args.events).min(args.events);
-    let read = quix::quix_consumes(&peer, brokers, events, dir)?;
+    let topic = if events < args.events {
+        let users = (args.users as u128 * events as u128 / args.events as u128).max(1) as u64;
+        stream.produce(QUIX_TOPIC, events, users)?;
+        QUIX_TOPIC
+    } else {
+        TOPIC
+    };
+    let read = quix::quix_consumes(&peer, stream.brokers, topic, events, stream.dir)?;
     eprintln!(
         "Quix Streams peer: {} events, {:.0} events/s, {:.2} CPU-s per million; its weekly \
          active users (by Thursday week start, ms): {}",
@@ -308,6 +315,36 @@ impl Span {
 }
 
 /// Writes the stream as JSON lines; returns the mean event size.
+/// Where and how the bench's streams are produced.
+struct Stream<'a> {
+    nsm: &'a Path,
+    brokers: &'a str,
+    partitions: u32,
+    end_ms: i64,
+    dir: &'a Path,
+}
+
+impl Stream<'_> {
+    /// Produces `events` events of `users` users to `topic`, keyed by user; returns their
+    /// mean size in bytes.
+    fn produce(&self, topic: &str, events: u64, users: u64) -> anyhow::Result<u64> {
+        let events_file = self.dir.join("events.jsonl");
+        let mean_bytes = write_stream(&events_file, events, users, self.end_ms)?;
+        let status = Command::new(self.nsm)
+            .args(["produce", "--brokers", self.brokers, "--topic", topic])
+            .args(["--partitions", &self.partitions.to_string()])
+            .args(["--key-field", "user_id", "--log", "warn", "--file"])
+            .arg(&events_file)
+            .status()
+            .context("nsm produce")?;
+        if !status.success() {
+            bail!("nsm produce failed: {status}");
+        }
+        std::fs::remove_file(&events_file)?;
+        Ok(mean_bytes)
+    }
+}
+
 fn write_stream(path: &Path, events: u64, users: u64, end_ms: i64) -> anyhow::Result<u64> {
     let users = users.max(1);
     let stride = coprime_stride(users);

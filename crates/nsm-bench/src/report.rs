@@ -247,8 +247,9 @@ fn quix_peer(out: &mut String, e2e: &Value) {
     // A run may give the peer the start of the topic only: it reads some 4,000 events/s.
     match (e2e.get("quix_events"), e2e.get("events")) {
         (Some(read), Some(all)) if read != all => out.push_str(&format!(
-            " It reads the first {read} of the {all} events (from the start of each \
-             partition); its rates are over those.\n\n"
+            " It reads a stream of its own, {read} events of the same shape as the {all} \
+             (users scaled with them), produced to the same broker; its rates are over \
+             those.\n\n"
         )),
         _ => out.push_str("\n\n"),
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use super::{Running, Span, TOPIC};
+use super::{Running, Span};
 use crate::procfs;
 
 /// The peer script in the source tree this bench was built from.
@@ -36,18 +36,18 @@ pub struct QuixPeer<'a> {
 /// The peer's read of the stream, and what it computed.
 pub struct QuixRead {
     pub span: Span,
-    /// Events it processed: the `events` asked for, or a few more that arrived meanwhile.
+    /// Events it processed.
     pub events: u64,
     /// The peer's weekly active users, by the start of its (Thursday) week in ms.
     pub weekly_active_users: Value,
 }
 
-/// Runs the peer over `events` events of the topic (all of it, or the start of each
-/// partition), in a new consumer group and state directory (the broker is new to this bench
-/// run, and so is `dir`), and times it.
+/// Runs the peer over the `events` events of `topic`, in a new consumer group and state
+/// directory (the broker is new to this bench run, and so is `dir`), and times it.
 pub fn quix_consumes(
     peer: &QuixPeer<'_>,
     brokers: &str,
+    topic: &str,
     events: u64,
     dir: &Path,
 ) -> anyhow::Result<QuixRead> {
@@ -58,7 +58,7 @@ pub fn quix_consumes(
         "quix",
         Command::new(peer.python)
             .arg(peer.script)
-            .args(["--brokers", brokers, "--topic", TOPIC])
+            .args(["--brokers", brokers, "--topic", topic])
             .args(["--events", &events.to_string()])
             .args(["--group", "nsm-bench-quix", "--state-dir"])
             .arg(&state),
@@ -95,7 +95,7 @@ pub fn quix_consumes(
 fn check_summary(summary: &Value, events: u64, running: &Running) -> anyhow::Result<u64> {
     let processed = summary["events"].as_u64().unwrap_or(0);
     let late = summary["late"].as_u64().unwrap_or(u64::MAX);
-    if processed < events || late != 0 {
+    if processed != events || late != 0 {
         bail!(
             "the Quix peer processed {processed} of {events} events, {late} late: see {}",
             running.log.display()
