@@ -233,7 +233,7 @@ fn quix_peer(out: &mut String, e2e: &Value) {
     }
     out.push_str(
         "A Quix Streams application (`crates/nsm-bench/quix/peer.py`, quixstreams 3.28.1, \
-         RocksDB state and changelog topics on, its defaults) reads the same topic from the \
+         RocksDB state and changelog topics on, its defaults) reads the bench's events from the \
          same broker after nsm, while nsm is stopped, and computes with its own tumbling \
          windows a 1-day count of the messages and the weekly distinct count of their users \
          (nsm's `messages_by_platform` and `weekly_active_users`). Quix groups windows by \
