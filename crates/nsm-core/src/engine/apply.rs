@@ -14,7 +14,7 @@ use super::funnel::Funnel;
 use super::members::{MemberIndex, Source, StateReadError};
 use super::plan::{CompiledMetric, Plan, ValueSource};
 use super::segment::{segment_key, segment_member, MAX_SEGMENTS_PER_WINDOW, OVERFLOW_KEY};
-use super::state::{Agg, PartitionState, WindowState};
+use super::state::{Agg, PartitionState, Pending, WindowState};
 use super::threshold::{Step, ThresholdWindow};
 use super::trailing::TrailingDistinct;
 use super::trailing_threshold::TrailingThreshold;
@@ -200,13 +200,14 @@ fn evaluate<'a>(
                     "converts",
                     metric_def.kind.field(),
                 )?;
+                let segment = segment();
                 // A start first, so an event that is both converts on its own.
                 if starts {
                     let start = Contribution::FunnelStart(entity.clone());
-                    contributions.push((index, start, segment()));
+                    contributions.push((index, start, segment.clone()));
                 }
                 if ends {
-                    contributions.push((index, Contribution::FunnelEnd(entity), segment()));
+                    contributions.push((index, Contribution::FunnelEnd(entity), segment));
                 }
             }
             continue;
@@ -567,10 +568,7 @@ fn commit(
         {
             let windows = &mut state.windows[index];
             // A segment's entities are the entity tagged with it, counted apart.
-            let segment = segment.map(|segment| match windows.get(&bounds.start_ms) {
-                Some(window) => capped_segment(window, segment),
-                None => segment,
-            });
+            let segment = segment.map(|segment| capped_at(windows, bounds.start_ms, segment));
             let tagged = segment
                 .as_ref()
                 .map(|segment| segment_member(segment, entity));
@@ -605,19 +603,10 @@ fn commit(
         let has_retention = !plan.retention_of[index].is_empty();
         let mut new_in_segment: Option<NewMember<'_>> = None;
         if let Some(segment) = segment {
-            let segment = capped_segment(window, segment);
-            let agg = window
-                .segments
-                .entry(segment.clone())
-                .or_insert_with(|| Agg::empty(&compiled.value));
-            let tagged = tagged_with(&segment, &contribution);
-            if target.add(agg, members, source, &tagged)? {
-                pending
-                    .dirty_segments
-                    .insert((index, bounds.start_ms, segment.clone()));
-                if let (Contribution::Member(member), true) = (tagged, has_retention) {
-                    new_in_segment = Some((member, segment));
-                }
+            let added =
+                target.add_to_segment(window, members, pending, source, segment, &contribution)?;
+            if let (Some((segment, Contribution::Member(member))), true) = (added, has_retention) {
+                new_in_segment = Some((member, segment));
             }
         }
         let new_in_window = target.add(&mut window.agg, members, source, &contribution)? && {
@@ -636,6 +625,19 @@ fn commit(
 
 /// A member new in a segment (tagged with it), and the segment.
 type NewMember<'a> = (Cow<'a, [u8]>, Box<[u8]>);
+
+/// The segment a contribution to the window (or trailing bucket) at `start_ms` goes to: see
+/// [`capped_segment`]; a window not there yet has none.
+fn capped_at(
+    windows: &BTreeMap<EpochMillis, WindowState>,
+    start_ms: EpochMillis,
+    segment: Box<[u8]>,
+) -> Box<[u8]> {
+    match windows.get(&start_ms) {
+        Some(window) => capped_segment(window, segment),
+        None => segment,
+    }
+}
 
 /// A new segment of a full window goes to the overflow segment.
 fn capped_segment(window: &WindowState, segment: Box<[u8]>) -> Box<[u8]> {
@@ -684,10 +686,7 @@ impl TrailingBucket {
         let (segment, member): (Option<Box<[u8]>>, Cow<'_, [u8]>) = match segment {
             None => (None, Cow::Borrowed(member)),
             Some(segment) => {
-                let capped = match windows.get(&self.start_ms) {
-                    Some(window) => capped_segment(window, segment.into()),
-                    None => segment.into(),
-                };
+                let capped = capped_at(windows, self.start_ms, segment.into());
                 let tagged = segment_member(&capped, member);
                 (Some(capped), Cow::Owned(tagged.into()))
             }
@@ -798,28 +797,17 @@ impl FunnelStep {
             start_ms: bounds.start_ms,
             source: &compiled.value,
         };
-        let members = &mut state.members;
+        let (members, pending) = (&mut state.members, &mut state.pending);
+        let member = Contribution::Member(Cow::Borrowed(entity));
         match segment {
             None => {
-                let member = Contribution::Member(Cow::Borrowed(entity));
                 if target.add(&mut window.agg, members, source, &member)? {
-                    state.pending.dirty_windows.insert((index, bounds.start_ms));
+                    pending.dirty_windows.insert((index, bounds.start_ms));
                 }
             }
             Some(segment) => {
-                let segment = capped_segment(window, segment.into());
-                let agg = window
-                    .segments
-                    .entry(segment.clone())
-                    .or_insert_with(|| Agg::empty(&compiled.value));
-                let member =
-                    Contribution::Member(Cow::Owned(segment_member(&segment, entity).into()));
-                if target.add(agg, members, source, &member)? {
-                    state
-                        .pending
-                        .dirty_segments
-                        .insert((index, bounds.start_ms, segment));
-                }
+                let segment = segment.into();
+                target.add_to_segment(window, members, pending, source, segment, &member)?;
             }
         }
         Ok(())
@@ -910,6 +898,9 @@ fn window_entry<'s>(
         .or_insert_with(|| WindowState::new(bounds.end_ms, Agg::empty(source)))
 }
 
+/// A segment a contribution changed, and the contribution tagged with it.
+type SegmentAdded<'c> = (Box<[u8]>, Contribution<'c>);
+
 /// The window (or segment) a contribution is added to, in the member index's terms.
 struct Target<'p> {
     metric: usize,
@@ -918,6 +909,33 @@ struct Target<'p> {
 }
 
 impl Target<'_> {
+    /// Adds a contribution to its segment of the window (see [`capped_segment`]), the
+    /// entity tagged with the segment; returns the segment and the tagged contribution when
+    /// that changed the segment (noted for the next checkpoint).
+    fn add_to_segment<'c>(
+        &self,
+        window: &mut WindowState,
+        members: &mut MemberIndex,
+        pending: &mut Pending,
+        source: &Source<'_>,
+        segment: Box<[u8]>,
+        contribution: &Contribution<'c>,
+    ) -> Result<Option<SegmentAdded<'c>>, StateReadError> {
+        let segment = capped_segment(window, segment);
+        let agg = window
+            .segments
+            .entry(segment.clone())
+            .or_insert_with(|| Agg::empty(self.source));
+        let tagged = tagged_with(&segment, contribution);
+        if !self.add(agg, members, source, &tagged)? {
+            return Ok(None);
+        }
+        pending
+            .dirty_segments
+            .insert((self.metric, self.start_ms, segment.clone()));
+        Ok(Some((segment, tagged)))
+    }
+
     /// Adds a contribution; returns whether the window must be stored: its value changed, or
     /// it holds new per-entity entries (which expire with it, so it must be known after a
     /// restart).
