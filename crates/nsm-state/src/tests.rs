@@ -208,6 +208,60 @@ fn expired_windows_are_deleted_with_their_members() {
     );
 }
 
+/// Bytes of the write-ahead log files in a store's directory.
+fn wal_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("read the state directory")
+        .map(|entry| entry.expect("directory entry"))
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "log"))
+        .map(|entry| entry.metadata().expect("metadata").len())
+        .sum()
+}
+
+#[test]
+fn the_write_ahead_log_a_restart_replays_stays_bounded() {
+    // Each checkpoint writes a little to `windows` and much to `members`; `windows` never
+    // fills a memtable, so without the bound every log file since the first stays.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = plan_from(CONFIG);
+    let limit = 1024 * 1024;
+    let store = Store::open(
+        dir.path(),
+        &plan,
+        &StoreOptions {
+            max_wal_bytes: limit,
+            ..options()
+        },
+    )
+    .expect("open");
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    let padding = "u".repeat(200);
+    let mut offset = 0;
+    for checkpoint in 0..160 {
+        let events: Vec<_> = (0..200)
+            .map(|user| event("message_sent", &format!("{padding}-{checkpoint}-{user}"), 1))
+            .collect();
+        feed(&mut engine, 0, offset, &events);
+        offset += events.len() as i64;
+        store.write(&engine.take_changes()).expect("write");
+    }
+    // About 8 MiB was written; flushes and the deletion of old logs run in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while wal_bytes(dir.path()) > 2 * limit && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        wal_bytes(dir.path()) <= 2 * limit,
+        "{} bytes of logs kept with a bound of {limit}",
+        wal_bytes(dir.path())
+    );
+    drop(engine);
+    drop(store);
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    assert_eq!(store.stored_member_count(&key(0)).expect("count"), 32_000);
+}
+
 #[test]
 fn an_incompatible_format_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
