@@ -314,7 +314,6 @@ impl Span {
     }
 }
 
-/// Writes the stream as JSON lines; returns the mean event size.
 /// Where and how the bench's streams are produced.
 struct Stream<'a> {
     nsm: &'a Path,
@@ -345,6 +344,7 @@ impl Stream<'_> {
     }
 }
 
+/// Writes the stream as JSON lines; returns the mean event size.
 fn write_stream(path: &Path, events: u64, users: u64, end_ms: i64) -> anyhow::Result<u64> {
     let users = users.max(1);
     let stride = coprime_stride(users);
