@@ -1,7 +1,14 @@
-//! The broker goes away and comes back (tansu frozen with SIGSTOP, then thawed: its in-memory
-//! log survives, as a real broker's disk would): nsm keeps serving /metrics meanwhile, gives
-//! its partitions up when its group session expires (so `sum()` never counts them twice), then
-//! rejoins, takes them back from its own state, and counts the rest of the stream exactly.
+//! The broker goes away and comes back: a relay in front of tansu cuts it off as a network
+//! partition would (open connections reset, new ones unanswered) while tansu keeps its
+//! in-memory log. nsm keeps serving /metrics meanwhile, gives its partitions up when its group
+//! session expires (so `sum()` never counts them twice), then rejoins, takes them back from its
+//! own state, and counts the rest of the stream exactly.
+//!
+//! Why a relay rather than freezing tansu with SIGSTOP: the kernel keeps accepting the
+//! requests of a frozen process, so at the thaw tansu 0.6 reads heartbeats sent before the
+//! session expired. It then drops the expired member but keeps it as the group's leader, and
+//! from then on no consumer can join the group (every SyncGroup is told a rebalance is in
+//! progress). A partitioned network loses those requests instead, as it does in production.
 
 mod common;
 
@@ -11,14 +18,6 @@ use std::time::Duration;
 use common::*;
 
 const TOPIC: &str = "product-events";
-
-fn signal(process: &Process, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &process.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill -{name}");
-}
 
 fn produce(brokers: &str, file: &std::path::Path) {
     nsm_tool(&[
@@ -41,7 +40,7 @@ fn produce(brokers: &str, file: &std::path::Path) {
 #[test]
 fn a_broker_outage_keeps_metrics_served_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (broker, brokers) = start_tansu(dir.path());
+    let (_broker, relay, brokers) = start_tansu_behind_relay(dir.path());
     let stream = known_stream(400, 5);
     // The stream's messages (its first lines): half before the outage, the rest after it.
     let total = stream.messages_current_hour + stream.messages_previous_hour;
@@ -108,15 +107,15 @@ fn a_broker_outage_keeps_metrics_served_and_loses_nothing() {
     );
     assert_eq!(before, first.len() as f64);
 
-    signal(&broker, "STOP");
-    eprintln!("broker frozen");
+    relay.cut();
+    eprintln!("broker cut off");
     // Longer than the test's 6 s session timeout: the consumer's session with the group
     // coordinator expires and nsm gives its partitions up (it cannot know whether another
     // instance took them), so their values leave /metrics rather than risk being counted
     // twice. /metrics keeps answering all along, and never shows a wrong value.
-    let frozen = std::time::Instant::now();
+    let cut_off = std::time::Instant::now();
     let mut owned_during_outage = Vec::new();
-    while frozen.elapsed() < Duration::from_secs(20) {
+    while cut_off.elapsed() < Duration::from_secs(20) {
         let samples = scrape(port).expect("/metrics answers while the broker is away");
         let owned = samples.get("nsm_partitions_owned").copied();
         let value = counted(&samples);
@@ -134,8 +133,8 @@ fn a_broker_outage_keeps_metrics_served_and_loses_nothing() {
         Some(&Some(0.0)),
         "the partitions are given up once the session expired"
     );
-    signal(&broker, "CONT");
-    eprintln!("broker thawed");
+    relay.restore();
+    eprintln!("broker reachable again");
 
     produce(&brokers, &rest_file);
     let samples = wait_for(

@@ -2,6 +2,10 @@
 
 #![allow(dead_code)]
 
+mod relay;
+
+pub use relay::Relay;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -379,7 +383,20 @@ pub fn tansu_binary() -> PathBuf {
 /// A tansu broker in memory on a free port, with its log in `dir`; and its address.
 pub fn start_tansu(dir: &Path) -> (Process, String) {
     let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
+    (spawn_tansu(dir, port, port), format!("127.0.0.1:{port}"))
+}
+
+/// A tansu broker reached through a relay that can cut it off; and the relay's address,
+/// which the broker advertises, so every client connection goes through the relay.
+pub fn start_tansu_behind_relay(dir: &Path) -> (Process, Relay, String) {
+    let port = free_port();
+    let relay = Relay::start(port);
+    let broker = spawn_tansu(dir, port, relay.port());
+    let address = format!("127.0.0.1:{}", relay.port());
+    (broker, relay, address)
+}
+
+fn spawn_tansu(dir: &Path, port: u16, advertised_port: u16) -> Process {
     let broker = Process::spawn(
         "tansu",
         Command::new(tansu_binary()).args([
@@ -387,9 +404,9 @@ pub fn start_tansu(dir: &Path) -> (Process, String) {
             "--storage-engine",
             "memory://tansu/",
             "--listener-url",
-            &url,
+            &format!("tcp://127.0.0.1:{port}"),
             "--advertised-listener-url",
-            &url,
+            &format!("tcp://127.0.0.1:{advertised_port}"),
         ]),
         dir,
     );
@@ -399,7 +416,7 @@ pub fn start_tansu(dir: &Path) -> (Process, String) {
         Some(&broker),
         || TcpStream::connect(("127.0.0.1", port)).ok(),
     );
-    (broker, format!("127.0.0.1:{port}"))
+    broker
 }
 
 /// Messages consumed, over every partition.
