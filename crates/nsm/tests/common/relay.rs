@@ -60,7 +60,9 @@ impl Relay {
 }
 
 fn lock(links: &Mutex<Links>) -> MutexGuard<'_, Links> {
-    links.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    links
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn accept(links: &Arc<Mutex<Links>>, client: TcpStream, upstream_port: u16) {
