@@ -171,9 +171,11 @@ fn end_to_end(out: &mut String, e2e: &Value) {
     ));
     out.push_str(&format!(
         "\nnsm's checkpoints (changelog sent and acknowledged, then the RocksDB batch) took \
-         {:.0} ms on average and {:.0}% of its span; the consumer thread waits for them.\n",
+         {:.0} ms on average, {:.0}% of its span, on a thread of their own; the consumer thread \
+         waited for one still being stored {:.0}% of its span.\n",
         number(e2e, "nsm_checkpoint_mean_ms"),
-        number(e2e, "nsm_checkpoint_share") * 100.0
+        number(e2e, "nsm_checkpoint_share") * 100.0,
+        number(e2e, "nsm_checkpoint_wait_share") * 100.0
     ));
 
     quix_peer(out, e2e);

@@ -10,8 +10,8 @@ use nsm_core::engine::{AggValue, MetricValues, PartitionStatus, Plan, WindowValu
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry,
+    Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Counts accumulated by the pipeline between two publishes.
@@ -48,6 +48,7 @@ pub struct Telemetry {
     partitions_owned: IntGauge,
     visible_latency: Histogram,
     checkpoint_duration: HistogramVec,
+    checkpoint_wait: Counter,
     last_publish: Gauge,
     state_entries_in_memory: IntGauge,
     restore_duration: GaugeVec,
@@ -195,12 +196,23 @@ impl Telemetry {
             HistogramVec::new(
                 HistogramOpts::new(
                     "nsm_state_checkpoint_duration_seconds",
-                    "Time to write state and offsets in one atomic batch, by result.",
+                    "Time to store one checkpoint (changelog sent and acknowledged, then state \
+                     and offsets in one atomic batch), by result. Events go on being applied \
+                     meanwhile.",
                 )
                 .buckets(vec![
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                 ]),
                 &["result"],
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let checkpoint_wait = register(
+            &registry,
+            Counter::new(
+                "nsm_state_checkpoint_wait_seconds_total",
+                "Time the consumer waited for a checkpoint still being stored before it could \
+                 take the next: a rate near 1 means storing state is the bottleneck.",
             )
             .unwrap_or_else(|e| panic!("{e}")),
         );
@@ -273,6 +285,7 @@ impl Telemetry {
             partitions_owned,
             visible_latency,
             checkpoint_duration,
+            checkpoint_wait,
             last_publish,
             state_entries_in_memory,
             exported_partitions: std::sync::Mutex::new(BTreeSet::new()),
@@ -484,6 +497,10 @@ impl Telemetry {
 
     pub fn record_brokers_up(&self, up: usize) {
         self.brokers_up.set(up as i64);
+    }
+
+    pub fn record_checkpoint_wait(&self, seconds: f64) {
+        self.checkpoint_wait.inc_by(seconds);
     }
 
     pub fn record_changelog(&self, records: usize) {

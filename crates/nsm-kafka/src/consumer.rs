@@ -46,6 +46,9 @@ pub struct PartitionLag {
     pub lag: i64,
 }
 
+/// The next offset of each partition, to commit to the group.
+pub type Offsets = Vec<(PartitionKey, i64)>;
+
 /// The pipeline behind the consumer.
 pub trait PartitionHandler: Send + 'static {
     /// Partitions were assigned: take them over and say where to resume each, in order
@@ -67,7 +70,12 @@ pub trait PartitionHandler: Send + 'static {
     ) -> Disposition;
     /// Persist state and offsets atomically; return the next offset of each partition, to
     /// commit to the group. Only called once the dead letters before it are delivered.
-    fn checkpoint(&mut self) -> Result<Vec<(PartitionKey, i64)>, HandlerError>;
+    fn checkpoint(&mut self) -> Result<Offsets, HandlerError>;
+    /// The last checkpoint, at shutdown: like [`PartitionHandler::checkpoint`], but stored
+    /// before it returns (a handler may store checkpoints while the next events are applied).
+    fn finish(&mut self) -> Result<Offsets, HandlerError> {
+        self.checkpoint()
+    }
     /// Called at least every poll interval, with or without messages.
     fn tick(&mut self);
     /// Fresh consumer-lag figures.
@@ -310,7 +318,7 @@ pub fn run_consumer<H: PartitionHandler>(
         }
         shared.handler().tick();
         if last_checkpoint.elapsed() >= options.checkpoint_interval {
-            if let Err(error) = checkpoint(&consumer, &shared) {
+            if let Err(error) = checkpoint(&consumer, &shared, H::checkpoint) {
                 result = Err(error);
                 break;
             }
@@ -318,7 +326,7 @@ pub fn run_consumer<H: PartitionHandler>(
         }
     }
     if result.is_ok() {
-        result = checkpoint(&consumer, &shared);
+        result = checkpoint(&consumer, &shared, H::finish);
     }
     info!("consumer stopping: leaving the group");
     // Dropping the consumer closes it: the final revoke persists and releases partitions.
@@ -340,6 +348,7 @@ fn take_fatal<H>(shared: &Shared<H>) -> Option<String> {
 fn checkpoint<H: PartitionHandler>(
     consumer: &BaseConsumer<Context<H>>,
     shared: &Shared<H>,
+    persist: fn(&mut H) -> Result<Offsets, HandlerError>,
 ) -> Result<(), KafkaError> {
     if let Err(error) = shared.dead_letters.flush(Duration::from_secs(5)) {
         // Not fatal: the broker may be briefly away. State stays in memory and the next
@@ -347,10 +356,8 @@ fn checkpoint<H: PartitionHandler>(
         warn!(error = %error, "dead letters not delivered yet; checkpoint postponed");
         return Ok(());
     }
-    let offsets = shared
-        .handler()
-        .checkpoint()
-        .map_err(|HandlerError(detail)| KafkaError::Handler {
+    let offsets =
+        persist(&mut shared.handler()).map_err(|HandlerError(detail)| KafkaError::Handler {
             action: "persist",
             detail,
         })?;

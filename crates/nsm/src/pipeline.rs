@@ -5,13 +5,22 @@
 //! one) and acknowledged, then written to RocksDB (state and offsets in one batch), and only
 //! then are values published to `/metrics` and offsets committed to the group. What
 //! `/metrics` shows has therefore always been made durable first.
+//!
+//! A checkpoint is stored on a thread of its own while the consumer goes on applying events
+//! (waiting for the broker's acknowledgements and writing RocksDB took 40% of the consumer's
+//! time when it waited for them). At most one is in flight: the next checkpoint, a rebalance
+//! and the shutdown wait for it first. The values it publishes are those of its changes,
+//! computed when they were taken, not the engine's later ones.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nsm_core::engine::{Engine, Outcome, Plan, DEFAULT_MEMBER_CACHE};
+use nsm_core::engine::{
+    Engine, MetricValues, Outcome, PartitionStatus, Plan, DEFAULT_MEMBER_CACHE,
+};
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
 use nsm_http::{BatchCounts, Published, Readiness, Telemetry};
@@ -36,11 +45,16 @@ pub fn wall_clock_ms() -> i64 {
 pub struct Pipeline {
     engine: Engine,
     store: Store,
-    changelog: Option<Changelog>,
+    changelog: Option<Arc<Changelog>>,
+    /// The checkpoint being stored, if any.
+    in_flight: Option<InFlight>,
+    /// Offsets of the checkpoints stored since the consumer last asked, to commit to the group.
+    stored_offsets: Vec<(PartitionKey, i64)>,
     /// Whether the last statistics showed a connected broker (to log changes only).
     kafka_reachable: bool,
-    /// Set when stored state could not be read: nothing more is stored, the consumer stops.
-    read_failure: Option<String>,
+    /// Set when stored state could not be read or a write failed: nothing more is stored,
+    /// the consumer stops.
+    failure: Option<String>,
     telemetry: Arc<Telemetry>,
     published: Arc<RwLock<Published>>,
     readiness: Arc<Readiness>,
@@ -58,6 +72,38 @@ pub struct Pipeline {
     latency_sample_every: usize,
     messages_since_publish: usize,
     last_warned: HashMap<RejectReason, Instant>,
+}
+
+/// A checkpoint being stored on its own thread, and what to publish once it is.
+struct InFlight {
+    writer: JoinHandle<Result<(), String>>,
+    publish: Snapshot,
+}
+
+/// What a checkpoint makes visible once stored, taken with its changes.
+struct Snapshot {
+    now_ms: i64,
+    values: Vec<MetricValues>,
+    partitions: Vec<PartitionStatus>,
+    resident_members: usize,
+    consumed: Vec<(PartitionKey, u64)>,
+    rejected: Vec<(RejectReason, u64)>,
+    duplicates: u64,
+    produced_times_ms: Vec<i64>,
+}
+
+impl Snapshot {
+    /// The next offset of each partition, to commit to the group.
+    fn offsets(&self) -> Vec<(PartitionKey, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|status| {
+                status
+                    .next_offset
+                    .map(|offset| (status.key.clone(), offset))
+            })
+            .collect()
+    }
 }
 
 /// At most one log line per rejection reason in this interval; counters carry the rest.
@@ -84,9 +130,11 @@ impl Pipeline {
                 DEFAULT_MEMBER_CACHE,
             ),
             store: parts.store,
-            changelog: parts.changelog,
+            changelog: parts.changelog.map(Arc::new),
+            in_flight: None,
+            stored_offsets: Vec::new(),
             kafka_reachable: true,
-            read_failure: None,
+            failure: None,
             telemetry: parts.telemetry,
             published: parts.published,
             readiness: parts.readiness,
@@ -105,51 +153,92 @@ impl Pipeline {
         }
     }
 
+    /// Takes the changes since the last checkpoint and starts storing them on a thread of
+    /// their own; publishes at once when there are none. Waits for the checkpoint in flight
+    /// first.
     fn persist(&mut self) -> Result<(), HandlerError> {
-        if let Some(failure) = &self.read_failure {
-            // A partition may hold a half-applied event: store nothing more, stop, and let
-            // the restart resume from the last whole state.
+        self.settle()?;
+        if let Some(failure) = &self.failure {
+            // A partition may hold a half-applied event, or a batch was lost: store nothing
+            // more, stop, and let the restart resume from the last whole state.
             return Err(HandlerError(failure.clone()));
         }
         let changes = self.engine.take_changes();
+        let publish = self.snapshot();
         if changes.is_empty() {
+            // The engine's state is the stored state.
+            self.stored_offsets = publish.offsets();
+            self.publish(publish);
             return Ok(());
         }
-        let started = Instant::now();
-        let with_records = self.changelog.is_some();
-        let result = self.write(|store| Ok((store.prepare(&changes, with_records)?, ())));
-        self.telemetry
-            .record_checkpoint(started.elapsed().as_secs_f64(), result.is_ok());
-        result.map(|_| ())
+        let store = self.store.clone();
+        let changelog = self.changelog.clone();
+        let telemetry = self.telemetry.clone();
+        let writer = std::thread::Builder::new()
+            .name("nsm-checkpoint".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let with_records = changelog.is_some();
+                let result = write_through(&store, changelog.as_deref(), &telemetry, |store| {
+                    Ok((store.prepare(&changes, with_records)?, ()))
+                });
+                telemetry.record_checkpoint(started.elapsed().as_secs_f64(), result.is_ok());
+                result
+            })
+            .map_err(|error| self.failed(format!("cannot start the checkpoint writer: {error}")))?;
+        self.in_flight = Some(InFlight { writer, publish });
+        Ok(())
     }
 
-    /// Makes a write, sends it to the changelog and stores it: the one path of every state
-    /// change. A failure stops nsm, so nothing is shown that is not stored.
+    /// Stores the changes since the last checkpoint before returning.
+    fn persist_now(&mut self) -> Result<(), HandlerError> {
+        self.persist()?;
+        self.settle()
+    }
+
+    /// Waits for the checkpoint in flight, if any, and publishes what it stored.
+    fn settle(&mut self) -> Result<(), HandlerError> {
+        let Some(InFlight { writer, publish }) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let waiting = Instant::now();
+        let result = writer
+            .join()
+            .unwrap_or_else(|_| Err("the checkpoint writer panicked".to_string()));
+        self.telemetry
+            .record_checkpoint_wait(waiting.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                self.stored_offsets = publish.offsets();
+                self.publish(publish);
+                Ok(())
+            }
+            Err(message) => Err(self.failed(message)),
+        }
+    }
+
+    /// Makes a write, sends it to the changelog and stores it, before returning.
     fn write<T>(
         &mut self,
         prepare: impl FnOnce(&Store) -> Result<(nsm_state::PreparedWrite, T), nsm_state::StateError>,
     ) -> Result<T, HandlerError> {
-        let result = prepare(&self.store)
-            .map_err(|error| format!("state write failed: {error}"))
-            .and_then(|(prepared, extra)| {
-                let (prepared, positions) = match &self.changelog {
-                    Some(changelog) => {
-                        let positions = changelog.send(&prepared)?;
-                        self.telemetry.record_changelog(prepared.record_count());
-                        (prepared, positions)
-                    }
-                    None => (prepared.without_changelog_records(), Vec::new()),
-                };
-                self.store
-                    .commit(prepared, &positions)
-                    .map_err(|error| format!("state write failed: {error}"))?;
-                Ok(extra)
-            });
-        result.map_err(|message| {
-            error!(error = %message, "cannot write state; stopping so nothing is shown that is not stored");
-            self.readiness.set_not_ready(message.clone());
-            HandlerError(message)
-        })
+        self.settle()?;
+        write_through(
+            &self.store,
+            self.changelog.as_deref(),
+            &self.telemetry,
+            prepare,
+        )
+        .map_err(|message| self.failed(message))
+    }
+
+    /// A write failed: nothing more is stored, and nsm stops, so nothing is shown that is not
+    /// stored.
+    fn failed(&mut self, message: String) -> HandlerError {
+        error!(error = %message, "cannot write state; stopping so nothing is shown that is not stored");
+        self.readiness.set_not_ready(message.clone());
+        self.failure.get_or_insert(message.clone());
+        HandlerError(message)
     }
 
     /// Brings a partition's stored state up to date before it is loaded: restored from the
@@ -183,39 +272,67 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Makes the durable values visible.
-    fn publish(&mut self) {
+    /// What the engine shows now, with the counts since the last one, to publish once stored.
+    fn snapshot(&mut self) -> Snapshot {
         let now_ms = wall_clock_ms();
-        let values = self.engine.metric_values(now_ms);
+        self.latency_sample_every = 1;
+        self.messages_since_publish = 0;
+        Snapshot {
+            now_ms,
+            values: self.engine.metric_values(now_ms),
+            partitions: self.engine.partition_status(),
+            resident_members: self.engine.resident_members(),
+            consumed: self.consumed.drain().collect(),
+            rejected: self.rejected.drain().collect(),
+            duplicates: std::mem::take(&mut self.duplicates),
+            produced_times_ms: std::mem::take(&mut self.produced_times_ms),
+        }
+    }
+
+    /// Makes stored values visible.
+    fn publish(&mut self, snapshot: Snapshot) {
+        let Snapshot {
+            now_ms,
+            values,
+            partitions,
+            resident_members,
+            consumed,
+            rejected,
+            duplicates,
+            produced_times_ms,
+        } = snapshot;
         self.telemetry
             .publish_values(self.engine.plan(), &values, now_ms);
-        let partitions = self.engine.partition_status();
         self.telemetry.publish_partitions(&partitions);
         self.telemetry
-            .record_state_entries_in_memory(self.engine.resident_members());
+            .record_state_entries_in_memory(resident_members);
         self.published
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .partitions = partitions;
 
+        let visible_ms = wall_clock_ms();
         let counts = BatchCounts {
-            consumed: self.consumed.drain().collect(),
-            rejected: self.rejected.drain().collect(),
-            duplicates: std::mem::take(&mut self.duplicates),
-            visible_latencies_seconds: self
-                .produced_times_ms
-                .drain(..)
-                .map(|produced_ms| (now_ms - produced_ms).max(0) as f64 / 1000.0)
+            consumed,
+            rejected,
+            duplicates,
+            visible_latencies_seconds: produced_times_ms
+                .into_iter()
+                .map(|produced_ms| (visible_ms - produced_ms).max(0) as f64 / 1000.0)
                 .collect(),
         };
         self.telemetry.record_batch(&counts);
-        self.latency_sample_every = 1;
-        self.messages_since_publish = 0;
         let stats = &self.dead_letter_stats;
         self.telemetry.record_dead_letters(
             stats.delivered.load(Ordering::Relaxed),
             stats.failed.load(Ordering::Relaxed),
         );
+    }
+
+    /// Publishes the engine's values as they are: only when they are all stored.
+    fn publish_now(&mut self) {
+        let snapshot = self.snapshot();
+        self.publish(snapshot);
     }
 
     fn advance_idle_partitions(&mut self) {
@@ -237,8 +354,42 @@ impl Pipeline {
     }
 }
 
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        // A checkpoint still being stored finishes (its failure is logged): a crash would
+        // only lose it, but a clean stop should not.
+        let _ = self.settle();
+    }
+}
+
+/// Sends a write to the changelog (when there is one), waits for its acknowledgement, then
+/// stores it: the one path of every state change.
+fn write_through<T>(
+    store: &Store,
+    changelog: Option<&Changelog>,
+    telemetry: &Telemetry,
+    prepare: impl FnOnce(&Store) -> Result<(nsm_state::PreparedWrite, T), nsm_state::StateError>,
+) -> Result<T, String> {
+    let (prepared, extra) =
+        prepare(store).map_err(|error| format!("state write failed: {error}"))?;
+    let (prepared, positions) = match changelog {
+        Some(changelog) => {
+            let positions = changelog.send(&prepared)?;
+            telemetry.record_changelog(prepared.record_count());
+            (prepared, positions)
+        }
+        None => (prepared.without_changelog_records(), Vec::new()),
+    };
+    store
+        .commit(prepared, &positions)
+        .map_err(|error| format!("state write failed: {error}"))?;
+    Ok(extra)
+}
+
 impl PartitionHandler for Pipeline {
     fn assigned(&mut self, partitions: &[PartitionKey]) -> Result<Vec<Option<i64>>, HandlerError> {
+        // Partitions are loaded from the store: the checkpoint in flight must be in it.
+        self.settle()?;
         let mut offsets = Vec::with_capacity(partitions.len());
         self.readiness.set_not_ready(format!(
             "restoring the state of {} assigned partition(s)",
@@ -260,31 +411,33 @@ impl PartitionHandler for Pipeline {
             self.last_message.insert(key.clone(), Instant::now());
             offsets.push(next_offset);
         }
-        self.publish();
+        self.publish_now();
         self.readiness.set_ready();
         Ok(offsets)
     }
 
     fn revoked(&mut self, partitions: &[PartitionKey]) -> Result<(), HandlerError> {
-        self.persist()?;
+        self.persist_now()?;
         for key in partitions {
             self.engine.remove_partition(key);
             self.last_message.remove(key);
             self.lag.remove(key);
             self.telemetry.forget_restore(key);
         }
-        self.publish();
+        self.publish_now();
         Ok(())
     }
 
     fn abandoned(&mut self, partitions: &[PartitionKey]) {
+        // A failure is kept in `self.failure` and stops the consumer at its next checkpoint.
+        let _ = self.settle();
         for key in partitions {
             self.engine.remove_partition(key);
             self.last_message.remove(key);
             self.lag.remove(key);
             self.telemetry.forget_restore(key);
         }
-        self.publish();
+        self.publish_now();
     }
 
     fn process(
@@ -329,12 +482,12 @@ impl PartitionHandler for Pipeline {
             }
             Outcome::AlreadyApplied => Disposition::Done,
             Outcome::StateUnreadable(read_error) => {
-                if self.read_failure.is_none() {
+                if self.failure.is_none() {
                     error!(partition = %key, offset, error = %read_error,
                            "cannot read stored state; stopping at the next checkpoint without storing anything more");
                     self.readiness
                         .set_not_ready(format!("state read failed: {read_error}"));
-                    self.read_failure = Some(format!("partition {key}: {read_error}"));
+                    self.failure = Some(format!("partition {key}: {read_error}"));
                 }
                 Disposition::Done
             }
@@ -363,16 +516,25 @@ impl PartitionHandler for Pipeline {
 
     fn checkpoint(&mut self) -> Result<Vec<(PartitionKey, i64)>, HandlerError> {
         self.persist()?;
-        self.publish();
-        Ok(self
-            .engine
-            .partition_status()
-            .into_iter()
-            .filter_map(|status| status.next_offset.map(|offset| (status.key, offset)))
-            .collect())
+        Ok(std::mem::take(&mut self.stored_offsets))
+    }
+
+    fn finish(&mut self) -> Result<Vec<(PartitionKey, i64)>, HandlerError> {
+        self.persist_now()?;
+        Ok(std::mem::take(&mut self.stored_offsets))
     }
 
     fn tick(&mut self) {
+        // Publish a stored checkpoint as soon as it is, not at the next one.
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|in_flight| in_flight.writer.is_finished())
+        {
+            // A failure is kept in `self.failure` and stops the consumer at its next
+            // checkpoint.
+            let _ = self.settle();
+        }
         if self.last_idle_check.elapsed() >= IDLE_CHECK_INTERVAL {
             self.last_idle_check = Instant::now();
             self.advance_idle_partitions();

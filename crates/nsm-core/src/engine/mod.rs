@@ -178,7 +178,9 @@ impl Engine {
     }
 
     /// Everything changed since the last call, for one atomic write per partition; also
-    /// drops windows older than the retention.
+    /// drops windows older than the retention. The caller stores it before the next call,
+    /// and may apply events meanwhile: until then the engine answers for its per-entity
+    /// entries from memory, not from the reader.
     pub fn take_changes(&mut self) -> ChangeSet {
         let plan = &self.plan;
         let mut partitions: Vec<PartitionChanges> = self
