@@ -255,6 +255,9 @@ pub(super) struct MemberIndex {
     /// still be storing it while events go on being applied, and the cache may drop any of
     /// it meanwhile. Exact; replaced at the next take, by when the caller has stored it.
     in_flight: DigestMap<Box<[u8]>>,
+    /// The windows of the entries in flight. The reader may not hold those entries yet, so
+    /// its "nothing stored" for one of them does not make the window complete.
+    in_flight_windows: HashSet<Namespace>,
     /// Entries known to be stored, with their values, in two generations: when `recent`
     /// fills up, it becomes `older` and the previous `older` is dropped. Bounded, and the
     /// entries of active users stay in it.
@@ -274,6 +277,7 @@ impl MemberIndex {
         Self {
             written: DigestMap::default(),
             in_flight: DigestMap::default(),
+            in_flight_windows: HashSet::new(),
             recent: Generation::default(),
             older: Generation::default(),
             cache_capacity: cache_capacity.max(1),
@@ -341,6 +345,7 @@ impl MemberIndex {
     pub fn take_written(&mut self) -> Vec<MemberInsert> {
         self.in_flight.clear();
         self.in_flight.reserve(self.written.len());
+        self.in_flight_windows.clear();
         let mut written: Vec<_> = self.written.drain().collect();
         // In key order: the same entries give the same write, and RocksDB inserts sorted keys
         // into its memtable much faster (measured: the core bench ran at ~55k events/s with
@@ -349,6 +354,7 @@ impl MemberIndex {
         let mut inserts = Vec::with_capacity(written.len());
         for (digest, ((metric, start_ms, member), value)) in written {
             self.in_flight.insert(digest, value.clone());
+            self.in_flight_windows.insert((metric, start_ms));
             match Small::new(&value) {
                 Some(small) => self.remember(digest, (metric, start_ms), small),
                 // Too long to cache (a conversion's times): an older, shorter value cached
@@ -422,6 +428,12 @@ impl MemberIndex {
         }
         if self.complete.len() >= MAX_TRACKED_WINDOWS {
             self.complete.clear();
+        }
+        if self.in_flight_windows.contains(&namespace) {
+            // Some of its entries may be neither stored yet nor cached any more (the cache
+            // may have dropped them before this first use): incomplete, so misses are read.
+            self.complete.insert(namespace, false);
+            return Ok(false);
         }
         // Entries written here but not yet stored are in `written`, so "nothing stored"
         // means the index holds all there is.
@@ -569,6 +581,35 @@ mod tests {
         assert!(index.take_written().is_empty());
         assert!(index.contains(&source, 0, 0, b"a").expect("in memory"));
         assert!(index.resident() <= 2, "two generations of one");
+    }
+
+    #[test]
+    fn a_window_first_used_while_its_entries_are_being_stored_is_not_taken_as_complete() {
+        let reader = CountingReader::default();
+        let partition = PartitionKey::new("t", 0);
+        let source = Source {
+            reader: &reader,
+            partition: &partition,
+        };
+        // Another window with stored entries, whose reads turn the cache over.
+        let mut other = MemberIndex::new(1);
+        other.insert(1, 0, b"x1");
+        other.insert(1, 0, b"x2");
+        store(&reader, &partition, &mut other);
+
+        let mut index = MemberIndex::new(1);
+        index.insert(0, 0, b"k");
+        let taken = index.take_written();
+        // While `k` is being stored, the cache of one drops it before its window is first used.
+        assert!(index.contains(&source, 1, 0, b"x1").expect("read"));
+        assert!(index.contains(&source, 1, 0, b"x2").expect("read"));
+        assert!(!index.contains(&source, 0, 0, b"other").expect("read"));
+        reader.inner.write_members(&partition, &taken, &[]);
+        assert!(index.take_written().is_empty());
+        assert!(
+            index.contains(&source, 0, 0, b"k").expect("read"),
+            "k is stored: its window must not answer misses from memory"
+        );
     }
 
     #[test]
