@@ -153,6 +153,20 @@ impl Pipeline {
         }
     }
 
+    /// Forgets partitions given up, their offsets to commit too: the group may have handed
+    /// them to another instance, whose committed offsets must not be moved back.
+    fn release(&mut self, partitions: &[PartitionKey]) {
+        for key in partitions {
+            self.engine.remove_partition(key);
+            self.last_message.remove(key);
+            self.lag.remove(key);
+            self.telemetry.forget_restore(key);
+        }
+        self.stored_offsets
+            .retain(|(key, _)| !partitions.contains(key));
+        self.publish_now();
+    }
+
     /// Takes the changes since the last checkpoint and starts storing them on a thread of
     /// their own; publishes at once when there are none. Waits for the checkpoint in flight
     /// first.
@@ -418,26 +432,14 @@ impl PartitionHandler for Pipeline {
 
     fn revoked(&mut self, partitions: &[PartitionKey]) -> Result<(), HandlerError> {
         self.persist_now()?;
-        for key in partitions {
-            self.engine.remove_partition(key);
-            self.last_message.remove(key);
-            self.lag.remove(key);
-            self.telemetry.forget_restore(key);
-        }
-        self.publish_now();
+        self.release(partitions);
         Ok(())
     }
 
     fn abandoned(&mut self, partitions: &[PartitionKey]) {
         // A failure is kept in `self.failure` and stops the consumer at its next checkpoint.
         let _ = self.settle();
-        for key in partitions {
-            self.engine.remove_partition(key);
-            self.last_message.remove(key);
-            self.lag.remove(key);
-            self.telemetry.forget_restore(key);
-        }
-        self.publish_now();
+        self.release(partitions);
     }
 
     fn process(
@@ -564,5 +566,78 @@ impl PartitionHandler for Pipeline {
                 self.lag.insert(key, lag);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nsm_core::Config;
+    use nsm_state::StoreOptions;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9"
+topics = ["events"]
+group_id = "test"
+[state]
+path = "unused"
+[north_star]
+name = "daily_active_messagers"
+description = "Users who sent a message today"
+kind = "distinct"
+field = "user_id"
+where = { event = "message_sent" }
+window = "1d"
+"#;
+
+    fn pipeline(directory: &std::path::Path) -> Pipeline {
+        let config = Config::from_toml(CONFIG, &|_| None).expect("config");
+        let plan = Plan::from_config(&config);
+        let store = Store::open(directory, &plan, &StoreOptions::default()).expect("store");
+        Pipeline::new(PipelineParts {
+            telemetry: Arc::new(Telemetry::new(&plan, "test")),
+            plan,
+            store,
+            changelog: None,
+            published: Arc::new(RwLock::new(Published::default())),
+            readiness: Arc::new(Readiness::default()),
+            dead_letter_stats: Arc::new(DeadLetterStats::default()),
+            idle_timeout: Duration::from_secs(3600),
+        })
+    }
+
+    fn message(pipeline: &mut Pipeline, key: &PartitionKey, offset: i64) {
+        let event = format!(
+            r#"{{"event":"message_sent","user_id":"u{offset}","timestamp":{}}}"#,
+            wall_clock_ms()
+        );
+        assert_eq!(
+            pipeline.process(key, offset, event.as_bytes(), None),
+            Disposition::Done
+        );
+    }
+
+    #[test]
+    fn offsets_of_a_partition_given_up_are_never_committed_afterwards() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let mut pipeline = pipeline(directory.path());
+        let kept = PartitionKey::new("events", 0);
+        let given_up = PartitionKey::new("events", 1);
+        pipeline
+            .assigned(&[kept.clone(), given_up.clone()])
+            .expect("assigned");
+        message(&mut pipeline, &kept, 0);
+        message(&mut pipeline, &given_up, 0);
+        // Stored on the checkpoint thread: its offsets come with the next checkpoint.
+        pipeline.checkpoint().expect("checkpoint");
+        pipeline
+            .revoked(std::slice::from_ref(&given_up))
+            .expect("revoked");
+        message(&mut pipeline, &kept, 1);
+        let offsets = pipeline.checkpoint().expect("checkpoint");
+        assert_eq!(offsets, vec![(kept.clone(), 1)]);
+        assert_eq!(pipeline.finish().expect("finish"), vec![(kept, 2)]);
     }
 }
