@@ -319,8 +319,7 @@ pub fn run_consumer<H: PartitionHandler>(
         }
         shared.handler().tick();
         if last_checkpoint.elapsed() >= options.checkpoint_interval {
-            let commit =
-                last_commit.is_none_or(|commit| commit.elapsed() >= GROUP_COMMIT_INTERVAL);
+            let commit = last_commit.is_none_or(|commit| commit.elapsed() >= GROUP_COMMIT_INTERVAL);
             match checkpoint(&consumer, &shared, H::checkpoint, commit) {
                 Ok(true) => last_commit = Some(Instant::now()),
                 Ok(false) => {}

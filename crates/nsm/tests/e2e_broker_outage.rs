@@ -1,6 +1,6 @@
-//! The broker goes away and comes back: a relay in front of tansu cuts it off as a network
-//! partition would (open connections reset, new ones unanswered) while tansu keeps its
-//! in-memory log. nsm keeps serving /metrics meanwhile, gives its partitions up when its group
+//! The broker goes away and comes back: a relay in front of tansu cuts it off (open
+//! connections closed, new ones accepted but never answered) while tansu keeps its in-memory
+//! log. nsm keeps serving /metrics meanwhile, gives its partitions up when its group
 //! session expires (so `sum()` never counts them twice), then rejoins, takes them back from its
 //! own state, and counts the rest of the stream exactly.
 //!
