@@ -114,10 +114,11 @@ pub(crate) struct Recorder<'s> {
 }
 
 impl<'s> Recorder<'s> {
-    pub(crate) fn new(store: &'s Store, record: bool) -> Self {
+    /// `capacity_bytes`: about the size the batch will reach (0 if unknown).
+    pub(crate) fn new(store: &'s Store, record: bool, capacity_bytes: usize) -> Self {
         Recorder {
             store,
-            batch: WriteBatch::default(),
+            batch: WriteBatch::with_capacity_bytes(capacity_bytes),
             records: record.then(BTreeMap::new),
             partitions: Vec::new(),
             without_changelog: Vec::new(),
@@ -337,7 +338,7 @@ impl Store {
         seed: bool,
     ) -> Result<(PreparedWrite, Vec<crate::DiscardedMetric>), StateError> {
         let prefix = partition_prefix(partition);
-        let mut recorder = Recorder::new(self, true);
+        let mut recorder = Recorder::new(self, true, 0);
         if seed {
             for (_, family) in FAMILIES {
                 for item in self.entries_under(family, &prefix) {

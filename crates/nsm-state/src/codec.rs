@@ -47,6 +47,25 @@ pub fn window_key(partition_prefix: &[u8], metric: &str, start_ms: i64) -> Vec<u
     key
 }
 
+/// Sets `out` to a window's key followed by `entry` (a member, a segment, ...): the same
+/// bytes as [`window_key`] then `entry`, built in a buffer the caller reuses, since a
+/// checkpoint or a read builds one per entry.
+pub fn entry_key_into(
+    out: &mut Vec<u8>,
+    partition_prefix: &[u8],
+    metric: &str,
+    start_ms: i64,
+    entry: &[u8],
+) {
+    out.clear();
+    out.reserve(partition_prefix.len() + metric.len() + 9 + entry.len());
+    out.extend_from_slice(partition_prefix);
+    out.extend_from_slice(metric.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&encode_i64(start_ms));
+    out.extend_from_slice(entry);
+}
+
 /// The smallest key greater than every key starting with `prefix`.
 pub fn prefix_successor(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -194,6 +213,16 @@ mod tests {
             Some(meta)
         );
         assert_eq!(decode_window_value(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn an_entry_key_is_its_window_key_then_the_entry() {
+        let prefix = partition_prefix(&PartitionKey::new("events", 3));
+        let mut expected = window_key(&prefix, "weekly_active_users", -5);
+        expected.extend_from_slice(b"user-1");
+        let mut key = b"left over from the last entry".to_vec();
+        entry_key_into(&mut key, &prefix, "weekly_active_users", -5, b"user-1");
+        assert_eq!(key, expected);
     }
 
     #[test]

@@ -50,8 +50,8 @@ use rocksdb::{
 
 use codec::{
     decode_i64, decode_partition_meta, decode_window_value, encode_partition_meta,
-    encode_window_value, partition_prefix, prefix_successor, split_partition_prefix, window_key,
-    window_metric_prefix,
+    encode_window_value, entry_key_into, partition_prefix, prefix_successor,
+    split_partition_prefix, window_key, window_metric_prefix,
 };
 
 pub use changelog::{
@@ -343,7 +343,10 @@ impl Store {
         changes: &ChangeSet,
         changelog: bool,
     ) -> Result<PreparedWrite, StateError> {
-        let mut recorder = changelog::Recorder::new(self, changelog);
+        let mut recorder =
+            changelog::Recorder::new(self, changelog, self.batch_bytes_estimate(changes));
+        // One key buffer for every entry: a checkpoint writes a few per event.
+        let mut key = Vec::new();
         for part in &changes.partitions {
             let prefix = partition_prefix(&part.key);
             for upsert in &part.upserts {
@@ -355,14 +358,13 @@ impl Store {
                 );
             }
             for segment in &part.segments {
-                let mut key =
-                    window_key(&prefix, self.metric_name(segment.metric), segment.start_ms);
-                key.extend_from_slice(&segment.segment);
+                let name = self.metric_name(segment.metric);
+                entry_key_into(&mut key, &prefix, name, segment.start_ms, &segment.segment);
                 recorder.put(CF_SEGMENTS, &key, &encode_window_value(0, segment.value));
             }
             for member in &part.members {
-                let mut key = window_key(&prefix, self.metric_name(member.metric), member.start_ms);
-                key.extend_from_slice(&member.member);
+                let name = self.metric_name(member.metric);
+                entry_key_into(&mut key, &prefix, name, member.start_ms, &member.member);
                 recorder.put(CF_MEMBERS, &key, &member.value);
             }
             for gap in &part.gaps {
@@ -433,6 +435,28 @@ impl Store {
 
     /// The stored name of a metric; the empty string (no metric's name) for the engine's
     /// own namespace one past the last metric, which holds event ids.
+    /// About the bytes the batch of `changes` takes: its entries are most of it, each a key
+    /// (partition, metric, window, member), a value and a few bytes of framing. Reserved at
+    /// once, the batch is not copied again and again as it grows.
+    fn batch_bytes_estimate(&self, changes: &ChangeSet) -> usize {
+        const FRAMING: usize = 16;
+        let longest_name = self.metric_names.iter().map(String::len).max().unwrap_or(0);
+        changes
+            .partitions
+            .iter()
+            .map(|part| {
+                let window_key = part.key.topic.len() + 5 + longest_name + 9;
+                let members: usize = part
+                    .members
+                    .iter()
+                    .map(|member| window_key + member.member.len() + member.value.len() + FRAMING)
+                    .sum();
+                let others = part.upserts.len() + part.segments.len() + part.gaps.len() + 1;
+                members + others * (window_key + 32 + FRAMING)
+            })
+            .sum()
+    }
+
     fn metric_name(&self, index: usize) -> &str {
         self.metric_names.get(index).map_or("", String::as_str)
     }
@@ -700,12 +724,14 @@ impl StateReader for Store {
         start_ms: i64,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, StateReadError> {
-        let mut stored_key = window_key(
+        let mut stored_key = Vec::new();
+        entry_key_into(
+            &mut stored_key,
             &partition_prefix(partition),
             self.metric_name(metric),
             start_ms,
+            key,
         );
-        stored_key.extend_from_slice(key);
         self.db
             .get_cf(self.cf(CF_MEMBERS), stored_key)
             .map_err(|error| StateReadError(error.to_string()))

@@ -208,6 +208,23 @@ impl Small {
     }
 }
 
+/// The value of an entry being stored: inline when short (nearly all are), so handing a
+/// checkpoint over costs no allocation per entry.
+#[derive(Debug)]
+enum InFlight {
+    Small(Small),
+    Long(Box<[u8]>),
+}
+
+impl InFlight {
+    fn value(&self) -> Box<[u8]> {
+        match self {
+            InFlight::Small(small) => small.value(),
+            InFlight::Long(value) => value.clone(),
+        }
+    }
+}
+
 /// Hashes a key that is already a uniform digest by taking its low bits.
 #[derive(Default, Clone, Copy)]
 struct DigestHasher(u64);
@@ -254,7 +271,7 @@ pub(super) struct MemberIndex {
     /// What the last [`MemberIndex::take_written`] handed over, by digest: the caller may
     /// still be storing it while events go on being applied, and the cache may drop any of
     /// it meanwhile. Exact; replaced at the next take, by when the caller has stored it.
-    in_flight: DigestMap<Box<[u8]>>,
+    in_flight: DigestMap<InFlight>,
     /// The windows of the entries in flight. The reader may not hold those entries yet, so
     /// its "nothing stored" for one of them does not make the window complete.
     in_flight_windows: HashSet<Namespace>,
@@ -298,7 +315,7 @@ impl MemberIndex {
             return Ok(Some(value.clone()));
         }
         if let Some(value) = self.in_flight.get(&digest) {
-            return Ok(Some(value.clone()));
+            return Ok(Some(value.value()));
         }
         if let Some(cached) = self.cached(digest, (metric, start_ms)) {
             return Ok(Some(cached.value()));
@@ -353,9 +370,11 @@ impl MemberIndex {
         written.sort_unstable_by(|(_, (a, _)), (_, (b, _))| a.cmp(b));
         let mut inserts = Vec::with_capacity(written.len());
         for (digest, ((metric, start_ms, member), value)) in written {
-            self.in_flight.insert(digest, value.clone());
+            let small = Small::new(&value);
+            let held = small.map_or_else(|| InFlight::Long(value.clone()), InFlight::Small);
+            self.in_flight.insert(digest, held);
             self.in_flight_windows.insert((metric, start_ms));
-            match Small::new(&value) {
+            match small {
                 Some(small) => self.remember(digest, (metric, start_ms), small),
                 // Too long to cache (a conversion's times): an older, shorter value cached
                 // for the entry would now be wrong, and the window has an entry only the
