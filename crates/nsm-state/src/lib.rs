@@ -433,8 +433,6 @@ impl Store {
         Ok(())
     }
 
-    /// The stored name of a metric; the empty string (no metric's name) for the engine's
-    /// own namespace one past the last metric, which holds event ids.
     /// About the bytes the batch of `changes` takes: its entries are most of it, each a key
     /// (partition, metric, window, member), a value and a few bytes of framing. Reserved at
     /// once, the batch is not copied again and again as it grows.
@@ -457,6 +455,8 @@ impl Store {
             .sum()
     }
 
+    /// The stored name of a metric; the empty string (no metric's name) for the engine's
+    /// own namespace one past the last metric, which holds event ids.
     fn metric_name(&self, index: usize) -> &str {
         self.metric_names.get(index).map_or("", String::as_str)
     }
