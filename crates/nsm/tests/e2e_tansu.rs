@@ -69,6 +69,12 @@ fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {
             // that broker; Kafka returns the whole batch and the client skips ahead).
             "--property",
             "batch.num.messages=1",
+            // Once in CI, tansu left this producer's requests unanswered long enough that
+            // messages passed the tool's 30 s delivery timeout (754 undelivered; cause not
+            // found, nsm's values never in question): the stream is the test's input, so it
+            // waits for the broker rather than fail.
+            "--property",
+            "message.timeout.ms=120000",
             "--file",
             events_file.to_str().expect("utf8"),
         ]),
