@@ -35,15 +35,13 @@ pub fn split_partition_prefix(key: &[u8]) -> Option<(PartitionKey, &[u8])> {
 
 pub fn window_metric_prefix(partition_prefix: &[u8], metric: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(partition_prefix.len() + metric.len() + 9);
-    key.extend_from_slice(partition_prefix);
-    key.extend_from_slice(metric.as_bytes());
-    key.push(0);
+    push_metric_prefix(&mut key, partition_prefix, metric);
     key
 }
 
 pub fn window_key(partition_prefix: &[u8], metric: &str, start_ms: i64) -> Vec<u8> {
-    let mut key = window_metric_prefix(partition_prefix, metric);
-    key.extend_from_slice(&encode_i64(start_ms));
+    let mut key = Vec::new();
+    entry_key_into(&mut key, partition_prefix, metric, start_ms, &[]);
     key
 }
 
@@ -59,11 +57,17 @@ pub fn entry_key_into(
 ) {
     out.clear();
     out.reserve(partition_prefix.len() + metric.len() + 9 + entry.len());
+    push_metric_prefix(out, partition_prefix, metric);
+    out.extend_from_slice(&encode_i64(start_ms));
+    out.extend_from_slice(entry);
+}
+
+/// `<partition prefix> <metric name> 0x00`: the one place the layout of a metric's keys is
+/// written down.
+fn push_metric_prefix(out: &mut Vec<u8>, partition_prefix: &[u8], metric: &str) {
     out.extend_from_slice(partition_prefix);
     out.extend_from_slice(metric.as_bytes());
     out.push(0);
-    out.extend_from_slice(&encode_i64(start_ms));
-    out.extend_from_slice(entry);
 }
 
 /// The smallest key greater than every key starting with `prefix`.

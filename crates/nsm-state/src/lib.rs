@@ -368,8 +368,9 @@ impl Store {
                 recorder.put(CF_MEMBERS, &key, &member.value);
             }
             for gap in &part.gaps {
-                let mut key = window_key(&prefix, self.metric_name(gap.metric), gap.start_ms);
-                key.extend_from_slice(&codec::encode_i64(gap.previous_ms));
+                let name = self.metric_name(gap.metric);
+                let previous = codec::encode_i64(gap.previous_ms);
+                entry_key_into(&mut key, &prefix, name, gap.start_ms, &previous);
                 key.extend_from_slice(&gap.segment);
                 if gap.count == 0 {
                     recorder.delete(CF_GAPS, &key);
