@@ -1054,8 +1054,11 @@ fn key(partition: i32) -> PartitionKey {
 }
 
 fn restored_engine(store: &FakeStore) -> Engine {
-    // A tiny member cache, so that most answers come from the store, as at scale.
-    let mut engine = Engine::with_reader(plan(), Box::new(store.members.clone()), 8);
+    // A tiny member cache, so that most answers come from the store, as at scale, and a
+    // filter of written entries of two blocks a partition, full after 170 entries, so that
+    // it starts over many times.
+    let mut engine = Engine::with_reader(plan(), Box::new(store.members.clone()), 8)
+        .with_member_filter_bytes(128 * PARTITIONS as usize);
     for partition in 0..PARTITIONS {
         engine.restore_partition(key(partition), store.snapshot(partition));
     }

@@ -152,7 +152,7 @@ mod tests {
             reader: &reader,
             partition: &partition,
         };
-        let mut members = MemberIndex::new(16);
+        let mut members = MemberIndex::new(16, 1024);
         let mut funnel = Funnel {
             metric: 0,
             within_ms: 10,

@@ -262,7 +262,9 @@ struct Generation {
 /// found nothing stored is *complete*: every entry it has was written by this index, so it
 /// is in `written` or in the cache for as long as the cache dropped none of that window's
 /// entries. A miss in a complete window is an answer, not a read; a new user's first event
-/// of a week costs no I/O while the cache holds the week.
+/// of a week costs no I/O while the cache holds the week. Once the cache has dropped some of
+/// a complete window's entries, the [`WrittenFilter`] still answers most of its misses: a
+/// key it never saw was never written, so it is not stored either.
 #[derive(Debug)]
 pub(super) struct MemberIndex {
     /// Written since the last checkpoint, by digest of the entry's place. Exact: the reader
@@ -281,16 +283,47 @@ pub(super) struct MemberIndex {
     recent: Generation,
     older: Generation,
     cache_capacity: usize,
-    /// Per window in use, whether it is complete (see above). Forgotten wholesale when it
+    /// What is known of each window in use (see [`Known`]). Forgotten wholesale when it
     /// grows past [`MAX_TRACKED_WINDOWS`]: a forgotten window is asked of the reader again.
-    complete: HashMap<Namespace, bool>,
+    known: HashMap<Namespace, Known>,
+    /// Every entry written since the filter's epoch began: answers the misses of windows
+    /// that were complete once, after the cache dropped some of their entries.
+    filter: WrittenFilter,
+}
+
+/// What the index knows of a window's entries, from the reader's answer at the window's
+/// first use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    /// Nothing was stored at its first use (in the filter's epoch `epoch`), and the cache has
+    /// dropped none of its entries since: all it has is written or cached, so a miss is an
+    /// answer.
+    Complete { epoch: u64 },
+    /// Nothing was stored at its first use in filter epoch `epoch`, but the cache has dropped
+    /// some of its entries: while that epoch lasts, every entry it has is in the filter, so a
+    /// key the filter never saw is absent. Otherwise a miss is read.
+    Filtered { epoch: u64 },
+    /// Something was stored at its first use (or was being stored): a miss is read.
+    Stored,
+}
+
+impl Known {
+    /// The cache dropped some of the window's entries.
+    fn dropped(self) -> Known {
+        match self {
+            Known::Complete { epoch } => Known::Filtered { epoch },
+            other => other,
+        }
+    }
 }
 
 /// Windows whose completeness is remembered at most (each a few dozen bytes).
 const MAX_TRACKED_WINDOWS: usize = 100_000;
 
 impl MemberIndex {
-    pub fn new(cache_capacity: usize) -> Self {
+    /// An index caching up to `cache_capacity` entries a generation, with a filter of
+    /// `filter_bytes` (see [`WrittenFilter`]).
+    pub fn new(cache_capacity: usize, filter_bytes: usize) -> Self {
         Self {
             written: DigestMap::default(),
             in_flight: DigestMap::default(),
@@ -298,7 +331,21 @@ impl MemberIndex {
             recent: Generation::default(),
             older: Generation::default(),
             cache_capacity: cache_capacity.max(1),
-            complete: HashMap::new(),
+            known: HashMap::new(),
+            filter: WrittenFilter::new(filter_bytes),
+        }
+    }
+
+    /// Resizes the cache and the filter, as the engine's budget is split between more or
+    /// fewer partitions. A smaller cache shrinks as entries are next cached; a filter of a
+    /// new size starts a new epoch.
+    pub fn resize(&mut self, cache_capacity: usize, filter_bytes: usize) {
+        self.cache_capacity = cache_capacity.max(1);
+        if WrittenFilter::blocks_for(filter_bytes) != self.filter.blocks.len() {
+            let epoch = self.filter.epoch + 1;
+            self.filter = WrittenFilter::new(filter_bytes);
+            self.filter.epoch = epoch;
+            self.refill_filter();
         }
     }
 
@@ -350,10 +397,21 @@ impl MemberIndex {
 
     /// Sets an entry's value.
     pub fn put(&mut self, metric: usize, start_ms: EpochMillis, key: &[u8], value: Box<[u8]>) {
-        self.written.insert(
-            digest(metric, start_ms, key),
-            ((metric, start_ms, key.into()), value),
-        );
+        let digest = digest(metric, start_ms, key);
+        self.written
+            .insert(digest, ((metric, start_ms, key.into()), value));
+        if !self.filter.add(digest) {
+            // Full: a new epoch, holding what is written or in flight (see `WrittenFilter`).
+            self.filter.start_epoch();
+            self.refill_filter();
+        }
+    }
+
+    /// Adds every entry written or in flight to the filter of a new epoch.
+    fn refill_filter(&mut self) {
+        for digest in self.written.keys().chain(self.in_flight.keys()) {
+            self.filter.insert(*digest);
+        }
     }
 
     /// What was written since the last call, to store before the next call. Until then the
@@ -382,7 +440,11 @@ impl MemberIndex {
                 None => {
                     self.recent.entries.remove(&digest);
                     self.older.entries.remove(&digest);
-                    self.complete.insert((metric, start_ms), false);
+                    let known = self
+                        .known
+                        .entry((metric, start_ms))
+                        .or_insert(Known::Stored);
+                    *known = known.dropped();
                 }
             }
             inserts.push(MemberInsert {
@@ -393,6 +455,12 @@ impl MemberIndex {
             });
         }
         inserts
+    }
+
+    /// The entries a cache generation holds and the filter's bytes, for tests.
+    #[cfg(test)]
+    pub fn budget(&self) -> (usize, usize) {
+        (self.cache_capacity, self.filter.blocks.len() * 64)
     }
 
     /// Entries held in memory (written and cached), for the memory gauge.
@@ -413,8 +481,8 @@ impl MemberIndex {
         Some(small)
     }
 
-    /// An entry neither written nor cached: none in a complete window, else the reader's
-    /// answer, cached when present.
+    /// An entry neither written nor cached: none in a complete window, nor in a filtered one
+    /// when the filter never saw it; else the reader's answer, cached when present.
     fn stored(
         &mut self,
         source: &Source<'_>,
@@ -423,8 +491,14 @@ impl MemberIndex {
         start_ms: EpochMillis,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, StateReadError> {
-        if self.is_complete(source, (metric, start_ms))? {
-            return Ok(None);
+        match self.known(source, (metric, start_ms))? {
+            Known::Complete { .. } => return Ok(None),
+            Known::Filtered { epoch }
+                if epoch == self.filter.epoch && !self.filter.may_contain(digest) =>
+            {
+                return Ok(None)
+            }
+            _ => {}
         }
         let value = source
             .reader
@@ -435,33 +509,39 @@ impl MemberIndex {
         Ok(value)
     }
 
-    /// Whether every entry of a window is in `written` or the cache; asks the reader the
-    /// first time a window is used.
-    fn is_complete(
+    /// What is known of a window's entries; asks the reader the first time a window is used.
+    fn known(
         &mut self,
         source: &Source<'_>,
         namespace: Namespace,
-    ) -> Result<bool, StateReadError> {
-        if let Some(complete) = self.complete.get(&namespace) {
-            return Ok(*complete);
+    ) -> Result<Known, StateReadError> {
+        if let Some(known) = self.known.get(&namespace) {
+            return Ok(*known);
         }
-        if self.complete.len() >= MAX_TRACKED_WINDOWS {
-            self.complete.clear();
+        if self.known.len() >= MAX_TRACKED_WINDOWS {
+            self.known.clear();
         }
         if self.in_flight_windows.contains(&namespace) {
             // Some of its entries may be neither stored yet nor cached any more (the cache
-            // may have dropped them before this first use): incomplete, so misses are read.
-            self.complete.insert(namespace, false);
-            return Ok(false);
+            // may have dropped them before this first use): misses are read.
+            self.known.insert(namespace, Known::Stored);
+            return Ok(Known::Stored);
         }
-        // Entries written here but not yet stored are in `written`, so "nothing stored"
-        // means the index holds all there is.
+        // Entries written here but not yet stored are in `written` (and in the filter), so
+        // "nothing stored" means the index holds all there is.
         let (metric, start_ms) = namespace;
-        let complete = !source
+        let known = if source
             .reader
-            .has_entries(source.partition, metric, start_ms)?;
-        self.complete.insert(namespace, complete);
-        Ok(complete)
+            .has_entries(source.partition, metric, start_ms)?
+        {
+            Known::Stored
+        } else {
+            Known::Complete {
+                epoch: self.filter.epoch,
+            }
+        };
+        self.known.insert(namespace, known);
+        Ok(known)
     }
 
     fn remember(&mut self, digest: u128, namespace: Namespace, value: Small) {
@@ -469,13 +549,93 @@ impl MemberIndex {
             let dropped = std::mem::replace(&mut self.older, std::mem::take(&mut self.recent));
             // The dropped entries' windows may now have entries neither here nor written.
             for namespace in dropped.namespaces {
-                if let Some(complete) = self.complete.get_mut(&namespace) {
-                    *complete = false;
+                if let Some(known) = self.known.get_mut(&namespace) {
+                    *known = known.dropped();
                 }
             }
         }
         self.recent.entries.insert(digest, value);
         self.recent.namespaces.insert(namespace);
+    }
+}
+
+/// A Bloom filter of the entries written since its epoch began, and of those written or in
+/// flight when it began (so a window first used in the epoch with nothing stored or in flight
+/// has every entry it will ever have in the filter: they are all written through this index
+/// from then on). It never answers "absent" for an entry it saw; a false "maybe" costs a read.
+///
+/// Blocked: a key sets [`FILTER_PROBES`] bits in one 512-bit block, one cache line, so a probe
+/// costs one memory access. The filter is a fixed size: once it has taken a key for every
+/// [`FILTER_BITS_PER_KEY`] bits, about 5% of absent keys would pass it, so it starts a new
+/// epoch, empty but for the entries written or in flight, and windows of older epochs read
+/// their misses again. An entry takes 6 to 10 bits here against 33 bytes in the cache: the
+/// filter answers "absent" for far more entries than the cache can hold.
+#[derive(Debug)]
+struct WrittenFilter {
+    blocks: Vec<[u64; 8]>,
+    /// Entries put since the epoch began (those carried over from the last one aside: at
+    /// most a checkpoint's, so a full filter never starts epoch after epoch).
+    added: usize,
+    capacity: usize,
+    epoch: u64,
+}
+
+const FILTER_PROBES: u32 = 5;
+const FILTER_BITS_PER_KEY: usize = 6;
+
+impl WrittenFilter {
+    fn new(bytes: usize) -> Self {
+        let blocks = Self::blocks_for(bytes);
+        WrittenFilter {
+            blocks: vec![[0; 8]; blocks],
+            added: 0,
+            capacity: blocks * 512 / FILTER_BITS_PER_KEY,
+            epoch: 0,
+        }
+    }
+
+    fn blocks_for(bytes: usize) -> usize {
+        (bytes / 64).max(1)
+    }
+
+    /// The block of a digest and the bits it sets there. The digest is uniform: its low half
+    /// picks the block, its high half the bits (9 bits a probe).
+    fn place(&self, digest: u128) -> (usize, impl Iterator<Item = (usize, u64)>) {
+        let block = ((u128::from(digest as u64) * self.blocks.len() as u128) >> 64) as usize;
+        let high = (digest >> 64) as u64;
+        let bits = (0..FILTER_PROBES).map(move |probe| {
+            let bit = (high >> (probe * 9)) & 511;
+            ((bit / 64) as usize, 1u64 << (bit % 64))
+        });
+        (block, bits)
+    }
+
+    fn insert(&mut self, digest: u128) {
+        let (block, bits) = self.place(digest);
+        let words = &mut self.blocks[block];
+        for (word, mask) in bits {
+            words[word] |= mask;
+        }
+    }
+
+    /// Adds an entry put; false once the filter is full (the entry is added all the same).
+    fn add(&mut self, digest: u128) -> bool {
+        self.insert(digest);
+        self.added += 1;
+        self.added < self.capacity
+    }
+
+    fn may_contain(&self, digest: u128) -> bool {
+        let (block, mut bits) = self.place(digest);
+        let words = &self.blocks[block];
+        bits.all(|(word, mask)| words[word] & mask != 0)
+    }
+
+    /// Empties the filter for a new epoch.
+    fn start_epoch(&mut self) {
+        self.blocks.iter_mut().for_each(|block| *block = [0; 8]);
+        self.added = 0;
+        self.epoch += 1;
     }
 }
 
@@ -537,7 +697,7 @@ mod tests {
             reader: &reader,
             partition: &partition,
         };
-        let mut index = MemberIndex::new(2);
+        let mut index = MemberIndex::new(2, 1024);
         assert!(!index.contains(&source, 0, 0, b"a").expect("in memory"));
         index.insert(0, 0, b"a");
         index.put(0, 0, b"p", Box::from(&b"\x01"[..]));
@@ -570,10 +730,10 @@ mod tests {
             reader: &reader,
             partition: &partition,
         };
-        let mut index = MemberIndex::new(1);
+        let mut index = MemberIndex::new(1, 1024);
         index.insert(0, 0, b"stored");
         store(&reader, &partition, &mut index);
-        let mut index = MemberIndex::new(1);
+        let mut index = MemberIndex::new(1, 1024);
         for member in [b"a", b"b", b"c", b"d"] {
             index.put(0, 0, member, Box::from(&member[..]));
         }
@@ -611,12 +771,12 @@ mod tests {
             partition: &partition,
         };
         // Another window with stored entries, whose reads turn the cache over.
-        let mut other = MemberIndex::new(1);
+        let mut other = MemberIndex::new(1, 1024);
         other.insert(1, 0, b"x1");
         other.insert(1, 0, b"x2");
         store(&reader, &partition, &mut other);
 
-        let mut index = MemberIndex::new(1);
+        let mut index = MemberIndex::new(1, 1024);
         index.insert(0, 0, b"k");
         let taken = index.take_written();
         // While `k` is being stored, the cache of one drops it before its window is first used.
@@ -632,14 +792,14 @@ mod tests {
     }
 
     #[test]
-    fn a_new_window_answers_misses_without_reads_until_its_entries_leave_the_cache() {
+    fn a_new_window_answers_misses_from_the_cache_then_from_the_filter() {
         let reader = CountingReader::default();
         let partition = PartitionKey::new("t", 0);
         let source = Source {
             reader: &reader,
             partition: &partition,
         };
-        let mut index = MemberIndex::new(3);
+        let mut index = MemberIndex::new(3, 1024);
         for member in [b"a", b"b", b"c"] {
             assert!(!index.contains(&source, 0, 0, member).expect("in memory"));
             index.insert(0, 0, member);
@@ -651,18 +811,88 @@ mod tests {
         assert_eq!(reader.reads.load(Ordering::Relaxed), 0, "all answered here");
 
         // Two rotations of another window's entries drop the first window's: from then on
-        // its misses are asked of the reader, which still has them.
+        // its entries are read, and a key never written is answered by the filter.
+        rotate_cache_twice(&reader, &partition, &mut index);
+        assert!(index.contains(&source, 0, 0, b"b").expect("in memory"));
+        assert_eq!(
+            reader.reads.load(Ordering::Relaxed),
+            1,
+            "b asked of the reader"
+        );
+        assert!(!index.contains(&source, 0, 0, b"z").expect("in memory"));
+        assert_eq!(index.get(&source, 0, 0, b"y").expect("in memory"), None);
+        assert_eq!(
+            reader.reads.load(Ordering::Relaxed),
+            1,
+            "z and y from the filter"
+        );
+    }
+
+    /// Stores two rounds of three entries of window 1, turning a cache of three over twice.
+    fn rotate_cache_twice(
+        reader: &CountingReader,
+        partition: &PartitionKey,
+        index: &mut MemberIndex,
+    ) {
         for round in 0..2u8 {
             for member in [b"x", b"y", b"w"] {
                 index.insert(1, 0, &[member[0], round]);
             }
-            store(&reader, &partition, &mut index);
+            store(reader, partition, index);
         }
-        assert!(index.contains(&source, 0, 0, b"b").expect("in memory"));
+    }
+
+    #[test]
+    fn windows_of_an_epoch_the_filter_left_behind_read_their_misses() {
+        let reader = CountingReader::default();
+        let partition = PartitionKey::new("t", 0);
+        let source = Source {
+            reader: &reader,
+            partition: &partition,
+        };
+        // One block of 512 bits: full after 85 entries put.
+        let mut index = MemberIndex::new(3, 64);
+        assert!(!index.contains(&source, 0, 0, b"a").expect("in memory"));
+        index.insert(0, 0, b"a");
+        store(&reader, &partition, &mut index);
+        rotate_cache_twice(&reader, &partition, &mut index);
         assert!(!index.contains(&source, 0, 0, b"z").expect("in memory"));
+        assert_eq!(reader.reads.load(Ordering::Relaxed), 0, "z from the filter");
+
+        for entry in 0..100u8 {
+            index.insert(3, 0, &[entry]);
+        }
+        assert_eq!(index.filter.epoch, 1, "the full filter started over");
+        assert!(!index.contains(&source, 0, 0, b"z").expect("in memory"));
+        assert_eq!(
+            reader.reads.load(Ordering::Relaxed),
+            1,
+            "z asked of the reader"
+        );
+    }
+
+    #[test]
+    fn a_filter_starting_over_keeps_the_entries_not_stored_yet() {
+        let reader = CountingReader::default();
+        let partition = PartitionKey::new("t", 0);
+        let source = Source {
+            reader: &reader,
+            partition: &partition,
+        };
+        let mut index = MemberIndex::new(3, 64);
+        // Written before the filter starts over, stored after.
+        index.insert(2, 0, b"k");
+        for entry in 0..100u8 {
+            index.insert(3, 0, &[entry]);
+        }
+        assert_eq!(index.filter.epoch, 1, "the full filter started over");
+        // Window 2's first use: nothing stored yet, so it is complete in the new epoch.
+        assert!(!index.contains(&source, 2, 0, b"other").expect("in memory"));
+        store(&reader, &partition, &mut index);
+        rotate_cache_twice(&reader, &partition, &mut index);
         assert!(
-            reader.reads.load(Ordering::Relaxed) >= 2,
-            "asked the reader"
+            index.contains(&source, 2, 0, b"k").expect("read"),
+            "k was written before the epoch began: the new filter must hold it"
         );
     }
 
@@ -674,7 +904,7 @@ mod tests {
             reader: &reader,
             partition: &partition,
         };
-        let mut index = MemberIndex::new(16);
+        let mut index = MemberIndex::new(16, 1024);
         index.put(0, 0, b"f", Box::from(&b"short"[..]));
         store(&reader, &partition, &mut index);
         let long: Box<[u8]> = Box::from(&b"longer than eight bytes"[..]);
@@ -694,12 +924,12 @@ mod tests {
             reader: &reader,
             partition: &partition,
         };
-        let mut before_restart = MemberIndex::new(16);
+        let mut before_restart = MemberIndex::new(16, 1024);
         before_restart.insert(0, 0, b"a");
         before_restart.put(0, 0, b"p", Box::from(7u32.to_be_bytes()));
         store(&reader, &partition, &mut before_restart);
 
-        let mut index = MemberIndex::new(16);
+        let mut index = MemberIndex::new(16, 1024);
         assert!(index.contains(&source, 0, 0, b"a").expect("in memory"));
         assert!(!index.contains(&source, 0, 0, b"b").expect("in memory"));
         assert_eq!(

@@ -64,6 +64,11 @@ pub enum Outcome {
 /// (17 MiB a generation) where one more would take 2^20.
 pub const DEFAULT_MEMBER_CACHE: usize = 458_752;
 
+/// Bytes of the filter of written entries per engine, split between the owned partitions
+/// like the cache: at 6 bits an entry, it answers "absent" for up to 22 million entries
+/// written, where the cache holds 917,504 (see `members::WrittenFilter`).
+pub const DEFAULT_MEMBER_FILTER_BYTES: usize = 16 << 20;
+
 /// The engine for all partitions this instance owns.
 pub struct Engine {
     plan: Plan,
@@ -73,6 +78,7 @@ pub struct Engine {
     /// Set when the engine stores its own members (see [`Engine::new`]).
     memory: Option<MemoryReader>,
     member_cache: usize,
+    member_filter_bytes: usize,
 }
 
 impl Engine {
@@ -86,6 +92,7 @@ impl Engine {
             reader: Box::new(memory.clone()),
             memory: Some(memory),
             member_cache: DEFAULT_MEMBER_CACHE,
+            member_filter_bytes: DEFAULT_MEMBER_FILTER_BYTES,
         }
     }
 
@@ -99,7 +106,16 @@ impl Engine {
             reader,
             memory: None,
             member_cache,
+            member_filter_bytes: DEFAULT_MEMBER_FILTER_BYTES,
         }
+    }
+
+    /// The same engine with a filter of written entries of `bytes` in all (the default is
+    /// [`DEFAULT_MEMBER_FILTER_BYTES`]), split between the owned partitions.
+    pub fn with_member_filter_bytes(mut self, bytes: usize) -> Self {
+        self.member_filter_bytes = bytes;
+        self.split_member_budget();
+        self
     }
 
     pub fn plan(&self) -> &Plan {
@@ -108,15 +124,35 @@ impl Engine {
 
     /// Takes ownership of a partition, from its stored snapshot (or empty for a new one).
     pub fn restore_partition(&mut self, key: PartitionKey, snapshot: PartitionSnapshot) {
-        // The cache is split between partitions as they are taken.
-        let share = self.member_cache / (self.partitions.len() + 1);
-        let state = PartitionState::restore(&self.plan, snapshot, share);
+        let (cache, filter_bytes) = self.member_shares(self.partitions.len() + 1);
+        let state = PartitionState::restore(&self.plan, snapshot, cache, filter_bytes);
         self.partitions.insert(key, state);
+        self.split_member_budget();
     }
 
     /// Gives a partition up (after its changes were persisted).
     pub fn remove_partition(&mut self, key: &PartitionKey) {
-        self.partitions.remove(key);
+        if self.partitions.remove(key).is_some() {
+            self.split_member_budget();
+        }
+    }
+
+    /// Each of `partitions` partitions' share of the member cache and of the filter.
+    fn member_shares(&self, partitions: usize) -> (usize, usize) {
+        let partitions = partitions.max(1);
+        (
+            self.member_cache / partitions,
+            self.member_filter_bytes / partitions,
+        )
+    }
+
+    /// Splits the cache and the filter evenly between the owned partitions, so that together
+    /// they stay within the engine's budget however many are taken or given up.
+    fn split_member_budget(&mut self) {
+        let (cache, filter_bytes) = self.member_shares(self.partitions.len());
+        for state in self.partitions.values_mut() {
+            state.members.resize(cache, filter_bytes);
+        }
     }
 
     pub fn owns(&self, key: &PartitionKey) -> bool {

@@ -344,6 +344,7 @@ impl PartitionState {
         plan: &Plan,
         snapshot: PartitionSnapshot,
         member_cache: usize,
+        member_filter_bytes: usize,
     ) -> PartitionState {
         let metric_count = plan.compiled.len();
         let mut windows: Vec<BTreeMap<EpochMillis, WindowState>> =
@@ -394,7 +395,7 @@ impl PartitionState {
             last_window: vec![None; metric_count],
             funnels_kept_from: vec![None; metric_count],
             ids_kept_from: None,
-            members: MemberIndex::new(member_cache),
+            members: MemberIndex::new(member_cache, member_filter_bytes),
             poisoned: false,
             pending: Pending::default(),
         }

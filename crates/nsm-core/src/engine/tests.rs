@@ -806,3 +806,30 @@ fn segments_beyond_the_cap_of_a_window_are_kept_together_in_the_overflow() {
         AggValue::Distinct(total as u64 - 3)
     );
 }
+
+#[test]
+fn the_member_cache_and_filter_are_split_evenly_between_the_owned_partitions() {
+    let mut engine = Engine::with_reader(test_plan(), Box::new(MemoryReader::default()), 1200);
+    let partition = |index| PartitionKey::new("events", index);
+    let budgets = |engine: &Engine| -> Vec<(usize, usize)> {
+        engine
+            .partitions
+            .values()
+            .map(|state| state.members.budget())
+            .collect()
+    };
+    for index in 0..4 {
+        engine.restore_partition(partition(index), PartitionSnapshot::default());
+    }
+    assert_eq!(
+        budgets(&engine),
+        vec![(300, DEFAULT_MEMBER_FILTER_BYTES / 4); 4],
+        "a quarter each, not a share of what the earlier ones left"
+    );
+    engine.remove_partition(&partition(0));
+    assert_eq!(
+        budgets(&engine),
+        // The filter is whole blocks of 64 bytes.
+        vec![(400, DEFAULT_MEMBER_FILTER_BYTES / 3 / 64 * 64); 3]
+    );
+}
