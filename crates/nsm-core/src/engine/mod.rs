@@ -65,9 +65,10 @@ pub enum Outcome {
 pub const DEFAULT_MEMBER_CACHE: usize = 458_752;
 
 /// Bytes of the filter of written entries per engine, split between the owned partitions
-/// like the cache: at 6 bits an entry, it answers "absent" for up to 22 million entries
-/// written, where the cache holds 917,504 (see `members::WrittenFilter`).
-pub const DEFAULT_MEMBER_FILTER_BYTES: usize = 16 << 20;
+/// like the cache: at 6 bits an entry, it answers "absent" for up to 11 million entries
+/// written, where the cache holds 917,504 (see `members::WrittenFilter`). 8 MiB, not more:
+/// with 16 the memory bench peaked at 507.7 MiB of the 512 the target allows at 5M users.
+pub const DEFAULT_MEMBER_FILTER_BYTES: usize = 8 << 20;
 
 /// The engine for all partitions this instance owns.
 pub struct Engine {
