@@ -263,8 +263,9 @@ struct Generation {
 /// is in `written` or in the cache for as long as the cache dropped none of that window's
 /// entries. A miss in a complete window is an answer, not a read; a new user's first event
 /// of a week costs no I/O while the cache holds the week. Once the cache has dropped some of
-/// a complete window's entries, the [`WrittenFilter`] still answers most of its misses: a
-/// key it never saw was never written, so it is not stored either.
+/// a complete window's entries, the [`WrittenFilter`] still answers most of its misses while
+/// its epoch lasts: a key of that window it never saw was never written, so it is not stored
+/// either.
 #[derive(Debug)]
 pub(super) struct MemberIndex {
     /// Written since the last checkpoint, by digest of the entry's place. Exact: the reader
@@ -299,7 +300,8 @@ enum Known {
     /// dropped none of its entries since: all it has is written or cached, so a miss is an
     /// answer.
     Complete { epoch: u64 },
-    /// Nothing was stored at its first use in filter epoch `epoch`, but the cache has dropped
+    /// Nothing was stored or in flight at its first use in filter epoch `epoch`, but the cache
+    /// has dropped
     /// some of its entries: while that epoch lasts, every entry it has is in the filter, so a
     /// key the filter never saw is absent. Otherwise a miss is read.
     Filtered { epoch: u64 },
@@ -566,15 +568,19 @@ impl MemberIndex {
 ///
 /// Blocked: a key sets [`FILTER_PROBES`] bits in one 512-bit block, one cache line, so a probe
 /// costs one memory access. The filter is a fixed size: once it has taken a key for every
-/// [`FILTER_BITS_PER_KEY`] bits, about 5% of absent keys would pass it, so it starts a new
+/// [`FILTER_BITS_PER_KEY`] bits, about 6% of absent keys would pass it, so it starts a new
 /// epoch, empty but for the entries written or in flight, and windows of older epochs read
-/// their misses again. An entry takes 6 to 10 bits here against 33 bytes in the cache: the
-/// filter answers "absent" for far more entries than the cache can hold.
+/// their misses again (so do all windows when the partition's share changes: see
+/// [`MemberIndex::resize`]). An entry takes about 6 bits here against 33 bytes in the cache:
+/// the filter answers "absent" for far more entries than the cache can hold. It assumes a
+/// checkpoint writes far fewer entries than it holds (8 MiB split between partitions holds
+/// millions): carried over into a new epoch, more would leave it saturated, still right but
+/// answering "maybe" to every key.
 #[derive(Debug)]
 struct WrittenFilter {
     blocks: Vec<[u64; 8]>,
-    /// Entries put since the epoch began (those carried over from the last one aside: at
-    /// most a checkpoint's, so a full filter never starts epoch after epoch).
+    /// Entries put since the epoch began, those carried over from the last one aside (at
+    /// most about two checkpoints' worth, so a full filter does not start epoch after epoch).
     added: usize,
     capacity: usize,
     epoch: u64,

@@ -99,7 +99,8 @@ impl Engine {
 
     /// An engine that reads stored members from `reader`, which the caller keeps up to date
     /// by storing every [`ChangeSet`] before the next event is applied. At most
-    /// `member_cache` entries are cached in memory, shared by the owned partitions.
+    /// `member_cache` entries a generation (of two) are cached in memory, split between the
+    /// owned partitions.
     pub fn with_reader(plan: Plan, reader: Box<dyn StateReader>, member_cache: usize) -> Self {
         Self {
             plan,
