@@ -243,10 +243,6 @@ fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {
 
 /// The consumer lag summed over the input's partitions, once all four report one.
 fn lag_total(samples: &std::collections::BTreeMap<String, f64>) -> Option<f64> {
-    let lags: Vec<f64> = samples
-        .iter()
-        .filter(|(series, _)| series.starts_with("nsm_consumer_lag_messages{"))
-        .map(|(_, value)| *value)
-        .collect();
+    let lags: Vec<f64> = series_values(samples, "nsm_consumer_lag_messages").collect();
     (lags.len() == 4).then(|| lags.iter().sum())
 }

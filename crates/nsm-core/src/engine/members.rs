@@ -690,6 +690,10 @@ mod tests {
         }
     }
 
+    fn source_of<'a>(reader: &'a CountingReader, partition: &'a PartitionKey) -> Source<'a> {
+        Source { reader, partition }
+    }
+
     fn store(reader: &CountingReader, partition: &PartitionKey, index: &mut MemberIndex) {
         let written = index.take_written();
         reader.inner.write_members(partition, &written, &[]);
@@ -697,12 +701,8 @@ mod tests {
 
     #[test]
     fn written_entries_are_seen_before_they_are_stored_and_the_cache_stays_bounded() {
-        let reader = CountingReader::default();
-        let partition = PartitionKey::new("t", 0);
-        let source = Source {
-            reader: &reader,
-            partition: &partition,
-        };
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
         let mut index = MemberIndex::new(2, 1024);
         assert!(!index.contains(&source, 0, 0, b"a").expect("in memory"));
         index.insert(0, 0, b"a");
@@ -730,12 +730,8 @@ mod tests {
     #[test]
     fn entries_being_stored_are_answered_even_when_the_cache_drops_them() {
         // A window with stored entries, so a miss is asked of the reader.
-        let reader = CountingReader::default();
-        let partition = PartitionKey::new("t", 0);
-        let source = Source {
-            reader: &reader,
-            partition: &partition,
-        };
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
         let mut index = MemberIndex::new(1, 1024);
         index.insert(0, 0, b"stored");
         store(&reader, &partition, &mut index);
@@ -770,12 +766,8 @@ mod tests {
 
     #[test]
     fn a_window_first_used_while_its_entries_are_being_stored_is_not_taken_as_complete() {
-        let reader = CountingReader::default();
-        let partition = PartitionKey::new("t", 0);
-        let source = Source {
-            reader: &reader,
-            partition: &partition,
-        };
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
         // Another window with stored entries, whose reads turn the cache over.
         let mut other = MemberIndex::new(1, 1024);
         other.insert(1, 0, b"x1");
@@ -799,12 +791,8 @@ mod tests {
 
     #[test]
     fn a_new_window_answers_misses_from_the_cache_then_from_the_filter() {
-        let reader = CountingReader::default();
-        let partition = PartitionKey::new("t", 0);
-        let source = Source {
-            reader: &reader,
-            partition: &partition,
-        };
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
         let mut index = MemberIndex::new(3, 1024);
         for member in [b"a", b"b", b"c"] {
             assert!(!index.contains(&source, 0, 0, member).expect("in memory"));
@@ -850,12 +838,8 @@ mod tests {
 
     #[test]
     fn windows_of_an_epoch_the_filter_left_behind_read_their_misses() {
-        let reader = CountingReader::default();
-        let partition = PartitionKey::new("t", 0);
-        let source = Source {
-            reader: &reader,
-            partition: &partition,
-        };
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
         // One block of 512 bits: full after 85 entries put.
         let mut index = MemberIndex::new(3, 64);
         assert!(!index.contains(&source, 0, 0, b"a").expect("in memory"));
@@ -879,12 +863,8 @@ mod tests {
 
     #[test]
     fn a_filter_starting_over_keeps_the_entries_not_stored_yet() {
-        let reader = CountingReader::default();
-        let partition = PartitionKey::new("t", 0);
-        let source = Source {
-            reader: &reader,
-            partition: &partition,
-        };
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
         let mut index = MemberIndex::new(3, 64);
         // Written before the filter starts over, stored after.
         index.insert(2, 0, b"k");
@@ -904,12 +884,8 @@ mod tests {
 
     #[test]
     fn a_value_too_long_to_cache_replaces_the_cached_one() {
-        let reader = CountingReader::default();
-        let partition = PartitionKey::new("t", 0);
-        let source = Source {
-            reader: &reader,
-            partition: &partition,
-        };
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
         let mut index = MemberIndex::new(16, 1024);
         index.put(0, 0, b"f", Box::from(&b"short"[..]));
         store(&reader, &partition, &mut index);
@@ -924,12 +900,8 @@ mod tests {
 
     #[test]
     fn a_window_with_stored_entries_is_asked_of_the_reader() {
-        let reader = CountingReader::default();
-        let partition = PartitionKey::new("t", 0);
-        let source = Source {
-            reader: &reader,
-            partition: &partition,
-        };
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
         let mut before_restart = MemberIndex::new(16, 1024);
         before_restart.insert(0, 0, b"a");
         before_restart.put(0, 0, b"p", Box::from(7u32.to_be_bytes()));

@@ -421,11 +421,22 @@ fn spawn_tansu(dir: &Path, port: u16, advertised_port: u16) -> Process {
 
 /// Messages consumed, over every partition.
 pub fn consumed_total(samples: &std::collections::BTreeMap<String, f64>) -> f64 {
+    series_values(samples, "nsm_events_consumed_total").sum()
+}
+
+/// The values of every series of the metric `name`, whatever their labels.
+pub fn series_values<'a>(
+    samples: &'a std::collections::BTreeMap<String, f64>,
+    name: &'a str,
+) -> impl Iterator<Item = f64> + 'a {
     samples
         .iter()
-        .filter(|(series, _)| series.starts_with("nsm_events_consumed_total"))
-        .map(|(_, value)| value)
-        .sum()
+        .filter(move |(series, _)| {
+            series
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('{'))
+        })
+        .map(|(_, value)| *value)
 }
 
 /// A tmpfs mounted at `path` (root only), unmounted when dropped. `None`, with the reason on
