@@ -503,8 +503,8 @@ impl Telemetry {
         self.checkpoint_wait.inc_by(seconds);
     }
 
-    pub fn record_changelog(&self, records: usize) {
-        self.changelog_records.inc_by(records as u64);
+    pub fn record_changelog(&self, records: u64) {
+        self.changelog_records.inc_by(records);
     }
 
     /// The text exposition format.

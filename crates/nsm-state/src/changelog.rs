@@ -5,6 +5,9 @@
 //! A record's key is one byte naming the column family and the store key; its value is the
 //! stored value, or none (a tombstone) for a deleted key. Range deletes are expanded into a
 //! tombstone per stored key, so compaction alone keeps the topic bounded by the live state.
+//! Those tombstones (and the copies of a partition's stored entries when it is seeded) are
+//! read from the store as they are sent, never held: a week's window expiring deletes an
+//! entry per user and metric, millions of them, in one write.
 //!
 //! Each partition's records of one write end with its **end marker**, the partition's meta
 //! record (offsets and watermark), sent only once the others are acknowledged. Records after
@@ -64,13 +67,26 @@ pub struct ChangeRecord {
     pub value: Option<Vec<u8>>,
 }
 
-/// The records of one partition in one write: `records` in any order (one per key), then
+/// The records of one partition in one write: `records` (one per key, in key order) and those
+/// of the stored keys in `stored_ranges`, in any order (see [`Store::each_record`]), then
 /// `end`, which must be sent only after every one of them was acknowledged.
 #[derive(Debug, Clone)]
 pub struct PartitionRecords {
     pub partition: PartitionKey,
     pub records: Vec<ChangeRecord>,
+    pub(crate) stored_ranges: Vec<StoredRange>,
     pub end: ChangeRecord,
+}
+
+/// Stored keys of one column family that a write sends records for without holding them:
+/// read from the store when the records are sent, which is before the write is stored.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredRange {
+    family: &'static str,
+    start: Vec<u8>,
+    end: Vec<u8>,
+    /// Each key goes with its stored value (a copy); otherwise as a tombstone.
+    copy: bool,
 }
 
 /// A write made ready: the local batch, and the changelog records of the same changes.
@@ -93,13 +109,47 @@ impl PreparedWrite {
         );
         self
     }
+}
 
-    /// The number of changelog records, end markers included.
-    pub fn record_count(&self) -> usize {
-        self.partitions
-            .iter()
-            .map(|partition| partition.records.len() + 1)
-            .sum()
+impl Store {
+    /// Hands every record of `part` but its end marker to `send`: its own records, then one
+    /// for each stored key of its ranges (a tombstone, or a copy of the stored value), read
+    /// from the store now, so call it before the write is stored. A key with a record of its
+    /// own is skipped there: that record holds the key's final value in this write. Returns
+    /// how many records were sent.
+    pub fn each_record<E: From<StateError>>(
+        &self,
+        part: &PartitionRecords,
+        mut send: impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        for record in &part.records {
+            send(&record.key, record.value.as_deref())?;
+        }
+        let mut sent = part.records.len() as u64;
+        let mut key = Vec::new();
+        for range in &part.stored_ranges {
+            let mut stored = self.db.raw_iterator_cf(self.cf(range.family));
+            stored.seek(&range.start);
+            while let (Some(stored_key), true) = (stored.key(), stored.valid()) {
+                if stored_key >= range.end.as_slice() {
+                    break;
+                }
+                key.clear();
+                key.push(family_byte(range.family));
+                key.extend_from_slice(stored_key);
+                let has_record = part
+                    .records
+                    .binary_search_by(|record| record.key.as_slice().cmp(&key))
+                    .is_ok();
+                if !has_record {
+                    send(&key, if range.copy { stored.value() } else { None })?;
+                    sent += 1;
+                }
+                stored.next();
+            }
+            stored.status().map_err(StateError::from)?;
+        }
+        Ok(sent)
     }
 }
 
@@ -109,6 +159,7 @@ pub(crate) struct Recorder<'s> {
     store: &'s Store,
     pub(crate) batch: WriteBatch,
     records: Option<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    stored_ranges: Vec<StoredRange>,
     partitions: Vec<PartitionRecords>,
     without_changelog: Vec<PartitionKey>,
 }
@@ -120,6 +171,7 @@ impl<'s> Recorder<'s> {
             store,
             batch: WriteBatch::with_capacity_bytes(capacity_bytes),
             records: record.then(BTreeMap::new),
+            stored_ranges: Vec::new(),
             partitions: Vec::new(),
             without_changelog: Vec::new(),
         }
@@ -140,25 +192,36 @@ impl<'s> Recorder<'s> {
     }
 
     /// Deletes `[start, end)`: one range delete locally, a tombstone per key in the changelog
-    /// (those stored, and those put earlier in this write).
-    pub(crate) fn delete_range(
-        &mut self,
-        family: &'static str,
-        start: &[u8],
-        end: &[u8],
-    ) -> Result<(), StateError> {
+    /// (those put earlier in this write now, those stored when the records are sent).
+    pub(crate) fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]) {
         self.batch
             .delete_range_cf(self.store.cf(family), start, end);
         if let Some(records) = &mut self.records {
-            for stored in self.store.keys_between(family, start, end) {
-                records.insert(record_key(family, &stored?), None);
-            }
             let range = record_key(family, start)..record_key(family, end);
             for (_, value) in records.range_mut(range) {
                 *value = None;
             }
+            self.stored_ranges.push(StoredRange {
+                family,
+                start: start.to_vec(),
+                end: end.to_vec(),
+                copy: false,
+            });
         }
-        Ok(())
+    }
+
+    /// Only to the changelog: every stored key of `family` under `prefix` with its value, read
+    /// when the records are sent (seeding a changelog with a partition's stored copy). A
+    /// range deleted later in the write is sent after it, so its tombstones win.
+    pub(crate) fn copy_stored(&mut self, family: &'static str, prefix: &[u8]) {
+        if self.records.is_some() {
+            self.stored_ranges.push(StoredRange {
+                family,
+                start: prefix.to_vec(),
+                end: prefix_successor(prefix),
+                copy: true,
+            });
+        }
     }
 
     /// Only to the changelog: a record whose value the store already holds (a revert, or a
@@ -183,6 +246,7 @@ impl<'s> Recorder<'s> {
             self.partitions.push(PartitionRecords {
                 partition: partition.clone(),
                 records,
+                stored_ranges: std::mem::take(&mut self.stored_ranges),
                 end: ChangeRecord {
                     key: record_key(CF_PARTITIONS, &prefix),
                     value: Some(meta.to_vec()),
@@ -341,11 +405,9 @@ impl Store {
         let mut recorder = Recorder::new(self, true, 0);
         if seed {
             for (_, family) in FAMILIES {
-                for item in self.entries_under(family, &prefix) {
-                    let (key, value) = item?;
-                    if family != CF_PARTITIONS {
-                        recorder.record_only(family, &key, Some(&*value));
-                    }
+                // The partition's meta record is the end marker, sent last.
+                if family != CF_PARTITIONS {
+                    recorder.copy_stored(family, &prefix);
                 }
             }
         }

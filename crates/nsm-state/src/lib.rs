@@ -309,7 +309,7 @@ impl Store {
             let start = window_metric_prefix(prefix, name);
             let end = prefix_successor(&start);
             for family in [CF_WINDOWS, CF_MEMBERS, CF_SEGMENTS, CF_GAPS] {
-                recorder.delete_range(family, &start, &end)?;
+                recorder.delete_range(family, &start, &end);
             }
             let mut key = prefix.to_vec();
             key.extend_from_slice(name.as_bytes());
@@ -390,7 +390,7 @@ impl Store {
                 let key = window_key(&prefix, self.metric_name(delete.metric), delete.start_ms);
                 let end = prefix_successor(&key);
                 for family in [CF_MEMBERS, CF_SEGMENTS, CF_GAPS] {
-                    recorder.delete_range(family, &key, &end)?;
+                    recorder.delete_range(family, &key, &end);
                 }
                 recorder.delete(CF_WINDOWS, &key);
             }
@@ -398,7 +398,7 @@ impl Store {
                 let key = window_key(&prefix, self.metric_name(range.metric), range.start_ms);
                 let mut end = key.clone();
                 end.extend_from_slice(&range.before);
-                recorder.delete_range(CF_MEMBERS, &key, &end)?;
+                recorder.delete_range(CF_MEMBERS, &key, &end);
             }
             for expired in &part.windows_before {
                 let name = self.metric_name(expired.metric);
@@ -406,7 +406,7 @@ impl Store {
                     CF_MEMBERS,
                     &window_key(&prefix, name, i64::MIN),
                     &window_key(&prefix, name, expired.before_ms),
-                )?;
+                );
             }
             // Last: the partition's offsets and watermark, the end marker of its records.
             recorder.end_partition(
@@ -532,22 +532,6 @@ impl Store {
                 item.as_ref()
                     .map_or(true, |(key, _)| key.starts_with(prefix))
             })
-    }
-
-    /// The stored keys of a column family in `[start, end)`, in order.
-    fn keys_between<'a>(
-        &'a self,
-        family: &'static str,
-        start: &'a [u8],
-        end: &'a [u8],
-    ) -> impl Iterator<Item = Result<Box<[u8]>, StateError>> + 'a {
-        self.db
-            .iterator_cf(
-                self.cf(family),
-                IteratorMode::From(start, Direction::Forward),
-            )
-            .map(|item| item.map(|(key, _)| key).map_err(StateError::from))
-            .take_while(move |item| item.as_ref().map_or(true, |key| &**key < end))
     }
 
     /// The gap histograms of trailing distinct buckets in one partition.

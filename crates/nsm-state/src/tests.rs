@@ -495,21 +495,31 @@ fn trailing_thresholds_survive_a_reopen_with_counts_on_disk() {
 struct Topic(Vec<(i64, Vec<u8>, Option<Vec<u8>>)>);
 
 impl Topic {
-    fn append(&mut self, record: &ChangeRecord) {
+    fn append(&mut self, key: &[u8], value: Option<&[u8]>) {
         let offset = self.0.len() as i64;
         self.0
-            .push((offset, record.key.clone(), record.value.clone()));
+            .push((offset, key.to_vec(), value.map(<[u8]>::to_vec)));
+    }
+
+    /// Appends a partition's records of a write, its end marker aside; returns how many.
+    fn append_records(&mut self, store: &Store, partition: &PartitionRecords) -> u64 {
+        store
+            .each_record(partition, |key, value| {
+                self.append(key, value);
+                Ok::<_, StateError>(())
+            })
+            .expect("records")
     }
 
     /// Sends a prepared write as the pipeline does (records, then the end marker) and returns
     /// the positions to commit with it.
-    fn send(&mut self, prepared: &PreparedWrite) -> Vec<(PartitionKey, i64)> {
+    fn send(&mut self, store: &Store, prepared: &PreparedWrite) -> Vec<(PartitionKey, i64)> {
         prepared
             .partitions
             .iter()
             .map(|partition| {
-                partition.records.iter().for_each(|r| self.append(r));
-                self.append(&partition.end);
+                self.append_records(store, partition);
+                self.append(&partition.end.key, partition.end.value.as_deref());
                 (partition.partition.clone(), self.0.len() as i64)
             })
             .collect()
@@ -558,7 +568,7 @@ fn restore(store: &Store, topic: &Topic, from: i64) -> RestoreOutcome {
 /// of events, then one 40 days later that expires the first day's windows and members.
 fn run_with_changelog(store: &Store, plan: &Plan, topic: &mut Topic) {
     let (adoption, _) = store.prepare_adoption(&key(0), &[], false).expect("adopt");
-    let positions = topic.send(&adoption);
+    let positions = topic.send(store, &adoption);
     store.commit(adoption, &positions).expect("commit");
     let mut engine = engine_on(store, plan);
     engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
@@ -573,7 +583,7 @@ fn run_with_changelog(store: &Store, plan: &Plan, topic: &mut Topic) {
         let prepared = store
             .prepare(&engine.take_changes(), true)
             .expect("prepare");
-        let positions = topic.send(&prepared);
+        let positions = topic.send(store, &prepared);
         store.commit(prepared, &positions).expect("commit");
     }
     let later = NOW + 40 * 86_400_000;
@@ -582,7 +592,7 @@ fn run_with_changelog(store: &Store, plan: &Plan, topic: &mut Topic) {
     let prepared = store
         .prepare(&engine.take_changes(), true)
         .expect("prepare");
-    let positions = topic.send(&prepared);
+    let positions = topic.send(store, &prepared);
     store.commit(prepared, &positions).expect("commit");
 }
 
@@ -649,9 +659,7 @@ fn an_unfinished_write_is_never_restored_and_the_next_owner_reverts_it() {
     let unfinished = original
         .prepare(&engine.take_changes(), true)
         .expect("prepare");
-    for record in &unfinished.partitions[0].records {
-        topic.append(record);
-    }
+    let unfinished_records = topic.append_records(&original, &unfinished.partitions[0]);
 
     // The next owner restores the finished writes only, and its first write reverts the rest.
     let next_dir = tempfile::tempdir().expect("tempdir");
@@ -659,7 +667,7 @@ fn an_unfinished_write_is_never_restored_and_the_next_owner_reverts_it() {
     let RestoreOutcome::Restored { tail, .. } = restore(&next, &topic, 0) else {
         panic!("one pass");
     };
-    assert_eq!(tail.len(), unfinished.partitions[0].records.len());
+    assert_eq!(tail.len() as u64, unfinished_records);
     assert_eq!(dump(&next, 0), whole);
     assert_eq!(
         next.changelog_position(&key(0))
@@ -668,7 +676,7 @@ fn an_unfinished_write_is_never_restored_and_the_next_owner_reverts_it() {
         Some(finished)
     );
     let (adoption, _) = next.prepare_adoption(&key(0), &tail, false).expect("adopt");
-    let positions = topic.send(&adoption);
+    let positions = topic.send(&next, &adoption);
     next.commit(adoption, &positions).expect("commit");
 
     // From the start, compacted or not, the changelog now reads as the finished state.
@@ -702,7 +710,7 @@ fn a_metric_that_changed_is_deleted_from_the_changelog_too() {
     let store = Store::open(dir.path(), &changed_plan, &options()).expect("reopen");
     let (adoption, discarded) = store.prepare_adoption(&key(0), &[], false).expect("adopt");
     assert_eq!(discarded.len(), 1, "{discarded:?}");
-    let positions = topic.send(&adoption);
+    let positions = topic.send(&store, &adoption);
     store.commit(adoption, &positions).expect("commit");
 
     let copy_dir = tempfile::tempdir().expect("tempdir");
@@ -714,6 +722,78 @@ fn a_metric_that_changed_is_deleted_from_the_changelog_too() {
         discarded.is_empty(),
         "the restored copy already has the new definition"
     );
+}
+
+#[test]
+fn seeding_a_changelog_sends_each_stored_entry_once_and_drops_a_changed_metric() {
+    let plan = plan_from(CONFIG);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    adopt(&store, 0, &[]);
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    feed(
+        &mut engine,
+        0,
+        0,
+        &[
+            event("message_sent", "ana", 1),
+            event("message_sent", "bo", 2),
+            event("payment", "ana", 3),
+        ],
+    );
+    // Kept without a changelog, then reopened with the hourly count now daily.
+    store.write(&engine.take_changes()).expect("write");
+    drop((store, engine));
+    let changed_plan = plan_from(&CONFIG.replace("window = \"1h\"", "window = \"1d\""));
+    let store = Store::open(dir.path(), &changed_plan, &options()).expect("reopen");
+
+    // A stored member that is also the tail of an unfinished write: sent once, as stored.
+    let (_, member, value) = dump(&store, 0)
+        .into_iter()
+        .find(|(family, _, _)| *family == CF_MEMBERS)
+        .expect("a stored member");
+    let member_byte = changelog::FAMILIES
+        .iter()
+        .find(|(_, family)| *family == CF_MEMBERS)
+        .expect("members are in the changelog")
+        .0;
+    let tail_key = [&[member_byte][..], &member].concat();
+    let (seed, discarded) = store
+        .prepare_adoption(&key(0), std::slice::from_ref(&tail_key), true)
+        .expect("seed");
+    assert_eq!(
+        discarded
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>(),
+        ["messages"]
+    );
+    let mut topic = Topic::default();
+    let positions = topic.send(&store, &seed);
+    store.commit(seed, &positions).expect("commit");
+
+    let sent: Vec<_> = topic
+        .0
+        .iter()
+        .filter(|(_, key, _)| *key == tail_key)
+        .collect();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].2.as_deref(), Some(&*value));
+    assert!(
+        dump(&store, 0)
+            .iter()
+            .filter(|(family, _, _)| *family != CF_FINGERPRINTS)
+            .all(|(_, key, _)| !key.windows(8).any(|name| name == b"messages")),
+        "the hourly count's data is gone (its new definition is stored)"
+    );
+    // Its stored entries went as copies, then as tombstones: in order, and compacted.
+    for topic in [&topic, &topic.compacted()] {
+        let copy_dir = tempfile::tempdir().expect("tempdir");
+        let copy = Store::open(copy_dir.path(), &changed_plan, &options()).expect("open");
+        restore(&copy, topic, 0);
+        assert_eq!(dump(&copy, 0), dump(&store, 0));
+    }
 }
 
 #[test]

@@ -21,6 +21,19 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// must still be in the changelog. Kafka keeps them `delete.retention.ms`, one day by default.
 const TRUST_POSITION_MS: i64 = 20 * 3_600_000;
 
+/// Why a record of a write was not sent: the store could not be read, or the changelog
+/// refused it.
+enum SendError {
+    State(nsm_state::StateError),
+    Changelog(String),
+}
+
+impl From<nsm_state::StateError> for SendError {
+    fn from(error: nsm_state::StateError) -> Self {
+        SendError::State(error)
+    }
+}
+
 pub struct Changelog {
     topic: String,
     writer: ChangelogWriter,
@@ -54,27 +67,37 @@ impl Changelog {
         })
     }
 
-    /// Sends a prepared write and returns the changelog position each of its partitions
-    /// reached, to store with it.
-    pub fn send(&self, prepared: &PreparedWrite) -> Result<Vec<(PartitionKey, i64)>, String> {
+    /// Sends a prepared write of `store` (not stored yet: some records are read from the
+    /// store as they are sent) and returns the changelog position each of its partitions
+    /// reached, to store with it, and the number of records sent.
+    pub fn send(
+        &self,
+        store: &Store,
+        prepared: &PreparedWrite,
+    ) -> Result<(Vec<(PartitionKey, i64)>, u64), String> {
         if prepared.partitions.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         }
         let failed = |error: nsm_kafka::KafkaError| format!("changelog {}: {error}", self.topic);
         // One grace for the whole write: once stopping, it gets STOP_GRACE in all.
         let grace = StopGrace::new(&self.stop);
         let give_up = || grace.expired();
+        let mut sent = 0;
         for partition in &prepared.partitions {
-            for record in &partition.records {
-                self.writer
-                    .send(
-                        partition.partition.partition,
-                        &record.key,
-                        record.value.as_deref(),
-                        &give_up,
-                    )
-                    .map_err(failed)?;
-            }
+            let number = partition.partition.partition;
+            // The writer waits while its queue is full: a window of millions of entries
+            // expiring streams its tombstones through the queue, never all in memory.
+            sent += store
+                .each_record(partition, |key, value| {
+                    self.writer
+                        .send(number, key, value, &give_up)
+                        .map_err(|error| SendError::Changelog(failed(error)))
+                })
+                .map_err(|error| match error {
+                    SendError::State(error) => format!("state read failed: {error}"),
+                    SendError::Changelog(message) => message,
+                })?;
+            sent += 1;
         }
         self.writer.await_delivery(&give_up).map_err(failed)?;
         for partition in &prepared.partitions {
@@ -88,7 +111,7 @@ impl Changelog {
                 .map_err(failed)?;
         }
         let next = self.writer.await_delivery(&give_up).map_err(failed)?;
-        prepared
+        let positions = prepared
             .partitions
             .iter()
             .map(|partition| {
@@ -102,7 +125,8 @@ impl Changelog {
                         )
                     })
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((positions, sent))
     }
 
     /// Brings the store's copy of `key` up to date with the changelog: nothing to do when it

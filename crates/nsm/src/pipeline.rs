@@ -388,8 +388,8 @@ fn write_through<T>(
         prepare(store).map_err(|error| format!("state write failed: {error}"))?;
     let (prepared, positions) = match changelog {
         Some(changelog) => {
-            let positions = changelog.send(&prepared)?;
-            telemetry.record_changelog(prepared.record_count());
+            let (positions, records) = changelog.send(store, &prepared)?;
+            telemetry.record_changelog(records);
             (prepared, positions)
         }
         None => (prepared.without_changelog_records(), Vec::new()),
