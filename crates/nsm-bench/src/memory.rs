@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use nsm_core::engine::{AggValue, Engine, Outcome, DEFAULT_MEMBER_CACHE};
 use nsm_core::PartitionKey;
-use nsm_state::{Store, StoreOptions};
+use nsm_state::{StateError, Store, StoreOptions};
 
 use crate::workload::{
     bench_plan, coprime_stride, every_kind_plan, write_event, NOW_MS, STEP_MS, WEEK_MS,
@@ -124,10 +124,12 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
         bail!("users_7d is {counted:?}, expected {expected}: not exact");
     }
     let (peak_kib, resident_kib) = process_memory_kib()?;
+    let expiry = expire_the_week(&mut engine, &store, &key, events)?;
     println!(
         "{{\"bench\":\"memory\",\"store\":\"{}\",\"metrics\":\"{}\",\"users\":{users},\"events\":{events},\
          \"mean_event_bytes\":{},\"users_7d\":{expected},\"peak_rss_mib\":{:.1},\"rss_mib\":{:.1},\
-         \"resident_member_entries\":{},\"seconds\":{elapsed:.1},\"events_per_second\":{:.0}}}",
+         \"resident_member_entries\":{},\"seconds\":{elapsed:.1},\"events_per_second\":{:.0},\
+         \"expiry_records\":{},\"expiry_peak_rss_mib\":{:.1},\"expiry_seconds\":{:.1}}}",
         match args.store {
             StoreKind::Rocksdb => "rocksdb",
             StoreKind::Memory => "memory",
@@ -138,8 +140,59 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
         resident_kib as f64 / 1024.0,
         engine.resident_members(),
         events as f64 / elapsed,
+        expiry.records,
+        expiry.peak_kib as f64 / 1024.0,
+        expiry.seconds,
     );
     Ok(())
+}
+
+/// Event time past which every window of the week has left the bench config's retention
+/// (35 days after its end).
+const EXPIRED_AFTER_MS: i64 = 7 * WEEK_MS;
+
+/// What the week's windows expiring cost: the write that deletes them all, with the changelog
+/// records `nsm run` would send for it (a tombstone per entry), read as it reads them to send
+/// them, here to nowhere.
+struct Expiry {
+    records: u64,
+    /// Peak resident memory from the expiring event on.
+    peak_kib: u64,
+    seconds: f64,
+}
+
+fn expire_the_week(
+    engine: &mut Engine,
+    store: &Store,
+    key: &PartitionKey,
+    offset: u64,
+) -> anyhow::Result<Expiry> {
+    // The peak so far is the week's; start a new one (5 resets VmHWM to the current RSS).
+    std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")?;
+    let started = Instant::now();
+    let later_ms = NOW_MS + EXPIRED_AFTER_MS;
+    let mut payload = Vec::new();
+    write_event(&mut payload, offset, 0, later_ms);
+    match engine.apply(key, offset as i64, &payload, later_ms) {
+        Outcome::Applied { .. } => {}
+        other => bail!("the event expiring the week was not applied: {other:?}"),
+    }
+    let prepared = store.prepare(&engine.take_changes(), true)?;
+    let mut records = 0;
+    for partition in &prepared.partitions {
+        // The end marker is one more.
+        records += 1 + store.each_record(partition, |_, _| Ok::<_, StateError>(()))?;
+    }
+    store.commit(prepared, &[])?;
+    let left = store.stored_member_count(key)?;
+    if left > 10 {
+        bail!("{left} member entries left after the week expired: expected only the last event's");
+    }
+    Ok(Expiry {
+        records,
+        peak_kib: process_memory_kib()?.0,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Peak and current resident memory of this process, in KiB (Linux).
