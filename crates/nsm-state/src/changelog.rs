@@ -114,9 +114,10 @@ impl PreparedWrite {
 impl Store {
     /// Hands every record of `part` but its end marker to `send`: its own records, then one
     /// for each stored key of its ranges (a tombstone, or a copy of the stored value), read
-    /// from the store now, so call it before the write is stored. A key with a record of its
-    /// own is skipped there: that record holds the key's final value in this write. Returns
-    /// how many records were sent.
+    /// from the store now, so call it before the write is stored. Each key goes once, with
+    /// its final value in this write, so the order the broker keeps them in never matters: a
+    /// key with a record of its own is skipped in the ranges (that record is final), and so
+    /// is a key a later range covers again (that range is). Returns how many were sent.
     pub fn each_record<E: From<StateError>>(
         &self,
         part: &PartitionRecords,
@@ -127,7 +128,11 @@ impl Store {
         }
         let mut sent = part.records.len() as u64;
         let mut key = Vec::new();
-        for range in &part.stored_ranges {
+        for (index, range) in part.stored_ranges.iter().enumerate() {
+            let later: Vec<&StoredRange> = part.stored_ranges[index + 1..]
+                .iter()
+                .filter(|other| other.family == range.family)
+                .collect();
             let mut stored = self.db.raw_iterator_cf(self.cf(range.family));
             stored.seek(&range.start);
             while let (Some(stored_key), true) = (stored.key(), stored.valid()) {
@@ -141,7 +146,10 @@ impl Store {
                     .records
                     .binary_search_by(|record| record.key.as_slice().cmp(&key))
                     .is_ok();
-                if !has_record {
+                let covered_later = later.iter().any(|other| {
+                    other.start.as_slice() <= stored_key && stored_key < other.end.as_slice()
+                });
+                if !has_record && !covered_later {
                     send(&key, if range.copy { stored.value() } else { None })?;
                     sent += 1;
                 }
