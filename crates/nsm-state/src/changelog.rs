@@ -129,9 +129,15 @@ impl Store {
         let mut sent = part.records.len() as u64;
         let mut key = Vec::new();
         for (index, range) in part.stored_ranges.iter().enumerate() {
+            // Only the later ranges that overlap this one: a write expiring a week deletes a
+            // range per window, hundreds, nearly all disjoint.
             let later: Vec<&StoredRange> = part.stored_ranges[index + 1..]
                 .iter()
-                .filter(|other| other.family == range.family)
+                .filter(|other| {
+                    other.family == range.family
+                        && other.start < range.end
+                        && range.start < other.end
+                })
                 .collect();
             let mut stored = self.db.raw_iterator_cf(self.cf(range.family));
             stored.seek(&range.start);
