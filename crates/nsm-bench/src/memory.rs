@@ -151,6 +151,10 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
 /// (35 days after its end).
 const EXPIRED_AFTER_MS: i64 = 7 * WEEK_MS;
 
+/// Member entries one event of the bench config writes at most (its id, its user's and
+/// team's memberships, trailing occurrences, threshold progress).
+const LAST_EVENT_ENTRIES: usize = 10;
+
 /// What the week's windows expiring cost: the write that deletes them all, with the changelog
 /// records `nsm run` would send for it (a tombstone per entry), read as it reads them to send
 /// them, here to nowhere.
@@ -185,7 +189,7 @@ fn expire_the_week(
     }
     store.commit(prepared, &[])?;
     let left = store.stored_member_count(key)?;
-    if left > 10 {
+    if left > LAST_EVENT_ENTRIES {
         bail!("{left} member entries left after the week expired: expected only the last event's");
     }
     Ok(Expiry {

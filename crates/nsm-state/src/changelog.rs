@@ -225,8 +225,9 @@ impl<'s> Recorder<'s> {
     }
 
     /// Only to the changelog: every stored key of `family` under `prefix` with its value, read
-    /// when the records are sent (seeding a changelog with a partition's stored copy). A
-    /// range deleted later in the write is sent after it, so its tombstones win.
+    /// when the records are sent (seeding a changelog with a partition's stored copy). Keys a
+    /// range deleted later in the write covers go as its tombstones only (see
+    /// [`Store::each_record`]).
     pub(crate) fn copy_stored(&mut self, family: &'static str, prefix: &[u8]) {
         if self.records.is_some() {
             self.stored_ranges.push(StoredRange {
