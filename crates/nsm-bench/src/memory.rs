@@ -12,7 +12,8 @@ use crate::workload::{
     bench_plan, coprime_stride, every_kind_plan, write_event, NOW_MS, STEP_MS, WEEK_MS,
 };
 
-/// Events between two checkpoints, as a busy pipeline takes them in one flush interval.
+/// Events between two checkpoints, as a busy pipeline takes them in one flush interval (one
+/// comes sooner when the engine asks for it, as in `nsm run`).
 const CHECKPOINT_EVERY: u64 = 50_000;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -85,6 +86,7 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
     let mut bytes = 0u64;
     // Users with a message: the exact answer (one bit each).
     let mut messaged = vec![0u64; users.div_ceil(64) as usize];
+    let mut since_checkpoint = 0;
     for index in 0..events {
         // First every user in order, then every user again in a scrambled order.
         let user = if index < users {
@@ -101,8 +103,11 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
             Outcome::Applied { .. } => {}
             other => bail!("event {index} was not applied: {other:?}"),
         }
-        if (index + 1) % CHECKPOINT_EVERY == 0 {
+        since_checkpoint += 1;
+        // As `nsm run`: at its interval, or sooner once the engine holds enough entries.
+        if since_checkpoint == CHECKPOINT_EVERY || engine.checkpoint_due() {
             store.write(&engine.take_changes())?;
+            since_checkpoint = 0;
         }
     }
     store.write(&engine.take_changes())?;

@@ -78,6 +78,12 @@ pub trait PartitionHandler: Send + 'static {
     }
     /// Called at least every poll interval, with or without messages.
     fn tick(&mut self);
+    /// Whether a checkpoint is due before the interval ends: the handler holds as many
+    /// unstored changes as it should (its memory would otherwise grow with the rate of
+    /// messages). Asked after every message.
+    fn checkpoint_due(&self) -> bool {
+        false
+    }
     /// Fresh consumer-lag figures.
     fn lag(&mut self, lags: Vec<PartitionLag>);
     /// How many of the cluster's brokers the consumer is connected to, of those it knows.
@@ -317,8 +323,12 @@ pub fn run_consumer<H: PartitionHandler>(
             Some(Err(error)) => warn!(error = %error, "consume error"),
             None => {}
         }
-        shared.handler().tick();
-        if last_checkpoint.elapsed() >= options.checkpoint_interval {
+        let due = {
+            let mut handler = shared.handler();
+            handler.tick();
+            handler.checkpoint_due()
+        };
+        if due || last_checkpoint.elapsed() >= options.checkpoint_interval {
             let commit = last_commit.is_none_or(|commit| commit.elapsed() >= GROUP_COMMIT_INTERVAL);
             match checkpoint(&consumer, &shared, H::checkpoint, commit) {
                 Ok(true) => last_commit = Some(Instant::now()),

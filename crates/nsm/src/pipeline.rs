@@ -526,6 +526,10 @@ impl PartitionHandler for Pipeline {
         Ok(std::mem::take(&mut self.stored_offsets))
     }
 
+    fn checkpoint_due(&self) -> bool {
+        self.engine.checkpoint_due()
+    }
+
     fn tick(&mut self) {
         // Publish a stored checkpoint as soon as it is, not at the next one.
         if self

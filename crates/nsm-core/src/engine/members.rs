@@ -465,6 +465,11 @@ impl MemberIndex {
         (self.cache_capacity, self.filter.blocks.len() * 64)
     }
 
+    /// Entries written since the last [`MemberIndex::take_written`].
+    pub fn written_len(&self) -> usize {
+        self.written.len()
+    }
+
     /// Entries held in memory (written and cached), for the memory gauge.
     pub fn resident(&self) -> usize {
         self.written.len()

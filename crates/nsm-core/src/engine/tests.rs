@@ -147,6 +147,28 @@ fn counts_sums_and_distinct_users_per_window() {
 }
 
 #[test]
+fn a_checkpoint_is_due_once_enough_entries_are_written() {
+    let mut engine = Engine::new(test_plan()).with_max_checkpoint_entries(3);
+    engine.restore_partition(key(), PartitionSnapshot::default());
+    let now = ms(NOW);
+    let mut offset = 0;
+    let mut send = |engine: &mut Engine, user: &str| {
+        let outcome = engine.apply(&key(), offset, &event("message_sent", user, NOW), now);
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+        offset += 1;
+    };
+    // One entry per new member of the day; repeated members and counts write none.
+    send(&mut engine, "a");
+    send(&mut engine, "b");
+    send(&mut engine, "b");
+    assert!(!engine.checkpoint_due(), "two entries written");
+    send(&mut engine, "c");
+    assert!(engine.checkpoint_due(), "three entries written");
+    assert_eq!(engine.take_changes().partitions[0].members.len(), 3);
+    assert!(!engine.checkpoint_due(), "stored: none written since");
+}
+
+#[test]
 fn late_events_are_rejected_but_lateness_allows_corrections() {
     let mut engine = engine();
     let now = ms(NOW);
