@@ -15,8 +15,6 @@
 //! restore never applies them, and the new owner's first write reverts their keys to the
 //! restored values, so that the topic reads right from the start again.
 
-use std::collections::BTreeMap;
-
 use nsm_core::PartitionKey;
 use rocksdb::WriteBatch;
 
@@ -169,13 +167,28 @@ impl Store {
 
 /// Builds a local batch and, when asked, the changelog records of the same operations. Records
 /// are kept one per key, the latest operation winning, so their order never matters.
+///
+/// A partition's records are collected in the order of their operations and sorted once at its
+/// end, not kept in a sorted map as they come: a checkpoint records a few keys per event, and
+/// a map allocated a node and compared keys at every one.
 pub(crate) struct Recorder<'s> {
     store: &'s Store,
     pub(crate) batch: WriteBatch,
-    records: Option<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    records: Option<Vec<ChangeRecord>>,
+    /// Range deletes of the partition's own records: each makes the records before it (the
+    /// first `before` of `records`) tombstones when it covers their keys.
+    covered: Vec<CoveredRecords>,
     stored_ranges: Vec<StoredRange>,
     partitions: Vec<PartitionRecords>,
     without_changelog: Vec<PartitionKey>,
+}
+
+/// A range delete among a partition's records: `[start, end)` of record keys, over the
+/// records recorded before it.
+struct CoveredRecords {
+    start: Vec<u8>,
+    end: Vec<u8>,
+    before: usize,
 }
 
 impl<'s> Recorder<'s> {
@@ -184,7 +197,8 @@ impl<'s> Recorder<'s> {
         Recorder {
             store,
             batch: WriteBatch::with_capacity_bytes(capacity_bytes),
-            records: record.then(BTreeMap::new),
+            records: record.then(Vec::new),
+            covered: Vec::new(),
             stored_ranges: Vec::new(),
             partitions: Vec::new(),
             without_changelog: Vec::new(),
@@ -193,15 +207,20 @@ impl<'s> Recorder<'s> {
 
     pub(crate) fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
         self.batch.put_cf(self.store.cf(family), key, value);
-        if let Some(records) = &mut self.records {
-            records.insert(record_key(family, key), Some(value.to_vec()));
-        }
+        self.record(family, key, Some(value));
     }
 
     pub(crate) fn delete(&mut self, family: &'static str, key: &[u8]) {
         self.batch.delete_cf(self.store.cf(family), key);
+        self.record(family, key, None);
+    }
+
+    fn record(&mut self, family: &'static str, key: &[u8], value: Option<&[u8]>) {
         if let Some(records) = &mut self.records {
-            records.insert(record_key(family, key), None);
+            records.push(ChangeRecord {
+                key: record_key(family, key),
+                value: value.map(<[u8]>::to_vec),
+            });
         }
     }
 
@@ -210,11 +229,12 @@ impl<'s> Recorder<'s> {
     pub(crate) fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]) {
         self.batch
             .delete_range_cf(self.store.cf(family), start, end);
-        if let Some(records) = &mut self.records {
-            let range = record_key(family, start)..record_key(family, end);
-            for (_, value) in records.range_mut(range) {
-                *value = None;
-            }
+        if let Some(records) = &self.records {
+            self.covered.push(CoveredRecords {
+                start: record_key(family, start),
+                end: record_key(family, end),
+                before: records.len(),
+            });
             self.stored_ranges.push(StoredRange {
                 family,
                 start: start.to_vec(),
@@ -242,9 +262,7 @@ impl<'s> Recorder<'s> {
     /// Only to the changelog: a record whose value the store already holds (a revert, or a
     /// snapshot of stored state).
     pub(crate) fn record_only(&mut self, family: &'static str, key: &[u8], value: Option<&[u8]>) {
-        if let Some(records) = &mut self.records {
-            records.insert(record_key(family, key), value.map(<[u8]>::to_vec));
-        }
+        self.record(family, key, value);
     }
 
     /// Closes one partition's records with its end marker, the meta record `meta`, which is
@@ -254,10 +272,7 @@ impl<'s> Recorder<'s> {
         self.batch
             .put_cf(self.store.cf(CF_PARTITIONS), &prefix, meta);
         if let Some(records) = &mut self.records {
-            let records = std::mem::take(records)
-                .into_iter()
-                .map(|(key, value)| ChangeRecord { key, value })
-                .collect();
+            let records = one_per_key(std::mem::take(records), &std::mem::take(&mut self.covered));
             self.partitions.push(PartitionRecords {
                 partition: partition.clone(),
                 records,
@@ -279,6 +294,33 @@ impl<'s> Recorder<'s> {
             without_changelog: self.without_changelog,
         }
     }
+}
+
+/// A partition's records in key order, one per key with the value of the latest operation on
+/// it: its last record, or a tombstone when a range delete recorded after that covers it.
+fn one_per_key(records: Vec<ChangeRecord>, covered: &[CoveredRecords]) -> Vec<ChangeRecord> {
+    // The order of operations, kept through the sort: among a key's records the last wins.
+    let mut records: Vec<(usize, ChangeRecord)> = records.into_iter().enumerate().collect();
+    records.sort_by(|(a_order, a), (b_order, b)| a.key.cmp(&b.key).then(a_order.cmp(b_order)));
+    let mut latest: Vec<(usize, ChangeRecord)> = Vec::with_capacity(records.len());
+    for record in records {
+        match latest.last_mut() {
+            Some(last) if last.1.key == record.1.key => *last = record,
+            _ => latest.push(record),
+        }
+    }
+    for range in covered {
+        let first = latest.partition_point(|(_, record)| record.key < range.start);
+        for (order, record) in &mut latest[first..] {
+            if record.key >= range.end {
+                break;
+            }
+            if *order < range.before {
+                record.value = None;
+            }
+        }
+    }
+    latest.into_iter().map(|(_, record)| record).collect()
 }
 
 /// Where the local copy of a partition stands in the changelog: the next changelog offset to
@@ -685,5 +727,46 @@ impl ChangelogProbe {
     /// Every key of the partition the changelog holds (to overwrite when the store's copy wins).
     pub fn into_keys(self) -> Vec<Vec<u8>> {
         self.keys.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, value: &str) -> ChangeRecord {
+        ChangeRecord {
+            key: key.as_bytes().to_vec(),
+            value: Some(value.as_bytes().to_vec()),
+        }
+    }
+
+    fn tombstone(key: &str) -> ChangeRecord {
+        ChangeRecord {
+            key: key.as_bytes().to_vec(),
+            value: None,
+        }
+    }
+
+    #[test]
+    fn each_key_keeps_its_latest_operation_and_a_later_range_delete_wins() {
+        // In the order of the operations: b twice, a range delete of [a, c) after the first
+        // three, then a again.
+        let records = vec![
+            put("b", "1"),
+            put("a", "1"),
+            put("b", "2"),
+            put("c", "1"),
+            put("a", "2"),
+        ];
+        let covered = [CoveredRecords {
+            start: b"a".to_vec(),
+            end: b"c".to_vec(),
+            before: 3,
+        }];
+        assert_eq!(
+            one_per_key(records, &covered),
+            vec![put("a", "2"), tombstone("b"), put("c", "1")]
+        );
     }
 }
