@@ -80,7 +80,7 @@ pub trait PartitionHandler: Send + 'static {
     fn tick(&mut self);
     /// Whether a checkpoint is due before the interval ends: the handler holds as many
     /// unstored changes as it should (its memory would otherwise grow with the rate of
-    /// messages). Asked after every message.
+    /// messages). Asked after every poll.
     fn checkpoint_due(&self) -> bool {
         false
     }

@@ -118,6 +118,8 @@ pub struct PipelineParts {
     pub readiness: Arc<Readiness>,
     pub dead_letter_stats: Arc<DeadLetterStats>,
     pub idle_timeout: Duration,
+    /// `state.flush_max_entries`: a checkpoint is due once this many entries wait.
+    pub flush_max_entries: usize,
 }
 
 impl Pipeline {
@@ -128,7 +130,8 @@ impl Pipeline {
                 parts.plan,
                 Box::new(parts.store.clone()),
                 DEFAULT_MEMBER_CACHE,
-            ),
+            )
+            .with_max_checkpoint_entries(parts.flush_max_entries),
             store: parts.store,
             changelog: parts.changelog.map(Arc::new),
             in_flight: None,
@@ -609,6 +612,7 @@ window = "1d"
             readiness: Arc::new(Readiness::default()),
             dead_letter_stats: Arc::new(DeadLetterStats::default()),
             idle_timeout: Duration::from_secs(3600),
+            flush_max_entries: config.state.flush_max_entries,
         })
     }
 

@@ -160,6 +160,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         readiness: readiness.clone(),
         dead_letter_stats: dead_letter_stats.clone(),
         idle_timeout: config.time.idle_timeout,
+        flush_max_entries: config.state.flush_max_entries,
     });
     let consumer_stop = stop.clone();
     let consumer = std::thread::Builder::new()

@@ -1,8 +1,7 @@
 //! End to end against a real Kafka-protocol broker (tansu, installed by `make test`): a known
 //! stream of valid, invalid and late events is produced while nsm consumes it; nsm is killed
 //! with SIGKILL at random points mid-stream, three times, and restarted; the values must still
-//! be exact. And a backlog is stored as soon as the engine holds enough entries, not only at the
-//! flush interval.
+//! be exact.
 
 mod common;
 
@@ -246,82 +245,4 @@ fn exact_values_through_a_real_broker_despite_kill_9_mid_stream() {
 fn lag_total(samples: &std::collections::BTreeMap<String, f64>) -> Option<f64> {
     let lags: Vec<f64> = series_values(samples, "nsm_consumer_lag_messages").collect();
     (lags.len() == 4).then(|| lags.iter().sum())
-}
-
-#[test]
-fn a_backlog_is_checkpointed_once_enough_entries_wait_not_only_at_the_interval() {
-    // Every message is a new member of today: one per-entity entry each. The engine asks for a
-    // checkpoint at 100,000 entries (`DEFAULT_MAX_CHECKPOINT_ENTRIES`); the other trigger is
-    // the longest flush interval allowed, a minute.
-    const USERS: usize = 104_000;
-    const BOUND: f64 = 100_000.0;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (_broker, brokers) = start_tansu(dir.path());
-    let topic = "backlog";
-    let today_ms = now_ms() - now_ms().rem_euclid(86_400_000);
-    let lines: Vec<String> = (0..USERS)
-        .map(|user| {
-            format!(r#"{{"event":"message_sent","user_id":"u{user}","timestamp":{today_ms}}}"#)
-        })
-        .collect();
-    let events_file = dir.path().join("events.jsonl");
-    std::fs::write(&events_file, lines.join("\n")).expect("write events");
-    nsm_tool(&[
-        "produce",
-        "--brokers",
-        &brokers,
-        "--topic",
-        topic,
-        "--partitions",
-        "1",
-        "--file",
-        events_file.to_str().expect("utf8"),
-    ]);
-    let port = free_port();
-    let config_path = dir.path().join("nsm.toml");
-    let config = test_config(
-        &brokers,
-        topic,
-        &dir.path().join("state"),
-        port,
-        "nsm-backlog",
-    )
-    .replace("flush_interval = \"100ms\"", "flush_interval = \"60s\"");
-    std::fs::write(&config_path, config).expect("config");
-    let start_nsm = || {
-        Process::spawn(
-            "nsm",
-            Command::new(NSM).args(["run", "--config", config_path.to_str().expect("utf8")]),
-            dir.path(),
-        )
-    };
-    let members = |samples: &std::collections::BTreeMap<String, f64>| {
-        metric_value(samples, "daily_active_messagers", "current")
-    };
-
-    // Values are published once stored: the first checkpoint comes at the bound, exactly,
-    // well before the interval.
-    let mut nsm = start_nsm();
-    wait_for(
-        "the first checkpoint",
-        Duration::from_secs(55),
-        Some(&nsm),
-        || (members(&scrape(port)?)? == BOUND).then_some(()),
-    );
-    // The rest is read within moments (the whole stream takes seconds), but not stored.
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        scrape(port).as_ref().and_then(members),
-        Some(BOUND),
-        "the entries below the bound wait for the interval"
-    );
-    // The stop stores the rest, and nothing is lost.
-    assert!(nsm.terminate(Duration::from_secs(30)).success());
-    let restarted = start_nsm();
-    wait_for(
-        "every member after the restart",
-        Duration::from_secs(60),
-        Some(&restarted),
-        || (members(&scrape(port)?)? == USERS as f64).then_some(()),
-    );
 }

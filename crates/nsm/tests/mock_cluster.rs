@@ -1,7 +1,8 @@
 //! Integration through librdkafka's in-process mock cluster: the real nsm binary consumes a
 //! known stream through the real client path, exports exact values, dead-letters bad events,
 //! and after a graceful stop and restart, or the loss of its state directory (restored from
-//! the changelog), neither loses nor double-counts anything.
+//! the changelog), neither loses nor double-counts anything; a backlog is stored once
+//! `state.flush_max_entries` entries wait, not only at the flush interval.
 
 mod common;
 
@@ -424,4 +425,93 @@ fn a_state_kept_without_the_changelog_seeds_it_once_turned_on() {
     let samples = counted(&fresh);
     assert_values(&samples, &stream);
     assert!(samples.get("nsm_state_restored_records_total").copied() > Some(0.0));
+}
+
+#[test]
+fn a_backlog_is_stored_once_enough_entries_wait_not_only_at_the_interval() {
+    // Every message is a new member of today: one per-entity entry each. A flush is due at
+    // `state.flush_max_entries`, or else at the longest interval allowed, a minute.
+    const USERS: usize = 1_040;
+    const BOUND: f64 = 1_000.0;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = "events";
+    cluster.create_topic(topic, 1, 1).expect("topic");
+    cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
+    cluster
+        .create_topic("nsm-bound-changelog", 1, 1)
+        .expect("changelog topic");
+    let brokers = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let today_ms = now_ms() - now_ms().rem_euclid(86_400_000);
+    let lines: Vec<String> = (0..USERS)
+        .map(|user| {
+            format!(r#"{{"event":"message_sent","user_id":"u{user}","timestamp":{today_ms}}}"#)
+        })
+        .collect();
+    let events_file = dir.path().join("events.jsonl");
+    std::fs::write(&events_file, lines.join("\n")).expect("write events");
+    nsm_tool(&[
+        "produce",
+        "--brokers",
+        &brokers,
+        "--topic",
+        topic,
+        "--file",
+        events_file.to_str().expect("utf8"),
+    ]);
+    let port = free_port();
+    let config = test_config(
+        &brokers,
+        topic,
+        &dir.path().join("state"),
+        port,
+        "nsm-bound",
+    );
+    let interval = "flush_interval = \"100ms\"";
+    assert!(config.contains(interval), "{config}");
+    let config = config.replace(
+        interval,
+        "flush_interval = \"60s\"\nflush_max_entries = 1000",
+    );
+    let config_path = dir.path().join("nsm.toml");
+    std::fs::write(&config_path, config).expect("config");
+    let run = || {
+        Process::spawn(
+            "nsm",
+            std::process::Command::new(NSM).args([
+                "run",
+                "--config",
+                config_path.to_str().expect("utf8"),
+            ]),
+            dir.path(),
+        )
+    };
+    let members = |samples: &std::collections::BTreeMap<String, f64>| {
+        metric_value(samples, "daily_active_messagers", "current")
+    };
+
+    // Values are published once stored: the first flush comes at the bound, exactly, long
+    // before the interval; the rest, read within moments, waits for the interval.
+    let mut nsm = run();
+    wait_for(
+        "the first flush",
+        Duration::from_secs(50),
+        Some(&nsm),
+        || (members(&scrape(port)?)? == BOUND).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        scrape(port).as_ref().and_then(members),
+        Some(BOUND),
+        "the entries below the bound wait for the interval"
+    );
+    // The stop stores the rest, and nothing is lost.
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+    let restarted = run();
+    wait_for(
+        "every member after the restart",
+        Duration::from_secs(60),
+        Some(&restarted),
+        || (members(&scrape(port)?)? == USERS as f64).then_some(()),
+    );
 }

@@ -76,6 +76,9 @@ pub struct StateConfig {
     pub path: PathBuf,
     pub retention_ms: i64,
     pub flush_interval: Duration,
+    /// Per-entity entries written since the last flush at which one is due before the
+    /// interval ends (see `engine::DEFAULT_MAX_CHECKPOINT_ENTRIES`).
+    pub flush_max_entries: usize,
     pub sync_writes: bool,
     /// The compacted topic every state change is also written to, from which the instance a
     /// partition moves to restores it; `None` when `state.changelog = false`.

@@ -80,6 +80,7 @@ pub struct RawState {
     pub path: Option<String>,
     pub retention: Option<String>,
     pub flush_interval: Option<String>,
+    pub flush_max_entries: Option<i64>,
     pub sync_writes: Option<bool>,
     pub changelog: Option<bool>,
     pub changelog_topic: Option<String>,

@@ -34,6 +34,7 @@ fn example_config_is_valid_and_typed() {
         "deduplication covers the allowed lateness by default"
     );
     assert_eq!(config.time.calendar.zone_name(), "Europe/Berlin");
+    assert_eq!(config.state.flush_max_entries, 100_000);
     assert_eq!(config.metrics.len(), 8);
     let north_star = &config.metrics[0];
     assert_eq!(north_star.name, "weekly_active_messagers");
@@ -63,6 +64,8 @@ bogus = 1
 zone = "Mars/Olympus"
 week_start = "funday"
 allowed_lateness = "soon"
+[state]
+flush_max_entries = 10
 [north_star]
 name = "Bad Name"
 kind = "median"
@@ -81,6 +84,7 @@ window = "1d"
         "time.zone",
         "time.week_start",
         "time.allowed_lateness",
+        "state.flush_max_entries",
         "north_star.name",
         "north_star.kind",
         "north_star.window",

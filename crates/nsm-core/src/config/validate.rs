@@ -536,6 +536,17 @@ fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfi
             problems.add("state.flush_interval", "must be between 10ms and 60s");
         }
     }
+    let flush_max_entries = match state.flush_max_entries {
+        None => Some(crate::engine::DEFAULT_MAX_CHECKPOINT_ENTRIES),
+        Some(entries) if (1_000..=10_000_000).contains(&entries) => usize::try_from(entries).ok(),
+        Some(_) => {
+            problems.add(
+                "state.flush_max_entries",
+                "must be between 1000 and 10000000 (entries written before a flush is due)",
+            );
+            None
+        }
+    };
     let changelog_topic = state.changelog.unwrap_or(true).then(|| {
         state.changelog_topic.clone().unwrap_or_else(|| {
             format!(
@@ -565,6 +576,7 @@ fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfi
         path: PathBuf::from(path),
         retention_ms: millis(retention?),
         flush_interval: flush?,
+        flush_max_entries: flush_max_entries?,
         sync_writes: state.sync_writes.unwrap_or(true),
         changelog_topic,
     })

@@ -74,8 +74,9 @@ pub const DEFAULT_MEMBER_FILTER_BYTES: usize = 8 << 20;
 /// ([`Engine::checkpoint_due`]), however soon. What a checkpoint holds in memory (these
 /// entries, then the batch and the changelog records made of them, then RocksDB's memtables
 /// taking the batch whole) grows with them, so without a bound it grows with the rate of
-/// events: the memory bench, storing every 50,000 events, held up to 458,752 entries a
-/// checkpoint with every kind of metric (a written-entry table of 34 MiB, a batch of 38 MiB).
+/// events: the memory bench, storing every 50,000 events with every kind of metric, peaked
+/// with a written-entry table of 2^19 slots (34 MiB) and a batch of 38 MiB (heaptrack, at 1M
+/// users). `state.flush_max_entries` sets it.
 /// 100,000 stays below the 114,688 at which the table of written entries doubles to 2^18
 /// slots. With the bench config's six or so entries an event, a checkpoint every 200 ms (the
 /// default flush interval) reaches it above about 80,000 events a second: it bounds a
