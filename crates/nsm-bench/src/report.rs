@@ -59,7 +59,8 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     out.push_str(
         "Decoding, the 8 metrics of the bench config (3 exact distinct counts, a 7-day trailing \
          distinct count, a segment breakdown, a threshold) and a RocksDB write every 50,000 \
-         events, against serde_json's typed, borrowed parsing of the same fields of the same \
+         events, or at 100,000 entries written if sooner (`state.flush_max_entries`, as `nsm \
+         run`), against serde_json's typed, borrowed parsing of the same fields of the same \
          bytes (the parse-only baseline). One thread applies events; RocksDB's background \
          threads count in the CPU figure.\n\n",
     );
@@ -87,7 +88,8 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     out.push_str("## Memory\n\n");
     out.push_str(
         "Every user sends two messages over the 7 days before the bench clock, through the \
-         engine and the real RocksDB store, checkpointing every 50,000 events, with the core \
+         engine and the real RocksDB store, checkpointing every 50,000 events or at 100,000 \
+         entries written if sooner, with the core \
          path's config (`core`), or with it plus a metric of every kind it lacks \
          (`every-kind`: retentions of the weekly and of the 7-day trailing distinct counts, a \
          7-day trailing threshold of teams, a conversion); the 7-day \
