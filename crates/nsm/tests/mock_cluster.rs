@@ -10,34 +10,57 @@ use std::time::Duration;
 
 use common::*;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 
-#[test]
-fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart() {
+type Cluster = MockCluster<'static, DefaultProducerContext>;
+
+/// A mock cluster holding the input topic `events` of `partitions`, its dead-letter topic and
+/// the changelog topic of `group` (the mock cluster cannot create topics through the admin
+/// API), and its bootstrap servers.
+fn cluster_for(group: &str, partitions: i32) -> (Cluster, String) {
     let cluster = MockCluster::new(1).expect("mock cluster");
-    let topic = "events";
-    cluster.create_topic(topic, 3, 1).expect("topic");
-    cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
-    // The mock cluster cannot create topics through the admin API.
     cluster
-        .create_topic("nsm-mock-changelog", 3, 1)
+        .create_topic("events", partitions, 1)
+        .expect("topic");
+    cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
+    cluster
+        .create_topic(&format!("{group}-changelog"), partitions, 1)
         .expect("changelog topic");
     let brokers = cluster.bootstrap_servers();
+    (cluster, brokers)
+}
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let stream = known_stream(60, 3);
-    let events_file = dir.path().join("events.jsonl");
-    std::fs::write(&events_file, stream.lines.join("\n")).expect("write events");
-    nsm_tool(&[
+/// Produces `lines` to `topic` with `nsm produce`, through a file in `dir`; `extra` are more
+/// of its arguments.
+fn produce(brokers: &str, topic: &str, dir: &std::path::Path, lines: &[String], extra: &[&str]) {
+    let events_file = dir.join("events.jsonl");
+    std::fs::write(&events_file, lines.join("\n")).expect("write events");
+    let mut args = vec![
         "produce",
         "--brokers",
-        &brokers,
+        brokers,
         "--topic",
         topic,
         "--file",
         events_file.to_str().expect("utf8"),
-        "--key-field",
-        "user_id",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    nsm_tool(&args);
+}
+
+#[test]
+fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart() {
+    let (_cluster, brokers) = cluster_for("nsm-mock", 3);
+    let topic = "events";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stream = known_stream(60, 3);
+    produce(
+        &brokers,
+        topic,
+        dir.path(),
+        &stream.lines,
+        &["--key-field", "user_id"],
+    );
 
     let port = free_port();
     let config_path = dir.path().join("nsm.toml");
@@ -349,29 +372,17 @@ fn assert_values(samples: &std::collections::BTreeMap<String, f64>, stream: &Kno
 
 #[test]
 fn a_state_kept_without_the_changelog_seeds_it_once_turned_on() {
-    let cluster = MockCluster::new(1).expect("mock cluster");
+    let (_cluster, brokers) = cluster_for("nsm-seed", 2);
     let topic = "events";
-    cluster.create_topic(topic, 2, 1).expect("topic");
-    cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
-    cluster
-        .create_topic("nsm-seed-changelog", 2, 1)
-        .expect("changelog topic");
-    let brokers = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().expect("tempdir");
     let stream = known_stream(40, 2);
-    let events_file = dir.path().join("events.jsonl");
-    std::fs::write(&events_file, stream.lines.join("\n")).expect("write events");
-    nsm_tool(&[
-        "produce",
-        "--brokers",
+    produce(
         &brokers,
-        "--topic",
         topic,
-        "--file",
-        events_file.to_str().expect("utf8"),
-        "--key-field",
-        "user_id",
-    ]);
+        dir.path(),
+        &stream.lines,
+        &["--key-field", "user_id"],
+    );
     let port = free_port();
     let config = |changelog: bool, state: &str| {
         let text =
@@ -433,14 +444,8 @@ fn a_backlog_is_stored_once_enough_entries_wait_not_only_at_the_interval() {
     // `state.flush_max_entries`, or else at the longest interval allowed, a minute.
     const USERS: usize = 1_040;
     const BOUND: f64 = 1_000.0;
-    let cluster = MockCluster::new(1).expect("mock cluster");
+    let (_cluster, brokers) = cluster_for("nsm-bound", 1);
     let topic = "events";
-    cluster.create_topic(topic, 1, 1).expect("topic");
-    cluster.create_topic("events-dlq", 1, 1).expect("dlq topic");
-    cluster
-        .create_topic("nsm-bound-changelog", 1, 1)
-        .expect("changelog topic");
-    let brokers = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().expect("tempdir");
     let today_ms = now_ms() - now_ms().rem_euclid(86_400_000);
     let lines: Vec<String> = (0..USERS)
@@ -448,17 +453,7 @@ fn a_backlog_is_stored_once_enough_entries_wait_not_only_at_the_interval() {
             format!(r#"{{"event":"message_sent","user_id":"u{user}","timestamp":{today_ms}}}"#)
         })
         .collect();
-    let events_file = dir.path().join("events.jsonl");
-    std::fs::write(&events_file, lines.join("\n")).expect("write events");
-    nsm_tool(&[
-        "produce",
-        "--brokers",
-        &brokers,
-        "--topic",
-        topic,
-        "--file",
-        events_file.to_str().expect("utf8"),
-    ]);
+    produce(&brokers, topic, dir.path(), &lines, &[]);
     let port = free_port();
     let config = test_config(
         &brokers,
