@@ -85,6 +85,9 @@ pub(crate) struct StoredRange {
     end: Vec<u8>,
     /// Each key goes with its stored value (a copy); otherwise as a tombstone.
     copy: bool,
+    /// How many of the write's own records were recorded before it: a range delete makes
+    /// those it covers tombstones too (see `one_per_key`).
+    records_before: usize,
 }
 
 /// A write made ready: the local batch, and the changelog records of the same changes.
@@ -175,20 +178,9 @@ pub(crate) struct Recorder<'s> {
     store: &'s Store,
     pub(crate) batch: WriteBatch,
     records: Option<Vec<ChangeRecord>>,
-    /// Range deletes of the partition's own records: each makes the records before it (the
-    /// first `before` of `records`) tombstones when it covers their keys.
-    covered: Vec<CoveredRecords>,
     stored_ranges: Vec<StoredRange>,
     partitions: Vec<PartitionRecords>,
     without_changelog: Vec<PartitionKey>,
-}
-
-/// A range delete among a partition's records: `[start, end)` of record keys, over the
-/// records recorded before it.
-struct CoveredRecords {
-    start: Vec<u8>,
-    end: Vec<u8>,
-    before: usize,
 }
 
 impl<'s> Recorder<'s> {
@@ -198,7 +190,6 @@ impl<'s> Recorder<'s> {
             store,
             batch: WriteBatch::with_capacity_bytes(capacity_bytes),
             records: record.then(Vec::new),
-            covered: Vec::new(),
             stored_ranges: Vec::new(),
             partitions: Vec::new(),
             without_changelog: Vec::new(),
@@ -230,16 +221,12 @@ impl<'s> Recorder<'s> {
         self.batch
             .delete_range_cf(self.store.cf(family), start, end);
         if let Some(records) = &self.records {
-            self.covered.push(CoveredRecords {
-                start: record_key(family, start),
-                end: record_key(family, end),
-                before: records.len(),
-            });
             self.stored_ranges.push(StoredRange {
                 family,
                 start: start.to_vec(),
                 end: end.to_vec(),
                 copy: false,
+                records_before: records.len(),
             });
         }
     }
@@ -249,12 +236,13 @@ impl<'s> Recorder<'s> {
     /// range deleted later in the write covers go as its tombstones only (see
     /// [`Store::each_record`]).
     pub(crate) fn copy_stored(&mut self, family: &'static str, prefix: &[u8]) {
-        if self.records.is_some() {
+        if let Some(records) = &self.records {
             self.stored_ranges.push(StoredRange {
                 family,
                 start: prefix.to_vec(),
                 end: prefix_successor(prefix),
                 copy: true,
+                records_before: records.len(),
             });
         }
     }
@@ -272,7 +260,7 @@ impl<'s> Recorder<'s> {
         self.batch
             .put_cf(self.store.cf(CF_PARTITIONS), &prefix, meta);
         if let Some(records) = &mut self.records {
-            let records = one_per_key(std::mem::take(records), &std::mem::take(&mut self.covered));
+            let records = one_per_key(std::mem::take(records), &self.stored_ranges);
             self.partitions.push(PartitionRecords {
                 partition: partition.clone(),
                 records,
@@ -298,10 +286,12 @@ impl<'s> Recorder<'s> {
 
 /// A partition's records in key order, one per key with the value of the latest operation on
 /// it: its last record, or a tombstone when a range delete recorded after that covers it.
-fn one_per_key(records: Vec<ChangeRecord>, covered: &[CoveredRecords]) -> Vec<ChangeRecord> {
-    // The order of operations, kept through the sort: among a key's records the last wins.
+fn one_per_key(records: Vec<ChangeRecord>, ranges: &[StoredRange]) -> Vec<ChangeRecord> {
+    // The order of operations breaks ties: among a key's records the last wins.
     let mut records: Vec<(usize, ChangeRecord)> = records.into_iter().enumerate().collect();
-    records.sort_by(|(a_order, a), (b_order, b)| a.key.cmp(&b.key).then(a_order.cmp(b_order)));
+    records.sort_unstable_by(|(a_order, a), (b_order, b)| {
+        a.key.cmp(&b.key).then(a_order.cmp(b_order))
+    });
     let mut latest: Vec<(usize, ChangeRecord)> = Vec::with_capacity(records.len());
     for record in records {
         match latest.last_mut() {
@@ -309,13 +299,17 @@ fn one_per_key(records: Vec<ChangeRecord>, covered: &[CoveredRecords]) -> Vec<Ch
             _ => latest.push(record),
         }
     }
-    for range in covered {
-        let first = latest.partition_point(|(_, record)| record.key < range.start);
+    for range in ranges.iter().filter(|range| !range.copy) {
+        let (start, end) = (
+            record_key(range.family, &range.start),
+            record_key(range.family, &range.end),
+        );
+        let first = latest.partition_point(|(_, record)| record.key < start);
         for (order, record) in &mut latest[first..] {
-            if record.key >= range.end {
+            if record.key >= end {
                 break;
             }
-            if *order < range.before {
+            if *order < range.records_before {
                 record.value = None;
             }
         }
@@ -734,16 +728,17 @@ impl ChangelogProbe {
 mod tests {
     use super::*;
 
+    /// A record of a member entry keyed `key`.
     fn put(key: &str, value: &str) -> ChangeRecord {
         ChangeRecord {
-            key: key.as_bytes().to_vec(),
+            key: record_key(CF_MEMBERS, key.as_bytes()),
             value: Some(value.as_bytes().to_vec()),
         }
     }
 
     fn tombstone(key: &str) -> ChangeRecord {
         ChangeRecord {
-            key: key.as_bytes().to_vec(),
+            key: record_key(CF_MEMBERS, key.as_bytes()),
             value: None,
         }
     }
@@ -759,13 +754,15 @@ mod tests {
             put("c", "1"),
             put("a", "2"),
         ];
-        let covered = [CoveredRecords {
+        let deleted = [StoredRange {
+            family: CF_MEMBERS,
             start: b"a".to_vec(),
             end: b"c".to_vec(),
-            before: 3,
+            copy: false,
+            records_before: 3,
         }];
         assert_eq!(
-            one_per_key(records, &covered),
+            one_per_key(records, &deleted),
             vec![put("a", "2"), tombstone("b"), put("c", "1")]
         );
     }

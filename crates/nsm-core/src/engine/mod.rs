@@ -77,6 +77,7 @@ pub const DEFAULT_MEMBER_FILTER_BYTES: usize = 8 << 20;
 /// events: the memory bench, storing every 50,000 events with every kind of metric, peaked
 /// with a written-entry table of 2^19 slots (34 MiB) and a batch of 38 MiB (heaptrack, at 1M
 /// users). `state.flush_max_entries` sets it.
+///
 /// 100,000 stays below the 114,688 at which the table of written entries doubles to 2^18
 /// slots. With the bench config's six or so entries an event, a checkpoint every 200 ms (the
 /// default flush interval) reaches it above about 80,000 events a second: it bounds a
