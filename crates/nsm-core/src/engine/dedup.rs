@@ -51,8 +51,9 @@ impl SeenIds<'_> {
     /// of the same period).
     pub fn remember(&mut self, id: &[u8], time_ms: EpochMillis) {
         let period = self.period_of(time_ms);
+        let time = Box::from(time_ms.to_be_bytes());
         self.members
-            .put(self.namespace, period, id, Box::from(time_ms.to_be_bytes()));
+            .put_rarely_read(self.namespace, period, id, time);
     }
 
     fn period_of(&self, time_ms: EpochMillis) -> EpochMillis {
