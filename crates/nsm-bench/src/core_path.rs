@@ -3,12 +3,14 @@
 //! fields the metrics read), run alternately in one process so machine noise hits both.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::bail;
 use clap::Args;
-use nsm_core::engine::{Engine, Outcome, Plan, DEFAULT_MEMBER_CACHE};
-use nsm_core::PartitionKey;
+use nsm_core::engine::{Engine, Outcome, Plan, StateReadError, StateReader, DEFAULT_MEMBER_CACHE};
+use nsm_core::{EpochMillis, PartitionKey};
 use nsm_state::{Store, StoreOptions};
 use serde::Deserialize;
 
@@ -119,13 +121,64 @@ fn parse_only(events: &Events) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<()> {
+/// The store, counting the entries the engine reads back from it: what the engine's memory
+/// (written entries, cache, filter) could not answer.
+struct CountingStore {
+    store: Store,
+    reads: Arc<AtomicU64>,
+}
+
+impl StateReader for CountingStore {
+    fn member(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: EpochMillis,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StateReadError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.store.member(partition, metric, start_ms, key)
+    }
+
+    fn has_entries(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: EpochMillis,
+    ) -> Result<bool, StateReadError> {
+        self.store.has_entries(partition, metric, start_ms)
+    }
+}
+
+/// Per-entity entries of one run: what drives the cost of the state.
+#[derive(Default)]
+struct Entries {
+    written: u64,
+    read: u64,
+}
+
+fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<Entries> {
     let directory = tempfile::tempdir()?;
     let store = Store::open(directory.path(), plan, &StoreOptions::default())?;
-    let mut engine =
-        Engine::with_reader(plan.clone(), Box::new(store.clone()), DEFAULT_MEMBER_CACHE);
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = CountingStore {
+        store: store.clone(),
+        reads: reads.clone(),
+    };
+    let mut engine = Engine::with_reader(plan.clone(), Box::new(reader), DEFAULT_MEMBER_CACHE);
     let key = PartitionKey::new("events", 0);
     engine.restore_partition(key.clone(), store.load_partition(&key)?);
+    let mut written = 0;
+    let mut checkpoint = |engine: &mut Engine| -> anyhow::Result<()> {
+        let changes = engine.take_changes();
+        written += changes
+            .partitions
+            .iter()
+            .map(|partition| partition.members.len() as u64)
+            .sum::<u64>();
+        store.commit(store.prepare(&changes, false)?, &[])?;
+        Ok(())
+    };
     let mut since_checkpoint = 0;
     for (offset, payload) in events.iter().enumerate() {
         match engine.apply(&key, offset as i64, payload, NOW_MS) {
@@ -135,13 +188,16 @@ fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<()> {
         since_checkpoint += 1;
         // As `nsm run`: at its interval, or sooner once the engine holds enough entries.
         if since_checkpoint == CHECKPOINT_EVERY || engine.checkpoint_due() {
-            store.commit(store.prepare(&engine.take_changes(), false)?, &[])?;
+            checkpoint(&mut engine)?;
             since_checkpoint = 0;
         }
     }
-    store.commit(store.prepare(&engine.take_changes(), false)?, &[])?;
+    checkpoint(&mut engine)?;
     black_box(engine.metric_values(NOW_MS));
-    Ok(())
+    Ok(Entries {
+        written,
+        read: reads.load(Ordering::Relaxed),
+    })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -156,10 +212,15 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
     let mut parse_rates = Vec::new();
     let mut core_rates = Vec::new();
     let mut core_cpu_rates = Vec::new();
+    // The same in every round: the run is deterministic.
+    let mut entries = Entries::default();
     for _ in 0..args.rounds.max(1) {
         let parse = measure(|| parse_only(&events))?;
         parse_rates.push(count / parse.seconds);
-        let core = measure(|| core_path(&plan, &events))?;
+        let core = measure(|| {
+            entries = core_path(&plan, &events)?;
+            Ok(())
+        })?;
         core_rates.push(count / core.seconds);
         core_cpu_rates.push(count / core.cpu_seconds.max(1e-9));
     }
@@ -176,6 +237,7 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
         "{{\"bench\":\"core\",\"events\":{},\"users\":{},\"mean_event_bytes\":{},\"metrics\":{},\
          \"parse_only_events_per_second\":{parse:.0},\"nsm_events_per_second\":{core:.0},\
          \"nsm_events_per_cpu_second\":{:.0},\"nsm_to_parse_only\":{:.3},\
+         \"entries_written_per_event\":{:.2},\"entries_read_per_event\":{:.2},\
          \"parse_only_runs\":[{}],\"nsm_runs\":[{}]}}",
         events.len(),
         args.users,
@@ -183,6 +245,8 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
         plan.metrics().len(),
         median(core_cpu_rates),
         core / parse,
+        entries.written as f64 / count,
+        entries.read as f64 / count,
         rounded(&parse_rates),
         rounded(&core_rates),
     );
