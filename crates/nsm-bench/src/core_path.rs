@@ -3,14 +3,13 @@
 //! fields the metrics read), run alternately in one process so machine noise hits both.
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::bail;
 use clap::Args;
-use nsm_core::engine::{Engine, Outcome, Plan, StateReadError, StateReader, DEFAULT_MEMBER_CACHE};
-use nsm_core::{EpochMillis, PartitionKey};
+use nsm_core::engine::{CountingReader, Engine, Outcome, Plan, DEFAULT_MEMBER_CACHE};
+use nsm_core::PartitionKey;
 use nsm_state::{Store, StoreOptions};
 use serde::Deserialize;
 
@@ -121,35 +120,6 @@ fn parse_only(events: &Events) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The store, counting the entries the engine reads back from it: what the engine's memory
-/// (written entries, cache, filter) could not answer.
-struct CountingStore {
-    store: Store,
-    reads: Arc<AtomicU64>,
-}
-
-impl StateReader for CountingStore {
-    fn member(
-        &self,
-        partition: &PartitionKey,
-        metric: usize,
-        start_ms: EpochMillis,
-        key: &[u8],
-    ) -> Result<Option<Vec<u8>>, StateReadError> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.store.member(partition, metric, start_ms, key)
-    }
-
-    fn has_entries(
-        &self,
-        partition: &PartitionKey,
-        metric: usize,
-        start_ms: EpochMillis,
-    ) -> Result<bool, StateReadError> {
-        self.store.has_entries(partition, metric, start_ms)
-    }
-}
-
 /// Per-entity entries of one run: what drives the cost of the state.
 #[derive(Default)]
 struct Entries {
@@ -160,11 +130,9 @@ struct Entries {
 fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<Entries> {
     let directory = tempfile::tempdir()?;
     let store = Store::open(directory.path(), plan, &StoreOptions::default())?;
-    let reads = Arc::new(AtomicU64::new(0));
-    let reader = CountingStore {
-        store: store.clone(),
-        reads: reads.clone(),
-    };
+    // What the engine reads back from the store: what its memory could not answer.
+    let reader = CountingReader::new(store.clone());
+    let reads = reader.reads();
     let mut engine = Engine::with_reader(plan.clone(), Box::new(reader), DEFAULT_MEMBER_CACHE);
     let key = PartitionKey::new("events", 0);
     engine.restore_partition(key.clone(), store.load_partition(&key)?);

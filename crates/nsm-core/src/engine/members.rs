@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::changes::{
@@ -173,6 +174,51 @@ impl StateReader for MemoryReader {
             .is_some_and(|((stored, (m, s, _)), _)| {
                 stored == partition && *m == metric && *s == start_ms
             }))
+    }
+}
+
+/// A reader counting the entries asked of the one it wraps: the lookups the engine's memory
+/// (written entries, cache, filter) could not answer. For benchmarks and tests.
+#[derive(Debug, Default)]
+pub struct CountingReader<R> {
+    inner: R,
+    reads: Arc<AtomicU64>,
+}
+
+impl<R: StateReader> CountingReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            reads: Arc::default(),
+        }
+    }
+
+    /// The count of entries read, shared: it goes on counting once the reader is handed to
+    /// an engine.
+    pub fn reads(&self) -> Arc<AtomicU64> {
+        self.reads.clone()
+    }
+}
+
+impl<R: StateReader> StateReader for CountingReader<R> {
+    fn member(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: EpochMillis,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StateReadError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.member(partition, metric, start_ms, key)
+    }
+
+    fn has_entries(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: EpochMillis,
+    ) -> Result<bool, StateReadError> {
+        self.inner.has_entries(partition, metric, start_ms)
     }
 }
 
@@ -740,38 +786,11 @@ fn digest(metric: usize, start_ms: EpochMillis, key: &[u8]) -> u128 {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
 
     use super::*;
 
-    /// A memory reader that counts the entry reads it answers.
-    #[derive(Default)]
-    struct CountingReader {
-        inner: MemoryReader,
-        reads: AtomicUsize,
-    }
-
-    impl StateReader for CountingReader {
-        fn member(
-            &self,
-            partition: &PartitionKey,
-            metric: usize,
-            start_ms: EpochMillis,
-            key: &[u8],
-        ) -> Result<Option<Vec<u8>>, StateReadError> {
-            self.reads.fetch_add(1, Ordering::Relaxed);
-            self.inner.member(partition, metric, start_ms, key)
-        }
-
-        fn has_entries(
-            &self,
-            partition: &PartitionKey,
-            metric: usize,
-            start_ms: EpochMillis,
-        ) -> Result<bool, StateReadError> {
-            self.inner.has_entries(partition, metric, start_ms)
-        }
-    }
+    type CountingReader = super::CountingReader<MemoryReader>;
 
     fn source_of<'a>(reader: &'a CountingReader, partition: &'a PartitionKey) -> Source<'a> {
         Source { reader, partition }
