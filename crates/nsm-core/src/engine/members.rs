@@ -388,21 +388,22 @@ struct Written {
 /// first use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Known {
-    /// Nothing was stored at its first use (in the filter's epoch `epoch`), and the cache has
-    /// dropped none of its entries since: all it has is written or cached, so a miss is an
-    /// answer.
+    /// Nothing was stored at its first use (in the filter's epoch `epoch`), and every entry it
+    /// has had since is still written or cached: a miss is an answer.
     Complete { epoch: u64 },
-    /// Nothing was stored or in flight at its first use in filter epoch `epoch`, but the cache
-    /// has dropped
-    /// some of its entries: while that epoch lasts, every entry it has is in the filter, so a
-    /// key the filter never saw is absent. Otherwise a miss is read.
+    /// Nothing was stored or in flight at its first use in filter epoch `epoch`, but some of
+    /// its entries are neither written nor cached (see [`Known::dropped`]): while that epoch
+    /// lasts, every entry it has is in the filter, so a key the filter never saw is absent.
+    /// Otherwise a miss is read.
     Filtered { epoch: u64 },
-    /// Something was stored at its first use (or was being stored): a miss is read.
+    /// Something was stored at its first use (or was being stored), or an entry was handed
+    /// over uncached before it: a miss is read.
     Stored,
 }
 
 impl Known {
-    /// The cache dropped some of the window's entries.
+    /// Some of the window's entries are neither written nor cached: the cache dropped them,
+    /// or they were never cached (too long, or rarely read).
     fn dropped(self) -> Known {
         match self {
             Known::Complete { epoch } => Known::Filtered { epoch },
@@ -495,10 +496,12 @@ impl MemberIndex {
     }
 
     /// Sets the value of an entry read again only in exceptional cases (an event id, read
-    /// back only when the event comes again): once stored, it is not cached, and leaves the
-    /// cache to entries that are read. Ids are one entry an event, a quarter of the core
-    /// bench's: kept out of the cache, the bench read 0.96 stored entries an event instead of
-    /// 1.47, and ran at 61–66k events/s instead of 45–52k.
+    /// back only when the event comes again). Handed over to be stored, it is left out of
+    /// the cache (an older cached value of it is evicted), so it does not push out entries
+    /// that are read: ids are one entry an event (see BENCHMARKS.md for what it saved). A
+    /// later read of it caches it like any other. Its window then answers misses from the
+    /// filter while the filter's epoch lasts, and reads them after, as when the cache rotates
+    /// a window's entries out.
     pub fn put_rarely_read(
         &mut self,
         metric: usize,
