@@ -79,9 +79,9 @@ pub const DEFAULT_MEMBER_FILTER_BYTES: usize = 8 << 20;
 /// users). `state.flush_max_entries` sets it.
 ///
 /// 100,000 stays below the 114,688 at which the table of written entries doubles to 2^18
-/// slots. With the bench config's six or so entries an event, a checkpoint every 200 ms (the
-/// default flush interval) reaches it above about 80,000 events a second: it bounds a
-/// backlog being caught up, not the steady state.
+/// slots. With the bench config's 3.8 entries an event (as `nsm-bench core` counts them), a
+/// checkpoint every 200 ms (the default flush interval) reaches it above about 130,000 events
+/// a second: it bounds a backlog being caught up, not the steady state.
 pub const DEFAULT_MAX_CHECKPOINT_ENTRIES: usize = 100_000;
 
 /// The engine for all partitions this instance owns.
