@@ -18,7 +18,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use nsm_core::decimal::Decimal;
-use nsm_core::engine::{AggValue, Engine, Outcome, PartitionChanges, PartitionSnapshot, Plan};
+use nsm_core::engine::{
+    last_occurrence_bucket, AggValue, Engine, Outcome, PartitionChanges, PartitionSnapshot, Plan,
+};
 use nsm_core::metric::MetricKind;
 use nsm_core::reject::RejectReason;
 use nsm_core::{Config, PartitionKey};
@@ -381,21 +383,31 @@ impl Harness {
             self.members.remove(&(delete.metric, delete.start_ms));
         }
         for member in &changes.members {
-            // Funnel entries (a pseudo-window) and the last occurrences of trailing members
-            // (tagged 0) are no members; a trailing occurrence is rewritten when an earlier
-            // one arrives late, a plain member is written once.
-            let is_member = self.counted_by_members.contains(&member.metric)
-                && member.start_ms != i64::MIN
-                && member.member.first() != Some(&0);
-            if is_member {
-                let fresh = self
-                    .members
-                    .entry((member.metric, member.start_ms))
-                    .or_default()
-                    .insert(member.member.clone());
-                let trailing = self.trailing.contains(&member.metric);
-                assert!(fresh || trailing, "member stored twice: {member:?}");
+            // Funnel entries (a pseudo-window) are no members. A trailing member's last
+            // occurrence in a period (tagged 0) names its bucket, which then holds the member
+            // even once a later last replaces it without writing the occurrence apart (it
+            // does so only within the lateness). A trailing occurrence is rewritten when an
+            // earlier one arrives late, a plain member is written once.
+            if !self.counted_by_members.contains(&member.metric) || member.start_ms == i64::MIN {
+                continue;
             }
+            let trailing = self.trailing.contains(&member.metric);
+            let (bucket_ms, key) = match member.member.split_first() {
+                Some((0, key)) if trailing => {
+                    let step = self.engine.plan().metrics()[member.metric].trailing;
+                    let step = step.expect("a trailing metric").step_ms;
+                    let bucket = last_occurrence_bucket(&member.value, member.start_ms, step)
+                        .expect("a last occurrence");
+                    (bucket, Box::from(key))
+                }
+                _ => (member.start_ms, member.member.clone()),
+            };
+            let fresh = self
+                .members
+                .entry((member.metric, bucket_ms))
+                .or_default()
+                .insert(key);
+            assert!(fresh || trailing, "member stored twice: {member:?}");
         }
         for upsert in &changes.upserts {
             let window = (upsert.metric, upsert.start_ms);

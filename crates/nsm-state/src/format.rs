@@ -10,10 +10,20 @@ use rocksdb::{ColumnFamily, IteratorMode, WriteOptions, DB};
 /// carry values (threshold progress, trailing occurrences, funnels, event ids) and are read one
 /// at a time, never loaded whole; `gaps` added; `funnels` and `seen_ids` no longer used.
 /// 3: metric fingerprints per partition (`fingerprints`), changelog positions in `meta`.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: a trailing distinct count's (or conversion's) last occurrence of a member per period
+/// holds the occurrence's previous one too, and its other occurrences are stored only where an
+/// event can still reach them (`nsm_core::engine::trailing`); such metrics' fingerprints say
+/// so.
+pub const FORMAT_VERSION: u32 = 4;
 
-/// The one older format this nsm migrates at open (its fingerprints move to each partition).
+/// An older format this nsm migrates at open (its fingerprints move to each partition, in
+/// format 3's form).
 pub(crate) const FORMAT_WITH_GLOBAL_FINGERPRINTS: u32 = 2;
+
+/// An older format this nsm reads as it is: it stored every trailing occurrence apart, and
+/// the last ones without their previous one, which this nsm still reads; the fingerprints it
+/// stored are accepted as they are, and replaced as partitions are taken.
+pub(crate) const FORMAT_WITH_EVERY_OCCURRENCE: u32 = 3;
 
 pub(crate) const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
@@ -51,8 +61,8 @@ pub enum FormatError {
 
 /// Checks the format version of an opened store and returns it; a new, empty store gets the
 /// current one. `data` are the column families that hold state: a store with data there and
-/// no version was not made by nsm. [`FORMAT_WITH_GLOBAL_FINGERPRINTS`] is accepted, for the
-/// caller to migrate.
+/// no version was not made by nsm. [`FORMAT_WITH_GLOBAL_FINGERPRINTS`] and
+/// [`FORMAT_WITH_EVERY_OCCURRENCE`] are accepted, for the caller to migrate.
 pub(crate) fn check(
     db: &DB,
     meta: &ColumnFamily,
@@ -89,7 +99,7 @@ pub(crate) fn check(
             detail: format!("{} bytes where 4 were expected", bytes.len()),
         })?;
     let (path, expected) = (path.to_path_buf(), FORMAT_VERSION);
-    if found == FORMAT_WITH_GLOBAL_FINGERPRINTS {
+    if found == FORMAT_WITH_GLOBAL_FINGERPRINTS || found == FORMAT_WITH_EVERY_OCCURRENCE {
         return Ok(found);
     }
     match found.cmp(&FORMAT_VERSION) {

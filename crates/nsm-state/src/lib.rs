@@ -124,6 +124,8 @@ pub struct Store {
     write_options: Arc<WriteOptions>,
     metric_names: Arc<Vec<String>>,
     metric_fingerprints: Arc<Vec<String>>,
+    /// What format 3 stored for the same definitions, whose data this nsm reads as it is.
+    format_3_fingerprints: Arc<Vec<String>>,
     metric_index: Arc<HashMap<String, usize>>,
 }
 
@@ -216,6 +218,9 @@ impl Store {
         let metric_fingerprints: Vec<String> = (0..plan.metrics().len())
             .map(|metric| plan.fingerprint(metric))
             .collect();
+        let format_3_fingerprints: Vec<String> = (0..plan.metrics().len())
+            .map(|metric| plan.format_3_fingerprint(metric))
+            .collect();
         let metric_index = metric_names
             .iter()
             .enumerate()
@@ -226,6 +231,7 @@ impl Store {
             write_options: Arc::new(write_options),
             metric_names: Arc::new(metric_names),
             metric_fingerprints: Arc::new(metric_fingerprints),
+            format_3_fingerprints: Arc::new(format_3_fingerprints),
             metric_index: Arc::new(metric_index),
         };
         let data = [CF_PARTITIONS, CF_WINDOWS, CF_MEMBERS].map(|name| store.cf(name));
@@ -236,8 +242,12 @@ impl Store {
             &store.write_options,
             path,
         )?;
-        if found == format::FORMAT_WITH_GLOBAL_FINGERPRINTS {
-            store.migrate_fingerprints_to_partitions()?;
+        match found {
+            format::FORMAT_WITH_GLOBAL_FINGERPRINTS => {
+                store.migrate_fingerprints_to_partitions()?
+            }
+            format::FORMAT_WITH_EVERY_OCCURRENCE => store.raise_format_version()?,
+            _ => {}
         }
         Ok(store)
     }
@@ -247,6 +257,18 @@ impl Store {
         self.db
             .cf_handle(name)
             .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
+    }
+
+    /// Format 3's data reads as it is (see `format::FORMAT_WITH_EVERY_OCCURRENCE`); once this
+    /// nsm writes, a format-3 nsm could not read it, so the version goes up first.
+    fn raise_format_version(&self) -> Result<(), StateError> {
+        self.db.put_cf_opt(
+            self.cf(CF_META),
+            format::FORMAT_VERSION_KEY,
+            FORMAT_VERSION.to_be_bytes(),
+            &self.write_options,
+        )?;
+        Ok(())
     }
 
     /// Format 2 kept one fingerprint per metric for the whole store, checked at every open;
@@ -297,7 +319,10 @@ impl Store {
         for (name, fingerprint) in &stored {
             let reason = match self.metric_index.get(name) {
                 None => "no longer in the config",
-                Some(&index) if self.metric_fingerprints[index].as_bytes() != &**fingerprint => {
+                Some(&index)
+                    if self.metric_fingerprints[index].as_bytes() != &**fingerprint
+                        && self.format_3_fingerprints[index].as_bytes() != &**fingerprint =>
+                {
                     "its definition changed"
                 }
                 Some(_) => continue,

@@ -886,3 +886,77 @@ fn a_large_unfinished_tail_after_a_stored_position_keeps_what_came_before() {
     assert_eq!(tail.len(), 2);
     assert_eq!(dump(&original, 0), whole);
 }
+
+#[test]
+fn a_format_3_store_keeps_its_trailing_counts_and_becomes_format_4() {
+    let config = CONFIG.replace(
+        "[[inputs]]",
+        "[[inputs]]\nname = \"users_2h\"\nowner = \"team\"\nkind = \"distinct\"\nfield = \"user_id\"\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\n\n[[inputs]]",
+    );
+    let plan = plan_from(&config);
+    let trailing = plan.metric_index("users_2h").expect("trailing metric");
+    assert_ne!(
+        plan.fingerprint(trailing),
+        plan.format_3_fingerprint(trailing),
+        "a format-3 nsm must not take format 4's occurrences for its own"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    assert!(adopt(&store, 0, &[]).is_empty());
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    feed(
+        &mut engine,
+        0,
+        0,
+        &[
+            event("message_sent", "ana", 1),
+            event("message_sent", "bo", 20),
+        ],
+    );
+    store.write(&engine.take_changes()).expect("write");
+    let expected = engine.metric_values(NOW);
+    // As format 3 left it: its version, and its fingerprint for the trailing count.
+    let mut fingerprint_key = partition_prefix(&key(0));
+    fingerprint_key.extend_from_slice(b"users_2h");
+    let mut batch = WriteBatch::default();
+    batch.put_cf(
+        store.cf(CF_FINGERPRINTS),
+        &fingerprint_key,
+        plan.format_3_fingerprint(trailing),
+    );
+    batch.put_cf(
+        store.cf(CF_META),
+        format::FORMAT_VERSION_KEY,
+        3u32.to_be_bytes(),
+    );
+    store.db.write(batch).expect("write");
+    drop((store, engine));
+
+    let store = Store::open(dir.path(), &plan, &options()).expect("a format 3 store opens");
+    let version = store
+        .db
+        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
+        .expect("read")
+        .expect("version");
+    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
+    assert!(
+        adopt(&store, 0, &[]).is_empty(),
+        "format 3's trailing data is kept"
+    );
+    let stored = store
+        .db
+        .get_cf(store.cf(CF_FINGERPRINTS), &fingerprint_key)
+        .expect("read")
+        .expect("fingerprint");
+    assert_eq!(stored, plan.fingerprint(trailing).as_bytes());
+    let mut restored = engine_on(&store, &plan);
+    restored.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    assert_eq!(restored.metric_values(NOW), expected);
+    feed(&mut restored, 0, 2, &[event("message_sent", "ana", 50)]);
+    assert_eq!(
+        restored.metric_values(NOW)[trailing].current.value,
+        AggValue::Distinct(2),
+        "ana again, known from the stored state"
+    );
+}

@@ -553,6 +553,7 @@ fn commit(
                 metric: index,
                 span: plan.gap_span(index).unwrap_or(*trailing),
                 start_ms: bounds.start_ms,
+                allowed_lateness_ms: plan.settings.allowed_lateness_ms,
             };
             bucket.add(state, source, member, None, newest_ms)?;
             if let Some(segment) = &segment {
@@ -669,6 +670,7 @@ struct TrailingBucket {
     /// reach further back (`Plan::gap_span`).
     span: Trailing,
     start_ms: EpochMillis,
+    allowed_lateness_ms: i64,
 }
 
 impl TrailingBucket {
@@ -694,6 +696,7 @@ impl TrailingBucket {
         TrailingDistinct {
             metric: self.metric,
             trailing: self.span,
+            allowed_lateness_ms: self.allowed_lateness_ms,
             segment: segment.as_deref(),
             windows,
             members: &mut state.members,
@@ -785,6 +788,7 @@ impl FunnelStep {
                 metric: index,
                 span: plan.gap_span(index).unwrap_or(trailing),
                 start_ms: trailing.bucket_of(time_ms).start_ms,
+                allowed_lateness_ms: plan.settings.allowed_lateness_ms,
             };
             return bucket.add(state, source, entity, segment, self.newest_ms);
         }

@@ -231,8 +231,10 @@ pub(super) struct Source<'a> {
 /// A window of one metric: the namespace of its entries.
 type Namespace = (usize, EpochMillis);
 
-/// A cached entry's value: every value the engine writes is at most 8 bytes (an event time,
-/// a previous bucket, a progress count, or nothing for a member).
+/// A cached entry's value: nearly every value the engine writes is at most 8 bytes (an event
+/// time, a previous bucket, a trailing last occurrence in its short form, a progress count, or
+/// nothing for a member). Longer ones (a conversion's times, a last occurrence's long form)
+/// are not cached.
 #[derive(Debug, Clone, Copy)]
 struct Small {
     len: u8,

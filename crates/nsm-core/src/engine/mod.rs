@@ -30,6 +30,7 @@ pub use members::{CountingReader, MemoryReader, StateReadError, StateReader};
 pub use plan::{DedupSettings, EngineSettings, Plan};
 pub use segment::{metric_segments, segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
 pub use state::{AggValue, PartitionSnapshot, StoredGap, StoredSegment, StoredWindow, NO_PREVIOUS};
+pub use trailing::last_occurrence_bucket;
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
 };

@@ -260,7 +260,24 @@ impl Plan {
     /// The metric's fingerprint (see [`MetricDef::fingerprint`]), plus what the plan derives
     /// for it from other metrics: the base of a trailing retention stores its gaps over two
     /// lengths, which older stored gaps do not have.
+    ///
+    /// A metric keeping trailing occurrences also carries the state format that changed their
+    /// layout (see [`Plan::format_3_fingerprint`]).
     pub fn fingerprint(&self, metric: usize) -> String {
+        let format_3 = self.format_3_fingerprint(metric);
+        if self.keeps_trailing_occurrences(metric) {
+            format!("{format_3};occurrences=4")
+        } else {
+            format_3
+        }
+    }
+
+    /// The fingerprint state format 3 stored for the metric's data. This nsm reads that data
+    /// as it is: of all it holds only the trailing occurrences changed layout in format 4, and
+    /// both layouts are read. The new fingerprint tells them apart so that an nsm of format 3,
+    /// given a partition of format 4 through the changelog, discards what it could not read
+    /// (and says so) rather than read it into wrong numbers.
+    pub fn format_3_fingerprint(&self, metric: usize) -> String {
         let own = self.metrics[metric].fingerprint();
         match self.gap_span(metric) {
             Some(span) if self.compiled[metric].trailing != Some(span) => {
@@ -268,6 +285,16 @@ impl Plan {
             }
             _ => own,
         }
+    }
+
+    /// Whether the metric keeps a member's occurrences per step bucket (`engine::trailing`):
+    /// a trailing distinct count or conversion.
+    fn keeps_trailing_occurrences(&self, metric: usize) -> bool {
+        self.compiled[metric].trailing.is_some()
+            && matches!(
+                self.metrics[metric].kind,
+                MetricKind::Distinct { .. } | MetricKind::Conversion { .. }
+            )
     }
 
     pub fn settings(&self) -> &EngineSettings {

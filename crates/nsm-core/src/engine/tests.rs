@@ -855,3 +855,195 @@ fn the_member_cache_and_filter_are_split_evenly_between_the_owned_partitions() {
         vec![(400, DEFAULT_MEMBER_FILTER_BYTES / 3 / 64 * 64); 3]
     );
 }
+
+/// The plan of the trailing tests: `recent_messagers`, metric 3, the distinct users of the
+/// last 30 minutes, in buckets of a minute.
+fn trailing_plan() -> Plan {
+    let mut metrics = test_plan().metrics().to_vec();
+    let mut recent = metric(
+        "recent_messagers",
+        MetricKind::Distinct {
+            field: path("user_id"),
+        },
+        Some("message_sent"),
+        CalendarUnit::Hour,
+    );
+    recent.trailing = crate::window::Trailing::new(30 * MINUTE);
+    metrics.push(recent);
+    Plan::new(metrics, test_plan().settings().clone())
+}
+
+/// What the store would restore of the changes: windows, gap histograms and the clock.
+fn snapshot_of(changes: &ChangeSet) -> PartitionSnapshot {
+    let part = &changes.partitions[0];
+    PartitionSnapshot {
+        next_offset: part.next_offset,
+        max_event_ms: part.max_event_ms,
+        idle_floor_ms: part.idle_floor_ms,
+        windows: part
+            .upserts
+            .iter()
+            .map(|upsert| StoredWindow {
+                metric: upsert.metric,
+                start_ms: upsert.start_ms,
+                end_ms: upsert.end_ms,
+                value: upsert.value,
+            })
+            .collect(),
+        segments: Vec::new(),
+        gaps: part.gaps.clone(),
+    }
+}
+
+#[test]
+fn trailing_occurrences_stored_in_format_3_are_read_and_extended_exactly() {
+    let now = ms("2026-11-23T10:40:00Z");
+    let apply = |engine: &mut Engine, from: usize, stream: &[(&str, &str)]| {
+        for (offset, (user, time)) in stream.iter().enumerate() {
+            let payload = event("message_sent", user, time);
+            let outcome = engine.apply(&key(), (from + offset) as i64, &payload, now);
+            assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+        }
+    };
+    let before = [
+        ("ana", "2026-11-23T10:00:00Z"),
+        ("ana", "2026-11-23T10:05:00Z"),
+        ("bo", "2026-11-23T10:06:10Z"),
+    ];
+    // A repeat, a late occurrence before a last of format 3, one after it, and a late one
+    // before a last of format 4.
+    let after = [
+        ("ana", "2026-11-23T10:05:30Z"),
+        ("ana", "2026-11-23T10:03:00Z"),
+        ("ana", "2026-11-23T10:10:00Z"),
+        ("bo", "2026-11-23T10:12:20Z"),
+        ("ana", "2026-11-23T10:07:00Z"),
+    ];
+
+    // The first events, stored, then rewritten as format 3 kept them: every occurrence an
+    // entry of its own (its previous one), the last per period its bucket alone.
+    let reader = MemoryReader::default();
+    let mut first = Engine::with_reader(trailing_plan(), Box::new(reader.clone()), 64);
+    first.restore_partition(key(), PartitionSnapshot::default());
+    apply(&mut first, 0, &before);
+    let changes = first.take_changes();
+    reader.write(&changes.partitions[0]);
+    let mut format_3 = Vec::new();
+    for (_, metric, start_ms, member) in reader.entries() {
+        let Some((&0, occurrence)) = member.split_first().filter(|_| metric == 3) else {
+            continue;
+        };
+        let value = reader
+            .member(&key(), metric, start_ms, &member)
+            .expect("read")
+            .expect("stored");
+        let last = trailing::Last::decode(&value, start_ms, MINUTE).expect("a last occurrence");
+        let previous = last
+            .previous_ms
+            .expect("format 4 keeps the previous occurrence");
+        let previous = if previous == NO_PREVIOUS {
+            Box::default()
+        } else {
+            Box::from(previous.to_be_bytes())
+        };
+        let bucket = last.bucket_ms.to_be_bytes();
+        for (start_ms, member, value) in [
+            (last.bucket_ms, occurrence.into(), previous),
+            (start_ms, member.clone(), Box::from(bucket)),
+        ] {
+            format_3.push(MemberInsert {
+                metric,
+                start_ms,
+                member,
+                value,
+            });
+        }
+    }
+    assert_eq!(format_3.len(), 4, "ana's and bo's last occurrences");
+    reader.write_members(&key(), &format_3, &[]);
+
+    let mut resumed = Engine::with_reader(trailing_plan(), Box::new(reader), 64);
+    resumed.restore_partition(key(), snapshot_of(&changes));
+    apply(&mut resumed, before.len(), &after);
+    let mut fresh = Engine::new(trailing_plan());
+    fresh.restore_partition(key(), PartitionSnapshot::default());
+    apply(&mut fresh, 0, &[&before[..], &after[..]].concat());
+
+    // The same values as the events applied afresh, as the window moves on: ana counts once.
+    let recent = |engine: &Engine| {
+        let values = engine.metric_values(now)[3].clone();
+        (values.current.value, values.previous.value)
+    };
+    assert_eq!(
+        recent(&resumed),
+        (AggValue::Distinct(2), AggValue::Distinct(0))
+    );
+    for idle in [
+        "10:31:00", "10:33:30", "10:35:00", "10:36:30", "10:37:30", "10:40:30", "10:42:30",
+        "11:05:00",
+    ] {
+        let clock = ms(&format!("2026-11-23T{idle}Z"));
+        resumed.advance_idle(&key(), clock);
+        fresh.advance_idle(&key(), clock);
+        assert_eq!(recent(&resumed), recent(&fresh), "at {idle}");
+    }
+}
+
+#[test]
+fn an_in_order_trailing_occurrence_writes_one_entry_and_reads_none_back() {
+    let mut settings = trailing_plan().settings().clone();
+    settings.allowed_lateness_ms = MINUTE;
+    let plan = Plan::new(trailing_plan().metrics().to_vec(), settings);
+    let now = ms("2026-11-23T10:40:00Z");
+    let reader = MemoryReader::default();
+    let counting = CountingReader::new(reader.clone());
+    let reads = counting.reads();
+    let mut engine = Engine::with_reader(plan, Box::new(counting), 10_000);
+    engine.restore_partition(key(), PartitionSnapshot::default());
+    let mut offset = 0;
+    // Each round: every user once, then a checkpoint; the entries of the trailing count
+    // written, and the entries read back from the store.
+    let mut round = |minute: u32| {
+        for user in 0..100 {
+            let time = format!("2026-11-23T10:{minute:02}:00Z");
+            let outcome = engine.apply(
+                &key(),
+                offset,
+                &event("message_sent", &format!("u{user}"), &time),
+                now,
+            );
+            assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+            offset += 1;
+        }
+        let changes = engine.take_changes();
+        reader.write(&changes.partitions[0]);
+        let written = changes.partitions[0]
+            .members
+            .iter()
+            .filter(|member| member.metric == 3)
+            .count();
+        let read = reads.swap(0, std::sync::atomic::Ordering::Relaxed);
+        (written, read)
+    };
+    // The last occurrence per period holds its previous one, so an occurrence is one entry;
+    // the one it replaces gets its own only while an event can still land in its bucket.
+    assert_eq!(round(0), (100, 0));
+    assert_eq!(
+        round(0),
+        (0, 0),
+        "repeats: known from the cached last occurrences"
+    );
+    assert_eq!(
+        round(5),
+        (100, 0),
+        "minute 0 is beyond the lateness of minute 5"
+    );
+    assert_eq!(round(5), (0, 0));
+    assert_eq!(
+        round(6),
+        (200, 0),
+        "minute 5 is within the lateness of minute 6"
+    );
+    let values = engine.metric_values(now)[3].clone();
+    assert_eq!(values.current.value, AggValue::Distinct(100));
+}
