@@ -667,19 +667,7 @@ fn returning_users_count_in_order_and_out_of_order_across_the_day_boundary() {
 
 #[test]
 fn a_trailing_window_moves_with_the_clock_and_drains_when_traffic_stops() {
-    let mut metrics = test_plan().metrics().to_vec();
-    let mut recent = metric(
-        "recent_messagers",
-        MetricKind::Distinct {
-            field: path("user_id"),
-        },
-        Some("message_sent"),
-        CalendarUnit::Hour,
-    );
-    recent.trailing = crate::window::Trailing::new(30 * MINUTE);
-    metrics.push(recent);
-    let plan = Plan::new(metrics, test_plan().settings().clone());
-    let mut engine = Engine::new(plan);
+    let mut engine = Engine::new(trailing_plan());
     engine.restore_partition(key(), PartitionSnapshot::default());
     let now = ms("2026-11-23T10:40:00Z");
     let stream = [
