@@ -51,9 +51,8 @@ impl SeenIds<'_> {
     /// of the same period).
     pub fn remember(&mut self, id: &[u8], time_ms: EpochMillis) {
         let period = self.period_of(time_ms);
-        let time = Box::from(time_ms.to_be_bytes());
         self.members
-            .put_rarely_read(self.namespace, period, id, time);
+            .put_rarely_read(self.namespace, period, id, &time_ms.to_be_bytes());
     }
 
     fn period_of(&self, time_ms: EpochMillis) -> EpochMillis {

@@ -110,8 +110,7 @@ impl Funnel<'_> {
 
     fn put_times(&mut self, key: &[u8], times: &[EpochMillis]) {
         let value: Vec<u8> = times.iter().flat_map(|time| time.to_be_bytes()).collect();
-        self.members
-            .put(self.metric, FUNNEL_WINDOW, key, value.into_boxed_slice());
+        self.members.put(self.metric, FUNNEL_WINDOW, key, &value);
     }
 }
 

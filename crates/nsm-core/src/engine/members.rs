@@ -236,7 +236,7 @@ type Namespace = (usize, EpochMillis);
 /// nothing for a member). Longer ones (a conversion's times, a last occurrence's long form)
 /// are not cached.
 #[derive(Debug, Clone, Copy)]
-struct Small {
+pub(super) struct Small {
     len: u8,
     bytes: [u8; 8],
 }
@@ -251,24 +251,45 @@ impl Small {
         })
     }
 
-    fn value(&self) -> Box<[u8]> {
-        Box::from(&self.bytes[..usize::from(self.len)])
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
     }
 }
 
-/// The value of an entry being stored: inline when short (nearly all are), so handing a
-/// checkpoint over costs no allocation per entry.
-#[derive(Debug)]
-enum InFlight {
+/// An entry's value: inline when short (nearly all are), so writing, reading or handing over
+/// an entry costs no allocation for its value.
+#[derive(Debug, Clone)]
+pub(super) enum Value {
     Small(Small),
     Long(Box<[u8]>),
 }
 
-impl InFlight {
-    fn value(&self) -> Box<[u8]> {
+impl Value {
+    pub fn new(bytes: &[u8]) -> Value {
+        Small::new(bytes).map_or_else(|| Value::Long(bytes.into()), Value::Small)
+    }
+
+    fn small(&self) -> Option<Small> {
         match self {
-            InFlight::Small(small) => small.value(),
-            InFlight::Long(value) => value.clone(),
+            Value::Small(small) => Some(*small),
+            Value::Long(_) => None,
+        }
+    }
+}
+
+impl Default for Value {
+    fn default() -> Self {
+        Value::new(&[])
+    }
+}
+
+impl std::ops::Deref for Value {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Value::Small(small) => small.bytes(),
+            Value::Long(value) => value,
         }
     }
 }
@@ -358,7 +379,7 @@ pub(super) struct MemberIndex {
     /// What the last [`MemberIndex::take_written`] handed over, by digest: the caller may
     /// still be storing it while events go on being applied, and the cache may drop any of
     /// it meanwhile. Exact; replaced at the next take, by when the caller has stored it.
-    in_flight: DigestMap<InFlight>,
+    in_flight: DigestMap<Value>,
     /// The windows of the entries in flight. The reader may not hold those entries yet, so
     /// its "nothing stored" for one of them does not make the window complete.
     in_flight_windows: NamespaceSet,
@@ -380,7 +401,7 @@ pub(super) struct MemberIndex {
 #[derive(Debug)]
 struct Written {
     key: MemberKey,
-    value: Box<[u8]>,
+    value: Value,
     /// Whether to cache it once handed over to be stored: not when it is read again only in
     /// exceptional cases (see [`MemberIndex::put_rarely_read`]).
     cache: bool,
@@ -453,19 +474,19 @@ impl MemberIndex {
         metric: usize,
         start_ms: EpochMillis,
         key: &[u8],
-    ) -> Result<Option<Box<[u8]>>, StateReadError> {
+    ) -> Result<Option<Value>, StateReadError> {
         let digest = digest(metric, start_ms, key);
         if let Some(written) = self.written.get(&digest) {
             return Ok(Some(written.value.clone()));
         }
-        if let Some(value) = self.in_flight.get(&digest) {
-            return Ok(Some(value.value()));
+        if let Some(value) = self.in_flight(digest, (metric, start_ms)) {
+            return Ok(Some(value.clone()));
         }
         if let Some(cached) = self.cached(digest, (metric, start_ms)) {
-            return Ok(Some(cached.value()));
+            return Ok(Some(Value::Small(cached)));
         }
         let value = self.stored(source, digest, metric, start_ms, key)?;
-        Ok(value.map(Vec::into_boxed_slice))
+        Ok(value.map(|value| Value::new(&value)))
     }
 
     /// Whether an entry is present.
@@ -478,7 +499,7 @@ impl MemberIndex {
     ) -> Result<bool, StateReadError> {
         let digest = digest(metric, start_ms, key);
         if self.written.contains_key(&digest)
-            || self.in_flight.contains_key(&digest)
+            || self.in_flight(digest, (metric, start_ms)).is_some()
             || self.cached(digest, (metric, start_ms)).is_some()
         {
             return Ok(true);
@@ -489,11 +510,11 @@ impl MemberIndex {
 
     /// Adds a member (an entry with an empty value).
     pub fn insert(&mut self, metric: usize, start_ms: EpochMillis, key: &[u8]) {
-        self.put(metric, start_ms, key, Box::default());
+        self.put(metric, start_ms, key, &[]);
     }
 
     /// Sets an entry's value.
-    pub fn put(&mut self, metric: usize, start_ms: EpochMillis, key: &[u8], value: Box<[u8]>) {
+    pub fn put(&mut self, metric: usize, start_ms: EpochMillis, key: &[u8], value: &[u8]) {
         self.write(metric, start_ms, key, value, true);
     }
 
@@ -509,7 +530,7 @@ impl MemberIndex {
         metric: usize,
         start_ms: EpochMillis,
         key: &[u8],
-        value: Box<[u8]>,
+        value: &[u8],
     ) {
         self.write(metric, start_ms, key, value, false);
     }
@@ -519,10 +540,17 @@ impl MemberIndex {
         metric: usize,
         start_ms: EpochMillis,
         key: &[u8],
-        value: Box<[u8]>,
+        value: &[u8],
         cache: bool,
     ) {
         let digest = digest(metric, start_ms, key);
+        let value = Value::new(value);
+        if let Some(written) = self.written.get_mut(&digest) {
+            // Written again before the checkpoint: its key is already held.
+            written.value = value;
+            written.cache = cache;
+            return;
+        }
         let key = (metric, start_ms, key.into());
         self.written.insert(digest, Written { key, value, cache });
         if !self.filter.add(digest) {
@@ -552,9 +580,9 @@ impl MemberIndex {
         for (digest, entry) in written.drain() {
             let Written { key, value, cache } = entry;
             let (metric, start_ms, member) = key;
-            let small = Small::new(&value);
-            let held = small.map_or_else(|| InFlight::Long(value.clone()), InFlight::Small);
-            self.in_flight.insert(digest, held);
+            let small = value.small();
+            let stored = Box::from(&*value);
+            self.in_flight.insert(digest, value);
             self.in_flight_windows.insert((metric, start_ms));
             match small {
                 Some(small) if cache => self.remember(digest, (metric, start_ms), small),
@@ -575,17 +603,11 @@ impl MemberIndex {
                 metric,
                 start_ms,
                 member,
-                value,
+                value: stored,
             });
         }
         self.written = written;
-        // In key order: the same entries give the same write, and RocksDB inserts sorted keys
-        // into its memtable much faster (measured: the core bench ran at ~55k events/s with
-        // entries in digest order, ~80k in key order). Keys are unique: unstable is enough.
-        inserts.sort_unstable_by(|a, b| {
-            (a.metric, a.start_ms, &a.member).cmp(&(b.metric, b.start_ms, &b.member))
-        });
-        inserts
+        in_key_order(inserts)
     }
 
     /// The entries a cache generation holds and the filter's bytes, for tests.
@@ -607,10 +629,28 @@ impl MemberIndex {
             + self.older.entries.len()
     }
 
+    /// An entry being stored, probed only when its window has some (see [`Self::cached`]).
+    fn in_flight(&self, digest: u128, namespace: Namespace) -> Option<&Value> {
+        if self.in_flight_windows.contains(&namespace) {
+            self.in_flight.get(&digest)
+        } else {
+            None
+        }
+    }
+
     /// A cached entry, kept in the recent generation when found in the older one.
+    ///
+    /// A generation is probed only when it holds entries of the window: its few windows are a
+    /// small table at hand, its entries a large one whose probe is a trip to main memory, and
+    /// some windows have none cached (event ids are never cached once stored).
     fn cached(&mut self, digest: u128, namespace: Namespace) -> Option<Small> {
-        if let Some(small) = self.recent.entries.get(&digest) {
-            return Some(*small);
+        if self.recent.namespaces.contains(&namespace) {
+            if let Some(small) = self.recent.entries.get(&digest) {
+                return Some(*small);
+            }
+        }
+        if !self.older.namespaces.contains(&namespace) {
+            return None;
         }
         let small = *self.older.entries.get(&digest)?;
         self.remember(digest, namespace, small);
@@ -779,6 +819,41 @@ impl WrittenFilter {
     }
 }
 
+/// Entries in key order: the same entries give the same write, and RocksDB inserts sorted
+/// keys into its memtable much faster (measured: the core bench ran at ~55k events/s with
+/// entries in digest order, ~80k in key order).
+///
+/// Sorted on a copy of each key's first 16 bytes, so most comparisons are of integers held
+/// side by side rather than of bytes behind two pointers (the comparisons of the boxed keys
+/// were 5% of the core bench's time). Keys are unique: unstable is enough.
+fn in_key_order(inserts: Vec<MemberInsert>) -> Vec<MemberInsert> {
+    let mut order: Vec<(usize, EpochMillis, u128, usize)> = inserts
+        .iter()
+        .enumerate()
+        .map(|(index, insert)| (insert.metric, insert.start_ms, head(&insert.member), index))
+        .collect();
+    order.sort_unstable_by(|a, b| {
+        (a.0, a.1, a.2)
+            .cmp(&(b.0, b.1, b.2))
+            .then_with(|| inserts[a.3].member.cmp(&inserts[b.3].member))
+    });
+    let mut slots: Vec<Option<MemberInsert>> = inserts.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .filter_map(|(.., index)| slots[index].take())
+        .collect()
+}
+
+/// A key's first 16 bytes as a big-endian number, zero-padded: a smaller head means a smaller
+/// key, and equal heads leave the order to the whole keys (a padding zero may stand for the
+/// end of a shorter key or for a zero byte).
+fn head(key: &[u8]) -> u128 {
+    let mut bytes = [0; 16];
+    let len = key.len().min(16);
+    bytes[..len].copy_from_slice(&key[..len]);
+    u128::from_be_bytes(bytes)
+}
+
 /// A 128-bit digest of an entry's place (XXH3-128); collisions are out of reach in practice.
 /// Stable only within a process, which is all a cache needs.
 fn digest(metric: usize, start_ms: EpochMillis, key: &[u8]) -> u128 {
@@ -807,6 +882,38 @@ mod tests {
     }
 
     #[test]
+    fn entries_are_handed_over_in_key_order() {
+        // Keys sharing their first 16 bytes, ending in zeros, or a prefix of another: the
+        // heads tie and the whole keys decide.
+        let keys: Vec<&[u8]> = vec![
+            b"suser-0000000000012",
+            b"suser-0000000000011",
+            b"suser-000000000",
+            b"suser-000000000\0",
+            b"suser-000000000\0\0",
+            b"suser-0000000001",
+            b"b",
+            b"",
+            b"s\xff",
+        ];
+        let mut index = MemberIndex::new(16, 1024);
+        for (metric, start_ms) in [(1, 60_000), (0, 120_000), (0, 60_000)] {
+            for key in &keys {
+                index.insert(metric, start_ms, key);
+            }
+        }
+        let taken: Vec<_> = index
+            .take_written()
+            .into_iter()
+            .map(|insert| (insert.metric, insert.start_ms, insert.member))
+            .collect();
+        let mut expected = taken.clone();
+        expected.sort();
+        assert_eq!(taken, expected);
+        assert_eq!(taken.len(), 27);
+    }
+
+    #[test]
     fn calendar_aligned_windows_spread_over_the_slots_of_a_table() {
         use std::hash::BuildHasher;
         // Hour starts have seven zero low bits; a table's slot is the hash's low bits.
@@ -826,7 +933,7 @@ mod tests {
         let mut index = MemberIndex::new(2, 1024);
         assert!(!index.contains(&source, 0, 0, b"a").expect("in memory"));
         index.insert(0, 0, b"a");
-        index.put(0, 0, b"p", Box::from(&b"\x01"[..]));
+        index.put(0, 0, b"p", b"\x01");
         assert!(index.contains(&source, 0, 0, b"a").expect("in memory"));
         assert_eq!(
             index
@@ -857,7 +964,7 @@ mod tests {
         store(&reader, &partition, &mut index);
         let mut index = MemberIndex::new(1, 1024);
         for member in [b"a", b"b", b"c", b"d"] {
-            index.put(0, 0, member, Box::from(&member[..]));
+            index.put(0, 0, member, member);
         }
         // Taken, not stored yet: a cache of one keeps at most two of the four.
         let taken = index.take_written();
@@ -921,7 +1028,7 @@ mod tests {
         store(&reader, &partition, &mut index);
         assert!(index.contains(&source, 0, 0, b"a").expect("in memory"));
         assert!(!index.contains(&source, 0, 0, b"z").expect("in memory"));
-        assert_eq!(index.get(&source, 0, 0, b"z").expect("in memory"), None);
+        assert!(index.get(&source, 0, 0, b"z").expect("in memory").is_none());
         assert_eq!(reader.reads.load(Ordering::Relaxed), 0, "all answered here");
 
         // Two rotations of another window's entries drop the first window's: from then on
@@ -934,7 +1041,7 @@ mod tests {
             "b asked of the reader"
         );
         assert!(!index.contains(&source, 0, 0, b"z").expect("in memory"));
-        assert_eq!(index.get(&source, 0, 0, b"y").expect("in memory"), None);
+        assert!(index.get(&source, 0, 0, b"y").expect("in memory").is_none());
         assert_eq!(
             reader.reads.load(Ordering::Relaxed),
             1,
@@ -1007,14 +1114,17 @@ mod tests {
         let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
         let source = source_of(&reader, &partition);
         let mut index = MemberIndex::new(16, 1024);
-        index.put(0, 0, b"f", Box::from(&b"short"[..]));
+        index.put(0, 0, b"f", b"short");
         store(&reader, &partition, &mut index);
         let long: Box<[u8]> = Box::from(&b"longer than eight bytes"[..]);
-        index.put(0, 0, b"f", long.clone());
+        index.put(0, 0, b"f", &long);
         store(&reader, &partition, &mut index);
         assert_eq!(
-            index.get(&source, 0, 0, b"f").expect("in memory"),
-            Some(long)
+            index
+                .get(&source, 0, 0, b"f")
+                .expect("in memory")
+                .as_deref(),
+            Some(&*long)
         );
     }
 
@@ -1025,7 +1135,7 @@ mod tests {
         let mut index = MemberIndex::new(16, 1024);
         // The window's first use: nothing stored, so it starts complete.
         assert!(!index.contains(&source, 1, 0, b"new").expect("in memory"));
-        index.put(1, 0, b"id", Box::from(5i64.to_be_bytes()));
+        index.put(1, 0, b"id", &5i64.to_be_bytes());
         index.insert(0, 0, b"member");
         assert!(index.contains(&source, 1, 0, b"id").expect("written"));
         store(&reader, &partition, &mut index);
@@ -1033,8 +1143,8 @@ mod tests {
         store(&reader, &partition, &mut index);
         assert_eq!(index.recent.entries.len(), 2, "both cached");
 
-        index.put_rarely_read(1, 0, b"id", Box::from(9i64.to_be_bytes()));
-        index.put_rarely_read(1, 0, b"other", Box::default());
+        index.put_rarely_read(1, 0, b"id", &9i64.to_be_bytes());
+        index.put_rarely_read(1, 0, b"other", &[]);
         store(&reader, &partition, &mut index);
         store(&reader, &partition, &mut index);
         assert_eq!(
@@ -1061,7 +1171,7 @@ mod tests {
         let source = source_of(&reader, &partition);
         let mut before_restart = MemberIndex::new(16, 1024);
         before_restart.insert(0, 0, b"a");
-        before_restart.put(0, 0, b"p", Box::from(7u32.to_be_bytes()));
+        before_restart.put(0, 0, b"p", &7u32.to_be_bytes());
         store(&reader, &partition, &mut before_restart);
 
         let mut index = MemberIndex::new(16, 1024);

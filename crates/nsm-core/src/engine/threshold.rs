@@ -62,7 +62,7 @@ impl ThresholdWindow {
             self.metric,
             self.start_ms,
             &progress_key,
-            Box::from(progress.to_be_bytes()),
+            &progress.to_be_bytes(),
         );
         Ok(if progress >= self.at_least {
             Step::Reached

@@ -120,7 +120,7 @@ impl TrailingDistinct<'_> {
             Some(last) if last.bucket_ms > bucket_ms => {
                 // A late occurrence before the period's last: an entry of its own.
                 self.members
-                    .put(metric, bucket_ms, member, encode_previous(previous));
+                    .put(metric, bucket_ms, member, &encode_previous(previous));
             }
             _ => {
                 if let Some(Last {
@@ -137,7 +137,7 @@ impl TrailingDistinct<'_> {
                             metric,
                             superseded_ms,
                             member,
-                            encode_previous(previous_of_superseded),
+                            &encode_previous(previous_of_superseded),
                         );
                     }
                 }
@@ -149,7 +149,7 @@ impl TrailingDistinct<'_> {
                     metric,
                     period_ms,
                     &last_key,
-                    last.encode(period_ms, step_ms),
+                    &last.encode(period_ms, step_ms),
                 );
                 // The period's first bucket holds the entry, so that it expires with it.
                 self.ensure_window(period_ms);
@@ -234,13 +234,13 @@ impl TrailingDistinct<'_> {
                     previous_ms: Some(previous_ms),
                 };
                 let value = last.encode(period_ms, self.trailing.step_ms);
-                self.members.put(self.metric, period_ms, last_key, value);
+                self.members.put(self.metric, period_ms, last_key, &value);
             }
             None => self.members.put(
                 self.metric,
                 next.bucket_ms,
                 member,
-                encode_previous(previous_ms),
+                &encode_previous(previous_ms),
             ),
         }
     }

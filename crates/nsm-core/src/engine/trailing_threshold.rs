@@ -37,7 +37,7 @@
 
 use std::collections::BTreeMap;
 
-use super::members::{MemberIndex, Source, StateReadError};
+use super::members::{MemberIndex, Source, StateReadError, Value};
 use super::pair;
 use super::state::{ensure_bucket, Agg, Pending, WindowState};
 use crate::window::Trailing;
@@ -49,7 +49,7 @@ const COUNTS_TAG: &[u8] = b"c";
 const OCCURRENCES_TAG: &[u8] = b"o";
 
 /// An entry found, with its home.
-type Found = (EpochMillis, Box<[u8]>);
+type Found = (EpochMillis, Value);
 
 /// One trailing threshold metric of one partition (or one segment of it), being changed.
 pub(super) struct TrailingThreshold<'a> {
@@ -217,11 +217,11 @@ impl TrailingThreshold<'_> {
         value: Box<[u8]>,
     ) {
         if let Some(home) = home {
-            self.members.put(self.metric, home, key, value);
+            self.members.put(self.metric, home, key, &value);
             self.ensure_window(home);
         }
         if let Some(old_home) = old_home.filter(|old| Some(*old) != home) {
-            self.members.put(self.metric, old_home, key, Box::default());
+            self.members.put(self.metric, old_home, key, &[]);
         }
     }
 
