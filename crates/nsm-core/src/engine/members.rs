@@ -10,6 +10,7 @@
 //! Entries live in the namespace of one window of one metric, so expiring a window deletes
 //! them with it.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -545,14 +546,19 @@ impl MemberIndex {
     ) {
         let digest = digest(metric, start_ms, key);
         let value = Value::new(value);
-        if let Some(written) = self.written.get_mut(&digest) {
-            // Written again before the checkpoint: its key is already held.
-            written.value = value;
-            written.cache = cache;
-            return;
+        match self.written.entry(digest) {
+            // Written again before the checkpoint: its key is already held, and in the filter.
+            Entry::Occupied(mut written) => {
+                let written = written.get_mut();
+                written.value = value;
+                written.cache = cache;
+                return;
+            }
+            Entry::Vacant(slot) => {
+                let key = (metric, start_ms, key.into());
+                slot.insert(Written { key, value, cache });
+            }
         }
-        let key = (metric, start_ms, key.into());
-        self.written.insert(digest, Written { key, value, cache });
         if !self.filter.add(digest) {
             // Full: a new epoch, holding what is written or in flight (see `WrittenFilter`).
             self.filter.start_epoch();

@@ -326,23 +326,7 @@ fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
     assert_eq!(part.upserts.len(), 3);
     assert!(engine.take_changes().is_empty(), "nothing changed since");
 
-    let snapshot = PartitionSnapshot {
-        segments: Vec::new(),
-        gaps: Vec::new(),
-        next_offset: part.next_offset,
-        max_event_ms: part.max_event_ms,
-        idle_floor_ms: part.idle_floor_ms,
-        windows: part
-            .upserts
-            .iter()
-            .map(|u| StoredWindow {
-                metric: u.metric,
-                start_ms: u.start_ms,
-                end_ms: u.end_ms,
-                value: u.value,
-            })
-            .collect(),
-    };
+    let snapshot = snapshot_of(&changes);
     // Members are not in the snapshot: the restored engine reads them from the store.
     let stored = MemoryReader::default();
     stored.write(part);
