@@ -1,4 +1,4 @@
-use nsm_core::engine::{AggValue, Engine, Outcome};
+use nsm_core::engine::{AggValue, Engine, MetricValues, Outcome};
 use nsm_core::Config;
 
 use super::*;
@@ -69,6 +69,24 @@ fn adopt(store: &Store, partition: i32, tail: &[Vec<u8>]) -> Vec<DiscardedMetric
 /// An engine reading stored members from `store`, as the pipeline runs it.
 fn engine_on(store: &Store, plan: &Plan) -> Engine {
     Engine::with_reader(plan.clone(), Box::new(store.clone()), 1024)
+}
+
+/// The test config with one more input metric, given by its TOML lines.
+fn plan_with_input(input: &str) -> Plan {
+    plan_from(&CONFIG.replace("[[inputs]]", &format!("[[inputs]]\n{input}\n\n[[inputs]]")))
+}
+
+/// Opens a new store at `dir`, takes partition 0 as the pipeline does, applies `events` to it
+/// from offset 0 and writes them; the engine's values then. Store and engine are closed on
+/// return, so the test reopens what is on disk.
+fn write_events(dir: &Path, plan: &Plan, events: &[Vec<u8>]) -> Vec<MetricValues> {
+    let store = Store::open(dir, plan, &options()).expect("open");
+    assert!(adopt(&store, 0, &[]).is_empty());
+    let mut engine = engine_on(&store, plan);
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    feed(&mut engine, 0, 0, events);
+    store.write(&engine.take_changes()).expect("write");
+    engine.metric_values(NOW)
 }
 
 #[test]
@@ -386,29 +404,21 @@ fn conversion_funnels_survive_a_reopen_so_a_late_start_still_converts() {
 #[test]
 fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
     // By user too: each segment keeps gap histograms of its own.
-    let config = CONFIG.replace(
-        "[[inputs]]",
-        "[[inputs]]\nname = \"users_2h\"\nowner = \"team\"\nkind = \"distinct\"\nfield = \"user_id\"\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\nby = [\"user_id\"]\n\n[[inputs]]",
+    let plan = plan_with_input(
+        "name = \"users_2h\"\nowner = \"team\"\nkind = \"distinct\"\nfield = \"user_id\"\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\nby = [\"user_id\"]",
     );
-    let plan = plan_from(&config);
     let trailing = plan.metric_index("users_2h").expect("trailing metric");
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path(), &plan, &options()).expect("open");
-    let mut engine = engine_on(&store, &plan);
-    engine.restore_partition(key(0), PartitionSnapshot::default());
     // Ana twice, bo once, in the last hour.
-    feed(
-        &mut engine,
-        0,
-        0,
+    let expected = write_events(
+        dir.path(),
+        &plan,
         &[
             event("message_sent", "ana", 1),
             event("message_sent", "bo", 20),
             event("message_sent", "ana", 40),
         ],
     );
-    store.write(&engine.take_changes()).expect("write");
-    let expected = engine.metric_values(NOW);
     assert_eq!(expected[trailing].current.value, AggValue::Distinct(2));
     let segments = &expected[trailing].current_segments;
     let ones: Vec<(&str, AggValue)> = segments
@@ -422,7 +432,6 @@ fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
             ("bo", AggValue::Distinct(1))
         ]
     );
-    drop((store, engine));
 
     let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
     let mut restored = engine_on(&store, &plan);
@@ -446,29 +455,20 @@ fn trailing_distinct_counts_survive_a_reopen_with_members_on_disk() {
 
 #[test]
 fn trailing_thresholds_survive_a_reopen_with_counts_on_disk() {
-    let config = CONFIG.replace(
-        "[[inputs]]",
-        "[[inputs]]\nname = \"chatty_2h\"\nowner = \"team\"\nkind = \"threshold\"\nentity = \"user_id\"\nat_least = 2\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\n\n[[inputs]]",
+    let plan = plan_with_input(
+        "name = \"chatty_2h\"\nowner = \"team\"\nkind = \"threshold\"\nentity = \"user_id\"\nat_least = 2\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"",
     );
-    let plan = plan_from(&config);
     let chatty = plan.metric_index("chatty_2h").expect("trailing threshold");
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path(), &plan, &options()).expect("open");
-    let mut engine = engine_on(&store, &plan);
-    engine.restore_partition(key(0), PartitionSnapshot::default());
-    feed(
-        &mut engine,
-        0,
-        0,
+    let expected = write_events(
+        dir.path(),
+        &plan,
         &[
             event("message_sent", "ana", 1),
             event("message_sent", "bo", 20),
         ],
     );
-    store.write(&engine.take_changes()).expect("write");
-    let expected = engine.metric_values(NOW);
     assert_eq!(expected[chatty].current.value, AggValue::Distinct(0));
-    drop((store, engine));
 
     let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
     let mut restored = engine_on(&store, &plan);
@@ -889,11 +889,9 @@ fn a_large_unfinished_tail_after_a_stored_position_keeps_what_came_before() {
 
 #[test]
 fn a_format_3_store_keeps_its_trailing_counts_and_becomes_format_4() {
-    let config = CONFIG.replace(
-        "[[inputs]]",
-        "[[inputs]]\nname = \"users_2h\"\nowner = \"team\"\nkind = \"distinct\"\nfield = \"user_id\"\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\n\n[[inputs]]",
+    let plan = plan_with_input(
+        "name = \"users_2h\"\nowner = \"team\"\nkind = \"distinct\"\nfield = \"user_id\"\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"",
     );
-    let plan = plan_from(&config);
     let trailing = plan.metric_index("users_2h").expect("trailing metric");
     assert_ne!(
         plan.fingerprint(trailing),
@@ -901,22 +899,16 @@ fn a_format_3_store_keeps_its_trailing_counts_and_becomes_format_4() {
         "a format-3 nsm must not take format 4's occurrences for its own"
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path(), &plan, &options()).expect("open");
-    assert!(adopt(&store, 0, &[]).is_empty());
-    let mut engine = engine_on(&store, &plan);
-    engine.restore_partition(key(0), PartitionSnapshot::default());
-    feed(
-        &mut engine,
-        0,
-        0,
+    let expected = write_events(
+        dir.path(),
+        &plan,
         &[
             event("message_sent", "ana", 1),
             event("message_sent", "bo", 20),
         ],
     );
-    store.write(&engine.take_changes()).expect("write");
-    let expected = engine.metric_values(NOW);
     // As format 3 left it: its version, and its fingerprint for the trailing count.
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
     let mut fingerprint_key = partition_prefix(&key(0));
     fingerprint_key.extend_from_slice(b"users_2h");
     let mut batch = WriteBatch::default();
@@ -931,7 +923,7 @@ fn a_format_3_store_keeps_its_trailing_counts_and_becomes_format_4() {
         3u32.to_be_bytes(),
     );
     store.db.write(batch).expect("write");
-    drop((store, engine));
+    drop(store);
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 3 store opens");
     let version = store
