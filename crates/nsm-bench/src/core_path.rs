@@ -3,13 +3,16 @@
 //! fields the metrics read), run alternately in one process so machine noise hits both.
 
 use std::hint::black_box;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Args;
-use nsm_core::engine::{CountingReader, Engine, Outcome, Plan, DEFAULT_MEMBER_CACHE};
-use nsm_core::PartitionKey;
+use nsm_core::engine::{
+    CountingReader, Engine, Outcome, Plan, StateReadError, StateReader, DEFAULT_MEMBER_CACHE,
+};
+use nsm_core::{EpochMillis, PartitionKey};
 use nsm_state::{Store, StoreOptions};
 use serde::Deserialize;
 
@@ -127,24 +130,82 @@ struct Entries {
     read: u64,
 }
 
-fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<Entries> {
+/// Where one run's time went: its events and checkpoints (`running`, the store's opening and
+/// closing aside), and within it reading entries back from RocksDB (while applying events),
+/// taking the engine's changes, and preparing and writing the RocksDB batch.
+#[derive(Default, Clone, Copy)]
+struct Split {
+    running: Duration,
+    reading: Duration,
+    taking: Duration,
+    storing: Duration,
+}
+
+/// The store, timing the entries read from it.
+struct TimedReader {
+    store: Store,
+    nanos: Arc<AtomicU64>,
+}
+
+impl TimedReader {
+    fn timed<T>(&self, read: impl FnOnce(&Store) -> T) -> T {
+        let started = Instant::now();
+        let answer = read(&self.store);
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+        answer
+    }
+}
+
+impl StateReader for TimedReader {
+    fn member(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: EpochMillis,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StateReadError> {
+        self.timed(|store| store.member(partition, metric, start_ms, key))
+    }
+
+    fn has_entries(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: EpochMillis,
+    ) -> Result<bool, StateReadError> {
+        self.timed(|store| store.has_entries(partition, metric, start_ms))
+    }
+}
+
+fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<(Entries, Split)> {
     let directory = tempfile::tempdir()?;
     let store = Store::open(directory.path(), plan, &StoreOptions::default())?;
     // What the engine reads back from the store: what its memory could not answer.
-    let reader = CountingReader::new(store.clone());
+    let reading = Arc::new(AtomicU64::new(0));
+    let reader = CountingReader::new(TimedReader {
+        store: store.clone(),
+        nanos: reading.clone(),
+    });
     let reads = reader.reads();
     let mut engine = Engine::with_reader(plan.clone(), Box::new(reader), DEFAULT_MEMBER_CACHE);
     let key = PartitionKey::new("events", 0);
     engine.restore_partition(key.clone(), store.load_partition(&key)?);
     let mut written = 0;
+    let mut split = Split::default();
+    let run_started = Instant::now();
     let mut checkpoint = |engine: &mut Engine| -> anyhow::Result<()> {
+        let started = Instant::now();
         let changes = engine.take_changes();
+        let taken = Instant::now();
         written += changes
             .partitions
             .iter()
             .map(|partition| partition.members.len() as u64)
             .sum::<u64>();
         store.commit(store.prepare(&changes, false)?, &[])?;
+        split.taking += taken - started;
+        split.storing += taken.elapsed();
         Ok(())
     };
     let mut since_checkpoint = 0;
@@ -162,10 +223,13 @@ fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<Entries> {
     }
     checkpoint(&mut engine)?;
     black_box(engine.metric_values(NOW_MS));
-    Ok(Entries {
+    split.running = run_started.elapsed();
+    split.reading = Duration::from_nanos(reading.load(Ordering::Relaxed));
+    let entries = Entries {
         written,
         read: reads.load(Ordering::Relaxed),
-    })
+    };
+    Ok((entries, split))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -182,16 +246,32 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
     let mut core_cpu_rates = Vec::new();
     // The same in every round: the run is deterministic.
     let mut entries = Entries::default();
+    // Summed over the rounds, as the seconds of the runs.
+    let (mut split, mut parse_seconds) = (Split::default(), 0.0);
     for _ in 0..args.rounds.max(1) {
         let parse = measure(|| parse_only(&events))?;
         parse_rates.push(count / parse.seconds);
+        parse_seconds += parse.seconds;
         let core = measure(|| {
-            entries = core_path(&plan, &events)?;
+            let (run_entries, run_split) = core_path(&plan, &events)?;
+            entries = run_entries;
+            split.running += run_split.running;
+            split.reading += run_split.reading;
+            split.taking += run_split.taking;
+            split.storing += run_split.storing;
             Ok(())
         })?;
         core_rates.push(count / core.seconds);
         core_cpu_rates.push(count / core.cpu_seconds.max(1e-9));
     }
+    // Microseconds an event over every round; applying includes its reads.
+    let per_event = |seconds: f64| seconds * 1e6 / (count * args.rounds.max(1) as f64);
+    let (reading, taking, storing) = (
+        split.reading.as_secs_f64(),
+        split.taking.as_secs_f64(),
+        split.storing.as_secs_f64(),
+    );
+    let applying = split.running.as_secs_f64() - taking - storing;
     let parse = median(parse_rates.clone());
     let core = median(core_rates.clone());
     let rounded = |rates: &[f64]| {
@@ -206,6 +286,8 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
          \"parse_only_events_per_second\":{parse:.0},\"nsm_events_per_second\":{core:.0},\
          \"nsm_events_per_cpu_second\":{:.0},\"nsm_to_parse_only\":{:.3},\
          \"entries_written_per_event\":{:.2},\"entries_read_per_event\":{:.2},\
+         \"microseconds_per_event\":{{\"parse_only\":{:.2},\"applying\":{:.2},\
+         \"of_it_reading_rocksdb\":{:.2},\"taking_changes\":{:.2},\"writing_rocksdb\":{:.2}}},\
          \"parse_only_runs\":[{}],\"nsm_runs\":[{}]}}",
         events.len(),
         args.users,
@@ -215,6 +297,11 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
         core / parse,
         entries.written as f64 / count,
         entries.read as f64 / count,
+        per_event(parse_seconds),
+        per_event(applying),
+        per_event(reading),
+        per_event(taking),
+        per_event(storing),
         rounded(&parse_rates),
         rounded(&core_rates),
     );
