@@ -3,6 +3,7 @@
 
 use super::dedup::expired_before;
 use super::funnel::{period_bound, period_of, FUNNEL_WINDOW};
+use super::members::EntryValue;
 use super::plan::{Plan, ValueSource};
 use super::state::{AggValue, PartitionState, StoredGap};
 use crate::{EpochMillis, PartitionKey};
@@ -32,7 +33,7 @@ pub struct MemberInsert {
     pub metric: usize,
     pub start_ms: EpochMillis,
     pub member: Box<[u8]>,
-    pub value: Box<[u8]>,
+    pub value: EntryValue,
 }
 
 /// Member entries of one window whose keys sort before `before`, to delete (old funnel

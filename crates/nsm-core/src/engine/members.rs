@@ -102,7 +102,7 @@ impl MemoryReader {
         {
             entries.insert(
                 (partition.clone(), (*metric, *start_ms, member.clone())),
-                value.clone(),
+                Box::from(&**value),
             );
         }
         for delete in deletes {
@@ -237,7 +237,7 @@ type Namespace = (usize, EpochMillis);
 /// nothing for a member). Longer ones (a conversion's times, a last occurrence's long form)
 /// are not cached.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Small {
+pub struct Small {
     len: u8,
     bytes: [u8; 8],
 }
@@ -258,39 +258,54 @@ impl Small {
 }
 
 /// An entry's value: inline when short (nearly all are), so writing, reading or handing over
-/// an entry costs no allocation for its value.
+/// an entry to be stored costs no allocation for its value, nor a free on the thread that
+/// stores it. Read it as bytes (it derefs to `[u8]`).
 #[derive(Debug, Clone)]
-pub(super) enum Value {
+pub enum EntryValue {
     Small(Small),
     Long(Box<[u8]>),
 }
 
-impl Value {
-    pub fn new(bytes: &[u8]) -> Value {
-        Small::new(bytes).map_or_else(|| Value::Long(bytes.into()), Value::Small)
+impl EntryValue {
+    pub fn new(bytes: &[u8]) -> EntryValue {
+        Small::new(bytes).map_or_else(|| EntryValue::Long(bytes.into()), EntryValue::Small)
     }
 
     fn small(&self) -> Option<Small> {
         match self {
-            Value::Small(small) => Some(*small),
-            Value::Long(_) => None,
+            EntryValue::Small(small) => Some(*small),
+            EntryValue::Long(_) => None,
         }
     }
 }
 
-impl Default for Value {
-    fn default() -> Self {
-        Value::new(&[])
+impl PartialEq for EntryValue {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
     }
 }
 
-impl std::ops::Deref for Value {
+impl Eq for EntryValue {}
+
+impl From<&[u8]> for EntryValue {
+    fn from(bytes: &[u8]) -> Self {
+        EntryValue::new(bytes)
+    }
+}
+
+impl Default for EntryValue {
+    fn default() -> Self {
+        EntryValue::new(&[])
+    }
+}
+
+impl std::ops::Deref for EntryValue {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
         match self {
-            Value::Small(small) => small.bytes(),
-            Value::Long(value) => value,
+            EntryValue::Small(small) => small.bytes(),
+            EntryValue::Long(value) => value,
         }
     }
 }
@@ -380,7 +395,7 @@ pub(super) struct MemberIndex {
     /// What the last [`MemberIndex::take_written`] handed over, by digest: the caller may
     /// still be storing it while events go on being applied, and the cache may drop any of
     /// it meanwhile. Exact; replaced at the next take, by when the caller has stored it.
-    in_flight: DigestMap<Value>,
+    in_flight: DigestMap<EntryValue>,
     /// The windows of the entries in flight. The reader may not hold those entries yet, so
     /// its "nothing stored" for one of them does not make the window complete.
     in_flight_windows: NamespaceSet,
@@ -402,7 +417,7 @@ pub(super) struct MemberIndex {
 #[derive(Debug)]
 struct Written {
     key: MemberKey,
-    value: Value,
+    value: EntryValue,
     /// Whether to cache it once handed over to be stored: not when it is read again only in
     /// exceptional cases (see [`MemberIndex::put_rarely_read`]).
     cache: bool,
@@ -475,7 +490,7 @@ impl MemberIndex {
         metric: usize,
         start_ms: EpochMillis,
         key: &[u8],
-    ) -> Result<Option<Value>, StateReadError> {
+    ) -> Result<Option<EntryValue>, StateReadError> {
         let digest = digest(metric, start_ms, key);
         if let Some(written) = self.written.get(&digest) {
             return Ok(Some(written.value.clone()));
@@ -484,10 +499,10 @@ impl MemberIndex {
             return Ok(Some(value.clone()));
         }
         if let Some(cached) = self.cached(digest, (metric, start_ms)) {
-            return Ok(Some(Value::Small(cached)));
+            return Ok(Some(EntryValue::Small(cached)));
         }
         let value = self.stored(source, digest, metric, start_ms, key)?;
-        Ok(value.map(|value| Value::new(&value)))
+        Ok(value.map(|value| EntryValue::new(&value)))
     }
 
     /// Whether an entry is present.
@@ -545,7 +560,7 @@ impl MemberIndex {
         cache: bool,
     ) {
         let digest = digest(metric, start_ms, key);
-        let value = Value::new(value);
+        let value = EntryValue::new(value);
         match self.written.entry(digest) {
             // Written again before the checkpoint: its key is already held, and in the filter.
             Entry::Occupied(mut written) => {
@@ -587,7 +602,7 @@ impl MemberIndex {
             let Written { key, value, cache } = entry;
             let (metric, start_ms, member) = key;
             let small = value.small();
-            let stored = Box::from(&*value);
+            let stored = value.clone();
             self.in_flight.insert(digest, value);
             self.in_flight_windows.insert((metric, start_ms));
             match small {
@@ -636,7 +651,7 @@ impl MemberIndex {
     }
 
     /// An entry being stored, probed only when its window has some (see [`Self::cached`]).
-    fn in_flight(&self, digest: u128, namespace: Namespace) -> Option<&Value> {
+    fn in_flight(&self, digest: u128, namespace: Namespace) -> Option<&EntryValue> {
         if self.in_flight_windows.contains(&namespace) {
             self.in_flight.get(&digest)
         } else {

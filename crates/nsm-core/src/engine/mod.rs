@@ -26,7 +26,7 @@ pub use changes::{
     ChangeSet, MemberInsert, MemberRangeDelete, PartitionChanges, SegmentUpsert, WindowDelete,
     WindowUpsert, WindowsBefore,
 };
-pub use members::{CountingReader, MemoryReader, StateReadError, StateReader};
+pub use members::{CountingReader, EntryValue, MemoryReader, StateReadError, StateReader};
 pub use plan::{DedupSettings, EngineSettings, Plan};
 pub use segment::{metric_segments, segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
 pub use state::{AggValue, PartitionSnapshot, StoredGap, StoredSegment, StoredWindow, NO_PREVIOUS};

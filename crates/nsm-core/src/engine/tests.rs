@@ -927,7 +927,7 @@ fn trailing_occurrences_stored_in_format_3_are_read_and_extended_exactly() {
                 metric,
                 start_ms,
                 member,
-                value,
+                value: EntryValue::new(&value),
             });
         }
     }

@@ -37,7 +37,7 @@
 
 use std::collections::BTreeMap;
 
-use super::members::{MemberIndex, Source, StateReadError, Value};
+use super::members::{EntryValue, MemberIndex, Source, StateReadError};
 use super::pair;
 use super::state::{ensure_bucket, Agg, Pending, WindowState};
 use crate::window::Trailing;
@@ -49,7 +49,7 @@ const COUNTS_TAG: &[u8] = b"c";
 const OCCURRENCES_TAG: &[u8] = b"o";
 
 /// An entry found, with its home.
-type Found = (EpochMillis, Value);
+type Found = (EpochMillis, EntryValue);
 
 /// One trailing threshold metric of one partition (or one segment of it), being changed.
 pub(super) struct TrailingThreshold<'a> {
