@@ -287,12 +287,6 @@ impl PartialEq for EntryValue {
 
 impl Eq for EntryValue {}
 
-impl From<&[u8]> for EntryValue {
-    fn from(bytes: &[u8]) -> Self {
-        EntryValue::new(bytes)
-    }
-}
-
 impl Default for EntryValue {
     fn default() -> Self {
         EntryValue::new(&[])
