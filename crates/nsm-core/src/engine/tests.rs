@@ -801,6 +801,114 @@ fn segments_beyond_the_cap_of_a_window_are_kept_together_in_the_overflow() {
     );
 }
 
+/// Values that used to share a label (the string "3" and the number 3, a missing field and
+/// the string "(none)", values holding `/`, long values with one prefix) are segments of
+/// their own, each with its own value and label, and long values are kept capped.
+#[test]
+fn segments_with_look_alike_values_are_kept_and_labelled_apart() {
+    let mut users = metric(
+        "users_by_plan",
+        MetricKind::Distinct {
+            field: path("user_id"),
+        },
+        Some("message_sent"),
+        CalendarUnit::Day,
+    );
+    users.segments = Some(crate::metric::Segmentation {
+        by: vec![path("properties.plan")],
+        top: 20,
+    });
+    let mut messages = metric(
+        "messages_by_plan_and_tier",
+        MetricKind::Count,
+        Some("message_sent"),
+        CalendarUnit::Day,
+    );
+    messages.segments = Some(crate::metric::Segmentation {
+        by: vec![path("properties.plan"), path("properties.tier")],
+        top: 20,
+    });
+    let plan = Plan::new(vec![users, messages], test_plan().settings().clone());
+    let mut engine = Engine::new(plan);
+    engine.restore_partition(key(), PartitionSnapshot::default());
+    let long = |last: char| format!("\"{}{last}\"", "L".repeat(300));
+    let (long_one, long_two) = (long('1'), long('2'));
+    let stream: [(&str, &str); 12] = [
+        ("u1", r#""plan":"3""#),
+        ("u2", r#""plan":3"#),
+        ("u3", r#""plan":3.0"#),
+        ("u4", ""),
+        ("u5", r#""plan":"(none)""#),
+        ("u6", r#""plan":"a/b","tier":"c""#),
+        ("u7", r#""plan":"a","tier":"b/c""#),
+        ("u8", r#""plan":{"x":1}"#),
+        ("u9", &format!(r#""plan":{long_one}"#)),
+        ("u10", &format!(r#""plan":{long_two}"#)),
+        ("u11", r#""plan":"__other__""#),
+        ("u12", r#""plan":null"#),
+    ];
+    for (offset, (user, properties)) in stream.iter().enumerate() {
+        let payload = format!(
+            r#"{{"event":"message_sent","user_id":"{user}","timestamp":"2026-11-23T10:00:00Z","properties":{{{properties}}}}}"#
+        );
+        let outcome = engine.apply(&key(), offset as i64, payload.as_bytes(), ms(NOW));
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    }
+    let shown = engine.metric_values(ms(NOW));
+    let labelled = |metric: usize| -> std::collections::BTreeMap<String, f64> {
+        shown[metric]
+            .current_segments
+            .iter()
+            .map(|segment| (segment.label.clone(), segment.value.to_f64()))
+            .collect()
+    };
+    let users = labelled(0);
+    let expected_users = [
+        ("\"3\"", 1.0),
+        ("3", 2.0),
+        ("(none)", 2.0),
+        ("\"(none)\"", 1.0),
+        ("a/b", 1.0),
+        ("a", 1.0),
+        ("(composite)", 1.0),
+        ("\"__other__\"", 1.0),
+    ];
+    for (label, value) in expected_users {
+        assert_eq!(users.get(label), Some(&value), "{label} in {users:?}");
+    }
+    assert_eq!(users.len(), expected_users.len() + 2, "{users:?}");
+    let long_labels: Vec<&String> = users
+        .keys()
+        .filter(|label| label.starts_with("LLLL"))
+        .collect();
+    assert_eq!(long_labels.len(), 2, "{users:?}");
+    assert!(long_labels
+        .iter()
+        .all(|label| label.len() <= segment::MAX_LABEL_BYTES));
+    assert_eq!(users.values().sum::<f64>(), 12.0);
+
+    let messages = labelled(1);
+    assert_eq!(messages.get("\"a/b\"/c"), Some(&1.0), "{messages:?}");
+    assert_eq!(messages.get("a/\"b/c\""), Some(&1.0), "{messages:?}");
+    assert_eq!(messages.get("\"3\"/(none)"), Some(&1.0), "{messages:?}");
+    assert_eq!(messages.get("3/(none)"), Some(&2.0), "{messages:?}");
+    assert_eq!(messages.len(), 10, "{messages:?}");
+
+    // What is stored is bounded whatever the values: segment keys and the segments' members.
+    let changes = engine.take_changes();
+    let bound = 2 * (2 + segment::MAX_SEGMENT_VALUE_BYTES);
+    let stored = &changes.partitions[0];
+    assert_eq!(stored.segments.len(), 10 + 10);
+    assert!(stored
+        .segments
+        .iter()
+        .all(|upsert| upsert.segment.len() <= bound));
+    assert!(stored
+        .members
+        .iter()
+        .all(|entry| entry.member.len() <= bound + 16));
+}
+
 #[test]
 fn the_member_cache_and_filter_are_split_evenly_between_the_owned_partitions() {
     let mut engine = Engine::with_reader(test_plan(), Box::new(MemoryReader::default()), 1200);
