@@ -941,8 +941,8 @@ fn conversions(events: &[Event]) -> Vec<(u8, i64)> {
         .collect()
 }
 
-/// Next offset, largest event time and idle floor of a partition.
-type PartitionMeta = (Option<i64>, Option<i64>, Option<i64>);
+/// Next offset, largest event time, watermark and idle floor of a partition.
+type PartitionMeta = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
 
 /// What RocksDB would hold, with the same overwrite semantics as the real store.
 #[derive(Default)]
@@ -967,8 +967,13 @@ impl FakeStore {
         for part in changes.partitions {
             self.members.write(&part);
             let p = part.key.partition;
-            self.offsets
-                .insert(p, (part.next_offset, part.max_event_ms, part.idle_floor_ms));
+            let meta = (
+                part.next_offset,
+                part.max_event_ms,
+                part.event_watermark_ms,
+                part.idle_floor_ms,
+            );
+            self.offsets.insert(p, meta);
             for upsert in part.upserts {
                 self.windows.insert(
                     (p, upsert.metric, upsert.start_ms),
@@ -1004,11 +1009,12 @@ impl FakeStore {
     }
 
     fn snapshot(&self, partition: i32) -> PartitionSnapshot {
-        let (next_offset, max_event_ms, idle_floor_ms) =
+        let (next_offset, max_event_ms, event_watermark_ms, idle_floor_ms) =
             self.offsets.get(&partition).copied().unwrap_or_default();
         PartitionSnapshot {
             next_offset,
             max_event_ms,
+            event_watermark_ms,
             idle_floor_ms,
             windows: self
                 .windows

@@ -20,6 +20,7 @@ use rocksdb::WriteBatch;
 
 use crate::codec::{
     decode_partition_meta, encode_partition_meta, partition_prefix, prefix_successor,
+    PartitionMeta,
 };
 use crate::{
     StateError, Store, CF_FINGERPRINTS, CF_GAPS, CF_MEMBERS, CF_META, CF_PARTITIONS, CF_SEGMENTS,
@@ -406,7 +407,7 @@ impl Store {
             return Ok(None);
         };
         decode_partition_meta(&bytes)
-            .map(|(next_offset, _, _)| next_offset)
+            .map(|meta| meta.next_offset)
             .ok_or_else(|| StateError::Corrupt {
                 column_family: CF_PARTITIONS,
                 detail: format!("partition {partition}"),
@@ -473,7 +474,7 @@ impl Store {
         let meta = self
             .db
             .get_cf(self.cf(CF_PARTITIONS), &prefix)?
-            .unwrap_or_else(|| encode_partition_meta(None, None, None));
+            .unwrap_or_else(|| encode_partition_meta(&PartitionMeta::default()));
         recorder.end_partition(partition, &meta);
         Ok((recorder.finish(), discarded))
     }
@@ -705,7 +706,7 @@ impl ChangelogProbe {
         }
         if self.matcher.is_end(key) {
             if let Some(meta) = value.and_then(decode_partition_meta) {
-                self.finished = Some(meta.0);
+                self.finished = Some(meta.next_offset);
             }
         } else {
             self.keys.insert(key.to_vec());

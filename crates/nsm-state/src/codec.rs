@@ -107,29 +107,44 @@ fn decode_optional(bytes: &[u8]) -> Option<Option<i64>> {
     }
 }
 
-pub fn encode_partition_meta(
-    next_offset: Option<i64>,
-    max_event_ms: Option<i64>,
-    idle_floor_ms: Option<i64>,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(27);
-    encode_optional(&mut out, next_offset);
-    encode_optional(&mut out, max_event_ms);
-    encode_optional(&mut out, idle_floor_ms);
+/// A partition's offsets and time, the value of its meta record (and changelog end marker).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionMeta {
+    pub next_offset: Option<i64>,
+    pub max_event_ms: Option<i64>,
+    /// `None` when read from formats 3 and 4, which kept no watermark apart from the newest
+    /// event (the engine takes the newest event then).
+    pub event_watermark_ms: Option<i64>,
+    pub idle_floor_ms: Option<i64>,
+}
+
+/// Formats 3 and 4: offset, newest event, idle floor.
+const META_BYTES_FORMAT_4: usize = 27;
+/// Format 5 adds the watermark.
+const META_BYTES: usize = 36;
+
+pub fn encode_partition_meta(meta: &PartitionMeta) -> Vec<u8> {
+    let mut out = Vec::with_capacity(META_BYTES);
+    encode_optional(&mut out, meta.next_offset);
+    encode_optional(&mut out, meta.max_event_ms);
+    encode_optional(&mut out, meta.idle_floor_ms);
+    encode_optional(&mut out, meta.event_watermark_ms);
     out
 }
 
-pub type PartitionMeta = (Option<i64>, Option<i64>, Option<i64>);
-
 pub fn decode_partition_meta(bytes: &[u8]) -> Option<PartitionMeta> {
-    if bytes.len() != 27 {
+    if bytes.len() != META_BYTES && bytes.len() != META_BYTES_FORMAT_4 {
         return None;
     }
-    Some((
-        decode_optional(&bytes[0..9])?,
-        decode_optional(&bytes[9..18])?,
-        decode_optional(&bytes[18..27])?,
-    ))
+    Some(PartitionMeta {
+        next_offset: decode_optional(&bytes[0..9])?,
+        max_event_ms: decode_optional(&bytes[9..18])?,
+        idle_floor_ms: decode_optional(&bytes[18..27])?,
+        event_watermark_ms: match bytes.get(27..36) {
+            Some(watermark) => decode_optional(watermark)?,
+            None => None,
+        },
+    })
 }
 
 const TAG_COUNT: u8 = 1;

@@ -13,8 +13,9 @@ use rocksdb::{ColumnFamily, IteratorMode, WriteOptions, DB};
 /// 4: a trailing distinct count's (or conversion's) last occurrence of a member per period
 /// holds the occurrence's previous one too, and its other occurrences are stored only where an
 /// event can still reach them (`nsm_core::engine::trailing`); such metrics' fingerprints say
-/// so.
-pub const FORMAT_VERSION: u32 = 4;
+/// so. 5: a partition's meta record holds its watermark apart from its newest event (the
+/// watermark is bounded by the wall clock when each event was applied).
+pub const FORMAT_VERSION: u32 = 5;
 
 /// An older format this nsm migrates at open (its fingerprints move to each partition, in
 /// format 3's form).
@@ -24,6 +25,10 @@ pub(crate) const FORMAT_WITH_GLOBAL_FINGERPRINTS: u32 = 2;
 /// the last ones without their previous one, which this nsm still reads; the fingerprints it
 /// stored are accepted as they are, and replaced as partitions are taken.
 pub(crate) const FORMAT_WITH_EVERY_OCCURRENCE: u32 = 3;
+
+/// An older format this nsm reads as it is: its partitions' meta records hold no watermark,
+/// which is then their newest event, as it was in that format.
+pub(crate) const FORMAT_WITHOUT_WATERMARK: u32 = 4;
 
 pub(crate) const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
@@ -99,7 +104,10 @@ pub(crate) fn check(
             detail: format!("{} bytes where 4 were expected", bytes.len()),
         })?;
     let (path, expected) = (path.to_path_buf(), FORMAT_VERSION);
-    if found == FORMAT_WITH_GLOBAL_FINGERPRINTS || found == FORMAT_WITH_EVERY_OCCURRENCE {
+    if found == FORMAT_WITH_GLOBAL_FINGERPRINTS
+        || found == FORMAT_WITH_EVERY_OCCURRENCE
+        || found == FORMAT_WITHOUT_WATERMARK
+    {
         return Ok(found);
     }
     match found.cmp(&FORMAT_VERSION) {

@@ -49,7 +49,7 @@ use rocksdb::{
 };
 
 use codec::{
-    decode_i64, decode_partition_meta, decode_window_value, encode_partition_meta,
+    decode_i64, decode_partition_meta, decode_window_value, encode_partition_meta, PartitionMeta,
     encode_window_value, entry_key_into, partition_prefix, prefix_successor,
     split_partition_prefix, window_key, window_metric_prefix,
 };
@@ -246,7 +246,9 @@ impl Store {
             format::FORMAT_WITH_GLOBAL_FINGERPRINTS => {
                 store.migrate_fingerprints_to_partitions()?
             }
-            format::FORMAT_WITH_EVERY_OCCURRENCE => store.raise_format_version()?,
+            format::FORMAT_WITH_EVERY_OCCURRENCE | format::FORMAT_WITHOUT_WATERMARK => {
+                store.raise_format_version()?
+            }
             _ => {}
         }
         Ok(store)
@@ -259,8 +261,9 @@ impl Store {
             .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
     }
 
-    /// Format 3's data reads as it is (see `format::FORMAT_WITH_EVERY_OCCURRENCE`); once this
-    /// nsm writes, a format-3 nsm could not read it, so the version goes up first.
+    /// Formats 3 and 4 read as they are (see `format::FORMAT_WITH_EVERY_OCCURRENCE` and
+    /// `format::FORMAT_WITHOUT_WATERMARK`); once this nsm writes, an nsm of those formats could
+    /// not read it, so the version goes up first.
     fn raise_format_version(&self) -> Result<(), StateError> {
         self.db.put_cf_opt(
             self.cf(CF_META),
@@ -436,7 +439,12 @@ impl Store {
             // Last: the partition's offsets and watermark, the end marker of its records.
             recorder.end_partition(
                 &part.key,
-                &encode_partition_meta(part.next_offset, part.max_event_ms, part.idle_floor_ms),
+                &encode_partition_meta(&PartitionMeta {
+                    next_offset: part.next_offset,
+                    max_event_ms: part.max_event_ms,
+                    event_watermark_ms: part.event_watermark_ms,
+                    idle_floor_ms: part.idle_floor_ms,
+                }),
             );
         }
         Ok(recorder.finish())
@@ -499,18 +507,18 @@ impl Store {
         let prefix = partition_prefix(key);
         let mut snapshot = PartitionSnapshot::default();
         if let Some(bytes) = self.db.get_cf(self.cf(CF_PARTITIONS), &prefix)? {
-            let (next_offset, max_event_ms, idle_floor_ms) = decode_partition_meta(&bytes)
-                .ok_or_else(|| StateError::Corrupt {
-                    column_family: CF_PARTITIONS,
-                    detail: format!("partition {key}"),
-                })?;
-            snapshot.next_offset = next_offset;
-            snapshot.max_event_ms = max_event_ms;
-            snapshot.idle_floor_ms = idle_floor_ms;
+            let meta = decode_partition_meta(&bytes).ok_or_else(|| StateError::Corrupt {
+                column_family: CF_PARTITIONS,
+                detail: format!("partition {key}"),
+            })?;
+            snapshot.next_offset = meta.next_offset;
+            snapshot.max_event_ms = meta.max_event_ms;
+            snapshot.event_watermark_ms = meta.event_watermark_ms;
+            snapshot.idle_floor_ms = meta.idle_floor_ms;
         }
         snapshot.windows = self.scan_windows(&prefix, None)?;
         snapshot.gaps = self.scan_gaps(key, &prefix)?;
-        snapshot.segments = self.scan_segments(key, &prefix)?;
+        snapshot.segments = self.scan_segments(key, &prefix, &prefix, None)?;
         Ok(snapshot)
     }
 

@@ -952,3 +952,50 @@ fn a_format_3_store_keeps_its_trailing_counts_and_becomes_format_4() {
         "ana again, known from the stored state"
     );
 }
+
+#[test]
+fn a_format_4_store_takes_its_newest_event_as_the_watermark_and_becomes_format_5() {
+    let plan = plan_from(CONFIG);
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_events(
+        dir.path(),
+        &plan,
+        &[
+            event("message_sent", "ana", 1),
+            event("message_sent", "bo", 20),
+        ],
+    );
+    // As format 4 left it: its version, and a meta record without a watermark.
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let prefix = partition_prefix(&key(0));
+    let meta = store
+        .db
+        .get_cf(store.cf(CF_PARTITIONS), &prefix)
+        .expect("read")
+        .expect("meta");
+    let mut batch = WriteBatch::default();
+    batch.put_cf(store.cf(CF_PARTITIONS), &prefix, &meta[..27]);
+    batch.put_cf(
+        store.cf(CF_META),
+        format::FORMAT_VERSION_KEY,
+        4u32.to_be_bytes(),
+    );
+    store.db.write(batch).expect("write");
+    drop(store);
+
+    let store = Store::open(dir.path(), &plan, &options()).expect("a format 4 store opens");
+    let version = store
+        .db
+        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
+        .expect("read")
+        .expect("version");
+    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
+    let snapshot = store.load_partition(&key(0)).expect("load");
+    let newest = NOW - 3_600_000 + 20 * 60_000;
+    assert_eq!(snapshot.max_event_ms, Some(newest));
+    assert_eq!(snapshot.event_watermark_ms, None);
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), snapshot);
+    assert_eq!(engine.partition_status()[0].watermark_ms, Some(newest));
+    assert_eq!(engine.partition_status()[0].next_offset, Some(2));
+}

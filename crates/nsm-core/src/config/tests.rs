@@ -243,6 +243,26 @@ window = "1w"
 }
 
 #[test]
+fn max_future_skew_must_not_exceed_the_allowed_lateness() {
+    let text = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[time]
+allowed_lateness = "10m"
+max_future_skew = "1h"
+[north_star]
+name = "n"
+kind = "count"
+window = "1w"
+"#;
+    let errors = errors_of(text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "time.max_future_skew");
+    assert!(errors[0].1.contains("10m"), "{errors:?}");
+}
+
+#[test]
 fn monthly_windows_need_two_months_of_retention() {
     let monthly = |retention: &str| {
         format!(

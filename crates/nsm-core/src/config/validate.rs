@@ -506,6 +506,22 @@ fn validate_time(raw: &RawConfig, problems: &mut Problems) -> Option<TimeConfig>
         "1h",
         problems,
     );
+    if let (Some(skew), Some(lateness)) = (skew, lateness) {
+        // The watermark never passes the wall clock, but a replay after a restart applies an
+        // event stamped ahead at a later clock: at most `max_future_skew` ahead of the events
+        // sent beside it, which must then still be within the lateness.
+        if skew > lateness {
+            problems.add(
+                "time.max_future_skew",
+                format!(
+                    "must not exceed time.allowed_lateness ({}), or one event stamped that far \
+                     ahead could make the on-time events beside it late when they are replayed \
+                     after a restart",
+                    humantime::format_duration(lateness)
+                ),
+            );
+        }
+    }
     week_start?;
     Some(TimeConfig {
         calendar: calendar?,

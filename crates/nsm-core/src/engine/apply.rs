@@ -64,7 +64,7 @@ pub(super) fn apply_event(
                 }
             }
             let matched = evaluated.contributions.len();
-            if let Err(error) = commit(plan, state, source, evaluated) {
+            if let Err(error) = commit(plan, state, source, evaluated, now_ms) {
                 // The event may be half applied: nothing of this partition is stored any
                 // more, so a restart resumes from its last whole state.
                 state.poisoned = true;
@@ -506,6 +506,7 @@ fn commit(
     state: &mut PartitionState,
     source: &Source<'_>,
     evaluated: Evaluated<'_>,
+    now_ms: EpochMillis,
 ) -> Result<(), StateReadError> {
     let Evaluated {
         event_time_ms,
@@ -520,11 +521,11 @@ fn commit(
         }
         .remember(&id, event_time_ms);
     }
-    let newest_ms = state
-        .max_event_ms
-        .map_or(event_time_ms, |max| max.max(event_time_ms));
-    state.max_event_ms = Some(newest_ms);
-    state.pending.meta_dirty = true;
+    state.advance_event_time(event_time_ms, now_ms);
+    let newest_ms = state.max_event_ms.unwrap_or(event_time_ms);
+    let accepted_from_ms = state
+        .accepted_from_ms(plan.settings.allowed_lateness_ms)
+        .unwrap_or(event_time_ms);
     for (index, contribution, segment) in contributions {
         let compiled = &plan.compiled[index];
         if let Contribution::FunnelStart(_) | Contribution::FunnelEnd(_) = contribution {
@@ -532,6 +533,7 @@ fn commit(
                 metric: index,
                 time_ms: event_time_ms,
                 newest_ms,
+                accepted_from_ms,
             };
             step.apply(plan, state, source, &contribution, segment)?;
             continue;
@@ -553,7 +555,7 @@ fn commit(
                 metric: index,
                 span: plan.gap_span(index).unwrap_or(*trailing),
                 start_ms: bounds.start_ms,
-                allowed_lateness_ms: plan.settings.allowed_lateness_ms,
+                accepted_from_ms,
             };
             bucket.add(state, source, member, None, newest_ms)?;
             if let Some(segment) = &segment {
@@ -577,7 +579,7 @@ fn commit(
                 metric: index,
                 trailing: *trailing,
                 at_least: *at_least,
-                allowed_lateness_ms: plan.settings.allowed_lateness_ms,
+                accepted_from_ms,
                 segment: None,
                 windows,
                 members: &mut state.members,
@@ -670,7 +672,8 @@ struct TrailingBucket {
     /// reach further back (`Plan::gap_span`).
     span: Trailing,
     start_ms: EpochMillis,
-    allowed_lateness_ms: i64,
+    /// The earliest event time the partition still accepts.
+    accepted_from_ms: EpochMillis,
 }
 
 impl TrailingBucket {
@@ -696,7 +699,7 @@ impl TrailingBucket {
         TrailingDistinct {
             metric: self.metric,
             trailing: self.span,
-            allowed_lateness_ms: self.allowed_lateness_ms,
+            accepted_from_ms: self.accepted_from_ms,
             segment: segment.as_deref(),
             windows,
             members: &mut state.members,
@@ -713,6 +716,8 @@ struct FunnelStep {
     time_ms: EpochMillis,
     /// The partition's newest event time.
     newest_ms: EpochMillis,
+    /// The earliest event time the partition still accepts.
+    accepted_from_ms: EpochMillis,
 }
 
 impl FunnelStep {
@@ -788,7 +793,7 @@ impl FunnelStep {
                 metric: index,
                 span: plan.gap_span(index).unwrap_or(trailing),
                 start_ms: trailing.bucket_of(time_ms).start_ms,
-                allowed_lateness_ms: plan.settings.allowed_lateness_ms,
+                accepted_from_ms: self.accepted_from_ms,
             };
             return bucket.add(state, source, entity, segment, self.newest_ms);
         }

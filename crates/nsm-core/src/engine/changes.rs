@@ -68,6 +68,7 @@ pub struct PartitionChanges {
     pub key: PartitionKey,
     pub next_offset: Option<i64>,
     pub max_event_ms: Option<EpochMillis>,
+    pub event_watermark_ms: Option<EpochMillis>,
     pub idle_floor_ms: Option<EpochMillis>,
     pub upserts: Vec<WindowUpsert>,
     pub segments: Vec<SegmentUpsert>,
@@ -170,6 +171,7 @@ impl PartitionState {
             key: key.clone(),
             next_offset: self.next_offset,
             max_event_ms: self.max_event_ms,
+            event_watermark_ms: self.event_watermark_ms,
             idle_floor_ms: self.idle_floor_ms,
             upserts,
             segments,
@@ -210,9 +212,10 @@ impl PartitionState {
         deletes
     }
 
-    /// Drops windows that ended more than the retention before the watermark.
+    /// Drops windows that ended more than the retention before the partition's clock (idle
+    /// time included: no event older than the retention before the wall clock is accepted).
     fn expire(&mut self, plan: &Plan) -> Vec<WindowDelete> {
-        let Some(watermark) = self.watermark_ms() else {
+        let Some(watermark) = self.clock_ms() else {
             return Vec::new();
         };
         let horizon = watermark - plan.settings.retention_ms;

@@ -293,7 +293,7 @@ impl Engine {
             .map(|(key, state)| PartitionStatus {
                 key: key.clone(),
                 next_offset: state.next_offset,
-                watermark_ms: state.watermark_ms(),
+                watermark_ms: state.clock_ms(),
                 max_event_time_ms: state.max_event_ms,
             })
             .collect();

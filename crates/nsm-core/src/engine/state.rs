@@ -156,6 +156,9 @@ pub struct StoredSegment {
 pub struct PartitionSnapshot {
     pub next_offset: Option<i64>,
     pub max_event_ms: Option<EpochMillis>,
+    /// `None` in state written before the watermark was kept apart from the newest event
+    /// (formats 3 and 4): it was the newest event then.
+    pub event_watermark_ms: Option<EpochMillis>,
     pub idle_floor_ms: Option<EpochMillis>,
     pub windows: Vec<StoredWindow>,
     pub segments: Vec<StoredSegment>,
@@ -317,9 +320,13 @@ pub(super) struct Pending {
 #[derive(Debug)]
 pub(super) struct PartitionState {
     pub next_offset: Option<i64>,
-    /// The largest event time applied; drives lateness.
+    /// The largest event time applied: how far ahead the partition's entries can be.
     pub max_event_ms: Option<EpochMillis>,
-    /// The wall clock at the last idle advance; lets time move without events.
+    /// The largest event time applied, each taken no further than the wall clock when it
+    /// was applied; drives lateness (see [`PartitionState::watermark_ms`]).
+    pub event_watermark_ms: Option<EpochMillis>,
+    /// The wall clock at the last idle advance; lets windows roll over and complete without
+    /// events, never makes an event late.
     pub idle_floor_ms: Option<EpochMillis>,
     /// Per metric (plan order): windows by start.
     pub windows: Vec<BTreeMap<EpochMillis, WindowState>>,
@@ -390,6 +397,7 @@ impl PartitionState {
         PartitionState {
             next_offset: snapshot.next_offset,
             max_event_ms: snapshot.max_event_ms,
+            event_watermark_ms: snapshot.event_watermark_ms.or(snapshot.max_event_ms),
             idle_floor_ms: snapshot.idle_floor_ms,
             windows,
             last_window: vec![None; metric_count],
@@ -401,11 +409,38 @@ impl PartitionState {
         }
     }
 
-    /// Event time below which events are late is `watermark - allowed_lateness`.
+    /// Event time below which events are late is `watermark - allowed_lateness`. The
+    /// watermark is the largest event time applied, each bounded by the wall clock when it was
+    /// applied: one event stamped ahead of the clock (a client sending local time as UTC)
+    /// must not make the partition's on-time events late. Idle time never moves it, so a
+    /// backfill of a stalled period is not late either.
     pub fn watermark_ms(&self) -> Option<EpochMillis> {
-        match (self.max_event_ms, self.idle_floor_ms) {
+        self.event_watermark_ms
+    }
+
+    /// How far the partition's time has moved, for picking and completing windows: the
+    /// watermark, or the wall clock once the partition has been idle.
+    pub fn clock_ms(&self) -> Option<EpochMillis> {
+        match (self.event_watermark_ms, self.idle_floor_ms) {
             (Some(event), Some(idle)) => Some(event.max(idle)),
             (event, idle) => event.or(idle),
         }
     }
+
+    /// Applies an event at `event_time_ms` to the partition's time, at wall clock `now_ms`.
+    pub fn advance_event_time(&mut self, event_time_ms: EpochMillis, now_ms: EpochMillis) {
+        self.max_event_ms = Some(self.max_event_ms.map_or(event_time_ms, |max| max.max(event_time_ms)));
+        let bounded = event_time_ms.min(now_ms);
+        self.event_watermark_ms =
+            Some(self.event_watermark_ms.map_or(bounded, |watermark| watermark.max(bounded)));
+        self.pending.meta_dirty = true;
+    }
+
+    /// The earliest event time the partition still accepts: no accepted event can land
+    /// before it. `None` before any event.
+    pub fn accepted_from_ms(&self, allowed_lateness_ms: i64) -> Option<EpochMillis> {
+        self.watermark_ms()
+            .map(|watermark| watermark.saturating_sub(allowed_lateness_ms))
+    }
 }
+

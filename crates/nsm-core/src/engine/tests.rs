@@ -349,6 +349,100 @@ fn restart_from_changes_restores_exact_state_and_skips_applied_offsets() {
     assert_eq!(values(&restored)[2], (5.5, 0.0));
 }
 
+/// `minutes` after `base`, as RFC 3339.
+fn at_minutes(base: &str, minutes: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms(base) + minutes * MINUTE)
+        .expect("in range")
+        .to_string()
+}
+
+#[test]
+fn one_event_stamped_ahead_of_the_clock_makes_no_on_time_event_late() {
+    // A client stamping local time as UTC: 59 minutes ahead, within max_future_skew.
+    let mut engine = engine();
+    let now = ms(NOW);
+    let mut offset = 0;
+    let mut send = |engine: &mut Engine, time: &str, user: &str| {
+        let outcome = engine.apply(&key(), offset, &event("message_sent", user, time), now);
+        offset += 1;
+        outcome
+    };
+    for user in 0..100 {
+        let outcome = send(&mut engine, NOW, &format!("on-time-{user}"));
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    }
+    let ahead = send(&mut engine, &at_minutes(NOW, 59), "ahead");
+    assert!(matches!(ahead, Outcome::Applied { .. }), "{ahead:?}");
+    for user in 0..100 {
+        let outcome = send(&mut engine, &at_minutes(NOW, -2), &format!("early-{user}"));
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    }
+    // Every event counted; the instance clock stayed on the wall clock's hour and day.
+    let day = &engine.metric_values(now)[0];
+    assert_eq!(day.current.value, AggValue::Distinct(201));
+    let hours = &engine.metric_values(now)[1];
+    assert_eq!(hours.current.bounds.start_ms, ms(NOW));
+    // 12:00 to 13:00 holds the on-time events and the one ahead; the hour before, the rest.
+    assert_eq!(hours.current.value, AggValue::Count(101));
+    assert_eq!(hours.previous.value, AggValue::Count(100));
+    let status = &engine.partition_status()[0];
+    assert_eq!(status.watermark_ms, Some(now));
+    assert_eq!(status.max_event_time_ms, Some(now + 59 * MINUTE));
+    // The same holds after a restart from what was stored.
+    let changes = engine.take_changes();
+    let mut restarted = Engine::new(test_plan());
+    restarted.restore_partition(key(), snapshot_of(&changes));
+    let outcome = restarted.apply(
+        &key(),
+        201,
+        &event("message_sent", "after-restart", &at_minutes(NOW, -3)),
+        now,
+    );
+    assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+}
+
+#[test]
+fn a_backfill_after_an_idle_stall_is_not_late() {
+    // Events stop at 10:00; an hour-long idle moves the clock so windows roll over and
+    // complete; then the producer backfills the stalled hour.
+    let mut engine = engine();
+    let stall_start = "2026-11-23T10:00:00Z";
+    let outcome = engine.apply(
+        &key(),
+        0,
+        &event("message_sent", "ana", stall_start),
+        ms(stall_start),
+    );
+    assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    let resumed = ms(stall_start) + 3 * HOUR;
+    engine.advance_idle(&key(), resumed - HOUR);
+    engine.advance_idle(&key(), resumed);
+    // The idle clock moved the current hour on.
+    let hours = &engine.metric_values(resumed)[1];
+    assert_eq!(hours.current.bounds.start_ms, ms("2026-11-23T13:00:00Z"));
+    // The backfill: one message every 10 minutes of the stalled hours, all counted.
+    for step in 1..18 {
+        let time = at_minutes(stall_start, step * 10);
+        let outcome = engine.apply(
+            &key(),
+            step,
+            &event("message_sent", &format!("u{step}"), &time),
+            resumed,
+        );
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{time}: {outcome:?}");
+    }
+    let day = &engine.metric_values(resumed)[0];
+    assert_eq!(day.current.value, AggValue::Distinct(18));
+    // An event beyond the lateness behind the events themselves is still late.
+    let outcome = engine.apply(
+        &key(),
+        18,
+        &event("message_sent", "too-late", "2026-11-23T11:30:00Z"),
+        resumed,
+    );
+    assert_eq!(reason(outcome), Some(RejectReason::Late));
+}
+
 #[test]
 fn idle_partitions_move_to_the_wall_clock_and_complete_windows() {
     let mut engine = engine();
@@ -584,6 +678,7 @@ fn a_repeated_event_id_counts_once_within_the_horizon_and_again_after_it() {
         PartitionSnapshot {
             next_offset: part.next_offset,
             max_event_ms: part.max_event_ms,
+            event_watermark_ms: part.event_watermark_ms,
             ..PartitionSnapshot::default()
         },
     );
@@ -959,6 +1054,7 @@ fn snapshot_of(changes: &ChangeSet) -> PartitionSnapshot {
     PartitionSnapshot {
         next_offset: part.next_offset,
         max_event_ms: part.max_event_ms,
+        event_watermark_ms: part.event_watermark_ms,
         idle_floor_ms: part.idle_floor_ms,
         windows: part
             .upserts

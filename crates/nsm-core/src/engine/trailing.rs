@@ -50,9 +50,10 @@ const LAST_TAG: u8 = 0;
 pub(super) struct TrailingDistinct<'a> {
     pub metric: usize,
     pub trailing: Trailing,
-    /// How far behind the watermark an event is still accepted: occurrences in buckets no
-    /// accepted event can reach need no entry of their own.
-    pub allowed_lateness_ms: i64,
+    /// The earliest event time the partition still accepts (its watermark less the allowed
+    /// lateness): occurrences in buckets no accepted event can reach need no entry of their
+    /// own.
+    pub accepted_from_ms: EpochMillis,
     /// The segment whose members are added (tagged with it), counted in the segment's value
     /// and histogram of each bucket; `None` for the metric's own.
     pub segment: Option<&'a [u8]>,
@@ -130,9 +131,8 @@ impl TrailingDistinct<'_> {
                 {
                     // The replaced last needs an entry of its own only while an event can
                     // still land in its bucket, or probe it: its bucket ends after the
-                    // newest event less the lateness (the watermark is at least the newest
-                    // event, and nothing older is accepted). Format 3 wrote one anyway.
-                    if superseded_ms + step_ms > newest_ms - self.allowed_lateness_ms {
+                    // earliest event time still accepted. Format 3 wrote one anyway.
+                    if superseded_ms + step_ms > self.accepted_from_ms {
                         self.members.put_rarely_read(
                             metric,
                             superseded_ms,

@@ -56,7 +56,9 @@ pub(super) struct TrailingThreshold<'a> {
     pub metric: usize,
     pub trailing: Trailing,
     pub at_least: u32,
-    pub allowed_lateness_ms: i64,
+    /// The earliest event time the partition still accepts (its watermark less the allowed
+    /// lateness): no count before it can change.
+    pub accepted_from_ms: EpochMillis,
     /// The segment whose entities are counted (tagged with it), in each bucket's segment
     /// value; `None` for the metric's own.
     pub segment: Option<&'a [u8]>,
@@ -80,12 +82,9 @@ impl TrailingThreshold<'_> {
     ) -> Result<(), StateReadError> {
         let length = self.trailing.length_ms;
         let step = self.trailing.step_ms;
-        // Every event still to be accepted is at or after `newest - lateness` (the watermark
-        // is at least the newest event), so in this bucket or a later one.
-        let horizon = self
-            .trailing
-            .bucket_of(newest_ms.saturating_sub(self.allowed_lateness_ms))
-            .start_ms;
+        // Every event still to be accepted is at or after `accepted_from`, so in this bucket
+        // or a later one.
+        let horizon = self.trailing.bucket_of(self.accepted_from_ms).start_ms;
         let newest_bucket = self.trailing.bucket_of(newest_ms).start_ms;
         let (from, to) = match actor {
             None => (bucket_ms, bucket_ms + length),
@@ -503,7 +502,7 @@ mod tests {
                 metric: 0,
                 trailing: self.trailing,
                 at_least: self.at_least,
-                allowed_lateness_ms: 30 * MINUTE,
+                accepted_from_ms: self.newest_ms - 30 * MINUTE,
                 segment: None,
                 windows: &mut self.windows,
                 members: &mut members,
