@@ -55,6 +55,7 @@ pub struct Telemetry {
     brokers_up: IntGauge,
     restored_records: IntCounter,
     changelog_records: IntCounter,
+    changelog_lost: IntCounter,
     exported_partitions: std::sync::Mutex<BTreeSet<PartitionKey>>,
 }
 
@@ -264,6 +265,14 @@ impl Telemetry {
             )
             .unwrap_or_else(|e| panic!("{e}")),
         );
+        let changelog_lost = register(
+            &registry,
+            IntCounter::new(
+                "nsm_changelog_lost_total",
+                "Partitions taken whose changelog no longer held the records this instance had written or read (the topic was deleted, recreated or truncated): the local state was kept and sent to the changelog again, unless the changelog held a newer copy.",
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
         Telemetry {
             registry,
             metric_value,
@@ -293,6 +302,7 @@ impl Telemetry {
             brokers_up,
             restored_records,
             changelog_records,
+            changelog_lost,
         }
     }
 
@@ -485,6 +495,11 @@ impl Telemetry {
             .with_label_values(&[&*key.topic, partition.as_str()])
             .set(seconds);
         self.restored_records.inc_by(records);
+    }
+
+    /// A partition was taken whose changelog had lost records this instance had seen.
+    pub fn record_changelog_lost(&self, _key: &PartitionKey) {
+        self.changelog_lost.inc();
     }
 
     /// A partition was given up: its restore figure goes with it.

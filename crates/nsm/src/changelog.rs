@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nsm_core::PartitionKey;
 use nsm_kafka::{ChangelogReader, ChangelogWriter, ClientSettings};
 use nsm_state::{ChangelogProbe, PartitionRestore, PreparedWrite, RestoreOutcome, Store};
-use tracing::info;
+use tracing::{info, warn};
 
 /// How long a write still waits for the broker once nsm was asked to stop.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -51,6 +51,10 @@ pub struct Restored {
     pub seed: bool,
     /// Changelog records read.
     pub records: u64,
+    /// The changelog ended before the position the store had reached: it was deleted,
+    /// recreated or truncated, and the store's copy is sent to it again (`seed`) unless the
+    /// changelog holds a newer one.
+    pub changelog_lost: bool,
 }
 
 impl Changelog {
@@ -144,8 +148,26 @@ impl Changelog {
         let state_failed = |error: nsm_state::StateError| format!("partition {key}: {error}");
         let (low, high) = self.reader.watermarks(key.partition).map_err(failed)?;
         let position = store.changelog_position(key).map_err(state_failed)?;
+        let mut changelog_lost = false;
         let start = match position {
             Some(position) if position.offset == high => return Ok(Restored::default()),
+            Some(position) if position.offset > high || position.offset < low => {
+                // The changelog ends before records this store saw acknowledged, or starts
+                // after them: it was deleted, recreated or truncated. The local copy is
+                // whole; clearing it to read what is left of the log would lose state.
+                warn!(partition = %key, changelog = %self.topic, stored_position = position.offset,
+                      changelog_start = low, changelog_end = high,
+                      "the changelog no longer holds the records this instance wrote or read: it was deleted, recreated or truncated; keeping the local state and sending it to the changelog again");
+                changelog_lost = true;
+                let restored = self.compare_with_changelog(store, key, low, high)?;
+                if restored.seed {
+                    return Ok(Restored {
+                        changelog_lost,
+                        ..restored
+                    });
+                }
+                low
+            }
             Some(position)
                 if position.offset >= low
                     && position.offset < high
@@ -155,39 +177,11 @@ impl Changelog {
                 position.offset
             }
             None if store.has_partition_data(key).map_err(state_failed)? => {
-                let mut probe = ChangelogProbe::new(key);
-                let records = self
-                    .reader
-                    .read(
-                        key.partition,
-                        low,
-                        high,
-                        &mut |_: i64, record_key: &[u8], value: Option<&[u8]>| {
-                            probe.record(record_key, value);
-                            Ok(())
-                        },
-                    )
-                    .map_err(failed)?;
-                let stored = store.stored_next_offset(key).map_err(state_failed)?;
-                match probe.finished_offset() {
-                    Some(logged) if logged >= stored => {
-                        info!(partition = %key, stored = ?stored, changelog = ?logged,
-                              "the changelog is ahead of the stored copy: restoring from it");
-                        store.clear_partition(key).map_err(state_failed)?;
-                        low
-                    }
-                    _ => {
-                        // The store's copy is newer, or the only one: it replaces what the
-                        // changelog holds of the partition.
-                        info!(partition = %key, stored = ?stored, changelog = ?probe.finished_offset(),
-                              "the stored copy is ahead of the changelog: sending it whole");
-                        return Ok(Restored {
-                            tail: probe.into_keys(),
-                            seed: true,
-                            records,
-                        });
-                    }
+                let restored = self.compare_with_changelog(store, key, low, high)?;
+                if restored.seed {
+                    return Ok(restored);
                 }
+                low
             }
             _ => {
                 store.clear_partition(key).map_err(state_failed)?;
@@ -195,7 +189,10 @@ impl Changelog {
             }
         };
         if start == high {
-            return Ok(Restored::default());
+            return Ok(Restored {
+                changelog_lost,
+                ..Restored::default()
+            });
         }
         info!(partition = %key, changelog = %self.topic, from = start, to = high, "restoring partition state from the changelog");
         let (outcome, mut records) =
@@ -216,10 +213,64 @@ impl Changelog {
                 tail,
                 seed: false,
                 records,
+                changelog_lost,
             }),
             RestoreOutcome::RestartThrough(_) => Err(format!(
                 "partition {key}: the changelog restore did not settle in two passes"
             )),
+        }
+    }
+
+    /// Compares a stored copy of `key` that cannot be brought up to date record by record
+    /// (it has no changelog position, or the changelog lost records it had) with the
+    /// changelog, by the input offset each resumes from. The newer copy wins: the changelog's
+    /// clears the store's (the caller then restores from `low`), the store's is sent whole,
+    /// with a tombstone for every other key the changelog holds of the partition.
+    fn compare_with_changelog(
+        &self,
+        store: &Store,
+        key: &PartitionKey,
+        low: i64,
+        high: i64,
+    ) -> Result<Restored, String> {
+        let failed = |error: nsm_kafka::KafkaError| {
+            format!(
+                "cannot read the changelog {} partition {} for {key}: {error}",
+                self.topic, key.partition
+            )
+        };
+        let state_failed = |error: nsm_state::StateError| format!("partition {key}: {error}");
+        let mut probe = ChangelogProbe::new(key);
+        let records = self
+            .reader
+            .read(
+                key.partition,
+                low,
+                high,
+                &mut |_: i64, record_key: &[u8], value: Option<&[u8]>| {
+                    probe.record(record_key, value);
+                    Ok(())
+                },
+            )
+            .map_err(failed)?;
+        let stored = store.stored_next_offset(key).map_err(state_failed)?;
+        match probe.finished_offset() {
+            Some(logged) if logged >= stored => {
+                info!(partition = %key, stored = ?stored, changelog = ?logged,
+                      "the changelog is ahead of the stored copy: restoring from it");
+                store.clear_partition(key).map_err(state_failed)?;
+                Ok(Restored::default())
+            }
+            _ => {
+                info!(partition = %key, stored = ?stored, changelog = ?probe.finished_offset(),
+                      "the stored copy is ahead of the changelog: sending it whole");
+                Ok(Restored {
+                    tail: probe.into_keys(),
+                    seed: true,
+                    records,
+                    changelog_lost: false,
+                })
+            }
         }
     }
 

@@ -274,7 +274,11 @@ impl Pipeline {
             tail,
             seed,
             records,
+            changelog_lost,
         } = restored;
+        if changelog_lost {
+            self.telemetry.record_changelog_lost(key);
+        }
         let discarded = self.write(|store| store.prepare_adoption(key, &tail, seed))?;
         for metric in discarded {
             warn!(partition = %key, metric = %metric.name, reason = metric.reason,

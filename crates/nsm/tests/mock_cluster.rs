@@ -439,6 +439,75 @@ fn a_state_kept_without_the_changelog_seeds_it_once_turned_on() {
 }
 
 #[test]
+fn a_lost_changelog_keeps_the_local_state_and_is_seeded_again_from_it() {
+    let (cluster, brokers) = cluster_for("nsm-lost", 2);
+    let topic = "events";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stream = known_stream(40, 2);
+    produce(
+        &brokers,
+        topic,
+        dir.path(),
+        &stream.lines,
+        &["--key-field", "user_id"],
+    );
+    let port = free_port();
+    // The changelog as a deleted and recreated topic shows it: empty, its offsets from 0.
+    let recreated = "nsm-lost-changelog-recreated";
+    cluster.create_topic(recreated, 2, 1).expect("topic");
+    let config = |changelog_topic: &str, state: &str| {
+        test_config(&brokers, topic, &dir.path().join(state), port, "nsm-lost").replace(
+            "[state]\n",
+            &format!("[state]\nchangelog_topic = \"{changelog_topic}\"\n"),
+        ) + BY_USER
+    };
+    let run = |text: String, name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("config");
+        Process::spawn(
+            name,
+            std::process::Command::new(NSM).args(["run", "--config", path.to_str().expect("utf8")]),
+            dir.path(),
+        )
+    };
+    let counted = |process: &Process| {
+        wait_for(
+            "every message counted",
+            Duration::from_secs(90),
+            Some(process),
+            || {
+                let samples = scrape(port)?;
+                (samples.get("nsm_partitions_owned").copied()? == 2.0
+                    && metric_value(&samples, "messages_sent", "current")?
+                        == stream.messages_current_hour as f64)
+                    .then_some(samples)
+            },
+        )
+    };
+
+    let mut first = run(config("nsm-lost-changelog", "state"), "first");
+    counted(&first);
+    assert!(first.terminate(Duration::from_secs(30)).success());
+
+    // The same state directory, its changelog gone: the values survive, and it says so.
+    let mut second = run(config(recreated, "state"), "second");
+    let samples = counted(&second);
+    assert_values(&samples, &stream);
+    assert!(second.terminate(Duration::from_secs(30)).success());
+    assert!(
+        second.log_text().contains("the changelog no longer holds"),
+        "{}",
+        second.log_text()
+    );
+
+    // The recreated changelog alone rebuilds the same values in an empty state directory.
+    let fresh = run(config(recreated, "fresh-state"), "fresh");
+    let samples = counted(&fresh);
+    assert_values(&samples, &stream);
+    assert!(samples.get("nsm_state_restored_records_total").copied() > Some(0.0));
+}
+
+#[test]
 fn a_backlog_is_stored_once_enough_entries_wait_not_only_at_the_interval() {
     // Every message is a new member of today: one per-entity entry each. A flush is due at
     // `state.flush_max_entries`, or else at the longest interval allowed, a minute.
