@@ -226,10 +226,24 @@ mod tests {
                 Some((99, value))
             );
         }
-        let meta = (Some(10), None, Some(-3));
+        let meta = PartitionMeta {
+            next_offset: Some(10),
+            max_event_ms: None,
+            event_watermark_ms: Some(7),
+            idle_floor_ms: Some(-3),
+        };
         assert_eq!(
-            decode_partition_meta(&encode_partition_meta(meta.0, meta.1, meta.2)),
+            decode_partition_meta(&encode_partition_meta(&meta)),
             Some(meta)
+        );
+        // Formats 3 and 4 wrote no watermark.
+        let format_4 = &encode_partition_meta(&meta)[..27];
+        assert_eq!(
+            decode_partition_meta(format_4),
+            Some(PartitionMeta {
+                event_watermark_ms: None,
+                ..meta
+            })
         );
         assert_eq!(decode_window_value(&[1, 2, 3]), None);
     }
