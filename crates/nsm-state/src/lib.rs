@@ -518,7 +518,7 @@ impl Store {
         }
         snapshot.windows = self.scan_windows(&prefix, None)?;
         snapshot.gaps = self.scan_gaps(key, &prefix)?;
-        snapshot.segments = self.scan_segments(key, &prefix, &prefix, None)?;
+        snapshot.segments = self.scan_segments(key, &prefix)?;
         Ok(snapshot)
     }
 
