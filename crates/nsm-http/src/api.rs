@@ -1,4 +1,10 @@
 //! The JSON API: metric definitions and stored windows.
+//!
+//! A windows request reads only the windows of its range (and the one or two before it that a
+//! window overlapping its start, or a retention's previous window, needs), at most
+//! [`MAX_WINDOWS`] of them a partition, and stops reading segments past
+//! [`MAX_SEGMENT_RECORDS`]: however long the retention or wide the range, one request costs a
+//! bounded amount of reading. A longer range is answered in pages (`truncated`, `next_from`).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -6,14 +12,35 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nsm_core::decimal::Decimal;
 use nsm_core::engine::SegmentValue;
-use nsm_core::engine::{AggValue, PartitionStatus};
+use nsm_core::engine::{AggValue, PartitionStatus, Plan};
 use nsm_core::metric::{FilterField, Literal, MetricKind};
-use nsm_core::query::{stored_metrics, window_segments, windows_between};
+use nsm_core::query::{stored_metrics, window_segments, windows_between, WindowRecord};
 use nsm_core::window::parse_instant;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::AppState;
+
+/// Windows one response holds at most; the rest of the range is on the next page.
+pub(crate) const MAX_WINDOWS: usize = 1000;
+/// Stored segment records one response reads at most (a window may hold 10,000 segments per
+/// partition): past them, the response ends with the window being read.
+pub(crate) const MAX_SEGMENT_RECORDS: usize = 100_000;
+
+/// How much one response may hold and read.
+#[derive(Debug, Clone, Copy)]
+struct PageLimits {
+    windows: usize,
+    segment_records: usize,
+}
+
+const PAGE_LIMITS: PageLimits = PageLimits {
+    windows: MAX_WINDOWS,
+    segment_records: MAX_SEGMENT_RECORDS,
+};
+/// Windows read before the range at most: the one overlapping its start, and for a retention
+/// its previous window, by the longest a window can last.
+const WINDOWS_BEFORE_RANGE: usize = 4;
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
@@ -108,39 +135,35 @@ pub(crate) async fn metric_windows(
         .clone();
     let store = state.store.clone();
     let keys: Vec<_> = partitions.iter().map(|status| status.key.clone()).collect();
-    let needed = stored_metrics(&state.plan, metric);
-    let segmented = state.plan.metrics()[metric].segments.is_some();
+    let completeness = nsm_core::engine::completeness_watermark(
+        partitions.iter().map(|status| status.watermark_ms),
+    );
+    let plan = state.plan.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        let mut stored = Vec::new();
-        let mut segments = Vec::new();
-        for key in &keys {
-            for metric in &needed {
-                stored.extend(store.windows(key, Some(*metric))?);
-            }
-            if segmented {
-                for metric in &needed {
-                    segments.extend(store.segments(key, *metric)?);
-                }
-            }
-        }
-        Ok::<_, nsm_state::StateError>((stored, segments))
+        let range = from_ms..to_ms;
+        read_windows(
+            &plan,
+            &store,
+            &keys,
+            metric,
+            completeness,
+            range,
+            PAGE_LIMITS,
+        )
     })
     .await;
-    let (stored, segments) = match loaded {
-        Ok(Ok(stored)) => stored,
+    let page = match loaded {
+        Ok(Ok(page)) => page,
         Ok(Err(state_error)) => {
             return error(StatusCode::INTERNAL_SERVER_ERROR, state_error.to_string())
         }
         Err(join_error) => return error(StatusCode::INTERNAL_SERVER_ERROR, join_error.to_string()),
     };
-    let completeness = nsm_core::engine::completeness_watermark(
-        partitions.iter().map(|status| status.watermark_ms),
-    );
-    let records = windows_between(&state.plan, metric, stored, completeness, from_ms, to_ms);
     let calendar = state.plan.calendar();
-    let windows: Vec<Value> = records
+    let windows: Vec<Value> = page
+        .windows
         .iter()
-        .map(|record| {
+        .map(|(record, segments)| {
             json!({
                 "start": calendar.format_local(record.bounds.start_ms),
                 "end": calendar.format_local(record.bounds.end_ms),
@@ -148,9 +171,7 @@ pub(crate) async fn metric_windows(
                 "end_ms": record.bounds.end_ms,
                 "value": value_json(record.value),
                 "complete": record.complete,
-                "segments": segments_json(
-                    &window_segments(&state.plan, metric, &segments, record.bounds)
-                ),
+                "segments": segments_json(segments),
             })
         })
         .collect();
@@ -162,8 +183,110 @@ pub(crate) async fn metric_windows(
         "zone": calendar.zone_name(),
         "partitions": partitions.len(),
         "windows": windows,
+        "truncated": page.next_from_ms.is_some(),
+        "next_from": page.next_from_ms,
     }))
     .into_response()
+}
+
+/// The windows of one response, each with its segments (empty without a breakdown), and the
+/// start of the first window left for the next page.
+struct WindowPage {
+    windows: Vec<(WindowRecord, Vec<SegmentValue>)>,
+    next_from_ms: Option<i64>,
+}
+
+/// The windows of `metric` overlapping `[from_ms, to_ms)` summed over the partitions `keys`,
+/// reading only what the page needs (see the module's doc).
+fn read_windows(
+    plan: &Plan,
+    store: &nsm_state::Store,
+    keys: &[nsm_core::PartitionKey],
+    metric: usize,
+    completeness: Option<i64>,
+    range: std::ops::Range<i64>,
+    limits: PageLimits,
+) -> Result<WindowPage, nsm_state::StateError> {
+    let std::ops::Range {
+        start: from_ms,
+        end: to_ms,
+    } = range;
+    let needed = stored_metrics(plan, metric);
+    // The longest a stored window of the metrics read can last: a calendar window, or a
+    // trailing metric's step bucket.
+    let span_ms = needed
+        .iter()
+        .map(|&needed| {
+            let definition = &plan.metrics()[needed];
+            match &definition.trailing {
+                Some(trailing) => trailing.step_ms,
+                None => definition.window.max_length_ms(),
+            }
+        })
+        .max()
+        .unwrap_or(0);
+    let lookback_ms = if plan.retention_base(metric).is_some() {
+        2 * span_ms
+    } else {
+        span_ms
+    };
+    let starts = from_ms.saturating_sub(lookback_ms)..to_ms;
+    // Each partition's first windows of the range hold the page's windows, whichever
+    // partitions they are summed from; one more tells whether the range goes on.
+    let per_partition = limits.windows + 1 + WINDOWS_BEFORE_RANGE;
+    let mut stored = Vec::new();
+    for key in keys {
+        for &needed in &needed {
+            stored.extend(store.windows_in(key, needed, starts.clone(), per_partition)?);
+        }
+    }
+    let mut records = windows_between(plan, metric, stored, completeness, from_ms, to_ms);
+    let mut next_from_ms = records
+        .get(limits.windows)
+        .map(|record| record.bounds.start_ms);
+    records.truncate(limits.windows);
+    if plan.metrics()[metric].segments.is_none() {
+        let windows = records
+            .into_iter()
+            .map(|record| (record, Vec::new()))
+            .collect();
+        return Ok(WindowPage {
+            windows,
+            next_from_ms,
+        });
+    }
+    let mut windows = Vec::with_capacity(records.len());
+    let mut segments_read = 0;
+    let mut records = records.into_iter().peekable();
+    while let Some(record) = records.next() {
+        // A retention's segments divide by its base's in the previous window.
+        let first_start = record.bounds.start_ms.saturating_sub(lookback_ms - span_ms);
+        let mut segments = Vec::new();
+        for key in keys {
+            for &needed in &needed {
+                segments.extend(store.segments(
+                    key,
+                    needed,
+                    first_start..record.bounds.start_ms.saturating_add(1),
+                )?);
+            }
+        }
+        segments_read += segments.len();
+        windows.push((
+            record,
+            window_segments(plan, metric, &segments, record.bounds),
+        ));
+        if segments_read >= limits.segment_records {
+            if let Some(next) = records.peek() {
+                next_from_ms = Some(next.bounds.start_ms);
+            }
+            break;
+        }
+    }
+    Ok(WindowPage {
+        windows,
+        next_from_ms,
+    })
 }
 
 fn literal_json(literal: &Literal) -> Value {
@@ -205,5 +328,161 @@ fn value_json(value: AggValue) -> Value {
             "numerator": decimal_json(numerator),
             "denominator": decimal_json(denominator),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nsm_core::engine::{Engine, Outcome, PartitionSnapshot};
+    use nsm_core::{Config, PartitionKey};
+    use nsm_state::{Store, StoreOptions};
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+[kafka]
+brokers = "localhost:9092"
+topics = ["events"]
+[north_star]
+name = "messages"
+kind = "count"
+where = { event = "message_sent" }
+window = "1h"
+[[inputs]]
+name = "by_user"
+owner = "team"
+kind = "count"
+where = { event = "message_sent" }
+window = "1h"
+by = ["user_id"]
+"#;
+
+    /// 2026-01-01T00:00:00Z.
+    const FIRST_HOUR_MS: i64 = 1_767_225_600_000;
+    const HOUR_MS: i64 = 3_600_000;
+    const HOURS: i64 = 30;
+
+    fn key(partition: i32) -> PartitionKey {
+        PartitionKey::new("events", partition)
+    }
+
+    /// A store of 30 hours of messages: in partition 0 one an even hour, in partition 1 two
+    /// an hour, by users of their own.
+    fn store_of_thirty_hours(dir: &std::path::Path) -> (Plan, Store) {
+        let config = Config::from_toml(CONFIG, &|_| None).expect("valid config");
+        let plan = Plan::from_config(&config);
+        let store = Store::open(dir, &plan, &StoreOptions::default()).expect("open");
+        let mut engine = Engine::new(plan.clone());
+        let now_ms = FIRST_HOUR_MS + HOURS * HOUR_MS;
+        for partition in [0, 1] {
+            engine.restore_partition(key(partition), PartitionSnapshot::default());
+            let mut offset = 0;
+            for hour in 0..HOURS {
+                let senders = if partition == 0 { 1 - hour % 2 } else { 2 };
+                for sender in 0..senders {
+                    let time = FIRST_HOUR_MS + hour * HOUR_MS + sender * 60_000;
+                    let payload = format!(
+                        r#"{{"event":"message_sent","user_id":"p{partition}-u{sender}","timestamp":{time}}}"#
+                    );
+                    let outcome = engine.apply(&key(partition), offset, payload.as_bytes(), now_ms);
+                    assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+                    offset += 1;
+                }
+            }
+        }
+        store.write(&engine.take_changes()).expect("write");
+        (plan, store)
+    }
+
+    fn page(
+        plan: &Plan,
+        store: &Store,
+        metric: &str,
+        range: std::ops::Range<i64>,
+        limits: PageLimits,
+    ) -> WindowPage {
+        let metric = plan.metric_index(metric).expect("metric");
+        read_windows(plan, store, &[key(0), key(1)], metric, None, range, limits).expect("read")
+    }
+
+    fn hours_and_counts(page: &WindowPage) -> Vec<(i64, AggValue)> {
+        page.windows
+            .iter()
+            .map(|(record, _)| {
+                (
+                    (record.bounds.start_ms - FIRST_HOUR_MS) / HOUR_MS,
+                    record.value,
+                )
+            })
+            .collect()
+    }
+
+    fn expected(hours: std::ops::Range<i64>) -> Vec<(i64, AggValue)> {
+        hours
+            .map(|hour| (hour, AggValue::Count(if hour % 2 == 0 { 3 } else { 2 })))
+            .collect()
+    }
+
+    #[test]
+    fn a_long_range_is_answered_in_exact_pages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (plan, store) = store_of_thirty_hours(dir.path());
+        let limits = PageLimits {
+            windows: 12,
+            segment_records: usize::MAX,
+        };
+        let mut from_ms = i64::MIN;
+        let mut pages = Vec::new();
+        loop {
+            let page = page(&plan, &store, "messages", from_ms..i64::MAX, limits);
+            pages.push(hours_and_counts(&page));
+            match page.next_from_ms {
+                Some(next) => from_ms = next,
+                None => break,
+            }
+        }
+        assert_eq!(pages, [expected(0..12), expected(12..24), expected(24..30)]);
+    }
+
+    #[test]
+    fn only_windows_overlapping_the_range_are_returned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (plan, store) = store_of_thirty_hours(dir.path());
+        let hour = |hour: i64| FIRST_HOUR_MS + hour * HOUR_MS;
+        // From the middle of hour 5 to the start of hour 8: hours 5, 6 and 7.
+        let page = page(
+            &plan,
+            &store,
+            "messages",
+            hour(5) + 1_800_000..hour(8),
+            PAGE_LIMITS,
+        );
+        assert_eq!(hours_and_counts(&page), expected(5..8));
+        assert_eq!(page.next_from_ms, None);
+    }
+
+    #[test]
+    fn reading_segments_stops_past_the_limit_with_the_window_being_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (plan, store) = store_of_thirty_hours(dir.path());
+        // Hour 0 holds 3 segment records (one user in partition 0, two in partition 1), hour
+        // 1 two: past 4 records, the page ends after hour 1.
+        let limits = PageLimits {
+            windows: 100,
+            segment_records: 4,
+        };
+        let page = page(&plan, &store, "by_user", i64::MIN..i64::MAX, limits);
+        assert_eq!(hours_and_counts(&page), expected(0..2));
+        assert_eq!(page.next_from_ms, Some(FIRST_HOUR_MS + 2 * HOUR_MS));
+        let labels: Vec<usize> = page
+            .windows
+            .iter()
+            .map(|(_, segments)| segments.len())
+            .collect();
+        assert_eq!(
+            labels,
+            [3, 2],
+            "every segment of a window returned is there"
+        );
     }
 }

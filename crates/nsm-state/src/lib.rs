@@ -35,6 +35,7 @@ mod codec;
 mod format;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -518,7 +519,7 @@ impl Store {
         }
         snapshot.windows = self.scan_windows(&prefix, None)?;
         snapshot.gaps = self.scan_gaps(key, &prefix)?;
-        snapshot.segments = self.scan_segments(key, &prefix)?;
+        snapshot.segments = self.scan_segments(key, &prefix, &prefix, None)?;
         Ok(snapshot)
     }
 
@@ -610,27 +611,35 @@ impl Store {
         Ok(gaps)
     }
 
-    /// The stored segments of one metric's windows in one partition.
+    /// The stored segments of one metric's windows starting in `starts`, in one partition:
+    /// only those are read.
     pub fn segments(
         &self,
         key: &PartitionKey,
         metric: usize,
+        starts: Range<i64>,
     ) -> Result<Vec<StoredSegment>, StateError> {
-        let prefix = window_metric_prefix(&partition_prefix(key), self.metric_name(metric));
-        self.scan_segments(key, &prefix)
+        let partition = partition_prefix(key);
+        let name = self.metric_name(metric);
+        let prefix = window_metric_prefix(&partition, name);
+        let from = window_key(&partition, name, starts.start);
+        self.scan_segments(key, &prefix, &from, Some(starts.end))
     }
 
-    /// Segments stored under `prefix` (a partition's, or one metric's in it).
+    /// Segments stored under `prefix` (a partition's, or one metric's in it), from the key
+    /// `from` on; with `starts_before` (one metric's only), up to that window start.
     fn scan_segments(
         &self,
         key: &PartitionKey,
         prefix: &[u8],
+        from: &[u8],
+        starts_before: Option<i64>,
     ) -> Result<Vec<StoredSegment>, StateError> {
         let partition_length = partition_prefix(key).len();
         let mut segments = Vec::new();
         for item in self.db.iterator_cf(
             self.cf(CF_SEGMENTS),
-            IteratorMode::From(prefix, Direction::Forward),
+            IteratorMode::From(from, Direction::Forward),
         ) {
             let (stored_key, value) = item?;
             if !stored_key.starts_with(prefix) {
@@ -645,6 +654,9 @@ impl Store {
                     detail: format!("segment in partition {key}"),
                 });
             };
+            if starts_before.is_some_and(|end| start_ms >= end) {
+                break;
+            }
             if let Some(metric) = metric {
                 segments.push(StoredSegment {
                     metric,
@@ -666,6 +678,42 @@ impl Store {
         self.scan_windows(&partition_prefix(key), metric)
     }
 
+    /// The stored windows of one metric in one partition starting in `starts`, oldest first,
+    /// at most `limit` of them: only those are read, however many are stored.
+    pub fn windows_in(
+        &self,
+        key: &PartitionKey,
+        metric: usize,
+        starts: Range<i64>,
+        limit: usize,
+    ) -> Result<Vec<StoredWindow>, StateError> {
+        let partition = partition_prefix(key);
+        let name = self.metric_name(metric);
+        let prefix = window_metric_prefix(&partition, name);
+        let from = window_key(&partition, name, starts.start);
+        let mut windows = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_WINDOWS),
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            if windows.len() >= limit {
+                break;
+            }
+            let (stored_key, value) = item?;
+            if !stored_key.starts_with(&prefix) {
+                break;
+            }
+            let Some(window) = self.window_record(&stored_key[partition.len()..], &value)? else {
+                continue;
+            };
+            if window.start_ms >= starts.end {
+                break;
+            }
+            windows.push(window);
+        }
+        Ok(windows)
+    }
+
     fn scan_windows(
         &self,
         prefix: &[u8],
@@ -684,27 +732,29 @@ impl Store {
             if !stored_key.starts_with(&start) {
                 break;
             }
-            let corrupt = || StateError::Corrupt {
-                column_family: CF_WINDOWS,
-                detail: "window record".into(),
-            };
-            let (index, start_ms, rest) = self
-                .parse_window_key(&stored_key[prefix.len()..])
-                .ok_or_else(corrupt)?;
-            if !rest.is_empty() {
-                return Err(corrupt());
-            }
-            let (end_ms, value) = decode_window_value(&value).ok_or_else(corrupt)?;
-            if let Some(index) = index {
-                windows.push(StoredWindow {
-                    metric: index,
-                    start_ms,
-                    end_ms,
-                    value,
-                });
-            }
+            windows.extend(self.window_record(&stored_key[prefix.len()..], &value)?);
         }
         Ok(windows)
+    }
+
+    /// A record of the `windows` family, its key without the partition prefix; `None` for a
+    /// metric no longer configured.
+    fn window_record(&self, key: &[u8], value: &[u8]) -> Result<Option<StoredWindow>, StateError> {
+        let corrupt = || StateError::Corrupt {
+            column_family: CF_WINDOWS,
+            detail: "window record".into(),
+        };
+        let (index, start_ms, rest) = self.parse_window_key(key).ok_or_else(corrupt)?;
+        if !rest.is_empty() {
+            return Err(corrupt());
+        }
+        let (end_ms, value) = decode_window_value(value).ok_or_else(corrupt)?;
+        Ok(index.map(|metric| StoredWindow {
+            metric,
+            start_ms,
+            end_ms,
+            value,
+        }))
     }
 
     /// Splits `<metric> 0x00 <start> <rest>`; the metric is `None` if no longer configured.

@@ -999,3 +999,44 @@ fn a_format_4_store_takes_its_newest_event_as_the_watermark_and_becomes_format_5
     assert_eq!(engine.partition_status()[0].watermark_ms, Some(newest));
     assert_eq!(engine.partition_status()[0].next_offset, Some(2));
 }
+
+#[test]
+fn windows_and_segments_are_read_only_in_a_range_of_starts_and_up_to_a_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = plan_with_input(
+        "name = \"by_user\"\nowner = \"team\"\nkind = \"count\"\n\
+         where = { event = \"message_sent\" }\nwindow = \"1h\"\nby = [\"user_id\"]",
+    );
+    // One message an hour for ten hours, each by another user.
+    let events: Vec<Vec<u8>> = (0..10)
+        .map(|hour| event("message_sent", &format!("u{hour}"), -540 + 60 * hour))
+        .collect();
+    write_events(dir.path(), &plan, &events);
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    let metric = plan.metric_index("by_user").expect("metric");
+    let starts_of = |windows: &[StoredWindow]| -> Vec<i64> {
+        windows.iter().map(|window| window.start_ms).collect()
+    };
+
+    let all = store
+        .windows_in(&key(0), metric, i64::MIN..i64::MAX, usize::MAX)
+        .expect("windows");
+    let starts = starts_of(&all);
+    assert_eq!(starts.len(), 10, "{all:?}");
+    // The other hourly metric's windows are not among them.
+    assert!(all.iter().all(|window| window.metric == metric));
+    let between = store
+        .windows_in(&key(0), metric, starts[2]..starts[5], usize::MAX)
+        .expect("windows");
+    assert_eq!(starts_of(&between), starts[2..5]);
+    let limited = store
+        .windows_in(&key(0), metric, starts[2] - 1..i64::MAX, 2)
+        .expect("windows");
+    assert_eq!(starts_of(&limited), starts[2..4]);
+
+    let segments = store
+        .segments(&key(0), metric, starts[2]..starts[5])
+        .expect("segments");
+    let segment_starts: Vec<i64> = segments.iter().map(|segment| segment.start_ms).collect();
+    assert_eq!(segment_starts, starts[2..5], "one user's segment an hour");
+}
