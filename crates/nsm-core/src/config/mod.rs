@@ -88,6 +88,14 @@ pub struct StateConfig {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// A client has this long to send a request's head: from its connection's start (the TLS
+    /// handshake included), or from the first byte of a request after an idle wait.
+    pub header_timeout: Duration,
+    /// A connection waiting longer than this for its next request is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once; one more closes the longest idle one, or is refused when
+    /// every connection is busy with a request.
+    pub max_connections: usize,
     /// `[http.tls]`: serve HTTPS only.
     pub tls: Option<HttpTls>,
     /// `[http.basic_auth]`: `/metrics` and `/api` need one of these users.

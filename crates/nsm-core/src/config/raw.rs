@@ -89,6 +89,9 @@ pub struct RawState {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawHttp {
     pub listen: Option<String>,
+    pub header_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<i64>,
     pub tls: Option<RawHttpTls>,
     pub basic_auth: Option<RawBasicAuth>,
 }

@@ -604,3 +604,34 @@ fn the_changelog_is_on_by_default_and_named_after_the_group() {
         );
     }
 }
+
+#[test]
+fn http_connection_limits_have_defaults_and_bounds() {
+    let config = Config::from_toml(HTTP_BASE, &no_env).expect("valid");
+    assert_eq!(config.http.header_timeout, Duration::from_secs(10));
+    assert_eq!(config.http.idle_timeout, Duration::from_secs(90));
+    assert_eq!(config.http.max_connections, 256);
+
+    let text = format!(
+        "{HTTP_BASE}[http]\nheader_timeout = \"5s\"\nidle_timeout = \"2m\"\nmax_connections = 64\n"
+    );
+    let config = Config::from_toml(&text, &no_env).expect("valid");
+    assert_eq!(config.http.header_timeout, Duration::from_secs(5));
+    assert_eq!(config.http.idle_timeout, Duration::from_secs(120));
+    assert_eq!(config.http.max_connections, 64);
+
+    let text = format!(
+        "{HTTP_BASE}[http]\nheader_timeout = \"0s\"\nidle_timeout = \"soon\"\nmax_connections = 0\n"
+    );
+    let errors = errors_of(&text);
+    let paths: Vec<&str> = errors.iter().map(|(path, _)| path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "http.header_timeout",
+            "http.idle_timeout",
+            "http.max_connections"
+        ]
+    );
+    assert!(errors[0].1.contains("between 1s and 10m"), "{errors:?}");
+}

@@ -457,6 +457,29 @@ fn duration(
     }
 }
 
+/// A duration between `bounds` (both included), named with its bounds when outside them.
+fn bounded_duration(
+    path: &str,
+    value: Option<&String>,
+    default: &str,
+    bounds: (Duration, Duration),
+    problems: &mut Problems,
+) -> Option<Duration> {
+    let parsed = duration(path, value, default, problems)?;
+    if parsed < bounds.0 || parsed > bounds.1 {
+        problems.add(
+            path,
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(bounds.0),
+                humantime::format_duration(bounds.1)
+            ),
+        );
+        return None;
+    }
+    Some(parsed)
+}
+
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
@@ -614,6 +637,31 @@ fn validate_http(raw: &RawConfig, problems: &mut Problems) -> Option<HttpConfig>
             None
         }
     };
+    let header_timeout = bounded_duration(
+        "http.header_timeout",
+        raw.http.header_timeout.as_ref(),
+        "10s",
+        (Duration::from_secs(1), Duration::from_secs(600)),
+        problems,
+    );
+    let idle_timeout = bounded_duration(
+        "http.idle_timeout",
+        raw.http.idle_timeout.as_ref(),
+        "90s",
+        (Duration::from_secs(1), Duration::from_secs(3600)),
+        problems,
+    );
+    let max_connections = match raw.http.max_connections {
+        None => Some(256),
+        Some(count) if (1..=1_000_000).contains(&count) => usize::try_from(count).ok(),
+        Some(_) => {
+            problems.add(
+                "http.max_connections",
+                "must be between 1 and 1000000 (connections open at once)",
+            );
+            None
+        }
+    };
     let tls = raw.http.tls.as_ref().and_then(|tls| {
         let cert_file = required_file(
             tls.cert_file.as_deref(),
@@ -639,6 +687,9 @@ fn validate_http(raw: &RawConfig, problems: &mut Problems) -> Option<HttpConfig>
         .and_then(|auth| basic_auth_users(auth, problems));
     Some(HttpConfig {
         listen: listen?,
+        header_timeout: header_timeout?,
+        idle_timeout: idle_timeout?,
+        max_connections: max_connections?,
         tls,
         basic_auth,
     })
