@@ -1,12 +1,15 @@
 //! HTTP basic authentication against bcrypt hashes, as Prometheus' web config does it.
 //!
 //! bcrypt is slow on purpose (tens of milliseconds at cost 10), so a verification runs on
-//! tokio's blocking pool, at most [`CONCURRENT_VERIFICATIONS`] at a time, and a successful
-//! one is remembered by a SHA-256 digest of the user, the password and the hash: a scrape
-//! every few seconds costs one bcrypt, not one per scrape, and a flood of wrong passwords
-//! queues behind the limit instead of taking every core from the pipeline.
+//! tokio's blocking pool, at most [`CONCURRENT_VERIFICATIONS`] at a time, and its result is
+//! remembered by a SHA-256 digest of the user, the password and the hash: a scrape every few
+//! seconds costs one bcrypt, not one per scrape; the same wrong credentials sent again cost
+//! none; and a flood of new wrong passwords queues behind the limit (and the connection
+//! limit) instead of taking every core from the pipeline.
 
 use std::collections::{HashMap, HashSet};
+#[cfg(test)]
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Request, State};
@@ -28,7 +31,12 @@ pub struct BasicAuth {
     /// result), so a response time does not tell which user names exist.
     decoy_hash: String,
     verified: Mutex<HashSet<[u8; 32]>>,
+    /// Credentials found wrong, kept apart so a flood of them never pushes out good ones.
+    refused: Mutex<HashSet<[u8; 32]>>,
     verifications: Semaphore,
+    /// bcrypt verifications run, for tests.
+    #[cfg(test)]
+    bcrypt_runs: AtomicUsize,
 }
 
 impl std::fmt::Debug for BasicAuth {
@@ -50,7 +58,10 @@ impl BasicAuth {
             users,
             decoy_hash,
             verified: Mutex::new(HashSet::new()),
+            refused: Mutex::new(HashSet::new()),
             verifications: Semaphore::new(CONCURRENT_VERIFICATIONS),
+            #[cfg(test)]
+            bcrypt_runs: AtomicUsize::new(0),
         }))
     }
 
@@ -64,31 +75,62 @@ impl BasicAuth {
             None => (self.decoy_hash.clone(), false),
         };
         let digest = digest(&user, &password, &hash);
-        if known && self.remembered().contains(&digest) {
-            return true;
+        if let Some(allowed) = self.remembered(&digest) {
+            return allowed;
         }
         let Ok(_permit) = self.verifications.acquire().await else {
             return false;
         };
+        // Verified meanwhile by a request that queued before this one.
+        if let Some(allowed) = self.remembered(&digest) {
+            return allowed;
+        }
+        #[cfg(test)]
+        self.bcrypt_runs.fetch_add(1, Ordering::Relaxed);
         let matches = tokio::task::spawn_blocking(move || {
             bcrypt::verify(password.as_bytes(), &hash).unwrap_or(false)
         })
         .await
         .unwrap_or(false);
-        if known && matches {
-            let mut remembered = self.remembered();
-            if remembered.len() >= MAX_REMEMBERED {
-                remembered.clear();
-            }
-            remembered.insert(digest);
+        let allowed = known && matches;
+        let set = if allowed {
+            &self.verified
+        } else {
+            &self.refused
+        };
+        let mut remembered = set.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if remembered.len() >= MAX_REMEMBERED {
+            remembered.clear();
         }
-        known && matches
+        remembered.insert(digest);
+        allowed
     }
 
-    fn remembered(&self) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
-        self.verified
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// True when `headers` carry credentials already verified, without ever running bcrypt:
+    /// for answers that must stay cheap to anyone, such as `/readyz`.
+    pub fn allows_remembered(&self, headers: &HeaderMap) -> bool {
+        let Some((user, password)) = credentials(headers) else {
+            return false;
+        };
+        self.users
+            .get(&user)
+            .is_some_and(|hash| self.remembered(&digest(&user, &password, hash)) == Some(true))
+    }
+
+    /// What the credentials of `digest` were found to be, if they were checked before.
+    fn remembered(&self, digest: &[u8; 32]) -> Option<bool> {
+        let contains = |set: &Mutex<HashSet<[u8; 32]>>| {
+            set.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .contains(digest)
+        };
+        if contains(&self.verified) {
+            Some(true)
+        } else if contains(&self.refused) {
+            Some(false)
+        } else {
+            None
+        }
     }
 }
 
@@ -185,5 +227,25 @@ mod tests {
         );
         assert!(!auth.allows(&bearer).await);
         assert!(BasicAuth::new([]).is_none());
+    }
+
+    #[tokio::test]
+    async fn wrong_credentials_cost_one_bcrypt_and_remembered_checks_none() {
+        let hash = hash_password("correct horse", 4).expect("hash");
+        let auth = BasicAuth::new([("prometheus", hash.as_str())]).expect("users");
+        let runs = || auth.bcrypt_runs.load(Ordering::Relaxed);
+        // Never verified: refused without bcrypt, even with the right password.
+        assert!(!auth.allows_remembered(&basic("prometheus", "correct horse")));
+        assert_eq!(runs(), 0);
+        for _ in 0..10 {
+            assert!(!auth.allows(&basic("prometheus", "wrong")).await);
+            assert!(!auth.allows(&basic("nobody", "wrong")).await);
+        }
+        assert_eq!(runs(), 2, "each wrong pair is checked once");
+        assert!(auth.allows(&basic("prometheus", "correct horse")).await);
+        assert!(auth.allows_remembered(&basic("prometheus", "correct horse")));
+        assert!(!auth.allows_remembered(&basic("prometheus", "wrong")));
+        assert!(!auth.allows_remembered(&basic("nobody", "wrong")));
+        assert_eq!(runs(), 3);
     }
 }

@@ -41,7 +41,8 @@ pub enum HttpError {
 
 /// How the endpoint is protected: HTTPS when `tls` is set; when `basic_auth` is set,
 /// `/metrics` and `/api` need credentials, while the probes `/healthz` and `/readyz` stay
-/// open (`/readyz` says why it is not ready only to an authenticated client).
+/// open (`/readyz` says why it is not ready only to a client whose credentials were verified
+/// before, on `/metrics` or `/api`: it never runs bcrypt itself).
 #[derive(Clone, Default)]
 pub struct Protection {
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -161,10 +162,12 @@ async fn readyz(
     if state.readiness.is_ready() {
         return (StatusCode::OK, "ready\n").into_response();
     }
-    // The reason can name paths and storage errors: for authenticated clients only.
+    // The reason can name paths and storage errors: for authenticated clients only. Probes
+    // are open to anyone, so credentials are only looked up among those verified before,
+    // never checked with bcrypt here.
     let show_reason = match &probes.basic_auth {
         None => true,
-        Some(auth) => auth.allows(&headers).await,
+        Some(auth) => auth.allows_remembered(&headers),
     };
     let body = if show_reason {
         format!("not ready: {}\n", state.readiness.reason())
