@@ -2,12 +2,16 @@
 //! the JSON API under `/api/v1`, over plain HTTP or HTTPS (rustls), optionally behind basic
 //! authentication with bcrypt hashes.
 //!
-//! This crate owns axum, rustls and prometheus. It reads state (the store, the published
-//! partition status) but never changes it, and it never blocks the pipeline: handlers read
-//! RocksDB, and passwords are checked, on tokio's blocking pool.
+//! This crate owns axum, hyper, rustls and prometheus. It reads state (the store, the
+//! published partition status) but never changes it, and it never blocks the pipeline:
+//! handlers read RocksDB, and passwords are checked, on tokio's blocking pool. What one client
+//! can take is bounded: connections by number and by timeouts (`server.rs`), a windows request
+//! by the windows it reads (`api.rs`), a password check by a queue and by remembering its
+//! result (`auth.rs`).
 
 mod api;
 mod auth;
+mod server;
 mod telemetry;
 mod tls;
 
@@ -26,6 +30,7 @@ use nsm_state::Store;
 use tokio::net::TcpListener;
 
 pub use auth::{hash_password, BasicAuth};
+pub use server::Limits;
 pub use telemetry::{BatchCounts, Telemetry};
 pub use tls::server_config as tls_server_config;
 
@@ -115,26 +120,18 @@ pub fn router(state: AppState, basic_auth: Option<Arc<BasicAuth>>) -> Router {
     protected.merge(probes).with_state(state)
 }
 
-/// Serves until `shutdown` completes, over HTTPS when `protection.tls` is set.
+/// Serves until `shutdown` completes, over HTTPS when `protection.tls` is set, within
+/// `limits`; then lets the requests being handled finish.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     protection: Protection,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = router(state, protection.basic_auth);
-    match protection.tls {
-        Some(config) => {
-            axum::serve(tls::TlsListener::new(listener, config), router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-        None => {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-    }
+    let tls = protection.tls.map(tokio_rustls::TlsAcceptor::from);
+    server::serve_router(listener, router, tls, limits, shutdown).await
 }
 
 #[derive(Clone)]

@@ -1,9 +1,8 @@
 //! HTTPS with rustls: the certificate and key from PEM files, reloaded when the files change
-//! (cert-manager and similar tools rotate them in place), and a listener that completes TLS
-//! handshakes concurrently so one slow client never holds the others back.
+//! (cert-manager and similar tools rotate them in place). Each connection completes its
+//! handshake in its own task, within the header timeout (`server.rs`), so one slow client
+//! never holds the others back.
 
-use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -14,16 +13,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::HttpError;
 
-/// A client has this long to complete its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a handshake may look at the files' modification times.
 const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -166,68 +159,6 @@ fn certified_key(
 fn read(path: &Path, key: &str) -> Result<Vec<u8>, HttpError> {
     std::fs::read(path)
         .map_err(|error| HttpError::Tls(format!("cannot read {key} {}: {error}", path.display())))
-}
-
-/// Accepts TCP connections and hands out those whose TLS handshake completed; handshakes
-/// run as tasks of their own, each with a deadline.
-pub(crate) struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
-}
-
-impl TlsListener {
-    pub(crate) fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> Self {
-        Self {
-            tcp,
-            acceptor: TlsAcceptor::from(config),
-            handshakes: JoinSet::new(),
-        }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            tokio::select! {
-                accepted = self.tcp.accept() => match accepted {
-                    Ok((stream, address)) => {
-                        let acceptor = self.acceptor.clone();
-                        self.handshakes.spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => Some((tls, address)),
-                                Ok(Err(error)) => {
-                                    debug!(client = %address, error = %error, "TLS handshake failed");
-                                    None
-                                }
-                                Err(_) => {
-                                    debug!(client = %address, "TLS handshake timed out");
-                                    None
-                                }
-                            }
-                        });
-                    }
-                    Err(error) => {
-                        // Out of file descriptors, most likely: wait instead of spinning.
-                        warn!(error = %error, "cannot accept a connection");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                },
-                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
-                    if let Ok(Some(connection)) = done {
-                        return connection;
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
 }
 
 #[cfg(test)]

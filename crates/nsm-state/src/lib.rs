@@ -87,6 +87,9 @@ pub enum StateError {
     },
 }
 
+/// Table files kept open by default: about 32 GiB of them at RocksDB's 64 MiB a file.
+pub const DEFAULT_MAX_OPEN_FILES: i32 = 512;
+
 /// Options of the store.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -96,6 +99,10 @@ pub struct StoreOptions {
     pub block_cache_bytes: usize,
     /// The write-ahead logs kept at most, in bytes: what a restart may have to replay.
     pub max_wal_bytes: u64,
+    /// Table files RocksDB keeps open at most; it closes the least used beyond. Unbounded,
+    /// a store grown large takes every file descriptor of the process (HTTP connections and
+    /// Kafka sockets need theirs) and a write fails when it cannot open its next file.
+    pub max_open_files: i32,
 }
 
 impl Default for StoreOptions {
@@ -104,6 +111,7 @@ impl Default for StoreOptions {
             sync_writes: false,
             block_cache_bytes: 64 * 1024 * 1024,
             max_wal_bytes: 64 * 1024 * 1024,
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
         }
     }
 }
@@ -155,6 +163,7 @@ impl Store {
         // correct scrape at 10M events). Past this total RocksDB flushes the families that
         // hold the oldest log, so a restart replays at most this much.
         db_options.set_max_total_wal_size(options.max_wal_bytes);
+        db_options.set_max_open_files(options.max_open_files);
         // Bounded memory: small memtables, and one LRU block cache that also holds the index
         // and filter blocks, so reading members never grows past it.
         let cache = Cache::new_lru_cache(options.block_cache_bytes);

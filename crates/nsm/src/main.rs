@@ -8,6 +8,7 @@ mod demo;
 mod generate;
 mod generator;
 mod logging;
+mod open_files;
 mod pipeline;
 mod run;
 mod tools;

@@ -9,13 +9,14 @@ use anyhow::{anyhow, Context, Result};
 use nsm_core::config::Resolver;
 use nsm_core::engine::Plan;
 use nsm_core::Config;
-use nsm_http::{AppState, BasicAuth, Protection, Published, Readiness, Telemetry};
+use nsm_http::{AppState, BasicAuth, Limits, Protection, Published, Readiness, Telemetry};
 use nsm_kafka::{ClientSettings, ConsumerOptions, DeadLetterStats};
 use nsm_state::{Store, StoreOptions};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::changelog::Changelog;
+use crate::open_files;
 use crate::pipeline::{Pipeline, PipelineParts};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -73,6 +74,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     refuse_lint_errors(&config)?;
     let protection = http_protection(&config)?;
     let plan = Plan::from_config(&config);
+    let http_limits = http_limits(&config);
     std::fs::create_dir_all(&config.state.path).with_context(|| {
         format!(
             "cannot create the state directory {}",
@@ -84,6 +86,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         &plan,
         &StoreOptions {
             sync_writes: config.state.sync_writes,
+            max_open_files: nsm_state::DEFAULT_MAX_OPEN_FILES,
             ..StoreOptions::default()
         },
     )?;
@@ -122,6 +125,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         listener,
         app_state,
         protection,
+        http_limits,
         async move {
             let _ = http_stop.wait_for(|stopped| *stopped).await;
         },
@@ -190,6 +194,32 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     result.context("the consumer stopped with an error")?;
     info!("stopped cleanly; state and offsets are stored");
     Ok(())
+}
+
+/// The HTTP server's timeouts and connection limit from `[http]`, after raising the open-file
+/// limit: connections get only the descriptors RocksDB's table files and the reserve leave.
+fn http_limits(config: &Config) -> Limits {
+    let file_limit = open_files::raise_limit();
+    let table_files = u64::try_from(nsm_state::DEFAULT_MAX_OPEN_FILES).unwrap_or(0);
+    let max_connections =
+        open_files::connections_within(file_limit, table_files, config.http.max_connections);
+    if max_connections < config.http.max_connections {
+        warn!(
+            open_files = file_limit,
+            table_files,
+            reserved = open_files::RESERVED,
+            max_connections,
+            "the open-file limit leaves room for fewer HTTP connections than \
+             http.max_connections; raise it (LimitNOFILE= in systemd, ulimit -n)"
+        );
+    } else {
+        info!(open_files = file_limit, max_connections, "open-file limit");
+    }
+    Limits {
+        header_timeout: config.http.header_timeout,
+        idle_timeout: config.http.idle_timeout,
+        max_connections,
+    }
 }
 
 /// HTTPS and basic auth from `[http.tls]` and `[http.basic_auth]`. The certificate and key
