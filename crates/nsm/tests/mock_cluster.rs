@@ -2,7 +2,8 @@
 //! known stream through the real client path, exports exact values, dead-letters bad events,
 //! and after a graceful stop and restart, or the loss of its state directory (restored from
 //! the changelog), neither loses nor double-counts anything; a backlog is stored once
-//! `state.flush_max_entries` entries wait, not only at the flush interval.
+//! `state.flush_max_entries` entries wait, not only at the flush interval; 2,000 idle HTTP
+//! connections held while events flow leave scrapes answering and every write stored.
 
 mod common;
 
@@ -578,4 +579,157 @@ fn a_backlog_is_stored_once_enough_entries_wait_not_only_at_the_interval() {
         Some(&restarted),
         || (members(&scrape(port)?)? == USERS as f64).then_some(()),
     );
+}
+
+/// Idle TCP connections to a port: opened, never written to.
+struct IdleConnections {
+    streams: Vec<std::net::TcpStream>,
+}
+
+impl IdleConnections {
+    fn open(port: u16, count: usize) -> IdleConnections {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let streams = (0..count)
+            .map(|index| {
+                let stream =
+                    std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10))
+                        .unwrap_or_else(|error| panic!("idle connection {index}: {error}"));
+                stream.set_nonblocking(true).expect("nonblocking");
+                stream
+            })
+            .collect();
+        IdleConnections { streams }
+    }
+
+    /// How many the server has not closed.
+    fn still_open(&self) -> usize {
+        use std::io::Read;
+        self.streams
+            .iter()
+            .filter(|stream| {
+                let mut reader: &std::net::TcpStream = stream;
+                match reader.read(&mut [0; 64]) {
+                    Ok(0) => false,
+                    Ok(_) => true,
+                    Err(error) => error.kind() == std::io::ErrorKind::WouldBlock,
+                }
+            })
+            .count()
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit; the limit then.
+fn raise_own_open_file_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    if setrlimit(Resource::Nofile, raised).is_err() {
+        eprintln!("cannot raise the open-file limit of the test: {limit:?}");
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// About a thousand idle connections once took every file descriptor of nsm (no timeout, no
+/// limit, unbounded RocksDB files): its next state write failed and it crash-looped. Here nsm
+/// runs with the common limit of 1,024 open files, which it cannot raise, and 2,000 idle
+/// connections are opened and held while the second half of a known stream flows: at most
+/// `http.max_connections` stay open, the rest close within the header timeout, scrapes keep
+/// answering with the exact values, and no state write fails.
+#[test]
+fn two_thousand_idle_connections_leave_scrapes_answering_and_every_write_stored() {
+    const MAX_CONNECTIONS: usize = 256;
+    let own_limit = raise_own_open_file_limit();
+    // Each idle connection is a descriptor here too: with a lower hard limit, as many as it
+    // allows beside the test's own files; still more than nsm's limit.
+    let count = 2_000.min(usize::try_from(own_limit.saturating_sub(200)).unwrap_or(2_000));
+    if count < 2_000 {
+        eprintln!("open-file limit {own_limit}: {count} idle connections instead of 2,000");
+    }
+
+    let (_cluster, brokers) = cluster_for("nsm-idle", 3);
+    let topic = "events";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stream = known_stream(60, 3);
+    let port = free_port();
+    let config_path = dir.path().join("nsm.toml");
+    std::fs::write(
+        &config_path,
+        test_config(&brokers, topic, &dir.path().join("state"), port, "nsm-idle") + BY_USER,
+    )
+    .expect("config");
+    // The soft and hard limits of the systemd default; `exec` keeps the process id nsm's.
+    let mut nsm = Process::spawn(
+        "nsm",
+        std::process::Command::new("sh").args([
+            "-c",
+            "ulimit -n 1024 && exec \"$0\" \"$@\"",
+            NSM,
+            "run",
+            "--config",
+            config_path.to_str().expect("utf8"),
+        ]),
+        dir.path(),
+    );
+
+    let (first_half, second_half) = stream.lines.split_at(stream.lines.len() / 2);
+    let key_field = ["--key-field", "user_id"];
+    produce(&brokers, topic, dir.path(), first_half, &key_field);
+    wait_for(
+        "the first half consumed",
+        Duration::from_secs(90),
+        Some(&nsm),
+        || (consumed_total(&scrape(port)?) == first_half.len() as f64).then_some(()),
+    );
+
+    let opened = std::time::Instant::now();
+    let idle = IdleConnections::open(port, count);
+    eprintln!("{count} idle connections opened in {:?}", opened.elapsed());
+    produce(&brokers, topic, dir.path(), second_half, &key_field);
+    wait_for(
+        "at most http.max_connections idle connections left open",
+        Duration::from_secs(5),
+        Some(&nsm),
+        || (idle.still_open() <= MAX_CONNECTIONS).then_some(()),
+    );
+    // Every scrape is a new connection, given the place of the longest idle one.
+    let samples = wait_for(
+        "all messages counted while the connections are held",
+        Duration::from_secs(90),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (consumed_total(&samples) == stream.lines.len() as f64
+                && metric_value(&samples, "messages_sent", "current")?
+                    == stream.messages_current_hour as f64
+                && samples.get("nsm_events_late_total").copied()? == stream.late as f64)
+                .then_some(samples)
+        },
+    );
+    assert_values(&samples, &stream);
+    assert_eq!(
+        http_get(port, "/readyz").map(|(status, _)| status),
+        Some(200)
+    );
+    // The rest were idle longer than the header timeout (10 s by default).
+    wait_for(
+        "every idle connection closed",
+        Duration::from_secs(20),
+        Some(&nsm),
+        || (idle.still_open() == 0).then_some(()),
+    );
+    assert!(
+        nsm.child.try_wait().expect("wait").is_none(),
+        "nsm is running"
+    );
+    let log = nsm.log_text();
+    assert!(
+        !log.contains("cannot write state") && !log.contains("Too many open files"),
+        "{log}"
+    );
+    assert!(log.contains("HTTP connection limit reached"), "{log}");
+    drop(idle);
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
