@@ -530,3 +530,91 @@ impl Telemetry {
             .unwrap_or_else(|error| format!("# encoding failed: {error}\n"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use nsm_core::engine::{Outcome, PartitionSnapshot};
+    use nsm_core::{Config, Engine, PartitionKey};
+
+    use super::*;
+
+    const BY_PLAN: &str = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[north_star]
+name = "users_by_plan"
+kind = "distinct"
+field = "user_id"
+where = { event = "message_sent" }
+window = "1d"
+by = ["plan"]
+top = 20
+"#;
+
+    /// 2026-11-23T12:00:00Z.
+    const NOW_MS: i64 = 1_795_435_200_000;
+
+    /// The `segment` label and value of every `nsm_metric_segment_value` series, as exposed.
+    fn exposed_segments(text: &str) -> Vec<(String, f64)> {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("nsm_metric_segment_value{"))
+            .filter(|line| line.contains("window=\"current\""))
+            .map(|line| {
+                let (labels, value) = line.rsplit_once("} ").expect("a sample");
+                let (_, segment) = labels.split_once("segment=\"").expect("a segment label");
+                let (segment, _) = segment.split_once("\",window=").expect("sorted labels");
+                (segment.to_string(), value.parse().expect("a number"))
+            })
+            .collect()
+    }
+
+    /// Values that look alike but differ (a string and a number, a missing field and the
+    /// string `(none)`, two long values with one prefix) are separate series on /metrics.
+    #[test]
+    fn look_alike_segment_values_are_separate_series() {
+        let config = Config::from_toml(BY_PLAN, &|_| None).expect("a valid config");
+        let mut engine = Engine::new(Plan::from_config(&config));
+        let key = PartitionKey::new("events", 0);
+        engine.restore_partition(key.clone(), PartitionSnapshot::default());
+        let long = |last: char| format!("\"{}{last}\"", "L".repeat(300));
+        let plans = [
+            r#""3""#.to_string(),
+            "3".to_string(),
+            "3".to_string(),
+            "null".to_string(),
+            r#""(none)""#.to_string(),
+            long('1'),
+            long('2'),
+        ];
+        for (offset, plan) in plans.iter().enumerate() {
+            let event = format!(
+                r#"{{"event":"message_sent","user_id":"u{offset}","plan":{plan},"timestamp":"2026-11-23T10:00:00Z"}}"#
+            );
+            let outcome = engine.apply(&key, offset as i64, event.as_bytes(), NOW_MS);
+            assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+        }
+        let telemetry = Telemetry::new(engine.plan(), "test");
+        telemetry.publish_values(engine.plan(), &engine.metric_values(NOW_MS), NOW_MS);
+        let mut segments = exposed_segments(&telemetry.render());
+        segments.sort_by(|a, b| a.0.cmp(&b.0));
+        let (long_ones, short_ones): (Vec<_>, Vec<_>) = segments
+            .into_iter()
+            .partition(|(segment, _)| segment.starts_with("LLL"));
+        // In the exposition format a `"` in a label value is escaped as `\"`.
+        assert_eq!(
+            short_ones,
+            vec![
+                ("(none)".to_string(), 1.0),
+                ("3".to_string(), 2.0),
+                (r#"\"(none)\""#.to_string(), 1.0),
+                (r#"\"3\""#.to_string(), 1.0),
+            ]
+        );
+        assert_eq!(long_ones.len(), 2, "{long_ones:?}");
+        assert_ne!(long_ones[0].0, long_ones[1].0);
+        assert!(long_ones
+            .iter()
+            .all(|(segment, value)| segment.len() <= 128 && *value == 1.0));
+    }
+}
