@@ -19,8 +19,7 @@ use nsm_core::PartitionKey;
 use rocksdb::WriteBatch;
 
 use crate::codec::{
-    decode_partition_meta, encode_partition_meta, partition_prefix, prefix_successor,
-    PartitionMeta,
+    decode_partition_meta, encode_partition_meta, partition_prefix, prefix_successor, PartitionMeta,
 };
 use crate::{
     StateError, Store, CF_FINGERPRINTS, CF_GAPS, CF_MEMBERS, CF_META, CF_PARTITIONS, CF_SEGMENTS,

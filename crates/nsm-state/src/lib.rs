@@ -50,9 +50,9 @@ use rocksdb::{
 };
 
 use codec::{
-    decode_i64, decode_partition_meta, decode_window_value, encode_partition_meta, PartitionMeta,
+    decode_i64, decode_partition_meta, decode_window_value, encode_partition_meta,
     encode_window_value, entry_key_into, partition_prefix, prefix_successor,
-    split_partition_prefix, window_key, window_metric_prefix,
+    split_partition_prefix, window_key, window_metric_prefix, PartitionMeta,
 };
 
 pub use changelog::{

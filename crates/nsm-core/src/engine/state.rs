@@ -429,10 +429,15 @@ impl PartitionState {
 
     /// Applies an event at `event_time_ms` to the partition's time, at wall clock `now_ms`.
     pub fn advance_event_time(&mut self, event_time_ms: EpochMillis, now_ms: EpochMillis) {
-        self.max_event_ms = Some(self.max_event_ms.map_or(event_time_ms, |max| max.max(event_time_ms)));
+        self.max_event_ms = Some(
+            self.max_event_ms
+                .map_or(event_time_ms, |max| max.max(event_time_ms)),
+        );
         let bounded = event_time_ms.min(now_ms);
-        self.event_watermark_ms =
-            Some(self.event_watermark_ms.map_or(bounded, |watermark| watermark.max(bounded)));
+        self.event_watermark_ms = Some(
+            self.event_watermark_ms
+                .map_or(bounded, |watermark| watermark.max(bounded)),
+        );
         self.pending.meta_dirty = true;
     }
 
@@ -443,4 +448,3 @@ impl PartitionState {
             .map(|watermark| watermark.saturating_sub(allowed_lateness_ms))
     }
 }
-

@@ -429,7 +429,10 @@ fn a_backfill_after_an_idle_stall_is_not_late() {
             &event("message_sent", &format!("u{step}"), &time),
             resumed,
         );
-        assert!(matches!(outcome, Outcome::Applied { .. }), "{time}: {outcome:?}");
+        assert!(
+            matches!(outcome, Outcome::Applied { .. }),
+            "{time}: {outcome:?}"
+        );
     }
     let day = &engine.metric_values(resumed)[0];
     assert_eq!(day.current.value, AggValue::Distinct(18));

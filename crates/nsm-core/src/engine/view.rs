@@ -68,8 +68,7 @@ pub(super) fn metric_values<'a>(
     now_ms: EpochMillis,
 ) -> Vec<MetricValues> {
     let clock = instance_clock(partitions.clone().map(PartitionState::clock_ms), now_ms);
-    let complete_until =
-        completeness_watermark(partitions.clone().map(PartitionState::clock_ms));
+    let complete_until = completeness_watermark(partitions.clone().map(PartitionState::clock_ms));
     let calendar = plan.calendar();
     // What the windows hold: a retention metric's are its count of returning entities.
     let stored_zero = |index: usize| match &plan.compiled[index].value {
