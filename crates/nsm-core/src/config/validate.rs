@@ -523,12 +523,16 @@ fn validate_time(raw: &RawConfig, problems: &mut Problems) -> Option<TimeConfig>
     if idle_timeout == Some(Duration::ZERO) {
         problems.add("time.idle_timeout", "must be longer than zero");
     }
-    let skew = duration(
+    let mut skew = duration(
         "time.max_future_skew",
         time.max_future_skew.as_ref(),
         "1h",
         problems,
     );
+    // Unset, it defaults to 1h or the allowed lateness, whichever is shorter.
+    if let (None, Some(default), Some(lateness)) = (&time.max_future_skew, skew, lateness) {
+        skew = Some(default.min(lateness));
+    }
     if let (Some(skew), Some(lateness)) = (skew, lateness) {
         // The watermark never passes the wall clock, but a replay after a restart applies an
         // event stamped ahead at a later clock: at most `max_future_skew` ahead of the events
