@@ -14,11 +14,39 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+/// Why offsets of an input partition were never applied (`nsm_offsets_skipped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OffsetSkip {
+    /// Offsets missing between two consecutive messages of a partition (or between its stored
+    /// offset and its first message): deleted by retention before nsm read them (an offset
+    /// out of range resumes at the earliest one still in the log), or legitimately absent:
+    /// removed by compaction, or transaction markers and aborted records of a transactional
+    /// topic. Counts offsets, not messages.
+    Gap,
+    /// Messages below the partition's stored offset, skipped as applied before: the log went
+    /// back (the topic was deleted and recreated, or truncated), and the restart at its
+    /// earliest offset redelivers offsets nsm already passed. Counts messages.
+    Rewound,
+}
+
+impl OffsetSkip {
+    pub const ALL: [OffsetSkip; 2] = [OffsetSkip::Gap, OffsetSkip::Rewound];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            OffsetSkip::Gap => "gap",
+            OffsetSkip::Rewound => "rewound",
+        }
+    }
+}
+
 /// Counts accumulated by the pipeline between two publishes.
 #[derive(Debug, Default, Clone)]
 pub struct BatchCounts {
     pub consumed: Vec<(PartitionKey, u64)>,
     pub rejected: Vec<(RejectReason, u64)>,
+    /// Offsets never applied, by why.
+    pub skipped: Vec<(OffsetSkip, u64)>,
     /// Valid events skipped because their id was already applied within the dedup horizon.
     pub duplicates: u64,
     /// Seconds from the Kafka message timestamp to the moment its effect became visible.
@@ -42,6 +70,7 @@ pub struct Telemetry {
     late: IntCounter,
     duplicates: IntCounter,
     dead_letters: IntCounterVec,
+    offsets_skipped: IntCounterVec,
     consumer_lag: IntGaugeVec,
     watermark: GaugeVec,
     last_event: GaugeVec,
@@ -152,6 +181,23 @@ impl Telemetry {
         );
         for result in ["delivered", "failed"] {
             dead_letters.with_label_values(&[result]);
+        }
+        let offsets_skipped = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "nsm_offsets_skipped_total",
+                    "Offsets of input partitions never applied, by reason: gap, offsets \
+                     missing between two messages (deleted by retention before they were read, \
+                     or compaction and transaction markers); rewound, messages below the \
+                     stored offset after the log went back (a recreated or truncated topic).",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        for reason in OffsetSkip::ALL {
+            offsets_skipped.with_label_values(&[reason.label()]);
         }
         let consumer_lag = register(
             &registry,
@@ -288,6 +334,7 @@ impl Telemetry {
             late,
             duplicates,
             dead_letters,
+            offsets_skipped,
             consumer_lag,
             watermark,
             last_event,
@@ -444,6 +491,11 @@ impl Telemetry {
                     .with_label_values(&[reason.label()])
                     .inc_by(*count);
             }
+        }
+        for (reason, count) in &counts.skipped {
+            self.offsets_skipped
+                .with_label_values(&[reason.label()])
+                .inc_by(*count);
         }
         self.duplicates.inc_by(counts.duplicates);
         for latency in &counts.visible_latencies_seconds {

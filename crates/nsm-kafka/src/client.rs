@@ -1,6 +1,6 @@
 //! librdkafka client configuration from nsm's settings.
 
-use nsm_core::config::KafkaProperties;
+use nsm_core::config::{canonical_property, KafkaProperties};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfig, FromClientConfigAndContext};
 use rdkafka::error::KafkaError as RdKafkaError;
@@ -96,7 +96,7 @@ impl ClientRole {
             ClientRole::Consumer => PRODUCER_ONLY,
             ClientRole::Producer => CONSUMER_ONLY,
         };
-        !foreign.contains(&property)
+        !foreign.contains(&property) && !foreign.contains(&canonical_property(property))
     }
 }
 
@@ -108,21 +108,30 @@ impl ClientSettings {
         }
     }
 
-    /// A librdkafka config with the brokers and the user properties this role uses. nsm's
-    /// own settings come first so user properties can tune them, except the ones config
-    /// validation reserves. Security properties (`security.protocol`, `sasl.*`, `ssl.*`)
-    /// concern every role, so the dead-letter producer and the admin client connect the way
-    /// the consumer does.
+    /// A librdkafka config with the brokers and the user properties this role uses. User
+    /// properties replace nsm's own settings of the same property, under whichever of its
+    /// names (`queue.buffering.max.ms` replaces nsm's `linger.ms`: given both, librdkafka
+    /// would take either), except the ones config validation reserves. Security properties
+    /// (`security.protocol`, `sasl.*`, `ssl.*`) concern every role, so the dead-letter
+    /// producer and the admin client connect the way the consumer does.
     fn client_config(&self, role: ClientRole, own: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        let user: Vec<(&str, &str)> = self
+            .properties
+            .iter()
+            .filter(|(key, _)| role.accepts(key))
+            .collect();
         for (key, value) in own {
-            config.set(*key, *value);
-        }
-        for (key, value) in self.properties.iter() {
-            if role.accepts(key) {
-                config.set(key, value);
+            let replaced = user
+                .iter()
+                .any(|(user_key, _)| canonical_property(user_key) == canonical_property(key));
+            if !replaced {
+                config.set(*key, *value);
             }
+        }
+        for (key, value) in user {
+            config.set(key, value);
         }
         config
     }
@@ -201,6 +210,19 @@ mod tests {
         assert_eq!(consumer.get("sasl.password"), Some("pw"));
         assert_eq!(consumer.get("session.timeout.ms"), Some("6000"));
         assert_eq!(consumer.get("linger.ms"), None);
+    }
+
+    #[test]
+    fn a_user_property_replaces_nsms_own_under_any_of_its_names() {
+        let settings = ClientSettings {
+            brokers: "127.0.0.1:1".to_string(),
+            properties: [("queue.buffering.max.ms", "50")].into_iter().collect(),
+        };
+        let producer =
+            settings.client_config(ClientRole::Producer, &[("linger.ms", "5"), ("acks", "all")]);
+        assert_eq!(producer.get("queue.buffering.max.ms"), Some("50"));
+        assert_eq!(producer.get("linger.ms"), None, "one name only");
+        assert_eq!(producer.get("acks"), Some("all"));
     }
 
     #[test]

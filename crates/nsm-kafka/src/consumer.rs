@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nsm_core::config::StartFrom;
 use nsm_core::PartitionKey;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError as RdKafkaError;
@@ -98,11 +99,14 @@ pub struct ConsumerOptions {
     pub group_id: String,
     pub dead_letter_topic: String,
     pub checkpoint_interval: Duration,
+    /// Where a partition with neither a stored nor a committed offset starts.
+    pub start_from: StartFrom,
 }
 
 struct Shared<H> {
     handler: Mutex<H>,
     dead_letters: DeadLetterProducer,
+    start_from: StartFrom,
     /// Set when the handler failed in a rebalance: the loop stops with that error.
     fatal: Mutex<Option<String>>,
 }
@@ -187,15 +191,33 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
                 info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions assigned");
                 match self.shared.handler().assigned(&keys) {
                     Ok(offsets) => {
-                        for (key, offset) in keys.iter().zip(offsets) {
-                            if let Some(offset) = offset {
-                                if let Err(error) = list.set_partition_offset(
-                                    &key.topic,
-                                    key.partition,
-                                    Offset::Offset(offset),
-                                ) {
-                                    warn!(partition = %key, error = %error, "cannot set the resume offset");
-                                }
+                        let new: Vec<PartitionKey> = keys
+                            .iter()
+                            .zip(&offsets)
+                            .filter(|(_, offset)| offset.is_none())
+                            .map(|(key, _)| key.clone())
+                            .collect();
+                        let mut starts: Vec<(PartitionKey, Offset)> = keys
+                            .iter()
+                            .zip(offsets)
+                            .filter_map(|(key, offset)| {
+                                offset.map(|offset| (key.clone(), Offset::Offset(offset)))
+                            })
+                            .collect();
+                        match start_offsets(consumer, &new, self.shared.start_from) {
+                            Ok(found) => starts.extend(found),
+                            Err(message) => {
+                                // Not assigned: reading from the earliest offset would count
+                                // the history kafka.start_from leaves out. The loop stops.
+                                self.shared.fail(message);
+                                return;
+                            }
+                        }
+                        for (key, offset) in starts {
+                            if let Err(error) =
+                                list.set_partition_offset(&key.topic, key.partition, offset)
+                            {
+                                warn!(partition = %key, error = %error, "cannot set the resume offset");
                             }
                         }
                     }
@@ -243,6 +265,77 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
     }
 }
 
+/// Where partitions without a stored offset start, for `kafka.start_from`: `Earliest` leaves
+/// them to librdkafka (the group's committed offset, else `auto.offset.reset`, which nsm sets
+/// to `earliest`); otherwise a partition the group has a committed offset for resumes there,
+/// and the others start at the end of the log, or at the first message at or after the time.
+fn start_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: &[PartitionKey],
+    start_from: StartFrom,
+) -> Result<Vec<(PartitionKey, Offset)>, String> {
+    if partitions.is_empty() || start_from == StartFrom::Earliest {
+        return Ok(Vec::new());
+    }
+    let timeout = Duration::from_secs(30);
+    let mut list = TopicPartitionList::new();
+    for key in partitions {
+        list.add_partition(&key.topic, key.partition);
+    }
+    let committed = consumer.committed_offsets(list, timeout).map_err(|error| {
+        format!("cannot read the group's committed offsets (to apply kafka.start_from): {error}")
+    })?;
+    let mut starts = Vec::new();
+    let mut without = TopicPartitionList::new();
+    for element in committed.elements() {
+        let key = PartitionKey::new(element.topic(), element.partition());
+        match element.offset() {
+            Offset::Offset(offset) => {
+                info!(partition = %key, offset, "partition has no stored state: resuming from the group's committed offset");
+                starts.push((key, Offset::Offset(offset)));
+            }
+            _ => {
+                let position = match start_from {
+                    StartFrom::Time(ms) => Offset::Offset(ms),
+                    _ => Offset::End,
+                };
+                without
+                    .add_partition_offset(&key.topic, key.partition, position)
+                    .map_err(|error| format!("partition {key}: {error}"))?;
+            }
+        }
+    }
+    if without.count() == 0 {
+        return Ok(starts);
+    }
+    let found = match start_from {
+        StartFrom::Time(_) => consumer
+            .offsets_for_times(without, timeout)
+            .map_err(|error| {
+                format!("cannot look up the offsets of kafka.start_from's time: {error}")
+            })?,
+        _ => without,
+    };
+    for element in found.elements() {
+        let key = PartitionKey::new(element.topic(), element.partition());
+        // A time after the last message finds no offset: the partition starts at its end.
+        let offset = match element.offset() {
+            Offset::Offset(offset) => Offset::Offset(offset),
+            _ => Offset::End,
+        };
+        match offset {
+            Offset::Offset(offset) => {
+                info!(partition = %key, offset, "new partition: starting at the first message at or after kafka.start_from")
+            }
+            _ => {
+                info!(partition = %key, "new partition: starting at the end of the log (kafka.start_from); earlier events are not read")
+            }
+        }
+        starts.push((key, offset));
+    }
+    Ok(starts)
+}
+
 /// Runs the consumer until `stop` is set, then checkpoints and leaves the group.
 pub fn run_consumer<H: PartitionHandler>(
     options: &ConsumerOptions,
@@ -258,6 +351,7 @@ pub fn run_consumer<H: PartitionHandler>(
     let shared = Arc::new(Shared {
         handler: Mutex::new(handler),
         dead_letters,
+        start_from: options.start_from,
         fatal: Mutex::new(None),
     });
     let consumer: BaseConsumer<Context<H>> = options.client.create_with_context(

@@ -23,7 +23,7 @@ use nsm_core::engine::{
 };
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
-use nsm_http::{BatchCounts, Published, Readiness, Telemetry};
+use nsm_http::{BatchCounts, OffsetSkip, Published, Readiness, Telemetry};
 use nsm_kafka::{DeadLetterStats, Disposition, HandlerError, PartitionHandler, PartitionLag};
 use nsm_state::Store;
 use tracing::{error, info, warn};
@@ -67,11 +67,16 @@ pub struct Pipeline {
     last_idle_check: Instant,
     consumed: HashMap<PartitionKey, u64>,
     rejected: HashMap<RejectReason, u64>,
+    /// Offsets never applied since the last publish, by why.
+    skipped: HashMap<OffsetSkip, u64>,
     duplicates: u64,
     produced_times_ms: Vec<i64>,
     latency_sample_every: usize,
     messages_since_publish: usize,
     last_warned: HashMap<RejectReason, Instant>,
+    /// The last line logged of each partition's skipped offsets, and the jumps and offsets
+    /// skipped since.
+    skip_logged: HashMap<(OffsetSkip, PartitionKey), (Instant, u64, u64)>,
 }
 
 /// A checkpoint being stored on its own thread, and what to publish once it is.
@@ -88,6 +93,7 @@ struct Snapshot {
     resident_members: usize,
     consumed: Vec<(PartitionKey, u64)>,
     rejected: Vec<(RejectReason, u64)>,
+    skipped: Vec<(OffsetSkip, u64)>,
     duplicates: u64,
     produced_times_ms: Vec<i64>,
 }
@@ -108,6 +114,9 @@ impl Snapshot {
 
 /// At most one log line per rejection reason in this interval; counters carry the rest.
 const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// At most one log line per partition and kind of skipped offsets in this interval (a
+/// transactional topic has a gap after every transaction); counters carry the rest.
+const SKIP_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 pub struct PipelineParts {
     pub plan: Plan,
@@ -148,11 +157,13 @@ impl Pipeline {
             last_idle_check: Instant::now(),
             consumed: HashMap::new(),
             rejected: HashMap::new(),
+            skipped: HashMap::new(),
             duplicates: 0,
             produced_times_ms: Vec::new(),
             latency_sample_every: 1,
             messages_since_publish: 0,
             last_warned: HashMap::new(),
+            skip_logged: HashMap::new(),
         }
     }
 
@@ -165,6 +176,8 @@ impl Pipeline {
             self.lag.remove(key);
             self.telemetry.forget_restore(key);
         }
+        self.skip_logged
+            .retain(|(_, key), _| !partitions.contains(key));
         self.stored_offsets
             .retain(|(key, _)| !partitions.contains(key));
         self.publish_now();
@@ -305,6 +318,7 @@ impl Pipeline {
             resident_members: self.engine.resident_members(),
             consumed: self.consumed.drain().collect(),
             rejected: self.rejected.drain().collect(),
+            skipped: self.skipped.drain().collect(),
             duplicates: std::mem::take(&mut self.duplicates),
             produced_times_ms: std::mem::take(&mut self.produced_times_ms),
         }
@@ -319,6 +333,7 @@ impl Pipeline {
             resident_members,
             consumed,
             rejected,
+            skipped,
             duplicates,
             produced_times_ms,
         } = snapshot;
@@ -336,6 +351,7 @@ impl Pipeline {
         let counts = BatchCounts {
             consumed,
             rejected,
+            skipped,
             duplicates,
             visible_latencies_seconds: produced_times_ms
                 .into_iter()
@@ -348,6 +364,54 @@ impl Pipeline {
             stats.delivered.load(Ordering::Relaxed),
             stats.failed.load(Ordering::Relaxed),
         );
+    }
+
+    /// A message of `key` at `offset` when the engine expected `next`: offsets were skipped.
+    /// Counted, and logged once per partition and kind a minute with what was left out since.
+    fn offsets_skipped(&mut self, key: &PartitionKey, next: i64, offset: i64) {
+        let (kind, count) = if offset > next {
+            (OffsetSkip::Gap, offset - next)
+        } else {
+            (OffsetSkip::Rewound, 1)
+        };
+        let count = u64::try_from(count).unwrap_or(0);
+        *self.skipped.entry(kind).or_default() += count;
+        let now = Instant::now();
+        let logged = self.skip_logged.get_mut(&(kind, key.clone()));
+        let (jumps_left_out, offsets_left_out) = match logged {
+            Some((at, jumps, offsets)) if now.duration_since(*at) < SKIP_LOG_INTERVAL => {
+                *jumps += 1;
+                *offsets += count;
+                return;
+            }
+            Some((at, jumps, offsets)) => {
+                *at = now;
+                (std::mem::take(jumps), std::mem::take(offsets))
+            }
+            None => {
+                self.skip_logged.insert((kind, key.clone()), (now, 0, 0));
+                (0, 0)
+            }
+        };
+        match kind {
+            OffsetSkip::Gap => warn!(
+                partition = %key, from = next, to = offset - 1, skipped = count,
+                earlier_gaps_not_logged = jumps_left_out, offsets_in_them = offsets_left_out,
+                "offsets skipped: the partition went on at a later offset than the next one nsm \
+                 expected (deleted by retention before nsm read them, or compaction or \
+                 transaction markers); counted in nsm_offsets_skipped_total{{reason=\"gap\"}}, \
+                 further gaps of this partition are logged at most once a minute"
+            ),
+            OffsetSkip::Rewound => warn!(
+                partition = %key, offset, stored_offset = next,
+                earlier_messages_not_logged = offsets_left_out,
+                "the partition's log went back below its stored offset (the topic was deleted \
+                 and recreated, or truncated): its messages below the stored offset are skipped \
+                 as already applied and counted in \
+                 nsm_offsets_skipped_total{{reason=\"rewound\"}}; see README, \"Where \
+                 reading starts, and offsets nsm skips\""
+            ),
+        }
     }
 
     /// Publishes the engine's values as they are: only when they are all stored.
@@ -456,7 +520,11 @@ impl PartitionHandler for Pipeline {
         payload: &[u8],
         produced_ms: Option<i64>,
     ) -> Disposition {
+        let expected = self.engine.next_offset(key);
         let outcome = self.engine.apply(key, offset, payload, wall_clock_ms());
+        if let Some(next) = expected.filter(|next| *next != offset) {
+            self.offsets_skipped(key, next, offset);
+        }
         match self.consumed.get_mut(key) {
             Some(count) => *count += 1,
             None => {
@@ -651,5 +719,65 @@ window = "1d"
         let offsets = pipeline.checkpoint().expect("checkpoint");
         assert_eq!(offsets, vec![(kept.clone(), 1)]);
         assert_eq!(pipeline.finish().expect("finish"), vec![(kept, 2)]);
+    }
+
+    fn skipped(pipeline: &Pipeline, reason: &str) -> String {
+        let series = format!("nsm_offsets_skipped_total{{reason=\"{reason}\"}} ");
+        pipeline
+            .telemetry
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(series.as_str()).map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn offsets_skipped_forward_or_back_are_counted() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let key = PartitionKey::new("events", 0);
+        {
+            let mut pipeline = pipeline(directory.path());
+            pipeline
+                .assigned(std::slice::from_ref(&key))
+                .expect("assigned");
+            // A partition without a stored offset starts wherever the consumer says.
+            message(&mut pipeline, &key, 100);
+            message(&mut pipeline, &key, 101);
+            pipeline.finish().expect("finish");
+            assert_eq!(skipped(&pipeline, "gap"), "0");
+        }
+        // Restarted: the stored offset is 102, and the log no longer has 102 to 109.
+        let mut pipeline = pipeline(directory.path());
+        assert_eq!(
+            pipeline
+                .assigned(std::slice::from_ref(&key))
+                .expect("assigned"),
+            vec![Some(102)]
+        );
+        message(&mut pipeline, &key, 110);
+        message(&mut pipeline, &key, 111);
+        message(&mut pipeline, &key, 113);
+        pipeline.finish().expect("finish");
+        assert_eq!(skipped(&pipeline, "gap"), "9", "102..=109 and 112");
+        // The topic is recreated: its offsets start again below the stored one (114), and
+        // those messages are skipped as applied before, each counted.
+        for offset in 0..3 {
+            message(&mut pipeline, &key, offset);
+        }
+        pipeline.finish().expect("finish");
+        assert_eq!(skipped(&pipeline, "rewound"), "3");
+        assert_eq!(skipped(&pipeline, "gap"), "9");
+        assert_eq!(
+            metric_value(&pipeline.telemetry.render(), "daily_active_messagers"),
+            "5",
+            "the rewound messages changed nothing"
+        );
+    }
+
+    fn metric_value(text: &str, metric: &str) -> String {
+        let series = format!("nsm_metric_value{{metric=\"{metric}\",window=\"current\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series.as_str()).map(str::to_string))
+            .unwrap_or_default()
     }
 }

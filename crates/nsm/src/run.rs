@@ -154,6 +154,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         group_id: config.kafka.group_id.clone(),
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
         checkpoint_interval: config.state.flush_interval,
+        start_from: config.kafka.start_from,
     };
     let pipeline = Pipeline::new(PipelineParts {
         plan,

@@ -246,3 +246,93 @@ fn lag_total(samples: &std::collections::BTreeMap<String, f64>) -> Option<f64> {
     let lags: Vec<f64> = series_values(samples, "nsm_consumer_lag_messages").collect();
     (lags.len() == 4).then(|| lags.iter().sum())
 }
+
+/// `kafka.start_from` at a time: a new group starts each partition at the first message whose
+/// Kafka timestamp is at or after it, so the events produced before are never read.
+#[test]
+fn a_new_group_starting_from_a_time_reads_only_what_came_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_broker, brokers) = start_tansu(dir.path());
+    let topic = "timed-events";
+    let produce = |name: &str, users: std::ops::Range<usize>, create: bool| {
+        let now = now_ms();
+        let lines: Vec<String> = users
+            .map(|user| {
+                format!(r#"{{"event":"message_sent","user_id":"{name}{user}","timestamp":{now}}}"#)
+            })
+            .collect();
+        let file = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&file, lines.join("\n")).expect("write events");
+        let mut args = vec![
+            "produce",
+            "--brokers",
+            &brokers,
+            "--topic",
+            topic,
+            "--key-field",
+            "user_id",
+            "--property",
+            "batch.num.messages=1",
+            "--file",
+            file.to_str().expect("utf8"),
+        ];
+        if create {
+            args.extend(["--partitions", "2"]);
+        }
+        nsm_tool(&args);
+    };
+    produce("old", 0..8, true);
+    std::thread::sleep(Duration::from_secs(2));
+    let start = now_ms();
+    std::thread::sleep(Duration::from_secs(1));
+    produce("new", 0..5, false);
+
+    let port = free_port();
+    let config = test_config(
+        &brokers,
+        topic,
+        &dir.path().join("state"),
+        port,
+        "nsm-timed",
+    )
+    .replace(
+        "[kafka]\n",
+        &format!("[kafka]\nstart_from = \"{}\"\n", rfc3339(start)),
+    );
+    let config_path = dir.path().join("nsm.toml");
+    std::fs::write(&config_path, config).expect("config");
+    let mut nsm = Process::spawn(
+        "nsm",
+        Command::new(NSM).args(["run", "--config", config_path.to_str().expect("utf8")]),
+        dir.path(),
+    );
+    wait_for(
+        "the events after the time",
+        Duration::from_secs(90),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (metric_value(&samples, "daily_active_messagers", "current")? == 5.0).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = scrape(port).expect("metrics");
+    assert_eq!(consumed_total(&samples), 5.0, "no earlier event read");
+    assert_eq!(
+        metric_value(&samples, "daily_active_messagers", "current"),
+        Some(5.0)
+    );
+    assert_eq!(
+        samples
+            .get("nsm_offsets_skipped_total{reason=\"gap\"}")
+            .copied(),
+        Some(0.0)
+    );
+    assert!(
+        nsm.log_text()
+            .contains("starting at the first message at or after kafka.start_from"),
+        "{}",
+        nsm.log_text()
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+}

@@ -733,3 +733,240 @@ fn two_thousand_idle_connections_leave_scrapes_answering_and_every_write_stored(
     drop(idle);
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
+
+/// Messages counted in the test config's hourly `messages_sent`, whichever of its two
+/// windows they fell in (the hour may turn during a test).
+fn messages(samples: &std::collections::BTreeMap<String, f64>) -> Option<f64> {
+    Some(
+        metric_value(samples, "messages_sent", "current")?
+            + metric_value(samples, "messages_sent", "previous")?,
+    )
+}
+
+fn sample(samples: &std::collections::BTreeMap<String, f64>, series: &str) -> f64 {
+    samples.get(series).copied().unwrap_or(-1.0)
+}
+
+/// `count` messages sent now by users `{prefix}0`, `{prefix}1`, ..., each padded to about
+/// `pad` bytes.
+fn sent_now(prefix: &str, count: usize, pad: usize) -> Vec<String> {
+    let now = now_ms();
+    (0..count)
+        .map(|user| {
+            format!(
+                r#"{{"event":"message_sent","user_id":"{prefix}{user}","timestamp":{now},"pad":"{}"}}"#,
+                "x".repeat(pad)
+            )
+        })
+        .collect()
+}
+
+fn spawn_nsm(dir: &std::path::Path, name: &str, config: &str) -> Process {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("config");
+    Process::spawn(
+        name,
+        std::process::Command::new(NSM).args(["run", "--config", path.to_str().expect("utf8")]),
+        dir,
+    )
+}
+
+/// Retention deleting events nsm had not read yet, and an input topic deleted and recreated:
+/// what nsm skips is counted and logged, never silent.
+#[test]
+fn offsets_deleted_by_retention_or_gone_with_a_recreated_topic_are_counted() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = |brokers: &str| {
+        test_config(
+            brokers,
+            "events",
+            &dir.path().join("state"),
+            port,
+            "nsm-gaps",
+        )
+        .replace("[state]\n", "[state]\nchangelog = false\n")
+    };
+    let (cluster, brokers) = cluster_for("nsm-gaps", 1);
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &sent_now("small", 5, 0),
+        &[],
+    );
+    let mut nsm = spawn_nsm(dir.path(), "nsm-1", &config(&brokers));
+    wait_for("5 messages", Duration::from_secs(60), Some(&nsm), || {
+        (messages(&scrape(port)?)? == 5.0).then_some(())
+    });
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+
+    // While nsm is stopped, 12 messages of 600 KiB pass the mock broker's 5 MiB a
+    // partition: the oldest are deleted, nsm's stored offset 5 with them.
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &sent_now("big", 12, 600 * 1024),
+        &[],
+    );
+    let watcher: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("consumer");
+    let (log_start, log_end) = watcher
+        .fetch_watermarks("events", 0, Duration::from_secs(10))
+        .expect("watermarks");
+    assert!(
+        log_start > 5 && log_end == 17,
+        "retention deleted the stored offset: {log_start}..{log_end}"
+    );
+    let nsm = spawn_nsm(dir.path(), "nsm-2", &config(&brokers));
+    let samples = wait_for(
+        "the messages still in the log",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (messages(&samples)? == (5 + 17 - log_start) as f64).then_some(samples)
+        },
+    );
+    assert_eq!(
+        sample(&samples, "nsm_offsets_skipped_total{reason=\"gap\"}"),
+        (log_start - 5) as f64,
+        "offsets 5 to {} were deleted before nsm read them",
+        log_start - 1
+    );
+    assert_eq!(
+        sample(&samples, "nsm_offsets_skipped_total{reason=\"rewound\"}"),
+        0.0
+    );
+    assert!(
+        nsm.log_text().contains("offsets skipped"),
+        "{}",
+        nsm.log_text()
+    );
+    drop(nsm);
+    drop(watcher);
+    drop(cluster);
+
+    // The topic is recreated (a new cluster): offsets start again at 0, below the stored 17.
+    let (_cluster, brokers) = cluster_for("nsm-gaps", 1);
+    produce(&brokers, "events", dir.path(), &sent_now("new", 4, 0), &[]);
+    let mut nsm = spawn_nsm(dir.path(), "nsm-3", &config(&brokers));
+    let samples = wait_for(
+        "the recreated topic's messages",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (consumed_total(&samples) == 4.0).then_some(samples)
+        },
+    );
+    assert_eq!(
+        sample(&samples, "nsm_offsets_skipped_total{reason=\"rewound\"}"),
+        4.0
+    );
+    assert_eq!(
+        messages(&samples),
+        Some((5 + 17 - log_start) as f64),
+        "skipped as applied before"
+    );
+    assert!(
+        nsm.log_text().contains("went back below its stored offset"),
+        "{}",
+        nsm.log_text()
+    );
+    // Past the stored offset, messages count again.
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &sent_now("later", 16, 0),
+        &[],
+    );
+    let samples = wait_for(
+        "messages past the stored offset",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (consumed_total(&samples) == 20.0).then_some(samples)
+        },
+    );
+    assert_eq!(
+        sample(&samples, "nsm_offsets_skipped_total{reason=\"rewound\"}"),
+        17.0,
+        "offsets 0 to 16"
+    );
+    assert_eq!(messages(&samples), Some((5 + 17 - log_start + 3) as f64));
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+}
+
+/// `kafka.start_from = "latest"`: a new group skips the history and counts only what comes.
+#[test]
+fn a_new_group_starting_from_latest_skips_the_history() {
+    let (_cluster, brokers) = cluster_for("nsm-latest", 2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &sent_now("old", 6, 0),
+        &["--key-field", "user_id"],
+    );
+    let port = free_port();
+    let config = test_config(
+        &brokers,
+        "events",
+        &dir.path().join("state"),
+        port,
+        "nsm-latest",
+    )
+    .replace("[kafka]\n", "[kafka]\nstart_from = \"latest\"\n")
+    .replace("[state]\n", "[state]\nchangelog = false\n");
+    let mut nsm = spawn_nsm(dir.path(), "nsm", &config);
+    wait_for(
+        "both partitions placed at their end",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            (nsm.log_text()
+                .matches("starting at the end of the log")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+    // librdkafka looks the end up as it starts fetching, just after the assignment.
+    std::thread::sleep(Duration::from_secs(2));
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &sent_now("new", 3, 0),
+        &["--key-field", "user_id"],
+    );
+    wait_for(
+        "the new messages",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || (messages(&scrape(port)?)? == 3.0).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = scrape(port).expect("metrics");
+    assert_eq!(consumed_total(&samples), 3.0, "no old message read");
+    assert_eq!(messages(&samples), Some(3.0));
+    assert_eq!(
+        metric_value(&samples, "daily_active_messagers", "current"),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&samples, "nsm_offsets_skipped_total{reason=\"gap\"}"),
+        0.0,
+        "a deliberate start is not a skip"
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+}

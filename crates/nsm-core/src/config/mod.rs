@@ -3,6 +3,7 @@
 //! (`inputs[1].window: unknown window "2w"; expected 1h, 1d or 1w`).
 
 pub mod alerting;
+pub mod librdkafka;
 mod raw;
 pub mod secrets;
 mod validate;
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use alerting::{AlertingConfig, GuardrailAlerting, WorseWhen};
+pub use librdkafka::{canonical_property, reserved_property, ReservedProperty};
 pub use secrets::{KafkaProperties, Resolver};
 
 use crate::metric::{FieldPath, MetricDef, Role};
@@ -49,6 +51,22 @@ pub struct KafkaConfig {
     /// Passed to librdkafka as they are, after `${VAR}` and `${file:PATH}` expansion;
     /// secret values never show in `Debug` output.
     pub properties: KafkaProperties,
+    /// Where a partition starts when neither nsm's state nor the consumer group has an
+    /// offset for it (a new group, a new partition).
+    pub start_from: StartFrom,
+}
+
+/// `kafka.start_from`: where a partition without a stored or committed offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// The earliest offset still in the log: the whole retained history.
+    #[default]
+    Earliest,
+    /// The end of the log: only events produced from now on.
+    Latest,
+    /// The first message whose Kafka timestamp is at or after this time (epoch milliseconds),
+    /// or the end of the log when there is none.
+    Time(i64),
 }
 
 #[derive(Debug, Clone)]

@@ -52,6 +52,7 @@ pub struct RawKafka {
     pub dead_letter_topic: Option<String>,
     pub key_field: Option<String>,
     pub nested_in_key: Option<Vec<String>>,
+    pub start_from: Option<String>,
     #[serde(default)]
     pub properties: BTreeMap<String, toml::Value>,
 }

@@ -225,6 +225,94 @@ window = "1d"
     assert!(errors[0].1.contains("nsm stores offsets"), "{errors:?}");
 }
 
+/// librdkafka reads a property under its aliases and, for topic-level ones, with a `topic.`
+/// prefix: nsm's own settings are refused under every name, each with its path and why,
+/// while tunable ones pass.
+#[test]
+fn reserved_kafka_properties_are_refused_under_their_aliases_too() {
+    let text = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[kafka.properties]
+"topic.auto.offset.reset" = "latest"
+"auto.offset.reset" = "earliest"
+"delivery.timeout.ms" = 30000
+"acks" = 1
+"bootstrap.servers" = "elsewhere:9092"
+"statistics.interval.ms" = 0
+"linger.ms" = 50
+"session.timeout.ms" = 6000
+"topic.metadata.refresh.interval.ms" = 1000
+"isolation.level" = "read_committed"
+[north_star]
+name = "n"
+kind = "count"
+window = "1d"
+"#;
+    let errors = errors_of(text);
+    let paths: Vec<&str> = errors.iter().map(|(path, _)| path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "kafka.properties.\"acks\"",
+            "kafka.properties.\"auto.offset.reset\"",
+            "kafka.properties.\"bootstrap.servers\"",
+            "kafka.properties.\"delivery.timeout.ms\"",
+            "kafka.properties.\"statistics.interval.ms\"",
+            "kafka.properties.\"topic.auto.offset.reset\"",
+        ]
+    );
+    let message = |path: &str| {
+        errors
+            .iter()
+            .find(|(found, _)| found == path)
+            .map(|(_, message)| message.as_str())
+            .unwrap_or_default()
+    };
+    let prefixed = message("kafka.properties.\"topic.auto.offset.reset\"");
+    assert!(
+        prefixed.contains("librdkafka reads it as auto.offset.reset")
+            && prefixed.contains("kafka.start_from"),
+        "{prefixed}"
+    );
+    let alias = message("kafka.properties.\"acks\"");
+    assert!(alias.contains("request.required.acks"), "{alias}");
+}
+
+#[test]
+fn start_from_is_earliest_latest_or_a_time() {
+    let with = |line: &str| {
+        format!(
+            "[kafka]\nbrokers = \"b:9092\"\ntopics = [\"events\"]\n{line}\n\
+             [north_star]\nname = \"n\"\nkind = \"count\"\nwindow = \"1d\"\n"
+        )
+    };
+    let start_from = |line: &str| {
+        Config::from_toml(&with(line), &no_env)
+            .expect("valid config")
+            .kafka
+            .start_from
+    };
+    assert_eq!(start_from(""), StartFrom::Earliest, "the default");
+    assert_eq!(start_from("start_from = \"earliest\""), StartFrom::Earliest);
+    assert_eq!(start_from("start_from = \"latest\""), StartFrom::Latest);
+    assert_eq!(
+        start_from("start_from = \"2024-05-01T02:00:00+02:00\""),
+        StartFrom::Time(1_714_521_600_000)
+    );
+    for bad in [
+        "\"yesterday\"",
+        "\"2024-05-01\"",
+        "\"1969-12-31T23:59:59Z\"",
+    ] {
+        let errors = errors_of(&with(&format!("start_from = {bad}")));
+        assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+        assert_eq!(errors[0].0, "kafka.start_from", "{bad}");
+        assert!(errors[0].1.contains(bad.trim_matches('"')), "{errors:?}");
+    }
+}
+
 #[test]
 fn retention_must_outlive_two_windows_and_lateness() {
     let text = r#"

@@ -5,36 +5,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::librdkafka::reserved_property;
 use super::raw::{RawBasicAuth, RawConfig, RawMetric};
 use super::secrets::{self, KafkaProperties, Resolver};
 use super::{
     BasicAuthUsers, Config, ConfigError, ConfigErrors, EventsConfig, HttpConfig, HttpTls,
-    KafkaConfig, StateConfig, TimeConfig,
+    KafkaConfig, StartFrom, StateConfig, TimeConfig,
 };
 use crate::decimal::Decimal;
 use crate::metric::{
     Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role, Segmentation,
 };
 use crate::window::{parse_weekday, Calendar, CalendarUnit, Trailing};
-
-/// librdkafka properties nsm sets itself; letting a user override them would break the
-/// offset-in-state guarantee or the consumer group.
-const RESERVED_PROPERTIES: [(&str, &str); 5] = [
-    ("bootstrap.servers", "set it with kafka.brokers"),
-    ("group.id", "set it with kafka.group_id"),
-    (
-        "enable.auto.commit",
-        "nsm stores offsets with its state and commits them itself",
-    ),
-    (
-        "enable.auto.offset.store",
-        "nsm stores offsets with its state and commits them itself",
-    ),
-    (
-        "enable.partition.eof",
-        "nsm sets it to track idle partitions",
-    ),
-];
 
 const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 
@@ -314,11 +296,16 @@ fn validate_kafka(
     let mut properties = KafkaProperties::default();
     for (key, value) in &raw.kafka.properties {
         let path = format!("kafka.properties.{key:?}");
-        if let Some((_, hint)) = RESERVED_PROPERTIES
-            .iter()
-            .find(|(reserved, _)| reserved == key)
-        {
-            problems.add(path, format!("is set by nsm; remove it ({hint})"));
+        if let Some(reserved) = reserved_property(key) {
+            let name = if reserved.canonical == key {
+                String::new()
+            } else {
+                format!(" (librdkafka reads it as {})", reserved.canonical)
+            };
+            problems.add(
+                path,
+                format!("is set by nsm{name}; remove it: {}", reserved.reason),
+            );
             continue;
         }
         let text = match value {
@@ -338,6 +325,16 @@ fn validate_kafka(
             Err(message) => problems.add(path, message),
         }
     }
+    let start_from = match raw.kafka.start_from.as_deref() {
+        None => Some(StartFrom::default()),
+        Some(text) => match parse_start_from(text) {
+            Ok(start_from) => Some(start_from),
+            Err(message) => {
+                problems.add("kafka.start_from", message);
+                None
+            }
+        },
+    };
     Some(KafkaConfig {
         brokers,
         topics,
@@ -346,7 +343,26 @@ fn validate_kafka(
         key_field,
         nested_in_key,
         properties,
+        start_from: start_from?,
     })
+}
+
+/// `earliest`, `latest`, or an RFC 3339 time with an offset (`2024-05-01T00:00:00Z`).
+fn parse_start_from(text: &str) -> Result<StartFrom, String> {
+    match text {
+        "earliest" => Ok(StartFrom::Earliest),
+        "latest" => Ok(StartFrom::Latest),
+        _ => match text.parse::<jiff::Timestamp>() {
+            // Kafka timestamps are milliseconds since 1970; below 0 they mean "latest" and
+            // "earliest" to the broker.
+            Ok(time) if time.as_millisecond() >= 0 => Ok(StartFrom::Time(time.as_millisecond())),
+            Ok(_) => Err(format!("{text:?} is before 1970, when Kafka time begins")),
+            Err(_) => Err(format!(
+                "{text:?} is not \"earliest\", \"latest\" or an RFC 3339 time with an \
+                 offset, like \"2024-05-01T00:00:00Z\""
+            )),
+        },
+    }
 }
 
 fn check_topic_name(topic: &str) -> Result<(), String> {
