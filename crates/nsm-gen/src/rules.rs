@@ -426,6 +426,11 @@ impl Generator<'_> {
                 ),
             )
             .label("reason", "consumer_lag"),
+            Rule::record(
+                "nsm:data_stale:reason",
+                "(max(nsm_dead_letters_held) > bool 0) or on () vector(0)",
+            )
+            .label("reason", "dead_letters_held"),
             Rule::record("nsm:data_stale", "max(nsm:data_stale:reason)")
                 .comment("1 while any reason holds: business alerts are held back."),
         ]
@@ -676,6 +681,25 @@ impl Generator<'_> {
                 "nsm is {{{{ $value }}}} messages behind the end of {{{{ $labels.topic }}}} partition {{{{ $labels.partition }}}} (limit {}). Values are late; business alerts are held back.",
                 alerting.max_consumer_lag_messages
             ),
+        ));
+
+        let mut rule = Rule::alert(
+            "DeadLettersFailing",
+            "(max(nsm_dead_letters_held) > 0)\n\
+             or on ()\n\
+             (sum(increase(nsm_dead_letters_total{result=\"failed\"}[10m])) > 0)",
+        )
+        .comment(
+            "The broker refuses dead letters for good. Held (the default), no checkpoint is\n\
+             stored until they are delivered, so values stop advancing; dropped, rejected\n\
+             events are missing from the dead-letter topic.",
+        );
+        rule.for_seconds = Some(120);
+        rules.push(self.annotate(
+            rule,
+            "critical",
+            "nsm cannot deliver dead letters",
+            "The broker refuses nsm's dead letters (unknown topic, not authorized, or too large; nsm's log says which). With kafka.dead_letter_on_failure = \"hold\" they are held ({{ with query \"max(nsm_dead_letters_held)\" }}{{ . | first | value }}{{ else }}none{{ end }} now) and sent again every second, and no checkpoint is stored meanwhile: values on /metrics stop advancing and business alerts are held back. Create the dead-letter topic, grant nsm's principal write access to it, or raise its max.message.bytes.".to_string(),
         ));
 
         let mut rule = Rule::alert(

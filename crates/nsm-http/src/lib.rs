@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 
 pub use auth::{hash_password, BasicAuth};
 pub use server::Limits;
-pub use telemetry::{BatchCounts, OffsetSkip, Telemetry};
+pub use telemetry::{BatchCounts, DeadLetterCounts, OffsetSkip, Telemetry};
 pub use tls::server_config as tls_server_config;
 
 /// Errors of the HTTP edge.

@@ -40,6 +40,18 @@ impl OffsetSkip {
     }
 }
 
+/// The dead-letter producer's counters, as they stand.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterCounts {
+    pub delivered: u64,
+    /// Deliveries refused for good, every attempt.
+    pub failed: u64,
+    /// Letters given up (`kafka.dead_letter_on_failure = "drop"`).
+    pub dropped: u64,
+    /// Letters refused and held: no checkpoint is stored while there are.
+    pub held: u64,
+}
+
 /// Counts accumulated by the pipeline between two publishes.
 #[derive(Debug, Default, Clone)]
 pub struct BatchCounts {
@@ -70,6 +82,7 @@ pub struct Telemetry {
     late: IntCounter,
     duplicates: IntCounter,
     dead_letters: IntCounterVec,
+    dead_letters_held: IntGauge,
     offsets_skipped: IntCounterVec,
     consumer_lag: IntGaugeVec,
     watermark: GaugeVec,
@@ -174,14 +187,29 @@ impl Telemetry {
         let dead_letters = register(
             &registry,
             IntCounterVec::new(
-                Opts::new("nsm_dead_letters_total", "Dead letters by delivery result."),
+                Opts::new(
+                    "nsm_dead_letters_total",
+                    "Dead letters by delivery result: delivered; failed, a delivery refused for \
+                     good (unknown topic, not authorized, too large), each attempt; dropped, \
+                     given up under kafka.dead_letter_on_failure = \"drop\".",
+                ),
                 &["result"],
             )
             .unwrap_or_else(|e| panic!("{e}")),
         );
-        for result in ["delivered", "failed"] {
+        for result in ["delivered", "failed", "dropped"] {
             dead_letters.with_label_values(&[result]);
         }
+        let dead_letters_held = register(
+            &registry,
+            IntGauge::new(
+                "nsm_dead_letters_held",
+                "Dead letters refused for good and held to be sent again \
+                 (kafka.dead_letter_on_failure = \"hold\"): while above 0 no checkpoint is \
+                 stored and values do not advance.",
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
         let offsets_skipped = register(
             &registry,
             IntCounterVec::new(
@@ -334,6 +362,7 @@ impl Telemetry {
             late,
             duplicates,
             dead_letters,
+            dead_letters_held,
             offsets_skipped,
             consumer_lag,
             watermark,
@@ -516,7 +545,7 @@ impl Telemetry {
         }
     }
 
-    pub fn record_dead_letters(&self, delivered: u64, failed: u64) {
+    pub fn record_dead_letters(&self, counts: DeadLetterCounts) {
         let set = |result: &str, total: u64| {
             let counter = self.dead_letters.with_label_values(&[result]);
             let current = counter.get();
@@ -524,8 +553,11 @@ impl Telemetry {
                 counter.inc_by(total - current);
             }
         };
-        set("delivered", delivered);
-        set("failed", failed);
+        set("delivered", counts.delivered);
+        set("failed", counts.failed);
+        set("dropped", counts.dropped);
+        self.dead_letters_held
+            .set(i64::try_from(counts.held).unwrap_or(i64::MAX));
     }
 
     /// Per-entity state entries held in memory (see `Engine::resident_members`).

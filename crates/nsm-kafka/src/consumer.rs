@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nsm_core::config::StartFrom;
+use nsm_core::config::{DeadLetterOnFailure, StartFrom};
 use nsm_core::PartitionKey;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError as RdKafkaError;
@@ -21,7 +21,7 @@ use rdkafka::{ClientContext, Message};
 use tracing::{debug, error, info, warn};
 
 use crate::client::{ClientRole, ClientSettings};
-use crate::dead_letter::{DeadLetter, DeadLetterProducer, DeadLetterStats};
+use crate::dead_letter::{DeadLetter, DeadLetterProducer, DeadLetterStats, LogLimiter};
 use crate::KafkaError;
 
 /// What to do with a message after the handler saw it.
@@ -98,6 +98,9 @@ pub struct ConsumerOptions {
     pub topics: Vec<String>,
     pub group_id: String,
     pub dead_letter_topic: String,
+    /// What a dead letter the broker refuses for good does: held (no checkpoint until it is
+    /// delivered) or dropped.
+    pub dead_letter_on_failure: DeadLetterOnFailure,
     pub checkpoint_interval: Duration,
     /// Where a partition with neither a stored nor a committed offset starts.
     pub start_from: StartFrom,
@@ -189,6 +192,7 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let keys = keys_of(list);
                 info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions assigned");
+                self.shared.dead_letters.owned(&keys);
                 match self.shared.handler().assigned(&keys) {
                     Ok(offsets) => {
                         let new: Vec<PartitionKey> = keys
@@ -241,6 +245,7 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
                 // Dead letters first, then state: the stored offsets never pass an undelivered one.
                 if let Err(error) = self.shared.dead_letters.flush(Duration::from_secs(30)) {
                     warn!(error = %error, "dead letters not yet delivered at revoke; the partitions are given up unstored and their events will be re-read");
+                    self.shared.dead_letters.forget(&keys);
                     self.shared.handler().abandoned(&keys);
                 } else if let Err(HandlerError(message)) = self.shared.handler().revoked(&keys) {
                     self.shared
@@ -347,6 +352,7 @@ pub fn run_consumer<H: PartitionHandler>(
         &options.client,
         &options.dead_letter_topic,
         dead_letter_stats,
+        options.dead_letter_on_failure,
     )?;
     let shared = Arc::new(Shared {
         handler: Mutex::new(handler),
@@ -376,6 +382,7 @@ pub fn run_consumer<H: PartitionHandler>(
     let mut topic_names: HashMap<String, Arc<str>> = HashMap::new();
     let mut last_checkpoint = Instant::now();
     let mut last_commit: Option<Instant> = None;
+    let mut postponed_log = LogLimiter::default();
     let mut result = Ok(());
     while !stop.load(Ordering::Relaxed) {
         if let Some(message) = take_fatal(&shared) {
@@ -424,7 +431,13 @@ pub fn run_consumer<H: PartitionHandler>(
         };
         if due || last_checkpoint.elapsed() >= options.checkpoint_interval {
             let commit = last_commit.is_none_or(|commit| commit.elapsed() >= GROUP_COMMIT_INTERVAL);
-            match checkpoint(&consumer, &shared, H::checkpoint, commit) {
+            match checkpoint(
+                &consumer,
+                &shared,
+                H::checkpoint,
+                commit,
+                &mut postponed_log,
+            ) {
                 Ok(true) => last_commit = Some(Instant::now()),
                 Ok(false) => {}
                 Err(error) => {
@@ -436,7 +449,7 @@ pub fn run_consumer<H: PartitionHandler>(
         }
     }
     if result.is_ok() {
-        result = checkpoint(&consumer, &shared, H::finish, true).map(|_| ());
+        result = checkpoint(&consumer, &shared, H::finish, true, &mut postponed_log).map(|_| ());
     }
     info!("consumer stopping: leaving the group");
     // Dropping the consumer closes it: the final revoke persists and releases partitions.
@@ -467,11 +480,18 @@ fn checkpoint<H: PartitionHandler>(
     shared: &Shared<H>,
     persist: fn(&mut H) -> Result<Offsets, HandlerError>,
     commit: bool,
+    postponed_log: &mut LogLimiter<()>,
 ) -> Result<bool, KafkaError> {
     if let Err(error) = shared.dead_letters.flush(Duration::from_secs(5)) {
-        // Not fatal: the broker may be briefly away. State stays in memory and the next
-        // checkpoint tries again; nothing past an undelivered dead letter is stored.
-        warn!(error = %error, "dead letters not delivered yet; checkpoint postponed");
+        // Not fatal: the broker may be briefly away, or the letters held until it takes them.
+        // State stays in memory and the next checkpoint tries again; nothing past an
+        // undelivered dead letter is stored.
+        if let Some(reason) = shared.dead_letters.over_limit() {
+            return Err(KafkaError::Other(reason));
+        }
+        if let Some(left_out) = postponed_log.allow((), Duration::from_secs(30)) {
+            warn!(error = %error, postponed_since_last_line = left_out, "dead letters not delivered yet; checkpoint postponed");
+        }
         return Ok(false);
     }
     let offsets =

@@ -23,7 +23,7 @@ use nsm_core::engine::{
 };
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
-use nsm_http::{BatchCounts, OffsetSkip, Published, Readiness, Telemetry};
+use nsm_http::{BatchCounts, DeadLetterCounts, OffsetSkip, Published, Readiness, Telemetry};
 use nsm_kafka::{DeadLetterStats, Disposition, HandlerError, PartitionHandler, PartitionLag};
 use nsm_state::Store;
 use tracing::{error, info, warn};
@@ -359,11 +359,17 @@ impl Pipeline {
                 .collect(),
         };
         self.telemetry.record_batch(&counts);
+        self.record_dead_letters();
+    }
+
+    fn record_dead_letters(&self) {
         let stats = &self.dead_letter_stats;
-        self.telemetry.record_dead_letters(
-            stats.delivered.load(Ordering::Relaxed),
-            stats.failed.load(Ordering::Relaxed),
-        );
+        self.telemetry.record_dead_letters(DeadLetterCounts {
+            delivered: stats.delivered.load(Ordering::Relaxed),
+            failed: stats.failed.load(Ordering::Relaxed),
+            dropped: stats.dropped.load(Ordering::Relaxed),
+            held: stats.held.load(Ordering::Relaxed),
+        });
     }
 
     /// A message of `key` at `offset` when the engine expected `next`: offsets were skipped.
@@ -619,6 +625,9 @@ impl PartitionHandler for Pipeline {
         if self.last_idle_check.elapsed() >= IDLE_CHECK_INTERVAL {
             self.last_idle_check = Instant::now();
             self.advance_idle_partitions();
+            // Held dead letters stop the checkpoints, and so the publishes: their counters
+            // are exported here too.
+            self.record_dead_letters();
         }
     }
 

@@ -153,6 +153,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         topics: config.kafka.topics.clone(),
         group_id: config.kafka.group_id.clone(),
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+        dead_letter_on_failure: config.kafka.dead_letter_on_failure,
         checkpoint_interval: config.state.flush_interval,
         start_from: config.kafka.start_from,
     };

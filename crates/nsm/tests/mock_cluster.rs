@@ -970,3 +970,146 @@ fn a_new_group_starting_from_latest_skips_the_history() {
     );
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
+
+/// The broker refuses dead letters (nsm is not authorized to write the topic any more): the
+/// letter is held, no checkpoint passes it, a crash loses nothing, and once the topic takes
+/// letters again everything resumes by itself.
+#[test]
+fn a_dead_letter_topic_refusing_letters_holds_checkpoints_and_loses_nothing() {
+    use rdkafka::types::RDKafkaRespErr;
+
+    let (cluster, brokers) = cluster_for("nsm-refused", 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = test_config(
+        &brokers,
+        "events",
+        &dir.path().join("state"),
+        port,
+        "nsm-refused",
+    )
+    .replace("[state]\n", "[state]\nchangelog = false\n");
+    let mut nsm = spawn_nsm(dir.path(), "nsm-1", &config);
+    produce(&brokers, "events", dir.path(), &sent_now("a", 3, 0), &[]);
+    wait_for("3 messages", Duration::from_secs(60), Some(&nsm), || {
+        (messages(&scrape(port)?)? == 3.0).then_some(())
+    });
+    let refuse = |refused: bool| {
+        let error = if refused {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED
+        } else {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+        };
+        cluster
+            .topic_error("events-dlq", error)
+            .expect("topic error");
+        // The producer learns it from its next metadata refresh, every second here.
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    let rejected_then_valid = |prefix: &str, valid: usize| {
+        let mut lines = vec!["not json".to_string()];
+        lines.extend(sent_now(prefix, valid, 0));
+        lines
+    };
+    let held = |samples: &std::collections::BTreeMap<String, f64>| {
+        sample(samples, "nsm_dead_letters_held")
+    };
+
+    refuse(true);
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &rejected_then_valid("b", 2),
+        &[],
+    );
+    let samples = wait_for("a held letter", Duration::from_secs(60), Some(&nsm), || {
+        let samples = scrape(port)?;
+        (held(&samples) == 1.0).then_some(samples)
+    });
+    assert!(sample(&samples, "nsm_dead_letters_total{result=\"failed\"}") >= 1.0);
+    assert_eq!(
+        sample(&samples, "nsm_dead_letters_total{result=\"dropped\"}"),
+        0.0
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        scrape(port).as_ref().and_then(messages),
+        Some(3.0),
+        "nothing past the held letter is stored, so nothing is shown"
+    );
+    assert!(
+        nsm.log_text().contains("a dead letter was refused"),
+        "{}",
+        nsm.log_text()
+    );
+
+    // A crash while the letter is held: its offset was never passed, so the restart reads
+    // it again and delivers it once the topic takes letters.
+    nsm.kill_9();
+    refuse(false);
+    let mut nsm = spawn_nsm(dir.path(), "nsm-2", &config);
+    wait_for(
+        "the events after the letter",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (messages(&samples)? == 5.0 && held(&samples) == 0.0).then_some(())
+        },
+    );
+
+    // Refused again while running: held, then delivered by itself once allowed.
+    refuse(true);
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &rejected_then_valid("c", 1),
+        &[],
+    );
+    wait_for("a held letter", Duration::from_secs(60), Some(&nsm), || {
+        (held(&scrape(port)?) == 1.0).then_some(())
+    });
+    refuse(false);
+    wait_for(
+        "the held letter delivered",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (messages(&samples)? == 6.0 && held(&samples) == 0.0).then_some(())
+        },
+    );
+    assert!(
+        nsm.log_text().contains("held dead letters are delivered"),
+        "{}",
+        nsm.log_text()
+    );
+    let dead_letters = nsm_tool(&[
+        "read",
+        "--brokers",
+        &brokers,
+        "--topic",
+        "events-dlq",
+        "--quiet",
+        "2s",
+    ]);
+    let sources: Vec<String> = dead_letters
+        .lines()
+        .map(|line| {
+            let letter: serde_json::Value = serde_json::from_str(line).expect("json line");
+            assert_eq!(letter["headers"]["nsm-reason"], "invalid_json");
+            letter["headers"]["nsm-source-offset"]
+                .as_str()
+                .expect("offset")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        sources,
+        vec!["3", "6"],
+        "each rejected event once, none lost"
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+}

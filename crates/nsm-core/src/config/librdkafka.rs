@@ -66,8 +66,8 @@ pub fn canonical_property(name: &str) -> &str {
 /// Why nsm sets a property itself, for the error that refuses it in `kafka.properties`.
 const OFFSETS_WITH_STATE: &str =
     "nsm stores offsets with its state and commits them to the group itself";
-const RETRIED_UNTIL_DELIVERED: &str =
-    "nsm retries dead letters and changelog records until they are delivered";
+const RETRIED_UNTIL_DELIVERED: &str = "nsm retries dead letters and changelog records until \
+     they are delivered; see kafka.dead_letter_on_failure";
 
 /// Properties nsm sets itself (by their canonical name), and why a user may not override
 /// them: each breaks a guarantee (offsets stored only with the state they produced, dead

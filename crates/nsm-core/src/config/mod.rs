@@ -54,6 +54,8 @@ pub struct KafkaConfig {
     /// Where a partition starts when neither nsm's state nor the consumer group has an
     /// offset for it (a new group, a new partition).
     pub start_from: StartFrom,
+    /// What happens to a dead letter the broker refuses for good.
+    pub dead_letter_on_failure: DeadLetterOnFailure,
 }
 
 /// `kafka.start_from`: where a partition without a stored or committed offset starts.
@@ -67,6 +69,28 @@ pub enum StartFrom {
     /// The first message whose Kafka timestamp is at or after this time (epoch milliseconds),
     /// or the end of the log when there is none.
     Time(i64),
+}
+
+/// `kafka.dead_letter_on_failure`: what a dead letter the broker refuses for good (unknown
+/// topic, not authorized, too large) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeadLetterOnFailure {
+    /// Kept and sent again until delivered; no checkpoint is stored meanwhile, so no offset
+    /// passes an undelivered letter (values stop advancing; `nsm_dead_letters_held` says why).
+    #[default]
+    Hold,
+    /// Given up: counted in `nsm_dead_letters_total{result="dropped"}` and logged, and the
+    /// checkpoints go on. The rejected event is then only in its source topic.
+    Drop,
+}
+
+impl DeadLetterOnFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            DeadLetterOnFailure::Hold => "hold",
+            DeadLetterOnFailure::Drop => "drop",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -53,6 +53,7 @@ pub struct RawKafka {
     pub key_field: Option<String>,
     pub nested_in_key: Option<Vec<String>>,
     pub start_from: Option<String>,
+    pub dead_letter_on_failure: Option<String>,
     #[serde(default)]
     pub properties: BTreeMap<String, toml::Value>,
 }

@@ -278,6 +278,8 @@ window = "1d"
     );
     let alias = message("kafka.properties.\"acks\"");
     assert!(alias.contains("request.required.acks"), "{alias}");
+    assert!(message("kafka.properties.\"delivery.timeout.ms\"")
+        .contains("kafka.dead_letter_on_failure"));
 }
 
 #[test]
@@ -311,6 +313,30 @@ fn start_from_is_earliest_latest_or_a_time() {
         assert_eq!(errors[0].0, "kafka.start_from", "{bad}");
         assert!(errors[0].1.contains(bad.trim_matches('"')), "{errors:?}");
     }
+}
+
+#[test]
+fn dead_letter_on_failure_holds_by_default_or_drops() {
+    let with = |line: &str| {
+        format!(
+            "[kafka]\nbrokers = \"b:9092\"\ntopics = [\"events\"]\n{line}\n\
+             [north_star]\nname = \"n\"\nkind = \"count\"\nwindow = \"1d\"\n"
+        )
+    };
+    let policy = |line: &str| {
+        Config::from_toml(&with(line), &no_env)
+            .expect("valid config")
+            .kafka
+            .dead_letter_on_failure
+    };
+    assert_eq!(policy(""), DeadLetterOnFailure::Hold);
+    assert_eq!(
+        policy("dead_letter_on_failure = \"drop\""),
+        DeadLetterOnFailure::Drop
+    );
+    let errors = errors_of(&with("dead_letter_on_failure = \"retry\""));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "kafka.dead_letter_on_failure");
 }
 
 #[test]

@@ -9,8 +9,8 @@ use super::librdkafka::reserved_property;
 use super::raw::{RawBasicAuth, RawConfig, RawMetric};
 use super::secrets::{self, KafkaProperties, Resolver};
 use super::{
-    BasicAuthUsers, Config, ConfigError, ConfigErrors, EventsConfig, HttpConfig, HttpTls,
-    KafkaConfig, StartFrom, StateConfig, TimeConfig,
+    BasicAuthUsers, Config, ConfigError, ConfigErrors, DeadLetterOnFailure, EventsConfig,
+    HttpConfig, HttpTls, KafkaConfig, StartFrom, StateConfig, TimeConfig,
 };
 use crate::decimal::Decimal;
 use crate::metric::{
@@ -335,6 +335,21 @@ fn validate_kafka(
             }
         },
     };
+    let dead_letter_on_failure = match raw.kafka.dead_letter_on_failure.as_deref() {
+        None => Some(DeadLetterOnFailure::default()),
+        Some("hold") => Some(DeadLetterOnFailure::Hold),
+        Some("drop") => Some(DeadLetterOnFailure::Drop),
+        Some(other) => {
+            problems.add(
+                "kafka.dead_letter_on_failure",
+                format!(
+                    "unknown policy {other:?}; expected \"hold\" (keep the letter and hold \
+                     checkpoints until it is delivered) or \"drop\" (count it and go on)"
+                ),
+            );
+            None
+        }
+    };
     Some(KafkaConfig {
         brokers,
         topics,
@@ -344,6 +359,7 @@ fn validate_kafka(
         nested_in_key,
         properties,
         start_from: start_from?,
+        dead_letter_on_failure: dead_letter_on_failure?,
     })
 }
 
