@@ -2,8 +2,9 @@
 //! partitioned like the input (changelog partition `p` carries input partition `p` of every
 //! input topic), so that the instance a partition moves to rebuilds its state from there.
 //!
-//! This module moves opaque keys and values; what they mean, which record ends a write and
-//! how a restore treats an unfinished one are the state store's business.
+//! This module moves opaque keys and values, and each record's epoch (the
+//! [`EPOCH_HEADER`]); what they mean, which record ends a write and how a restore treats an
+//! unfinished one or one of an older epoch are the state store's business.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientContext, Message};
@@ -23,6 +25,10 @@ use crate::KafkaError;
 
 /// How long a restore waits for the next record before it calls the broker unreachable.
 const READ_STALL: Duration = Duration::from_secs(60);
+
+/// The Kafka header carrying a changelog record's epoch, 8 bytes big-endian: which owner of
+/// the partition wrote it. Opaque here, like keys and values.
+pub(crate) const EPOCH_HEADER: &str = "nsm-epoch";
 
 /// Makes sure the changelog topic exists, compacted, with at least `partitions` partitions.
 /// An existing topic with fewer is an error: its partition `p` must exist for every input
@@ -147,18 +153,26 @@ impl ChangelogWriter {
         })
     }
 
-    /// Queues one record (`value` none: a tombstone), waiting while the local queue is full
-    /// unless `give_up` says so.
+    /// Queues one record (`value` none: a tombstone) carrying `epoch`, waiting while the local
+    /// queue is full unless `give_up` says so.
     pub fn send(
         &self,
         partition: i32,
         key: &[u8],
         value: Option<&[u8]>,
+        epoch: u64,
         give_up: &dyn Fn() -> bool,
     ) -> Result<(), KafkaError> {
+        let epoch = epoch.to_be_bytes();
         loop {
-            let mut record: BaseRecord<'_, [u8], [u8], ()> =
-                BaseRecord::to(&self.topic).partition(partition).key(key);
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                key: EPOCH_HEADER,
+                value: Some(&epoch[..]),
+            });
+            let mut record: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(&self.topic)
+                .partition(partition)
+                .key(key)
+                .headers(headers);
             if let Some(value) = value {
                 record = record.payload(value);
             }
@@ -218,9 +232,29 @@ impl ChangelogWriter {
     }
 }
 
-/// Takes each record read: its offset, key and value (none for a tombstone); an error stops
-/// the read.
-pub type RecordSink<'a> = dyn FnMut(i64, &[u8], Option<&[u8]>) -> Result<(), String> + 'a;
+/// Takes each record read: its offset, key, value (none for a tombstone) and epoch (none
+/// when it has no [`EPOCH_HEADER`]); an error stops the read.
+pub type RecordSink<'a> =
+    dyn FnMut(i64, &[u8], Option<&[u8]>, Option<u64>) -> Result<(), String> + 'a;
+
+/// The epoch a changelog record carries, if it has one.
+fn record_epoch(message: &BorrowedMessage<'_>) -> Result<Option<u64>, String> {
+    let Some(headers) = message.headers() else {
+        return Ok(None);
+    };
+    let Some(header) = headers.iter().find(|header| header.key == EPOCH_HEADER) else {
+        return Ok(None);
+    };
+    let value = header.value.unwrap_or_default();
+    let bytes: [u8; 8] = value.try_into().map_err(|_| {
+        format!(
+            "the record at offset {} has an {EPOCH_HEADER} header of {} bytes, not 8",
+            message.offset(),
+            value.len()
+        )
+    })?;
+    Ok(Some(u64::from_be_bytes(bytes)))
+}
 
 /// Reads changelog partitions, without a consumer group.
 pub struct ChangelogReader {
@@ -281,7 +315,9 @@ impl ChangelogReader {
                     }
                     read += 1;
                     let key = message.key().unwrap_or_default();
-                    if let Err(detail) = apply(message.offset(), key, message.payload()) {
+                    let applied = record_epoch(&message)
+                        .and_then(|epoch| apply(message.offset(), key, message.payload(), epoch));
+                    if let Err(detail) = applied {
                         break Err(KafkaError::Other(detail));
                     }
                     if message.offset() + 1 >= to {

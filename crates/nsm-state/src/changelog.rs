@@ -14,6 +14,20 @@
 //! the last end marker of a partition are the *tail* of a write that did not finish: a
 //! restore never applies them, and the new owner's first write reverts their keys to the
 //! restored values, so that the topic reads right from the start again.
+//!
+//! Every record also carries the **epoch** of the owner that wrote it (a Kafka header, so
+//! that keys and values stay those of the store): an owner takes a partition with an epoch
+//! above every one the changelog holds for it ([`Store::adoption_epoch`]). An instance cut off
+//! from the group can go on sending after another has taken its partitions, and its records
+//! can land after the new owner's: a restore takes a record whose epoch is below the highest
+//! epoch read before it as *stale*, and an end marker whose epoch is below the highest of an
+//! end marker applied before it as stale too. A stale end marker finishes nothing; a stale
+//! record never replaces nor deletes a value, and only sets a key that has none (compaction
+//! may have removed the newer records of its key, which it came after: the stale value is
+//! then the only one left). Records without an epoch (written by an nsm before epochs) are
+//! never stale, so a group running two versions during an upgrade restores as it did.
+
+use std::collections::HashSet;
 
 use nsm_core::PartitionKey;
 use rocksdb::WriteBatch;
@@ -74,6 +88,9 @@ pub struct PartitionRecords {
     pub records: Vec<ChangeRecord>,
     pub(crate) stored_ranges: Vec<StoredRange>,
     pub end: ChangeRecord,
+    /// The epoch every record of the write carries, the end marker's included: that of the
+    /// owner writing it (see [`Store::changelog_epoch`]).
+    pub epoch: u64,
 }
 
 /// Stored keys of one column family that a write sends records for without holding them:
@@ -269,6 +286,9 @@ impl<'s> Recorder<'s> {
                     key: record_key(CF_PARTITIONS, &prefix),
                     value: Some(meta.to_vec()),
                 },
+                // The store's epoch of the partition, set by `Store::stamp_epochs`, or the
+                // new one of an adoption.
+                epoch: 0,
             });
         } else {
             self.without_changelog.push(partition.clone());
@@ -323,6 +343,18 @@ pub(crate) fn position_key(partition: &PartitionKey) -> Vec<u8> {
     let mut key = b"changelog/".to_vec();
     key.extend_from_slice(&partition_prefix(partition));
     key
+}
+
+/// The epoch of the local copy of a partition. Kept in `meta`, never sent.
+pub(crate) fn epoch_key(partition: &PartitionKey) -> Vec<u8> {
+    let mut key = b"changelog-epoch/".to_vec();
+    key.extend_from_slice(&partition_prefix(partition));
+    key
+}
+
+/// Whether a record of epoch `epoch` is older than `bound`; a record without an epoch never is.
+fn older(epoch: Option<u64>, bound: Option<u64>) -> bool {
+    matches!((epoch, bound), (Some(epoch), Some(bound)) if epoch < bound)
 }
 
 /// Which records of a changelog partition belong to one input partition, and which one is its
@@ -397,6 +429,48 @@ impl Store {
         }))
     }
 
+    /// The epoch of the local copy of `partition`: the one it writes with since it took the
+    /// partition, or after a restore the highest epoch of an end marker it applied. `None`
+    /// when it has none (restored from records without epochs, or cleared).
+    pub fn changelog_epoch(&self, partition: &PartitionKey) -> Result<Option<u64>, StateError> {
+        let Some(bytes) = self.db.get_cf(self.cf(CF_META), epoch_key(partition))? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| StateError::Corrupt {
+                column_family: CF_META,
+                detail: format!("changelog epoch of {partition}"),
+            })?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
+    /// The epoch to take `partition` with: above the local copy's and above every epoch a
+    /// restore read (`seen`), so above every one the changelog holds for it; and at least the
+    /// wall clock in milliseconds, so that a copy whose epoch is unknown (kept by an nsm
+    /// before epochs, which read the changelog without them) still goes above the owners'
+    /// before it.
+    pub fn adoption_epoch(
+        &self,
+        partition: &PartitionKey,
+        seen: Option<u64>,
+    ) -> Result<u64, StateError> {
+        let known = self.changelog_epoch(partition)?.max(seen);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        Ok(known.map_or(0, |epoch| epoch.saturating_add(1)).max(now_ms))
+    }
+
+    /// Gives each partition of a write the epoch of its local copy.
+    pub(crate) fn stamp_epochs(&self, prepared: &mut PreparedWrite) -> Result<(), StateError> {
+        for part in &mut prepared.partitions {
+            part.epoch = self.changelog_epoch(&part.partition)?.unwrap_or(0);
+        }
+        Ok(())
+    }
+
     /// The input offset the stored copy of `partition` resumes from.
     pub fn stored_next_offset(&self, partition: &PartitionKey) -> Result<Option<i64>, StateError> {
         let Some(bytes) = self
@@ -425,8 +499,8 @@ impl Store {
         Ok(false)
     }
 
-    /// Deletes everything stored for `partition`, and its changelog position: before a restore
-    /// from the start of the changelog.
+    /// Deletes everything stored for `partition`, and its changelog position and epoch: before
+    /// a restore from the start of the changelog.
     pub fn clear_partition(&self, partition: &PartitionKey) -> Result<(), StateError> {
         let prefix = partition_prefix(partition);
         let end = prefix_successor(&prefix);
@@ -435,6 +509,7 @@ impl Store {
             batch.delete_range_cf(self.cf(family), prefix.as_slice(), end.as_slice());
         }
         batch.delete_cf(self.cf(CF_META), position_key(partition));
+        batch.delete_cf(self.cf(CF_META), epoch_key(partition));
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())
     }
@@ -446,11 +521,15 @@ impl Store {
     /// - `seed`: everything stored (the changelog is empty but the store is not);
     /// - the partition's metric definitions: data of a metric that changed or left the config
     ///   is deleted (and named in the result), and every metric's fingerprint is stored.
+    ///
+    /// The write's records carry `epoch`, the new owner's (see [`Store::adoption_epoch`]),
+    /// which the local copy keeps once the write is committed.
     pub fn prepare_adoption(
         &self,
         partition: &PartitionKey,
         tail: &[Vec<u8>],
         seed: bool,
+        epoch: u64,
     ) -> Result<(PreparedWrite, Vec<crate::DiscardedMetric>), StateError> {
         let prefix = partition_prefix(partition);
         let mut recorder = Recorder::new(self, true, 0);
@@ -475,13 +554,23 @@ impl Store {
             .get_cf(self.cf(CF_PARTITIONS), &prefix)?
             .unwrap_or_else(|| encode_partition_meta(&PartitionMeta::default()));
         recorder.end_partition(partition, &meta);
-        Ok((recorder.finish(), discarded))
+        let mut prepared = recorder.finish();
+        for part in &mut prepared.partitions {
+            part.epoch = epoch;
+        }
+        Ok((prepared, discarded))
     }
 
-    /// Applies restored records of one partition to the store.
-    pub(crate) fn apply_records(&self, records: &[ChangeRecord]) -> Result<(), StateError> {
+    /// Applies restored records of one partition to the store, in order; returns how many
+    /// stale ones it left out. A stale record (see the module doc) only sets a key that has
+    /// no value, in the store or earlier in `records`.
+    fn apply_records(&self, records: &[Restored]) -> Result<u64, StateError> {
         let mut batch = WriteBatch::default();
-        for record in records {
+        // The keys written before, only needed (and kept) when a stale record is among them.
+        let any_stale = records.iter().any(|restored| restored.stale);
+        let mut written: HashSet<&[u8]> = HashSet::new();
+        let mut left_out = 0;
+        for Restored { record, stale } in records {
             let family = record
                 .key
                 .first()
@@ -492,26 +581,48 @@ impl Store {
                     detail: format!("a record key starting with byte {:?}", record.key.first()),
                 })?;
             let key = &record.key[1..];
+            if *stale {
+                let fills = record.value.is_some()
+                    && !written.contains(record.key.as_slice())
+                    && self.db.get_pinned_cf(self.cf(family), key)?.is_none();
+                if !fills {
+                    left_out += 1;
+                    continue;
+                }
+            }
+            if any_stale {
+                written.insert(&record.key);
+            }
             match &record.value {
                 Some(value) => batch.put_cf(self.cf(family), key, value),
                 None => batch.delete_cf(self.cf(family), key),
             }
         }
         self.db.write_opt(batch, &self.write_options)?;
-        Ok(())
+        Ok(left_out)
     }
 
+    /// Stores where the local copy of `partition` stands in the changelog, and the highest
+    /// epoch of an end marker it applied (none: records without epochs).
     pub(crate) fn set_changelog_position(
         &self,
         partition: &PartitionKey,
         position: i64,
+        epoch: Option<u64>,
     ) -> Result<(), StateError> {
-        self.db.put_cf_opt(
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
             self.cf(CF_META),
             position_key(partition),
             encode_position(position),
-            &self.write_options,
-        )?;
+        );
+        match epoch {
+            Some(epoch) => {
+                batch.put_cf(self.cf(CF_META), epoch_key(partition), epoch.to_be_bytes())
+            }
+            None => batch.delete_cf(self.cf(CF_META), epoch_key(partition)),
+        }
+        self.db.write_opt(batch, &self.write_options)?;
         Ok(())
     }
 }
@@ -522,16 +633,24 @@ const PENDING_LIMIT_BYTES: usize = 64 * 1024 * 1024;
 /// Records written to the store per batch while restoring.
 const APPLY_CHUNK: usize = 10_000;
 
+/// A record read by a restore, and whether it is stale: its epoch is below the highest read
+/// before it (see the module doc).
+struct Restored {
+    record: ChangeRecord,
+    stale: bool,
+}
+
 /// Rebuilds one partition from its changelog records, read in offset order from some start.
 /// Records up to the last end marker are applied; those after it (an unfinished write) are
-/// not, and come back as the tail to revert.
+/// not, and come back as the tail to revert. Records and end markers of an owner that had
+/// lost the partition when they landed are fenced off by their epochs (see the module doc).
 pub struct PartitionRestore<'s> {
     store: &'s Store,
     partition: PartitionKey,
     keys: PartitionRecordKeys,
     start: i64,
     /// Records since the last end marker, not yet written.
-    pending: Vec<ChangeRecord>,
+    pending: Vec<Restored>,
     pending_bytes: usize,
     /// Records since the last end marker were written out (the tail grew past the limit).
     spilled: bool,
@@ -544,23 +663,39 @@ pub struct PartitionRestore<'s> {
     pending_limit: usize,
     tail_keys: Vec<Vec<u8>>,
     applied: u64,
+    /// The highest epoch read of the partition (the local copy's at the start): a record
+    /// below it is stale.
+    epoch_read: Option<u64>,
+    /// The highest epoch of an end marker applied (the local copy's at the start): an end
+    /// marker below it is stale.
+    epoch_finished: Option<u64>,
+    /// Stale records left out and stale end markers ignored.
+    fenced: u64,
 }
 
 /// What a restore found.
 #[derive(Debug)]
 pub enum RestoreOutcome {
     /// Restored; `tail` holds the keys of an unfinished write to revert with
-    /// [`Store::prepare_adoption`].
-    Restored { tail: Vec<Vec<u8>>, records: u64 },
+    /// [`Store::prepare_adoption`]; `epoch` is the highest epoch read, for
+    /// [`Store::adoption_epoch`]; `fenced` counts the stale records and end markers left out.
+    Restored {
+        tail: Vec<Vec<u8>>,
+        records: u64,
+        epoch: Option<u64>,
+        fenced: u64,
+    },
     /// An unfinished tail was too large to hold back: clear the partition and restore again
     /// from the start of the changelog with [`PartitionRestore::through`] this offset.
     RestartThrough(Option<i64>),
 }
 
 impl<'s> PartitionRestore<'s> {
-    /// A restore of `partition` reading the changelog from offset `start`.
-    pub fn new(store: &'s Store, partition: &PartitionKey, start: i64) -> Self {
-        PartitionRestore {
+    /// A restore of `partition` reading the changelog from offset `start`, on top of what the
+    /// store holds of it (cleared before a restore from the start of the changelog).
+    pub fn new(store: &'s Store, partition: &PartitionKey, start: i64) -> Result<Self, StateError> {
+        let epoch = store.changelog_epoch(partition)?;
+        Ok(PartitionRestore {
             store,
             partition: partition.clone(),
             keys: PartitionRecordKeys::new(partition),
@@ -574,7 +709,10 @@ impl<'s> PartitionRestore<'s> {
             pending_limit: PENDING_LIMIT_BYTES,
             tail_keys: Vec::new(),
             applied: 0,
-        }
+            epoch_read: epoch,
+            epoch_finished: epoch,
+            fenced: 0,
+        })
     }
 
     /// The second pass of a restore whose tail was too large: apply only records up to
@@ -591,39 +729,56 @@ impl<'s> PartitionRestore<'s> {
         self
     }
 
-    /// The next record, in offset order.
+    /// The next record, in offset order, with its epoch (`None`: written without one).
     pub fn record(
         &mut self,
         offset: i64,
         key: &[u8],
         value: Option<&[u8]>,
+        epoch: Option<u64>,
     ) -> Result<(), StateError> {
         self.last_read = Some(offset);
         if !self.keys.belongs(key) {
             return Ok(());
         }
-        let record = ChangeRecord {
-            key: key.to_vec(),
-            value: value.map(<[u8]>::to_vec),
+        let is_end = self.keys.is_end(key);
+        if is_end && older(epoch, self.epoch_finished) {
+            // The end of a write of an owner that lost the partition to the one whose end
+            // markers came before: it finishes nothing.
+            self.fenced += 1;
+            return Ok(());
+        }
+        let stale = older(epoch, self.epoch_read);
+        self.epoch_read = self.epoch_read.max(epoch);
+        let record = Restored {
+            record: ChangeRecord {
+                key: key.to_vec(),
+                value: value.map(<[u8]>::to_vec),
+            },
+            stale,
         };
         if let Some(through) = self.apply_through {
             if offset <= through {
+                if is_end {
+                    self.epoch_finished = self.epoch_finished.max(epoch);
+                }
                 self.pending.push(record);
                 if self.pending.len() >= APPLY_CHUNK {
                     self.write_pending()?;
                 }
             } else {
-                self.tail_keys.push(record.key);
+                self.tail_keys.push(record.record.key);
             }
             return Ok(());
         }
-        let is_end = self.keys.is_end(&record.key);
-        self.pending_bytes += record.key.len() + record.value.as_ref().map_or(0, Vec::len);
+        self.pending_bytes +=
+            record.record.key.len() + record.record.value.as_ref().map_or(0, Vec::len);
         self.pending.push(record);
         if is_end {
             self.write_pending()?;
             self.spilled = false;
             self.last_end = Some(offset);
+            self.epoch_finished = self.epoch_finished.max(epoch);
         } else if self.pending_bytes > self.pending_limit {
             self.write_pending()?;
             self.spilled = true;
@@ -633,9 +788,10 @@ impl<'s> PartitionRestore<'s> {
 
     fn write_pending(&mut self) -> Result<(), StateError> {
         for chunk in self.pending.chunks(APPLY_CHUNK) {
-            self.store.apply_records(chunk)?;
+            let left_out = self.store.apply_records(chunk)?;
+            self.fenced += left_out;
+            self.applied += chunk.len() as u64 - left_out;
         }
-        self.applied += self.pending.len() as u64;
         self.pending.clear();
         self.pending_bytes = 0;
         Ok(())
@@ -652,10 +808,12 @@ impl<'s> PartitionRestore<'s> {
                 self.start
             };
             self.store
-                .set_changelog_position(&self.partition, position)?;
+                .set_changelog_position(&self.partition, position, self.epoch_finished)?;
             return Ok(RestoreOutcome::Restored {
                 tail: self.tail_keys,
                 records: self.applied,
+                epoch: self.epoch_read,
+                fenced: self.fenced,
             });
         }
         if self.spilled {
@@ -671,11 +829,17 @@ impl<'s> PartitionRestore<'s> {
             _ => self.start,
         };
         self.store
-            .set_changelog_position(&self.partition, position)?;
-        let tail = self.pending.drain(..).map(|record| record.key).collect();
+            .set_changelog_position(&self.partition, position, self.epoch_finished)?;
+        let tail = self
+            .pending
+            .drain(..)
+            .map(|restored| restored.record.key)
+            .collect();
         Ok(RestoreOutcome::Restored {
             tail,
             records: self.applied,
+            epoch: self.epoch_read,
+            fenced: self.fenced,
         })
     }
 }
@@ -688,6 +852,10 @@ pub struct ChangelogProbe {
     /// The input offset of the last finished write found (`Some(None)`: one without offset).
     finished: Option<Option<i64>>,
     keys: std::collections::BTreeSet<Vec<u8>>,
+    /// The highest epoch read, and the highest of an end marker taken (a stale end marker,
+    /// below it, finishes nothing).
+    epoch_read: Option<u64>,
+    epoch_finished: Option<u64>,
 }
 
 impl ChangelogProbe {
@@ -696,14 +864,22 @@ impl ChangelogProbe {
             matcher: PartitionRecordKeys::new(partition),
             finished: None,
             keys: std::collections::BTreeSet::new(),
+            epoch_read: None,
+            epoch_finished: None,
         }
     }
 
-    pub fn record(&mut self, key: &[u8], value: Option<&[u8]>) {
+    /// The next record, in offset order, with its epoch (`None`: written without one).
+    pub fn record(&mut self, key: &[u8], value: Option<&[u8]>, epoch: Option<u64>) {
         if !self.matcher.belongs(key) {
             return;
         }
+        self.epoch_read = self.epoch_read.max(epoch);
         if self.matcher.is_end(key) {
+            if older(epoch, self.epoch_finished) {
+                return;
+            }
+            self.epoch_finished = self.epoch_finished.max(epoch);
             if let Some(meta) = value.and_then(decode_partition_meta) {
                 self.finished = Some(meta.next_offset);
             }
@@ -716,6 +892,11 @@ impl ChangelogProbe {
     /// `None` when it holds no finished write of it.
     pub fn finished_offset(&self) -> Option<Option<i64>> {
         self.finished
+    }
+
+    /// The highest epoch read, for [`Store::adoption_epoch`].
+    pub fn epoch(&self) -> Option<u64> {
+        self.epoch_read
     }
 
     /// Every key of the partition the changelog holds (to overwrite when the store's copy wins).

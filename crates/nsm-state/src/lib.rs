@@ -7,7 +7,8 @@
 //!
 //! Layout (column families):
 //! - `meta`: `format_version` → u32 BE; `changelog/<partition key>` → the next changelog
-//!   offset the local copy of that partition has not read (local only, never sent).
+//!   offset the local copy of that partition has not read; `changelog-epoch/<partition key>`
+//!   → u64 BE, the epoch of the local copy in the changelog (both local only, never sent).
 //! - `partitions`: `<topic> 0x00 <partition i32 BE>` → next offset, max event time, idle floor.
 //! - `fingerprints`: `<partition key> <metric>` → the definition the partition's data of that
 //!   metric was computed with (checked when the partition is taken, see
@@ -457,13 +458,15 @@ impl Store {
                 }),
             );
         }
-        Ok(recorder.finish())
+        let mut prepared = recorder.finish();
+        self.stamp_epochs(&mut prepared)?;
+        Ok(prepared)
     }
 
     /// Writes a prepared batch atomically, with the changelog position each partition's
-    /// records reached (`positions`: the next changelog offset, after its end marker). A write
-    /// made without the changelog drops the positions of its partitions: the changelog no
-    /// longer follows them.
+    /// records reached (`positions`: the next changelog offset, after its end marker) and the
+    /// epoch they carried. A write made without the changelog drops the positions of its
+    /// partitions: the changelog no longer follows them.
     pub fn commit(
         &self,
         prepared: PreparedWrite,
@@ -478,6 +481,13 @@ impl Store {
                 self.cf(CF_META),
                 changelog::position_key(partition),
                 changelog::encode_position(*position),
+            );
+        }
+        for part in &prepared.partitions {
+            batch.put_cf(
+                self.cf(CF_META),
+                changelog::epoch_key(&part.partition),
+                part.epoch.to_be_bytes(),
             );
         }
         self.db.write_opt(batch, &self.write_options)?;

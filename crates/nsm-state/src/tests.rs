@@ -60,10 +60,15 @@ fn options() -> StoreOptions {
 /// Takes a partition as the pipeline does; the metrics whose data was discarded.
 fn adopt(store: &Store, partition: i32, tail: &[Vec<u8>]) -> Vec<DiscardedMetric> {
     let (adoption, discarded) = store
-        .prepare_adoption(&key(partition), tail, false)
+        .prepare_adoption(&key(partition), tail, false, new_epoch(store, None))
         .expect("adopt");
     store.commit(adoption, &[]).expect("commit");
     discarded
+}
+
+/// The epoch to take partition 0 with after a restore that read `seen`.
+fn new_epoch(store: &Store, seen: Option<u64>) -> u64 {
+    store.adoption_epoch(&key(0), seen).expect("epoch")
 }
 
 /// An engine reading stored members from `store`, as the pipeline runs it.
@@ -490,25 +495,37 @@ fn trailing_thresholds_survive_a_reopen_with_counts_on_disk() {
     );
 }
 
-/// A changelog partition as a list of (offset, key, value), appended in send order.
+/// A changelog record: offset, key, value (none: a tombstone), epoch (none: without one).
+type TopicRecord = (i64, Vec<u8>, Option<Vec<u8>>, Option<u64>);
+
+/// A changelog partition, appended in send order.
 #[derive(Default)]
-struct Topic(Vec<(i64, Vec<u8>, Option<Vec<u8>>)>);
+struct Topic(Vec<TopicRecord>);
 
 impl Topic {
-    fn append(&mut self, key: &[u8], value: Option<&[u8]>) {
+    fn append(&mut self, key: &[u8], value: Option<&[u8]>, epoch: Option<u64>) {
         let offset = self.0.len() as i64;
         self.0
-            .push((offset, key.to_vec(), value.map(<[u8]>::to_vec)));
+            .push((offset, key.to_vec(), value.map(<[u8]>::to_vec), epoch));
     }
 
     /// Appends a partition's records of a write, its end marker aside; returns how many.
     fn append_records(&mut self, store: &Store, partition: &PartitionRecords) -> u64 {
         store
             .each_record(partition, |key, value| {
-                self.append(key, value);
+                self.append(key, value, Some(partition.epoch));
                 Ok::<_, StateError>(())
             })
             .expect("records")
+    }
+
+    /// Appends a partition's end marker of a write.
+    fn append_end(&mut self, partition: &PartitionRecords) {
+        self.append(
+            &partition.end.key,
+            partition.end.value.as_deref(),
+            Some(partition.epoch),
+        );
     }
 
     /// Sends a prepared write as the pipeline does (records, then the end marker) and returns
@@ -519,7 +536,7 @@ impl Topic {
             .iter()
             .map(|partition| {
                 self.append_records(store, partition);
-                self.append(&partition.end.key, partition.end.value.as_deref());
+                self.append_end(partition);
                 (partition.partition.clone(), self.0.len() as i64)
             })
             .collect()
@@ -528,13 +545,13 @@ impl Topic {
     /// What log compaction keeps: the last record of each key, in offset order.
     fn compacted(&self) -> Topic {
         let mut last = HashMap::new();
-        for (offset, key, _) in &self.0 {
+        for (offset, key, _, _) in &self.0 {
             last.insert(key.clone(), *offset);
         }
         Topic(
             self.0
                 .iter()
-                .filter(|(offset, key, _)| last[key] == *offset)
+                .filter(|(offset, key, _, _)| last[key] == *offset)
                 .cloned()
                 .collect(),
         )
@@ -555,10 +572,10 @@ fn dump(store: &Store, partition: i32) -> Vec<(&'static str, Vec<u8>, Vec<u8>)> 
 }
 
 fn restore(store: &Store, topic: &Topic, from: i64) -> RestoreOutcome {
-    let mut restore = PartitionRestore::new(store, &key(0), from);
-    for (offset, record_key, value) in topic.0.iter().filter(|r| r.0 >= from) {
+    let mut restore = PartitionRestore::new(store, &key(0), from).expect("restore");
+    for (offset, record_key, value, epoch) in topic.0.iter().filter(|r| r.0 >= from) {
         restore
-            .record(*offset, record_key, value.as_deref())
+            .record(*offset, record_key, value.as_deref(), *epoch)
             .expect("apply");
     }
     restore.finish().expect("finish")
@@ -567,7 +584,9 @@ fn restore(store: &Store, topic: &Topic, from: i64) -> RestoreOutcome {
 /// Runs a stream through an engine on `store`, sending every checkpoint to `topic`: a day
 /// of events, then one 40 days later that expires the first day's windows and members.
 fn run_with_changelog(store: &Store, plan: &Plan, topic: &mut Topic) {
-    let (adoption, _) = store.prepare_adoption(&key(0), &[], false).expect("adopt");
+    let (adoption, _) = store
+        .prepare_adoption(&key(0), &[], false, new_epoch(store, None))
+        .expect("adopt");
     let positions = topic.send(store, &adoption);
     store.commit(adoption, &positions).expect("commit");
     let mut engine = engine_on(store, plan);
@@ -675,7 +694,9 @@ fn an_unfinished_write_is_never_restored_and_the_next_owner_reverts_it() {
             .map(|position| position.offset),
         Some(finished)
     );
-    let (adoption, _) = next.prepare_adoption(&key(0), &tail, false).expect("adopt");
+    let (adoption, _) = next
+        .prepare_adoption(&key(0), &tail, false, new_epoch(&next, None))
+        .expect("adopt");
     let positions = topic.send(&next, &adoption);
     next.commit(adoption, &positions).expect("commit");
 
@@ -708,7 +729,9 @@ fn a_metric_that_changed_is_deleted_from_the_changelog_too() {
 
     let changed_plan = plan_from(&CONFIG.replace("window = \"1h\"", "window = \"1d\""));
     let store = Store::open(dir.path(), &changed_plan, &options()).expect("reopen");
-    let (adoption, discarded) = store.prepare_adoption(&key(0), &[], false).expect("adopt");
+    let (adoption, discarded) = store
+        .prepare_adoption(&key(0), &[], false, new_epoch(&store, None))
+        .expect("adopt");
     assert_eq!(discarded.len(), 1, "{discarded:?}");
     let positions = topic.send(&store, &adoption);
     store.commit(adoption, &positions).expect("commit");
@@ -717,7 +740,9 @@ fn a_metric_that_changed_is_deleted_from_the_changelog_too() {
     let copy = Store::open(copy_dir.path(), &changed_plan, &options()).expect("open");
     restore(&copy, &topic.compacted(), 0);
     assert_eq!(dump(&copy, 0), dump(&store, 0));
-    let (_, discarded) = copy.prepare_adoption(&key(0), &[], false).expect("adopt");
+    let (_, discarded) = copy
+        .prepare_adoption(&key(0), &[], false, new_epoch(&copy, None))
+        .expect("adopt");
     assert!(
         discarded.is_empty(),
         "the restored copy already has the new definition"
@@ -760,7 +785,12 @@ fn seeding_a_changelog_sends_each_stored_entry_once_and_drops_a_changed_metric()
         .0;
     let tail_key = [&[member_byte][..], &member].concat();
     let (seed, discarded) = store
-        .prepare_adoption(&key(0), std::slice::from_ref(&tail_key), true)
+        .prepare_adoption(
+            &key(0),
+            std::slice::from_ref(&tail_key),
+            true,
+            new_epoch(&store, None),
+        )
         .expect("seed");
     assert_eq!(
         discarded
@@ -776,13 +806,13 @@ fn seeding_a_changelog_sends_each_stored_entry_once_and_drops_a_changed_metric()
     let sent: Vec<_> = topic
         .0
         .iter()
-        .filter(|(_, key, _)| *key == tail_key)
+        .filter(|(_, key, _, _)| *key == tail_key)
         .collect();
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].2.as_deref(), Some(&*value));
     // Every key goes once, so the broker may keep them in any order: the discarded metric's
     // entries as tombstones only, not as copies first.
-    let mut keys: Vec<_> = topic.0.iter().map(|(_, key, _)| key).collect();
+    let mut keys: Vec<_> = topic.0.iter().map(|(_, key, _, _)| key).collect();
     let total = keys.len();
     keys.sort();
     keys.dedup();
@@ -859,14 +889,16 @@ fn a_large_unfinished_tail_after_a_stored_position_keeps_what_came_before() {
         record_key.extend_from_slice(user.as_bytes());
         topic
             .0
-            .push((topic.0.len() as i64, record_key, Some(Vec::new())));
+            .push((topic.0.len() as i64, record_key, Some(Vec::new()), None));
     }
     // Held back at most one byte: the tail is written out, so the restore needs a second pass,
     // which applies everything up to the store's position and nothing after.
-    let mut restore = PartitionRestore::new(&original, &key(0), position).hold_back_at_most(1);
-    for (offset, record_key, value) in topic.0.iter().filter(|r| r.0 >= position) {
+    let mut restore = PartitionRestore::new(&original, &key(0), position)
+        .expect("restore")
+        .hold_back_at_most(1);
+    for (offset, record_key, value, epoch) in topic.0.iter().filter(|r| r.0 >= position) {
         restore
-            .record(*offset, record_key, value.as_deref())
+            .record(*offset, record_key, value.as_deref(), *epoch)
             .expect("apply");
     }
     let RestoreOutcome::RestartThrough(through) = restore.finish().expect("finish") else {
@@ -874,10 +906,12 @@ fn a_large_unfinished_tail_after_a_stored_position_keeps_what_came_before() {
     };
     assert_eq!(through, Some(position - 1));
     original.clear_partition(&key(0)).expect("clear");
-    let mut second = PartitionRestore::new(&original, &key(0), 0).through(through);
-    for (offset, record_key, value) in &topic.0 {
+    let mut second = PartitionRestore::new(&original, &key(0), 0)
+        .expect("restore")
+        .through(through);
+    for (offset, record_key, value, epoch) in &topic.0 {
         second
-            .record(*offset, record_key, value.as_deref())
+            .record(*offset, record_key, value.as_deref(), *epoch)
             .expect("apply");
     }
     let RestoreOutcome::Restored { tail, .. } = second.finish().expect("finish") else {
@@ -885,6 +919,197 @@ fn a_large_unfinished_tail_after_a_stored_position_keeps_what_came_before() {
     };
     assert_eq!(tail.len(), 2);
     assert_eq!(dump(&original, 0), whole);
+}
+
+/// One checkpoint of `events` from `offset` on, by an engine loaded from `store`'s copy of
+/// partition 0: the write, prepared and not yet sent.
+fn checkpoint_of(store: &Store, plan: &Plan, offset: i64, events: &[Vec<u8>]) -> PreparedWrite {
+    let mut engine = engine_on(store, plan);
+    engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    feed(&mut engine, 0, offset, events);
+    store
+        .prepare(&engine.take_changes(), true)
+        .expect("prepare")
+}
+
+fn send_and_commit(store: &Store, topic: &mut Topic, write: PreparedWrite) {
+    let positions = topic.send(store, &write);
+    store.commit(write, &positions).expect("commit");
+}
+
+fn messages(users: &[&str], minutes: i64) -> Vec<Vec<u8>> {
+    users
+        .iter()
+        .map(|user| event("message_sent", user, minutes))
+        .collect()
+}
+
+/// The values an engine shows from a store's copy of partition 0.
+fn values_of(store: &Store, plan: &Plan) -> Vec<MetricValues> {
+    let mut engine = engine_on(store, plan);
+    engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    engine.metric_values(NOW)
+}
+
+#[test]
+fn records_of_an_owner_that_lost_the_partition_are_fenced_off_by_their_epoch() {
+    let plan = plan_from(CONFIG);
+    let dirs: Vec<_> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut topic = Topic::default();
+
+    // A takes the partition and stores three messages.
+    let a = Store::open(dirs[0].path(), &plan, &options()).expect("open");
+    let (adoption, _) = a
+        .prepare_adoption(&key(0), &[], false, new_epoch(&a, None))
+        .expect("adopt");
+    send_and_commit(&a, &mut topic, adoption);
+    let write = checkpoint_of(&a, &plan, 0, &messages(&["ana", "bo", "cy"], 1));
+    send_and_commit(&a, &mut topic, write);
+    // A is cut off with its next write in flight, which the network delivers much later.
+    let late = checkpoint_of(&a, &plan, 3, &messages(&["di"], 2));
+    let late = &late.partitions[0];
+
+    // B takes the partition over from what A stored, and goes on from A's stored offset.
+    let b = Store::open(dirs[1].path(), &plan, &options()).expect("open");
+    let RestoreOutcome::Restored {
+        tail,
+        epoch: seen,
+        fenced,
+        ..
+    } = restore(&b, &topic, 0)
+    else {
+        panic!("one pass");
+    };
+    assert!(tail.is_empty());
+    assert_eq!(fenced, 0);
+    assert_eq!(seen, Some(late.epoch));
+    let b_epoch = new_epoch(&b, seen);
+    assert!(
+        b_epoch > late.epoch,
+        "a new owner writes above every epoch it read"
+    );
+    let (adoption, _) = b
+        .prepare_adoption(&key(0), &tail, false, b_epoch)
+        .expect("adopt");
+    send_and_commit(&b, &mut topic, adoption);
+    send_and_commit(
+        &b,
+        &mut topic,
+        checkpoint_of(&b, &plan, 3, &messages(&["di", "eve"], 2)),
+    );
+    assert_eq!(b.changelog_epoch(&key(0)).expect("epoch"), Some(b_epoch));
+
+    // A's write lands after B's, records and end marker, and B goes on with a payment: the
+    // hour's messages, which A's late records also hold (4 where B has 5), are not written
+    // again. Taken as they come, A's late records would be finished by B's next end marker.
+    let before_late = topic.0.len();
+    topic.append_records(&a, late);
+    topic.append_end(late);
+    let after_late_end = topic.0.len();
+    send_and_commit(
+        &b,
+        &mut topic,
+        checkpoint_of(&b, &plan, 5, &[event("payment", "ana", 3)]),
+    );
+
+    // A restore from the start is B's copy, whatever A's late records say.
+    let copy = Store::open(dirs[2].path(), &plan, &options()).expect("open");
+    let RestoreOutcome::Restored {
+        tail,
+        fenced,
+        epoch,
+        ..
+    } = restore(&copy, &topic, 0)
+    else {
+        panic!("one pass");
+    };
+    assert!(tail.is_empty());
+    assert!(fenced > 0, "A's late records are left out");
+    assert_eq!(epoch, Some(b_epoch));
+    assert_eq!(dump(&copy, 0), dump(&b, 0));
+    assert_eq!(values_of(&copy, &plan), values_of(&b, &plan));
+    assert_eq!(copy.stored_next_offset(&key(0)).expect("offset"), Some(6));
+    assert_eq!(copy.changelog_epoch(&key(0)).expect("epoch"), Some(b_epoch));
+
+    // So is a copy that had read up to them and catches up from its position: it kept the
+    // epoch it had read with its position.
+    let caught_up = Store::open(dirs[3].path(), &plan, &options()).expect("open");
+    restore(&caught_up, &Topic(topic.0[..before_late].to_vec()), 0);
+    let RestoreOutcome::Restored { fenced, .. } = restore(&caught_up, &topic, before_late as i64)
+    else {
+        panic!("one pass");
+    };
+    assert!(fenced > 0);
+    assert_eq!(dump(&caught_up, 0), dump(&b, 0));
+
+    // A probe of the changelog as it was right after A's late end marker finds B's write
+    // the last finished one, not A's.
+    let mut probe = ChangelogProbe::new(&key(0));
+    for (_, record_key, value, epoch) in &topic.0[..after_late_end] {
+        probe.record(record_key, value.as_deref(), *epoch);
+    }
+    assert_eq!(probe.finished_offset(), Some(Some(5)));
+    assert_eq!(probe.epoch(), Some(b_epoch));
+
+    // Compacted, A's late records replaced B's earlier ones of the same keys: left alone of
+    // their keys, they are applied rather than lose the keys, and B's last end marker stands.
+    let compacted_dir = tempfile::tempdir().expect("tempdir");
+    let compacted = Store::open(compacted_dir.path(), &plan, &options()).expect("open");
+    restore(&compacted, &topic.compacted(), 0);
+    let keys = |store: &Store| -> Vec<(&'static str, Vec<u8>)> {
+        dump(store, 0)
+            .into_iter()
+            .map(|(family, key, _)| (family, key))
+            .collect()
+    };
+    assert_eq!(keys(&compacted), keys(&b));
+    assert_eq!(
+        compacted.stored_next_offset(&key(0)).expect("offset"),
+        Some(6)
+    );
+}
+
+#[test]
+fn records_without_an_epoch_are_never_fenced_off() {
+    // An nsm before epochs writes without them: during an upgrade it may take a partition
+    // from one that writes with them, and its writes must count.
+    let plan = plan_from(CONFIG);
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut topic = Topic::default();
+    let new = Store::open(dirs[0].path(), &plan, &options()).expect("open");
+    let (adoption, _) = new
+        .prepare_adoption(&key(0), &[], false, new_epoch(&new, None))
+        .expect("adopt");
+    send_and_commit(&new, &mut topic, adoption);
+    send_and_commit(
+        &new,
+        &mut topic,
+        checkpoint_of(&new, &plan, 0, &messages(&["ana", "bo"], 1)),
+    );
+
+    let old = Store::open(dirs[1].path(), &plan, &options()).expect("open");
+    restore(&old, &topic, 0);
+    let write = checkpoint_of(&old, &plan, 2, &messages(&["cy"], 2));
+    let part = &write.partitions[0];
+    old.each_record(part, |key, value| {
+        topic.append(key, value, None);
+        Ok::<_, StateError>(())
+    })
+    .expect("records");
+    topic.append(&part.end.key, part.end.value.as_deref(), None);
+    old.commit(write, &[]).expect("commit");
+
+    let copy = Store::open(dirs[2].path(), &plan, &options()).expect("open");
+    let RestoreOutcome::Restored { fenced, .. } = restore(&copy, &topic, 0) else {
+        panic!("one pass");
+    };
+    assert_eq!(fenced, 0);
+    assert_eq!(values_of(&copy, &plan), values_of(&old, &plan));
+    assert_eq!(copy.stored_next_offset(&key(0)).expect("offset"), Some(3));
 }
 
 #[test]

@@ -5,6 +5,10 @@
 //! partition's end marker, then (once acknowledged) the local RocksDB batch with the changelog
 //! positions reached. A crash anywhere leaves the changelog at or ahead of the local copy,
 //! never behind it, and an unfinished write is recognised by its missing end marker.
+//!
+//! Each record carries the epoch its owner took the partition with, above every epoch the
+//! restore before it read: records of an instance cut off from the group that land after the
+//! new owner's are fenced off by the next restore (see `nsm_state::changelog`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,6 +59,9 @@ pub struct Restored {
     /// recreated or truncated, and the store's copy is sent to it again (`seed`) unless the
     /// changelog holds a newer one.
     pub changelog_lost: bool,
+    /// The highest epoch read, to take the partition with an epoch above it
+    /// (`Store::adoption_epoch`).
+    pub epoch: Option<u64>,
 }
 
 impl Changelog {
@@ -94,7 +101,7 @@ impl Changelog {
             sent += store
                 .each_record(partition, |key, value| {
                     self.writer
-                        .send(number, key, value, &give_up)
+                        .send(number, key, value, partition.epoch, &give_up)
                         .map_err(|error| SendError::Changelog(failed(error)))
                 })
                 .map_err(|error| match error {
@@ -110,6 +117,7 @@ impl Changelog {
                     partition.partition.partition,
                     &partition.end.key,
                     partition.end.value.as_deref(),
+                    partition.epoch,
                     &give_up,
                 )
                 .map_err(failed)?;
@@ -195,13 +203,15 @@ impl Changelog {
             });
         }
         info!(partition = %key, changelog = %self.topic, from = start, to = high, "restoring partition state from the changelog");
-        let (outcome, mut records) =
-            self.read_into(PartitionRestore::new(store, key, start), key, start, high)?;
+        let restore = PartitionRestore::new(store, key, start).map_err(state_failed)?;
+        let (outcome, mut records) = self.read_into(restore, key, start, high)?;
         let outcome = match outcome {
             RestoreOutcome::RestartThrough(last_end) => {
                 // An unfinished write too large to hold back was written out: start over.
                 store.clear_partition(key).map_err(state_failed)?;
-                let restore = PartitionRestore::new(store, key, low).through(last_end);
+                let restore = PartitionRestore::new(store, key, low)
+                    .map_err(state_failed)?
+                    .through(last_end);
                 let (outcome, more) = self.read_into(restore, key, low, high)?;
                 records += more;
                 outcome
@@ -209,12 +219,24 @@ impl Changelog {
             restored => restored,
         };
         match outcome {
-            RestoreOutcome::Restored { tail, .. } => Ok(Restored {
+            RestoreOutcome::Restored {
                 tail,
-                seed: false,
-                records,
-                changelog_lost,
-            }),
+                epoch,
+                fenced,
+                ..
+            } => {
+                if fenced > 0 {
+                    warn!(partition = %key, changelog = %self.topic, fenced,
+                          "left out changelog records of an owner that had lost the partition when they landed (an instance cut off from the group)");
+                }
+                Ok(Restored {
+                    tail,
+                    seed: false,
+                    records,
+                    changelog_lost,
+                    epoch,
+                })
+            }
             RestoreOutcome::RestartThrough(_) => Err(format!(
                 "partition {key}: the changelog restore did not settle in two passes"
             )),
@@ -247,8 +269,8 @@ impl Changelog {
                 key.partition,
                 low,
                 high,
-                &mut |_: i64, record_key: &[u8], value: Option<&[u8]>| {
-                    probe.record(record_key, value);
+                &mut |_: i64, record_key: &[u8], value: Option<&[u8]>, epoch: Option<u64>| {
+                    probe.record(record_key, value, epoch);
                     Ok(())
                 },
             )
@@ -265,6 +287,7 @@ impl Changelog {
                 info!(partition = %key, stored = ?stored, changelog = ?probe.finished_offset(),
                       "the stored copy is ahead of the changelog: sending it whole");
                 Ok(Restored {
+                    epoch: probe.epoch(),
                     tail: probe.into_keys(),
                     seed: true,
                     records,
@@ -287,9 +310,9 @@ impl Changelog {
                 key.partition,
                 from,
                 to,
-                &mut |offset: i64, record_key: &[u8], value: Option<&[u8]>| {
+                &mut |offset: i64, record_key: &[u8], value: Option<&[u8]>, epoch: Option<u64>| {
                     restore
-                        .record(offset, record_key, value)
+                        .record(offset, record_key, value, epoch)
                         .map_err(|error| error.to_string())
                 },
             )

@@ -288,11 +288,17 @@ impl Pipeline {
             seed,
             records,
             changelog_lost,
+            epoch,
         } = restored;
         if changelog_lost {
             self.telemetry.record_changelog_lost(key);
         }
-        let discarded = self.write(|store| store.prepare_adoption(key, &tail, seed))?;
+        // Written with an epoch above every one read: records of a previous owner that land
+        // after these are fenced off by the next restore.
+        let discarded = self.write(|store| {
+            let epoch = store.adoption_epoch(key, epoch)?;
+            store.prepare_adoption(key, &tail, seed, epoch)
+        })?;
         for metric in discarded {
             warn!(partition = %key, metric = %metric.name, reason = metric.reason,
                   "stored data of this metric was discarded");
