@@ -30,6 +30,25 @@ const READ_STALL: Duration = Duration::from_secs(60);
 /// the partition wrote it. Opaque here, like keys and values.
 pub(crate) const EPOCH_HEADER: &str = "nsm-epoch";
 
+/// librdkafka's default `session.timeout.ms`.
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// How long a changelog record may wait for its acknowledgement before its write fails: half
+/// the consumer's `session.timeout.ms` (librdkafka's default 45 s, so 22.5 s). The group
+/// hands an instance's partitions to another only once its session has expired, so an
+/// instance cut off from the brokers with a write in flight gives that write up (and stops,
+/// as every failed write stops nsm) well before another instance can have taken its
+/// partitions, rather than wait for the network and then land its records after the new
+/// owner's. A broker away for less than that only delays the write.
+pub(crate) fn delivery_timeout(settings: &ClientSettings) -> Duration {
+    let session = settings
+        .properties
+        .get("session.timeout.ms")
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_SESSION_TIMEOUT, Duration::from_millis);
+    (session / 2).max(Duration::from_millis(1))
+}
+
 /// Makes sure the changelog topic exists, compacted, with at least `partitions` partitions.
 /// An existing topic with fewer is an error: its partition `p` must exist for every input
 /// partition `p`. A topic nsm creates has one replica: create it yourself (compacted) for more.
@@ -123,23 +142,29 @@ impl ProducerContext for ChangelogContext {
 
 /// Writes changelog records. A write is records, then [`ChangelogWriter::await_delivery`],
 /// then the end markers, then `await_delivery` again: an end marker is only ever sent once
-/// every record before it was acknowledged.
+/// every record before it was acknowledged. A record not acknowledged within the delivery
+/// timeout (`delivery_timeout`) fails the write, and every one after it: the writer is not
+/// used again.
 pub struct ChangelogWriter {
     producer: ThreadedProducer<ChangelogContext>,
     topic: String,
     state: Arc<Mutex<DeliveryState>>,
+    timeout: Duration,
 }
 
 impl ChangelogWriter {
     pub fn new(settings: &ClientSettings, topic: &str) -> Result<Self, KafkaError> {
         let state = Arc::new(Mutex::new(DeliveryState::default()));
-        // Every in-sync replica acknowledges; retried until delivered (message.timeout.ms 0),
-        // since a checkpoint waits for its changelog anyway.
+        let timeout = delivery_timeout(settings);
+        let timeout_ms = timeout.as_millis().to_string();
+        // Every in-sync replica acknowledges, retried until the delivery timeout: a checkpoint
+        // waits for its changelog, so a cut-off instance must give up before the group moves
+        // its partitions (see `delivery_timeout`).
         let producer = settings.create_with_context(
             ClientRole::Producer,
             &[
                 ("acks", "all"),
-                ("message.timeout.ms", "0"),
+                ("message.timeout.ms", &timeout_ms),
                 ("linger.ms", "5"),
             ],
             ChangelogContext {
@@ -150,11 +175,12 @@ impl ChangelogWriter {
             producer,
             topic: topic.to_string(),
             state,
+            timeout,
         })
     }
 
     /// Queues one record (`value` none: a tombstone) carrying `epoch`, waiting while the local
-    /// queue is full unless `give_up` says so.
+    /// queue is full unless `give_up` says so or a record before it failed.
     pub fn send(
         &self,
         partition: i32,
@@ -179,6 +205,11 @@ impl ChangelogWriter {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Records queued earlier time out and free the queue: the write has
+                    // failed then, and waits no longer.
+                    if let Some(failure) = self.failure() {
+                        return Err(failure);
+                    }
                     if give_up() {
                         return Err(KafkaError::Other(
                             "stopped while the changelog queue was full".into(),
@@ -191,9 +222,10 @@ impl ChangelogWriter {
         }
     }
 
-    /// Waits until every queued record is acknowledged, however long the broker is away,
+    /// Waits until every queued record is acknowledged (each at most the delivery timeout),
     /// unless `give_up` says so. Returns the next offset of each changelog partition written
-    /// since the last call; any record the broker refused makes it an error.
+    /// since the last call; any record refused or not acknowledged in time makes it an error,
+    /// at once.
     pub fn await_delivery(
         &self,
         give_up: &dyn Fn() -> bool,
@@ -202,13 +234,17 @@ impl ChangelogWriter {
         let mut warned = false;
         let delivered = crate::delivery::wait_delivered(
             &|| self.producer.in_flight_count(),
-            give_up,
+            &|| give_up() || self.failure().is_some(),
             Duration::from_secs(5),
             &mut || {
                 warned = true;
-                warn!(topic = %self.topic, "changelog not acknowledged yet: the checkpoint waits for the broker");
+                warn!(topic = %self.topic, timeout_ms = self.timeout.as_millis() as u64,
+                      "changelog not acknowledged yet: the checkpoint waits for the broker, at most the delivery timeout");
             },
         );
+        if let Some(failure) = self.failure() {
+            return Err(failure);
+        }
         if !delivered {
             return Err(KafkaError::Other(
                 "stopped while the changelog was not acknowledged".into(),
@@ -221,14 +257,24 @@ impl ChangelogWriter {
             .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if state.failures > 0 {
-            return Err(KafkaError::Other(format!(
-                "{} changelog record(s) refused by the broker; the first: {}",
-                state.failures,
-                state.first_failure.as_deref().unwrap_or("unknown")
-            )));
-        }
         Ok(std::mem::take(&mut state.next_offsets))
+    }
+
+    /// The error of the records refused or not acknowledged in time, if any was.
+    fn failure(&self) -> Option<KafkaError> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (state.failures > 0).then(|| {
+            KafkaError::Other(format!(
+                "{} changelog record(s) refused by the broker or not acknowledged within {} ms \
+                 (half of session.timeout.ms); the first: {}",
+                state.failures,
+                self.timeout.as_millis(),
+                state.first_failure.as_deref().unwrap_or("unknown")
+            ))
+        })
     }
 }
 
@@ -370,5 +416,37 @@ impl ChangelogReader {
                 _ => None,
             })
             .unwrap_or(-1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changelog_write_gives_up_within_half_the_group_session() {
+        let mut settings = ClientSettings::new("127.0.0.1:1");
+        assert_eq!(delivery_timeout(&settings), Duration::from_millis(22_500));
+        settings.properties.insert("session.timeout.ms", "2000");
+        assert_eq!(delivery_timeout(&settings), Duration::from_secs(1));
+
+        // No broker listens there: the write fails once its records time out, rather than
+        // wait for one, and so does every later write of the writer.
+        let writer = ChangelogWriter::new(&settings, "changelog").expect("writer");
+        let started = Instant::now();
+        writer
+            .send(0, b"key", Some(b"value"), 7, &|| false)
+            .expect("queued");
+        let error = writer
+            .await_delivery(&|| false)
+            .expect_err("nothing acknowledges it");
+        assert!(started.elapsed() < Duration::from_secs(10), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("not acknowledged within 1000 ms"),
+            "{error}"
+        );
+        assert!(writer.await_delivery(&|| false).is_err());
     }
 }

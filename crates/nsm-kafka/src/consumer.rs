@@ -57,9 +57,10 @@ pub trait PartitionHandler: Send + 'static {
     fn assigned(&mut self, partitions: &[PartitionKey]) -> Result<Vec<Option<i64>>, HandlerError>;
     /// Partitions are being revoked: persist them and let them go.
     fn revoked(&mut self, partitions: &[PartitionKey]) -> Result<(), HandlerError>;
-    /// Partitions are being revoked but cannot be persisted (their dead letters are not
-    /// delivered): let them go without storing anything more of them; their new owner resumes
-    /// from their last stored state.
+    /// Partitions are being revoked but must not be persisted: the group session was lost
+    /// (the group may have given them to another instance already), or their dead letters are
+    /// not delivered. Let them go at once, without storing anything more of them nor waiting
+    /// for a write in flight; their new owner resumes from their last stored state.
     fn abandoned(&mut self, partitions: &[PartitionKey]);
     /// One message. `produced_ms` is the Kafka message timestamp.
     fn process(
@@ -242,8 +243,16 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let keys = keys_of(list);
                 info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked");
+                if consumer.assignment_lost() {
+                    // The session expired (cut off from the coordinator) or the member was
+                    // fenced: the group may have given these partitions to another instance
+                    // already. Nothing more of them is stored, which would land after the new
+                    // owner's writes, nor shown, which would count them twice.
+                    warn!("group session lost: the partitions are given up unstored and their events will be re-read by their new owner");
+                    self.shared.dead_letters.forget(&keys);
+                    self.shared.handler().abandoned(&keys);
                 // Dead letters first, then state: the stored offsets never pass an undelivered one.
-                if let Err(error) = self.shared.dead_letters.flush(Duration::from_secs(30)) {
+                } else if let Err(error) = self.shared.dead_letters.flush(Duration::from_secs(30)) {
                     warn!(error = %error, "dead letters not yet delivered at revoke; the partitions are given up unstored and their events will be re-read");
                     self.shared.dead_letters.forget(&keys);
                     self.shared.handler().abandoned(&keys);

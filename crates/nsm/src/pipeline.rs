@@ -83,6 +83,8 @@ pub struct Pipeline {
 struct InFlight {
     writer: JoinHandle<Result<(), String>>,
     publish: Snapshot,
+    /// Partitions were given up while it was stored: its values still hold them.
+    released: bool,
 }
 
 /// What a checkpoint makes visible once stored, taken with its changes.
@@ -170,6 +172,9 @@ impl Pipeline {
     /// Forgets partitions given up, their offsets to commit too: the group may have handed
     /// them to another instance, whose committed offsets must not be moved back.
     fn release(&mut self, partitions: &[PartitionKey]) {
+        if let Some(in_flight) = &mut self.in_flight {
+            in_flight.released = true;
+        }
         for key in partitions {
             self.engine.remove_partition(key);
             self.last_message.remove(key);
@@ -198,7 +203,7 @@ impl Pipeline {
         if changes.is_empty() {
             // The engine's state is the stored state.
             self.stored_offsets = publish.offsets();
-            self.publish(publish);
+            self.publish(publish, true);
             return Ok(());
         }
         let store = self.store.clone();
@@ -216,7 +221,11 @@ impl Pipeline {
                 result
             })
             .map_err(|error| self.failed(format!("cannot start the checkpoint writer: {error}")))?;
-        self.in_flight = Some(InFlight { writer, publish });
+        self.in_flight = Some(InFlight {
+            writer,
+            publish,
+            released: false,
+        });
         Ok(())
     }
 
@@ -226,9 +235,16 @@ impl Pipeline {
         self.settle()
     }
 
-    /// Waits for the checkpoint in flight, if any, and publishes what it stored.
+    /// Waits for the checkpoint in flight, if any, and publishes what it stored. Partitions
+    /// given up meanwhile are neither shown again nor committed: the values shown stay those
+    /// published when they were given up until the next checkpoint, and its counts are taken.
     fn settle(&mut self) -> Result<(), HandlerError> {
-        let Some(InFlight { writer, publish }) = self.in_flight.take() else {
+        let Some(InFlight {
+            writer,
+            publish,
+            released,
+        }) = self.in_flight.take()
+        else {
             return Ok(());
         };
         let waiting = Instant::now();
@@ -240,7 +256,10 @@ impl Pipeline {
         match result {
             Ok(()) => {
                 self.stored_offsets = publish.offsets();
-                self.publish(publish);
+                if released {
+                    self.stored_offsets.retain(|(key, _)| self.engine.owns(key));
+                }
+                self.publish(publish, !released);
                 Ok(())
             }
             Err(message) => Err(self.failed(message)),
@@ -263,11 +282,21 @@ impl Pipeline {
     }
 
     /// A write failed: nothing more is stored, and nsm stops, so nothing is shown that is not
-    /// stored.
+    /// stored. Its partitions are withdrawn from `/metrics` at once: they are about to move,
+    /// and when the write failed because this instance is cut off from the brokers, the group
+    /// may give them to another instance before nsm has stopped (leaving the group waits for
+    /// the coordinator).
     fn failed(&mut self, message: String) -> HandlerError {
         error!(error = %message, "cannot write state; stopping so nothing is shown that is not stored");
         self.readiness.set_not_ready(message.clone());
         self.failure.get_or_insert(message.clone());
+        let owned: Vec<PartitionKey> = self
+            .engine
+            .partition_status()
+            .into_iter()
+            .map(|status| status.key)
+            .collect();
+        self.release(&owned);
         HandlerError(message)
     }
 
@@ -330,8 +359,8 @@ impl Pipeline {
         }
     }
 
-    /// Makes stored values visible.
-    fn publish(&mut self, snapshot: Snapshot) {
+    /// Makes stored values visible (with `with_values` false, only the snapshot's counts).
+    fn publish(&mut self, snapshot: Snapshot, with_values: bool) {
         let Snapshot {
             now_ms,
             values,
@@ -343,15 +372,17 @@ impl Pipeline {
             duplicates,
             produced_times_ms,
         } = snapshot;
-        self.telemetry
-            .publish_values(self.engine.plan(), &values, now_ms);
-        self.telemetry.publish_partitions(&partitions);
-        self.telemetry
-            .record_state_entries_in_memory(resident_members);
-        self.published
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .partitions = partitions;
+        if with_values {
+            self.telemetry
+                .publish_values(self.engine.plan(), &values, now_ms);
+            self.telemetry.publish_partitions(&partitions);
+            self.telemetry
+                .record_state_entries_in_memory(resident_members);
+            self.published
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .partitions = partitions;
+        }
 
         let visible_ms = wall_clock_ms();
         let counts = BatchCounts {
@@ -429,7 +460,7 @@ impl Pipeline {
     /// Publishes the engine's values as they are: only when they are all stored.
     fn publish_now(&mut self) {
         let snapshot = self.snapshot();
-        self.publish(snapshot);
+        self.publish(snapshot, true);
     }
 
     fn advance_idle_partitions(&mut self) {
@@ -520,8 +551,10 @@ impl PartitionHandler for Pipeline {
     }
 
     fn abandoned(&mut self, partitions: &[PartitionKey]) {
-        // A failure is kept in `self.failure` and stops the consumer at its next checkpoint.
-        let _ = self.settle();
+        // At once, without waiting for a checkpoint in flight: it may be waiting for a broker
+        // that is cut off (up to the changelog's delivery timeout), while the group may have
+        // given these partitions to another instance, which shows them too. It goes on; its
+        // result is taken at the next settle, where a failure stops the consumer.
         self.release(partitions);
     }
 
@@ -733,6 +766,35 @@ window = "1d"
         message(&mut pipeline, &kept, 1);
         let offsets = pipeline.checkpoint().expect("checkpoint");
         assert_eq!(offsets, vec![(kept.clone(), 1)]);
+        assert_eq!(pipeline.finish().expect("finish"), vec![(kept, 2)]);
+    }
+
+    #[test]
+    fn a_partition_abandoned_while_its_checkpoint_is_stored_is_neither_shown_nor_committed() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let mut pipeline = pipeline(directory.path());
+        let kept = PartitionKey::new("events", 0);
+        let lost = PartitionKey::new("events", 1);
+        pipeline
+            .assigned(&[kept.clone(), lost.clone()])
+            .expect("assigned");
+        message(&mut pipeline, &kept, 0);
+        message(&mut pipeline, &lost, 0);
+        message(&mut pipeline, &lost, 1);
+        // The checkpoint is being stored when the group session is lost: the partition goes
+        // at once, and what the checkpoint stored of it is neither shown nor committed.
+        pipeline.checkpoint().expect("checkpoint");
+        pipeline.abandoned(std::slice::from_ref(&lost));
+        message(&mut pipeline, &kept, 1);
+        let offsets = pipeline.checkpoint().expect("checkpoint");
+        assert_eq!(offsets, vec![(kept.clone(), 1)]);
+        let shown = pipeline.telemetry.render();
+        assert!(
+            shown.contains(
+                "nsm_metric_value{metric=\"daily_active_messagers\",window=\"current\"} 1\n"
+            ),
+            "only the kept partition's first member is shown:\n{shown}"
+        );
         assert_eq!(pipeline.finish().expect("finish"), vec![(kept, 2)]);
     }
 
