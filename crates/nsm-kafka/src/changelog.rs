@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
@@ -49,60 +51,166 @@ pub(crate) fn delivery_timeout(settings: &ClientSettings) -> Duration {
     (session / 2).max(Duration::from_millis(1))
 }
 
-/// Makes sure the changelog topic exists, compacted, with at least `partitions` partitions.
-/// An existing topic with fewer is an error: its partition `p` must exist for every input
-/// partition `p`. A topic nsm creates has one replica: create it yourself (compacted) for more.
+/// Makes sure the changelog topic exists, compacted, with at least `partitions` partitions,
+/// adding partitions to an existing one that has fewer (its partition `p` must exist for
+/// every input partition `p`). A topic nsm creates gets `replication_factor` replicas, or the
+/// broker's `default.replication.factor` when `None`. An existing topic whose
+/// `cleanup.policy` does not compact is refused: the broker would delete state by age.
 pub fn ensure_changelog_topic(
     settings: &ClientSettings,
     topic: &str,
     partitions: usize,
+    replication_factor: Option<i32>,
 ) -> Result<(), KafkaError> {
     let existing = crate::topic_partition_count(settings, topic)?;
-    if existing.is_none() {
-        let admin: AdminClient<DefaultClientContext> =
-            settings.create(ClientRole::Producer, &[])?;
-        let wanted = i32::try_from(partitions.max(1)).unwrap_or(i32::MAX);
-        // Compacted: the latest value of every key is kept, deleted keys go after
-        // delete.retention.ms, and nothing else is ever deleted by age.
-        // A day before compaction may touch a record: an unfinished write's records cannot
-        // replace the finished values a new owner reverts them to before it has done so.
-        let new_topic = NewTopic::new(topic, wanted, TopicReplication::Fixed(1))
-            .set("cleanup.policy", "compact")
-            .set("retention.ms", "-1")
-            .set("min.compaction.lag.ms", "86400000");
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| KafkaError::Other(e.to_string()))?;
-        let results = runtime
-            .block_on(admin.create_topics(&[new_topic], &options))
-            .map_err(|error| {
-                KafkaError::Other(format!(
-                    "cannot create the changelog topic {topic:?} (state.changelog_topic): {error}; create it compacted with {partitions} partitions"
-                ))
-            })?;
-        for result in results {
-            match result {
-                Ok(_) => info!(topic, partitions = wanted, "changelog topic created"),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => {
-                    return Err(KafkaError::Other(format!(
-                        "the changelog topic {topic:?} (state.changelog_topic) does not exist and cannot be created: {code}; create it compacted with {partitions} partitions"
-                    )))
-                }
-            }
-        }
+    match existing {
+        None => create_changelog_topic(settings, topic, partitions, replication_factor)?,
+        Some(_) => check_compacted(settings, topic)?,
     }
     match crate::topic_partition_count(settings, topic)? {
         Some(found) if found >= partitions => Ok(()),
-        Some(found) => Err(KafkaError::Other(format!(
-            "the changelog topic {topic:?} (state.changelog_topic) has {found} partitions, fewer than the {partitions} of the input topics; add partitions to it (its partition p holds the state of input partition p)"
-        ))),
+        Some(found) => extend_changelog_topic(settings, topic, found, partitions),
         None => Err(KafkaError::Other(format!(
             "the changelog topic {topic:?} (state.changelog_topic) is not visible after creating it"
         ))),
     }
+}
+
+/// Gives the changelog topic `wanted` partitions when it has `found`: input partitions were
+/// added (or an input topic has more than the others had). Waits until the new partitions
+/// show in the metadata.
+pub fn extend_changelog_topic(
+    settings: &ClientSettings,
+    topic: &str,
+    found: usize,
+    wanted: usize,
+) -> Result<(), KafkaError> {
+    let refused = |detail: String| {
+        KafkaError::Other(format!(
+            "the changelog topic {topic:?} (state.changelog_topic) has {found} partitions and \
+             cannot be given the {wanted} the input topics need: {detail}; add partitions to it \
+             (its partition p holds the state of input partition p)"
+        ))
+    };
+    info!(
+        topic,
+        from = found,
+        to = wanted,
+        "adding partitions to the changelog topic"
+    );
+    let admin: AdminClient<DefaultClientContext> = settings.create(ClientRole::Producer, &[])?;
+    let new_partitions = NewPartitions::new(topic, wanted);
+    let results = block_on(admin.create_partitions(&[new_partitions], &admin_options()))?
+        .map_err(|error| refused(error.to_string()))?;
+    for result in results {
+        if let Err((_, code)) = result {
+            return Err(refused(code.to_string()));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match crate::topic_partition_count(settings, topic)? {
+            Some(count) if count >= wanted => return Ok(()),
+            _ if Instant::now() >= deadline => {
+                return Err(refused(
+                    "the new partitions did not show in the metadata within 30s".into(),
+                ))
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn create_changelog_topic(
+    settings: &ClientSettings,
+    topic: &str,
+    partitions: usize,
+    replication_factor: Option<i32>,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = settings.create(ClientRole::Producer, &[])?;
+    let wanted = i32::try_from(partitions.max(1)).unwrap_or(i32::MAX);
+    // -1: the broker's default.replication.factor (Kafka 2.4 and later).
+    let replication = TopicReplication::Fixed(replication_factor.unwrap_or(-1));
+    // Compacted: the latest value of every key is kept, deleted keys go after
+    // delete.retention.ms, and nothing else is ever deleted by age.
+    // A day before compaction may touch a record: an unfinished write's records cannot
+    // replace the finished values a new owner reverts them to before it has done so.
+    let new_topic = NewTopic::new(topic, wanted, replication)
+        .set("cleanup.policy", "compact")
+        .set("retention.ms", "-1")
+        .set("min.compaction.lag.ms", "86400000");
+    let results = block_on(admin.create_topics(&[new_topic], &admin_options()))?
+        .map_err(|error| {
+            KafkaError::Other(format!(
+                "cannot create the changelog topic {topic:?} (state.changelog_topic): {error}; create it compacted with {partitions} partitions"
+            ))
+        })?;
+    for result in results {
+        match result {
+            Ok(_) => info!(topic, partitions = wanted, "changelog topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                return Err(KafkaError::Other(format!(
+                    "the changelog topic {topic:?} (state.changelog_topic) does not exist and cannot be created: {code}; create it compacted with {partitions} partitions"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an existing changelog topic that the broker cleans up by age (`cleanup.policy`
+/// without `compact`): its old records, the state of keys not written since, would go.
+/// A broker that does not say is trusted, with a warning.
+fn check_compacted(settings: &ClientSettings, topic: &str) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = settings.create(ClientRole::Producer, &[])?;
+    // A broker without DescribeConfigs (librdkafka's mock cluster) never answers: a short
+    // request timeout keeps the start quick, and a broker that does not say is trusted.
+    let options = admin_options().request_timeout(Some(DESCRIBE_TIMEOUT));
+    let described = block_on(admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &options))?;
+    let policy = match described {
+        Ok(results) => results.into_iter().find_map(|result| {
+            result.ok().and_then(|resource| {
+                resource
+                    .get("cleanup.policy")
+                    .and_then(|entry| entry.value.clone())
+            })
+        }),
+        Err(error) => {
+            warn!(topic, error = %error, "cannot read the changelog topic's cleanup.policy; make sure it is compact");
+            return Ok(());
+        }
+    };
+    match policy {
+        Some(policy) if policy.split(',').any(|part| part.trim() == "compact") => Ok(()),
+        Some(policy) => Err(KafkaError::Other(format!(
+            "the changelog topic {topic:?} (state.changelog_topic) has cleanup.policy={policy}: \
+             the broker would delete state by age; set cleanup.policy=compact on it (for example \
+             kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config \
+             cleanup.policy=compact) or point state.changelog_topic at a compacted topic"
+        ))),
+        None => {
+            warn!(topic, "the broker did not say the changelog topic's cleanup.policy; make sure it is compact");
+            Ok(())
+        }
+    }
+}
+
+/// How long the changelog topic's `cleanup.policy` is asked for at start.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn admin_options() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))
+}
+
+/// Runs an admin request to its end on a runtime of its own (admin calls are rare: at start,
+/// and when partitions are added).
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, KafkaError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| KafkaError::Other(e.to_string()))?;
+    Ok(runtime.block_on(future))
 }
 
 #[derive(Default)]

@@ -14,14 +14,17 @@ mod dead_letter;
 mod delivery;
 mod tools;
 
-pub use changelog::{ensure_changelog_topic, ChangelogReader, ChangelogWriter};
+pub use changelog::{
+    ensure_changelog_topic, extend_changelog_topic, ChangelogReader, ChangelogWriter,
+};
 pub use client::ClientSettings;
 pub use consumer::{
     run_consumer, ConsumerOptions, Disposition, HandlerError, PartitionHandler, PartitionLag,
 };
 pub use dead_letter::{DeadLetterStats, HEADER_ERROR, HEADER_REASON};
 pub use tools::{
-    ensure_topics, header_map, read_topic, topic_partition_count, EventProducer, ReadRecord,
+    ensure_topics, ensure_topics_replicated, header_map, read_topic, topic_partition_count,
+    EventProducer, ReadRecord,
 };
 
 /// Errors of the Kafka edge.

@@ -21,11 +21,27 @@ use crate::KafkaError;
 
 /// Creates topics that do not exist yet; existing ones are left as they are.
 pub fn ensure_topics(settings: &ClientSettings, topics: &[(&str, i32)]) -> Result<(), KafkaError> {
+    ensure_topics_replicated(settings, topics, Some(1))
+}
+
+/// As [`ensure_topics`], with `replication_factor` replicas each, or the broker's
+/// `default.replication.factor` when `None`.
+pub fn ensure_topics_replicated(
+    settings: &ClientSettings,
+    topics: &[(&str, i32)],
+    replication_factor: Option<i32>,
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = settings.create(ClientRole::Producer, &[])?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, partitions)| {
-            NewTopic::new(name, *partitions, TopicReplication::Fixed(1)).set("retention.ms", "-1")
+            NewTopic::new(
+                name,
+                *partitions,
+                // -1: the broker's default.replication.factor (Kafka 2.4 and later).
+                TopicReplication::Fixed(replication_factor.unwrap_or(-1)),
+            )
+            .set("retention.ms", "-1")
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

@@ -10,7 +10,7 @@
 //! restore before it read: records of an instance cut off from the group that land after the
 //! new owner's are fenced off by the next restore (see `nsm_state::changelog`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,10 @@ pub struct Changelog {
     writer: ChangelogWriter,
     reader: ChangelogReader,
     stop: Arc<AtomicBool>,
+    settings: ClientSettings,
+    /// Partitions the topic is known to have: an input partition beyond them (added to an
+    /// input topic since) gets its changelog partition when it is first taken.
+    partitions: AtomicUsize,
 }
 
 /// What bringing a partition up to date did.
@@ -75,7 +79,31 @@ impl Changelog {
             writer: ChangelogWriter::new(settings, topic)?,
             reader: ChangelogReader::new(settings, topic)?,
             stop,
+            settings: settings.clone(),
+            partitions: AtomicUsize::new(0),
         })
+    }
+
+    /// Makes sure changelog partition `partition` exists, adding partitions to the topic when
+    /// an input topic gained some since nsm sized it.
+    fn ensure_partition(&self, partition: i32) -> Result<(), String> {
+        let needed = usize::try_from(partition).unwrap_or(0) + 1;
+        if needed <= self.partitions.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let failed = |error: nsm_kafka::KafkaError| format!("changelog {}: {error}", self.topic);
+        let mut found = nsm_kafka::topic_partition_count(&self.settings, &self.topic)
+            .map_err(failed)?
+            .unwrap_or(0);
+        if found < needed {
+            warn!(changelog = %self.topic, partitions = found, needed,
+                  "input partitions were added: adding partitions to the changelog");
+            nsm_kafka::extend_changelog_topic(&self.settings, &self.topic, found, needed)
+                .map_err(failed)?;
+            found = needed;
+        }
+        self.partitions.fetch_max(found, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Sends a prepared write of `store` (not stored yet: some records are read from the
@@ -154,6 +182,7 @@ impl Changelog {
             )
         };
         let state_failed = |error: nsm_state::StateError| format!("partition {key}: {error}");
+        self.ensure_partition(key.partition)?;
         let (low, high) = self.reader.watermarks(key.partition).map_err(failed)?;
         let position = store.changelog_position(key).map_err(state_failed)?;
         let mut changelog_lost = false;

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use nsm_core::config::Resolver;
@@ -135,7 +135,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     ensure_dead_letter_topic(&config)?;
     let changelog = match &config.state.changelog_topic {
         Some(topic) => {
-            ensure_changelog_topic(&config, topic)?;
+            ensure_changelog_topic(&config, topic, &readiness, &stop)?;
             info!(topic = %topic, "state changes go to the changelog topic; partitions taken over are restored from it");
             Some(Changelog::new(
                 &client_settings(&config),
@@ -251,7 +251,11 @@ fn ensure_dead_letter_topic(config: &Config) -> Result<()> {
     if nsm_kafka::topic_partition_count(&settings, topic)?.is_some() {
         return Ok(());
     }
-    if let Err(error) = nsm_kafka::ensure_topics(&settings, &[(topic, 1)]) {
+    if let Err(error) = nsm_kafka::ensure_topics_replicated(
+        &settings,
+        &[(topic, 1)],
+        config.kafka.replication_factor,
+    ) {
         warn!(topic, error = %error, "cannot create the dead-letter topic");
     }
     match nsm_kafka::topic_partition_count(&settings, topic)? {
@@ -264,18 +268,62 @@ fn ensure_dead_letter_topic(config: &Config) -> Result<()> {
 }
 
 /// The changelog needs a partition for every input partition number: as many as the input
-/// topic with the most.
-fn ensure_changelog_topic(config: &Config, topic: &str) -> Result<()> {
+/// topic with the most. Until every input topic exists its partitions are unknown, so nsm
+/// waits for them, not ready and saying why, rather than guess a size; partitions added
+/// later are added to the changelog when they are taken (`Changelog::restore`).
+fn ensure_changelog_topic(
+    config: &Config,
+    topic: &str,
+    readiness: &Readiness,
+    stop: &AtomicBool,
+) -> Result<()> {
     let settings = client_settings(config);
-    let mut partitions = 1;
-    for input in &config.kafka.topics {
-        if let Some(count) = nsm_kafka::topic_partition_count(&settings, input)? {
-            partitions = partitions.max(count);
+    let mut waiting_since: Option<Instant> = None;
+    let partitions = loop {
+        let mut partitions = 1;
+        let mut missing = Vec::new();
+        for input in &config.kafka.topics {
+            match nsm_kafka::topic_partition_count(&settings, input)? {
+                Some(count) => partitions = partitions.max(count),
+                None => missing.push(input.as_str()),
+            }
         }
+        if missing.is_empty() {
+            break partitions;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(anyhow!(
+                "stopped while waiting for the input topic(s) {missing:?}"
+            ));
+        }
+        if waiting_since.is_none() {
+            warn!(topics = ?missing, "input topic(s) missing: waiting for them before sizing the changelog (kafka.topics)");
+            readiness.set_not_ready(format!(
+                "waiting for the input topic(s) {} to exist (kafka.topics)",
+                missing.join(", ")
+            ));
+            waiting_since = Some(Instant::now());
+        }
+        std::thread::sleep(INPUT_TOPIC_RECHECK);
+    };
+    if let Some(since) = waiting_since {
+        info!(
+            waited_ms = since.elapsed().as_millis() as u64,
+            "the input topics exist"
+        );
+        readiness.set_not_ready("waiting for the partition assignment");
     }
-    nsm_kafka::ensure_changelog_topic(&settings, topic, partitions)?;
+    nsm_kafka::ensure_changelog_topic(
+        &settings,
+        topic,
+        partitions,
+        config.kafka.replication_factor,
+    )?;
     Ok(())
 }
+
+/// How often a missing input topic is looked for at start.
+const INPUT_TOPIC_RECHECK: Duration = Duration::from_secs(2);
 
 /// Sets `stop` on the first SIGINT or SIGTERM.
 async fn stop_on_signal(stop: Arc<AtomicBool>) {

@@ -336,3 +336,76 @@ fn a_new_group_starting_from_a_time_reads_only_what_came_after() {
     );
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
+
+#[test]
+fn a_missing_input_topic_is_waited_for_then_sizes_the_changelog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_broker, brokers) = start_tansu(dir.path());
+    let topic = "created-later";
+    let port = free_port();
+    let config_path = dir.path().join("nsm.toml");
+    std::fs::write(
+        &config_path,
+        test_config(
+            &brokers,
+            topic,
+            &dir.path().join("state"),
+            port,
+            "nsm-late-topic",
+        ),
+    )
+    .expect("config");
+    let mut nsm = Process::spawn(
+        "nsm",
+        Command::new(NSM).args(["run", "--config", config_path.to_str().expect("utf8")]),
+        dir.path(),
+    );
+    // Not ready, saying why, while the input topic does not exist.
+    wait_for(
+        "not ready, waiting for the input topic",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let (status, body) = http_get(port, "/readyz")?;
+            (status == 503 && body.contains("waiting for the input topic(s) created-later"))
+                .then_some(())
+        },
+    );
+    // The topic appears with two partitions: both are counted, the changelog sized for them.
+    let stream = known_stream(40, 2);
+    let events_file = dir.path().join("events.jsonl");
+    std::fs::write(&events_file, stream.lines.join("\n")).expect("write events");
+    nsm_tool(&[
+        "produce",
+        "--brokers",
+        &brokers,
+        "--topic",
+        topic,
+        "--partitions",
+        "2",
+        "--key-field",
+        "user_id",
+        "--property",
+        "batch.num.messages=1",
+        "--file",
+        events_file.to_str().expect("utf8"),
+    ]);
+    wait_for(
+        "both partitions owned and every message counted",
+        Duration::from_secs(120),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (samples.get("nsm_partitions_owned").copied()? == 2.0
+                && metric_value(&samples, "messages_sent", "current")?
+                    == stream.messages_current_hour as f64)
+                .then_some(())
+        },
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+    assert!(
+        nsm.log_text().contains("input topic(s) missing"),
+        "{}",
+        nsm.log_text()
+    );
+}

@@ -56,6 +56,9 @@ pub struct KafkaConfig {
     pub start_from: StartFrom,
     /// What happens to a dead letter the broker refuses for good.
     pub dead_letter_on_failure: DeadLetterOnFailure,
+    /// Replicas of the topics nsm creates (the changelog and the dead-letter topic); `None`
+    /// takes the broker's `default.replication.factor`.
+    pub replication_factor: Option<i32>,
 }
 
 /// `kafka.start_from`: where a partition without a stored or committed offset starts.

@@ -54,6 +54,7 @@ pub struct RawKafka {
     pub nested_in_key: Option<Vec<String>>,
     pub start_from: Option<String>,
     pub dead_letter_on_failure: Option<String>,
+    pub replication_factor: Option<toml::Value>,
     #[serde(default)]
     pub properties: BTreeMap<String, toml::Value>,
 }

@@ -340,6 +340,30 @@ fn dead_letter_on_failure_holds_by_default_or_drops() {
 }
 
 #[test]
+fn replication_factor_is_the_brokers_default_or_a_count() {
+    let with = |line: &str| {
+        format!(
+            "[kafka]\nbrokers = \"b:9092\"\ntopics = [\"events\"]\n{line}\n\
+             [north_star]\nname = \"n\"\nkind = \"count\"\nwindow = \"1d\"\n"
+        )
+    };
+    let replicas = |line: &str| {
+        Config::from_toml(&with(line), &no_env)
+            .expect("valid config")
+            .kafka
+            .replication_factor
+    };
+    assert_eq!(replicas(""), None, "the broker's default");
+    assert_eq!(replicas("replication_factor = \"broker\""), None);
+    assert_eq!(replicas("replication_factor = 3"), Some(3));
+    for bad in ["0", "-1", "\"three\"", "2.5"] {
+        let errors = errors_of(&with(&format!("replication_factor = {bad}")));
+        assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+        assert_eq!(errors[0].0, "kafka.replication_factor", "{bad}");
+    }
+}
+
+#[test]
 fn retention_must_outlive_two_windows_and_lateness() {
     let text = r#"
 [kafka]

@@ -350,6 +350,23 @@ fn validate_kafka(
             None
         }
     };
+    let replication_factor = match &raw.kafka.replication_factor {
+        None => Some(None),
+        Some(toml::Value::Integer(count)) if (1..=i64::from(i16::MAX)).contains(count) => {
+            Some(i32::try_from(*count).ok())
+        }
+        Some(toml::Value::String(text)) if text == "broker" => Some(None),
+        Some(other) => {
+            problems.add(
+                "kafka.replication_factor",
+                format!(
+                    "expected a number of replicas of at least 1, or \"broker\" for the \
+                     broker's default.replication.factor; found {other}"
+                ),
+            );
+            None
+        }
+    };
     Some(KafkaConfig {
         brokers,
         topics,
@@ -360,6 +377,7 @@ fn validate_kafka(
         properties,
         start_from: start_from?,
         dead_letter_on_failure: dead_letter_on_failure?,
+        replication_factor: replication_factor?,
     })
 }
 
