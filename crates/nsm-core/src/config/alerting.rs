@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::ConfigError;
-use crate::metric::{MetricDef, Role};
+use crate::metric::{MetricDef, MetricKind, Role};
 
 /// `[alerting]` as written.
 #[derive(Debug, Default, Deserialize)]
@@ -22,6 +22,13 @@ pub struct RawAlerting {
     pub max_consumer_lag_messages: Option<i64>,
     pub max_watermark_delay: Option<String>,
     pub no_events_for: Option<String>,
+    pub max_invalid_share: Option<f64>,
+    pub max_late_share: Option<f64>,
+    pub max_publish_delay: Option<String>,
+    pub noise_windows: Option<i64>,
+    pub noise_min_windows: Option<i64>,
+    pub noise_z: Option<f64>,
+    pub assumed_noise: Option<f64>,
     #[serde(default)]
     pub guardrails: BTreeMap<String, RawGuardrailAlerting>,
 }
@@ -33,6 +40,7 @@ pub struct RawGuardrailAlerting {
     pub max_worsening: Option<f64>,
     pub max: Option<f64>,
     pub min: Option<f64>,
+    pub relative_to: Option<String>,
 }
 
 /// Thresholds of the generated alerts, validated.
@@ -55,6 +63,15 @@ pub struct AlertingConfig {
     pub max_watermark_delay: Duration,
     /// No message consumed for this long is an outage of the data.
     pub no_events_for: Duration,
+    /// EventsRejected when more than this share of consumed messages is rejected as invalid,
+    /// per reason: the values miss those events, so business alerts are held too.
+    pub max_invalid_share: f64,
+    /// The same for events later than the allowed lateness.
+    pub max_late_share: f64,
+    /// PublishStalled when an instance has not published values for this long.
+    pub max_publish_delay: Duration,
+    /// How the divergence and guardrail alerts tell a change from noise.
+    pub noise: NoiseGate,
     /// One entry per configured guardrail, in config order.
     pub guardrails: Vec<GuardrailAlerting>,
 }
@@ -86,6 +103,26 @@ pub struct GuardrailAlerting {
     /// GuardrailBreached when the value crosses this: a maximum when higher is worse, a
     /// minimum when lower is worse.
     pub limit: Option<f64>,
+    /// The metric whose growth the guardrail's worsening is judged against: complaints per
+    /// booking rather than complaints, so a busy week is not a worse one. `None`: judged
+    /// as it is (a ratio or a retention rate already is relative).
+    pub relative_to: Option<String>,
+}
+
+/// A z-score gate: a signal (the growth gap between revenue and the North Star, a guardrail's
+/// worsening) must exceed `z` standard deviations of its own values over the `windows`
+/// whole windows before the ones judged, so that a noisy product pages only on a change its
+/// week-to-week noise does not explain.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NoiseGate {
+    /// Past windows the standard deviation is measured over.
+    pub windows: u32,
+    /// Windows of Prometheus history needed before the measured deviation is trusted.
+    pub min_windows: u32,
+    /// Standard deviations the signal must exceed; 0 turns the gate off.
+    pub z: f64,
+    /// The deviation assumed until `min_windows` windows of history exist.
+    pub assumed: f64,
 }
 
 pub const DEFAULT_NSM_FLAT_GROWTH_THRESHOLD: f64 = 0.01;
@@ -94,8 +131,18 @@ pub const DEFAULT_SLOWER_THAN_REVENUE_PERIODS: u32 = 3;
 pub const DEFAULT_GAMING_MIN_WORSENING: f64 = 0.05;
 pub const DEFAULT_MAX_WORSENING: f64 = 0.25;
 pub const DEFAULT_MAX_CONSUMER_LAG_MESSAGES: u64 = 100_000;
+pub const DEFAULT_MAX_INVALID_SHARE: f64 = 0.05;
+pub const DEFAULT_MAX_LATE_SHARE: f64 = 0.05;
+pub const DEFAULT_NOISE_WINDOWS: u32 = 6;
+pub const DEFAULT_NOISE_MIN_WINDOWS: u32 = 3;
+pub const DEFAULT_NOISE_Z: f64 = 2.0;
+pub const DEFAULT_ASSUMED_NOISE: f64 = 0.05;
 const DEFAULT_MAX_WATERMARK_DELAY: &str = "15m";
 const DEFAULT_NO_EVENTS_FOR: &str = "15m";
+const DEFAULT_MAX_PUBLISH_DELAY: &str = "5m";
+/// `relative_to` naming the (first) North Star, whatever its name.
+const RELATIVE_TO_NORTH_STAR: &str = "north_star";
+const RELATIVE_TO_NONE: &str = "none";
 
 /// Validates `[alerting]` against the metrics it names; problems are pushed with their paths.
 pub(super) fn validate(
@@ -171,6 +218,23 @@ pub(super) fn validate(
         raw.slower_than_revenue_periods,
         DEFAULT_SLOWER_THAN_REVENUE_PERIODS,
     );
+    let mut share = |key: &str, value: Option<f64>, default: f64| {
+        let value = value.unwrap_or(default);
+        if !value.is_finite() || value <= 0.0 || value > 1.0 {
+            add(
+                key,
+                format!("{value} is out of range: a share above 0, at most 1 (0.05 = 5%)"),
+            );
+        }
+        value
+    };
+    let max_invalid_share = share(
+        "max_invalid_share",
+        raw.max_invalid_share,
+        DEFAULT_MAX_INVALID_SHARE,
+    );
+    let max_late_share = share("max_late_share", raw.max_late_share, DEFAULT_MAX_LATE_SHARE);
+    let noise = noise_gate(raw, &mut add);
     let max_consumer_lag_messages = match raw.max_consumer_lag_messages {
         None => DEFAULT_MAX_CONSUMER_LAG_MESSAGES,
         Some(value) => match u64::try_from(value) {
@@ -202,6 +266,11 @@ pub(super) fn validate(
         }
     };
     let no_events_for = duration("no_events_for", &raw.no_events_for, DEFAULT_NO_EVENTS_FOR);
+    let max_publish_delay = duration(
+        "max_publish_delay",
+        &raw.max_publish_delay,
+        DEFAULT_MAX_PUBLISH_DELAY,
+    );
     // An idle partition's watermark follows the wall clock only after the idle timeout; a
     // shorter limit would call every quiet partition stale. Unset, the limit is 15m or the
     // idle timeout plus 10m, whichever is longer, so any valid config gets a sane default.
@@ -305,11 +374,18 @@ pub(super) fn validate(
                 add(&path, format!("limit {limit} must be a finite number"));
             }
         }
+        let relative_to = relative_to(
+            metrics,
+            name,
+            raw_guardrail.relative_to.as_deref(),
+            &mut |message| add(&format!("{path}.relative_to"), message),
+        );
         guardrails.push(GuardrailAlerting {
             metric: name.to_string(),
             worse_when,
             max_worsening,
             limit,
+            relative_to,
         });
     }
     Some(AlertingConfig {
@@ -322,8 +398,127 @@ pub(super) fn validate(
         max_consumer_lag_messages,
         max_watermark_delay: max_watermark_delay?,
         no_events_for: no_events_for?,
+        max_invalid_share,
+        max_late_share,
+        max_publish_delay: max_publish_delay?,
+        noise,
         guardrails,
     })
+}
+
+/// `noise_windows`, `noise_min_windows`, `noise_z` and `assumed_noise`.
+fn noise_gate(raw: &RawAlerting, add: &mut impl FnMut(&str, String)) -> NoiseGate {
+    let mut windows_key = |key: &str, value: Option<i64>, default: u32, max: u32| {
+        let value = value.unwrap_or(i64::from(default));
+        match u32::try_from(value) {
+            Ok(windows) if (1..=max).contains(&windows) => windows,
+            _ => {
+                add(key, format!("{value} is out of range: 1 to {max} windows"));
+                default
+            }
+        }
+    };
+    // Two windows give one difference; 26 weekly windows are half a year of Prometheus
+    // history, beyond what most keep.
+    let windows = windows_key(
+        "noise_windows",
+        raw.noise_windows,
+        DEFAULT_NOISE_WINDOWS,
+        26,
+    );
+    let min_windows = windows_key(
+        "noise_min_windows",
+        raw.noise_min_windows,
+        DEFAULT_NOISE_MIN_WINDOWS,
+        26,
+    );
+    if windows < 2 {
+        add(
+            "noise_windows",
+            "a standard deviation needs at least 2 windows".to_string(),
+        );
+    }
+    if min_windows > windows {
+        add(
+            "noise_min_windows",
+            format!("{min_windows} is more than noise_windows ({windows})"),
+        );
+    }
+    let z = raw.noise_z.unwrap_or(DEFAULT_NOISE_Z);
+    if !z.is_finite() || !(0.0..=10.0).contains(&z) {
+        add(
+            "noise_z",
+            format!("{z} is out of range: 0 (no noise gate) to 10 standard deviations"),
+        );
+    }
+    let assumed = raw.assumed_noise.unwrap_or(DEFAULT_ASSUMED_NOISE);
+    if !assumed.is_finite() || !(0.0..=10.0).contains(&assumed) {
+        add(
+            "assumed_noise",
+            format!("{assumed} is out of range: a growth deviation from 0 to 10 (0.05 = 5%)"),
+        );
+    }
+    NoiseGate {
+        windows,
+        min_windows,
+        z,
+        assumed,
+    }
+}
+
+/// The metric a guardrail is judged relative to: `relative_to` as written, or by default the
+/// North Star for a guardrail that grows with traffic (a count, sum, distinct count,
+/// threshold or conversion of the North Star's window), none for a rate.
+fn relative_to(
+    metrics: &[MetricDef],
+    guardrail: &str,
+    written: Option<&str>,
+    add: &mut impl FnMut(String),
+) -> Option<String> {
+    let metric = metrics.iter().find(|metric| metric.name == guardrail)?;
+    let north_star = metrics.iter().find(|metric| metric.role == Role::NorthStar);
+    match written {
+        None => {
+            let grows_with_traffic = !matches!(
+                metric.kind,
+                MetricKind::Ratio { .. } | MetricKind::Retention { .. }
+            );
+            north_star
+                .filter(|north_star| grows_with_traffic && north_star.window == metric.window)
+                .map(|north_star| north_star.name.clone())
+        }
+        Some(RELATIVE_TO_NONE) => None,
+        Some(name) => {
+            let base = if name == RELATIVE_TO_NORTH_STAR {
+                north_star
+            } else {
+                metrics.iter().find(|other| other.name == name)
+            };
+            match base {
+                None => {
+                    add(format!(
+                        "no metric named {name:?}; expected \"{RELATIVE_TO_NORTH_STAR}\", \"{RELATIVE_TO_NONE}\" or a metric of the config"
+                    ));
+                    None
+                }
+                Some(base) if base.name == guardrail => {
+                    add("a guardrail cannot be relative to itself".to_string());
+                    None
+                }
+                Some(base) if base.window != metric.window => {
+                    add(format!(
+                        "{} is a {} metric and {guardrail} a {} one: growth is compared window \
+                         by window, so both need the same window",
+                        base.name,
+                        base.window.label(),
+                        metric.window.label()
+                    ));
+                    None
+                }
+                Some(base) => Some(base.name.clone()),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -371,6 +566,18 @@ window = "1w"
         assert_eq!(alerting.nsm_flat_growth_threshold, 0.01);
         assert_eq!(alerting.sustained_periods, 2);
         assert_eq!(alerting.max_watermark_delay, Duration::from_secs(900));
+        assert_eq!(alerting.max_invalid_share, 0.05);
+        assert_eq!(alerting.max_late_share, 0.05);
+        assert_eq!(alerting.max_publish_delay, Duration::from_secs(300));
+        assert_eq!(
+            alerting.noise,
+            NoiseGate {
+                windows: 6,
+                min_windows: 3,
+                z: 2.0,
+                assumed: 0.05
+            }
+        );
         let slow = Config::from_toml(
             &BASE.replace("[kafka]", "[time]\nidle_timeout = \"1h\"\n\n[kafka]"),
             &|_| None,
@@ -395,6 +602,59 @@ window = "1w"
             .guardrails
             .iter()
             .all(|g| g.worse_when == WorseWhen::Higher && g.max_worsening == 0.25));
+    }
+
+    #[test]
+    fn guardrails_that_grow_with_traffic_are_judged_per_north_star_by_default() {
+        let config = parse(
+            r#"
+[[inputs]]
+name = "searches"
+kind = "count"
+window = "1w"
+
+[[guardrails]]
+name = "complaint_rate"
+kind = "ratio"
+numerator = "complaints"
+denominator = "searches"
+window = "1w"
+
+[[guardrails]]
+name = "daily_refunds"
+kind = "count"
+window = "1d"
+
+[alerting.guardrails.retention]
+relative_to = "searches"
+"#,
+        )
+        .expect("valid");
+        let relative: Vec<(&str, Option<&str>)> = config
+            .alerting
+            .guardrails
+            .iter()
+            .map(|g| (g.metric.as_str(), g.relative_to.as_deref()))
+            .collect();
+        assert_eq!(
+            relative,
+            [
+                ("complaints", Some("nights")),
+                ("retention", Some("searches")),
+                ("complaint_rate", None),
+                ("daily_refunds", None),
+            ],
+            "counts per North Star, a ratio as it is, another window as it is, or as written"
+        );
+        let none =
+            parse("[alerting.guardrails.complaints]\nrelative_to = \"none\"\n").expect("valid");
+        assert_eq!(none.alerting.guardrails[0].relative_to, None);
+        let named = parse("[alerting.guardrails.complaints]\nrelative_to = \"north_star\"\n")
+            .expect("valid");
+        assert_eq!(
+            named.alerting.guardrails[0].relative_to.as_deref(),
+            Some("nights")
+        );
     }
 
     #[test]
@@ -430,12 +690,20 @@ sustained_periods = 0
 max_watermark_delay = "2m"
 nsm_flat_growth_threshold = -3.0
 colour = "red"
+max_invalid_share = 0
+max_late_share = 1.5
+max_publish_delay = "10s"
+noise_windows = 4
+noise_min_windows = 5
+noise_z = -1
+assumed_noise = -0.5
 [alerting.guardrails.complaint]
 max = 3
 [alerting.guardrails.retention]
 worse_when = "down"
 [alerting.guardrails.complaints]
 min = 3
+relative_to = "complaints"
 "#,
         )
         .expect_err("invalid");
@@ -449,6 +717,13 @@ min = 3
             "alerting.guardrails.complaint",
             "alerting.guardrails.retention.worse_when",
             "alerting.guardrails.complaints.min",
+            "alerting.guardrails.complaints.relative_to",
+            "alerting.max_invalid_share",
+            "alerting.max_late_share",
+            "alerting.max_publish_delay",
+            "alerting.noise_min_windows",
+            "alerting.noise_z",
+            "alerting.assumed_noise",
         ] {
             assert!(
                 paths.contains(&expected),

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use alerting::{AlertingConfig, GuardrailAlerting, WorseWhen};
+pub use alerting::{AlertingConfig, GuardrailAlerting, NoiseGate, WorseWhen};
 pub use librdkafka::{canonical_property, reserved_property, ReservedProperty};
 pub use secrets::{KafkaProperties, Resolver};
 
