@@ -130,6 +130,8 @@ struct HourlyScenario {
     watermark_stops_at: Option<usize>,
     /// The minute from which the scrape of nsm fails.
     down_from: Option<usize>,
+    /// The minute from which every message consumed is rejected (`missing_timestamp`).
+    rejected_from: Option<usize>,
     /// (alert name, minute, expected alerts as `{label="value", ...}` label sets).
     expectations: Vec<Expectation>,
 }
@@ -180,6 +182,13 @@ impl HourlyScenario {
         series(
             format!("nsm_events_consumed_total{{{partition}}}"),
             format!("0+100x{MINUTES}"),
+        );
+        series(
+            "nsm_events_invalid_total{reason=\"missing_timestamp\"}".to_string(),
+            match self.rejected_from {
+                None => format!("0x{MINUTES}"),
+                Some(minute) => format!("0x{minute} 0+100x{}", MINUTES - minute - 1),
+            },
         );
         series(
             format!("nsm_consumer_lag_messages{{{partition}}}"),
@@ -306,6 +315,7 @@ fn nsm_flat_while_revenue_grows_pages_once_sustained() {
         complaints_current: STEADY_COMPLAINTS,
         watermark_stops_at: None,
         down_from: None,
+        rejected_from: None,
         expectations: [
             // One flat window is not yet sustained (2 periods).
             vec![("NSMFlatWhileRevenueGrows", 200, vec![])],
@@ -333,6 +343,7 @@ fn healthy_growth_and_a_short_dip_stay_silent() {
             complaints_current: STEADY_COMPLAINTS,
             watermark_stops_at: None,
             down_from: None,
+            rejected_from: None,
             expectations: silent_except(&[], &[150, 250, 300, 400]),
         },
         HourlyScenario {
@@ -343,6 +354,7 @@ fn healthy_growth_and_a_short_dip_stay_silent() {
             complaints_current: STEADY_COMPLAINTS,
             watermark_stops_at: None,
             down_from: None,
+            rejected_from: None,
             expectations: silent_except(&[], &[190, 200, 230, 250, 270, 300, 400]),
         },
     ]);
@@ -385,6 +397,7 @@ fn guardrail_breaches_and_the_gaming_signal_fire() {
         complaints_current: current,
         watermark_stops_at: None,
         down_from: None,
+        rejected_from: None,
         expectations: [
             vec![
                 ("GuardrailBreached", 170, vec![]),
@@ -414,6 +427,7 @@ fn stale_data_pages_for_the_pipeline_and_holds_business_alerts_back() {
         ("job", "nsm"),
         ("instance", "nsm:9464"),
     ];
+    let rejected = vec![("severity", "critical"), ("reason", "missing_timestamp")];
     run_scenarios(&[
         HourlyScenario {
             name: "the watermark stops while the North Star looks flat and revenue grows",
@@ -423,6 +437,7 @@ fn stale_data_pages_for_the_pipeline_and_holds_business_alerts_back() {
             complaints_current: STEADY_COMPLAINTS,
             watermark_stops_at: Some(150),
             down_from: None,
+            rejected_from: None,
             expectations: [
                 vec![
                     ("WatermarkStale", 160, vec![]),
@@ -436,6 +451,27 @@ fn stale_data_pages_for_the_pipeline_and_holds_business_alerts_back() {
             .concat(),
         },
         HourlyScenario {
+            name: "every event is rejected while the North Star looks flat and revenue grows",
+            nights_booked: FLATTENING,
+            fees: GROWING,
+            complaints: STEADY_COMPLAINTS,
+            complaints_current: STEADY_COMPLAINTS,
+            watermark_stops_at: None,
+            down_from: None,
+            rejected_from: Some(150),
+            expectations: [
+                vec![
+                    ("EventsRejected", 152, vec![]),
+                    ("EventsRejected", 165, vec![rejected.clone()]),
+                    ("NSMFlatWhileRevenueGrows", 250, vec![]),
+                    ("NSMFlatWhileRevenueGrows", 400, vec![]),
+                    ("NSMGrowingSlowerThanRevenue", 400, vec![]),
+                ],
+                silent_except(&[], &[250]),
+            ]
+            .concat(),
+        },
+        HourlyScenario {
             name: "nsm goes down while the North Star looks flat and revenue grows",
             nights_booked: FLATTENING,
             fees: GROWING,
@@ -443,6 +479,7 @@ fn stale_data_pages_for_the_pipeline_and_holds_business_alerts_back() {
             complaints_current: STEADY_COMPLAINTS,
             watermark_stops_at: None,
             down_from: Some(230),
+            rejected_from: None,
             expectations: [
                 vec![
                     ("NsmDown", 232, vec![]),
@@ -477,6 +514,7 @@ fn product(name: &'static str) -> Scenario {
         onset: None,
         expect: Vec::new(),
         goal: Goal::Quiet,
+        goal_asserted: false,
     }
 }
 
@@ -634,9 +672,14 @@ fn library() -> Vec<Scenario> {
                 share: 1.0,
                 reason: "missing_timestamp",
             }],
-            // Today: nothing applied, so the watermark stops and goes stale after 15m + 5m.
-            expect: vec![fires("WatermarkStale", Some(25))],
+            // The rejected share pages; nothing is applied, so the watermark stops and goes
+            // stale after 15m + 5m too. The business alerts are held.
+            expect: vec![
+                fires("EventsRejected", Some(15)),
+                fires("WatermarkStale", Some(25)),
+            ],
             goal: Goal::PipelineWithin(15),
+            goal_asserted: true,
             ..incident("ingestion break (100% rejected)")
         },
         Scenario {

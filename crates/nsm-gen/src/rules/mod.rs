@@ -10,6 +10,8 @@ use nsm_core::Config;
 
 use crate::promql::{duration, metric_matcher, number, yaml_string, Timing};
 
+mod pipeline;
+
 /// Why growth is computed the way it is; written at the top of every generated file.
 const GROWTH_EXPLANATION: &str = "\
 How growth is computed (read this before changing a threshold):
@@ -25,7 +27,8 @@ How growth is computed (read this before changing a threshold):
   Growth therefore changes once per window, when a window closes, and alerts that must
   be sustained for N periods look at the growth values of the last N windows.
 Every business alert is held back while the data is stale (nsm down, watermark stale, no
-events, consumer lag) and for a grace period after, so a pipeline outage never pages as a
+events, consumer lag, events rejected beyond their share, values not published, instances
+whose windows disagree) and for a grace period after, so a pipeline outage never pages as a
 business divergence; the freshness alerts page for the outage instead.";
 
 /// The rule file for `config`; `source` names the config in the "do not edit" header.
@@ -378,6 +381,7 @@ impl Generator<'_> {
             );
         }
 
+        rules.extend(self.rejection_records());
         rules.extend(self.staleness_records());
         rules
     }
@@ -385,7 +389,7 @@ impl Generator<'_> {
     fn staleness_records(&self) -> Vec<Rule> {
         let alerting = self.alerting;
         let job = &alerting.job;
-        vec![
+        let mut rules = vec![
             Rule::record(
                 "nsm:data_stale:reason",
                 format!("(min(up{{job=\"{job}\"}}) < bool 1) or on () vector(1)"),
@@ -431,9 +435,13 @@ impl Generator<'_> {
                 "(max(nsm_dead_letters_held) > bool 0) or on () vector(0)",
             )
             .label("reason", "dead_letters_held"),
+        ];
+        rules.extend(self.pipeline_fault_stale_reasons());
+        rules.push(
             Rule::record("nsm:data_stale", "max(nsm:data_stale:reason)")
                 .comment("1 while any reason holds: business alerts are held back."),
-        ]
+        );
+        rules
     }
 
     fn business_alerts(&self) -> Vec<Rule> {
@@ -719,6 +727,7 @@ impl Generator<'_> {
                 duration(alerting.max_watermark_delay.as_secs())
             ),
         ));
+        rules.extend(self.pipeline_fault_alerts());
         rules
     }
 }

@@ -132,6 +132,8 @@ pub struct Scenario {
     /// Alerts expected; every other alert must stay silent.
     pub expect: Vec<Expect>,
     pub goal: Goal,
+    /// The goal is asserted, not only reported: set once the rules meet it.
+    pub goal_asserted: bool,
 }
 
 /// When an alert was first firing in a scenario, and on which metrics.
@@ -853,6 +855,9 @@ impl Outcome {
                     allowed.insert(alert);
                 }
             }
+        }
+        if scenario.goal_asserted && !self.goal_met(scenario) {
+            problems.push(format!("issue 21's goal {:?} is not met", scenario.goal));
         }
         for (alert, fired) in &self.fired {
             if !allowed.contains(alert.as_str()) {
