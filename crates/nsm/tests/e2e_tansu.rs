@@ -409,3 +409,138 @@ fn a_missing_input_topic_is_waited_for_then_sizes_the_changelog() {
         nsm.log_text()
     );
 }
+
+/// A changelog topic the broker would clean up by age is refused at start, saying how to fix
+/// it: its state records of keys not written for a while would be deleted.
+#[test]
+fn a_changelog_topic_that_does_not_compact_is_refused_at_start() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::ClientConfig;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_broker, brokers) = start_tansu(dir.path());
+    let topic = "deleting-changelog-input";
+    let group = "nsm-deleting-changelog";
+    nsm_tool(&[
+        "produce",
+        "--brokers",
+        &brokers,
+        "--topic",
+        topic,
+        "--partitions",
+        "1",
+        "--file",
+        "/dev/null",
+    ]);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("admin client");
+    let changelog = format!("{group}-changelog");
+    let created = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(
+            admin.create_topics(
+                &[NewTopic::new(&changelog, 1, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "delete")
+                    .set("retention.ms", "604800000")],
+                &AdminOptions::new(),
+            ),
+        )
+        .expect("create topics");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+
+    let config_path = dir.path().join("nsm.toml");
+    let port = free_port();
+    std::fs::write(
+        &config_path,
+        test_config(&brokers, topic, &dir.path().join("state"), port, group),
+    )
+    .expect("config");
+    let mut nsm = Process::spawn(
+        "nsm",
+        Command::new(NSM).args(["run", "--config", config_path.to_str().expect("utf8")]),
+        dir.path(),
+    );
+    let status = wait_for("nsm to stop", Duration::from_secs(60), None, || {
+        nsm.child.try_wait().expect("wait")
+    });
+    let log = nsm.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("cleanup.policy=delete") && log.contains("set cleanup.policy=compact"),
+        "{log}"
+    );
+}
+
+/// A changelog with fewer partitions than the input topic (partitions were added to the input
+/// topic while nsm was down) is given the missing ones at start; a broker that cannot add
+/// partitions (tansu 0.6 has no CreatePartitions) stops nsm with what to do, rather than
+/// leaving input partitions without a changelog partition.
+#[test]
+fn a_changelog_that_cannot_grow_with_the_input_stops_nsm_saying_what_to_do() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::ClientConfig;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_broker, brokers) = start_tansu(dir.path());
+    let topic = "grown-input";
+    let group = "nsm-grown-input";
+    nsm_tool(&[
+        "produce",
+        "--brokers",
+        &brokers,
+        "--topic",
+        topic,
+        "--partitions",
+        "3",
+        "--file",
+        "/dev/null",
+    ]);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("admin client");
+    let created = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(
+            admin.create_topics(
+                &[
+                    NewTopic::new(&format!("{group}-changelog"), 1, TopicReplication::Fixed(1))
+                        .set("cleanup.policy", "compact"),
+                ],
+                &AdminOptions::new(),
+            ),
+        )
+        .expect("create topics");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+
+    let config_path = dir.path().join("nsm.toml");
+    let port = free_port();
+    std::fs::write(
+        &config_path,
+        test_config(&brokers, topic, &dir.path().join("state"), port, group),
+    )
+    .expect("config");
+    let mut nsm = Process::spawn(
+        "nsm",
+        Command::new(NSM).args(["run", "--config", config_path.to_str().expect("utf8")]),
+        dir.path(),
+    );
+    let status = wait_for("nsm to stop", Duration::from_secs(90), None, || {
+        nsm.child.try_wait().expect("wait")
+    });
+    let log = nsm.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("has 1 partitions and cannot be given the 3 the input topics need")
+            && log.contains("add partitions to it"),
+        "{log}"
+    );
+}
