@@ -11,6 +11,7 @@
 
 mod api;
 mod auth;
+mod liveness;
 mod server;
 mod telemetry;
 mod tls;
@@ -30,6 +31,7 @@ use nsm_state::Store;
 use tokio::net::TcpListener;
 
 pub use auth::{hash_password, BasicAuth};
+pub use liveness::{Liveness, Watch};
 pub use server::Limits;
 pub use telemetry::{BatchCounts, DeadLetterCounts, OffsetSkip, Telemetry};
 pub use tls::server_config as tls_server_config;
@@ -101,6 +103,7 @@ pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     pub published: Arc<RwLock<Published>>,
     pub readiness: Arc<Readiness>,
+    pub liveness: Arc<Liveness>,
 }
 
 pub fn router(state: AppState, basic_auth: Option<Arc<BasicAuth>>) -> Router {
@@ -114,7 +117,7 @@ pub fn router(state: AppState, basic_auth: Option<Arc<BasicAuth>>) -> Router {
     // Kubelet probes carry no credentials, so the probes stay open; they tell nothing but
     // whether nsm is up and ready.
     let probes = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(Extension(Probes { basic_auth }));
     protected.merge(probes).with_state(state)
@@ -149,6 +152,17 @@ async fn metrics(State(state): State<AppState>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Up unless a watched thread is stuck (see `liveness.rs`): what is stuck is said to anyone,
+/// it names threads, not data.
+async fn healthz(State(state): State<AppState>) -> Response {
+    let stuck = state.liveness.stuck_at(std::time::Instant::now());
+    if stuck.is_empty() {
+        return (StatusCode::OK, "ok\n").into_response();
+    }
+    let body = format!("stuck: {}\n", stuck.join("; "));
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
 }
 
 async fn readyz(

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nsm_core::config::{DeadLetterOnFailure, StartFrom};
@@ -50,11 +51,35 @@ pub struct PartitionLag {
 /// The next offset of each partition, to commit to the group.
 pub type Offsets = Vec<(PartitionKey, i64)>;
 
+/// Work that brings assigned partitions up to date, run off the consumer thread. It stops
+/// soon after its flag is set (a rebalance overtook it), with an error, leaving what it
+/// stored consistent.
+pub type Restore<R> = Box<dyn FnOnce(&AtomicBool) -> Result<R, HandlerError> + Send>;
+
 /// The pipeline behind the consumer.
 pub trait PartitionHandler: Send + 'static {
-    /// Partitions were assigned: take them over and say where to resume each, in order
-    /// (`None`: from the group's committed offset, or `auto.offset.reset`).
-    fn assigned(&mut self, partitions: &[PartitionKey]) -> Result<Vec<Option<i64>>, HandlerError>;
+    /// What a restore hands back to the consumer thread.
+    type Restored: Send + 'static;
+    /// Partitions were assigned: returns the work that brings their state up to date, run
+    /// on a thread of its own. The consumer keeps polling meanwhile (a restore can take longer
+    /// than `max.poll.interval.ms`, after which the group would take the member for dead)
+    /// and stores no checkpoint until [`PartitionHandler::finish_restore`].
+    fn start_restore(
+        &mut self,
+        partitions: &[PartitionKey],
+    ) -> Result<Restore<Self::Restored>, HandlerError>;
+    /// The restore of the partitions last assigned ended: take them over and say where to
+    /// resume each, in order (`None`: from the group's committed offset, or
+    /// `kafka.start_from`).
+    fn finish_restore(
+        &mut self,
+        restored: Self::Restored,
+    ) -> Result<Vec<Option<i64>>, HandlerError>;
+    /// Both steps at once, on this thread.
+    fn assigned(&mut self, partitions: &[PartitionKey]) -> Result<Vec<Option<i64>>, HandlerError> {
+        let restore = self.start_restore(partitions)?;
+        self.finish_restore(restore(&AtomicBool::new(false))?)
+    }
     /// Partitions are being revoked: persist them and let them go.
     fn revoked(&mut self, partitions: &[PartitionKey]) -> Result<(), HandlerError>;
     /// Partitions are being revoked but must not be persisted: the group session was lost
@@ -86,6 +111,11 @@ pub trait PartitionHandler: Send + 'static {
     fn checkpoint_due(&self) -> bool {
         false
     }
+    /// Whether the handler cannot take more messages until its store catches up: the
+    /// consumer pauses its partitions meanwhile, and keeps polling.
+    fn hold(&self) -> bool {
+        false
+    }
     /// Fresh consumer-lag figures.
     fn lag(&mut self, lags: Vec<PartitionLag>);
     /// How many of the cluster's brokers the consumer is connected to, of those it knows.
@@ -107,15 +137,37 @@ pub struct ConsumerOptions {
     pub start_from: StartFrom,
 }
 
-struct Shared<H> {
+struct Shared<H: PartitionHandler> {
     handler: Mutex<H>,
+    /// The restore of the partitions last assigned, while it runs.
+    restoring: Mutex<Option<Restoring<H::Restored>>>,
     dead_letters: DeadLetterProducer,
     start_from: StartFrom,
     /// Set when the handler failed in a rebalance: the loop stops with that error.
     fatal: Mutex<Option<String>>,
 }
 
-impl<H> Shared<H> {
+/// Partitions assigned whose state is being brought up to date on a thread of its own.
+/// librdkafka waits for them to be assigned (its wait-assign-call state, heartbeating
+/// meanwhile): the consumer thread assigns them once the restore ends.
+struct Restoring<R> {
+    partitions: Vec<PartitionKey>,
+    worker: JoinHandle<Result<R, HandlerError>>,
+    /// Set to stop the restore early.
+    cancel: Arc<AtomicBool>,
+    /// Every partition owned, paused while the restore runs: nothing is applied (no
+    /// checkpoint may be stored beside the restore's writes), and the restored ones are read
+    /// from where their state ends once it is known.
+    paused: Vec<PartitionKey>,
+}
+
+impl<H: PartitionHandler> Shared<H> {
+    fn restoring(&self) -> MutexGuard<'_, Option<Restoring<H::Restored>>> {
+        self.restoring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn handler(&self) -> MutexGuard<'_, H> {
         // A poisoned lock means the handler panicked mid-update; its state is suspect, but
         // the next checkpoint or restart decides, so carry on with the inner value.
@@ -134,7 +186,7 @@ impl<H> Shared<H> {
     }
 }
 
-struct Context<H> {
+struct Context<H: PartitionHandler> {
     shared: Arc<Shared<H>>,
 }
 
@@ -193,43 +245,19 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let keys = keys_of(list);
                 info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions assigned");
+                cancel_restore(consumer, &self.shared);
                 self.shared.dead_letters.owned(&keys);
-                match self.shared.handler().assigned(&keys) {
-                    Ok(offsets) => {
-                        let new: Vec<PartitionKey> = keys
-                            .iter()
-                            .zip(&offsets)
-                            .filter(|(_, offset)| offset.is_none())
-                            .map(|(key, _)| key.clone())
-                            .collect();
-                        let mut starts: Vec<(PartitionKey, Offset)> = keys
-                            .iter()
-                            .zip(offsets)
-                            .filter_map(|(key, offset)| {
-                                offset.map(|offset| (key.clone(), Offset::Offset(offset)))
-                            })
-                            .collect();
-                        match start_offsets(consumer, &new, self.shared.start_from) {
-                            Ok(found) => starts.extend(found),
-                            Err(message) => {
-                                // Not assigned: reading from the earliest offset would count
-                                // the history kafka.start_from leaves out. The loop stops.
-                                self.shared.fail(message);
-                                return;
-                            }
-                        }
-                        for (key, offset) in starts {
-                            if let Err(error) =
-                                list.set_partition_offset(&key.topic, key.partition, offset)
-                            {
-                                warn!(partition = %key, error = %error, "cannot set the resume offset");
-                            }
-                        }
+                let restore = match self.shared.handler().start_restore(&keys) {
+                    Ok(restore) => restore,
+                    Err(HandlerError(message)) => {
+                        self.shared
+                            .fail(format!("cannot load partition state: {message}"));
+                        return;
                     }
-                    Err(HandlerError(message)) => self
-                        .shared
-                        .fail(format!("cannot load partition state: {message}")),
-                }
+                };
+                // Assigned at once, paused: the group can rebalance again meanwhile (librdkafka
+                // ignores a rebalance until the assignment it handed out is assigned), and
+                // nothing is fetched until the restore says where each partition resumes.
                 let result = if cooperative {
                     consumer.incremental_assign(list)
                 } else {
@@ -238,11 +266,33 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
                 if let Err(error) = result {
                     self.shared
                         .fail(format!("cannot assign partitions: {error}"));
+                    return;
                 }
+                let paused = pause_owned(consumer);
+                let cancel = Arc::new(AtomicBool::new(false));
+                let worker_cancel = cancel.clone();
+                match std::thread::Builder::new()
+                    .name("nsm-restore".into())
+                    .spawn(move || restore(&worker_cancel))
+                {
+                    Ok(worker) => {
+                        *self.shared.restoring() = Some(Restoring {
+                            partitions: keys,
+                            worker,
+                            cancel,
+                            paused,
+                        });
+                    }
+                    Err(error) => self
+                        .shared
+                        .fail(format!("cannot start the restore thread: {error}")),
+                }
+                // The consumer thread seeks and resumes them once restored.
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let keys = keys_of(list);
                 info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked");
+                cancel_restore(consumer, &self.shared);
                 if consumer.assignment_lost() {
                     // The session expired (cut off from the coordinator) or the member was
                     // fenced: the group may have given these partitions to another instance
@@ -271,12 +321,153 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
             }
             other => {
                 warn!(error = ?other, "rebalance error; dropping the assignment");
+                cancel_restore(consumer, &self.shared);
                 if let Err(error) = consumer.unassign() {
                     warn!(error = %error, "cannot unassign partitions");
                 }
             }
         }
     }
+}
+
+/// Whether `key` is paused for a restore running.
+fn restoring_now<H: PartitionHandler>(shared: &Shared<H>, key: &PartitionKey) -> bool {
+    shared
+        .restoring()
+        .as_ref()
+        .is_some_and(|restoring| restoring.paused.contains(key))
+}
+
+/// Pauses every partition owned, returning them: nothing of theirs is applied (and so
+/// stored) while a restore writes.
+fn pause_owned<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Vec<PartitionKey> {
+    let owned = match consumer.assignment() {
+        Ok(owned) => owned,
+        Err(error) => {
+            warn!(error = %error, "cannot read the assignment to pause it during a restore");
+            return Vec::new();
+        }
+    };
+    if let Err(error) = consumer.pause(&owned) {
+        warn!(error = %error, "cannot pause the partitions owned during a restore");
+        return Vec::new();
+    }
+    keys_of(&owned)
+}
+
+fn resume<C: ConsumerContext>(consumer: &BaseConsumer<C>, partitions: &[PartitionKey]) {
+    if partitions.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::new();
+    for key in partitions {
+        list.add_partition(&key.topic, key.partition);
+    }
+    if let Err(error) = consumer.resume(&list) {
+        warn!(error = %error, "cannot resume the partitions paused during a restore");
+    }
+}
+
+/// Drops a restore still running: a new rebalance came first. It is stopped and its thread
+/// waited for (no other write may run beside its writes; it stops between two records), and
+/// its partitions are not taken: the group is not held up for the rest of the restore.
+fn cancel_restore<H: PartitionHandler, C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    shared: &Shared<H>,
+) {
+    let Some(restoring) = shared.restoring().take() else {
+        return;
+    };
+    info!(partitions = ?restoring.partitions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+          "a rebalance came before the restore ended: stopping it");
+    restoring.cancel.store(true, Ordering::Relaxed);
+    let _ = restoring.worker.join();
+    resume(consumer, &restoring.paused);
+}
+
+/// Once the restore running has ended: hands its result to the handler, moves its
+/// partitions to where their state ends and resumes every partition paused for it.
+fn finish_restore<H: PartitionHandler>(consumer: &BaseConsumer<Context<H>>, shared: &Shared<H>) {
+    let finished = {
+        let mut restoring = shared.restoring();
+        if !restoring
+            .as_ref()
+            .is_some_and(|restoring| restoring.worker.is_finished())
+        {
+            return;
+        }
+        restoring.take()
+    };
+    let Some(Restoring {
+        partitions,
+        worker,
+        cancel: _,
+        paused,
+    }) = finished
+    else {
+        return;
+    };
+    let restored = worker
+        .join()
+        .unwrap_or_else(|_| Err(HandlerError("the restore thread panicked".into())));
+    let offsets = match restored.and_then(|restored| shared.handler().finish_restore(restored)) {
+        Ok(offsets) => offsets,
+        Err(HandlerError(message)) => {
+            shared.fail(format!("cannot load partition state: {message}"));
+            return;
+        }
+    };
+    let new: Vec<PartitionKey> = partitions
+        .iter()
+        .zip(&offsets)
+        .filter(|(_, offset)| offset.is_none())
+        .map(|(key, _)| key.clone())
+        .collect();
+    let mut starts: Vec<(PartitionKey, Offset)> = partitions
+        .iter()
+        .zip(offsets)
+        .filter_map(|(key, offset)| offset.map(|offset| (key.clone(), Offset::Offset(offset))))
+        .collect();
+    match start_offsets(consumer, &new, shared.start_from) {
+        Ok(found) => starts.extend(found),
+        Err(message) => {
+            // Not assigned: reading from the earliest offset would count the history
+            // kafka.start_from leaves out. The loop stops.
+            shared.fail(message);
+            return;
+        }
+    }
+    // Those without a start keep the one librdkafka found (the group's committed offset,
+    // else the earliest).
+    let mut list = TopicPartitionList::new();
+    for (key, offset) in starts {
+        if let Err(error) = list.add_partition_offset(&key.topic, key.partition, offset) {
+            warn!(partition = %key, error = %error, "cannot set the resume offset");
+        }
+    }
+    if list.count() > 0 {
+        match consumer.seek_partitions(list, Duration::from_secs(30)) {
+            Ok(sought) => {
+                for element in sought.elements() {
+                    if let Err(error) = element.error() {
+                        shared.fail(format!(
+                            "cannot move partition {} {} to where its state ends: {error}",
+                            element.topic(),
+                            element.partition()
+                        ));
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                shared.fail(format!(
+                    "cannot move partitions to where their state ends: {error}"
+                ));
+                return;
+            }
+        }
+    }
+    resume(consumer, &paused);
 }
 
 /// Where partitions without a stored offset start, for `kafka.start_from`: `Earliest` leaves
@@ -365,6 +556,7 @@ pub fn run_consumer<H: PartitionHandler>(
     )?;
     let shared = Arc::new(Shared {
         handler: Mutex::new(handler),
+        restoring: Mutex::new(None),
         dead_letters,
         start_from: options.start_from,
         fatal: Mutex::new(None),
@@ -392,6 +584,8 @@ pub fn run_consumer<H: PartitionHandler>(
     let mut last_checkpoint = Instant::now();
     let mut last_commit: Option<Instant> = None;
     let mut postponed_log = LogLimiter::default();
+    // Partitions paused while the handler holds (see `PartitionHandler::hold`).
+    let mut held: Option<Vec<PartitionKey>> = None;
     let mut result = Ok(());
     while !stop.load(Ordering::Relaxed) {
         if let Some(message) = take_fatal(&shared) {
@@ -412,6 +606,10 @@ pub fn run_consumer<H: PartitionHandler>(
                     topic,
                     partition: message.partition(),
                 };
+                if restoring_now(&shared, &key) {
+                    // Fetched before its pause took effect: read again once restored.
+                    continue;
+                }
                 let payload = message.payload().unwrap_or_default();
                 let produced_ms = message.timestamp().to_millis();
                 let disposition =
@@ -433,11 +631,29 @@ pub fn run_consumer<H: PartitionHandler>(
             Some(Err(error)) => warn!(error = %error, "consume error"),
             None => {}
         }
-        let due = {
+        finish_restore(&consumer, &shared);
+        if shared.restoring().is_some() {
+            // No checkpoint beside the restore's writes; nothing is applied meanwhile.
+            shared.handler().tick();
+            continue;
+        }
+        let (due, hold) = {
             let mut handler = shared.handler();
             handler.tick();
-            handler.checkpoint_due()
+            (handler.checkpoint_due(), handler.hold())
         };
+        match (&held, hold) {
+            (None, true) => {
+                info!("pausing consumption until the checkpoint being written is stored");
+                held = Some(pause_owned(&consumer));
+            }
+            (Some(paused), false) => {
+                info!("checkpoint stored: consumption resumes");
+                resume(&consumer, paused);
+                held = None;
+            }
+            _ => {}
+        }
         if due || last_checkpoint.elapsed() >= options.checkpoint_interval {
             let commit = last_commit.is_none_or(|commit| commit.elapsed() >= GROUP_COMMIT_INTERVAL);
             match checkpoint(
@@ -457,6 +673,7 @@ pub fn run_consumer<H: PartitionHandler>(
             last_checkpoint = Instant::now();
         }
     }
+    cancel_restore(&consumer, &shared);
     if result.is_ok() {
         result = checkpoint(&consumer, &shared, H::finish, true, &mut postponed_log).map(|_| ());
     }
@@ -469,7 +686,7 @@ pub fn run_consumer<H: PartitionHandler>(
     result
 }
 
-fn take_fatal<H>(shared: &Shared<H>) -> Option<String> {
+fn take_fatal<H: PartitionHandler>(shared: &Shared<H>) -> Option<String> {
     shared
         .fatal
         .lock()

@@ -20,6 +20,7 @@ pub use changelog::{
 pub use client::ClientSettings;
 pub use consumer::{
     run_consumer, ConsumerOptions, Disposition, HandlerError, PartitionHandler, PartitionLag,
+    Restore,
 };
 pub use dead_letter::{DeadLetterStats, HEADER_ERROR, HEADER_REASON};
 pub use tools::{

@@ -174,7 +174,14 @@ impl Changelog {
     /// otherwise, everything from the start when it has no position or an old one. A store
     /// that holds the partition without a position (written before the changelog, or with it
     /// off) is compared with the changelog by input offset: the newer copy wins.
-    pub fn restore(&self, store: &Store, key: &PartitionKey) -> Result<Restored, String> {
+    /// `cancel` set stops it between two records (a rebalance came first): what it stored
+    /// up to its last end marker stays, with its position, for the next restore to go on from.
+    pub fn restore(
+        &self,
+        store: &Store,
+        key: &PartitionKey,
+        cancel: &AtomicBool,
+    ) -> Result<Restored, String> {
         let failed = |error: nsm_kafka::KafkaError| {
             format!(
                 "cannot read the changelog {} partition {} for {key}: {error}",
@@ -196,7 +203,7 @@ impl Changelog {
                       changelog_start = low, changelog_end = high,
                       "the changelog no longer holds the records this instance wrote or read: it was deleted, recreated or truncated; keeping the local state and sending it to the changelog again");
                 changelog_lost = true;
-                let restored = self.compare_with_changelog(store, key, low, high)?;
+                let restored = self.compare_with_changelog(store, key, low, high, cancel)?;
                 if restored.seed {
                     return Ok(Restored {
                         changelog_lost,
@@ -214,7 +221,7 @@ impl Changelog {
                 position.offset
             }
             None if store.has_partition_data(key).map_err(state_failed)? => {
-                let restored = self.compare_with_changelog(store, key, low, high)?;
+                let restored = self.compare_with_changelog(store, key, low, high, cancel)?;
                 if restored.seed {
                     return Ok(restored);
                 }
@@ -233,7 +240,7 @@ impl Changelog {
         }
         info!(partition = %key, changelog = %self.topic, from = start, to = high, "restoring partition state from the changelog");
         let restore = PartitionRestore::new(store, key, start).map_err(state_failed)?;
-        let (outcome, mut records) = self.read_into(restore, key, start, high)?;
+        let (outcome, mut records) = self.read_into(restore, key, start, high, cancel)?;
         let outcome = match outcome {
             RestoreOutcome::RestartThrough(last_end) => {
                 // An unfinished write too large to hold back was written out: start over.
@@ -241,7 +248,7 @@ impl Changelog {
                 let restore = PartitionRestore::new(store, key, low)
                     .map_err(state_failed)?
                     .through(last_end);
-                let (outcome, more) = self.read_into(restore, key, low, high)?;
+                let (outcome, more) = self.read_into(restore, key, low, high, cancel)?;
                 records += more;
                 outcome
             }
@@ -283,6 +290,7 @@ impl Changelog {
         key: &PartitionKey,
         low: i64,
         high: i64,
+        cancel: &AtomicBool,
     ) -> Result<Restored, String> {
         let failed = |error: nsm_kafka::KafkaError| {
             format!(
@@ -299,6 +307,7 @@ impl Changelog {
                 low,
                 high,
                 &mut |_: i64, record_key: &[u8], value: Option<&[u8]>, epoch: Option<u64>| {
+                    cancelled(cancel)?;
                     probe.record(record_key, value, epoch);
                     Ok(())
                 },
@@ -332,6 +341,7 @@ impl Changelog {
         key: &PartitionKey,
         from: i64,
         to: i64,
+        cancel: &AtomicBool,
     ) -> Result<(RestoreOutcome, u64), String> {
         let records = self
             .reader
@@ -340,6 +350,7 @@ impl Changelog {
                 from,
                 to,
                 &mut |offset: i64, record_key: &[u8], value: Option<&[u8]>, epoch: Option<u64>| {
+                    cancelled(cancel)?;
                     restore
                         .record(offset, record_key, value, epoch)
                         .map_err(|error| error.to_string())
@@ -356,6 +367,14 @@ impl Changelog {
             .map_err(|error| format!("partition {key}: {error}"))?;
         Ok((outcome, records))
     }
+}
+
+/// Stops a restore a rebalance has overtaken.
+fn cancelled(cancel: &AtomicBool) -> Result<(), String> {
+    if cancel.load(Ordering::Relaxed) {
+        return Err("cancelled: a rebalance came before it ended".into());
+    }
+    Ok(())
 }
 
 /// Gives up waiting `STOP_GRACE` after the stop flag was first seen set.

@@ -13,18 +13,22 @@
 //! computed when they were taken, not the engine's later ones.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nsm_core::engine::{
-    Engine, MetricValues, Outcome, PartitionStatus, Plan, DEFAULT_MEMBER_CACHE,
+    Engine, MetricValues, Outcome, PartitionSnapshot, PartitionStatus, Plan, DEFAULT_MEMBER_CACHE,
 };
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
-use nsm_http::{BatchCounts, DeadLetterCounts, OffsetSkip, Published, Readiness, Telemetry};
-use nsm_kafka::{DeadLetterStats, Disposition, HandlerError, PartitionHandler, PartitionLag};
+use nsm_http::{
+    BatchCounts, DeadLetterCounts, Liveness, OffsetSkip, Published, Readiness, Telemetry, Watch,
+};
+use nsm_kafka::{
+    DeadLetterStats, Disposition, HandlerError, PartitionHandler, PartitionLag, Restore,
+};
 use nsm_state::Store;
 use tracing::{error, info, warn};
 
@@ -67,6 +71,10 @@ pub struct Pipeline {
     last_idle_check: Instant,
     consumed: HashMap<PartitionKey, u64>,
     rejected: HashMap<RejectReason, u64>,
+    /// The consumer loop's turns, for `/healthz`: marked at every tick.
+    loop_watch: Arc<Watch>,
+    /// The checkpoint writer's writes, for `/healthz`.
+    writer_watch: Arc<Watch>,
     /// Offsets never applied since the last publish, by why.
     skipped: HashMap<OffsetSkip, u64>,
     duplicates: u64,
@@ -131,6 +139,10 @@ pub struct PipelineParts {
     pub idle_timeout: Duration,
     /// `state.flush_max_entries`: a checkpoint is due once this many entries wait.
     pub flush_max_entries: usize,
+    /// `/healthz` fails when a turn of the consumer loop or a checkpoint write lasts longer
+    /// than `stuck_after`.
+    pub liveness: Arc<Liveness>,
+    pub stuck_after: Duration,
 }
 
 impl Pipeline {
@@ -160,6 +172,10 @@ impl Pipeline {
             consumed: HashMap::new(),
             rejected: HashMap::new(),
             skipped: HashMap::new(),
+            loop_watch: parts.liveness.watch("the consumer loop", parts.stuck_after),
+            writer_watch: parts
+                .liveness
+                .watch("the checkpoint writer", parts.stuck_after),
             duplicates: 0,
             produced_times_ms: Vec::new(),
             latency_sample_every: 1,
@@ -221,12 +237,20 @@ impl Pipeline {
                 result
             })
             .map_err(|error| self.failed(format!("cannot start the checkpoint writer: {error}")))?;
+        self.writer_watch.busy();
         self.in_flight = Some(InFlight {
             writer,
             publish,
             released: false,
         });
         Ok(())
+    }
+
+    /// Whether a checkpoint is being written still.
+    fn writing(&self) -> bool {
+        self.in_flight
+            .as_ref()
+            .is_some_and(|in_flight| !in_flight.writer.is_finished())
     }
 
     /// Stores the changes since the last checkpoint before returning.
@@ -251,6 +275,7 @@ impl Pipeline {
         let result = writer
             .join()
             .unwrap_or_else(|_| Err("the checkpoint writer panicked".to_string()));
+        self.writer_watch.idle();
         self.telemetry
             .record_checkpoint_wait(waiting.elapsed().as_secs_f64());
         match result {
@@ -264,21 +289,6 @@ impl Pipeline {
             }
             Err(message) => Err(self.failed(message)),
         }
-    }
-
-    /// Makes a write, sends it to the changelog and stores it, before returning.
-    fn write<T>(
-        &mut self,
-        prepare: impl FnOnce(&Store) -> Result<(nsm_state::PreparedWrite, T), nsm_state::StateError>,
-    ) -> Result<T, HandlerError> {
-        self.settle()?;
-        write_through(
-            &self.store,
-            self.changelog.as_deref(),
-            &self.telemetry,
-            prepare,
-        )
-        .map_err(|message| self.failed(message))
     }
 
     /// A write failed: nothing more is stored, and nsm stops, so nothing is shown that is not
@@ -298,47 +308,6 @@ impl Pipeline {
             .collect();
         self.release(&owned);
         HandlerError(message)
-    }
-
-    /// Brings a partition's stored state up to date before it is loaded: restored from the
-    /// changelog when another instance wrote it since, an unfinished write reverted, data of
-    /// changed metrics dropped.
-    fn adopt(&mut self, key: &PartitionKey) -> Result<(), HandlerError> {
-        let started = Instant::now();
-        let restored = match &self.changelog {
-            Some(changelog) => changelog.restore(&self.store, key).map_err(|message| {
-                self.readiness.set_not_ready(message.clone());
-                HandlerError(message)
-            })?,
-            None => Default::default(),
-        };
-        let crate::changelog::Restored {
-            tail,
-            seed,
-            records,
-            changelog_lost,
-            epoch,
-        } = restored;
-        if changelog_lost {
-            self.telemetry.record_changelog_lost(key);
-        }
-        // Written with an epoch above every one read: records of a previous owner that land
-        // after these are fenced off by the next restore.
-        let discarded = self.write(|store| {
-            let epoch = store.adoption_epoch(key, epoch)?;
-            store.prepare_adoption(key, &tail, seed, epoch)
-        })?;
-        for metric in discarded {
-            warn!(partition = %key, metric = %metric.name, reason = metric.reason,
-                  "stored data of this metric was discarded");
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        if records > 0 || !tail.is_empty() || seed {
-            info!(partition = %key, records, unfinished_reverted = tail.len(), seeded = seed,
-                  elapsed_ms = (seconds * 1000.0) as u64, "partition restored from the changelog");
-        }
-        self.telemetry.record_restore(key, seconds, records);
-        Ok(())
     }
 
     /// What the engine shows now, with the counts since the last one, to publish once stored.
@@ -514,30 +483,112 @@ fn write_through<T>(
     Ok(extra)
 }
 
+/// Brings a partition's stored state up to date and loads it: restored from the changelog
+/// when another instance wrote it since, an unfinished write reverted, data of changed
+/// metrics dropped. Runs off the consumer thread (see [`Restore`]); no checkpoint is in
+/// flight meanwhile, so its writes are the only ones.
+fn adopt(
+    store: &Store,
+    changelog: Option<&Changelog>,
+    telemetry: &Telemetry,
+    readiness: &Readiness,
+    key: &PartitionKey,
+    cancel: &AtomicBool,
+) -> Result<PartitionSnapshot, String> {
+    let started = Instant::now();
+    let restored = match changelog {
+        Some(changelog) => changelog.restore(store, key, cancel)?,
+        None => Default::default(),
+    };
+    let crate::changelog::Restored {
+        tail,
+        seed,
+        records,
+        changelog_lost,
+        epoch,
+    } = restored;
+    if changelog_lost {
+        telemetry.record_changelog_lost(key);
+        readiness.set_not_ready(format!(
+            "the changelog of partition {key} was lost (deleted, recreated or truncated): \
+             sending it the local state again"
+        ));
+    }
+    // Written with an epoch above every one read: records of a previous owner that land
+    // after these are fenced off by the next restore.
+    let discarded = write_through(store, changelog, telemetry, |store| {
+        let epoch = store.adoption_epoch(key, epoch)?;
+        store.prepare_adoption(key, &tail, seed, epoch)
+    })?;
+    for metric in discarded {
+        warn!(partition = %key, metric = %metric.name, reason = metric.reason,
+              "stored data of this metric was discarded");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if records > 0 || !tail.is_empty() || seed {
+        info!(partition = %key, records, unfinished_reverted = tail.len(), seeded = seed,
+              elapsed_ms = (seconds * 1000.0) as u64, "partition restored from the changelog");
+    }
+    telemetry.record_restore(key, seconds, records);
+    let loading = Instant::now();
+    let snapshot = store
+        .load_partition(key)
+        .map_err(|state_error| format!("cannot load partition {key}: {state_error}"))?;
+    info!(partition = %key, next_offset = ?snapshot.next_offset, windows = snapshot.windows.len(),
+          elapsed_ms = loading.elapsed().as_millis() as u64, "partition state restored");
+    Ok(snapshot)
+}
+
 impl PartitionHandler for Pipeline {
-    fn assigned(&mut self, partitions: &[PartitionKey]) -> Result<Vec<Option<i64>>, HandlerError> {
-        // Partitions are loaded from the store: the checkpoint in flight must be in it.
+    type Restored = Vec<(PartitionKey, PartitionSnapshot)>;
+
+    fn start_restore(
+        &mut self,
+        partitions: &[PartitionKey],
+    ) -> Result<Restore<Self::Restored>, HandlerError> {
+        // Partitions are loaded from the store: the checkpoint in flight must be in it, and
+        // no other write may run beside the restore's.
         self.settle()?;
-        let mut offsets = Vec::with_capacity(partitions.len());
         self.readiness.set_not_ready(format!(
             "restoring the state of {} assigned partition(s)",
             partitions.len()
         ));
-        for key in partitions {
-            self.adopt(key)?;
-            let started = Instant::now();
-            let snapshot = self.store.load_partition(key).map_err(|state_error| {
-                self.readiness
-                    .set_not_ready(format!("cannot load partition {key}: {state_error}"));
-                HandlerError(format!("partition {key}: {state_error}"))
-            })?;
-            let next_offset = snapshot.next_offset;
-            info!(partition = %key, next_offset = ?next_offset, windows = snapshot.windows.len(),
-                  elapsed_ms = started.elapsed().as_millis() as u64,
-                  "partition state restored");
+        let partitions = partitions.to_vec();
+        let store = self.store.clone();
+        let changelog = self.changelog.clone();
+        let telemetry = self.telemetry.clone();
+        let readiness = self.readiness.clone();
+        Ok(Box::new(move |cancel: &AtomicBool| {
+            partitions
+                .into_iter()
+                .map(|key| {
+                    adopt(
+                        &store,
+                        changelog.as_deref(),
+                        &telemetry,
+                        &readiness,
+                        &key,
+                        cancel,
+                    )
+                    .map(|snapshot| (key, snapshot))
+                    .map_err(|message| {
+                        readiness.set_not_ready(message.clone());
+                        HandlerError(message)
+                    })
+                })
+                .collect()
+        }))
+    }
+
+    fn finish_restore(
+        &mut self,
+        restored: Self::Restored,
+    ) -> Result<Vec<Option<i64>>, HandlerError> {
+        let mut offsets = Vec::with_capacity(restored.len());
+        for (key, snapshot) in restored {
+            offsets.push(snapshot.next_offset);
             self.engine.restore_partition(key.clone(), snapshot);
-            self.last_message.insert(key.clone(), Instant::now());
-            offsets.push(next_offset);
+            self.last_message.insert(key, Instant::now());
         }
         self.publish_now();
         self.readiness.set_ready();
@@ -637,6 +688,12 @@ impl PartitionHandler for Pipeline {
     }
 
     fn checkpoint(&mut self) -> Result<Vec<(PartitionKey, i64)>, HandlerError> {
+        // A write still running (a long expiry, a slow broker) is not waited for here: the
+        // consumer keeps polling and applying, the changes wait for the next checkpoint, and
+        // `hold` pauses the applying once twice the usual amount waits.
+        if self.writing() {
+            return Ok(Vec::new());
+        }
         self.persist()?;
         Ok(std::mem::take(&mut self.stored_offsets))
     }
@@ -650,7 +707,12 @@ impl PartitionHandler for Pipeline {
         self.engine.checkpoint_due()
     }
 
+    fn hold(&self) -> bool {
+        self.writing() && self.engine.checkpoint_overdue()
+    }
+
     fn tick(&mut self) {
+        self.loop_watch.busy();
         // Publish a stored checkpoint as soon as it is, not at the next one.
         if self
             .in_flight
@@ -733,6 +795,8 @@ window = "1d"
             dead_letter_stats: Arc::new(DeadLetterStats::default()),
             idle_timeout: Duration::from_secs(3600),
             flush_max_entries: config.state.flush_max_entries,
+            liveness: Arc::new(Liveness::default()),
+            stuck_after: Duration::from_secs(300),
         })
     }
 

@@ -9,7 +9,9 @@ use anyhow::{anyhow, Context, Result};
 use nsm_core::config::Resolver;
 use nsm_core::engine::Plan;
 use nsm_core::Config;
-use nsm_http::{AppState, BasicAuth, Limits, Protection, Published, Readiness, Telemetry};
+use nsm_http::{
+    AppState, BasicAuth, Limits, Liveness, Protection, Published, Readiness, Telemetry,
+};
 use nsm_kafka::{ClientSettings, ConsumerOptions, DeadLetterStats};
 use nsm_state::{Store, StoreOptions};
 use tokio::sync::watch;
@@ -96,6 +98,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     let published = Arc::new(RwLock::new(Published::default()));
     let readiness = Arc::new(Readiness::default());
     readiness.set_not_ready("waiting for the partition assignment");
+    let liveness = Arc::new(Liveness::default());
     let dead_letter_stats = Arc::new(DeadLetterStats::default());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -119,6 +122,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         telemetry: telemetry.clone(),
         published: published.clone(),
         readiness: readiness.clone(),
+        liveness: liveness.clone(),
     };
     let (http_stop_sender, mut http_stop) = watch::channel(false);
     let server = runtime.spawn(nsm_http::serve(
@@ -167,6 +171,8 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         dead_letter_stats: dead_letter_stats.clone(),
         idle_timeout: config.time.idle_timeout,
         flush_max_entries: config.state.flush_max_entries,
+        liveness,
+        stuck_after: stuck_after(&config),
     });
     let consumer_stop = stop.clone();
     let consumer = std::thread::Builder::new()
@@ -320,6 +326,19 @@ fn ensure_changelog_topic(
         config.kafka.replication_factor,
     )?;
     Ok(())
+}
+
+/// How long a turn of the consumer loop or a checkpoint write may last before `/healthz`
+/// fails: `max.poll.interval.ms` (librdkafka's default 300 s), after which the group takes a
+/// consumer that has not polled for dead anyway.
+fn stuck_after(config: &Config) -> Duration {
+    let millis = config
+        .kafka
+        .properties
+        .get("max.poll.interval.ms")
+        .and_then(|value| value.parse::<u64>().ok())
+        .unwrap_or(300_000);
+    Duration::from_millis(millis)
 }
 
 /// How often a missing input topic is looked for at start.

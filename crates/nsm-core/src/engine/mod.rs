@@ -264,12 +264,21 @@ impl Engine {
     /// per-entity entries written since the last [`Engine::take_changes`] reached the bound
     /// (see [`DEFAULT_MAX_CHECKPOINT_ENTRIES`]). An event may write a few past it.
     pub fn checkpoint_due(&self) -> bool {
-        let written: usize = self
-            .partitions
+        self.written_entries() >= self.max_checkpoint_entries
+    }
+
+    /// Whether twice the bound is written and waits: a checkpoint could not be stored when
+    /// due (the last one is still being written), and the caller should stop applying events
+    /// until one is, so that memory stays bounded.
+    pub fn checkpoint_overdue(&self) -> bool {
+        self.written_entries() >= self.max_checkpoint_entries.saturating_mul(2)
+    }
+
+    fn written_entries(&self) -> usize {
+        self.partitions
             .values()
             .map(|state| state.members.written_len())
-            .sum();
-        written >= self.max_checkpoint_entries
+            .sum()
     }
 
     /// Per-entity entries held in memory (written since the last checkpoint, and cached).
