@@ -374,6 +374,7 @@ fn guardrail_breaches_and_the_gaming_signal_fire() {
         ("role", "guardrail"),
         ("period", "hour"),
         ("worse_when", "higher"),
+        ("relative_to", "nights_booked"),
     ];
     let limit = vec![
         ("severity", "warning"),
@@ -384,10 +385,12 @@ fn guardrail_breaches_and_the_gaming_signal_fire() {
     ];
     let gaming = vec![
         ("severity", "warning"),
+        ("guardrail", "complaints"),
         ("metric", "complaints"),
         ("role", "guardrail"),
         ("period", "hour"),
         ("worse_when", "higher"),
+        ("relative_to", "nights_booked"),
     ];
     run_scenarios(&[HourlyScenario {
         name: "complaints jump 50% while the North Star grows, then pass their maximum",
@@ -542,22 +545,19 @@ fn library() -> Vec<Scenario> {
     vec![
         Scenario {
             seasonal: false,
+            goal_asserted: true,
             ..product("healthy growth (2% a week)")
         },
         Scenario {
-            // Today: hourly jitter alone makes revenue outgrow the North Star three windows
-            // in a row now and then, and the threshold of that warning is 0.
-            expect: vec![Expect::Tolerated("NSMGrowingSlowerThanRevenue")],
+            // Hourly jitter alone makes revenue outgrow the North Star three windows in a row
+            // now and then: within the noise of past windows, so no page.
+            goal_asserted: true,
             ..product("weekly seasonality")
         },
         Scenario {
             noise: 0.05,
-            // Today: every growth alert fires on noise.
-            expect: vec![
-                Expect::Tolerated("NSMFlatWhileRevenueGrows"),
-                Expect::Tolerated("NSMGrowingSlowerThanRevenue"),
-                Expect::Tolerated("NSMUpWhileGuardrailDown"),
-            ],
+            // Every growth signal swings with the noise; none beyond it.
+            goal_asserted: true,
             ..product("noisy healthy (±5% a week)")
         },
         Scenario {
@@ -567,13 +567,9 @@ fn library() -> Vec<Scenario> {
                 until: Some(6 * WEEK),
                 factor: 0.75,
             }],
-            // Today: the rebound is a guardrail worsening (complaints are an absolute count
-            // and rise with traffic) and, with the North Star rebounding, gaming.
-            expect: vec![
-                Expect::Tolerated("GuardrailBreached"),
-                Expect::Tolerated("NSMUpWhileGuardrailDown"),
-                Expect::Tolerated("NSMGrowingSlowerThanRevenue"),
-            ],
+            // Complaints rise with traffic on the rebound, and so does the North Star: per
+            // North Star they did not worsen.
+            goal_asserted: true,
             ..product("holiday week (-25%) and rebound")
         },
         Scenario {
@@ -626,8 +622,11 @@ fn library() -> Vec<Scenario> {
                 per_week: 0.06,
             }],
             onset: Some(4 * WEEK),
-            // Today: three windows of a positive gap, sooner where jitter already made one.
-            expect: vec![fires("NSMGrowingSlowerThanRevenue", Some(22 * DAY))],
+            // Three windows of a gap beyond the noise of past windows (1.2 standard deviations
+            // each, about 1.8% here): the first window after the onset (a ramp, gap 1.2%) is
+            // within the noise, so the fifth to seventh windows. Before the noise gate, jitter
+            // alone made some of those windows count.
+            expect: vec![fires("NSMGrowingSlowerThanRevenue", Some(29 * DAY))],
             goal: Goal::BusinessWithin(14 * DAY),
             ..product("growing slower than revenue (2% vs 6%)")
         },
@@ -639,13 +638,14 @@ fn library() -> Vec<Scenario> {
                 factor: 1.5,
             }],
             onset: Some(5 * WEEK),
-            // Today: once the window closes, plus the grace (evaluated every 3 hours).
+            // Per North Star the guardrails worsen 47%: once the window closes, plus the
+            // grace (evaluated every 3 hours). The North Star grows meanwhile: gaming too.
             expect: vec![
                 fires("GuardrailBreached", Some(7 * DAY + 9 * HOUR)),
                 Expect::Tolerated("NSMUpWhileGuardrailDown"),
-                Expect::Tolerated("NSMGrowingSlowerThanRevenue"),
             ],
             goal: Goal::BusinessWithin(8 * DAY),
+            goal_asserted: true,
             ..product("guardrails +50% at flat traffic")
         },
         Scenario {
@@ -662,7 +662,9 @@ fn library() -> Vec<Scenario> {
                 },
             ],
             onset: Some(4 * WEEK),
-            expect: vec![fires("NSMUpWhileGuardrailDown", Some(7 * DAY + 9 * HOUR))],
+            // Per North Star the guardrails worsen 4% in the first window (a ramp within it),
+            // below gaming_min_worsening, and 11% in the second.
+            expect: vec![fires("NSMUpWhileGuardrailDown", Some(14 * DAY + 9 * HOUR))],
             goal: Goal::BusinessWithin(14 * DAY),
             ..product("gaming (North Star +4%, guardrails +15% a week)")
         },

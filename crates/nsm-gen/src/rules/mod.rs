@@ -10,7 +10,10 @@ use nsm_core::Config;
 
 use crate::promql::{duration, metric_matcher, number, yaml_string, Timing};
 
+mod noise;
 mod pipeline;
+
+use noise::{GAP, GAP_NOISE, WORSENING, WORSENING_NOISE};
 
 /// Why growth is computed the way it is; written at the top of every generated file.
 const GROWTH_EXPLANATION: &str = "\
@@ -338,48 +341,15 @@ impl Generator<'_> {
             rules.push(rule.label("period", unit.label()));
         }
 
-        for worse_when in [WorseWhen::Higher, WorseWhen::Lower] {
-            let guardrails = self
-                .alerting
-                .guardrails
-                .iter()
-                .filter(|guardrail| guardrail.worse_when == worse_when)
-                .filter_map(|guardrail| self.config.metric(&guardrail.metric));
-            let Some(matcher) = metric_matcher(guardrails) else {
-                continue;
-            };
-            let (expr, comment) = match worse_when {
-                WorseWhen::Higher => (
-                    format!("nsm:metric_growth{{{matcher}}}"),
-                    "How much each guardrail worsened over the window before: its growth when\n\
-                     higher is worse (complaints, cancellations)...",
-                ),
-                WorseWhen::Lower => (
-                    format!("-1 * nsm:metric_growth{{{matcher}}}"),
-                    "... and its decline when lower is worse (retention, satisfaction).",
-                ),
-            };
-            rules.push(
-                Rule::record("nsm:guardrail_worsening", expr)
-                    .label("worse_when", worse_when.label())
-                    .comment(comment),
-            );
+        for guardrail in &self.alerting.guardrails {
+            if self.config.metric(&guardrail.metric).is_some() {
+                rules.push(self.guardrail_worsening(guardrail));
+            }
         }
-
         if self.revenue().is_some() {
-            rules.push(
-                Rule::record(
-                    "nsm:growth_gap:revenue_minus_north_star",
-                    "-1 * nsm:metric_growth{role=\"north_star\"}\n\
-                     + on () group_left\n\
-                     nsm:metric_growth{role=\"revenue\"}",
-                )
-                .comment(
-                    "The divergence signal: revenue growth minus North Star growth. Above 0 the\n\
-                     North Star, the leading indicator, grows slower than revenue.",
-                ),
-            );
+            rules.push(self.growth_gap());
         }
+        rules.extend(self.noise_records());
 
         rules.extend(self.rejection_records());
         rules.extend(self.staleness_records());
@@ -472,15 +442,22 @@ impl Generator<'_> {
                      )\n\
                      and on ()\n\
                      (min_over_time(nsm:metric_growth{{role=\"revenue\"}}[{range}]) >= 0)\n\
+                     and on (metric)\n\
+                     ({gate})\n\
                      {hold_back}",
                     range = duration(range),
                     history = history_guard("nsm:metric_growth{role=\"north_star\"}", range, timing),
+                    gate = self.beyond_noise(
+                        &format!("min_over_time({GAP}[{}])", duration(range)),
+                        GAP_NOISE,
+                        periods,
+                    ),
                 ),
             )
             .comment(format!(
                 "The page nsm exists for: the North Star grew less than {threshold} in each of the last\n\
-                 {periods} {unit} windows while {revenue} did not fall. Revenue is coming from\n\
-                 somewhere that will not compound.",
+                 {periods} {unit} windows while {revenue} did not fall, by a gap beyond the noise of\n\
+                 past windows. Revenue is coming from somewhere that will not compound.",
                 unit = unit_of(timing, self.time_scale),
                 revenue = revenue.name,
             ));
@@ -500,18 +477,22 @@ impl Generator<'_> {
                 "NSMGrowingSlowerThanRevenue",
                 format!(
                     "(\n  \
-                       min_over_time(nsm:growth_gap:revenue_minus_north_star[{range}]) > 0\n  \
+                       {gate}\n  \
                        and on (metric)\n  \
                        {history}\n\
                      )\n\
                      {hold_back}",
-                    range = duration(range),
+                    gate = self.beyond_noise(
+                        &format!("min_over_time({GAP}[{}])", duration(range)),
+                        GAP_NOISE,
+                        periods,
+                    ),
                     history = history_guard("nsm:growth_gap:revenue_minus_north_star", range, timing),
                 ),
             )
             .comment(format!(
                 "The leading indicator lags the outcome: the North Star grew slower than {} in each\n\
-                 of the last {periods} windows.",
+                 of the last {periods} windows, by more than the noise of past windows.",
                 revenue.name
             ));
             rules.push(business(self.annotate(
@@ -538,9 +519,12 @@ impl Generator<'_> {
                 "NSMUpWhileGuardrailDown",
                 format!(
                     "(nsm:guardrail_worsening > {min})\n\
+                     and\n\
+                     ({gate})\n\
                      and on ()\n\
                      (max(nsm:metric_growth{{role=\"north_star\"}}) > {threshold})\n\
                      {hold_back}",
+                    gate = self.beyond_noise(WORSENING, WORSENING_NOISE, 1),
                     min = number(alerting.gaming_min_worsening),
                     threshold = number(alerting.nsm_flat_growth_threshold),
                 ),
@@ -568,18 +552,30 @@ impl Generator<'_> {
         let hold_back = self.hold_back(self.timing(metric.window));
         let name = &guardrail.metric;
         let owner = metric.owner.as_deref().unwrap_or("no owner");
+        let worsening = format!("{WORSENING}{{metric=\"{name}\"}}");
+        let per = guardrail
+            .relative_to
+            .as_ref()
+            .map(|base| format!(" per {base}"))
+            .unwrap_or_default();
         let mut rules = Vec::new();
         let rule = Rule::alert(
             "GuardrailBreached",
             format!(
-                "nsm:guardrail_worsening{{metric=\"{name}\"}} > {}\n{hold_back}",
-                number(guardrail.max_worsening)
+                "{worsening} > {}\nand\n({gate})\n{hold_back}",
+                number(guardrail.max_worsening),
+                gate = self.beyond_noise(
+                    &worsening,
+                    &format!("{WORSENING_NOISE}{{metric=\"{name}\"}}"),
+                    1
+                ),
             ),
         )
         .label("check", "worsening")
         .label("guardrail", name.as_str())
         .comment(format!(
-            "Guardrail {name} worsened by more than {} from one window to the next.",
+            "Guardrail {name}{per} worsened by more than {} from one window to the next,\n\
+             and beyond the noise of past windows.",
             number(guardrail.max_worsening)
         ));
         rules.push(self.annotate(
@@ -587,7 +583,7 @@ impl Generator<'_> {
             "warning",
             format!("Guardrail {name} worsened beyond its limit"),
             format!(
-                "{name} (owner {owner}) worsened by {{{{ $value | humanizePercentage }}}} in its last window over the one before (limit {}, worse when {}).",
+                "{name}{per} (owner {owner}) worsened by {{{{ $value | humanizePercentage }}}} in its last window over the one before (limit {}, worse when {}), beyond the noise of past windows.",
                 number(guardrail.max_worsening),
                 guardrail.worse_when.label()
             ),
