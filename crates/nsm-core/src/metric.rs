@@ -143,10 +143,114 @@ pub struct Clause {
     pub any_of: Vec<Literal>,
 }
 
-/// All clauses must hold (an empty filter matches every event).
+/// A test other than equality on one field: `where = { "user.email" = { not = [...] } }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub field: FilterField,
+    pub test: Test,
+}
+
+/// What a field must be. A missing field (or JSON null) fails every test but `NoneOf` and
+/// `Missing`: an event without the field is not one of the excluded values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Test {
+    /// Equal to one of these (what a [`Clause`] asks).
+    AnyOf(Vec<Literal>),
+    /// Equal to none of these (`not`, `not_any_of`).
+    NoneOf(Vec<Literal>),
+    /// A number compared with this one (`gt`, `gte`, `lt`, `lte`).
+    Compare(Comparison, Decimal),
+    /// Present and not null (`present = true`).
+    Present,
+    /// Absent or null (`present = false`).
+    Missing,
+    /// A string starting with this (`prefix`).
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Greater,
+    AtLeast,
+    Less,
+    AtMost,
+}
+
+impl Comparison {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Self::Greater => ">",
+            Self::AtLeast => ">=",
+            Self::Less => "<",
+            Self::AtMost => "<=",
+        }
+    }
+}
+
+impl fmt::Display for Test {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |values: &[Literal]| {
+            values
+                .iter()
+                .map(Literal::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            Self::AnyOf(values) => write!(f, "in [{}]", list(values)),
+            Self::NoneOf(values) => write!(f, "not in [{}]", list(values)),
+            Self::Compare(comparison, number) => write!(f, "{} {number}", comparison.symbol()),
+            Self::Present => write!(f, "present"),
+            Self::Missing => write!(f, "missing"),
+            Self::Prefix(prefix) => write!(f, "starts with {prefix:?}"),
+        }
+    }
+}
+
+impl fmt::Display for FilterField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::EventName => write!(f, "event"),
+            Self::Path(path) => write!(f, "{path}"),
+        }
+    }
+}
+
+/// All clauses and conditions must hold (an empty filter matches every event).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Filter {
+    /// Equality: the field is one of the values.
     pub clauses: Vec<Clause>,
+    /// Every other test.
+    pub conditions: Vec<Condition>,
+}
+
+impl Filter {
+    /// Every test of the filter, equality first, as the engine runs them.
+    pub fn tests(&self) -> impl Iterator<Item = (&FilterField, Test)> + '_ {
+        let clauses = self
+            .clauses
+            .iter()
+            .map(|clause| (&clause.field, Test::AnyOf(clause.any_of.clone())));
+        let conditions = self
+            .conditions
+            .iter()
+            .map(|condition| (&condition.field, condition.test.clone()));
+        clauses.chain(conditions)
+    }
+
+    /// "event in [\"a\"] and amount >= 10", or "every event".
+    pub fn describe(&self) -> String {
+        let tests: Vec<String> = self
+            .tests()
+            .map(|(field, test)| format!("{field} {test}"))
+            .collect();
+        if tests.is_empty() {
+            "every event".to_string()
+        } else {
+            tests.join(" and ")
+        }
+    }
 }
 
 /// A breakdown of a metric by the values of some event fields ("nights booked by plan and
@@ -228,19 +332,35 @@ impl MetricDef {
     }
 }
 
-/// A stable text of a filter, for fingerprints.
+/// A stable text of a filter, for fingerprints. Equality clauses keep the text they had
+/// before other tests existed, so a config without them keeps its stored data.
 fn filter_text(filter: &Filter) -> String {
-    let clauses: Vec<String> = filter
-        .clauses
-        .iter()
-        .map(|clause| {
-            let field = match &clause.field {
-                FilterField::EventName => "@event".to_string(),
-                FilterField::Path(path) => path.to_string(),
-            };
-            let values: Vec<String> = clause.any_of.iter().map(Literal::to_string).collect();
-            format!("{field}in[{}]", values.join(","))
+    let field_text = |field: &FilterField| match field {
+        FilterField::EventName => "@event".to_string(),
+        FilterField::Path(path) => path.to_string(),
+    };
+    let list = |values: &[Literal]| {
+        values
+            .iter()
+            .map(Literal::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let texts: Vec<String> = filter
+        .tests()
+        .map(|(field, test)| {
+            let field = field_text(field);
+            match test {
+                Test::AnyOf(values) => format!("{field}in[{}]", list(&values)),
+                Test::NoneOf(values) => format!("{field}notin[{}]", list(&values)),
+                Test::Compare(comparison, number) => {
+                    format!("{field}{}{number}", comparison.symbol())
+                }
+                Test::Present => format!("{field}present"),
+                Test::Missing => format!("{field}missing"),
+                Test::Prefix(prefix) => format!("{field}prefix{prefix:?}"),
+            }
         })
         .collect();
-    clauses.join("&")
+    texts.join("&")
 }

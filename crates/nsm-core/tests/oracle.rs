@@ -54,7 +54,10 @@ fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUni
         owner: None,
         description: String::new(),
         kind,
-        filter: Filter { clauses },
+        filter: Filter {
+            clauses,
+            ..Filter::default()
+        },
         window,
         trailing: None,
         segments: None,
@@ -331,6 +334,7 @@ fn paid_after_messaging(name: &str) -> MetricDef {
             field: FilterField::EventName,
             any_of: vec![Literal::Text("message_sent".into())],
         }],
+        ..Filter::default()
     };
     let kind = MetricKind::Conversion {
         entity: path("user_id"),
@@ -362,6 +366,7 @@ fn plan() -> Plan {
         EngineSettings {
             event_name_field: path("event"),
             timestamp_field: path("timestamp"),
+            timestamp_format: Default::default(),
             calendar: Calendar::new("Europe/Berlin", jiff::civil::Weekday::Sunday).expect("zone"),
             allowed_lateness_ms: LATENESS,
             retention_ms: 400 * 24 * HOUR,

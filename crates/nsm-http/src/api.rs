@@ -13,7 +13,7 @@ use axum::Json;
 use nsm_core::decimal::Decimal;
 use nsm_core::engine::SegmentValue;
 use nsm_core::engine::{AggValue, PartitionStatus, Plan};
-use nsm_core::metric::{FilterField, Literal, MetricKind};
+use nsm_core::metric::{Comparison, FilterField, Literal, MetricKind, Test};
 use nsm_core::query::{stored_metrics, window_segments, windows_between, WindowRecord};
 use nsm_core::window::parse_instant;
 use serde::Deserialize;
@@ -73,6 +73,21 @@ pub(crate) async fn list_metrics(State(state): State<AppState>) -> Json<Value> {
                     (key, Value::Array(values))
                 })
                 .collect();
+            // Tests other than equality, as the config writes them:
+            // `"amount": {"gte": 10}`, `"plan": {"not_any_of": ["internal"]}`.
+            let mut filter = filter;
+            for condition in &metric.filter.conditions {
+                let (name, argument) = condition_json(&condition.test);
+                let entry = filter
+                    .entry(condition.field.to_string())
+                    .or_insert_with(|| json!({}));
+                if !entry.is_object() {
+                    *entry = json!({ "any_of": entry.take() });
+                }
+                if let Some(tests) = entry.as_object_mut() {
+                    tests.insert(name.to_string(), argument);
+                }
+            }
             json!({
                 "name": metric.name,
                 "role": metric.role.label(),
@@ -287,6 +302,27 @@ fn read_windows(
         windows,
         next_from_ms,
     })
+}
+
+/// A test as the config writes it: its name and argument.
+fn condition_json(test: &Test) -> (&'static str, Value) {
+    let list = |values: &[Literal]| Value::Array(values.iter().map(literal_json).collect());
+    match test {
+        Test::AnyOf(values) => ("any_of", list(values)),
+        Test::NoneOf(values) => ("not_any_of", list(values)),
+        Test::Compare(comparison, bound) => {
+            let name = match comparison {
+                Comparison::Greater => "gt",
+                Comparison::AtLeast => "gte",
+                Comparison::Less => "lt",
+                Comparison::AtMost => "lte",
+            };
+            (name, decimal_json(*bound))
+        }
+        Test::Present => ("present", Value::Bool(true)),
+        Test::Missing => ("present", Value::Bool(false)),
+        Test::Prefix(prefix) => ("prefix", Value::String(prefix.clone())),
+    }
 }
 
 fn literal_json(literal: &Literal) -> Value {

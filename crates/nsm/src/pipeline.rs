@@ -617,7 +617,9 @@ impl PartitionHandler for Pipeline {
         produced_ms: Option<i64>,
     ) -> Disposition {
         let expected = self.engine.next_offset(key);
-        let outcome = self.engine.apply(key, offset, payload, wall_clock_ms());
+        let outcome = self
+            .engine
+            .apply_record(key, offset, payload, produced_ms, wall_clock_ms());
         if let Some(next) = expected.filter(|next| *next != offset) {
             self.offsets_skipped(key, next, offset);
         }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nsm_core::metric::{FilterField, MetricKind, Role};
+use nsm_core::metric::{MetricKind, Role};
 use nsm_kafka::{ensure_topics, read_topic, ClientSettings, EventProducer};
 use serde_json::json;
 
@@ -83,25 +83,7 @@ pub fn check(path: &Path) -> Result<()> {
                     at_least,
                 } => format!("{entity} with at least {at_least} events"),
             };
-            let filter: Vec<String> = metric
-                .filter
-                .clauses
-                .iter()
-                .map(|clause| {
-                    let field = match &clause.field {
-                        FilterField::EventName => "event".to_string(),
-                        FilterField::Path(path) => path.to_string(),
-                    };
-                    let values: Vec<String> =
-                        clause.any_of.iter().map(ToString::to_string).collect();
-                    format!("{field} in [{}]", values.join(", "))
-                })
-                .collect();
-            let filter = if filter.is_empty() {
-                "every event".to_string()
-            } else {
-                filter.join(" and ")
-            };
+            let filter = metric.filter.describe();
             let owner = metric
                 .owner
                 .as_deref()

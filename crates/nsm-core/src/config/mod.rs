@@ -19,6 +19,7 @@ pub use librdkafka::{canonical_property, reserved_property, ReservedProperty};
 pub use secrets::{KafkaProperties, Resolver};
 
 use crate::metric::{FieldPath, MetricDef, Role};
+use crate::timestamp::TimestampFormat;
 use crate::window::Calendar;
 
 /// A validated configuration.
@@ -99,7 +100,10 @@ impl DeadLetterOnFailure {
 #[derive(Debug, Clone)]
 pub struct EventsConfig {
     pub name: FieldPath,
+    /// The event time's field (unused when `timestamp_format.source` is the Kafka record's).
     pub timestamp: FieldPath,
+    /// How the event time is read: unit, zone, and where from.
+    pub timestamp_format: TimestampFormat,
     pub user: FieldPath,
     pub id: FieldPath,
     /// An event whose id was applied less than this before (in event time, behind the

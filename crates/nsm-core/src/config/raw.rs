@@ -67,6 +67,9 @@ pub struct RawEvents {
     pub id: Option<String>,
     pub dedup_horizon: Option<String>,
     pub max_bytes: Option<toml::Value>,
+    pub timestamp_unit: Option<String>,
+    pub timestamp_zone: Option<String>,
+    pub timestamp_fallback: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

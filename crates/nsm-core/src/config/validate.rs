@@ -6,19 +6,21 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::librdkafka::reserved_property;
-use super::raw::{RawBasicAuth, RawConfig, RawMetric};
+use super::raw::{RawBasicAuth, RawConfig, RawEvents, RawMetric};
 use super::secrets::{self, KafkaProperties, Resolver};
 use super::{
     BasicAuthUsers, Config, ConfigError, ConfigErrors, DeadLetterOnFailure, EventsConfig,
     HttpConfig, HttpTls, KafkaConfig, StartFrom, StateConfig, TimeConfig,
 };
-use crate::decimal::Decimal;
-use crate::metric::{
-    Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role, Segmentation,
-};
+use crate::metric::{FieldPath, MetricDef, MetricKind, Role, Segmentation};
+use crate::timestamp::{EpochUnit, TimestampFormat, TimestampSource};
 use crate::window::{parse_weekday, Calendar, CalendarUnit, Trailing};
 
 const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+mod filter;
+
+use filter::parse_filter;
 
 #[derive(Default)]
 struct Problems(Vec<ConfigError>);
@@ -428,15 +430,83 @@ fn field_path(
     parsed
 }
 
+/// The name standing for the Kafka record's timestamp in `events.timestamp` and
+/// `events.timestamp_fallback`.
+const KAFKA_TIMESTAMP: &str = "@kafka";
+
+/// `events.timestamp_unit`, `events.timestamp_zone`, `events.timestamp_fallback`.
+fn timestamp_format(
+    events: &RawEvents,
+    from_kafka: bool,
+    problems: &mut Problems,
+) -> Option<TimestampFormat> {
+    let unit = match events.timestamp_unit.as_deref() {
+        None => Some(EpochUnit::default()),
+        Some(text) => {
+            let unit = EpochUnit::parse(text);
+            if unit.is_none() {
+                problems.add(
+                    "events.timestamp_unit",
+                    format!(
+                        "unknown unit {text:?}; expected \"s\", \"ms\", \"us\" or \"ns\" \
+                         (what the epoch numbers producers send count)"
+                    ),
+                );
+            }
+            unit
+        }
+    };
+    let zone = match events.timestamp_zone.as_deref() {
+        None => Some(None),
+        Some(name) => match jiff::tz::TimeZone::get(name) {
+            Ok(zone) => Some(Some(zone)),
+            Err(_) => {
+                problems.add(
+                    "events.timestamp_zone",
+                    format!("unknown time zone {name:?}; expected an IANA name such as \"Europe/Paris\""),
+                );
+                None
+            }
+        },
+    };
+    let source = match (from_kafka, events.timestamp_fallback.as_deref()) {
+        (true, None) => Some(TimestampSource::Kafka),
+        (false, None) => Some(TimestampSource::Field),
+        (false, Some(KAFKA_TIMESTAMP)) => Some(TimestampSource::FieldElseKafka),
+        (true, Some(_)) => {
+            problems.add(
+                "events.timestamp_fallback",
+                "events.timestamp is already the Kafka record's timestamp (\"@kafka\"): no fallback to name",
+            );
+            None
+        }
+        (false, Some(other)) => {
+            problems.add(
+                "events.timestamp_fallback",
+                format!("unknown fallback {other:?}; the only one is \"@kafka\", the Kafka record's timestamp"),
+            );
+            None
+        }
+    };
+    Some(TimestampFormat {
+        source: source?,
+        unit: unit?,
+        zone: zone?,
+    })
+}
+
 fn validate_events(raw: &RawConfig, problems: &mut Problems) -> Option<EventsConfig> {
     let events = &raw.events;
     let name = field_path("events.name", events.name.as_ref(), "event", problems);
+    // `@kafka`: the Kafka record's timestamp; the field path keeps its default, unused.
+    let from_kafka = events.timestamp.as_deref() == Some(KAFKA_TIMESTAMP);
     let timestamp = field_path(
         "events.timestamp",
-        events.timestamp.as_ref(),
+        events.timestamp.as_ref().filter(|_| !from_kafka),
         "timestamp",
         problems,
     );
+    let timestamp_format = timestamp_format(events, from_kafka, problems);
     let user = field_path("events.user", events.user.as_ref(), "user_id", problems);
     let id = field_path("events.id", events.id.as_ref(), "event_id", problems);
     // Defaults to the allowed lateness (filled in by `validate`): every duplicate that could
@@ -461,6 +531,7 @@ fn validate_events(raw: &RawConfig, problems: &mut Problems) -> Option<EventsCon
     Some(EventsConfig {
         name: name?,
         timestamp: timestamp?,
+        timestamp_format: timestamp_format?,
         user: user?,
         id: id?,
         dedup_horizon_ms: dedup_horizon?,
@@ -952,47 +1023,6 @@ fn validate_metric(
     })
 }
 
-/// `{ event = "x", "properties.plan" = ["pro", "business"] }`: all clauses must hold.
-fn parse_filter(
-    path: &str,
-    table: Option<&BTreeMap<String, toml::Value>>,
-    problems: &mut Problems,
-) -> Filter {
-    let mut clauses = Vec::new();
-    for (key, value) in table.into_iter().flatten() {
-        let clause_path = format!("{path}.{key}");
-        let field = if key == "event" {
-            Some(FilterField::EventName)
-        } else {
-            FieldPath::parse(key).map(FilterField::Path)
-        };
-        let Some(field) = field else {
-            problems.add(clause_path, "invalid field path");
-            continue;
-        };
-        let values: Vec<&toml::Value> = match value {
-            toml::Value::Array(values) => values.iter().collect(),
-            single => vec![single],
-        };
-        let mut any_of = Vec::new();
-        for value in values {
-            match literal(value) {
-                Some(parsed) => any_of.push(parsed),
-                None => problems.add(
-                    clause_path.clone(),
-                    "expected a string, number or boolean, or a list of them",
-                ),
-            }
-        }
-        if any_of.is_empty() {
-            problems.add(clause_path, "an empty list matches nothing");
-            continue;
-        }
-        clauses.push(Clause { field, any_of });
-    }
-    Filter { clauses }
-}
-
 /// A conversion's keys: the start filter `from`, the duration `within`, and the entity
 /// (`field`, default `events.user`); `where` selects the conversion events.
 fn validate_conversion(
@@ -1401,17 +1431,5 @@ fn resolve_ratios(
                 );
             }
         }
-    }
-}
-
-fn literal(value: &toml::Value) -> Option<Literal> {
-    match value {
-        toml::Value::String(text) => Some(Literal::Text(text.clone())),
-        toml::Value::Integer(number) => Some(Literal::Number(Decimal::from_integer(*number))),
-        toml::Value::Float(number) => Decimal::parse(&number.to_string())
-            .ok()
-            .map(Literal::Number),
-        toml::Value::Boolean(flag) => Some(Literal::Bool(*flag)),
-        _ => None,
     }
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 
 use super::dedup::SeenIds;
+use super::filter;
 use super::funnel::Funnel;
 use super::members::{MemberIndex, Source, StateReadError};
 use super::plan::{CompiledMetric, Plan, ValueSource};
@@ -21,8 +22,8 @@ use super::trailing_threshold::TrailingThreshold;
 use super::Outcome;
 use crate::decimal::{Decimal, DecimalError};
 use crate::event::{Fields, Scalar};
-use crate::metric::Literal;
 use crate::reject::{RejectReason, Rejection};
+use crate::timestamp::{self, TimestampSource};
 use crate::window::{Trailing, WindowBounds};
 use crate::EpochMillis;
 
@@ -48,9 +49,10 @@ pub(super) fn apply_event(
     state: &mut PartitionState,
     source: &Source<'_>,
     payload: &[u8],
+    kafka_timestamp_ms: Option<EpochMillis>,
     now_ms: EpochMillis,
 ) -> Outcome {
-    match evaluate(plan, state, payload, now_ms) {
+    match evaluate(plan, state, payload, kafka_timestamp_ms, now_ms) {
         Ok(evaluated) => {
             let event_time_ms = evaluated.event_time_ms;
             if let Some(id) = &evaluated.id {
@@ -117,6 +119,7 @@ fn evaluate<'a>(
     plan: &Plan,
     state: &PartitionState,
     payload: &'a [u8],
+    kafka_timestamp_ms: Option<EpochMillis>,
     now_ms: EpochMillis,
 ) -> Result<Evaluated<'a>, Rejection> {
     let settings = &plan.settings;
@@ -154,7 +157,7 @@ fn evaluate<'a>(
             ))
         }
     }
-    let event_time_ms = event_time(&fields, plan)?;
+    let event_time_ms = event_time(&fields, plan, kafka_timestamp_ms, now_ms)?;
     if event_time_ms > now_ms.saturating_add(settings.max_future_skew_ms)
         || event_time_ms < now_ms.saturating_sub(settings.retention_ms)
     {
@@ -189,8 +192,8 @@ fn evaluate<'a>(
     for (index, metric) in plan.compiled.iter().enumerate() {
         let segment = || segment_of(metric, &fields);
         if let ValueSource::Conversion { entity, .. } = metric.value {
-            let starts = matches_clauses(&metric.from_clauses, &fields);
-            let ends = matches_clauses(&metric.clauses, &fields);
+            let starts = filter::matches(&metric.from_clauses, &fields);
+            let ends = filter::matches(&metric.clauses, &fields);
             if starts || ends {
                 let metric_def = &plan.metrics()[index];
                 let entity = member_of(
@@ -212,7 +215,7 @@ fn evaluate<'a>(
             }
             continue;
         }
-        if !metric.value.is_stateful() || !matches_clauses(&metric.clauses, &fields) {
+        if !metric.value.is_stateful() || !filter::matches(&metric.clauses, &fields) {
             continue;
         }
         let contribution = contribution(plan, index, metric, &fields)?;
@@ -312,65 +315,43 @@ fn check_sum_range(
     ))
 }
 
-fn event_time(fields: &Fields<'_>, plan: &Plan) -> Result<EpochMillis, Rejection> {
+/// The event's time, read as `events.timestamp*` say (see `crate::timestamp`).
+fn event_time(
+    fields: &Fields<'_>,
+    plan: &Plan,
+    kafka_timestamp_ms: Option<EpochMillis>,
+    now_ms: EpochMillis,
+) -> Result<EpochMillis, Rejection> {
+    let format = &plan.settings.timestamp_format;
     let path = &plan.settings.timestamp_field;
-    match fields.get(plan.timestamp_slot) {
+    let from_kafka = || {
+        kafka_timestamp_ms.ok_or_else(|| {
+            Rejection::new(
+                RejectReason::MissingTimestamp,
+                "the Kafka record has no timestamp (events.timestamp = \"@kafka\")",
+            )
+        })
+    };
+    let value = match format.source {
+        TimestampSource::Kafka => return from_kafka(),
+        TimestampSource::Field => fields.get(plan.timestamp_slot),
+        TimestampSource::FieldElseKafka => match fields.get(plan.timestamp_slot) {
+            None | Some(Scalar::Null) => return from_kafka(),
+            value => value,
+        },
+    };
+    let field = path.to_string();
+    match value {
         None => Err(Rejection::new(
             RejectReason::MissingTimestamp,
             format!("no timestamp at {path}"),
         )),
-        Some(Scalar::Text(text)) => text
-            .parse::<Timestamp>()
-            .map(Timestamp::as_millisecond)
-            .map_err(|_| {
-                // Well-formed but beyond what a timestamp can hold (the last hours of year
-                // 9999, with their offset): as far out of range as any other absurd time.
-                let well_formed = jiff::fmt::temporal::Pieces::parse(text.as_bytes())
-                    .is_ok_and(|pieces| pieces.offset().is_some());
-                if well_formed {
-                    Rejection::new(
-                        RejectReason::TimestampOutOfRange,
-                        format!("timestamp {text:?} at {path} is beyond the representable range"),
-                    )
-                } else {
-                    Rejection::new(
-                        RejectReason::InvalidTimestamp,
-                        format!("timestamp {text:?} at {path} is not RFC 3339 with an offset"),
-                    )
-                }
-            }),
-        Some(Scalar::Number(text)) => text.parse::<i64>().map_err(|_| {
-            Rejection::new(
-                RejectReason::InvalidTimestamp,
-                format!("timestamp {text} at {path} is not integer epoch milliseconds"),
-            )
-        }),
+        Some(Scalar::Text(text)) => timestamp::text_millis(&text, format.zone.as_ref(), &field),
+        Some(Scalar::Number(text)) => timestamp::epoch_millis(text, format.unit, now_ms, &field),
         Some(other) => Err(Rejection::new(
             RejectReason::InvalidTimestamp,
             format!("timestamp at {path} is a {}", other.type_name()),
         )),
-    }
-}
-
-fn matches_clauses(clauses: &[(crate::event::Slot, Vec<Literal>)], fields: &Fields<'_>) -> bool {
-    clauses.iter().all(|(slot, any_of)| {
-        let Some(value) = fields.get(*slot) else {
-            return false;
-        };
-        any_of
-            .iter()
-            .any(|literal| literal_matches(literal, &value))
-    })
-}
-
-fn literal_matches(literal: &Literal, value: &Scalar<'_>) -> bool {
-    match (literal, value) {
-        (Literal::Text(expected), Scalar::Text(actual)) => expected == actual,
-        (Literal::Bool(expected), Scalar::Bool(actual)) => expected == actual,
-        (Literal::Number(expected), Scalar::Number(actual)) => {
-            Decimal::parse(actual).is_ok_and(|n| n == *expected)
-        }
-        _ => false,
     }
 }
 

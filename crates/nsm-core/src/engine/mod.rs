@@ -9,6 +9,7 @@
 mod apply;
 mod changes;
 mod dedup;
+mod filter;
 mod funnel;
 mod members;
 mod pair;
@@ -200,6 +201,19 @@ impl Engine {
         payload: &[u8],
         now_ms: EpochMillis,
     ) -> Outcome {
+        self.apply_record(key, offset, payload, None, now_ms)
+    }
+
+    /// [`Engine::apply`] with the Kafka record's timestamp, for `events.timestamp = "@kafka"`
+    /// and `events.timestamp_fallback`.
+    pub fn apply_record(
+        &mut self,
+        key: &PartitionKey,
+        offset: i64,
+        payload: &[u8],
+        kafka_timestamp_ms: Option<EpochMillis>,
+        now_ms: EpochMillis,
+    ) -> Outcome {
         let Some(state) = self.partitions.get_mut(key) else {
             debug_assert!(false, "apply on partition {key} that was never restored");
             return Outcome::AlreadyApplied;
@@ -216,7 +230,14 @@ impl Engine {
             reader: &*self.reader,
             partition: key,
         };
-        let outcome = apply::apply_event(&self.plan, state, &source, payload, now_ms);
+        let outcome = apply::apply_event(
+            &self.plan,
+            state,
+            &source,
+            payload,
+            kafka_timestamp_ms,
+            now_ms,
+        );
         state.next_offset = Some(offset + 1);
         state.pending.meta_dirty = true;
         outcome

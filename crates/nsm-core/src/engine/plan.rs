@@ -1,8 +1,10 @@
 //! The compiled form of the metric definitions: field slots resolved once at start.
 
+use super::filter::CompiledFilter;
 use crate::config::Config;
 use crate::event::{EventSchema, Slot};
-use crate::metric::{FieldPath, FilterField, Literal, MetricDef, MetricKind};
+use crate::metric::{FieldPath, FilterField, MetricDef, MetricKind};
+use crate::timestamp::TimestampFormat;
 use crate::window::{Calendar, CalendarUnit, Trailing, WindowBounds};
 use crate::EpochMillis;
 
@@ -11,6 +13,8 @@ use crate::EpochMillis;
 pub struct EngineSettings {
     pub event_name_field: FieldPath,
     pub timestamp_field: FieldPath,
+    /// How the event time is read: unit, zone, and whether from the Kafka record.
+    pub timestamp_format: TimestampFormat,
     pub calendar: Calendar,
     pub allowed_lateness_ms: i64,
     pub retention_ms: i64,
@@ -66,9 +70,9 @@ impl ValueSource {
 
 #[derive(Debug, Clone)]
 pub(super) struct CompiledMetric {
-    pub clauses: Vec<(Slot, Vec<Literal>)>,
+    pub clauses: CompiledFilter,
     /// A conversion's start events (empty otherwise).
-    pub from_clauses: Vec<(Slot, Vec<Literal>)>,
+    pub from_clauses: CompiledFilter,
     pub value: ValueSource,
     pub window: CalendarUnit,
     /// A trailing window's step buckets replace the calendar windows.
@@ -98,6 +102,7 @@ impl Plan {
             EngineSettings {
                 event_name_field: config.events.name.clone(),
                 timestamp_field: config.events.timestamp.clone(),
+                timestamp_format: config.events.timestamp_format.clone(),
                 calendar: config.time.calendar.clone(),
                 allowed_lateness_ms: config.time.allowed_lateness_ms,
                 retention_ms: config.state.retention_ms,
@@ -125,16 +130,15 @@ impl Plan {
             .map(|metric| {
                 let mut compile_filter = |filter: &crate::metric::Filter| {
                     filter
-                        .clauses
-                        .iter()
-                        .map(|clause| {
-                            let slot = match &clause.field {
+                        .tests()
+                        .map(|(field, test)| {
+                            let slot = match field {
                                 FilterField::EventName => name_slot,
                                 FilterField::Path(path) => schema.slot(path),
                             };
-                            (slot, clause.any_of.clone())
+                            (slot, test)
                         })
-                        .collect::<Vec<_>>()
+                        .collect::<CompiledFilter>()
                 };
                 let clauses = compile_filter(&metric.filter);
                 let from_clauses = match &metric.kind {

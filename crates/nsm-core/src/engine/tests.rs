@@ -30,7 +30,10 @@ fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUni
         owner: None,
         description: String::new(),
         kind,
-        filter: Filter { clauses },
+        filter: Filter {
+            clauses,
+            ..Filter::default()
+        },
         window,
         trailing: None,
         segments: None,
@@ -71,6 +74,7 @@ fn test_plan() -> Plan {
         EngineSettings {
             event_name_field: path("event"),
             timestamp_field: path("timestamp"),
+            timestamp_format: Default::default(),
             calendar: Calendar::new("Europe/Berlin", jiff::civil::Weekday::Monday).expect("zone"),
             allowed_lateness_ms: HOUR,
             retention_ms: 35 * DAY,
