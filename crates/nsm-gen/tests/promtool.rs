@@ -375,6 +375,7 @@ fn guardrail_breaches_and_the_gaming_signal_fire() {
         ("period", "hour"),
         ("worse_when", "higher"),
         ("relative_to", "nights_booked"),
+        ("owner", "support-team"),
     ];
     let limit = vec![
         ("severity", "warning"),
@@ -382,6 +383,7 @@ fn guardrail_breaches_and_the_gaming_signal_fire() {
         ("guardrail", "complaints"),
         ("metric", "complaints"),
         ("role", "guardrail"),
+        ("owner", "support-team"),
     ];
     let gaming = vec![
         ("severity", "warning"),
@@ -391,6 +393,7 @@ fn guardrail_breaches_and_the_gaming_signal_fire() {
         ("period", "hour"),
         ("worse_when", "higher"),
         ("relative_to", "nights_booked"),
+        ("owner", "support-team"),
     ];
     run_scenarios(&[HourlyScenario {
         name: "complaints jump 50% while the North Star grows, then pass their maximum",
@@ -785,4 +788,90 @@ fn scenario_library_against_every_example_config() {
     }
     println!("{table}");
     assert!(problems.is_empty(), "{}\n\n{table}", problems.join("\n"));
+}
+
+/// Issue 21 item 6: a North Star alert names the inputs that moved most, with their owners,
+/// from the annotation template Prometheus evaluates when the alert fires (promtool evaluates
+/// it too: this checks the whole text).
+#[test]
+fn a_north_star_alert_names_the_inputs_that_moved_most() {
+    let config = Config::from_toml(SCENARIO_CONFIG, &|_| None).expect("scenario config");
+    let scenario = HourlyScenario {
+        name: "the North Star flattens while searches fall",
+        nights_booked: FLATTENING,
+        fees: GROWING,
+        complaints: STEADY_COMPLAINTS,
+        complaints_current: STEADY_COMPLAINTS,
+        watermark_stops_at: None,
+        down_from: None,
+        rejected_from: None,
+        expectations: Vec::new(),
+    };
+    let mut test = format!(
+        "rule_files:\n  - rules.yml\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n{}",
+        scenario.input_series()
+    );
+    // Searches, owned by demand-team, fall 20% a window from the third one.
+    let searches = [1000.0, 1000.0, 1000.0, 800.0, 640.0, 512.0, 410.0];
+    for (series, values) in [
+        (
+            "nsm_metric_value{metric=\"searches\",window=\"previous\"}",
+            per_hour(searches),
+        ),
+        (
+            "nsm_metric_window_start_timestamp_seconds{metric=\"searches\",window=\"previous\"}",
+            per_hour((0..HOURS).map(|hour| (hour as f64 - 1.0) * 3600.0)),
+        ),
+        (
+            "nsm_metric_window_end_timestamp_seconds{metric=\"searches\",window=\"previous\"}",
+            per_hour((0..HOURS).map(|hour| hour as f64 * 3600.0)),
+        ),
+        (
+            "nsm_metric_info{metric=\"searches\",role=\"input\",kind=\"count\",period=\"hour\",owner=\"demand-team\",description=\"\"}",
+            format!("1x{MINUTES}"),
+        ),
+    ] {
+        let _ = writeln!(test, "      - series: '{series}'\n        values: '{values}'");
+    }
+    test.push_str(
+        "    alert_rule_test:\n      - eval_time: 250m\n        alertname: NSMFlatWhileRevenueGrows\n        exp_alerts:\n          - exp_labels:\n",
+    );
+    for (name, value) in NSM_FLAT {
+        let _ = writeln!(test, "              {name}: \"{value}\"");
+    }
+    test.push_str("            exp_annotations:\n");
+    for (name, value) in [
+        (
+            "summary",
+            "North Star nights_booked is flat while revenue grows",
+        ),
+        (
+            "description",
+            "nights_booked grew at most 0% per 1h window over the last 2 windows (flat below \
+             0.01), while fees grew 9.774% in its last window. Growth is not compounding. Inputs \
+             that moved most in their last window: searches (owner demand-team) -20%; ",
+        ),
+        (
+            "runbook_url",
+            "https://runbooks.example.com/nsm/NSMFlatWhileRevenueGrows",
+        ),
+    ] {
+        let _ = writeln!(
+            test,
+            "              {name}: {}",
+            serde_json::Value::String(value.to_string())
+        );
+    }
+    let directory = tempfile::tempdir().expect("temporary directory");
+    std::fs::write(
+        directory.path().join("rules.yml"),
+        nsm_gen::rules(&config, "scenario.toml"),
+    )
+    .expect("write rules");
+    let path = directory.path().join("tests.yml");
+    std::fs::write(&path, &test).expect("write tests");
+    run_promtool(
+        &["test", "rules", path.to_str().expect("utf-8 path")],
+        &format!("{}:\n{test}", scenario.name),
+    );
 }

@@ -10,6 +10,7 @@ use nsm_core::Config;
 
 use crate::promql::{duration, metric_matcher, number, yaml_string, Timing};
 
+mod explain;
 mod noise;
 mod pipeline;
 
@@ -350,6 +351,7 @@ impl Generator<'_> {
             rules.push(self.growth_gap());
         }
         rules.extend(self.noise_records());
+        rules.extend(self.segment_growth_records());
 
         rules.extend(self.rejection_records());
         rules.extend(self.staleness_records());
@@ -466,8 +468,9 @@ impl Generator<'_> {
                 "critical",
                 "North Star {{ $labels.metric }} is flat while revenue grows",
                 format!(
-                    "{{{{ $labels.metric }}}} grew at most {{{{ $value | humanizePercentage }}}} per {window} window over the last {periods} windows (flat below {threshold}), while {revenue} grew {revenue_growth} in its last window. Growth is not compounding; check the input metrics and their owners on the North Star dashboard.",
+                    "{{{{ $labels.metric }}}} grew at most {{{{ $value | humanizePercentage }}}} per {window} window over the last {periods} windows (flat below {threshold}), while {revenue} grew {revenue_growth} in its last window. Growth is not compounding.{moved_most}",
                     revenue = revenue.name,
+                    moved_most = self.moved_most(),
                 ),
             )));
 
@@ -500,8 +503,9 @@ impl Generator<'_> {
                 "warning",
                 "North Star {{ $labels.metric }} grows slower than revenue",
                 format!(
-                    "For {periods} windows in a row {revenue} grew faster than {{{{ $labels.metric }}}}, by at least {{{{ $value | humanizePercentage }}}} per window (last window: North Star {north_star_growth}, revenue {revenue_growth}).",
+                    "For {periods} windows in a row {revenue} grew faster than {{{{ $labels.metric }}}}, by at least {{{{ $value | humanizePercentage }}}} per window (last window: North Star {north_star_growth}, revenue {revenue_growth}).{moved_most}",
                     revenue = revenue.name,
+                    moved_most = self.moved_most(),
                 ),
             )));
         }
@@ -514,25 +518,37 @@ impl Generator<'_> {
             );
         }
 
-        if !alerting.guardrails.is_empty() {
-            let rule = Rule::alert(
+        // One rule per guardrail, so each carries its owner.
+        for (index, guardrail) in alerting.guardrails.iter().enumerate() {
+            let Some(metric) = self.config.metric(&guardrail.metric) else {
+                continue;
+            };
+            let worsening = format!("{WORSENING}{{metric=\"{}\"}}", guardrail.metric);
+            let mut rule = Rule::alert(
                 "NSMUpWhileGuardrailDown",
                 format!(
-                    "(nsm:guardrail_worsening > {min})\n\
+                    "({worsening} > {min})\n\
                      and\n\
                      ({gate})\n\
                      and on ()\n\
                      (max(nsm:metric_growth{{role=\"north_star\"}}) > {threshold})\n\
                      {hold_back}",
-                    gate = self.beyond_noise(WORSENING, WORSENING_NOISE, 1),
+                    gate = self.beyond_noise(
+                        &worsening,
+                        &format!("{WORSENING_NOISE}{{metric=\"{}\"}}", guardrail.metric),
+                        1
+                    ),
                     min = number(alerting.gaming_min_worsening),
                     threshold = number(alerting.nsm_flat_growth_threshold),
                 ),
-            )
-            .comment(
-                "The gaming signal: the North Star grows while a guardrail worsens. Would the number\n\
-                 go up if customers were worse off? Here it did.",
             );
+            if index == 0 {
+                rule = rule.comment(
+                    "The gaming signal: the North Star grows while a guardrail worsens. Would the number\n\
+                     go up if customers were worse off? Here it did.",
+                );
+            }
+            let rule = self.owned_by(rule, metric);
             rules.push(business(self.annotate(
                 rule,
                 "warning",
@@ -578,6 +594,7 @@ impl Generator<'_> {
              and beyond the noise of past windows.",
             number(guardrail.max_worsening)
         ));
+        let rule = self.owned_by(rule, metric);
         rules.push(self.annotate(
             rule,
             "warning",
@@ -617,6 +634,7 @@ impl Generator<'_> {
                 .label("check", "limit")
                 .label("guardrail", name.as_str())
                 .comment(format!("Guardrail {name} {which} of {limit_text}."));
+            let rule = self.owned_by(rule, metric);
             rules.push(self.annotate(
                 rule,
                 "warning",

@@ -856,6 +856,15 @@ impl Outcome {
                 }
             }
         }
+        // Issue 21 item 6: an alert on a guardrail goes to the team that owns it (every
+        // guardrail of the example configs has an owner).
+        for alert in ["GuardrailBreached", "NSMUpWhileGuardrailDown"] {
+            if let Some(fired) = self.fired.get(alert) {
+                if !fired.labels.iter().any(|(label, _)| label == "owner") {
+                    problems.push(format!("{alert} fired without an owner label"));
+                }
+            }
+        }
         if scenario.goal_asserted && !self.goal_met(scenario) {
             problems.push(format!("issue 21's goal {:?} is not met", scenario.goal));
         }
