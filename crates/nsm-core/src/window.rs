@@ -153,6 +153,22 @@ impl Calendar {
         self.window_of(unit, bounds.start_ms - 1)
     }
 
+    /// The window of `unit` holding the same local weekday and time as the start of `bounds`,
+    /// `weeks` weeks earlier (the seasonal peer of an hourly or daily window). Calendar
+    /// arithmetic in the zone, so a DST change in between keeps the local hour.
+    pub fn weeks_before(
+        &self,
+        unit: CalendarUnit,
+        bounds: WindowBounds,
+        weeks: i64,
+    ) -> Option<WindowBounds> {
+        let start = Timestamp::from_millisecond(bounds.start_ms)
+            .ok()?
+            .to_zoned_datetime(self.zone.clone());
+        let earlier = start.checked_sub(weeks.weeks()).ok()?;
+        self.window_of(unit, earlier.timestamp().as_millisecond())
+    }
+
     /// The interval from the start of local day `first` to the start of the day `days` later.
     fn days_from(&self, first: Date, days: i64) -> Option<WindowBounds> {
         let after = first.checked_add(days.days()).ok()?;

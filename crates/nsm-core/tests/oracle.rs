@@ -954,6 +954,8 @@ type PartitionMeta = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
 struct FakeStore {
     offsets: BTreeMap<i32, PartitionMeta>,
     windows: BTreeMap<(i32, usize, i64), (i64, AggValue)>,
+    /// The progress records of windows keeping one, stored with them.
+    progress: BTreeMap<(i32, usize, i64), nsm_core::engine::Progress>,
     /// Members, threshold progress and trailing occurrences, read one at a time.
     members: MemoryReader,
     gaps: BTreeMap<StoredGapKey, u64>,
@@ -980,6 +982,11 @@ impl FakeStore {
             );
             self.offsets.insert(p, meta);
             for upsert in part.upserts {
+                let place = (p, upsert.metric, upsert.start_ms);
+                match upsert.progress {
+                    Some(progress) => self.progress.insert(place, progress),
+                    None => self.progress.remove(&place),
+                };
                 self.windows.insert(
                     (p, upsert.metric, upsert.start_ms),
                     (upsert.end_ms, upsert.value),
@@ -1003,6 +1010,7 @@ impl FakeStore {
             }
             for delete in part.deletes {
                 self.windows.remove(&(p, delete.metric, delete.start_ms));
+                self.progress.remove(&(p, delete.metric, delete.start_ms));
                 self.gaps.retain(|(gp, m, s, _, _), _| {
                     !(*gp == p && *m == delete.metric && *s == delete.start_ms)
                 });
@@ -1030,6 +1038,7 @@ impl FakeStore {
                     start_ms: *start_ms,
                     end_ms: *end_ms,
                     value: *value,
+                    progress: self.progress.get(&(partition, *metric, *start_ms)).cloned(),
                 })
                 .collect(),
             gaps: self

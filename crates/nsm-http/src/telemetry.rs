@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use nsm_core::engine::{AggValue, MetricValues, PartitionStatus, Plan, WindowValue};
+use nsm_core::engine::{AggValue, Baseline, MetricValues, PartitionStatus, Plan, WindowValue};
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
 use prometheus::{
@@ -77,6 +77,9 @@ pub struct Telemetry {
     segment_ratio_part: GaugeVec,
     /// (metric, window, segment) series exported at the last publish.
     exported_segments: std::sync::Mutex<BTreeSet<[String; 3]>>,
+    /// (metric, window) baseline series exported at the last publish: a baseline comes and
+    /// goes with the past windows the state holds.
+    exported_baselines: std::sync::Mutex<BTreeSet<[String; 2]>>,
     consumed: IntCounterVec,
     invalid: IntCounterVec,
     late: IntCounter,
@@ -122,7 +125,7 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Ga
 impl Telemetry {
     pub fn new(plan: &Plan, version: &str) -> Telemetry {
         let registry = Registry::new();
-        let metric_value = gauge_vec(&registry, "nsm_metric_value", "Value of a metric in its current or previous window (and before_previous, when the retention keeps it), summed over the partitions this instance owns.", &["metric", "window"]);
+        let metric_value = gauge_vec(&registry, "nsm_metric_value", "Value of a metric in its current or previous window (and before_previous, when the retention keeps it), summed over the partitions this instance owns. window=\"baseline\": what the comparable past window(s) held at the current window's elapsed point (weekly, monthly: the previous window; hourly, daily: the median of the same weekday (and hour) 1 to 4 weeks back, each also exported as baseline_<k>w; trailing: the previous range); absent when no past window has a value.", &["metric", "window"]);
         let window_start = gauge_vec(
             &registry,
             "nsm_metric_window_start_timestamp_seconds",
@@ -357,6 +360,7 @@ impl Telemetry {
             segment_value,
             segment_ratio_part,
             exported_segments: std::sync::Mutex::new(BTreeSet::new()),
+            exported_baselines: std::sync::Mutex::new(BTreeSet::new()),
             consumed,
             invalid,
             late,
@@ -389,8 +393,12 @@ impl Telemetry {
     /// Publishes the metric values; called right after they were made durable.
     pub fn publish_values(&self, plan: &Plan, values: &[MetricValues], now_ms: i64) {
         let mut segments = BTreeSet::new();
+        let mut baselines = BTreeSet::new();
         for metric_values in values {
             let name = plan.metrics()[metric_values.metric].name.as_str();
+            if let Some(baseline) = &metric_values.baseline {
+                self.publish_baseline(name, baseline, &mut baselines);
+            }
             self.publish_window(name, "current", &metric_values.current);
             self.publish_window(name, "previous", &metric_values.previous);
             if let Some(before_previous) = &metric_values.before_previous {
@@ -439,7 +447,61 @@ impl Telemetry {
             }
         }
         *exported = segments;
+        let mut exported = self
+            .exported_baselines
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for gone in exported.difference(&baselines) {
+            let _ = self.metric_value.remove_label_values(&[&gone[0], &gone[1]]);
+            for part in ["numerator", "denominator"] {
+                let _ = self
+                    .ratio_part
+                    .remove_label_values(&[&gone[0], &gone[1], part]);
+            }
+        }
+        *exported = baselines;
         self.last_publish.set(now_ms as f64 / 1000.0);
+    }
+
+    /// Publishes a metric's baseline as `window="baseline"`, and with several past windows
+    /// (the seasonal baseline of an hourly or daily metric) each of them as
+    /// `window="baseline_<k>w"`: the median of one instance's values is not the median of the
+    /// group's, so several instances take the median of the summed points in PromQL. A ratio
+    /// exports its parts where they add up across instances (not for a median).
+    fn publish_baseline(
+        &self,
+        name: &str,
+        baseline: &Baseline,
+        exported: &mut BTreeSet<[String; 2]>,
+    ) {
+        let mut publish = |window: String, value: f64, parts: Option<AggValue>| {
+            self.metric_value
+                .with_label_values(&[name, &window])
+                .set(value);
+            if let Some(AggValue::Ratio {
+                numerator,
+                denominator,
+            }) = parts
+            {
+                for (part, value) in [("numerator", numerator), ("denominator", denominator)] {
+                    self.ratio_part
+                        .with_label_values(&[name, &window, part])
+                        .set(value.to_f64());
+                }
+            }
+            exported.insert([name.to_string(), window]);
+        };
+        let single = match baseline.points.as_slice() {
+            [point] if point.weeks_back.is_none() => Some(point.value),
+            _ => None,
+        };
+        publish("baseline".to_string(), baseline.value(), single);
+        for point in &baseline.points {
+            if let Some(weeks) = point.weeks_back {
+                let value = point.value;
+                publish(format!("baseline_{weeks}w"), value.to_f64(), Some(value));
+            }
+        }
     }
 
     fn publish_window(&self, name: &str, window: &str, value: &WindowValue) {
@@ -651,6 +713,80 @@ top = 20
                 (segment.to_string(), value.parse().expect("a number"))
             })
             .collect()
+    }
+
+    const BASELINES: &str = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[north_star]
+name = "messages"
+kind = "count"
+where = { event = "message_sent" }
+window = "1w"
+[[inputs]]
+name = "daily_messages"
+kind = "count"
+where = { event = "message_sent" }
+window = "1d"
+"#;
+
+    /// The baseline of the window still filling is on /metrics beside its current value, and
+    /// a daily one also by the week it comes from; a metric without a past peer has none.
+    #[test]
+    fn baselines_are_exported_as_a_window() {
+        let config = Config::from_toml(BASELINES, &|_| None).expect("a valid config");
+        let mut engine = Engine::new(Plan::from_config(&config));
+        let key = PartitionKey::new("events", 0);
+        engine.restore_partition(key.clone(), PartitionSnapshot::default());
+        let telemetry = Telemetry::new(engine.plan(), "test");
+        let times = [
+            "2026-11-16T08:00:00Z",
+            "2026-11-16T09:00:00Z",
+            "2026-11-16T11:00:00Z",
+            "2026-11-23T08:30:00Z",
+        ];
+        let apply = |engine: &mut Engine, offset: usize| {
+            let event = format!(
+                r#"{{"event":"message_sent","user_id":"u","timestamp":"{}"}}"#,
+                times[offset]
+            );
+            let outcome = engine.apply(&key, offset as i64, event.as_bytes(), NOW_MS);
+            assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+        };
+        for offset in 0..3 {
+            apply(&mut engine, offset);
+        }
+        // Last week only: no current window to compare yet, so no baseline (the clock is in it).
+        telemetry.publish_values(engine.plan(), &engine.metric_values(NOW_MS), NOW_MS);
+        let samples = |text: &str| -> Vec<String> {
+            let lines = text.lines().filter(|line| !line.starts_with('#'));
+            lines.map(str::to_string).collect()
+        };
+        let text = telemetry.render();
+        assert!(
+            !samples(&text).iter().any(|line| line.contains("baseline")),
+            "{text}"
+        );
+        apply(&mut engine, 3);
+        telemetry.publish_values(engine.plan(), &engine.metric_values(NOW_MS), NOW_MS);
+        let text = telemetry.render();
+        // At 08:30 on Monday, last Monday's events before 08:00 (weekly, hourly steps) and
+        // before 08:30 (daily, steps of 10 minutes): the one at 08:00 counts in the latter.
+        for expected in [
+            "nsm_metric_value{metric=\"messages\",window=\"baseline\"} 0",
+            "nsm_metric_value{metric=\"daily_messages\",window=\"baseline\"} 1",
+            "nsm_metric_value{metric=\"daily_messages\",window=\"baseline_1w\"} 1",
+            "nsm_metric_value{metric=\"messages\",window=\"current\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|line| line == expected),
+                "{expected} in\n{text}"
+            );
+        }
+        assert!(!samples(&text)
+            .iter()
+            .any(|line| line.contains("baseline_2w")));
     }
 
     /// Values that look alike but differ (a string and a number, a missing field and the

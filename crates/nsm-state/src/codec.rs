@@ -2,7 +2,7 @@
 //! flipped, so RocksDB's byte order is numeric order.
 
 use nsm_core::decimal::Decimal;
-use nsm_core::engine::AggValue;
+use nsm_core::engine::{AggValue, Progress};
 use nsm_core::PartitionKey;
 
 pub fn encode_i64(value: i64) -> [u8; 8] {
@@ -182,20 +182,124 @@ pub fn encode_window_value(end_ms: i64, value: AggValue) -> Vec<u8> {
     out
 }
 
+/// A value of the `segments` family (or a window's without its progress record).
 pub fn decode_window_value(bytes: &[u8]) -> Option<(i64, AggValue)> {
+    match decode_window_record(bytes)? {
+        (end_ms, value, None) => Some((end_ms, value)),
+        (_, _, Some(_)) => None,
+    }
+}
+
+/// A value of the `windows` family: end and value as [`encode_window_value`], then, from
+/// format 6, the window's progress record when it keeps one ([`encode_progress`]). Values of
+/// older formats end after the value: no record.
+pub fn encode_window_record(end_ms: i64, value: AggValue, progress: Option<&Progress>) -> Vec<u8> {
+    let mut out = encode_window_value(end_ms, value);
+    if let Some(progress) = progress {
+        encode_progress(&mut out, progress);
+    }
+    out
+}
+
+pub fn decode_window_record(bytes: &[u8]) -> Option<(i64, AggValue, Option<Progress>)> {
     let end_ms = i64::from_be_bytes(bytes.get(0..8)?.try_into().ok()?);
-    let payload = bytes.get(9..)?;
-    let value = match *bytes.get(8)? {
+    let tag = *bytes.get(8)?;
+    let payload_len = match tag {
+        TAG_COUNT | TAG_DISTINCT => 8,
+        TAG_SUM => 16,
+        TAG_RATIO => 32,
+        _ => return None,
+    };
+    let payload = bytes.get(9..9 + payload_len)?;
+    let value = match tag {
         TAG_COUNT => AggValue::Count(u64::from_be_bytes(payload.try_into().ok()?)),
         TAG_SUM => AggValue::Sum(Decimal(i128::from_be_bytes(payload.try_into().ok()?))),
         TAG_DISTINCT => AggValue::Distinct(u64::from_be_bytes(payload.try_into().ok()?)),
-        TAG_RATIO if payload.len() == 32 => AggValue::Ratio {
+        _ => AggValue::Ratio {
             numerator: Decimal(i128::from_be_bytes(payload[..16].try_into().ok()?)),
             denominator: Decimal(i128::from_be_bytes(payload[16..].try_into().ok()?)),
         },
+    };
+    let rest = &bytes[9 + payload_len..];
+    let progress = if rest.is_empty() {
+        None
+    } else {
+        Some(decode_progress(rest)?)
+    };
+    Some((end_ms, value, progress))
+}
+
+const PROGRESS_COUNTS: u8 = 1;
+const PROGRESS_SUMS: u8 = 2;
+
+/// A progress record: a kind byte, the number of steps (LEB128), then each step's count
+/// (LEB128) or amount (zigzag LEB128 of its 1e-9 units). Most steps of a count take one or
+/// two bytes, so a week of hourly steps is a few hundred bytes.
+fn encode_progress(out: &mut Vec<u8>, progress: &Progress) {
+    match progress {
+        Progress::Counts(counts) => {
+            out.push(PROGRESS_COUNTS);
+            push_varint(out, counts.len() as u128);
+            for count in counts {
+                push_varint(out, u128::from(*count));
+            }
+        }
+        Progress::Sums(sums) => {
+            out.push(PROGRESS_SUMS);
+            push_varint(out, sums.len() as u128);
+            for sum in sums {
+                push_varint(out, ((sum.0 << 1) ^ (sum.0 >> 127)) as u128);
+            }
+        }
+    }
+}
+
+/// The inverse of [`encode_progress`]; `None` for anything else, trailing bytes included.
+fn decode_progress(bytes: &[u8]) -> Option<Progress> {
+    let (&kind, mut rest) = bytes.split_first()?;
+    let steps = usize::try_from(take_varint(&mut rest)?).ok()?;
+    // A step takes at least a byte: a damaged length cannot make a huge allocation.
+    if steps > rest.len() {
+        return None;
+    }
+    let progress = match kind {
+        PROGRESS_COUNTS => Progress::Counts(
+            (0..steps)
+                .map(|_| u64::try_from(take_varint(&mut rest)?).ok())
+                .collect::<Option<_>>()?,
+        ),
+        PROGRESS_SUMS => Progress::Sums(
+            (0..steps)
+                .map(|_| {
+                    let zigzag = take_varint(&mut rest)?;
+                    Some(Decimal((zigzag >> 1) as i128 ^ -((zigzag & 1) as i128)))
+                })
+                .collect::<Option<_>>()?,
+        ),
         _ => return None,
     };
-    Some((end_ms, value))
+    rest.is_empty().then_some(progress)
+}
+
+fn push_varint(out: &mut Vec<u8>, mut value: u128) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn take_varint(bytes: &mut &[u8]) -> Option<u128> {
+    let mut value = 0u128;
+    for shift in (0..128).step_by(7) {
+        let (&byte, rest) = bytes.split_first()?;
+        *bytes = rest;
+        value |= u128::from(byte & 0x7f).checked_shl(shift)?;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -246,6 +350,42 @@ mod tests {
             })
         );
         assert_eq!(decode_window_value(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn progress_records_round_trip_and_older_windows_have_none() {
+        let counts = Progress::Counts(vec![0, 1, 127, 128, 300, u64::MAX]);
+        let sums = Progress::Sums(vec![
+            Decimal::ZERO,
+            Decimal(-1),
+            Decimal(1_500_000_000),
+            Decimal(i128::MIN),
+            Decimal(i128::MAX),
+        ]);
+        for (value, progress) in [
+            (AggValue::Count(7), Some(counts.clone())),
+            (AggValue::Sum(Decimal(3)), Some(sums)),
+            (AggValue::Distinct(2), Some(Progress::Counts(Vec::new()))),
+            (AggValue::Count(4), None),
+        ] {
+            let bytes = encode_window_record(99, value, progress.as_ref());
+            assert_eq!(decode_window_record(&bytes), Some((99, value, progress)));
+        }
+        // A window of format 5 and before: its value alone.
+        let older = encode_window_value(5, AggValue::Count(1));
+        assert_eq!(
+            decode_window_record(&older),
+            Some((5, AggValue::Count(1), None))
+        );
+        // Damaged records are refused, not read short.
+        let mut bytes = encode_window_record(1, AggValue::Count(1), Some(&counts));
+        bytes.push(0);
+        assert_eq!(decode_window_record(&bytes), None);
+        bytes.truncate(bytes.len() - 2);
+        assert_eq!(decode_window_record(&bytes), None);
+        // A segment value never has a record.
+        let with_record = encode_window_record(0, AggValue::Count(1), Some(&counts));
+        assert_eq!(decode_window_value(&with_record), None);
     }
 
     #[test]

@@ -14,8 +14,11 @@ use rocksdb::{ColumnFamily, IteratorMode, WriteOptions, DB};
 /// holds the occurrence's previous one too, and its other occurrences are stored only where an
 /// event can still reach them (`nsm_core::engine::trailing`); such metrics' fingerprints say
 /// so. 5: a partition's meta record holds its watermark apart from its newest event (the
-/// watermark is bounded by the wall clock when each event was applied).
-pub const FORMAT_VERSION: u32 = 5;
+/// watermark is bounded by the wall clock when each event was applied). 6: a calendar window
+/// of a count, sum, distinct count, conversion or retention carries its progress record after
+/// its value (`nsm_core::engine::baseline`), and its distinct members hold the step of their
+/// earliest event; such metrics' fingerprints say so.
+pub const FORMAT_VERSION: u32 = 6;
 
 /// An older format this nsm migrates at open (its fingerprints move to each partition, in
 /// format 3's form).
@@ -29,6 +32,11 @@ pub(crate) const FORMAT_WITH_EVERY_OCCURRENCE: u32 = 3;
 /// An older format this nsm reads as it is: its partitions' meta records hold no watermark,
 /// which is then their newest event, as it was in that format.
 pub(crate) const FORMAT_WITHOUT_WATERMARK: u32 = 4;
+
+/// An older format this nsm reads as it is: its windows end after their value and its
+/// members hold no step, so those windows have no progress record and give no baseline
+/// (windows created from then on have one).
+pub(crate) const FORMAT_WITHOUT_PROGRESS: u32 = 5;
 
 pub(crate) const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
@@ -66,8 +74,9 @@ pub enum FormatError {
 
 /// Checks the format version of an opened store and returns it; a new, empty store gets the
 /// current one. `data` are the column families that hold state: a store with data there and
-/// no version was not made by nsm. [`FORMAT_WITH_GLOBAL_FINGERPRINTS`] and
-/// [`FORMAT_WITH_EVERY_OCCURRENCE`] are accepted, for the caller to migrate.
+/// no version was not made by nsm. [`FORMAT_WITH_GLOBAL_FINGERPRINTS`],
+/// [`FORMAT_WITH_EVERY_OCCURRENCE`], [`FORMAT_WITHOUT_WATERMARK`] and
+/// [`FORMAT_WITHOUT_PROGRESS`] are accepted, for the caller to migrate.
 pub(crate) fn check(
     db: &DB,
     meta: &ColumnFamily,
@@ -107,6 +116,7 @@ pub(crate) fn check(
     if found == FORMAT_WITH_GLOBAL_FINGERPRINTS
         || found == FORMAT_WITH_EVERY_OCCURRENCE
         || found == FORMAT_WITHOUT_WATERMARK
+        || found == FORMAT_WITHOUT_PROGRESS
     {
         return Ok(found);
     }

@@ -51,9 +51,10 @@ use rocksdb::{
 };
 
 use codec::{
-    decode_i64, decode_partition_meta, decode_window_value, encode_partition_meta,
-    encode_window_value, entry_key_into, partition_prefix, prefix_successor,
-    split_partition_prefix, window_key, window_metric_prefix, PartitionMeta,
+    decode_i64, decode_partition_meta, decode_window_record, decode_window_value,
+    encode_partition_meta, encode_window_record, encode_window_value, entry_key_into,
+    partition_prefix, prefix_successor, split_partition_prefix, window_key, window_metric_prefix,
+    PartitionMeta,
 };
 
 pub use changelog::{
@@ -257,9 +258,9 @@ impl Store {
             format::FORMAT_WITH_GLOBAL_FINGERPRINTS => {
                 store.migrate_fingerprints_to_partitions()?
             }
-            format::FORMAT_WITH_EVERY_OCCURRENCE | format::FORMAT_WITHOUT_WATERMARK => {
-                store.raise_format_version()?
-            }
+            format::FORMAT_WITH_EVERY_OCCURRENCE
+            | format::FORMAT_WITHOUT_WATERMARK
+            | format::FORMAT_WITHOUT_PROGRESS => store.raise_format_version()?,
             _ => {}
         }
         Ok(store)
@@ -272,9 +273,9 @@ impl Store {
             .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
     }
 
-    /// Formats 3 and 4 read as they are (see `format::FORMAT_WITH_EVERY_OCCURRENCE` and
-    /// `format::FORMAT_WITHOUT_WATERMARK`); once this nsm writes, an nsm of those formats could
-    /// not read it, so the version goes up first.
+    /// Formats 3 to 5 read as they are (see `format::FORMAT_WITH_EVERY_OCCURRENCE`,
+    /// `format::FORMAT_WITHOUT_WATERMARK` and `format::FORMAT_WITHOUT_PROGRESS`); once this nsm
+    /// writes, an nsm of those formats could not read it, so the version goes up first.
     fn raise_format_version(&self) -> Result<(), StateError> {
         self.db.put_cf_opt(
             self.cf(CF_META),
@@ -400,7 +401,7 @@ impl Store {
                 recorder.put(
                     CF_WINDOWS,
                     &key,
-                    &encode_window_value(upsert.end_ms, upsert.value),
+                    &encode_window_record(upsert.end_ms, upsert.value, upsert.progress.as_ref()),
                 );
             }
             for segment in &part.segments {
@@ -767,12 +768,13 @@ impl Store {
         if !rest.is_empty() {
             return Err(corrupt());
         }
-        let (end_ms, value) = decode_window_value(value).ok_or_else(corrupt)?;
+        let (end_ms, value, progress) = decode_window_record(value).ok_or_else(corrupt)?;
         Ok(index.map(|metric| StoredWindow {
             metric,
             start_ms,
             end_ms,
             value,
+            progress,
         }))
     }
 

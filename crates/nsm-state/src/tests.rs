@@ -1265,3 +1265,88 @@ fn windows_and_segments_are_read_only_in_a_range_of_starts_and_up_to_a_limit() {
     let segment_starts: Vec<i64> = segments.iter().map(|segment| segment.start_ms).collect();
     assert_eq!(segment_starts, starts[2..5], "one user's segment an hour");
 }
+
+#[test]
+fn baselines_survive_a_restart_and_windows_of_format_5_give_none() {
+    let plan = plan_from(CONFIG);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let week = 7 * 24 * 60;
+    // Last week, two hours before the same elapsed point, and now.
+    let expected = write_events(
+        dir.path(),
+        &plan,
+        &[
+            event("payment", "ana", -week - 120),
+            event("message_sent", "ana", -week - 119),
+            event("payment", "bo", -week - 118),
+            event("payment", "cy", 30),
+            event("message_sent", "bo", 31),
+        ],
+    );
+    let revenue = plan.metric_index("revenue").expect("revenue");
+    let baseline_of = |values: &[MetricValues], metric: usize| {
+        let values = values.iter().find(|values| values.metric == metric);
+        values.and_then(|values| values.baseline.clone())
+    };
+    let baseline = baseline_of(&expected, revenue).expect("a weekly baseline");
+    assert_eq!(baseline.value(), 5.0, "{baseline:?}");
+
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    let mut restored = engine_on(&store, &plan);
+    restored.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    assert_eq!(restored.metric_values(NOW), expected);
+
+    // As format 5 left it: windows without records, its version and fingerprints.
+    let mut batch = WriteBatch::default();
+    for item in store
+        .db
+        .iterator_cf(store.cf(CF_WINDOWS), IteratorMode::Start)
+    {
+        let (key, value) = item.expect("read");
+        let (end_ms, value, _) = decode_window_record(&value).expect("a window");
+        batch.put_cf(
+            store.cf(CF_WINDOWS),
+            key,
+            encode_window_value(end_ms, value),
+        );
+    }
+    for (index, metric) in plan.metrics().iter().enumerate() {
+        let mut fingerprint_key = partition_prefix(&key(0));
+        fingerprint_key.extend_from_slice(metric.name.as_bytes());
+        let fingerprint = plan.format_3_fingerprint(index);
+        batch.put_cf(store.cf(CF_FINGERPRINTS), fingerprint_key, fingerprint);
+    }
+    batch.put_cf(
+        store.cf(CF_META),
+        format::FORMAT_VERSION_KEY,
+        5u32.to_be_bytes(),
+    );
+    store.db.write(batch).expect("write");
+    drop((store, restored));
+
+    let store = Store::open(dir.path(), &plan, &options()).expect("a format 5 store opens");
+    let version = store
+        .db
+        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
+        .expect("read")
+        .expect("version");
+    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
+    assert!(adopt(&store, 0, &[]).is_empty(), "format 5 data is kept");
+    let snapshot = store.load_partition(&key(0)).expect("load");
+    assert!(snapshot
+        .windows
+        .iter()
+        .all(|window| window.progress.is_none()));
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), snapshot);
+    let values = engine.metric_values(NOW);
+    assert_eq!(
+        baseline_of(&values, revenue),
+        None,
+        "no record, no baseline"
+    );
+    let current = |values: &[MetricValues]| -> Vec<AggValue> {
+        values.iter().map(|values| values.current.value).collect()
+    };
+    assert_eq!(current(&values), current(&expected));
+}

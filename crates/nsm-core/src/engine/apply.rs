@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 
+use super::baseline::{decode_step, encode_step, step_of, Progress};
 use super::dedup::SeenIds;
 use super::filter;
 use super::funnel::Funnel;
@@ -574,13 +575,15 @@ fn commit(
             }
             continue;
         }
-        let window = window_entry(&mut state.windows[index], bounds, &compiled.value);
+        let window = window_entry(&mut state.windows[index], bounds, compiled);
         let members = &mut state.members;
         let pending = &mut state.pending;
+        let step = step_of(compiled.window, bounds, event_time_ms);
         let target = Target {
             metric: index,
             start_ms: bounds.start_ms,
             source: &compiled.value,
+            step,
         };
         // A retention counts a member new in a window (or a segment), once the window's
         // borrow ends; most metrics have none, and note nothing.
@@ -593,15 +596,38 @@ fn commit(
                 new_in_segment = Some((member, segment));
             }
         }
-        let new_in_window = target.add(&mut window.agg, members, source, &contribution)? && {
+        let added = target.add(
+            &mut window.agg,
+            &mut window.progress,
+            members,
+            source,
+            &contribution,
+        )?;
+        if added.changed() {
             pending.dirty_windows.insert((index, bounds.start_ms));
-            has_retention
-        };
-        if let (true, Contribution::Member(member)) = (new_in_window, &contribution) {
-            count_returning(plan, state, source, index, bounds, member, None)?;
+        }
+        if let (true, Contribution::Member(member)) = (has_retention, &contribution) {
+            match added {
+                Added::NewMember => {
+                    count_returning(plan, state, source, index, bounds, member, None, Some(step))?
+                }
+                Added::Moved { from } => {
+                    move_returning(plan, state, source, index, bounds, member, from, step)?
+                }
+                Added::Nothing | Added::Changed => {}
+            }
         }
         if let Some((member, segment)) = new_in_segment {
-            count_returning(plan, state, source, index, bounds, &member, Some(&segment))?;
+            count_returning(
+                plan,
+                state,
+                source,
+                index,
+                bounds,
+                &member,
+                Some(&segment),
+                None,
+            )?;
         }
     }
     Ok(())
@@ -781,17 +807,22 @@ impl FunnelStep {
         let Some(bounds) = plan.calendar().window_of(compiled.window, time_ms) else {
             return Ok(());
         };
-        let window = window_entry(&mut state.windows[index], bounds, &compiled.value);
+        let window = window_entry(&mut state.windows[index], bounds, compiled);
         let target = Target {
             metric: index,
             start_ms: bounds.start_ms,
             source: &compiled.value,
+            step: step_of(compiled.window, bounds, time_ms),
         };
         let (members, pending) = (&mut state.members, &mut state.pending);
         let member = Contribution::Member(Cow::Borrowed(entity));
         match segment {
             None => {
-                if target.add(&mut window.agg, members, source, &member)? {
+                let progress = &mut window.progress;
+                if target
+                    .add(&mut window.agg, progress, members, source, &member)?
+                    .changed()
+                {
                     pending.dirty_windows.insert((index, bounds.start_ms));
                 }
             }
@@ -805,9 +836,11 @@ impl FunnelStep {
 }
 
 /// Keeps the retention metrics of distinct metric `base` up to date when `member` joins its
-/// window `bounds` (or the segment `segment` there, `member` then tagged with it): it returns
-/// in this window if it was in the previous one, and makes the next window's member (seen
-/// earlier, out of order) a returning one.
+/// window `bounds` (or the segment `segment` there, `member` then tagged with it) at step
+/// `step` of the window's progress record: it returns in this window if it was in the
+/// previous one, and makes the next window's member (seen earlier, out of order) a returning
+/// one, in the step of that member.
+#[allow(clippy::too_many_arguments)]
 fn count_returning(
     plan: &Plan,
     state: &mut PartitionState,
@@ -816,6 +849,7 @@ fn count_returning(
     bounds: WindowBounds,
     member: &[u8],
     segment: Option<&[u8]>,
+    step: Option<usize>,
 ) -> Result<(), StateReadError> {
     // A segment's returning entities count only in retention metrics broken down too.
     let counts = |retention: &usize| {
@@ -831,31 +865,33 @@ fn count_returning(
     }
     let unit = plan.compiled[base].window;
     let calendar = plan.calendar();
-    let in_window = |state: &mut PartitionState, start_ms: EpochMillis| {
-        if !state.windows[base].contains_key(&start_ms) {
-            return Ok(false);
-        }
-        state.members.contains(source, base, start_ms, member)
-    };
     let mut returning_in = Vec::with_capacity(2);
     if let Some(previous) = calendar.previous(unit, bounds) {
-        if in_window(state, previous.start_ms)? {
-            returning_in.push(bounds);
+        if member_step(state, source, base, previous, member)?.is_some() {
+            returning_in.push((bounds, step));
         }
     }
     if let Some(next) = calendar.window_of(unit, bounds.end_ms) {
-        if in_window(state, next.start_ms)? {
-            returning_in.push(next);
+        // The next window's member returns from its own first step there.
+        if let Some(next_step) = member_step(state, source, base, next, member)? {
+            returning_in.push((next, next_step));
         }
     }
     for retention in dependents {
-        for window in &returning_in {
-            let source = &plan.compiled[retention].value;
-            let entry = window_entry(&mut state.windows[retention], *window, source);
+        for (window, step) in &returning_in {
+            let compiled = &plan.compiled[retention];
+            let entry = window_entry(&mut state.windows[retention], *window, compiled);
             let pending = &mut state.pending;
             let agg = match segment {
                 None => {
                     pending.dirty_windows.insert((retention, window.start_ms));
+                    match (&mut entry.progress, step) {
+                        (Some(progress), Some(step)) => progress.add_one(*step),
+                        // A member without a step (stored before records were kept): the
+                        // record could no longer be exact.
+                        (progress, None) => *progress = None,
+                        (None, Some(_)) => {}
+                    }
                     &mut entry.agg
                 }
                 Some(segment) => {
@@ -866,7 +902,7 @@ fn count_returning(
                     entry
                         .segments
                         .entry(segment)
-                        .or_insert_with(|| Agg::empty(source))
+                        .or_insert_with(|| Agg::empty(&compiled.value))
                 }
             };
             if let Agg::Count(count) = agg {
@@ -877,15 +913,73 @@ fn count_returning(
     Ok(())
 }
 
-/// The window of a metric at `bounds`, created empty for the metric's kind if new.
+/// Whether `member` is in window `bounds` of distinct metric `base`: `None` when not, else
+/// the step of its earliest event there (`None` inside when its entry holds no step).
+fn member_step(
+    state: &mut PartitionState,
+    source: &Source<'_>,
+    base: usize,
+    bounds: WindowBounds,
+    member: &[u8],
+) -> Result<Option<Option<usize>>, StateReadError> {
+    if !state.windows[base].contains_key(&bounds.start_ms) {
+        return Ok(None);
+    }
+    let value = state.members.get(source, base, bounds.start_ms, member)?;
+    Ok(value.map(|value| decode_step(&value)))
+}
+
+/// Keeps the retention metrics of distinct metric `base` exact when `member`'s earliest event
+/// in window `bounds` moved from step `from` to the earlier `to`: where it returns there (it
+/// was in the previous window), it now returns from `to`.
+#[allow(clippy::too_many_arguments)]
+fn move_returning(
+    plan: &Plan,
+    state: &mut PartitionState,
+    source: &Source<'_>,
+    base: usize,
+    bounds: WindowBounds,
+    member: &[u8],
+    from: usize,
+    to: usize,
+) -> Result<(), StateReadError> {
+    let unit = plan.compiled[base].window;
+    let Some(previous) = plan.calendar().previous(unit, bounds) else {
+        return Ok(());
+    };
+    if member_step(state, source, base, previous, member)?.is_none() {
+        return Ok(());
+    }
+    for &retention in &plan.retention_of[base] {
+        let Some(window) = state.windows[retention].get_mut(&bounds.start_ms) else {
+            continue;
+        };
+        if let Some(progress) = &mut window.progress {
+            progress.move_one(from, to);
+            state
+                .pending
+                .dirty_windows
+                .insert((retention, bounds.start_ms));
+        }
+    }
+    Ok(())
+}
+
+/// The window of a metric at `bounds`, created empty for the metric's kind if new, with an
+/// empty progress record when a calendar window of its kind keeps one (see
+/// [`super::baseline`]).
 fn window_entry<'s>(
     windows: &'s mut BTreeMap<EpochMillis, WindowState>,
     bounds: WindowBounds,
-    source: &ValueSource,
+    compiled: &CompiledMetric,
 ) -> &'s mut WindowState {
-    windows
-        .entry(bounds.start_ms)
-        .or_insert_with(|| WindowState::new(bounds.end_ms, Agg::empty(source)))
+    windows.entry(bounds.start_ms).or_insert_with(|| {
+        let mut window = WindowState::new(bounds.end_ms, Agg::empty(&compiled.value));
+        if compiled.trailing.is_none() {
+            window.progress = Progress::for_source(&compiled.value);
+        }
+        window
+    })
 }
 
 /// A segment a contribution changed, and the contribution tagged with it.
@@ -896,12 +990,38 @@ struct Target<'p> {
     metric: usize,
     start_ms: EpochMillis,
     source: &'p ValueSource,
+    /// The step of the event in the window's progress record.
+    step: usize,
+}
+
+/// What adding a contribution did to a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Added {
+    Nothing,
+    /// Its value changed, or it holds new per-entity entries.
+    Changed,
+    /// A member new in the window.
+    NewMember,
+    /// A member already there whose earliest event moved to the earlier step `step` from
+    /// `from` (a late event).
+    Moved {
+        from: usize,
+    },
+}
+
+impl Added {
+    /// Whether the window must be stored: its value or progress changed, or it holds new
+    /// per-entity entries (which expire with it, so it must be known after a restart).
+    fn changed(self) -> bool {
+        self != Added::Nothing
+    }
 }
 
 impl Target<'_> {
     /// Adds a contribution to its segment of the window (see [`capped_segment`]), the
     /// entity tagged with the segment; returns the segment and the tagged contribution when
-    /// that changed the segment (noted for the next checkpoint).
+    /// that changed the segment (noted for the next checkpoint). Segments keep no progress
+    /// record.
     fn add_to_segment<'c>(
         &self,
         window: &mut WindowState,
@@ -917,7 +1037,10 @@ impl Target<'_> {
             .entry(segment.clone())
             .or_insert_with(|| Agg::empty(self.source));
         let tagged = tagged_with(&segment, contribution);
-        if !self.add(agg, members, source, &tagged)? {
+        if !self
+            .add(agg, &mut None, members, source, &tagged)?
+            .changed()
+        {
             return Ok(None);
         }
         pending
@@ -926,31 +1049,40 @@ impl Target<'_> {
         Ok(Some((segment, tagged)))
     }
 
-    /// Adds a contribution; returns whether the window must be stored: its value changed, or
-    /// it holds new per-entity entries (which expire with it, so it must be known after a
-    /// restart).
+    /// Adds a contribution to a value and its progress record.
     fn add(
         &self,
         agg: &mut Agg,
+        progress: &mut Option<Progress>,
         members: &mut MemberIndex,
         source: &Source<'_>,
         contribution: &Contribution<'_>,
-    ) -> Result<bool, StateReadError> {
+    ) -> Result<Added, StateReadError> {
         Ok(match (agg, contribution) {
             (Agg::Count(count), Contribution::One) => {
                 *count += 1;
-                true
+                if let Some(progress) = progress {
+                    progress.add_one(self.step);
+                }
+                Added::Changed
             }
             (Agg::Sum(sum), Contribution::Amount(amount)) => match sum.checked_add(*amount) {
                 Some(total) => {
                     *sum = total;
-                    true
+                    if progress
+                        .as_mut()
+                        .is_some_and(|progress| !progress.add_amount(self.step, *amount))
+                    {
+                        // A step's sum beyond the exact range: no exact record any more.
+                        *progress = None;
+                    }
+                    Added::Changed
                 }
-                None => false,
+                None => Added::Nothing,
             },
             (Agg::Threshold(reached), Contribution::Progress { entity, actor }) => {
                 let ValueSource::Threshold { at_least, .. } = self.source else {
-                    return Ok(false);
+                    return Ok(Added::Nothing);
                 };
                 let window = ThresholdWindow {
                     metric: self.metric,
@@ -960,22 +1092,48 @@ impl Target<'_> {
                 match window.add(members, source, entity, actor.as_deref())? {
                     Step::Reached => {
                         *reached += 1;
-                        true
+                        Added::Changed
                     }
-                    Step::Progressed => true,
-                    Step::Nothing => false,
+                    Step::Progressed => Added::Changed,
+                    Step::Nothing => Added::Nothing,
                 }
             }
             (Agg::Distinct(count), Contribution::Member(member)) => {
-                if members.contains(source, self.metric, self.start_ms, member)? {
-                    false
-                } else {
-                    members.insert(self.metric, self.start_ms, member);
+                let (metric, start_ms) = (self.metric, self.start_ms);
+                let Some(record) = progress else {
+                    // No record: a member's presence is all there is to keep.
+                    if members.contains(source, metric, start_ms, member)? {
+                        return Ok(Added::Nothing);
+                    }
+                    members.insert(metric, start_ms, member);
                     *count += 1;
-                    true
+                    return Ok(Added::NewMember);
+                };
+                // With a record, the member's entry holds the step of its earliest event.
+                match members.get(source, metric, start_ms, member)? {
+                    None => {
+                        members.put(metric, start_ms, member, &encode_step(self.step));
+                        *count += 1;
+                        record.add_one(self.step);
+                        Added::NewMember
+                    }
+                    Some(value) => match decode_step(&value) {
+                        Some(first) if self.step < first => {
+                            members.put(metric, start_ms, member, &encode_step(self.step));
+                            record.move_one(first, self.step);
+                            Added::Moved { from: first }
+                        }
+                        Some(_) => Added::Nothing,
+                        // Stored without a step, which a window with a record never does:
+                        // the record cannot stay exact.
+                        None => {
+                            *progress = None;
+                            Added::Changed
+                        }
+                    },
                 }
             }
-            _ => false,
+            _ => Added::Nothing,
         })
     }
 }

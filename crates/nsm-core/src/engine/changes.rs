@@ -1,6 +1,7 @@
 //! The changes to persist after a batch of events: one entry per touched partition, written
 //! by the state store in a single atomic batch together with the partition's offset.
 
+use super::baseline::Progress;
 use super::dedup::expired_before;
 use super::funnel::{period_bound, period_of, FUNNEL_WINDOW};
 use super::members::EntryValue;
@@ -15,6 +16,8 @@ pub struct WindowUpsert {
     pub start_ms: EpochMillis,
     pub end_ms: EpochMillis,
     pub value: AggValue,
+    /// The window's progress record (see [`super::baseline`]), stored with its value.
+    pub progress: Option<Progress>,
 }
 
 /// A segment's new value.
@@ -129,6 +132,7 @@ impl PartitionState {
                     start_ms,
                     end_ms: window.end_ms,
                     value: window.agg.value(),
+                    progress: window.progress.clone(),
                 })
             })
             .collect();

@@ -7,6 +7,7 @@
 //! uninterrupted run. The engine never does I/O; the caller persists [`ChangeSet`]s.
 
 mod apply;
+mod baseline;
 mod changes;
 mod dedup;
 mod filter;
@@ -23,6 +24,7 @@ mod view;
 
 use std::collections::HashMap;
 
+pub use baseline::{progress_step_ms, Baseline, BaselinePoint, Progress, SEASONAL_WEEKS};
 pub use changes::{
     ChangeSet, MemberInsert, MemberRangeDelete, PartitionChanges, SegmentUpsert, WindowDelete,
     WindowUpsert, WindowsBefore,
@@ -332,5 +334,7 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod baseline_tests;
 #[cfg(test)]
 mod tests;

@@ -266,14 +266,25 @@ impl Plan {
     /// lengths, which older stored gaps do not have.
     ///
     /// A metric keeping trailing occurrences also carries the state format that changed their
-    /// layout (see [`Plan::format_3_fingerprint`]).
+    /// layout (see [`Plan::format_3_fingerprint`]), and one keeping progress records the
+    /// format that added them (6: an older nsm cannot read its windows, and discards them).
     pub fn fingerprint(&self, metric: usize) -> String {
         let format_3 = self.format_3_fingerprint(metric);
         if self.keeps_trailing_occurrences(metric) {
             format!("{format_3};occurrences=4")
+        } else if self.keeps_progress(metric) {
+            format!("{format_3};progress=6")
         } else {
             format_3
         }
+    }
+
+    /// Whether the metric's windows keep a progress record (see [`super::baseline`]): a
+    /// calendar count, sum, distinct count, conversion or retention.
+    pub fn keeps_progress(&self, metric: usize) -> bool {
+        let compiled = &self.compiled[metric];
+        compiled.trailing.is_none()
+            && super::baseline::Progress::for_source(&compiled.value).is_some()
     }
 
     /// The fingerprint state format 3 stored for the metric's data. This nsm reads that data

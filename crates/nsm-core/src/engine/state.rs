@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::baseline::Progress;
 use super::members::MemberIndex;
 use super::plan::{Plan, ValueSource};
 use crate::decimal::Decimal;
@@ -124,6 +125,9 @@ pub struct StoredWindow {
     pub start_ms: EpochMillis,
     pub end_ms: EpochMillis,
     pub value: AggValue,
+    /// What each step of the window added (see [`super::baseline`]); `None` for kinds that
+    /// keep none, trailing buckets, and windows stored before records were kept.
+    pub progress: Option<Progress>,
 }
 
 /// In a bucket of a trailing distinct metric: how many of its members (or of one segment's)
@@ -242,6 +246,9 @@ pub(super) struct WindowState {
     pub gaps: BTreeMap<EpochMillis, u64>,
     /// The same per segment of a breakdown.
     pub segment_gaps: HashMap<Box<[u8]>, BTreeMap<EpochMillis, u64>>,
+    /// What each step of a calendar window added to `agg` (see [`super::baseline`]): set when
+    /// the window is created, so a window restored without one never gets a partial one.
+    pub progress: Option<Progress>,
 }
 
 impl WindowState {
@@ -252,6 +259,7 @@ impl WindowState {
             segments: HashMap::new(),
             gaps: BTreeMap::new(),
             segment_gaps: HashMap::new(),
+            progress: None,
         }
     }
 
@@ -356,7 +364,7 @@ impl PartitionState {
         let metric_count = plan.compiled.len();
         let mut windows: Vec<BTreeMap<EpochMillis, WindowState>> =
             (0..metric_count).map(|_| BTreeMap::new()).collect();
-        for stored in &snapshot.windows {
+        for stored in snapshot.windows {
             let Some(compiled) = plan.compiled.get(stored.metric) else {
                 continue;
             };
@@ -365,7 +373,9 @@ impl PartitionState {
             let Some(agg) = Agg::restored(stored.value, &compiled.value) else {
                 continue;
             };
-            windows[stored.metric].insert(stored.start_ms, WindowState::new(stored.end_ms, agg));
+            let mut window = WindowState::new(stored.end_ms, agg);
+            window.progress = stored.progress;
+            windows[stored.metric].insert(stored.start_ms, window);
         }
         for stored in snapshot.segments {
             let Some(window) = windows

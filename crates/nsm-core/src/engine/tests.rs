@@ -1071,6 +1071,7 @@ fn snapshot_of(changes: &ChangeSet) -> PartitionSnapshot {
                 start_ms: upsert.start_ms,
                 end_ms: upsert.end_ms,
                 value: upsert.value,
+                progress: upsert.progress.clone(),
             })
             .collect(),
         segments: Vec::new(),

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use super::baseline::{calendar_baseline, Baseline, BaselinePoint};
 use super::plan::{Plan, ValueSource};
 use super::segment::{metric_segments, SegmentValue};
 use super::state::{Agg, AggValue, PartitionState};
@@ -34,6 +35,10 @@ pub struct MetricValues {
     pub before_previous: Option<WindowValue>,
     pub current_segments: Vec<SegmentValue>,
     pub previous_segments: Vec<SegmentValue>,
+    /// What the comparable past window(s) held at the current window's elapsed point (see
+    /// [`super::baseline`]); for a trailing metric, its previous range. `None` when no past
+    /// window has a value there.
+    pub baseline: Option<Baseline>,
 }
 
 /// Progress of one owned partition.
@@ -161,13 +166,27 @@ pub(super) fn metric_values<'a>(
             })
             .flatten()
             .map(|bounds| window_value(index, bounds));
+        let previous_value = window_value(index, previous);
+        let baseline = match &compiled.trailing {
+            // A trailing range is always whole: the range one length ago is its baseline.
+            Some(_) => Some(Baseline {
+                elapsed_ms: current.end_ms - current.start_ms,
+                points: vec![BaselinePoint {
+                    weeks_back: None,
+                    bounds: previous,
+                    value: previous_value.value,
+                }],
+            }),
+            None => calendar_baseline(plan, partitions.clone(), index, current, clock),
+        };
         values.push(MetricValues {
             metric: index,
             current: window_value(index, current),
-            previous: window_value(index, previous),
+            previous: previous_value,
             before_previous,
             current_segments: segments(index, current),
             previous_segments: segments(index, previous),
+            baseline,
         });
     }
     values
