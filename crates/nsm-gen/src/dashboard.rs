@@ -4,6 +4,7 @@
 //! `nsm rules` (`nsm:*`) and nsm's own series; the data source is a dashboard variable.
 
 use nsm_core::metric::{MetricDef, Role};
+use nsm_core::window::CalendarUnit;
 use nsm_core::Config;
 use serde_json::{json, Value};
 
@@ -71,6 +72,41 @@ pub fn dashboard(config: &Config, source: &str) -> String {
         } else {
             builder.next_row();
         }
+        builder.add(
+            timeseries(
+                &format!("North Star: this {unit} against its baseline"),
+                &format!(
+                    "The {unit} still filling, and what {} had reached at the same point, from \
+                     nsm's own state: a gap that opens is the North Star falling behind its \
+                     usual pace.",
+                    baseline_source(north_star.window)
+                ),
+                vec![
+                    target(&value_query(north_star, "current"), &format!("this {unit}")),
+                    target(
+                        &value_query(north_star, "baseline"),
+                        &format!("baseline: past {unit}s at the same point"),
+                    ),
+                ],
+                "short",
+            ),
+            18,
+            8,
+        );
+        let mut pace = stat(
+            "Pace against baseline",
+            "This window so far over its baseline at the same point: 100% is the usual pace.",
+            &format!(
+                "{} / {}",
+                value_query(north_star, "current"),
+                value_query(north_star, "baseline")
+            ),
+            "percentunit",
+            false,
+        );
+        pace["fieldConfig"]["defaults"]["thresholds"] =
+            thresholds(&[(None, "red"), (Some(0.7), "orange"), (Some(0.9), "green")]);
+        builder.add(pace, 6, 8);
     }
 
     builder.row("Input metrics and their owners");
@@ -291,7 +327,7 @@ pub fn dashboard(config: &Config, source: &str) -> String {
             "refresh": 1,
             "options": [],
         } ] },
-        "annotations": { "list": [] },
+        "annotations": { "list": alert_annotations(config, source) },
         "links": [],
         "panels": builder.panels,
     });
@@ -321,6 +357,51 @@ fn uid(config: &Config) -> String {
         .unwrap_or_default();
     let slug: String = first.chars().take(22).collect();
     format!("nsm-{slug}-{:012x}", hash & 0xffff_ffff_ffff)
+}
+
+/// What a window's baseline is taken from (see README, "What nsm exports").
+fn baseline_source(window: CalendarUnit) -> &'static str {
+    match window {
+        CalendarUnit::Hour => {
+            "the same hour of the same weekday (the median of the four weeks before)"
+        }
+        CalendarUnit::Day => "the same weekday (the median of the four weeks before)",
+        CalendarUnit::Week => "the previous week",
+        CalendarUnit::Month => "the previous month",
+    }
+}
+
+/// The generated alerts as annotations: when each fired, on every time series panel.
+fn alert_annotations(config: &Config, source: &str) -> Value {
+    let names = alert_names(&crate::rules(config, source));
+    if names.is_empty() {
+        return json!([]);
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    json!([{
+        "name": "nsm alerts",
+        "datasource": datasource(),
+        "enable": true,
+        "iconColor": "red",
+        "expr": format!(
+            "ALERTS{{alertstate=\"firing\", alertname=~\"{}\"}}",
+            names.join("|")
+        ),
+        "step": "1m",
+        "titleFormat": "{{alertname}}",
+        "textFormat": "{{severity}} {{metric}}",
+        "tagKeys": "severity,metric",
+        "useValueForTime": false,
+    }])
+}
+
+/// The alert names of a generated rule file, sorted.
+fn alert_names(rules: &str) -> std::collections::BTreeSet<String> {
+    rules
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert: "))
+        .map(|name| name.trim().to_string())
+        .collect()
 }
 
 fn value_query(metric: &MetricDef, window: &str) -> String {
