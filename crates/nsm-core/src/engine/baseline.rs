@@ -140,9 +140,11 @@ impl Progress {
     }
 }
 
-/// The element of a step, the record grown to hold it.
+/// The element of a step, the record grown to hold it: exactly, so a record takes its steps'
+/// bytes and no more (it grows once a step, a copy of at most a few KiB).
 fn grown<T: Default + Clone>(steps: &mut Vec<T>, step: usize) -> &mut T {
     if steps.len() <= step {
+        steps.reserve_exact(step + 1 - steps.len());
         steps.resize(step + 1, T::default());
     }
     &mut steps[step]
