@@ -1,8 +1,10 @@
 # nsm — the two commands a new machine needs:
-#   make run    build and run the pipeline on its embedded default (in-process broker + demo stream);
-#               make run PRODUCT=chatbot|collaboration|marketplace picks the product (default collaboration),
-#               make run SCENARIO=healthy|nsm-flattens|guardrail-breach|traffic-stops how its stream
-#               changes over time (default healthy); SCENARIO_PERIOD=10m how fast
+#   make run    build and run the pipeline on its embedded default (in-process broker + demo stream,
+#               three weeks of history, event time 1008x faster, Prometheus with the generated rules
+#               on localhost:9090); make run PRODUCT=chatbot|collaboration|marketplace picks the
+#               product (default collaboration), make run SCENARIO=healthy|nsm-flattens|
+#               guardrail-breach|traffic-stops|collapse|tracking-breaks how its stream changes over
+#               time (default healthy); SCENARIO_PERIOD=10m how fast
 #   make test   install what the tests need (system packages, the tansu broker) and run them all
 #   make fuzz   fuzz event decoding and Engine::apply for FUZZ_SECONDS (nightly + cargo-fuzz)
 #   make bench  measure the core path against parse-only, memory at BENCH_USERS distinct users,

@@ -4,6 +4,7 @@
 //! business logic of its own.
 
 mod changelog;
+mod clock;
 mod demo;
 mod generate;
 mod generator;

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nsm_core::engine::{
     Engine, MetricValues, Outcome, PartitionSnapshot, PartitionStatus, Plan, DEFAULT_MEMBER_CACHE,
@@ -33,23 +33,21 @@ use nsm_state::Store;
 use tracing::{error, info, warn};
 
 use crate::changelog::Changelog;
+use crate::clock::EventClock;
 
 /// How many event latencies to keep between publishes; beyond, every n-th is kept.
 const MAX_LATENCY_SAMPLES: usize = 50_000;
 /// How often idle partitions are checked.
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-pub fn wall_clock_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::wall_clock_ms;
 
 pub struct Pipeline {
     engine: Engine,
     store: Store,
     changelog: Option<Arc<Changelog>>,
+    /// What event time is judged by: the wall clock, or the demo's faster one.
+    clock: EventClock,
     /// The checkpoint being stored, if any.
     in_flight: Option<InFlight>,
     /// Offsets of the checkpoints stored since the consumer last asked, to commit to the group.
@@ -143,6 +141,7 @@ pub struct PipelineParts {
     /// than `stuck_after`.
     pub liveness: Arc<Liveness>,
     pub stuck_after: Duration,
+    pub clock: EventClock,
 }
 
 impl Pipeline {
@@ -157,6 +156,7 @@ impl Pipeline {
             .with_max_checkpoint_entries(parts.flush_max_entries),
             store: parts.store,
             changelog: parts.changelog.map(Arc::new),
+            clock: parts.clock,
             in_flight: None,
             stored_offsets: Vec::new(),
             kafka_reachable: true,
@@ -312,7 +312,7 @@ impl Pipeline {
 
     /// What the engine shows now, with the counts since the last one, to publish once stored.
     fn snapshot(&mut self) -> Snapshot {
-        let now_ms = wall_clock_ms();
+        let now_ms = self.clock.now_ms();
         self.latency_sample_every = 1;
         self.messages_since_publish = 0;
         Snapshot {
@@ -433,7 +433,7 @@ impl Pipeline {
     }
 
     fn advance_idle_partitions(&mut self) {
-        let now_ms = wall_clock_ms();
+        let now_ms = self.clock.now_ms();
         let idle: Vec<PartitionKey> = self
             .last_message
             .iter()
@@ -617,9 +617,9 @@ impl PartitionHandler for Pipeline {
         produced_ms: Option<i64>,
     ) -> Disposition {
         let expected = self.engine.next_offset(key);
-        let outcome = self
-            .engine
-            .apply_record(key, offset, payload, produced_ms, wall_clock_ms());
+        let outcome =
+            self.engine
+                .apply_record(key, offset, payload, produced_ms, self.clock.now_ms());
         if let Some(next) = expected.filter(|next| *next != offset) {
             self.offsets_skipped(key, next, offset);
         }
@@ -799,6 +799,7 @@ window = "1d"
             flush_max_entries: config.state.flush_max_entries,
             liveness: Arc::new(Liveness::default()),
             stuck_after: Duration::from_secs(300),
+            clock: EventClock::wall(),
         })
     }
 

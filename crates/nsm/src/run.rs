@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::changelog::Changelog;
+use crate::clock::EventClock;
 use crate::open_files;
 use crate::pipeline::{Pipeline, PipelineParts};
 
@@ -73,6 +74,15 @@ pub fn client_settings(config: &Config) -> ClientSettings {
 
 /// Runs the pipeline until `stop` is set (by a signal, or by the caller).
 pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
+    run_pipeline_with_clock(config, stop, EventClock::wall())
+}
+
+/// [`run_pipeline`] judging event time by `clock` (the demo's runs faster).
+pub fn run_pipeline_with_clock(
+    config: Config,
+    stop: Arc<AtomicBool>,
+    clock: EventClock,
+) -> Result<()> {
     refuse_lint_errors(&config)?;
     let protection = http_protection(&config)?;
     let plan = Plan::from_config(&config);
@@ -173,6 +183,7 @@ pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
         flush_max_entries: config.state.flush_max_entries,
         liveness,
         stuck_after: stuck_after(&config),
+        clock,
     });
     let consumer_stop = stop.clone();
     let consumer = std::thread::Builder::new()

@@ -287,6 +287,8 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         bad_share: args.bad_share,
         scenario: None,
         scenario_period: std::time::Duration::ZERO,
+        clock: crate::clock::EventClock::wall(),
+        history: std::time::Duration::ZERO,
     };
     let sent = run_generator(&producer, options, &stop)
         .map_err(|error| anyhow!("generator: {error:#}"))?;

@@ -25,6 +25,10 @@ fn demo_feeds_every_metric(product: &str, north_star: &str) {
             &listen,
             "--rate",
             "500",
+            "--history",
+            "0s",
+            "--prometheus",
+            "off",
         ]),
         dir.path(),
     );
@@ -107,6 +111,10 @@ fn the_traffic_stops_scenario_stops_the_stream_after_its_period() {
             &listen,
             "--rate",
             "500",
+            "--history",
+            "0s",
+            "--prometheus",
+            "off",
         ]),
         dir.path(),
     );
@@ -148,7 +156,90 @@ fn an_unknown_scenario_is_refused_with_the_list_of_scenarios() {
         "nsm-flattens",
         "guardrail-breach",
         "traffic-stops",
+        "collapse",
+        "tracking-breaks",
     ] {
         assert!(stderr.contains(scenario), "{stderr}");
     }
+}
+
+/// `make run` as it starts: three weeks of history first, so that the previous windows and the
+/// baseline of the window still filling exist at once, and a real Prometheus (Debian's, as
+/// `make deps` installs it) evaluating the config's rules on them.
+#[test]
+fn the_default_demo_fills_history_and_prometheus_sees_growth_and_baselines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let prometheus_port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let prometheus = format!("127.0.0.1:{prometheus_port}");
+    let demo = Process::spawn(
+        "nsm-demo-default",
+        Command::new(NSM).args(["demo", "--listen", &listen, "--prometheus", &prometheus]),
+        dir.path(),
+    );
+    let north_star = "weekly_active_teams";
+    let query = |expr: &str| -> Option<f64> {
+        let path = format!("/api/v1/query?query={}", url_encode(expr));
+        let (status, body) = http_get(prometheus_port, &path)?;
+        let body: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let value = body["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()?;
+        (status == 200).then_some(value)
+    };
+    // The history is produced at 5,000 slots a second: three weeks at 200 slots/s and a week
+    // in ten minutes are about 360,000 slots (72 s). Until it is, the windows shown are
+    // those of the history's event time.
+    wait_for(
+        "the history filled",
+        Duration::from_secs(300),
+        Some(&demo),
+        || demo.log_text().contains("history filled").then_some(()),
+    );
+    let (previous, baseline, current) = wait_for(
+        "Prometheus to hold the North Star's previous week, its baseline and its current week",
+        Duration::from_secs(240),
+        Some(&demo),
+        || {
+            let value = |window: &str| {
+                query(&format!(
+                    "nsm:metric_value:sum{{metric=\"{north_star}\", window=\"{window}\"}}"
+                ))
+                .filter(|value| *value > 0.0)
+            };
+            Some((value("previous")?, value("baseline")?, value("current")?))
+        },
+    );
+    eprintln!("previous week {previous}, baseline {baseline}, current {current}");
+    // The steady stream: the week so far is about where last week was at the same point.
+    assert!(
+        (current / baseline - 1.0).abs() < 0.5,
+        "current {current} against baseline {baseline}"
+    );
+    let growth = wait_for(
+        "the growth of the last whole week",
+        Duration::from_secs(60),
+        Some(&demo),
+        || query(&format!("nsm:metric_growth{{metric=\"{north_star}\"}}")),
+    );
+    assert!(growth.is_finite(), "growth {growth}");
+    let rules_loaded = http_get(prometheus_port, "/api/v1/rules")
+        .is_some_and(|(status, body)| status == 200 && body.contains("NSMFlatWhileRevenueGrows"));
+    assert!(rules_loaded, "the generated rules are loaded");
+    let mut demo = demo;
+    let status = demo.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", demo.log_text());
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }

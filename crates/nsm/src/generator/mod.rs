@@ -25,9 +25,9 @@ use nsm_kafka::EventProducer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::pipeline::wall_clock_ms;
+use crate::clock::EventClock;
 
 /// A product the demo can simulate, each with its example config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -102,6 +102,12 @@ pub struct GeneratorOptions {
     pub scenario: Option<Scenario>,
     /// The time over which the scenario ramps (see [`Scenario`]).
     pub scenario_period: Duration,
+    /// What live events are stamped with: the wall clock, or the demo's faster one.
+    pub clock: EventClock,
+    /// Event time before the start to fill first, as fast as the broker takes it, with the
+    /// steady stream at the live density (events per second of event time), so that
+    /// previous windows and baselines exist at once.
+    pub history: Duration,
 }
 
 /// How a deliberately bad event is broken, and so why nsm must reject it.
@@ -184,6 +190,9 @@ impl EventGenerator {
             scenario::Slot::Normal => {
                 let (flaw, mut draft) = self.draw();
                 if flaw.is_none() {
+                    if scenario.drops(&mut self.rng, product, &draft, elapsed, period) {
+                        return None;
+                    }
                     scenario.reshape(product, &mut draft, elapsed, period);
                 }
                 Some(self.finish(draft, flaw, time_ms))
@@ -313,8 +322,8 @@ fn euros(cents: u64) -> Value {
 /// One event in this many is sent twice, as a producer retry would.
 const RETRY_EVERY: u64 = 500;
 
-/// Produces events at the configured rate, stamped with the wall clock, until the count is
-/// reached or `stop` is set.
+/// Fills the history first when asked, then produces events at the configured rate, stamped
+/// with the options' clock, until the count is reached or `stop` is set.
 pub fn run_generator(
     producer: &EventProducer,
     options: GeneratorOptions,
@@ -325,11 +334,17 @@ pub fn run_generator(
     let count = options.count;
     let product = options.product;
     let mut generator = EventGenerator::new(options);
-    let started = Instant::now();
     let mut sent: u64 = 0;
     let mut flawed: u64 = 0;
     let mut retried: u64 = 0;
     let mut skipped: u64 = 0;
+    let history = generator.options.history;
+    if !history.is_zero() {
+        let seeded = seed_history(producer, &mut generator, &topic, history, stop)?;
+        info!(events = seeded, history = %humantime::format_duration(history), "history filled");
+    }
+    let clock = generator.options.clock;
+    let started = Instant::now();
     info!(topic = %topic, ?product, rate, "demo generator started");
     while !stop.load(Ordering::Relaxed) && count.is_none_or(|count| sent < count) {
         // Pace by elapsed time so the rate holds whatever the batch cost.
@@ -338,7 +353,7 @@ pub fn run_generator(
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
-        let now_ms = wall_clock_ms();
+        let now_ms = clock.now_ms();
         let elapsed = started.elapsed();
         while sent < due && count.is_none_or(|count| sent < count) {
             // `sent` counts the slots of the stream; a scenario may leave some empty.
@@ -366,6 +381,64 @@ pub fn run_generator(
         left_empty_by_scenario = skipped,
         "demo generator stopped"
     );
+    Ok(sent)
+}
+
+/// How fast the history is produced, in slots of the stream (a scenario leaves some empty):
+/// below what a debug build of nsm reads on two cores, since the in-process broker keeps about
+/// 5 MB a partition and would cut a backlog produced faster from its front.
+const HISTORY_SLOTS_PER_SECOND: f64 = 5_000.0;
+/// At most this many slots of history; a longer history is thinner than the live stream.
+const MAX_HISTORY_SLOTS: f64 = 1_000_000.0;
+
+/// The stream as the scenario starts it, from `history` of event time before now up to the
+/// moment the live stream takes over, in time order: `rate` slots per wall-clock second cover
+/// `clock.scale()` seconds of event time, as live. The clock moves on while the history is
+/// produced, and the history follows it, so the live stream starts where the history ends.
+fn seed_history(
+    producer: &EventProducer,
+    generator: &mut EventGenerator,
+    topic: &str,
+    history: Duration,
+    stop: &AtomicBool,
+) -> Result<u64> {
+    let clock = generator.options.clock;
+    let rate = f64::from(generator.options.rate.max(1));
+    let history_ms = history.as_millis() as f64;
+    // Event time between two slots, as live, unless that makes too many.
+    let live_step_ms = f64::from(clock.scale()) * 1000.0 / rate;
+    let step_ms = live_step_ms.max(history_ms / MAX_HISTORY_SLOTS);
+    if step_ms > live_step_ms {
+        warn!(
+            "the history is {:.0} times thinner than the live stream (at most {MAX_HISTORY_SLOTS} \
+             slots): a shorter --history or a larger --time-scale keeps it as dense",
+            step_ms / live_step_ms
+        );
+    }
+    let mut time_ms = clock.now_ms() as f64 - history_ms;
+    info!(history = %humantime::format_duration(history), "filling the history before the live stream");
+    let started = Instant::now();
+    let (mut slots, mut sent) = (0_u64, 0_u64);
+    while time_ms < clock.now_ms() as f64 && !stop.load(Ordering::Relaxed) {
+        while slots as f64 > started.elapsed().as_secs_f64() * HISTORY_SLOTS_PER_SECOND {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        slots += 1;
+        // The scenario as it starts: the density the live stream starts with.
+        if let Some(event) = generator.next_scenario_event(time_ms as i64, Duration::ZERO) {
+            producer.send(topic, Some(event.key.as_bytes()), event.payload.as_bytes())?;
+            sent += 1;
+            if sent.is_multiple_of(50_000) {
+                info!(
+                    sent,
+                    behind_ms = clock.now_ms() - time_ms as i64,
+                    "filling the history"
+                );
+            }
+        }
+        time_ms += step_ms;
+    }
+    producer.flush(Duration::from_secs(60))?;
     Ok(sent)
 }
 

@@ -31,6 +31,12 @@ pub enum Scenario {
     /// Healthy traffic for one period, then nothing at all (NoEvents, WatermarkStale; the
     /// business alerts are held back).
     TrafficStops,
+    /// Steady traffic; half-way through the period half of the North Star's events stop (a
+    /// broken release), the rest of the stream unchanged: the fast-burn alert pages.
+    Collapse,
+    /// Steady traffic; half-way through the period the North Star's event is renamed by its
+    /// producers (tracking broke): it vanishes from what nsm counts.
+    TrackingBreaks,
 }
 
 impl Scenario {
@@ -44,6 +50,12 @@ impl Scenario {
                 "a guardrail breach: growth, and guardrail events up to a quarter of the stream"
             }
             Self::TrafficStops => "traffic stops: healthy traffic for one period, then none",
+            Self::Collapse => {
+                "a collapse: steady traffic, then half the North Star's events stop mid-period"
+            }
+            Self::TrackingBreaks => {
+                "tracking breaks: steady traffic, then the North Star's event is renamed mid-period"
+            }
         }
     }
 }
@@ -56,6 +68,18 @@ pub(super) fn revenue_event(product: Product) -> (&'static str, &'static str) {
         Product::Marketplace => ("booking_confirmed", "fee"),
     }
 }
+
+/// The event each product's North Star counts.
+pub(super) fn north_star_event(product: Product) -> &'static str {
+    match product {
+        Product::Chatbot => "conversation_resolved",
+        Product::Collaboration => "message_sent",
+        Product::Marketplace => "booking_confirmed",
+    }
+}
+
+/// What producers rename the North Star's event to in `TrackingBreaks`.
+const RENAMED_NORTH_STAR_EVENT: &str = "north_star_event_renamed_v2";
 
 /// A guardrail event of a product, counted by a guardrail of its config as it is generated.
 pub(super) fn guardrail_event(product: Product) -> &'static str {
@@ -97,7 +121,7 @@ impl Scenario {
         };
         match self {
             Self::Healthy => growing(rng),
-            Self::NsmFlattens => {
+            Self::NsmFlattens | Self::Collapse | Self::TrackingBreaks => {
                 if rng.random::<f64>() < 0.5 {
                     Slot::Normal
                 } else {
@@ -113,7 +137,24 @@ impl Scenario {
         }
     }
 
-    /// Changes the event itself: in `NsmFlattens`, revenue events cost up to twice as much.
+    /// Whether a normal event is dropped: half the North Star's events from mid-period on in
+    /// `Collapse`.
+    pub(super) fn drops(
+        self,
+        rng: &mut StdRng,
+        product: Product,
+        draft: &Draft,
+        elapsed: Duration,
+        period: Duration,
+    ) -> bool {
+        self == Self::Collapse
+            && elapsed >= period / 2
+            && draft.name == north_star_event(product)
+            && rng.random::<f64>() < 0.5
+    }
+
+    /// Changes the event itself: in `NsmFlattens`, revenue events cost up to twice as much; in
+    /// `TrackingBreaks`, the North Star's event gets another name from mid-period on.
     pub(super) fn reshape(
         self,
         product: Product,
@@ -121,6 +162,13 @@ impl Scenario {
         elapsed: Duration,
         period: Duration,
     ) {
+        if self == Self::TrackingBreaks
+            && elapsed >= period / 2
+            && draft.name == north_star_event(product)
+        {
+            draft.name = RENAMED_NORTH_STAR_EVENT;
+            return;
+        }
         if self != Self::NsmFlattens {
             return;
         }
@@ -185,6 +233,8 @@ mod tests {
             bad_share: 0.0,
             scenario: Some(scenario),
             scenario_period: PERIOD,
+            clock: crate::clock::EventClock::wall(),
+            history: std::time::Duration::ZERO,
         });
         let (revenue_name, revenue_property) = revenue_event(product);
         let (mut early, mut late) = (Tally::default(), Tally::default());

@@ -39,6 +39,8 @@ fn stream(product: Product) -> Vec<(i64, GeneratedEvent)> {
         bad_share: BAD_SHARE,
         scenario: None,
         scenario_period: Duration::ZERO,
+        clock: crate::clock::EventClock::wall(),
+        history: std::time::Duration::ZERO,
     });
     (0..EVENTS as i64)
         .map(|second| {
