@@ -18,7 +18,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::metric::FieldPath;
+use crate::metric::{FieldPath, RecordField};
 use crate::reject::{RejectReason, Rejection};
 
 /// Index of a captured field in [`Fields`].
@@ -39,17 +39,58 @@ impl Node {
     }
 }
 
+/// The Kafka record around an event: what `@key`, `@header.NAME` and `events.timestamp =
+/// "@kafka"` read. The Kafka crate implements it over a consumed message.
+pub trait RecordMeta {
+    fn key(&self) -> Option<&[u8]>;
+    /// The value of the first header called `name`.
+    fn header(&self, name: &str) -> Option<&[u8]>;
+    /// The record's timestamp (CreateTime, or LogAppendTime), epoch milliseconds.
+    fn timestamp_ms(&self) -> Option<i64>;
+}
+
+/// An event without a record around it (tests, tools), or with only its timestamp.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRecord {
+    pub timestamp_ms: Option<i64>,
+}
+
+impl RecordMeta for NoRecord {
+    fn key(&self) -> Option<&[u8]> {
+        None
+    }
+
+    fn header(&self, _: &str) -> Option<&[u8]> {
+        None
+    }
+
+    fn timestamp_ms(&self) -> Option<i64> {
+        self.timestamp_ms
+    }
+}
+
 /// The set of field paths to capture from each event.
 #[derive(Debug, Default, Clone)]
 pub struct EventSchema {
     root: Node,
     slot_count: usize,
+    /// Slots read from the Kafka record rather than the JSON event.
+    record_slots: Vec<(Slot, RecordField)>,
 }
 
 impl EventSchema {
     /// The slot of `path`, adding it on first use; the same path always gets the same slot.
     /// The objects on the way get slots too (see the module doc).
     pub fn slot(&mut self, path: &FieldPath) -> Slot {
+        if let Some(field) = path.record_field() {
+            if let Some((slot, _)) = self.record_slots.iter().find(|(_, known)| *known == field) {
+                return *slot;
+            }
+            let slot = self.slot_count;
+            self.slot_count += 1;
+            self.record_slots.push((slot, field));
+            return slot;
+        }
         let mut node = &mut self.root;
         for segment in path.segments() {
             let position = node
@@ -77,6 +118,17 @@ impl EventSchema {
 
     /// Decodes one event. `payload` must already be valid UTF-8.
     pub fn decode<'a>(&self, payload: &'a str) -> Result<Fields<'a>, Rejection> {
+        const NONE: &NoRecord = &NoRecord { timestamp_ms: None };
+        self.decode_with(payload, NONE)
+    }
+
+    /// Decodes one event and reads the parts of its Kafka record the schema names. A key or
+    /// header that is not UTF-8 reads as absent.
+    pub fn decode_with<'a>(
+        &self,
+        payload: &'a str,
+        record: &'a dyn RecordMeta,
+    ) -> Result<Fields<'a>, Rejection> {
         let mut values = vec![None; self.slot_count];
         let mut deserializer = serde_json::Deserializer::from_str(payload);
         let seed = ObjectSeed {
@@ -93,7 +145,24 @@ impl EventSchema {
                 "the event is not a JSON object",
             ));
         }
-        Ok(Fields { values })
+        let record_values = self
+            .record_slots
+            .iter()
+            .map(|(slot, field)| {
+                let bytes = match field {
+                    RecordField::Key => record.key(),
+                    RecordField::Header(name) => record.header(name),
+                };
+                (
+                    *slot,
+                    bytes.and_then(|bytes| std::str::from_utf8(bytes).ok()),
+                )
+            })
+            .collect();
+        Ok(Fields {
+            values,
+            record_values,
+        })
     }
 }
 
@@ -101,11 +170,16 @@ impl EventSchema {
 #[derive(Debug)]
 pub struct Fields<'a> {
     values: Vec<Option<&'a RawValue>>,
+    /// The record's key and headers the schema names, as text.
+    record_values: Vec<(Slot, Option<&'a str>)>,
 }
 
 impl<'a> Fields<'a> {
-    /// The field's value; JSON `null` reads as absent.
+    /// The field's value; JSON `null` reads as absent. A key or header is text.
     pub fn get(&self, slot: Slot) -> Option<Scalar<'a>> {
+        if let Some((_, value)) = self.record_values.iter().find(|(known, _)| *known == slot) {
+            return value.map(|text| Scalar::Text(Cow::Borrowed(text)));
+        }
         let raw = self.values.get(slot).copied().flatten()?;
         match Scalar::from_raw(raw) {
             Scalar::Null => None,

@@ -25,18 +25,45 @@ impl Role {
     }
 }
 
-/// A dotted path to a field of the JSON event (`properties.amount`).
+/// A dotted path to a field of the JSON event (`properties.amount`), or a part of the Kafka
+/// record around it: `@key` (the message key) and `@header.NAME` (a header, its name taken
+/// whole, dots included).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FieldPath(Vec<String>);
+
+/// What a field path names outside the JSON event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordField {
+    Key,
+    Header(String),
+}
+
+const KEY_FIELD: &str = "@key";
+const HEADER_FIELD: &str = "@header";
 
 impl FieldPath {
     /// Splits at dots; `None` for an empty path or an empty segment (`a..b`).
     pub fn parse(text: &str) -> Option<FieldPath> {
+        if text == KEY_FIELD {
+            return Some(FieldPath(vec![KEY_FIELD.into()]));
+        }
+        if let Some(name) = text.strip_prefix("@header.") {
+            return (!name.is_empty()).then(|| FieldPath(vec![HEADER_FIELD.into(), name.into()]));
+        }
         let segments: Vec<String> = text.split('.').map(str::to_string).collect();
         if segments.iter().any(|segment| segment.is_empty()) {
             return None;
         }
         Some(FieldPath(segments))
+    }
+
+    /// The part of the Kafka record this path names, when it names one.
+    pub fn record_field(&self) -> Option<RecordField> {
+        match self.0.as_slice() {
+            [key] if key == KEY_FIELD => Some(RecordField::Key),
+            [header, name] if header == HEADER_FIELD => Some(RecordField::Header(name.clone())),
+            _ => None,
+        }
     }
 
     pub fn segments(&self) -> &[String] {

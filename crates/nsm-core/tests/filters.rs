@@ -98,3 +98,73 @@ fn every_malformed_test_is_reported_with_its_path() {
         "{errors}"
     );
 }
+
+/// The Kafka record around each event in the tests below.
+struct Record {
+    key: &'static str,
+    source: Option<&'static str>,
+}
+
+impl nsm_core::event::RecordMeta for Record {
+    fn key(&self) -> Option<&[u8]> {
+        Some(self.key.as_bytes())
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        (name == "x-source").then_some(self.source?.as_bytes())
+    }
+
+    fn timestamp_ms(&self) -> Option<i64> {
+        None
+    }
+}
+
+#[test]
+fn the_message_key_and_headers_can_be_filtered_and_counted() {
+    // Distinct message keys (producers key by account) among events not sent by the
+    // load-test tool, which marks them in a header.
+    let text = r#"
+[kafka]
+brokers = "b:9092"
+topics = ["events"]
+[time]
+zone = "UTC"
+[north_star]
+name = "paying_accounts"
+kind = "distinct"
+field = "@key"
+where = { event = "payment_succeeded", "@header.x-source" = { not = "load-test" } }
+window = "1d"
+"#;
+    let config = Config::from_toml(text, &|_| None).expect("valid config");
+    let mut engine = Engine::new(Plan::from_config(&config));
+    let key = PartitionKey::new("events", 0);
+    engine.restore_partition(key.clone(), Default::default());
+    let records = [
+        Record {
+            key: "acct-1",
+            source: Some("web"),
+        },
+        Record {
+            key: "acct-1",
+            source: None,
+        },
+        Record {
+            key: "acct-2",
+            source: Some("load-test"),
+        },
+        Record {
+            key: "acct-3",
+            source: None,
+        },
+    ];
+    for (offset, record) in records.iter().enumerate() {
+        let payload = format!(r#"{{"event":"payment_succeeded","timestamp":{NOW_MS}}}"#);
+        engine.apply_record(&key, offset as i64, payload.as_bytes(), record, NOW_MS);
+    }
+    assert_eq!(
+        engine.metric_values(NOW_MS)[0].current.value.to_f64(),
+        2.0,
+        "acct-1 once, acct-2 left out, acct-3"
+    );
+}

@@ -3,6 +3,7 @@
 
 use nsm_core::config::Config;
 use nsm_core::engine::{Engine, Outcome, Plan};
+use nsm_core::event::NoRecord;
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
 
@@ -38,7 +39,10 @@ fn key() -> PartitionKey {
 
 fn apply(engine: &mut Engine, offset: i64, timestamp: &str, kafka_ms: Option<i64>) -> Outcome {
     let payload = format!(r#"{{"event":"message_sent"{timestamp}}}"#);
-    engine.apply_record(&key(), offset, payload.as_bytes(), kafka_ms, NOW_MS)
+    let record = NoRecord {
+        timestamp_ms: kafka_ms,
+    };
+    engine.apply_record(&key(), offset, payload.as_bytes(), &record, NOW_MS)
 }
 
 fn rejected(outcome: &Outcome) -> Option<(RejectReason, String)> {

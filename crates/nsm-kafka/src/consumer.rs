@@ -12,9 +12,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nsm_core::config::{DeadLetterOnFailure, StartFrom};
+use nsm_core::event::RecordMeta;
 use nsm_core::PartitionKey;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::message::Headers;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -87,13 +89,13 @@ pub trait PartitionHandler: Send + 'static {
     /// not delivered. Let them go at once, without storing anything more of them nor waiting
     /// for a write in flight; their new owner resumes from their last stored state.
     fn abandoned(&mut self, partitions: &[PartitionKey]);
-    /// One message. `produced_ms` is the Kafka message timestamp.
+    /// One message, with its record (key, headers, timestamp).
     fn process(
         &mut self,
         key: &PartitionKey,
         offset: i64,
         payload: &[u8],
-        produced_ms: Option<i64>,
+        record: &dyn RecordMeta,
     ) -> Disposition;
     /// Persist state and offsets atomically; return the next offset of each partition, to
     /// commit to the group. Only called once the dead letters before it are delivered.
@@ -327,6 +329,27 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
                 }
             }
         }
+    }
+}
+
+/// A consumed message's key, headers and timestamp, as the engine reads them.
+struct MessageRecord<'m, M>(&'m M);
+
+impl<M: Message> RecordMeta for MessageRecord<'_, M> {
+    fn key(&self) -> Option<&[u8]> {
+        self.0.key()
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        let headers = self.0.headers()?;
+        headers
+            .iter()
+            .find(|header| header.key == name)
+            .and_then(|header| header.value)
+    }
+
+    fn timestamp_ms(&self) -> Option<i64> {
+        self.0.timestamp().to_millis()
     }
 }
 
@@ -611,11 +634,12 @@ pub fn run_consumer<H: PartitionHandler>(
                     continue;
                 }
                 let payload = message.payload().unwrap_or_default();
-                let produced_ms = message.timestamp().to_millis();
-                let disposition =
-                    shared
-                        .handler()
-                        .process(&key, message.offset(), payload, produced_ms);
+                let disposition = shared.handler().process(
+                    &key,
+                    message.offset(),
+                    payload,
+                    &MessageRecord(&message),
+                );
                 if let Disposition::DeadLetter { reason, detail } = disposition {
                     shared.dead_letters.send(&DeadLetter {
                         source_topic: message.topic(),

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nsm_core::config::{DeadLetterOnFailure, KafkaProperties, StartFrom};
+use nsm_core::event::RecordMeta;
 use nsm_core::PartitionKey;
 use nsm_kafka::{
     run_consumer, ClientSettings, ConsumerOptions, DeadLetterStats, Disposition, HandlerError,
@@ -81,7 +82,7 @@ impl PartitionHandler for Handler {
             .retain(|key| !partitions.contains(key));
     }
 
-    fn process(&mut self, _: &PartitionKey, _: i64, _: &[u8], _: Option<i64>) -> Disposition {
+    fn process(&mut self, _: &PartitionKey, _: i64, _: &[u8], _: &dyn RecordMeta) -> Disposition {
         Disposition::Done
     }
 

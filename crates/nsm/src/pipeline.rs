@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use nsm_core::engine::{
     Engine, MetricValues, Outcome, PartitionSnapshot, PartitionStatus, Plan, DEFAULT_MEMBER_CACHE,
 };
+use nsm_core::event::RecordMeta;
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
 use nsm_http::{
@@ -614,12 +615,13 @@ impl PartitionHandler for Pipeline {
         key: &PartitionKey,
         offset: i64,
         payload: &[u8],
-        produced_ms: Option<i64>,
+        record: &dyn RecordMeta,
     ) -> Disposition {
         let expected = self.engine.next_offset(key);
-        let outcome =
-            self.engine
-                .apply_record(key, offset, payload, produced_ms, self.clock.now_ms());
+        let outcome = self
+            .engine
+            .apply_record(key, offset, payload, record, self.clock.now_ms());
+        let produced_ms = record.timestamp_ms();
         if let Some(next) = expected.filter(|next| *next != offset) {
             self.offsets_skipped(key, next, offset);
         }
@@ -762,6 +764,7 @@ impl PartitionHandler for Pipeline {
 
 #[cfg(test)]
 mod tests {
+    use nsm_core::event::NoRecord;
     use nsm_core::Config;
     use nsm_state::StoreOptions;
 
@@ -809,7 +812,7 @@ window = "1d"
             wall_clock_ms()
         );
         assert_eq!(
-            pipeline.process(key, offset, event.as_bytes(), None),
+            pipeline.process(key, offset, event.as_bytes(), &NoRecord::default()),
             Disposition::Done
         );
     }

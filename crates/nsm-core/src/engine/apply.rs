@@ -22,7 +22,7 @@ use super::trailing::TrailingDistinct;
 use super::trailing_threshold::TrailingThreshold;
 use super::Outcome;
 use crate::decimal::{Decimal, DecimalError};
-use crate::event::{Fields, Scalar};
+use crate::event::{Fields, RecordMeta, Scalar};
 use crate::reject::{RejectReason, Rejection};
 use crate::timestamp::{self, TimestampSource};
 use crate::window::{Trailing, WindowBounds};
@@ -50,10 +50,10 @@ pub(super) fn apply_event(
     state: &mut PartitionState,
     source: &Source<'_>,
     payload: &[u8],
-    kafka_timestamp_ms: Option<EpochMillis>,
+    record: &dyn RecordMeta,
     now_ms: EpochMillis,
 ) -> Outcome {
-    match evaluate(plan, state, payload, kafka_timestamp_ms, now_ms) {
+    match evaluate(plan, state, payload, record, now_ms) {
         Ok(evaluated) => {
             let event_time_ms = evaluated.event_time_ms;
             if let Some(id) = &evaluated.id {
@@ -120,7 +120,7 @@ fn evaluate<'a>(
     plan: &Plan,
     state: &PartitionState,
     payload: &'a [u8],
-    kafka_timestamp_ms: Option<EpochMillis>,
+    record: &'a dyn RecordMeta,
     now_ms: EpochMillis,
 ) -> Result<Evaluated<'a>, Rejection> {
     let settings = &plan.settings;
@@ -137,7 +137,7 @@ fn evaluate<'a>(
     let text = std::str::from_utf8(payload).map_err(|error| {
         Rejection::new(RejectReason::InvalidJson, format!("not UTF-8: {error}"))
     })?;
-    let fields = plan.schema.decode(text)?;
+    let fields = plan.schema.decode_with(text, record)?;
 
     match fields.get(plan.name_slot) {
         Some(Scalar::Text(_)) => {}
@@ -158,7 +158,7 @@ fn evaluate<'a>(
             ))
         }
     }
-    let event_time_ms = event_time(&fields, plan, kafka_timestamp_ms, now_ms)?;
+    let event_time_ms = event_time(&fields, plan, record.timestamp_ms(), now_ms)?;
     if event_time_ms > now_ms.saturating_add(settings.max_future_skew_ms)
         || event_time_ms < now_ms.saturating_sub(settings.retention_ms)
     {

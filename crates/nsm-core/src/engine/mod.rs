@@ -24,6 +24,8 @@ mod view;
 
 use std::collections::HashMap;
 
+use crate::event::{NoRecord, RecordMeta};
+
 pub use baseline::{progress_step_ms, Baseline, BaselinePoint, Progress, SEASONAL_WEEKS};
 pub use changes::{
     ChangeSet, MemberInsert, MemberRangeDelete, PartitionChanges, SegmentUpsert, WindowDelete,
@@ -203,17 +205,18 @@ impl Engine {
         payload: &[u8],
         now_ms: EpochMillis,
     ) -> Outcome {
-        self.apply_record(key, offset, payload, None, now_ms)
+        self.apply_record(key, offset, payload, &NoRecord::default(), now_ms)
     }
 
-    /// [`Engine::apply`] with the Kafka record's timestamp, for `events.timestamp = "@kafka"`
-    /// and `events.timestamp_fallback`.
+    /// [`Engine::apply`] with the Kafka record around the event: its key and headers
+    /// (`@key`, `@header.NAME` in a config) and its timestamp (`events.timestamp = "@kafka"`,
+    /// `events.timestamp_fallback`).
     pub fn apply_record(
         &mut self,
         key: &PartitionKey,
         offset: i64,
         payload: &[u8],
-        kafka_timestamp_ms: Option<EpochMillis>,
+        record: &dyn RecordMeta,
         now_ms: EpochMillis,
     ) -> Outcome {
         let Some(state) = self.partitions.get_mut(key) else {
@@ -232,14 +235,7 @@ impl Engine {
             reader: &*self.reader,
             partition: key,
         };
-        let outcome = apply::apply_event(
-            &self.plan,
-            state,
-            &source,
-            payload,
-            kafka_timestamp_ms,
-            now_ms,
-        );
+        let outcome = apply::apply_event(&self.plan, state, &source, payload, record, now_ms);
         state.next_offset = Some(offset + 1);
         state.pending.meta_dirty = true;
         outcome
