@@ -16,7 +16,6 @@ use nsm_core::event::RecordMeta;
 use nsm_core::PartitionKey;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError as RdKafkaError;
-use rdkafka::message::Headers;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -25,6 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::client::{ClientRole, ClientSettings};
 use crate::dead_letter::{DeadLetter, DeadLetterProducer, DeadLetterStats, LogLimiter};
+use crate::record::MessageRecord;
 use crate::KafkaError;
 
 /// What to do with a message after the handler saw it.
@@ -329,27 +329,6 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
                 }
             }
         }
-    }
-}
-
-/// A consumed message's key, headers and timestamp, as the engine reads them.
-struct MessageRecord<'m, M>(&'m M);
-
-impl<M: Message> RecordMeta for MessageRecord<'_, M> {
-    fn key(&self) -> Option<&[u8]> {
-        self.0.key()
-    }
-
-    fn header(&self, name: &str) -> Option<&[u8]> {
-        let headers = self.0.headers()?;
-        headers
-            .iter()
-            .find(|header| header.key == name)
-            .and_then(|header| header.value)
-    }
-
-    fn timestamp_ms(&self) -> Option<i64> {
-        self.0.timestamp().to_millis()
     }
 }
 

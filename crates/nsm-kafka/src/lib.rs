@@ -12,6 +12,8 @@ mod client;
 mod consumer;
 mod dead_letter;
 mod delivery;
+mod history;
+mod record;
 mod tools;
 
 pub use changelog::{
@@ -23,6 +25,7 @@ pub use consumer::{
     Restore,
 };
 pub use dead_letter::{DeadLetterStats, HEADER_ERROR, HEADER_REASON};
+pub use history::{read_history, HistorySink};
 pub use tools::{
     ensure_topics, ensure_topics_replicated, header_map, read_topic, topic_partition_count,
     EventProducer, ReadRecord,

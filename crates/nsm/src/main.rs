@@ -11,6 +11,7 @@ mod generator;
 mod logging;
 mod open_files;
 mod pipeline;
+mod replay;
 mod run;
 mod tools;
 
@@ -68,6 +69,11 @@ enum Command {
     Rules(generate::RulesArgs),
     /// Write the Grafana dashboard of a config (provisioning JSON model).
     Dashboards(generate::GenerateArgs),
+    /// Compute a candidate config over the retained history of its topics, beside the live
+    /// config (--against) over the same events, with the linter's findings, without touching
+    /// the live pipeline: `nsm replay --config candidate.toml --against nsm.toml --from
+    /// 2026-11-01`.
+    Replay(replay::ReplayArgs),
     /// Print the bcrypt hash of a password read from standard input (one line), for
     /// `[http.basic_auth] users`: `nsm hash-password < password-file`.
     HashPassword(tools::HashPasswordArgs),
@@ -89,6 +95,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => tools::generate(args),
         Command::Rules(args) => generate::write_rules(args),
         Command::Dashboards(args) => generate::write(args, nsm_gen::dashboard),
+        Command::Replay(args) => replay::replay(args),
         Command::HashPassword(args) => tools::hash_password(args),
     };
     match result {

@@ -335,6 +335,36 @@ fn a_new_group_starting_from_a_time_reads_only_what_came_after() {
         nsm.log_text()
     );
     assert!(nsm.terminate(Duration::from_secs(30)).success());
+
+    // `nsm replay --from` the same time reads the same five events, and only those, with no
+    // group of its own and while nothing else runs.
+    let output = Command::new(NSM)
+        .args([
+            "replay",
+            "--config",
+            config_path.to_str().expect("utf8"),
+            "--from",
+            &rfc3339(start),
+            "--format",
+            "json",
+        ])
+        .output()
+        .expect("nsm replay");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    assert_eq!(report["messages_read"], 5, "{report}");
+    let north_star = report["metrics"]
+        .as_array()
+        .expect("metrics")
+        .iter()
+        .find(|metric| metric["name"] == "daily_active_messagers")
+        .expect("the North Star");
+    assert_eq!(north_star["windows"][0]["candidate"], 5.0, "{north_star}");
 }
 
 #[test]

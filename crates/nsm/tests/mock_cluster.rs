@@ -1113,3 +1113,92 @@ fn a_dead_letter_topic_refusing_letters_holds_checkpoints_and_loses_nothing() {
     );
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
+
+/// `nsm replay`: a candidate config that leaves test users out, computed over the topic's
+/// history beside the live config, without a group and without touching any state. (The mock
+/// cluster cannot look offsets up by time: `--from` is tested on tansu.)
+#[test]
+fn a_candidate_config_is_replayed_over_the_history_beside_the_live_one() {
+    let (_cluster, brokers) = cluster_for("nsm-replay", 2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut lines = sent_now("user-", 5, 0);
+    lines.extend(sent_now("test-", 3, 0));
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &lines,
+        &["--key-field", "user_id"],
+    );
+    let live = test_config(
+        &brokers,
+        "events",
+        &dir.path().join("state"),
+        free_port(),
+        "nsm-replay",
+    );
+    let candidate = live.replace(
+        "where = { event = \"message_sent\" }\nwindow = \"1d\"",
+        "where = { event = \"message_sent\", user_id = { not_any_of = [\"test-0\", \"test-1\", \"test-2\"] } }\nwindow = \"1d\"",
+    );
+    assert_ne!(
+        candidate, live,
+        "the candidate changes the North Star's filter"
+    );
+    std::fs::write(dir.path().join("live.toml"), &live).expect("live config");
+    std::fs::write(dir.path().join("candidate.toml"), &candidate).expect("candidate config");
+    let output = std::process::Command::new(NSM)
+        .args([
+            "replay",
+            "--config",
+            dir.path().join("candidate.toml").to_str().expect("utf8"),
+            "--against",
+            dir.path().join("live.toml").to_str().expect("utf8"),
+            "--format",
+            "json",
+        ])
+        .output()
+        .expect("nsm replay");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    assert_eq!(report["messages_read"], 8);
+    let north_star = report["metrics"]
+        .as_array()
+        .expect("metrics")
+        .iter()
+        .find(|metric| metric["name"] == "daily_active_messagers")
+        .expect("the North Star");
+    let today = &north_star["windows"][0];
+    assert_eq!(today["candidate"], 5.0, "{north_star}");
+    assert_eq!(today["live"], 8.0, "{north_star}");
+    // For people: a table per metric, candidate beside live, and the linter's findings.
+    let table = std::process::Command::new(NSM)
+        .args([
+            "replay",
+            "--config",
+            dir.path().join("candidate.toml").to_str().expect("utf8"),
+            "--against",
+            dir.path().join("live.toml").to_str().expect("utf8"),
+        ])
+        .output()
+        .expect("nsm replay");
+    let table = String::from_utf8_lossy(&table.stdout);
+    let north_star_rows: Vec<&str> = table
+        .lines()
+        .skip_while(|line| *line != "daily_active_messagers")
+        .take(3)
+        .collect();
+    assert!(
+        north_star_rows[1].contains("candidate") && north_star_rows[1].contains("live"),
+        "{table}"
+    );
+    let today: Vec<&str> = north_star_rows[2].split_whitespace().collect();
+    assert_eq!(&today[1..3], ["5", "8"], "{table}");
+    // Nothing was stored.
+    assert!(!dir.path().join("state").exists());
+}
