@@ -1029,6 +1029,7 @@ impl FakeStore {
             max_event_ms,
             event_watermark_ms,
             idle_floor_ms,
+            metric_since: Vec::new(),
             windows: self
                 .windows
                 .iter()

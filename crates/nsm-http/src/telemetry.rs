@@ -72,6 +72,7 @@ pub struct Telemetry {
     window_start: GaugeVec,
     window_end: GaugeVec,
     window_complete: GaugeVec,
+    window_partial: GaugeVec,
     ratio_part: GaugeVec,
     segment_value: GaugeVec,
     segment_ratio_part: GaugeVec,
@@ -139,6 +140,7 @@ impl Telemetry {
             &["metric", "window"],
         );
         let window_complete = gauge_vec(&registry, "nsm_metric_window_complete", "1 once the window can no longer change: every owned partition's watermark passed its end plus the allowed lateness.", &["metric", "window"]);
+        let window_partial = gauge_vec(&registry, "nsm_metric_window_partial", "1 when the window lacks events nsm never counted for this metric: it was added to the config or changed after the window started (on some partition this instance owns).", &["metric", "window"]);
         let segment_ratio_part = gauge_vec(&registry, "nsm_metric_segment_ratio_part", "Numerator and denominator of one exported segment of a ratio or retention metric with a breakdown. Sum each part across instances before dividing.", &["metric", "window", "segment", "part"]);
         let ratio_part = gauge_vec(&registry, "nsm_metric_ratio_part", "Numerator and denominator of a ratio metric in its current or previous window. Sum each part across instances before dividing.", &["metric", "window", "part"]);
         let segment_value = gauge_vec(&registry, "nsm_metric_segment_value", "Value of one segment of a metric with a breakdown (`by`), in its current or previous window: the `top` largest segments, and `__other__` summing the rest.", &["metric", "window", "segment"]);
@@ -356,6 +358,7 @@ impl Telemetry {
             window_start,
             window_end,
             window_complete,
+            window_partial,
             ratio_part,
             segment_value,
             segment_ratio_part,
@@ -518,6 +521,9 @@ impl Telemetry {
         self.window_complete
             .with_label_values(&labels)
             .set(if value.complete { 1.0 } else { 0.0 });
+        self.window_partial
+            .with_label_values(&labels)
+            .set(if value.partial { 1.0 } else { 0.0 });
         if let AggValue::Ratio {
             numerator,
             denominator,

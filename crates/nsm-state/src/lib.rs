@@ -12,7 +12,9 @@
 //! - `partitions`: `<topic> 0x00 <partition i32 BE>` → next offset, max event time, idle floor.
 //! - `fingerprints`: `<partition key> <metric>` → the definition the partition's data of that
 //!   metric was computed with (checked when the partition is taken, see
-//!   [`Store::prepare_adoption`]).
+//!   [`Store::prepare_adoption`]); `<partition key> 0x00 since 0x00 <metric>` → i64 BE, the
+//!   partition's event watermark when a metric started on it while it already had state (its
+//!   windows starting before are partial).
 //! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
 //! - `members`: `<window key> <entry key>` → value: per-entity entries of a window, read one
 //!   at a time (never loaded whole): members of distinct sets (empty value), threshold
@@ -70,6 +72,16 @@ const CF_MEMBERS: &str = "members";
 const CF_SEGMENTS: &str = "segments";
 const CF_GAPS: &str = "gaps";
 const CF_FINGERPRINTS: &str = "fingerprints";
+/// Before a metric name in `fingerprints`: the key of the event watermark from which the
+/// partition's data of that metric exists (no metric name starts with a zero byte).
+const SINCE_MARKER: &[u8] = b"\0since\0";
+
+fn since_key(prefix: &[u8], metric: &str) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(SINCE_MARKER);
+    key.extend_from_slice(metric.as_bytes());
+    key
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -327,9 +339,21 @@ impl Store {
         let mut stored = HashMap::new();
         for item in self.entries_under(CF_FINGERPRINTS, prefix) {
             let (key, value) = item?;
+            if key[prefix.len()..].starts_with(SINCE_MARKER) {
+                continue;
+            }
             let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
             stored.insert(name, value);
         }
+        // A metric that starts on a partition that already has state lacks the events before
+        // its watermark: its windows starting before are partial (`metric_since`).
+        let watermark = self
+            .db
+            .get_cf(self.cf(CF_PARTITIONS), prefix)?
+            .as_deref()
+            .and_then(decode_partition_meta)
+            .filter(|meta| meta.next_offset.is_some())
+            .and_then(|meta| meta.event_watermark_ms.or(meta.max_event_ms));
         let mut discarded = Vec::new();
         for (name, fingerprint) in &stored {
             let reason = match self.metric_index.get(name) {
@@ -354,6 +378,7 @@ impl Store {
             let mut key = prefix.to_vec();
             key.extend_from_slice(name.as_bytes());
             recorder.delete(CF_FINGERPRINTS, &key);
+            recorder.delete(CF_FINGERPRINTS, &since_key(prefix, name));
         }
         for (name, fingerprint) in self
             .metric_names
@@ -369,6 +394,16 @@ impl Store {
             let mut key = prefix.to_vec();
             key.extend_from_slice(name.as_bytes());
             recorder.put(CF_FINGERPRINTS, &key, fingerprint.as_bytes());
+            // New, or discarded above; not a definition kept and only spelled anew.
+            let starts_now = !stored.contains_key(name)
+                || discarded.iter().any(|metric| &metric.name == name);
+            if let (true, Some(watermark)) = (starts_now, watermark) {
+                recorder.put(
+                    CF_FINGERPRINTS,
+                    &since_key(prefix, name),
+                    &watermark.to_be_bytes(),
+                );
+            }
         }
         discarded.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(discarded)
@@ -537,10 +572,30 @@ impl Store {
             snapshot.event_watermark_ms = meta.event_watermark_ms;
             snapshot.idle_floor_ms = meta.idle_floor_ms;
         }
+        snapshot.metric_since = self.metric_since(&prefix)?;
         snapshot.windows = self.scan_windows(&prefix, None)?;
         snapshot.gaps = self.scan_gaps(key, &prefix)?;
         snapshot.segments = self.scan_segments(key, &prefix, &prefix, None)?;
         Ok(snapshot)
+    }
+
+    /// The `metric_since` records of a partition, by metric index.
+    fn metric_since(&self, prefix: &[u8]) -> Result<Vec<(usize, i64)>, StateError> {
+        let mut since_prefix = prefix.to_vec();
+        since_prefix.extend_from_slice(SINCE_MARKER);
+        let mut since = Vec::new();
+        for item in self.entries_under(CF_FINGERPRINTS, &since_prefix) {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key[since_prefix.len()..]);
+            let (Some(&metric), Ok(bytes)) = (
+                self.metric_index.get(name.as_ref()),
+                <[u8; 8]>::try_from(&*value),
+            ) else {
+                continue;
+            };
+            since.push((metric, i64::from_be_bytes(bytes)));
+        }
+        Ok(since)
     }
 
     /// How many member entries a partition has stored (it walks them all: for tests and

@@ -202,6 +202,37 @@ fn changed_metric_definitions_discard_only_that_metric() {
         "active_users and revenue kept, messages dropped"
     );
     assert_eq!(store.stored_member_count(&key(0)).expect("count"), 1);
+    // The changed metric starts at the partition's watermark: its window holding it lacks
+    // the events before, and says so; the others are whole.
+    assert_eq!(
+        snapshot.metric_since.len(),
+        1,
+        "{:?}",
+        snapshot.metric_since
+    );
+    assert_eq!(snapshot.metric_since[0].0, 1, "messages");
+    let mut engine = engine_on(&store, &changed_plan);
+    engine.restore_partition(key(0), snapshot);
+    let values = engine.metric_values(NOW);
+    let partial: Vec<bool> = values.iter().map(|v| v.current.partial).collect();
+    assert_eq!(
+        partial,
+        vec![false, true, false],
+        "only messages is partial"
+    );
+    // Taken again (a restart), it stays partial: the record is kept, not rewritten.
+    drop(engine);
+    assert!(adopt(&store, 0, &[]).is_empty());
+    let again = store.load_partition(&key(0)).expect("load");
+    assert_eq!(again.metric_since, vec![(1, snapshot_watermark(&store))]);
+}
+
+fn snapshot_watermark(store: &Store) -> i64 {
+    let snapshot = store.load_partition(&key(0)).expect("load");
+    snapshot
+        .event_watermark_ms
+        .or(snapshot.max_event_ms)
+        .expect("a watermark")
 }
 
 #[test]

@@ -276,6 +276,7 @@ fn a_restart_from_stored_state_gives_the_same_baselines() {
         max_event_ms: part.max_event_ms,
         event_watermark_ms: part.event_watermark_ms,
         idle_floor_ms: part.idle_floor_ms,
+        metric_since: Vec::new(),
         windows: part
             .upserts
             .iter()

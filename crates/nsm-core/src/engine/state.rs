@@ -168,6 +168,10 @@ pub struct PartitionSnapshot {
     pub segments: Vec<StoredSegment>,
     /// The gap histograms of trailing distinct metrics' buckets.
     pub gaps: Vec<StoredGap>,
+    /// Per metric added to the config or changed while the partition already had state: the
+    /// partition's event watermark then. Its windows starting before it lack the events
+    /// before it: partial.
+    pub metric_since: Vec<(usize, EpochMillis)>,
 }
 
 /// A window's value in memory. Members of distinct sets and threshold progress are kept by
@@ -352,9 +356,29 @@ pub(super) struct PartitionState {
     /// nothing more is applied or taken for storage, so the stored state stays whole.
     pub poisoned: bool,
     pub pending: Pending,
+    /// Per metric: from when this partition's data of it exists, when not from its start
+    /// (see [`PartitionSnapshot::metric_since`]).
+    pub metric_since: Vec<Option<EpochMillis>>,
 }
 
 impl PartitionState {
+    /// Whether this partition's data of `metric` (or of the metrics it is computed from)
+    /// began after `start_ms`.
+    pub fn lacks_start_of(&self, plan: &Plan, metric: usize, start_ms: EpochMillis) -> bool {
+        let began_after = |metric: usize| {
+            self.metric_since
+                .get(metric)
+                .copied()
+                .flatten()
+                .is_some_and(|since_ms| since_ms > start_ms)
+        };
+        let parts = plan
+            .ratio_parts(metric)
+            .map(|(numerator, denominator)| [Some(numerator), Some(denominator)])
+            .unwrap_or([plan.retention_base(metric), None]);
+        began_after(metric) || parts.into_iter().flatten().any(began_after)
+    }
+
     pub fn restore(
         plan: &Plan,
         snapshot: PartitionSnapshot,
@@ -404,7 +428,14 @@ impl PartitionState {
                 gaps.insert(gap.previous_ms, gap.count);
             }
         }
+        let mut metric_since = vec![None; metric_count];
+        for (metric, since_ms) in snapshot.metric_since {
+            if let Some(slot) = metric_since.get_mut(metric) {
+                *slot = Some(since_ms);
+            }
+        }
         PartitionState {
+            metric_since,
             next_offset: snapshot.next_offset,
             max_event_ms: snapshot.max_event_ms,
             event_watermark_ms: snapshot.event_watermark_ms.or(snapshot.max_event_ms),

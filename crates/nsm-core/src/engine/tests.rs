@@ -1063,6 +1063,7 @@ fn snapshot_of(changes: &ChangeSet) -> PartitionSnapshot {
         max_event_ms: part.max_event_ms,
         event_watermark_ms: part.event_watermark_ms,
         idle_floor_ms: part.idle_floor_ms,
+        metric_since: Vec::new(),
         windows: part
             .upserts
             .iter()

@@ -21,6 +21,9 @@ pub struct WindowValue {
     /// Every owned partition's watermark is past the end plus the allowed lateness: the value
     /// is final.
     pub complete: bool,
+    /// Some owned partition began computing the metric (added or changed in the config)
+    /// after the window started: the events before are missing, the value is partial.
+    pub partial: bool,
 }
 
 /// A metric's current window (the one containing the instance clock) and the one before it,
@@ -123,6 +126,9 @@ pub(super) fn metric_values<'a>(
         };
         WindowValue {
             bounds,
+            partial: partitions
+                .clone()
+                .any(|state| state.lacks_start_of(plan, index, bounds.start_ms)),
             value,
             complete: plan.is_complete(bounds.end_ms, complete_until),
         }
