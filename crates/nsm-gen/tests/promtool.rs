@@ -582,8 +582,11 @@ fn library() -> Vec<Scenario> {
                 until: None,
                 factor: 0.5,
             }],
-            // Today: nothing within the day; the whole-window rules page days later.
+            // The fast burn: the first baseline step (an hour for weekly windows) after the
+            // onset shows the North Star at half its pace over the hour and the last 10 minutes.
+            expect: vec![fires("PaceCollapsed", Some(HOUR))],
             goal: Goal::BusinessWithin(HOUR),
+            goal_asserted: true,
             ..incident("collapse (North Star -50% mid-week)")
         },
         Scenario {
@@ -593,7 +596,14 @@ fn library() -> Vec<Scenario> {
                 until: None,
                 factor: 0.0,
             }],
+            // 20 minutes without a move while the baseline expected events, for 5 minutes;
+            // then the fast burn as for a collapse.
+            expect: vec![
+                fires("EventsVanished", Some(30)),
+                fires("PaceCollapsed", Some(HOUR)),
+            ],
             goal: Goal::BusinessWithin(30),
+            goal_asserted: true,
             ..incident("tracking break (North Star event vanishes)")
         },
         Scenario {

@@ -29,6 +29,10 @@ pub struct RawAlerting {
     pub noise_min_windows: Option<i64>,
     pub noise_z: Option<f64>,
     pub assumed_noise: Option<f64>,
+    pub pace_alerts_off: Option<Vec<String>>,
+    pub pace_collapse_ratio: Option<f64>,
+    pub pace_z: Option<f64>,
+    pub pace_min_gap: Option<f64>,
     #[serde(default)]
     pub guardrails: BTreeMap<String, RawGuardrailAlerting>,
 }
@@ -72,6 +76,8 @@ pub struct AlertingConfig {
     pub max_publish_delay: Duration,
     /// How the divergence and guardrail alerts tell a change from noise.
     pub noise: NoiseGate,
+    /// How the pace alerts judge the window still filling against its baseline.
+    pub pace: PaceAlerting,
     /// One entry per configured guardrail, in config order.
     pub guardrails: Vec<GuardrailAlerting>,
 }
@@ -125,6 +131,28 @@ pub struct NoiseGate {
     pub assumed: f64,
 }
 
+/// The pace alerts (issue 21 items 2 and 3): the window still filling against its baseline
+/// (`nsm_metric_value{window="baseline"}`, what the comparable past window held at the same
+/// elapsed point).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaceAlerting {
+    /// North Star or inputs without the fast-burn alerts (`PaceCollapsed`, `EventsVanished`).
+    pub off: Vec<String>,
+    /// `PaceCollapsed` when the metric's increase over both look-backs is below this share of
+    /// its baseline's (0.6: 40% below the usual pace).
+    pub collapse_ratio: f64,
+    /// The shortfall must exceed this many Poisson standard deviations (the square root of
+    /// the baseline's increase), and a vanished metric must have expected more than its
+    /// square: low-volume hours never page on chance.
+    pub z: f64,
+    /// `NSMPaceBelowRevenue` when revenue's pace leads the North Star's by more than this
+    /// (and beyond the noise).
+    pub min_gap: f64,
+}
+
+pub const DEFAULT_PACE_COLLAPSE_RATIO: f64 = 0.6;
+pub const DEFAULT_PACE_Z: f64 = 3.0;
+pub const DEFAULT_PACE_MIN_GAP: f64 = 0.01;
 pub const DEFAULT_NSM_FLAT_GROWTH_THRESHOLD: f64 = 0.01;
 pub const DEFAULT_SUSTAINED_PERIODS: u32 = 2;
 pub const DEFAULT_SLOWER_THAN_REVENUE_PERIODS: u32 = 3;
@@ -235,6 +263,7 @@ pub(super) fn validate(
     );
     let max_late_share = share("max_late_share", raw.max_late_share, DEFAULT_MAX_LATE_SHARE);
     let noise = noise_gate(raw, &mut add);
+    let pace = pace(raw, metrics, &mut add);
     let max_consumer_lag_messages = match raw.max_consumer_lag_messages {
         None => DEFAULT_MAX_CONSUMER_LAG_MESSAGES,
         Some(value) => match u64::try_from(value) {
@@ -402,8 +431,65 @@ pub(super) fn validate(
         max_late_share,
         max_publish_delay: max_publish_delay?,
         noise,
+        pace,
         guardrails,
     })
+}
+
+/// `pace_alerts_off`, `pace_collapse_ratio`, `pace_z` and `pace_min_gap`.
+fn pace(
+    raw: &RawAlerting,
+    metrics: &[MetricDef],
+    add: &mut impl FnMut(&str, String),
+) -> PaceAlerting {
+    let judged: Vec<&str> = metrics
+        .iter()
+        .filter(|metric| matches!(metric.role, Role::NorthStar | Role::Input))
+        .map(|metric| metric.name.as_str())
+        .collect();
+    let off = raw.pace_alerts_off.clone().unwrap_or_default();
+    for (index, name) in off.iter().enumerate() {
+        if !judged.contains(&name.as_str()) {
+            add(
+                &format!("pace_alerts_off[{index}]"),
+                format!(
+                    "no North Star or input named {name:?}; pace alerts are generated for: {}",
+                    judged.join(", ")
+                ),
+            );
+        }
+    }
+    let collapse_ratio = raw
+        .pace_collapse_ratio
+        .unwrap_or(DEFAULT_PACE_COLLAPSE_RATIO);
+    if !collapse_ratio.is_finite() || collapse_ratio <= 0.0 || collapse_ratio >= 1.0 {
+        add(
+            "pace_collapse_ratio",
+            format!(
+                "{collapse_ratio} is out of range: a share of the baseline's pace above 0 and below 1 (0.6 = 40% below)"
+            ),
+        );
+    }
+    let z = raw.pace_z.unwrap_or(DEFAULT_PACE_Z);
+    if !z.is_finite() || !(0.0..=10.0).contains(&z) {
+        add(
+            "pace_z",
+            format!("{z} is out of range: 0 (no volume gate) to 10 standard deviations"),
+        );
+    }
+    let min_gap = raw.pace_min_gap.unwrap_or(DEFAULT_PACE_MIN_GAP);
+    if !min_gap.is_finite() || !(0.0..=10.0).contains(&min_gap) {
+        add(
+            "pace_min_gap",
+            format!("{min_gap} is out of range: a pace difference from 0 to 10 (0.01 = 1 point)"),
+        );
+    }
+    PaceAlerting {
+        off,
+        collapse_ratio,
+        z,
+        min_gap,
+    }
 }
 
 /// `noise_windows`, `noise_min_windows`, `noise_z` and `assumed_noise`.
@@ -578,6 +664,15 @@ window = "1w"
                 assumed: 0.05
             }
         );
+        assert_eq!(
+            alerting.pace,
+            PaceAlerting {
+                off: Vec::new(),
+                collapse_ratio: 0.6,
+                z: 3.0,
+                min_gap: 0.01
+            }
+        );
         let slow = Config::from_toml(
             &BASE.replace("[kafka]", "[time]\nidle_timeout = \"1h\"\n\n[kafka]"),
             &|_| None,
@@ -697,6 +792,10 @@ noise_windows = 4
 noise_min_windows = 5
 noise_z = -1
 assumed_noise = -0.5
+pace_alerts_off = ["nights", "complaints"]
+pace_collapse_ratio = 1
+pace_z = -1
+pace_min_gap = -0.1
 [alerting.guardrails.complaint]
 max = 3
 [alerting.guardrails.retention]
@@ -724,12 +823,20 @@ relative_to = "complaints"
             "alerting.noise_min_windows",
             "alerting.noise_z",
             "alerting.assumed_noise",
+            "alerting.pace_alerts_off[1]",
+            "alerting.pace_collapse_ratio",
+            "alerting.pace_z",
+            "alerting.pace_min_gap",
         ] {
             assert!(
                 paths.contains(&expected),
                 "{expected} missing from {errors:?}"
             );
         }
+        assert!(
+            !paths.contains(&"alerting.pace_alerts_off[0]"),
+            "the North Star can be turned off: {errors:?}"
+        );
         let unknown = errors
             .iter()
             .find(|(path, _)| path == "alerting.guardrails.complaint")

@@ -12,6 +12,7 @@ use crate::promql::{duration, metric_matcher, number, yaml_string, Timing};
 
 mod explain;
 mod noise;
+mod pace;
 mod pipeline;
 
 use noise::{GAP, GAP_NOISE, WORSENING, WORSENING_NOISE};
@@ -351,6 +352,7 @@ impl Generator<'_> {
             rules.push(self.growth_gap());
         }
         rules.extend(self.noise_records());
+        rules.extend(self.pace_records());
         rules.extend(self.segment_growth_records());
 
         rules.extend(self.rejection_records());
@@ -517,6 +519,8 @@ impl Generator<'_> {
                     .map(&business),
             );
         }
+        rules.extend(self.slow_burn_alerts());
+        rules.extend(self.fast_burn_alerts());
 
         // One rule per guardrail, so each carries its owner.
         for (index, guardrail) in alerting.guardrails.iter().enumerate() {

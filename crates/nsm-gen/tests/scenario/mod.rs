@@ -374,6 +374,36 @@ fn applied(scenario: &Scenario, seed: u64, role: Option<Role>, history: i64) -> 
     Cumulative { start, values }
 }
 
+/// The baseline's step of a calendar window, in minutes: what nsm's progress record keeps
+/// (1 minute for hours, 10 for days, an hour for weeks and months).
+fn baseline_step(metric: &MetricDef) -> i64 {
+    match metric.window {
+        CalendarUnit::Hour => 1,
+        CalendarUnit::Day => 10,
+        CalendarUnit::Week | CalendarUnit::Month => HOUR,
+    }
+}
+
+/// `nsm_metric_value{window="baseline"}` at `minute` as nsm exports it: what the comparable
+/// past window held at the same elapsed point, on the step grid (the steps that ended by
+/// then). Weekly and monthly windows: the previous window; hourly and daily ones: the median
+/// of the same weekday (and hour) 1 to 4 weeks back (the mean of the middle two).
+fn baseline(amounts: &Cumulative, metric: &MetricDef, minute: i64) -> f64 {
+    let (length, _) = window_of(metric);
+    let start = minute.div_euclid(length) * length;
+    let step = baseline_step(metric);
+    let elapsed = (minute - start).div_euclid(step) * step;
+    let at = |past_start: i64| amounts.between(past_start, past_start + elapsed);
+    match metric.window {
+        CalendarUnit::Week | CalendarUnit::Month => at(start - length),
+        CalendarUnit::Hour | CalendarUnit::Day => {
+            let mut points: Vec<f64> = (1..=4).map(|weeks| at(start - weeks * WEEK)).collect();
+            points.sort_by(f64::total_cmp);
+            (points[1] + points[2]) / 2.0
+        }
+    }
+}
+
 /// promtool's expanding notation of samples (`None`: missing), runs of equal steps merged.
 fn notation(samples: &[Option<f64>]) -> String {
     let mut out: Vec<String> = Vec::new();
@@ -497,9 +527,10 @@ fn input_series(scenario: &Scenario, config: &Config) -> String {
                     );
                 }
             }
-            // Bounds only of the previous window, the one rules read (the growth look-back
-            // checks them); every series costs promtool time at every evaluation.
-            if back != 1 {
+            // Bounds only of the windows rules read (the growth look-back checks the previous
+            // window's, the pace alerts the current one's); every series costs promtool time at
+            // every evaluation.
+            if back == 2 {
                 continue;
             }
             for (series_name, which) in [
@@ -514,6 +545,39 @@ fn input_series(scenario: &Scenario, config: &Config) -> String {
                     }),
                 );
             }
+        }
+    }
+
+    // The baseline of each calendar window still filling (see `baseline`).
+    for (seed, metric) in config.metrics.iter().enumerate() {
+        let seed = seed as u64 + 10;
+        let (length, trailing) = window_of(metric);
+        if trailing || matches!(metric.kind, MetricKind::Threshold { .. }) {
+            continue;
+        }
+        let history = (3 * length).max(5 * WEEK);
+        let amounts = applied(scenario, seed, Some(metric.role), history);
+        let name = &metric.name;
+        if matches!(
+            metric.kind,
+            MetricKind::Ratio { .. } | MetricKind::Retention { .. }
+        ) {
+            let denominators = applied(scenario, seed + 1000, None, history);
+            series(
+                format!("nsm_metric_ratio_part{{metric=\"{name}\",window=\"baseline\",part=\"numerator\"}}"),
+                exported(&|minute| {
+                    0.4 * baseline(&amounts, metric, minute) * 100.0 / base_rate(metric.role)
+                }),
+            );
+            series(
+                format!("nsm_metric_ratio_part{{metric=\"{name}\",window=\"baseline\",part=\"denominator\"}}"),
+                exported(&|minute| baseline(&denominators, metric, minute)),
+            );
+        } else {
+            series(
+                format!("nsm_metric_value{{metric=\"{name}\",window=\"baseline\"}}"),
+                exported(&|minute| baseline(&amounts, metric, minute)),
+            );
         }
     }
 
