@@ -395,8 +395,8 @@ impl Store {
             key.extend_from_slice(name.as_bytes());
             recorder.put(CF_FINGERPRINTS, &key, fingerprint.as_bytes());
             // New, or discarded above; not a definition kept and only spelled anew.
-            let starts_now = !stored.contains_key(name)
-                || discarded.iter().any(|metric| &metric.name == name);
+            let starts_now =
+                !stored.contains_key(name) || discarded.iter().any(|metric| &metric.name == name);
             if let (true, Some(watermark)) = (starts_now, watermark) {
                 recorder.put(
                     CF_FINGERPRINTS,

@@ -6,7 +6,7 @@
 //! calendar window of a count, sum, distinct count, conversion or retention keeps a
 //! *progress record*: what each step of elapsed time since the window's start added to its
 //! value, each contribution in the step of its event time ([`progress_step_ms`]: 1 minute for
-//! hours, 10 minutes for days, 1 hour for weeks and months). The baseline at elapsed `e` sums
+//! hours, 10 minutes for days and weeks, 1 hour for months). The baseline at elapsed `e` sums
 //! the steps of the past window that ended by `e`: exact at a step boundary, and at most one
 //! step behind the current value in between.
 //!
@@ -35,13 +35,15 @@ use super::state::{AggValue, PartitionState};
 /// How many weeks back an hourly or daily baseline looks for the same weekday (and hour).
 pub const SEASONAL_WEEKS: u8 = 4;
 
-/// The step of a calendar unit's progress record: at most 745 steps a window (a month of 31
-/// days and a DST hour), so a step fits the two bytes of a member entry.
+/// The step of a calendar unit's progress record: at most 1,014 steps a window (a week of
+/// 10-minute steps and a DST hour), so a step fits the two bytes of a member entry. A weekly
+/// window's steps are 10 minutes so that the fast-burn alerts, which compare up to the last
+/// step boundary, page a collapse within the hour whenever it starts.
 pub fn progress_step_ms(unit: CalendarUnit) -> i64 {
     match unit {
         CalendarUnit::Hour => 60_000,
-        CalendarUnit::Day => 600_000,
-        CalendarUnit::Week | CalendarUnit::Month => 3_600_000,
+        CalendarUnit::Day | CalendarUnit::Week => 600_000,
+        CalendarUnit::Month => 3_600_000,
     }
 }
 

@@ -114,9 +114,9 @@ fn last_week() -> Vec<Event<'static>> {
         payment("10.5", "2026-11-16T00:45:00Z"),
         message("u2", "2026-11-16T01:10:00Z"),
         message("u1", "2026-11-16T01:50:00Z"),
-        payment("2.25", "2026-11-16T02:59:59Z"),
-        // Step 3: after the elapsed point of the current window's baseline.
-        payment("100", "2026-11-16T03:00:00Z"),
+        payment("2.25", "2026-11-16T03:19:59Z"),
+        // Step 20 (03:20 to 03:30): after the elapsed point of the current window's baseline.
+        payment("100", "2026-11-16T03:20:00Z"),
         message("u3", "2026-11-16T05:30:00Z"),
         message("u4", "2026-11-16T06:00:00Z"),
     ]
@@ -168,11 +168,11 @@ fn baseline_of(engine: &Engine, name: &str) -> Option<Baseline> {
     values_of(engine, &values, name).baseline.clone()
 }
 
-/// The one point of a weekly baseline: last week, read at 3 hours (the clock is at 03:20,
-/// in the fourth hourly step).
+/// The one point of a weekly baseline: last week, read at 3h20 (the clock is at 03:20, the
+/// start of the 21st step of 10 minutes).
 fn weekly_point(engine: &Engine, name: &str) -> AggValue {
     let baseline = baseline_of(engine, name).expect("a baseline");
-    assert_eq!(baseline.elapsed_ms, 3 * 3_600_000);
+    assert_eq!(baseline.elapsed_ms, 200 * 60_000);
     let [point] = baseline.points.as_slice() else {
         panic!("one point: {baseline:?}");
     };
@@ -184,8 +184,8 @@ fn weekly_point(engine: &Engine, name: &str) -> AggValue {
 #[test]
 fn weekly_baselines_are_last_weeks_values_at_the_same_elapsed_point() {
     let engine = engine_with(plan_of(WEEKLY), &all_events());
-    // Before 03:00 last week: four messages, by u1, u2 and u3 (moved to 02:40 by the late
-    // event), and 10.5 + 2.25 of revenue (the payment at 03:00 is in step 3).
+    // Before 03:20 last week: four messages, by u1, u2 and u3 (moved to 02:40 by the late
+    // event), and 10.5 + 2.25 of revenue (the payment at 03:20 is in the next step).
     assert_eq!(weekly_point(&engine, "messages"), AggValue::Count(4));
     assert_eq!(weekly_point(&engine, "weekly_users"), AggValue::Distinct(3));
     assert_eq!(

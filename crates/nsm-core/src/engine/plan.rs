@@ -273,7 +273,9 @@ impl Plan {
         if self.keeps_trailing_occurrences(metric) {
             format!("{format_3};occurrences=4")
         } else if self.keeps_progress(metric) {
-            format!("{format_3};progress=6")
+            // The step too: records of another step cannot be read as these.
+            let step_ms = super::baseline::progress_step_ms(self.compiled[metric].window);
+            format!("{format_3};progress=6;step={step_ms}")
         } else {
             format_3
         }

@@ -5,7 +5,7 @@
 //! - **Fast burn** (`PaceCollapsed`, `EventsVanished`), per North Star and input: what the
 //!   metric added over the last hour and the last 10 minutes against what its baseline added
 //!   over the same stretch of the window. The baseline is a step function (1 minute steps for
-//!   hourly windows, 10 minutes for daily, 1 hour for weekly and monthly): the past is known at
+//!   hourly windows, 10 minutes for daily and weekly, 1 hour for monthly): the past is known at
 //!   step boundaries only, so the comparison ends at the last boundary (a subquery of one step
 //!   evaluates the current value there) and never guesses the part of the past step still to
 //!   come. A guess would page every evening: traffic falls at 20:00 in both weeks, and a
@@ -52,8 +52,8 @@ fn offset(back: Option<u64>) -> String {
 fn step(unit: CalendarUnit) -> u64 {
     match unit {
         CalendarUnit::Hour => 60,
-        CalendarUnit::Day => 600,
-        CalendarUnit::Week | CalendarUnit::Month => 3_600,
+        CalendarUnit::Day | CalendarUnit::Week => 600,
+        CalendarUnit::Month => 3_600,
     }
 }
 
@@ -83,8 +83,9 @@ impl Generator<'_> {
     /// after: what they compare must not span stale data.
     fn fast_burn_hold_back(&self, unit: CalendarUnit) -> String {
         format!(
-            "unless on () (max_over_time(nsm:data_stale[{}]) == 1)",
-            duration(self.scaled(LONG + step(unit)))
+            "unless on () (max_over_time(nsm:data_stale[{}]) == 1) {}",
+            duration(self.scaled(LONG + step(unit))),
+            super::PARTIAL_HOLD
         )
     }
 

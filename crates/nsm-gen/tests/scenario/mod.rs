@@ -375,12 +375,12 @@ fn applied(scenario: &Scenario, seed: u64, role: Option<Role>, history: i64) -> 
 }
 
 /// The baseline's step of a calendar window, in minutes: what nsm's progress record keeps
-/// (1 minute for hours, 10 for days, an hour for weeks and months).
+/// (1 minute for hours, 10 for days and weeks, an hour for months).
 fn baseline_step(metric: &MetricDef) -> i64 {
     match metric.window {
         CalendarUnit::Hour => 1,
-        CalendarUnit::Day => 10,
-        CalendarUnit::Week | CalendarUnit::Month => HOUR,
+        CalendarUnit::Day | CalendarUnit::Week => 10,
+        CalendarUnit::Month => HOUR,
     }
 }
 
