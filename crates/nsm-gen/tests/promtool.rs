@@ -132,6 +132,8 @@ struct HourlyScenario {
     down_from: Option<usize>,
     /// The minute from which every message consumed is rejected (`missing_timestamp`).
     rejected_from: Option<usize>,
+    /// The minute from which the North Star's windows are partial (its definition changed).
+    partial_from: Option<usize>,
     /// (alert name, minute, expected alerts as `{label="value", ...}` label sets).
     expectations: Vec<Expectation>,
 }
@@ -188,6 +190,13 @@ impl HourlyScenario {
             match self.rejected_from {
                 None => format!("0x{MINUTES}"),
                 Some(minute) => format!("0x{minute} 0+100x{}", MINUTES - minute - 1),
+            },
+        );
+        series(
+            "nsm_metric_window_partial{metric=\"nights_booked\",window=\"previous\"}".to_string(),
+            match self.partial_from {
+                None => format!("0x{MINUTES}"),
+                Some(minute) => format!("0x{minute} 1x{}", MINUTES - minute - 1),
             },
         );
         series(
@@ -316,6 +325,7 @@ fn nsm_flat_while_revenue_grows_pages_once_sustained() {
         watermark_stops_at: None,
         down_from: None,
         rejected_from: None,
+        partial_from: None,
         expectations: [
             // One flat window is not yet sustained (2 periods).
             vec![("NSMFlatWhileRevenueGrows", 200, vec![])],
@@ -344,6 +354,7 @@ fn healthy_growth_and_a_short_dip_stay_silent() {
             watermark_stops_at: None,
             down_from: None,
             rejected_from: None,
+            partial_from: None,
             expectations: silent_except(&[], &[150, 250, 300, 400]),
         },
         HourlyScenario {
@@ -355,6 +366,7 @@ fn healthy_growth_and_a_short_dip_stay_silent() {
             watermark_stops_at: None,
             down_from: None,
             rejected_from: None,
+            partial_from: None,
             expectations: silent_except(&[], &[190, 200, 230, 250, 270, 300, 400]),
         },
     ]);
@@ -404,6 +416,7 @@ fn guardrail_breaches_and_the_gaming_signal_fire() {
         watermark_stops_at: None,
         down_from: None,
         rejected_from: None,
+        partial_from: None,
         expectations: [
             vec![
                 ("GuardrailBreached", 170, vec![]),
@@ -416,6 +429,34 @@ fn guardrail_breaches_and_the_gaming_signal_fire() {
                 &["GuardrailBreached", "NSMUpWhileGuardrailDown"],
                 &[200, 320],
             ),
+        ]
+        .concat(),
+    }]);
+}
+
+#[test]
+fn a_partial_north_star_warns_and_holds_its_business_alerts_back() {
+    run_scenarios(&[HourlyScenario {
+        name: "the North Star's definition changes at minute 150 while it looks flat",
+        nights_booked: FLATTENING,
+        fees: GROWING,
+        complaints: STEADY_COMPLAINTS,
+        complaints_current: STEADY_COMPLAINTS,
+        watermark_stops_at: None,
+        down_from: None,
+        rejected_from: None,
+        partial_from: Some(150),
+        expectations: [
+            vec![
+                (
+                    "MetricWindowPartial",
+                    153,
+                    vec![vec![("severity", "warning"), ("metric", "nights_booked")]],
+                ),
+                ("NSMFlatWhileRevenueGrows", 250, vec![]),
+                ("NSMFlatWhileRevenueGrows", 400, vec![]),
+            ],
+            silent_except(&[], &[250, 400]),
         ]
         .concat(),
     }]);
@@ -444,6 +485,7 @@ fn stale_data_pages_for_the_pipeline_and_holds_business_alerts_back() {
             watermark_stops_at: Some(150),
             down_from: None,
             rejected_from: None,
+            partial_from: None,
             expectations: [
                 vec![
                     ("WatermarkStale", 160, vec![]),
@@ -465,6 +507,7 @@ fn stale_data_pages_for_the_pipeline_and_holds_business_alerts_back() {
             watermark_stops_at: None,
             down_from: None,
             rejected_from: Some(150),
+            partial_from: None,
             expectations: [
                 vec![
                     ("EventsRejected", 152, vec![]),
@@ -486,6 +529,7 @@ fn stale_data_pages_for_the_pipeline_and_holds_business_alerts_back() {
             watermark_stops_at: None,
             down_from: Some(230),
             rejected_from: None,
+            partial_from: None,
             expectations: [
                 vec![
                     ("NsmDown", 232, vec![]),
@@ -815,6 +859,7 @@ fn a_north_star_alert_names_the_inputs_that_moved_most() {
         watermark_stops_at: None,
         down_from: None,
         rejected_from: None,
+        partial_from: None,
         expectations: Vec::new(),
     };
     let mut test = format!(

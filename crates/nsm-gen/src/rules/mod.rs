@@ -176,6 +176,11 @@ struct Generator<'a> {
     time_scale: u64,
 }
 
+/// Holds a business alert on a metric while one of its windows lacks events nsm never counted
+/// for it (added to the config, or changed, mid-window): `MetricWindowPartial` says so instead.
+pub(super) const PARTIAL_HOLD: &str =
+    "unless on (metric) (max by (metric) (nsm_metric_window_partial) == 1)";
+
 const ROLES: [Role; 4] = [Role::NorthStar, Role::Input, Role::Guardrail, Role::Revenue];
 const UNITS: [CalendarUnit; 4] = [
     CalendarUnit::Hour,
@@ -220,7 +225,7 @@ impl Generator<'_> {
 
     fn hold_back(&self, timing: Timing) -> String {
         format!(
-            "unless on () (max_over_time(nsm:data_stale[{}]) == 1)",
+            "unless on () (max_over_time(nsm:data_stale[{}]) == 1) {PARTIAL_HOLD}",
             duration(timing.grace)
         )
     }

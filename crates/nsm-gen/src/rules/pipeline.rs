@@ -133,6 +133,25 @@ impl Generator<'_> {
             ),
         ));
 
+        // Partial windows are known at once (nsm marks them when it takes the partition):
+        // a minute confirms the scrape.
+        let mut rule = Rule::alert(
+            "MetricWindowPartial",
+            "max by (metric) (nsm_metric_window_partial{window=~\"current|previous\"}) == 1",
+        )
+        .comment(
+            "A metric added to the config, or changed, while its windows were open: they lack\n\
+             the events before the change, so their values and growth are not comparable and its\n\
+             business alerts are held until its windows are whole again.",
+        );
+        rule.for_seconds = Some(60);
+        rules.push(self.annotate(
+            rule,
+            "warning",
+            "{{ $labels.metric }} has partial windows (added or changed mid-window)",
+            "The windows of {{ $labels.metric }} that were open when it was added to the config or changed lack the events before that moment (nsm_metric_window_partial). Its values there are partial and its business alerts are held back until its windows are whole: a new window for the current one, two for growth. `nsm replay` computes it over the retained history in the meantime.",
+        ));
+
         // An idle instance's clock follows the wall clock only after the idle timeout, so
         // windows may disagree that long at a rollover without anything being wrong.
         let for_seconds = self.config.time.idle_timeout.as_secs() + 300;
