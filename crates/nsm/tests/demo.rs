@@ -168,6 +168,7 @@ fn an_unknown_scenario_is_refused_with_the_list_of_scenarios() {
 /// `make deps` installs it) evaluating the config's rules on them.
 #[test]
 fn the_default_demo_fills_history_and_prometheus_sees_growth_and_baselines() {
+    let _alone = one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let prometheus_port = free_port();
@@ -242,4 +243,93 @@ fn url_encode(text: &str) -> String {
             other => format!("%{other:02X}"),
         })
         .collect()
+}
+
+/// A collapse injected into a flowing stream pages through the fast-burn rule on a real
+/// Prometheus: `nsm demo --scenario collapse`, a week of event time in ten minutes, a week and
+/// a day of history so that the week still filling has its baseline. Half of the messages
+/// stop half-way through the period; `PaceCollapsed` on `messages_sent` (an input: the North
+/// Star counts teams, almost all of them seen before the collapse) fires within minutes, and
+/// no alert fires before the collapse.
+#[test]
+fn a_collapse_in_the_demo_pages_through_the_fast_burn_rule_on_prometheus() {
+    let _alone = one_at_a_time();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let prometheus_port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let prometheus = format!("127.0.0.1:{prometheus_port}");
+    let demo = Process::spawn(
+        "nsm-demo-collapse",
+        Command::new(NSM).args([
+            "demo",
+            "--scenario",
+            "collapse",
+            "--scenario-period",
+            "4m",
+            "--history",
+            "8d",
+            "--listen",
+            &listen,
+            "--prometheus",
+            &prometheus,
+        ]),
+        dir.path(),
+    );
+    wait_for(
+        "the history filled",
+        Duration::from_secs(300),
+        Some(&demo),
+        || demo.log_text().contains("history filled").then_some(()),
+    );
+    let live_started = std::time::Instant::now();
+    let firing = |alert: &str| -> Option<Vec<String>> {
+        let (status, body) = http_get(prometheus_port, "/api/v1/alerts")?;
+        let body: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let alerts = body["data"]["alerts"].as_array()?;
+        (status == 200).then(|| {
+            alerts
+                .iter()
+                .filter(|a| a["labels"]["alertname"] == alert && a["state"] == "firing")
+                .map(|a| {
+                    a["labels"]["metric"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect()
+        })
+    };
+    // Before the collapse (two minutes of live stream): no fast-burn page.
+    while live_started.elapsed() < Duration::from_secs(100) {
+        let early = firing("PaceCollapsed").unwrap_or_default();
+        assert!(early.is_empty(), "paged before the collapse: {early:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let paged = wait_for(
+        "PaceCollapsed on messages_sent",
+        Duration::from_secs(240),
+        Some(&demo),
+        || {
+            firing("PaceCollapsed")
+                .filter(|metrics| metrics.iter().any(|metric| metric == "messages_sent"))
+        },
+    );
+    let after = live_started
+        .elapsed()
+        .saturating_sub(Duration::from_secs(120));
+    eprintln!("PaceCollapsed fired on {paged:?}, {after:?} after the collapse (wall clock)");
+    let mut demo = demo;
+    let status = demo.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", demo.log_text());
+}
+
+/// The demos with a history and a Prometheus each take both cores for a minute: run together
+/// (the test harness runs a binary's tests in parallel), nsm falls behind its own history and
+/// the pace alerts see a lag as a collapse.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
