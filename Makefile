@@ -7,6 +7,8 @@
 #               time (default healthy); SCENARIO_PERIOD=10m how fast
 #   make test   install what the tests need (system packages, the tansu broker) and run them all
 #   make fuzz   fuzz event decoding and Engine::apply for FUZZ_SECONDS (nightly + cargo-fuzz)
+#   make alert-report  run the alerting scenario library and write its confusion table
+#               (what paged, and when) into BENCHMARKS.md
 #   make bench  measure the core path against parse-only, memory at BENCH_USERS distinct users,
 #               and nsm on tansu against a bare consumer and a Quix Streams peer (throughput,
 #               CPU, restart, freshness), in release mode, and write BENCHMARKS.md
@@ -45,7 +47,7 @@ BENCH_QUIX ?= yes
 BENCH_QUIX_EVENTS ?= 1000000
 QUIX_WANTED := $(filter yes,$(BENCH_QUIX))
 
-.PHONY: run test deps tansu build check fmt lint clean fuzz cargo-fuzz bench quix-venv
+.PHONY: run test deps tansu build check fmt lint clean fuzz cargo-fuzz bench quix-venv alert-report
 
 run: deps
 	$(CARGO) run --bin nsm -- demo --product $(PRODUCT) --scenario $(SCENARIO) --scenario-period $(SCENARIO_PERIOD)
@@ -120,6 +122,14 @@ bench: deps tansu $(if $(QUIX_WANTED),quix-venv)
 	$$bin e2e --events $(BENCH_E2E_EVENTS) $(if $(QUIX_WANTED),--quix-python $(abspath $(QUIX_VENV))/bin/python --quix-events $(BENCH_QUIX_EVENTS)) | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin report --results $(BENCH_DIR)/results.jsonl \
 	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS) BENCH_E2E_EVENTS=$(BENCH_E2E_EVENTS) BENCH_QUIX=$(BENCH_QUIX) BENCH_QUIX_EVENTS=$(BENCH_QUIX_EVENTS)"
+
+# The alerting confusion table: every scenario of the promtool scenario library against every
+# example config's generated rules (about 5 minutes on 2 cores), what paged and when, written
+# into BENCHMARKS.md (its own section, which `make bench` keeps).
+alert-report: deps
+	@mkdir -p $(BENCH_DIR)
+	NSM_ALERT_REPORT=$(abspath $(BENCH_DIR))/alert-report.md $(CARGO) test --workspace --test promtool scenario_library_against_every_example_config
+	$(CARGO) run --bin nsm-bench -- alerts --table $(BENCH_DIR)/alert-report.md
 
 clean:
 	$(CARGO) clean

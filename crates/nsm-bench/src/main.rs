@@ -19,6 +19,7 @@
 //! a Quix Streams application computing two of the same metrics, restarts nsm on its state and
 //! measures freshness at a steady rate (see [`e2e`]).
 
+mod alerts;
 mod core_path;
 mod e2e;
 mod memory;
@@ -47,6 +48,8 @@ enum Command {
     E2e(e2e::E2eArgs),
     /// Writes BENCHMARKS.md from the JSON lines of the other measurements.
     Report(report::ReportArgs),
+    /// Puts the alerting confusion table of the promtool scenario library into BENCHMARKS.md.
+    Alerts(alerts::AlertsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::Core(args) => core_path::run(&args),
         Command::E2e(args) => e2e::run(&args),
         Command::Report(args) => report::run(&args),
+        Command::Alerts(args) => alerts::run(&args),
     }
 }
