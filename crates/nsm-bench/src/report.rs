@@ -161,7 +161,7 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     }
     // The alerting section is measured by `make alert-report`, not here: kept as it was.
     if let Some(section) = crate::alerts::kept_section(&args.output) {
-        out.push_str("\n");
+        out.push('\n');
         out.push_str(&section);
         out.push('\n');
     }
