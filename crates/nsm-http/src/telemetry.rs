@@ -777,10 +777,10 @@ window = "1d"
         apply(&mut engine, 3);
         telemetry.publish_values(engine.plan(), &engine.metric_values(NOW_MS), NOW_MS);
         let text = telemetry.render();
-        // At 08:30 on Monday, last Monday's events before 08:00 (weekly, hourly steps) and
-        // before 08:30 (daily, steps of 10 minutes): the one at 08:00 counts in the latter.
+        // At 08:30 on Monday, last Monday's events before 08:30 (weekly and daily windows
+        // both keep steps of 10 minutes): the one at 08:00 counts in both.
         for expected in [
-            "nsm_metric_value{metric=\"messages\",window=\"baseline\"} 0",
+            "nsm_metric_value{metric=\"messages\",window=\"baseline\"} 1",
             "nsm_metric_value{metric=\"daily_messages\",window=\"baseline\"} 1",
             "nsm_metric_value{metric=\"daily_messages\",window=\"baseline_1w\"} 1",
             "nsm_metric_value{metric=\"messages\",window=\"current\"} 1",
