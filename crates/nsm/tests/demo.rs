@@ -170,15 +170,7 @@ fn an_unknown_scenario_is_refused_with_the_list_of_scenarios() {
 fn the_default_demo_fills_history_and_prometheus_sees_growth_and_baselines() {
     let _alone = one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let prometheus_port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let prometheus = format!("127.0.0.1:{prometheus_port}");
-    let demo = Process::spawn(
-        "nsm-demo-default",
-        Command::new(NSM).args(["demo", "--listen", &listen, "--prometheus", &prometheus]),
-        dir.path(),
-    );
+    let (demo, prometheus_port) = demo_with_history(dir.path(), "nsm-demo-default", &[]);
     let north_star = "weekly_active_teams";
     let query = |expr: &str| -> Option<f64> {
         let path = format!("/api/v1/query?query={}", url_encode(expr));
@@ -190,19 +182,10 @@ fn the_default_demo_fills_history_and_prometheus_sees_growth_and_baselines() {
             .ok()?;
         (status == 200).then_some(value)
     };
-    // The history is produced at 5,000 slots a second: three weeks at 200 slots/s and a week
-    // in ten minutes are about 360,000 slots (72 s). Until it is, the windows shown are
-    // those of the history's event time.
-    wait_for(
-        "the history filled",
-        Duration::from_secs(300),
-        Some(&demo),
-        || demo.log_text().contains("history filled").then_some(()),
-    );
     let (previous, baseline, current) = wait_for(
         "Prometheus to hold the North Star's previous week, its baseline and its current week",
         Duration::from_secs(240),
-        Some(&demo),
+        Some(&*demo),
         || {
             let value = |window: &str| {
                 query(&format!(
@@ -222,7 +205,7 @@ fn the_default_demo_fills_history_and_prometheus_sees_growth_and_baselines() {
     let growth = wait_for(
         "the growth of the last whole week",
         Duration::from_secs(60),
-        Some(&demo),
+        Some(&*demo),
         || query(&format!("nsm:metric_growth{{metric=\"{north_star}\"}}")),
     );
     assert!(growth.is_finite(), "growth {growth}");
@@ -247,7 +230,7 @@ fn url_encode(text: &str) -> String {
 
 /// A collapse injected into a flowing stream pages through the fast-burn rule on a real
 /// Prometheus: `nsm demo --scenario collapse`, a week of event time in ten minutes, a week and
-/// a day of history so that the week still filling has its baseline. Half of the messages
+/// a day of history so that the week still filling has its baseline. Three in four messages
 /// stop half-way through the period; `PaceCollapsed` on `messages_sent` (an input: the North
 /// Star counts teams, almost all of them seen before the collapse) fires within minutes, and
 /// no alert fires before the collapse.
@@ -255,32 +238,17 @@ fn url_encode(text: &str) -> String {
 fn a_collapse_in_the_demo_pages_through_the_fast_burn_rule_on_prometheus() {
     let _alone = one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let prometheus_port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let prometheus = format!("127.0.0.1:{prometheus_port}");
-    let demo = Process::spawn(
+    let (demo, prometheus_port) = demo_with_history(
+        dir.path(),
         "nsm-demo-collapse",
-        Command::new(NSM).args([
-            "demo",
+        &[
             "--scenario",
             "collapse",
             "--scenario-period",
             "4m",
             "--history",
             "8d",
-            "--listen",
-            &listen,
-            "--prometheus",
-            &prometheus,
-        ]),
-        dir.path(),
-    );
-    wait_for(
-        "the history filled",
-        Duration::from_secs(300),
-        Some(&demo),
-        || demo.log_text().contains("history filled").then_some(()),
+        ],
     );
     let live_started = std::time::Instant::now();
     let firing = |alert: &str| -> Option<Vec<String>> {
@@ -309,7 +277,7 @@ fn a_collapse_in_the_demo_pages_through_the_fast_burn_rule_on_prometheus() {
     let paged = wait_for(
         "PaceCollapsed on messages_sent",
         Duration::from_secs(240),
-        Some(&demo),
+        Some(&*demo),
         || {
             firing("PaceCollapsed")
                 .filter(|metrics| metrics.iter().any(|metric| metric == "messages_sent"))
@@ -332,4 +300,63 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     HEAVY
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `nsm demo` with `args`, its own Prometheus and its history (three weeks by default), once
+/// the history is produced: until then the windows shown are those of the history's event
+/// time. The history comes at 5,000 slots a second: three weeks at 200 slots a second and a
+/// week in ten minutes are about 360,000 slots (72 s). Returns the demo and Prometheus' port.
+fn demo_with_history(dir: &std::path::Path, name: &str, args: &[&str]) -> (Demo, u16) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let prometheus_port = free_port();
+    let prometheus = format!("127.0.0.1:{prometheus_port}");
+    let demo = Process::spawn(
+        name,
+        Command::new(NSM)
+            .args(["demo", "--listen", &listen, "--prometheus", &prometheus])
+            .args(args),
+        dir,
+    );
+    let demo = Demo(demo);
+    wait_for(
+        "the history filled",
+        Duration::from_secs(300),
+        Some(&demo.0),
+        || demo.0.log_text().contains("history filled").then_some(()),
+    );
+    (demo, prometheus_port)
+}
+
+/// A demo stopped with SIGTERM even when its test fails, so that it stops its Prometheus
+/// (SIGKILL, as a plain `Process` is dropped, would leave it running).
+struct Demo(Process);
+
+impl std::ops::Deref for Demo {
+    type Target = Process;
+
+    fn deref(&self) -> &Process {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Demo {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.0
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if matches!(self.0.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.child.id().to_string()])
+                .status();
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(10)
+                && matches!(self.0.child.try_wait(), Ok(None))
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
 }

@@ -440,18 +440,22 @@ fn a_missing_input_topic_is_waited_for_then_sizes_the_changelog() {
     );
 }
 
-/// A changelog topic the broker would clean up by age is refused at start, saying how to fix
-/// it: its state records of keys not written for a while would be deleted.
-#[test]
-fn a_changelog_topic_that_does_not_compact_is_refused_at_start() {
+/// Starts `nsm run` of `group` on `topic` (created with `input_partitions`) after creating
+/// the group's changelog topic as an operator would, with `partitions` and `configs`; waits
+/// for nsm to stop and returns its exit code and log.
+fn run_with_a_changelog_made_beforehand(
+    input_partitions: u32,
+    topic: &str,
+    group: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) -> (Option<i32>, String) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::ClientConfig;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let (_broker, brokers) = start_tansu(dir.path());
-    let topic = "deleting-changelog-input";
-    let group = "nsm-deleting-changelog";
     nsm_tool(&[
         "produce",
         "--brokers",
@@ -459,7 +463,7 @@ fn a_changelog_topic_that_does_not_compact_is_refused_at_start() {
         "--topic",
         topic,
         "--partitions",
-        "1",
+        &input_partitions.to_string(),
         "--file",
         "/dev/null",
     ]);
@@ -468,26 +472,28 @@ fn a_changelog_topic_that_does_not_compact_is_refused_at_start() {
         .create()
         .expect("admin client");
     let changelog = format!("{group}-changelog");
+    let mut new_topic = NewTopic::new(&changelog, partitions, TopicReplication::Fixed(1));
+    for (name, value) in configs {
+        new_topic = new_topic.set(name, value);
+    }
     let created = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(
-            admin.create_topics(
-                &[NewTopic::new(&changelog, 1, TopicReplication::Fixed(1))
-                    .set("cleanup.policy", "delete")
-                    .set("retention.ms", "604800000")],
-                &AdminOptions::new(),
-            ),
-        )
+        .block_on(admin.create_topics(&[new_topic], &AdminOptions::new()))
         .expect("create topics");
     assert!(created.iter().all(Result::is_ok), "{created:?}");
 
     let config_path = dir.path().join("nsm.toml");
-    let port = free_port();
     std::fs::write(
         &config_path,
-        test_config(&brokers, topic, &dir.path().join("state"), port, group),
+        test_config(
+            &brokers,
+            topic,
+            &dir.path().join("state"),
+            free_port(),
+            group,
+        ),
     )
     .expect("config");
     let mut nsm = Process::spawn(
@@ -495,11 +501,24 @@ fn a_changelog_topic_that_does_not_compact_is_refused_at_start() {
         Command::new(NSM).args(["run", "--config", config_path.to_str().expect("utf8")]),
         dir.path(),
     );
-    let status = wait_for("nsm to stop", Duration::from_secs(60), None, || {
+    let status = wait_for("nsm to stop", Duration::from_secs(90), None, || {
         nsm.child.try_wait().expect("wait")
     });
-    let log = nsm.log_text();
-    assert_eq!(status.code(), Some(1), "{log}");
+    (status.code(), nsm.log_text())
+}
+
+/// A changelog topic the broker would clean up by age is refused at start, saying how to fix
+/// it: its state records of keys not written for a while would be deleted.
+#[test]
+fn a_changelog_topic_that_does_not_compact_is_refused_at_start() {
+    let (code, log) = run_with_a_changelog_made_beforehand(
+        1,
+        "deleting-changelog-input",
+        "nsm-deleting-changelog",
+        1,
+        &[("cleanup.policy", "delete"), ("retention.ms", "604800000")],
+    );
+    assert_eq!(code, Some(1), "{log}");
     assert!(
         log.contains("cleanup.policy=delete") && log.contains("set cleanup.policy=compact"),
         "{log}"
@@ -512,62 +531,14 @@ fn a_changelog_topic_that_does_not_compact_is_refused_at_start() {
 /// leaving input partitions without a changelog partition.
 #[test]
 fn a_changelog_that_cannot_grow_with_the_input_stops_nsm_saying_what_to_do() {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::ClientConfig;
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (_broker, brokers) = start_tansu(dir.path());
-    let topic = "grown-input";
-    let group = "nsm-grown-input";
-    nsm_tool(&[
-        "produce",
-        "--brokers",
-        &brokers,
-        "--topic",
-        topic,
-        "--partitions",
-        "3",
-        "--file",
-        "/dev/null",
-    ]);
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("admin client");
-    let created = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(
-            admin.create_topics(
-                &[
-                    NewTopic::new(&format!("{group}-changelog"), 1, TopicReplication::Fixed(1))
-                        .set("cleanup.policy", "compact"),
-                ],
-                &AdminOptions::new(),
-            ),
-        )
-        .expect("create topics");
-    assert!(created.iter().all(Result::is_ok), "{created:?}");
-
-    let config_path = dir.path().join("nsm.toml");
-    let port = free_port();
-    std::fs::write(
-        &config_path,
-        test_config(&brokers, topic, &dir.path().join("state"), port, group),
-    )
-    .expect("config");
-    let mut nsm = Process::spawn(
-        "nsm",
-        Command::new(NSM).args(["run", "--config", config_path.to_str().expect("utf8")]),
-        dir.path(),
+    let (code, log) = run_with_a_changelog_made_beforehand(
+        3,
+        "grown-input",
+        "nsm-grown-input",
+        1,
+        &[("cleanup.policy", "compact")],
     );
-    let status = wait_for("nsm to stop", Duration::from_secs(90), None, || {
-        nsm.child.try_wait().expect("wait")
-    });
-    let log = nsm.log_text();
-    assert_eq!(status.code(), Some(1), "{log}");
+    assert_eq!(code, Some(1), "{log}");
     assert!(
         log.contains("has 1 partitions and cannot be given the 3 the input topics need")
             && log.contains("add partitions to it"),
