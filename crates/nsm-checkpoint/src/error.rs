@@ -1,0 +1,147 @@
+//! The protocol's errors, each carrying the port error that caused it as it is, so a caller
+//! can tell a broker that timed out from a disk that failed from a bug of its own.
+
+use std::fmt;
+
+use crate::ids::{Epoch, FrameId, PartitionId, Sequence, ShardId};
+use crate::wire::DecodeError;
+
+/// What part of a partition's stored or logged state could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Corruption {
+    Head,
+    Snapshot(ShardId),
+    Delta(Sequence),
+    Frame(FrameId),
+}
+
+impl fmt::Display for Corruption {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Corruption::Head => write!(formatter, "the stored head"),
+            Corruption::Snapshot(shard) => write!(formatter, "the snapshot of shard {}", shard.0),
+            Corruption::Delta(sequence) => {
+                write!(formatter, "the delta of checkpoint {}", sequence.0)
+            }
+            Corruption::Frame(frame) => write!(formatter, "the frame of {frame}"),
+        }
+    }
+}
+
+/// What a store lacks that its head says it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    Snapshot { shard: ShardId, sequence: Sequence },
+    Delta(Sequence),
+}
+
+impl fmt::Display for Missing {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Missing::Snapshot { shard, sequence } => write!(
+                formatter,
+                "the snapshot of shard {} taken at checkpoint {}",
+                shard.0, sequence.0
+            ),
+            Missing::Delta(sequence) => write!(formatter, "the delta of checkpoint {}", sequence.0),
+        }
+    }
+}
+
+/// Why a partition could not be restored; `P` is the error of the port read (the changelog
+/// reader or the store).
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError<P> {
+    #[error("cannot read partition {partition}: {source}")]
+    Read { partition: PartitionId, source: P },
+    #[error(
+        "partition {partition} was written with {stored} shards, this configuration has {configured}"
+    )]
+    ShardCountChanged {
+        partition: PartitionId,
+        stored: u32,
+        configured: u32,
+    },
+    #[error("partition {partition}: {what} is corrupt: {source}")]
+    Corrupt {
+        partition: PartitionId,
+        what: Corruption,
+        source: DecodeError,
+    },
+    #[error("partition {partition}: the store lacks {missing}, which its head names")]
+    Incomplete {
+        partition: PartitionId,
+        missing: Missing,
+    },
+    #[error(
+        "partition {partition}: the changelog has finished checkpoints, but none with every frame \
+         it builds on (the newest is {newest}); the frames it needs were deleted"
+    )]
+    BrokenLine {
+        partition: PartitionId,
+        newest: FrameId,
+    },
+}
+
+/// Why a partition could not be opened for writing. `P` is the error of the port restored
+/// from, `S` the store's.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError<P, S> {
+    #[error(transparent)]
+    Restore(RestoreError<P>),
+    #[error("cannot store partition {partition} as restored from the changelog: {source}")]
+    Install { partition: PartitionId, source: S },
+    #[error(
+        "partition {partition} cannot be taken with epoch {requested}: it has seen epoch {seen}, \
+         and an owner must take it with a higher one"
+    )]
+    EpochNotAbove {
+        partition: PartitionId,
+        requested: u64,
+        seen: u64,
+    },
+    #[error("partition {partition} is already open")]
+    AlreadyOpen { partition: PartitionId },
+}
+
+impl<P, S> OpenError<P, S> {
+    pub(crate) fn epoch_not_above(partition: &PartitionId, requested: Epoch, seen: Epoch) -> Self {
+        OpenError::EpochNotAbove {
+            partition: partition.clone(),
+            requested: requested.0,
+            seen: seen.0,
+        }
+    }
+}
+
+/// A checkpoint the caller got wrong; nothing was sent or stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidCheckpoint {
+    #[error("partition {partition} is not open: restore it first")]
+    NotOpen { partition: PartitionId },
+    #[error("partition {partition} appears twice in one commit")]
+    DuplicatePartition { partition: PartitionId },
+    #[error("partition {partition}: shard {shard} is not below the shard count {shards}")]
+    ShardOutOfRange {
+        partition: PartitionId,
+        shard: u32,
+        shards: u32,
+    },
+}
+
+/// Why a commit did not happen. After a changelog or store error the checkpointer refuses every
+/// later commit ([`CommitError::Stopped`]): the changelog may hold a frame the store lacks, and
+/// the next owner (a restart with a higher epoch) must restore before anything more is written.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError<C, S> {
+    #[error(transparent)]
+    Invalid(#[from] InvalidCheckpoint),
+    #[error("the changelog did not take the checkpoint: {source}")]
+    Changelog { source: C },
+    #[error("the store did not take the checkpoint (the changelog did): {source}")]
+    Store { source: S },
+    #[error(
+        "an earlier checkpoint failed: nothing more is written until the partitions are restored"
+    )]
+    Stopped,
+}

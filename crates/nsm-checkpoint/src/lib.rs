@@ -1,0 +1,75 @@
+//! The checkpoint protocol: how a partition's state becomes durable in a local store and in a
+//! compacted changelog topic, and how it is rebuilt from either. Pure: the changelog and the
+//! store are ports (traits), so this crate does no I/O and never touches Kafka or RocksDB.
+//!
+//! # Model
+//!
+//! A partition's state is a map of byte keys to byte values, split into shards by the caller,
+//! and a small opaque meta (the input offset to resume from, watermarks) exactly as current as
+//! the map. A [`Checkpoint`] carries the new meta, the changes since the last one (puts,
+//! deletes, and dropped prefixes: a whole window or generation expires in one entry), and the
+//! full rows of the shard due for a snapshot ([`Checkpointer::snapshot_due`]), so that each
+//! shard is snapshotted in turn. A restore takes each shard's latest snapshot, then the changes
+//! of later checkpoints in order, then the latest meta; deltas older than every shard's
+//! snapshot are obsolete and are deleted.
+//!
+//! # Frames
+//!
+//! Each checkpoint of a partition becomes one frame: a header (format, partition name, epoch,
+//! sequence, the parent's epoch, the shard count, the shards snapshotted), then the body (the
+//! meta, each snapshot's rows, the delta section; varint-length-prefixed). The frame is cut
+//! into chunks of at most `max_chunk_bytes`, one changelog record each, followed by an end
+//! marker record: the chunk count, the frame's length and its XXH3 checksum.
+//!
+//! # Keys and compaction
+//!
+//! Record keys are `[0xF7][format][partition name][epoch][sequence][chunk index or MAX]`, so no
+//! two frames share a key: a new snapshot can never have replaced a chunk of the previous one,
+//! and compaction removes a frame only after its tombstones. A frame is tombstoned (each chunk
+//! and its end marker) once it is obsolete, in the commit after the one that made it so, after
+//! the frame replacing it was acknowledged: a few records per checkpoint, never one per key.
+//!
+//! # Invariants
+//!
+//! - **The changelog is never behind the store.** A commit's records are all acknowledged before
+//!   its store write; any failure leaves the store at the previous checkpoint and the changelog
+//!   there too, or one finished frame ahead, or with an unfinished frame after it.
+//! - **An unfinished frame is never restored.** A frame counts only with its end marker, every
+//!   chunk and the checksum right; then, atomically, all of it.
+//!
+//! # Epochs
+//!
+//! Each owner takes a partition with an epoch above every one it has seen of it, and every
+//! frame names its epoch in its keys and the epoch of the frame it follows in its header. A
+//! restore follows the line of the newest finished frame (highest epoch, then sequence) back
+//! through the parents it names: a frame of a lower epoch is used only as such an ancestor, so a
+//! frame a cut-off owner sent late, landing before or after the new owner's, never replaces
+//! anything (ARCHITECTURE.md, "Epochs"). The new owner's first snapshots replace the oldest
+//! ones first, so within one round of snapshots it depends on no frame of an earlier owner; a
+//! cut-off owner tombstones only frames obsolete on its own line, which the new line no longer
+//! needs unless that owner finished two checkpoints past the point the new owner took over.
+
+mod body;
+mod error;
+mod frame;
+mod ids;
+mod local;
+mod ports;
+mod protocol;
+mod restore;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod wire;
+
+pub use body::Checkpoint;
+pub use error::{CommitError, Corruption, InvalidCheckpoint, Missing, OpenError, RestoreError};
+pub use frame::{RecordKey, RecordPart, KEY_MAGIC};
+pub use ids::{CheckpointConfig, ConfigError, Epoch, FrameId, PartitionId, Sequence, ShardId};
+pub use ports::{
+    ChangelogReader, ChangelogRecord, ChangelogWriter, PartitionWrite, Store, StoredPartition,
+};
+pub use protocol::{Checkpointer, CommitReport};
+pub use restore::{
+    restore_from_changelog, restore_from_store, RestoreStats, RestoredPartition, ShardRows,
+};
+pub use wire::DecodeError;

@@ -1,0 +1,386 @@
+//! The checkpointer: the one place that orders writes between the changelog and the store.
+//!
+//! A commit sends every partition's frame, then the tombstones of frames made obsolete by
+//! checkpoints already acknowledged, waits until the changelog acknowledges all of it, and only
+//! then writes the store. So the changelog is never behind the store, and a tombstone never
+//! removes a frame before the frame that replaces it is in the log. After any failure the
+//! checkpointer writes nothing more: a retry would send a second frame under the keys of the
+//! one that may be half in the log. The next owner (a restart takes a higher epoch) restores.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::body::{put_rows, Checkpoint};
+use crate::error::{CommitError, InvalidCheckpoint, OpenError};
+use crate::frame::{
+    chunk_ranges, chunk_value, encode_frame, end_value, FrameHeader, RecordKey, RecordPart,
+};
+use crate::ids::{CheckpointConfig, Epoch, FrameId, PartitionId, ShardId};
+use crate::local::{encode_delta_blob, encode_snapshot_blob, LoggedFrame, PartitionHead};
+use crate::ports::{ChangelogReader, ChangelogWriter, PartitionWrite, Store};
+use crate::restore::{
+    restore_with_head_from_store, restore_with_install_from_changelog, RestoredPartition,
+};
+
+/// What one commit sent, to see that it stays a few records per partition.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommitReport {
+    /// The frame each partition's checkpoint became.
+    pub frames: Vec<(PartitionId, FrameId)>,
+    pub chunk_records: u64,
+    pub end_markers: u64,
+    /// Tombstones of obsolete frames (every chunk and the end marker of each).
+    pub tombstones: u64,
+    /// Bytes of the frames, before they were cut into chunks.
+    pub frame_bytes: u64,
+    /// Bytes of every key and value sent.
+    pub bytes_sent: u64,
+}
+
+impl CommitReport {
+    pub fn records(&self) -> u64 {
+        self.chunk_records + self.end_markers + self.tombstones
+    }
+}
+
+/// A partition this checkpointer writes: the epoch it took it with, and where it stands.
+struct OpenPartition {
+    epoch: Epoch,
+    head: PartitionHead,
+}
+
+/// One partition's part of a commit, made ready before anything is sent.
+struct PlannedWrite {
+    partition: PartitionId,
+    frame_id: FrameId,
+    frame: Vec<u8>,
+    tombstoned: Vec<LoggedFrame>,
+    head: PartitionHead,
+}
+
+/// Commits checkpoints of the partitions it has open to the changelog, then the store.
+pub struct Checkpointer<W: ChangelogWriter, S: Store> {
+    config: CheckpointConfig,
+    writer: W,
+    store: S,
+    open: HashMap<PartitionId, OpenPartition>,
+    stopped: bool,
+}
+
+impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
+    pub fn new(config: CheckpointConfig, writer: W, store: S) -> Self {
+        Checkpointer {
+            config,
+            writer,
+            store,
+            open: HashMap::new(),
+            stopped: false,
+        }
+    }
+
+    pub fn config(&self) -> &CheckpointConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn writer(&self) -> &W {
+        &self.writer
+    }
+
+    pub fn into_parts(self) -> (W, S) {
+        (self.writer, self.store)
+    }
+
+    /// Whether a failed commit stopped this checkpointer.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Opens `partition` as its store holds it (empty when it holds nothing), to write it with
+    /// `epoch`, which must be above every epoch the store has seen of it. The changelog may hold
+    /// a newer finished frame the store lacks: the frames written from here follow the store's,
+    /// and a restore from the changelog follows this higher epoch's line, never that frame.
+    pub fn resume_from_store(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+    ) -> Result<RestoredPartition, OpenError<S::Error, S::Error>> {
+        self.refuse_open(partition)?;
+        let (restored, head) = restore_with_head_from_store(&self.config, &self.store, partition)
+            .map_err(OpenError::Restore)?;
+        let seen = head
+            .logged_frames
+            .iter()
+            .map(|frame| frame.id.epoch)
+            .chain([head.head.epoch])
+            .max()
+            .unwrap_or_default();
+        if epoch <= seen {
+            return Err(OpenError::epoch_not_above(partition, epoch, seen));
+        }
+        self.open
+            .insert(partition.clone(), OpenPartition { epoch, head });
+        Ok(restored)
+    }
+
+    /// Opens `partition` as its changelog holds it (read by `reader` from its first record), to
+    /// write it with `epoch`, which must be above every epoch the changelog holds of it, and
+    /// replaces the store's copy with it in one write. The frames the restore did not use are
+    /// tombstoned by the next commit.
+    pub fn take_over_from_changelog<R: ChangelogReader>(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+        reader: &mut R,
+    ) -> Result<RestoredPartition, OpenError<R::Error, S::Error>> {
+        self.refuse_open(partition)?;
+        let restore = restore_with_install_from_changelog(&self.config, reader, partition)
+            .map_err(OpenError::Restore)?;
+        if epoch <= restore.restored.highest_epoch {
+            return Err(OpenError::epoch_not_above(
+                partition,
+                epoch,
+                restore.restored.highest_epoch,
+            ));
+        }
+        self.store
+            .commit(std::slice::from_ref(&restore.install))
+            .map_err(|source| OpenError::Install {
+                partition: partition.clone(),
+                source,
+            })?;
+        self.open.insert(
+            partition.clone(),
+            OpenPartition {
+                epoch,
+                head: restore.head,
+            },
+        );
+        Ok(restore.restored)
+    }
+
+    fn refuse_open<P, E>(&self, partition: &PartitionId) -> Result<(), OpenError<P, E>> {
+        if self.open.contains_key(partition) {
+            return Err(OpenError::AlreadyOpen {
+                partition: partition.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops writing `partition` (it was given up); whether it was open.
+    pub fn release(&mut self, partition: &PartitionId) -> bool {
+        self.open.remove(partition).is_some()
+    }
+
+    /// The shard the next checkpoint of `partition` should snapshot: the one whose snapshot is
+    /// the oldest. `None` when the partition is not open.
+    pub fn snapshot_due(&self, partition: &PartitionId) -> Option<ShardId> {
+        self.open
+            .get(partition)
+            .map(|open| open.head.snapshot_due())
+    }
+
+    /// The last checkpoint committed of `partition`, if it is open.
+    pub fn head(&self, partition: &PartitionId) -> Option<FrameId> {
+        self.open.get(partition).map(|open| open.head.head)
+    }
+
+    /// Commits one checkpoint of each of some open partitions: their frames and the tombstones
+    /// of obsolete frames to the changelog, acknowledged, then everything to the store in one
+    /// write. On a changelog or store error nothing was stored, and this checkpointer stops.
+    pub fn commit(
+        &mut self,
+        checkpoints: &[Checkpoint],
+    ) -> Result<CommitReport, CommitError<W::Error, S::Error>> {
+        if self.stopped {
+            return Err(CommitError::Stopped);
+        }
+        let (plans, store_writes) = self.plan(checkpoints)?;
+        let result = self.send_then_store(&plans, &store_writes);
+        match result {
+            Ok(report) => {
+                for plan in plans {
+                    if let Some(open) = self.open.get_mut(&plan.partition) {
+                        open.head = plan.head;
+                    }
+                }
+                Ok(report)
+            }
+            Err(error) => {
+                self.stopped = true;
+                Err(error)
+            }
+        }
+    }
+
+    /// Each partition's frame, tombstones and next head, and the store writes of them all.
+    fn plan(
+        &self,
+        checkpoints: &[Checkpoint],
+    ) -> Result<(Vec<PlannedWrite>, Vec<PartitionWrite>), InvalidCheckpoint> {
+        let mut seen = HashSet::new();
+        let mut plans = Vec::with_capacity(checkpoints.len());
+        let mut store_writes = Vec::with_capacity(checkpoints.len());
+        for checkpoint in checkpoints {
+            let partition = &checkpoint.partition;
+            if !seen.insert(partition) {
+                return Err(InvalidCheckpoint::DuplicatePartition {
+                    partition: partition.clone(),
+                });
+            }
+            let open = self
+                .open
+                .get(partition)
+                .ok_or_else(|| InvalidCheckpoint::NotOpen {
+                    partition: partition.clone(),
+                })?;
+            if let Some(shard) = checkpoint
+                .highest_shard()
+                .filter(|shard| *shard >= self.config.shards())
+            {
+                return Err(InvalidCheckpoint::ShardOutOfRange {
+                    partition: partition.clone(),
+                    shard,
+                    shards: self.config.shards(),
+                });
+            }
+            let (plan, store_write) = self.plan_partition(open, checkpoint);
+            plans.push(plan);
+            store_writes.push(store_write);
+        }
+        Ok((plans, store_writes))
+    }
+
+    fn plan_partition(
+        &self,
+        open: &OpenPartition,
+        checkpoint: &Checkpoint,
+    ) -> (PlannedWrite, PartitionWrite) {
+        let previous = &open.head;
+        let frame_id = FrameId {
+            epoch: open.epoch,
+            sequence: previous.head.sequence.next(),
+        };
+        let snapshot_shards = checkpoint.snapshot_shards();
+        let header = FrameHeader {
+            partition_name: checkpoint.partition.name.clone(),
+            id: frame_id,
+            parent_epoch: previous.head.epoch,
+            shards: self.config.shards(),
+            snapshot_shards: snapshot_shards.clone(),
+        };
+        let delta = checkpoint.encode_delta();
+        let frame = encode_frame(&header, checkpoint, &delta);
+        let chunks = chunk_ranges(frame.len(), self.config.max_chunk_bytes()).len() as u32;
+
+        let (tombstoned, kept): (Vec<LoggedFrame>, Vec<LoggedFrame>) = previous
+            .logged_frames
+            .iter()
+            .cloned()
+            .partition(|frame| previous.is_obsolete(frame));
+        let mut head = PartitionHead {
+            shards: previous.shards,
+            head: frame_id,
+            meta: checkpoint.meta.clone(),
+            snapshot_sequences: previous.snapshot_sequences.clone(),
+            logged_frames: kept,
+        };
+        for shard in &snapshot_shards {
+            head.snapshot_sequences[shard.index()] = frame_id.sequence;
+        }
+        head.logged_frames.push(LoggedFrame {
+            id: frame_id,
+            chunks,
+            snapshot_shards,
+            retired: false,
+        });
+
+        let oldest = head.oldest_snapshot();
+        let store_write = PartitionWrite {
+            partition: checkpoint.partition.clone(),
+            replace: false,
+            delete_deltas_through: (oldest > previous.oldest_snapshot()).then_some(oldest),
+            head: head.encode(),
+            snapshots: checkpoint
+                .snapshots
+                .iter()
+                .map(|(shard, rows)| {
+                    let mut section = Vec::with_capacity(rows.bytes.len() + 20);
+                    put_rows(&mut section, rows);
+                    (*shard, encode_snapshot_blob(frame_id.sequence, &section))
+                })
+                .collect(),
+            deltas: if frame_id.sequence > oldest {
+                vec![(frame_id.sequence, encode_delta_blob(&delta))]
+            } else {
+                Vec::new()
+            },
+        };
+        let plan = PlannedWrite {
+            partition: checkpoint.partition.clone(),
+            frame_id,
+            frame,
+            tombstoned,
+            head,
+        };
+        (plan, store_write)
+    }
+
+    fn send_then_store(
+        &mut self,
+        plans: &[PlannedWrite],
+        store_writes: &[PartitionWrite],
+    ) -> Result<CommitReport, CommitError<W::Error, S::Error>> {
+        let changelog_failed = |source| CommitError::Changelog { source };
+        let mut report = CommitReport::default();
+        for plan in plans {
+            let changelog_partition = plan.partition.changelog_partition;
+            let ranges = chunk_ranges(plan.frame.len(), self.config.max_chunk_bytes());
+            for (index, range) in ranges.iter().enumerate() {
+                let key = RecordKey::encode(
+                    &plan.partition,
+                    plan.frame_id,
+                    RecordPart::Chunk(index as u32),
+                );
+                let value = chunk_value(&plan.frame[range.clone()]);
+                self.writer
+                    .send(changelog_partition, &key, Some(&value))
+                    .map_err(changelog_failed)?;
+                report.chunk_records += 1;
+                report.bytes_sent += (key.len() + value.len()) as u64;
+            }
+            let key = RecordKey::encode(&plan.partition, plan.frame_id, RecordPart::End);
+            let value = end_value(&plan.frame, ranges.len() as u32);
+            self.writer
+                .send(changelog_partition, &key, Some(&value))
+                .map_err(changelog_failed)?;
+            report.end_markers += 1;
+            report.bytes_sent += (key.len() + value.len()) as u64;
+            report.frame_bytes += plan.frame.len() as u64;
+            report.frames.push((plan.partition.clone(), plan.frame_id));
+        }
+        for plan in plans {
+            for frame in &plan.tombstoned {
+                let parts = (0..frame.chunks)
+                    .map(RecordPart::Chunk)
+                    .chain([RecordPart::End]);
+                for part in parts {
+                    let key = RecordKey::encode(&plan.partition, frame.id, part);
+                    self.writer
+                        .send(plan.partition.changelog_partition, &key, None)
+                        .map_err(changelog_failed)?;
+                    report.tombstones += 1;
+                    report.bytes_sent += key.len() as u64;
+                }
+            }
+        }
+        self.writer.flush().map_err(changelog_failed)?;
+        self.store
+            .commit(store_writes)
+            .map_err(|source| CommitError::Store { source })?;
+        Ok(report)
+    }
+}
