@@ -65,6 +65,18 @@ impl MemoryChangelog {
         MemoryChangelog::default()
     }
 
+    /// An independent copy of the log as it is now, without its pending fault.
+    pub fn fork(&self) -> MemoryChangelog {
+        let log = lock(&self.log);
+        MemoryChangelog {
+            log: Arc::new(Mutex::new(Log {
+                partitions: log.partitions.clone(),
+                records_sent: log.records_sent,
+                fault: None,
+            })),
+        }
+    }
+
     /// A writer (an owner's producer).
     pub fn writer(&self) -> MemoryChangelogWriter {
         MemoryChangelogWriter {
@@ -282,6 +294,19 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         MemoryStore::default()
+    }
+
+    /// An independent copy of the store as it is now, without its pending fault.
+    pub fn fork(&self) -> MemoryStore {
+        let state = lock(&self.state);
+        MemoryStore {
+            state: Arc::new(Mutex::new(StoreState {
+                partitions: state.partitions.clone(),
+                commits: state.commits,
+                fail_at: None,
+                last_commit: state.last_commit,
+            })),
+        }
     }
 
     /// Makes commit `commit` (counted from zero over this store's life) fail, writing nothing.

@@ -1,0 +1,162 @@
+//! A scripted history of two partitions (snapshots rotating, deletes, dropped prefixes, a
+//! restart and a hand-off, so three epochs), crashed at every changelog record and at every
+//! store write: both stay restorable to exactly one checkpoint, the changelog never behind the
+//! store, and the next owner, however it opens, ends at the script's final state.
+
+use nsm_checkpoint::testing::ChangelogFault;
+
+use crate::support::{config, delete, drop_prefix, put, Fault, Op, Recovery, Runner, Step};
+
+fn users(from: usize, to: usize, value: &str) -> Vec<Op> {
+    (from..to)
+        .map(|user| put(&format!("user/{user}"), &format!("{value}-{user}")))
+        .collect()
+}
+
+fn with(mut ops: Vec<Op>, more: Vec<Op>) -> Vec<Op> {
+    ops.extend(more);
+    ops
+}
+
+pub fn script() -> Vec<Step> {
+    vec![
+        Step::Commit(vec![(0, users(0, 12, "a")), (1, users(0, 6, "a"))]),
+        Step::Commit(vec![
+            (
+                0,
+                with(
+                    users(0, 4, "b"),
+                    (0..8)
+                        .map(|row| put(&format!("generation/1/{row}"), "x"))
+                        .chain([delete("user/5")])
+                        .collect(),
+                ),
+            ),
+            (1, vec![delete("user/1")]),
+        ]),
+        Step::Commit(vec![(0, vec![put("window/1", "w1"), put("user/13", "c")])]),
+        Step::Restart,
+        Step::Commit(vec![
+            (
+                0,
+                (0..4)
+                    .map(|row| put(&format!("generation/2/{row}"), "y"))
+                    .chain([drop_prefix("generation/1/")])
+                    .collect(),
+            ),
+            (1, vec![put("user/9", "z"), drop_prefix("user/0")]),
+        ]),
+        Step::Commit(vec![
+            (0, vec![delete("window/1"), put("user/14", "d")]),
+            (1, vec![put("user/2", "q")]),
+        ]),
+        Step::HandOff { compacted: false },
+        Step::Commit(vec![
+            (0, users(0, 16, "e")),
+            (1, vec![delete("user/2"), put("user/3", "r")]),
+        ]),
+        Step::Commit(vec![
+            (0, vec![drop_prefix("generation/2/"), delete("user/13")]),
+            (1, vec![put("user/4", "s")]),
+        ]),
+        Step::Commit(vec![(0, vec![put("user/15", "f")])]),
+        Step::HandOff { compacted: true },
+        Step::Commit(vec![(0, vec![put("user/1", "g")]), (1, users(5, 9, "g"))]),
+        Step::Commit(vec![(1, vec![drop_prefix("user/")])]),
+    ]
+}
+
+const RECOVERIES: [Recovery; 3] = [
+    Recovery::ResumeStore,
+    Recovery::TakeOver { compacted: false },
+    Recovery::TakeOver { compacted: true },
+];
+
+fn runner() -> Runner {
+    // Small chunks, so frames span several records and a crash can cut one short.
+    Runner::new(config(4, 96), 2, script())
+}
+
+/// The run after a failure, as every kind of next owner would go on with it.
+fn recover_every_way(failed: &Runner, context: &str) {
+    let failed_step = failed.failed_step().expect("the run stopped at a step");
+    for recovery in RECOVERIES {
+        let mut next = failed.fork();
+        assert!(
+            next.recover(recovery, failed_step),
+            "{context}: recovery {recovery:?} failed"
+        );
+        next.check_final(&format!("{context}, then {recovery:?}"));
+    }
+}
+
+#[test]
+fn the_script_without_faults_ends_right_and_compaction_removes_obsolete_frames() {
+    let mut run = runner();
+    assert!(run.run(Fault::None));
+    run.check_final("no fault");
+    let log = run.changelog.records(3);
+    let compacted = run.changelog.compacted_reader(3);
+    drop(compacted);
+    run.changelog.compact();
+    let kept = run.changelog.records(3);
+    assert!(
+        log.iter().any(|record| record.value.is_none()),
+        "the script tombstones obsolete frames"
+    );
+    assert!(
+        kept.len() < log.len() / 2,
+        "compaction keeps {} of {}",
+        kept.len(),
+        log.len()
+    );
+    run.check_final("no fault, compacted");
+}
+
+#[test]
+fn a_changelog_failing_at_any_record_leaves_both_restorable_and_never_mixed() {
+    let total = {
+        let mut run = runner();
+        assert!(run.run(Fault::None));
+        run.changelog.records_sent()
+    };
+    assert!(total > 60, "the script sends {total} records");
+    let mut stopped = 0;
+    for record in 0..=total {
+        for fault in [
+            ChangelogFault::RefuseSendAt(record),
+            ChangelogFault::LoseFrom(record),
+            ChangelogFault::LoseOnly(record),
+        ] {
+            let context = format!("{fault:?}");
+            let mut run = runner();
+            let finished = run.run(Fault::Changelog(fault));
+            run.check_restorable(&context);
+            if finished {
+                assert_eq!(record, total, "{context}: the fault never struck");
+                run.check_final(&context);
+            } else {
+                stopped += 1;
+                recover_every_way(&run, &context);
+            }
+        }
+    }
+    assert_eq!(stopped, 3 * total);
+}
+
+#[test]
+fn a_store_failing_at_any_write_leaves_both_restorable_and_never_mixed() {
+    let total = {
+        let mut run = runner();
+        assert!(run.run(Fault::None));
+        run.store_writes()
+    };
+    assert!(total > 10, "the script writes the store {total} times");
+    for write in 0..total {
+        let context = format!("store write {write}");
+        let mut run = runner();
+        assert!(!run.run(Fault::StoreWrite(write)), "{context}: no failure");
+        run.check_restorable(&context);
+        recover_every_way(&run, &context);
+    }
+}

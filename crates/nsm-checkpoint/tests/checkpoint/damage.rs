@@ -1,0 +1,278 @@
+//! What the protocol does with what it did not write well or did not write at all: damaged or
+//! missing chunks, records of another format, a failing read, a corrupt store, checkpoints the
+//! caller got wrong, and a checkpointer that failed once.
+
+use nsm_checkpoint::testing::{ChangelogFault, MemoryChangelog, MemoryStore};
+use nsm_checkpoint::{
+    restore_from_changelog, restore_from_store, Checkpoint, Checkpointer, CommitError, Corruption,
+    Epoch, OpenError, PartitionId, PartitionWrite, RecordKey, RecordPart, RestoreError, ShardId,
+    Store,
+};
+
+use crate::support::{commit_ops, config, from_changelog, put, Owner, State};
+
+fn partition() -> PartitionId {
+    PartitionId::new(0, "input-0")
+}
+
+/// Two checkpoints of a partition, with chunks small enough that each frame has several.
+fn two_checkpoints() -> (MemoryChangelog, Owner, [State; 2]) {
+    let changelog = MemoryChangelog::new();
+    let mut owner = Checkpointer::new(config(2, 64), changelog.writer(), MemoryStore::new());
+    owner
+        .resume_from_store(&partition(), Epoch(1))
+        .expect("an empty store opens");
+    let mut state = State::default();
+    let ops: Vec<_> = (0..10)
+        .map(|user| put(&format!("user/{user}"), "one"))
+        .collect();
+    commit_ops(&mut owner, &partition(), &mut state, &ops, "checkpoint 1");
+    let first = state.clone();
+    let ops: Vec<_> = (0..10)
+        .map(|user| put(&format!("user/{user}"), "two"))
+        .collect();
+    commit_ops(&mut owner, &partition(), &mut state, &ops, "checkpoint 2");
+    (changelog, owner, [first, state])
+}
+
+/// The index in the log of a record of the second frame.
+fn record_of_second_frame(changelog: &MemoryChangelog, part: RecordPart) -> usize {
+    changelog
+        .records(0)
+        .iter()
+        .position(|record| {
+            RecordKey::parse(&record.key)
+                .ok()
+                .flatten()
+                .is_some_and(|key| key.frame.sequence.0 == 2 && key.part == part)
+        })
+        .expect("the record is in the log")
+}
+
+fn restored_state(changelog: &MemoryChangelog) -> (State, u64) {
+    let config = config(2, 64);
+    let restored = from_changelog(&config, changelog, &partition(), false);
+    (State::of(&config, &restored), restored.stats.frames_skipped)
+}
+
+#[test]
+fn a_frame_with_a_damaged_chunk_or_end_marker_is_never_applied() {
+    // A byte of a chunk's payload; the end marker's frame length; its checksum.
+    for (part, byte) in [
+        (RecordPart::Chunk(1), 10),
+        (RecordPart::End, 12),
+        (RecordPart::End, 18),
+    ] {
+        let (changelog, _, [first, _]) = two_checkpoints();
+        let index = record_of_second_frame(&changelog, part);
+        changelog.edit(0, |records| {
+            if let Some(value) = records[index].value.as_mut() {
+                value[byte] ^= 0x40;
+            }
+        });
+        assert_eq!(restored_state(&changelog), (first, 1), "{part:?} damaged");
+    }
+}
+
+#[test]
+fn a_frame_missing_a_chunk_is_never_applied_even_with_its_end_marker() {
+    let (changelog, _, [first, second]) = two_checkpoints();
+    assert_eq!(restored_state(&changelog).0, second);
+    let index = record_of_second_frame(&changelog, RecordPart::Chunk(0));
+    changelog.edit(0, |records| {
+        records.remove(index);
+    });
+    assert_eq!(restored_state(&changelog), (first, 1));
+}
+
+#[test]
+fn records_of_another_format_and_of_other_partitions_are_skipped() {
+    let (changelog, _, [_, second]) = two_checkpoints();
+    changelog.edit(0, |records| {
+        records.insert(
+            0,
+            nsm_checkpoint::ChangelogRecord {
+                key: b"wwindow-of-the-old-format".to_vec(),
+                value: Some(b"old value".to_vec()),
+            },
+        );
+    });
+    let mut other = Checkpointer::new(config(2, 64), changelog.writer(), MemoryStore::new());
+    let neighbour = PartitionId::new(0, "input-1");
+    other
+        .resume_from_store(&neighbour, Epoch(9))
+        .expect("an empty store opens");
+    commit_ops(
+        &mut other,
+        &neighbour,
+        &mut State::default(),
+        &[put("user/1", "other")],
+        "n 1",
+    );
+    let config = config(2, 64);
+    let restored = from_changelog(&config, &changelog, &partition(), false);
+    assert_eq!(State::of(&config, &restored), second);
+    assert_eq!(restored.stats.foreign_records, 1);
+    assert_eq!(
+        restored.highest_epoch,
+        Epoch(1),
+        "the neighbour's epoch is its own"
+    );
+}
+
+#[test]
+fn a_failed_read_is_a_typed_error_and_a_take_over_then_stores_nothing() {
+    let (changelog, _, _) = two_checkpoints();
+    let store = MemoryStore::new();
+    let mut owner = Checkpointer::new(config(2, 64), changelog.writer(), store.clone());
+    let mut reader = changelog.reader(0).failing_at(3);
+    let error = owner
+        .take_over_from_changelog(&partition(), Epoch(2), &mut reader)
+        .expect_err("the read fails");
+    assert!(matches!(
+        error,
+        OpenError::Restore(RestoreError::Read { .. })
+    ));
+    assert!(
+        error.to_string().contains("read failed at record 3"),
+        "{error}"
+    );
+    assert_eq!(store.commits(), 0);
+    assert_eq!(owner.head(&partition()), None);
+}
+
+#[test]
+fn a_corrupt_or_incomplete_store_is_a_typed_error() {
+    let config = config(2, 64);
+    let (_, owner, _) = two_checkpoints();
+    let (_, mut store) = owner.into_parts();
+    let loaded = store
+        .load(&partition())
+        .expect("loads")
+        .expect("the partition is stored");
+    // The snapshot of shard 1 taken at the second checkpoint goes missing.
+    let mut without_snapshot = store.fork();
+    without_snapshot
+        .commit(&[PartitionWrite {
+            partition: partition(),
+            replace: true,
+            delete_deltas_through: None,
+            head: loaded.head.clone(),
+            snapshots: loaded
+                .snapshots
+                .iter()
+                .filter(|(shard, _)| *shard != ShardId(1))
+                .cloned()
+                .collect(),
+            deltas: loaded.deltas.clone(),
+        }])
+        .expect("writes");
+    let error =
+        restore_from_store(&config, &without_snapshot, &partition()).expect_err("incomplete");
+    assert!(matches!(error, RestoreError::Incomplete { .. }), "{error}");
+    store
+        .commit(&[PartitionWrite {
+            partition: partition(),
+            replace: false,
+            delete_deltas_through: None,
+            head: b"\x01garbage".to_vec(),
+            snapshots: Vec::new(),
+            deltas: Vec::new(),
+        }])
+        .expect("writes");
+    let error = restore_from_store(&config, &store, &partition()).expect_err("corrupt");
+    assert!(
+        matches!(
+            error,
+            RestoreError::Corrupt {
+                what: Corruption::Head,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let error = restore_from_store(
+        &nsm_checkpoint::CheckpointConfig::new(3, 64).expect("valid"),
+        &loaded_store(&loaded),
+        &partition(),
+    )
+    .expect_err("another shard count");
+    assert!(
+        matches!(
+            error,
+            RestoreError::ShardCountChanged {
+                stored: 2,
+                configured: 3,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+fn loaded_store(loaded: &nsm_checkpoint::StoredPartition) -> MemoryStore {
+    let mut store = MemoryStore::new();
+    store
+        .commit(&[PartitionWrite {
+            partition: partition(),
+            replace: true,
+            delete_deltas_through: None,
+            head: loaded.head.clone(),
+            snapshots: loaded.snapshots.clone(),
+            deltas: loaded.deltas.clone(),
+        }])
+        .expect("writes");
+    store
+}
+
+#[test]
+fn a_checkpoint_the_caller_got_wrong_sends_nothing_and_stops_nothing() {
+    let (changelog, mut owner, [_, second]) = two_checkpoints();
+    let sent = changelog.records_sent();
+    let mut out_of_range = Checkpoint::new(partition(), "bad");
+    out_of_range.put(ShardId(2), b"key", b"value");
+    let not_open = Checkpoint::new(PartitionId::new(0, "never-opened"), "bad");
+    let twice = [
+        Checkpoint::new(partition(), "a"),
+        Checkpoint::new(partition(), "b"),
+    ];
+    for (checkpoints, expected) in [
+        (vec![out_of_range], "ShardOutOfRange"),
+        (vec![not_open], "NotOpen"),
+        (twice.to_vec(), "DuplicatePartition"),
+    ] {
+        let error = owner.commit(&checkpoints).expect_err(expected);
+        let CommitError::Invalid(invalid) = error else {
+            panic!("{expected}: not an invalid checkpoint");
+        };
+        assert!(format!("{invalid:?}").starts_with(expected), "{invalid:?}");
+    }
+    assert_eq!(changelog.records_sent(), sent);
+    assert!(!owner.is_stopped());
+    assert_eq!(restored_state(&changelog).0, second);
+}
+
+#[test]
+fn after_a_failed_commit_the_checkpointer_writes_nothing_more() {
+    let (changelog, mut owner, [_, second]) = two_checkpoints();
+    changelog.inject(ChangelogFault::LoseOnly(changelog.records_sent()));
+    let mut third = Checkpoint::new(partition(), "checkpoint 3");
+    third.put(ShardId(0), b"user/1", b"three");
+    let error = owner.commit(&[third]).expect_err("the flush fails");
+    assert!(matches!(error, CommitError::Changelog { .. }), "{error}");
+    assert!(owner.is_stopped());
+    let sent = changelog.records_sent();
+    let error = owner
+        .commit(&[Checkpoint::new(partition(), "checkpoint 4")])
+        .expect_err("stopped");
+    assert!(matches!(error, CommitError::Stopped));
+    assert_eq!(changelog.records_sent(), sent);
+    let config = config(2, 64);
+    let from_log =
+        restore_from_changelog(&config, &mut changelog.reader(0), &partition()).expect("restores");
+    assert_eq!(
+        State::of(&config, &from_log),
+        second,
+        "the frame missing its first chunk is not applied"
+    );
+}

@@ -1,0 +1,239 @@
+//! Random histories against a model: commits of puts, deletes and dropped prefixes, with the
+//! due snapshot, another shard's, every shard's or none; restarts, hand-offs and compactions in
+//! between. Every restore, from the store or from the changelog compacted or not, is the model
+//! at the last commit.
+
+use nsm_checkpoint::testing::{MemoryChangelog, MemoryStore};
+use nsm_checkpoint::{CheckpointConfig, Checkpointer, Epoch, PartitionId, ShardId};
+use proptest::prelude::*;
+
+use crate::support::{
+    apply, checkpoint, config, from_changelog, from_store, meta_of, Op, Owner, State,
+};
+
+#[derive(Debug, Clone)]
+enum SnapshotChoice {
+    None,
+    Due,
+    Shard(u32),
+    Every,
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Commit {
+        /// Which partitions take part: bit 0 the first, bit 1 the second (none: both).
+        partitions: u8,
+        changes: Vec<(u8, Option<u8>)>,
+        dropped_prefix: Option<u8>,
+        snapshot: SnapshotChoice,
+    },
+    Restart,
+    HandOff {
+        compacted: bool,
+    },
+    Compact,
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    let snapshot = prop_oneof![
+        1 => Just(SnapshotChoice::None),
+        4 => Just(SnapshotChoice::Due),
+        1 => (0u32..16).prop_map(SnapshotChoice::Shard),
+        1 => Just(SnapshotChoice::Every),
+    ];
+    let commit = (
+        0u8..4,
+        proptest::collection::vec((0u8..40, proptest::option::weighted(0.8, 0u8..6)), 0..10),
+        proptest::option::weighted(0.15, 0u8..4),
+        snapshot,
+    )
+        .prop_map(
+            |(partitions, changes, dropped_prefix, snapshot)| Action::Commit {
+                partitions,
+                changes,
+                dropped_prefix,
+                snapshot,
+            },
+        );
+    prop_oneof![
+        10 => commit,
+        1 => Just(Action::Restart),
+        1 => any::<bool>().prop_map(|compacted| Action::HandOff { compacted }),
+        1 => Just(Action::Compact),
+    ]
+}
+
+fn key(index: u8) -> Vec<u8> {
+    format!("group-{}/key-{index}", index % 4).into_bytes()
+}
+
+fn ops_of(changes: &[(u8, Option<u8>)], dropped_prefix: Option<u8>, salt: usize) -> Vec<Op> {
+    let mut ops: Vec<Op> = changes
+        .iter()
+        .map(|(index, value)| match value {
+            Some(value) => Op::Put(key(*index), format!("value-{value}-{salt}").into_bytes()),
+            None => Op::Delete(key(*index)),
+        })
+        .collect();
+    if let Some(group) = dropped_prefix {
+        ops.push(Op::DropPrefix(format!("group-{group}/").into_bytes()));
+    }
+    ops
+}
+
+struct History {
+    config: CheckpointConfig,
+    changelog: MemoryChangelog,
+    owner: Owner,
+    next_epoch: u64,
+    partitions: [PartitionId; 2],
+    states: [State; 2],
+    numbers: [u64; 2],
+}
+
+impl History {
+    fn new(config: CheckpointConfig) -> History {
+        let changelog = MemoryChangelog::new();
+        let owner = Checkpointer::new(config, changelog.writer(), MemoryStore::new());
+        let mut history = History {
+            config,
+            changelog,
+            owner,
+            next_epoch: 1,
+            partitions: [PartitionId::new(0, "first"), PartitionId::new(0, "second")],
+            states: Default::default(),
+            numbers: [0; 2],
+        };
+        history.reopen(None);
+        history
+    }
+
+    /// A new owner opens every partition: from `store` (a restart), or from the changelog into
+    /// a new store (`None`), compacted first if asked; what it restores must be the model.
+    fn reopen_with(&mut self, store: Option<MemoryStore>, compacted: bool) {
+        let epoch = Epoch(self.next_epoch);
+        self.next_epoch += 1;
+        let taking_over = store.is_none();
+        let mut owner = Checkpointer::new(
+            self.config,
+            self.changelog.writer(),
+            store.unwrap_or_default(),
+        );
+        for (index, partition) in self.partitions.iter().enumerate() {
+            let restored = if taking_over {
+                let mut reader = if compacted {
+                    self.changelog.compacted_reader(0)
+                } else {
+                    self.changelog.reader(0)
+                };
+                owner
+                    .take_over_from_changelog(partition, epoch, &mut reader)
+                    .expect("the changelog restores")
+            } else {
+                owner
+                    .resume_from_store(partition, epoch)
+                    .expect("the store restores")
+            };
+            assert_eq!(State::of(&self.config, &restored), self.states[index]);
+        }
+        self.owner = owner;
+    }
+
+    fn reopen(&mut self, store: Option<MemoryStore>) {
+        self.reopen_with(store, false);
+    }
+
+    fn act(&mut self, action: &Action, salt: usize) {
+        match action {
+            Action::Commit {
+                partitions,
+                changes,
+                dropped_prefix,
+                snapshot,
+            } => {
+                let mut checkpoints = Vec::new();
+                for index in 0..2 {
+                    if *partitions != 0 && partitions & (1 << index) == 0 {
+                        continue;
+                    }
+                    let partition = &self.partitions[index];
+                    let ops = ops_of(changes, *dropped_prefix, salt + index);
+                    self.numbers[index] += 1;
+                    apply(
+                        &mut self.states[index],
+                        &ops,
+                        meta_of(index, self.numbers[index]),
+                    );
+                    let shards = self.config.shards();
+                    let chosen = match snapshot {
+                        SnapshotChoice::None => None,
+                        SnapshotChoice::Due => self.owner.snapshot_due(partition),
+                        SnapshotChoice::Shard(shard) => Some(ShardId(shard % shards)),
+                        SnapshotChoice::Every => Some(ShardId(0)),
+                    };
+                    let mut built =
+                        checkpoint(&self.config, partition, &ops, &self.states[index], chosen);
+                    if let SnapshotChoice::Every = snapshot {
+                        for shard in 1..shards {
+                            let shard = ShardId(shard);
+                            built.snapshot_shard(shard);
+                            for (key, value) in &self.states[index].rows {
+                                if crate::support::shard_of(&self.config, key) == shard {
+                                    built.snapshot_row(shard, key, value);
+                                }
+                            }
+                        }
+                    }
+                    checkpoints.push(built);
+                }
+                self.owner
+                    .commit(&checkpoints)
+                    .expect("the commit goes through");
+            }
+            Action::Restart => {
+                let store = self.owner.store().clone();
+                self.reopen(Some(store));
+            }
+            Action::HandOff { compacted } => self.reopen_with(None, *compacted),
+            Action::Compact => self.changelog.compact(),
+        }
+    }
+
+    fn check(&self) {
+        for (index, partition) in self.partitions.iter().enumerate() {
+            let expected = &self.states[index];
+            let stored = from_store(&self.config, self.owner.store(), partition);
+            assert_eq!(
+                &State::of(&self.config, &stored),
+                expected,
+                "{partition} from the store"
+            );
+            for compacted in [false, true] {
+                let logged = from_changelog(&self.config, &self.changelog, partition, compacted);
+                assert_eq!(
+                    &State::of(&self.config, &logged),
+                    expected,
+                    "{partition} from the changelog (compacted: {compacted})"
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(192))]
+
+    #[test]
+    fn every_restore_is_the_model_at_the_last_commit(
+        shards in prop_oneof![Just(1u32), Just(3), Just(8)],
+        max_chunk_bytes in 64usize..256,
+        actions in proptest::collection::vec(action(), 1..40),
+    ) {
+        let mut history = History::new(config(shards, max_chunk_bytes));
+        for (salt, action) in actions.iter().enumerate() {
+            history.act(action, salt * 2);
+        }
+        history.check();
+    }
+}

@@ -1,0 +1,507 @@
+//! What the tests share: a caller's model of a partition, checkpoints built from it, restores
+//! read back as states, and a runner of scripted owners (restarts, hand-offs, faults) that
+//! knows, for every checkpoint number, the state it must restore to.
+
+use std::collections::BTreeMap;
+
+use nsm_checkpoint::testing::{
+    ChangelogFault, MemoryChangelog, MemoryChangelogWriter, MemoryStore,
+};
+use nsm_checkpoint::{
+    restore_from_changelog, restore_from_store, Checkpoint, CheckpointConfig, Checkpointer,
+    CommitReport, Epoch, FrameId, PartitionId, RecordKey, RecordPart, RestoredPartition, ShardId,
+};
+use xxhash_rust::xxh3::xxh3_64;
+
+pub type Owner = Checkpointer<MemoryChangelogWriter, MemoryStore>;
+
+pub fn config(shards: u32, max_chunk_bytes: usize) -> CheckpointConfig {
+    CheckpointConfig::new(shards, max_chunk_bytes).expect("a valid configuration")
+}
+
+/// The caller's shard function: the top bits of a hash of the key.
+pub fn shard_of(config: &CheckpointConfig, key: &[u8]) -> ShardId {
+    config.shard_of_hash(xxh3_64(key))
+}
+
+/// A partition's state as a caller sees it: its meta and its rows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct State {
+    pub meta: Vec<u8>,
+    pub rows: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl State {
+    /// The state a restore rebuilt; every row must be in the shard its key belongs to.
+    pub fn of(config: &CheckpointConfig, restored: &RestoredPartition) -> State {
+        let mut rows = BTreeMap::new();
+        for (shard, key, value) in restored.rows() {
+            assert_eq!(
+                shard,
+                shard_of(config, key),
+                "row {} restored into the wrong shard",
+                key.escape_ascii()
+            );
+            rows.insert(key.to_vec(), value.to_vec());
+        }
+        State {
+            meta: restored.meta.clone(),
+            rows,
+        }
+    }
+
+    /// The checkpoint number a scripted meta names (zero for the empty state).
+    pub fn checkpoint_number(&self) -> u64 {
+        checkpoint_number(&self.meta)
+    }
+}
+
+pub fn meta_of(partition: usize, number: u64) -> Vec<u8> {
+    format!("partition {partition} checkpoint {number}").into_bytes()
+}
+
+pub fn checkpoint_number(meta: &[u8]) -> u64 {
+    if meta.is_empty() {
+        return 0;
+    }
+    let text = String::from_utf8_lossy(meta);
+    text.rsplit(' ')
+        .next()
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("not a scripted meta: {text}"))
+}
+
+/// One change a caller makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+    DropPrefix(Vec<u8>),
+}
+
+pub fn put(key: &str, value: &str) -> Op {
+    Op::Put(key.as_bytes().to_vec(), value.as_bytes().to_vec())
+}
+
+pub fn delete(key: &str) -> Op {
+    Op::Delete(key.as_bytes().to_vec())
+}
+
+pub fn drop_prefix(prefix: &str) -> Op {
+    Op::DropPrefix(prefix.as_bytes().to_vec())
+}
+
+/// Applies `ops` to `state` as a checkpoint does: drops first, then changes in order.
+pub fn apply(state: &mut State, ops: &[Op], meta: Vec<u8>) {
+    for op in ops {
+        if let Op::DropPrefix(prefix) = op {
+            state.rows.retain(|key, _| !key.starts_with(prefix));
+        }
+    }
+    for op in ops {
+        match op {
+            Op::Put(key, value) => {
+                state.rows.insert(key.clone(), value.clone());
+            }
+            Op::Delete(key) => {
+                state.rows.remove(key);
+            }
+            Op::DropPrefix(_) => {}
+        }
+    }
+    state.meta = meta;
+}
+
+/// The checkpoint of `ops`, which take `before` to `after`, with the snapshot of `snapshot`
+/// (its rows in `after`).
+pub fn checkpoint(
+    config: &CheckpointConfig,
+    partition: &PartitionId,
+    ops: &[Op],
+    after: &State,
+    snapshot: Option<ShardId>,
+) -> Checkpoint {
+    let mut checkpoint = Checkpoint::new(partition.clone(), after.meta.clone());
+    for op in ops {
+        match op {
+            Op::Put(key, value) => checkpoint.put(shard_of(config, key), key, value),
+            Op::Delete(key) => checkpoint.delete(shard_of(config, key), key),
+            Op::DropPrefix(prefix) => checkpoint.drop_prefix(prefix),
+        }
+    }
+    if let Some(shard) = snapshot {
+        checkpoint.snapshot_shard(shard);
+        for (key, value) in &after.rows {
+            if shard_of(config, key) == shard {
+                checkpoint.snapshot_row(shard, key, value);
+            }
+        }
+    }
+    checkpoint
+}
+
+/// Applies `ops` to `state` with `meta`, and commits the checkpoint of it (snapshotting the
+/// shard due) through `owner`.
+pub fn commit_ops(
+    owner: &mut Owner,
+    partition: &PartitionId,
+    state: &mut State,
+    ops: &[Op],
+    meta: &str,
+) -> CommitReport {
+    apply(state, ops, meta.as_bytes().to_vec());
+    let config = *owner.config();
+    let snapshot = owner.snapshot_due(partition);
+    let checkpoint = checkpoint(&config, partition, ops, state, snapshot);
+    owner
+        .commit(&[checkpoint])
+        .expect("the commit goes through")
+}
+
+pub fn from_store(
+    config: &CheckpointConfig,
+    store: &MemoryStore,
+    partition: &PartitionId,
+) -> RestoredPartition {
+    restore_from_store(config, store, partition).expect("the store restores")
+}
+
+pub fn from_changelog(
+    config: &CheckpointConfig,
+    changelog: &MemoryChangelog,
+    partition: &PartitionId,
+    compacted: bool,
+) -> RestoredPartition {
+    let mut reader = if compacted {
+        changelog.compacted_reader(partition.changelog_partition)
+    } else {
+        changelog.reader(partition.changelog_partition)
+    };
+    restore_from_changelog(config, &mut reader, partition).expect("the changelog restores")
+}
+
+/// Whether the log holds the end marker of `frame` and every chunk it counts.
+pub fn frame_is_whole_in_log(
+    changelog: &MemoryChangelog,
+    partition: &PartitionId,
+    frame: FrameId,
+) -> bool {
+    let records = changelog.records(partition.changelog_partition);
+    let latest = |part: RecordPart| {
+        let key = RecordKey::encode(partition, frame, part);
+        records
+            .iter()
+            .rev()
+            .find(|record| record.key == key)
+            .and_then(|record| record.value.clone())
+    };
+    let Some(end) = latest(RecordPart::End) else {
+        return false;
+    };
+    // The chunk count is the first field after the format and kind bytes.
+    let chunks = u32::from_be_bytes([end[2], end[3], end[4], end[5]]);
+    (0..chunks).all(|index| latest(RecordPart::Chunk(index)).is_some())
+}
+
+/// A step of a scripted run.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// One commit: a checkpoint of each partition named, with its ops.
+    Commit(Vec<(usize, Vec<Op>)>),
+    /// The owner restarts: a new checkpointer on the same store, resumed from it, a higher
+    /// epoch.
+    Restart,
+    /// Another instance takes the partitions: a new, empty store, restored from the changelog.
+    HandOff { compacted: bool },
+}
+
+/// How the first owner after a failure opens the partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    ResumeStore,
+    TakeOver { compacted: bool },
+}
+
+/// A fault a run meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    Changelog(ChangelogFault),
+    /// The store write numbered so, counted over the run's stores.
+    StoreWrite(u64),
+}
+
+/// A scripted run of owners over partitions sharing one changelog partition.
+pub struct Runner {
+    pub config: CheckpointConfig,
+    pub partitions: Vec<PartitionId>,
+    pub steps: Vec<Step>,
+    /// For each partition, the state of each checkpoint number (zero: empty).
+    pub expected: Vec<Vec<State>>,
+    pub changelog: MemoryChangelog,
+    /// The store of the owner that last opened the partitions.
+    pub store: MemoryStore,
+    owner: Option<Owner>,
+    next_epoch: u64,
+    /// The checkpoint number each partition has in the current owner's store.
+    pub stored: Vec<u64>,
+    fault: Fault,
+    store_writes: u64,
+    failed_step: Option<usize>,
+}
+
+impl Runner {
+    pub fn new(config: CheckpointConfig, partitions: usize, steps: Vec<Step>) -> Runner {
+        let partitions: Vec<PartitionId> = (0..partitions)
+            .map(|index| PartitionId::new(3, format!("input-{index}")))
+            .collect();
+        let mut expected = vec![vec![State::default()]; partitions.len()];
+        for step in &steps {
+            if let Step::Commit(entries) = step {
+                for (partition, ops) in entries {
+                    let history = &mut expected[*partition];
+                    let mut state = history.last().cloned().unwrap_or_default();
+                    apply(&mut state, ops, meta_of(*partition, history.len() as u64));
+                    history.push(state);
+                }
+            }
+        }
+        Runner {
+            config,
+            stored: vec![0; partitions.len()],
+            partitions,
+            steps,
+            expected,
+            changelog: MemoryChangelog::new(),
+            store: MemoryStore::new(),
+            owner: None,
+            next_epoch: 1,
+            fault: Fault::None,
+            store_writes: 0,
+            failed_step: None,
+        }
+    }
+
+    /// An independent copy of the run as it stands, its owner closed (it crashed).
+    pub fn fork(&self) -> Runner {
+        Runner {
+            config: self.config,
+            partitions: self.partitions.clone(),
+            steps: self.steps.clone(),
+            expected: self.expected.clone(),
+            changelog: self.changelog.fork(),
+            store: self.store.fork(),
+            owner: None,
+            next_epoch: self.next_epoch,
+            stored: self.stored.clone(),
+            fault: Fault::None,
+            store_writes: self.store_writes,
+            failed_step: self.failed_step,
+        }
+    }
+
+    /// Store writes made or attempted in the run.
+    pub fn store_writes(&self) -> u64 {
+        self.store_writes
+    }
+
+    fn take_epoch(&mut self) -> Epoch {
+        self.next_epoch += 1;
+        Epoch(self.next_epoch - 1)
+    }
+
+    /// Arms the store fault if the store write about to be made is the one it names.
+    fn before_store_write(&mut self, store: &MemoryStore) {
+        if self.fault == Fault::StoreWrite(self.store_writes) {
+            store.fail_commit(store.commits());
+        }
+        self.store_writes += 1;
+    }
+
+    /// Opens every partition on a new owner; false when the store write of a take-over failed.
+    fn open(&mut self, recovery: Recovery) -> bool {
+        let epoch = self.take_epoch();
+        let store = match recovery {
+            Recovery::ResumeStore => self.store.clone(),
+            Recovery::TakeOver { .. } => MemoryStore::new(),
+        };
+        let mut owner = Checkpointer::new(self.config, self.changelog.writer(), store.clone());
+        let mut numbers = Vec::new();
+        for partition in self.partitions.clone() {
+            let restored = match recovery {
+                Recovery::ResumeStore => owner
+                    .resume_from_store(&partition, epoch)
+                    .expect("the store restores"),
+                Recovery::TakeOver { compacted } => {
+                    self.before_store_write(&store);
+                    let mut reader = if compacted {
+                        self.changelog
+                            .compacted_reader(partition.changelog_partition)
+                    } else {
+                        self.changelog.reader(partition.changelog_partition)
+                    };
+                    match owner.take_over_from_changelog(&partition, epoch, &mut reader) {
+                        Ok(restored) => restored,
+                        Err(nsm_checkpoint::OpenError::Install { .. }) => return false,
+                        Err(error) => panic!("take-over of {partition} failed: {error}"),
+                    }
+                }
+            };
+            numbers.push(checkpoint_number(&restored.meta));
+        }
+        self.store = store;
+        self.stored = numbers;
+        self.owner = Some(owner);
+        true
+    }
+
+    /// Runs the script from its start with `fault`; returns whether it ran to its end.
+    pub fn run(&mut self, fault: Fault) -> bool {
+        self.fault = fault;
+        self.store_writes = 0;
+        if let Fault::Changelog(fault) = fault {
+            self.changelog.inject(fault);
+        }
+        self.open(Recovery::ResumeStore) && self.run_from(0)
+    }
+
+    /// After a failed run, opens the partitions as `recovery` says and runs the rest of the
+    /// script: each partition goes on from the checkpoint it was restored at.
+    pub fn recover(&mut self, recovery: Recovery, failed_step: usize) -> bool {
+        self.fault = Fault::None;
+        self.open(recovery) && self.run_from(failed_step)
+    }
+
+    /// The step the run stopped at, if it stopped.
+    pub fn failed_step(&self) -> Option<usize> {
+        self.failed_step
+    }
+
+    fn run_from(&mut self, first: usize) -> bool {
+        self.failed_step = None;
+        let mut numbers = vec![0u64; self.partitions.len()];
+        for (index, step) in self.steps.clone().into_iter().enumerate() {
+            let entries = match step {
+                Step::Commit(entries) => entries,
+                _ if index < first => continue,
+                Step::Restart => {
+                    self.owner = None;
+                    if !self.open(Recovery::ResumeStore) {
+                        self.failed_step = Some(index);
+                        return false;
+                    }
+                    continue;
+                }
+                Step::HandOff { compacted } => {
+                    if !self.open(Recovery::TakeOver { compacted }) {
+                        self.failed_step = Some(index);
+                        return false;
+                    }
+                    continue;
+                }
+            };
+            let mut checkpoints = Vec::new();
+            let mut committed = Vec::new();
+            for (partition, ops) in entries {
+                numbers[partition] += 1;
+                let number = numbers[partition];
+                if index < first || number <= self.stored[partition] {
+                    continue;
+                }
+                let owner = self.owner.as_ref().expect("an owner is open");
+                let id = &self.partitions[partition];
+                assert_eq!(owner.head(id).map(|head| head.sequence.0), Some(number - 1));
+                let after = &self.expected[partition][number as usize];
+                let snapshot = owner.snapshot_due(id);
+                checkpoints.push(checkpoint(&self.config, id, &ops, after, snapshot));
+                committed.push((partition, number));
+            }
+            if checkpoints.is_empty() {
+                continue;
+            }
+            let store = self.store.clone();
+            self.before_store_write(&store);
+            let owner = self.owner.as_mut().expect("an owner is open");
+            match owner.commit(&checkpoints) {
+                Ok(_) => {
+                    for (partition, number) in committed {
+                        self.stored[partition] = number;
+                    }
+                }
+                Err(_) => {
+                    assert!(owner.is_stopped());
+                    self.failed_step = Some(index);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The two invariants, for every partition: the store restores exactly its last stored
+    /// checkpoint; the changelog, compacted or not, restores exactly some checkpoint, never an
+    /// older one than the store's and at most the one being written, from a frame that is whole
+    /// in the log.
+    pub fn check_restorable(&self, context: &str) {
+        for (index, partition) in self.partitions.iter().enumerate() {
+            let history = &self.expected[index];
+            let from_store = State::of(
+                &self.config,
+                &from_store(&self.config, &self.store, partition),
+            );
+            assert_eq!(
+                from_store, history[self.stored[index] as usize],
+                "{context}: {partition} from the store"
+            );
+            for compacted in [false, true] {
+                let restored = from_changelog(&self.config, &self.changelog, partition, compacted);
+                let state = State::of(&self.config, &restored);
+                let number = state.checkpoint_number();
+                assert_eq!(
+                    state, history[number as usize],
+                    "{context}: {partition} from the changelog (compacted: {compacted}) is not \
+                     exactly checkpoint {number}"
+                );
+                assert!(
+                    number >= self.stored[index] && number <= self.stored[index] + 1,
+                    "{context}: {partition} from the changelog (compacted: {compacted}) is \
+                     checkpoint {number}, the store has {}",
+                    self.stored[index]
+                );
+                if restored.head != FrameId::EMPTY {
+                    assert!(
+                        frame_is_whole_in_log(&self.changelog, partition, restored.head),
+                        "{context}: {partition} restored from {} which is not whole in the log",
+                        restored.head
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every partition, from the store and from the changelog compacted or not, is the
+    /// script's final state.
+    pub fn check_final(&self, context: &str) {
+        for (index, partition) in self.partitions.iter().enumerate() {
+            let expected = self.expected[index].last().cloned().unwrap_or_default();
+            assert_eq!(
+                State::of(
+                    &self.config,
+                    &from_store(&self.config, &self.store, partition)
+                ),
+                expected,
+                "{context}: {partition} from the store"
+            );
+            for compacted in [false, true] {
+                assert_eq!(
+                    State::of(
+                        &self.config,
+                        &from_changelog(&self.config, &self.changelog, partition, compacted)
+                    ),
+                    expected,
+                    "{context}: {partition} from the changelog (compacted: {compacted})"
+                );
+            }
+        }
+    }
+}

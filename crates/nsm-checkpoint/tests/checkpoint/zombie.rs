@@ -1,0 +1,277 @@
+//! Two owners of one partition at once: A, cut off from the group, still writing with epoch 1,
+//! and B, which took the partition over with epoch 2. Whatever order their records land in, a
+//! restore gives B's line, never A's late frame and never a mix of the two.
+
+use nsm_checkpoint::testing::{ChangelogFault, MemoryChangelog, MemoryStore};
+use std::collections::BTreeSet;
+
+use nsm_checkpoint::{Checkpointer, Epoch, PartitionId, RecordKey};
+
+use crate::support::{commit_ops, config, delete, from_changelog, from_store, put, Owner, State};
+
+const SHARDS: u32 = 4;
+
+fn partition() -> PartitionId {
+    PartitionId::new(0, "input-0")
+}
+
+fn owner_resuming(changelog: &MemoryChangelog, epoch: u64) -> Owner {
+    let mut owner = Checkpointer::new(config(SHARDS, 96), changelog.writer(), MemoryStore::new());
+    owner
+        .resume_from_store(&partition(), Epoch(epoch))
+        .expect("an empty store opens");
+    owner
+}
+
+fn owner_taking_over(changelog: &MemoryChangelog, epoch: u64) -> (Owner, State) {
+    let config = config(SHARDS, 96);
+    let mut owner = Checkpointer::new(config, changelog.writer(), MemoryStore::new());
+    let restored = owner
+        .take_over_from_changelog(&partition(), Epoch(epoch), &mut changelog.reader(0))
+        .expect("the changelog restores");
+    (owner, State::of(&config, &restored))
+}
+
+/// A's first `checkpoints` checkpoints, each touching every user and snapshotting a shard.
+fn owner_a_history(changelog: &MemoryChangelog, checkpoints: usize) -> (Owner, State) {
+    let mut owner = owner_resuming(changelog, 1);
+    let mut state = State::default();
+    for number in 1..=checkpoints {
+        let ops: Vec<_> = (0..10)
+            .map(|user| put(&format!("user/{user}"), &format!("a{number}")))
+            .collect();
+        commit_ops(
+            &mut owner,
+            &partition(),
+            &mut state,
+            &ops,
+            &format!("A {number}"),
+        );
+    }
+    (owner, state)
+}
+
+fn assert_restores_to(changelog: &MemoryChangelog, expected: &State, context: &str) {
+    let config = config(SHARDS, 96);
+    for compacted in [false, true] {
+        let restored = from_changelog(&config, changelog, &partition(), compacted);
+        assert_eq!(
+            &State::of(&config, &restored),
+            expected,
+            "{context} (compacted: {compacted})"
+        );
+    }
+}
+
+#[test]
+fn a_cut_off_owners_late_frame_after_the_new_owners_changes_nothing() {
+    let changelog = MemoryChangelog::new();
+    let (mut owner_a, mut state_a) = owner_a_history(&changelog, 3);
+    let (mut owner_b, mut state_b) = owner_taking_over(&changelog, 2);
+    assert_eq!(state_b, state_a);
+    commit_ops(
+        &mut owner_b,
+        &partition(),
+        &mut state_b,
+        &[put("user/1", "b4")],
+        "B 4",
+    );
+    commit_ops(
+        &mut owner_b,
+        &partition(),
+        &mut state_b,
+        &[delete("user/2")],
+        "B 5",
+    );
+    // A's frame lands after B's.
+    commit_ops(
+        &mut owner_a,
+        &partition(),
+        &mut state_a,
+        &[put("user/3", "late")],
+        "A 4",
+    );
+    assert_restores_to(&changelog, &state_b, "after A's late frame");
+    commit_ops(
+        &mut owner_b,
+        &partition(),
+        &mut state_b,
+        &[put("user/4", "b6")],
+        "B 6",
+    );
+    assert_restores_to(&changelog, &state_b, "after B's next frame");
+    assert_eq!(
+        State::of(
+            owner_b.config(),
+            &from_store(owner_b.config(), owner_b.store(), &partition())
+        ),
+        state_b
+    );
+}
+
+#[test]
+fn a_cut_off_owners_frame_landing_before_the_new_owners_first_is_not_mixed_in() {
+    let changelog = MemoryChangelog::new();
+    let (mut owner_a, mut state_a) = owner_a_history(&changelog, 3);
+    let (mut owner_b, mut state_b) = owner_taking_over(&changelog, 2);
+    // A's frame lands after B read the changelog, before B's first frame: it is finished and
+    // has B's sequence, but B's frames build on A's third, not on it.
+    commit_ops(
+        &mut owner_a,
+        &partition(),
+        &mut state_a,
+        &[put("zombie-only", "x")],
+        "A 4",
+    );
+    commit_ops(
+        &mut owner_b,
+        &partition(),
+        &mut state_b,
+        &[put("user/1", "b4")],
+        "B 4",
+    );
+    commit_ops(
+        &mut owner_b,
+        &partition(),
+        &mut state_b,
+        &[put("user/2", "b5")],
+        "B 5",
+    );
+    assert!(!state_b.rows.contains_key(&b"zombie-only"[..]));
+    assert_restores_to(
+        &changelog,
+        &state_b,
+        "A's frame between B's restore and B's frames",
+    );
+}
+
+#[test]
+fn a_cut_off_owners_last_commit_with_its_tombstones_leaves_the_new_line_whole() {
+    let changelog = MemoryChangelog::new();
+    // Enough checkpoints that A's next commit tombstones frames obsolete on its own line.
+    let (mut owner_a, mut state_a) = owner_a_history(&changelog, 7);
+    let (mut owner_b, mut state_b) = owner_taking_over(&changelog, 2);
+    let report = commit_ops(
+        &mut owner_a,
+        &partition(),
+        &mut state_a,
+        &[put("user/0", "late")],
+        "A 8",
+    );
+    assert!(report.tombstones > 0, "A's last commit tombstones frames");
+    for number in 8..=9 {
+        commit_ops(
+            &mut owner_b,
+            &partition(),
+            &mut state_b,
+            &[put("user/5", &format!("b{number}"))],
+            &format!("B {number}"),
+        );
+    }
+    changelog.compact();
+    assert_restores_to(&changelog, &state_b, "after compaction");
+    // Once B has snapshotted every shard it needs none of A's frames, and tombstones them.
+    for number in 10..=13 {
+        commit_ops(
+            &mut owner_b,
+            &partition(),
+            &mut state_b,
+            &[put("user/6", &format!("b{number}"))],
+            &format!("B {number}"),
+        );
+    }
+    changelog.compact();
+    let config = config(SHARDS, 96);
+    let restored = from_changelog(&config, &changelog, &partition(), false);
+    assert_eq!(State::of(&config, &restored), state_b);
+    // Left to skip: B's newest obsolete frame, tombstoned at its next commit, and A's late
+    // frame, which B never saw and the next owner's restore will report.
+    assert_eq!(restored.stats.frames_skipped, 2);
+    let frames_of_a: BTreeSet<u64> = changelog
+        .records(0)
+        .iter()
+        .filter_map(|record| RecordKey::parse(&record.key).ok().flatten())
+        .filter(|key| key.frame.epoch == Epoch(1))
+        .map(|key| key.frame.sequence.0)
+        .collect();
+    assert_eq!(frames_of_a, BTreeSet::from([8]));
+}
+
+#[test]
+fn without_a_finished_frame_of_the_new_owner_the_old_owners_line_is_restored_whole() {
+    let changelog = MemoryChangelog::new();
+    let (mut owner_a, mut state_a) = owner_a_history(&changelog, 3);
+    let (mut owner_b, state_b) = owner_taking_over(&changelog, 2);
+    // B's first frame is cut short; A's frame lands after it.
+    changelog.inject(ChangelogFault::RefuseSendAt(changelog.records_sent() + 1));
+    let config = config(SHARDS, 96);
+    let mut checkpoint = nsm_checkpoint::Checkpoint::new(partition(), "B 4");
+    for user in 0..40 {
+        let key = format!("user/{user}");
+        checkpoint.put(
+            crate::support::shard_of(&config, key.as_bytes()),
+            key.as_bytes(),
+            b"b4",
+        );
+    }
+    assert!(owner_b.commit(&[checkpoint]).is_err());
+    commit_ops(
+        &mut owner_a,
+        &partition(),
+        &mut state_a,
+        &[put("user/3", "a4")],
+        "A 4",
+    );
+    // A's line is the newest finished one: exact for its own offsets, and nothing of B's.
+    assert_restores_to(&changelog, &state_a, "B's unfinished frame, then A's");
+    // B restarts from its store, which holds the state it restored, with a higher epoch: its
+    // line now wins over A's frame of the same sequence.
+    let (_, store_b) = owner_b.into_parts();
+    let mut owner_b = Checkpointer::new(config, changelog.writer(), store_b);
+    let restored = owner_b
+        .resume_from_store(&partition(), Epoch(3))
+        .expect("B's store restores");
+    let mut state_b_again = State::of(&config, &restored);
+    assert_eq!(state_b_again, state_b);
+    commit_ops(
+        &mut owner_b,
+        &partition(),
+        &mut state_b_again,
+        &[put("user/7", "b4")],
+        "B 4",
+    );
+    assert_restores_to(&changelog, &state_b_again, "B's line after its restart");
+}
+
+#[test]
+fn an_owner_must_take_a_partition_with_an_epoch_above_every_one_seen() {
+    let changelog = MemoryChangelog::new();
+    let (owner_a, _) = owner_a_history(&changelog, 2);
+    let config = config(SHARDS, 96);
+    let mut owner_b = Checkpointer::new(config, changelog.writer(), MemoryStore::new());
+    let refused =
+        owner_b.take_over_from_changelog(&partition(), Epoch(1), &mut changelog.reader(0));
+    assert!(
+        matches!(
+            refused,
+            Err(nsm_checkpoint::OpenError::EpochNotAbove {
+                requested: 1,
+                seen: 1,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let (_, store_a) = owner_a.into_parts();
+    let mut restarted = Checkpointer::new(config, changelog.writer(), store_a);
+    let refused = restarted.resume_from_store(&partition(), Epoch(1));
+    assert!(matches!(
+        refused,
+        Err(nsm_checkpoint::OpenError::EpochNotAbove { .. })
+    ));
+    assert!(restarted.resume_from_store(&partition(), Epoch(2)).is_ok());
+    assert!(matches!(
+        restarted.resume_from_store(&partition(), Epoch(3)),
+        Err(nsm_checkpoint::OpenError::AlreadyOpen { .. })
+    ));
+}
