@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::ids::{PartitionId, ShardId};
+use crate::ids::{CheckpointConfig, PartitionId, ShardId};
 use crate::wire::{put_bytes, put_varint, DecodeError, Reader};
 
 /// Bytes of rows or changes of one shard, and how many there are.
@@ -39,6 +39,9 @@ pub struct Checkpoint {
     pub(crate) dropped_prefixes: Vec<Vec<u8>>,
     pub(crate) changes: Vec<ShardBytes>,
     pub(crate) snapshots: BTreeMap<ShardId, ShardBytes>,
+    /// The highest shard named beyond any configuration's count: its changes are not kept,
+    /// and the commit refuses the checkpoint.
+    shard_beyond_any_count: Option<u32>,
 }
 
 impl Checkpoint {
@@ -51,6 +54,7 @@ impl Checkpoint {
             dropped_prefixes: Vec::new(),
             changes: Vec::new(),
             snapshots: BTreeMap::new(),
+            shard_beyond_any_count: None,
         }
     }
 
@@ -58,17 +62,24 @@ impl Checkpoint {
         &self.partition
     }
 
-    fn shard_changes(&mut self, shard: ShardId) -> &mut ShardBytes {
+    /// The changes of `shard`; `None`, and the shard remembered, when no configuration has it.
+    fn shard_changes(&mut self, shard: ShardId) -> Option<&mut ShardBytes> {
+        if shard.0 >= CheckpointConfig::MAX_SHARDS {
+            self.shard_beyond_any_count = self.shard_beyond_any_count.max(Some(shard.0));
+            return None;
+        }
         if self.changes.len() <= shard.index() {
             self.changes
                 .resize_with(shard.index() + 1, ShardBytes::default);
         }
-        &mut self.changes[shard.index()]
+        Some(&mut self.changes[shard.index()])
     }
 
     /// Sets `key` of `shard` to `value`.
     pub fn put(&mut self, shard: ShardId, key: &[u8], value: &[u8]) {
-        let changes = self.shard_changes(shard);
+        let Some(changes) = self.shard_changes(shard) else {
+            return;
+        };
         put_bytes(&mut changes.bytes, key);
         put_varint(&mut changes.bytes, value.len() as u64 + 1);
         changes.bytes.extend_from_slice(value);
@@ -77,7 +88,9 @@ impl Checkpoint {
 
     /// Removes `key` of `shard`.
     pub fn delete(&mut self, shard: ShardId, key: &[u8]) {
-        let changes = self.shard_changes(shard);
+        let Some(changes) = self.shard_changes(shard) else {
+            return;
+        };
         put_bytes(&mut changes.bytes, key);
         put_varint(&mut changes.bytes, 0);
         changes.count += 1;
@@ -116,7 +129,7 @@ impl Checkpoint {
             .rposition(|shard| shard.count > 0)
             .map(|index| index as u32);
         let snapshotted = self.snapshots.keys().next_back().map(|shard| shard.0);
-        changed.max(snapshotted)
+        changed.max(snapshotted).max(self.shard_beyond_any_count)
     }
 
     pub(crate) fn snapshot_shards(&self) -> Vec<ShardId> {
@@ -293,6 +306,15 @@ mod tests {
             ]
         );
         assert_eq!(checkpoint.highest_shard(), Some(2));
+    }
+
+    #[test]
+    fn a_shard_beyond_any_count_allocates_nothing_and_is_reported() {
+        let mut checkpoint = Checkpoint::new(partition(), "");
+        checkpoint.put(ShardId(u32::MAX), b"a", b"1");
+        checkpoint.delete(ShardId(CheckpointConfig::MAX_SHARDS), b"b");
+        assert!(checkpoint.changes.is_empty());
+        assert_eq!(checkpoint.highest_shard(), Some(u32::MAX));
     }
 
     #[test]

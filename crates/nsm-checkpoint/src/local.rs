@@ -48,6 +48,16 @@ impl PartitionHead {
         }
     }
 
+    /// The highest epoch of a frame this head knows of.
+    pub(crate) fn highest_epoch(&self) -> Epoch {
+        self.logged_frames
+            .iter()
+            .map(|frame| frame.id.epoch)
+            .chain([self.head.epoch])
+            .max()
+            .unwrap_or_default()
+    }
+
     /// The oldest snapshot: deltas up to it are needed by no shard.
     pub(crate) fn oldest_snapshot(&self) -> Sequence {
         self.snapshot_sequences

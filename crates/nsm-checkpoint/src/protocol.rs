@@ -110,13 +110,7 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
         self.refuse_open(partition)?;
         let (restored, head) = restore_with_head_from_store(&self.config, &self.store, partition)
             .map_err(OpenError::Restore)?;
-        let seen = head
-            .logged_frames
-            .iter()
-            .map(|frame| frame.id.epoch)
-            .chain([head.head.epoch])
-            .max()
-            .unwrap_or_default();
+        let seen = restored.highest_epoch;
         if epoch <= seen {
             return Err(OpenError::epoch_not_above(partition, epoch, seen));
         }

@@ -46,6 +46,9 @@ pub struct RestoreStats {
     pub frames_skipped: u64,
     /// Records this library did not write (another format's), skipped.
     pub foreign_records: u64,
+    /// Finished frames newer than the one restored that could not be restored: a frame their
+    /// line needs is missing. Zero unless records were lost or damaged.
+    pub newer_frames_unusable: u64,
 }
 
 /// A partition as a restore rebuilt it.
@@ -228,7 +231,7 @@ pub(crate) fn restore_with_head_from_store<S: Store>(
     let restored = RestoredPartition {
         partition: partition.clone(),
         head: head.head,
-        highest_epoch: head.head.epoch,
+        highest_epoch: head.highest_epoch(),
         meta: head.meta.clone(),
         shards: fold.shards,
         stats: fold.stats,
@@ -329,7 +332,14 @@ pub(crate) fn restore_with_install_from_changelog<R: ChangelogReader>(
             .keys()
             .next_back()
             .map_or(0, |index| index.saturating_add(1));
-        match finish_frame(config, partition, id, &frame) {
+        match finish_frame(partition, id, &frame) {
+            Some(done) if done.header.shards != config.shards() => {
+                return Err(RestoreError::ShardCountChanged {
+                    partition: partition.clone(),
+                    stored: done.header.shards,
+                    configured: config.shards(),
+                });
+            }
             Some(done) => {
                 finished.insert(id, done);
             }
@@ -347,10 +357,10 @@ pub(crate) fn restore_with_install_from_changelog<R: ChangelogReader>(
     }
 
     let newest = finished.keys().next_back().copied();
-    let line = finished
-        .keys()
-        .rev()
-        .find_map(|head| follow_line(config, &finished, *head));
+    let line = finished.keys().rev().enumerate().find_map(|(newer, head)| {
+        stats.newer_frames_unusable = newer as u64;
+        follow_line(config, &finished, *head)
+    });
     let line = match (line, newest) {
         (Some(line), _) => line,
         (None, None) => Line {
@@ -450,12 +460,7 @@ pub(crate) fn restore_with_install_from_changelog<R: ChangelogReader>(
 
 /// The frame these parts make, if they make a finished frame of `partition` under `id`: an end
 /// marker, every chunk it counts, the checksum right, a header that names the same frame.
-fn finish_frame(
-    config: &CheckpointConfig,
-    partition: &PartitionId,
-    id: FrameId,
-    parts: &FrameParts,
-) -> Option<FinishedFrame> {
+fn finish_frame(partition: &PartitionId, id: FrameId, parts: &FrameParts) -> Option<FinishedFrame> {
     let end: EndMarker = match RecordValue::parse(parts.end.as_deref()?) {
         Ok(RecordValue::End(end)) => end,
         _ => return None,
@@ -475,9 +480,7 @@ fn finish_frame(
     let names_itself = header.id == id
         && header.partition_name == partition.name
         && header.id.sequence > Sequence::EMPTY;
-    // A frame written under another shard count is not of this line; restoring it would need
-    // its rows sharded again, which is the caller's to do.
-    if !names_itself || header.shards != config.shards() {
+    if !names_itself {
         return None;
     }
     Some(FinishedFrame {

@@ -276,3 +276,49 @@ fn after_a_failed_commit_the_checkpointer_writes_nothing_more() {
         "the frame missing its first chunk is not applied"
     );
 }
+
+#[test]
+fn a_damaged_frame_in_the_middle_of_the_line_falls_back_to_the_last_whole_line_and_says_so() {
+    let (changelog, mut owner, [first, second]) = two_checkpoints();
+    let mut third = second.clone();
+    commit_ops(
+        &mut owner,
+        &partition(),
+        &mut third,
+        &[put("user/1", "three")],
+        "checkpoint 3",
+    );
+    let index = record_of_second_frame(&changelog, RecordPart::Chunk(0));
+    changelog.edit(0, |records| {
+        if let Some(value) = records[index].value.as_mut() {
+            value[4] ^= 0x01;
+        }
+    });
+    let config = config(2, 64);
+    let restored = from_changelog(&config, &changelog, &partition(), false);
+    assert_eq!(State::of(&config, &restored), first);
+    assert_eq!(restored.stats.newer_frames_unusable, 1);
+    assert_eq!(restored.stats.frames_skipped, 2);
+}
+
+#[test]
+fn a_changelog_written_with_another_shard_count_is_refused_not_emptied() {
+    let (changelog, _, _) = two_checkpoints();
+    let error = restore_from_changelog(
+        &nsm_checkpoint::CheckpointConfig::new(4, 64).expect("valid"),
+        &mut changelog.reader(0),
+        &partition(),
+    )
+    .expect_err("another shard count");
+    assert!(
+        matches!(
+            error,
+            RestoreError::ShardCountChanged {
+                stored: 2,
+                configured: 4,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
