@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Args;
 use nsm_core::engine::{
-    CountingReader, Engine, Outcome, Plan, StateReadError, StateReader, DEFAULT_MEMBER_CACHE,
+    CountingReader, Engine, Outcome, Plan, StateReadError, StateReader, DEFAULT_STATE_MEMORY,
 };
 use nsm_core::{EpochMillis, PartitionKey};
 use nsm_state::{Store, StoreOptions};
@@ -188,7 +188,7 @@ fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<(Entries, Split)> {
         nanos: reading.clone(),
     });
     let reads = reader.reads();
-    let mut engine = Engine::with_reader(plan.clone(), Box::new(reader), DEFAULT_MEMBER_CACHE);
+    let mut engine = Engine::with_reader(plan.clone(), Box::new(reader), DEFAULT_STATE_MEMORY);
     let key = PartitionKey::new("events", 0);
     engine.restore_partition(key.clone(), store.load_partition(&key)?);
     let mut written = 0;

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use nsm_core::engine::{AggValue, Engine, Outcome, DEFAULT_MEMBER_CACHE};
+use nsm_core::engine::{AggValue, Engine, Outcome, DEFAULT_STATE_MEMORY};
 use nsm_core::PartitionKey;
 use nsm_state::{StateError, Store, StoreOptions};
 
@@ -69,7 +69,7 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
     let store = Store::open(&path, &plan, &StoreOptions::default())?;
     let mut engine = match args.store {
         StoreKind::Rocksdb => {
-            Engine::with_reader(plan.clone(), Box::new(store.clone()), DEFAULT_MEMBER_CACHE)
+            Engine::with_reader(plan.clone(), Box::new(store.clone()), DEFAULT_STATE_MEMORY)
         }
         StoreKind::Memory => Engine::new(plan.clone()),
     };

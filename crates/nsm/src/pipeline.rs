@@ -18,9 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nsm_core::engine::{
-    Engine, MetricValues, Outcome, PartitionSnapshot, PartitionStatus, Plan, DEFAULT_MEMBER_CACHE,
-};
+use nsm_core::engine::{Engine, MetricValues, Outcome, PartitionSnapshot, PartitionStatus, Plan};
 use nsm_core::event::RecordMeta;
 use nsm_core::reject::RejectReason;
 use nsm_core::PartitionKey;
@@ -138,6 +136,8 @@ pub struct PipelineParts {
     pub idle_timeout: Duration,
     /// `state.flush_max_entries`: a checkpoint is due once this many entries wait.
     pub flush_max_entries: usize,
+    /// `state.memory_limit`: bytes of entries kept in memory.
+    pub memory_limit: usize,
     /// `/healthz` fails when a turn of the consumer loop or a checkpoint write lasts longer
     /// than `stuck_after`.
     pub liveness: Arc<Liveness>,
@@ -148,11 +148,12 @@ pub struct PipelineParts {
 impl Pipeline {
     pub fn new(parts: PipelineParts) -> Pipeline {
         Pipeline {
-            // Members are read from the store: memory stays bounded whatever the users.
+            // Entries past the memory limit are read from the store: memory stays bounded
+            // whatever the users.
             engine: Engine::with_reader(
                 parts.plan,
                 Box::new(parts.store.clone()),
-                DEFAULT_MEMBER_CACHE,
+                parts.memory_limit,
             )
             .with_max_checkpoint_entries(parts.flush_max_entries),
             store: parts.store,
@@ -800,6 +801,7 @@ window = "1d"
             dead_letter_stats: Arc::new(DeadLetterStats::default()),
             idle_timeout: Duration::from_secs(3600),
             flush_max_entries: config.state.flush_max_entries,
+            memory_limit: config.state.memory_limit,
             liveness: Arc::new(Liveness::default()),
             stuck_after: Duration::from_secs(300),
             clock: EventClock::wall(),
@@ -856,6 +858,11 @@ window = "1d"
         pipeline.checkpoint().expect("checkpoint");
         pipeline.abandoned(std::slice::from_ref(&lost));
         message(&mut pipeline, &kept, 1);
+        // The next checkpoint takes the stored one's result once it is stored (one still
+        // being written is left for later).
+        while pipeline.writing() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let offsets = pipeline.checkpoint().expect("checkpoint");
         assert_eq!(offsets, vec![(kept.clone(), 1)]);
         let shown = pipeline.telemetry.render();

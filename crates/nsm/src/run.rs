@@ -181,6 +181,7 @@ pub fn run_pipeline_with_clock(
         dead_letter_stats: dead_letter_stats.clone(),
         idle_timeout: config.time.idle_timeout,
         flush_max_entries: config.state.flush_max_entries,
+        memory_limit: config.state.memory_limit,
         liveness,
         stuck_after: stuck_after(&config),
         clock,

@@ -128,6 +128,9 @@ pub struct StateConfig {
     /// Per-entity entries written since the last flush at which one is due before the
     /// interval ends (see `engine::DEFAULT_MAX_CHECKPOINT_ENTRIES`).
     pub flush_max_entries: usize,
+    /// Bytes of per-entity entries kept in memory, over all owned partitions (see
+    /// `engine::DEFAULT_STATE_MEMORY`); past it, entries are read back from RocksDB.
+    pub memory_limit: usize,
     pub sync_writes: bool,
     /// The compacted topic every state change is also written to, from which the instance a
     /// partition moves to restores it; `None` when `state.changelog = false`.

@@ -35,6 +35,7 @@ fn example_config_is_valid_and_typed() {
     );
     assert_eq!(config.time.calendar.zone_name(), "Europe/Berlin");
     assert_eq!(config.state.flush_max_entries, 100_000);
+    assert_eq!(config.state.memory_limit, 256 << 20);
     assert_eq!(config.metrics.len(), 8);
     let north_star = &config.metrics[0];
     assert_eq!(north_star.name, "weekly_active_messagers");
@@ -66,6 +67,7 @@ week_start = "funday"
 allowed_lateness = "soon"
 [state]
 flush_max_entries = 10
+memory_limit = "12"
 [north_star]
 name = "Bad Name"
 kind = "median"
@@ -85,6 +87,7 @@ window = "1d"
         "time.week_start",
         "time.allowed_lateness",
         "state.flush_max_entries",
+        "state.memory_limit",
         "north_star.name",
         "north_star.kind",
         "north_star.window",
@@ -772,4 +775,20 @@ fn http_connection_limits_have_defaults_and_bounds() {
         ]
     );
     assert!(errors[0].1.contains("between 1s and 10m"), "{errors:?}");
+}
+
+#[test]
+fn the_memory_for_entries_takes_a_size() {
+    let example = include_str!("../../../../config/example.toml");
+    let with =
+        |limit: &str| example.replacen("[state]", &format!("[state]\nmemory_limit = {limit}"), 1);
+    let config = Config::from_toml(&with("\"2GiB\""), &no_env).expect("a size in GiB");
+    assert_eq!(config.state.memory_limit, 2 << 30);
+    let config = Config::from_toml(&with("67108864"), &no_env).expect("a size in bytes");
+    assert_eq!(config.state.memory_limit, 64 << 20);
+    let errors = errors_of(&with("\"lots\""));
+    assert!(
+        errors.iter().any(|(path, _)| path == "state.memory_limit"),
+        "{errors:#?}"
+    );
 }

@@ -552,6 +552,7 @@ fn parse_size(value: &toml::Value) -> Option<usize> {
                 "" | "B" => 1,
                 "KiB" => 1024,
                 "MiB" => 1024 * 1024,
+                "GiB" => 1024 * 1024 * 1024,
                 "KB" | "kB" => 1000,
                 "MB" => 1_000_000,
                 _ => return None,
@@ -711,6 +712,19 @@ fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfi
             None
         }
     };
+    let memory_limit = match &state.memory_limit {
+        None => Some(crate::engine::DEFAULT_STATE_MEMORY),
+        Some(value) => match parse_size(value) {
+            Some(bytes) if bytes >= 1 << 20 => Some(bytes),
+            _ => {
+                problems.add(
+                    "state.memory_limit",
+                    "expected a size of at least 1MiB, such as \"256MiB\" or \"2GiB\"",
+                );
+                None
+            }
+        },
+    };
     let changelog_topic = state.changelog.unwrap_or(true).then(|| {
         state.changelog_topic.clone().unwrap_or_else(|| {
             format!(
@@ -741,6 +755,7 @@ fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfi
         retention_ms: millis(retention?),
         flush_interval: flush?,
         flush_max_entries: flush_max_entries?,
+        memory_limit: memory_limit?,
         sync_writes: state.sync_writes.unwrap_or(true),
         changelog_topic,
     })

@@ -113,6 +113,18 @@ impl PartitionState {
             .into_iter()
             .collect();
         let member_range_deletes = self.forget_old_funnels(plan);
+        // What the store deletes leaves memory too: no future event reads it.
+        for delete in &deletes {
+            self.members.forget_window(delete.metric, delete.start_ms);
+        }
+        for expired in &windows_before {
+            self.members
+                .forget_windows_before(expired.metric, expired.before_ms);
+        }
+        for range in &member_range_deletes {
+            self.members
+                .forget_range(range.metric, range.start_ms, &range.before);
+        }
         if !self.pending.meta_dirty
             && self.pending.dirty_windows.is_empty()
             && deletes.is_empty()
@@ -153,7 +165,7 @@ impl PartitionState {
                 })
             })
             .collect();
-        // Entries of windows deleted in this batch go too: the store deletes after it puts.
+        // Entries of windows deleted in this batch are not handed over: the store deletes them.
         let members = self.members.take_written();
         let gaps = pending
             .dirty_gaps

@@ -151,7 +151,7 @@ mod tests {
             reader: &reader,
             partition: &partition,
         };
-        let mut members = MemberIndex::new(16, 1024);
+        let mut members = MemberIndex::new(1 << 20);
         let mut funnel = Funnel {
             metric: 0,
             within_ms: 10,

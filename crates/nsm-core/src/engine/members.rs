@@ -1,17 +1,17 @@
-//! Per-entity state kept on disk, not in memory: the members of distinct sets, threshold
-//! progress, the occurrences of trailing distinct members and the counts of trailing
-//! threshold entities.
+//! Per-entity state: the members of distinct sets, threshold progress, the occurrences of
+//! trailing distinct members, the counts of trailing threshold entities, conversion funnels
+//! and event ids.
 //!
-//! Memory must not grow with the number of users or entities, so the engine keeps only what it
-//! wrote since the last checkpoint (exact, needed until it is stored) and a bounded cache of
-//! members known to be present. Everything else is asked of a [`StateReader`]: nsm-state
-//! answers from RocksDB; [`MemoryReader`] answers from memory for tests and benchmarks.
+//! Each partition keeps its entries in memory ([`MemberIndex`]) up to a budget of bytes, and
+//! the caller stores every entry written in RocksDB at each checkpoint. Past the budget, whole
+//! shards of the least recently used windows leave memory, and a miss there is asked of a
+//! [`StateReader`]: nsm-state answers from RocksDB; [`MemoryReader`] answers from memory for
+//! tests and benchmarks.
 //!
 //! Entries live in the namespace of one window of one metric, so expiring a window deletes
 //! them with it.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,8 @@ use super::changes::{
     MemberInsert, MemberRangeDelete, PartitionChanges, WindowDelete, WindowsBefore,
 };
 
+use super::funnel::FUNNEL_WINDOW;
+use crate::table::{entity_key, EntityTable, SHARDS};
 use crate::{EpochMillis, PartitionKey};
 
 /// Reading committed per-entity state failed (an I/O error of the store).
@@ -179,7 +181,7 @@ impl StateReader for MemoryReader {
 }
 
 /// A reader counting the entries asked of the one it wraps: the lookups the engine's memory
-/// (written entries, cache, filter) could not answer. For benchmarks and tests.
+/// (its entries in memory) could not answer. For benchmarks and tests.
 #[derive(Debug, Default)]
 pub struct CountingReader<R> {
     inner: R,
@@ -229,9 +231,6 @@ pub(super) struct Source<'a> {
     pub partition: &'a PartitionKey,
 }
 
-/// A window of one metric: the namespace of its entries.
-type Namespace = (usize, EpochMillis);
-
 /// A cached entry's value: nearly every value the engine writes is at most 8 bytes (an event
 /// time, a previous bucket, a trailing last occurrence in its short form, a progress count, or
 /// nothing for a member). Longer ones (a conversion's times, a last occurrence's long form)
@@ -269,13 +268,6 @@ pub enum EntryValue {
 impl EntryValue {
     pub fn new(bytes: &[u8]) -> EntryValue {
         Small::new(bytes).map_or_else(|| EntryValue::Long(bytes.into()), EntryValue::Small)
-    }
-
-    fn small(&self) -> Option<Small> {
-        match self {
-            EntryValue::Small(small) => Some(*small),
-            EntryValue::Long(_) => None,
-        }
     }
 }
 
@@ -326,9 +318,9 @@ impl Hasher for DigestHasher {
 
 type DigestMap<V> = HashMap<u128, V, BuildHasherDefault<DigestHasher>>;
 
-/// Hashes a window's place (metric, start) with one multiply a word: namespaces are asked for
-/// at every entry written and at every miss, where SipHash showed in profiles, and they are
-/// few and come from the config and calendar-aligned times, not from arbitrary input.
+/// Hashes a space's place (metric, start, period) with one multiply a word: a space is looked
+/// up at every entry read or written, where SipHash showed in profiles, and spaces are few
+/// and come from the config and calendar-aligned times, not from arbitrary input.
 #[derive(Default, Clone, Copy)]
 struct NamespaceHasher(u64);
 
@@ -359,122 +351,157 @@ impl Hasher for NamespaceHasher {
     }
 }
 
-type NamespaceSet = HashSet<Namespace, BuildHasherDefault<NamespaceHasher>>;
-type NamespaceMap<V> = HashMap<Namespace, V, BuildHasherDefault<NamespaceHasher>>;
+/// Where an entry lives in memory: its window (metric, start) and, for a conversion's funnel
+/// entries, their period (the key's first 8 bytes, see [`super::funnel`]), so that old
+/// periods go as whole tables; 0 for every other entry.
+type Place = (usize, EpochMillis, u64);
 
-/// One generation of the cache: entries, and the windows they belong to (so dropping the
-/// generation tells which windows lose entries).
-#[derive(Debug, Default)]
-struct Generation {
-    entries: DigestMap<Small>,
-    namespaces: NamespaceSet,
-}
+type SpaceMap = HashMap<Place, Space, BuildHasherDefault<NamespaceHasher>>;
 
-/// One partition's view of its per-entity entries: what it wrote since the last checkpoint,
-/// a bounded cache of entries, then the reader.
-///
-/// The reader is asked only when it may know more than the cache. A window whose first use
-/// found nothing stored is *complete*: every entry it has was written by this index, so it
-/// is in `written` or in the cache for as long as the cache dropped none of that window's
-/// entries. A miss in a complete window is an answer, not a read; a new user's first event
-/// of a week costs no I/O while the cache holds the week. Once the cache has dropped some of
-/// a complete window's entries, the [`WrittenFilter`] still answers most of its misses while
-/// its epoch lasts: a key of that window it never saw was never written, so it is not stored
-/// either.
+/// An entry's row: its value's length and flags, then up to 8 bytes of value.
+const LANES: usize = 3;
+const LENGTH: u32 = 0xff;
+/// The value is longer than 8 bytes and kept in [`Space::long`].
+const LONG: u32 = 1 << 8;
+/// The entry is in the index's written log since the last checkpoint.
+const WRITTEN: u32 = 1 << 9;
+/// Shards of a space, each evicted whole (see [`EntityTable`]).
+const ALL_SHARDS: u64 = u64::MAX;
+
+/// The entries of one place, in memory.
 #[derive(Debug)]
-pub(super) struct MemberIndex {
-    /// Written since the last checkpoint, by digest of the entry's place. Exact: the reader
-    /// does not have these yet.
-    written: DigestMap<Written>,
-    /// What the last [`MemberIndex::take_written`] handed over, by digest: the caller may
-    /// still be storing it while events go on being applied, and the cache may drop any of
-    /// it meanwhile. Exact; replaced at the next take, by when the caller has stored it.
-    in_flight: DigestMap<EntryValue>,
-    /// The windows of the entries in flight. The reader may not hold those entries yet, so
-    /// its "nothing stored" for one of them does not make the window complete.
-    in_flight_windows: NamespaceSet,
-    /// Entries known to be stored, with their values, in two generations: when `recent`
-    /// fills up, it becomes `older` and the previous `older` is dropped. Bounded, and the
-    /// entries of active users stay in it.
-    recent: Generation,
-    older: Generation,
-    cache_capacity: usize,
-    /// What is known of each window in use (see [`Known`]). Forgotten wholesale when it
-    /// grows past [`MAX_TRACKED_WINDOWS`]: a forgotten window is asked of the reader again.
-    known: NamespaceMap<Known>,
-    /// Every entry written since the filter's epoch began: answers the misses of windows
-    /// that were complete once, after the cache dropped some of their entries.
-    filter: WrittenFilter,
+struct Space {
+    rows: EntityTable,
+    long: DigestMap<Box<[u8]>>,
+    /// Shards that may hold stored entries this space lacks (bit `s` for shard `s`): evicted,
+    /// or stored before the index first used the space. A miss there is asked of the reader;
+    /// anywhere else it is an answer.
+    spilled: u64,
+    /// Whether the reader was asked if the place has stored entries. Until then every shard
+    /// counts as spilled: a space first written, never read, cannot know.
+    checked: bool,
+    /// Per shard, the checkpoint during which an entry of it was last written: a shard is
+    /// evicted only once the store holds all its entries.
+    written_in: [u64; SHARDS],
+    /// The checkpoint during which the space was last used, for the order of eviction.
+    used_in: u64,
 }
 
-/// An entry written since the last checkpoint.
+impl Space {
+    fn new(checkpoint: u64) -> Self {
+        Self {
+            rows: EntityTable::new(LANES),
+            long: DigestMap::default(),
+            spilled: ALL_SHARDS,
+            checked: false,
+            written_in: [0; SHARDS],
+            used_in: checkpoint,
+        }
+    }
+
+    fn value(&self, digest: u128, lanes: &[u32]) -> EntryValue {
+        if lanes[0] & LONG != 0 {
+            if let Some(long) = self.long.get(&digest) {
+                return EntryValue::Long(long.clone());
+            }
+        }
+        let mut bytes = [0; 8];
+        bytes[..4].copy_from_slice(&lanes[1].to_le_bytes());
+        bytes[4..].copy_from_slice(&lanes[2].to_le_bytes());
+        EntryValue::Small(Small {
+            len: (lanes[0] & LENGTH) as u8,
+            bytes,
+        })
+    }
+
+    /// Sets a row's value, keeping `flags` (of [`WRITTEN`]).
+    fn set(&mut self, digest: u128, value: &[u8], flags: u32) {
+        let (lanes, _) = self.rows.entry(digest);
+        let was_long = lanes[0] & LONG != 0;
+        match Small::new(value) {
+            Some(small) => {
+                let [a, b, c, d, e, f, g, h] = small.bytes;
+                lanes[0] = u32::from(small.len) | flags;
+                lanes[1] = u32::from_le_bytes([a, b, c, d]);
+                lanes[2] = u32::from_le_bytes([e, f, g, h]);
+                if was_long {
+                    self.long.remove(&digest);
+                }
+            }
+            None => {
+                lanes[0] = LONG | flags;
+                self.long.insert(digest, value.into());
+            }
+        }
+    }
+
+    /// Drops a shard's entries (the store holds them all): misses there are read from now on.
+    fn evict(&mut self, shard: usize) {
+        // A sub-table left empty frees its slots.
+        self.rows.retain_shard(shard, |_, _| false);
+        if !self.long.is_empty() {
+            self.long
+                .retain(|digest, _| EntityTable::shard_of(*digest) != shard);
+        }
+        self.spilled |= 1 << shard;
+    }
+
+    fn heap_bytes(&self) -> usize {
+        let long: usize = self.long.values().map(|value| value.len() + 48).sum();
+        self.rows.heap_bytes() + long
+    }
+}
+
+/// An entry written since the last checkpoint: where, and its key in the log's bytes.
 #[derive(Debug)]
 struct Written {
-    key: MemberKey,
-    value: EntryValue,
-    /// Whether to cache it once handed over to be stored: not when it is read again only in
-    /// exceptional cases (see [`MemberIndex::put_rarely_read`]).
-    cache: bool,
+    place: Place,
+    metric: usize,
+    start_ms: EpochMillis,
+    digest: u128,
+    key: std::ops::Range<usize>,
 }
 
-/// What the index knows of a window's entries, from the reader's answer at the window's
-/// first use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Known {
-    /// Nothing was stored at its first use (in the filter's epoch `epoch`), and every entry it
-    /// has had since is still written or cached: a miss is an answer.
-    Complete { epoch: u64 },
-    /// Nothing was stored or in flight at its first use in filter epoch `epoch`, but some of
-    /// its entries are neither written nor cached (see [`Known::dropped`]): while that epoch
-    /// lasts, every entry it has is in the filter, so a key the filter never saw is absent.
-    /// Otherwise a miss is read.
-    Filtered { epoch: u64 },
-    /// Something was stored at its first use (or was being stored), or an entry was handed
-    /// over uncached before it: a miss is read.
-    Stored,
+/// One partition's per-entity entries, in memory up to a budget of bytes, the rest read from
+/// the store.
+///
+/// Each place (a window of a metric) keeps its entries in an [`EntityTable`] keyed by the
+/// XXH3-128 of the entry's key, its value (nearly always 8 bytes or less) in the row: one
+/// digest and one probe an access, however many entries. Nothing is a cache to keep in step:
+/// an entry written stays in its table until its window goes, unless the partition's entries
+/// outgrow the budget, when whole shards of the least recently used places leave memory (the
+/// store has them: a shard written since the last checkpoint stays). A miss in a shard that
+/// left, or in a place whose stored entries were never loaded (after a restart), is asked of
+/// the reader; a miss anywhere else is an answer, so a new member of a window costs no read.
+#[derive(Debug)]
+pub(super) struct MemberIndex {
+    spaces: SpaceMap,
+    /// Entries written since the last checkpoint, each once, with their keys in `keys`: the
+    /// store keeps entries by key.
+    written: Vec<Written>,
+    keys: Vec<u8>,
+    /// Bytes the entries may take in memory.
+    budget: usize,
+    /// Checkpoints taken so far, plus one: the checkpoint being filled.
+    checkpoint: u64,
 }
-
-impl Known {
-    /// Some of the window's entries are neither written nor cached: the cache dropped them,
-    /// or they were never cached (too long, or rarely read).
-    fn dropped(self) -> Known {
-        match self {
-            Known::Complete { epoch } => Known::Filtered { epoch },
-            other => other,
-        }
-    }
-}
-
-/// Windows whose completeness is remembered at most (each a few dozen bytes).
-const MAX_TRACKED_WINDOWS: usize = 100_000;
 
 impl MemberIndex {
-    /// An index caching up to `cache_capacity` entries a generation, with a filter of
-    /// `filter_bytes` (see [`WrittenFilter`]).
-    pub fn new(cache_capacity: usize, filter_bytes: usize) -> Self {
+    /// An index keeping up to `budget` bytes of entries in memory.
+    pub fn new(budget: usize) -> Self {
         Self {
-            written: DigestMap::default(),
-            in_flight: DigestMap::default(),
-            in_flight_windows: NamespaceSet::default(),
-            recent: Generation::default(),
-            older: Generation::default(),
-            cache_capacity: cache_capacity.max(1),
-            known: NamespaceMap::default(),
-            filter: WrittenFilter::new(filter_bytes),
+            spaces: SpaceMap::default(),
+            written: Vec::new(),
+            keys: Vec::new(),
+            budget,
+            checkpoint: 1,
         }
     }
 
-    /// Resizes the cache and the filter, as the engine's budget is split between more or
-    /// fewer partitions. A smaller cache shrinks as entries are next cached; a filter of a
-    /// new size starts a new epoch.
-    pub fn resize(&mut self, cache_capacity: usize, filter_bytes: usize) {
-        self.cache_capacity = cache_capacity.max(1);
-        if WrittenFilter::blocks_for(filter_bytes) != self.filter.blocks.len() {
-            let epoch = self.filter.epoch + 1;
-            self.filter = WrittenFilter::new(filter_bytes);
-            self.filter.epoch = epoch;
-            self.refill_filter();
-        }
+    /// Sets the budget, as the engine's is split between more or fewer partitions; a smaller
+    /// one is met at the next checkpoint.
+    pub fn resize(&mut self, budget: usize) {
+        self.budget = budget;
     }
 
     /// The value of an entry, if present.
@@ -485,18 +512,22 @@ impl MemberIndex {
         start_ms: EpochMillis,
         key: &[u8],
     ) -> Result<Option<EntryValue>, StateReadError> {
-        let digest = digest(metric, start_ms, key);
-        if let Some(written) = self.written.get(&digest) {
-            return Ok(Some(written.value.clone()));
+        let digest = entity_key(0, key);
+        let space = self.space_to_read(source, metric, start_ms, key)?;
+        if let Some(lanes) = space.rows.get(digest) {
+            return Ok(Some(space.value(digest, lanes)));
         }
-        if let Some(value) = self.in_flight(digest, (metric, start_ms)) {
-            return Ok(Some(value.clone()));
+        if space.spilled & (1 << EntityTable::shard_of(digest)) == 0 {
+            return Ok(None);
         }
-        if let Some(cached) = self.cached(digest, (metric, start_ms)) {
-            return Ok(Some(EntryValue::Small(cached)));
-        }
-        let value = self.stored(source, digest, metric, start_ms, key)?;
-        Ok(value.map(|value| EntryValue::new(&value)))
+        let Some(value) = source
+            .reader
+            .member(source.partition, metric, start_ms, key)?
+        else {
+            return Ok(None);
+        };
+        space.set(digest, &value, 0);
+        Ok(Some(EntryValue::new(&value)))
     }
 
     /// Whether an entry is present.
@@ -507,15 +538,7 @@ impl MemberIndex {
         start_ms: EpochMillis,
         key: &[u8],
     ) -> Result<bool, StateReadError> {
-        let digest = digest(metric, start_ms, key);
-        if self.written.contains_key(&digest)
-            || self.in_flight(digest, (metric, start_ms)).is_some()
-            || self.cached(digest, (metric, start_ms)).is_some()
-        {
-            return Ok(true);
-        }
-        let value = self.stored(source, digest, metric, start_ms, key)?;
-        Ok(value.is_some())
+        Ok(self.get(source, metric, start_ms, key)?.is_some())
     }
 
     /// Adds a member (an entry with an empty value).
@@ -525,16 +548,35 @@ impl MemberIndex {
 
     /// Sets an entry's value.
     pub fn put(&mut self, metric: usize, start_ms: EpochMillis, key: &[u8], value: &[u8]) {
-        self.write(metric, start_ms, key, value, true);
+        let place = place_of(metric, start_ms, key);
+        let digest = entity_key(0, key);
+        let checkpoint = self.checkpoint;
+        let space = self
+            .spaces
+            .entry(place)
+            .or_insert_with(|| Space::new(checkpoint));
+        space.used_in = checkpoint;
+        space.written_in[EntityTable::shard_of(digest)] = checkpoint;
+        let logged = space
+            .rows
+            .get(digest)
+            .is_some_and(|lanes| lanes[0] & WRITTEN != 0);
+        space.set(digest, value, WRITTEN);
+        if !logged {
+            let from = self.keys.len();
+            self.keys.extend_from_slice(key);
+            self.written.push(Written {
+                place,
+                metric,
+                start_ms,
+                digest,
+                key: from..self.keys.len(),
+            });
+        }
     }
 
     /// Sets the value of an entry read again only in exceptional cases (an event id, read
-    /// back only when the event comes again). Handed over to be stored, it is left out of
-    /// the cache (an older cached value of it is evicted), so it does not push out entries
-    /// that are read: ids are one entry an event (see BENCHMARKS.md for what it saved). A
-    /// later read of it caches it like any other. Its window then answers misses from the
-    /// filter while the filter's epoch lasts, and reads them after, as when the cache rotates
-    /// a window's entries out.
+    /// back only when the event comes again); kept like any other.
     pub fn put_rarely_read(
         &mut self,
         metric: usize,
@@ -542,93 +584,129 @@ impl MemberIndex {
         key: &[u8],
         value: &[u8],
     ) {
-        self.write(metric, start_ms, key, value, false);
+        self.put(metric, start_ms, key, value);
     }
 
-    fn write(
+    /// The space of an entry to be read: on its first use, the reader says whether the place
+    /// has stored entries (then every shard counts as spilled).
+    fn space_to_read(
         &mut self,
+        source: &Source<'_>,
         metric: usize,
         start_ms: EpochMillis,
         key: &[u8],
-        value: &[u8],
-        cache: bool,
-    ) {
-        let digest = digest(metric, start_ms, key);
-        let value = EntryValue::new(value);
-        match self.written.entry(digest) {
-            // Written again before the checkpoint: its key is already held, and in the filter.
-            Entry::Occupied(mut written) => {
-                let written = written.get_mut();
-                written.value = value;
-                written.cache = cache;
-                return;
+    ) -> Result<&mut Space, StateReadError> {
+        let checkpoint = self.checkpoint;
+        let space = self
+            .spaces
+            .entry(place_of(metric, start_ms, key))
+            .or_insert_with(|| Space::new(checkpoint));
+        space.used_in = checkpoint;
+        if !space.checked {
+            // Entries written since the space was made are all in it, so "nothing stored"
+            // leaves nothing to read; stored entries, written here or not, may be missing.
+            if !source
+                .reader
+                .has_entries(source.partition, metric, start_ms)?
+            {
+                space.spilled = 0;
             }
-            Entry::Vacant(slot) => {
-                let key = (metric, start_ms, key.into());
-                slot.insert(Written { key, value, cache });
-            }
+            space.checked = true;
         }
-        if !self.filter.add(digest) {
-            // Full: a new epoch, holding what is written or in flight (see `WrittenFilter`).
-            self.filter.start_epoch();
-            self.refill_filter();
-        }
+        Ok(space)
     }
 
-    /// Adds every entry written or in flight to the filter of a new epoch.
-    fn refill_filter(&mut self) {
-        for digest in self.written.keys().chain(self.in_flight.keys()) {
-            self.filter.insert(*digest);
-        }
-    }
-
-    /// What was written since the last call, to store before the next call. Until then the
-    /// entries are still answered from memory, so events may be applied while they are being
-    /// stored.
+    /// What was written since the last call, to store before the next call; entries stay in
+    /// memory meanwhile, so events may be applied while they are being stored. Then, over
+    /// the budget, shards of the least recently used places leave memory.
     pub fn take_written(&mut self) -> Vec<MemberInsert> {
-        self.in_flight.clear();
-        self.in_flight.reserve(self.written.len());
-        self.in_flight_windows.clear();
-        // Taken out to be drained while the cache is filled, then put back with its capacity.
-        let mut written = std::mem::take(&mut self.written);
-        let mut inserts = Vec::with_capacity(written.len());
-        for (digest, entry) in written.drain() {
-            let Written { key, value, cache } = entry;
-            let (metric, start_ms, member) = key;
-            let small = value.small();
-            let stored = value.clone();
-            self.in_flight.insert(digest, value);
-            self.in_flight_windows.insert((metric, start_ms));
-            match small {
-                Some(small) if cache => self.remember(digest, (metric, start_ms), small),
-                // Not cached: rarely read, or too long (a conversion's times). An older value
-                // cached for the entry would now be wrong, and the window has an entry only
-                // the reader knows.
-                _ => {
-                    self.recent.entries.remove(&digest);
-                    self.older.entries.remove(&digest);
-                    let known = self
-                        .known
-                        .entry((metric, start_ms))
-                        .or_insert(Known::Stored);
-                    *known = known.dropped();
-                }
-            }
+        let mut inserts = Vec::with_capacity(self.written.len());
+        for written in self.written.drain(..) {
+            // A place gone since (its window expired) is deleted whole by the store.
+            let Some(space) = self.spaces.get_mut(&written.place) else {
+                continue;
+            };
+            let Some(lanes) = space.rows.get_mut(written.digest) else {
+                continue;
+            };
+            lanes[0] &= !WRITTEN;
+            let lanes = [lanes[0], lanes[1], lanes[2]];
             inserts.push(MemberInsert {
-                metric,
-                start_ms,
-                member,
-                value: stored,
+                metric: written.metric,
+                start_ms: written.start_ms,
+                member: self.keys[written.key].into(),
+                value: space.value(written.digest, &lanes),
             });
         }
-        self.written = written;
+        self.keys.clear();
+        for space in self.spaces.values_mut() {
+            // The tables' own record of changed rows is not used: the log above is.
+            space.rows.drain_dirty(|_, _| {});
+        }
+        let handed_over = self.checkpoint;
+        self.checkpoint += 1;
+        self.evict(handed_over);
         in_key_order(inserts)
     }
 
-    /// The entries a cache generation holds and the filter's bytes, for tests.
+    /// Evicts shards, least recently used places first, until the entries take three
+    /// quarters of the budget (so that a checkpoint does not evict again at once). Shards
+    /// written during checkpoint `handed_over` stay: the store does not have them yet.
+    fn evict(&mut self, handed_over: u64) {
+        let mut bytes: usize = self.spaces.values().map(Space::heap_bytes).sum();
+        if bytes <= self.budget {
+            return;
+        }
+        let target = self.budget / 4 * 3;
+        let mut order: Vec<(u64, Place)> = self
+            .spaces
+            .iter()
+            .map(|(place, space)| (space.used_in, *place))
+            .collect();
+        order.sort_unstable();
+        for (_, place) in order {
+            let Some(space) = self.spaces.get_mut(&place) else {
+                continue;
+            };
+            for shard in 0..SHARDS {
+                if bytes <= target {
+                    return;
+                }
+                if space.written_in[shard] >= handed_over || space.rows.shard_len(shard) == 0 {
+                    continue;
+                }
+                let before = space.heap_bytes();
+                space.evict(shard);
+                bytes = bytes.saturating_sub(before.saturating_sub(space.heap_bytes()));
+            }
+        }
+    }
+
+    /// Forgets the entries of a window the partition deleted.
+    pub fn forget_window(&mut self, metric: usize, start_ms: EpochMillis) {
+        self.spaces
+            .retain(|(m, start, _), _| !(*m == metric && *start == start_ms));
+    }
+
+    /// Forgets the entries of every window of `metric` starting before `before_ms`.
+    pub fn forget_windows_before(&mut self, metric: usize, before_ms: EpochMillis) {
+        self.spaces
+            .retain(|(m, start, _), _| !(*m == metric && *start < before_ms));
+    }
+
+    /// Forgets the entries of a window whose keys sort before `before` (a conversion's
+    /// funnel periods before a period bound).
+    pub fn forget_range(&mut self, metric: usize, start_ms: EpochMillis, before: &[u8]) {
+        let bound = period_of_key(before);
+        self.spaces.retain(|(m, start, period), _| {
+            !(*m == metric && *start == start_ms && *period < bound)
+        });
+    }
+
+    /// The budget, for tests.
     #[cfg(test)]
-    pub fn budget(&self) -> (usize, usize) {
-        (self.cache_capacity, self.filter.blocks.len() * 64)
+    pub fn budget(&self) -> usize {
+        self.budget
     }
 
     /// Entries written since the last [`MemberIndex::take_written`].
@@ -636,202 +714,34 @@ impl MemberIndex {
         self.written.len()
     }
 
-    /// Entries held in memory (written and cached), for the memory gauge.
+    /// Entries held in memory, for the memory gauge.
     pub fn resident(&self) -> usize {
-        self.written.len()
-            + self.in_flight.len()
-            + self.recent.entries.len()
-            + self.older.entries.len()
+        self.spaces.values().map(|space| space.rows.len()).sum()
     }
 
-    /// An entry being stored, probed only when its window has some (see [`Self::cached`]).
-    fn in_flight(&self, digest: u128, namespace: Namespace) -> Option<&EntryValue> {
-        if self.in_flight_windows.contains(&namespace) {
-            self.in_flight.get(&digest)
-        } else {
-            None
-        }
-    }
-
-    /// A cached entry, kept in the recent generation when found in the older one.
-    ///
-    /// A generation is probed only when it holds entries of the window: its few windows are a
-    /// small table at hand, its entries a large one whose probe is a trip to main memory, and
-    /// some windows have none cached (event ids are never cached once stored).
-    fn cached(&mut self, digest: u128, namespace: Namespace) -> Option<Small> {
-        if self.recent.namespaces.contains(&namespace) {
-            if let Some(small) = self.recent.entries.get(&digest) {
-                return Some(*small);
-            }
-        }
-        if !self.older.namespaces.contains(&namespace) {
-            return None;
-        }
-        let small = *self.older.entries.get(&digest)?;
-        self.remember(digest, namespace, small);
-        Some(small)
-    }
-
-    /// An entry neither written nor cached: none in a complete window, nor in a filtered one
-    /// when the filter never saw it; else the reader's answer, cached when present.
-    fn stored(
-        &mut self,
-        source: &Source<'_>,
-        digest: u128,
-        metric: usize,
-        start_ms: EpochMillis,
-        key: &[u8],
-    ) -> Result<Option<Vec<u8>>, StateReadError> {
-        match self.known(source, (metric, start_ms))? {
-            Known::Complete { .. } => return Ok(None),
-            Known::Filtered { epoch }
-                if epoch == self.filter.epoch && !self.filter.may_contain(digest) =>
-            {
-                return Ok(None)
-            }
-            _ => {}
-        }
-        let value = source
-            .reader
-            .member(source.partition, metric, start_ms, key)?;
-        if let Some(small) = value.as_deref().and_then(Small::new) {
-            self.remember(digest, (metric, start_ms), small);
-        }
-        Ok(value)
-    }
-
-    /// What is known of a window's entries; asks the reader the first time a window is used.
-    fn known(
-        &mut self,
-        source: &Source<'_>,
-        namespace: Namespace,
-    ) -> Result<Known, StateReadError> {
-        if let Some(known) = self.known.get(&namespace) {
-            return Ok(*known);
-        }
-        if self.known.len() >= MAX_TRACKED_WINDOWS {
-            self.known.clear();
-        }
-        if self.in_flight_windows.contains(&namespace) {
-            // Some of its entries may be neither stored yet nor cached any more (the cache
-            // may have dropped them before this first use): misses are read.
-            self.known.insert(namespace, Known::Stored);
-            return Ok(Known::Stored);
-        }
-        // Entries written here but not yet stored are in `written` (and in the filter), so
-        // "nothing stored" means the index holds all there is.
-        let (metric, start_ms) = namespace;
-        let known = if source
-            .reader
-            .has_entries(source.partition, metric, start_ms)?
-        {
-            Known::Stored
-        } else {
-            Known::Complete {
-                epoch: self.filter.epoch,
-            }
-        };
-        self.known.insert(namespace, known);
-        Ok(known)
-    }
-
-    fn remember(&mut self, digest: u128, namespace: Namespace, value: Small) {
-        if self.recent.entries.len() >= self.cache_capacity {
-            let dropped = std::mem::replace(&mut self.older, std::mem::take(&mut self.recent));
-            // The dropped entries' windows may now have entries neither here nor written.
-            for namespace in dropped.namespaces {
-                if let Some(known) = self.known.get_mut(&namespace) {
-                    *known = known.dropped();
-                }
-            }
-        }
-        self.recent.entries.insert(digest, value);
-        self.recent.namespaces.insert(namespace);
+    /// Bytes the entries take in memory.
+    #[cfg(test)]
+    pub fn resident_bytes(&self) -> usize {
+        self.spaces.values().map(Space::heap_bytes).sum::<usize>() + self.keys.capacity()
     }
 }
 
-/// A Bloom filter of the entries written since its epoch began, and of those written or in
-/// flight when it began (so a window first used in the epoch with nothing stored or in flight
-/// has every entry it will ever have in the filter: they are all written through this index
-/// from then on). It never answers "absent" for an entry it saw; a false "maybe" costs a read.
-///
-/// Blocked: a key sets [`FILTER_PROBES`] bits in one 512-bit block, one cache line, so a probe
-/// costs one memory access. The filter is a fixed size: once it has taken a key for every
-/// [`FILTER_BITS_PER_KEY`] bits, about 6% of absent keys would pass it, so it starts a new
-/// epoch, empty but for the entries written or in flight, and windows of older epochs read
-/// their misses again (so do all windows when the partition's share changes: see
-/// [`MemberIndex::resize`]). An entry takes about 6 bits here against 33 bytes in the cache:
-/// the filter answers "absent" for far more entries than the cache can hold. It assumes a
-/// checkpoint writes far fewer entries than it holds (8 MiB split between partitions holds
-/// millions): carried over into a new epoch, more would leave it saturated, still right but
-/// answering "maybe" to every key.
-#[derive(Debug)]
-struct WrittenFilter {
-    blocks: Vec<[u64; 8]>,
-    /// Entries put since the epoch began, those carried over from the last one aside (at
-    /// most about two checkpoints' worth, so a full filter does not start epoch after epoch).
-    added: usize,
-    capacity: usize,
-    epoch: u64,
+/// The place of an entry: a funnel entry's period is its key's first 8 bytes.
+fn place_of(metric: usize, start_ms: EpochMillis, key: &[u8]) -> Place {
+    if start_ms == FUNNEL_WINDOW {
+        (metric, start_ms, period_of_key(key))
+    } else {
+        (metric, start_ms, 0)
+    }
 }
 
-const FILTER_PROBES: u32 = 5;
-const FILTER_BITS_PER_KEY: usize = 6;
-
-impl WrittenFilter {
-    fn new(bytes: usize) -> Self {
-        let blocks = Self::blocks_for(bytes);
-        WrittenFilter {
-            blocks: vec![[0; 8]; blocks],
-            added: 0,
-            capacity: blocks * 512 / FILTER_BITS_PER_KEY,
-            epoch: 0,
-        }
-    }
-
-    fn blocks_for(bytes: usize) -> usize {
-        (bytes / 64).max(1)
-    }
-
-    /// The block of a digest and the bits it sets there. The digest is uniform: its low half
-    /// picks the block, its high half the bits (9 bits a probe).
-    fn place(&self, digest: u128) -> (usize, impl Iterator<Item = (usize, u64)>) {
-        let block = ((u128::from(digest as u64) * self.blocks.len() as u128) >> 64) as usize;
-        let high = (digest >> 64) as u64;
-        let bits = (0..FILTER_PROBES).map(move |probe| {
-            let bit = (high >> (probe * 9)) & 511;
-            ((bit / 64) as usize, 1u64 << (bit % 64))
-        });
-        (block, bits)
-    }
-
-    fn insert(&mut self, digest: u128) {
-        let (block, bits) = self.place(digest);
-        let words = &mut self.blocks[block];
-        for (word, mask) in bits {
-            words[word] |= mask;
-        }
-    }
-
-    /// Adds an entry put; false once the filter is full (the entry is added all the same).
-    fn add(&mut self, digest: u128) -> bool {
-        self.insert(digest);
-        self.added += 1;
-        self.added < self.capacity
-    }
-
-    fn may_contain(&self, digest: u128) -> bool {
-        let (block, mut bits) = self.place(digest);
-        let words = &self.blocks[block];
-        bits.all(|(word, mask)| words[word] & mask != 0)
-    }
-
-    /// Empties the filter for a new epoch.
-    fn start_epoch(&mut self) {
-        self.blocks.iter_mut().for_each(|block| *block = [0; 8]);
-        self.added = 0;
-        self.epoch += 1;
-    }
+/// A key's first 8 bytes as a big-endian number, zero-padded: the period of a funnel entry
+/// (periods sort as their keys).
+fn period_of_key(key: &[u8]) -> u64 {
+    let mut bytes = [0; 8];
+    let len = key.len().min(8);
+    bytes[..len].copy_from_slice(&key[..len]);
+    u64::from_be_bytes(bytes)
 }
 
 /// Entries in key order: the same entries give the same write, and RocksDB inserts sorted
@@ -869,18 +779,9 @@ fn head(key: &[u8]) -> u128 {
     u128::from_be_bytes(bytes)
 }
 
-/// A 128-bit digest of an entry's place (XXH3-128); collisions are out of reach in practice.
-/// Stable only within a process, which is all a cache needs.
-fn digest(metric: usize, start_ms: EpochMillis, key: &[u8]) -> u128 {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    hasher.update(&(metric as u64).to_le_bytes());
-    hasher.update(&start_ms.to_le_bytes());
-    hasher.update(key);
-    hasher.digest128()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
     use std::sync::atomic::Ordering;
 
     use super::*;
@@ -895,6 +796,12 @@ mod tests {
         let written = index.take_written();
         reader.inner.write_members(partition, &written, &[]);
     }
+
+    fn reads(reader: &CountingReader) -> u64 {
+        reader.reads.load(Ordering::Relaxed)
+    }
+
+    const PLENTY: usize = 64 << 20;
 
     #[test]
     fn entries_are_handed_over_in_key_order() {
@@ -911,7 +818,7 @@ mod tests {
             b"",
             b"s\xff",
         ];
-        let mut index = MemberIndex::new(16, 1024);
+        let mut index = MemberIndex::new(PLENTY);
         for (metric, start_ms) in [(1, 60_000), (0, 120_000), (0, 60_000)] {
             for key in &keys {
                 index.insert(metric, start_ms, key);
@@ -934,273 +841,184 @@ mod tests {
         // Hour starts have seven zero low bits; a table's slot is the hash's low bits.
         let build = BuildHasherDefault::<NamespaceHasher>::default();
         let slots: HashSet<u64> = (0..8usize)
-            .flat_map(|metric| (0..1000i64).map(move |hour| (metric, hour * 3_600_000)))
-            .map(|namespace| build.hash_one(namespace) & 4095)
+            .flat_map(|metric| (0..1000i64).map(move |hour| (metric, hour * 3_600_000, 0u64)))
+            .map(|place| build.hash_one(place) & 4095)
             .collect();
         // 8,000 windows over 4,096 slots: about 3,500 distinct when uniform.
         assert!(slots.len() > 3_000, "{} slots used", slots.len());
     }
 
     #[test]
-    fn written_entries_are_seen_before_they_are_stored_and_the_cache_stays_bounded() {
+    fn an_entry_written_twice_is_handed_over_once_with_its_last_value() {
         let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
         let source = source_of(&reader, &partition);
-        let mut index = MemberIndex::new(2, 1024);
-        assert!(!index.contains(&source, 0, 0, b"a").expect("in memory"));
-        index.insert(0, 0, b"a");
-        index.put(0, 0, b"p", b"\x01");
-        assert!(index.contains(&source, 0, 0, b"a").expect("in memory"));
-        assert_eq!(
+        let mut index = MemberIndex::new(PLENTY);
+        let long = [7u8; 20];
+        index.put(0, 0, b"a", b"\x01");
+        index.put(0, 0, b"a", &long);
+        index.put(0, 0, b"b", &long);
+        index.put(0, 0, b"b", b"\x02\x03");
+        index.insert(0, 0, b"c");
+        assert_eq!(index.written_len(), 3);
+        let get = |index: &mut MemberIndex, key: &[u8]| {
             index
-                .get(&source, 0, 0, b"p")
+                .get(&source, 0, 0, key)
                 .expect("in memory")
-                .as_deref(),
-            Some(&b"\x01"[..])
+                .map(|value| value.to_vec())
+        };
+        assert_eq!(get(&mut index, b"a"), Some(long.to_vec()));
+        assert_eq!(get(&mut index, b"b"), Some(vec![2, 3]));
+        assert_eq!(get(&mut index, b"c"), Some(vec![]));
+        let taken: Vec<(Box<[u8]>, Vec<u8>)> = index
+            .take_written()
+            .into_iter()
+            .map(|insert| (insert.member, insert.value.to_vec()))
+            .collect();
+        assert_eq!(
+            taken,
+            vec![
+                (b"a"[..].into(), long.to_vec()),
+                (b"b"[..].into(), vec![2, 3]),
+                (b"c"[..].into(), vec![]),
+            ]
         );
-        assert_eq!(index.take_written().len(), 2);
-
-        for member in [b"b", b"c", b"d", b"e"] {
-            index.insert(0, 0, member);
-            store(&reader, &partition, &mut index);
-        }
-        assert!(
-            index.recent.entries.len() + index.older.entries.len() <= 4,
-            "two generations of two"
-        );
+        // Written again after the checkpoint: handed over again.
+        index.put(0, 0, b"a", b"\x09");
+        assert_eq!(index.take_written().len(), 1);
+        assert_eq!(get(&mut index, b"a"), Some(vec![9]));
     }
 
     #[test]
-    fn entries_being_stored_are_answered_even_when_the_cache_drops_them() {
-        // A window with stored entries, so a miss is asked of the reader.
+    fn a_window_with_nothing_stored_answers_its_misses_without_reading() {
         let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
         let source = source_of(&reader, &partition);
-        let mut index = MemberIndex::new(1, 1024);
-        index.insert(0, 0, b"stored");
-        store(&reader, &partition, &mut index);
-        let mut index = MemberIndex::new(1, 1024);
-        for member in [b"a", b"b", b"c", b"d"] {
-            index.put(0, 0, member, member);
-        }
-        // Taken, not stored yet: a cache of one keeps at most two of the four.
-        let taken = index.take_written();
-        assert_eq!(taken.len(), 4);
-        for member in [b"a", b"b", b"c", b"d"] {
-            assert!(index.contains(&source, 0, 0, member).expect("in memory"));
-            assert_eq!(
-                index
-                    .get(&source, 0, 0, member)
-                    .expect("in memory")
-                    .as_deref(),
-                Some(&member[..])
-            );
-        }
-        assert_eq!(
-            reader.reads.load(Ordering::Relaxed),
-            0,
-            "none asked of the reader"
-        );
-        reader.inner.write_members(&partition, &taken, &[]);
-        // The next take means the last one is stored: from then on the reader answers.
-        assert!(index.take_written().is_empty());
-        assert!(index.contains(&source, 0, 0, b"a").expect("in memory"));
-        assert!(index.resident() <= 2, "two generations of one");
-    }
-
-    #[test]
-    fn a_window_first_used_while_its_entries_are_being_stored_is_not_taken_as_complete() {
-        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
-        let source = source_of(&reader, &partition);
-        // Another window with stored entries, whose reads turn the cache over.
-        let mut other = MemberIndex::new(1, 1024);
-        other.insert(1, 0, b"x1");
-        other.insert(1, 0, b"x2");
-        store(&reader, &partition, &mut other);
-
-        let mut index = MemberIndex::new(1, 1024);
-        index.insert(0, 0, b"k");
-        let taken = index.take_written();
-        // While `k` is being stored, the cache of one drops it before its window is first used.
-        assert!(index.contains(&source, 1, 0, b"x1").expect("read"));
-        assert!(index.contains(&source, 1, 0, b"x2").expect("read"));
-        assert!(!index.contains(&source, 0, 0, b"other").expect("read"));
-        reader.inner.write_members(&partition, &taken, &[]);
-        assert!(index.take_written().is_empty());
-        assert!(
-            index.contains(&source, 0, 0, b"k").expect("read"),
-            "k is stored: its window must not answer misses from memory"
-        );
-    }
-
-    #[test]
-    fn a_new_window_answers_misses_from_the_cache_then_from_the_filter() {
-        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
-        let source = source_of(&reader, &partition);
-        let mut index = MemberIndex::new(3, 1024);
-        for member in [b"a", b"b", b"c"] {
-            assert!(!index.contains(&source, 0, 0, member).expect("in memory"));
-            index.insert(0, 0, member);
-        }
-        store(&reader, &partition, &mut index);
-        assert!(index.contains(&source, 0, 0, b"a").expect("in memory"));
-        assert!(!index.contains(&source, 0, 0, b"z").expect("in memory"));
-        assert!(index.get(&source, 0, 0, b"z").expect("in memory").is_none());
-        assert_eq!(reader.reads.load(Ordering::Relaxed), 0, "all answered here");
-
-        // Two rotations of another window's entries drop the first window's: from then on
-        // its entries are read, and a key never written is answered by the filter.
-        rotate_cache_twice(&reader, &partition, &mut index);
-        assert!(index.contains(&source, 0, 0, b"b").expect("in memory"));
-        assert_eq!(
-            reader.reads.load(Ordering::Relaxed),
-            1,
-            "b asked of the reader"
-        );
-        assert!(!index.contains(&source, 0, 0, b"z").expect("in memory"));
-        assert!(index.get(&source, 0, 0, b"y").expect("in memory").is_none());
-        assert_eq!(
-            reader.reads.load(Ordering::Relaxed),
-            1,
-            "z and y from the filter"
-        );
-    }
-
-    /// Stores two rounds of three entries of window 1, turning a cache of three over twice.
-    fn rotate_cache_twice(
-        reader: &CountingReader,
-        partition: &PartitionKey,
-        index: &mut MemberIndex,
-    ) {
-        for round in 0..2u8 {
-            for member in [b"x", b"y", b"w"] {
-                index.insert(1, 0, &[member[0], round]);
+        let mut index = MemberIndex::new(PLENTY);
+        for member in 0..1_000u32 {
+            let key = member.to_be_bytes();
+            assert!(!index.contains(&source, 0, 0, &key).expect("in memory"));
+            index.insert(0, 0, &key);
+            if member % 100 == 0 {
+                store(&reader, &partition, &mut index);
             }
-            store(reader, partition, index);
         }
+        assert_eq!(reads(&reader), 0);
+        assert_eq!(index.resident(), 1_000);
     }
 
     #[test]
-    fn windows_of_an_epoch_the_filter_left_behind_read_their_misses() {
+    fn a_window_first_used_while_its_entries_are_being_stored_is_not_taken_as_incomplete() {
         let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
         let source = source_of(&reader, &partition);
-        // One block of 512 bits: full after 85 entries put.
-        let mut index = MemberIndex::new(3, 64);
-        assert!(!index.contains(&source, 0, 0, b"a").expect("in memory"));
+        let mut index = MemberIndex::new(PLENTY);
         index.insert(0, 0, b"a");
-        store(&reader, &partition, &mut index);
-        rotate_cache_twice(&reader, &partition, &mut index);
-        assert!(!index.contains(&source, 0, 0, b"z").expect("in memory"));
-        assert_eq!(reader.reads.load(Ordering::Relaxed), 0, "z from the filter");
-
-        for entry in 0..100u8 {
-            index.insert(3, 0, &[entry]);
-        }
-        assert_eq!(index.filter.epoch, 1, "the full filter started over");
-        assert!(!index.contains(&source, 0, 0, b"z").expect("in memory"));
-        assert_eq!(
-            reader.reads.load(Ordering::Relaxed),
-            1,
-            "z asked of the reader"
-        );
-    }
-
-    #[test]
-    fn a_filter_starting_over_keeps_the_entries_not_stored_yet() {
-        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
-        let source = source_of(&reader, &partition);
-        let mut index = MemberIndex::new(3, 64);
-        // Written before the filter starts over, stored after.
-        index.insert(2, 0, b"k");
-        for entry in 0..100u8 {
-            index.insert(3, 0, &[entry]);
-        }
-        assert_eq!(index.filter.epoch, 1, "the full filter started over");
-        // Window 2's first use: nothing stored yet, so it is complete in the new epoch.
-        assert!(!index.contains(&source, 2, 0, b"other").expect("in memory"));
-        store(&reader, &partition, &mut index);
-        rotate_cache_twice(&reader, &partition, &mut index);
-        assert!(
-            index.contains(&source, 2, 0, b"k").expect("read"),
-            "k was written before the epoch began: the new filter must hold it"
-        );
-    }
-
-    #[test]
-    fn a_value_too_long_to_cache_replaces_the_cached_one() {
-        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
-        let source = source_of(&reader, &partition);
-        let mut index = MemberIndex::new(16, 1024);
-        index.put(0, 0, b"f", b"short");
-        store(&reader, &partition, &mut index);
-        let long: Box<[u8]> = Box::from(&b"longer than eight bytes"[..]);
-        index.put(0, 0, b"f", &long);
-        store(&reader, &partition, &mut index);
-        assert_eq!(
-            index
-                .get(&source, 0, 0, b"f")
-                .expect("in memory")
-                .as_deref(),
-            Some(&*long)
-        );
-    }
-
-    #[test]
-    fn rarely_read_entries_leave_the_cache_to_others_and_stay_exact() {
-        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
-        let source = source_of(&reader, &partition);
-        let mut index = MemberIndex::new(16, 1024);
-        // The window's first use: nothing stored, so it starts complete.
-        assert!(!index.contains(&source, 1, 0, b"new").expect("in memory"));
-        index.put(1, 0, b"id", &5i64.to_be_bytes());
-        index.insert(0, 0, b"member");
-        assert!(index.contains(&source, 1, 0, b"id").expect("written"));
-        store(&reader, &partition, &mut index);
-        assert!(index.contains(&source, 1, 0, b"id").expect("in flight"));
-        store(&reader, &partition, &mut index);
-        assert_eq!(index.recent.entries.len(), 2, "both cached");
-
-        index.put_rarely_read(1, 0, b"id", &9i64.to_be_bytes());
-        index.put_rarely_read(1, 0, b"other", &[]);
-        store(&reader, &partition, &mut index);
-        store(&reader, &partition, &mut index);
-        assert_eq!(
-            index.recent.entries.len(),
-            1,
-            "only the member stays cached"
-        );
-        assert_eq!(reader.reads.load(Ordering::Relaxed), 0);
-        // The older value cached for `id` went with it: the stored one is read.
-        assert_eq!(
-            index.get(&source, 1, 0, b"id").expect("read").as_deref(),
-            Some(&9i64.to_be_bytes()[..])
-        );
-        assert!(index.contains(&source, 1, 0, b"other").expect("read"));
-        assert_eq!(reader.reads.load(Ordering::Relaxed), 2);
-        // A key the window never had is still answered by the filter, not read.
-        assert!(!index.contains(&source, 1, 0, b"never").expect("filtered"));
-        assert_eq!(reader.reads.load(Ordering::Relaxed), 2);
-    }
-
-    #[test]
-    fn a_window_with_stored_entries_is_asked_of_the_reader() {
-        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
-        let source = source_of(&reader, &partition);
-        let mut before_restart = MemberIndex::new(16, 1024);
-        before_restart.insert(0, 0, b"a");
-        before_restart.put(0, 0, b"p", &7u32.to_be_bytes());
-        store(&reader, &partition, &mut before_restart);
-
-        let mut index = MemberIndex::new(16, 1024);
+        // Handed over, not stored yet, when the window is first read.
+        let taken = index.take_written();
         assert!(index.contains(&source, 0, 0, b"a").expect("in memory"));
         assert!(!index.contains(&source, 0, 0, b"b").expect("in memory"));
-        assert_eq!(
+        reader.inner.write_members(&partition, &taken, &[]);
+        assert_eq!(reads(&reader), 0);
+    }
+
+    #[test]
+    fn a_window_stored_before_a_restart_reads_its_misses_once() {
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
+        let mut index = MemberIndex::new(PLENTY);
+        index.put(0, 0, b"stored", b"\x05");
+        store(&reader, &partition, &mut index);
+
+        // A new index, as after a restart: the window has stored entries.
+        let mut index = MemberIndex::new(PLENTY);
+        let value = index.get(&source, 0, 0, b"stored").expect("read");
+        assert_eq!(value.as_deref(), Some(&b"\x05"[..]));
+        assert_eq!(reads(&reader), 1);
+        // Found once, kept: no second read.
+        assert!(index.contains(&source, 0, 0, b"stored").expect("in memory"));
+        assert_eq!(reads(&reader), 1);
+        // A key the store lacks is read (the window may hold it), and written from then on.
+        assert!(!index.contains(&source, 0, 0, b"new").expect("read"));
+        assert_eq!(reads(&reader), 2);
+        index.insert(0, 0, b"new");
+        assert!(index.contains(&source, 0, 0, b"new").expect("in memory"));
+        assert_eq!(reads(&reader), 2);
+    }
+
+    #[test]
+    fn over_its_budget_the_index_evicts_stored_shards_and_reads_them_back_exactly() {
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
+        // Far too small for the entries: each checkpoint evicts all it may.
+        let mut index = MemberIndex::new(1);
+        let keys: Vec<[u8; 4]> = (0..2_000u32).map(u32::to_be_bytes).collect();
+        for (batch, chunk) in keys.chunks(500).enumerate() {
+            for key in chunk {
+                index.put(batch, 0, key, key);
+            }
+            // Taken: this checkpoint's shards stay until the next one, when the store has them.
+            let taken = index.take_written();
+            assert_eq!(taken.len(), 500);
+            for key in chunk {
+                assert!(index.contains(&source, batch, 0, key).expect("in memory"));
+            }
+            reader.inner.write_members(&partition, &taken, &[]);
+        }
+        index.take_written();
+        assert_eq!(index.resident(), 0, "everything stored was evicted");
+        let before = reads(&reader);
+        for (batch, chunk) in keys.chunks(500).enumerate() {
+            for key in chunk {
+                let value = index.get(&source, batch, 0, key).expect("read");
+                assert_eq!(value.as_deref(), Some(&key[..]));
+            }
+            assert!(!index.contains(&source, batch, 0, b"absent").expect("read"));
+        }
+        assert_eq!(reads(&reader) - before, 2_004);
+    }
+
+    #[test]
+    fn the_least_recently_used_windows_leave_memory_first() {
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
+        let mut index = MemberIndex::new(PLENTY);
+        for window in 0..2 {
+            for member in 0..5_000u32 {
+                index.insert(0, window, &member.to_be_bytes());
+            }
+            store(&reader, &partition, &mut index);
+        }
+        // Window 1 is in use; the budget then drops below both windows' bytes.
+        assert!(!index.contains(&source, 0, 1, b"x").expect("in memory"));
+        let one_window = index.resident_bytes() / 2;
+        index.resize(one_window + one_window / 2);
+        store(&reader, &partition, &mut index);
+        let resident_of = |index: &MemberIndex, start: EpochMillis| {
             index
-                .get(&source, 0, 0, b"p")
-                .expect("in memory")
-                .as_deref(),
-            Some(&7u32.to_be_bytes()[..])
-        );
-        assert_eq!(reader.reads.load(Ordering::Relaxed), 3);
-        assert!(index.contains(&source, 0, 0, b"a").expect("in memory"));
-        assert_eq!(reader.reads.load(Ordering::Relaxed), 3, "cached once read");
+                .spaces
+                .get(&(0, start, 0))
+                .map_or(0, |space| space.rows.len())
+        };
+        assert!(resident_of(&index, 0) < 5_000, "the older window gave way");
+        assert_eq!(resident_of(&index, 1), 5_000);
+        assert!(index.resident_bytes() <= one_window + one_window / 2);
+    }
+
+    #[test]
+    fn deleted_windows_and_funnel_periods_leave_memory() {
+        let mut index = MemberIndex::new(PLENTY);
+        index.insert(0, 10, b"a");
+        index.insert(0, 20, b"a");
+        index.insert(1, 10, b"a");
+        let period = |period: u64| period.to_be_bytes();
+        let funnel_key = |period: u64| [&period.to_be_bytes()[..], b"\x01e"].concat();
+        index.insert(2, FUNNEL_WINDOW, &funnel_key(5));
+        index.insert(2, FUNNEL_WINDOW, &funnel_key(6));
+        index.forget_window(0, 10);
+        index.forget_windows_before(1, 11);
+        index.forget_range(2, FUNNEL_WINDOW, &period(6));
+        let mut places: Vec<Place> = index.spaces.keys().copied().collect();
+        places.sort();
+        assert_eq!(places, vec![(0, 20, 0), (2, FUNNEL_WINDOW, 6)]);
+        // Their written entries are not handed over: the store deletes them whole.
+        assert_eq!(index.take_written().len(), 2);
     }
 }

@@ -64,17 +64,12 @@ pub enum Outcome {
     StateUnreadable(members::StateReadError),
 }
 
-/// Entries of members and threshold progress cached per engine (written since the last
-/// checkpoint aside), in each of two generations. An entry takes a 33-byte slot, and a hash
-/// table grows to the next power of two past 7/8 full: 458,752 entries fill 2^19 slots
-/// (17 MiB a generation) where one more would take 2^20.
-pub const DEFAULT_MEMBER_CACHE: usize = 458_752;
-
-/// Bytes of the filter of written entries per engine, split between the owned partitions
-/// like the cache: at 6 bits an entry, it answers "absent" for up to 11 million entries
-/// written, where the cache holds 917,504 (see `members::WrittenFilter`). 8 MiB, not more:
-/// with 16 the memory bench peaked at 507.7 MiB of the 512 the target allows at 5M users.
-pub const DEFAULT_MEMBER_FILTER_BYTES: usize = 8 << 20;
+/// Bytes of per-entity entries the engine keeps in memory, split evenly between the owned
+/// partitions (`state.memory_limit`). An entry takes about 40 bytes (a 28-byte slot of a hash
+/// table between 7/12 and 7/8 full), so this holds about 6.7 million: every entry of the
+/// bench config's end-to-end run at 1M users; past it, shards of the least recently used
+/// windows are read back from RocksDB when needed.
+pub const DEFAULT_STATE_MEMORY: usize = 256 << 20;
 
 /// Per-entity entries written since the last checkpoint at which the engine asks for one
 /// ([`Engine::checkpoint_due`]), however soon. What a checkpoint holds in memory (these
@@ -94,12 +89,12 @@ pub const DEFAULT_MAX_CHECKPOINT_ENTRIES: usize = 100_000;
 pub struct Engine {
     plan: Plan,
     partitions: HashMap<PartitionKey, PartitionState>,
-    /// Where members and threshold progress are read once they are stored.
+    /// Where entries that left memory (or were stored before a restart) are read.
     reader: Box<dyn StateReader>,
     /// Set when the engine stores its own members (see [`Engine::new`]).
     memory: Option<MemoryReader>,
-    member_cache: usize,
-    member_filter_bytes: usize,
+    /// Bytes of entries kept in memory, in all partitions.
+    state_memory: usize,
     max_checkpoint_entries: usize,
 }
 
@@ -113,34 +108,23 @@ impl Engine {
             partitions: HashMap::new(),
             reader: Box::new(memory.clone()),
             memory: Some(memory),
-            member_cache: DEFAULT_MEMBER_CACHE,
-            member_filter_bytes: DEFAULT_MEMBER_FILTER_BYTES,
+            state_memory: DEFAULT_STATE_MEMORY,
             max_checkpoint_entries: DEFAULT_MAX_CHECKPOINT_ENTRIES,
         }
     }
 
     /// An engine that reads stored members from `reader`, which the caller keeps up to date
-    /// by storing every [`ChangeSet`] before the next event is applied. At most
-    /// `member_cache` entries a generation (of two) are cached in memory, split between the
-    /// owned partitions.
-    pub fn with_reader(plan: Plan, reader: Box<dyn StateReader>, member_cache: usize) -> Self {
+    /// by storing every [`ChangeSet`] before the next one is taken. At most `state_memory`
+    /// bytes of entries are kept in memory, split between the owned partitions.
+    pub fn with_reader(plan: Plan, reader: Box<dyn StateReader>, state_memory: usize) -> Self {
         Self {
             plan,
             partitions: HashMap::new(),
             reader,
             memory: None,
-            member_cache,
-            member_filter_bytes: DEFAULT_MEMBER_FILTER_BYTES,
+            state_memory,
             max_checkpoint_entries: DEFAULT_MAX_CHECKPOINT_ENTRIES,
         }
-    }
-
-    /// The same engine with a filter of written entries of `bytes` in all (the default is
-    /// [`DEFAULT_MEMBER_FILTER_BYTES`]), split between the owned partitions.
-    pub fn with_member_filter_bytes(mut self, bytes: usize) -> Self {
-        self.member_filter_bytes = bytes;
-        self.split_member_budget();
-        self
     }
 
     pub fn plan(&self) -> &Plan {
@@ -149,34 +133,30 @@ impl Engine {
 
     /// Takes ownership of a partition, from its stored snapshot (or empty for a new one).
     pub fn restore_partition(&mut self, key: PartitionKey, snapshot: PartitionSnapshot) {
-        let (cache, filter_bytes) = self.member_shares(self.partitions.len() + 1);
-        let state = PartitionState::restore(&self.plan, snapshot, cache, filter_bytes);
+        let share = self.memory_share(self.partitions.len() + 1);
+        let state = PartitionState::restore(&self.plan, snapshot, share);
         self.partitions.insert(key, state);
-        self.split_member_budget();
+        self.split_memory();
     }
 
     /// Gives a partition up (after its changes were persisted).
     pub fn remove_partition(&mut self, key: &PartitionKey) {
         if self.partitions.remove(key).is_some() {
-            self.split_member_budget();
+            self.split_memory();
         }
     }
 
-    /// Each of `partitions` partitions' share of the member cache and of the filter.
-    fn member_shares(&self, partitions: usize) -> (usize, usize) {
-        let partitions = partitions.max(1);
-        (
-            self.member_cache / partitions,
-            self.member_filter_bytes / partitions,
-        )
+    /// Each of `partitions` partitions' share of the memory for entries.
+    fn memory_share(&self, partitions: usize) -> usize {
+        self.state_memory / partitions.max(1)
     }
 
-    /// Splits the cache and the filter evenly between the owned partitions, so that together
+    /// Splits the memory for entries evenly between the owned partitions, so that together
     /// they stay within the engine's budget however many are taken or given up.
-    fn split_member_budget(&mut self) {
-        let (cache, filter_bytes) = self.member_shares(self.partitions.len());
+    fn split_memory(&mut self) {
+        let share = self.memory_share(self.partitions.len());
         for state in self.partitions.values_mut() {
-            state.members.resize(cache, filter_bytes);
+            state.members.resize(share);
         }
     }
 

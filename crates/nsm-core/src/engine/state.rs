@@ -382,8 +382,7 @@ impl PartitionState {
     pub fn restore(
         plan: &Plan,
         snapshot: PartitionSnapshot,
-        member_cache: usize,
-        member_filter_bytes: usize,
+        state_memory: usize,
     ) -> PartitionState {
         let metric_count = plan.compiled.len();
         let mut windows: Vec<BTreeMap<EpochMillis, WindowState>> =
@@ -444,7 +443,7 @@ impl PartitionState {
             last_window: vec![None; metric_count],
             funnels_kept_from: vec![None; metric_count],
             ids_kept_from: None,
-            members: MemberIndex::new(member_cache, member_filter_bytes),
+            members: MemberIndex::new(state_memory),
             poisoned: false,
             pending: Pending::default(),
         }

@@ -1012,10 +1012,10 @@ fn segments_with_look_alike_values_are_kept_and_labelled_apart() {
 }
 
 #[test]
-fn the_member_cache_and_filter_are_split_evenly_between_the_owned_partitions() {
+fn the_memory_for_entries_is_split_evenly_between_the_owned_partitions() {
     let mut engine = Engine::with_reader(test_plan(), Box::new(MemoryReader::default()), 1200);
     let partition = |index| PartitionKey::new("events", index);
-    let budgets = |engine: &Engine| -> Vec<(usize, usize)> {
+    let budgets = |engine: &Engine| -> Vec<usize> {
         engine
             .partitions
             .values()
@@ -1027,15 +1027,11 @@ fn the_member_cache_and_filter_are_split_evenly_between_the_owned_partitions() {
     }
     assert_eq!(
         budgets(&engine),
-        vec![(300, DEFAULT_MEMBER_FILTER_BYTES / 4); 4],
+        vec![300; 4],
         "a quarter each, not a share of what the earlier ones left"
     );
     engine.remove_partition(&partition(0));
-    assert_eq!(
-        budgets(&engine),
-        // The filter is whole blocks of 64 bytes.
-        vec![(400, DEFAULT_MEMBER_FILTER_BYTES / 3 / 64 * 64); 3]
-    );
+    assert_eq!(budgets(&engine), vec![400; 3]);
 }
 
 /// The plan of the trailing tests: `recent_messagers`, metric 3, the distinct users of the
@@ -1183,7 +1179,7 @@ fn an_in_order_trailing_occurrence_writes_one_entry_and_reads_none_back() {
     let reader = MemoryReader::default();
     let counting = CountingReader::new(reader.clone());
     let reads = counting.reads();
-    let mut engine = Engine::with_reader(plan, Box::new(counting), 10_000);
+    let mut engine = Engine::with_reader(plan, Box::new(counting), 64 << 20);
     engine.restore_partition(key(), PartitionSnapshot::default());
     let mut offset = 0;
     // Each round: every user once, then a checkpoint; the entries of the trailing count
@@ -1216,7 +1212,7 @@ fn an_in_order_trailing_occurrence_writes_one_entry_and_reads_none_back() {
     assert_eq!(
         round(0),
         (0, 0),
-        "repeats: known from the cached last occurrences"
+        "repeats: known from the last occurrences in memory"
     );
     assert_eq!(
         round(5),

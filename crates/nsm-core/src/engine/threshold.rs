@@ -86,7 +86,7 @@ mod tests {
             reader: &reader,
             partition: &partition,
         };
-        let mut members = MemberIndex::new(16, 1024);
+        let mut members = MemberIndex::new(1 << 20);
         let events = ThresholdWindow {
             metric: 0,
             start_ms: 0,
@@ -127,7 +127,7 @@ mod tests {
 
         // Stored and read back: progress continues where it was.
         reader.write_members(&partition, &members.take_written(), &[]);
-        let mut restored = MemberIndex::new(16, 1024);
+        let mut restored = MemberIndex::new(1 << 20);
         let step = actors
             .add(&mut restored, &source, b"p2", Some(b"cy"))
             .expect("in memory");

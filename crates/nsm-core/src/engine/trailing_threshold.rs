@@ -492,7 +492,7 @@ mod tests {
             let time_ms = minute * MINUTE;
             self.newest_ms = self.newest_ms.max(time_ms);
             // A fresh index: everything is read back from what was stored.
-            let mut members = MemberIndex::new(4, 1024);
+            let mut members = MemberIndex::new(1);
             let mut pending = Pending::default();
             let source = Source {
                 reader: &self.reader,
