@@ -414,10 +414,12 @@ impl Space {
         })
     }
 
-    /// Sets a row's value, keeping `flags` (of [`WRITTEN`]).
-    fn set(&mut self, digest: u128, value: &[u8], flags: u32) {
+    /// Sets a row's value with `flags` (of [`WRITTEN`]); returns whether the row was
+    /// written before, since the last checkpoint.
+    fn set(&mut self, digest: u128, value: &[u8], flags: u32) -> bool {
         let (lanes, _) = self.rows.entry(digest);
         let was_long = lanes[0] & LONG != 0;
+        let was_written = lanes[0] & WRITTEN != 0;
         match Small::new(value) {
             Some(small) => {
                 let [a, b, c, d, e, f, g, h] = small.bytes;
@@ -433,6 +435,7 @@ impl Space {
                 self.long.insert(digest, value.into());
             }
         }
+        was_written
     }
 
     /// Drops a shard's entries (the store holds them all): misses there are read from now on.
@@ -557,12 +560,7 @@ impl MemberIndex {
             .or_insert_with(|| Space::new(checkpoint));
         space.used_in = checkpoint;
         space.written_in[EntityTable::shard_of(digest)] = checkpoint;
-        let logged = space
-            .rows
-            .get(digest)
-            .is_some_and(|lanes| lanes[0] & WRITTEN != 0);
-        space.set(digest, value, WRITTEN);
-        if !logged {
+        if !space.set(digest, value, WRITTEN) {
             let from = self.keys.len();
             self.keys.extend_from_slice(key);
             self.written.push(Written {
