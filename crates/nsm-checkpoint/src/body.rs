@@ -1,5 +1,5 @@
 //! What one checkpoint of one partition says, built by the caller and encoded as it is built:
-//! its meta, the prefixes it drops, its changes grouped by shard, and the full rows of the
+//! its meta, the key ranges it drops, its changes grouped by shard, and the full rows of the
 //! shards it snapshots.
 //!
 //! Rows are appended to per-shard byte buffers rather than collected as owned keys and values,
@@ -10,8 +10,10 @@
 //! - a row: key (length-prefixed), value (length-prefixed);
 //! - a change: key (length-prefixed), then zero for a delete, or the value's length plus one
 //!   and the value;
-//! - the delta section: the dropped prefixes (count, then each length-prefixed), then the
-//!   change groups (count, then each: shard, change count, byte length, changes).
+//! - a dropped range: its start (length-prefixed), then zero for a range without an end, or
+//!   the end's length plus one and the end;
+//! - the delta section: the dropped ranges (count, then each), then the change groups (count,
+//!   then each: shard, change count, byte length, changes).
 
 use std::collections::BTreeMap;
 
@@ -25,18 +27,42 @@ pub(crate) struct ShardBytes {
     pub(crate) bytes: Vec<u8>,
 }
 
+/// A range of keys a checkpoint drops: from `start` (included) to `end` (excluded), or to the
+/// last key when `end` is `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DroppedRange {
+    pub(crate) start: Vec<u8>,
+    pub(crate) end: Option<Vec<u8>>,
+}
+
+/// The first key after every key starting with `prefix`: the prefix without its trailing
+/// `0xff` bytes, its last byte raised by one. `None` when there is none (the prefix is empty or
+/// all `0xff`), so the range of the prefix runs to the last key.
+pub(crate) fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let last = prefix.iter().rposition(|byte| *byte != 0xff)?;
+    let mut successor = prefix[..=last].to_vec();
+    successor[last] += 1;
+    Some(successor)
+}
+
 /// One checkpoint of one partition, as the caller builds it.
 ///
-/// The state it leaves is: the state before it, with every key starting with a dropped prefix
-/// removed, then its changes applied in the order given (a later change of a key wins), except
-/// that a shard it snapshots is exactly the snapshot's rows. A snapshot must therefore hold the
-/// shard as it is after this checkpoint's drops and changes; the changes of a snapshotted shard
-/// are left out of the encoding, since the snapshot holds them.
+/// The state it leaves is: the state before it, with every key in a dropped range removed,
+/// then its changes applied in the order given (a later change of a key wins), except that a
+/// shard it snapshots is exactly the snapshot's rows. A snapshot must therefore hold the shard
+/// as it is after this checkpoint's drops and changes; the changes of a snapshotted shard are
+/// left out of the encoding, since the snapshot holds them.
+///
+/// Drops come first whatever the order they were recorded in. A caller whose own store applies
+/// its range deletes after its changes (RocksDB's batch in nsm-state: "entries written for a
+/// window deleted in this batch go too") must leave out of the checkpoint every change that a
+/// range recorded after it covers, as that store's batch does; the checkpoint does not look
+/// for them, since that would mean reading back every change recorded at each drop.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub(crate) partition: PartitionId,
     pub(crate) meta: Vec<u8>,
-    pub(crate) dropped_prefixes: Vec<Vec<u8>>,
+    pub(crate) dropped_ranges: Vec<DroppedRange>,
     pub(crate) changes: Vec<ShardBytes>,
     pub(crate) snapshots: BTreeMap<ShardId, ShardBytes>,
     /// The highest shard named beyond any configuration's count: its changes are not kept,
@@ -51,7 +77,7 @@ impl Checkpoint {
         Checkpoint {
             partition,
             meta: meta.into(),
-            dropped_prefixes: Vec::new(),
+            dropped_ranges: Vec::new(),
             changes: Vec::new(),
             snapshots: BTreeMap::new(),
             shard_beyond_any_count: None,
@@ -96,10 +122,31 @@ impl Checkpoint {
         changes.count += 1;
     }
 
-    /// Removes every key starting with `prefix`, in every shard, before this checkpoint's
-    /// changes: a whole window or generation expires in one entry, whatever its number of rows.
+    /// Removes every key from `start` (included) to `end` (excluded), bytewise, in every shard,
+    /// before this checkpoint's changes (see [`Checkpoint`] for the order): a whole window, id
+    /// period or funnel period expires in one entry, whatever its number of rows. A range whose
+    /// end is not after its start drops nothing and is not recorded.
+    pub fn drop_range(&mut self, start: &[u8], end: &[u8]) {
+        if start < end {
+            self.dropped_ranges.push(DroppedRange {
+                start: start.to_vec(),
+                end: Some(end.to_vec()),
+            });
+        }
+    }
+
+    /// Removes every key starting with `prefix`: the range from `prefix` to its successor (to
+    /// the last key when it has none), as [`Checkpoint::drop_range`] does.
     pub fn drop_prefix(&mut self, prefix: &[u8]) {
-        self.dropped_prefixes.push(prefix.to_vec());
+        self.dropped_ranges.push(DroppedRange {
+            start: prefix.to_vec(),
+            end: prefix_successor(prefix),
+        });
+    }
+
+    /// The ranges dropped.
+    pub fn dropped_ranges(&self) -> usize {
+        self.dropped_ranges.len()
     }
 
     /// Makes this checkpoint carry the full contents of `shard`, empty until rows are added
@@ -145,16 +192,27 @@ impl Checkpoint {
             .map(|(index, changes)| (ShardId(index as u32), changes))
             .filter(|(shard, changes)| changes.count > 0 && !self.snapshots.contains_key(shard))
             .collect();
-        let capacity = self.dropped_prefixes.iter().map(Vec::len).sum::<usize>()
+        let capacity = self
+            .dropped_ranges
+            .iter()
+            .map(|range| range.start.len() + range.end.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
             + groups
                 .iter()
                 .map(|(_, group)| group.bytes.len())
                 .sum::<usize>()
-            + 16 * (groups.len() + self.dropped_prefixes.len() + 1);
+            + 16 * (groups.len() + self.dropped_ranges.len() + 1);
         let mut out = Vec::with_capacity(capacity);
-        put_varint(&mut out, self.dropped_prefixes.len() as u64);
-        for prefix in &self.dropped_prefixes {
-            put_bytes(&mut out, prefix);
+        put_varint(&mut out, self.dropped_ranges.len() as u64);
+        for range in &self.dropped_ranges {
+            put_bytes(&mut out, &range.start);
+            match &range.end {
+                None => put_varint(&mut out, 0),
+                Some(end) => {
+                    put_varint(&mut out, end.len() as u64 + 1);
+                    out.extend_from_slice(end);
+                }
+            }
         }
         put_varint(&mut out, groups.len() as u64);
         for (shard, group) in groups {
@@ -227,20 +285,39 @@ impl<'a> ChangeGroup<'a> {
     }
 }
 
+/// A dropped range read from a delta section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RangeView<'a> {
+    pub(crate) start: &'a [u8],
+    pub(crate) end: Option<&'a [u8]>,
+}
+
+impl RangeView<'_> {
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start && self.end.is_none_or(|end| key < end)
+    }
+}
+
 /// A delta section read: its drops and change groups, the changes decoded when iterated.
 #[derive(Debug, Clone)]
 pub(crate) struct Delta<'a> {
-    pub(crate) dropped_prefixes: Vec<&'a [u8]>,
+    pub(crate) dropped_ranges: Vec<RangeView<'a>>,
     pub(crate) groups: Vec<ChangeGroup<'a>>,
 }
 
 impl<'a> Delta<'a> {
     pub(crate) fn read(bytes: &'a [u8], shards: u32) -> Result<Self, DecodeError> {
         let mut reader = Reader::new(bytes);
-        let drops = reader.count("dropped prefix count")?;
-        let dropped_prefixes = (0..drops)
-            .map(|_| reader.bytes())
-            .collect::<Result<_, _>>()?;
+        let drops = reader.count("dropped range count")?;
+        let mut dropped_ranges = Vec::new();
+        for _ in 0..drops {
+            let start = reader.bytes()?;
+            let end = match reader.varint()? {
+                0 => None,
+                tagged => Some(reader.take(tagged - 1)?),
+            };
+            dropped_ranges.push(RangeView { start, end });
+        }
         let group_count = reader.count("change group count")?;
         let mut groups = Vec::new();
         for _ in 0..group_count {
@@ -258,7 +335,7 @@ impl<'a> Delta<'a> {
         }
         reader.finish()?;
         Ok(Delta {
-            dropped_prefixes,
+            dropped_ranges,
             groups,
         })
     }
@@ -288,7 +365,13 @@ mod tests {
         checkpoint.snapshot_row(ShardId(1), b"d", b"4");
         let encoded = checkpoint.encode_delta();
         let delta = Delta::read(&encoded, 4).expect("decodes");
-        assert_eq!(delta.dropped_prefixes, vec![&b"window/3/"[..]]);
+        assert_eq!(
+            delta.dropped_ranges,
+            vec![RangeView {
+                start: b"window/3/",
+                end: Some(b"window/30")
+            }]
+        );
         let mut seen = Vec::new();
         for group in &delta.groups {
             group
@@ -306,6 +389,36 @@ mod tests {
             ]
         );
         assert_eq!(checkpoint.highest_shard(), Some(2));
+    }
+
+    #[test]
+    fn a_prefix_is_the_range_to_its_successor() {
+        assert_eq!(prefix_successor(b"window/3/"), Some(b"window/30".to_vec()));
+        assert_eq!(prefix_successor(b"a\xff\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_successor(b"\xff\xff"), None);
+        assert_eq!(prefix_successor(b""), None);
+        let mut checkpoint = Checkpoint::new(partition(), "");
+        checkpoint.drop_prefix(b"a\xff");
+        checkpoint.drop_prefix(b"");
+        checkpoint.drop_range(b"m", b"p");
+        // Empty and reversed ranges drop nothing and are not recorded.
+        checkpoint.drop_range(b"q", b"q");
+        checkpoint.drop_range(b"z", b"r");
+        let encoded = checkpoint.encode_delta();
+        let delta = Delta::read(&encoded, 1).expect("decodes");
+        let [to_successor, everything, range] = delta.dropped_ranges[..] else {
+            panic!("three ranges, not {:?}", delta.dropped_ranges);
+        };
+        assert!(to_successor.contains(b"a\xff"));
+        assert!(to_successor.contains(b"a\xff\xff\x00"));
+        assert!(!to_successor.contains(b"a"));
+        assert!(!to_successor.contains(b"b"));
+        assert!(everything.contains(b""));
+        assert!(everything.contains(b"\xff\xff\xff"));
+        assert!(range.contains(b"m"));
+        assert!(range.contains(b"o\xff"));
+        assert!(!range.contains(b"p"));
+        assert!(!range.contains(b"l\xff"));
     }
 
     #[test]

@@ -113,10 +113,12 @@ impl Fold {
 
     /// The delta of checkpoint `sequence`, to the shards snapshotted before it.
     fn delta(&mut self, sequence: Sequence, delta: &Delta<'_>) -> Result<(), DecodeError> {
-        for prefix in &delta.dropped_prefixes {
+        if !delta.dropped_ranges.is_empty() {
             for (index, rows) in self.shards.iter_mut().enumerate() {
                 if self.snapshot_sequences[index] < sequence {
-                    rows.retain(|key, _| !key.starts_with(prefix));
+                    rows.retain(|key, _| {
+                        !delta.dropped_ranges.iter().any(|range| range.contains(key))
+                    });
                 }
             }
         }

@@ -219,3 +219,63 @@ fn a_restore_reads_one_snapshot_per_shard_and_the_deltas_after_the_oldest() {
     assert_eq!(stored.stats.deltas_applied, shards - 1);
     assert!(owner.store().stored_deltas(&partition()) < SHARDS as usize);
 }
+
+#[test]
+fn an_expiry_of_many_windows_is_one_range_each() {
+    const WINDOWS: u32 = 40;
+    const EXPIRED: u32 = 30;
+    const ROWS_PER_WINDOW: u64 = 2_500;
+    let config = config(64, CheckpointConfig::DEFAULT_MAX_CHUNK_BYTES);
+    let changelog = MemoryChangelog::new();
+    let mut owner = open_owner(config, &changelog);
+    let mut state = State::default();
+    let mut number = 0;
+    let window = |window: u32| format!("window/{window:04}/");
+    let rows: Vec<Op> = (0..WINDOWS)
+        .flat_map(|index| {
+            (0..ROWS_PER_WINDOW).map(move |entity| {
+                let mut key = window(index).into_bytes();
+                key.extend_from_slice(&entity_key(0, entity)[13..]);
+                Op::Put(key, b"1".to_vec())
+            })
+        })
+        .collect();
+    commit(&mut owner, &mut state, &mut number, &rows);
+
+    // Each expired window is the range from its start to the next window's, as a store names
+    // the windows it deletes; no snapshot, so the frame is the expiry alone.
+    let expiry: Vec<Op> = (0..EXPIRED)
+        .map(|index| Op::DropRange(window(index).into_bytes(), window(index + 1).into_bytes()))
+        .collect();
+    number += 1;
+    apply(&mut state, &expiry, meta_of(0, number));
+    let built = checkpoint(&config, &partition(), &expiry, &state, None);
+    assert_eq!(built.dropped_ranges(), EXPIRED as usize);
+    assert_eq!(built.changes(), 0);
+    let report = owner.commit(&[built]).expect("the commit goes through");
+    let range_bytes = u64::from(EXPIRED) * 2 * (window(0).len() as u64 + 1);
+    eprintln!(
+        "expiring {EXPIRED} windows of {ROWS_PER_WINDOW} rows: a frame of {} bytes ({range_bytes} \
+         of ranges), {} records",
+        report.frame_bytes,
+        report.records(),
+    );
+    assert_eq!(
+        state.rows.len() as u64,
+        u64::from(WINDOWS - EXPIRED) * ROWS_PER_WINDOW
+    );
+    assert_eq!(report.chunk_records, 1);
+    assert_eq!(report.end_markers, 1);
+    assert!(report.records() <= 3);
+    assert!(
+        report.frame_bytes <= range_bytes + 128,
+        "the frame is the ranges and its framing, not {} bytes",
+        report.frame_bytes
+    );
+    for compacted in [false, true] {
+        let restored = from_changelog(&config, &changelog, &partition(), compacted);
+        assert_eq!(State::of(&config, &restored), state);
+    }
+    let stored = from_store(&config, owner.store(), &partition());
+    assert_eq!(State::of(&config, &stored), state);
+}

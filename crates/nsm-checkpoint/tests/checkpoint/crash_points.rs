@@ -1,11 +1,13 @@
-//! A scripted history of two partitions (snapshots rotating, deletes, dropped prefixes, a
-//! restart and a hand-off, so three epochs), crashed at every changelog record and at every
-//! store write: both stay restorable to exactly one checkpoint, the changelog never behind the
+//! A scripted history of two partitions (snapshots rotating, deletes, dropped prefixes and
+//! ranges, a restart and a hand-off, so three epochs), crashed at every changelog record and at
+//! every store write: both stay restorable to exactly one checkpoint, the changelog never behind the
 //! store, and the next owner, however it opens, ends at the script's final state.
 
 use nsm_checkpoint::testing::ChangelogFault;
 
-use crate::support::{config, delete, drop_prefix, put, Fault, Op, Recovery, Runner, Step};
+use crate::support::{
+    config, delete, drop_prefix, drop_range, put, Fault, Op, Recovery, Runner, Step,
+};
 
 fn users(from: usize, to: usize, value: &str) -> Vec<Op> {
     (from..to)
@@ -34,7 +36,11 @@ pub fn script() -> Vec<Step> {
             ),
             (1, vec![delete("user/1")]),
         ]),
-        Step::Commit(vec![(0, vec![put("window/1", "w1"), put("user/13", "c")])]),
+        Step::Commit(vec![
+            (0, vec![put("window/1", "w1"), put("user/13", "c")]),
+            // user/3 to user/5 go; user/2 stays.
+            (1, vec![drop_range("user/3", "user/6"), put("user/7", "c")]),
+        ]),
         Step::Restart,
         Step::Commit(vec![
             (
@@ -56,7 +62,15 @@ pub fn script() -> Vec<Step> {
             (1, vec![delete("user/2"), put("user/3", "r")]),
         ]),
         Step::Commit(vec![
-            (0, vec![drop_prefix("generation/2/"), delete("user/13")]),
+            (
+                0,
+                vec![
+                    drop_prefix("generation/2/"),
+                    delete("user/13"),
+                    // user/10 and user/11, not user/1 nor user/12.
+                    drop_range("user/10", "user/12"),
+                ],
+            ),
             (1, vec![put("user/4", "s")]),
         ]),
         Step::Commit(vec![(0, vec![put("user/15", "f")])]),

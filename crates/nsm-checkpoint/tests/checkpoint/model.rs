@@ -1,4 +1,5 @@
-//! Random histories against a model: commits of puts, deletes and dropped prefixes, with the
+//! Random histories against a model: commits of puts, deletes, dropped prefixes and dropped
+//! ranges (within a group, across groups, empty or reversed), with the
 //! due snapshot, another shard's, every shard's or none; restarts, hand-offs and compactions in
 //! between. Every restore, from the store or from the changelog compacted or not, is the model
 //! at the last commit.
@@ -26,6 +27,8 @@ enum Action {
         partitions: u8,
         changes: Vec<(u8, Option<u8>)>,
         dropped_prefix: Option<u8>,
+        /// Bounds of a dropped range: each a group and a key number (see [`range_bound`]).
+        dropped_range: Option<((u8, u8), (u8, u8))>,
         snapshot: SnapshotChoice,
     },
     Restart,
@@ -46,13 +49,15 @@ fn action() -> impl Strategy<Value = Action> {
         0u8..4,
         proptest::collection::vec((0u8..40, proptest::option::weighted(0.8, 0u8..6)), 0..10),
         proptest::option::weighted(0.15, 0u8..4),
+        proptest::option::weighted(0.2, ((0u8..5, 0u8..40), (0u8..5, 0u8..40))),
         snapshot,
     )
         .prop_map(
-            |(partitions, changes, dropped_prefix, snapshot)| Action::Commit {
+            |(partitions, changes, dropped_prefix, dropped_range, snapshot)| Action::Commit {
                 partitions,
                 changes,
                 dropped_prefix,
+                dropped_range,
                 snapshot,
             },
         );
@@ -68,7 +73,22 @@ fn key(index: u8) -> Vec<u8> {
     format!("group-{}/key-{index}", index % 4).into_bytes()
 }
 
-fn ops_of(changes: &[(u8, Option<u8>)], dropped_prefix: Option<u8>, salt: usize) -> Vec<Op> {
+/// A bound of a dropped range: a key of `group` (`group-4/` sorts after every key), or the
+/// group's start when `number` is past the keys drawn.
+fn range_bound((group, number): (u8, u8)) -> Vec<u8> {
+    if number >= 36 {
+        format!("group-{group}/").into_bytes()
+    } else {
+        format!("group-{group}/key-{number}").into_bytes()
+    }
+}
+
+fn ops_of(
+    changes: &[(u8, Option<u8>)],
+    dropped_prefix: Option<u8>,
+    dropped_range: Option<((u8, u8), (u8, u8))>,
+    salt: usize,
+) -> Vec<Op> {
     let mut ops: Vec<Op> = changes
         .iter()
         .map(|(index, value)| match value {
@@ -78,6 +98,9 @@ fn ops_of(changes: &[(u8, Option<u8>)], dropped_prefix: Option<u8>, salt: usize)
         .collect();
     if let Some(group) = dropped_prefix {
         ops.push(Op::DropPrefix(format!("group-{group}/").into_bytes()));
+    }
+    if let Some((start, end)) = dropped_range {
+        ops.push(Op::DropRange(range_bound(start), range_bound(end)));
     }
     ops
 }
@@ -150,6 +173,7 @@ impl History {
                 partitions,
                 changes,
                 dropped_prefix,
+                dropped_range,
                 snapshot,
             } => {
                 let mut checkpoints = Vec::new();
@@ -158,7 +182,7 @@ impl History {
                         continue;
                     }
                     let partition = &self.partitions[index];
-                    let ops = ops_of(changes, *dropped_prefix, salt + index);
+                    let ops = ops_of(changes, *dropped_prefix, *dropped_range, salt + index);
                     self.numbers[index] += 1;
                     apply(
                         &mut self.states[index],

@@ -77,6 +77,19 @@ pub enum Op {
     Put(Vec<u8>, Vec<u8>),
     Delete(Vec<u8>),
     DropPrefix(Vec<u8>),
+    /// From the first key (included) to the second (excluded).
+    DropRange(Vec<u8>, Vec<u8>),
+}
+
+impl Op {
+    /// Whether this op drops `key`.
+    fn drops(&self, key: &[u8]) -> bool {
+        match self {
+            Op::DropPrefix(prefix) => key.starts_with(prefix),
+            Op::DropRange(start, end) => key >= start.as_slice() && key < end.as_slice(),
+            Op::Put(..) | Op::Delete(_) => false,
+        }
+    }
 }
 
 pub fn put(key: &str, value: &str) -> Op {
@@ -91,12 +104,14 @@ pub fn drop_prefix(prefix: &str) -> Op {
     Op::DropPrefix(prefix.as_bytes().to_vec())
 }
 
+pub fn drop_range(start: &str, end: &str) -> Op {
+    Op::DropRange(start.as_bytes().to_vec(), end.as_bytes().to_vec())
+}
+
 /// Applies `ops` to `state` as a checkpoint does: drops first, then changes in order.
 pub fn apply(state: &mut State, ops: &[Op], meta: Vec<u8>) {
     for op in ops {
-        if let Op::DropPrefix(prefix) = op {
-            state.rows.retain(|key, _| !key.starts_with(prefix));
-        }
+        state.rows.retain(|key, _| !op.drops(key));
     }
     for op in ops {
         match op {
@@ -106,7 +121,7 @@ pub fn apply(state: &mut State, ops: &[Op], meta: Vec<u8>) {
             Op::Delete(key) => {
                 state.rows.remove(key);
             }
-            Op::DropPrefix(_) => {}
+            Op::DropPrefix(_) | Op::DropRange(..) => {}
         }
     }
     state.meta = meta;
@@ -127,6 +142,7 @@ pub fn checkpoint(
             Op::Put(key, value) => checkpoint.put(shard_of(config, key), key, value),
             Op::Delete(key) => checkpoint.delete(shard_of(config, key), key),
             Op::DropPrefix(prefix) => checkpoint.drop_prefix(prefix),
+            Op::DropRange(start, end) => checkpoint.drop_range(start, end),
         }
     }
     if let Some(shard) = snapshot {

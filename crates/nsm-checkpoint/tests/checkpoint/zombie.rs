@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 
 use nsm_checkpoint::{Checkpointer, Epoch, PartitionId, RecordKey};
 
-use crate::support::{commit_ops, config, delete, from_changelog, from_store, put, Owner, State};
+use crate::support::{
+    commit_ops, config, delete, drop_range, from_changelog, from_store, put, Owner, State,
+};
 
 const SHARDS: u32 = 4;
 
@@ -80,15 +82,16 @@ fn a_cut_off_owners_late_frame_after_the_new_owners_changes_nothing() {
         &mut owner_b,
         &partition(),
         &mut state_b,
-        &[delete("user/2")],
+        &[delete("user/2"), drop_range("user/5", "user/8")],
         "B 5",
     );
-    // A's frame lands after B's.
+    assert!(!state_b.rows.contains_key(&b"user/6"[..]));
+    // A's frame lands after B's, and puts back a row B's range dropped.
     commit_ops(
         &mut owner_a,
         &partition(),
         &mut state_a,
-        &[put("user/3", "late")],
+        &[put("user/3", "late"), put("user/6", "late")],
         "A 4",
     );
     assert_restores_to(&changelog, &state_b, "after A's late frame");
