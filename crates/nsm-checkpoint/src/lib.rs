@@ -8,8 +8,9 @@
 //! and a small opaque meta (the input offset to resume from, watermarks) exactly as current as
 //! the map. A [`Checkpoint`] carries the new meta, the changes since the last one (puts,
 //! deletes, and dropped key ranges: a whole window or generation expires in one entry), and the
-//! full rows of the shard due for a snapshot ([`Checkpointer::snapshot_due`]), so that each
-//! shard is snapshotted in turn. A restore takes each shard's latest snapshot, then the changes
+//! full rows of the shards due for a snapshot ([`Checkpointer::snapshots_due`]: paced by bytes,
+//! so the changelog carries about as many snapshot bytes as delta bytes), so that each shard is
+//! snapshotted in turn. A restore takes each shard's latest snapshot, then the changes
 //! of later checkpoints in order, then the latest meta; deltas older than every shard's
 //! snapshot are obsolete and are deleted.
 //!

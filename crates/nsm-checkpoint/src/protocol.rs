@@ -32,6 +32,11 @@ pub struct CommitReport {
     pub tombstones: u64,
     /// Bytes of the frames, before they were cut into chunks.
     pub frame_bytes: u64,
+    /// Shard snapshots the frames hold, and their sections' bytes.
+    pub snapshots: u64,
+    pub snapshot_bytes: u64,
+    /// Bytes of the frames' delta sections: what earns snapshot credit.
+    pub delta_bytes: u64,
     /// Bytes of every key and value sent.
     pub bytes_sent: u64,
 }
@@ -53,6 +58,9 @@ struct PlannedWrite {
     partition: PartitionId,
     frame_id: FrameId,
     frame: Vec<u8>,
+    snapshots: u64,
+    snapshot_bytes: u64,
+    delta_bytes: u64,
     tombstoned: Vec<LoggedFrame>,
     head: PartitionHead,
 }
@@ -169,12 +177,16 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
         self.open.remove(partition).is_some()
     }
 
-    /// The shard the next checkpoint of `partition` should snapshot: the one whose snapshot is
-    /// the oldest. `None` when the partition is not open.
-    pub fn snapshot_due(&self, partition: &PartitionId) -> Option<ShardId> {
+    /// The shards the next checkpoint of `partition` should snapshot, paced by bytes: each
+    /// checkpoint earns credit equal to its delta section's bytes, and the shards due are the
+    /// oldest snapshots, oldest first, while the credit covers the next one's last snapshot
+    /// size (a shard never snapshotted is due at once). Several, or none; none when the
+    /// partition is not open.
+    pub fn snapshots_due(&self, partition: &PartitionId) -> Vec<ShardId> {
         self.open
             .get(partition)
-            .map(|open| open.head.snapshot_due())
+            .map(|open| open.head.snapshots_due())
+            .unwrap_or_default()
     }
 
     /// The last checkpoint committed of `partition`, if it is open.
@@ -270,21 +282,35 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
         let frame = encode_frame(&header, checkpoint, &delta);
         let chunks = chunk_ranges(frame.len(), self.config.max_chunk_bytes()).len() as u32;
 
+        let previous_oldest = previous.oldest_snapshot();
         let (tombstoned, kept): (Vec<LoggedFrame>, Vec<LoggedFrame>) = previous
             .logged_frames
             .iter()
             .cloned()
-            .partition(|frame| previous.is_obsolete(frame));
+            .partition(|frame| previous.is_obsolete(frame, previous_oldest));
+        let snapshot_sections: Vec<(ShardId, Vec<u8>)> = checkpoint
+            .snapshots
+            .iter()
+            .map(|(shard, rows)| {
+                let mut section = Vec::with_capacity(rows.bytes.len() + 20);
+                put_rows(&mut section, rows);
+                (*shard, section)
+            })
+            .collect();
+        let snapshot_sizes: Vec<(ShardId, u64)> = snapshot_sections
+            .iter()
+            .map(|(shard, section)| (*shard, section.len() as u64))
+            .collect();
         let mut head = PartitionHead {
             shards: previous.shards,
             head: frame_id,
             meta: checkpoint.meta.clone(),
             snapshot_sequences: previous.snapshot_sequences.clone(),
+            snapshot_bytes: previous.snapshot_bytes.clone(),
+            credit: previous.credit,
             logged_frames: kept,
         };
-        for shard in &snapshot_shards {
-            head.snapshot_sequences[shard.index()] = frame_id.sequence;
-        }
+        head.book_checkpoint(frame_id.sequence, delta.len() as u64, &snapshot_sizes);
         head.logged_frames.push(LoggedFrame {
             id: frame_id,
             chunks,
@@ -296,16 +322,11 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
         let store_write = PartitionWrite {
             partition: checkpoint.partition.clone(),
             replace: false,
-            delete_deltas_through: (oldest > previous.oldest_snapshot()).then_some(oldest),
+            delete_deltas_through: (oldest > previous_oldest).then_some(oldest),
             head: head.encode(),
-            snapshots: checkpoint
-                .snapshots
+            snapshots: snapshot_sections
                 .iter()
-                .map(|(shard, rows)| {
-                    let mut section = Vec::with_capacity(rows.bytes.len() + 20);
-                    put_rows(&mut section, rows);
-                    (*shard, encode_snapshot_blob(frame_id.sequence, &section))
-                })
+                .map(|(shard, section)| (*shard, encode_snapshot_blob(frame_id.sequence, section)))
                 .collect(),
             deltas: if frame_id.sequence > oldest {
                 vec![(frame_id.sequence, encode_delta_blob(&delta))]
@@ -317,6 +338,9 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
             partition: checkpoint.partition.clone(),
             frame_id,
             frame,
+            snapshots: snapshot_sizes.len() as u64,
+            snapshot_bytes: snapshot_sizes.iter().map(|(_, bytes)| bytes).sum(),
+            delta_bytes: delta.len() as u64,
             tombstoned,
             head,
         };
@@ -354,6 +378,9 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
             report.end_markers += 1;
             report.bytes_sent += (key.len() + value.len()) as u64;
             report.frame_bytes += plan.frame.len() as u64;
+            report.snapshots += plan.snapshots;
+            report.snapshot_bytes += plan.snapshot_bytes;
+            report.delta_bytes += plan.delta_bytes;
             report.frames.push((plan.partition.clone(), plan.frame_id));
         }
         for plan in plans {

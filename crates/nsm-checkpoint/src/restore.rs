@@ -405,6 +405,7 @@ pub(crate) fn restore_with_install_from_changelog<R: ChangelogReader>(
                 let mut section = Vec::with_capacity(rows.bytes.len() + 20);
                 put_varint(&mut section, rows.count);
                 put_bytes(&mut section, rows.bytes);
+                head.snapshot_bytes[shard.index()] = section.len() as u64;
                 install
                     .snapshots
                     .push((*shard, encode_snapshot_blob(id.sequence, &section)));

@@ -9,7 +9,7 @@ use nsm_checkpoint::{
     Store,
 };
 
-use crate::support::{commit_ops, config, from_changelog, put, Owner, State};
+use crate::support::{apply, checkpoint, commit_ops, config, from_changelog, put, Owner, State};
 
 fn partition() -> PartitionId {
     PartitionId::new(0, "input-0")
@@ -280,14 +280,12 @@ fn after_a_failed_commit_the_checkpointer_writes_nothing_more() {
 #[test]
 fn a_damaged_frame_in_the_middle_of_the_line_falls_back_to_the_last_whole_line_and_says_so() {
     let (changelog, mut owner, [first, second]) = two_checkpoints();
+    // The third checkpoint snapshots nothing, so its line needs the second frame.
     let mut third = second.clone();
-    commit_ops(
-        &mut owner,
-        &partition(),
-        &mut third,
-        &[put("user/1", "three")],
-        "checkpoint 3",
-    );
+    let ops = [put("user/1", "three")];
+    apply(&mut third, &ops, b"checkpoint 3".to_vec());
+    let built = checkpoint(owner.config(), &partition(), &ops, &third, &[]);
+    owner.commit(&[built]).expect("the commit goes through");
     let index = record_of_second_frame(&changelog, RecordPart::Chunk(0));
     changelog.edit(0, |records| {
         if let Some(value) = records[index].value.as_mut() {

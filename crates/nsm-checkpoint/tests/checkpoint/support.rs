@@ -111,7 +111,9 @@ pub fn drop_range(start: &str, end: &str) -> Op {
 /// Applies `ops` to `state` as a checkpoint does: drops first, then changes in order.
 pub fn apply(state: &mut State, ops: &[Op], meta: Vec<u8>) {
     for op in ops {
-        state.rows.retain(|key, _| !op.drops(key));
+        if matches!(op, Op::DropPrefix(_) | Op::DropRange(..)) {
+            state.rows.retain(|key, _| !op.drops(key));
+        }
     }
     for op in ops {
         match op {
@@ -127,14 +129,14 @@ pub fn apply(state: &mut State, ops: &[Op], meta: Vec<u8>) {
     state.meta = meta;
 }
 
-/// The checkpoint of `ops`, which take `before` to `after`, with the snapshot of `snapshot`
-/// (its rows in `after`).
+/// The checkpoint of `ops`, which take `before` to `after`, with the snapshots of `snapshots`
+/// (their rows in `after`).
 pub fn checkpoint(
     config: &CheckpointConfig,
     partition: &PartitionId,
     ops: &[Op],
     after: &State,
-    snapshot: Option<ShardId>,
+    snapshots: &[ShardId],
 ) -> Checkpoint {
     let mut checkpoint = Checkpoint::new(partition.clone(), after.meta.clone());
     for op in ops {
@@ -145,10 +147,13 @@ pub fn checkpoint(
             Op::DropRange(start, end) => checkpoint.drop_range(start, end),
         }
     }
-    if let Some(shard) = snapshot {
-        checkpoint.snapshot_shard(shard);
+    if !snapshots.is_empty() {
+        for shard in snapshots {
+            checkpoint.snapshot_shard(*shard);
+        }
         for (key, value) in &after.rows {
-            if shard_of(config, key) == shard {
+            let shard = shard_of(config, key);
+            if snapshots.contains(&shard) {
                 checkpoint.snapshot_row(shard, key, value);
             }
         }
@@ -157,7 +162,7 @@ pub fn checkpoint(
 }
 
 /// Applies `ops` to `state` with `meta`, and commits the checkpoint of it (snapshotting the
-/// shard due) through `owner`.
+/// shards due) through `owner`.
 pub fn commit_ops(
     owner: &mut Owner,
     partition: &PartitionId,
@@ -167,8 +172,8 @@ pub fn commit_ops(
 ) -> CommitReport {
     apply(state, ops, meta.as_bytes().to_vec());
     let config = *owner.config();
-    let snapshot = owner.snapshot_due(partition);
-    let checkpoint = checkpoint(&config, partition, ops, state, snapshot);
+    let snapshots = owner.snapshots_due(partition);
+    let checkpoint = checkpoint(&config, partition, ops, state, &snapshots);
     owner
         .commit(&[checkpoint])
         .expect("the commit goes through")
@@ -428,8 +433,8 @@ impl Runner {
                 let id = &self.partitions[partition];
                 assert_eq!(owner.head(id).map(|head| head.sequence.0), Some(number - 1));
                 let after = &self.expected[partition][number as usize];
-                let snapshot = owner.snapshot_due(id);
-                checkpoints.push(checkpoint(&self.config, id, &ops, after, snapshot));
+                let snapshots = owner.snapshots_due(id);
+                checkpoints.push(checkpoint(&self.config, id, &ops, after, &snapshots));
                 committed.push((partition, number));
             }
             if checkpoints.is_empty() {

@@ -173,8 +173,9 @@ fn a_cut_off_owners_last_commit_with_its_tombstones_leaves_the_new_line_whole() 
     }
     changelog.compact();
     assert_restores_to(&changelog, &state_b, "after compaction");
-    // Once B has snapshotted every shard it needs none of A's frames, and tombstones them.
-    for number in 10..=13 {
+    // Once B has snapshotted every shard (paced by the bytes of its one-row deltas, so over a
+    // dozen checkpoints) it needs none of A's frames, and tombstones them.
+    for number in 10..=30 {
         commit_ops(
             &mut owner_b,
             &partition(),
@@ -187,9 +188,14 @@ fn a_cut_off_owners_last_commit_with_its_tombstones_leaves_the_new_line_whole() 
     let config = config(SHARDS, 96);
     let restored = from_changelog(&config, &changelog, &partition(), false);
     assert_eq!(State::of(&config, &restored), state_b);
-    // Left to skip: B's newest obsolete frame, tombstoned at its next commit, and A's late
-    // frame, which B never saw and the next owner's restore will report.
-    assert_eq!(restored.stats.frames_skipped, 2);
+    // Left to skip: A's late frame, which B never saw and the next owner's restore will
+    // report, and B's newest obsolete frame if its last commit made one (tombstoned at its next
+    // commit; snapshots paced by bytes do not make one every commit).
+    assert!(
+        matches!(restored.stats.frames_skipped, 1 | 2),
+        "{} frames skipped",
+        restored.stats.frames_skipped
+    );
     let frames_of_a: BTreeSet<u64> = changelog
         .records(0)
         .iter()
