@@ -160,11 +160,17 @@ pub fn dashboard(config: &Config, source: &str) -> String {
     if revenue.is_some() {
         let mut divergence = timeseries(
             "Divergence: revenue growth minus North Star growth",
-            "Above 0 the North Star grows slower than revenue; NSMGrowingSlowerThanRevenue warns when it stays there, NSMFlatWhileRevenueGrows pages when the North Star is flat.",
-            vec![target(
-                "nsm:growth_gap:revenue_minus_north_star",
-                "{{metric}}",
-            )],
+            "Above 0 the North Star grows slower than revenue. Per window: NSMGrowingSlowerThanRevenue warns when it stays there, NSMFlatWhileRevenueGrows pages when the North Star is flat. Over the last 7 days, updated continuously (weekly metrics): revenue per North Star against its level of the 3 weeks before, on which NSMFallingBehindRevenue warns from 3%.",
+            vec![
+                target(
+                    "nsm:growth_gap:revenue_minus_north_star",
+                    "{{metric}} last window",
+                ),
+                target(
+                    "nsm:trailing_gap:revenue_minus_north_star",
+                    "{{metric}} last 7 days",
+                ),
+            ],
             "percentunit",
         );
         divergence["fieldConfig"]["defaults"]["thresholds"] =
@@ -188,7 +194,7 @@ pub fn dashboard(config: &Config, source: &str) -> String {
             "Firing NSM alerts",
             "Business and data-freshness alerts of this config that are firing.",
             vec![target(
-                "sum by (alertname, metric) (ALERTS{alertname=~\"NSMFlatWhileRevenueGrows|NSMGrowingSlowerThanRevenue|GuardrailBreached|NSMUpWhileGuardrailDown|NsmDown|NoEvents|ConsumerLagHigh|WatermarkStale\", alertstate=\"firing\"})",
+                "sum by (alertname, metric) (ALERTS{alertname=~\"NSMFlatWhileRevenueGrows|NSMGrowingSlowerThanRevenue|NSMFallingBehindRevenue|NSMFallingBehindRevenueConfirmed|GuardrailBreached|NSMUpWhileGuardrailDown|NsmDown|NoEvents|ConsumerLagHigh|WatermarkStale\", alertstate=\"firing\"})",
                 "{{alertname}} {{metric}}",
             )],
             "short",

@@ -14,6 +14,7 @@ mod explain;
 mod noise;
 mod pace;
 mod pipeline;
+mod slow_burn;
 
 use noise::{GAP, GAP_NOISE, WORSENING, WORSENING_NOISE};
 
@@ -358,6 +359,7 @@ impl Generator<'_> {
         }
         rules.extend(self.noise_records());
         rules.extend(self.pace_records());
+        rules.extend(self.slow_burn_records());
         rules.extend(self.segment_growth_records());
 
         rules.extend(self.rejection_records());

@@ -1,4 +1,4 @@
-//! Pages in minutes, not weeks (issue 21 items 2 and 3): the window still filling against its
+//! Pages in minutes, not weeks (issue 21 item 2): the window still filling against its
 //! baseline, `nsm_metric_value{window="baseline"}`, what the comparable past window(s) held at
 //! the same elapsed point since their start.
 //!
@@ -10,21 +10,16 @@
 //!   evaluates the current value there) and never guesses the part of the past step still to
 //!   come. A guess would page every evening: traffic falls at 20:00 in both weeks, and a
 //!   baseline extrapolated from 19:00-20:00 would expect day traffic until the next step.
-//! - **Slow burn** (`NSMPaceBelowRevenue`, `NSMPaceBelowRevenueSustained`): the North Star's
-//!   pace in its window so far (current over baseline) trails revenue's by a margin and beyond
-//!   the week-to-week noise of the growth gap, scaled up for a window still filling.
+//!
+//! The slow burn (issue 21 item 3) is not judged on the pace: see `slow_burn.rs` for why.
 
 use nsm_core::metric::{MetricDef, MetricKind, Role};
 use nsm_core::window::CalendarUnit;
 
-use super::noise::GAP_NOISE;
 use super::{Generator, Rule, UNITS};
 use crate::promql::{duration, metric_matcher, number};
 
 pub(super) const PACE: &str = "nsm:metric_pace";
-pub(super) const PACE_GAP: &str = "nsm:pace_gap:revenue_minus_north_star";
-const PACE_GAP_NOISE: &str = "nsm:pace_gap:noise";
-const ELAPSED: &str = "nsm:metric_window_elapsed:ratio";
 const INCREASE: &str = "nsm:metric_increase";
 /// The long and the short look-back of the fast burn, in seconds.
 const LONG: u64 = 3_600;
@@ -33,15 +28,6 @@ const SHORT: u64 = 600;
 /// must hold: 25 minutes of silence in all, a page within 30.
 const SILENCE: u64 = 1_200;
 const SILENCE_FOR: u64 = 300;
-/// The slow burn (`NSMPaceBelowRevenue`, `NSMPaceBelowRevenueSustained`) is not generated yet:
-/// with the scenario library's noisy product (±5% a week) two example configs still got a
-/// false warning early in a window (the pace gap swings more there than its measured noise).
-pub(super) const SLOW_BURN: bool = false;
-
-/// The slow burn judges a window once this share of it has elapsed (two days of a week):
-/// before, a few days decide the pace, and healthy weeks swing beyond their noise.
-const MIN_ELAPSED: f64 = 2.0 / 7.0;
-
 /// ` offset 1h`, or nothing.
 fn offset(back: Option<u64>) -> String {
     back.map(|back| format!(" offset {}", duration(back)))
@@ -99,8 +85,8 @@ impl Generator<'_> {
             .collect()
     }
 
-    /// Recording rules of the pace: per metric over its window so far, the North Star's gap to
-    /// revenue, and the fast burn's increases over the look-backs.
+    /// Recording rules of the pace: per metric over its window so far, and the fast burn's
+    /// increases over the look-backs.
     pub(super) fn pace_records(&self) -> Vec<Rule> {
         let mut rules = vec![Rule::record(
             PACE,
@@ -115,45 +101,6 @@ impl Generator<'_> {
              what the comparable past window(s) held at the same elapsed point (1 = the usual pace,\n\
              0.5 = half of it). None without a baseline (a threshold, or no past window held).",
         )];
-        if SLOW_BURN && self.revenue().is_some() {
-            let north_stars = self.metrics(Role::NorthStar);
-            if let Some(matcher) = metric_matcher(north_stars.iter().copied()) {
-                rules.push(
-                    Rule::record(
-                        ELAPSED,
-                        format!(
-                            "max without (window) (\n  \
-                               (time() - nsm:metric_window_start:max{{{matcher}, window=\"current\"}})\n  \
-                               / ignoring (window)\n  \
-                               (nsm:metric_window_end:max{{{matcher}, window=\"current\"}} - nsm:metric_window_start:max{{{matcher}, window=\"current\"}})\n\
-                             )"
-                        ),
-                    )
-                    .comment("How much of the North Star's window still filling has elapsed (0 to 1)."),
-                );
-            }
-            rules.push(
-                Rule::record(
-                    PACE_GAP,
-                    format!(
-                        "(\n  \
-                           -1 * {PACE}{{role=\"north_star\"}}\n  \
-                           + on () group_left\n  \
-                           {PACE}{{role=\"revenue\"}}\n\
-                         ) > -Inf < +Inf"
-                    ),
-                )
-                .comment(
-                    "The divergence as it happens: revenue's pace minus the North Star's, each in its\n\
-                     window so far. Once a window is whole it is that window's growth gap.",
-                ),
-            );
-            // Its noise is measured on itself, over whole past windows: a window still filling
-            // swings more than a whole one (a few days decide its pace), and that is the noise
-            // the slow burn must not page on.
-            let timing = self.north_star_timing();
-            rules.push(self.noise_record(PACE_GAP_NOISE, PACE_GAP, timing, timing.window));
-        }
         let metrics = self.fast_burn_metrics();
         let mut first = true;
         for unit in UNITS {
@@ -385,105 +332,6 @@ impl Generator<'_> {
                 ),
             ));
         }
-        rules
-    }
-
-    /// The slow burn: the North Star's pace trails revenue's within the window still filling
-    /// (a warning), and did in the last whole window too (critical).
-    pub(super) fn slow_burn_alerts(&self) -> Vec<Rule> {
-        let Some(revenue) = self.revenue().filter(|_| SLOW_BURN) else {
-            return Vec::new();
-        };
-        let timing = self.north_star_timing();
-        let hold_back = self.hold_back(timing);
-        let min_gap = number(self.alerting.pace.min_gap);
-        let gate = |periods: u32| self.beyond_noise(PACE_GAP, PACE_GAP_NOISE, periods);
-        let partial = format!(
-            "({PACE_GAP} > {min_gap})\n\
-             and on (metric)\n\
-             ({ELAPSED} >= {elapsed})",
-            elapsed = number((MIN_ELAPSED * 1000.0).round() / 1000.0),
-        );
-        let business = |rule: Rule| Rule {
-            for_seconds: Some(timing.grace),
-            keep_firing_seconds: Some(timing.keep_firing),
-            ..rule
-        };
-        let revenue_pace = format!(
-            "{{{{ with query \"{PACE}{{role=\\\"revenue\\\"}}\" }}}}{{{{ . | first | value | humanizePercentage }}}}{{{{ else }}}}unknown{{{{ end }}}}"
-        );
-        let north_star_pace = format!(
-            "{{{{ with query \"max({PACE}{{role=\\\"north_star\\\"}})\" }}}}{{{{ . | first | value | humanizePercentage }}}}{{{{ else }}}}unknown{{{{ end }}}}"
-        );
-        let mut rules = Vec::new();
-
-        let rule = Rule::alert(
-            "NSMPaceBelowRevenue",
-            format!(
-                "(\n  \
-                   {partial}\n\
-                 )\n\
-                 and on (metric)\n\
-                 ({gate})\n\
-                 {hold_back}",
-                partial = partial.replace('\n', "\n  "),
-                gate = gate(1),
-            ),
-        )
-        .comment(format!(
-            "Slow burn, within one window: the North Star's pace in its window so far trails\n\
-             {}'s by more than {min_gap} and by more than its own noise over past windows (at\n\
-             every point of them), once two sevenths of the window have elapsed.\n\
-             The whole-window alerts above confirm it when the window closes.",
-            revenue.name
-        ));
-        rules.push(business(self.annotate(
-            rule,
-            "warning",
-            "North Star {{ $labels.metric }} falls behind revenue this window",
-            format!(
-                "In its window so far {{{{ $labels.metric }}}} runs at {north_star_pace} of its baseline (the previous window at the same point) while {revenue} runs at {revenue_pace}: {revenue}'s pace leads by {{{{ $value | humanizePercentage }}}}, beyond the noise of past windows. If it lasts, growth is not compounding.{moved_most}",
-                revenue = revenue.name,
-                moved_most = self.moved_most(),
-            ),
-        )));
-
-        // Two windows in a row, each asked for z / sqrt(2) deviations (as the sustained
-        // whole-window alerts).
-        let rule = Rule::alert(
-            "NSMPaceBelowRevenueSustained",
-            format!(
-                "(\n  \
-                   {partial}\n\
-                 )\n\
-                 and on (metric)\n\
-                 ({gate})\n\
-                 and on (metric)\n\
-                 (nsm:growth_gap:revenue_minus_north_star > {min_gap})\n\
-                 and on (metric)\n\
-                 ({whole})\n\
-                 {hold_back}",
-                partial = partial.replace('\n', "\n  "),
-                gate = gate(2),
-                whole = self.beyond_noise(super::noise::GAP, GAP_NOISE, 2),
-            ),
-        )
-        .comment(
-            "Slow burn, two windows: the last whole window's growth trailed revenue's and this\n\
-             window's pace trails it still, each by the margin and beyond the noise.",
-        );
-        rules.push(business(self.annotate(
-            rule,
-            "critical",
-            "North Star {{ $labels.metric }} falls behind revenue for a second window",
-            format!(
-                "{{{{ $labels.metric }}}} grew {north_star_growth} in its last window while {revenue} grew {revenue_growth}, and in this window so far it runs at {north_star_pace} of its baseline against {revenue_pace} for {revenue} (a lead of {{{{ $value | humanizePercentage }}}}). Growth is not compounding.{moved_most}",
-                revenue = revenue.name,
-                north_star_growth = "{{ with query \"max(nsm:metric_growth{role=\\\"north_star\\\"})\" }}{{ . | first | value | humanizePercentage }}{{ else }}unknown{{ end }}",
-                revenue_growth = "{{ with query \"nsm:metric_growth{role=\\\"revenue\\\"}\" }}{{ . | first | value | humanizePercentage }}{{ else }}unknown{{ end }}",
-                moved_most = self.moved_most(),
-            ),
-        )));
         rules
     }
 }

@@ -125,6 +125,12 @@ pub struct Scenario {
     /// Each metric's weekly level is off its trend by up to this fraction (0.05: ±5%), a
     /// different draw per metric and week.
     pub noise: f64,
+    /// Every series' weekly level is also off its trend by up to this fraction, one draw per
+    /// week shared by all (traffic: a busy or a quiet week moves every metric alike).
+    pub shared_noise: f64,
+    /// Which draws of the noise and the hourly jitter: 0 for the library, others for
+    /// measurements over many products alike (`slow_burn_monte_carlo`).
+    pub seed: u64,
     pub changes: Vec<Change>,
     pub faults: Vec<Fault>,
     /// The minute the trouble starts; none for healthy scenarios.
@@ -258,7 +264,9 @@ impl Scenario {
     fn rate(&self, seed: u64, role: Option<Role>, hour_start: i64) -> f64 {
         let base = role.map_or(100.0, base_rate);
         let week = hour_start.div_euclid(WEEK);
-        let noise = 1.0 + self.noise * draw(seed, week, 1);
+        let shared = 1.0 + self.shared_noise * draw(self.seed.wrapping_mul(10_007), week, 3);
+        let seed = seed.wrapping_add(self.seed.wrapping_mul(10_007));
+        let noise = (1.0 + self.noise * draw(seed, week, 1)) * shared;
         let jitter = 1.0 + 0.1 * draw(seed, hour_start / HOUR, 2);
         let season = if self.seasonal {
             season(hour_start)
@@ -401,6 +409,35 @@ fn baseline(amounts: &Cumulative, metric: &MetricDef, minute: i64) -> f64 {
             points.sort_by(f64::total_cmp);
             (points[1] + points[2]) / 2.0
         }
+    }
+}
+
+/// What nsm exports of `metric` (by name) in `scenario` at product minute `minute`:
+/// `(current, previous, baseline)`, as [`input_series`] writes them (ratios as their numerator).
+/// For measurements outside promtool (the slow burn's signal distributions).
+pub fn exported_at(
+    scenario: &Scenario,
+    config: &Config,
+    name: &str,
+) -> impl Fn(i64) -> (f64, f64, f64) {
+    let (index, metric) = config
+        .metrics
+        .iter()
+        .enumerate()
+        .find(|(_, metric)| metric.name == name)
+        .expect("metric of the config");
+    let seed = index as u64 + 10;
+    let (length, _) = window_of(metric);
+    let history = (3 * length).max(5 * WEEK);
+    let amounts = applied(scenario, seed, Some(metric.role), history);
+    let metric = metric.clone();
+    move |minute| {
+        let start = minute.div_euclid(length) * length;
+        (
+            amounts.between(start, minute),
+            amounts.between(start - length, start),
+            baseline(&amounts, &metric, minute),
+        )
     }
 }
 
