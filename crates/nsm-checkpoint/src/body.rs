@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use crate::ids::{CheckpointConfig, PartitionId, ShardId};
-use crate::wire::{put_bytes, put_varint, DecodeError, Reader};
+use crate::wire::{put_bytes, put_varint, varint_len, DecodeError, Reader};
 
 /// Bytes of rows or changes of one shard, and how many there are.
 #[derive(Debug, Clone, Default)]
@@ -225,6 +225,11 @@ impl Checkpoint {
 }
 
 /// Writes a snapshot section: row count, byte length, rows.
+/// The bytes `put_rows` writes for `rows`: a snapshot section's size, without building it.
+pub(crate) fn rows_section_len(rows: &ShardBytes) -> u64 {
+    (varint_len(rows.count) + varint_len(rows.bytes.len() as u64) + rows.bytes.len()) as u64
+}
+
 pub(crate) fn put_rows(out: &mut Vec<u8>, rows: &ShardBytes) {
     put_varint(out, rows.count);
     put_bytes(out, &rows.bytes);

@@ -67,10 +67,12 @@ pub use error::{CommitError, Corruption, InvalidCheckpoint, Missing, OpenError, 
 pub use frame::{RecordKey, RecordPart, KEY_MAGIC};
 pub use ids::{CheckpointConfig, ConfigError, Epoch, FrameId, PartitionId, Sequence, ShardId};
 pub use ports::{
-    ChangelogReader, ChangelogRecord, ChangelogWriter, PartitionWrite, Store, StoredPartition,
+    Acknowledged, Blobs, ChangelogReader, ChangelogRecord, ChangelogWriter, HeadStore, HeadWrite,
+    HeadsOnly, PartitionWrite, Store, StoreKind, StoredPartition,
 };
-pub use protocol::{Checkpointer, CommitReport};
+pub use protocol::{Checkpointer, CommitReport, StoreError};
 pub use restore::{
-    restore_from_changelog, restore_from_store, RestoreStats, RestoredPartition, ShardRows,
+    restore_from_changelog, restore_from_store, restore_head, RestoreStats, RestoredPartition,
+    ResumedHead, ShardRows,
 };
 pub use wire::DecodeError;

@@ -8,17 +8,22 @@
 //! one that may be half in the log. The next owner (a restart takes a higher epoch) restores.
 
 use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
 
-use crate::body::{put_rows, Checkpoint};
+use crate::body::{put_rows, rows_section_len, Checkpoint};
 use crate::error::{CommitError, InvalidCheckpoint, OpenError};
 use crate::frame::{
     chunk_ranges, chunk_value, encode_frame, end_value, FrameHeader, RecordKey, RecordPart,
 };
 use crate::ids::{CheckpointConfig, Epoch, FrameId, PartitionId, ShardId};
 use crate::local::{encode_delta_blob, encode_snapshot_blob, LoggedFrame, PartitionHead};
-use crate::ports::{ChangelogReader, ChangelogWriter, PartitionWrite, Store};
+use crate::ports::{
+    Acknowledged, Blobs, ChangelogReader, ChangelogWriter, HeadStore, HeadsOnly, PartitionWrite,
+    Store, StoreKind,
+};
 use crate::restore::{
-    restore_with_head_from_store, restore_with_install_from_changelog, RestoredPartition,
+    load_head, restore_with_head_from_store, restore_with_install_from_changelog, ChangelogRestore,
+    RestoredPartition, ResumedHead,
 };
 
 /// What one commit sent, to see that it stays a few records per partition.
@@ -65,16 +70,27 @@ struct PlannedWrite {
     head: PartitionHead,
 }
 
-/// Commits checkpoints of the partitions it has open to the changelog, then the store.
-pub struct Checkpointer<W: ChangelogWriter, S: Store> {
+/// Commits checkpoints of the partitions it has open to the changelog, then the store: a
+/// [`Store`] keeping the library's whole layout (kind [`Blobs`], [`Checkpointer::new`]), or a
+/// [`HeadStore`] keeping only its heads beside the caller's rows (kind [`HeadsOnly`],
+/// [`Checkpointer::with_head_store`]). The protocol is the same for both.
+pub struct Checkpointer<W, S, K = Blobs> {
     config: CheckpointConfig,
     writer: W,
     store: S,
     open: HashMap<PartitionId, OpenPartition>,
     stopped: bool,
+    kind: PhantomData<K>,
 }
 
-impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
+/// The error of the store a checkpointer of kind `K` writes.
+pub type StoreError<S, K> = <K as StoreKind<S>>::Error;
+
+/// Why a resume failed: reading the store's head, or opening from it.
+type ResumeError<S, K> = OpenError<StoreError<S, K>, StoreError<S, K>>;
+
+impl<W: ChangelogWriter, S: Store> Checkpointer<W, S, Blobs> {
+    /// A checkpointer writing a [`Store`], which keeps the library's whole layout.
     pub fn new(config: CheckpointConfig, writer: W, store: S) -> Self {
         Checkpointer {
             config,
@@ -82,28 +98,8 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
             store,
             open: HashMap::new(),
             stopped: false,
+            kind: PhantomData,
         }
-    }
-
-    pub fn config(&self) -> &CheckpointConfig {
-        &self.config
-    }
-
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
-    pub fn writer(&self) -> &W {
-        &self.writer
-    }
-
-    pub fn into_parts(self) -> (W, S) {
-        (self.writer, self.store)
-    }
-
-    /// Whether a failed commit stopped this checkpointer.
-    pub fn is_stopped(&self) -> bool {
-        self.stopped
     }
 
     /// Opens `partition` as its store holds it (empty when it holds nothing), to write it with
@@ -137,9 +133,104 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
         epoch: Epoch,
         reader: &mut R,
     ) -> Result<RestoredPartition, OpenError<R::Error, S::Error>> {
+        let restore = self.restore_for_take_over(partition, epoch, reader)?;
+        self.install(partition, epoch, restore)
+    }
+}
+
+impl<W: ChangelogWriter, S: HeadStore> Checkpointer<W, S, HeadsOnly> {
+    /// A checkpointer writing a [`HeadStore`], which keeps only the library's heads: the rows
+    /// are the caller's, written in the same atomic write as each commit's heads.
+    pub fn with_head_store(config: CheckpointConfig, writer: W, store: S) -> Self {
+        Checkpointer {
+            config,
+            writer,
+            store,
+            open: HashMap::new(),
+            stopped: false,
+            kind: PhantomData,
+        }
+    }
+
+    /// Opens `partition` as its changelog holds it (read by `reader` from its first record), to
+    /// write it with `epoch`, which must be above every epoch the changelog holds of it. `stage`
+    /// gets the restored rows to stage in the caller's store; the head is then written with
+    /// them in one write that replaces the caller's rows of the partition. The frames the
+    /// restore did not use are tombstoned by the next commit.
+    pub fn take_over_from_changelog_into<R: ChangelogReader>(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+        reader: &mut R,
+        stage: impl FnOnce(&mut S, &RestoredPartition) -> Result<(), S::Error>,
+    ) -> Result<RestoredPartition, OpenError<R::Error, S::Error>> {
+        let restore = self.restore_for_take_over(partition, epoch, reader)?;
+        stage(&mut self.store, &restore.restored).map_err(|source| OpenError::Install {
+            partition: partition.clone(),
+            source,
+        })?;
+        self.install(partition, epoch, restore)
+    }
+}
+
+impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
+    pub fn config(&self) -> &CheckpointConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn writer(&self) -> &W {
+        &self.writer
+    }
+
+    pub fn into_parts(self) -> (W, S) {
+        (self.writer, self.store)
+    }
+
+    /// Whether a failed commit stopped this checkpointer.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Opens `partition` from the head its store holds (none: empty), to write it with
+    /// `epoch`, which must be above every epoch the head has seen of it. Reads only the head:
+    /// the rows are where the caller keeps them (for a [`Store`],
+    /// [`Checkpointer::resume_from_store`] restores them too). The changelog may hold a newer
+    /// finished frame the store lacks: the frames written from here follow the store's, and a
+    /// restore from the changelog follows this higher epoch's line, never that frame.
+    pub fn resume(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+    ) -> Result<ResumedHead, ResumeError<S, K>> {
         self.refuse_open(partition)?;
-        let restore = restore_with_install_from_changelog(&self.config, reader, partition)
-            .map_err(OpenError::Restore)?;
+        let (resumed, head) =
+            load_head::<S, K>(&self.config, &self.store, partition).map_err(OpenError::Restore)?;
+        if epoch <= resumed.highest_epoch {
+            return Err(OpenError::epoch_not_above(
+                partition,
+                epoch,
+                resumed.highest_epoch,
+            ));
+        }
+        self.open
+            .insert(partition.clone(), OpenPartition { epoch, head });
+        Ok(resumed)
+    }
+
+    fn restore_for_take_over<R: ChangelogReader>(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+        reader: &mut R,
+    ) -> Result<ChangelogRestore, OpenError<R::Error, StoreError<S, K>>> {
+        self.refuse_open(partition)?;
+        let restore =
+            restore_with_install_from_changelog(&self.config, reader, partition, K::KEEPS_BLOBS)
+                .map_err(OpenError::Restore)?;
         if epoch <= restore.restored.highest_epoch {
             return Err(OpenError::epoch_not_above(
                 partition,
@@ -147,12 +238,25 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
                 restore.restored.highest_epoch,
             ));
         }
-        self.store
-            .commit(std::slice::from_ref(&restore.install))
-            .map_err(|source| OpenError::Install {
-                partition: partition.clone(),
-                source,
-            })?;
+        Ok(restore)
+    }
+
+    /// Writes what a take-over restored to the store, and opens the partition.
+    fn install<P>(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+        restore: ChangelogRestore,
+    ) -> Result<RestoredPartition, OpenError<P, StoreError<S, K>>> {
+        K::commit(
+            &mut self.store,
+            std::slice::from_ref(&restore.install),
+            &Acknowledged::default(),
+        )
+        .map_err(|source| OpenError::Install {
+            partition: partition.clone(),
+            source,
+        })?;
         self.open.insert(
             partition.clone(),
             OpenPartition {
@@ -200,7 +304,7 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
     pub fn commit(
         &mut self,
         checkpoints: &[Checkpoint],
-    ) -> Result<CommitReport, CommitError<W::Error, S::Error>> {
+    ) -> Result<CommitReport, CommitError<W::Error, StoreError<S, K>>> {
         if self.stopped {
             return Err(CommitError::Stopped);
         }
@@ -288,18 +392,10 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
             .iter()
             .cloned()
             .partition(|frame| previous.is_obsolete(frame, previous_oldest));
-        let snapshot_sections: Vec<(ShardId, Vec<u8>)> = checkpoint
+        let snapshot_sizes: Vec<(ShardId, u64)> = checkpoint
             .snapshots
             .iter()
-            .map(|(shard, rows)| {
-                let mut section = Vec::with_capacity(rows.bytes.len() + 20);
-                put_rows(&mut section, rows);
-                (*shard, section)
-            })
-            .collect();
-        let snapshot_sizes: Vec<(ShardId, u64)> = snapshot_sections
-            .iter()
-            .map(|(shard, section)| (*shard, section.len() as u64))
+            .map(|(shard, rows)| (*shard, rows_section_len(rows)))
             .collect();
         let mut head = PartitionHead {
             shards: previous.shards,
@@ -319,16 +415,27 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
         });
 
         let oldest = head.oldest_snapshot();
+        // Blobs only for a store that keeps them: a head store's caller has the rows already.
+        let keeps_blobs = K::KEEPS_BLOBS;
         let store_write = PartitionWrite {
             partition: checkpoint.partition.clone(),
             replace: false,
-            delete_deltas_through: (oldest > previous_oldest).then_some(oldest),
+            delete_deltas_through: (keeps_blobs && oldest > previous_oldest).then_some(oldest),
             head: head.encode(),
-            snapshots: snapshot_sections
-                .iter()
-                .map(|(shard, section)| (*shard, encode_snapshot_blob(frame_id.sequence, section)))
-                .collect(),
-            deltas: if frame_id.sequence > oldest {
+            snapshots: if keeps_blobs {
+                checkpoint
+                    .snapshots
+                    .iter()
+                    .map(|(shard, rows)| {
+                        let mut section = Vec::with_capacity(rows.bytes.len() + 20);
+                        put_rows(&mut section, rows);
+                        (*shard, encode_snapshot_blob(frame_id.sequence, &section))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            deltas: if keeps_blobs && frame_id.sequence > oldest {
                 vec![(frame_id.sequence, encode_delta_blob(&delta))]
             } else {
                 Vec::new()
@@ -351,7 +458,7 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
         &mut self,
         plans: &[PlannedWrite],
         store_writes: &[PartitionWrite],
-    ) -> Result<CommitReport, CommitError<W::Error, S::Error>> {
+    ) -> Result<CommitReport, CommitError<W::Error, StoreError<S, K>>> {
         let changelog_failed = |source| CommitError::Changelog { source };
         let mut report = CommitReport::default();
         for plan in plans {
@@ -398,9 +505,8 @@ impl<W: ChangelogWriter, S: Store> Checkpointer<W, S> {
                 }
             }
         }
-        self.writer.flush().map_err(changelog_failed)?;
-        self.store
-            .commit(store_writes)
+        let acknowledged = self.writer.flush().map_err(changelog_failed)?;
+        K::commit(&mut self.store, store_writes, &acknowledged)
             .map_err(|source| CommitError::Store { source })?;
         Ok(report)
     }

@@ -20,7 +20,7 @@ use crate::local::{
     decode_delta_blob, decode_snapshot_blob, encode_delta_blob, encode_snapshot_blob, LoggedFrame,
     PartitionHead,
 };
-use crate::ports::{ChangelogReader, PartitionWrite, Store};
+use crate::ports::{ChangelogReader, HeadStore, HeadsOnly, PartitionWrite, Store, StoreKind};
 use crate::wire::{put_bytes, put_varint, DecodeError};
 
 /// The rows of one shard.
@@ -140,6 +140,62 @@ impl Fold {
         self.stats.delta_changes += delta.changes();
         Ok(())
     }
+}
+
+/// Where a partition stands as a store's head says: what a head-only resume gives, the rows
+/// being the caller's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumedHead {
+    pub partition: PartitionId,
+    /// The last checkpoint stored ([`FrameId::EMPTY`] when none).
+    pub head: FrameId,
+    /// The highest epoch the head has seen of the partition; its next owner must take a higher
+    /// one.
+    pub highest_epoch: Epoch,
+    pub meta: Vec<u8>,
+}
+
+/// Where `partition` stands in a [`HeadStore`]: its head, without rows (empty when it holds
+/// nothing).
+pub fn restore_head<S: HeadStore>(
+    config: &CheckpointConfig,
+    store: &S,
+    partition: &PartitionId,
+) -> Result<ResumedHead, RestoreError<S::Error>> {
+    load_head::<S, HeadsOnly>(config, store, partition).map(|(resumed, _)| resumed)
+}
+
+pub(crate) fn load_head<S, K: StoreKind<S>>(
+    config: &CheckpointConfig,
+    store: &S,
+    partition: &PartitionId,
+) -> Result<(ResumedHead, PartitionHead), RestoreError<K::Error>> {
+    let bytes = K::load_head(store, partition).map_err(|source| RestoreError::Read {
+        partition: partition.clone(),
+        source,
+    })?;
+    let head = match bytes {
+        None => PartitionHead::empty(config.shards()),
+        Some(bytes) => PartitionHead::decode(&bytes).map_err(|source| RestoreError::Corrupt {
+            partition: partition.clone(),
+            what: Corruption::Head,
+            source,
+        })?,
+    };
+    if head.shards != config.shards() {
+        return Err(RestoreError::ShardCountChanged {
+            partition: partition.clone(),
+            stored: head.shards,
+            configured: config.shards(),
+        });
+    }
+    let resumed = ResumedHead {
+        partition: partition.clone(),
+        head: head.head,
+        highest_epoch: head.highest_epoch(),
+        meta: head.meta.clone(),
+    };
+    Ok((resumed, head))
 }
 
 /// Restores `partition` from what `store` holds: empty when it holds nothing.
@@ -286,13 +342,17 @@ pub fn restore_from_changelog<R: ChangelogReader>(
     reader: &mut R,
     partition: &PartitionId,
 ) -> Result<RestoredPartition, RestoreError<R::Error>> {
-    restore_with_install_from_changelog(config, reader, partition).map(|restore| restore.restored)
+    restore_with_install_from_changelog(config, reader, partition, false)
+        .map(|restore| restore.restored)
 }
 
+/// The restore, and the store write installing it: with the snapshot and delta blobs of the
+/// line when `with_blobs` (a [`Store`]), the head alone otherwise.
 pub(crate) fn restore_with_install_from_changelog<R: ChangelogReader>(
     config: &CheckpointConfig,
     reader: &mut R,
     partition: &PartitionId,
+    with_blobs: bool,
 ) -> Result<ChangelogRestore, RestoreError<R::Error>> {
     let mut stats = RestoreStats::default();
     let mut highest_epoch = Epoch(0);
@@ -406,17 +466,21 @@ pub(crate) fn restore_with_install_from_changelog<R: ChangelogReader>(
                 put_varint(&mut section, rows.count);
                 put_bytes(&mut section, rows.bytes);
                 head.snapshot_bytes[shard.index()] = section.len() as u64;
-                install
-                    .snapshots
-                    .push((*shard, encode_snapshot_blob(id.sequence, &section)));
+                if with_blobs {
+                    install
+                        .snapshots
+                        .push((*shard, encode_snapshot_blob(id.sequence, &section)));
+                }
             }
         }
         if id.sequence > oldest {
             let delta = Delta::read(view.delta, config.shards()).map_err(corrupt)?;
             fold.delta(id.sequence, &delta).map_err(corrupt)?;
-            install
-                .deltas
-                .push((id.sequence, encode_delta_blob(view.delta)));
+            if with_blobs {
+                install
+                    .deltas
+                    .push((id.sequence, encode_delta_blob(view.delta)));
+            }
         }
         head.head = *id;
         head.meta = view.meta.to_vec();

@@ -1,12 +1,13 @@
 //! A scripted history of two partitions (snapshots rotating, deletes, dropped prefixes and
 //! ranges, a restart and a hand-off, so three epochs), crashed at every changelog record and at
 //! every store write: both stay restorable to exactly one checkpoint, the changelog never behind the
-//! store, and the next owner, however it opens, ends at the script's final state.
+//! store, and the next owner, however it opens, ends at the script's final state; with a store
+//! of each kind (the library's blobs, or its heads beside the caller's rows).
 
 use nsm_checkpoint::testing::ChangelogFault;
 
 use crate::support::{
-    config, delete, drop_prefix, drop_range, put, Fault, Op, Recovery, Runner, Step,
+    config, delete, drop_prefix, drop_range, put, Fault, Kind, Op, Recovery, Runner, Step, KINDS,
 };
 
 fn users(from: usize, to: usize, value: &str) -> Vec<Op> {
@@ -86,9 +87,9 @@ const RECOVERIES: [Recovery; 3] = [
     Recovery::TakeOver { compacted: true },
 ];
 
-fn runner() -> Runner {
+fn runner(kind: Kind) -> Runner {
     // Small chunks, so frames span several records and a crash can cut one short.
-    Runner::new(config(4, 96), 2, script())
+    Runner::new(kind, config(4, 96), 2, script())
 }
 
 /// The run after a failure, as every kind of next owner would go on with it.
@@ -106,9 +107,15 @@ fn recover_every_way(failed: &Runner, context: &str) {
 
 #[test]
 fn the_script_without_faults_ends_right_and_compaction_removes_obsolete_frames() {
-    let mut run = runner();
+    for kind in KINDS {
+        the_script_without_faults_ends_right(kind);
+    }
+}
+
+fn the_script_without_faults_ends_right(kind: Kind) {
+    let mut run = runner(kind);
     assert!(run.run(Fault::None));
-    run.check_final("no fault");
+    run.check_final(&format!("{kind:?}, no fault"));
     let log = run.changelog.records(3);
     run.changelog.compact();
     let kept = run.changelog.records(3);
@@ -122,18 +129,24 @@ fn the_script_without_faults_ends_right_and_compaction_removes_obsolete_frames()
         kept.len(),
         log.len()
     );
-    run.check_final("no fault, compacted");
+    run.check_final(&format!("{kind:?}, no fault, compacted"));
 }
 
 #[test]
 fn a_changelog_failing_at_any_record_leaves_both_restorable_and_never_mixed() {
+    for kind in KINDS {
+        a_changelog_failing_at_any_record(kind);
+    }
+}
+
+fn a_changelog_failing_at_any_record(kind: Kind) {
     let total = {
-        let mut run = runner();
+        let mut run = runner(kind);
         assert!(run.run(Fault::None));
         run.changelog.records_sent()
     };
     assert!(total > 60, "the script sends {total} records");
-    eprintln!("the script sends {total} records: crashed at each, three ways");
+    eprintln!("{kind:?}: the script sends {total} records: crashed at each, three ways");
     let mut stopped = 0;
     for record in 0..=total {
         for fault in [
@@ -141,8 +154,8 @@ fn a_changelog_failing_at_any_record_leaves_both_restorable_and_never_mixed() {
             ChangelogFault::LoseFrom(record),
             ChangelogFault::LoseOnly(record),
         ] {
-            let context = format!("{fault:?}");
-            let mut run = runner();
+            let context = format!("{kind:?}, {fault:?}");
+            let mut run = runner(kind);
             let finished = run.run(Fault::Changelog(fault));
             run.check_restorable(&context);
             if finished {
@@ -159,18 +172,78 @@ fn a_changelog_failing_at_any_record_leaves_both_restorable_and_never_mixed() {
 
 #[test]
 fn a_store_failing_at_any_write_leaves_both_restorable_and_never_mixed() {
+    for kind in KINDS {
+        a_store_failing_at_any_write(kind);
+    }
+}
+
+fn a_store_failing_at_any_write(kind: Kind) {
     let total = {
-        let mut run = runner();
+        let mut run = runner(kind);
         assert!(run.run(Fault::None));
         run.store_writes()
     };
     assert!(total > 10, "the script writes the store {total} times");
-    eprintln!("the script writes the store {total} times: crashed at each");
+    eprintln!("{kind:?}: the script writes the store {total} times: crashed at each");
     for write in 0..total {
-        let context = format!("store write {write}");
-        let mut run = runner();
+        let context = format!("{kind:?}, store write {write}");
+        let mut run = runner(kind);
         assert!(!run.run(Fault::StoreWrite(write)), "{context}: no failure");
         run.check_restorable(&context);
         recover_every_way(&run, &context);
     }
+}
+
+#[test]
+fn a_head_store_keeps_the_position_each_commit_acknowledged_and_compaction_keeps_offsets() {
+    use nsm_checkpoint::testing::MemoryHeadStore;
+    use nsm_checkpoint::{restore_head, Checkpointer, Epoch, PartitionId};
+
+    use crate::support::{commit_ops, AnyOwner, State};
+
+    let config = config(4, 96);
+    let changelog = nsm_checkpoint::testing::MemoryChangelog::new();
+    let partition = PartitionId::new(3, "input-0");
+    let store = MemoryHeadStore::new();
+    let mut owner = AnyOwner::Heads(Checkpointer::with_head_store(
+        config,
+        changelog.writer(),
+        store.clone(),
+    ));
+    owner
+        .resume(&partition, Epoch(1))
+        .expect("an empty store opens");
+    let mut state = State::default();
+    for number in 1..=12u64 {
+        let ops: Vec<Op> = (0..6)
+            .map(|user| put(&format!("user/{user}"), &format!("{number}")))
+            .collect();
+        commit_ops(
+            &mut owner,
+            &partition,
+            &mut state,
+            &ops,
+            &format!("checkpoint {number}"),
+        );
+        // The position is the end of the log: every record of the commit was acknowledged.
+        assert_eq!(store.position(3), Some(changelog.end_offset(3)));
+        assert_eq!(store.rows(&partition), state.rows);
+    }
+    let head = restore_head(&config, &store, &partition).expect("the head restores");
+    assert_eq!(head.meta, b"checkpoint 12");
+    // Compaction removes records but renumbers none: each record kept has its offset.
+    let before = changelog.records_with_offsets(3);
+    changelog.compact();
+    let after = changelog.records_with_offsets(3);
+    assert!(
+        after.len() < before.len(),
+        "compaction removes tombstoned frames"
+    );
+    for record in &after {
+        assert!(before.contains(record), "{record:?} was renumbered");
+    }
+    assert_eq!(
+        changelog.end_offset(3),
+        before.last().map_or(0, |(offset, _)| offset + 1)
+    );
 }

@@ -5,15 +5,239 @@
 use std::collections::BTreeMap;
 
 use nsm_checkpoint::testing::{
-    ChangelogFault, MemoryChangelog, MemoryChangelogWriter, MemoryStore,
+    ChangelogFault, MemoryChangelog, MemoryChangelogError, MemoryChangelogReader,
+    MemoryChangelogWriter, MemoryHeadStore, MemoryStore, MemoryStoreError,
 };
 use nsm_checkpoint::{
-    restore_from_changelog, restore_from_store, Checkpoint, CheckpointConfig, Checkpointer,
-    CommitReport, Epoch, FrameId, PartitionId, RecordKey, RecordPart, RestoredPartition, ShardId,
+    restore_from_changelog, restore_from_store, restore_head, Checkpoint, CheckpointConfig,
+    Checkpointer, CommitError, CommitReport, Epoch, FrameId, HeadsOnly, OpenError, PartitionId,
+    RecordKey, RecordPart, RestoredPartition, ShardId,
 };
 use xxhash_rust::xxh3::xxh3_64;
 
 pub type Owner = Checkpointer<MemoryChangelogWriter, MemoryStore>;
+pub type HeadOwner = Checkpointer<MemoryChangelogWriter, MemoryHeadStore, HeadsOnly>;
+pub type CommitFailure = CommitError<MemoryChangelogError, MemoryStoreError>;
+pub type OpenFailure = OpenError<MemoryChangelogError, MemoryStoreError>;
+
+/// The kind of store an owner writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The library's whole layout ([`MemoryStore`]).
+    Blobs,
+    /// The library's heads beside the caller's rows ([`MemoryHeadStore`]).
+    Heads,
+}
+
+pub const KINDS: [Kind; 2] = [Kind::Blobs, Kind::Heads];
+
+/// A store of either kind.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    Blobs(MemoryStore),
+    Heads(MemoryHeadStore),
+}
+
+impl AnyStore {
+    pub fn new(kind: Kind) -> AnyStore {
+        match kind {
+            Kind::Blobs => AnyStore::Blobs(MemoryStore::new()),
+            Kind::Heads => AnyStore::Heads(MemoryHeadStore::new()),
+        }
+    }
+
+    pub fn fork(&self) -> AnyStore {
+        match self {
+            AnyStore::Blobs(store) => AnyStore::Blobs(store.fork()),
+            AnyStore::Heads(store) => AnyStore::Heads(store.fork()),
+        }
+    }
+
+    pub fn fail_commit(&self, commit: u64) {
+        match self {
+            AnyStore::Blobs(store) => store.fail_commit(commit),
+            AnyStore::Heads(store) => store.fail_commit(commit),
+        }
+    }
+
+    pub fn commits(&self) -> u64 {
+        match self {
+            AnyStore::Blobs(store) => store.commits(),
+            AnyStore::Heads(store) => store.commits(),
+        }
+    }
+
+    /// The partition as the store holds it: restored from the blobs, or the caller's rows with
+    /// the head's meta.
+    pub fn state(&self, config: &CheckpointConfig, partition: &PartitionId) -> State {
+        match self {
+            AnyStore::Blobs(store) => State::of(config, &from_store(config, store, partition)),
+            AnyStore::Heads(store) => State {
+                meta: restore_head(config, store, partition)
+                    .expect("the head store restores")
+                    .meta,
+                rows: store.rows(partition),
+            },
+        }
+    }
+}
+
+/// An owner writing a store of either kind, driven the same way.
+pub enum AnyOwner {
+    Blobs(Owner),
+    Heads(HeadOwner),
+}
+
+impl AnyOwner {
+    pub fn new(config: CheckpointConfig, changelog: &MemoryChangelog, store: AnyStore) -> Self {
+        match store {
+            AnyStore::Blobs(store) => {
+                AnyOwner::Blobs(Checkpointer::new(config, changelog.writer(), store))
+            }
+            AnyStore::Heads(store) => AnyOwner::Heads(Checkpointer::with_head_store(
+                config,
+                changelog.writer(),
+                store,
+            )),
+        }
+    }
+
+    pub fn store(&self) -> AnyStore {
+        match self {
+            AnyOwner::Blobs(owner) => AnyStore::Blobs(owner.store().clone()),
+            AnyOwner::Heads(owner) => AnyStore::Heads(owner.store().clone()),
+        }
+    }
+
+    pub fn config(&self) -> CheckpointConfig {
+        match self {
+            AnyOwner::Blobs(owner) => *owner.config(),
+            AnyOwner::Heads(owner) => *owner.config(),
+        }
+    }
+
+    pub fn head(&self, partition: &PartitionId) -> Option<FrameId> {
+        match self {
+            AnyOwner::Blobs(owner) => owner.head(partition),
+            AnyOwner::Heads(owner) => owner.head(partition),
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        match self {
+            AnyOwner::Blobs(owner) => owner.is_stopped(),
+            AnyOwner::Heads(owner) => owner.is_stopped(),
+        }
+    }
+
+    /// Opens `partition` from the store: the blobs restored, or the head read beside the
+    /// caller's rows.
+    pub fn resume(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+    ) -> Result<State, OpenError<MemoryStoreError, MemoryStoreError>> {
+        let config = self.config();
+        match self {
+            AnyOwner::Blobs(owner) => owner
+                .resume_from_store(partition, epoch)
+                .map(|restored| State::of(&config, &restored)),
+            AnyOwner::Heads(owner) => {
+                let resumed = owner.resume(partition, epoch)?;
+                Ok(State {
+                    meta: resumed.meta,
+                    rows: owner.store().rows(partition),
+                })
+            }
+        }
+    }
+
+    /// Opens `partition` from the changelog: the store replaced by the restore, for a head
+    /// store the restored rows staged and written with the head.
+    pub fn take_over(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+        reader: &mut MemoryChangelogReader,
+    ) -> Result<State, OpenFailure> {
+        let config = self.config();
+        let restored = match self {
+            AnyOwner::Blobs(owner) => owner.take_over_from_changelog(partition, epoch, reader)?,
+            AnyOwner::Heads(owner) => owner.take_over_from_changelog_into(
+                partition,
+                epoch,
+                reader,
+                |store, restored| {
+                    let rows = State::of(&config, restored).rows;
+                    store.stage(partition, rows);
+                    Ok(())
+                },
+            )?,
+        };
+        Ok(State::of(&config, &restored))
+    }
+}
+
+/// What drives checkpoints: an owner of either kind. A head store's owner stages the caller's
+/// rows of each checkpoint before the commit, which writes them with the heads.
+pub trait Driven {
+    fn due(&self, partition: &PartitionId) -> Vec<ShardId>;
+    fn checkpoint_config(&self) -> CheckpointConfig;
+    fn commit_with_rows(
+        &mut self,
+        checkpoints: &[Checkpoint],
+        states: &[&State],
+    ) -> Result<CommitReport, CommitFailure>;
+}
+
+impl Driven for Owner {
+    fn due(&self, partition: &PartitionId) -> Vec<ShardId> {
+        self.snapshots_due(partition)
+    }
+
+    fn checkpoint_config(&self) -> CheckpointConfig {
+        *self.config()
+    }
+
+    fn commit_with_rows(
+        &mut self,
+        checkpoints: &[Checkpoint],
+        _states: &[&State],
+    ) -> Result<CommitReport, CommitFailure> {
+        self.commit(checkpoints)
+    }
+}
+
+impl Driven for AnyOwner {
+    fn due(&self, partition: &PartitionId) -> Vec<ShardId> {
+        match self {
+            AnyOwner::Blobs(owner) => owner.snapshots_due(partition),
+            AnyOwner::Heads(owner) => owner.snapshots_due(partition),
+        }
+    }
+
+    fn checkpoint_config(&self) -> CheckpointConfig {
+        self.config()
+    }
+
+    fn commit_with_rows(
+        &mut self,
+        checkpoints: &[Checkpoint],
+        states: &[&State],
+    ) -> Result<CommitReport, CommitFailure> {
+        match self {
+            AnyOwner::Blobs(owner) => owner.commit(checkpoints),
+            AnyOwner::Heads(owner) => {
+                for (checkpoint, state) in checkpoints.iter().zip(states) {
+                    owner
+                        .store()
+                        .stage(checkpoint.partition(), state.rows.clone());
+                }
+                owner.commit(checkpoints)
+            }
+        }
+    }
+}
 
 pub fn config(shards: u32, max_chunk_bytes: usize) -> CheckpointConfig {
     CheckpointConfig::new(shards, max_chunk_bytes).expect("a valid configuration")
@@ -163,19 +387,19 @@ pub fn checkpoint(
 
 /// Applies `ops` to `state` with `meta`, and commits the checkpoint of it (snapshotting the
 /// shards due) through `owner`.
-pub fn commit_ops(
-    owner: &mut Owner,
+pub fn commit_ops<O: Driven>(
+    owner: &mut O,
     partition: &PartitionId,
     state: &mut State,
     ops: &[Op],
     meta: &str,
 ) -> CommitReport {
     apply(state, ops, meta.as_bytes().to_vec());
-    let config = *owner.config();
-    let snapshots = owner.snapshots_due(partition);
+    let config = owner.checkpoint_config();
+    let snapshots = owner.due(partition);
     let checkpoint = checkpoint(&config, partition, ops, state, &snapshots);
     owner
-        .commit(&[checkpoint])
+        .commit_with_rows(&[checkpoint], &[state])
         .expect("the commit goes through")
 }
 
@@ -254,6 +478,7 @@ pub enum Fault {
 
 /// A scripted run of owners over partitions sharing one changelog partition.
 pub struct Runner {
+    pub kind: Kind,
     pub config: CheckpointConfig,
     pub partitions: Vec<PartitionId>,
     pub steps: Vec<Step>,
@@ -261,8 +486,8 @@ pub struct Runner {
     pub expected: Vec<Vec<State>>,
     pub changelog: MemoryChangelog,
     /// The store of the owner that last opened the partitions.
-    pub store: MemoryStore,
-    owner: Option<Owner>,
+    pub store: AnyStore,
+    owner: Option<AnyOwner>,
     next_epoch: u64,
     /// The checkpoint number each partition has in the current owner's store.
     pub stored: Vec<u64>,
@@ -272,7 +497,12 @@ pub struct Runner {
 }
 
 impl Runner {
-    pub fn new(config: CheckpointConfig, partitions: usize, steps: Vec<Step>) -> Runner {
+    pub fn new(
+        kind: Kind,
+        config: CheckpointConfig,
+        partitions: usize,
+        steps: Vec<Step>,
+    ) -> Runner {
         let partitions: Vec<PartitionId> = (0..partitions)
             .map(|index| PartitionId::new(3, format!("input-{index}")))
             .collect();
@@ -288,13 +518,14 @@ impl Runner {
             }
         }
         Runner {
+            kind,
             config,
             stored: vec![0; partitions.len()],
             partitions,
             steps,
             expected,
             changelog: MemoryChangelog::new(),
-            store: MemoryStore::new(),
+            store: AnyStore::new(kind),
             owner: None,
             next_epoch: 1,
             fault: Fault::None,
@@ -306,6 +537,7 @@ impl Runner {
     /// An independent copy of the run as it stands, its owner closed (it crashed).
     pub fn fork(&self) -> Runner {
         Runner {
+            kind: self.kind,
             config: self.config,
             partitions: self.partitions.clone(),
             steps: self.steps.clone(),
@@ -332,7 +564,7 @@ impl Runner {
     }
 
     /// Arms the store fault if the store write about to be made is the one it names.
-    fn before_store_write(&mut self, store: &MemoryStore) {
+    fn before_store_write(&mut self, store: &AnyStore) {
         if self.fault == Fault::StoreWrite(self.store_writes) {
             store.fail_commit(store.commits());
         }
@@ -344,15 +576,15 @@ impl Runner {
         let epoch = self.take_epoch();
         let store = match recovery {
             Recovery::ResumeStore => self.store.clone(),
-            Recovery::TakeOver { .. } => MemoryStore::new(),
+            Recovery::TakeOver { .. } => AnyStore::new(self.kind),
         };
-        let mut owner = Checkpointer::new(self.config, self.changelog.writer(), store.clone());
+        let mut owner = AnyOwner::new(self.config, &self.changelog, store.clone());
         let mut numbers = Vec::new();
         for partition in self.partitions.clone() {
             let restored = match recovery {
-                Recovery::ResumeStore => owner
-                    .resume_from_store(&partition, epoch)
-                    .expect("the store restores"),
+                Recovery::ResumeStore => {
+                    owner.resume(&partition, epoch).expect("the store restores")
+                }
                 Recovery::TakeOver { compacted } => {
                     self.before_store_write(&store);
                     let mut reader = if compacted {
@@ -361,7 +593,7 @@ impl Runner {
                     } else {
                         self.changelog.reader(partition.changelog_partition)
                     };
-                    match owner.take_over_from_changelog(&partition, epoch, &mut reader) {
+                    match owner.take_over(&partition, epoch, &mut reader) {
                         Ok(restored) => restored,
                         Err(nsm_checkpoint::OpenError::Install { .. }) => return false,
                         Err(error) => panic!("take-over of {partition} failed: {error}"),
@@ -422,6 +654,7 @@ impl Runner {
                 }
             };
             let mut checkpoints = Vec::new();
+            let mut states = Vec::new();
             let mut committed = Vec::new();
             for (partition, ops) in entries {
                 numbers[partition] += 1;
@@ -433,17 +666,19 @@ impl Runner {
                 let id = &self.partitions[partition];
                 assert_eq!(owner.head(id).map(|head| head.sequence.0), Some(number - 1));
                 let after = &self.expected[partition][number as usize];
-                let snapshots = owner.snapshots_due(id);
+                let snapshots = owner.due(id);
                 checkpoints.push(checkpoint(&self.config, id, &ops, after, &snapshots));
+                states.push(after);
                 committed.push((partition, number));
             }
             if checkpoints.is_empty() {
                 continue;
             }
+            let states: Vec<State> = states.into_iter().cloned().collect();
             let store = self.store.clone();
             self.before_store_write(&store);
             let owner = self.owner.as_mut().expect("an owner is open");
-            match owner.commit(&checkpoints) {
+            match owner.commit_with_rows(&checkpoints, &states.iter().collect::<Vec<_>>()) {
                 Ok(_) => {
                     for (partition, number) in committed {
                         self.stored[partition] = number;
@@ -466,10 +701,7 @@ impl Runner {
     pub fn check_restorable(&self, context: &str) {
         for (index, partition) in self.partitions.iter().enumerate() {
             let history = &self.expected[index];
-            let from_store = State::of(
-                &self.config,
-                &from_store(&self.config, &self.store, partition),
-            );
+            let from_store = self.store.state(&self.config, partition);
             assert_eq!(
                 from_store, history[self.stored[index] as usize],
                 "{context}: {partition} from the store"
@@ -506,10 +738,7 @@ impl Runner {
         for (index, partition) in self.partitions.iter().enumerate() {
             let expected = self.expected[index].last().cloned().unwrap_or_default();
             assert_eq!(
-                State::of(
-                    &self.config,
-                    &from_store(&self.config, &self.store, partition)
-                ),
+                self.store.state(&self.config, partition),
                 expected,
                 "{context}: {partition} from the store"
             );

@@ -1,14 +1,16 @@
 //! Two owners of one partition at once: A, cut off from the group, still writing with epoch 1,
 //! and B, which took the partition over with epoch 2. Whatever order their records land in, a
-//! restore gives B's line, never A's late frame and never a mix of the two.
+//! restore gives B's line, never A's late frame and never a mix of the two; with a store of each
+//! kind (the library's blobs, or its heads beside the caller's rows).
 
-use nsm_checkpoint::testing::{ChangelogFault, MemoryChangelog, MemoryStore};
+use nsm_checkpoint::testing::{ChangelogFault, MemoryChangelog};
 use std::collections::BTreeSet;
 
-use nsm_checkpoint::{Checkpointer, Epoch, PartitionId, RecordKey};
+use nsm_checkpoint::{Epoch, PartitionId, RecordKey};
 
 use crate::support::{
-    commit_ops, config, delete, drop_range, from_changelog, from_store, put, Owner, State,
+    commit_ops, config, delete, drop_range, from_changelog, put, AnyOwner, AnyStore, Driven, Kind,
+    State, KINDS,
 };
 
 const SHARDS: u32 = 4;
@@ -17,26 +19,29 @@ fn partition() -> PartitionId {
     PartitionId::new(0, "input-0")
 }
 
-fn owner_resuming(changelog: &MemoryChangelog, epoch: u64) -> Owner {
-    let mut owner = Checkpointer::new(config(SHARDS, 96), changelog.writer(), MemoryStore::new());
+fn owner_resuming(kind: Kind, changelog: &MemoryChangelog, epoch: u64) -> AnyOwner {
+    let mut owner = AnyOwner::new(config(SHARDS, 96), changelog, AnyStore::new(kind));
     owner
-        .resume_from_store(&partition(), Epoch(epoch))
+        .resume(&partition(), Epoch(epoch))
         .expect("an empty store opens");
     owner
 }
 
-fn owner_taking_over(changelog: &MemoryChangelog, epoch: u64) -> (Owner, State) {
-    let config = config(SHARDS, 96);
-    let mut owner = Checkpointer::new(config, changelog.writer(), MemoryStore::new());
+fn owner_taking_over(kind: Kind, changelog: &MemoryChangelog, epoch: u64) -> (AnyOwner, State) {
+    let mut owner = AnyOwner::new(config(SHARDS, 96), changelog, AnyStore::new(kind));
     let restored = owner
-        .take_over_from_changelog(&partition(), Epoch(epoch), &mut changelog.reader(0))
+        .take_over(&partition(), Epoch(epoch), &mut changelog.reader(0))
         .expect("the changelog restores");
-    (owner, State::of(&config, &restored))
+    (owner, restored)
 }
 
 /// A's first `checkpoints` checkpoints, each touching every user and snapshotting a shard.
-fn owner_a_history(changelog: &MemoryChangelog, checkpoints: usize) -> (Owner, State) {
-    let mut owner = owner_resuming(changelog, 1);
+fn owner_a_history(
+    kind: Kind,
+    changelog: &MemoryChangelog,
+    checkpoints: usize,
+) -> (AnyOwner, State) {
+    let mut owner = owner_resuming(kind, changelog, 1);
     let mut state = State::default();
     for number in 1..=checkpoints {
         let ops: Vec<_> = (0..10)
@@ -67,9 +72,15 @@ fn assert_restores_to(changelog: &MemoryChangelog, expected: &State, context: &s
 
 #[test]
 fn a_cut_off_owners_late_frame_after_the_new_owners_changes_nothing() {
+    for kind in KINDS {
+        a_cut_off_owners_late_frame_after_the_new_owners_changes_nothing_with(kind);
+    }
+}
+
+fn a_cut_off_owners_late_frame_after_the_new_owners_changes_nothing_with(kind: Kind) {
     let changelog = MemoryChangelog::new();
-    let (mut owner_a, mut state_a) = owner_a_history(&changelog, 3);
-    let (mut owner_b, mut state_b) = owner_taking_over(&changelog, 2);
+    let (mut owner_a, mut state_a) = owner_a_history(kind, &changelog, 3);
+    let (mut owner_b, mut state_b) = owner_taking_over(kind, &changelog, 2);
     assert_eq!(state_b, state_a);
     commit_ops(
         &mut owner_b,
@@ -104,19 +115,22 @@ fn a_cut_off_owners_late_frame_after_the_new_owners_changes_nothing() {
     );
     assert_restores_to(&changelog, &state_b, "after B's next frame");
     assert_eq!(
-        State::of(
-            owner_b.config(),
-            &from_store(owner_b.config(), owner_b.store(), &partition())
-        ),
+        owner_b.store().state(&owner_b.config(), &partition()),
         state_b
     );
 }
 
 #[test]
 fn a_cut_off_owners_frame_landing_before_the_new_owners_first_is_not_mixed_in() {
+    for kind in KINDS {
+        a_cut_off_owners_frame_landing_before_the_new_owners_first_is_not_mixed_in_with(kind);
+    }
+}
+
+fn a_cut_off_owners_frame_landing_before_the_new_owners_first_is_not_mixed_in_with(kind: Kind) {
     let changelog = MemoryChangelog::new();
-    let (mut owner_a, mut state_a) = owner_a_history(&changelog, 3);
-    let (mut owner_b, mut state_b) = owner_taking_over(&changelog, 2);
+    let (mut owner_a, mut state_a) = owner_a_history(kind, &changelog, 3);
+    let (mut owner_b, mut state_b) = owner_taking_over(kind, &changelog, 2);
     // A's frame lands after B read the changelog, before B's first frame: it is finished and
     // has B's sequence, but B's frames build on A's third, not on it.
     commit_ops(
@@ -150,10 +164,16 @@ fn a_cut_off_owners_frame_landing_before_the_new_owners_first_is_not_mixed_in() 
 
 #[test]
 fn a_cut_off_owners_last_commit_with_its_tombstones_leaves_the_new_line_whole() {
+    for kind in KINDS {
+        a_cut_off_owners_last_commit_with_its_tombstones_leaves_the_new_line_whole_with(kind);
+    }
+}
+
+fn a_cut_off_owners_last_commit_with_its_tombstones_leaves_the_new_line_whole_with(kind: Kind) {
     let changelog = MemoryChangelog::new();
     // Enough checkpoints that A's next commit tombstones frames obsolete on its own line.
-    let (mut owner_a, mut state_a) = owner_a_history(&changelog, 7);
-    let (mut owner_b, mut state_b) = owner_taking_over(&changelog, 2);
+    let (mut owner_a, mut state_a) = owner_a_history(kind, &changelog, 7);
+    let (mut owner_b, mut state_b) = owner_taking_over(kind, &changelog, 2);
     let report = commit_ops(
         &mut owner_a,
         &partition(),
@@ -208,9 +228,17 @@ fn a_cut_off_owners_last_commit_with_its_tombstones_leaves_the_new_line_whole() 
 
 #[test]
 fn without_a_finished_frame_of_the_new_owner_the_old_owners_line_is_restored_whole() {
+    for kind in KINDS {
+        without_a_finished_frame_of_the_new_owner_the_old_owners_line_is_restored_whole_with(kind);
+    }
+}
+
+fn without_a_finished_frame_of_the_new_owner_the_old_owners_line_is_restored_whole_with(
+    kind: Kind,
+) {
     let changelog = MemoryChangelog::new();
-    let (mut owner_a, mut state_a) = owner_a_history(&changelog, 3);
-    let (mut owner_b, state_b) = owner_taking_over(&changelog, 2);
+    let (mut owner_a, mut state_a) = owner_a_history(kind, &changelog, 3);
+    let (mut owner_b, state_b) = owner_taking_over(kind, &changelog, 2);
     // B's first frame is cut short; A's frame lands after it.
     changelog.inject(ChangelogFault::RefuseSendAt(changelog.records_sent() + 1));
     let config = config(SHARDS, 96);
@@ -223,7 +251,9 @@ fn without_a_finished_frame_of_the_new_owner_the_old_owners_line_is_restored_who
             b"b4",
         );
     }
-    assert!(owner_b.commit(&[checkpoint]).is_err());
+    assert!(owner_b
+        .commit_with_rows(&[checkpoint], &[&state_b])
+        .is_err());
     commit_ops(
         &mut owner_a,
         &partition(),
@@ -235,12 +265,10 @@ fn without_a_finished_frame_of_the_new_owner_the_old_owners_line_is_restored_who
     assert_restores_to(&changelog, &state_a, "B's unfinished frame, then A's");
     // B restarts from its store, which holds the state it restored, with a higher epoch: its
     // line now wins over A's frame of the same sequence.
-    let (_, store_b) = owner_b.into_parts();
-    let mut owner_b = Checkpointer::new(config, changelog.writer(), store_b);
-    let restored = owner_b
-        .resume_from_store(&partition(), Epoch(3))
+    let mut owner_b = AnyOwner::new(config, &changelog, owner_b.store());
+    let mut state_b_again = owner_b
+        .resume(&partition(), Epoch(3))
         .expect("B's store restores");
-    let mut state_b_again = State::of(&config, &restored);
     assert_eq!(state_b_again, state_b);
     commit_ops(
         &mut owner_b,
@@ -254,12 +282,17 @@ fn without_a_finished_frame_of_the_new_owner_the_old_owners_line_is_restored_who
 
 #[test]
 fn an_owner_must_take_a_partition_with_an_epoch_above_every_one_seen() {
+    for kind in KINDS {
+        an_owner_must_take_a_partition_with_an_epoch_above_every_one_seen_with(kind);
+    }
+}
+
+fn an_owner_must_take_a_partition_with_an_epoch_above_every_one_seen_with(kind: Kind) {
     let changelog = MemoryChangelog::new();
-    let (owner_a, _) = owner_a_history(&changelog, 2);
+    let (owner_a, _) = owner_a_history(kind, &changelog, 2);
     let config = config(SHARDS, 96);
-    let mut owner_b = Checkpointer::new(config, changelog.writer(), MemoryStore::new());
-    let refused =
-        owner_b.take_over_from_changelog(&partition(), Epoch(1), &mut changelog.reader(0));
+    let mut owner_b = AnyOwner::new(config, &changelog, AnyStore::new(kind));
+    let refused = owner_b.take_over(&partition(), Epoch(1), &mut changelog.reader(0));
     assert!(
         matches!(
             refused,
@@ -271,16 +304,15 @@ fn an_owner_must_take_a_partition_with_an_epoch_above_every_one_seen() {
         ),
         "{refused:?}"
     );
-    let (_, store_a) = owner_a.into_parts();
-    let mut restarted = Checkpointer::new(config, changelog.writer(), store_a);
-    let refused = restarted.resume_from_store(&partition(), Epoch(1));
+    let mut restarted = AnyOwner::new(config, &changelog, owner_a.store());
+    let refused = restarted.resume(&partition(), Epoch(1));
     assert!(matches!(
         refused,
         Err(nsm_checkpoint::OpenError::EpochNotAbove { .. })
     ));
-    assert!(restarted.resume_from_store(&partition(), Epoch(2)).is_ok());
+    assert!(restarted.resume(&partition(), Epoch(2)).is_ok());
     assert!(matches!(
-        restarted.resume_from_store(&partition(), Epoch(3)),
+        restarted.resume(&partition(), Epoch(3)),
         Err(nsm_checkpoint::OpenError::AlreadyOpen { .. })
     ));
 }
