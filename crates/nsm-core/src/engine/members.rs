@@ -649,7 +649,9 @@ impl MemberIndex {
 
     /// Evicts shards, least recently used places first, until the entries take three
     /// quarters of the budget (so that a checkpoint does not evict again at once). Shards
-    /// written during checkpoint `handed_over` stay: the store does not have them yet.
+    /// written during checkpoint `handed_over` stay: the store does not have them yet. A
+    /// place left with nothing in memory goes whole (a table costs some bytes even empty):
+    /// made again, it asks the reader as after a restart.
     fn evict(&mut self, handed_over: u64) {
         let mut bytes: usize = self.spaces.values().map(Space::heap_bytes).sum();
         if bytes <= self.budget {
@@ -663,18 +665,29 @@ impl MemberIndex {
             .collect();
         order.sort_unstable();
         for (_, place) in order {
+            if bytes <= target {
+                return;
+            }
             let Some(space) = self.spaces.get_mut(&place) else {
                 continue;
             };
+            let before = space.heap_bytes();
             for shard in 0..SHARDS {
-                if bytes <= target {
-                    return;
+                if space.written_in[shard] < handed_over && space.rows.shard_len(shard) > 0 {
+                    space.evict(shard);
+                    if before.saturating_sub(space.heap_bytes()) >= bytes - target {
+                        break;
+                    }
                 }
-                if space.written_in[shard] >= handed_over || space.rows.shard_len(shard) == 0 {
-                    continue;
-                }
-                let before = space.heap_bytes();
-                space.evict(shard);
+            }
+            let stored = space
+                .written_in
+                .iter()
+                .all(|&written| written < handed_over);
+            if space.rows.is_empty() && space.long.is_empty() && stored {
+                self.spaces.remove(&place);
+                bytes = bytes.saturating_sub(before);
+            } else {
                 bytes = bytes.saturating_sub(before.saturating_sub(space.heap_bytes()));
             }
         }
@@ -998,6 +1011,32 @@ mod tests {
         assert!(resident_of(&index, 0) < 5_000, "the older window gave way");
         assert_eq!(resident_of(&index, 1), 5_000);
         assert!(index.resident_bytes() <= one_window + one_window / 2);
+    }
+
+    #[test]
+    fn windows_evicted_whole_leave_no_empty_tables_behind_and_read_back_exactly() {
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
+        // An entry in each of 500 hourly windows: the tables, not the entries, fill memory.
+        let mut index = MemberIndex::new(PLENTY);
+        for hour in 0..500 {
+            index.put(0, hour * 3_600_000, b"u", b"\x01");
+        }
+        store(&reader, &partition, &mut index);
+        let all = index.resident_bytes();
+        index.resize(all / 10);
+        index.put(0, 500 * 3_600_000, b"u", b"\x01");
+        store(&reader, &partition, &mut index);
+        assert!(index.resident_bytes() <= all / 10, "empty tables went too");
+        assert!(
+            index.spaces.len() < 100,
+            "{} windows left",
+            index.spaces.len()
+        );
+        for hour in 0..=500 {
+            let value = index.get(&source, 0, hour * 3_600_000, b"u").expect("read");
+            assert_eq!(value.as_deref(), Some(&b"\x01"[..]), "hour {hour}");
+        }
     }
 
     #[test]
