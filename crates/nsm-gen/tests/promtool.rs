@@ -544,6 +544,56 @@ fn stale_data_pages_for_the_pipeline_and_holds_business_alerts_back() {
     ]);
 }
 
+/// Issue 21: with several instances, an hourly or daily baseline is the median of the weekly
+/// points summed across instances, not the sum of each instance's median.
+#[test]
+fn several_instances_take_the_median_of_the_summed_baseline_points() {
+    let config = Config::from_toml(SCENARIO_CONFIG, &|_| None).expect("scenario config");
+    let directory = tempfile::tempdir().expect("temporary directory");
+    std::fs::write(
+        directory.path().join("rules.yml"),
+        rules_without_annotations(&config),
+    )
+    .expect("write rules");
+    // Instance a saw 10, 100, 20, 30 at this point 1 to 4 weeks back, b 100, 10, 30, 20: each
+    // median is 25 (50 summed), while the group had 110, 110, 50, 50 (median 80).
+    let points = [("a", [10, 100, 20, 30]), ("b", [100, 10, 30, 20])];
+    let mut test = String::from(
+        "rule_files:\n  - rules.yml\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
+    );
+    for (instance, values) in points {
+        let series = |window: &str, value: i64| {
+            format!(
+                "      - series: 'nsm_metric_value{{metric=\"nights_booked\",window=\"{window}\",instance=\"{instance}\"}}'\n        values: '{value}x10'\n"
+            )
+        };
+        for (index, value) in values.into_iter().enumerate() {
+            test.push_str(&series(&format!("baseline_{}w", index + 1), value));
+        }
+        test.push_str(&series("baseline", 25));
+        test.push_str(&series("current", 40));
+    }
+    test.push_str(
+        "    promql_expr_test:\n      \
+         - expr: nsm:metric_value:sum{metric=\"nights_booked\", window=\"baseline\"}\n        \
+           eval_time: 5m\n        \
+           exp_samples:\n          \
+           - labels: 'nsm:metric_value:sum{metric=\"nights_booked\", role=\"north_star\", window=\"baseline\"}'\n            \
+             value: 80\n      \
+         - expr: nsm:metric_pace{metric=\"nights_booked\"}\n        \
+           eval_time: 5m\n        \
+           exp_samples:\n          \
+           - labels: 'nsm:metric_pace{metric=\"nights_booked\", role=\"north_star\"}'\n            \
+             value: 1\n",
+    );
+    let path = directory.path().join("tests.yml");
+    std::fs::write(&path, &test).expect("write tests");
+    run_promtool(
+        &["test", "rules", path.to_str().expect("utf-8 path")],
+        &format!("the median of summed baseline points:\n{test}"),
+    );
+}
+
 /// Mid-week of the seventh week (Thursday noon of the scenario's calendar): five weeks of
 /// healthy history in Prometheus before the trouble.
 const MID_WEEK: i64 = 6 * WEEK + 3 * DAY + 12 * HOUR;

@@ -190,6 +190,27 @@ const UNITS: [CalendarUnit; 4] = [
     CalendarUnit::Month,
 ];
 
+/// The points of a seasonal baseline, `baseline_1w` to `baseline_4w`.
+const BASELINE_POINTS: &str = "baseline_[0-9]+w";
+
+/// Metrics whose baseline is a median of past weeks' points (hourly and daily calendar
+/// windows), exported each as `window="baseline_<k>w"` beside the instance's own median.
+fn seasonal_baseline(metric: &MetricDef) -> bool {
+    metric.trailing.is_none() && matches!(metric.window, CalendarUnit::Hour | CalendarUnit::Day)
+}
+
+/// `window="baseline"` of the series of `points` (one per metric and point): the median of
+/// its points, as nsm takes it (of 4 points the mean of the middle two; of those that exist).
+fn median_of_points(points: &str) -> String {
+    format!(
+        "label_replace(\n  \
+           quantile by (metric) (0.5, {}),\n  \
+           \"window\", \"baseline\", \"\", \"\"\n\
+         )",
+        points.replace('\n', "\n  ")
+    )
+}
+
 /// Metrics exported as a rate with exact parts (`nsm_metric_ratio_part`): ratios and
 /// retention rates.
 fn is_ratio(metric: &MetricDef) -> bool {
@@ -258,33 +279,64 @@ impl Generator<'_> {
         let mut rules = Vec::new();
         for role in ROLES {
             let metrics = self.metrics(role);
-            let plain = metric_matcher(metrics.iter().copied().filter(|m| !is_ratio(m)))
-                .map(|matcher| format!("sum by (metric, window) (nsm_metric_value{{{matcher}}})"));
+            let of = |ratio: bool, seasonal: bool| {
+                metric_matcher(
+                    metrics
+                        .iter()
+                        .copied()
+                        .filter(|m| is_ratio(m) == ratio && seasonal_baseline(m) == seasonal),
+                )
+            };
+            let mut parts = Vec::new();
+            if let Some(matcher) = of(false, false) {
+                parts.push(format!(
+                    "sum by (metric, window) (nsm_metric_value{{{matcher}}})"
+                ));
+            }
+            // A seasonal baseline is a median of past weeks' points: summed per point across
+            // instances, then the median (one instance's median is not the group's).
+            if let Some(matcher) = of(false, true) {
+                parts.push(format!(
+                    "sum by (metric, window) (nsm_metric_value{{{matcher}, window!=\"baseline\"}})"
+                ));
+                parts.push(median_of_points(&format!(
+                    "sum by (metric, window) (nsm_metric_value{{{matcher}, window=~\"{BASELINE_POINTS}\"}})"
+                )));
+            }
             // A ratio across instances: summed numerators over summed denominators, never an
             // average of ratios.
-            let ratios = metric_matcher(metrics.iter().copied().filter(|m| is_ratio(m))).map(
-                |matcher| {
-                    format!(
-                        "(\n  \
-                           sum by (metric, window) (nsm_metric_ratio_part{{{matcher}, part=\"numerator\"}})\n  \
-                           /\n  \
-                           sum by (metric, window) (nsm_metric_ratio_part{{{matcher}, part=\"denominator\"}})\n\
-                         )"
-                    )
-                },
-            );
-            let expr = match (plain, ratios) {
-                (None, None) => continue,
-                (Some(plain), None) => plain,
-                (None, Some(ratios)) => ratios,
-                (Some(plain), Some(ratios)) => format!("{plain}\nor\n{ratios}"),
+            let ratio = |matcher: &str, windows: &str| {
+                format!(
+                    "(\n  \
+                       sum by (metric, window) (nsm_metric_ratio_part{{{matcher}{windows}, part=\"numerator\"}})\n  \
+                       /\n  \
+                       sum by (metric, window) (nsm_metric_ratio_part{{{matcher}{windows}, part=\"denominator\"}})\n\
+                     )"
+                )
             };
+            if let Some(matcher) = of(true, false) {
+                parts.push(ratio(&matcher, ""));
+            }
+            if let Some(matcher) = of(true, true) {
+                parts.push(ratio(&matcher, ", window!=\"baseline\""));
+                parts.push(median_of_points(&ratio(
+                    &matcher,
+                    &format!(", window=~\"{BASELINE_POINTS}\""),
+                )));
+            }
+            if parts.is_empty() {
+                continue;
+            }
+            let expr = parts.join("\nor\n");
             rules.push(Rule::record("nsm:metric_value:sum", expr).label("role", role.label()));
         }
         if let Some(first) = rules.first_mut() {
             first.comment = Some(
                 "Each metric summed across instances (each exports only the partitions it owns);\n\
-                 a ratio as summed numerators over summed denominators, never an average of ratios."
+                 a ratio as summed numerators over summed denominators, never an average of ratios.\n\
+                 The baseline of an hourly or daily metric is the median of the same weekday (and\n\
+                 hour) 1 to 4 weeks back: each week's point summed across instances, then the median\n\
+                 of the sums (a sum of the instances' medians is not the group's median)."
                     .to_string(),
             );
         }

@@ -34,6 +34,24 @@ fn offset(back: Option<u64>) -> String {
         .unwrap_or_default()
 }
 
+/// `window` of the metrics of `matcher` (of window `unit`) summed across instances, `back`
+/// seconds ago. A seasonal baseline (hourly and daily windows) is the median of its weekly
+/// points, each summed across instances first.
+fn summed(matcher: &str, unit: CalendarUnit, window: &str, back: Option<u64>) -> String {
+    if window == "baseline" && matches!(unit, CalendarUnit::Hour | CalendarUnit::Day) {
+        format!(
+            "quantile by (metric) (0.5, sum by (metric, window) (nsm_metric_value{{{matcher}, window=~\"{}\"}}{}))",
+            super::BASELINE_POINTS,
+            offset(back)
+        )
+    } else {
+        format!(
+            "sum by (metric) (nsm_metric_value{{{matcher}, window=\"{window}\"}}{})",
+            offset(back)
+        )
+    }
+}
+
 /// The baseline's step for a window unit, in seconds (see ARCHITECTURE.md, *Baselines*).
 fn step(unit: CalendarUnit) -> u64 {
     match unit {
@@ -112,12 +130,7 @@ impl Generator<'_> {
                 continue;
             };
             let step = self.scaled(step(unit));
-            let value = |window: &str, back: Option<u64>| {
-                format!(
-                    "sum by (metric) (nsm_metric_value{{{matcher}, window=\"{window}\"}}{})",
-                    offset(back)
-                )
-            };
+            let value = |window: &str, back: Option<u64>| summed(&matcher, unit, window, back);
             let start = |back: Option<u64>| {
                 format!(
                     "max by (metric) (nsm_metric_window_start_timestamp_seconds{{{matcher}, window=\"current\"}}{})",
@@ -261,12 +274,9 @@ impl Generator<'_> {
             let step = self.scaled(step(metric.window));
             let silence = self.scaled(SILENCE);
             let span = silence.max(step);
-            let value = |window: &str, back: Option<u64>| {
-                format!(
-                    "sum by (metric) (nsm_metric_value{{metric=\"{name}\", window=\"{window}\"}}{})",
-                    offset(back)
-                )
-            };
+            let matcher = format!("metric=\"{name}\"");
+            let value =
+                |window: &str, back: Option<u64>| summed(&matcher, metric.window, window, back);
             let start = |back: Option<u64>| {
                 format!(
                     "max by (metric) (nsm_metric_window_start_timestamp_seconds{{metric=\"{name}\", window=\"current\"}}{})",

@@ -392,6 +392,17 @@ fn baseline_step(metric: &MetricDef) -> i64 {
     }
 }
 
+/// `nsm_metric_value{window="baseline_<weeks>w"}` of an hourly or daily metric at `minute`:
+/// what the same window `weeks` weeks back held at the same elapsed point, on the step grid.
+fn baseline_point(amounts: &Cumulative, metric: &MetricDef, minute: i64, weeks: i64) -> f64 {
+    let (length, _) = window_of(metric);
+    let start = minute.div_euclid(length) * length;
+    let step = baseline_step(metric);
+    let elapsed = (minute - start).div_euclid(step) * step;
+    let past_start = start - weeks * WEEK;
+    amounts.between(past_start, past_start + elapsed)
+}
+
 /// `nsm_metric_value{window="baseline"}` at `minute` as nsm exports it: what the comparable
 /// past window held at the same elapsed point, on the step grid (the steps that ended by
 /// then). Weekly and monthly windows: the previous window; hourly and daily ones: the median
@@ -615,6 +626,18 @@ fn input_series(scenario: &Scenario, config: &Config) -> String {
                 format!("nsm_metric_value{{metric=\"{name}\",window=\"baseline\"}}"),
                 exported(&|minute| baseline(&amounts, metric, minute)),
             );
+            // An hourly or daily baseline's points, each week back (the rules take their
+            // median: with several instances, the median of the summed points).
+            if matches!(metric.window, CalendarUnit::Hour | CalendarUnit::Day) {
+                for weeks in 1..=4 {
+                    series(
+                        format!(
+                            "nsm_metric_value{{metric=\"{name}\",window=\"baseline_{weeks}w\"}}"
+                        ),
+                        exported(&|minute| baseline_point(&amounts, metric, minute, weeks)),
+                    );
+                }
+            }
         }
     }
 
