@@ -194,7 +194,7 @@ pub fn dashboard(config: &Config, source: &str) -> String {
             "Firing NSM alerts",
             "Business and data-freshness alerts of this config that are firing.",
             vec![target(
-                "sum by (alertname, metric) (ALERTS{alertname=~\"NSMFlatWhileRevenueGrows|NSMGrowingSlowerThanRevenue|NSMFallingBehindRevenue|NSMFallingBehindRevenueConfirmed|GuardrailBreached|NSMUpWhileGuardrailDown|NsmDown|NoEvents|ConsumerLagHigh|WatermarkStale\", alertstate=\"firing\"})",
+                "sum by (alertname, metric) (ALERTS{alertname=~\"NSMFlatWhileRevenueGrows|NSMGrowingSlowerThanRevenue|NSMFallingBehindRevenue|NSMFallingBehindRevenueConfirmed|GuardrailBreached|NSMUpWhileGuardrailDown|GuardrailWorseningWhileNSMGrows|NsmDown|NoEvents|ConsumerLagHigh|WatermarkStale\", alertstate=\"firing\"})",
                 "{{alertname}} {{metric}}",
             )],
             "short",
@@ -223,9 +223,12 @@ pub fn dashboard(config: &Config, source: &str) -> String {
         builder.next_row();
         builder.add(
             timeseries(
-                "Guardrail worsening per window",
-                "How much each guardrail worsened over the window before (0.1 = 10% worse). NSMUpWhileGuardrailDown fires when one worsens while the North Star grows.",
-                vec![target("nsm:guardrail_worsening", "{{metric}}")],
+                "Guardrail worsening",
+                "How much each guardrail worsened over the window before (0.1 = 10% worse), and, for weekly guardrails, over the last 7 days against its level of the 3 weeks before, updated continuously. NSMUpWhileGuardrailDown (per window) and GuardrailWorseningWhileNSMGrows (last 7 days) fire when one worsens while the North Star grows.",
+                vec![
+                    target("nsm:guardrail_worsening", "{{metric}} last window"),
+                    target("nsm:guardrail_trailing:worsening", "{{metric}} last 7 days"),
+                ],
                 "percentunit",
             ),
             WIDTH,

@@ -982,10 +982,17 @@ impl Outcome {
         }
         // Issue 21 item 6: an alert on a guardrail goes to the team that owns it (every
         // guardrail of the example configs has an owner).
-        for alert in ["GuardrailBreached", "NSMUpWhileGuardrailDown"] {
+        for alert in [
+            "GuardrailBreached",
+            "NSMUpWhileGuardrailDown",
+            "GuardrailWorseningWhileNSMGrows",
+        ] {
             if let Some(fired) = self.fired.get(alert) {
                 if !fired.labels.iter().any(|(label, _)| label == "owner") {
                     problems.push(format!("{alert} fired without an owner label"));
+                }
+                if fired.metrics.is_empty() {
+                    problems.push(format!("{alert} fired without a metric label"));
                 }
             }
         }
