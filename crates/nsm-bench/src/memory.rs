@@ -54,6 +54,9 @@ pub struct MemoryArgs {
     /// State directory (a temporary one by default).
     #[arg(long)]
     state_dir: Option<std::path::PathBuf>,
+    /// Bytes of entries kept in memory (`state.memory_limit`), in MiB; nsm's default if unset.
+    #[arg(long)]
+    memory_limit_mib: Option<usize>,
 }
 
 pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
@@ -69,7 +72,10 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
     let store = Store::open(&path, &plan, &StoreOptions::default())?;
     let mut engine = match args.store {
         StoreKind::Rocksdb => {
-            Engine::with_reader(plan.clone(), Box::new(store.clone()), DEFAULT_STATE_MEMORY)
+            let budget = args
+                .memory_limit_mib
+                .map_or(DEFAULT_STATE_MEMORY, |mib| mib << 20);
+            Engine::with_reader(plan.clone(), Box::new(store.clone()), budget)
         }
         StoreKind::Memory => Engine::new(plan.clone()),
     };

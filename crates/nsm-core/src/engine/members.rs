@@ -3,8 +3,9 @@
 //! and event ids.
 //!
 //! Each partition keeps its entries in memory ([`MemberIndex`]) up to a budget of bytes, and
-//! the caller stores every entry written in RocksDB at each checkpoint. Past the budget, whole
-//! shards of the least recently used windows leave memory, and a miss there is asked of a
+//! the caller stores every entry written in RocksDB at each checkpoint. Past the budget, the
+//! shards of the least recently used windows leave memory (but for the entries not stored
+//! yet), and a miss there is asked of a
 //! [`StateReader`]: nsm-state answers from RocksDB; [`MemoryReader`] answers from memory for
 //! tests and benchmarks.
 //!
@@ -365,6 +366,15 @@ const LENGTH: u32 = 0xff;
 const LONG: u32 = 1 << 8;
 /// The entry is in the index's written log since the last checkpoint.
 const WRITTEN: u32 = 1 << 9;
+/// The rest of the first lane: the checkpoint during which the entry was last written (its
+/// low 22 bits; 0 for an entry read from the store). An entry of the checkpoint just handed
+/// over is not in the store yet and must stay in memory; any other may leave. A stamp equal
+/// to that checkpoint's by wrapping around keeps an entry one checkpoint longer, no more.
+const STAMP_SHIFT: u32 = 10;
+
+fn stamp(checkpoint: u64) -> u32 {
+    ((checkpoint as u32) << STAMP_SHIFT) >> STAMP_SHIFT
+}
 /// Shards of a space, each evicted whole (see [`EntityTable`]).
 const ALL_SHARDS: u64 = u64::MAX;
 
@@ -380,9 +390,6 @@ struct Space {
     /// Whether the reader was asked if the place has stored entries. Until then every shard
     /// counts as spilled: a space first written, never read, cannot know.
     checked: bool,
-    /// Per shard, the checkpoint during which an entry of it was last written: a shard is
-    /// evicted only once the store holds all its entries.
-    written_in: [u64; SHARDS],
     /// The checkpoint during which the space was last used, for the order of eviction.
     used_in: u64,
 }
@@ -394,7 +401,6 @@ impl Space {
             long: DigestMap::default(),
             spilled: ALL_SHARDS,
             checked: false,
-            written_in: [0; SHARDS],
             used_in: checkpoint,
         }
     }
@@ -414,8 +420,8 @@ impl Space {
         })
     }
 
-    /// Sets a row's value with `flags` (of [`WRITTEN`]); returns whether the row was
-    /// written before, since the last checkpoint.
+    /// Sets a row's value with `flags` ([`WRITTEN`] and a stamp, or 0 for a value read from
+    /// the store); returns whether the row was written before, since the last checkpoint.
     fn set(&mut self, digest: u128, value: &[u8], flags: u32) -> bool {
         let (lanes, _) = self.rows.entry(digest);
         let was_long = lanes[0] & LONG != 0;
@@ -438,15 +444,22 @@ impl Space {
         was_written
     }
 
-    /// Drops a shard's entries (the store holds them all): misses there are read from now on.
-    fn evict(&mut self, shard: usize) {
-        // A sub-table left empty frees its slots.
-        self.rows.retain_shard(shard, |_, _| false);
-        if !self.long.is_empty() {
-            self.long
-                .retain(|digest, _| EntityTable::shard_of(*digest) != shard);
+    /// Drops a shard's entries but those written during checkpoint `handed_over` (the store
+    /// has every other): misses there are read from now on. Returns how many went.
+    fn evict(&mut self, shard: usize, handed_over: u64) -> usize {
+        let pending = stamp(handed_over);
+        // A sub-table left sparse shrinks, one left empty frees its slots.
+        let removed = self
+            .rows
+            .retain_shard(shard, |_, lanes| lanes[0] >> STAMP_SHIFT == pending);
+        if removed > 0 && !self.long.is_empty() {
+            let rows = &self.rows;
+            self.long.retain(|digest, _| {
+                EntityTable::shard_of(*digest) != shard || rows.get(*digest).is_some()
+            });
         }
         self.spilled |= 1 << shard;
+        removed
     }
 
     fn heap_bytes(&self) -> usize {
@@ -472,8 +485,8 @@ struct Written {
 /// XXH3-128 of the entry's key, its value (nearly always 8 bytes or less) in the row: one
 /// digest and one probe an access, however many entries. Nothing is a cache to keep in step:
 /// an entry written stays in its table until its window goes, unless the partition's entries
-/// outgrow the budget, when whole shards of the least recently used places leave memory (the
-/// store has them: a shard written since the last checkpoint stays). A miss in a shard that
+/// outgrow the budget, when shards of the least recently used places leave memory (the store
+/// has them: only entries written during the checkpoint being stored stay). A miss in a shard that
 /// left, or in a place whose stored entries were never loaded (after a restart), is asked of
 /// the reader; a miss anywhere else is an answer, so a new member of a window costs no read.
 #[derive(Debug)]
@@ -559,8 +572,7 @@ impl MemberIndex {
             .entry(place)
             .or_insert_with(|| Space::new(checkpoint));
         space.used_in = checkpoint;
-        space.written_in[EntityTable::shard_of(digest)] = checkpoint;
-        if !space.set(digest, value, WRITTEN) {
+        if !space.set(digest, value, WRITTEN | (stamp(checkpoint) << STAMP_SHIFT)) {
             let from = self.keys.len();
             self.keys.extend_from_slice(key);
             self.written.push(Written {
@@ -648,8 +660,9 @@ impl MemberIndex {
     }
 
     /// Evicts shards, least recently used places first, until the entries take three
-    /// quarters of the budget (so that a checkpoint does not evict again at once). Shards
-    /// written during checkpoint `handed_over` stay: the store does not have them yet. A
+    /// quarters of the budget (so that a checkpoint does not evict again at once). Entries
+    /// written during checkpoint `handed_over` stay: the store does not have them yet (a
+    /// shard of a busy window has some in every checkpoint, so shards go but for those). A
     /// place left with nothing in memory goes whole (a table costs some bytes even empty):
     /// made again, it asks the reader as after a restart.
     fn evict(&mut self, handed_over: u64) {
@@ -673,18 +686,14 @@ impl MemberIndex {
             };
             let before = space.heap_bytes();
             for shard in 0..SHARDS {
-                if space.written_in[shard] < handed_over && space.rows.shard_len(shard) > 0 {
-                    space.evict(shard);
-                    if before.saturating_sub(space.heap_bytes()) >= bytes - target {
-                        break;
-                    }
+                if space.rows.shard_len(shard) > 0
+                    && space.evict(shard, handed_over) > 0
+                    && before.saturating_sub(space.heap_bytes()) >= bytes - target
+                {
+                    break;
                 }
             }
-            let stored = space
-                .written_in
-                .iter()
-                .all(|&written| written < handed_over);
-            if space.rows.is_empty() && space.long.is_empty() && stored {
+            if space.rows.is_empty() && space.long.is_empty() {
                 self.spaces.remove(&place);
                 bytes = bytes.saturating_sub(before);
             } else {
@@ -984,6 +993,48 @@ mod tests {
             assert!(!index.contains(&source, batch, 0, b"absent").expect("read"));
         }
         assert_eq!(reads(&reader) - before, 2_004);
+    }
+
+    #[test]
+    fn a_window_written_in_every_shard_at_every_checkpoint_stays_within_its_budget() {
+        // One busy window: every checkpoint writes new entries into all its shards, so no
+        // shard is ever wholly stored. Entries of earlier checkpoints leave all the same.
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
+        let budget = 256 << 10;
+        let mut index = MemberIndex::new(budget);
+        let batch = 4_000u32;
+        let mut previous: Vec<MemberInsert> = Vec::new();
+        for checkpoint in 0..25u32 {
+            for member in checkpoint * batch..(checkpoint + 1) * batch {
+                index.put(0, 0, &member.to_be_bytes(), &member.to_le_bytes());
+            }
+            // The batch before is stored now, as the caller stores each before the next call.
+            reader.inner.write_members(&partition, &previous, &[]);
+            previous = index.take_written();
+            assert_eq!(previous.len(), batch as usize);
+            // The batch just handed over is not in the store yet: it stays in memory.
+            let before = reads(&reader);
+            for member in checkpoint * batch..(checkpoint + 1) * batch {
+                assert!(index
+                    .contains(&source, 0, 0, &member.to_be_bytes())
+                    .expect("in memory"));
+            }
+            assert_eq!(reads(&reader), before, "an unstored entry was read");
+            assert!(
+                index.resident_bytes() <= budget + (batch as usize) * 64,
+                "checkpoint {checkpoint}: {} bytes resident",
+                index.resident_bytes()
+            );
+        }
+        reader.inner.write_members(&partition, &previous, &[]);
+        assert!(index.resident() < 5 * batch as usize);
+        for member in 0..25 * batch {
+            let value = index
+                .get(&source, 0, 0, &member.to_be_bytes())
+                .expect("read");
+            assert_eq!(value.as_deref(), Some(&member.to_le_bytes()[..]));
+        }
     }
 
     #[test]
