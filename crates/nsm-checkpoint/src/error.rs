@@ -49,7 +49,7 @@ impl fmt::Display for Missing {
 }
 
 /// Why a partition could not be restored; `P` is the error of the port read (the changelog
-/// reader or the store).
+/// reader or the store), or of the sink a streaming restore applies to.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError<P> {
     #[error("cannot read partition {partition}: {source}")]
@@ -81,6 +81,43 @@ pub enum RestoreError<P> {
         partition: PartitionId,
         newest: FrameId,
     },
+    #[error("partition {partition}: the restore's sink refused a change: {source}")]
+    Sink { partition: PartitionId, source: P },
+}
+
+impl RestoreError<std::convert::Infallible> {
+    /// This error as one of a restore whose port may fail (the in-memory sink cannot).
+    pub(crate) fn widen<P>(self) -> RestoreError<P> {
+        match self {
+            RestoreError::Read { source, .. } | RestoreError::Sink { source, .. } => {
+                match source {}
+            }
+            RestoreError::ShardCountChanged {
+                partition,
+                stored,
+                configured,
+            } => RestoreError::ShardCountChanged {
+                partition,
+                stored,
+                configured,
+            },
+            RestoreError::Corrupt {
+                partition,
+                what,
+                source,
+            } => RestoreError::Corrupt {
+                partition,
+                what,
+                source,
+            },
+            RestoreError::Incomplete { partition, missing } => {
+                RestoreError::Incomplete { partition, missing }
+            }
+            RestoreError::BrokenLine { partition, newest } => {
+                RestoreError::BrokenLine { partition, newest }
+            }
+        }
+    }
 }
 
 /// Why a partition could not be opened for writing. `P` is the error of the port restored

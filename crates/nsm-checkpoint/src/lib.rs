@@ -22,6 +22,16 @@
 //! into chunks of at most `max_chunk_bytes`, one changelog record each, followed by an end
 //! marker record: the chunk count, the frame's length and its XXH3 checksum.
 //!
+//! # Restoring
+//!
+//! From the store, [`restore_from_store`] (or only the head, [`restore_head`]). From the
+//! changelog, [`LineRestore`] takes the records in log order, as a consumer gives them, and
+//! applies each frame to the caller's [`RestoreSink`] once a later frame names it, holding the
+//! frames not yet named up to a byte limit; a line that forks behind what was applied, or needs
+//! frames dropped past the limit, takes a [`SecondPass`] with the line known. Resumed from a
+//! local head and its changelog position, it goes on from that head, or says the frames read do
+//! not continue it ([`LineBroken`]). [`restore_from_changelog`] is the same restore into memory.
+//!
 //! # Keys and compaction
 //!
 //! Record keys are `[0xF7][format][partition name][epoch][sequence][chunk index or MAX]`, so no
@@ -54,10 +64,12 @@ mod body;
 mod error;
 mod frame;
 mod ids;
+mod line;
 mod local;
 mod ports;
 mod protocol;
 mod restore;
+mod sink;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod wire;
@@ -66,6 +78,7 @@ pub use body::Checkpoint;
 pub use error::{CommitError, Corruption, InvalidCheckpoint, Missing, OpenError, RestoreError};
 pub use frame::{RecordKey, RecordPart, KEY_MAGIC};
 pub use ids::{CheckpointConfig, ConfigError, Epoch, FrameId, PartitionId, Sequence, ShardId};
+pub use line::{LineBroken, LineOutcome, LineRestore, LineRestored, SecondPass};
 pub use ports::{
     Acknowledged, Blobs, ChangelogReader, ChangelogRecord, ChangelogWriter, HeadStore, HeadWrite,
     HeadsOnly, PartitionWrite, Store, StoreKind, StoredPartition,
@@ -75,4 +88,5 @@ pub use restore::{
     restore_from_changelog, restore_from_store, restore_head, RestoreStats, RestoredPartition,
     ResumedHead, ShardRows,
 };
+pub use sink::{RestoreSink, SnapshotRows};
 pub use wire::DecodeError;

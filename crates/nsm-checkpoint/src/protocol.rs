@@ -8,6 +8,7 @@
 //! one that may be half in the log. The next owner (a restart takes a higher epoch) restores.
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::marker::PhantomData;
 
 use crate::body::{put_rows, rows_section_len, Checkpoint};
@@ -16,10 +17,11 @@ use crate::frame::{
     chunk_ranges, chunk_value, encode_frame, end_value, FrameHeader, RecordKey, RecordPart,
 };
 use crate::ids::{CheckpointConfig, Epoch, FrameId, PartitionId, ShardId};
+use crate::line::LineRestored;
 use crate::local::{encode_delta_blob, encode_snapshot_blob, LoggedFrame, PartitionHead};
 use crate::ports::{
-    Acknowledged, Blobs, ChangelogReader, ChangelogWriter, HeadStore, HeadsOnly, PartitionWrite,
-    Store, StoreKind,
+    Acknowledged, Blobs, ChangelogReader, ChangelogWriter, HeadStore, HeadWrite, HeadsOnly,
+    PartitionWrite, Store, StoreKind,
 };
 use crate::restore::{
     load_head, restore_with_head_from_store, restore_with_install_from_changelog, ChangelogRestore,
@@ -152,24 +154,51 @@ impl<W: ChangelogWriter, S: HeadStore> Checkpointer<W, S, HeadsOnly> {
         }
     }
 
-    /// Opens `partition` as its changelog holds it (read by `reader` from its first record), to
-    /// write it with `epoch`, which must be above every epoch the changelog holds of it. `stage`
-    /// gets the restored rows to stage in the caller's store; the head is then written with
-    /// them in one write that replaces the caller's rows of the partition. The frames the
-    /// restore did not use are tombstoned by the next commit.
-    pub fn take_over_from_changelog_into<R: ChangelogReader>(
+    /// Opens the partition a streaming restore ([`LineRestore`](crate::LineRestore)) finished
+    /// into the caller's sink, to write it with `epoch`, which must be above every epoch the
+    /// restore saw of it. `stage` gets the store to stage what the sink has not written yet; the
+    /// head is then written with it in one write, which replaces the caller's rows of the
+    /// partition unless the restore went on from the local head. The frames the restore did not
+    /// use are tombstoned by the next commit. The changelog position is the caller's to keep
+    /// ([`LineRestored::next_offset`]).
+    pub fn take_over_restored(
         &mut self,
-        partition: &PartitionId,
         epoch: Epoch,
-        reader: &mut R,
-        stage: impl FnOnce(&mut S, &RestoredPartition) -> Result<(), S::Error>,
-    ) -> Result<RestoredPartition, OpenError<R::Error, S::Error>> {
-        let restore = self.restore_for_take_over(partition, epoch, reader)?;
-        stage(&mut self.store, &restore.restored).map_err(|source| OpenError::Install {
+        restored: LineRestored,
+        stage: impl FnOnce(&mut S) -> Result<(), S::Error>,
+    ) -> Result<ResumedHead, OpenError<Infallible, S::Error>> {
+        let partition = restored.partition.clone();
+        self.refuse_open(&partition)?;
+        if epoch <= restored.highest_epoch {
+            return Err(OpenError::epoch_not_above(
+                &partition,
+                epoch,
+                restored.highest_epoch,
+            ));
+        }
+        let install = |source| OpenError::Install {
             partition: partition.clone(),
             source,
-        })?;
-        self.install(partition, epoch, restore)
+        };
+        stage(&mut self.store).map_err(install)?;
+        let head = restored.local;
+        let write = HeadWrite {
+            partition: partition.clone(),
+            replace: !restored.resumed,
+            head: head.encode(),
+        };
+        self.store
+            .commit(std::slice::from_ref(&write), &Acknowledged::default())
+            .map_err(install)?;
+        let resumed = ResumedHead {
+            partition: partition.clone(),
+            head: head.head,
+            highest_epoch: restored.highest_epoch,
+            meta: head.meta.clone(),
+            local: head.clone(),
+        };
+        self.open.insert(partition, OpenPartition { epoch, head });
+        Ok(resumed)
     }
 }
 

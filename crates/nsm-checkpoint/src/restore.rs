@@ -1,27 +1,25 @@
 //! Rebuilding a partition from the store or from the changelog: for each shard its latest
 //! snapshot, then the deltas of the later checkpoints in order, then the newest meta.
 //!
-//! From the changelog, only finished frames count (end marker, every chunk, checksum), and only
-//! those on one line: the newest finished frame by epoch then sequence, and the frames it names
-//! as parents back to the snapshots it needs. A frame of a lower epoch is used only as an
-//! ancestor the newest line names, so a frame a cut-off owner sent late, before or after the new
-//! owner's, never replaces anything. Everything else the changelog holds of the partition is
-//! reported, for the next owner to tombstone.
+//! From the changelog, the streaming restore ([`LineRestore`]) into memory: only finished frames
+//! count (end marker, every chunk, checksum), and only those on one line: the newest finished
+//! frame by epoch then sequence, and the frames it names as parents back to the snapshots it
+//! needs. A frame of a lower epoch is used only as an ancestor the newest line names, so a frame
+//! a cut-off owner sent late, before or after the new owner's, never replaces anything.
+//! Everything else the changelog holds of the partition is reported, for the next owner to
+//! tombstone.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::body::{Delta, Rows};
 use crate::error::{Corruption, Missing, RestoreError};
-use crate::frame::{
-    check_frame, parse_frame, EndMarker, FrameHeader, RecordKey, RecordPart, RecordValue,
-};
+use crate::frame::RecordKey;
 use crate::ids::{CheckpointConfig, Epoch, FrameId, PartitionId, Sequence, ShardId};
-use crate::local::{
-    decode_delta_blob, decode_snapshot_blob, encode_delta_blob, encode_snapshot_blob, LoggedFrame,
-    PartitionHead,
-};
+use crate::line::{LineOutcome, LineRestore};
+use crate::local::{decode_delta_blob, decode_snapshot_blob, PartitionHead};
 use crate::ports::{ChangelogReader, HeadStore, HeadsOnly, PartitionWrite, Store, StoreKind};
-use crate::wire::{put_bytes, put_varint, DecodeError};
+use crate::sink::MemorySink;
+use crate::wire::DecodeError;
 
 /// The rows of one shard.
 pub type ShardRows = HashMap<Vec<u8>, Vec<u8>>;
@@ -49,6 +47,13 @@ pub struct RestoreStats {
     /// Finished frames newer than the one restored that could not be restored: a frame their
     /// line needs is missing. Zero unless records were lost or damaged.
     pub newer_frames_unusable: u64,
+    /// Frames a streaming restore gave its sink, over every pass: the line's, and those it
+    /// applied before the line was known (frames the line's snapshots replace since, or, before
+    /// a second pass, frames off the line). The counts above are the line's alone.
+    pub frames_applied: u64,
+    /// Reads of the changelog: two when the line forked behind what was applied, or frames it
+    /// needed were dropped past the hold limit.
+    pub passes: u64,
 }
 
 /// A partition as a restore rebuilt it.
@@ -153,6 +158,8 @@ pub struct ResumedHead {
     /// one.
     pub highest_epoch: Epoch,
     pub meta: Vec<u8>,
+    /// The head whole, for a restore going on from it ([`LineRestore::resume`]).
+    pub(crate) local: PartitionHead,
 }
 
 /// Where `partition` stands in a [`HeadStore`]: its head, without rows (empty when it holds
@@ -194,6 +201,7 @@ pub(crate) fn load_head<S, K: StoreKind<S>>(
         head: head.head,
         highest_epoch: head.highest_epoch(),
         meta: head.meta.clone(),
+        local: head.clone(),
     };
     Ok((resumed, head))
 }
@@ -308,26 +316,6 @@ fn empty_restore(partition: &PartitionId, head: &PartitionHead) -> RestoredParti
     }
 }
 
-/// The records of one frame seen in the changelog, the latest per key.
-#[derive(Default)]
-struct FrameParts {
-    chunks: BTreeMap<u32, Vec<u8>>,
-    end: Option<Vec<u8>>,
-}
-
-/// A finished frame: its bytes checked against its end marker, its header read.
-struct FinishedFrame {
-    bytes: Vec<u8>,
-    header: FrameHeader,
-    chunks: u32,
-}
-
-/// The frames of a line, newest first, and the sequence of each shard's snapshot on it.
-struct Line {
-    frames: Vec<FrameId>,
-    snapshot_sequences: Vec<Sequence>,
-}
-
 /// A restore from the changelog with what taking the partition over needs: the head to write
 /// from, and the store write that installs the restored state.
 pub(crate) struct ChangelogRestore {
@@ -336,7 +324,10 @@ pub(crate) struct ChangelogRestore {
     pub(crate) install: PartitionWrite,
 }
 
-/// Restores `partition` from its changelog partition, read from its first record.
+/// Restores `partition` from its changelog partition, read from its first record, into memory:
+/// the streaming restore ([`LineRestore`]) with every frame held as long as it takes, and a
+/// second pass over the partition's records kept from the first when the line forks behind
+/// what was applied.
 pub fn restore_from_changelog<R: ChangelogReader>(
     config: &CheckpointConfig,
     reader: &mut R,
@@ -354,241 +345,82 @@ pub(crate) fn restore_with_install_from_changelog<R: ChangelogReader>(
     partition: &PartitionId,
     with_blobs: bool,
 ) -> Result<ChangelogRestore, RestoreError<R::Error>> {
-    let mut stats = RestoreStats::default();
-    let mut highest_epoch = Epoch(0);
-    let mut parts: BTreeMap<FrameId, FrameParts> = BTreeMap::new();
+    let mut restore = LineRestore::new(config, partition, u64::MAX);
+    if with_blobs {
+        restore = restore.with_blobs();
+    }
+    let mut sink = MemorySink::new(config.shards());
+    // The partition's records, for a second pass; the others were counted once.
+    let mut own: Vec<(u64, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    let mut offset = 0u64;
     while let Some(record) = reader.next_record().map_err(|source| RestoreError::Read {
         partition: partition.clone(),
         source,
     })? {
-        stats.records_read += 1;
-        let key = match RecordKey::parse(&record.key) {
-            Ok(Some(key)) => key,
-            Ok(None) | Err(_) => {
-                stats.foreign_records += 1;
-                continue;
-            }
-        };
-        if key.partition_name != partition.name {
-            continue;
+        restore
+            .record(&mut sink, offset, &record.key, record.value.as_deref())
+            .map_err(RestoreError::widen)?;
+        if RecordKey::parse(&record.key)
+            .ok()
+            .flatten()
+            .is_some_and(|key| key.partition_name == partition.name)
+        {
+            own.push((offset, record.key, record.value));
         }
-        stats.bytes_read += (record.key.len() + record.value.as_ref().map_or(0, Vec::len)) as u64;
-        highest_epoch = highest_epoch.max(key.frame.epoch);
-        let frame = parts.entry(key.frame).or_default();
-        match (key.part, record.value) {
-            (RecordPart::Chunk(index), Some(value)) => {
-                frame.chunks.insert(index, value);
-            }
-            (RecordPart::Chunk(index), None) => {
-                frame.chunks.remove(&index);
-            }
-            (RecordPart::End, value) => frame.end = value,
-        }
+        offset += 1;
     }
-
-    let mut finished: BTreeMap<FrameId, FinishedFrame> = BTreeMap::new();
-    let mut leftovers: Vec<LoggedFrame> = Vec::new();
-    for (id, frame) in parts {
-        let chunks_seen = frame
-            .chunks
-            .keys()
-            .next_back()
-            .map_or(0, |index| index.saturating_add(1));
-        match finish_frame(partition, id, &frame) {
-            Some(done) if done.header.shards != config.shards() => {
-                return Err(RestoreError::ShardCountChanged {
+    let read = restore_read_counts(&restore);
+    let mut outcome = restore.finish(&mut sink).map_err(RestoreError::widen)?;
+    let restored = loop {
+        match outcome {
+            LineOutcome::Restored(restored) => break restored,
+            LineOutcome::SecondPass(pass) => {
+                let mut again =
+                    LineRestore::second_pass(pass, &mut sink).map_err(RestoreError::widen)?;
+                for (offset, key, value) in &own {
+                    again
+                        .record(&mut sink, *offset, key, value.as_deref())
+                        .map_err(RestoreError::widen)?;
+                }
+                outcome = again.finish(&mut sink).map_err(RestoreError::widen)?;
+            }
+            // A read of the whole log resumes nothing.
+            LineOutcome::Broken(broken) => {
+                return Err(RestoreError::BrokenLine {
                     partition: partition.clone(),
-                    stored: done.header.shards,
-                    configured: config.shards(),
-                });
+                    newest: broken.newest.unwrap_or(FrameId::EMPTY),
+                })
             }
-            Some(done) => {
-                finished.insert(id, done);
-            }
-            None if frame.end.is_some() || !frame.chunks.is_empty() => {
-                stats.frames_skipped += 1;
-                leftovers.push(LoggedFrame {
-                    id,
-                    chunks: chunks_seen,
-                    snapshot_shards: Vec::new(),
-                    retired: true,
-                });
-            }
-            None => {}
-        }
-    }
-
-    let newest = finished.keys().next_back().copied();
-    let line = finished.keys().rev().enumerate().find_map(|(newer, head)| {
-        stats.newer_frames_unusable = newer as u64;
-        follow_line(config, &finished, *head)
-    });
-    let line = match (line, newest) {
-        (Some(line), _) => line,
-        (None, None) => Line {
-            frames: Vec::new(),
-            snapshot_sequences: vec![Sequence::EMPTY; config.shards() as usize],
-        },
-        (None, Some(newest)) => {
-            return Err(RestoreError::BrokenLine {
-                partition: partition.clone(),
-                newest,
-            })
         }
     };
-
-    let mut head = PartitionHead::empty(config.shards());
-    head.snapshot_sequences = line.snapshot_sequences.clone();
-    let mut install = PartitionWrite {
+    let mut stats = restored.stats;
+    // The second pass replayed what the first read: the reader was read once.
+    (stats.records_read, stats.bytes_read, stats.foreign_records) = read;
+    let blobs = restored.blobs.unwrap_or_default();
+    let install = PartitionWrite {
         partition: partition.clone(),
         replace: true,
         delete_deltas_through: None,
-        head: Vec::new(),
-        snapshots: Vec::new(),
-        deltas: Vec::new(),
-    };
-    let mut fold = Fold::new(line.snapshot_sequences.clone());
-    let oldest = head.oldest_snapshot();
-    for id in line.frames.iter().rev() {
-        let Some(frame) = finished.get(id) else {
-            continue;
-        };
-        let corrupt = |source: DecodeError| RestoreError::Corrupt {
-            partition: partition.clone(),
-            what: Corruption::Frame(*id),
-            source,
-        };
-        let view = parse_frame(&frame.bytes).map_err(corrupt)?;
-        for (shard, rows) in &view.snapshots {
-            if line.snapshot_sequences[shard.index()] == id.sequence {
-                fold.snapshot(*shard, rows).map_err(corrupt)?;
-                let mut section = Vec::with_capacity(rows.bytes.len() + 20);
-                put_varint(&mut section, rows.count);
-                put_bytes(&mut section, rows.bytes);
-                head.snapshot_bytes[shard.index()] = section.len() as u64;
-                if with_blobs {
-                    install
-                        .snapshots
-                        .push((*shard, encode_snapshot_blob(id.sequence, &section)));
-                }
-            }
-        }
-        if id.sequence > oldest {
-            let delta = Delta::read(view.delta, config.shards()).map_err(corrupt)?;
-            fold.delta(id.sequence, &delta).map_err(corrupt)?;
-            if with_blobs {
-                install
-                    .deltas
-                    .push((id.sequence, encode_delta_blob(view.delta)));
-            }
-        }
-        head.head = *id;
-        head.meta = view.meta.to_vec();
-        head.logged_frames.push(LoggedFrame {
-            id: *id,
-            chunks: frame.chunks,
-            snapshot_shards: frame.header.snapshot_shards.clone(),
-            retired: false,
-        });
-    }
-    for (id, frame) in &finished {
-        if !line.frames.contains(id) {
-            stats.frames_skipped += 1;
-            leftovers.push(LoggedFrame {
-                id: *id,
-                chunks: frame.chunks,
-                snapshot_shards: Vec::new(),
-                retired: true,
-            });
-        }
-    }
-    head.logged_frames.extend(leftovers);
-    install.head = head.encode();
-
-    let fold_stats = fold.stats;
-    stats.snapshots_applied = fold_stats.snapshots_applied;
-    stats.deltas_applied = fold_stats.deltas_applied;
-    stats.snapshot_rows = fold_stats.snapshot_rows;
-    stats.delta_changes = fold_stats.delta_changes;
-    let restored = RestoredPartition {
-        partition: partition.clone(),
-        head: head.head,
-        highest_epoch,
-        meta: head.meta.clone(),
-        shards: fold.shards,
-        stats,
+        head: restored.local.encode(),
+        snapshots: blobs.snapshots,
+        deltas: blobs.deltas,
     };
     Ok(ChangelogRestore {
-        restored,
-        head,
+        restored: RestoredPartition {
+            partition: partition.clone(),
+            head: restored.head,
+            highest_epoch: restored.highest_epoch,
+            meta: restored.meta,
+            shards: sink.shards,
+            stats,
+        },
+        head: restored.local,
         install,
     })
 }
 
-/// The frame these parts make, if they make a finished frame of `partition` under `id`: an end
-/// marker, every chunk it counts, the checksum right, a header that names the same frame.
-fn finish_frame(partition: &PartitionId, id: FrameId, parts: &FrameParts) -> Option<FinishedFrame> {
-    let end: EndMarker = match RecordValue::parse(parts.end.as_deref()?) {
-        Ok(RecordValue::End(end)) => end,
-        _ => return None,
-    };
-    if usize::try_from(end.frame_len).ok()? > parts.chunks.values().map(Vec::len).sum::<usize>() {
-        return None;
-    }
-    let mut bytes = Vec::with_capacity(end.frame_len as usize);
-    for index in 0..end.chunks {
-        match RecordValue::parse(parts.chunks.get(&index)?) {
-            Ok(RecordValue::Chunk(chunk)) => bytes.extend_from_slice(chunk),
-            _ => return None,
-        }
-    }
-    check_frame(&bytes, &end).ok()?;
-    let header = parse_frame(&bytes).ok()?.header;
-    let names_itself = header.id == id
-        && header.partition_name == partition.name
-        && header.id.sequence > Sequence::EMPTY;
-    if !names_itself {
-        return None;
-    }
-    Some(FinishedFrame {
-        bytes,
-        header,
-        chunks: end.chunks,
-    })
-}
-
-/// The line ending at `head`: from it back through the parents each frame names, until every
-/// shard has its latest snapshot or the first checkpoint is reached (shards never snapshotted
-/// start empty). `None` when a frame it needs is missing.
-fn follow_line(
-    config: &CheckpointConfig,
-    finished: &BTreeMap<FrameId, FinishedFrame>,
-    head: FrameId,
-) -> Option<Line> {
-    let mut snapshot_sequences: Vec<Option<Sequence>> = vec![None; config.shards() as usize];
-    let mut uncovered = snapshot_sequences.len();
-    let mut frames = Vec::new();
-    let mut id = head;
-    loop {
-        let frame = finished.get(&id)?;
-        frames.push(id);
-        for shard in &frame.header.snapshot_shards {
-            let latest = &mut snapshot_sequences[shard.index()];
-            if latest.is_none() {
-                *latest = Some(id.sequence);
-                uncovered -= 1;
-            }
-        }
-        if uncovered == 0 || id.sequence == Sequence(1) {
-            break;
-        }
-        id = frame.header.parent();
-    }
-    Some(Line {
-        frames,
-        snapshot_sequences: snapshot_sequences
-            .into_iter()
-            .map(|sequence| sequence.unwrap_or(Sequence::EMPTY))
-            .collect(),
-    })
+/// What the first pass read: records, bytes of the partition's, foreign records.
+fn restore_read_counts(restore: &LineRestore) -> (u64, u64, u64) {
+    let stats = restore.stats();
+    (stats.records_read, stats.bytes_read, stats.foreign_records)
 }

@@ -232,16 +232,28 @@ fn snapshots_keep_pace(shards: u32, rows: u64, changed: u64, checkpoints: u64) {
     for (checkpoints, stats) in &restores {
         eprintln!(
             "after {checkpoints} checkpoints: a restore read {} records, {} bytes ({} snapshots \
-             of {} rows, {} deltas of {} changes)",
+             of {} rows, {} deltas of {} changes); it applied {} frames in {} passes",
             stats.records_read,
             stats.bytes_read,
             stats.snapshots_applied,
             stats.snapshot_rows,
             stats.deltas_applied,
             stats.delta_changes,
+            stats.frames_applied,
+            stats.passes,
         );
         assert_eq!(stats.snapshots_applied, u64::from(shards));
         assert_eq!(stats.snapshot_rows, rows);
+        // Streamed in one pass, the compacted log's frames are the line (the oldest snapshot's
+        // frame and the deltas after it) and at most the one obsolete frame the last commit
+        // left for the next to tombstone.
+        assert_eq!(stats.passes, 1);
+        assert!(
+            stats.frames_applied <= stats.deltas_applied + 2,
+            "{} frames applied for a line of {}",
+            stats.frames_applied,
+            stats.deltas_applied + 1
+        );
         // One snapshot of each shard, the deltas since the oldest (about as many bytes, since
         // they paid for a round), and the records' keys and framing.
         assert!(

@@ -2,14 +2,18 @@
 //! ranges (within a group, across groups, empty or reversed), with the
 //! due snapshot, another shard's, every shard's or none; restarts, hand-offs and compactions in
 //! between. Every restore, from the store or from the changelog compacted or not, is the model
-//! at the last commit.
+//! at the last commit; so is the streaming restore whatever it may hold back, and a restore
+//! going on from any head the store had, read from that head's position.
 
 use nsm_checkpoint::testing::{MemoryChangelog, MemoryStore};
-use nsm_checkpoint::{CheckpointConfig, Checkpointer, Epoch, PartitionId, ShardId};
+use nsm_checkpoint::{
+    CheckpointConfig, Checkpointer, Epoch, FrameId, LineRestore, PartitionId, ShardId,
+};
 use proptest::prelude::*;
 
 use crate::support::{
-    apply, checkpoint, config, from_changelog, from_store, meta_of, Op, Owner, State,
+    apply, checkpoint, config, from_changelog, from_store, largest_frame_bytes, meta_of,
+    reader_from, stream_restore, Op, Owner, State,
 };
 
 #[derive(Debug, Clone)]
@@ -113,6 +117,9 @@ struct History {
     partitions: [PartitionId; 2],
     states: [State; 2],
     numbers: [u64; 2],
+    /// The owner's store after each step, and the changelog position then: every record was
+    /// acknowledged, so the end of the log.
+    heads: Vec<(MemoryStore, u64)>,
 }
 
 impl History {
@@ -127,9 +134,16 @@ impl History {
             partitions: [PartitionId::new(0, "first"), PartitionId::new(0, "second")],
             states: Default::default(),
             numbers: [0; 2],
+            heads: Vec::new(),
         };
         history.reopen(None);
+        history.keep_head();
         history
+    }
+
+    fn keep_head(&mut self) {
+        let position = self.changelog.end_offset(0);
+        self.heads.push((self.owner.store().fork(), position));
     }
 
     /// A new owner opens every partition: from `store` (a restart), or from the changelog into
@@ -248,5 +262,114 @@ proptest! {
             history.act(action, salt * 2);
         }
         history.check();
+    }
+
+    #[test]
+    fn a_streaming_restore_with_any_limit_is_the_whole_log_restore(
+        shards in prop_oneof![3 => Just(1u32), 3 => Just(3), 3 => Just(8), 1 => Just(1025)],
+        max_chunk_bytes in 64usize..256,
+        actions in proptest::collection::vec(action(), 1..40),
+        drawn_limit in 0u64..4096,
+    ) {
+        let mut history = History::new(config(shards, max_chunk_bytes));
+        for (salt, action) in actions.iter().enumerate() {
+            history.act(action, salt * 2);
+        }
+        history.check_streaming(drawn_limit);
+    }
+}
+
+proptest! {
+    // Every head of the history, each resumed six ways: fewer histories.
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn a_restore_resumed_from_any_head_is_the_full_restore(
+        shards in prop_oneof![3 => Just(1u32), 3 => Just(3), 3 => Just(8), 1 => Just(1025)],
+        max_chunk_bytes in 64usize..256,
+        actions in proptest::collection::vec(action(), 1..30),
+        drawn_limit in 0u64..4096,
+    ) {
+        let mut history = History::new(config(shards, max_chunk_bytes));
+        for (salt, action) in actions.iter().enumerate() {
+            history.act(action, salt * 2);
+            history.keep_head();
+        }
+        history.check_resumed(drawn_limit);
+    }
+}
+
+impl History {
+    /// The streaming restore, held back to nothing, one frame, `drawn` bytes or without bound,
+    /// is the whole-log restore: the same line, rows, meta and counts, and the model.
+    fn check_streaming(&self, drawn: u64) {
+        for (index, partition) in self.partitions.iter().enumerate() {
+            let one_frame = largest_frame_bytes(&self.changelog, partition);
+            for compacted in [false, true] {
+                let whole = from_changelog(&self.config, &self.changelog, partition, compacted);
+                let reader = reader_from(&self.changelog, 0, compacted, None);
+                for limit in [0, one_frame, drawn, u64::MAX] {
+                    let context = format!("{partition}, compacted: {compacted}, limit {limit}");
+                    let start = LineRestore::new(&self.config, partition, limit);
+                    let (restored, state) =
+                        stream_restore(&self.config, start, &reader, State::default())
+                            .expect("the changelog restores")
+                            .expect("a whole read goes on from nothing");
+                    assert_eq!(state, self.states[index], "{context}");
+                    assert_eq!(restored.head, whole.head, "{context}");
+                    assert_eq!(restored.meta, whole.meta, "{context}");
+                    assert_eq!(restored.highest_epoch, whole.highest_epoch, "{context}");
+                    let (mut streamed, mut held_whole) = (restored.stats, whole.stats);
+                    // How it got there differs: what it applied before the line was known,
+                    // and how many reads it took.
+                    (streamed.frames_applied, streamed.passes) = (0, 0);
+                    (held_whole.frames_applied, held_whole.passes) = (0, 0);
+                    (streamed.records_read, streamed.bytes_read) = (0, 0);
+                    (held_whole.records_read, held_whole.bytes_read) = (0, 0);
+                    assert_eq!(streamed, held_whole, "{context}");
+                    if limit == 0 && restored.head != FrameId::EMPTY {
+                        assert_eq!(restored.stats.passes, 2, "{context}: nothing can be held");
+                    }
+                }
+            }
+        }
+    }
+
+    /// From every head the stores had, read from its position on (compacted or not, held back
+    /// to nothing, `drawn` bytes or without bound), the restore goes on to the model's state,
+    /// the whole-log restore's head and meta.
+    fn check_resumed(&self, drawn: u64) {
+        for (at, (store, position)) in self.heads.iter().enumerate() {
+            for (index, partition) in self.partitions.iter().enumerate() {
+                let mut opener =
+                    Checkpointer::new(self.config, self.changelog.writer(), store.fork());
+                let head = opener
+                    .resume(partition, Epoch(u64::MAX))
+                    .expect("the store's head reads");
+                let local = State::of(&self.config, &from_store(&self.config, store, partition));
+                for compacted in [false, true] {
+                    let whole = from_changelog(&self.config, &self.changelog, partition, compacted);
+                    let reader = reader_from(&self.changelog, 0, compacted, Some(*position));
+                    for limit in [0, drawn, u64::MAX] {
+                        let context = format!(
+                            "{partition} from head {at} ({}), position {position}, compacted: \
+                             {compacted}, limit {limit}",
+                            head.head
+                        );
+                        let start = LineRestore::resume(&self.config, &head, limit);
+                        let (restored, state) =
+                            stream_restore(&self.config, start, &reader, local.clone())
+                                .expect("the changelog restores")
+                                .unwrap_or_else(|broken| {
+                                    panic!("{context}: one owner's line broke: {broken:?}")
+                                });
+                        assert_eq!(state, self.states[index], "{context}");
+                        assert_eq!(restored.head, whole.head, "{context}");
+                        assert_eq!(restored.meta, whole.meta, "{context}");
+                        assert!(restored.resumed, "{context}");
+                    }
+                }
+            }
+        }
     }
 }

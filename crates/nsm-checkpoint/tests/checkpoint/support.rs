@@ -3,15 +3,17 @@
 //! knows, for every checkpoint number, the state it must restore to.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 
 use nsm_checkpoint::testing::{
     ChangelogFault, MemoryChangelog, MemoryChangelogError, MemoryChangelogReader,
     MemoryChangelogWriter, MemoryHeadStore, MemoryStore, MemoryStoreError,
 };
 use nsm_checkpoint::{
-    restore_from_changelog, restore_from_store, restore_head, Checkpoint, CheckpointConfig,
-    Checkpointer, CommitError, CommitReport, Epoch, FrameId, HeadsOnly, OpenError, PartitionId,
-    RecordKey, RecordPart, RestoredPartition, ShardId,
+    restore_from_changelog, restore_from_store, restore_head, ChangelogReader, Checkpoint,
+    CheckpointConfig, Checkpointer, CommitError, CommitReport, Epoch, FrameId, HeadsOnly,
+    LineBroken, LineOutcome, LineRestore, LineRestored, OpenError, PartitionId, RecordKey,
+    RecordPart, RestoreError, RestoreSink, RestoredPartition, ShardId, SnapshotRows,
 };
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -152,8 +154,10 @@ impl AnyOwner {
         }
     }
 
-    /// Opens `partition` from the changelog: the store replaced by the restore, for a head
-    /// store the restored rows staged and written with the head.
+    /// Opens `partition` from the changelog: the store replaced by the restore; for a head
+    /// store, the streaming restore into the caller's rows, staged and written with the head.
+    /// Head-store take-overs hold frames up to a limit that cycles with the epoch (none, a few
+    /// hundred bytes, unbounded), so the suites go through second passes too.
     pub fn take_over(
         &mut self,
         partition: &PartitionId,
@@ -161,20 +165,203 @@ impl AnyOwner {
         reader: &mut MemoryChangelogReader,
     ) -> Result<State, OpenFailure> {
         let config = self.config();
-        let restored = match self {
-            AnyOwner::Blobs(owner) => owner.take_over_from_changelog(partition, epoch, reader)?,
-            AnyOwner::Heads(owner) => owner.take_over_from_changelog_into(
-                partition,
-                epoch,
-                reader,
-                |store, restored| {
-                    let rows = State::of(&config, restored).rows;
-                    store.stage(partition, rows);
-                    Ok(())
-                },
-            )?,
-        };
-        Ok(State::of(&config, &restored))
+        match self {
+            AnyOwner::Blobs(owner) => {
+                let restored = owner.take_over_from_changelog(partition, epoch, reader)?;
+                Ok(State::of(&config, &restored))
+            }
+            AnyOwner::Heads(owner) => {
+                let hold_limit = [0, 300, u64::MAX][(epoch.0 % 3) as usize];
+                let start = LineRestore::new(&config, partition, hold_limit);
+                let (restored, state) = stream_restore(&config, start, reader, State::default())
+                    .map_err(OpenError::Restore)?
+                    .expect("a whole read goes on from nothing");
+                let rows = state.rows.clone();
+                owner
+                    .take_over_restored(epoch, restored, |store| {
+                        store.stage(partition, rows);
+                        Ok(())
+                    })
+                    .map_err(widen_open)?;
+                Ok(state)
+            }
+        }
+    }
+}
+
+/// An error of an open that restored nothing, as one of an open that read the changelog.
+fn widen_open(error: OpenError<Infallible, MemoryStoreError>) -> OpenFailure {
+    match error {
+        OpenError::Restore(restore) => match restore {
+            RestoreError::Read { source, .. } | RestoreError::Sink { source, .. } => {
+                match source {}
+            }
+            other => panic!("a restore error from an open that restored nothing: {other}"),
+        },
+        OpenError::Install { partition, source } => OpenError::Install { partition, source },
+        OpenError::EpochNotAbove {
+            partition,
+            requested,
+            seen,
+        } => OpenError::EpochNotAbove {
+            partition,
+            requested,
+            seen,
+        },
+        OpenError::AlreadyOpen { partition } => OpenError::AlreadyOpen { partition },
+    }
+}
+
+/// The caller's side of a streaming restore: its rows in one map, a shard being the keys the
+/// caller's shard function puts in it.
+pub struct StateSink {
+    config: CheckpointConfig,
+    pub state: State,
+}
+
+impl StateSink {
+    pub fn new(config: CheckpointConfig, state: State) -> Self {
+        StateSink { config, state }
+    }
+}
+
+impl RestoreSink for StateSink {
+    type Error = Infallible;
+
+    fn drop_range(&mut self, start: &[u8], end: Option<&[u8]>) -> Result<(), Infallible> {
+        self.state.rows.retain(|key, _| {
+            key.as_slice() < start || end.is_some_and(|end| key.as_slice() >= end)
+        });
+        Ok(())
+    }
+
+    fn put(&mut self, shard: ShardId, key: &[u8], value: &[u8]) -> Result<(), Infallible> {
+        assert_eq!(
+            shard,
+            shard_of(&self.config, key),
+            "a change in the wrong shard"
+        );
+        self.state.rows.insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
+
+    fn delete(&mut self, shard: ShardId, key: &[u8]) -> Result<(), Infallible> {
+        assert_eq!(
+            shard,
+            shard_of(&self.config, key),
+            "a change in the wrong shard"
+        );
+        self.state.rows.remove(key);
+        Ok(())
+    }
+
+    fn replace_shard(&mut self, shard: ShardId, rows: SnapshotRows<'_>) -> Result<(), Infallible> {
+        let config = self.config;
+        self.state
+            .rows
+            .retain(|key, _| shard_of(&config, key) != shard);
+        for (key, value) in rows {
+            assert_eq!(
+                shard,
+                shard_of(&config, key),
+                "a snapshot row in the wrong shard"
+            );
+            self.state.rows.insert(key.to_vec(), value.to_vec());
+        }
+        Ok(())
+    }
+
+    fn meta(&mut self, _frame: FrameId, meta: &[u8]) -> Result<(), Infallible> {
+        self.state.meta = meta.to_vec();
+        Ok(())
+    }
+}
+
+/// Runs the streaming restore `start` over what `reader` reads (read again from its start for
+/// each second pass) into `state` (the local copy's rows when it resumes), checking after every
+/// record of a first pass that it holds no more than its limit; the restore and the rows, or
+/// the broken line of a resumed read.
+pub fn stream_restore(
+    config: &CheckpointConfig,
+    start: LineRestore,
+    reader: &MemoryChangelogReader,
+    state: State,
+) -> Result<Result<(LineRestored, State), LineBroken>, RestoreError<MemoryChangelogError>> {
+    let mut sink = StateSink {
+        config: *config,
+        state,
+    };
+    let mut restore = start;
+    loop {
+        let first_pass = restore.stats().passes == 1;
+        let mut pass = reader.clone();
+        while let Some(offset) = pass.next_offset() {
+            let record = pass
+                .next_record()
+                .map_err(|source| RestoreError::Read {
+                    partition: restore.partition().clone(),
+                    source,
+                })?
+                .expect("a record at the offset");
+            restore
+                .record(&mut sink, offset, &record.key, record.value.as_deref())
+                .map_err(widen_restore)?;
+            if first_pass {
+                assert!(
+                    restore.held_bytes() <= restore.hold_limit(),
+                    "{} bytes held, past the limit of {}",
+                    restore.held_bytes(),
+                    restore.hold_limit()
+                );
+            }
+        }
+        match restore.finish(&mut sink).map_err(widen_restore)? {
+            LineOutcome::Restored(restored) => {
+                assert_eq!(
+                    restored.meta, sink.state.meta,
+                    "the sink's meta is the head's"
+                );
+                return Ok(Ok((restored, sink.state)));
+            }
+            LineOutcome::SecondPass(pass) => {
+                assert!(
+                    first_pass,
+                    "a second pass asks for a third though the log did not change"
+                );
+                restore = LineRestore::second_pass(pass, &mut sink).map_err(widen_restore)?;
+            }
+            LineOutcome::Broken(broken) => return Ok(Err(broken)),
+        }
+    }
+}
+
+fn widen_restore(error: RestoreError<Infallible>) -> RestoreError<MemoryChangelogError> {
+    match error {
+        RestoreError::Read { source, .. } | RestoreError::Sink { source, .. } => match source {},
+        RestoreError::ShardCountChanged {
+            partition,
+            stored,
+            configured,
+        } => RestoreError::ShardCountChanged {
+            partition,
+            stored,
+            configured,
+        },
+        RestoreError::Corrupt {
+            partition,
+            what,
+            source,
+        } => RestoreError::Corrupt {
+            partition,
+            what,
+            source,
+        },
+        RestoreError::Incomplete { partition, missing } => {
+            RestoreError::Incomplete { partition, missing }
+        }
+        RestoreError::BrokenLine { partition, newest } => {
+            RestoreError::BrokenLine { partition, newest }
+        }
     }
 }
 
@@ -754,4 +941,47 @@ impl Runner {
             }
         }
     }
+}
+
+/// A reader of changelog partition `partition` from `position` on (every record when `None`),
+/// of the log as it is or as compaction would leave it (offsets are kept either way).
+pub fn reader_from(
+    changelog: &MemoryChangelog,
+    partition: u32,
+    compacted: bool,
+    position: Option<u64>,
+) -> MemoryChangelogReader {
+    let records = if compacted {
+        let copy = changelog.fork();
+        copy.compact();
+        copy.records_with_offsets(partition)
+    } else {
+        changelog.records_with_offsets(partition)
+    };
+    MemoryChangelogReader::with_offsets(
+        records
+            .into_iter()
+            .filter(|(offset, _)| position.is_none_or(|position| *offset >= position))
+            .collect(),
+    )
+}
+
+/// The bytes of the largest frame of `partition` in the log: a hold limit of one frame.
+pub fn largest_frame_bytes(changelog: &MemoryChangelog, partition: &PartitionId) -> u64 {
+    changelog
+        .records(partition.changelog_partition)
+        .iter()
+        .filter(|record| {
+            RecordKey::parse(&record.key)
+                .ok()
+                .flatten()
+                .is_some_and(|key| {
+                    key.partition_name == partition.name && key.part == RecordPart::End
+                })
+        })
+        .filter_map(|record| record.value.as_ref())
+        // The frame length follows the format, kind and chunk count bytes.
+        .filter_map(|end| end.get(6..14)?.try_into().ok().map(u64::from_be_bytes))
+        .max()
+        .unwrap_or(0)
 }

@@ -6,11 +6,11 @@
 use nsm_checkpoint::testing::{ChangelogFault, MemoryChangelog};
 use std::collections::BTreeSet;
 
-use nsm_checkpoint::{Epoch, PartitionId, RecordKey};
+use nsm_checkpoint::{ChangelogReader, Epoch, LineOutcome, LineRestore, PartitionId, RecordKey};
 
 use crate::support::{
-    commit_ops, config, delete, drop_range, from_changelog, put, AnyOwner, AnyStore, Driven, Kind,
-    State, KINDS,
+    apply, checkpoint, commit_ops, config, delete, drop_range, from_changelog, put, reader_from,
+    stream_restore, AnyOwner, AnyStore, Driven, Kind, Op, State, StateSink, KINDS,
 };
 
 const SHARDS: u32 = 4;
@@ -315,4 +315,190 @@ fn an_owner_must_take_a_partition_with_an_epoch_above_every_one_seen_with(kind: 
         restarted.resume(&partition(), Epoch(3)),
         Err(nsm_checkpoint::OpenError::AlreadyOpen { .. })
     ));
+}
+
+#[test]
+fn a_frame_landing_behind_the_applied_head_takes_a_second_pass() {
+    for kind in KINDS {
+        a_frame_landing_behind_the_applied_head_takes_a_second_pass_with(kind);
+    }
+}
+
+fn a_frame_landing_behind_the_applied_head_takes_a_second_pass_with(kind: Kind) {
+    let config = config(SHARDS, 96);
+    let changelog = MemoryChangelog::new();
+    let (mut owner_a, mut state_a) = owner_a_history(kind, &changelog, 3);
+    let (mut owner_b, mut state_b) = owner_taking_over(kind, &changelog, 2);
+    // A, cut off, finishes two more frames before B's first lands: A's fifth names its fourth
+    // while epoch 1 is the newest in the log, so a streaming restore applies A's fourth...
+    for number in 4..=5 {
+        commit_ops(
+            &mut owner_a,
+            &partition(),
+            &mut state_a,
+            &[
+                put("user/3", &format!("late {number}")),
+                put("zombie-only", "x"),
+            ],
+            &format!("A {number}"),
+        );
+    }
+    let position_of_a = changelog.end_offset(0);
+    // ...and only then B's frames name A's third: the line forks behind what was applied.
+    for number in 4..=5 {
+        commit_ops(
+            &mut owner_b,
+            &partition(),
+            &mut state_b,
+            &[put("user/1", &format!("b{number}"))],
+            &format!("B {number}"),
+        );
+    }
+    assert!(!state_b.rows.contains_key(&b"zombie-only"[..]));
+    for compacted in [false, true] {
+        let context = format!("{kind:?}, compacted: {compacted}");
+        let reader = reader_from(&changelog, 0, compacted, None);
+        for limit in [0, 1_000, u64::MAX] {
+            let start = LineRestore::new(&config, &partition(), limit);
+            let (restored, state) = stream_restore(&config, start, &reader, State::default())
+                .expect("the changelog restores")
+                .expect("a whole read goes on from nothing");
+            assert_eq!(state, state_b, "{context}, limit {limit}");
+            assert_eq!(restored.stats.passes, 2, "{context}, limit {limit}");
+            // A's two late frames are left for B's next commit to tombstone.
+            assert_eq!(restored.stats.frames_skipped, 2, "{context}, limit {limit}");
+        }
+        // However much it may hold, the first pass applied A's fourth frame, which B's line
+        // leaves. B's line snapshots every shard (A's first frame did), so applied whole it
+        // replaces whatever was applied: the second pass applies it from its first frame, over
+        // the sink as it is.
+        let mut sink = StateSink::new(config, State::default());
+        let mut first = LineRestore::new(&config, &partition(), u64::MAX);
+        let mut records = reader.clone();
+        while let Some(offset) = records.next_offset() {
+            let record = records.next_record().expect("reads").expect("a record");
+            first
+                .record(&mut sink, offset, &record.key, record.value.as_deref())
+                .expect("applies");
+        }
+        assert!(first.stats().frames_applied > 0, "{context}");
+        match first.finish(&mut sink).expect("ends") {
+            LineOutcome::SecondPass(pass) => {
+                assert!(!pass.clears(), "{context}");
+                let epochs = |frame: Option<&nsm_checkpoint::FrameId>| frame.map(|id| id.epoch);
+                assert_eq!(epochs(pass.frames().first()), Some(Epoch(1)), "{context}");
+                assert_eq!(epochs(pass.frames().last()), Some(Epoch(2)), "{context}");
+            }
+            other => panic!("{context}: {other:?}"),
+        }
+        let whole = from_changelog(&config, &changelog, &partition(), compacted);
+        assert_eq!(State::of(&config, &whole), state_b, "{context}");
+        assert_eq!(
+            whole.stats.passes, 2,
+            "{context}: the whole-log restore streams too"
+        );
+    }
+    // A, restarted, goes on from its own head and position: B's frames name a frame behind
+    // them, so its line is broken and it must restore whole.
+    let config_a = owner_a.config();
+    let mut reopened = AnyOwner::new(config_a, &changelog, owner_a.store());
+    let local = reopened
+        .resume(&partition(), Epoch(7))
+        .expect("A's store opens");
+    assert_eq!(local, state_a);
+    let head = match owner_a.store() {
+        AnyStore::Heads(store) => {
+            nsm_checkpoint::restore_head(&config, &store, &partition()).expect("A's head reads")
+        }
+        AnyStore::Blobs(store) => {
+            nsm_checkpoint::Checkpointer::new(config, changelog.writer(), store.fork())
+                .resume(&partition(), Epoch(7))
+                .expect("A's head reads")
+        }
+    };
+    let reader = reader_from(&changelog, 0, false, Some(position_of_a));
+    let broken = stream_restore(
+        &config,
+        LineRestore::resume(&config, &head, u64::MAX),
+        &reader,
+        local,
+    )
+    .expect("the changelog reads")
+    .expect_err("B's line does not continue A's head");
+    assert_eq!(broken.local_head, head.head);
+    assert_eq!(broken.newest.map(|frame| frame.epoch), Some(Epoch(2)));
+}
+
+#[test]
+fn a_fork_behind_the_applied_head_of_a_line_without_every_snapshot_is_restored_after_a_clear() {
+    for kind in KINDS {
+        a_fork_of_a_line_without_every_snapshot_with(kind);
+    }
+}
+
+/// Commits `ops` with no snapshot at all: a line that never snapshots every shard builds on the
+/// empty state, so nothing applied off it is replaced by applying it.
+fn commit_without_snapshots(owner: &mut AnyOwner, state: &mut State, ops: &[Op], meta: &str) {
+    apply(state, ops, meta.as_bytes().to_vec());
+    let built = checkpoint(&owner.config(), &partition(), ops, state, &[]);
+    owner
+        .commit_with_rows(&[built], &[state])
+        .expect("the commit goes through");
+}
+
+fn a_fork_of_a_line_without_every_snapshot_with(kind: Kind) {
+    let config = config(SHARDS, 96);
+    let changelog = MemoryChangelog::new();
+    let mut owner_a = owner_resuming(kind, &changelog, 1);
+    let mut state_a = State::default();
+    for number in 1..=3 {
+        let ops: Vec<Op> = (0..6)
+            .map(|user| put(&format!("user/{user}"), &format!("a{number}")))
+            .collect();
+        commit_without_snapshots(&mut owner_a, &mut state_a, &ops, &format!("A {number}"));
+    }
+    let (mut owner_b, mut state_b) = owner_taking_over(kind, &changelog, 2);
+    for number in 4..=5 {
+        let ops = [put("zombie-only", "x"), delete("user/2")];
+        commit_without_snapshots(&mut owner_a, &mut state_a, &ops, &format!("A {number}"));
+    }
+    for number in 4..=5 {
+        let ops = [put("user/1", &format!("b{number}"))];
+        commit_without_snapshots(&mut owner_b, &mut state_b, &ops, &format!("B {number}"));
+    }
+    let reader = reader_from(&changelog, 0, false, None);
+    let mut sink = StateSink::new(config, State::default());
+    let mut first = LineRestore::new(&config, &partition(), u64::MAX);
+    let mut records = reader.clone();
+    while let Some(offset) = records.next_offset() {
+        let record = records.next_record().expect("reads").expect("a record");
+        first
+            .record(&mut sink, offset, &record.key, record.value.as_deref())
+            .expect("applies");
+    }
+    let LineOutcome::SecondPass(pass) = first.finish(&mut sink).expect("ends") else {
+        panic!("{kind:?}: the fork behind A's fourth frame takes no second pass");
+    };
+    assert!(pass.clears(), "{kind:?}");
+    let frames: Vec<(u64, u64)> = pass
+        .frames()
+        .iter()
+        .map(|frame| (frame.epoch.0, frame.sequence.0))
+        .collect();
+    assert_eq!(frames, [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5)], "{kind:?}");
+    let mut second = LineRestore::second_pass(pass, &mut sink).expect("clears");
+    assert!(sink.state.rows.is_empty(), "{kind:?}: cleared first");
+    let mut records = reader.clone();
+    while let Some(offset) = records.next_offset() {
+        let record = records.next_record().expect("reads").expect("a record");
+        second
+            .record(&mut sink, offset, &record.key, record.value.as_deref())
+            .expect("applies");
+    }
+    let LineOutcome::Restored(restored) = second.finish(&mut sink).expect("ends") else {
+        panic!("{kind:?}: the second pass does not end the restore");
+    };
+    assert_eq!(sink.state, state_b, "{kind:?}");
+    assert_eq!(restored.stats.passes, 2);
+    assert_restores_to(&changelog, &state_b, &format!("{kind:?}, whole"));
 }
