@@ -182,3 +182,43 @@ pub enum CommitError<C, S> {
     )]
     Stopped,
 }
+
+/// Why a seed did not happen. Once a record of it was sent (the rows of a later shard could
+/// not be read, or the changelog or the store failed) the checkpointer refuses everything more
+/// ([`SeedError::Stopped`], [`CommitError::Stopped`]): the log may hold base frames of the
+/// seed's epoch, and a second seed under it would reuse their keys. What was sent is a seed cut
+/// short, which a restore never takes for a line; the next owner seeds again with a higher epoch.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError<C, S, R> {
+    #[error("partition {partition} is already open: a seed opens it")]
+    AlreadyOpen { partition: PartitionId },
+    #[error(
+        "partition {partition} cannot be seeded with epoch {requested}: it has seen epoch {seen}, \
+         and a seed must take a higher one"
+    )]
+    EpochNotAbove {
+        partition: PartitionId,
+        requested: u64,
+        seen: u64,
+    },
+    #[error(
+        "partition {partition}: the rows of shard {shard} could not be read for the seed: {source}"
+    )]
+    Rows {
+        partition: PartitionId,
+        shard: u32,
+        source: R,
+    },
+    #[error("the changelog did not take the seed of partition {partition}: {source}")]
+    Changelog { partition: PartitionId, source: C },
+    #[error(
+        "the store did not take the head of partition {partition}'s seed (the changelog did): \
+         {source}"
+    )]
+    Store { partition: PartitionId, source: S },
+    #[error(
+        "an earlier checkpoint or seed failed: nothing more is written until the partitions are \
+         restored"
+    )]
+    Stopped,
+}

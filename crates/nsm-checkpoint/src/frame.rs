@@ -126,6 +126,12 @@ pub(crate) struct FrameHeader {
     /// parent, so a restore follows one owner's line and never mixes two.
     pub(crate) parent_epoch: Epoch,
     pub(crate) shards: u32,
+    /// For a base frame (one of the frames a seed starts a line with, sequences 1 to this
+    /// count, each snapshotting its own shards), how many base frames the line starts with;
+    /// zero for every other frame. A line whose base frames are not all there is a seed cut
+    /// short, never a line: each base frame names the count, so a restore tells a seed cut
+    /// short from one whole without knowing what was meant to be sent.
+    pub(crate) base_frames: u64,
     pub(crate) snapshot_shards: Vec<ShardId>,
 }
 
@@ -135,6 +141,16 @@ impl FrameHeader {
             epoch: self.parent_epoch,
             sequence: Sequence(self.id.sequence.0.saturating_sub(1)),
         }
+    }
+
+    /// Whether this is a base frame of a seed.
+    pub(crate) fn is_base(&self) -> bool {
+        self.base_frames > 0
+    }
+
+    /// Whether this base frame is not the seed's last: a line ending here is a seed cut short.
+    pub(crate) fn is_seed_cut_short(&self) -> bool {
+        self.id.sequence.0 < self.base_frames
     }
 }
 
@@ -155,6 +171,7 @@ pub(crate) fn encode_frame(header: &FrameHeader, checkpoint: &Checkpoint, delta:
     bytes.extend_from_slice(&header.id.sequence.0.to_be_bytes());
     bytes.extend_from_slice(&header.parent_epoch.0.to_be_bytes());
     put_varint(&mut bytes, u64::from(header.shards));
+    put_varint(&mut bytes, header.base_frames);
     put_varint(&mut bytes, header.snapshot_shards.len() as u64);
     for shard in &header.snapshot_shards {
         put_varint(&mut bytes, u64::from(shard.0));
@@ -190,6 +207,16 @@ pub(crate) fn parse_frame(bytes: &[u8]) -> Result<FrameView<'_>, DecodeError> {
         what: "shard count",
         found: shards,
     })?;
+    let base_frames = reader.varint()?;
+    // Each base frame snapshots at least one shard of its own, so a seed has at most as many
+    // frames as shards, and a base frame is one of them: anything else was not written by this
+    // library, and a frame whose count is wrong must not decide whether a line is whole.
+    if base_frames > u64::from(shards) || (base_frames > 0 && sequence.0 > base_frames) {
+        return Err(DecodeError::OutOfRange {
+            what: "base frame count",
+            found: base_frames,
+        });
+    }
     let snapshot_count = reader.count("snapshot count")?;
     let mut snapshot_shards = Vec::new();
     for _ in 0..snapshot_count {
@@ -212,6 +239,7 @@ pub(crate) fn parse_frame(bytes: &[u8]) -> Result<FrameView<'_>, DecodeError> {
             id: FrameId { epoch, sequence },
             parent_epoch,
             shards,
+            base_frames,
             snapshot_shards,
         },
         meta,
@@ -283,6 +311,7 @@ mod tests {
             },
             parent_epoch: Epoch(5),
             shards: 4,
+            base_frames: 0,
             snapshot_shards,
         }
     }
@@ -332,6 +361,33 @@ mod tests {
             .expect("rows");
         assert_eq!(rows, vec![(b"s".to_vec(), b"row".to_vec())]);
         assert_eq!(view.delta, checkpoint.encode_delta().as_slice());
+    }
+
+    #[test]
+    fn a_base_frame_names_its_seeds_length_and_a_count_no_seed_has_is_refused() {
+        let checkpoint = Checkpoint::new(PartitionId::new(2, "events"), "copy");
+        let mut base = header(vec![ShardId(2)]);
+        base.base_frames = 4;
+        let frame = encode_frame(&base, &checkpoint, &checkpoint.encode_delta());
+        let view = parse_frame(&frame).expect("parses");
+        assert_eq!(view.header, base);
+        // Sequence 3 of a seed of four frames: a line ending here is a seed cut short.
+        assert!(view.header.is_base() && view.header.is_seed_cut_short());
+        base.id.sequence = Sequence(4);
+        assert!(!base.is_seed_cut_short());
+        // More base frames than shards, or a base frame past its seed's last: never written.
+        for (sequence, base_frames) in [(3, 5), (5, 4)] {
+            base.id.sequence = Sequence(sequence);
+            base.base_frames = base_frames;
+            let frame = encode_frame(&base, &checkpoint, &checkpoint.encode_delta());
+            assert_eq!(
+                parse_frame(&frame).map(|_| ()),
+                Err(DecodeError::OutOfRange {
+                    what: "base frame count",
+                    found: base_frames
+                })
+            );
+        }
     }
 
     #[test]

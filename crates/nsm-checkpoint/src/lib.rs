@@ -17,7 +17,8 @@
 //! # Frames
 //!
 //! Each checkpoint of a partition becomes one frame: a header (format, partition name, epoch,
-//! sequence, the parent's epoch, the shard count, the shards snapshotted), then the body (the
+//! sequence, the parent's epoch, the shard count, the base frame count, the shards
+//! snapshotted), then the body (the
 //! meta, each snapshot's rows, the delta section; varint-length-prefixed). The frame is cut
 //! into chunks of at most `max_chunk_bytes`, one changelog record each, followed by an end
 //! marker record: the chunk count, the frame's length and its XXH3 checksum.
@@ -31,6 +32,13 @@
 //! frames dropped past the limit, takes a [`SecondPass`] with the line known. Resumed from a
 //! local head and its changelog position, it goes on from that head, or says the frames read do
 //! not continue it ([`LineBroken`]). [`restore_from_changelog`] is the same restore into memory.
+//!
+//! # Seeding
+//!
+//! A partition the changelog cannot restore (a store kept without it, a changelog lost or of
+//! the per-key format) starts a new line from the caller's copy: [`Checkpointer::seed`] sends
+//! one base frame per shard, each naming how many the line starts with, so a seed cut short is
+//! never a line and restores as if it had not been sent.
 //!
 //! # Keys and compaction
 //!
@@ -69,13 +77,16 @@ mod local;
 mod ports;
 mod protocol;
 mod restore;
+mod seed;
 mod sink;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod wire;
 
 pub use body::Checkpoint;
-pub use error::{CommitError, Corruption, InvalidCheckpoint, Missing, OpenError, RestoreError};
+pub use error::{
+    CommitError, Corruption, InvalidCheckpoint, Missing, OpenError, RestoreError, SeedError,
+};
 pub use frame::{RecordKey, RecordPart, KEY_MAGIC};
 pub use ids::{CheckpointConfig, ConfigError, Epoch, FrameId, PartitionId, Sequence, ShardId};
 pub use line::{LineBroken, LineOutcome, LineRestore, LineRestored, SecondPass};
@@ -88,5 +99,6 @@ pub use restore::{
     restore_from_changelog, restore_from_store, restore_head, RestoreStats, RestoredPartition,
     ResumedHead, ShardRows,
 };
+pub use seed::{RetiredFrames, SeedShard};
 pub use sink::{RestoreSink, SnapshotRows};
 pub use wire::DecodeError;

@@ -12,11 +12,11 @@ use std::convert::Infallible;
 use std::marker::PhantomData;
 
 use crate::body::{put_rows, rows_section_len, Checkpoint};
-use crate::error::{CommitError, InvalidCheckpoint, OpenError};
+use crate::error::{CommitError, InvalidCheckpoint, OpenError, SeedError};
 use crate::frame::{
     chunk_ranges, chunk_value, encode_frame, end_value, FrameHeader, RecordKey, RecordPart,
 };
-use crate::ids::{CheckpointConfig, Epoch, FrameId, PartitionId, ShardId};
+use crate::ids::{CheckpointConfig, Epoch, FrameId, PartitionId, Sequence, ShardId};
 use crate::line::LineRestored;
 use crate::local::{encode_delta_blob, encode_snapshot_blob, LoggedFrame, PartitionHead};
 use crate::ports::{
@@ -27,6 +27,7 @@ use crate::restore::{
     load_head, restore_with_head_from_store, restore_with_install_from_changelog, ChangelogRestore,
     RestoredPartition, ResumedHead,
 };
+use crate::seed::{RetiredFrames, SeedShard};
 
 /// What one commit sent, to see that it stays a few records per partition.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -90,6 +91,9 @@ pub type StoreError<S, K> = <K as StoreKind<S>>::Error;
 
 /// Why a resume failed: reading the store's head, or opening from it.
 type ResumeError<S, K> = OpenError<StoreError<S, K>, StoreError<S, K>>;
+
+/// Why a seed failed, `E` being the error of the caller's read of its rows.
+type SeedFailure<W, S, K, E> = SeedError<<W as ChangelogWriter>::Error, StoreError<S, K>, E>;
 
 impl<W: ChangelogWriter, S: Store> Checkpointer<W, S, Blobs> {
     /// A checkpointer writing a [`Store`], which keeps the library's whole layout.
@@ -409,6 +413,8 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
             id: frame_id,
             parent_epoch: previous.head.epoch,
             shards: self.config.shards(),
+            // A checkpoint is never a base frame: past a seed, its line is the seed's whole.
+            base_frames: 0,
             snapshot_shards: snapshot_shards.clone(),
         };
         let delta = checkpoint.encode_delta();
@@ -491,33 +497,11 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
         let changelog_failed = |source| CommitError::Changelog { source };
         let mut report = CommitReport::default();
         for plan in plans {
-            let changelog_partition = plan.partition.changelog_partition;
-            let ranges = chunk_ranges(plan.frame.len(), self.config.max_chunk_bytes());
-            for (index, range) in ranges.iter().enumerate() {
-                let key = RecordKey::encode(
-                    &plan.partition,
-                    plan.frame_id,
-                    RecordPart::Chunk(index as u32),
-                );
-                let value = chunk_value(&plan.frame[range.clone()]);
-                self.writer
-                    .send(changelog_partition, &key, Some(&value))
-                    .map_err(changelog_failed)?;
-                report.chunk_records += 1;
-                report.bytes_sent += (key.len() + value.len()) as u64;
-            }
-            let key = RecordKey::encode(&plan.partition, plan.frame_id, RecordPart::End);
-            let value = end_value(&plan.frame, ranges.len() as u32);
-            self.writer
-                .send(changelog_partition, &key, Some(&value))
+            self.send_frame(&plan.partition, plan.frame_id, &plan.frame, &mut report)
                 .map_err(changelog_failed)?;
-            report.end_markers += 1;
-            report.bytes_sent += (key.len() + value.len()) as u64;
-            report.frame_bytes += plan.frame.len() as u64;
             report.snapshots += plan.snapshots;
             report.snapshot_bytes += plan.snapshot_bytes;
             report.delta_bytes += plan.delta_bytes;
-            report.frames.push((plan.partition.clone(), plan.frame_id));
         }
         for plan in plans {
             for frame in &plan.tombstoned {
@@ -537,6 +521,186 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
         let acknowledged = self.writer.flush().map_err(changelog_failed)?;
         K::commit(&mut self.store, store_writes, &acknowledged)
             .map_err(|source| CommitError::Store { source })?;
+        Ok(report)
+    }
+
+    /// Sends `frame` as its chunks, then its end marker, and counts them in `report`.
+    fn send_frame(
+        &mut self,
+        partition: &PartitionId,
+        frame_id: FrameId,
+        frame: &[u8],
+        report: &mut CommitReport,
+    ) -> Result<(), W::Error> {
+        let changelog_partition = partition.changelog_partition;
+        let ranges = chunk_ranges(frame.len(), self.config.max_chunk_bytes());
+        for (index, range) in ranges.iter().enumerate() {
+            let key = RecordKey::encode(partition, frame_id, RecordPart::Chunk(index as u32));
+            let value = chunk_value(&frame[range.clone()]);
+            self.writer.send(changelog_partition, &key, Some(&value))?;
+            report.chunk_records += 1;
+            report.bytes_sent += (key.len() + value.len()) as u64;
+        }
+        let key = RecordKey::encode(partition, frame_id, RecordPart::End);
+        let value = end_value(frame, ranges.len() as u32);
+        self.writer.send(changelog_partition, &key, Some(&value))?;
+        report.end_markers += 1;
+        report.bytes_sent += (key.len() + value.len()) as u64;
+        report.frame_bytes += frame.len() as u64;
+        report.frames.push((partition.clone(), frame_id));
+        Ok(())
+    }
+
+    /// Opens `partition` by seeding it from the caller's copy, to write it with `epoch`, which
+    /// must be above every epoch `retire` saw of it: a new line of base frames, frame `i + 1`
+    /// snapshotting shard `i` as `rows_of_shard` reads it, each carrying `meta` (the copy's: the
+    /// input offset it is as current as), then one flush, then the head. For a case the
+    /// changelog cannot restore: a store kept without the changelog, a changelog lost or of the
+    /// per-key format, a local copy newer than the changelog's line.
+    ///
+    /// Until its last base frame is in the log the seed is no line: a restore passes over it and
+    /// takes the previous line or nothing, as if it had not been sent. Whole, it snapshots every
+    /// shard, so it wins over everything of a lower epoch and builds on nothing. The frames of
+    /// `retire` (those a read of the changelog found, those a local head knew) are tombstoned by
+    /// the next commit, once the seed is acknowledged.
+    ///
+    /// One frame is built at a time and dropped once sent, so a seed holds one shard's rows, not
+    /// the partition (but for a [`Store`], whose blobs are written in the one store write). The
+    /// caller's rows stay as they are: a head store's write does not replace them.
+    pub fn seed<E>(
+        &mut self,
+        partition: &PartitionId,
+        meta: &[u8],
+        epoch: Epoch,
+        retire: RetiredFrames,
+        mut rows_of_shard: impl FnMut(ShardId, &mut SeedShard<'_>) -> Result<(), E>,
+    ) -> Result<CommitReport, SeedFailure<W, S, K, E>> {
+        if self.stopped {
+            return Err(SeedError::Stopped);
+        }
+        if self.open.contains_key(partition) {
+            return Err(SeedError::AlreadyOpen {
+                partition: partition.clone(),
+            });
+        }
+        if epoch <= retire.highest_epoch() {
+            return Err(SeedError::EpochNotAbove {
+                partition: partition.clone(),
+                requested: epoch.0,
+                seen: retire.highest_epoch().0,
+            });
+        }
+        let shards = self.config.shards();
+        let mut head = PartitionHead::empty(shards);
+        head.meta = meta.to_vec();
+        let mut report = CommitReport::default();
+        let mut store_write = PartitionWrite {
+            partition: partition.clone(),
+            // A blob store's copy of the partition is the seed's whole; a head store's rows are
+            // the caller's, which the seed was read from, so they stay.
+            replace: K::KEEPS_BLOBS,
+            delete_deltas_through: None,
+            head: Vec::new(),
+            snapshots: Vec::new(),
+            deltas: Vec::new(),
+        };
+        for index in 0..shards {
+            let shard = ShardId(index);
+            let frame_id = FrameId {
+                epoch,
+                sequence: Sequence(u64::from(index) + 1),
+            };
+            let mut checkpoint = Checkpoint::new(partition.clone(), meta);
+            checkpoint.snapshot_shard(shard);
+            let read = rows_of_shard(
+                shard,
+                &mut SeedShard {
+                    checkpoint: &mut checkpoint,
+                    shard,
+                },
+            );
+            if let Err(source) = read {
+                // Base frames already sent hold keys of this epoch that a retry would reuse.
+                self.stopped |= index > 0;
+                return Err(SeedError::Rows {
+                    partition: partition.clone(),
+                    shard: index,
+                    source,
+                });
+            }
+            let header = FrameHeader {
+                partition_name: partition.name.clone(),
+                id: frame_id,
+                // The first frame builds on nothing, as any line's first checkpoint.
+                parent_epoch: if index == 0 { Epoch(0) } else { epoch },
+                shards,
+                base_frames: u64::from(shards),
+                snapshot_shards: vec![shard],
+            };
+            let delta = checkpoint.encode_delta();
+            let frame = encode_frame(&header, &checkpoint, &delta);
+            let section = checkpoint.snapshots.get(&shard).map_or(0, rows_section_len);
+            head.book_checkpoint(frame_id.sequence, delta.len() as u64, &[(shard, section)]);
+            head.head = frame_id;
+            head.logged_frames.push(LoggedFrame {
+                id: frame_id,
+                chunks: chunk_ranges(frame.len(), self.config.max_chunk_bytes()).len() as u32,
+                snapshot_shards: vec![shard],
+                retired: false,
+            });
+            if K::KEEPS_BLOBS {
+                if let Some(rows) = checkpoint.snapshots.get(&shard) {
+                    let mut section = Vec::with_capacity(rows.bytes.len() + 20);
+                    put_rows(&mut section, rows);
+                    store_write
+                        .snapshots
+                        .push((shard, encode_snapshot_blob(frame_id.sequence, &section)));
+                }
+                // Every shard's snapshot is at or after the first frame, so the deltas of the
+                // others are the line's (empty, but a blob store's restore reads each).
+                if frame_id.sequence > Sequence(1) {
+                    store_write
+                        .deltas
+                        .push((frame_id.sequence, encode_delta_blob(&delta)));
+                }
+            }
+            let sent = self.send_frame(partition, frame_id, &frame, &mut report);
+            if let Err(source) = sent {
+                self.stopped = true;
+                return Err(SeedError::Changelog {
+                    partition: partition.clone(),
+                    source,
+                });
+            }
+            report.snapshots += 1;
+            report.snapshot_bytes += section;
+            report.delta_bytes += delta.len() as u64;
+        }
+        head.logged_frames.extend(retire.into_logged());
+        store_write.head = head.encode();
+        let acknowledged = match self.writer.flush() {
+            Ok(acknowledged) => acknowledged,
+            Err(source) => {
+                self.stopped = true;
+                return Err(SeedError::Changelog {
+                    partition: partition.clone(),
+                    source,
+                });
+            }
+        };
+        if let Err(source) = K::commit(
+            &mut self.store,
+            std::slice::from_ref(&store_write),
+            &acknowledged,
+        ) {
+            self.stopped = true;
+            return Err(SeedError::Store {
+                partition: partition.clone(),
+                source,
+            });
+        }
+        self.open
+            .insert(partition.clone(), OpenPartition { epoch, head });
         Ok(report)
     }
 }

@@ -35,7 +35,9 @@ pub trait RestoreSink {
     fn replace_shard(&mut self, shard: ShardId, rows: SnapshotRows<'_>) -> Result<(), Self::Error>;
 
     /// The meta of `frame`, now applied whole: the last call for each frame, so a sink writing
-    /// in batches may end one here, and never writes a meta ahead of its rows.
+    /// in batches may end one here, and never writes a meta ahead of its rows. After a clear
+    /// (see [`RestoreSink::drop_range`]) it is [`FrameId::EMPTY`]'s, empty: the partition is at
+    /// the empty state until a frame is applied.
     fn meta(&mut self, frame: FrameId, meta: &[u8]) -> Result<(), Self::Error>;
 }
 

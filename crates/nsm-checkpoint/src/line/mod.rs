@@ -7,7 +7,7 @@
 mod frames;
 mod resolve;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use crate::body::Delta;
 use crate::error::{Corruption, RestoreError};
@@ -68,9 +68,14 @@ pub struct LineRestore {
     frames: BTreeMap<FrameId, TrackedFrame>,
     /// Frames a finished frame of the newest epoch seen named as its parent.
     confirmed: HashSet<FrameId>,
-    /// Finished frames held, oldest first (some may have gone since).
+    /// Finished frames held, oldest first (some may have gone since: entries are dropped as they
+    /// reach the front, so applying or unfinishing a frame costs no scan of the others).
     held: VecDeque<FrameId>,
     held_bytes: u64,
+    /// The frames held (a first pass's), by the parent each names: what may continue the applied
+    /// head, found without a scan of every frame held (a seed behind an applied line holds one
+    /// frame per shard, and a scan at each frame finishing would cost their square).
+    held_children: HashMap<FrameId, BTreeSet<FrameId>>,
     highest_epoch: Epoch,
     newest_finished_epoch: Epoch,
     next_offset: Option<u64>,
@@ -266,6 +271,7 @@ impl LineRestore {
             confirmed: HashSet::new(),
             held: VecDeque::new(),
             held_bytes: 0,
+            held_children: HashMap::new(),
             highest_epoch: Epoch(0),
             newest_finished_epoch: Epoch(0),
             next_offset: None,
@@ -291,11 +297,15 @@ impl LineRestore {
         restore.carried = pass.carried;
         restore.carried.stats.passes += 1;
         if pass.clears {
-            sink.drop_range(&[], None)
-                .map_err(|source| RestoreError::Sink {
-                    partition: restore.partition.clone(),
-                    source,
-                })?;
+            let failed = |source| RestoreError::Sink {
+                partition: restore.partition.clone(),
+                source,
+            };
+            sink.drop_range(&[], None).map_err(failed)?;
+            // The sink is the empty state again, meta included: a second pass that applies
+            // nothing (the line was a seed cut short, applied as it came, and there is none
+            // before it) leaves no meta of a frame off the line.
+            sink.meta(FrameId::EMPTY, &[]).map_err(failed)?;
             let counts = std::mem::take(&mut restore.carried.applied.counts);
             restore.carried.applied = Applied::at(None, restore.config.shards());
             restore.carried.applied.counts = counts;
@@ -365,6 +375,7 @@ impl LineRestore {
         self.highest_epoch = self.highest_epoch.max(key.frame.epoch);
         let id = key.frame;
         let tracked = self.frames.entry(id).or_insert_with(TrackedFrame::new);
+        let parent = tracked.finished().map(|finished| finished.header.parent());
         let change = tracked.record(&self.partition, id, key.part, value);
         if !tracked.anything_present() && tracked.finished().is_none() {
             // Every record of it tombstoned (or a tombstone of a frame compacted away): nothing
@@ -379,7 +390,10 @@ impl LineRestore {
             Change::None => Ok(()),
             Change::Unfinished { held_bytes } => {
                 self.held_bytes = self.held_bytes.saturating_sub(held_bytes);
-                self.held.retain(|held| *held != id);
+                if let Some(parent) = parent {
+                    self.unhold_child(parent, id);
+                }
+                self.prune_held();
                 Ok(())
             }
             Change::Finished => self.finished(sink, id),
@@ -424,6 +438,7 @@ impl LineRestore {
         }
         self.held_bytes += len;
         self.held.push_back(id);
+        self.held_children.entry(parent).or_default().insert(id);
         self.newest_finished_epoch = self.newest_finished_epoch.max(id.epoch);
         // Only a frame of the newest epoch confirms its parent: a cut-off owner's frame names
         // its own line, which the newer owner's frames have left.
@@ -460,31 +475,63 @@ impl LineRestore {
             // Reading the whole log with nothing applied, the first confirmed frame starts the
             // sink: a compacted log has lost the line's first frames.
             let anywhere = self.resumed.is_none() && applied.head == FrameId::EMPTY;
-            let mut next: Option<FrameId> = None;
-            for id in &self.held {
-                let Some(finished) = self.frames.get(id).and_then(TrackedFrame::finished) else {
-                    continue;
-                };
-                if finished.bytes.is_none() || !self.confirmed.contains(id) {
-                    continue;
-                }
-                let better = if anywhere {
-                    // The oldest, then the newest owner's.
-                    next.is_none_or(|best| {
-                        (id.sequence, std::cmp::Reverse(id.epoch))
-                            < (best.sequence, std::cmp::Reverse(best.epoch))
-                    })
-                } else {
-                    finished.header.parent() == applied.head && next.is_none_or(|best| *id > best)
-                };
-                if better {
-                    next = Some(*id);
-                }
-            }
+            let next = if anywhere {
+                // The oldest, then the newest owner's.
+                self.held
+                    .iter()
+                    .filter(|id| self.is_held_and_confirmed(id))
+                    .min_by_key(|id| (id.sequence, std::cmp::Reverse(id.epoch)))
+                    .copied()
+            } else {
+                // The newest continuing the applied head.
+                self.held_children
+                    .get(&applied.head)
+                    .into_iter()
+                    .flatten()
+                    .rev()
+                    .find(|id| self.is_held_and_confirmed(id))
+                    .copied()
+            };
             match next {
                 Some(id) if self.apply(sink, id)? => {}
                 _ => return Ok(()),
             }
+        }
+    }
+
+    /// Whether frame `id`'s bytes are held and a frame of the newest epoch named it.
+    fn is_held_and_confirmed(&self, id: &FrameId) -> bool {
+        self.confirmed.contains(id)
+            && self
+                .frames
+                .get(id)
+                .and_then(TrackedFrame::finished)
+                .is_some_and(|finished| finished.bytes.is_some())
+    }
+
+    /// Forgets that frame `id`, naming `parent`, is held.
+    fn unhold_child(&mut self, parent: FrameId, id: FrameId) {
+        if let Some(children) = self.held_children.get_mut(&parent) {
+            children.remove(&id);
+            if children.is_empty() {
+                self.held_children.remove(&parent);
+            }
+        }
+    }
+
+    /// Drops the entries at the front of `held` whose frames are no longer held (applied,
+    /// tombstoned), so it stays as long as the frames held span.
+    fn prune_held(&mut self) {
+        while let Some(id) = self.held.front() {
+            let still_held = self
+                .frames
+                .get(id)
+                .and_then(TrackedFrame::finished)
+                .is_some_and(|finished| finished.bytes.is_some());
+            if still_held {
+                return;
+            }
+            self.held.pop_front();
         }
     }
 
@@ -495,13 +542,17 @@ impl LineRestore {
             let Some(id) = self.held.pop_front() else {
                 return;
             };
-            if let Some(bytes) = self
+            let Some(finished) = self
                 .frames
                 .get_mut(&id)
                 .and_then(TrackedFrame::finished_mut)
-                .and_then(|finished| finished.bytes.take())
-            {
+            else {
+                continue;
+            };
+            let parent = finished.header.parent();
+            if let Some(bytes) = finished.bytes.take() {
                 self.held_bytes = self.held_bytes.saturating_sub(bytes.len() as u64);
+                self.unhold_child(parent, id);
             }
         }
     }
@@ -525,7 +576,8 @@ impl LineRestore {
         };
         let parent = finished.header.parent();
         self.held_bytes = self.held_bytes.saturating_sub(bytes.len() as u64);
-        self.held.retain(|held| *held != id);
+        self.unhold_child(parent, id);
+        self.prune_held();
         let partition = &self.partition;
         let corrupt = |source: DecodeError| RestoreError::Corrupt {
             partition: partition.clone(),

@@ -340,3 +340,127 @@ fn an_expiry_of_many_windows_is_one_range_each() {
     let stored = from_store(&config, owner.store(), &partition());
     assert_eq!(State::of(&config, &stored), state);
 }
+
+#[test]
+fn a_seed_is_one_frame_per_shard() {
+    use crate::support::{read_for_seed, reader_from, rows_by_shard, stream_restore};
+    use nsm_checkpoint::{LineRestore, RecordPart};
+
+    const ROWS: u64 = 50_000;
+    const SHARDS: u32 = 64;
+    let config = config(SHARDS, CheckpointConfig::DEFAULT_MAX_CHUNK_BYTES);
+    let changelog = MemoryChangelog::new();
+    // A line before the seed: a checkpoint of every row (snapshotting every shard), and one of
+    // a few.
+    let mut owner = open_owner(config, &changelog);
+    let mut state = State::default();
+    let mut number = 0;
+    let rows: Vec<Op> = (0..ROWS)
+        .map(|entity| Op::Put(entity_key(1, entity), b"before".to_vec()))
+        .collect();
+    commit(&mut owner, &mut state, &mut number, &rows);
+    commit(&mut owner, &mut state, &mut number, &rows[..10]);
+    let before = changelog.records(0).len() as u64;
+
+    // The copy seeded: the same keys, other values, and its own meta.
+    let mut copy = State {
+        meta: b"the copy's offsets".to_vec(),
+        ..State::default()
+    };
+    for entity in 0..ROWS {
+        copy.rows
+            .insert(entity_key(1, entity), format!("copy {entity}").into_bytes());
+    }
+    let (_, retire) = read_for_seed(&config, &changelog, &partition());
+    assert_eq!(retire.frames().count(), 2);
+    let by_shard = rows_by_shard(&config, &copy);
+    let mut seeder = Checkpointer::new(config, changelog.writer(), MemoryStore::new());
+    let report = seeder
+        .seed(&partition(), &copy.meta, Epoch(2), retire, |shard, rows| {
+            for (key, value) in by_shard.get(&shard).into_iter().flatten() {
+                rows.row(key, value);
+            }
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .expect("the seed goes through");
+    let state_bytes: u64 = copy
+        .rows
+        .iter()
+        .map(|(key, value)| (key.len() + value.len() + 2) as u64)
+        .sum();
+    eprintln!(
+        "seeding {ROWS} rows ({state_bytes} bytes) in {SHARDS} shards: {} frames of {} bytes, {} \
+         records; the store write put {} values",
+        report.frames.len(),
+        report.frame_bytes,
+        report.records(),
+        seeder.store().last_commit().values_put,
+    );
+    // One frame per shard, each its shard's snapshot and nothing else, one chunk each at this
+    // size, and no tombstone: the retired frames wait for the next commit.
+    assert_eq!(report.frames.len(), SHARDS as usize);
+    let sequences: Vec<u64> = report.frames.iter().map(|(_, id)| id.sequence.0).collect();
+    assert_eq!(sequences, (1..=u64::from(SHARDS)).collect::<Vec<_>>());
+    assert_eq!(report.end_markers, u64::from(SHARDS));
+    assert_eq!(report.chunk_records, u64::from(SHARDS));
+    assert_eq!(report.tombstones, 0);
+    assert_eq!(report.snapshots, u64::from(SHARDS));
+    assert!(report.frame_bytes <= state_bytes + u64::from(SHARDS) * 64);
+    // The blob store's one write: the head, a snapshot per shard, the (empty) delta of each
+    // frame after the first.
+    assert_eq!(
+        seeder.store().last_commit().values_put,
+        1 + 2 * u64::from(SHARDS) - 1
+    );
+
+    // A restore reads the seed once, in one pass, applying the old line and then the seed over
+    // it: exactly the copy.
+    for compacted in [false, true] {
+        let restored = from_changelog(&config, &changelog, &partition(), compacted);
+        assert_eq!(State::of(&config, &restored), copy);
+        assert_eq!(restored.stats.snapshots_applied, u64::from(SHARDS));
+        assert_eq!(restored.stats.snapshot_rows, ROWS);
+        assert_eq!(restored.stats.frames_skipped, 2);
+        assert_eq!(restored.stats.passes, 1);
+        let reader = reader_from(&changelog, 0, compacted, None);
+        let one_frame = crate::support::largest_frame_bytes(&changelog, &partition());
+        let start = LineRestore::new(&config, &partition(), one_frame);
+        let (streamed, state) = stream_restore(&config, start, &reader, State::default())
+            .expect("the changelog restores")
+            .expect("a whole read goes on from nothing");
+        assert_eq!(state, copy);
+        eprintln!(
+            "held to one frame (compacted: {compacted}): {} passes, {} frames applied",
+            streamed.stats.passes, streamed.stats.frames_applied
+        );
+    }
+    assert_eq!(
+        State::of(&config, &from_store(&config, seeder.store(), &partition())),
+        copy
+    );
+
+    // The next commit tombstones the line before the seed (its chunks and end markers), and
+    // compaction leaves the seed and that commit: about the state once.
+    let ops = [Op::Put(entity_key(1, 7), b"after".to_vec())];
+    apply(&mut copy, &ops, meta_of(0, 3));
+    let due = seeder.snapshots_due(&partition());
+    let built = checkpoint(&config, &partition(), &ops, &copy, &due);
+    let next = seeder.commit(&[built]).expect("the commit goes through");
+    let old_records = before;
+    assert_eq!(next.tombstones, old_records, "every record of the old line");
+    changelog.compact();
+    let kept = changelog.records(0);
+    assert!(kept
+        .iter()
+        .filter_map(|record| RecordKey::parse(&record.key).ok().flatten())
+        .all(|key| key.frame.epoch == Epoch(2)
+            && (key.frame.sequence.0 <= u64::from(SHARDS) + 1)
+            && matches!(key.part, RecordPart::Chunk(_) | RecordPart::End)));
+    let restored = from_changelog(&config, &changelog, &partition(), false);
+    assert_eq!(State::of(&config, &restored), copy);
+    assert!(
+        restored.stats.bytes_read <= state_bytes * 11 / 10 + restored.stats.records_read * 64,
+        "a restore after the seed read {} bytes, the state is {state_bytes}",
+        restored.stats.bytes_read
+    );
+}

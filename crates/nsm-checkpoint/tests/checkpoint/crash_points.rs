@@ -247,3 +247,181 @@ fn a_head_store_keeps_the_position_each_commit_acknowledged_and_compaction_keeps
         before.last().map_or(0, |(offset, _)| offset + 1)
     );
 }
+
+/// The caller's copy a seed starts from: rows unlike any checkpoint's, in every shard.
+fn seeded_copy() -> crate::support::State {
+    let mut state = crate::support::State {
+        meta: b"the copy's offsets".to_vec(),
+        ..Default::default()
+    };
+    for user in 0..24 {
+        state.rows.insert(
+            format!("user/{user}").into_bytes(),
+            format!("seeded-{user}").into_bytes(),
+        );
+    }
+    state
+}
+
+/// A log holding a line of `checkpoints` checkpoints of one owner (epoch 1), and its state.
+fn line_before_the_seed(
+    kind: Kind,
+    checkpoints: u64,
+) -> (
+    nsm_checkpoint::testing::MemoryChangelog,
+    crate::support::State,
+) {
+    use crate::support::{commit_ops, AnyOwner, AnyStore, State};
+
+    let changelog = nsm_checkpoint::testing::MemoryChangelog::new();
+    let partition = nsm_checkpoint::PartitionId::new(3, "input-0");
+    let mut owner = AnyOwner::new(config(4, 96), &changelog, AnyStore::new(kind));
+    owner
+        .resume(&partition, nsm_checkpoint::Epoch(1))
+        .expect("an empty store opens");
+    let mut state = State::default();
+    for number in 1..=checkpoints {
+        let mut ops: Vec<Op> = users(0, 10, &format!("line-{number}"));
+        ops.push(delete("user/3"));
+        commit_ops(
+            &mut owner,
+            &partition,
+            &mut state,
+            &ops,
+            &format!("line {number}"),
+        );
+    }
+    (changelog, state)
+}
+
+#[test]
+fn a_seed_failing_at_any_record_restores_the_line_before_it_or_none() {
+    for kind in KINDS {
+        // No frame of the partition before the seed (a legacy changelog, one turned on), or an
+        // older line (a lost changelog's local copy is newer).
+        for checkpoints in [0, 3] {
+            a_seed_failing_at_any_record(kind, checkpoints);
+        }
+    }
+}
+
+fn a_seed_failing_at_any_record(kind: Kind, checkpoints: u64) {
+    use nsm_checkpoint::{Epoch, FrameId, PartitionId, RecordKey};
+
+    use crate::support::{
+        assert_every_restore_is, commit_ops, frame_is_whole_in_log, read_for_seed, AnyOwner,
+        AnyStore,
+    };
+
+    let config = config(4, 96);
+    let partition = PartitionId::new(3, "input-0");
+    let (before, previous) = line_before_the_seed(kind, checkpoints);
+    let copy = seeded_copy();
+    let sent_before = before.records_sent();
+    let total = {
+        let changelog = before.fork();
+        let mut owner = AnyOwner::new(config, &changelog, AnyStore::new(kind));
+        let (_, retire) = read_for_seed(&config, &changelog, &partition);
+        let report = owner
+            .seed(&partition, Epoch(2), retire, &copy)
+            .expect("the seed goes through");
+        // One base frame per shard, of several chunks each: a crash can cut one short.
+        assert_eq!(report.frames.len(), 4);
+        assert!(report.chunk_records > 8, "{report:?}");
+        changelog.records_sent() - sent_before
+    };
+    eprintln!(
+        "{kind:?}, a line of {checkpoints} before: the seed sends {total} records: crashed at \
+         each, three ways, and at its store write"
+    );
+    let mut faults: Vec<Option<ChangelogFault>> = (0..=total)
+        .flat_map(|record| {
+            let at = sent_before + record;
+            [
+                ChangelogFault::RefuseSendAt(at),
+                ChangelogFault::LoseFrom(at),
+                ChangelogFault::LoseOnly(at),
+            ]
+        })
+        .map(Some)
+        .collect();
+    // `None`: the store write fails, the changelog took the whole seed.
+    faults.push(None);
+    for fault in faults {
+        let context = format!("{kind:?}, a line of {checkpoints} before, {fault:?}");
+        let changelog = before.fork();
+        let store = AnyStore::new(kind);
+        match fault {
+            Some(fault) => changelog.inject(fault),
+            None => store.fail_commit(store.commits()),
+        }
+        let mut owner = AnyOwner::new(config, &changelog, store);
+        let (read, retire) = read_for_seed(&config, &changelog, &partition);
+        assert_eq!(read, previous, "{context}: the read before the seed");
+        let seeded = owner.seed(&partition, Epoch(2), retire, &copy);
+        let struck = seeded.is_err();
+        assert_eq!(
+            struck,
+            fault.is_none_or(|fault| !matches!(fault, ChangelogFault::RefuseSendAt(at)
+                | ChangelogFault::LoseFrom(at)
+                | ChangelogFault::LoseOnly(at) if at == sent_before + total)),
+            "{context}: {seeded:?}"
+        );
+        assert_eq!(owner.is_stopped(), struck, "{context}");
+        let seed_is_whole = (1..=4).all(|sequence| {
+            let frame = FrameId {
+                epoch: Epoch(2),
+                sequence: nsm_checkpoint::Sequence(sequence),
+            };
+            frame_is_whole_in_log(&changelog, &partition, frame)
+        });
+        // Only a seed whole in the log is a line; cut short it is as if never sent.
+        let expected = if seed_is_whole { &copy } else { &previous };
+        assert_every_restore_is(&config, &changelog, &partition, expected, &context);
+        // The store took the seed's head only after every record was acknowledged.
+        let stored = owner.store().state(&config, &partition);
+        if struck {
+            assert_eq!(stored, Default::default(), "{context}: the store");
+        } else {
+            assert_eq!(stored, copy, "{context}: the store");
+        }
+        if !struck {
+            continue;
+        }
+
+        // The next owner reads the log, seeds again with a higher epoch, retiring whatever it
+        // found (the line before, the seed cut short), and commits: its first commit tombstones
+        // every frame of the epochs before, so compaction leaves nothing of them.
+        let mut next = AnyOwner::new(config, &changelog, AnyStore::new(kind));
+        let (read, retire) = read_for_seed(&config, &changelog, &partition);
+        assert_eq!(&read, expected, "{context}: the next owner's read");
+        next.seed(&partition, Epoch(3), retire, &copy)
+            .expect("the next seed goes through");
+        assert_every_restore_is(&config, &changelog, &partition, &copy, &context);
+        let mut state = copy.clone();
+        commit_ops(
+            &mut next,
+            &partition,
+            &mut state,
+            &[put("user/1", "after"), delete("user/2")],
+            "after the seed",
+        );
+        assert_every_restore_is(&config, &changelog, &partition, &state, &context);
+        changelog.compact();
+        let epochs: std::collections::BTreeSet<u64> = changelog
+            .records(3)
+            .iter()
+            .filter_map(|record| RecordKey::parse(&record.key).ok().flatten())
+            .map(|key| key.frame.epoch.0)
+            .collect();
+        assert_eq!(epochs, [3].into(), "{context}: left after compaction");
+        assert_every_restore_is(
+            &config,
+            &changelog,
+            &partition,
+            &state,
+            &format!("{context}, compacted"),
+        );
+        assert_eq!(next.store().state(&config, &partition), state, "{context}");
+    }
+}

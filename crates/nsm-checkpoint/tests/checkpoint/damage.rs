@@ -320,3 +320,90 @@ fn a_changelog_written_with_another_shard_count_is_refused_not_emptied() {
         "{error}"
     );
 }
+
+#[test]
+fn a_seed_refused_sends_nothing_and_one_whose_rows_fail_stops_only_once_it_sent() {
+    use nsm_checkpoint::{RetiredFrames, SeedError};
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("the caller's store failed reading shard {0}")]
+    struct ReadFailed(u32);
+
+    let config = config(2, 64);
+    let (changelog, _, [_, second]) = two_checkpoints();
+    let sent = changelog.records_sent();
+    let mut seeder = Checkpointer::new(config, changelog.writer(), MemoryStore::new());
+    let rows = |fail_at: Option<u32>| {
+        move |shard: ShardId, rows: &mut nsm_checkpoint::SeedShard<'_>| {
+            if Some(shard.0) == fail_at {
+                return Err(ReadFailed(shard.0));
+            }
+            rows.row(format!("row of {}", shard.0).as_bytes(), b"v");
+            Ok(())
+        }
+    };
+    // The log saw epoch 1: a seed must take a higher one.
+    let retire = |changelog: &MemoryChangelog| {
+        crate::support::read_for_seed(&config, changelog, &partition()).1
+    };
+    let refused = seeder.seed(&partition(), b"m", Epoch(1), retire(&changelog), rows(None));
+    assert!(
+        matches!(
+            refused,
+            Err(SeedError::EpochNotAbove {
+                requested: 1,
+                seen: 1,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    // The first shard's rows fail: nothing was sent, nothing stops.
+    let failed = seeder.seed(
+        &partition(),
+        b"m",
+        Epoch(2),
+        retire(&changelog),
+        rows(Some(0)),
+    );
+    assert!(
+        matches!(failed, Err(SeedError::Rows { shard: 0, .. })),
+        "{failed:?}"
+    );
+    assert_eq!(changelog.records_sent(), sent);
+    assert!(!seeder.is_stopped());
+    // The second's: the first base frame was sent, so the checkpointer stops, and the seed cut
+    // short restores as if never sent.
+    let failed = seeder.seed(
+        &partition(),
+        b"m",
+        Epoch(2),
+        retire(&changelog),
+        rows(Some(1)),
+    );
+    assert!(
+        matches!(failed, Err(SeedError::Rows { shard: 1, .. })),
+        "{failed:?}"
+    );
+    assert!(changelog.records_sent() > sent);
+    assert!(seeder.is_stopped());
+    assert!(matches!(
+        seeder.seed(
+            &partition(),
+            b"m",
+            Epoch(3),
+            RetiredFrames::none(),
+            rows(None)
+        ),
+        Err(SeedError::Stopped)
+    ));
+    assert_eq!(restored_state(&changelog).0, second);
+    // A partition already open is not seeded.
+    let mut open = Checkpointer::new(config, changelog.writer(), MemoryStore::new());
+    open.resume_from_store(&partition(), Epoch(5))
+        .expect("an empty store opens");
+    assert!(matches!(
+        open.seed(&partition(), b"m", Epoch(6), retire(&changelog), rows(None)),
+        Err(SeedError::AlreadyOpen { .. })
+    ));
+}

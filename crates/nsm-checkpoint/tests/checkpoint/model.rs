@@ -13,7 +13,7 @@ use proptest::prelude::*;
 
 use crate::support::{
     apply, checkpoint, config, from_changelog, from_store, largest_frame_bytes, meta_of,
-    reader_from, stream_restore, Op, Owner, State,
+    read_for_seed, reader_from, rows_by_shard, stream_restore, Op, Owner, State,
 };
 
 #[derive(Debug, Clone)]
@@ -39,6 +39,9 @@ enum Action {
     HandOff {
         compacted: bool,
     },
+    /// A new owner, with a new store, seeds every partition from the model's state (its copy),
+    /// retiring what its read of the log found.
+    Seed,
     Compact,
 }
 
@@ -69,6 +72,7 @@ fn action() -> impl Strategy<Value = Action> {
         10 => commit,
         1 => Just(Action::Restart),
         1 => any::<bool>().prop_map(|compacted| Action::HandOff { compacted }),
+        1 => Just(Action::Seed),
         1 => Just(Action::Compact),
     ]
 }
@@ -181,6 +185,37 @@ impl History {
         self.reopen_with(store, false);
     }
 
+    /// A new owner with a new store seeds every partition from the model's state, after a read
+    /// of the log (which must find the model too) names the frames to retire.
+    fn seed(&mut self) {
+        let epoch = Epoch(self.next_epoch);
+        self.next_epoch += 1;
+        let mut owner = Checkpointer::new(self.config, self.changelog.writer(), MemoryStore::new());
+        for (index, partition) in self.partitions.iter().enumerate() {
+            let (read, retire) = read_for_seed(&self.config, &self.changelog, partition);
+            assert_eq!(
+                read, self.states[index],
+                "{partition}: the read before the seed"
+            );
+            let copy = &self.states[index];
+            let by_shard = rows_by_shard(&self.config, copy);
+            let report = owner
+                .seed(partition, &copy.meta, epoch, retire, |shard, rows| {
+                    for (key, value) in by_shard.get(&shard).into_iter().flatten() {
+                        rows.row(key, value);
+                    }
+                    Ok::<(), std::convert::Infallible>(())
+                })
+                .expect("the seed goes through");
+            assert_eq!(report.frames.len(), self.config.shards() as usize);
+            assert_eq!(
+                report.tombstones, 0,
+                "a seed's retired frames wait for its next commit"
+            );
+        }
+        self.owner = owner;
+    }
+
     fn act(&mut self, action: &Action, salt: usize) {
         match action {
             Action::Commit {
@@ -223,6 +258,7 @@ impl History {
                 self.reopen(Some(store));
             }
             Action::HandOff { compacted } => self.reopen_with(None, *compacted),
+            Action::Seed => self.seed(),
             Action::Compact => self.changelog.compact(),
         }
     }

@@ -13,7 +13,8 @@ use nsm_checkpoint::{
     restore_from_changelog, restore_from_store, restore_head, ChangelogReader, Checkpoint,
     CheckpointConfig, Checkpointer, CommitError, CommitReport, Epoch, FrameId, HeadsOnly,
     LineBroken, LineOutcome, LineRestore, LineRestored, OpenError, PartitionId, RecordKey,
-    RecordPart, RestoreError, RestoreSink, RestoredPartition, ShardId, SnapshotRows,
+    RecordPart, RestoreError, RestoreSink, RestoredPartition, RetiredFrames, SeedError, SeedShard,
+    ShardId, SnapshotRows,
 };
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -21,6 +22,7 @@ pub type Owner = Checkpointer<MemoryChangelogWriter, MemoryStore>;
 pub type HeadOwner = Checkpointer<MemoryChangelogWriter, MemoryHeadStore, HeadsOnly>;
 pub type CommitFailure = CommitError<MemoryChangelogError, MemoryStoreError>;
 pub type OpenFailure = OpenError<MemoryChangelogError, MemoryStoreError>;
+pub type SeedFailure = SeedError<MemoryChangelogError, MemoryStoreError, Infallible>;
 
 /// The kind of store an owner writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +187,112 @@ impl AnyOwner {
                     .map_err(widen_open)?;
                 Ok(state)
             }
+        }
+    }
+}
+
+impl AnyOwner {
+    /// Opens `partition` by seeding it from `state` (the caller's copy: its rows, read shard by
+    /// shard, and its meta) with `epoch`, retiring `retire`. A head store's caller has the rows
+    /// on disk already: they are staged, so the seed's head write holds them too.
+    pub fn seed(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+        retire: RetiredFrames,
+        state: &State,
+    ) -> Result<CommitReport, SeedFailure> {
+        self.seed_with(partition, epoch, retire, state, |_| {})
+    }
+
+    /// [`AnyOwner::seed`], calling `between` before each shard's rows are read (to land
+    /// another owner's records in the middle of the seed).
+    pub fn seed_with(
+        &mut self,
+        partition: &PartitionId,
+        epoch: Epoch,
+        retire: RetiredFrames,
+        state: &State,
+        mut between: impl FnMut(ShardId),
+    ) -> Result<CommitReport, SeedFailure> {
+        let config = self.config();
+        let by_shard = rows_by_shard(&config, state);
+        let mut rows_of_shard = |shard: ShardId, rows: &mut SeedShard<'_>| {
+            between(shard);
+            for (key, value) in by_shard.get(&shard).into_iter().flatten() {
+                rows.row(key, value);
+            }
+            Ok::<(), Infallible>(())
+        };
+        match self {
+            AnyOwner::Blobs(owner) => {
+                owner.seed(partition, &state.meta, epoch, retire, &mut rows_of_shard)
+            }
+            AnyOwner::Heads(owner) => {
+                owner.store().stage(partition, state.rows.clone());
+                owner.seed(partition, &state.meta, epoch, retire, &mut rows_of_shard)
+            }
+        }
+    }
+}
+
+/// Rows (key, value) by the shard each is in.
+pub type RowsByShard = BTreeMap<ShardId, Vec<(Vec<u8>, Vec<u8>)>>;
+
+/// The rows of `state` by the shard each is in.
+pub fn rows_by_shard(config: &CheckpointConfig, state: &State) -> RowsByShard {
+    let mut by_shard = RowsByShard::new();
+    for (key, value) in &state.rows {
+        by_shard
+            .entry(shard_of(config, key))
+            .or_default()
+            .push((key.clone(), value.clone()));
+    }
+    by_shard
+}
+
+/// What a read of the whole log (compacted or not) finds of `partition`: the state of its line,
+/// and the frames a seed retires.
+pub fn read_for_seed(
+    config: &CheckpointConfig,
+    changelog: &MemoryChangelog,
+    partition: &PartitionId,
+) -> (State, RetiredFrames) {
+    let reader = reader_from(changelog, partition.changelog_partition, false, None);
+    let start = LineRestore::new(config, partition, u64::MAX);
+    let (restored, state) = stream_restore(config, start, &reader, State::default())
+        .expect("the changelog restores")
+        .expect("a whole read goes on from nothing");
+    (state, RetiredFrames::of_read(&restored))
+}
+
+/// Every way a restore of the whole log gives `partition`: into memory and streamed with
+/// every hold limit, of the log as it is and compacted. All must be `expected`.
+pub fn assert_every_restore_is(
+    config: &CheckpointConfig,
+    changelog: &MemoryChangelog,
+    partition: &PartitionId,
+    expected: &State,
+    context: &str,
+) {
+    for compacted in [false, true] {
+        let whole = from_changelog(config, changelog, partition, compacted);
+        assert_eq!(
+            &State::of(config, &whole),
+            expected,
+            "{context}, into memory (compacted: {compacted})"
+        );
+        let reader = reader_from(changelog, partition.changelog_partition, compacted, None);
+        for limit in [0, 300, u64::MAX] {
+            let start = LineRestore::new(config, partition, limit);
+            let (restored, state) = stream_restore(config, start, &reader, State::default())
+                .expect("the changelog restores")
+                .expect("a whole read goes on from nothing");
+            assert_eq!(
+                &state, expected,
+                "{context}, streamed (compacted: {compacted}, limit {limit})"
+            );
+            assert_eq!(restored.head, whole.head, "{context}, limit {limit}");
         }
     }
 }

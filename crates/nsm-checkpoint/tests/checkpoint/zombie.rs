@@ -502,3 +502,133 @@ fn a_fork_of_a_line_without_every_snapshot_with(kind: Kind) {
     assert_eq!(restored.stats.passes, 2);
     assert_restores_to(&changelog, &state_b, &format!("{kind:?}, whole"));
 }
+
+#[test]
+fn a_cut_off_owners_seed_does_not_win_over_a_newer_epoch() {
+    for kind in KINDS {
+        for landing in [
+            SeedLanding::AfterTheNewLine,
+            SeedLanding::BeforeTheNewOwnersFirstFrame,
+            SeedLanding::AmidTheNewOwnersFrames,
+            SeedLanding::AfterTheNewOwnersSeed,
+        ] {
+            a_cut_off_owners_seed_with(kind, landing);
+        }
+    }
+}
+
+/// Where the seed of Z (epoch 2, cut off while it seeded from its local copy) lands against
+/// B's frames (epoch 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeedLanding {
+    /// After B took A's line over and wrote two checkpoints.
+    AfterTheNewLine,
+    /// After B read the log, before B's first frame.
+    BeforeTheNewOwnersFirstFrame,
+    /// Half before B's first frame, half after it.
+    AmidTheNewOwnersFrames,
+    /// After B seeded too (from its own copy) and wrote a checkpoint.
+    AfterTheNewOwnersSeed,
+}
+
+fn a_cut_off_owners_seed_with(kind: Kind, landing: SeedLanding) {
+    use crate::support::{assert_every_restore_is, read_for_seed};
+
+    let context = format!("{kind:?}, Z's seed {landing:?}");
+    let config = config(SHARDS, 96);
+    let changelog = MemoryChangelog::new();
+    let (_, state_a) = owner_a_history(kind, &changelog, 3);
+    // Z read A's line, and seeds its own copy, which holds rows nobody else has.
+    let (_, retire_z) = read_for_seed(&config, &changelog, &partition());
+    let mut copy_z = state_a.clone();
+    apply(
+        &mut copy_z,
+        &[put("zombie-only", "z"), delete("user/4")],
+        b"Z's copy".to_vec(),
+    );
+    let mut owner_z = AnyOwner::new(config, &changelog, AnyStore::new(kind));
+    let seed_z = |owner_z: &mut AnyOwner, between: &mut dyn FnMut(nsm_checkpoint::ShardId)| {
+        owner_z
+            .seed_with(&partition(), Epoch(2), retire_z.clone(), &copy_z, between)
+            .expect("Z's seed goes through");
+    };
+    let mut owner_b = AnyOwner::new(config, &changelog, AnyStore::new(kind));
+    let mut state_b = if landing == SeedLanding::AfterTheNewOwnersSeed {
+        // B seeds from its own copy instead of taking A's line.
+        let mut copy_b = state_a.clone();
+        apply(&mut copy_b, &[put("b-only", "b")], b"B's copy".to_vec());
+        let (_, retire_b) = read_for_seed(&config, &changelog, &partition());
+        owner_b
+            .seed(&partition(), Epoch(3), retire_b, &copy_b)
+            .expect("B's seed goes through");
+        copy_b
+    } else {
+        owner_b
+            .take_over(&partition(), Epoch(3), &mut changelog.reader(0))
+            .expect("the changelog restores")
+    };
+    let b_commits = |owner_b: &mut AnyOwner, state_b: &mut State, numbers: &[u64]| {
+        for number in numbers {
+            commit_ops(
+                owner_b,
+                &partition(),
+                state_b,
+                &[put("user/1", &format!("b{number}")), delete("user/2")],
+                &format!("B {number}"),
+            );
+        }
+    };
+    match landing {
+        SeedLanding::AfterTheNewLine | SeedLanding::AfterTheNewOwnersSeed => {
+            b_commits(&mut owner_b, &mut state_b, &[4, 5]);
+            seed_z(&mut owner_z, &mut |_| {});
+        }
+        SeedLanding::BeforeTheNewOwnersFirstFrame => {
+            seed_z(&mut owner_z, &mut |_| {});
+            b_commits(&mut owner_b, &mut state_b, &[4, 5]);
+        }
+        SeedLanding::AmidTheNewOwnersFrames => {
+            let mut between = |shard: nsm_checkpoint::ShardId| {
+                if shard.0 == SHARDS / 2 {
+                    b_commits(&mut owner_b, &mut state_b, &[4]);
+                }
+            };
+            seed_z(&mut owner_z, &mut between);
+            b_commits(&mut owner_b, &mut state_b, &[5]);
+        }
+    }
+    assert!(!state_b.rows.contains_key(&b"zombie-only"[..]));
+    assert_every_restore_is(&config, &changelog, &partition(), &state_b, &context);
+    assert_eq!(
+        owner_b.store().state(&config, &partition()),
+        state_b,
+        "{context}: B's store"
+    );
+
+    // B never saw Z's seed; the next owner's read does, and its first commit tombstones it.
+    let (read, retire) = read_for_seed(&config, &changelog, &partition());
+    assert_eq!(read, state_b, "{context}");
+    assert!(
+        retire.frames().any(|frame| frame.epoch == Epoch(2)),
+        "{context}: Z's seed is among the frames the read found"
+    );
+    let (mut owner_c, mut state_c) = owner_taking_over(kind, &changelog, 4);
+    assert_eq!(state_c, state_b, "{context}");
+    commit_ops(
+        &mut owner_c,
+        &partition(),
+        &mut state_c,
+        &[put("user/8", "c")],
+        "C 6",
+    );
+    changelog.compact();
+    assert!(
+        changelog
+            .records(0)
+            .iter()
+            .filter_map(|record| RecordKey::parse(&record.key).ok().flatten())
+            .all(|key| key.frame.epoch != Epoch(2)),
+        "{context}: Z's seed is tombstoned by the next owner's first commit"
+    );
+    assert_every_restore_is(&config, &changelog, &partition(), &state_c, &context);
+}
