@@ -29,6 +29,10 @@ mod workload;
 
 use clap::{Parser, Subcommand};
 
+/// The allocator nsm runs with (see the nsm binary), so memory is measured as it is used.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "nsm-bench", about = "Measurements of nsm (not tests)")]
 struct Cli {

@@ -20,6 +20,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc, for RocksDB's C++ too: it returns freed memory to the system within seconds,
+/// where glibc's per-thread arenas kept it (the memory bench at 5M users: 605.6 MiB peak with
+/// glibc, 528.3 with jemalloc, the same entries in memory).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nsm",

@@ -35,7 +35,7 @@ fn example_config_is_valid_and_typed() {
     );
     assert_eq!(config.time.calendar.zone_name(), "Europe/Berlin");
     assert_eq!(config.state.flush_max_entries, 100_000);
-    assert_eq!(config.state.memory_limit, 256 << 20);
+    assert_eq!(config.state.memory_limit, 128 << 20);
     assert_eq!(config.metrics.len(), 8);
     let north_star = &config.metrics[0];
     assert_eq!(north_star.name, "weekly_active_messagers");

@@ -66,10 +66,12 @@ pub enum Outcome {
 
 /// Bytes of per-entity entries the engine keeps in memory, split evenly between the owned
 /// partitions (`state.memory_limit`). An entry takes about 40 bytes (a 28-byte slot of a hash
-/// table between 7/12 and 7/8 full), so this holds about 6.7 million: every entry of the
-/// bench config's end-to-end run at 1M users; past it, shards of the least recently used
-/// windows are read back from RocksDB when needed.
-pub const DEFAULT_STATE_MEMORY: usize = 256 << 20;
+/// table between 7/12 and 7/8 full), so this holds about 3.3 million: every entry of the
+/// bench config's memory run at 1M users; past it, shards of the least recently used windows
+/// are read back from RocksDB when needed. With RocksDB's own 128 MiB (block cache and
+/// memtables) it keeps a process at 5M users under 512 MiB (BENCHMARKS.md: 420.9 MiB for every
+/// kind of metric; 256 MiB made 528.3 for the core config).
+pub const DEFAULT_STATE_MEMORY: usize = 128 << 20;
 
 /// Per-entity entries written since the last checkpoint at which the engine asks for one
 /// ([`Engine::checkpoint_due`]), however soon. What a checkpoint holds in memory (these
