@@ -87,7 +87,7 @@ pub enum RestoreError<P> {
 
 impl RestoreError<std::convert::Infallible> {
     /// This error as one of a restore whose port may fail (the in-memory sink cannot).
-    pub(crate) fn widen<P>(self) -> RestoreError<P> {
+    pub fn widen<P>(self) -> RestoreError<P> {
         match self {
             RestoreError::Read { source, .. } | RestoreError::Sink { source, .. } => {
                 match source {}

@@ -413,7 +413,7 @@ pub fn stream_restore(
                 .expect("a record at the offset");
             restore
                 .record(&mut sink, offset, &record.key, record.value.as_deref())
-                .map_err(widen_restore)?;
+                .map_err(RestoreError::widen)?;
             if first_pass {
                 assert!(
                     restore.held_bytes() <= restore.hold_limit(),
@@ -423,7 +423,7 @@ pub fn stream_restore(
                 );
             }
         }
-        match restore.finish(&mut sink).map_err(widen_restore)? {
+        match restore.finish(&mut sink).map_err(RestoreError::widen)? {
             LineOutcome::Restored(restored) => {
                 assert_eq!(
                     restored.meta, sink.state.meta,
@@ -436,39 +436,9 @@ pub fn stream_restore(
                     first_pass,
                     "a second pass asks for a third though the log did not change"
                 );
-                restore = LineRestore::second_pass(pass, &mut sink).map_err(widen_restore)?;
+                restore = LineRestore::second_pass(pass, &mut sink).map_err(RestoreError::widen)?;
             }
             LineOutcome::Broken(broken) => return Ok(Err(broken)),
-        }
-    }
-}
-
-fn widen_restore(error: RestoreError<Infallible>) -> RestoreError<MemoryChangelogError> {
-    match error {
-        RestoreError::Read { source, .. } | RestoreError::Sink { source, .. } => match source {},
-        RestoreError::ShardCountChanged {
-            partition,
-            stored,
-            configured,
-        } => RestoreError::ShardCountChanged {
-            partition,
-            stored,
-            configured,
-        },
-        RestoreError::Corrupt {
-            partition,
-            what,
-            source,
-        } => RestoreError::Corrupt {
-            partition,
-            what,
-            source,
-        },
-        RestoreError::Incomplete { partition, missing } => {
-            RestoreError::Incomplete { partition, missing }
-        }
-        RestoreError::BrokenLine { partition, newest } => {
-            RestoreError::BrokenLine { partition, newest }
         }
     }
 }
@@ -1053,6 +1023,17 @@ impl Runner {
 
 /// A reader of changelog partition `partition` from `position` on (every record when `None`),
 /// of the log as it is or as compaction would leave it (offsets are kept either way).
+/// Gives every record `reader` holds to `restore`, in log order, applying into `sink`.
+pub fn feed(restore: &mut LineRestore, sink: &mut StateSink, reader: &MemoryChangelogReader) {
+    let mut records = reader.clone();
+    while let Some(offset) = records.next_offset() {
+        let record = records.next_record().expect("reads").expect("a record");
+        restore
+            .record(sink, offset, &record.key, record.value.as_deref())
+            .expect("applies");
+    }
+}
+
 pub fn reader_from(
     changelog: &MemoryChangelog,
     partition: u32,

@@ -6,11 +6,11 @@
 use nsm_checkpoint::testing::{ChangelogFault, MemoryChangelog};
 use std::collections::BTreeSet;
 
-use nsm_checkpoint::{ChangelogReader, Epoch, LineOutcome, LineRestore, PartitionId, RecordKey};
+use nsm_checkpoint::{Epoch, LineOutcome, LineRestore, PartitionId, RecordKey};
 
 use crate::support::{
-    apply, checkpoint, commit_ops, config, delete, drop_range, from_changelog, put, reader_from,
-    stream_restore, AnyOwner, AnyStore, Driven, Kind, Op, State, StateSink, KINDS,
+    apply, checkpoint, commit_ops, config, delete, drop_range, feed, from_changelog, put,
+    reader_from, stream_restore, AnyOwner, AnyStore, Driven, Kind, Op, State, StateSink, KINDS,
 };
 
 const SHARDS: u32 = 4;
@@ -374,13 +374,7 @@ fn a_frame_landing_behind_the_applied_head_takes_a_second_pass_with(kind: Kind) 
         // the sink as it is.
         let mut sink = StateSink::new(config, State::default());
         let mut first = LineRestore::new(&config, &partition(), u64::MAX);
-        let mut records = reader.clone();
-        while let Some(offset) = records.next_offset() {
-            let record = records.next_record().expect("reads").expect("a record");
-            first
-                .record(&mut sink, offset, &record.key, record.value.as_deref())
-                .expect("applies");
-        }
+        feed(&mut first, &mut sink, &reader);
         assert!(first.stats().frames_applied > 0, "{context}");
         match first.finish(&mut sink).expect("ends") {
             LineOutcome::SecondPass(pass) => {
@@ -469,13 +463,7 @@ fn a_fork_of_a_line_without_every_snapshot_with(kind: Kind) {
     let reader = reader_from(&changelog, 0, false, None);
     let mut sink = StateSink::new(config, State::default());
     let mut first = LineRestore::new(&config, &partition(), u64::MAX);
-    let mut records = reader.clone();
-    while let Some(offset) = records.next_offset() {
-        let record = records.next_record().expect("reads").expect("a record");
-        first
-            .record(&mut sink, offset, &record.key, record.value.as_deref())
-            .expect("applies");
-    }
+    feed(&mut first, &mut sink, &reader);
     let LineOutcome::SecondPass(pass) = first.finish(&mut sink).expect("ends") else {
         panic!("{kind:?}: the fork behind A's fourth frame takes no second pass");
     };
@@ -488,13 +476,7 @@ fn a_fork_of_a_line_without_every_snapshot_with(kind: Kind) {
     assert_eq!(frames, [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5)], "{kind:?}");
     let mut second = LineRestore::second_pass(pass, &mut sink).expect("clears");
     assert!(sink.state.rows.is_empty(), "{kind:?}: cleared first");
-    let mut records = reader.clone();
-    while let Some(offset) = records.next_offset() {
-        let record = records.next_record().expect("reads").expect("a record");
-        second
-            .record(&mut sink, offset, &record.key, record.value.as_deref())
-            .expect("applies");
-    }
+    feed(&mut second, &mut sink, &reader);
     let LineOutcome::Restored(restored) = second.finish(&mut sink).expect("ends") else {
         panic!("{kind:?}: the second pass does not end the restore");
     };
