@@ -282,6 +282,14 @@ fn rules_without_annotations(config: &Config) -> String {
 }
 
 fn run_scenarios(scenarios: &[HourlyScenario]) {
+    let cases: String = scenarios.iter().map(HourlyScenario::test_case).collect();
+    let names: Vec<&str> = scenarios.iter().map(|scenario| scenario.name).collect();
+    test_scenario_rules(&cases, &format!("the scenarios {names:?}"));
+}
+
+/// `promtool test rules` of the test cases `cases` (the items of `tests:`) against the
+/// generated rules of the scenario config, evaluated every minute.
+fn test_scenario_rules(cases: &str, what: &str) {
     let config = Config::from_toml(SCENARIO_CONFIG, &|_| None).expect("scenario config");
     let directory = tempfile::tempdir().expect("temporary directory");
     std::fs::write(
@@ -289,16 +297,12 @@ fn run_scenarios(scenarios: &[HourlyScenario]) {
         rules_without_annotations(&config),
     )
     .expect("write rules");
-    let mut test = String::from("rule_files:\n  - rules.yml\nevaluation_interval: 1m\ntests:\n");
-    for scenario in scenarios {
-        test.push_str(&scenario.test_case());
-    }
+    let test = format!("rule_files:\n  - rules.yml\nevaluation_interval: 1m\ntests:\n{cases}");
     let path = directory.path().join("tests.yml");
     std::fs::write(&path, &test).expect("write tests");
-    let names: Vec<&str> = scenarios.iter().map(|scenario| scenario.name).collect();
     run_promtool(
         &["test", "rules", path.to_str().expect("utf-8 path")],
-        &format!("the scenarios {names:?}:\n{test}"),
+        &format!("{what}:\n{test}"),
     );
 }
 
@@ -548,19 +552,10 @@ fn stale_data_pages_for_the_pipeline_and_holds_business_alerts_back() {
 /// points summed across instances, not the sum of each instance's median.
 #[test]
 fn several_instances_take_the_median_of_the_summed_baseline_points() {
-    let config = Config::from_toml(SCENARIO_CONFIG, &|_| None).expect("scenario config");
-    let directory = tempfile::tempdir().expect("temporary directory");
-    std::fs::write(
-        directory.path().join("rules.yml"),
-        rules_without_annotations(&config),
-    )
-    .expect("write rules");
     // Instance a saw 10, 100, 20, 30 at this point 1 to 4 weeks back, b 100, 10, 30, 20: each
     // median is 25 (50 summed), while the group had 110, 110, 50, 50 (median 80).
     let points = [("a", [10, 100, 20, 30]), ("b", [100, 10, 30, 20])];
-    let mut test = String::from(
-        "rule_files:\n  - rules.yml\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
-    );
+    let mut test = String::from("  - interval: 1m\n    input_series:\n");
     for (instance, values) in points {
         let series = |window: &str, value: i64| {
             format!(
@@ -586,12 +581,7 @@ fn several_instances_take_the_median_of_the_summed_baseline_points() {
            - labels: 'nsm:metric_pace{metric=\"nights_booked\", role=\"north_star\"}'\n            \
              value: 1\n",
     );
-    let path = directory.path().join("tests.yml");
-    std::fs::write(&path, &test).expect("write tests");
-    run_promtool(
-        &["test", "rules", path.to_str().expect("utf-8 path")],
-        &format!("the median of summed baseline points:\n{test}"),
-    );
+    test_scenario_rules(&test, "the median of summed baseline points");
 }
 
 /// Mid-week of the seventh week (Thursday noon of the scenario's calendar): five weeks of

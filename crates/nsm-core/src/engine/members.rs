@@ -375,6 +375,7 @@ const STAMP_SHIFT: u32 = 10;
 fn stamp(checkpoint: u64) -> u32 {
     ((checkpoint as u32) << STAMP_SHIFT) >> STAMP_SHIFT
 }
+
 /// Shards of a space, each evicted whole (see [`EntityTable`]).
 const ALL_SHARDS: u64 = u64::MAX;
 
@@ -445,14 +446,18 @@ impl Space {
     }
 
     /// Drops a shard's entries but those written during checkpoint `handed_over` (the store
-    /// has every other): misses there are read from now on. Returns how many went.
+    /// has every other): once any went, misses there are read. Returns how many went.
     fn evict(&mut self, shard: usize, handed_over: u64) -> usize {
         let pending = stamp(handed_over);
         // A sub-table left sparse shrinks, one left empty frees its slots.
         let removed = self
             .rows
             .retain_shard(shard, |_, lanes| lanes[0] >> STAMP_SHIFT == pending);
-        if removed > 0 && !self.long.is_empty() {
+        if removed == 0 {
+            // Nothing left: a miss here is still an answer, not a read.
+            return 0;
+        }
+        if !self.long.is_empty() {
             let rows = &self.rows;
             self.long.retain(|digest, _| {
                 EntityTable::shard_of(*digest) != shard || rows.get(*digest).is_some()
