@@ -32,11 +32,14 @@ use std::collections::HashSet;
 use nsm_core::PartitionKey;
 use rocksdb::WriteBatch;
 
+use std::borrow::Cow;
+
 use crate::codec::{
-    decode_partition_meta, encode_partition_meta, partition_prefix, prefix_successor, PartitionMeta,
+    current_member_key, decode_partition_meta, encode_partition_meta, legacy_member_key,
+    partition_prefix, prefix_successor, PartitionMeta,
 };
 use crate::{
-    StateError, Store, CF_FINGERPRINTS, CF_GAPS, CF_MEMBERS, CF_META, CF_PARTITIONS, CF_SEGMENTS,
+    StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_META, CF_PARTITIONS, CF_SEGMENTS,
     CF_WINDOWS,
 };
 
@@ -44,7 +47,7 @@ use crate::{
 pub(crate) const FAMILIES: [(u8, &str); 6] = [
     (b'p', CF_PARTITIONS),
     (b'w', CF_WINDOWS),
-    (b'm', CF_MEMBERS),
+    (b'm', CF_ENTRIES),
     (b's', CF_SEGMENTS),
     (b'g', CF_GAPS),
     (b'f', CF_FINGERPRINTS),
@@ -65,11 +68,36 @@ fn family_of(byte: u8) -> Option<&'static str> {
         .map(|(_, name)| *name)
 }
 
+/// The record key of a stored key: its family's byte, then the key, a member entry's in
+/// format 6's layout (without its shard), which the changelog keeps until it carries frames.
 fn record_key(family: &'static str, key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(key.len() + 1);
+    let legacy = (family == CF_ENTRIES)
+        .then(|| legacy_member_key(key))
+        .flatten();
+    record_bound(family, legacy.as_deref().unwrap_or(key))
+}
+
+/// A bound of a range of record keys: its family's byte, then the bound as stored. A range
+/// deletes whole places (a window, a metric, the periods of a funnel before one), whose bounds
+/// member keys of both layouts share.
+fn record_bound(family: &'static str, bound: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bound.len() + 1);
     out.push(family_byte(family));
-    out.extend_from_slice(key);
+    out.extend_from_slice(bound);
     out
+}
+
+/// The stored key of a record's key (without its family byte): the inverse of [`record_key`].
+fn stored_key<'k>(family: &'static str, key: &'k [u8]) -> Result<Cow<'k, [u8]>, StateError> {
+    if family != CF_ENTRIES {
+        return Ok(Cow::Borrowed(key));
+    }
+    current_member_key(key)
+        .map(Cow::Owned)
+        .ok_or_else(|| StateError::Corrupt {
+            column_family: "changelog",
+            detail: format!("a member record key of {} bytes with no window", key.len()),
+        })
 }
 
 /// One changelog record: a store key and its value, or `None` for a deleted key.
@@ -145,7 +173,6 @@ impl Store {
             send(&record.key, record.value.as_deref())?;
         }
         let mut sent = part.records.len() as u64;
-        let mut key = Vec::new();
         for (index, range) in part.stored_ranges.iter().enumerate() {
             // Only the later ranges that overlap this one: a write expiring a week deletes a
             // range per window, hundreds, nearly all disjoint.
@@ -163,9 +190,7 @@ impl Store {
                 if stored_key >= range.end.as_slice() {
                     break;
                 }
-                key.clear();
-                key.push(family_byte(range.family));
-                key.extend_from_slice(stored_key);
+                let key = record_key(range.family, stored_key);
                 let has_record = part
                     .records
                     .binary_search_by(|record| record.key.as_slice().cmp(&key))
@@ -321,8 +346,8 @@ fn one_per_key(records: Vec<ChangeRecord>, ranges: &[StoredRange]) -> Vec<Change
     }
     for range in ranges.iter().filter(|range| !range.copy) {
         let (start, end) = (
-            record_key(range.family, &range.start),
-            record_key(range.family, &range.end),
+            record_bound(range.family, &range.start),
+            record_bound(range.family, &range.end),
         );
         let first = latest.partition_point(|(_, record)| record.key < start);
         for (order, record) in &mut latest[first..] {
@@ -545,8 +570,9 @@ impl Store {
             let Some(family) = key.first().copied().and_then(family_of) else {
                 continue;
             };
-            let stored = self.db.get_cf(self.cf(family), &key[1..])?;
-            recorder.record_only(family, &key[1..], stored.as_deref());
+            let key = stored_key(family, &key[1..])?;
+            let stored = self.db.get_cf(self.cf(family), &key)?;
+            recorder.record_only(family, &key, stored.as_deref());
         }
         let discarded = self.reconcile_partition(&prefix, &mut recorder)?;
         let meta = self
@@ -580,7 +606,8 @@ impl Store {
                     column_family: "changelog",
                     detail: format!("a record key starting with byte {:?}", record.key.first()),
                 })?;
-            let key = &record.key[1..];
+            let key = stored_key(family, &record.key[1..])?;
+            let key = key.as_ref();
             if *stale {
                 let fills = record.value.is_some()
                     && !written.contains(record.key.as_slice())
@@ -912,14 +939,14 @@ mod tests {
     /// A record of a member entry keyed `key`.
     fn put(key: &str, value: &str) -> ChangeRecord {
         ChangeRecord {
-            key: record_key(CF_MEMBERS, key.as_bytes()),
+            key: record_key(CF_ENTRIES, key.as_bytes()),
             value: Some(value.as_bytes().to_vec()),
         }
     }
 
     fn tombstone(key: &str) -> ChangeRecord {
         ChangeRecord {
-            key: record_key(CF_MEMBERS, key.as_bytes()),
+            key: record_key(CF_ENTRIES, key.as_bytes()),
             value: None,
         }
     }
@@ -936,7 +963,7 @@ mod tests {
             put("a", "2"),
         ];
         let deleted = [StoredRange {
-            family: CF_MEMBERS,
+            family: CF_ENTRIES,
             start: b"a".to_vec(),
             end: b"c".to_vec(),
             copy: false,

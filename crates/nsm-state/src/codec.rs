@@ -2,7 +2,8 @@
 //! flipped, so RocksDB's byte order is numeric order.
 
 use nsm_core::decimal::Decimal;
-use nsm_core::engine::{AggValue, Progress};
+use nsm_core::engine::{AggValue, Progress, FUNNEL_WINDOW};
+use nsm_core::table::entity_key;
 use nsm_core::PartitionKey;
 
 pub fn encode_i64(value: i64) -> [u8; 8] {
@@ -60,6 +61,79 @@ pub fn entry_key_into(
     push_metric_prefix(out, partition_prefix, metric);
     out.extend_from_slice(&encode_i64(start_ms));
     out.extend_from_slice(entry);
+}
+
+/// The checkpoint shards of member entries (format 7): a shard is a key range of every place
+/// (window, or funnel period), so a checkpoint can read one shard of a partition back.
+pub const MEMBER_SHARDS: usize = 1024;
+
+/// The checkpoint shard of a member entry: the top 10 bits of the digest nsm-core's member
+/// index keys the entry by, so that one of its table shards is 16 whole checkpoint shards.
+pub fn member_shard(entry: &[u8]) -> u16 {
+    (entity_key(0, entry) >> (128 - MEMBER_SHARDS.trailing_zeros())) as u16
+}
+
+/// Where the shard goes in a member entry: after a funnel entry's period (its first 8 bytes),
+/// so that deleting the periods before a bound stays one key range, and first in any other.
+fn shard_offset(start_ms: i64, entry_len: usize) -> usize {
+    if start_ms == FUNNEL_WINDOW {
+        entry_len.min(8)
+    } else {
+        0
+    }
+}
+
+/// Sets `out` to the stored key of a member entry (format 7):
+/// `<window key> [<funnel period, 8 bytes>] <shard u16 BE> <rest of the entry>`.
+pub fn member_key_into(
+    out: &mut Vec<u8>,
+    partition_prefix: &[u8],
+    metric: &str,
+    start_ms: i64,
+    entry: &[u8],
+) {
+    out.clear();
+    out.reserve(partition_prefix.len() + metric.len() + 11 + entry.len());
+    push_metric_prefix(out, partition_prefix, metric);
+    out.extend_from_slice(&encode_i64(start_ms));
+    let at = shard_offset(start_ms, entry.len());
+    out.extend_from_slice(&entry[..at]);
+    out.extend_from_slice(&member_shard(entry).to_be_bytes());
+    out.extend_from_slice(&entry[at..]);
+}
+
+/// Where a member key's window key ends, and the window's start.
+fn split_member_key(key: &[u8]) -> Option<(usize, i64)> {
+    let (_, rest) = split_partition_prefix(key)?;
+    let separator = rest.iter().position(|byte| *byte == 0)?;
+    let start: [u8; 8] = rest.get(separator + 1..separator + 9)?.try_into().ok()?;
+    Some((key.len() - rest.len() + separator + 9, decode_i64(start)))
+}
+
+/// A stored member key (format 7) in format 6's layout, `<window key> <entry>`: the bytes
+/// the changelog carries until it carries frames, so that nsm versions of both formats in one
+/// group read each other's records.
+pub fn legacy_member_key(key: &[u8]) -> Option<Vec<u8>> {
+    let (window_end, start_ms) = split_member_key(key)?;
+    let entry_len = (key.len() - window_end).checked_sub(2)?;
+    let shard = window_end + shard_offset(start_ms, entry_len);
+    let mut out = Vec::with_capacity(key.len() - 2);
+    out.extend_from_slice(&key[..shard]);
+    out.extend_from_slice(&key[shard + 2..]);
+    Some(out)
+}
+
+/// The inverse of [`legacy_member_key`]: the stored key (format 7) of a member key in format
+/// 6's layout.
+pub fn current_member_key(legacy: &[u8]) -> Option<Vec<u8>> {
+    let (window_end, start_ms) = split_member_key(legacy)?;
+    let entry = &legacy[window_end..];
+    let shard = window_end + shard_offset(start_ms, entry.len());
+    let mut out = Vec::with_capacity(legacy.len() + 2);
+    out.extend_from_slice(&legacy[..shard]);
+    out.extend_from_slice(&member_shard(entry).to_be_bytes());
+    out.extend_from_slice(&legacy[shard..]);
+    Some(out)
 }
 
 /// `<partition prefix> <metric name> 0x00`: the one place the layout of a metric's keys is
@@ -410,5 +484,62 @@ mod tests {
         member.extend_from_slice(&[0xff, 0xff]);
         assert!(member < prefix_successor(&window));
         assert!(window_key(&prefix, "m", 6) >= prefix_successor(&window));
+    }
+
+    #[test]
+    fn member_keys_carry_their_shard_after_their_place_and_translate_both_ways() {
+        let prefix = partition_prefix(&PartitionKey::new("events", 3));
+        let mut funnel_entry = 1_800_000_000_000i64.to_be_bytes().to_vec();
+        funnel_entry.extend_from_slice(b"\x01ana");
+        let cases: [(&str, i64, &[u8]); 5] = [
+            ("weekly_active_users", 1_795_000_000_000, b"user-1"),
+            ("weekly_active_users", -5, b""),
+            ("", 1_795_000_000_000, b"event-id"),
+            ("conversion", FUNNEL_WINDOW, &funnel_entry),
+            ("conversion", FUNNEL_WINDOW, b"short"),
+        ];
+        for (metric, start_ms, entry) in cases {
+            let mut key = Vec::new();
+            member_key_into(&mut key, &prefix, metric, start_ms, entry);
+            let window = window_key(&prefix, metric, start_ms);
+            let place = window.len()
+                + if start_ms == FUNNEL_WINDOW {
+                    entry.len().min(8)
+                } else {
+                    0
+                };
+            assert!(key.starts_with(&window));
+            assert_eq!(&key[window.len()..place], &entry[..place - window.len()]);
+            assert_eq!(key[place..place + 2], member_shard(entry).to_be_bytes());
+            // The shard is the member index's digest's: 16 of them make one table shard.
+            let digest = entity_key(0, entry);
+            assert_eq!(
+                usize::from(member_shard(entry)) >> 4,
+                nsm_core::table::EntityTable::shard_of(digest)
+            );
+            let mut legacy = window.clone();
+            legacy.extend_from_slice(entry);
+            assert_eq!(legacy_member_key(&key).as_deref(), Some(&*legacy));
+            assert_eq!(current_member_key(&legacy).as_deref(), Some(&*key));
+        }
+        // A funnel period stays one key range: every shard of a period sorts before the next.
+        let mut first = Vec::new();
+        let mut next = Vec::new();
+        let mut late = funnel_entry.clone();
+        late.extend_from_slice(&[0xff; 4]);
+        member_key_into(&mut first, &prefix, "conversion", FUNNEL_WINDOW, &late);
+        let mut next_period = 1_800_000_000_001i64.to_be_bytes().to_vec();
+        next_period.push(0);
+        member_key_into(
+            &mut next,
+            &prefix,
+            "conversion",
+            FUNNEL_WINDOW,
+            &next_period,
+        );
+        let mut bound = window_key(&prefix, "conversion", FUNNEL_WINDOW);
+        bound.extend_from_slice(&1_800_000_000_001i64.to_be_bytes());
+        assert!(first < bound && bound <= next);
+        assert_eq!(legacy_member_key(b"events"), None);
     }
 }

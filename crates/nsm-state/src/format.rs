@@ -17,8 +17,9 @@ use rocksdb::{ColumnFamily, IteratorMode, WriteOptions, DB};
 /// watermark is bounded by the wall clock when each event was applied). 6: a calendar window
 /// of a count, sum, distinct count, conversion or retention carries its progress record after
 /// its value (`nsm_core::engine::baseline`), and its distinct members hold the step of their
-/// earliest event; such metrics' fingerprints say so.
-pub const FORMAT_VERSION: u32 = 6;
+/// earliest event; such metrics' fingerprints say so. 7: member entries move to `entries`, each
+/// key with its checkpoint shard after its place (`codec::member_key_into`).
+pub const FORMAT_VERSION: u32 = 7;
 
 /// An older format this nsm migrates at open (its fingerprints move to each partition, in
 /// format 3's form).
@@ -37,6 +38,10 @@ pub(crate) const FORMAT_WITHOUT_WATERMARK: u32 = 4;
 /// members hold no step, so those windows have no progress record and give no baseline
 /// (windows created from then on have one).
 pub(crate) const FORMAT_WITHOUT_PROGRESS: u32 = 5;
+
+/// An older format this nsm migrates at open: its member entries, in `members`, are keyed
+/// without their shard; they are rewritten into `entries`.
+pub(crate) const FORMAT_WITHOUT_SHARDS: u32 = 6;
 
 pub(crate) const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
@@ -75,8 +80,8 @@ pub enum FormatError {
 /// Checks the format version of an opened store and returns it; a new, empty store gets the
 /// current one. `data` are the column families that hold state: a store with data there and
 /// no version was not made by nsm. [`FORMAT_WITH_GLOBAL_FINGERPRINTS`],
-/// [`FORMAT_WITH_EVERY_OCCURRENCE`], [`FORMAT_WITHOUT_WATERMARK`] and
-/// [`FORMAT_WITHOUT_PROGRESS`] are accepted, for the caller to migrate.
+/// [`FORMAT_WITH_EVERY_OCCURRENCE`], [`FORMAT_WITHOUT_WATERMARK`], [`FORMAT_WITHOUT_PROGRESS`]
+/// and [`FORMAT_WITHOUT_SHARDS`] are accepted, for the caller to migrate.
 pub(crate) fn check(
     db: &DB,
     meta: &ColumnFamily,
@@ -117,6 +122,7 @@ pub(crate) fn check(
         || found == FORMAT_WITH_EVERY_OCCURRENCE
         || found == FORMAT_WITHOUT_WATERMARK
         || found == FORMAT_WITHOUT_PROGRESS
+        || found == FORMAT_WITHOUT_SHARDS
     {
         return Ok(found);
     }

@@ -16,10 +16,13 @@
 //!   partition's event watermark when a metric started on it while it already had state (its
 //!   windows starting before are partial).
 //! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
-//! - `members`: `<window key> <entry key>` → value: per-entity entries of a window, read one
-//!   at a time (never loaded whole): members of distinct sets (empty value), threshold
-//!   progress, trailing occurrences (see `nsm_core::engine::members`). Bloom filters make the
-//!   common miss, a new member, cheap.
+//! - `entries`: `<window key> [<funnel period>] <shard u16 BE> <entry key>` → value: per-entity
+//!   entries of a window, read one at a time (never loaded whole): members of distinct sets
+//!   (empty value), threshold progress, trailing occurrences (see `nsm_core::engine::members`).
+//!   The shard (one of 1,024, from the entry's digest) makes a shard of a window one key range;
+//!   a conversion's funnel period comes first, so its periods stay key ranges too. Bloom
+//!   filters make the common miss, a new member, cheap. Format 6 kept them in `members`,
+//!   without the shard; the changelog still carries that layout.
 //! - `gaps`: `<window key> <previous bucket i64, sign-flipped BE> [<segment key>]` → count
 //!   u64 BE: the gap histograms of trailing distinct buckets and of their segments (a bucket's
 //!   own has no segment key), loaded with the windows.
@@ -36,6 +39,7 @@
 pub mod changelog;
 mod codec;
 mod format;
+mod migrate;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -55,8 +59,8 @@ use rocksdb::{
 use codec::{
     decode_i64, decode_partition_meta, decode_window_record, decode_window_value,
     encode_partition_meta, encode_window_record, encode_window_value, entry_key_into,
-    partition_prefix, prefix_successor, split_partition_prefix, window_key, window_metric_prefix,
-    PartitionMeta,
+    member_key_into, partition_prefix, prefix_successor, split_partition_prefix, window_key,
+    window_metric_prefix, PartitionMeta,
 };
 
 pub use changelog::{
@@ -68,6 +72,8 @@ pub use format::{FormatError, FORMAT_VERSION};
 const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
 const CF_WINDOWS: &str = "windows";
+const CF_ENTRIES: &str = "entries";
+/// Format 6's member entries, migrated into `entries` at open.
 const CF_MEMBERS: &str = "members";
 const CF_SEGMENTS: &str = "segments";
 const CF_GAPS: &str = "gaps";
@@ -209,7 +215,7 @@ impl Store {
             CF_META,
             CF_PARTITIONS,
             CF_WINDOWS,
-            CF_MEMBERS,
+            CF_ENTRIES,
             CF_SEGMENTS,
             CF_GAPS,
             CF_FINGERPRINTS,
@@ -250,7 +256,7 @@ impl Store {
             .enumerate()
             .map(|(index, name)| (name.clone(), index))
             .collect();
-        let store = Store {
+        let mut store = Store {
             db: Arc::new(db),
             write_options: Arc::new(write_options),
             metric_names: Arc::new(metric_names),
@@ -258,7 +264,7 @@ impl Store {
             format_3_fingerprints: Arc::new(format_3_fingerprints),
             metric_index: Arc::new(metric_index),
         };
-        let data = [CF_PARTITIONS, CF_WINDOWS, CF_MEMBERS].map(|name| store.cf(name));
+        let data = [CF_PARTITIONS, CF_WINDOWS, CF_ENTRIES].map(|name| store.cf(name));
         let found = format::check(
             &store.db,
             store.cf(CF_META),
@@ -266,14 +272,16 @@ impl Store {
             &store.write_options,
             path,
         )?;
-        match found {
-            format::FORMAT_WITH_GLOBAL_FINGERPRINTS => {
-                store.migrate_fingerprints_to_partitions()?
-            }
-            format::FORMAT_WITH_EVERY_OCCURRENCE
-            | format::FORMAT_WITHOUT_WATERMARK
-            | format::FORMAT_WITHOUT_PROGRESS => store.raise_format_version()?,
-            _ => {}
+        if found == format::FORMAT_WITH_GLOBAL_FINGERPRINTS {
+            store.migrate_fingerprints_to_partitions()?;
+        }
+        // Formats 3 to 5 are read as they are (see `format::FORMAT_WITH_EVERY_OCCURRENCE`,
+        // `format::FORMAT_WITHOUT_WATERMARK` and `format::FORMAT_WITHOUT_PROGRESS`); every
+        // older format has its member entries rewritten, which raises the version last.
+        if found < FORMAT_VERSION {
+            migrate::members_to_entries(&mut store, path)?;
+        } else {
+            migrate::drop_legacy_members(&mut store)?;
         }
         Ok(store)
     }
@@ -285,21 +293,9 @@ impl Store {
             .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
     }
 
-    /// Formats 3 to 5 read as they are (see `format::FORMAT_WITH_EVERY_OCCURRENCE`,
-    /// `format::FORMAT_WITHOUT_WATERMARK` and `format::FORMAT_WITHOUT_PROGRESS`); once this nsm
-    /// writes, an nsm of those formats could not read it, so the version goes up first.
-    fn raise_format_version(&self) -> Result<(), StateError> {
-        self.db.put_cf_opt(
-            self.cf(CF_META),
-            format::FORMAT_VERSION_KEY,
-            FORMAT_VERSION.to_be_bytes(),
-            &self.write_options,
-        )?;
-        Ok(())
-    }
-
     /// Format 2 kept one fingerprint per metric for the whole store, checked at every open;
     /// format 3 keeps them per partition, so that they travel with the partition's changelog.
+    /// The version is raised by the migration of the member entries, which follows.
     fn migrate_fingerprints_to_partitions(&self) -> Result<(), StateError> {
         let meta = self.cf(CF_META);
         let mut batch = WriteBatch::default();
@@ -320,11 +316,6 @@ impl Store {
                 batch.put_cf(self.cf(CF_FINGERPRINTS), key, fingerprint);
             }
         }
-        batch.put_cf(
-            meta,
-            format::FORMAT_VERSION_KEY,
-            FORMAT_VERSION.to_be_bytes(),
-        );
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())
     }
@@ -372,7 +363,7 @@ impl Store {
             });
             let start = window_metric_prefix(prefix, name);
             let end = prefix_successor(&start);
-            for family in [CF_WINDOWS, CF_MEMBERS, CF_SEGMENTS, CF_GAPS] {
+            for family in [CF_WINDOWS, CF_ENTRIES, CF_SEGMENTS, CF_GAPS] {
                 recorder.delete_range(family, &start, &end);
             }
             let mut key = prefix.to_vec();
@@ -446,8 +437,8 @@ impl Store {
             }
             for member in &part.members {
                 let name = self.metric_name(member.metric);
-                entry_key_into(&mut key, &prefix, name, member.start_ms, &member.member);
-                recorder.put(CF_MEMBERS, &key, &member.value);
+                member_key_into(&mut key, &prefix, name, member.start_ms, &member.member);
+                recorder.put(CF_ENTRIES, &key, &member.value);
             }
             for gap in &part.gaps {
                 let name = self.metric_name(gap.metric);
@@ -464,7 +455,7 @@ impl Store {
             for delete in &part.deletes {
                 let key = window_key(&prefix, self.metric_name(delete.metric), delete.start_ms);
                 let end = prefix_successor(&key);
-                for family in [CF_MEMBERS, CF_SEGMENTS, CF_GAPS] {
+                for family in [CF_ENTRIES, CF_SEGMENTS, CF_GAPS] {
                     recorder.delete_range(family, &key, &end);
                 }
                 recorder.delete(CF_WINDOWS, &key);
@@ -473,12 +464,12 @@ impl Store {
                 let key = window_key(&prefix, self.metric_name(range.metric), range.start_ms);
                 let mut end = key.clone();
                 end.extend_from_slice(&range.before);
-                recorder.delete_range(CF_MEMBERS, &key, &end);
+                recorder.delete_range(CF_ENTRIES, &key, &end);
             }
             for expired in &part.windows_before {
                 let name = self.metric_name(expired.metric);
                 recorder.delete_range(
-                    CF_MEMBERS,
+                    CF_ENTRIES,
                     &window_key(&prefix, name, i64::MIN),
                     &window_key(&prefix, name, expired.before_ms),
                 );
@@ -544,7 +535,9 @@ impl Store {
                 let members: usize = part
                     .members
                     .iter()
-                    .map(|member| window_key + member.member.len() + member.value.len() + FRAMING)
+                    .map(|member| {
+                        window_key + 2 + member.member.len() + member.value.len() + FRAMING
+                    })
                     .sum();
                 let others = part.upserts.len() + part.segments.len() + part.gaps.len() + 1;
                 members + others * (window_key + 32 + FRAMING)
@@ -603,7 +596,7 @@ impl Store {
     pub fn stored_member_count(&self, key: &PartitionKey) -> Result<usize, StateError> {
         let prefix = partition_prefix(key);
         let mut count = 0;
-        for stored_key in self.keys_under(CF_MEMBERS, &prefix) {
+        for stored_key in self.keys_under(CF_ENTRIES, &prefix) {
             stored_key?;
             count += 1;
         }
@@ -876,7 +869,7 @@ impl StateReader for Store {
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, StateReadError> {
         let mut stored_key = Vec::new();
-        entry_key_into(
+        member_key_into(
             &mut stored_key,
             &partition_prefix(partition),
             self.metric_name(metric),
@@ -884,7 +877,7 @@ impl StateReader for Store {
             key,
         );
         self.db
-            .get_cf(self.cf(CF_MEMBERS), stored_key)
+            .get_cf(self.cf(CF_ENTRIES), stored_key)
             .map_err(|error| StateReadError(error.to_string()))
     }
 
@@ -900,7 +893,7 @@ impl StateReader for Store {
             start_ms,
         );
         let mut entries = self.db.iterator_cf(
-            self.cf(CF_MEMBERS),
+            self.cf(CF_ENTRIES),
             IteratorMode::From(&prefix, Direction::Forward),
         );
         match entries.next() {

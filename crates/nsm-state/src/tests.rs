@@ -808,14 +808,15 @@ fn seeding_a_changelog_sends_each_stored_entry_once_and_drops_a_changed_metric()
     // A stored member that is also the tail of an unfinished write: sent once, as stored.
     let (_, member, value) = dump(&store, 0)
         .into_iter()
-        .find(|(family, _, _)| *family == CF_MEMBERS)
+        .find(|(family, _, _)| *family == CF_ENTRIES)
         .expect("a stored member");
     let member_byte = changelog::FAMILIES
         .iter()
-        .find(|(_, family)| *family == CF_MEMBERS)
+        .find(|(_, family)| *family == CF_ENTRIES)
         .expect("members are in the changelog")
         .0;
-    let tail_key = [&[member_byte][..], &member].concat();
+    let legacy = codec::legacy_member_key(&member).expect("a member key");
+    let tail_key = [&[member_byte][..], &legacy].concat();
     let (seed, discarded) = store
         .prepare_adoption(
             &key(0),
@@ -890,6 +891,7 @@ fn a_format_2_store_gets_its_metric_definitions_per_partition() {
     );
     store.db.write(batch).expect("write");
     drop((store, engine));
+    move_entries_to_format_6(dir.path());
 
     let store = Store::open(dir.path(), &plan, &options()).expect("migrated");
     assert!(
@@ -917,7 +919,7 @@ fn a_large_unfinished_tail_after_a_stored_position_keeps_what_came_before() {
     // An unfinished write of a few records after the store's own position.
     for user in ["fay", "gus"] {
         let mut record_key = vec![b'm'];
-        record_key.extend_from_slice(&partition_prefix(&key(0)));
+        record_key.extend_from_slice(&window_key(&partition_prefix(&key(0)), "active_users", NOW));
         record_key.extend_from_slice(user.as_bytes());
         topic
             .0
@@ -1181,6 +1183,7 @@ fn a_format_3_store_keeps_its_trailing_counts_and_becomes_format_4() {
     );
     store.db.write(batch).expect("write");
     drop(store);
+    move_entries_to_format_6(dir.path());
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 3 store opens");
     let version = store
@@ -1239,6 +1242,7 @@ fn a_format_4_store_takes_its_newest_event_as_the_watermark_and_becomes_format_5
     );
     store.db.write(batch).expect("write");
     drop(store);
+    move_entries_to_format_6(dir.path());
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 4 store opens");
     let version = store
@@ -1355,6 +1359,7 @@ fn baselines_survive_a_restart_and_windows_of_format_5_give_none() {
     );
     store.db.write(batch).expect("write");
     drop((store, restored));
+    move_entries_to_format_6(dir.path());
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 5 store opens");
     let version = store
@@ -1381,4 +1386,204 @@ fn baselines_survive_a_restart_and_windows_of_format_5_give_none() {
         values.iter().map(|values| values.current.value).collect()
     };
     assert_eq!(current(&values), current(&expected));
+}
+
+/// Moves a closed store's member entries back to format 6's `members`, keyed without their
+/// shard, as an nsm of format 6 left them (the caller sets the version).
+fn move_entries_to_format_6(path: &Path) {
+    let mut options = rocksdb::Options::default();
+    options.create_missing_column_families(true);
+    let mut families = DB::list_cf(&options, path).expect("families");
+    families.push(CF_MEMBERS.to_string());
+    let db = DB::open_cf(&options, path, &families).expect("open");
+    let entries = db.cf_handle(CF_ENTRIES).expect("entries");
+    let members = db.cf_handle(CF_MEMBERS).expect("members");
+    let mut batch = WriteBatch::default();
+    for item in db.iterator_cf(entries, IteratorMode::Start) {
+        let (key, value) = item.expect("read");
+        let legacy = codec::legacy_member_key(&key).expect("a member key");
+        batch.put_cf(members, legacy, value);
+        batch.delete_cf(entries, key);
+    }
+    db.write(batch).expect("write");
+}
+
+/// Opens a closed store as RocksDB alone, with every family it has.
+fn raw_db(path: &Path) -> DB {
+    let options = rocksdb::Options::default();
+    let families = DB::list_cf(&options, path).expect("families");
+    DB::open_cf(&options, path, &families).expect("open")
+}
+
+fn set_raw_version(path: &Path, version: u32) {
+    let db = raw_db(path);
+    let meta = db.cf_handle(CF_META).expect("meta");
+    db.put_cf(meta, format::FORMAT_VERSION_KEY, version.to_be_bytes())
+        .expect("version");
+}
+
+/// Every kind of member entry: distinct members, trailing occurrences, conversion funnels
+/// (keyed by period) and event ids.
+fn every_entry_plan() -> Plan {
+    let text = format!(
+        "{CONFIG}[[guardrails]]\nname = \"paid_after_messaging\"\nkind = \"conversion\"\n\
+         from = {{ event = \"message_sent\" }}\nwhere = {{ event = \"payment\" }}\n\
+         within = \"30m\"\nwindow = \"1d\"\n"
+    )
+    .replace("[time]", "[events]\ndedup_horizon = \"10m\"\n[time]")
+    .replace(
+        "[[inputs]]",
+        "[[inputs]]\nname = \"users_2h\"\nowner = \"team\"\nkind = \"distinct\"\n\
+         field = \"user_id\"\nwhere = { event = \"message_sent\" }\ntrailing = \"2h\"\n\n[[inputs]]",
+    );
+    plan_from(&text)
+}
+
+fn every_entry_events() -> Vec<Vec<u8>> {
+    vec![
+        event("payment", "ana", 20),
+        event("message_sent", "bo", 5),
+        with_id("x", 16),
+        with_id("y", 17),
+        event("message_sent", "cy", 8),
+        event("payment", "bo", 9),
+    ]
+}
+
+fn stored_entries(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+    store
+        .db
+        .iterator_cf(store.cf(CF_ENTRIES), IteratorMode::Start)
+        .map(|item| {
+            let (key, value) = item.expect("read");
+            (key.to_vec(), value.to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn a_format_6_store_is_rewritten_in_format_7_and_shows_the_same_values() {
+    let plan = every_entry_plan();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expected = write_events(dir.path(), &plan, &every_entry_events());
+    let before = stored_entries(&Store::open(dir.path(), &plan, &options()).expect("open"));
+    assert!(
+        before
+            .iter()
+            .any(|(key, _)| key.windows(20).any(|name| name == b"paid_after_messaging")),
+        "funnel entries are among them"
+    );
+    move_entries_to_format_6(dir.path());
+    set_raw_version(dir.path(), 6);
+
+    let store = Store::open(dir.path(), &plan, &options()).expect("a format 6 store opens");
+    let version = store
+        .db
+        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
+        .expect("read")
+        .expect("version");
+    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
+    assert!(store.db.cf_handle(CF_MEMBERS).is_none(), "members dropped");
+    assert_eq!(stored_entries(&store), before);
+    assert!(adopt(&store, 0, &[]).is_empty(), "format 6 data is kept");
+    assert_eq!(values_of(&store, &plan), expected);
+    // Entries read one at a time are found: ana's pending payment converts.
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    let conversion = plan.metric_index("paid_after_messaging").expect("metric");
+    assert_eq!(
+        engine.metric_values(NOW)[conversion].current.value,
+        AggValue::Distinct(1),
+        "bo converted"
+    );
+    feed(&mut engine, 0, 6, &[event("message_sent", "ana", 10)]);
+    assert_eq!(
+        engine.metric_values(NOW)[conversion].current.value,
+        AggValue::Distinct(2),
+        "ana's payment, stored before her message, converts"
+    );
+    assert!(matches!(
+        engine.apply(&key(0), 7, &with_id("y", 17), NOW),
+        Outcome::Duplicate { .. }
+    ));
+}
+
+#[test]
+fn a_migration_cut_short_starts_over() {
+    let plan = every_entry_plan();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expected = write_events(dir.path(), &plan, &every_entry_events());
+    let before = stored_entries(&Store::open(dir.path(), &plan, &options()).expect("open"));
+    move_entries_to_format_6(dir.path());
+    // Cut short: some entries copied, one of them changed since, one of a metric gone; the
+    // version still 6.
+    {
+        let db = raw_db(dir.path());
+        let entries = db.cf_handle(CF_ENTRIES).expect("entries");
+        db.put_cf(entries, &before[0].0, b"stale").expect("put");
+        db.put_cf(entries, &before[1].0, &before[1].1).expect("put");
+        db.put_cf(entries, b"events\0\0\0\0\0gone\0", b"")
+            .expect("put");
+    }
+    set_raw_version(dir.path(), 6);
+
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    assert_eq!(stored_entries(&store), before);
+    assert_eq!(values_of(&store, &plan), expected);
+}
+
+#[test]
+fn changelog_records_keep_the_bytes_of_format_6() {
+    let plan = every_entry_plan();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    feed(&mut engine, 0, 0, &every_entry_events());
+    let changes = engine.take_changes();
+    let prepared = store.prepare(&changes, true).expect("prepare");
+    let records: Vec<Vec<u8>> = prepared.partitions[0]
+        .records
+        .iter()
+        .filter(|record| record.key[0] == b'm')
+        .map(|record| record.key.clone())
+        .collect();
+    // Format 6's key of every member the change set holds: the window key, then the entry.
+    let prefix = partition_prefix(&key(0));
+    let mut expected: Vec<Vec<u8>> = changes.partitions[0]
+        .members
+        .iter()
+        .map(|member| {
+            let name = plan
+                .metrics()
+                .get(member.metric)
+                .map_or("", |m| m.name.as_str());
+            let mut key = b"m".to_vec();
+            key.extend_from_slice(&window_key(&prefix, name, member.start_ms));
+            key.extend_from_slice(&member.member);
+            key
+        })
+        .collect();
+    expected.sort();
+    assert!(expected.len() >= 6, "{expected:?}");
+    assert_eq!(records, expected);
+    // Ana's funnel key, spelled out: partition, metric, the funnel window, her period.
+    let funnel = records
+        .iter()
+        .find(|key| key.windows(20).any(|name| name == b"paid_after_messaging"))
+        .expect("a funnel record");
+    let head = [
+        &b"mevents\0\0\0\0\0paid_after_messaging\0"[..],
+        &codec::encode_i64(i64::MIN),
+    ]
+    .concat();
+    assert!(funnel.starts_with(&head), "{funnel:?}");
+    // Restored into another store, they are its format 7 keys again.
+    let mut topic = Topic::default();
+    let positions = topic.send(&store, &prepared);
+    store.commit(prepared, &positions).expect("commit");
+    let copy_dir = tempfile::tempdir().expect("tempdir");
+    let copy = Store::open(copy_dir.path(), &plan, &options()).expect("open");
+    restore(&copy, &topic, 0);
+    assert_eq!(stored_entries(&copy), stored_entries(&store));
 }

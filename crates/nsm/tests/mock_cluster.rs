@@ -1081,10 +1081,16 @@ fn a_dead_letter_topic_refusing_letters_holds_checkpoints_and_loses_nothing() {
             (messages(&samples)? == 6.0 && held(&samples) == 0.0).then_some(())
         },
     );
-    assert!(
-        nsm.log_text().contains("held dead letters are delivered"),
-        "{}",
-        nsm.log_text()
+    // Said by the next checkpoint's flush, which may come a little after the gauge moved.
+    wait_for(
+        "the log saying the held letters are delivered",
+        Duration::from_secs(30),
+        Some(&nsm),
+        || {
+            nsm.log_text()
+                .contains("held dead letters are delivered")
+                .then_some(())
+        },
     );
     let dead_letters = nsm_tool(&[
         "read",

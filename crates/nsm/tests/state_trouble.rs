@@ -39,8 +39,12 @@ fn a_state_directory_from_a_newer_nsm_is_refused_at_start_with_what_to_do() {
         options.create_missing_column_families(true);
         let db = rocksdb::DB::open_cf(&options, &state, families).expect("rocksdb");
         let meta = db.cf_handle("meta").expect("meta");
-        db.put_cf(meta, b"format_version", 7u32.to_be_bytes())
-            .expect("put");
+        db.put_cf(
+            meta,
+            b"format_version",
+            (nsm_state::FORMAT_VERSION + 1).to_be_bytes(),
+        )
+        .expect("put");
     }
     let output = Command::new(NSM)
         .args(["run", "--config", config_path.to_str().expect("utf8")])
@@ -49,7 +53,8 @@ fn a_state_directory_from_a_newer_nsm_is_refused_at_start_with_what_to_do() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     let newer = format!(
-        "written by a newer nsm, in state format 7; this nsm reads format {}",
+        "written by a newer nsm, in state format {}; this nsm reads format {}",
+        nsm_state::FORMAT_VERSION + 1,
         nsm_state::FORMAT_VERSION
     );
     for part in [

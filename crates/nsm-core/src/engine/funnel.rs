@@ -16,7 +16,7 @@ use crate::EpochMillis;
 
 /// The pseudo-window start under which a conversion metric's funnel entries are kept; no
 /// calendar window starts there.
-pub(super) const FUNNEL_WINDOW: EpochMillis = EpochMillis::MIN;
+pub const FUNNEL_WINDOW: EpochMillis = EpochMillis::MIN;
 
 const START_TAG: u8 = 1;
 const WAITING_TAG: u8 = 2;

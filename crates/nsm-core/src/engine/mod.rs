@@ -31,6 +31,7 @@ pub use changes::{
     ChangeSet, MemberInsert, MemberRangeDelete, PartitionChanges, SegmentUpsert, WindowDelete,
     WindowUpsert, WindowsBefore,
 };
+pub use funnel::FUNNEL_WINDOW;
 pub use members::{CountingReader, EntryValue, MemoryReader, StateReadError, StateReader};
 pub use plan::{DedupSettings, EngineSettings, Plan};
 pub use segment::{metric_segments, segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
