@@ -27,7 +27,10 @@
 //! paging on noise every few weeks: the slow burn pages from 3% (`MIN_GAP`), beyond
 //! 2 × `noise_z` deviations of the measured noise, and only in products steady enough to
 //! resolve 3% at `noise_z` deviations; noisier ones are left to the whole-window alerts, which
-//! pool several windows. BENCHMARKS.md (alerting) shows the measurements.
+//! pool several windows. Nor do the statistics tried next (a 6-week level, least-squares
+//! fits of the hourly ratio over the last 7 days: its end, its slope, the matched filter of
+//! the ramp): at best the flattening product's median held to day 7 stays below the highest a
+//! quiet product held over 5 weeks. BENCHMARKS.md (alerting) shows the measurements.
 //!
 //! **Gaming, the same way.** Each guardrail per its `relative_to` metric (the North Star by
 //! default) over the last 7 days, signed so that up is worse, against its level of the three

@@ -452,6 +452,29 @@ pub fn exported_at(
     }
 }
 
+/// What nsm applied of `metric` (by name) in `scenario` between two product minutes
+/// (multiples of [`STEP`], from 8 weeks before the test on): what `increase()` of its
+/// `current` window reads over that span, across rollovers. For measurements outside
+/// promtool (statistics of hourly amounts).
+pub fn applied_between(
+    scenario: &Scenario,
+    config: &Config,
+    name: &str,
+) -> impl Fn(i64, i64) -> f64 {
+    let (index, metric) = config
+        .metrics
+        .iter()
+        .enumerate()
+        .find(|(_, metric)| metric.name == name)
+        .expect("metric of the config");
+    // The same seed as `exported_at`: the same draws.
+    let amounts = applied(scenario, index as u64 + 10, Some(metric.role), 8 * WEEK);
+    move |from, to| {
+        assert!(from >= amounts.start, "before the history");
+        amounts.between(from, to)
+    }
+}
+
 /// promtool's expanding notation of samples (`None`: missing), runs of equal steps merged.
 fn notation(samples: &[Option<f64>]) -> String {
     let mut out: Vec<String> = Vec::new();
