@@ -39,8 +39,8 @@ use crate::codec::{
     partition_prefix, prefix_successor, PartitionMeta,
 };
 use crate::{
-    StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_META, CF_PARTITIONS, CF_SEGMENTS,
-    CF_WINDOWS,
+    Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_META, CF_PARTITIONS,
+    CF_SEGMENTS, CF_WINDOWS,
 };
 
 /// The column families a changelog carries, with the byte that names each in record keys.
@@ -238,37 +238,11 @@ impl<'s> Recorder<'s> {
         }
     }
 
-    pub(crate) fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
-        self.batch.put_cf(self.store.cf(family), key, value);
-        self.record(family, key, Some(value));
-    }
-
-    pub(crate) fn delete(&mut self, family: &'static str, key: &[u8]) {
-        self.batch.delete_cf(self.store.cf(family), key);
-        self.record(family, key, None);
-    }
-
     fn record(&mut self, family: &'static str, key: &[u8], value: Option<&[u8]>) {
         if let Some(records) = &mut self.records {
             records.push(ChangeRecord {
                 key: record_key(family, key),
                 value: value.map(<[u8]>::to_vec),
-            });
-        }
-    }
-
-    /// Deletes `[start, end)`: one range delete locally, a tombstone per key in the changelog
-    /// (those put earlier in this write now, those stored when the records are sent).
-    pub(crate) fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]) {
-        self.batch
-            .delete_range_cf(self.store.cf(family), start, end);
-        if let Some(records) = &self.records {
-            self.stored_ranges.push(StoredRange {
-                family,
-                start: start.to_vec(),
-                end: end.to_vec(),
-                copy: false,
-                records_before: records.len(),
             });
         }
     }
@@ -295,9 +269,45 @@ impl<'s> Recorder<'s> {
         self.record(family, key, value);
     }
 
+    pub(crate) fn finish(self) -> PreparedWrite {
+        PreparedWrite {
+            batch: self.batch,
+            partitions: self.partitions,
+            without_changelog: self.without_changelog,
+        }
+    }
+}
+
+impl Recording for Recorder<'_> {
+    fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(self.store.cf(family), key, value);
+        self.record(family, key, Some(value));
+    }
+
+    fn delete(&mut self, family: &'static str, key: &[u8]) {
+        self.batch.delete_cf(self.store.cf(family), key);
+        self.record(family, key, None);
+    }
+
+    /// Deletes `[start, end)`: one range delete locally, a tombstone per key in the changelog
+    /// (those put earlier in this write now, those stored when the records are sent).
+    fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]) {
+        self.batch
+            .delete_range_cf(self.store.cf(family), start, end);
+        if let Some(records) = &self.records {
+            self.stored_ranges.push(StoredRange {
+                family,
+                start: start.to_vec(),
+                end: end.to_vec(),
+                copy: false,
+                records_before: records.len(),
+            });
+        }
+    }
+
     /// Closes one partition's records with its end marker, the meta record `meta`, which is
     /// also written locally.
-    pub(crate) fn end_partition(&mut self, partition: &PartitionKey, meta: &[u8]) {
+    fn end_partition(&mut self, partition: &PartitionKey, meta: &[u8]) {
         let prefix = partition_prefix(partition);
         self.batch
             .put_cf(self.store.cf(CF_PARTITIONS), &prefix, meta);
@@ -317,14 +327,6 @@ impl<'s> Recorder<'s> {
             });
         } else {
             self.without_changelog.push(partition.clone());
-        }
-    }
-
-    pub(crate) fn finish(self) -> PreparedWrite {
-        PreparedWrite {
-            batch: self.batch,
-            partitions: self.partitions,
-            without_changelog: self.without_changelog,
         }
     }
 }

@@ -114,13 +114,25 @@ fn split_member_key(key: &[u8]) -> Option<(usize, i64)> {
 /// the changelog carries until it carries frames, so that nsm versions of both formats in one
 /// group read each other's records.
 pub fn legacy_member_key(key: &[u8]) -> Option<Vec<u8>> {
-    let (window_end, start_ms) = split_member_key(key)?;
-    let entry_len = (key.len() - window_end).checked_sub(2)?;
-    let shard = window_end + shard_offset(start_ms, entry_len);
+    let shard = member_shard_position(key)?;
     let mut out = Vec::with_capacity(key.len() - 2);
     out.extend_from_slice(&key[..shard]);
     out.extend_from_slice(&key[shard + 2..]);
     Some(out)
+}
+
+/// Where the shard of a stored member key (format 7) is: the length of its place (window key,
+/// and a funnel's period).
+pub fn member_shard_position(key: &[u8]) -> Option<usize> {
+    let (window_end, start_ms) = split_member_key(key)?;
+    let entry_len = (key.len() - window_end).checked_sub(2)?;
+    Some(window_end + shard_offset(start_ms, entry_len))
+}
+
+/// The shard a stored member key (format 7) names.
+pub fn stored_member_shard(key: &[u8]) -> Option<u16> {
+    let at = member_shard_position(key)?;
+    Some(u16::from_be_bytes([key[at], key[at + 1]]))
 }
 
 /// The inverse of [`legacy_member_key`]: the stored key (format 7) of a member key in format

@@ -39,6 +39,7 @@
 pub mod changelog;
 mod codec;
 mod format;
+mod frames;
 mod migrate;
 
 use std::collections::HashMap;
@@ -68,6 +69,7 @@ pub use changelog::{
     PreparedWrite, RestoreOutcome,
 };
 pub use format::{FormatError, FORMAT_VERSION};
+pub use frames::{FramedWrite, WriteOverlay, AGGREGATE_SHARD, FRAME_SHARDS};
 
 const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
@@ -325,7 +327,7 @@ impl Store {
     fn reconcile_partition(
         &self,
         prefix: &[u8],
-        recorder: &mut changelog::Recorder<'_>,
+        recorder: &mut impl Recording,
     ) -> Result<Vec<DiscardedMetric>, StateError> {
         let mut stored = HashMap::new();
         for item in self.entries_under(CF_FINGERPRINTS, prefix) {
@@ -418,6 +420,15 @@ impl Store {
     ) -> Result<PreparedWrite, StateError> {
         let mut recorder =
             changelog::Recorder::new(self, changelog, self.batch_bytes_estimate(changes));
+        self.record_changes(changes, &mut recorder);
+        let mut prepared = recorder.finish();
+        self.stamp_epochs(&mut prepared)?;
+        Ok(prepared)
+    }
+
+    /// Hands `changes` to `recorder` as the operations of one write, each partition's ended
+    /// by its meta record.
+    fn record_changes(&self, changes: &ChangeSet, recorder: &mut impl Recording) {
         // One key buffer for every entry: a checkpoint writes a few per event.
         let mut key = Vec::new();
         for part in &changes.partitions {
@@ -485,9 +496,6 @@ impl Store {
                 }),
             );
         }
-        let mut prepared = recorder.finish();
-        self.stamp_epochs(&mut prepared)?;
-        Ok(prepared)
     }
 
     /// Writes a prepared batch atomically, with the changelog position each partition's
@@ -856,6 +864,17 @@ impl Store {
         }
         Ok(keys)
     }
+}
+
+/// Where the operations of a write go: the local batch, and what the changelog carries of them
+/// (keyed records, or frames). Keys are stored keys, each under its partition's prefix.
+pub(crate) trait Recording {
+    fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]);
+    fn delete(&mut self, family: &'static str, key: &[u8]);
+    /// Deletes `[start, end)`, after every operation recorded before it in the partition.
+    fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]);
+    /// Ends a partition's operations with its meta record (offsets and watermark).
+    fn end_partition(&mut self, partition: &PartitionKey, meta: &[u8]);
 }
 
 /// Members and threshold progress are read one entry at a time, by the pipeline's thread,

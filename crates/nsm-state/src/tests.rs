@@ -1,3 +1,5 @@
+use std::collections::BTreeMap;
+
 use nsm_core::engine::{AggValue, Engine, MetricValues, Outcome};
 use nsm_core::Config;
 
@@ -1586,4 +1588,113 @@ fn changelog_records_keep_the_bytes_of_format_6() {
     let copy = Store::open(copy_dir.path(), &plan, &options()).expect("open");
     restore(&copy, &topic, 0);
     assert_eq!(stored_entries(&copy), stored_entries(&store));
+}
+
+/// Every row of partition 0 as frames carry them (family byte, key without the partition
+/// prefix), with its shard, read from the whole store.
+fn frame_rows_of(store: &Store) -> BTreeMap<Vec<u8>, (u16, Vec<u8>)> {
+    let prefix = partition_prefix(&key(0));
+    let mut rows = BTreeMap::new();
+    for (byte, family) in changelog::FAMILIES {
+        if family == CF_PARTITIONS {
+            continue;
+        }
+        for item in store.entries_under(family, &prefix) {
+            let (stored_key, value) = item.expect("read");
+            let shard = if family == CF_ENTRIES {
+                codec::stored_member_shard(&stored_key).expect("a member key")
+            } else {
+                AGGREGATE_SHARD
+            };
+            let row = [&[byte][..], &stored_key[prefix.len()..]].concat();
+            rows.insert(row, (shard, value.to_vec()));
+        }
+    }
+    rows
+}
+
+/// Every shard's snapshot of partition 0 once `write` is stored, read before it is.
+fn snapshots_of(store: &Store, write: &FramedWrite) -> BTreeMap<Vec<u8>, (u16, Vec<u8>)> {
+    let empty = WriteOverlay::default();
+    let overlay = write.overlay(&key(0)).unwrap_or(&empty);
+    let mut rows = BTreeMap::new();
+    for shard in 0..=AGGREGATE_SHARD {
+        store
+            .shard_rows(&key(0), shard, overlay, |row, value| {
+                let earlier = rows.insert(row.to_vec(), (shard, value.to_vec()));
+                assert_eq!(earlier, None, "{row:?} twice");
+            })
+            .expect("shard rows");
+    }
+    rows
+}
+
+#[test]
+fn a_shard_snapshot_is_the_store_after_the_batch_filtered_by_shard() {
+    let plan = every_entry_plan();
+    for seed in 1..=4u64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), &plan, &options()).expect("open");
+        adopt(&store, 0, &[]);
+        let mut engine = engine_on(&store, &plan);
+        engine.restore_partition(key(0), PartitionSnapshot::default());
+        let mut random = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut next = |bound: u64| {
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            random % bound
+        };
+        let mut offset = 0;
+        // Rounds of events in the hour before the clock, then a round 40 days later, which
+        // expires every window of the first (ranges deleted in the same write as its puts).
+        for round in 0..6 {
+            let now = if round == 5 {
+                NOW + 40 * 86_400_000
+            } else {
+                NOW
+            };
+            for _ in 0..40 {
+                let user = format!("user-{}", next(25));
+                let minutes = 10 * round as i64 + next(10) as i64;
+                let time = now - 3_600_000 + minutes * 60_000;
+                let payload = match next(4) {
+                    0 => format!(
+                        r#"{{"event":"payment","user_id":"{user}","timestamp":{time},"amount":1}}"#
+                    ),
+                    1 => format!(
+                        r#"{{"event_id":"id-{}","event":"message_sent","user_id":"{user}","timestamp":{time}}}"#,
+                        next(30)
+                    ),
+                    _ => format!(
+                        r#"{{"event":"message_sent","user_id":"{user}","timestamp":{time}}}"#
+                    ),
+                };
+                let _ = engine.apply(&key(0), offset, payload.as_bytes(), now);
+                offset += 1;
+            }
+            let write = store.prepare_frames(&engine.take_changes());
+            let ranges = write.overlay(&key(0)).map_or(0, |o| o.ranges().len());
+            assert!(ranges > 0 || round < 5, "the last round expires windows");
+            let snapshots = snapshots_of(&store, &write);
+            store.commit_framed(write).expect("commit");
+            let stored = frame_rows_of(&store);
+            assert!(stored.keys().any(|row| row[0] == b'm'), "members stored");
+            let differing: Vec<_> = stored
+                .iter()
+                .filter(|(row, value)| snapshots.get(*row) != Some(value))
+                .chain(
+                    snapshots
+                        .iter()
+                        .filter(|(row, _)| !stored.contains_key(*row)),
+                )
+                .take(3)
+                .collect();
+            assert!(
+                differing.is_empty(),
+                "seed {seed}, round {round}: {differing:?}"
+            );
+            assert_eq!(snapshots.len(), stored.len());
+        }
+    }
 }
