@@ -61,7 +61,7 @@ fn family_byte(family: &'static str) -> u8 {
         .unwrap_or_else(|| unreachable!("{family} is not carried by the changelog"))
 }
 
-fn family_of(byte: u8) -> Option<&'static str> {
+pub(crate) fn family_of(byte: u8) -> Option<&'static str> {
     FAMILIES
         .iter()
         .find(|(found, _)| *found == byte)

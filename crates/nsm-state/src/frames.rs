@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use nsm_checkpoint::{Checkpoint, CheckpointConfig, PartitionId, ShardId};
 use rocksdb::ReadOptions;
 
 use crate::changelog::FAMILIES;
@@ -249,7 +250,7 @@ impl crate::Recording for FrameRecorder<'_> {
 /// A write made ready for frames: the local batch, and per partition its meta record and what
 /// the write does to its rows.
 pub struct FramedWrite {
-    batch: rocksdb::WriteBatch,
+    pub(crate) batch: rocksdb::WriteBatch,
     partitions: Vec<(PartitionKey, Vec<u8>, WriteOverlay)>,
 }
 
@@ -261,6 +262,23 @@ impl FramedWrite {
             .find(|(key, ..)| key == partition)
             .map(|(.., overlay)| overlay)
     }
+
+    /// The partitions the write writes.
+    pub fn partitions(&self) -> impl Iterator<Item = &PartitionKey> {
+        self.partitions.iter().map(|(key, ..)| key)
+    }
+}
+
+/// The frames' name of a partition: its key prefix, on the changelog partition of its number
+/// (a changelog partition carries that partition number of every input topic).
+pub fn partition_id(partition: &PartitionKey) -> PartitionId {
+    PartitionId::new(partition.partition as u32, partition_prefix(partition))
+}
+
+/// The frame configuration of every partition: 1,025 shards, chunks of nsm-checkpoint's default.
+pub fn checkpoint_config() -> CheckpointConfig {
+    CheckpointConfig::new(FRAME_SHARDS, CheckpointConfig::DEFAULT_MAX_CHUNK_BYTES)
+        .unwrap_or_else(|_| unreachable!("{FRAME_SHARDS} shards are within the limits"))
 }
 
 impl Store {
@@ -272,6 +290,41 @@ impl Store {
             batch: recorder.batch,
             partitions: recorder.partitions,
         }
+    }
+
+    /// The checkpoint of `partition` in `write`, for nsm-checkpoint: the write's rows and
+    /// dropped ranges, and the snapshots of the `due` shards, read now (before the write is
+    /// stored) as they will be once it is. `None` when the write does not write the partition.
+    pub fn checkpoint_of(
+        &self,
+        write: &FramedWrite,
+        partition: &PartitionKey,
+        due: &[ShardId],
+    ) -> Result<Option<Checkpoint>, StateError> {
+        let Some((_, meta, overlay)) = write.partitions.iter().find(|(key, ..)| key == partition)
+        else {
+            return Ok(None);
+        };
+        let mut checkpoint = Checkpoint::new(partition_id(partition), meta.clone());
+        for (start, end) in overlay.ranges() {
+            checkpoint.drop_range(start, end);
+        }
+        for (shard, key, value) in overlay.rows() {
+            match value {
+                Some(value) => checkpoint.put(ShardId(u32::from(shard)), key, value),
+                None => checkpoint.delete(ShardId(u32::from(shard)), key),
+            }
+        }
+        for &shard in due {
+            checkpoint.snapshot_shard(shard);
+            let Ok(number) = u16::try_from(shard.0) else {
+                continue;
+            };
+            self.shard_rows(partition, number, overlay, |key, value| {
+                checkpoint.snapshot_row(shard, key, value)
+            })?;
+        }
+        Ok(Some(checkpoint))
     }
 
     /// Stores a framed write's batch.
@@ -335,7 +388,7 @@ impl Store {
 
     /// The stored entries of one member shard of a partition: in each place, the shard's keys
     /// are one range, found with a seek, and the next place with another.
-    fn scan_member_shard(
+    pub(crate) fn scan_member_shard(
         &self,
         prefix: &[u8],
         shard: u16,

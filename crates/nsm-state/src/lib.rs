@@ -39,6 +39,7 @@
 pub mod changelog;
 mod codec;
 mod format;
+mod frame_store;
 mod frames;
 mod migrate;
 
@@ -69,7 +70,10 @@ pub use changelog::{
     PreparedWrite, RestoreOutcome,
 };
 pub use format::{FormatError, FORMAT_VERSION};
-pub use frames::{FramedWrite, WriteOverlay, AGGREGATE_SHARD, FRAME_SHARDS};
+pub use frame_store::{RocksHeadStore, RocksSink};
+pub use frames::{
+    checkpoint_config, partition_id, FramedWrite, WriteOverlay, AGGREGATE_SHARD, FRAME_SHARDS,
+};
 
 const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";

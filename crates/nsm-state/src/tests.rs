@@ -5,6 +5,8 @@ use nsm_core::Config;
 
 use super::*;
 
+mod frames;
+
 const CONFIG: &str = r#"
 [kafka]
 brokers = "localhost:9092"
@@ -1629,6 +1631,54 @@ fn snapshots_of(store: &Store, write: &FramedWrite) -> BTreeMap<Vec<u8>, (u16, V
     rows
 }
 
+/// A round of events: the clock, and each event with its offset.
+type Round = (i64, Vec<(i64, Vec<u8>)>);
+
+/// Six rounds of 40 random events of 25 users (messages, payments, events with ids) and the
+/// clock of each: five in the hour before [`NOW`], then one 40 days later, which expires every
+/// window of the first. Each event with its offset.
+fn random_rounds(seed: u64) -> Vec<Round> {
+    let mut random = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut next = |bound: u64| {
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        random % bound
+    };
+    let mut offset = 0;
+    (0..6)
+        .map(|round| {
+            let now = if round == 5 {
+                NOW + 40 * 86_400_000
+            } else {
+                NOW
+            };
+            let events = (0..40)
+                .map(|_| {
+                    let user = format!("user-{}", next(25));
+                    let minutes = 10 * round + next(10) as i64;
+                    let time = now - 3_600_000 + minutes * 60_000;
+                    let payload = match next(4) {
+                        0 => format!(
+                            r#"{{"event":"payment","user_id":"{user}","timestamp":{time},"amount":1}}"#
+                        ),
+                        1 => format!(
+                            r#"{{"event_id":"id-{}","event":"message_sent","user_id":"{user}","timestamp":{time}}}"#,
+                            next(30)
+                        ),
+                        _ => format!(
+                            r#"{{"event":"message_sent","user_id":"{user}","timestamp":{time}}}"#
+                        ),
+                    };
+                    offset += 1;
+                    (offset - 1, payload.into_bytes())
+                })
+                .collect();
+            (now, events)
+        })
+        .collect()
+}
+
 #[test]
 fn a_shard_snapshot_is_the_store_after_the_batch_filtered_by_shard() {
     let plan = every_entry_plan();
@@ -1638,40 +1688,11 @@ fn a_shard_snapshot_is_the_store_after_the_batch_filtered_by_shard() {
         adopt(&store, 0, &[]);
         let mut engine = engine_on(&store, &plan);
         engine.restore_partition(key(0), PartitionSnapshot::default());
-        let mut random = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let mut next = |bound: u64| {
-            random ^= random << 13;
-            random ^= random >> 7;
-            random ^= random << 17;
-            random % bound
-        };
-        let mut offset = 0;
         // Rounds of events in the hour before the clock, then a round 40 days later, which
         // expires every window of the first (ranges deleted in the same write as its puts).
-        for round in 0..6 {
-            let now = if round == 5 {
-                NOW + 40 * 86_400_000
-            } else {
-                NOW
-            };
-            for _ in 0..40 {
-                let user = format!("user-{}", next(25));
-                let minutes = 10 * round as i64 + next(10) as i64;
-                let time = now - 3_600_000 + minutes * 60_000;
-                let payload = match next(4) {
-                    0 => format!(
-                        r#"{{"event":"payment","user_id":"{user}","timestamp":{time},"amount":1}}"#
-                    ),
-                    1 => format!(
-                        r#"{{"event_id":"id-{}","event":"message_sent","user_id":"{user}","timestamp":{time}}}"#,
-                        next(30)
-                    ),
-                    _ => format!(
-                        r#"{{"event":"message_sent","user_id":"{user}","timestamp":{time}}}"#
-                    ),
-                };
-                let _ = engine.apply(&key(0), offset, payload.as_bytes(), now);
-                offset += 1;
+        for (round, (now, events)) in random_rounds(seed).into_iter().enumerate() {
+            for (offset, payload) in events {
+                let _ = engine.apply(&key(0), offset, &payload, now);
             }
             let write = store.prepare_frames(&engine.take_changes());
             let ranges = write.overlay(&key(0)).map_or(0, |o| o.ranges().len());
