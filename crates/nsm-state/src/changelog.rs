@@ -35,8 +35,8 @@ use rocksdb::WriteBatch;
 use std::borrow::Cow;
 
 use crate::codec::{
-    current_member_key, decode_partition_meta, encode_partition_meta, legacy_member_key,
-    partition_prefix, prefix_successor, PartitionMeta,
+    current_member_key, decode_partition_meta, legacy_member_key, partition_prefix,
+    prefix_successor,
 };
 use crate::{
     Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_META, CF_PARTITIONS,
@@ -577,10 +577,7 @@ impl Store {
             recorder.record_only(family, &key, stored.as_deref());
         }
         let discarded = self.reconcile_partition(&prefix, &mut recorder)?;
-        let meta = self
-            .db
-            .get_cf(self.cf(CF_PARTITIONS), &prefix)?
-            .unwrap_or_else(|| encode_partition_meta(&PartitionMeta::default()));
+        let meta = self.stored_meta(partition)?;
         recorder.end_partition(partition, &meta);
         let mut prepared = recorder.finish();
         for part in &mut prepared.partitions {

@@ -46,6 +46,10 @@ fn partition_key(partition: &PartitionId) -> Result<PartitionKey, StateError> {
 pub struct RocksHeadStore {
     store: Store,
     staged: Arc<Mutex<Option<WriteBatch>>>,
+    /// The next commit fails without writing anything, as a crash after the changelog
+    /// acknowledged a frame and before the store wrote it.
+    #[cfg(test)]
+    pub(crate) fail_next: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RocksHeadStore {
@@ -53,6 +57,8 @@ impl RocksHeadStore {
         RocksHeadStore {
             store,
             staged: Arc::default(),
+            #[cfg(test)]
+            fail_next: Arc::default(),
         }
     }
 
@@ -72,6 +78,16 @@ impl HeadStore for RocksHeadStore {
         acknowledged: &Acknowledged,
     ) -> Result<(), StateError> {
         let staged = self.staged.lock().unwrap_or_else(|e| e.into_inner()).take();
+        #[cfg(test)]
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(StateError::Corrupt {
+                column_family: CF_META,
+                detail: "a commit failed on cue".into(),
+            });
+        }
         let mut batch = staged.unwrap_or_default();
         let meta = self.store.cf(CF_META);
         for head in heads {

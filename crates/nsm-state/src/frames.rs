@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use nsm_checkpoint::{Checkpoint, CheckpointConfig, PartitionId, ShardId};
+use nsm_checkpoint::{Checkpoint, CheckpointConfig, PartitionId, SeedShard, ShardId};
 use rocksdb::ReadOptions;
 
 use crate::changelog::FAMILIES;
@@ -325,6 +325,55 @@ impl Store {
             })?;
         }
         Ok(Some(checkpoint))
+    }
+
+    /// The write that takes `partition` with frames: data of metrics that changed or left the
+    /// config is dropped (and named in the result), and every metric's fingerprint is stored,
+    /// as [`Store::prepare_adoption`] does for keyed records. Its checkpoint is the take's first
+    /// frame, committed even when it changes nothing.
+    pub fn prepare_adoption_frames(
+        &self,
+        partition: &PartitionKey,
+    ) -> Result<(FramedWrite, Vec<crate::DiscardedMetric>), StateError> {
+        let prefix = partition_prefix(partition);
+        let mut recorder = FrameRecorder::new(self, 0);
+        let discarded = self.reconcile_partition(&prefix, &mut recorder)?;
+        let meta = self
+            .db
+            .get_cf(self.cf(crate::CF_PARTITIONS), &prefix)?
+            .unwrap_or_else(|| {
+                crate::codec::encode_partition_meta(&crate::codec::PartitionMeta::default())
+            });
+        crate::Recording::end_partition(&mut recorder, partition, &meta);
+        let write = FramedWrite {
+            batch: recorder.batch,
+            partitions: recorder.partitions,
+        };
+        Ok((write, discarded))
+    }
+
+    /// The partition's meta record as stored (the empty state's when it has none): a seed's.
+    pub fn stored_meta(&self, partition: &PartitionKey) -> Result<Vec<u8>, StateError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(crate::CF_PARTITIONS), partition_prefix(partition))?
+            .unwrap_or_else(|| {
+                crate::codec::encode_partition_meta(&crate::codec::PartitionMeta::default())
+            }))
+    }
+
+    /// Hands a seed the stored rows of one shard of `partition` (see `Checkpointer::seed`).
+    pub fn seed_shard(
+        &self,
+        partition: &PartitionKey,
+        seed: &mut SeedShard<'_>,
+    ) -> Result<(), StateError> {
+        let Ok(shard) = u16::try_from(seed.shard().0) else {
+            return Ok(());
+        };
+        self.shard_rows(partition, shard, &WriteOverlay::default(), |key, value| {
+            seed.row(key, value)
+        })
     }
 
     /// Stores a framed write's batch.

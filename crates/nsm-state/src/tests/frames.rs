@@ -19,22 +19,62 @@ struct Framed {
 }
 
 impl Framed {
+    /// Opens the store at `dir` and takes partition 0 as its first owner.
     fn open(dir: &Path, plan: &Plan, changelog: &MemoryChangelog) -> Framed {
+        Framed::take(dir, plan, changelog, Epoch(1)).0
+    }
+
+    /// Takes the partition again, as a new owner after a restart.
+    fn reopen(
+        self,
+        dir: &Path,
+        plan: &Plan,
+        changelog: &MemoryChangelog,
+    ) -> (Framed, Vec<DiscardedMetric>) {
+        drop(self);
+        let (framed, discarded) = Framed::take(dir, plan, changelog, Epoch(2));
+        let head = framed.checkpointer.head(&partition_id(&key(0)));
+        assert!(
+            head.is_some_and(|head| head.sequence.0 > 1),
+            "the head was kept"
+        );
+        (framed, discarded)
+    }
+
+    /// Takes partition 0 from the head the store holds: its first frame reconciles the
+    /// metrics' definitions, committed even when it changes nothing.
+    fn take(
+        dir: &Path,
+        plan: &Plan,
+        changelog: &MemoryChangelog,
+        epoch: Epoch,
+    ) -> (Framed, Vec<DiscardedMetric>) {
         let store = Store::open(dir, plan, &options()).expect("open");
         let heads = RocksHeadStore::new(store.clone());
         let mut checkpointer =
             Checkpointer::with_head_store(checkpoint_config(), changelog.writer(), heads.clone());
         checkpointer
-            .resume(&partition_id(&key(0)), Epoch(1))
+            .resume(&partition_id(&key(0)), epoch)
             .expect("open the partition");
+        let (write, discarded) = store.prepare_adoption_frames(&key(0)).expect("adoption");
+        let due = checkpointer.snapshots_due(&partition_id(&key(0)));
+        let checkpoint = store
+            .checkpoint_of(&write, &key(0), &due)
+            .expect("snapshots")
+            .expect("the adoption writes partition 0");
+        heads.stage(write);
+        checkpointer
+            .commit(std::slice::from_ref(&checkpoint))
+            .expect("commit");
         let mut engine = engine_on(&store, plan);
-        engine.restore_partition(key(0), PartitionSnapshot::default());
-        Framed {
+        engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+        let framed = Framed {
             store,
             heads,
             checkpointer,
             engine,
-        }
+        };
+        (framed, discarded)
     }
 
     /// Applies `events` and commits them as one checkpoint: the checkpoint's changes and
@@ -159,5 +199,185 @@ fn a_week_expiring_is_a_dropped_range_per_window_not_a_record_per_entry() {
     assert!(
         sent <= 3,
         "{sent} records: a chunk or two and an end marker"
+    );
+}
+
+#[test]
+fn a_metric_that_changed_is_dropped_from_the_frames_too() {
+    let plan = every_entry_plan();
+    let changelog = MemoryChangelog::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut framed = Framed::open(dir.path(), &plan, &changelog);
+    let mut rounds = random_rounds(3);
+    rounds.pop();
+    for (now, events) in &rounds[..3] {
+        framed.checkpoint(*now, events);
+    }
+    // Reopened with the hourly count now daily, and the trailing count gone.
+    let changed = plan_from(
+        &CONFIG
+            .replace("window = \"1h\"", "window = \"1d\"")
+            .replace("[time]", "[events]\ndedup_horizon = \"10m\"\n[time]"),
+    );
+    let (mut framed, discarded) = framed.reopen(dir.path(), &changed, &changelog);
+    let names: Vec<&str> = discarded
+        .iter()
+        .map(|metric| metric.name.as_str())
+        .collect();
+    assert_eq!(names, ["messages", "paid_after_messaging", "users_2h"]);
+    for (now, events) in &rounds[3..] {
+        framed.checkpoint(*now, events);
+    }
+    let rows = frame_rows_of(&framed.store);
+    for gone in ["users_2h", "paid_after_messaging"] {
+        assert!(
+            !rows
+                .keys()
+                .any(|row| row.windows(gone.len()).any(|name| name == gone.as_bytes())),
+            "{gone} left no row"
+        );
+    }
+    let copy_dir = tempfile::tempdir().expect("tempdir");
+    let (copy, _) = restore_frames(copy_dir.path(), &changed, changelog.records_with_offsets(0));
+    assert_eq!(frame_rows_of(&copy), rows);
+    assert_eq!(
+        values_of(&copy, &changed),
+        values_of(&framed.store, &changed)
+    );
+}
+
+#[test]
+fn a_store_kept_without_the_changelog_is_seeded_as_base_frames_and_restores_the_same() {
+    let plan = every_entry_plan();
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(dir.path(), &plan, &options()).expect("open");
+        adopt(&store, 0, &[]);
+        let mut engine = engine_on(&store, &plan);
+        engine.restore_partition(key(0), PartitionSnapshot::default());
+        for (now, events) in random_rounds(5) {
+            for (offset, payload) in events {
+                let _ = engine.apply(&key(0), offset, &payload, now);
+            }
+            store.write(&engine.take_changes()).expect("write");
+        }
+    }
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    let changelog = MemoryChangelog::new();
+    let heads = RocksHeadStore::new(store.clone());
+    let mut checkpointer =
+        Checkpointer::with_head_store(checkpoint_config(), changelog.writer(), heads);
+    let id = partition_id(&key(0));
+    let meta = store.stored_meta(&key(0)).expect("meta");
+    checkpointer
+        .seed(
+            &id,
+            &meta,
+            Epoch(1),
+            nsm_checkpoint::RetiredFrames::none(),
+            |_, seed| store.seed_shard(&key(0), seed),
+        )
+        .expect("seed");
+    assert_eq!(
+        checkpointer.head(&id).map(|head| head.sequence.0),
+        Some(1_025)
+    );
+    let copy_dir = tempfile::tempdir().expect("tempdir");
+    let (copy, restored) =
+        restore_frames(copy_dir.path(), &plan, changelog.records_with_offsets(0));
+    assert_eq!(restored.meta, meta);
+    assert_eq!(frame_rows_of(&copy), frame_rows_of(&store));
+    assert_eq!(values_of(&copy, &plan), values_of(&store, &plan));
+}
+
+#[test]
+fn a_frame_acknowledged_but_not_stored_is_restored_from_the_position() {
+    let plan = every_entry_plan();
+    let rounds = random_rounds(11);
+    // Without a crash, for reference.
+    let reference_dir = tempfile::tempdir().expect("tempdir");
+    let mut reference = Framed::open(reference_dir.path(), &plan, &MemoryChangelog::new());
+    for (now, events) in &rounds {
+        reference.checkpoint(*now, events);
+    }
+
+    let changelog = MemoryChangelog::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut framed = Framed::open(dir.path(), &plan, &changelog);
+    for (now, events) in &rounds[..3] {
+        framed.checkpoint(*now, events);
+    }
+    // The fourth checkpoint's frame is acknowledged, then the store's write fails.
+    framed
+        .heads
+        .fail_next
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (now, events) = &rounds[3];
+    for (offset, payload) in events {
+        let _ = framed.engine.apply(&key(0), *offset, payload, *now);
+    }
+    let write = framed.store.prepare_frames(&framed.engine.take_changes());
+    let due = framed.checkpointer.snapshots_due(&partition_id(&key(0)));
+    let checkpoint = framed
+        .store
+        .checkpoint_of(&write, &key(0), &due)
+        .expect("snapshots")
+        .expect("partition 0");
+    framed.heads.stage(write);
+    assert!(framed
+        .checkpointer
+        .commit(std::slice::from_ref(&checkpoint))
+        .is_err());
+    drop(framed);
+
+    // Restarted: the local head is the third checkpoint's; the changelog goes on from its
+    // position with the fourth, which the restore applies to the local rows.
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    let heads = RocksHeadStore::new(store.clone());
+    let config = checkpoint_config();
+    let id = partition_id(&key(0));
+    let head = nsm_checkpoint::restore_head(&config, &heads, &id).expect("head");
+    let position = store
+        .changelog_position(&key(0))
+        .expect("position")
+        .expect("a position was stored")
+        .offset as u64;
+    let mut sink = RocksSink::new(&store, &key(0));
+    let mut restore = LineRestore::resume(&config, &head, u64::MAX);
+    for (offset, record) in changelog.records_with_offsets(0) {
+        if offset >= position {
+            restore
+                .record(&mut sink, offset, &record.key, record.value.as_deref())
+                .expect("record");
+        }
+    }
+    let LineOutcome::Restored(restored) = restore.finish(&mut sink).expect("finish") else {
+        panic!("the frames after the position continue the local head");
+    };
+    drop(sink);
+    assert!(restored.resumed);
+    assert!(restored.head.sequence > head.head.sequence);
+    let mut checkpointer = Checkpointer::with_head_store(config, changelog.writer(), heads.clone());
+    checkpointer
+        .take_over_restored(Epoch(2), restored, |_| Ok(()))
+        .expect("take over");
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+    let mut framed = Framed {
+        store,
+        heads,
+        checkpointer,
+        engine,
+    };
+    for (now, events) in &rounds[4..] {
+        framed.checkpoint(*now, events);
+    }
+    assert_eq!(
+        frame_rows_of(&framed.store),
+        frame_rows_of(&reference.store)
+    );
+    assert_eq!(
+        values_of(&framed.store, &plan),
+        values_of(&reference.store, &plan)
     );
 }
