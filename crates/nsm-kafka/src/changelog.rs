@@ -287,26 +287,27 @@ impl ChangelogWriter {
         })
     }
 
-    /// Queues one record (`value` none: a tombstone) carrying `epoch`, waiting while the local
+    /// Queues one record (`value` none: a tombstone), carrying `epoch` in the
+    /// [`EPOCH_HEADER`] when given (frames carry theirs in their keys), waiting while the local
     /// queue is full unless `give_up` says so or a record before it failed.
     pub fn send(
         &self,
         partition: i32,
         key: &[u8],
         value: Option<&[u8]>,
-        epoch: u64,
+        epoch: Option<u64>,
         give_up: &dyn Fn() -> bool,
     ) -> Result<(), KafkaError> {
-        let epoch = epoch.to_be_bytes();
+        let epoch = epoch.map(u64::to_be_bytes);
         loop {
-            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
-                key: EPOCH_HEADER,
-                value: Some(&epoch[..]),
-            });
-            let mut record: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(&self.topic)
-                .partition(partition)
-                .key(key)
-                .headers(headers);
+            let mut record: BaseRecord<'_, [u8], [u8], ()> =
+                BaseRecord::to(&self.topic).partition(partition).key(key);
+            if let Some(epoch) = &epoch {
+                record = record.headers(OwnedHeaders::new_with_capacity(1).insert(Header {
+                    key: EPOCH_HEADER,
+                    value: Some(&epoch[..]),
+                }));
+            }
             if let Some(value) = value {
                 record = record.payload(value);
             }
@@ -543,7 +544,7 @@ mod tests {
         let writer = ChangelogWriter::new(&settings, "changelog").expect("writer");
         let started = Instant::now();
         writer
-            .send(0, b"key", Some(b"value"), 7, &|| false)
+            .send(0, b"key", Some(b"value"), Some(7), &|| false)
             .expect("queued");
         let error = writer
             .await_delivery(&|| false)
@@ -556,5 +557,35 @@ mod tests {
             "{error}"
         );
         assert!(writer.await_delivery(&|| false).is_err());
+    }
+
+    #[test]
+    fn records_carry_their_epoch_when_given_one_and_frames_go_without() {
+        let cluster = crate::mock::start(&[("changelog", 1)]).expect("mock cluster");
+        let settings = ClientSettings::new(cluster.bootstrap_servers());
+        let writer = ChangelogWriter::new(&settings, "changelog").expect("writer");
+        writer
+            .send(0, b"legacy", Some(b"a"), Some(7), &|| false)
+            .expect("queued");
+        writer
+            .send(0, b"frame", Some(b"b"), None, &|| false)
+            .expect("queued");
+        let next = writer.await_delivery(&|| false).expect("acknowledged");
+        assert_eq!(next.get(&0), Some(&2));
+        let reader = ChangelogReader::new(&settings, "changelog").expect("reader");
+        let mut read = Vec::new();
+        reader
+            .read(0, 0, 2, &mut |offset, key, _, epoch| {
+                read.push((offset, key.to_vec(), epoch));
+                Ok(())
+            })
+            .expect("read");
+        assert_eq!(
+            read,
+            [
+                (0, b"legacy".to_vec(), Some(7)),
+                (1, b"frame".to_vec(), None)
+            ]
+        );
     }
 }

@@ -129,7 +129,7 @@ impl Changelog {
             sent += store
                 .each_record(partition, |key, value| {
                     self.writer
-                        .send(number, key, value, partition.epoch, &give_up)
+                        .send(number, key, value, Some(partition.epoch), &give_up)
                         .map_err(|error| SendError::Changelog(failed(error)))
                 })
                 .map_err(|error| match error {
@@ -145,7 +145,7 @@ impl Changelog {
                     partition.partition.partition,
                     &partition.end.key,
                     partition.end.value.as_deref(),
-                    partition.epoch,
+                    Some(partition.epoch),
                     &give_up,
                 )
                 .map_err(failed)?;
