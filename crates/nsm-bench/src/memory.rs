@@ -4,9 +4,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use nsm_checkpoint::{Acknowledged, Checkpointer, Epoch, HeadsOnly};
+use nsm_core::engine::ChangeSet;
 use nsm_core::engine::{AggValue, Engine, Outcome, DEFAULT_STATE_MEMORY};
 use nsm_core::PartitionKey;
-use nsm_state::{StateError, Store, StoreOptions};
+use nsm_state::{checkpoint_config, partition_id, RocksHeadStore, Store, StoreOptions};
 
 use crate::workload::{
     bench_plan, coprime_stride, every_kind_plan, write_event, NOW_MS, STEP_MS, WEEK_MS,
@@ -81,6 +83,7 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
     };
     let key = PartitionKey::new("events", 0);
     engine.restore_partition(key.clone(), store.load_partition(&key)?);
+    let mut frames = Frames::open(&store, &key)?;
 
     let users = args.users.max(1);
     let events = 2 * users;
@@ -112,11 +115,11 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
         since_checkpoint += 1;
         // As `nsm run`: at its interval, or sooner once the engine holds enough entries.
         if since_checkpoint == CHECKPOINT_EVERY || engine.checkpoint_due() {
-            store.write(&engine.take_changes())?;
+            frames.write(&store, &engine.take_changes())?;
             since_checkpoint = 0;
         }
     }
-    store.write(&engine.take_changes())?;
+    frames.write(&store, &engine.take_changes())?;
     let elapsed = started.elapsed().as_secs_f64();
 
     let values = engine.metric_values(NOW_MS);
@@ -135,7 +138,7 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
         bail!("users_7d is {counted:?}, expected {expected}: not exact");
     }
     let (peak_kib, resident_kib) = process_memory_kib()?;
-    let expiry = expire_the_week(&mut engine, &store, &key, events)?;
+    let expiry = expire_the_week(&mut engine, &mut frames, &store, &key, events)?;
     println!(
         "{{\"bench\":\"memory\",\"store\":\"{}\",\"metrics\":\"{}\",\"users\":{users},\"events\":{events},\
          \"mean_event_bytes\":{},\"users_7d\":{expected},\"peak_rss_mib\":{:.1},\"rss_mib\":{:.1},\
@@ -166,9 +169,70 @@ const EXPIRED_AFTER_MS: i64 = 7 * WEEK_MS;
 /// team's memberships, trailing occurrences, threshold progress).
 const LAST_EVENT_ENTRIES: usize = 10;
 
+/// The changelog as `nsm run` writes it, frames, sent to a writer that counts the records and
+/// acknowledges them at once.
+struct Frames {
+    checkpointer: Checkpointer<CountingWriter, RocksHeadStore, HeadsOnly>,
+    heads: RocksHeadStore,
+}
+
+impl Frames {
+    fn open(store: &Store, key: &PartitionKey) -> anyhow::Result<Frames> {
+        let heads = RocksHeadStore::new(store.clone());
+        let mut checkpointer = Checkpointer::with_head_store(
+            checkpoint_config(),
+            CountingWriter::default(),
+            heads.clone(),
+        );
+        checkpointer
+            .resume(&partition_id(key), Epoch(1))
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        Ok(Frames {
+            checkpointer,
+            heads,
+        })
+    }
+
+    /// Sends and stores one checkpoint; the records it sent.
+    fn write(&mut self, store: &Store, changes: &ChangeSet) -> anyhow::Result<u64> {
+        let write = store.prepare_frames(changes);
+        let mut checkpoints = Vec::new();
+        for key in write.partitions().cloned().collect::<Vec<_>>() {
+            let due = self.checkpointer.snapshots_due(&partition_id(&key));
+            checkpoints.extend(store.checkpoint_of(&write, &key, &due)?);
+        }
+        self.heads.stage(write);
+        let report = self
+            .checkpointer
+            .commit(&checkpoints)
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        Ok(report.records())
+    }
+}
+
+/// A changelog that takes every record at once.
+#[derive(Default)]
+struct CountingWriter {
+    next_offsets: std::collections::BTreeMap<u32, u64>,
+}
+
+impl nsm_checkpoint::ChangelogWriter for CountingWriter {
+    type Error = std::convert::Infallible;
+
+    fn send(&mut self, partition: u32, _: &[u8], _: Option<&[u8]>) -> Result<(), Self::Error> {
+        *self.next_offsets.entry(partition).or_default() += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<Acknowledged, Self::Error> {
+        Ok(Acknowledged {
+            next_offsets: self.next_offsets.clone(),
+        })
+    }
+}
+
 /// What the week's windows expiring cost: the write that deletes them all, with the changelog
-/// records `nsm run` would send for it (a tombstone per entry), read as it reads them to send
-/// them, here to nowhere.
+/// records `nsm run` sends for it (its frame: dropped ranges, not a record per entry).
 struct Expiry {
     records: u64,
     /// Peak resident memory from the expiring event on.
@@ -178,6 +242,7 @@ struct Expiry {
 
 fn expire_the_week(
     engine: &mut Engine,
+    frames: &mut Frames,
     store: &Store,
     key: &PartitionKey,
     offset: u64,
@@ -192,13 +257,7 @@ fn expire_the_week(
         Outcome::Applied { .. } => {}
         other => bail!("the event expiring the week was not applied: {other:?}"),
     }
-    let prepared = store.prepare(&engine.take_changes(), true)?;
-    let mut records = 0;
-    for partition in &prepared.partitions {
-        // The end marker is one more.
-        records += 1 + store.each_record(partition, |_, _| Ok::<_, StateError>(()))?;
-    }
-    store.commit(prepared, &[])?;
+    let records = frames.write(store, &engine.take_changes())?;
     let left = store.stored_member_count(key)?;
     if left > LAST_EVENT_ENTRIES {
         bail!("{left} member entries left after the week expired: expected only the last event's");

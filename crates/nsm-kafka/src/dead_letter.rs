@@ -265,7 +265,7 @@ struct RefusedState {
     log: LogLimiter<Refusal>,
     /// The last refusal, for the error that postpones a checkpoint.
     last_error: Option<(Refusal, String)>,
-    /// Whether letters were held at the last flush, to log when they are all delivered.
+    /// Whether letters were held since the last time all were delivered, to log when they are.
     was_holding: bool,
     last_retry: Option<Instant>,
 }
@@ -315,6 +315,8 @@ impl Refused {
         if hold {
             state.held_bytes += letter.bytes();
             state.held.push(letter);
+            // Said once they are all delivered, whether or not a flush waited for them.
+            state.was_holding = true;
             self.publish_held(&state);
         } else {
             if !released {

@@ -537,8 +537,39 @@ impl Store {
         }
         batch.delete_cf(self.cf(CF_META), position_key(partition));
         batch.delete_cf(self.cf(CF_META), epoch_key(partition));
+        batch.delete_cf(self.cf(CF_META), crate::frame_store::head_key_of(partition));
+        batch.delete_cf(
+            self.cf(CF_META),
+            crate::frame_store::restoring_key(partition),
+        );
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())
+    }
+
+    /// Clears the partition before a restore of it whole from frames, marked as under way
+    /// until a head is written for it: a restore cut short leaves rows of frames the line may
+    /// not keep, which must never count as a local copy.
+    pub fn start_whole_restore(&self, partition: &PartitionKey) -> Result<(), StateError> {
+        self.clear_partition(partition)?;
+        self.db.put_cf_opt(
+            self.cf(CF_META),
+            crate::frame_store::restoring_key(partition),
+            [],
+            &self.write_options,
+        )?;
+        Ok(())
+    }
+
+    /// Whether a restore of the partition whole was cut short (see
+    /// [`Store::start_whole_restore`]).
+    pub fn restore_was_cut_short(&self, partition: &PartitionKey) -> Result<bool, StateError> {
+        Ok(self
+            .db
+            .get_pinned_cf(
+                self.cf(CF_META),
+                crate::frame_store::restoring_key(partition),
+            )?
+            .is_some())
     }
 
     /// The changelog records that make a partition's stored copy whole again after a

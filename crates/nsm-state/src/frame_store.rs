@@ -28,6 +28,17 @@ fn head_key(partition: &PartitionId) -> Vec<u8> {
     key
 }
 
+pub(crate) fn head_key_of(partition: &PartitionKey) -> Vec<u8> {
+    head_key(&crate::frames::partition_id(partition))
+}
+
+/// Marks a partition being restored whole (see `Store::start_whole_restore`).
+pub(crate) fn restoring_key(partition: &PartitionKey) -> Vec<u8> {
+    let mut key = b"frames-restoring/".to_vec();
+    key.extend_from_slice(&partition_prefix(partition));
+    key
+}
+
 /// The input partition a frame partition names (its name is the key prefix).
 fn partition_key(partition: &PartitionId) -> Result<PartitionKey, StateError> {
     split_partition_prefix(&partition.name)
@@ -94,6 +105,10 @@ impl HeadStore for RocksHeadStore {
             // A take-over's rows are in the store already: its sink wrote them as it applied
             // the frames, never a meta ahead of its rows.
             batch.put_cf(meta, head_key(&head.partition), &head.head);
+            if head.replace {
+                // A take-over's restore, whole: its rows are all in now.
+                batch.delete_cf(meta, restoring_key(&partition_key(&head.partition)?));
+            }
             let changelog_partition = head.partition.changelog_partition;
             if let Some(offset) = acknowledged.next_offset(changelog_partition) {
                 let partition = partition_key(&head.partition)?;

@@ -32,6 +32,9 @@ pub const AGGREGATE_SHARD: u16 = MEMBER_SHARDS as u16;
 /// Shards of a partition's frames: the member shards and the aggregate shard.
 pub const FRAME_SHARDS: u32 = MEMBER_SHARDS as u32 + 1;
 
+/// Member shards due in one checkpoint past which their snapshots are read in one pass.
+const ONE_PASS_SHARDS: usize = 16;
+
 /// The families of the aggregate shard, in the order its snapshot reads them.
 const AGGREGATE_FAMILIES: [&str; 4] = [CF_WINDOWS, CF_SEGMENTS, CF_GAPS, CF_FINGERPRINTS];
 
@@ -315,6 +318,14 @@ impl Store {
                 None => checkpoint.delete(ShardId(u32::from(shard)), key),
             }
         }
+        let member_shards = due
+            .iter()
+            .filter(|shard| shard.0 < u32::from(AGGREGATE_SHARD))
+            .count();
+        if member_shards > ONE_PASS_SHARDS {
+            self.snapshot_in_one_pass(partition, due, overlay, &mut checkpoint)?;
+            return Ok(Some(checkpoint));
+        }
         for &shard in due {
             checkpoint.snapshot_shard(shard);
             let Ok(number) = u16::try_from(shard.0) else {
@@ -325,6 +336,65 @@ impl Store {
             })?;
         }
         Ok(Some(checkpoint))
+    }
+
+    /// The snapshots of many shards at once, in one pass over the partition's entries: a
+    /// checkpoint after a take of a partition whose shard sizes are unknown, or while they are
+    /// small, finds most shards due, and a seek per place for each costs far more than reading
+    /// every entry once.
+    fn snapshot_in_one_pass(
+        &self,
+        partition: &PartitionKey,
+        due: &[ShardId],
+        overlay: &WriteOverlay,
+        checkpoint: &mut Checkpoint,
+    ) -> Result<(), StateError> {
+        let prefix = partition_prefix(partition);
+        let mut wanted = vec![false; MEMBER_SHARDS];
+        for shard in due {
+            checkpoint.snapshot_shard(*shard);
+            match u16::try_from(shard.0) {
+                Ok(AGGREGATE_SHARD) => {
+                    self.shard_rows(partition, AGGREGATE_SHARD, overlay, |key, value| {
+                        checkpoint.snapshot_row(*shard, key, value)
+                    })?;
+                }
+                Ok(number) => {
+                    if let Some(slot) = wanted.get_mut(usize::from(number)) {
+                        *slot = true;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        let empty = BTreeMap::new();
+        let mut row = Vec::new();
+        self.scan_family(CF_ENTRIES, &prefix, |key, value| {
+            let Some(shard) = stored_member_shard(key) else {
+                return;
+            };
+            if !wanted.get(usize::from(shard)).copied().unwrap_or(false) {
+                return;
+            }
+            row.clear();
+            row.push(family_byte(CF_ENTRIES));
+            row.extend_from_slice(&key[prefix.len()..]);
+            let own = overlay.rows_of(shard).unwrap_or(&empty);
+            if !own.contains_key(&row) && !overlay.deletes(&row) {
+                checkpoint.snapshot_row(ShardId(u32::from(shard)), &row, value);
+            }
+        })?;
+        for (shard, rows) in &overlay.rows {
+            if !wanted.get(usize::from(*shard)).copied().unwrap_or(false) {
+                continue;
+            }
+            for (key, value) in rows {
+                if let Some(value) = value {
+                    checkpoint.snapshot_row(ShardId(u32::from(*shard)), key, value);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The write that takes `partition` with frames: data of metrics that changed or left the

@@ -514,6 +514,7 @@ impl Store {
         let mut batch = prepared.batch;
         for partition in &prepared.without_changelog {
             batch.delete_cf(self.cf(CF_META), changelog::position_key(partition));
+            batch.delete_cf(self.cf(CF_META), frame_store::head_key_of(partition));
         }
         for (partition, position) in positions {
             batch.put_cf(

@@ -1,48 +1,38 @@
-//! The state changelog, wired: sending a prepared write before it is stored, and bringing a
-//! partition's local copy up to date before it is taken.
+//! The state changelog topic: its writer and reader, the protocol of frames over them
+//! (`crate::frames`), and the keyed restore of the records an nsm of state format 7 or before
+//! wrote, one per stored key.
 //!
-//! Order of a write: the records of every partition, then (once all are acknowledged) each
-//! partition's end marker, then (once acknowledged) the local RocksDB batch with the changelog
-//! positions reached. A crash anywhere leaves the changelog at or ahead of the local copy,
-//! never behind it, and an unfinished write is recognised by its missing end marker.
-//!
-//! Each record carries the epoch its owner took the partition with, above every epoch the
-//! restore before it read: records of an instance cut off from the group that land after the
-//! new owner's are fenced off by the next restore (see `nsm_state::changelog`).
+//! A keyed restore brings a local copy without a frames head up to date: records since its
+//! position, or everything when it has none (compared with the changelog by input offset: the
+//! newer copy wins), applied up to each write's end marker, records of an owner that had lost
+//! the partition fenced off by their epochs (see `nsm_state::changelog`). The copy is then sent
+//! to the changelog as frames.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nsm_checkpoint::{Checkpointer, HeadsOnly};
 
 use nsm_core::PartitionKey;
 use nsm_kafka::{ChangelogReader, ChangelogWriter, ClientSettings};
-use nsm_state::{ChangelogProbe, PartitionRestore, PreparedWrite, RestoreOutcome, Store};
+use nsm_state::{ChangelogProbe, PartitionRestore, RestoreOutcome, RocksHeadStore, Store};
 use tracing::{info, warn};
 
-/// How long a write still waits for the broker once nsm was asked to stop.
-const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How old a stored position may be and still be read from: tombstones written after it
 /// must still be in the changelog. Kafka keeps them `delete.retention.ms`, one day by default.
 const TRUST_POSITION_MS: i64 = 20 * 3_600_000;
 
-/// Why a record of a write was not sent: the store could not be read, or the changelog
-/// refused it.
-enum SendError {
-    State(nsm_state::StateError),
-    Changelog(String),
-}
+use crate::frames::KafkaFrames;
 
-impl From<nsm_state::StateError> for SendError {
-    fn from(error: nsm_state::StateError) -> Self {
-        SendError::State(error)
-    }
-}
+type FrameCheckpointer = Checkpointer<KafkaFrames, RocksHeadStore, HeadsOnly>;
 
 pub struct Changelog {
-    topic: String,
-    writer: ChangelogWriter,
-    reader: ChangelogReader,
-    stop: Arc<AtomicBool>,
+    pub(crate) topic: String,
+    pub(crate) reader: ChangelogReader,
+    /// The frames' protocol, shared by the checkpoint writer and the takes (which never run
+    /// together), over `heads`.
+    checkpointer: Mutex<FrameCheckpointer>,
+    pub(crate) heads: RocksHeadStore,
     settings: ClientSettings,
     /// Partitions the topic is known to have: an input partition beyond them (added to an
     /// input topic since) gets its changelog partition when it is first taken.
@@ -52,8 +42,6 @@ pub struct Changelog {
 /// What bringing a partition up to date did.
 #[derive(Debug, Default)]
 pub struct Restored {
-    /// Keys of an unfinished write found after the last end marker, to revert.
-    pub tail: Vec<Vec<u8>>,
     /// The store's copy of the partition is newer than the changelog's (or the only one):
     /// send it whole, with `tail` holding every other key the changelog has of it.
     pub seed: bool,
@@ -63,30 +51,41 @@ pub struct Restored {
     /// recreated or truncated, and the store's copy is sent to it again (`seed`) unless the
     /// changelog holds a newer one.
     pub changelog_lost: bool,
-    /// The highest epoch read, to take the partition with an epoch above it
-    /// (`Store::adoption_epoch`).
-    pub epoch: Option<u64>,
 }
 
 impl Changelog {
     pub fn new(
         settings: &ClientSettings,
         topic: &str,
+        store: &Store,
         stop: Arc<AtomicBool>,
     ) -> Result<Self, nsm_kafka::KafkaError> {
+        let writer = Arc::new(ChangelogWriter::new(settings, topic)?);
+        let heads = RocksHeadStore::new(store.clone());
+        let checkpointer = Checkpointer::with_head_store(
+            nsm_state::checkpoint_config(),
+            KafkaFrames::new(writer.clone(), stop.clone()),
+            heads.clone(),
+        );
         Ok(Changelog {
             topic: topic.to_string(),
-            writer: ChangelogWriter::new(settings, topic)?,
             reader: ChangelogReader::new(settings, topic)?,
-            stop,
+            checkpointer: Mutex::new(checkpointer),
+            heads,
             settings: settings.clone(),
             partitions: AtomicUsize::new(0),
         })
     }
 
+    pub(crate) fn checkpointer(&self) -> MutexGuard<'_, FrameCheckpointer> {
+        self.checkpointer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Makes sure changelog partition `partition` exists, adding partitions to the topic when
     /// an input topic gained some since nsm sized it.
-    fn ensure_partition(&self, partition: i32) -> Result<(), String> {
+    pub(crate) fn ensure_partition(&self, partition: i32) -> Result<(), String> {
         let needed = usize::try_from(partition).unwrap_or(0) + 1;
         if needed <= self.partitions.load(Ordering::Relaxed) {
             return Ok(());
@@ -104,69 +103,6 @@ impl Changelog {
         }
         self.partitions.fetch_max(found, Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Sends a prepared write of `store` (not stored yet: some records are read from the
-    /// store as they are sent) and returns the changelog position each of its partitions
-    /// reached, to store with it, and the number of records sent.
-    pub fn send(
-        &self,
-        store: &Store,
-        prepared: &PreparedWrite,
-    ) -> Result<(Vec<(PartitionKey, i64)>, u64), String> {
-        if prepared.partitions.is_empty() {
-            return Ok((Vec::new(), 0));
-        }
-        let failed = |error: nsm_kafka::KafkaError| format!("changelog {}: {error}", self.topic);
-        // One grace for the whole write: once stopping, it gets STOP_GRACE in all.
-        let grace = StopGrace::new(&self.stop);
-        let give_up = || grace.expired();
-        let mut sent = 0;
-        for partition in &prepared.partitions {
-            let number = partition.partition.partition;
-            // The writer waits while its queue is full: a window of millions of entries
-            // expiring streams its tombstones through the queue, never all in memory.
-            sent += store
-                .each_record(partition, |key, value| {
-                    self.writer
-                        .send(number, key, value, Some(partition.epoch), &give_up)
-                        .map_err(|error| SendError::Changelog(failed(error)))
-                })
-                .map_err(|error| match error {
-                    SendError::State(error) => format!("state read failed: {error}"),
-                    SendError::Changelog(message) => message,
-                })?;
-            sent += 1;
-        }
-        self.writer.await_delivery(&give_up).map_err(failed)?;
-        for partition in &prepared.partitions {
-            self.writer
-                .send(
-                    partition.partition.partition,
-                    &partition.end.key,
-                    partition.end.value.as_deref(),
-                    Some(partition.epoch),
-                    &give_up,
-                )
-                .map_err(failed)?;
-        }
-        let next = self.writer.await_delivery(&give_up).map_err(failed)?;
-        let positions = prepared
-            .partitions
-            .iter()
-            .map(|partition| {
-                let number = partition.partition.partition;
-                next.get(&number)
-                    .map(|position| (partition.partition.clone(), *position))
-                    .ok_or_else(|| {
-                        format!(
-                            "changelog {}: no acknowledged offset for partition {number}",
-                            self.topic
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok((positions, sent))
     }
 
     /// Brings the store's copy of `key` up to date with the changelog: nothing to do when it
@@ -255,22 +191,15 @@ impl Changelog {
             restored => restored,
         };
         match outcome {
-            RestoreOutcome::Restored {
-                tail,
-                epoch,
-                fenced,
-                ..
-            } => {
+            RestoreOutcome::Restored { fenced, .. } => {
                 if fenced > 0 {
                     warn!(partition = %key, changelog = %self.topic, fenced,
                           "left out changelog records of an owner that had lost the partition when they landed (an instance cut off from the group)");
                 }
                 Ok(Restored {
-                    tail,
                     seed: false,
                     records,
                     changelog_lost,
-                    epoch,
                 })
             }
             RestoreOutcome::RestartThrough(_) => Err(format!(
@@ -325,8 +254,6 @@ impl Changelog {
                 info!(partition = %key, stored = ?stored, changelog = ?probe.finished_offset(),
                       "the stored copy is ahead of the changelog: sending it whole");
                 Ok(Restored {
-                    epoch: probe.epoch(),
-                    tail: probe.into_keys(),
                     seed: true,
                     records,
                     changelog_lost: false,
@@ -375,28 +302,4 @@ fn cancelled(cancel: &AtomicBool) -> Result<(), String> {
         return Err("cancelled: a rebalance came before it ended".into());
     }
     Ok(())
-}
-
-/// Gives up waiting `STOP_GRACE` after the stop flag was first seen set.
-struct StopGrace<'a> {
-    stop: &'a AtomicBool,
-    seen: std::cell::Cell<Option<Instant>>,
-}
-
-impl<'a> StopGrace<'a> {
-    fn new(stop: &'a AtomicBool) -> Self {
-        StopGrace {
-            stop,
-            seen: std::cell::Cell::new(None),
-        }
-    }
-
-    fn expired(&self) -> bool {
-        if !self.stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        let seen = self.seen.get().unwrap_or_else(Instant::now);
-        self.seen.set(Some(seen));
-        seen.elapsed() >= STOP_GRACE
-    }
 }

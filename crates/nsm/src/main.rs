@@ -6,6 +6,7 @@
 mod changelog;
 mod clock;
 mod demo;
+mod frames;
 mod generate;
 mod generator;
 mod logging;

@@ -51,6 +51,9 @@ pub struct Pipeline {
     in_flight: Option<InFlight>,
     /// Offsets of the checkpoints stored since the consumer last asked, to commit to the group.
     stored_offsets: Vec<(PartitionKey, i64)>,
+    /// Partitions given up whose frames are still the checkpoint's in flight: released from
+    /// the changelog's protocol once it settles.
+    to_release: Vec<PartitionKey>,
     /// Whether the last statistics showed a connected broker (to log changes only).
     kafka_reachable: bool,
     /// Set when stored state could not be read or a write failed: nothing more is stored,
@@ -161,6 +164,7 @@ impl Pipeline {
             clock: parts.clock,
             in_flight: None,
             stored_offsets: Vec::new(),
+            to_release: Vec::new(),
             kafka_reachable: true,
             failure: None,
             telemetry: parts.telemetry,
@@ -193,6 +197,10 @@ impl Pipeline {
         if let Some(in_flight) = &mut self.in_flight {
             in_flight.released = true;
         }
+        self.to_release.extend(partitions.iter().cloned());
+        if self.in_flight.is_none() {
+            self.release_frames();
+        }
         for key in partitions {
             self.engine.remove_partition(key);
             self.last_message.remove(key);
@@ -204,6 +212,14 @@ impl Pipeline {
         self.stored_offsets
             .retain(|(key, _)| !partitions.contains(key));
         self.publish_now();
+    }
+
+    /// Stops writing frames of the partitions given up, once no write of them is in flight.
+    fn release_frames(&mut self) {
+        let released = std::mem::take(&mut self.to_release);
+        if let Some(changelog) = &self.changelog {
+            changelog.release(&released);
+        }
     }
 
     /// Takes the changes since the last checkpoint and starts storing them on a thread of
@@ -231,10 +247,12 @@ impl Pipeline {
             .name("nsm-checkpoint".into())
             .spawn(move || {
                 let started = Instant::now();
-                let with_records = changelog.is_some();
-                let result = write_through(&store, changelog.as_deref(), &telemetry, |store| {
-                    Ok((store.prepare(&changes, with_records)?, ()))
-                });
+                let result = match changelog.as_deref() {
+                    Some(changelog) => changelog
+                        .write(&store, &changes)
+                        .map(|records| telemetry.record_changelog(records)),
+                    None => write_alone(&store, |store| Ok((store.prepare(&changes, false)?, ()))),
+                };
                 telemetry.record_checkpoint(started.elapsed().as_secs_f64(), result.is_ok());
                 result
             })
@@ -277,6 +295,7 @@ impl Pipeline {
         let result = writer
             .join()
             .unwrap_or_else(|_| Err("the checkpoint writer panicked".to_string()));
+        self.release_frames();
         self.writer_watch.idle();
         self.telemetry
             .record_checkpoint_wait(waiting.elapsed().as_secs_f64());
@@ -461,26 +480,16 @@ impl Drop for Pipeline {
     }
 }
 
-/// Sends a write to the changelog (when there is one), waits for its acknowledgement, then
-/// stores it: the one path of every state change.
-fn write_through<T>(
+/// Stores a write without the changelog (`state.changelog = false`): the changelog no longer
+/// follows its partitions, so their positions and heads go.
+fn write_alone<T>(
     store: &Store,
-    changelog: Option<&Changelog>,
-    telemetry: &Telemetry,
     prepare: impl FnOnce(&Store) -> Result<(nsm_state::PreparedWrite, T), nsm_state::StateError>,
 ) -> Result<T, String> {
     let (prepared, extra) =
         prepare(store).map_err(|error| format!("state write failed: {error}"))?;
-    let (prepared, positions) = match changelog {
-        Some(changelog) => {
-            let (positions, records) = changelog.send(store, &prepared)?;
-            telemetry.record_changelog(records);
-            (prepared, positions)
-        }
-        None => (prepared.without_changelog_records(), Vec::new()),
-    };
     store
-        .commit(prepared, &positions)
+        .commit(prepared.without_changelog_records(), &[])
         .map_err(|error| format!("state write failed: {error}"))?;
     Ok(extra)
 }
@@ -498,17 +507,23 @@ fn adopt(
     cancel: &AtomicBool,
 ) -> Result<PartitionSnapshot, String> {
     let started = Instant::now();
-    let restored = match changelog {
-        Some(changelog) => changelog.restore(store, key, cancel)?,
-        None => Default::default(),
+    let taken = match changelog {
+        Some(changelog) => changelog.take(store, key, cancel)?,
+        None => crate::frames::Taken {
+            discarded: write_alone(store, |store| {
+                let epoch = store.adoption_epoch(key, None)?;
+                store.prepare_adoption(key, &[], false, epoch)
+            })?,
+            ..Default::default()
+        },
     };
-    let crate::changelog::Restored {
-        tail,
-        seed,
+    let crate::frames::Taken {
         records,
         changelog_lost,
-        epoch,
-    } = restored;
+        seeded,
+        frames_skipped,
+        discarded,
+    } = taken;
     if changelog_lost {
         telemetry.record_changelog_lost(key);
         readiness.set_not_ready(format!(
@@ -516,19 +531,17 @@ fn adopt(
              sending it the local state again"
         ));
     }
-    // Written with an epoch above every one read: records of a previous owner that land
-    // after these are fenced off by the next restore.
-    let discarded = write_through(store, changelog, telemetry, |store| {
-        let epoch = store.adoption_epoch(key, epoch)?;
-        store.prepare_adoption(key, &tail, seed, epoch)
-    })?;
+    if frames_skipped > 0 {
+        warn!(partition = %key, frames = frames_skipped,
+              "left out changelog records of an owner that had lost the partition, or of writes that did not finish (an instance cut off from the group, or a crash)");
+    }
     for metric in discarded {
         warn!(partition = %key, metric = %metric.name, reason = metric.reason,
               "stored data of this metric was discarded");
     }
     let seconds = started.elapsed().as_secs_f64();
-    if records > 0 || !tail.is_empty() || seed {
-        info!(partition = %key, records, unfinished_reverted = tail.len(), seeded = seed,
+    if records > 0 || seeded {
+        info!(partition = %key, records, seeded,
               elapsed_ms = (seconds * 1000.0) as u64, "partition restored from the changelog");
     }
     telemetry.record_restore(key, seconds, records);

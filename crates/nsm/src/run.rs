@@ -154,6 +154,7 @@ pub fn run_pipeline_with_clock(
             Some(Changelog::new(
                 &client_settings(&config),
                 topic,
+                &store,
                 stop.clone(),
             )?)
         }

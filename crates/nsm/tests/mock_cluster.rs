@@ -90,8 +90,11 @@ fn known_stream_gives_exact_values_dead_letters_and_survives_a_graceful_restart(
         Some(&nsm),
         || {
             let samples = scrape(port)?;
+            // Complaints and payments come after the messages: each partition's last events.
             (metric_value(&samples, "messages_sent", "current")? == expected_messages
-                && samples.get("nsm_events_late_total").copied()? == stream.late as f64)
+                && samples.get("nsm_events_late_total").copied()? == stream.late as f64
+                && metric_value(&samples, "complaints", "current")? == stream.complaints as f64
+                && samples.get("nsm_events_duplicate_total").copied()? == stream.duplicates as f64)
                 .then_some(samples)
         },
     );
@@ -1207,4 +1210,122 @@ fn a_candidate_config_is_replayed_over_the_history_beside_the_live_one() {
     assert_eq!(&today[1..3], ["5", "8"], "{table}");
     // Nothing was stored.
     assert!(!dir.path().join("state").exists());
+}
+
+#[test]
+fn a_changelog_of_per_key_records_is_taken_over_and_rewritten_as_frames() {
+    let (_cluster, brokers) = cluster_for("nsm-legacy", 1);
+    let topic = "events";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stream = known_stream(40, 2);
+    produce(&brokers, topic, dir.path(), &stream.lines, &[]);
+    let port = free_port();
+    let config = |state: &str| {
+        test_config(&brokers, topic, &dir.path().join(state), port, "nsm-legacy") + BY_USER
+    };
+
+    // The changelog an nsm of state format 7 left: a record per stored key of the partition,
+    // each write ended by its meta record, every record with its epoch in a header.
+    {
+        let parsed = nsm_core::Config::from_toml(&config("older"), &|_| None).expect("config");
+        let plan = nsm_core::engine::Plan::from_config(&parsed);
+        let store = nsm_state::Store::open(
+            &dir.path().join("older"),
+            &plan,
+            &nsm_state::StoreOptions::default(),
+        )
+        .expect("store");
+        let key = nsm_core::PartitionKey::new(topic, 0);
+        let mut engine = nsm_core::Engine::new(plan.clone());
+        engine.restore_partition(key.clone(), Default::default());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64;
+        for (offset, line) in stream.lines.iter().enumerate() {
+            let _ = engine.apply(&key, offset as i64, line.as_bytes(), now_ms);
+        }
+        let settings = nsm_kafka::ClientSettings::new(&brokers);
+        let writer =
+            nsm_kafka::ChangelogWriter::new(&settings, "nsm-legacy-changelog").expect("writer");
+        let (adoption, _) = store
+            .prepare_adoption(&key, &[], false, 1)
+            .expect("adoption");
+        let checkpoint = store
+            .prepare(&engine.take_changes(), true)
+            .expect("prepare");
+        for write in [adoption, checkpoint] {
+            for part in &write.partitions {
+                store
+                    .each_record(part, |key, value| {
+                        writer
+                            .send(0, key, value, Some(part.epoch), &|| false)
+                            .map_err(|error| nsm_state::StateError::Corrupt {
+                                column_family: "changelog",
+                                detail: error.to_string(),
+                            })
+                    })
+                    .expect("records");
+                writer.await_delivery(&|| false).expect("acknowledged");
+                writer
+                    .send(
+                        0,
+                        &part.end.key,
+                        part.end.value.as_deref(),
+                        Some(part.epoch),
+                        &|| false,
+                    )
+                    .expect("end marker");
+                writer.await_delivery(&|| false).expect("acknowledged");
+            }
+            store.commit(write, &[]).expect("commit");
+        }
+    }
+
+    let run = |state: &str, name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, config(state)).expect("config");
+        Process::spawn(
+            name,
+            std::process::Command::new(NSM).args(["run", "--config", path.to_str().expect("utf8")]),
+            dir.path(),
+        )
+    };
+    let counted = |process: &Process| {
+        wait_for(
+            "every message counted",
+            Duration::from_secs(90),
+            Some(process),
+            || {
+                let samples = scrape(port)?;
+                (samples.get("nsm_partitions_owned").copied()? == 1.0
+                    && metric_value(&samples, "messages_sent", "current")?
+                        == stream.messages_current_hour as f64)
+                    .then_some(samples)
+            },
+        )
+    };
+    // Taken with no local copy: rebuilt from the keyed records, then sent as frames; the
+    // input is not read again (the records' offsets say where the state ends).
+    let mut upgraded = run("upgraded", "upgraded");
+    let samples = counted(&upgraded);
+    assert_values(&samples, &stream);
+    let status = upgraded.terminate(Duration::from_secs(30));
+    let log = upgraded.log_text();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("keyed records of an older nsm"), "{log}");
+    assert!(
+        log.contains("sent to the changelog as base frames"),
+        "{log}"
+    );
+
+    // Another instance with no local copy now restores the frames.
+    let mut fresh = run("fresh", "fresh");
+    let samples = counted(&fresh);
+    assert_values(&samples, &stream);
+    let status = fresh.terminate(Duration::from_secs(30));
+    let log = fresh.log_text();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!log.contains("keyed records of an older nsm"), "{log}");
+    assert!(samples.get("nsm_state_restored_records_total").copied() > Some(0.0));
 }
