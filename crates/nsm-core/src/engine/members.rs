@@ -364,7 +364,8 @@ const LANES: usize = 3;
 const LENGTH: u32 = 0xff;
 /// The value is longer than 8 bytes and kept in [`Space::long`].
 const LONG: u32 = 1 << 8;
-/// The entry is in the index's written log since the last checkpoint.
+/// The entry was written (not only read from the store): with its stamp, whether it is in the
+/// index's written log of the checkpoint being filled.
 const WRITTEN: u32 = 1 << 9;
 /// The rest of the first lane: the checkpoint during which the entry was last written (its
 /// low 22 bits; 0 for an entry read from the store). An entry of the checkpoint just handed
@@ -422,11 +423,15 @@ impl Space {
     }
 
     /// Sets a row's value with `flags` ([`WRITTEN`] and a stamp, or 0 for a value read from
-    /// the store); returns whether the row was written before, since the last checkpoint.
+    /// the store); returns whether the row was written before during the checkpoint of
+    /// `flags`'s stamp. The table's own record of changed rows is not kept: the index's log
+    /// is.
     fn set(&mut self, digest: u128, value: &[u8], flags: u32) -> bool {
-        let (lanes, _) = self.rows.entry(digest);
+        let (lanes, _) = self.rows.entry_untracked(digest);
         let was_long = lanes[0] & LONG != 0;
-        let was_written = lanes[0] & WRITTEN != 0;
+        let was_written = lanes[0] & WRITTEN != 0
+            && flags & WRITTEN != 0
+            && lanes[0] >> STAMP_SHIFT == flags >> STAMP_SHIFT;
         match Small::new(value) {
             Some(small) => {
                 let [a, b, c, d, e, f, g, h] = small.bytes;
@@ -473,14 +478,13 @@ impl Space {
     }
 }
 
-/// An entry written since the last checkpoint: where, and its key in the log's bytes.
+/// An entry written since the last checkpoint: where, its key in the log's bytes, and the
+/// value written (a later write of the same entry is logged again, and wins).
 #[derive(Debug)]
 struct Written {
     place: Place,
-    metric: usize,
-    start_ms: EpochMillis,
-    digest: u128,
     key: std::ops::Range<usize>,
+    value: EntryValue,
 }
 
 /// One partition's per-entity entries, in memory up to a budget of bytes, the rest read from
@@ -497,10 +501,12 @@ struct Written {
 #[derive(Debug)]
 pub(super) struct MemberIndex {
     spaces: SpaceMap,
-    /// Entries written since the last checkpoint, each once, with their keys in `keys`: the
-    /// store keeps entries by key.
+    /// Writes since the last checkpoint, with their keys in `keys`: the store keeps entries
+    /// by key. Handing them over needs no lookup of their rows.
     written: Vec<Written>,
     keys: Vec<u8>,
+    /// Distinct entries in `written`.
+    written_entries: usize,
     /// Bytes the entries may take in memory.
     budget: usize,
     /// Checkpoints taken so far, plus one: the checkpoint being filled.
@@ -514,6 +520,7 @@ impl MemberIndex {
             spaces: SpaceMap::default(),
             written: Vec::new(),
             keys: Vec::new(),
+            written_entries: 0,
             budget,
             checkpoint: 1,
         }
@@ -578,16 +585,15 @@ impl MemberIndex {
             .or_insert_with(|| Space::new(checkpoint));
         space.used_in = checkpoint;
         if !space.set(digest, value, WRITTEN | (stamp(checkpoint) << STAMP_SHIFT)) {
-            let from = self.keys.len();
-            self.keys.extend_from_slice(key);
-            self.written.push(Written {
-                place,
-                metric,
-                start_ms,
-                digest,
-                key: from..self.keys.len(),
-            });
+            self.written_entries += 1;
         }
+        let from = self.keys.len();
+        self.keys.extend_from_slice(key);
+        self.written.push(Written {
+            place,
+            key: from..self.keys.len(),
+            value: EntryValue::new(value),
+        });
     }
 
     /// Sets the value of an entry read again only in exceptional cases (an event id, read
@@ -635,33 +641,35 @@ impl MemberIndex {
     /// memory meanwhile, so events may be applied while they are being stored. Then, over
     /// the budget, shards of the least recently used places leave memory.
     pub fn take_written(&mut self) -> Vec<MemberInsert> {
-        let mut inserts = Vec::with_capacity(self.written.len());
-        for written in self.written.drain(..) {
-            // A place gone since (its window expired) is deleted whole by the store.
-            let Some(space) = self.spaces.get_mut(&written.place) else {
-                continue;
-            };
-            let Some(lanes) = space.rows.get_mut(written.digest) else {
-                continue;
-            };
-            lanes[0] &= !WRITTEN;
-            let lanes = [lanes[0], lanes[1], lanes[2]];
-            inserts.push(MemberInsert {
-                metric: written.metric,
-                start_ms: written.start_ms,
-                member: self.keys[written.key].into(),
-                value: space.value(written.digest, &lanes),
-            });
-        }
+        // A place gone since (its window expired) is deleted whole by the store. Rows of a
+        // place still there stay until the log is taken: eviction keeps this checkpoint's.
+        let mut known: Option<(Place, bool)> = None;
+        let (spaces, keys) = (&self.spaces, &self.keys);
+        let order: Vec<Order> = self
+            .written
+            .iter()
+            .enumerate()
+            .filter(|(_, written)| {
+                let live = match known {
+                    Some((place, live)) if place == written.place => live,
+                    _ => spaces.contains_key(&written.place),
+                };
+                known = Some((written.place, live));
+                live
+            })
+            .map(|(index, written)| {
+                let (metric, start_ms, _) = written.place;
+                (metric, start_ms, head(&keys[written.key.clone()]), index)
+            })
+            .collect();
+        let inserts = in_key_order(order, &self.keys, &mut self.written);
+        self.written.clear();
         self.keys.clear();
-        for space in self.spaces.values_mut() {
-            // The tables' own record of changed rows is not used: the log above is.
-            space.rows.drain_dirty(|_, _| {});
-        }
+        self.written_entries = 0;
         let handed_over = self.checkpoint;
         self.checkpoint += 1;
         self.evict(handed_over);
-        in_key_order(inserts)
+        inserts
     }
 
     /// Evicts shards, least recently used places first, until the entries take three
@@ -736,7 +744,7 @@ impl MemberIndex {
 
     /// Entries written since the last [`MemberIndex::take_written`].
     pub fn written_len(&self) -> usize {
-        self.written.len()
+        self.written_entries
     }
 
     /// Entries held in memory, for the memory gauge.
@@ -769,29 +777,42 @@ fn period_of_key(key: &[u8]) -> u64 {
     u64::from_be_bytes(bytes)
 }
 
-/// Entries in key order: the same entries give the same write, and RocksDB inserts sorted
-/// keys into its memtable much faster (measured: the core bench ran at ~55k events/s with
-/// entries in digest order, ~80k in key order).
+/// A logged write's metric, window start, key's head (see [`head`]) and place in the log.
+type Order = (usize, EpochMillis, u128, usize);
+
+/// Entries in key order, each once with its last value: the same entries give the same
+/// write, and RocksDB inserts sorted keys into its memtable much faster (measured: the core
+/// bench ran at ~55k events/s with entries in digest order, ~80k in key order).
 ///
 /// Sorted on a copy of each key's first 16 bytes, so most comparisons are of integers held
 /// side by side rather than of bytes behind two pointers (the comparisons of the boxed keys
-/// were 5% of the core bench's time). Keys are unique: unstable is enough.
-fn in_key_order(inserts: Vec<MemberInsert>) -> Vec<MemberInsert> {
-    let mut order: Vec<(usize, EpochMillis, u128, usize)> = inserts
-        .iter()
-        .enumerate()
-        .map(|(index, insert)| (insert.metric, insert.start_ms, head(&insert.member), index))
-        .collect();
+/// were 5% of the core bench's time); the log's order breaks ties between writes of one entry,
+/// so the last of them comes last.
+fn in_key_order(mut order: Vec<Order>, keys: &[u8], written: &mut [Written]) -> Vec<MemberInsert> {
+    let key_of = |written: &[Written], index: usize| &keys[written[index].key.clone()];
     order.sort_unstable_by(|a, b| {
         (a.0, a.1, a.2)
             .cmp(&(b.0, b.1, b.2))
-            .then_with(|| inserts[a.3].member.cmp(&inserts[b.3].member))
+            .then_with(|| key_of(written, a.3).cmp(key_of(written, b.3)))
+            .then(a.3.cmp(&b.3))
     });
-    let mut slots: Vec<Option<MemberInsert>> = inserts.into_iter().map(Some).collect();
-    order
-        .into_iter()
-        .filter_map(|(.., index)| slots[index].take())
-        .collect()
+    let mut inserts = Vec::with_capacity(order.len());
+    for (position, &(metric, start_ms, head, index)) in order.iter().enumerate() {
+        let overwritten = order.get(position + 1).is_some_and(|next| {
+            (next.0, next.1, next.2) == (metric, start_ms, head)
+                && key_of(written, next.3) == key_of(written, index)
+        });
+        if overwritten {
+            continue;
+        }
+        inserts.push(MemberInsert {
+            metric,
+            start_ms,
+            member: key_of(written, index).into(),
+            value: std::mem::take(&mut written[index].value),
+        });
+    }
+    inserts
 }
 
 /// A key's first 16 bytes as a big-endian number, zero-padded: a smaller head means a smaller

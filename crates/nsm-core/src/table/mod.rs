@@ -159,6 +159,17 @@ impl EntityTable {
         (row, inserted)
     }
 
+    /// The row of `key`, inserted with all lanes 0 when absent, not marked dirty: for a table
+    /// whose owner keeps its own record of changes. Returns (lanes, inserted).
+    #[inline]
+    pub fn entry_untracked(&mut self, key: u128) -> (&mut [u32], bool) {
+        let key = normalized(key);
+        let shard = &mut self.shards[Self::shard_of(key)];
+        let (slot, inserted) = shard.find_or_insert(key);
+        self.len += usize::from(inserted);
+        (shard.row_mut(slot), inserted)
+    }
+
     /// The row of `key` if present, marked dirty.
     #[inline]
     pub fn get_mut(&mut self, key: u128) -> Option<&mut [u32]> {
