@@ -450,10 +450,22 @@ impl Store {
                 entry_key_into(&mut key, &prefix, name, segment.start_ms, &segment.segment);
                 recorder.put(CF_SEGMENTS, &key, &encode_window_value(0, segment.value));
             }
-            for member in &part.members {
+            // In the order of their stored keys: RocksDB inserts sorted keys into its memtable
+            // much faster, and the shard in each key (from its digest) puts the engine's key
+            // order out of it (measured: writing took 2.82 µs an event unsorted, against 1.45
+            // for format 6's keys in the engine's order).
+            let mut keys = Vec::with_capacity(part.members.len() * 48);
+            let mut spans = Vec::with_capacity(part.members.len());
+            for (index, member) in part.members.iter().enumerate() {
                 let name = self.metric_name(member.metric);
                 member_key_into(&mut key, &prefix, name, member.start_ms, &member.member);
-                recorder.put(CF_ENTRIES, &key, &member.value);
+                let from = keys.len();
+                keys.extend_from_slice(&key);
+                spans.push((from..keys.len(), index));
+            }
+            spans.sort_by(|(a, _), (b, _)| keys[a.clone()].cmp(&keys[b.clone()]));
+            for (span, index) in spans {
+                recorder.put(CF_ENTRIES, &keys[span], &part.members[index].value);
             }
             for gap in &part.gaps {
                 let name = self.metric_name(gap.metric);
