@@ -53,12 +53,12 @@ pub(crate) const FAMILIES: [(u8, &str); 6] = [
     (b'f', CF_FINGERPRINTS),
 ];
 
-fn family_byte(family: &'static str) -> u8 {
+pub(crate) fn family_byte(family: &'static str) -> u8 {
     FAMILIES
         .iter()
         .find(|(_, name)| *name == family)
         .map(|(byte, _)| *byte)
-        .unwrap_or_else(|| unreachable!("{family} is not carried by the changelog"))
+        .unwrap_or_else(|| unreachable!("{family} is not carried by the changelog and its frames"))
 }
 
 pub(crate) fn family_of(byte: u8) -> Option<&'static str> {

@@ -56,11 +56,22 @@ pub fn entry_key_into(
     start_ms: i64,
     entry: &[u8],
 ) {
+    window_key_into(out, partition_prefix, metric, start_ms, entry.len());
+    out.extend_from_slice(entry);
+}
+
+/// Sets `out` to a window's key, with room for `more` bytes after it.
+fn window_key_into(
+    out: &mut Vec<u8>,
+    partition_prefix: &[u8],
+    metric: &str,
+    start_ms: i64,
+    more: usize,
+) {
     out.clear();
-    out.reserve(partition_prefix.len() + metric.len() + 9 + entry.len());
+    out.reserve(partition_prefix.len() + metric.len() + 9 + more);
     push_metric_prefix(out, partition_prefix, metric);
     out.extend_from_slice(&encode_i64(start_ms));
-    out.extend_from_slice(entry);
 }
 
 /// The checkpoint shards of member entries (format 7): a shard is a key range of every place
@@ -92,10 +103,7 @@ pub fn member_key_into(
     start_ms: i64,
     entry: &[u8],
 ) {
-    out.clear();
-    out.reserve(partition_prefix.len() + metric.len() + 11 + entry.len());
-    push_metric_prefix(out, partition_prefix, metric);
-    out.extend_from_slice(&encode_i64(start_ms));
+    window_key_into(out, partition_prefix, metric, start_ms, entry.len() + 2);
     let at = shard_offset(start_ms, entry.len());
     out.extend_from_slice(&entry[..at]);
     out.extend_from_slice(&member_shard(entry).to_be_bytes());

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use nsm_checkpoint::{Checkpoint, CheckpointConfig, PartitionId, SeedShard, ShardId};
 use rocksdb::ReadOptions;
 
-use crate::changelog::FAMILIES;
+use crate::changelog::family_byte;
 use crate::codec::{
     member_shard_position, partition_prefix, prefix_successor, split_partition_prefix,
     stored_member_shard, MEMBER_SHARDS,
@@ -37,14 +37,6 @@ const ONE_PASS_SHARDS: usize = 16;
 
 /// The families of the aggregate shard, in the order its snapshot reads them.
 const AGGREGATE_FAMILIES: [&str; 4] = [CF_WINDOWS, CF_SEGMENTS, CF_GAPS, CF_FINGERPRINTS];
-
-fn family_byte(family: &'static str) -> u8 {
-    FAMILIES
-        .iter()
-        .find(|(_, name)| *name == family)
-        .map(|(byte, _)| *byte)
-        .unwrap_or_else(|| unreachable!("{family} is not carried by frames"))
-}
 
 /// A frame row's key: the family's byte, then the stored key after the partition prefix of
 /// `prefix_len` bytes.

@@ -903,12 +903,7 @@ fn a_format_2_store_gets_its_metric_definitions_per_partition() {
         "the definitions carried over: nothing discarded"
     );
     assert_eq!(store.stored_member_count(&key(0)).expect("count"), 1);
-    let version = store
-        .db
-        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
-        .expect("read")
-        .expect("version");
-    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
+    assert_eq!(stored_version(&store), FORMAT_VERSION);
 }
 
 #[test]
@@ -1190,12 +1185,7 @@ fn a_format_3_store_keeps_its_trailing_counts_and_becomes_format_4() {
     move_entries_to_format_6(dir.path());
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 3 store opens");
-    let version = store
-        .db
-        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
-        .expect("read")
-        .expect("version");
-    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
+    assert_eq!(stored_version(&store), FORMAT_VERSION);
     assert!(
         adopt(&store, 0, &[]).is_empty(),
         "format 3's trailing data is kept"
@@ -1249,12 +1239,7 @@ fn a_format_4_store_takes_its_newest_event_as_the_watermark_and_becomes_format_5
     move_entries_to_format_6(dir.path());
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 4 store opens");
-    let version = store
-        .db
-        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
-        .expect("read")
-        .expect("version");
-    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
+    assert_eq!(stored_version(&store), FORMAT_VERSION);
     let snapshot = store.load_partition(&key(0)).expect("load");
     let newest = NOW - 3_600_000 + 20 * 60_000;
     assert_eq!(snapshot.max_event_ms, Some(newest));
@@ -1366,12 +1351,7 @@ fn baselines_survive_a_restart_and_windows_of_format_5_give_none() {
     move_entries_to_format_6(dir.path());
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 5 store opens");
-    let version = store
-        .db
-        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
-        .expect("read")
-        .expect("version");
-    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
+    assert_eq!(stored_version(&store), FORMAT_VERSION);
     assert!(adopt(&store, 0, &[]).is_empty(), "format 5 data is kept");
     let snapshot = store.load_partition(&key(0)).expect("load");
     assert!(snapshot
@@ -1390,6 +1370,16 @@ fn baselines_survive_a_restart_and_windows_of_format_5_give_none() {
         values.iter().map(|values| values.current.value).collect()
     };
     assert_eq!(current(&values), current(&expected));
+}
+
+/// The format version a store holds.
+fn stored_version(store: &Store) -> u32 {
+    let bytes = store
+        .db
+        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
+        .expect("read")
+        .expect("version");
+    u32::from_be_bytes(bytes.try_into().expect("4 bytes"))
 }
 
 /// Moves a closed store's member entries back to format 6's `members`, keyed without their
@@ -1481,12 +1471,7 @@ fn a_format_6_store_is_rewritten_in_format_7_and_shows_the_same_values() {
     set_raw_version(dir.path(), 6);
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 6 store opens");
-    let version = store
-        .db
-        .get_cf(store.cf(CF_META), format::FORMAT_VERSION_KEY)
-        .expect("read")
-        .expect("version");
-    assert_eq!(version, FORMAT_VERSION.to_be_bytes());
+    assert_eq!(stored_version(&store), FORMAT_VERSION);
     assert!(store.db.cf_handle(CF_MEMBERS).is_none(), "members dropped");
     assert_eq!(stored_entries(&store), before);
     assert!(adopt(&store, 0, &[]).is_empty(), "format 6 data is kept");

@@ -77,6 +77,14 @@ impl Changelog {
         })
     }
 
+    /// What a failed read of `key`'s changelog partition says.
+    pub(crate) fn read_failed(&self, key: &PartitionKey, error: nsm_kafka::KafkaError) -> String {
+        format!(
+            "cannot read the changelog {} partition {} for {key}: {error}",
+            self.topic, key.partition
+        )
+    }
+
     pub(crate) fn checkpointer(&self) -> MutexGuard<'_, FrameCheckpointer> {
         self.checkpointer
             .lock()
@@ -118,12 +126,7 @@ impl Changelog {
         key: &PartitionKey,
         cancel: &AtomicBool,
     ) -> Result<Restored, String> {
-        let failed = |error: nsm_kafka::KafkaError| {
-            format!(
-                "cannot read the changelog {} partition {} for {key}: {error}",
-                self.topic, key.partition
-            )
-        };
+        let failed = |error| self.read_failed(key, error);
         let state_failed = |error: nsm_state::StateError| format!("partition {key}: {error}");
         self.ensure_partition(key.partition)?;
         let (low, high) = self.reader.watermarks(key.partition).map_err(failed)?;
@@ -221,12 +224,7 @@ impl Changelog {
         high: i64,
         cancel: &AtomicBool,
     ) -> Result<Restored, String> {
-        let failed = |error: nsm_kafka::KafkaError| {
-            format!(
-                "cannot read the changelog {} partition {} for {key}: {error}",
-                self.topic, key.partition
-            )
-        };
+        let failed = |error| self.read_failed(key, error);
         let state_failed = |error: nsm_state::StateError| format!("partition {key}: {error}");
         let mut probe = ChangelogProbe::new(key);
         let records = self

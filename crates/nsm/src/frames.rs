@@ -154,12 +154,7 @@ impl Changelog {
         key: &PartitionKey,
         cancel: &AtomicBool,
     ) -> Result<Taken, String> {
-        let failed = |error: nsm_kafka::KafkaError| {
-            format!(
-                "cannot read the changelog {} partition {} for {key}: {error}",
-                self.topic, key.partition
-            )
-        };
+        let failed = |error| self.read_failed(key, error);
         let state_failed = |error: StateError| format!("partition {key}: {error}");
         self.ensure_partition(key.partition)?;
         let (low, high) = self.reader.watermarks(key.partition).map_err(failed)?;

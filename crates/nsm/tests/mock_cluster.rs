@@ -31,6 +31,38 @@ fn cluster_for(group: &str, partitions: i32) -> (Cluster, String) {
     (cluster, brokers)
 }
 
+/// Starts `nsm run` with the config `text`, written to `dir/<name>.toml`.
+fn run_config(dir: &std::path::Path, name: &str, text: &str) -> Process {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("config");
+    Process::spawn(
+        name,
+        std::process::Command::new(NSM).args(["run", "--config", path.to_str().expect("utf8")]),
+        dir,
+    )
+}
+
+/// The samples once `process` owns `partitions` and counted every message of `stream`'s hour.
+fn counted_by(
+    process: &Process,
+    port: u16,
+    stream: &KnownStream,
+    partitions: usize,
+) -> std::collections::BTreeMap<String, f64> {
+    wait_for(
+        "every message counted",
+        Duration::from_secs(90),
+        Some(process),
+        || {
+            let samples = scrape(port)?;
+            (samples.get("nsm_partitions_owned").copied()? == partitions as f64
+                && metric_value(&samples, "messages_sent", "current")?
+                    == stream.messages_current_hour as f64)
+                .then_some(samples)
+        },
+    )
+}
+
 /// Produces `lines` to `topic` with `nsm produce`, through a file in `dir`; `extra` are more
 /// of its arguments.
 fn produce(brokers: &str, topic: &str, dir: &std::path::Path, lines: &[String], extra: &[&str]) {
@@ -397,29 +429,8 @@ fn a_state_kept_without_the_changelog_seeds_it_once_turned_on() {
             text.replace("[state]\n", "[state]\nchangelog = false\n")
         }
     };
-    let run = |text: String, name: &str| {
-        let path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, text).expect("config");
-        Process::spawn(
-            name,
-            std::process::Command::new(NSM).args(["run", "--config", path.to_str().expect("utf8")]),
-            dir.path(),
-        )
-    };
-    let counted = |process: &Process| {
-        wait_for(
-            "every message counted",
-            Duration::from_secs(90),
-            Some(process),
-            || {
-                let samples = scrape(port)?;
-                (samples.get("nsm_partitions_owned").copied()? == 2.0
-                    && metric_value(&samples, "messages_sent", "current")?
-                        == stream.messages_current_hour as f64)
-                    .then_some(samples)
-            },
-        )
-    };
+    let run = |text: String, name: &str| run_config(dir.path(), name, &text);
+    let counted = |process: &Process| counted_by(process, port, &stream, 2);
 
     // Without the changelog, then with it: the stored copy is sent whole.
     let mut without = run(config(false, "state"), "without-changelog");
@@ -465,29 +476,8 @@ fn a_lost_changelog_keeps_the_local_state_and_is_seeded_again_from_it() {
             &format!("[state]\nchangelog_topic = \"{changelog_topic}\"\n"),
         ) + BY_USER
     };
-    let run = |text: String, name: &str| {
-        let path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, text).expect("config");
-        Process::spawn(
-            name,
-            std::process::Command::new(NSM).args(["run", "--config", path.to_str().expect("utf8")]),
-            dir.path(),
-        )
-    };
-    let counted = |process: &Process| {
-        wait_for(
-            "every message counted",
-            Duration::from_secs(90),
-            Some(process),
-            || {
-                let samples = scrape(port)?;
-                (samples.get("nsm_partitions_owned").copied()? == 2.0
-                    && metric_value(&samples, "messages_sent", "current")?
-                        == stream.messages_current_hour as f64)
-                    .then_some(samples)
-            },
-        )
-    };
+    let run = |text: String, name: &str| run_config(dir.path(), name, &text);
+    let counted = |process: &Process| counted_by(process, port, &stream, 2);
 
     let mut first = run(config("nsm-lost-changelog", "state"), "first");
     counted(&first);
@@ -1282,29 +1272,8 @@ fn a_changelog_of_per_key_records_is_taken_over_and_rewritten_as_frames() {
         }
     }
 
-    let run = |state: &str, name: &str| {
-        let path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, config(state)).expect("config");
-        Process::spawn(
-            name,
-            std::process::Command::new(NSM).args(["run", "--config", path.to_str().expect("utf8")]),
-            dir.path(),
-        )
-    };
-    let counted = |process: &Process| {
-        wait_for(
-            "every message counted",
-            Duration::from_secs(90),
-            Some(process),
-            || {
-                let samples = scrape(port)?;
-                (samples.get("nsm_partitions_owned").copied()? == 1.0
-                    && metric_value(&samples, "messages_sent", "current")?
-                        == stream.messages_current_hour as f64)
-                    .then_some(samples)
-            },
-        )
-    };
+    let run = |state: &str, name: &str| run_config(dir.path(), name, &config(state));
+    let counted = |process: &Process| counted_by(process, port, &stream, 1);
     // Taken with no local copy: rebuilt from the keyed records, then sent as frames; the
     // input is not read again (the records' offsets say where the state ends).
     let mut upgraded = run("upgraded", "upgraded");

@@ -80,6 +80,15 @@ impl Framed {
     /// Applies `events` and commits them as one checkpoint: the checkpoint's changes and
     /// dropped ranges, as frames carry them.
     fn checkpoint(&mut self, now: i64, events: &[(i64, Vec<u8>)]) -> (u64, usize) {
+        self.try_checkpoint(now, events).expect("commit")
+    }
+
+    /// As [`Framed::checkpoint`]; whether the commit succeeded.
+    fn try_checkpoint(
+        &mut self,
+        now: i64,
+        events: &[(i64, Vec<u8>)],
+    ) -> Result<(u64, usize), String> {
         for (offset, payload) in events {
             let _ = self.engine.apply(&key(0), *offset, payload, now);
         }
@@ -94,8 +103,8 @@ impl Framed {
         self.heads.stage(write);
         self.checkpointer
             .commit(std::slice::from_ref(&checkpoint))
-            .expect("commit");
-        counts
+            .map_err(|error| error.to_string())?;
+        Ok(counts)
     }
 }
 
@@ -313,21 +322,7 @@ fn a_frame_acknowledged_but_not_stored_is_restored_from_the_position() {
         .fail_next
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let (now, events) = &rounds[3];
-    for (offset, payload) in events {
-        let _ = framed.engine.apply(&key(0), *offset, payload, *now);
-    }
-    let write = framed.store.prepare_frames(&framed.engine.take_changes());
-    let due = framed.checkpointer.snapshots_due(&partition_id(&key(0)));
-    let checkpoint = framed
-        .store
-        .checkpoint_of(&write, &key(0), &due)
-        .expect("snapshots")
-        .expect("partition 0");
-    framed.heads.stage(write);
-    assert!(framed
-        .checkpointer
-        .commit(std::slice::from_ref(&checkpoint))
-        .is_err());
+    assert!(framed.try_checkpoint(*now, events).is_err());
     drop(framed);
 
     // Restarted: the local head is the third checkpoint's; the changelog goes on from its
