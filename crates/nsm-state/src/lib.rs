@@ -7,8 +7,10 @@
 //!
 //! Layout (column families):
 //! - `meta`: `format_version` → u32 BE; `changelog/<partition key>` → the next changelog
-//!   offset the local copy of that partition has not read; `changelog-epoch/<partition key>`
-//!   → u64 BE, the epoch of the local copy in the changelog (both local only, never sent).
+//!   offset the local copy of that partition has not read; `frames/<partition key>` → the
+//!   local copy's head in `nsm-checkpoint`'s frames; `frames-restoring/<partition key>` while a
+//!   restore of it whole is under way; `changelog-epoch/<partition key>` → u64 BE, the epoch of
+//!   a copy restored from keyed records of format 7 and before (all local only, never sent).
 //! - `partitions`: `<topic> 0x00 <partition i32 BE>` → next offset, max event time, idle floor.
 //! - `fingerprints`: `<partition key> <metric>` → the definition the partition's data of that
 //!   metric was computed with (checked when the partition is taken, see
