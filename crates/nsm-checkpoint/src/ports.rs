@@ -49,6 +49,14 @@ impl Acknowledged {
     pub fn next_offset(&self, partition: u32) -> Option<u64> {
         self.next_offsets.get(&partition).copied()
     }
+
+    /// Adds what a later flush acknowledged.
+    pub fn and(&mut self, later: Acknowledged) {
+        for (partition, next) in later.next_offsets {
+            let kept = self.next_offsets.entry(partition).or_insert(next);
+            *kept = (*kept).max(next);
+        }
+    }
 }
 
 /// Reads one changelog partition, from its first record.

@@ -496,13 +496,8 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
     ) -> Result<CommitReport, CommitError<W::Error, StoreError<S, K>>> {
         let changelog_failed = |source| CommitError::Changelog { source };
         let mut report = CommitReport::default();
-        for plan in plans {
-            self.send_frame(&plan.partition, plan.frame_id, &plan.frame, &mut report)
-                .map_err(changelog_failed)?;
-            report.snapshots += plan.snapshots;
-            report.snapshot_bytes += plan.snapshot_bytes;
-            report.delta_bytes += plan.delta_bytes;
-        }
+        // The frames the stored head no longer needs go first: that head's line stands
+        // whatever becomes of this write.
         for plan in plans {
             for frame in &plan.tombstoned {
                 let parts = (0..frame.chunks)
@@ -518,7 +513,24 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
                 }
             }
         }
-        let acknowledged = self.writer.flush().map_err(changelog_failed)?;
+        // Every chunk is acknowledged before any end marker is sent, so an end marker never
+        // lands before a chunk of its frame (a producer's retry cannot put it there), and the
+        // marker ends the partition's log alone, in a batch of its own: a broker that answers
+        // ListOffsets with the last batch's first offset plus one (tansu 0.6) still gives the
+        // position this write stores.
+        for plan in plans {
+            self.send_chunks(&plan.partition, plan.frame_id, &plan.frame, &mut report)
+                .map_err(changelog_failed)?;
+            report.snapshots += plan.snapshots;
+            report.snapshot_bytes += plan.snapshot_bytes;
+            report.delta_bytes += plan.delta_bytes;
+        }
+        let mut acknowledged = self.writer.flush().map_err(changelog_failed)?;
+        for plan in plans {
+            self.send_end_marker(&plan.partition, plan.frame_id, &plan.frame, &mut report)
+                .map_err(changelog_failed)?;
+        }
+        acknowledged.and(self.writer.flush().map_err(changelog_failed)?);
         K::commit(&mut self.store, store_writes, &acknowledged)
             .map_err(|source| CommitError::Store { source })?;
         Ok(report)
@@ -532,18 +544,41 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
         frame: &[u8],
         report: &mut CommitReport,
     ) -> Result<(), W::Error> {
-        let changelog_partition = partition.changelog_partition;
+        self.send_chunks(partition, frame_id, frame, report)?;
+        self.send_end_marker(partition, frame_id, frame, report)
+    }
+
+    fn send_chunks(
+        &mut self,
+        partition: &PartitionId,
+        frame_id: FrameId,
+        frame: &[u8],
+        report: &mut CommitReport,
+    ) -> Result<(), W::Error> {
         let ranges = chunk_ranges(frame.len(), self.config.max_chunk_bytes());
         for (index, range) in ranges.iter().enumerate() {
             let key = RecordKey::encode(partition, frame_id, RecordPart::Chunk(index as u32));
             let value = chunk_value(&frame[range.clone()]);
-            self.writer.send(changelog_partition, &key, Some(&value))?;
+            self.writer
+                .send(partition.changelog_partition, &key, Some(&value))?;
             report.chunk_records += 1;
             report.bytes_sent += (key.len() + value.len()) as u64;
         }
+        Ok(())
+    }
+
+    fn send_end_marker(
+        &mut self,
+        partition: &PartitionId,
+        frame_id: FrameId,
+        frame: &[u8],
+        report: &mut CommitReport,
+    ) -> Result<(), W::Error> {
+        let chunks = chunk_ranges(frame.len(), self.config.max_chunk_bytes()).len() as u32;
         let key = RecordKey::encode(partition, frame_id, RecordPart::End);
-        let value = end_value(frame, ranges.len() as u32);
-        self.writer.send(changelog_partition, &key, Some(&value))?;
+        let value = end_value(frame, chunks);
+        self.writer
+            .send(partition.changelog_partition, &key, Some(&value))?;
         report.end_markers += 1;
         report.bytes_sent += (key.len() + value.len()) as u64;
         report.frame_bytes += frame.len() as u64;

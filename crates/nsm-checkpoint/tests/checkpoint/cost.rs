@@ -464,3 +464,106 @@ fn a_seed_is_one_frame_per_shard() {
         restored.stats.bytes_read
     );
 }
+
+/// What a writer was asked, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Chunk,
+    End,
+    Tombstone,
+    Flush,
+}
+
+/// A [`MemoryChangelog`] writer that notes each request.
+struct Noting {
+    inner: nsm_checkpoint::testing::MemoryChangelogWriter,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<Sent>>>,
+}
+
+impl nsm_checkpoint::ChangelogWriter for Noting {
+    type Error = nsm_checkpoint::testing::MemoryChangelogError;
+
+    fn send(
+        &mut self,
+        partition: u32,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<(), Self::Error> {
+        let part = RecordKey::parse(key)
+            .expect("a key of ours")
+            .expect("ours")
+            .part;
+        self.sent.lock().expect("lock").push(match (part, value) {
+            (_, None) => Sent::Tombstone,
+            (nsm_checkpoint::RecordPart::End, Some(_)) => Sent::End,
+            (nsm_checkpoint::RecordPart::Chunk(_), Some(_)) => Sent::Chunk,
+        });
+        self.inner.send(partition, key, value)
+    }
+
+    fn flush(&mut self) -> Result<nsm_checkpoint::Acknowledged, Self::Error> {
+        self.sent.lock().expect("lock").push(Sent::Flush);
+        self.inner.flush()
+    }
+}
+
+/// Every chunk of a commit is acknowledged before its end marker is sent, and the end markers
+/// are the commit's last records, alone in the last flush: no retry can land a chunk after its
+/// marker, and the log ends with the marker (a broker answering ListOffsets with the last
+/// batch's first offset plus one, as tansu 0.6 does, still gives the stored position). The
+/// frames tombstoned go before the chunks.
+#[test]
+fn end_markers_are_sent_alone_once_the_chunks_are_acknowledged() {
+    let config = config(4, 256);
+    let changelog = MemoryChangelog::new();
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = Noting {
+        inner: changelog.writer(),
+        sent: sent.clone(),
+    };
+    let mut owner = Checkpointer::new(config, writer, MemoryStore::new());
+    owner
+        .resume_from_store(&partition(), Epoch(1))
+        .expect("an empty store opens");
+    let mut state = State::default();
+    let mut tombstones = 0;
+    for number in 1..=40u64 {
+        sent.lock().expect("lock").clear();
+        let ops: Vec<Op> = (0..50)
+            .map(|row| Op::Put(entity_key(1, number * 50 + row), vec![7; 40]))
+            .collect();
+        apply(&mut state, &ops, meta_of(0, number));
+        let snapshots = owner.snapshots_due(&partition());
+        let built = checkpoint(&config, &partition(), &ops, &state, &snapshots);
+        let report = owner.commit(&[built]).expect("the commit goes through");
+        tombstones += report.tombstones;
+        let sent = sent.lock().expect("lock").clone();
+        let flushes: Vec<usize> = (0..sent.len())
+            .filter(|at| sent[*at] == Sent::Flush)
+            .collect();
+        assert_eq!(flushes.len(), 2, "{sent:?}");
+        let (first, second) = sent.split_at(flushes[0]);
+        assert_eq!(second, [Sent::Flush, Sent::End, Sent::Flush], "{sent:?}");
+        let chunks_from = first
+            .iter()
+            .position(|part| *part == Sent::Chunk)
+            .expect("a chunk");
+        assert!(
+            first[..chunks_from]
+                .iter()
+                .all(|part| *part == Sent::Tombstone),
+            "{sent:?}"
+        );
+        assert!(
+            first[chunks_from..].iter().all(|part| *part == Sent::Chunk),
+            "{sent:?}"
+        );
+    }
+    assert!(
+        tombstones > 0,
+        "no frame was tombstoned: the order of tombstones was not seen"
+    );
+    changelog.compact();
+    let restored = from_changelog(&config, &changelog, &partition(), false);
+    assert_eq!(State::of(&config, &restored), state);
+}
