@@ -178,6 +178,14 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
             dir.display()
         );
     }
+    // Events the broker never gave nsm would make its figures those of a shorter stream.
+    let skipped = sum_of(&before, "nsm_offsets_skipped_total");
+    if skipped > 0.0 {
+        bail!(
+            "nsm skipped {skipped} offsets of the stream: see {}",
+            dir.display()
+        );
+    }
 
     // Checkpoints are stored while events are applied; the consumer waits only when the next
     // one is due before the last is stored: that wait's share of the span says how much.
@@ -457,7 +465,12 @@ fn nsm_consumes(
     })?;
     wait("nsm to consume the stream", patience, CATCH_UP_POLL, || {
         instance.check_alive()?;
-        let consumed = scrape(port).map_or(0.0, |s| sum_of(&s, "nsm_events_consumed_total"));
+        let samples = scrape(port).unwrap_or_default();
+        let skipped = sum_of(&samples, "nsm_offsets_skipped_total");
+        if skipped > 0.0 {
+            bail!("nsm skipped {skipped} offsets of the stream (see its log)");
+        }
+        let consumed = sum_of(&samples, "nsm_events_consumed_total");
         Ok((consumed >= events as f64).then_some(()))
     })?;
     Ok(Span {

@@ -114,9 +114,14 @@ pub trait PartitionHandler: Send + 'static {
         false
     }
     /// Whether the handler cannot take more messages until its store catches up: the
-    /// consumer pauses its partitions meanwhile, and keeps polling.
+    /// consumer waits for it, and past a few seconds pauses its partitions and keeps polling.
     fn hold(&self) -> bool {
         false
+    }
+    /// Once [`PartitionHandler::hold`] says so, waits up to `patience` for the store to catch
+    /// up; whether it did.
+    fn wait_for_store(&mut self, _patience: Duration) -> bool {
+        !self.hold()
     }
     /// Fresh consumer-lag figures.
     fn lag(&mut self, lags: Vec<PartitionLag>);
@@ -342,6 +347,36 @@ fn restoring_now<H: PartitionHandler>(shared: &Shared<H>, key: &PartitionKey) ->
 
 /// Pauses every partition owned, returning them: nothing of theirs is applied (and so
 /// stored) while a restore writes.
+/// How long the consumer thread waits for the checkpoint being stored, without polling, before
+/// it pauses its partitions to go on serving the group. A pause drops what librdkafka fetched
+/// ahead and fetches it again on resume, from the middle of a batch, which a broker may answer
+/// from the next batch on (tansu 0.6 does, and the offsets in between are skipped); a store
+/// takes well under a second, and the group waits this long at most.
+const HOLD_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until the handler no longer holds (its store caught up), the consumer is stopped, or
+/// `patience` has passed; whether the handler takes messages again.
+fn wait_for_store<H: PartitionHandler>(
+    shared: &Shared<H>,
+    stop: &AtomicBool,
+    patience: Duration,
+) -> bool {
+    let deadline = Instant::now() + patience;
+    while !stop.load(Ordering::Relaxed) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if shared
+            .handler()
+            .wait_for_store(left.min(Duration::from_millis(100)))
+        {
+            return true;
+        }
+        if left.is_zero() {
+            break;
+        }
+    }
+    false
+}
+
 fn pause_owned<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Vec<PartitionKey> {
     let owned = match consumer.assignment() {
         Ok(owned) => owned,
@@ -646,7 +681,7 @@ pub fn run_consumer<H: PartitionHandler>(
             (handler.checkpoint_due(), handler.hold())
         };
         match (&held, hold) {
-            (None, true) => {
+            (None, true) if !wait_for_store(&shared, &stop, HOLD_WAIT) => {
                 info!("pausing consumption until the checkpoint being written is stored");
                 held = Some(pause_owned(&consumer));
             }

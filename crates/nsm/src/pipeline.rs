@@ -718,6 +718,11 @@ impl PartitionHandler for Pipeline {
 
     fn finish(&mut self) -> Result<Vec<(PartitionKey, i64)>, HandlerError> {
         self.persist_now()?;
+        // What a restart would otherwise replay from the write-ahead log (up to 64 MiB, half a
+        // second) is written to table files now, while the group has already moved on.
+        if let Err(error) = self.store.flush_memtables() {
+            warn!(error = %error, "the state's memtables were not flushed at stop: the next start replays its write-ahead log");
+        }
         Ok(std::mem::take(&mut self.stored_offsets))
     }
 
@@ -727,6 +732,18 @@ impl PartitionHandler for Pipeline {
 
     fn hold(&self) -> bool {
         self.writing() && self.engine.checkpoint_overdue()
+    }
+
+    fn wait_for_store(&mut self, patience: Duration) -> bool {
+        let waiting = Instant::now();
+        while self.hold() && waiting.elapsed() < patience {
+            std::thread::sleep(Duration::from_millis(2));
+            self.tick();
+        }
+        // `settle` counts the join; this counts the wait before it.
+        self.telemetry
+            .record_checkpoint_wait(waiting.elapsed().as_secs_f64());
+        !self.hold()
     }
 
     fn tick(&mut self) {
