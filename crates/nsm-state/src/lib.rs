@@ -86,6 +86,16 @@ const CF_MEMBERS: &str = "members";
 const CF_SEGMENTS: &str = "segments";
 const CF_GAPS: &str = "gaps";
 const CF_FINGERPRINTS: &str = "fingerprints";
+/// The column families this version reads and writes.
+const FAMILIES_IN_USE: [&str; 7] = [
+    CF_META,
+    CF_PARTITIONS,
+    CF_WINDOWS,
+    CF_ENTRIES,
+    CF_SEGMENTS,
+    CF_GAPS,
+    CF_FINGERPRINTS,
+];
 /// Before a metric name in `fingerprints`: the key of the event watermark from which the
 /// partition's data of that metric exists (no metric name starts with a zero byte).
 const SINCE_MARKER: &[u8] = b"\0since\0";
@@ -170,6 +180,19 @@ impl Store {
     /// Opens (or creates) the store at `path` for the metrics of `plan`. Data of metrics whose
     /// definition changed since it was written, or that left the config, is deleted when its
     /// partition is taken ([`Store::prepare_adoption`]): it no longer means what the config says.
+    /// Writes every family's memtable to table files and waits for it, so that the next open
+    /// has no write-ahead log to replay. Called at a graceful stop.
+    pub fn flush_memtables(&self) -> Result<(), StateError> {
+        let mut options = rocksdb::FlushOptions::default();
+        options.set_wait(true);
+        let families: Vec<_> = FAMILIES_IN_USE
+            .iter()
+            .filter_map(|name| self.db.cf_handle(name))
+            .collect();
+        self.db.flush_cfs_opt(&families, &options)?;
+        Ok(())
+    }
+
     pub fn open(path: &Path, plan: &Plan, options: &StoreOptions) -> Result<Store, StateError> {
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
@@ -219,15 +242,7 @@ impl Store {
         // their skip lists.
         family_options.set_memtable_whole_key_filtering(true);
         family_options.set_memtable_prefix_bloom_ratio(0.05);
-        let families = [
-            CF_META,
-            CF_PARTITIONS,
-            CF_WINDOWS,
-            CF_ENTRIES,
-            CF_SEGMENTS,
-            CF_GAPS,
-            CF_FINGERPRINTS,
-        ];
+        let families = FAMILIES_IN_USE;
         // RocksDB opens a store only with all its families: add any this version does not
         // use, so an older store reaches the format check and its clear message.
         let mut names: Vec<String> = families.iter().map(ToString::to_string).collect();
