@@ -257,11 +257,12 @@ impl Changelog {
                 info!(partition = %key, records = report.records(), "the partition's state was sent to the changelog as base frames");
             }
         }
-        // The take's first frame: definitions reconciled, and the head written.
+        // The take's first frame: definitions reconciled, and the head written. It snapshots
+        // no shard, whatever the credit makes due: reading them (a pass over the partition's
+        // entries) would hold the partition's first scrape back; the next checkpoints send them.
         let (write, discarded) = store.prepare_adoption_frames(key).map_err(state_failed)?;
-        let due = checkpointer.snapshots_due(&id);
         let checkpoint = store
-            .checkpoint_of(&write, key, &due)
+            .checkpoint_of(&write, key, &[])
             .map_err(state_failed)?;
         self.heads.stage(write);
         checkpointer
