@@ -226,8 +226,13 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
     // 4. Freshness at a steady rate.
     let freshness = freshness(args, &brokers, http_port, &instance)?;
     eprintln!(
-        "freshness at {:.0} events/s: p50 {:.0} ms, p99 {:.0} ms",
-        freshness.achieved_rate, freshness.p50_ms, freshness.p99_ms
+        "freshness at {:.0} events/s: p50 {:.0} ms, p99 {:.0} ms; a bare consumer beside: p50 {:.0} ms, p99 {:.0} ms ({} events)",
+        freshness.achieved_rate,
+        freshness.p50_ms,
+        freshness.p99_ms,
+        freshness.bare.p50_ms,
+        freshness.bare.p99_ms,
+        freshness.bare.events
     );
 
     println!(
@@ -240,7 +245,8 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
          \"nsm_checkpoint_wait_share\":{checkpoint_wait_share:.3},\
          \"shutdown_seconds\":{shutdown_seconds:.2},\"restart_seconds\":{restart_seconds:.2},\
          \"freshness_rate\":{:.0},\"freshness_events\":{},\"freshness_p50_ms\":{:.0},\
-         \"freshness_p99_ms\":{:.0},\"freshness_max_ms\":{:.0}{}}}",
+         \"freshness_p99_ms\":{:.0},\"freshness_max_ms\":{:.0},\
+         \"bare_freshness_p50_ms\":{:.0},\"bare_freshness_p99_ms\":{:.0}{}}}",
         args.events,
         args.users,
         args.partitions,
@@ -255,6 +261,8 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
         freshness.p50_ms,
         freshness.p99_ms,
         freshness.max_ms,
+        freshness.bare.p50_ms,
+        freshness.bare.p99_ms,
         quix_fields(quix.as_ref(), &bare, args.events),
     );
     drop(instance);
@@ -497,7 +505,83 @@ struct Freshness {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// The same events' delays to a bare consumer reading beside nsm: the broker's and the
+    /// client's share of nsm's.
+    bare: Delays,
 }
+
+/// Quantiles of delays, in milliseconds.
+struct Delays {
+    events: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Delays {
+    fn of(mut delays_ms: Vec<f64>) -> anyhow::Result<Delays> {
+        if delays_ms.is_empty() {
+            bail!("no delay measured");
+        }
+        delays_ms.sort_by(f64::total_cmp);
+        let quantile = |q: f64| delays_ms[((delays_ms.len() - 1) as f64 * q).round() as usize];
+        Ok(Delays {
+            events: delays_ms.len(),
+            p50_ms: quantile(0.5),
+            p99_ms: quantile(0.99),
+        })
+    }
+}
+
+/// A bare consumer of every partition from its end, noting when each event of the freshness
+/// run arrives (by the index in its header) until `stop`.
+fn bare_arrivals(
+    brokers: &str,
+    partitions: i32,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Vec<(u64, Instant)>>>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "nsm-bench-bare-freshness")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition_offset(TOPIC, partition, rdkafka::Offset::End)?;
+    }
+    consumer.assign(&list)?;
+    Ok(std::thread::spawn(move || {
+        let mut arrivals = Vec::new();
+        let mut quiet_since = Instant::now();
+        while !(stop.load(Ordering::Relaxed) && quiet_since.elapsed() > Duration::from_secs(1)) {
+            match consumer.poll(Duration::from_millis(20)) {
+                Some(Ok(message)) => {
+                    let arrived = Instant::now();
+                    quiet_since = arrived;
+                    use rdkafka::message::Headers;
+                    let index = message
+                        .headers()
+                        .and_then(|headers| {
+                            headers.iter().find(|header| header.key == INDEX_HEADER)
+                        })
+                        .and_then(|header| header.value)
+                        .and_then(|value| <[u8; 8]>::try_from(value).ok())
+                        .map(u64::from_be_bytes);
+                    if let Some(index) = index {
+                        arrivals.push((index, arrived));
+                    }
+                }
+                Some(Err(error)) => bail!("bare freshness consumer: {error}"),
+                None => {}
+            }
+        }
+        Ok(arrivals)
+    }))
+}
+
+/// The header carrying an event's index in the freshness run.
+const INDEX_HEADER: &str = "nsm-bench-index";
 
 /// Produces at `args.rate` for `args.freshness_seconds` while another thread scrapes.
 fn freshness(
@@ -551,9 +635,15 @@ fn freshness(
         })
     };
 
+    let bare_stop = Arc::new(AtomicBool::new(false));
+    let bare = bare_arrivals(brokers, args.partitions as i32, bare_stop.clone())?;
+    // The bare consumer's end offsets are looked up before the run starts.
+    std::thread::sleep(Duration::from_secs(1));
+
     let total = args.rate * args.freshness_seconds;
     let users = args.users.max(1);
     let mut sent_messages = Vec::with_capacity(total as usize);
+    let mut sent_all = Vec::with_capacity(total as usize);
     let mut payload = Vec::with_capacity(512);
     let started = Instant::now();
     for index in 0..total {
@@ -566,8 +656,19 @@ fn freshness(
         let is_message = write_event(&mut payload, args.events + index, user, wall_clock_ms());
         let key = format!("user-{user:09}");
         let sent_at = Instant::now();
+        sent_all.push(sent_at);
+        let index_bytes = index.to_be_bytes();
         loop {
-            match producer.send(BaseRecord::to(TOPIC).key(&key).payload(&payload)) {
+            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: INDEX_HEADER,
+                value: Some(&index_bytes),
+            });
+            match producer.send(
+                BaseRecord::to(TOPIC)
+                    .key(&key)
+                    .payload(&payload)
+                    .headers(headers),
+            ) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     std::thread::sleep(Duration::from_millis(1));
@@ -610,10 +711,24 @@ fn freshness(
         )
     });
     stop.store(true, Ordering::Relaxed);
+    bare_stop.store(true, Ordering::Relaxed);
     let seen = scraper
         .join()
         .map_err(|_| anyhow::anyhow!("scraper panicked"))?;
     waited?;
+    let arrivals = bare
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bare freshness consumer panicked"))??;
+    let bare = Delays::of(
+        arrivals
+            .iter()
+            .filter_map(|(index, arrived)| {
+                let sent = sent_all.get(usize::try_from(*index).ok()?)?;
+                Some(arrived.saturating_duration_since(*sent).as_secs_f64() * 1e3)
+            })
+            .collect(),
+    )
+    .context("the bare consumer received no event of the freshness run")?;
 
     // The k-th message is visible at the first scrape showing at least k.
     let mut delays_ms = Vec::with_capacity(sent_messages.len());
@@ -635,6 +750,7 @@ fn freshness(
         p50_ms: quantile(0.5),
         p99_ms: quantile(0.99),
         max_ms: quantile(1.0),
+        bare,
     })
 }
 
