@@ -538,7 +538,7 @@ fn bare_arrivals(
     brokers: &str,
     partitions: i32,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Vec<(u64, Instant)>>>> {
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Arrivals>>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "nsm-bench-bare-freshness")
@@ -579,6 +579,9 @@ fn bare_arrivals(
         Ok(arrivals)
     }))
 }
+
+/// Each event's index in the freshness run and when it arrived.
+type Arrivals = Vec<(u64, Instant)>;
 
 /// The header carrying an event's index in the freshness run.
 const INDEX_HEADER: &str = "nsm-bench-index";
