@@ -73,6 +73,24 @@ struct PlannedWrite {
     head: PartitionHead,
 }
 
+impl PlannedWrite {
+    fn outgoing(&self) -> Outgoing<'_> {
+        Outgoing {
+            partition: &self.partition,
+            id: self.frame_id,
+            bytes: &self.frame,
+        }
+    }
+}
+
+/// A frame on its way to the changelog.
+#[derive(Clone, Copy)]
+struct Outgoing<'a> {
+    partition: &'a PartitionId,
+    id: FrameId,
+    bytes: &'a [u8],
+}
+
 /// Commits checkpoints of the partitions it has open to the changelog, then the store: a
 /// [`Store`] keeping the library's whole layout (kind [`Blobs`], [`Checkpointer::new`]), or a
 /// [`HeadStore`] keeping only its heads beside the caller's rows (kind [`HeadsOnly`],
@@ -519,7 +537,7 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
         // ListOffsets with the last batch's first offset plus one (tansu 0.6) still gives the
         // position this write stores.
         for plan in plans {
-            self.send_chunks(&plan.partition, plan.frame_id, &plan.frame, &mut report)
+            self.send_chunks(plan.outgoing(), &mut report)
                 .map_err(changelog_failed)?;
             report.snapshots += plan.snapshots;
             report.snapshot_bytes += plan.snapshot_bytes;
@@ -527,7 +545,7 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
         }
         let mut acknowledged = self.writer.flush().map_err(changelog_failed)?;
         for plan in plans {
-            self.send_end_marker(&plan.partition, plan.frame_id, &plan.frame, &mut report)
+            self.send_end_marker(plan.outgoing(), &mut report)
                 .map_err(changelog_failed)?;
         }
         acknowledged.and(self.writer.flush().map_err(changelog_failed)?);
@@ -539,28 +557,24 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
     /// Sends `frame` as its chunks, then its end marker, and counts them in `report`.
     fn send_frame(
         &mut self,
-        partition: &PartitionId,
-        frame_id: FrameId,
-        frame: &[u8],
+        frame: Outgoing<'_>,
         report: &mut CommitReport,
     ) -> Result<(), W::Error> {
-        self.send_chunks(partition, frame_id, frame, report)?;
-        self.send_end_marker(partition, frame_id, frame, report)
+        self.send_chunks(frame, report)?;
+        self.send_end_marker(frame, report)
     }
 
     fn send_chunks(
         &mut self,
-        partition: &PartitionId,
-        frame_id: FrameId,
-        frame: &[u8],
+        frame: Outgoing<'_>,
         report: &mut CommitReport,
     ) -> Result<(), W::Error> {
-        let ranges = chunk_ranges(frame.len(), self.config.max_chunk_bytes());
+        let ranges = chunk_ranges(frame.bytes.len(), self.config.max_chunk_bytes());
         for (index, range) in ranges.iter().enumerate() {
-            let key = RecordKey::encode(partition, frame_id, RecordPart::Chunk(index as u32));
-            let value = chunk_value(&frame[range.clone()]);
+            let key = RecordKey::encode(frame.partition, frame.id, RecordPart::Chunk(index as u32));
+            let value = chunk_value(&frame.bytes[range.clone()]);
             self.writer
-                .send(partition.changelog_partition, &key, Some(&value))?;
+                .send(frame.partition.changelog_partition, &key, Some(&value))?;
             report.chunk_records += 1;
             report.bytes_sent += (key.len() + value.len()) as u64;
         }
@@ -569,20 +583,18 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
 
     fn send_end_marker(
         &mut self,
-        partition: &PartitionId,
-        frame_id: FrameId,
-        frame: &[u8],
+        frame: Outgoing<'_>,
         report: &mut CommitReport,
     ) -> Result<(), W::Error> {
-        let chunks = chunk_ranges(frame.len(), self.config.max_chunk_bytes()).len() as u32;
-        let key = RecordKey::encode(partition, frame_id, RecordPart::End);
-        let value = end_value(frame, chunks);
+        let chunks = chunk_ranges(frame.bytes.len(), self.config.max_chunk_bytes()).len() as u32;
+        let key = RecordKey::encode(frame.partition, frame.id, RecordPart::End);
+        let value = end_value(frame.bytes, chunks);
         self.writer
-            .send(partition.changelog_partition, &key, Some(&value))?;
+            .send(frame.partition.changelog_partition, &key, Some(&value))?;
         report.end_markers += 1;
         report.bytes_sent += (key.len() + value.len()) as u64;
-        report.frame_bytes += frame.len() as u64;
-        report.frames.push((partition.clone(), frame_id));
+        report.frame_bytes += frame.bytes.len() as u64;
+        report.frames.push((frame.partition.clone(), frame.id));
         Ok(())
     }
 
@@ -699,7 +711,12 @@ impl<W: ChangelogWriter, S, K: StoreKind<S>> Checkpointer<W, S, K> {
                         .push((frame_id.sequence, encode_delta_blob(&delta)));
                 }
             }
-            let sent = self.send_frame(partition, frame_id, &frame, &mut report);
+            let outgoing = Outgoing {
+                partition,
+                id: frame_id,
+                bytes: &frame,
+            };
+            let sent = self.send_frame(outgoing, &mut report);
             if let Err(source) = sent {
                 self.stopped = true;
                 return Err(SeedError::Changelog {
