@@ -345,8 +345,6 @@ fn restoring_now<H: PartitionHandler>(shared: &Shared<H>, key: &PartitionKey) ->
         .is_some_and(|restoring| restoring.paused.contains(key))
 }
 
-/// Pauses every partition owned, returning them: nothing of theirs is applied (and so
-/// stored) while a restore writes.
 /// How long the consumer thread waits for the checkpoint being stored, without polling, before
 /// it pauses its partitions to go on serving the group. A pause drops what librdkafka fetched
 /// ahead and fetches it again on resume, from the middle of a batch, which a broker may answer
@@ -377,6 +375,8 @@ fn wait_for_store<H: PartitionHandler>(
     false
 }
 
+/// Pauses every partition owned, returning them: nothing of theirs is applied (and so
+/// stored) while a restore writes.
 fn pause_owned<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Vec<PartitionKey> {
     let owned = match consumer.assignment() {
         Ok(owned) => owned,

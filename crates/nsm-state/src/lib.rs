@@ -177,9 +177,6 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path` for the metrics of `plan`. Data of metrics whose
-    /// definition changed since it was written, or that left the config, is deleted when its
-    /// partition is taken ([`Store::prepare_adoption`]): it no longer means what the config says.
     /// Writes every family's memtable to table files and waits for it, so that the next open
     /// has no write-ahead log to replay. Called at a graceful stop.
     pub fn flush_memtables(&self) -> Result<(), StateError> {
@@ -193,6 +190,9 @@ impl Store {
         Ok(())
     }
 
+    /// Opens (or creates) the store at `path` for the metrics of `plan`. Data of metrics whose
+    /// definition changed since it was written, or that left the config, is deleted when its
+    /// partition is taken ([`Store::prepare_adoption`]): it no longer means what the config says.
     pub fn open(path: &Path, plan: &Plan, options: &StoreOptions) -> Result<Store, StateError> {
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
