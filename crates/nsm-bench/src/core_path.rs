@@ -1,6 +1,7 @@
-//! The core path in process: decoding, every metric and the state write of each event, beside
-//! a parse-only baseline over the same bytes (serde_json's typed, borrowed parsing of the
-//! fields the metrics read), run alternately in one process so machine noise hits both.
+//! The core path in process: decoding, every metric and the checkpoints of each event (as
+//! `nsm run` writes them, the broker aside), beside a parse-only baseline over the same bytes
+//! (serde_json's typed, borrowed parsing of the fields the metrics read), run alternately in
+//! one process so machine noise hits both.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use nsm_core::{EpochMillis, PartitionKey};
 use nsm_state::{Store, StoreOptions};
 use serde::Deserialize;
 
+use crate::frames::{CheckpointTimes, Frames};
 use crate::workload::{bench_plan, coprime_stride, write_event, NOW_MS, STEP_MS, WEEK_MS};
 
 /// Events between two state writes, as a busy pipeline takes them in one flush interval (one
@@ -132,13 +134,13 @@ struct Entries {
 
 /// Where one run's time went: its events and checkpoints (`running`, the store's opening and
 /// closing aside), and within it reading entries back from RocksDB (while applying events),
-/// taking the engine's changes, and preparing and writing the RocksDB batch.
+/// taking the engine's changes, and the checkpoints' frames and batch.
 #[derive(Default, Clone, Copy)]
 struct Split {
     running: Duration,
     reading: Duration,
     taking: Duration,
-    storing: Duration,
+    checkpointing: CheckpointTimes,
 }
 
 /// The store, timing the entries read from it.
@@ -191,21 +193,20 @@ fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<(Entries, Split)> {
     let mut engine = Engine::with_reader(plan.clone(), Box::new(reader), DEFAULT_STATE_MEMORY);
     let key = PartitionKey::new("events", 0);
     engine.restore_partition(key.clone(), store.load_partition(&key)?);
+    let mut frames = Frames::open(&store, &key)?;
     let mut written = 0;
     let mut split = Split::default();
     let run_started = Instant::now();
     let mut checkpoint = |engine: &mut Engine| -> anyhow::Result<()> {
         let started = Instant::now();
         let changes = engine.take_changes();
-        let taken = Instant::now();
+        split.taking += started.elapsed();
         written += changes
             .partitions
             .iter()
             .map(|partition| partition.members.len() as u64)
             .sum::<u64>();
-        store.commit(store.prepare(&changes, false)?, &[])?;
-        split.taking += taken - started;
-        split.storing += taken.elapsed();
+        frames.write(&store, &changes)?;
         Ok(())
     };
     let mut since_checkpoint = 0;
@@ -224,6 +225,7 @@ fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<(Entries, Split)> {
     checkpoint(&mut engine)?;
     black_box(engine.metric_values(NOW_MS));
     split.running = run_started.elapsed();
+    split.checkpointing = frames.times;
     split.reading = Duration::from_nanos(reading.load(Ordering::Relaxed));
     let entries = Entries {
         written,
@@ -258,7 +260,7 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
             split.running += run_split.running;
             split.reading += run_split.reading;
             split.taking += run_split.taking;
-            split.storing += run_split.storing;
+            split.checkpointing.add(&run_split.checkpointing);
             Ok(())
         })?;
         core_rates.push(count / core.seconds);
@@ -266,12 +268,9 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
     }
     // Microseconds an event over every round; applying includes its reads.
     let per_event = |seconds: f64| seconds * 1e6 / (count * args.rounds.max(1) as f64);
-    let (reading, taking, storing) = (
-        split.reading.as_secs_f64(),
-        split.taking.as_secs_f64(),
-        split.storing.as_secs_f64(),
-    );
-    let applying = split.running.as_secs_f64() - taking - storing;
+    let (reading, taking) = (split.reading.as_secs_f64(), split.taking.as_secs_f64());
+    let times = split.checkpointing;
+    let applying = split.running.as_secs_f64() - taking - times.total().as_secs_f64();
     let parse = median(parse_rates.clone());
     let core = median(core_rates.clone());
     let rounded = |rates: &[f64]| {
@@ -287,7 +286,8 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
          \"nsm_events_per_cpu_second\":{:.0},\"nsm_to_parse_only\":{:.3},\
          \"entries_written_per_event\":{:.2},\"entries_read_per_event\":{:.2},\
          \"microseconds_per_event\":{{\"parse_only\":{:.2},\"applying\":{:.2},\
-         \"of_it_reading_rocksdb\":{:.2},\"taking_changes\":{:.2},\"writing_rocksdb\":{:.2}}},\
+         \"of_it_reading_rocksdb\":{:.2},\"taking_changes\":{:.2},\"checkpointing\":{:.2},\
+         \"of_it_preparing\":{:.2},\"of_it_snapshotting\":{:.2},\"of_it_committing\":{:.2}}},\
          \"parse_only_runs\":[{}],\"nsm_runs\":[{}]}}",
         events.len(),
         args.users,
@@ -301,7 +301,10 @@ pub fn run(args: &CoreArgs) -> anyhow::Result<()> {
         per_event(applying),
         per_event(reading),
         per_event(taking),
-        per_event(storing),
+        per_event(times.total().as_secs_f64()),
+        per_event(times.preparing.as_secs_f64()),
+        per_event(times.snapshotting.as_secs_f64()),
+        per_event(times.committing.as_secs_f64()),
         rounded(&parse_rates),
         rounded(&core_rates),
     );

@@ -22,6 +22,7 @@
 mod alerts;
 mod core_path;
 mod e2e;
+mod frames;
 mod memory;
 mod procfs;
 mod report;

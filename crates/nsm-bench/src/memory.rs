@@ -4,12 +4,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use nsm_checkpoint::{Acknowledged, Checkpointer, Epoch, HeadsOnly};
-use nsm_core::engine::ChangeSet;
 use nsm_core::engine::{AggValue, Engine, Outcome, DEFAULT_STATE_MEMORY};
 use nsm_core::PartitionKey;
-use nsm_state::{checkpoint_config, partition_id, RocksHeadStore, Store, StoreOptions};
+use nsm_state::{Store, StoreOptions};
 
+use crate::frames::Frames;
 use crate::workload::{
     bench_plan, coprime_stride, every_kind_plan, write_event, NOW_MS, STEP_MS, WEEK_MS,
 };
@@ -168,68 +167,6 @@ const EXPIRED_AFTER_MS: i64 = 7 * WEEK_MS;
 /// Member entries one event of the bench config writes at most (its id, its user's and
 /// team's memberships, trailing occurrences, threshold progress).
 const LAST_EVENT_ENTRIES: usize = 10;
-
-/// The changelog as `nsm run` writes it, frames, sent to a writer that counts the records and
-/// acknowledges them at once.
-struct Frames {
-    checkpointer: Checkpointer<CountingWriter, RocksHeadStore, HeadsOnly>,
-    heads: RocksHeadStore,
-}
-
-impl Frames {
-    fn open(store: &Store, key: &PartitionKey) -> anyhow::Result<Frames> {
-        let heads = RocksHeadStore::new(store.clone());
-        let mut checkpointer = Checkpointer::with_head_store(
-            checkpoint_config(),
-            CountingWriter::default(),
-            heads.clone(),
-        );
-        checkpointer
-            .resume(&partition_id(key), Epoch(1))
-            .map_err(|error| anyhow::anyhow!("{error}"))?;
-        Ok(Frames {
-            checkpointer,
-            heads,
-        })
-    }
-
-    /// Sends and stores one checkpoint; the records it sent.
-    fn write(&mut self, store: &Store, changes: &ChangeSet) -> anyhow::Result<u64> {
-        let write = store.prepare_frames(changes);
-        let mut checkpoints = Vec::new();
-        for key in write.partitions().cloned().collect::<Vec<_>>() {
-            let due = self.checkpointer.snapshots_due(&partition_id(&key));
-            checkpoints.extend(store.checkpoint_of(&write, &key, &due)?);
-        }
-        self.heads.stage(write);
-        let report = self
-            .checkpointer
-            .commit(&checkpoints)
-            .map_err(|error| anyhow::anyhow!("{error}"))?;
-        Ok(report.records())
-    }
-}
-
-/// A changelog that takes every record at once.
-#[derive(Default)]
-struct CountingWriter {
-    next_offsets: std::collections::BTreeMap<u32, u64>,
-}
-
-impl nsm_checkpoint::ChangelogWriter for CountingWriter {
-    type Error = std::convert::Infallible;
-
-    fn send(&mut self, partition: u32, _: &[u8], _: Option<&[u8]>) -> Result<(), Self::Error> {
-        *self.next_offsets.entry(partition).or_default() += 1;
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<Acknowledged, Self::Error> {
-        Ok(Acknowledged {
-            next_offsets: self.next_offsets.clone(),
-        })
-    }
-}
 
 /// What the week's windows expiring cost: the write that deletes them all, with the changelog
 /// records `nsm run` sends for it (its frame: dropped ranges, not a record per entry).

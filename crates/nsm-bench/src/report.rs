@@ -95,19 +95,27 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
             ));
         }
         let split = &core["microseconds_per_event"];
-        if let (Some(parse), Some(applying), Some(reading), Some(taking), Some(writing)) = (
-            split["parse_only"].as_f64(),
-            split["applying"].as_f64(),
-            split["of_it_reading_rocksdb"].as_f64(),
-            split["taking_changes"].as_f64(),
-            split["writing_rocksdb"].as_f64(),
+        let field = |name: &str| split[name].as_f64();
+        if let (Some(parse), Some(applying), Some(reading), Some(taking), Some(checkpointing)) = (
+            field("parse_only"),
+            field("applying"),
+            field("of_it_reading_rocksdb"),
+            field("taking_changes"),
+            field("checkpointing"),
         ) {
+            let (preparing, snapshotting, committing) = (
+                field("of_it_preparing").unwrap_or(f64::NAN),
+                field("of_it_snapshotting").unwrap_or(f64::NAN),
+                field("of_it_committing").unwrap_or(f64::NAN),
+            );
             out.push_str(&format!(
                 "Where an event's time went, in microseconds (wall clock, every round): \
                  applying it {applying:.2}, of which reading entries back from RocksDB \
-                 {reading:.2}; taking the engine's changes at checkpoints {taking:.2}; \
-                 preparing and writing the RocksDB batch {writing:.2}. Parsing alone, the \
-                 baseline, took {parse:.2}.\n\n"
+                 {reading:.2}; taking the engine's changes at checkpoints {taking:.2}; the \
+                 checkpoints as `nsm run` writes them, the broker aside, {checkpointing:.2}: \
+                 preparing the RocksDB batch and the frames' rows {preparing:.2}, reading the \
+                 shard snapshots due {snapshotting:.2}, encoding the frames and storing the \
+                 batch {committing:.2}. Parsing alone, the baseline, took {parse:.2}.\n\n"
             ));
         }
     }

@@ -12,8 +12,6 @@
 //! overlaid with the write ([`WriteOverlay`]): one short scan per place (window, or funnel
 //! period) for a member shard, the partition's key range of each family for the aggregate shard.
 
-use std::collections::BTreeMap;
-
 use nsm_checkpoint::{Checkpoint, CheckpointConfig, PartitionId, SeedShard, ShardId};
 use rocksdb::ReadOptions;
 
@@ -32,8 +30,13 @@ pub const AGGREGATE_SHARD: u16 = MEMBER_SHARDS as u16;
 /// Shards of a partition's frames: the member shards and the aggregate shard.
 pub const FRAME_SHARDS: u32 = MEMBER_SHARDS as u32 + 1;
 
-/// Member shards due in one checkpoint past which their snapshots are read in one pass.
-const ONE_PASS_SHARDS: usize = 16;
+/// Shard snapshots one checkpoint reads at most, of those the byte credit makes due: the
+/// oldest first, the credit left pays for the rest at the next checkpoints. Each is a seek per
+/// place into RocksDB; reading every shard due after a take, or while a growing state makes
+/// many due, made a checkpoint long enough to hold the consumer back (BENCHMARKS.md notes). A
+/// growing state then snapshots more slowly than its deltas come: a restore reads the deltas
+/// of up to 64 checkpoints beyond the state.
+pub const SNAPSHOTS_PER_CHECKPOINT: usize = 16;
 
 /// The families of the aggregate shard, in the order its snapshot reads them.
 const AGGREGATE_FAMILIES: [&str; 4] = [CF_WINDOWS, CF_SEGMENTS, CF_GAPS, CF_FINGERPRINTS];
@@ -48,22 +51,40 @@ fn row_key(family: &'static str, stored_key: &[u8], prefix_len: usize) -> Vec<u8
     out
 }
 
-/// A row put or deleted by a write, or a range it deletes, in frame-row keys.
-#[derive(Debug, Clone)]
-enum Operation {
-    Put {
-        shard: u16,
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
-    Delete {
-        shard: u16,
-        key: Vec<u8>,
-    },
-    Range {
-        start: Vec<u8>,
-        end: Vec<u8>,
-    },
+/// Bytes of a write's rows, kept in one buffer: a checkpoint records a few rows per event,
+/// and an allocation for each key and value cost more than the rest of its preparation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn of(bytes: &[u8], span: Span) -> &[u8] {
+        &bytes[span.start as usize..span.end as usize]
+    }
+}
+
+/// Appends `parts` to `bytes`; the span they take.
+fn push_span(bytes: &mut Vec<u8>, parts: &[&[u8]]) -> Span {
+    let start = bytes.len();
+    for part in parts {
+        bytes.extend_from_slice(part);
+    }
+    let to_u32 =
+        |at: usize| u32::try_from(at).unwrap_or_else(|_| unreachable!("a write under 4 GiB"));
+    Span {
+        start: to_u32(start),
+        end: to_u32(bytes.len()),
+    }
+}
+
+/// A row a write puts (`value: Some`) or deletes, in frame-row keys within the write's bytes.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    shard: u16,
+    key: Span,
+    value: Option<Span>,
 }
 
 /// What one write does to one partition, in frame rows: the rows it leaves put or deleted, and
@@ -72,40 +93,98 @@ enum Operation {
 /// applied in any order: ranges first, as a frame applies them.
 #[derive(Debug, Clone, Default)]
 pub struct WriteOverlay {
-    /// Per shard, each row's last value in the write (`None`: deleted).
-    rows: BTreeMap<u16, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    bytes: Vec<u8>,
+    /// Each row's last value in the write, in (shard, key) order.
+    rows: Vec<Row>,
     /// The ranges deleted, merged into disjoint ranges in key order.
     ranges: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The rows a write puts or deletes in one shard, in key order.
+#[derive(Clone, Copy)]
+pub(crate) struct ShardRows<'a> {
+    bytes: &'a [u8],
+    rows: &'a [Row],
+}
+
+impl<'a> ShardRows<'a> {
+    fn key(&self, row: &Row) -> &'a [u8] {
+        Span::of(self.bytes, row.key)
+    }
+
+    /// Each row's key and value (`None`: deleted).
+    fn iter(self) -> impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> {
+        self.rows.iter().map(move |row| {
+            (
+                Span::of(self.bytes, row.key),
+                row.value.map(|value| Span::of(self.bytes, value)),
+            )
+        })
+    }
+
+    /// The rows whose key starts with `byte` (a family's).
+    fn of_family(self, byte: u8) -> ShardRows<'a> {
+        let first = |row: &Row| self.key(row).first().copied();
+        let from = self.rows.partition_point(|row| first(row) < Some(byte));
+        let to = self.rows.partition_point(|row| first(row) <= Some(byte));
+        ShardRows {
+            bytes: self.bytes,
+            rows: &self.rows[from..to],
+        }
+    }
+}
+
 impl WriteOverlay {
-    /// The overlay of a partition's operations, in the order they were recorded.
-    fn of(operations: Vec<Operation>) -> Self {
-        let mut overlay = WriteOverlay::default();
+    /// The overlay of a partition's rows, in the order they were recorded, and the ranges
+    /// deleted, each with the number of rows recorded before it.
+    fn of(bytes: Vec<u8>, recorded: &[Row], ranges: Vec<(usize, Vec<u8>, Vec<u8>)>) -> Self {
         // Walked from the last: a row's last operation decides, unless a range recorded after
         // it covers it.
         let mut later = Vec::new();
-        for operation in operations.into_iter().rev() {
-            let (shard, key, value) = match operation {
-                Operation::Range { start, end } => {
-                    later = merged(later, start, end);
-                    continue;
-                }
-                Operation::Put { shard, key, value } => (shard, key, Some(value)),
-                Operation::Delete { shard, key } => (shard, key, None),
-            };
-            if covers(&later, &key) {
+        let mut pending = ranges.into_iter().rev().peekable();
+        let mut rows = Vec::with_capacity(recorded.len());
+        for (index, row) in recorded.iter().enumerate().rev() {
+            while let Some((_, start, end)) = pending.next_if(|(before, ..)| *before > index) {
+                later = merged(later, start, end);
+            }
+            if !covers(&later, Span::of(&bytes, row.key)) {
+                rows.push((index, *row));
+            }
+        }
+        for (_, start, end) in pending {
+            later = merged(later, start, end);
+        }
+        // By shard in recorded order (a counting sort: no key compared), then each shard by
+        // key. A shard's member rows come in key order already, as the store's batch takes
+        // them; the others (or a row written twice) are sorted, the last recorded first among
+        // equal keys so that the dedup keeps it.
+        rows.reverse();
+        let rows = by_shard(rows);
+        let mut sorted = Vec::with_capacity(rows.len());
+        for shard_rows in rows.chunk_by(|(_, a), (_, b)| a.shard == b.shard) {
+            let key = |row: &Row| Span::of(&bytes, row.key);
+            if shard_rows
+                .windows(2)
+                .all(|pair| key(&pair[0].1) < key(&pair[1].1))
+            {
+                sorted.extend_from_slice(shard_rows);
                 continue;
             }
-            overlay
-                .rows
-                .entry(shard)
-                .or_default()
-                .entry(key)
-                .or_insert(value);
+            let from = sorted.len();
+            sorted.extend_from_slice(shard_rows);
+            let shard_rows = &mut sorted[from..];
+            shard_rows.sort_unstable_by(|(a_index, a), (b_index, b)| {
+                key(a).cmp(key(b)).then_with(|| b_index.cmp(a_index))
+            });
+            let kept = dedup_sorted(shard_rows, |a, b| key(a) == key(b));
+            sorted.truncate(from + kept);
         }
-        overlay.ranges = later;
-        overlay
+        let rows = sorted;
+        WriteOverlay {
+            bytes,
+            rows: rows.into_iter().map(|(_, row)| row).collect(),
+            ranges: later,
+        }
     }
 
     /// Whether a range of the write deletes `key`.
@@ -113,8 +192,13 @@ impl WriteOverlay {
         covers(&self.ranges, key)
     }
 
-    fn rows_of(&self, shard: u16) -> Option<&BTreeMap<Vec<u8>, Option<Vec<u8>>>> {
-        self.rows.get(&shard)
+    pub(crate) fn rows_of(&self, shard: u16) -> ShardRows<'_> {
+        let from = self.rows.partition_point(|row| row.shard < shard);
+        let to = self.rows.partition_point(|row| row.shard <= shard);
+        ShardRows {
+            bytes: &self.bytes,
+            rows: &self.rows[from..to],
+        }
     }
 
     /// The ranges deleted, disjoint and in key order.
@@ -124,11 +208,45 @@ impl WriteOverlay {
 
     /// Every row the write puts or deletes, by shard, in key order within a shard.
     pub fn rows(&self) -> impl Iterator<Item = (u16, &[u8], Option<&[u8]>)> {
-        self.rows.iter().flat_map(|(shard, rows)| {
-            rows.iter()
-                .map(move |(key, value)| (*shard, key.as_slice(), value.as_deref()))
+        self.rows.iter().map(|row| {
+            (
+                row.shard,
+                Span::of(&self.bytes, row.key),
+                row.value.map(|value| Span::of(&self.bytes, value)),
+            )
         })
     }
+}
+
+/// Rows grouped by shard, in shard order, each group in the order given.
+fn by_shard(rows: Vec<(usize, Row)>) -> Vec<(usize, Row)> {
+    let shards = usize::from(AGGREGATE_SHARD) + 1;
+    let mut starts = vec![0usize; shards + 1];
+    for (_, row) in &rows {
+        starts[usize::from(row.shard).min(shards - 1) + 1] += 1;
+    }
+    for shard in 0..shards {
+        starts[shard + 1] += starts[shard];
+    }
+    let mut grouped = vec![None; rows.len()];
+    for entry in rows {
+        let slot = &mut starts[usize::from(entry.1.shard).min(shards - 1)];
+        grouped[*slot] = Some(entry);
+        *slot += 1;
+    }
+    grouped.into_iter().flatten().collect()
+}
+
+/// Keeps the first of each run of equal rows, in place; how many are kept.
+fn dedup_sorted(rows: &mut [(usize, Row)], same: impl Fn(&Row, &Row) -> bool) -> usize {
+    let mut kept = 0;
+    for index in 0..rows.len() {
+        if kept == 0 || !same(&rows[kept - 1].1, &rows[index].1) {
+            rows[kept] = rows[index];
+            kept += 1;
+        }
+    }
+    kept
 }
 
 /// Adds `[start, end)` to disjoint ranges in key order.
@@ -173,7 +291,11 @@ fn covers(ranges: &[(Vec<u8>, Vec<u8>)], key: &[u8]) -> bool {
 pub(crate) struct FrameRecorder<'s> {
     store: &'s Store,
     pub(crate) batch: rocksdb::WriteBatch,
-    operations: Vec<Operation>,
+    /// The keys and values of the partition being recorded.
+    bytes: Vec<u8>,
+    rows: Vec<Row>,
+    /// Its ranges deleted, each with the number of rows recorded before it.
+    ranges: Vec<(usize, Vec<u8>, Vec<u8>)>,
     pub(crate) partitions: Vec<(PartitionKey, Vec<u8>, WriteOverlay)>,
 }
 
@@ -182,38 +304,37 @@ impl<'s> FrameRecorder<'s> {
         FrameRecorder {
             store,
             batch: rocksdb::WriteBatch::with_capacity_bytes(capacity_bytes),
-            operations: Vec::new(),
+            bytes: Vec::with_capacity(capacity_bytes),
+            rows: Vec::new(),
+            ranges: Vec::new(),
             partitions: Vec::new(),
         }
     }
 
-    /// The frame row of a stored key, and its shard.
-    fn row(family: &'static str, key: &[u8]) -> (u16, Vec<u8>) {
+    /// Records the frame row of a stored key, in its shard.
+    fn record(&mut self, family: &'static str, key: &[u8], value: Option<&[u8]>) {
         let prefix_len = split_partition_prefix(key).map_or(0, |(_, rest)| key.len() - rest.len());
         let shard = if family == CF_ENTRIES {
             stored_member_shard(key).unwrap_or(AGGREGATE_SHARD)
         } else {
             AGGREGATE_SHARD
         };
-        (shard, row_key(family, key, prefix_len))
+        let rest = key.get(prefix_len..).unwrap_or_default();
+        let key = push_span(&mut self.bytes, &[&[family_byte(family)], rest]);
+        let value = value.map(|value| push_span(&mut self.bytes, &[value]));
+        self.rows.push(Row { shard, key, value });
     }
 }
 
 impl crate::Recording for FrameRecorder<'_> {
     fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
         self.batch.put_cf(self.store.cf(family), key, value);
-        let (shard, key) = Self::row(family, key);
-        self.operations.push(Operation::Put {
-            shard,
-            key,
-            value: value.to_vec(),
-        });
+        self.record(family, key, Some(value));
     }
 
     fn delete(&mut self, family: &'static str, key: &[u8]) {
         self.batch.delete_cf(self.store.cf(family), key);
-        let (shard, key) = Self::row(family, key);
-        self.operations.push(Operation::Delete { shard, key });
+        self.record(family, key, None);
     }
 
     fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]) {
@@ -221,10 +342,11 @@ impl crate::Recording for FrameRecorder<'_> {
             .delete_range_cf(self.store.cf(family), start, end);
         let prefix_len =
             split_partition_prefix(start).map_or(0, |(_, rest)| start.len() - rest.len());
-        self.operations.push(Operation::Range {
-            start: row_key(family, start, prefix_len),
-            end: row_key(family, end, prefix_len),
-        });
+        self.ranges.push((
+            self.rows.len(),
+            row_key(family, start, prefix_len),
+            row_key(family, end, prefix_len),
+        ));
     }
 
     fn end_partition(&mut self, partition: &PartitionKey, meta: &[u8]) {
@@ -233,12 +355,14 @@ impl crate::Recording for FrameRecorder<'_> {
             partition_prefix(partition),
             meta,
         );
-        let operations = std::mem::take(&mut self.operations);
-        self.partitions.push((
-            partition.clone(),
-            meta.to_vec(),
-            WriteOverlay::of(operations),
-        ));
+        let overlay = WriteOverlay::of(
+            std::mem::take(&mut self.bytes),
+            &self.rows,
+            std::mem::take(&mut self.ranges),
+        );
+        self.rows.clear();
+        self.partitions
+            .push((partition.clone(), meta.to_vec(), overlay));
     }
 }
 
@@ -288,8 +412,9 @@ impl Store {
     }
 
     /// The checkpoint of `partition` in `write`, for nsm-checkpoint: the write's rows and
-    /// dropped ranges, and the snapshots of the `due` shards, read now (before the write is
-    /// stored) as they will be once it is. `None` when the write does not write the partition.
+    /// dropped ranges, and the snapshots of the first [`SNAPSHOTS_PER_CHECKPOINT`] of the `due`
+    /// shards, read now (before the write is stored) as they will be once it is. `None` when
+    /// the write does not write the partition.
     pub fn checkpoint_of(
         &self,
         write: &FramedWrite,
@@ -310,15 +435,7 @@ impl Store {
                 None => checkpoint.delete(ShardId(u32::from(shard)), key),
             }
         }
-        let member_shards = due
-            .iter()
-            .filter(|shard| shard.0 < u32::from(AGGREGATE_SHARD))
-            .count();
-        if member_shards > ONE_PASS_SHARDS {
-            self.snapshot_in_one_pass(partition, due, overlay, &mut checkpoint)?;
-            return Ok(Some(checkpoint));
-        }
-        for &shard in due {
+        for &shard in due.iter().take(SNAPSHOTS_PER_CHECKPOINT) {
             checkpoint.snapshot_shard(shard);
             let Ok(number) = u16::try_from(shard.0) else {
                 continue;
@@ -328,65 +445,6 @@ impl Store {
             })?;
         }
         Ok(Some(checkpoint))
-    }
-
-    /// The snapshots of many shards at once, in one pass over the partition's entries: a
-    /// checkpoint after a take of a partition whose shard sizes are unknown, or while they are
-    /// small, finds most shards due, and a seek per place for each costs far more than reading
-    /// every entry once.
-    fn snapshot_in_one_pass(
-        &self,
-        partition: &PartitionKey,
-        due: &[ShardId],
-        overlay: &WriteOverlay,
-        checkpoint: &mut Checkpoint,
-    ) -> Result<(), StateError> {
-        let prefix = partition_prefix(partition);
-        let mut wanted = vec![false; MEMBER_SHARDS];
-        for shard in due {
-            checkpoint.snapshot_shard(*shard);
-            match u16::try_from(shard.0) {
-                Ok(AGGREGATE_SHARD) => {
-                    self.shard_rows(partition, AGGREGATE_SHARD, overlay, |key, value| {
-                        checkpoint.snapshot_row(*shard, key, value)
-                    })?;
-                }
-                Ok(number) => {
-                    if let Some(slot) = wanted.get_mut(usize::from(number)) {
-                        *slot = true;
-                    }
-                }
-                Err(_) => {}
-            }
-        }
-        let empty = BTreeMap::new();
-        let mut row = Vec::new();
-        self.scan_family(CF_ENTRIES, &prefix, |key, value| {
-            let Some(shard) = stored_member_shard(key) else {
-                return;
-            };
-            if !wanted.get(usize::from(shard)).copied().unwrap_or(false) {
-                return;
-            }
-            row.clear();
-            row.push(family_byte(CF_ENTRIES));
-            row.extend_from_slice(&key[prefix.len()..]);
-            let own = overlay.rows_of(shard).unwrap_or(&empty);
-            if !own.contains_key(&row) && !overlay.deletes(&row) {
-                checkpoint.snapshot_row(ShardId(u32::from(shard)), &row, value);
-            }
-        })?;
-        for (shard, rows) in &overlay.rows {
-            if !wanted.get(usize::from(*shard)).copied().unwrap_or(false) {
-                continue;
-            }
-            for (key, value) in rows {
-                if let Some(value) = value {
-                    checkpoint.snapshot_row(ShardId(u32::from(*shard)), key, value);
-                }
-            }
-        }
-        Ok(())
     }
 
     /// The write that takes `partition` with frames: data of metrics that changed or left the
@@ -456,12 +514,10 @@ impl Store {
         mut each: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), StateError> {
         let prefix = partition_prefix(partition);
-        let empty = BTreeMap::new();
-        let rows = overlay.rows_of(shard).unwrap_or(&empty);
+        let rows = overlay.rows_of(shard);
         if shard == AGGREGATE_SHARD {
             for family in AGGREGATE_FAMILIES {
-                let byte = family_byte(family);
-                let own = rows.range(vec![byte]..vec![byte + 1]);
+                let own = rows.of_family(family_byte(family)).iter();
                 let mut merge = Merge::new(own, overlay, &mut each);
                 self.scan_family(family, &prefix, |key, value| {
                     merge.stored(&row_key(family, key, prefix.len()), value)
@@ -541,7 +597,7 @@ fn uncached() -> ReadOptions {
 }
 
 /// Merges the stored rows of a shard, in key order, with a write's own rows of it.
-struct Merge<'a, I: Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>, F: FnMut(&[u8], &[u8])> {
+struct Merge<'a, I: Iterator<Item = (&'a [u8], Option<&'a [u8]>)>, F: FnMut(&[u8], &[u8])> {
     own: std::iter::Peekable<I>,
     overlay: &'a WriteOverlay,
     each: F,
@@ -549,7 +605,7 @@ struct Merge<'a, I: Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>, F: FnMu
 
 impl<'a, I, F> Merge<'a, I, F>
 where
-    I: Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
+    I: Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
     F: FnMut(&[u8], &[u8]),
 {
     fn new(own: I, overlay: &'a WriteOverlay, each: F) -> Self {
@@ -562,8 +618,8 @@ where
 
     /// A stored row: the write's own rows before it first; the write's value of it if any.
     fn stored(&mut self, key: &[u8], value: &[u8]) {
-        while let Some((own_key, own_value)) = self.own.next_if(|(own, _)| own.as_slice() <= key) {
-            if own_key.as_slice() == key {
+        while let Some((own_key, own_value)) = self.own.next_if(|(own, _)| *own <= key) {
+            if own_key == key {
                 if let Some(own_value) = own_value {
                     (self.each)(key, own_value);
                 }
@@ -585,5 +641,111 @@ where
                 (self.each)(key, value);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An operation of a test write: `(shard, key, value)`, or a range `[start, end)` when the
+    /// shard is `None`.
+    type Operation<'a> = (Option<u16>, &'a [u8], Option<&'a [u8]>);
+
+    /// Records rows and ranges as the recorder does.
+    fn overlay(operations: &[Operation<'_>]) -> WriteOverlay {
+        let (mut bytes, mut rows, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
+        for &(shard, key, value) in operations {
+            match shard {
+                Some(shard) => {
+                    let key = push_span(&mut bytes, &[key]);
+                    let value = value.map(|value| push_span(&mut bytes, &[value]));
+                    rows.push(Row { shard, key, value });
+                }
+                None => ranges.push((rows.len(), key.to_vec(), value.unwrap_or_default().to_vec())),
+            }
+        }
+        WriteOverlay::of(bytes, &rows, ranges)
+    }
+
+    fn rows(overlay: &WriteOverlay) -> Vec<(u16, Vec<u8>, Option<Vec<u8>>)> {
+        overlay
+            .rows()
+            .map(|(shard, key, value)| (shard, key.to_vec(), value.map(<[u8]>::to_vec)))
+            .collect()
+    }
+
+    #[test]
+    fn a_rows_last_operation_wins_and_rows_come_by_shard_then_key() {
+        let overlay = overlay(&[
+            (Some(3), b"b", Some(b"1")),
+            (Some(1), b"z", Some(b"1")),
+            (Some(3), b"a", Some(b"1")),
+            (Some(3), b"b", None),
+            (Some(1), b"z", Some(b"2")),
+        ]);
+        assert_eq!(
+            rows(&overlay),
+            vec![
+                (1, b"z".to_vec(), Some(b"2".to_vec())),
+                (3, b"a".to_vec(), Some(b"1".to_vec())),
+                (3, b"b".to_vec(), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_range_deleted_later_drops_the_rows_it_covers_and_not_those_written_after_it() {
+        let overlay = overlay(&[
+            (Some(0), b"b1", Some(b"old")),
+            (Some(0), b"c", Some(b"kept")),
+            (None, b"b", Some(b"c")),
+            (Some(0), b"b2", Some(b"new")),
+            (None, b"x", Some(b"y")),
+            (None, b"a", Some(b"b0")),
+        ]);
+        assert_eq!(
+            rows(&overlay),
+            vec![
+                (0, b"b2".to_vec(), Some(b"new".to_vec())),
+                (0, b"c".to_vec(), Some(b"kept".to_vec())),
+            ]
+        );
+        assert_eq!(
+            overlay.ranges(),
+            &[
+                (b"a".to_vec(), b"c".to_vec()),
+                (b"x".to_vec(), b"y".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shards_rows_of_one_family_are_those_whose_key_starts_with_its_byte() {
+        let overlay = overlay(&[
+            (Some(AGGREGATE_SHARD), &[2, 9], Some(b"w")),
+            (Some(AGGREGATE_SHARD), &[1, 5], Some(b"v")),
+            (Some(AGGREGATE_SHARD), &[3], None),
+            (Some(AGGREGATE_SHARD), &[2, 1], Some(b"u")),
+            (Some(7), &[2, 0], Some(b"elsewhere")),
+        ]);
+        let family: Vec<_> = overlay
+            .rows_of(AGGREGATE_SHARD)
+            .of_family(2)
+            .iter()
+            .map(|(key, value)| (key.to_vec(), value.map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(
+            family,
+            vec![
+                (vec![2, 1], Some(b"u".to_vec())),
+                (vec![2, 9], Some(b"w".to_vec()))
+            ]
+        );
+        assert_eq!(
+            overlay.rows_of(AGGREGATE_SHARD).of_family(4).iter().count(),
+            0
+        );
+        assert_eq!(overlay.rows_of(5).iter().count(), 0);
     }
 }

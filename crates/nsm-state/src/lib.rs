@@ -75,6 +75,7 @@ pub use format::{FormatError, FORMAT_VERSION};
 pub use frame_store::{RocksHeadStore, RocksSink};
 pub use frames::{
     checkpoint_config, partition_id, FramedWrite, WriteOverlay, AGGREGATE_SHARD, FRAME_SHARDS,
+    SNAPSHOTS_PER_CHECKPOINT,
 };
 
 const CF_META: &str = "meta";

@@ -113,14 +113,6 @@ enum Read {
     Broken,
 }
 
-/// Shard snapshots one checkpoint reads at most, of those the byte credit makes due. Past 16 a
-/// snapshot read is a pass over the partition's entries, up to a second a checkpoint at the
-/// e2e bench's 1M users (and seconds in a debug build, long enough to freeze the values a
-/// time-scaled demo shows into a false page), while a checkpoint stays short with 16 seeks per
-/// place. A growing state then snapshots more slowly than its deltas come: a restore reads the
-/// deltas of up to 64 checkpoints beyond the state.
-const SNAPSHOTS_PER_CHECKPOINT: usize = 16;
-
 impl Changelog {
     /// Sends `changes` as one frame per partition, acknowledged, then stores them with each
     /// partition's head and changelog position; returns the records sent.
@@ -130,9 +122,7 @@ impl Changelog {
         let mut checkpointer = self.checkpointer();
         let mut checkpoints = Vec::with_capacity(partitions.len());
         for key in &partitions {
-            let mut due = checkpointer.snapshots_due(&partition_id(key));
-            // The oldest first; the credit left pays for the rest at the next checkpoints.
-            due.truncate(SNAPSHOTS_PER_CHECKPOINT);
+            let due = checkpointer.snapshots_due(&partition_id(key));
             let checkpoint = store
                 .checkpoint_of(&write, key, &due)
                 .map_err(|error| format!("state read failed: {error}"))?;
