@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -90,9 +90,54 @@ pub struct Pipeline {
 /// A checkpoint being stored on its own thread, and what to publish once it is.
 struct InFlight {
     writer: JoinHandle<Result<(), String>>,
+    /// Set by the writer as it ends, so that a consumer waiting for it wakes at once.
+    ended: Arc<Ended>,
     publish: Snapshot,
     /// Partitions were given up while it was stored: its values still hold them.
     released: bool,
+}
+
+impl InFlight {
+    fn is_finished(&self) -> bool {
+        // The flag, or a writer that panicked before setting it.
+        self.ended.is_set() || self.writer.is_finished()
+    }
+}
+
+/// A flag a checkpoint writer sets as it ends, waited on without polling.
+#[derive(Default)]
+struct Ended {
+    flag: Mutex<bool>,
+    signal: Condvar,
+}
+
+impl Ended {
+    fn set(&self) {
+        *self
+            .flag
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+        self.signal.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        *self
+            .flag
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until the flag is set or `patience` has passed.
+    fn wait(&self, patience: Duration) {
+        let flag = self
+            .flag
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = self
+            .signal
+            .wait_timeout_while(flag, patience, |ended| !*ended)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
 }
 
 /// What a checkpoint makes visible once stored, taken with its changes.
@@ -243,6 +288,8 @@ impl Pipeline {
         let store = self.store.clone();
         let changelog = self.changelog.clone();
         let telemetry = self.telemetry.clone();
+        let ended = Arc::new(Ended::default());
+        let ends = ended.clone();
         let writer = std::thread::Builder::new()
             .name("nsm-checkpoint".into())
             .spawn(move || {
@@ -254,12 +301,14 @@ impl Pipeline {
                     None => write_alone(&store, |store| Ok((store.prepare(&changes, false)?, ()))),
                 };
                 telemetry.record_checkpoint(started.elapsed().as_secs_f64(), result.is_ok());
+                ends.set();
                 result
             })
             .map_err(|error| self.failed(format!("cannot start the checkpoint writer: {error}")))?;
         self.writer_watch.busy();
         self.in_flight = Some(InFlight {
             writer,
+            ended,
             publish,
             released: false,
         });
@@ -270,7 +319,7 @@ impl Pipeline {
     fn writing(&self) -> bool {
         self.in_flight
             .as_ref()
-            .is_some_and(|in_flight| !in_flight.writer.is_finished())
+            .is_some_and(|in_flight| !in_flight.is_finished())
     }
 
     /// Stores the changes since the last checkpoint before returning.
@@ -287,6 +336,7 @@ impl Pipeline {
             writer,
             publish,
             released,
+            ..
         }) = self.in_flight.take()
         else {
             return Ok(());
@@ -736,8 +786,10 @@ impl PartitionHandler for Pipeline {
 
     fn wait_for_store(&mut self, patience: Duration) -> bool {
         let waiting = Instant::now();
-        while self.hold() && waiting.elapsed() < patience {
-            std::thread::sleep(Duration::from_millis(2));
+        if self.hold() {
+            if let Some(in_flight) = &self.in_flight {
+                in_flight.ended.wait(patience);
+            }
             self.tick();
         }
         // `settle` counts the join; this counts the wait before it.
@@ -749,11 +801,7 @@ impl PartitionHandler for Pipeline {
     fn tick(&mut self) {
         self.loop_watch.busy();
         // Publish a stored checkpoint as soon as it is, not at the next one.
-        if self
-            .in_flight
-            .as_ref()
-            .is_some_and(|in_flight| in_flight.writer.is_finished())
-        {
+        if self.in_flight.as_ref().is_some_and(InFlight::is_finished) {
             // A failure is kept in `self.failure` and stops the consumer at its next
             // checkpoint.
             let _ = self.settle();
