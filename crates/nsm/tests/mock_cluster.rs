@@ -1238,13 +1238,7 @@ fn a_changelog_of_per_key_records_is_taken_over_and_rewritten_as_frames() {
         let settings = nsm_kafka::ClientSettings::new(&brokers);
         let writer =
             nsm_kafka::ChangelogWriter::new(&settings, "nsm-legacy-changelog").expect("writer");
-        let (adoption, _) = store
-            .prepare_adoption(&key, &[], false, 1)
-            .expect("adoption");
-        let checkpoint = store
-            .prepare(&engine.take_changes(), true)
-            .expect("prepare");
-        for write in [adoption, checkpoint] {
+        let send_and_commit = |write: nsm_state::PreparedWrite| {
             for part in &write.partitions {
                 store
                     .each_record(part, |key, value| {
@@ -1269,7 +1263,19 @@ fn a_changelog_of_per_key_records_is_taken_over_and_rewritten_as_frames() {
                 writer.await_delivery(&|| false).expect("acknowledged");
             }
             store.commit(write, &[]).expect("commit");
-        }
+        };
+        // The checkpoint is prepared once the adoption is stored, so that its records carry
+        // the adoption's epoch, as an older nsm's did; prepared before, they would carry none
+        // and be left out as an earlier owner's.
+        let (adoption, _) = store
+            .prepare_adoption(&key, &[], false, 1)
+            .expect("adoption");
+        send_and_commit(adoption);
+        send_and_commit(
+            store
+                .prepare(&engine.take_changes(), true)
+                .expect("prepare"),
+        );
     }
 
     let run = |state: &str, name: &str| run_config(dir.path(), name, &config(state));
@@ -1279,6 +1285,14 @@ fn a_changelog_of_per_key_records_is_taken_over_and_rewritten_as_frames() {
     let mut upgraded = run("upgraded", "upgraded");
     let samples = counted(&upgraded);
     assert_values(&samples, &stream);
+    let consumed = |samples: &std::collections::BTreeMap<String, f64>| {
+        samples
+            .iter()
+            .filter(|(series, _)| series.starts_with("nsm_events_consumed_total"))
+            .map(|(_, value)| value)
+            .sum::<f64>()
+    };
+    assert_eq!(consumed(&samples), 0.0, "the input was read again");
     let status = upgraded.terminate(Duration::from_secs(30));
     let log = upgraded.log_text();
     assert!(status.success(), "{status}: {log}");
@@ -1292,6 +1306,7 @@ fn a_changelog_of_per_key_records_is_taken_over_and_rewritten_as_frames() {
     let mut fresh = run("fresh", "fresh");
     let samples = counted(&fresh);
     assert_values(&samples, &stream);
+    assert_eq!(consumed(&samples), 0.0, "the input was read again");
     let status = fresh.terminate(Duration::from_secs(30));
     let log = fresh.log_text();
     assert!(status.success(), "{status}: {log}");
