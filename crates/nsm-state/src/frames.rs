@@ -154,32 +154,24 @@ impl WriteOverlay {
         for (_, start, end) in pending {
             later = merged(later, start, end);
         }
-        // By shard in recorded order (a counting sort: no key compared), then each shard by
+        // By shard in recorded order (a stable sort on the shard alone), then each shard by
         // key. A shard's member rows come in key order already, as the store's batch takes
         // them; the others (or a row written twice) are sorted, the last recorded first among
         // equal keys so that the dedup keeps it.
         rows.reverse();
-        let rows = by_shard(rows);
-        let mut sorted = Vec::with_capacity(rows.len());
-        for shard_rows in rows.chunk_by(|(_, a), (_, b)| a.shard == b.shard) {
-            let key = |row: &Row| Span::of(&bytes, row.key);
-            if shard_rows
+        rows.sort_by_key(|(_, row)| row.shard);
+        let key = |row: &Row| Span::of(&bytes, row.key);
+        for shard_rows in rows.chunk_by_mut(|(_, a), (_, b)| a.shard == b.shard) {
+            let in_order = shard_rows
                 .windows(2)
-                .all(|pair| key(&pair[0].1) < key(&pair[1].1))
-            {
-                sorted.extend_from_slice(shard_rows);
-                continue;
+                .all(|pair| key(&pair[0].1) < key(&pair[1].1));
+            if !in_order {
+                shard_rows.sort_unstable_by(|(a_index, a), (b_index, b)| {
+                    key(a).cmp(key(b)).then_with(|| b_index.cmp(a_index))
+                });
             }
-            let from = sorted.len();
-            sorted.extend_from_slice(shard_rows);
-            let shard_rows = &mut sorted[from..];
-            shard_rows.sort_unstable_by(|(a_index, a), (b_index, b)| {
-                key(a).cmp(key(b)).then_with(|| b_index.cmp(a_index))
-            });
-            let kept = dedup_sorted(shard_rows, |a, b| key(a) == key(b));
-            sorted.truncate(from + kept);
         }
-        let rows = sorted;
+        rows.dedup_by(|(_, later), (_, kept)| later.shard == kept.shard && key(later) == key(kept));
         WriteOverlay {
             bytes,
             rows: rows.into_iter().map(|(_, row)| row).collect(),
@@ -216,37 +208,6 @@ impl WriteOverlay {
             )
         })
     }
-}
-
-/// Rows grouped by shard, in shard order, each group in the order given.
-fn by_shard(rows: Vec<(usize, Row)>) -> Vec<(usize, Row)> {
-    let shards = usize::from(AGGREGATE_SHARD) + 1;
-    let mut starts = vec![0usize; shards + 1];
-    for (_, row) in &rows {
-        starts[usize::from(row.shard).min(shards - 1) + 1] += 1;
-    }
-    for shard in 0..shards {
-        starts[shard + 1] += starts[shard];
-    }
-    let mut grouped = vec![None; rows.len()];
-    for entry in rows {
-        let slot = &mut starts[usize::from(entry.1.shard).min(shards - 1)];
-        grouped[*slot] = Some(entry);
-        *slot += 1;
-    }
-    grouped.into_iter().flatten().collect()
-}
-
-/// Keeps the first of each run of equal rows, in place; how many are kept.
-fn dedup_sorted(rows: &mut [(usize, Row)], same: impl Fn(&Row, &Row) -> bool) -> usize {
-    let mut kept = 0;
-    for index in 0..rows.len() {
-        if kept == 0 || !same(&rows[kept - 1].1, &rows[index].1) {
-            rows[kept] = rows[index];
-            kept += 1;
-        }
-    }
-    kept
 }
 
 /// Adds `[start, end)` to disjoint ranges in key order.

@@ -104,38 +104,39 @@ impl InFlight {
     }
 }
 
-/// A flag a checkpoint writer sets as it ends, waited on without polling.
+/// A flag a checkpoint writer sets as it ends, waited on without polling. Read without a lock:
+/// the consumer asks after every poll whether a checkpoint is still being written.
 #[derive(Default)]
 struct Ended {
-    flag: Mutex<bool>,
+    flag: AtomicBool,
+    lock: Mutex<()>,
     signal: Condvar,
 }
 
 impl Ended {
     fn set(&self) {
-        *self
-            .flag
+        self.flag.store(true, Ordering::Release);
+        // Under the lock, so that a waiter between its check and its wait is not missed.
+        let _locked = self
+            .lock
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.signal.notify_all();
     }
 
     fn is_set(&self) -> bool {
-        *self
-            .flag
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.flag.load(Ordering::Acquire)
     }
 
     /// Waits until the flag is set or `patience` has passed.
     fn wait(&self, patience: Duration) {
-        let flag = self
-            .flag
+        let locked = self
+            .lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let _ = self
             .signal
-            .wait_timeout_while(flag, patience, |ended| !*ended)
+            .wait_timeout_while(locked, patience, |_| !self.is_set())
             .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
 }
