@@ -1,19 +1,18 @@
-//! The store's side of the changelog: every write is also a list of keyed records, so that a
-//! compacted Kafka topic holds the latest value of every stored key and another instance can
-//! rebuild a partition from it (restore) when the partition moves.
+//! The store's side of the keyed changelog that nsm wrote before frames (state format 7 and
+//! before): a compacted Kafka topic of the latest value of every stored key, from which an
+//! instance of today restores a partition once, then sends it again as frames (see
+//! [`crate::frames`]). Also where a local copy stands in the changelog, and its epoch.
+//! The writer of such records survives only to make them in tests (`keyed`, behind the
+//! `testing` feature).
 //!
 //! A record's key is one byte naming the column family and the store key; its value is the
-//! stored value, or none (a tombstone) for a deleted key. Range deletes are expanded into a
-//! tombstone per stored key, so compaction alone keeps the topic bounded by the live state.
-//! Those tombstones (and the copies of a partition's stored entries when it is seeded) are
-//! read from the store as they are sent, never held: a week's window expiring deletes an
-//! entry per user and metric, millions of them, in one write.
+//! stored value, or none (a tombstone) for a deleted key. Range deletes were expanded into a
+//! tombstone per stored key, so compaction alone kept the topic bounded by the live state.
 //!
 //! Each partition's records of one write end with its **end marker**, the partition's meta
 //! record (offsets and watermark), sent only once the others are acknowledged. Records after
 //! the last end marker of a partition are the *tail* of a write that did not finish: a
-//! restore never applies them, and the new owner's first write reverts their keys to the
-//! restored values, so that the topic reads right from the start again.
+//! restore never applies them.
 //!
 //! Every record also carries the **epoch** of the owner that wrote it (a Kafka header, so
 //! that keys and values stay those of the store): an owner takes a partition with an epoch
@@ -34,10 +33,7 @@ use rocksdb::WriteBatch;
 
 use std::borrow::Cow;
 
-use crate::codec::{
-    current_member_key, decode_partition_meta, legacy_member_key, partition_prefix,
-    prefix_successor,
-};
+use crate::codec::{current_member_key, decode_partition_meta, partition_prefix, prefix_successor};
 use crate::{
     Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_META, CF_PARTITIONS,
     CF_SEGMENTS, CF_WINDOWS,
@@ -68,27 +64,23 @@ pub(crate) fn family_of(byte: u8) -> Option<&'static str> {
         .map(|(_, name)| *name)
 }
 
-/// The record key of a stored key: its family's byte, then the key, a member entry's in
-/// format 6's layout (without its shard), which the changelog keeps until it carries frames.
-fn record_key(family: &'static str, key: &[u8]) -> Vec<u8> {
-    let legacy = (family == CF_ENTRIES)
-        .then(|| legacy_member_key(key))
-        .flatten();
-    record_bound(family, legacy.as_deref().unwrap_or(key))
-}
-
-/// A bound of a range of record keys: its family's byte, then the bound as stored. A range
-/// deletes whole places (a window, a metric, the periods of a funnel before one), whose bounds
-/// member keys of both layouts share.
-fn record_bound(family: &'static str, bound: &[u8]) -> Vec<u8> {
+/// A record key of a stored key outside the member entries, or a bound of a range of record
+/// keys: its family's byte, then the key or bound as stored. A range deletes whole places (a
+/// window, a metric, the periods of a funnel before one), whose bounds member keys of both
+/// layouts share.
+pub(crate) fn record_bound(family: &'static str, bound: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bound.len() + 1);
     out.push(family_byte(family));
     out.extend_from_slice(bound);
     out
 }
 
-/// The stored key of a record's key (without its family byte): the inverse of [`record_key`].
-fn stored_key<'k>(family: &'static str, key: &'k [u8]) -> Result<Cow<'k, [u8]>, StateError> {
+/// The stored key of a record's key (without its family byte): a member entry's record key is
+/// in format 6's layout, without its shard.
+pub(crate) fn stored_key<'k>(
+    family: &'static str,
+    key: &'k [u8],
+) -> Result<Cow<'k, [u8]>, StateError> {
     if family != CF_ENTRIES {
         return Ok(Cow::Borrowed(key));
     }
@@ -107,261 +99,61 @@ pub struct ChangeRecord {
     pub value: Option<Vec<u8>>,
 }
 
-/// The records of one partition in one write: `records` (one per key, in key order) and those
-/// of the stored keys in `stored_ranges`, in any order (see [`Store::each_record`]), then
-/// `end`, which must be sent only after every one of them was acknowledged.
-#[derive(Debug, Clone)]
-pub struct PartitionRecords {
-    pub partition: PartitionKey,
-    pub records: Vec<ChangeRecord>,
-    pub(crate) stored_ranges: Vec<StoredRange>,
-    pub end: ChangeRecord,
-    /// The epoch every record of the write carries, the end marker's included: that of the
-    /// owner writing it (see [`Store::changelog_epoch`]).
-    pub epoch: u64,
-}
-
-/// Stored keys of one column family that a write sends records for without holding them:
-/// read from the store when the records are sent, which is before the write is stored.
-#[derive(Debug, Clone)]
-pub(crate) struct StoredRange {
-    family: &'static str,
-    start: Vec<u8>,
-    end: Vec<u8>,
-    /// Each key goes with its stored value (a copy); otherwise as a tombstone.
-    copy: bool,
-    /// How many of the write's own records were recorded before it: a range delete makes
-    /// those it covers tombstones too (see `one_per_key`).
-    records_before: usize,
-}
-
-/// A write made ready: the local batch, and the changelog records of the same changes.
-/// Send the records first, then [`Store::commit`] the batch with the changelog positions.
+/// A write made ready without the changelog (`state.changelog = false`): the local batch, and
+/// the partitions it writes, whose changelog positions and heads [`Store::commit`] drops (the
+/// changelog no longer follows them).
 pub struct PreparedWrite {
     pub(crate) batch: WriteBatch,
-    pub partitions: Vec<PartitionRecords>,
-    /// Partitions written without changelog records: their positions are dropped.
-    pub(crate) without_changelog: Vec<PartitionKey>,
+    pub(crate) partitions: Vec<PartitionKey>,
 }
 
-impl PreparedWrite {
-    /// The write without its changelog records, for a store that runs without a changelog:
-    /// committing it drops the positions of its partitions.
-    pub fn without_changelog_records(mut self) -> Self {
-        self.without_changelog.extend(
-            self.partitions
-                .drain(..)
-                .map(|partition| partition.partition),
-        );
-        self
-    }
-}
-
-impl Store {
-    /// Hands every record of `part` but its end marker to `send`: its own records, then one
-    /// for each stored key of its ranges (a tombstone, or a copy of the stored value), read
-    /// from the store now, so call it before the write is stored. Each key goes once, with
-    /// its final value in this write, so the order the broker keeps them in never matters: a
-    /// key with a record of its own is skipped in the ranges (that record is final), and so
-    /// is a key a later range covers again (that range is). Returns how many were sent.
-    pub fn each_record<E: From<StateError>>(
-        &self,
-        part: &PartitionRecords,
-        mut send: impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
-    ) -> Result<u64, E> {
-        for record in &part.records {
-            send(&record.key, record.value.as_deref())?;
-        }
-        let mut sent = part.records.len() as u64;
-        for (index, range) in part.stored_ranges.iter().enumerate() {
-            // Only the later ranges that overlap this one: a write expiring a week deletes a
-            // range per window, hundreds, nearly all disjoint.
-            let later: Vec<&StoredRange> = part.stored_ranges[index + 1..]
-                .iter()
-                .filter(|other| {
-                    other.family == range.family
-                        && other.start < range.end
-                        && range.start < other.end
-                })
-                .collect();
-            let mut stored = self.db.raw_iterator_cf(self.cf(range.family));
-            stored.seek(&range.start);
-            while let (Some(stored_key), true) = (stored.key(), stored.valid()) {
-                if stored_key >= range.end.as_slice() {
-                    break;
-                }
-                let key = record_key(range.family, stored_key);
-                let has_record = part
-                    .records
-                    .binary_search_by(|record| record.key.as_slice().cmp(&key))
-                    .is_ok();
-                let covered_later = later.iter().any(|other| {
-                    other.start.as_slice() <= stored_key && stored_key < other.end.as_slice()
-                });
-                if !has_record && !covered_later {
-                    send(&key, if range.copy { stored.value() } else { None })?;
-                    sent += 1;
-                }
-                stored.next();
-            }
-            stored.status().map_err(StateError::from)?;
-        }
-        Ok(sent)
-    }
-}
-
-/// Builds a local batch and, when asked, the changelog records of the same operations. Records
-/// are kept one per key, the latest operation winning, so their order never matters.
-///
-/// A partition's records are collected in the order of their operations and sorted once at its
-/// end, not kept in a sorted map as they come: a checkpoint records a few keys per event, and
-/// a map allocated a node and compared keys at every one.
-pub(crate) struct Recorder<'s> {
+/// Builds the local batch of a write kept without the changelog.
+pub(crate) struct BatchRecorder<'s> {
     store: &'s Store,
-    pub(crate) batch: WriteBatch,
-    records: Option<Vec<ChangeRecord>>,
-    stored_ranges: Vec<StoredRange>,
-    partitions: Vec<PartitionRecords>,
-    without_changelog: Vec<PartitionKey>,
+    batch: WriteBatch,
+    partitions: Vec<PartitionKey>,
 }
 
-impl<'s> Recorder<'s> {
+impl<'s> BatchRecorder<'s> {
     /// `capacity_bytes`: about the size the batch will reach (0 if unknown).
-    pub(crate) fn new(store: &'s Store, record: bool, capacity_bytes: usize) -> Self {
-        Recorder {
+    pub(crate) fn new(store: &'s Store, capacity_bytes: usize) -> Self {
+        BatchRecorder {
             store,
             batch: WriteBatch::with_capacity_bytes(capacity_bytes),
-            records: record.then(Vec::new),
-            stored_ranges: Vec::new(),
             partitions: Vec::new(),
-            without_changelog: Vec::new(),
         }
-    }
-
-    fn record(&mut self, family: &'static str, key: &[u8], value: Option<&[u8]>) {
-        if let Some(records) = &mut self.records {
-            records.push(ChangeRecord {
-                key: record_key(family, key),
-                value: value.map(<[u8]>::to_vec),
-            });
-        }
-    }
-
-    /// Only to the changelog: every stored key of `family` under `prefix` with its value, read
-    /// when the records are sent (seeding a changelog with a partition's stored copy). Keys a
-    /// range deleted later in the write covers go as its tombstones only (see
-    /// [`Store::each_record`]).
-    pub(crate) fn copy_stored(&mut self, family: &'static str, prefix: &[u8]) {
-        if let Some(records) = &self.records {
-            self.stored_ranges.push(StoredRange {
-                family,
-                start: prefix.to_vec(),
-                end: prefix_successor(prefix),
-                copy: true,
-                records_before: records.len(),
-            });
-        }
-    }
-
-    /// Only to the changelog: a record whose value the store already holds (a revert, or a
-    /// snapshot of stored state).
-    pub(crate) fn record_only(&mut self, family: &'static str, key: &[u8], value: Option<&[u8]>) {
-        self.record(family, key, value);
     }
 
     pub(crate) fn finish(self) -> PreparedWrite {
         PreparedWrite {
             batch: self.batch,
             partitions: self.partitions,
-            without_changelog: self.without_changelog,
         }
     }
 }
 
-impl Recording for Recorder<'_> {
+impl Recording for BatchRecorder<'_> {
     fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
         self.batch.put_cf(self.store.cf(family), key, value);
-        self.record(family, key, Some(value));
     }
 
     fn delete(&mut self, family: &'static str, key: &[u8]) {
         self.batch.delete_cf(self.store.cf(family), key);
-        self.record(family, key, None);
     }
 
-    /// Deletes `[start, end)`: one range delete locally, a tombstone per key in the changelog
-    /// (those put earlier in this write now, those stored when the records are sent).
     fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]) {
         self.batch
             .delete_range_cf(self.store.cf(family), start, end);
-        if let Some(records) = &self.records {
-            self.stored_ranges.push(StoredRange {
-                family,
-                start: start.to_vec(),
-                end: end.to_vec(),
-                copy: false,
-                records_before: records.len(),
-            });
-        }
     }
 
-    /// Closes one partition's records with its end marker, the meta record `meta`, which is
-    /// also written locally.
     fn end_partition(&mut self, partition: &PartitionKey, meta: &[u8]) {
-        let prefix = partition_prefix(partition);
-        self.batch
-            .put_cf(self.store.cf(CF_PARTITIONS), &prefix, meta);
-        if let Some(records) = &mut self.records {
-            let records = one_per_key(std::mem::take(records), &self.stored_ranges);
-            self.partitions.push(PartitionRecords {
-                partition: partition.clone(),
-                records,
-                stored_ranges: std::mem::take(&mut self.stored_ranges),
-                end: ChangeRecord {
-                    key: record_key(CF_PARTITIONS, &prefix),
-                    value: Some(meta.to_vec()),
-                },
-                // The store's epoch of the partition, set by `Store::stamp_epochs`, or the
-                // new one of an adoption.
-                epoch: 0,
-            });
-        } else {
-            self.without_changelog.push(partition.clone());
-        }
-    }
-}
-
-/// A partition's records in key order, one per key with the value of the latest operation on
-/// it: its last record, or a tombstone when a range delete recorded after that covers it.
-fn one_per_key(records: Vec<ChangeRecord>, ranges: &[StoredRange]) -> Vec<ChangeRecord> {
-    // The order of operations breaks ties: among a key's records the last wins.
-    let mut records: Vec<(usize, ChangeRecord)> = records.into_iter().enumerate().collect();
-    records.sort_unstable_by(|(a_order, a), (b_order, b)| {
-        a.key.cmp(&b.key).then(a_order.cmp(b_order))
-    });
-    let mut latest: Vec<(usize, ChangeRecord)> = Vec::with_capacity(records.len());
-    for record in records {
-        match latest.last_mut() {
-            Some(last) if last.1.key == record.1.key => *last = record,
-            _ => latest.push(record),
-        }
-    }
-    for range in ranges.iter().filter(|range| !range.copy) {
-        let (start, end) = (
-            record_bound(range.family, &range.start),
-            record_bound(range.family, &range.end),
+        self.batch.put_cf(
+            self.store.cf(CF_PARTITIONS),
+            partition_prefix(partition),
+            meta,
         );
-        let first = latest.partition_point(|(_, record)| record.key < start);
-        for (order, record) in &mut latest[first..] {
-            if record.key >= end {
-                break;
-            }
-            if *order < range.records_before {
-                record.value = None;
-            }
-        }
+        self.partitions.push(partition.clone());
     }
-    latest.into_iter().map(|(_, record)| record).collect()
 }
 
 /// Where the local copy of a partition stands in the changelog: the next changelog offset to
@@ -395,7 +187,7 @@ impl PartitionRecordKeys {
     fn new(partition: &PartitionKey) -> Self {
         let prefix = partition_prefix(partition);
         PartitionRecordKeys {
-            end_key: record_key(CF_PARTITIONS, &prefix),
+            end_key: record_bound(CF_PARTITIONS, &prefix),
             prefix,
         }
     }
@@ -490,14 +282,6 @@ impl Store {
         Ok(known.map_or(0, |epoch| epoch.saturating_add(1)).max(now_ms))
     }
 
-    /// Gives each partition of a write the epoch of its local copy.
-    pub(crate) fn stamp_epochs(&self, prepared: &mut PreparedWrite) -> Result<(), StateError> {
-        for part in &mut prepared.partitions {
-            part.epoch = self.changelog_epoch(&part.partition)?.unwrap_or(0);
-        }
-        Ok(())
-    }
-
     /// The input offset the stored copy of `partition` resumes from.
     pub fn stored_next_offset(&self, partition: &PartitionKey) -> Result<Option<i64>, StateError> {
         let Some(bytes) = self
@@ -572,49 +356,20 @@ impl Store {
             .is_some())
     }
 
-    /// The changelog records that make a partition's stored copy whole again after a
-    /// restore, or on its first changelog, in one write ending with its end marker:
-    /// - `tail`: keys of an unfinished write found after the last end marker, reverted to the
-    ///   stored values;
-    /// - `seed`: everything stored (the changelog is empty but the store is not);
-    /// - the partition's metric definitions: data of a metric that changed or left the config
-    ///   is deleted (and named in the result), and every metric's fingerprint is stored.
-    ///
-    /// The write's records carry `epoch`, the new owner's (see [`Store::adoption_epoch`]),
-    /// which the local copy keeps once the write is committed.
+    /// The write that takes a partition kept without the changelog (`state.changelog = false`):
+    /// data of metrics that changed or left the config is deleted (and named in the result),
+    /// and every metric's fingerprint is stored. With the changelog, a take writes
+    /// [`Store::prepare_adoption_frames`] instead.
     pub fn prepare_adoption(
         &self,
         partition: &PartitionKey,
-        tail: &[Vec<u8>],
-        seed: bool,
-        epoch: u64,
     ) -> Result<(PreparedWrite, Vec<crate::DiscardedMetric>), StateError> {
         let prefix = partition_prefix(partition);
-        let mut recorder = Recorder::new(self, true, 0);
-        if seed {
-            for (_, family) in FAMILIES {
-                // The partition's meta record is the end marker, sent last.
-                if family != CF_PARTITIONS {
-                    recorder.copy_stored(family, &prefix);
-                }
-            }
-        }
-        for key in tail {
-            let Some(family) = key.first().copied().and_then(family_of) else {
-                continue;
-            };
-            let key = stored_key(family, &key[1..])?;
-            let stored = self.db.get_cf(self.cf(family), &key)?;
-            recorder.record_only(family, &key, stored.as_deref());
-        }
+        let mut recorder = BatchRecorder::new(self, 0);
         let discarded = self.reconcile_partition(&prefix, &mut recorder)?;
         let meta = self.stored_meta(partition)?;
         recorder.end_partition(partition, &meta);
-        let mut prepared = recorder.finish();
-        for part in &mut prepared.partitions {
-            part.epoch = epoch;
-        }
-        Ok((prepared, discarded))
+        Ok((recorder.finish(), discarded))
     }
 
     /// Applies restored records of one partition to the store, in order; returns how many
@@ -733,8 +488,8 @@ pub struct PartitionRestore<'s> {
 /// What a restore found.
 #[derive(Debug)]
 pub enum RestoreOutcome {
-    /// Restored; `tail` holds the keys of an unfinished write to revert with
-    /// [`Store::prepare_adoption`]; `epoch` is the highest epoch read, for
+    /// Restored; `tail` holds the keys of an unfinished write (the keyed writer reverted
+    /// them; a take now sends the partition as frames, a line the tail is not part of); `epoch` is the highest epoch read, for
     /// [`Store::adoption_epoch`]; `fenced` counts the stale records and end markers left out.
     Restored {
         tail: Vec<Vec<u8>>,
@@ -959,49 +714,5 @@ impl ChangelogProbe {
     /// Every key of the partition the changelog holds (to overwrite when the store's copy wins).
     pub fn into_keys(self) -> Vec<Vec<u8>> {
         self.keys.into_iter().collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A record of a member entry keyed `key`.
-    fn put(key: &str, value: &str) -> ChangeRecord {
-        ChangeRecord {
-            key: record_key(CF_ENTRIES, key.as_bytes()),
-            value: Some(value.as_bytes().to_vec()),
-        }
-    }
-
-    fn tombstone(key: &str) -> ChangeRecord {
-        ChangeRecord {
-            key: record_key(CF_ENTRIES, key.as_bytes()),
-            value: None,
-        }
-    }
-
-    #[test]
-    fn each_key_keeps_its_latest_operation_and_a_later_range_delete_wins() {
-        // In the order of the operations: b twice, a range delete of [a, c) after the first
-        // three, then a again.
-        let records = vec![
-            put("b", "1"),
-            put("a", "1"),
-            put("b", "2"),
-            put("c", "1"),
-            put("a", "2"),
-        ];
-        let deleted = [StoredRange {
-            family: CF_ENTRIES,
-            start: b"a".to_vec(),
-            end: b"c".to_vec(),
-            copy: false,
-            records_before: 3,
-        }];
-        assert_eq!(
-            one_per_key(records, &deleted),
-            vec![put("a", "2"), tombstone("b"), put("c", "1")]
-        );
     }
 }

@@ -410,7 +410,7 @@ impl Store {
 
     /// The write that takes `partition` with frames: data of metrics that changed or left the
     /// config is dropped (and named in the result), and every metric's fingerprint is stored,
-    /// as [`Store::prepare_adoption`] does for keyed records. Its checkpoint is the take's first
+    /// as [`Store::prepare_adoption`] does without the changelog. Its checkpoint is the take's first
     /// frame, committed even when it changes nothing.
     pub fn prepare_adoption_frames(
         &self,

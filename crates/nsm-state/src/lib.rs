@@ -43,6 +43,8 @@ mod codec;
 mod format;
 mod frame_store;
 mod frames;
+#[cfg(any(test, feature = "testing"))]
+mod keyed;
 mod migrate;
 
 use std::collections::HashMap;
@@ -68,8 +70,8 @@ use codec::{
 };
 
 pub use changelog::{
-    ChangeRecord, ChangelogPosition, ChangelogProbe, PartitionRecords, PartitionRestore,
-    PreparedWrite, RestoreOutcome,
+    ChangeRecord, ChangelogPosition, ChangelogProbe, PartitionRestore, PreparedWrite,
+    RestoreOutcome,
 };
 pub use format::{FormatError, FORMAT_VERSION};
 pub use frame_store::{RocksHeadStore, RocksSink};
@@ -77,6 +79,8 @@ pub use frames::{
     checkpoint_config, partition_id, FramedWrite, WriteOverlay, AGGREGATE_SHARD, FRAME_SHARDS,
     SNAPSHOTS_PER_CHECKPOINT,
 };
+#[cfg(any(test, feature = "testing"))]
+pub use keyed::{KeyedWrite, PartitionRecords};
 
 const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
@@ -429,23 +433,15 @@ impl Store {
         if changes.is_empty() {
             return Ok(());
         }
-        let prepared = self.prepare(changes, false)?;
-        self.commit(prepared, &[])
+        self.commit(self.prepare(changes))
     }
 
-    /// Makes the batch that stores `changes`, and with `changelog` the records of the same
-    /// changes for each partition (see [`changelog`]).
-    pub fn prepare(
-        &self,
-        changes: &ChangeSet,
-        changelog: bool,
-    ) -> Result<PreparedWrite, StateError> {
-        let mut recorder =
-            changelog::Recorder::new(self, changelog, self.batch_bytes_estimate(changes));
+    /// Makes the batch that stores `changes` without the changelog (`state.changelog =
+    /// false`); with it, the checkpoint writes frames ([`Store::prepare_frames`]).
+    pub fn prepare(&self, changes: &ChangeSet) -> PreparedWrite {
+        let mut recorder = changelog::BatchRecorder::new(self, self.batch_bytes_estimate(changes));
         self.record_changes(changes, &mut recorder);
-        let mut prepared = recorder.finish();
-        self.stamp_epochs(&mut prepared)?;
-        Ok(prepared)
+        recorder.finish()
     }
 
     /// Hands `changes` to `recorder` as the operations of one write, each partition's ended
@@ -532,33 +528,13 @@ impl Store {
         }
     }
 
-    /// Writes a prepared batch atomically, with the changelog position each partition's
-    /// records reached (`positions`: the next changelog offset, after its end marker) and the
-    /// epoch they carried. A write made without the changelog drops the positions of its
-    /// partitions: the changelog no longer follows them.
-    pub fn commit(
-        &self,
-        prepared: PreparedWrite,
-        positions: &[(PartitionKey, i64)],
-    ) -> Result<(), StateError> {
+    /// Writes a prepared batch atomically. The changelog no longer follows its partitions:
+    /// their changelog positions and heads go.
+    pub fn commit(&self, prepared: PreparedWrite) -> Result<(), StateError> {
         let mut batch = prepared.batch;
-        for partition in &prepared.without_changelog {
+        for partition in &prepared.partitions {
             batch.delete_cf(self.cf(CF_META), changelog::position_key(partition));
             batch.delete_cf(self.cf(CF_META), frame_store::head_key_of(partition));
-        }
-        for (partition, position) in positions {
-            batch.put_cf(
-                self.cf(CF_META),
-                changelog::position_key(partition),
-                changelog::encode_position(*position),
-            );
-        }
-        for part in &prepared.partitions {
-            batch.put_cf(
-                self.cf(CF_META),
-                changelog::epoch_key(&part.partition),
-                part.epoch.to_be_bytes(),
-            );
         }
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())

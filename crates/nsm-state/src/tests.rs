@@ -64,9 +64,9 @@ fn options() -> StoreOptions {
 /// Takes a partition as the pipeline does; the metrics whose data was discarded.
 fn adopt(store: &Store, partition: i32, tail: &[Vec<u8>]) -> Vec<DiscardedMetric> {
     let (adoption, discarded) = store
-        .prepare_adoption(&key(partition), tail, false, new_epoch(store, None))
+        .prepare_keyed_adoption(&key(partition), tail, false, new_epoch(store, None))
         .expect("adopt");
-    store.commit(adoption, &[]).expect("commit");
+    store.commit_keyed(adoption, &[]).expect("commit");
     discarded
 }
 
@@ -566,7 +566,7 @@ impl Topic {
 
     /// Sends a prepared write as the pipeline does (records, then the end marker) and returns
     /// the positions to commit with it.
-    fn send(&mut self, store: &Store, prepared: &PreparedWrite) -> Vec<(PartitionKey, i64)> {
+    fn send(&mut self, store: &Store, prepared: &KeyedWrite) -> Vec<(PartitionKey, i64)> {
         prepared
             .partitions
             .iter()
@@ -621,10 +621,10 @@ fn restore(store: &Store, topic: &Topic, from: i64) -> RestoreOutcome {
 /// of events, then one 40 days later that expires the first day's windows and members.
 fn run_with_changelog(store: &Store, plan: &Plan, topic: &mut Topic) {
     let (adoption, _) = store
-        .prepare_adoption(&key(0), &[], false, new_epoch(store, None))
+        .prepare_keyed_adoption(&key(0), &[], false, new_epoch(store, None))
         .expect("adopt");
     let positions = topic.send(store, &adoption);
-    store.commit(adoption, &positions).expect("commit");
+    store.commit_keyed(adoption, &positions).expect("commit");
     let mut engine = engine_on(store, plan);
     engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
     let users = ["ana", "bo", "cy", "di"];
@@ -636,19 +636,19 @@ fn run_with_changelog(store: &Store, plan: &Plan, topic: &mut Topic) {
             .collect();
         feed(&mut engine, 0, round * 5, &events);
         let prepared = store
-            .prepare(&engine.take_changes(), true)
+            .prepare_keyed(&engine.take_changes())
             .expect("prepare");
         let positions = topic.send(store, &prepared);
-        store.commit(prepared, &positions).expect("commit");
+        store.commit_keyed(prepared, &positions).expect("commit");
     }
     let later = NOW + 40 * 86_400_000;
     let payload = format!(r#"{{"event":"message_sent","user_id":"eve","timestamp":{later}}}"#);
     engine.apply(&key(0), 15, payload.as_bytes(), later);
     let prepared = store
-        .prepare(&engine.take_changes(), true)
+        .prepare_keyed(&engine.take_changes())
         .expect("prepare");
     let positions = topic.send(store, &prepared);
-    store.commit(prepared, &positions).expect("commit");
+    store.commit_keyed(prepared, &positions).expect("commit");
 }
 
 #[test]
@@ -712,7 +712,7 @@ fn an_unfinished_write_is_never_restored_and_the_next_owner_reverts_it() {
         engine.apply(&key(0), 16 + index as i64, payload, later);
     }
     let unfinished = original
-        .prepare(&engine.take_changes(), true)
+        .prepare_keyed(&engine.take_changes())
         .expect("prepare");
     let unfinished_records = topic.append_records(&original, &unfinished.partitions[0]);
 
@@ -731,10 +731,10 @@ fn an_unfinished_write_is_never_restored_and_the_next_owner_reverts_it() {
         Some(finished)
     );
     let (adoption, _) = next
-        .prepare_adoption(&key(0), &tail, false, new_epoch(&next, None))
+        .prepare_keyed_adoption(&key(0), &tail, false, new_epoch(&next, None))
         .expect("adopt");
     let positions = topic.send(&next, &adoption);
-    next.commit(adoption, &positions).expect("commit");
+    next.commit_keyed(adoption, &positions).expect("commit");
 
     // From the start, compacted or not, the changelog now reads as the finished state.
     for topic in [&topic, &topic.compacted()] {
@@ -766,18 +766,18 @@ fn a_metric_that_changed_is_deleted_from_the_changelog_too() {
     let changed_plan = plan_from(&CONFIG.replace("window = \"1h\"", "window = \"1d\""));
     let store = Store::open(dir.path(), &changed_plan, &options()).expect("reopen");
     let (adoption, discarded) = store
-        .prepare_adoption(&key(0), &[], false, new_epoch(&store, None))
+        .prepare_keyed_adoption(&key(0), &[], false, new_epoch(&store, None))
         .expect("adopt");
     assert_eq!(discarded.len(), 1, "{discarded:?}");
     let positions = topic.send(&store, &adoption);
-    store.commit(adoption, &positions).expect("commit");
+    store.commit_keyed(adoption, &positions).expect("commit");
 
     let copy_dir = tempfile::tempdir().expect("tempdir");
     let copy = Store::open(copy_dir.path(), &changed_plan, &options()).expect("open");
     restore(&copy, &topic.compacted(), 0);
     assert_eq!(dump(&copy, 0), dump(&store, 0));
     let (_, discarded) = copy
-        .prepare_adoption(&key(0), &[], false, new_epoch(&copy, None))
+        .prepare_keyed_adoption(&key(0), &[], false, new_epoch(&copy, None))
         .expect("adopt");
     assert!(
         discarded.is_empty(),
@@ -822,7 +822,7 @@ fn seeding_a_changelog_sends_each_stored_entry_once_and_drops_a_changed_metric()
     let legacy = codec::legacy_member_key(&member).expect("a member key");
     let tail_key = [&[member_byte][..], &legacy].concat();
     let (seed, discarded) = store
-        .prepare_adoption(
+        .prepare_keyed_adoption(
             &key(0),
             std::slice::from_ref(&tail_key),
             true,
@@ -838,7 +838,7 @@ fn seeding_a_changelog_sends_each_stored_entry_once_and_drops_a_changed_metric()
     );
     let mut topic = Topic::default();
     let positions = topic.send(&store, &seed);
-    store.commit(seed, &positions).expect("commit");
+    store.commit_keyed(seed, &positions).expect("commit");
 
     let sent: Vec<_> = topic
         .0
@@ -956,18 +956,18 @@ fn a_large_unfinished_tail_after_a_stored_position_keeps_what_came_before() {
 
 /// One checkpoint of `events` from `offset` on, by an engine loaded from `store`'s copy of
 /// partition 0: the write, prepared and not yet sent.
-fn checkpoint_of(store: &Store, plan: &Plan, offset: i64, events: &[Vec<u8>]) -> PreparedWrite {
+fn checkpoint_of(store: &Store, plan: &Plan, offset: i64, events: &[Vec<u8>]) -> KeyedWrite {
     let mut engine = engine_on(store, plan);
     engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
     feed(&mut engine, 0, offset, events);
     store
-        .prepare(&engine.take_changes(), true)
+        .prepare_keyed(&engine.take_changes())
         .expect("prepare")
 }
 
-fn send_and_commit(store: &Store, topic: &mut Topic, write: PreparedWrite) {
+fn send_and_commit(store: &Store, topic: &mut Topic, write: KeyedWrite) {
     let positions = topic.send(store, &write);
-    store.commit(write, &positions).expect("commit");
+    store.commit_keyed(write, &positions).expect("commit");
 }
 
 fn messages(users: &[&str], minutes: i64) -> Vec<Vec<u8>> {
@@ -995,7 +995,7 @@ fn records_of_an_owner_that_lost_the_partition_are_fenced_off_by_their_epoch() {
     // A takes the partition and stores three messages.
     let a = Store::open(dirs[0].path(), &plan, &options()).expect("open");
     let (adoption, _) = a
-        .prepare_adoption(&key(0), &[], false, new_epoch(&a, None))
+        .prepare_keyed_adoption(&key(0), &[], false, new_epoch(&a, None))
         .expect("adopt");
     send_and_commit(&a, &mut topic, adoption);
     let write = checkpoint_of(&a, &plan, 0, &messages(&["ana", "bo", "cy"], 1));
@@ -1024,7 +1024,7 @@ fn records_of_an_owner_that_lost_the_partition_are_fenced_off_by_their_epoch() {
         "a new owner writes above every epoch it read"
     );
     let (adoption, _) = b
-        .prepare_adoption(&key(0), &tail, false, b_epoch)
+        .prepare_keyed_adoption(&key(0), &tail, false, b_epoch)
         .expect("adopt");
     send_and_commit(&b, &mut topic, adoption);
     send_and_commit(
@@ -1115,7 +1115,7 @@ fn records_without_an_epoch_are_never_fenced_off() {
     let mut topic = Topic::default();
     let new = Store::open(dirs[0].path(), &plan, &options()).expect("open");
     let (adoption, _) = new
-        .prepare_adoption(&key(0), &[], false, new_epoch(&new, None))
+        .prepare_keyed_adoption(&key(0), &[], false, new_epoch(&new, None))
         .expect("adopt");
     send_and_commit(&new, &mut topic, adoption);
     send_and_commit(
@@ -1134,7 +1134,7 @@ fn records_without_an_epoch_are_never_fenced_off() {
     })
     .expect("records");
     topic.append(&part.end.key, part.end.value.as_deref(), None);
-    old.commit(write, &[]).expect("commit");
+    old.commit_keyed(write, &[]).expect("commit");
 
     let copy = Store::open(dirs[2].path(), &plan, &options()).expect("open");
     let RestoreOutcome::Restored { fenced, .. } = restore(&copy, &topic, 0) else {
@@ -1530,7 +1530,7 @@ fn changelog_records_keep_the_bytes_of_format_6() {
     engine.restore_partition(key(0), PartitionSnapshot::default());
     feed(&mut engine, 0, 0, &every_entry_events());
     let changes = engine.take_changes();
-    let prepared = store.prepare(&changes, true).expect("prepare");
+    let prepared = store.prepare_keyed(&changes).expect("prepare");
     let records: Vec<Vec<u8>> = prepared.partitions[0]
         .records
         .iter()
@@ -1570,7 +1570,7 @@ fn changelog_records_keep_the_bytes_of_format_6() {
     // Restored into another store, they are its format 7 keys again.
     let mut topic = Topic::default();
     let positions = topic.send(&store, &prepared);
-    store.commit(prepared, &positions).expect("commit");
+    store.commit_keyed(prepared, &positions).expect("commit");
     let copy_dir = tempfile::tempdir().expect("tempdir");
     let copy = Store::open(copy_dir.path(), &plan, &options()).expect("open");
     restore(&copy, &topic, 0);

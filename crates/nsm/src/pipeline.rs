@@ -299,7 +299,7 @@ impl Pipeline {
                     Some(changelog) => changelog
                         .write(&store, &changes)
                         .map(|records| telemetry.record_changelog(records)),
-                    None => write_alone(&store, |store| Ok((store.prepare(&changes, false)?, ()))),
+                    None => write_alone(&store, |store| Ok((store.prepare(&changes), ()))),
                 };
                 telemetry.record_checkpoint(started.elapsed().as_secs_f64(), result.is_ok());
                 ends.set();
@@ -540,7 +540,7 @@ fn write_alone<T>(
     let (prepared, extra) =
         prepare(store).map_err(|error| format!("state write failed: {error}"))?;
     store
-        .commit(prepared.without_changelog_records(), &[])
+        .commit(prepared)
         .map_err(|error| format!("state write failed: {error}"))?;
     Ok(extra)
 }
@@ -561,10 +561,7 @@ fn adopt(
     let taken = match changelog {
         Some(changelog) => changelog.take(store, key, cancel)?,
         None => crate::frames::Taken {
-            discarded: write_alone(store, |store| {
-                let epoch = store.adoption_epoch(key, None)?;
-                store.prepare_adoption(key, &[], false, epoch)
-            })?,
+            discarded: write_alone(store, |store| store.prepare_adoption(key))?,
             ..Default::default()
         },
     };

@@ -1238,7 +1238,7 @@ fn a_changelog_of_per_key_records_is_taken_over_and_rewritten_as_frames() {
         let settings = nsm_kafka::ClientSettings::new(&brokers);
         let writer =
             nsm_kafka::ChangelogWriter::new(&settings, "nsm-legacy-changelog").expect("writer");
-        let send_and_commit = |write: nsm_state::PreparedWrite| {
+        let send_and_commit = |write: nsm_state::KeyedWrite| {
             for part in &write.partitions {
                 store
                     .each_record(part, |key, value| {
@@ -1262,18 +1262,18 @@ fn a_changelog_of_per_key_records_is_taken_over_and_rewritten_as_frames() {
                     .expect("end marker");
                 writer.await_delivery(&|| false).expect("acknowledged");
             }
-            store.commit(write, &[]).expect("commit");
+            store.commit_keyed(write, &[]).expect("commit");
         };
         // The checkpoint is prepared once the adoption is stored, so that its records carry
         // the adoption's epoch, as an older nsm's did; prepared before, they would carry none
         // and be left out as an earlier owner's.
         let (adoption, _) = store
-            .prepare_adoption(&key, &[], false, 1)
+            .prepare_keyed_adoption(&key, &[], false, 1)
             .expect("adoption");
         send_and_commit(adoption);
         send_and_commit(
             store
-                .prepare(&engine.take_changes(), true)
+                .prepare_keyed(&engine.take_changes())
                 .expect("prepare"),
         );
     }
