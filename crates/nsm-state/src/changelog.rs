@@ -130,8 +130,15 @@ impl<'s> BatchRecorder<'s> {
             partitions: self.partitions,
         }
     }
+
+    /// The batch alone, for a recorder that keeps what the changelog carries beside it.
+    pub(crate) fn into_batch(self) -> WriteBatch {
+        self.batch
+    }
 }
 
+/// The local side of every recorder: the others forward each operation here, then record what
+/// the changelog carries of it.
 impl Recording for BatchRecorder<'_> {
     fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
         self.batch.put_cf(self.store.cf(family), key, value);

@@ -15,13 +15,14 @@
 use nsm_checkpoint::{Checkpoint, CheckpointConfig, PartitionId, SeedShard, ShardId};
 use rocksdb::ReadOptions;
 
-use crate::changelog::family_byte;
+use crate::changelog::{family_byte, BatchRecorder};
 use crate::codec::{
     member_shard_position, partition_prefix, prefix_successor, split_partition_prefix,
     stored_member_shard, MEMBER_SHARDS,
 };
 use crate::{
-    PartitionKey, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_SEGMENTS, CF_WINDOWS,
+    PartitionKey, Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_SEGMENTS,
+    CF_WINDOWS,
 };
 
 /// The shard of every row that is not a member entry.
@@ -250,8 +251,7 @@ fn covers(ranges: &[(Vec<u8>, Vec<u8>)], key: &[u8]) -> bool {
 
 /// Records the operations of a write per partition, in frame rows, beside its local batch.
 pub(crate) struct FrameRecorder<'s> {
-    store: &'s Store,
-    pub(crate) batch: rocksdb::WriteBatch,
+    batch: BatchRecorder<'s>,
     /// The keys and values of the partition being recorded.
     bytes: Vec<u8>,
     rows: Vec<Row>,
@@ -263,8 +263,7 @@ pub(crate) struct FrameRecorder<'s> {
 impl<'s> FrameRecorder<'s> {
     pub(crate) fn new(store: &'s Store, capacity_bytes: usize) -> Self {
         FrameRecorder {
-            store,
-            batch: rocksdb::WriteBatch::with_capacity_bytes(capacity_bytes),
+            batch: BatchRecorder::new(store, capacity_bytes),
             bytes: Vec::with_capacity(capacity_bytes),
             rows: Vec::new(),
             ranges: Vec::new(),
@@ -287,20 +286,19 @@ impl<'s> FrameRecorder<'s> {
     }
 }
 
-impl crate::Recording for FrameRecorder<'_> {
+impl Recording for FrameRecorder<'_> {
     fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
-        self.batch.put_cf(self.store.cf(family), key, value);
+        self.batch.put(family, key, value);
         self.record(family, key, Some(value));
     }
 
     fn delete(&mut self, family: &'static str, key: &[u8]) {
-        self.batch.delete_cf(self.store.cf(family), key);
+        self.batch.delete(family, key);
         self.record(family, key, None);
     }
 
     fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]) {
-        self.batch
-            .delete_range_cf(self.store.cf(family), start, end);
+        self.batch.delete_range(family, start, end);
         let prefix_len =
             split_partition_prefix(start).map_or(0, |(_, rest)| start.len() - rest.len());
         self.ranges.push((
@@ -311,11 +309,7 @@ impl crate::Recording for FrameRecorder<'_> {
     }
 
     fn end_partition(&mut self, partition: &PartitionKey, meta: &[u8]) {
-        self.batch.put_cf(
-            self.store.cf(crate::CF_PARTITIONS),
-            partition_prefix(partition),
-            meta,
-        );
+        self.batch.end_partition(partition, meta);
         let overlay = WriteOverlay::of(
             std::mem::take(&mut self.bytes),
             &self.rows,
@@ -367,7 +361,7 @@ impl Store {
         let mut recorder = FrameRecorder::new(self, self.batch_bytes_estimate(changes));
         self.record_changes(changes, &mut recorder);
         FramedWrite {
-            batch: recorder.batch,
+            batch: recorder.batch.into_batch(),
             partitions: recorder.partitions,
         }
     }
@@ -425,9 +419,9 @@ impl Store {
             .unwrap_or_else(|| {
                 crate::codec::encode_partition_meta(&crate::codec::PartitionMeta::default())
             });
-        crate::Recording::end_partition(&mut recorder, partition, &meta);
+        recorder.end_partition(partition, &meta);
         let write = FramedWrite {
-            batch: recorder.batch,
+            batch: recorder.batch.into_batch(),
             partitions: recorder.partitions,
         };
         Ok((write, discarded))

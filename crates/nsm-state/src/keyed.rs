@@ -9,8 +9,8 @@ use nsm_core::PartitionKey;
 use rocksdb::WriteBatch;
 
 use crate::changelog::{
-    encode_position, epoch_key, family_of, position_key, record_bound, stored_key, ChangeRecord,
-    FAMILIES,
+    encode_position, epoch_key, family_of, position_key, record_bound, stored_key, BatchRecorder,
+    ChangeRecord, FAMILIES,
 };
 use crate::codec::{legacy_member_key, partition_prefix, prefix_successor};
 use crate::{Recording, StateError, Store, CF_ENTRIES, CF_META, CF_PARTITIONS};
@@ -198,8 +198,7 @@ impl Store {
 /// Builds a local batch and the keyed records of the same operations, kept one per key, the
 /// latest operation winning, so their order never matters.
 struct Recorder<'s> {
-    store: &'s Store,
-    batch: WriteBatch,
+    batch: BatchRecorder<'s>,
     records: Vec<ChangeRecord>,
     stored_ranges: Vec<StoredRange>,
     partitions: Vec<PartitionRecords>,
@@ -208,8 +207,7 @@ struct Recorder<'s> {
 impl<'s> Recorder<'s> {
     fn new(store: &'s Store) -> Self {
         Recorder {
-            store,
-            batch: WriteBatch::default(),
+            batch: BatchRecorder::new(store, 0),
             records: Vec::new(),
             stored_ranges: Vec::new(),
             partitions: Vec::new(),
@@ -241,7 +239,7 @@ impl<'s> Recorder<'s> {
 
     fn finish(self) -> KeyedWrite {
         KeyedWrite {
-            batch: self.batch,
+            batch: self.batch.into_batch(),
             partitions: self.partitions,
         }
     }
@@ -249,20 +247,19 @@ impl<'s> Recorder<'s> {
 
 impl Recording for Recorder<'_> {
     fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
-        self.batch.put_cf(self.store.cf(family), key, value);
+        self.batch.put(family, key, value);
         self.record(family, key, Some(value));
     }
 
     fn delete(&mut self, family: &'static str, key: &[u8]) {
-        self.batch.delete_cf(self.store.cf(family), key);
+        self.batch.delete(family, key);
         self.record(family, key, None);
     }
 
     /// Deletes `[start, end)`: one range delete locally, a tombstone per key in the changelog
     /// (those put earlier in this write now, those stored when the records are sent).
     fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]) {
-        self.batch
-            .delete_range_cf(self.store.cf(family), start, end);
+        self.batch.delete_range(family, start, end);
         self.stored_ranges.push(StoredRange {
             family,
             start: start.to_vec(),
@@ -275,9 +272,8 @@ impl Recording for Recorder<'_> {
     /// Closes one partition's records with its end marker, the meta record `meta`, which is
     /// also written locally.
     fn end_partition(&mut self, partition: &PartitionKey, meta: &[u8]) {
+        self.batch.end_partition(partition, meta);
         let prefix = partition_prefix(partition);
-        self.batch
-            .put_cf(self.store.cf(CF_PARTITIONS), &prefix, meta);
         let records = one_per_key(std::mem::take(&mut self.records), &self.stored_ranges);
         self.partitions.push(PartitionRecords {
             partition: partition.clone(),
