@@ -371,11 +371,8 @@ impl Store {
         &self,
         partition: &PartitionKey,
     ) -> Result<(PreparedWrite, Vec<crate::DiscardedMetric>), StateError> {
-        let prefix = partition_prefix(partition);
         let mut recorder = BatchRecorder::new(self, 0);
-        let discarded = self.reconcile_partition(&prefix, &mut recorder)?;
-        let meta = self.stored_meta(partition)?;
-        recorder.end_partition(partition, &meta);
+        let discarded = self.record_adoption(partition, &mut recorder)?;
         Ok((recorder.finish(), discarded))
     }
 
@@ -496,8 +493,9 @@ pub struct PartitionRestore<'s> {
 #[derive(Debug)]
 pub enum RestoreOutcome {
     /// Restored; `tail` holds the keys of an unfinished write (the keyed writer reverted
-    /// them; a take now sends the partition as frames, a line the tail is not part of); `epoch` is the highest epoch read, for
-    /// [`Store::adoption_epoch`]; `fenced` counts the stale records and end markers left out.
+    /// them; a take now sends the partition as frames, a line the tail is not part of);
+    /// `epoch` is the highest epoch read, for [`Store::adoption_epoch`]; `fenced` counts the
+    /// stale records and end markers left out.
     Restored {
         tail: Vec<Vec<u8>>,
         records: u64,

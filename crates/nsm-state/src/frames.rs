@@ -404,22 +404,14 @@ impl Store {
 
     /// The write that takes `partition` with frames: data of metrics that changed or left the
     /// config is dropped (and named in the result), and every metric's fingerprint is stored,
-    /// as [`Store::prepare_adoption`] does without the changelog. Its checkpoint is the take's first
-    /// frame, committed even when it changes nothing.
+    /// as [`Store::prepare_adoption`] does without the changelog. Its checkpoint is the take's
+    /// first frame, committed even when it changes nothing.
     pub fn prepare_adoption_frames(
         &self,
         partition: &PartitionKey,
     ) -> Result<(FramedWrite, Vec<crate::DiscardedMetric>), StateError> {
-        let prefix = partition_prefix(partition);
         let mut recorder = FrameRecorder::new(self, 0);
-        let discarded = self.reconcile_partition(&prefix, &mut recorder)?;
-        let meta = self
-            .db
-            .get_cf(self.cf(crate::CF_PARTITIONS), &prefix)?
-            .unwrap_or_else(|| {
-                crate::codec::encode_partition_meta(&crate::codec::PartitionMeta::default())
-            });
-        recorder.end_partition(partition, &meta);
+        let discarded = self.record_adoption(partition, &mut recorder)?;
         let write = FramedWrite {
             batch: recorder.batch.into_batch(),
             partitions: recorder.partitions,
@@ -427,7 +419,8 @@ impl Store {
         Ok((write, discarded))
     }
 
-    /// The partition's meta record as stored (the empty state's when it has none): a seed's.
+    /// The partition's meta record as stored (the empty state's when it has none): a seed's and
+    /// a take's.
     pub fn stored_meta(&self, partition: &PartitionKey) -> Result<Vec<u8>, StateError> {
         Ok(self
             .db

@@ -106,9 +106,7 @@ impl Store {
             let stored = self.db.get_cf(self.cf(family), &key)?;
             recorder.record(family, &key, stored.as_deref());
         }
-        let discarded = self.reconcile_partition(&prefix, &mut recorder)?;
-        let meta = self.stored_meta(partition)?;
-        recorder.end_partition(partition, &meta);
+        let discarded = self.record_adoption(partition, &mut recorder)?;
         let mut write = recorder.finish();
         for part in &mut write.partitions {
             part.epoch = epoch;

@@ -348,13 +348,15 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes the data of metrics that changed or left the config from one partition, and
-    /// stores every configured metric's fingerprint for it.
-    fn reconcile_partition(
+    /// A take's operations on one partition, ended by its meta record as stored: the data of
+    /// metrics that changed or left the config deleted (the result names them), and every
+    /// configured metric's fingerprint stored.
+    fn record_adoption(
         &self,
-        prefix: &[u8],
+        partition: &PartitionKey,
         recorder: &mut impl Recording,
     ) -> Result<Vec<DiscardedMetric>, StateError> {
+        let prefix = &partition_prefix(partition)[..];
         let mut stored = HashMap::new();
         for item in self.entries_under(CF_FINGERPRINTS, prefix) {
             let (key, value) = item?;
@@ -425,6 +427,7 @@ impl Store {
             }
         }
         discarded.sort_by(|a, b| a.name.cmp(&b.name));
+        recorder.end_partition(partition, &self.stored_meta(partition)?);
         Ok(discarded)
     }
 
