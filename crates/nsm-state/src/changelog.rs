@@ -39,15 +39,21 @@ use crate::{
     CF_SEGMENTS, CF_WINDOWS,
 };
 
-/// The column families a changelog carries, with the byte that names each in record keys.
+/// The column families a changelog carries, with the byte that names each in record keys and
+/// frame rows: member entries in format 8's layout (ending in their digest) under `d`.
 pub(crate) const FAMILIES: [(u8, &str); 6] = [
     (b'p', CF_PARTITIONS),
     (b'w', CF_WINDOWS),
-    (b'm', CF_ENTRIES),
+    (b'd', CF_ENTRIES),
     (b's', CF_SEGMENTS),
     (b'g', CF_GAPS),
     (b'f', CF_FINGERPRINTS),
 ];
+
+/// The byte of member entries in an older nsm's layouts: its keyed records carry format 6's
+/// keys (`<window key> <entry>`), its frames format 7's (the shard between place and entry).
+/// Both are rewritten into format 8's as they are read.
+pub(crate) const OLDER_MEMBER_BYTE: u8 = b'm';
 
 pub(crate) fn family_byte(family: &'static str) -> u8 {
     FAMILIES
@@ -57,17 +63,19 @@ pub(crate) fn family_byte(family: &'static str) -> u8 {
         .unwrap_or_else(|| unreachable!("{family} is not carried by the changelog and its frames"))
 }
 
+/// The family a record key's or frame row's first byte names, in any layout.
 pub(crate) fn family_of(byte: u8) -> Option<&'static str> {
+    if byte == OLDER_MEMBER_BYTE {
+        return Some(CF_ENTRIES);
+    }
     FAMILIES
         .iter()
         .find(|(found, _)| *found == byte)
         .map(|(_, name)| *name)
 }
 
-/// A record key of a stored key outside the member entries, or a bound of a range of record
-/// keys: its family's byte, then the key or bound as stored. A range deletes whole places (a
-/// window, a metric, the periods of a funnel before one), whose bounds member keys of both
-/// layouts share.
+/// A record key of a stored key, or a bound of a range of record keys: its family's byte,
+/// then the key or bound as stored.
 pub(crate) fn record_bound(family: &'static str, bound: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bound.len() + 1);
     out.push(family_byte(family));
@@ -75,21 +83,28 @@ pub(crate) fn record_bound(family: &'static str, bound: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The stored key of a record's key (without its family byte): a member entry's record key is
-/// in format 6's layout, without its shard.
-pub(crate) fn stored_key<'k>(
-    family: &'static str,
-    key: &'k [u8],
-) -> Result<Cow<'k, [u8]>, StateError> {
-    if family != CF_ENTRIES {
-        return Ok(Cow::Borrowed(key));
+/// The family and stored key of a keyed record's key: a member entry's, under
+/// [`OLDER_MEMBER_BYTE`], is in format 6's layout.
+pub(crate) fn stored_key(record_key: &[u8]) -> Result<(&'static str, Cow<'_, [u8]>), StateError> {
+    let corrupt = |detail: String| StateError::Corrupt {
+        column_family: "changelog",
+        detail,
+    };
+    let (&byte, key) = record_key
+        .split_first()
+        .ok_or_else(|| corrupt("an empty record key".into()))?;
+    let family = family_of(byte)
+        .ok_or_else(|| corrupt(format!("a record key starting with byte {byte}")))?;
+    if byte != OLDER_MEMBER_BYTE {
+        return Ok((family, Cow::Borrowed(key)));
     }
-    current_member_key(key)
-        .map(Cow::Owned)
-        .ok_or_else(|| StateError::Corrupt {
-            column_family: "changelog",
-            detail: format!("a member record key of {} bytes with no window", key.len()),
-        })
+    let key = current_member_key(key).ok_or_else(|| {
+        corrupt(format!(
+            "a member record key of {} bytes with no window",
+            key.len()
+        ))
+    })?;
+    Ok((family, Cow::Owned(key)))
 }
 
 /// One changelog record: a store key and its value, or `None` for a deleted key.
@@ -386,16 +401,7 @@ impl Store {
         let mut written: HashSet<&[u8]> = HashSet::new();
         let mut left_out = 0;
         for Restored { record, stale } in records {
-            let family = record
-                .key
-                .first()
-                .copied()
-                .and_then(family_of)
-                .ok_or_else(|| StateError::Corrupt {
-                    column_family: "changelog",
-                    detail: format!("a record key starting with byte {:?}", record.key.first()),
-                })?;
-            let key = stored_key(family, &record.key[1..])?;
+            let (family, key) = stored_key(&record.key)?;
             let key = key.as_ref();
             if *stale {
                 let fills = record.value.is_some()

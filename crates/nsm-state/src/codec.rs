@@ -74,19 +74,28 @@ fn window_key_into(
     out.extend_from_slice(&encode_i64(start_ms));
 }
 
-/// The checkpoint shards of member entries (format 7): a shard is a key range of every place
-/// (window, or funnel period), so a checkpoint can read one shard of a partition back.
+/// The checkpoint shards of member entries: a shard is a key range of every place (window, or
+/// funnel period), so a checkpoint can read one shard of a partition back.
 pub const MEMBER_SHARDS: usize = 1024;
 
-/// The checkpoint shard of a member entry: the top 10 bits of the digest nsm-core's member
-/// index keys the entry by, so that one of its table shards is 16 whole checkpoint shards.
-pub fn member_shard(entry: &[u8]) -> u16 {
-    (entity_key(0, entry) >> (128 - MEMBER_SHARDS.trailing_zeros())) as u16
+/// Bits of a digest that name its checkpoint shard: its top ones, so that a shard is a range
+/// of digests, and one of the member index's table shards is 16 whole checkpoint shards.
+const SHARD_BITS: u32 = MEMBER_SHARDS.trailing_zeros();
+
+/// Bytes of the digest that ends a member key (format 8).
+const DIGEST_BYTES: usize = 16;
+
+/// The checkpoint shard of a member entry: the top bits of the digest nsm-core's member index
+/// keys the entry by.
+#[cfg(test)]
+fn member_shard(entry: &[u8]) -> u16 {
+    (entity_key(0, entry) >> (128 - SHARD_BITS)) as u16
 }
 
-/// Where the shard goes in a member entry: after a funnel entry's period (its first 8 bytes),
-/// so that deleting the periods before a bound stays one key range, and first in any other.
-fn shard_offset(start_ms: i64, entry_len: usize) -> usize {
+/// How many bytes of a member entry name its place before the entry itself: a funnel entry's
+/// period (its first 8 bytes), so that deleting the periods before a bound stays one key range;
+/// none in any other window.
+fn period_len(start_ms: i64, entry_len: usize) -> usize {
     if start_ms == FUNNEL_WINDOW {
         entry_len.min(8)
     } else {
@@ -94,8 +103,11 @@ fn shard_offset(start_ms: i64, entry_len: usize) -> usize {
     }
 }
 
-/// Sets `out` to the stored key of a member entry (format 7):
-/// `<window key> [<funnel period, 8 bytes>] <shard u16 BE> <rest of the entry>`.
+/// Sets `out` to the stored key of a member entry (format 8):
+/// `<window key> [<funnel period, 8 bytes>] <XXH3-128 digest of the entry, u128 BE>`.
+/// The digest is the member index's key of the entry, and the identity of a member: nothing
+/// reads a member's bytes back. Its top bits are the checkpoint shard, so a shard of a place is
+/// one key range.
 pub fn member_key_into(
     out: &mut Vec<u8>,
     partition_prefix: &[u8],
@@ -103,11 +115,9 @@ pub fn member_key_into(
     start_ms: i64,
     entry: &[u8],
 ) {
-    window_key_into(out, partition_prefix, metric, start_ms, entry.len() + 2);
-    let at = shard_offset(start_ms, entry.len());
-    out.extend_from_slice(&entry[..at]);
-    out.extend_from_slice(&member_shard(entry).to_be_bytes());
-    out.extend_from_slice(&entry[at..]);
+    window_key_into(out, partition_prefix, metric, start_ms, 8 + DIGEST_BYTES);
+    out.extend_from_slice(&entry[..period_len(start_ms, entry.len())]);
+    out.extend_from_slice(&entity_key(0, entry).to_be_bytes());
 }
 
 /// Where a member key's window key ends, and the window's start.
@@ -118,41 +128,61 @@ fn split_member_key(key: &[u8]) -> Option<(usize, i64)> {
     Some((key.len() - rest.len() + separator + 9, decode_i64(start)))
 }
 
-/// A stored member key (format 7) in format 6's layout, `<window key> <entry>`: the bytes
-/// the changelog carries until it carries frames, so that nsm versions of both formats in one
-/// group read each other's records.
-pub fn legacy_member_key(key: &[u8]) -> Option<Vec<u8>> {
-    let shard = member_shard_position(key)?;
-    let mut out = Vec::with_capacity(key.len() - 2);
-    out.extend_from_slice(&key[..shard]);
-    out.extend_from_slice(&key[shard + 2..]);
+/// Where the digest of a stored member key (format 8) starts: the length of its place (window
+/// key, and a funnel's period).
+pub fn member_shard_position(key: &[u8]) -> Option<usize> {
+    let (window_end, start_ms) = split_member_key(key)?;
+    let period = (key.len() - window_end).checked_sub(DIGEST_BYTES)?;
+    let valid = if start_ms == FUNNEL_WINDOW {
+        period <= 8
+    } else {
+        period == 0
+    };
+    valid.then_some(window_end + period)
+}
+
+/// The shard a stored member key (format 8) names.
+pub fn stored_member_shard(key: &[u8]) -> Option<u16> {
+    let at = member_shard_position(key)?;
+    Some(u16::from_be_bytes([key[at], key[at + 1]]) >> (16 - SHARD_BITS))
+}
+
+/// The key range of `shard` in a place (a window key, and a funnel's period).
+pub fn member_shard_range(place: &[u8], shard: u16) -> (Vec<u8>, Vec<u8>) {
+    let bound = |shard: u16| {
+        let mut key = place.to_vec();
+        key.extend_from_slice(&(shard << (16 - SHARD_BITS)).to_be_bytes());
+        key
+    };
+    let end = if usize::from(shard) + 1 < MEMBER_SHARDS {
+        bound(shard + 1)
+    } else {
+        prefix_successor(place)
+    };
+    (bound(shard), end)
+}
+
+/// The stored key (format 8) of a member key in format 6's layout, `<window key> <entry>`: the
+/// layout of an older nsm's `members` family and of its keyed changelog records.
+pub fn current_member_key(legacy: &[u8]) -> Option<Vec<u8>> {
+    let (window_end, start_ms) = split_member_key(legacy)?;
+    let (prefix, rest) = legacy.split_at(window_end);
+    let mut out = Vec::with_capacity(window_end + 8 + DIGEST_BYTES);
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(&rest[..period_len(start_ms, rest.len())]);
+    out.extend_from_slice(&entity_key(0, rest).to_be_bytes());
     Some(out)
 }
 
-/// Where the shard of a stored member key (format 7) is: the length of its place (window key,
-/// and a funnel's period).
-pub fn member_shard_position(key: &[u8]) -> Option<usize> {
+/// A stored member key of format 7, `<window key> [<funnel period>] <shard u16 BE> <entry>`, in
+/// format 6's layout: format 7's `entries`, and its frames, are read through it.
+pub fn format_7_legacy_key(key: &[u8]) -> Option<Vec<u8>> {
     let (window_end, start_ms) = split_member_key(key)?;
     let entry_len = (key.len() - window_end).checked_sub(2)?;
-    Some(window_end + shard_offset(start_ms, entry_len))
-}
-
-/// The shard a stored member key (format 7) names.
-pub fn stored_member_shard(key: &[u8]) -> Option<u16> {
-    let at = member_shard_position(key)?;
-    Some(u16::from_be_bytes([key[at], key[at + 1]]))
-}
-
-/// The inverse of [`legacy_member_key`]: the stored key (format 7) of a member key in format
-/// 6's layout.
-pub fn current_member_key(legacy: &[u8]) -> Option<Vec<u8>> {
-    let (window_end, start_ms) = split_member_key(legacy)?;
-    let entry = &legacy[window_end..];
-    let shard = window_end + shard_offset(start_ms, entry.len());
-    let mut out = Vec::with_capacity(legacy.len() + 2);
-    out.extend_from_slice(&legacy[..shard]);
-    out.extend_from_slice(&member_shard(entry).to_be_bytes());
-    out.extend_from_slice(&legacy[shard..]);
+    let shard = window_end + period_len(start_ms, entry_len);
+    let mut out = Vec::with_capacity(key.len() - 2);
+    out.extend_from_slice(&key[..shard]);
+    out.extend_from_slice(&key[shard + 2..]);
     Some(out)
 }
 
@@ -507,7 +537,7 @@ mod tests {
     }
 
     #[test]
-    fn member_keys_carry_their_shard_after_their_place_and_translate_both_ways() {
+    fn member_keys_end_in_their_digest_after_their_place_and_are_read_from_older_layouts() {
         let prefix = partition_prefix(&PartitionKey::new("events", 3));
         let mut funnel_entry = 1_800_000_000_000i64.to_be_bytes().to_vec();
         funnel_entry.extend_from_slice(b"\x01ana");
@@ -530,24 +560,45 @@ mod tests {
                 };
             assert!(key.starts_with(&window));
             assert_eq!(&key[window.len()..place], &entry[..place - window.len()]);
-            assert_eq!(key[place..place + 2], member_shard(entry).to_be_bytes());
-            // The shard is the member index's digest's: 16 of them make one table shard.
             let digest = entity_key(0, entry);
+            assert_eq!(key[place..], digest.to_be_bytes());
+            assert_eq!(member_shard_position(&key), Some(place));
+            // The shard is the digest's top bits: 16 of them make one table shard.
+            assert_eq!(stored_member_shard(&key), Some(member_shard(entry)));
             assert_eq!(
                 usize::from(member_shard(entry)) >> 4,
                 nsm_core::table::EntityTable::shard_of(digest)
             );
+            let (start, end) = member_shard_range(&key[..place], member_shard(entry));
+            assert!(start <= key && key < end);
+            // Format 6's layout, and format 7's (the shard between place and entry), both give
+            // the same key.
             let mut legacy = window.clone();
             legacy.extend_from_slice(entry);
-            assert_eq!(legacy_member_key(&key).as_deref(), Some(&*legacy));
             assert_eq!(current_member_key(&legacy).as_deref(), Some(&*key));
+            let mut format_7 = key[..place].to_vec();
+            format_7.extend_from_slice(&member_shard(entry).to_be_bytes());
+            format_7.extend_from_slice(&entry[place - window.len()..]);
+            assert_eq!(format_7_legacy_key(&format_7).as_deref(), Some(&*legacy));
         }
-        // A funnel period stays one key range: every shard of a period sorts before the next.
+        // The shards of a place are adjacent ranges covering every digest.
+        let place = window_key(&prefix, "m", 5);
+        let ranges: Vec<_> = (0..MEMBER_SHARDS as u16)
+            .map(|shard| member_shard_range(&place, shard))
+            .collect();
+        assert!(ranges.windows(2).all(|pair| pair[0].1 == pair[1].0));
+        assert_eq!(ranges[0].0, [&place[..], &[0, 0]].concat());
+        assert_eq!(ranges[MEMBER_SHARDS - 1].1, prefix_successor(&place));
+        // A funnel period stays one key range: every digest of a period sorts before the next.
         let mut first = Vec::new();
         let mut next = Vec::new();
-        let mut late = funnel_entry.clone();
-        late.extend_from_slice(&[0xff; 4]);
-        member_key_into(&mut first, &prefix, "conversion", FUNNEL_WINDOW, &late);
+        member_key_into(
+            &mut first,
+            &prefix,
+            "conversion",
+            FUNNEL_WINDOW,
+            &funnel_entry,
+        );
         let mut next_period = 1_800_000_000_001i64.to_be_bytes().to_vec();
         next_period.push(0);
         member_key_into(
@@ -560,6 +611,7 @@ mod tests {
         let mut bound = window_key(&prefix, "conversion", FUNNEL_WINDOW);
         bound.extend_from_slice(&1_800_000_000_001i64.to_be_bytes());
         assert!(first < bound && bound <= next);
-        assert_eq!(legacy_member_key(b"events"), None);
+        assert_eq!(format_7_legacy_key(b"events"), None);
+        assert_eq!(member_shard_position(&place), None, "no digest");
     }
 }

@@ -18,8 +18,9 @@ use rocksdb::{ColumnFamily, IteratorMode, WriteOptions, DB};
 /// of a count, sum, distinct count, conversion or retention carries its progress record after
 /// its value (`nsm_core::engine::baseline`), and its distinct members hold the step of their
 /// earliest event; such metrics' fingerprints say so. 7: member entries move to `entries`, each
-/// key with its checkpoint shard after its place (`codec::member_key_into`).
-pub const FORMAT_VERSION: u32 = 7;
+/// key with its checkpoint shard after its place. 8: member entries move to
+/// `entries_by_digest`, each key ending in the entry's digest (`codec::member_key_into`).
+pub const FORMAT_VERSION: u32 = 8;
 
 /// An older format this nsm migrates at open (its fingerprints move to each partition, in
 /// format 3's form).
@@ -42,6 +43,10 @@ pub(crate) const FORMAT_WITHOUT_PROGRESS: u32 = 5;
 /// An older format this nsm migrates at open: its member entries, in `members`, are keyed
 /// without their shard; they are rewritten into `entries`.
 pub(crate) const FORMAT_WITHOUT_SHARDS: u32 = 6;
+
+/// An older format this nsm migrates at open: its member entries, in `entries`, are keyed by
+/// shard and bytes; they are rewritten into `entries_by_digest`.
+pub(crate) const FORMAT_WITH_SHARDED_ENTRIES: u32 = 7;
 
 pub(crate) const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
@@ -81,7 +86,8 @@ pub enum FormatError {
 /// current one. `data` are the column families that hold state: a store with data there and
 /// no version was not made by nsm. [`FORMAT_WITH_GLOBAL_FINGERPRINTS`],
 /// [`FORMAT_WITH_EVERY_OCCURRENCE`], [`FORMAT_WITHOUT_WATERMARK`], [`FORMAT_WITHOUT_PROGRESS`]
-/// and [`FORMAT_WITHOUT_SHARDS`] are accepted, for the caller to migrate.
+/// [`FORMAT_WITHOUT_SHARDS`] and [`FORMAT_WITH_SHARDED_ENTRIES`] are accepted, for the caller to
+/// migrate.
 pub(crate) fn check(
     db: &DB,
     meta: &ColumnFamily,
@@ -123,6 +129,7 @@ pub(crate) fn check(
         || found == FORMAT_WITHOUT_WATERMARK
         || found == FORMAT_WITHOUT_PROGRESS
         || found == FORMAT_WITHOUT_SHARDS
+        || found == FORMAT_WITH_SHARDED_ENTRIES
     {
         return Ok(found);
     }

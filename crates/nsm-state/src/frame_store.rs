@@ -10,9 +10,11 @@ use nsm_checkpoint::{Acknowledged, FrameId, HeadStore, HeadWrite, PartitionId, R
 use nsm_checkpoint::{ShardId, SnapshotRows};
 use rocksdb::WriteBatch;
 
-use crate::changelog::{encode_position, family_of, position_key, FAMILIES};
-use crate::codec::split_partition_prefix;
-use crate::codec::{member_shard_position, partition_prefix, prefix_successor};
+use crate::changelog::{encode_position, family_of, position_key, FAMILIES, OLDER_MEMBER_BYTE};
+use crate::codec::{
+    current_member_key, format_7_legacy_key, member_shard_position, member_shard_range,
+    partition_prefix, prefix_successor, split_partition_prefix,
+};
 use crate::frames::{FramedWrite, AGGREGATE_SHARD};
 use crate::{
     PartitionKey, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_META, CF_PARTITIONS,
@@ -146,18 +148,27 @@ impl<'s> RocksSink<'s> {
         }
     }
 
-    /// The family and stored key of a frame row's key.
+    /// The family and stored key of a frame row's key. A member entry of an older nsm's frames
+    /// (under [`OLDER_MEMBER_BYTE`], keyed as format 7 stored it) gets format 8's key.
     fn stored(&self, row: &[u8]) -> Result<(&'static str, Vec<u8>), StateError> {
+        let corrupt = |detail: String| StateError::Corrupt {
+            column_family: "changelog",
+            detail,
+        };
         let family = row
             .first()
             .copied()
             .and_then(family_of)
             .filter(|family| *family != CF_PARTITIONS)
-            .ok_or_else(|| StateError::Corrupt {
-                column_family: "changelog",
-                detail: format!("a frame row starting with byte {:?}", row.first()),
-            })?;
-        Ok((family, [&self.prefix, &row[1..]].concat()))
+            .ok_or_else(|| corrupt(format!("a frame row starting with byte {:?}", row.first())))?;
+        let key = [&self.prefix, &row[1..]].concat();
+        if row[0] != OLDER_MEMBER_BYTE {
+            return Ok((family, key));
+        }
+        format_7_legacy_key(&key)
+            .and_then(|legacy| current_member_key(&legacy))
+            .map(|key| (family, key))
+            .ok_or_else(|| corrupt(format!("a format 7 member row of {} bytes", row.len())))
     }
 
     fn write(&mut self) -> Result<(), StateError> {
@@ -180,7 +191,10 @@ impl RestoreSink for RocksSink<'_> {
     fn drop_range(&mut self, start: &[u8], end: Option<&[u8]>) -> Result<(), StateError> {
         // Per family, the part of the range in the family's rows (a row key is the family's
         // byte, then the stored key without the partition prefix).
-        for (byte, family) in FAMILIES {
+        // An older nsm's frames name member entries by another byte; their places (the bounds
+        // of any range of them) are the same in every format.
+        let member_bytes = [(OLDER_MEMBER_BYTE, CF_ENTRIES)];
+        for (byte, family) in FAMILIES.into_iter().chain(member_bytes) {
             let (from, to) = ([byte], [byte + 1]);
             let lower: &[u8] = if start > &from[..] { start } else { &from };
             let upper: &[u8] = match end {
@@ -236,10 +250,9 @@ impl RestoreSink for RocksSink<'_> {
                         }
                     })?;
                 for place in places {
-                    let start = [&place[..], &number.to_be_bytes()].concat();
-                    let stop = [&place[..], &(u32::from(number) + 1).to_be_bytes()[2..]].concat();
+                    let (start, end) = member_shard_range(&place, number);
                     self.batch
-                        .delete_range_cf(self.store.cf(CF_ENTRIES), start, stop);
+                        .delete_range_cf(self.store.cf(CF_ENTRIES), start, end);
                 }
             }
             Err(_) => {}

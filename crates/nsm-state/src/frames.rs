@@ -17,8 +17,8 @@ use rocksdb::ReadOptions;
 
 use crate::changelog::{family_byte, BatchRecorder};
 use crate::codec::{
-    member_shard_position, partition_prefix, prefix_successor, split_partition_prefix,
-    stored_member_shard, MEMBER_SHARDS,
+    member_shard_position, member_shard_range, partition_prefix, prefix_successor,
+    split_partition_prefix, stored_member_shard, MEMBER_SHARDS,
 };
 use crate::{
     PartitionKey, Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_SEGMENTS,
@@ -502,7 +502,7 @@ impl Store {
     }
 
     /// The stored entries of one member shard of a partition: in each place, the shard's keys
-    /// are one range, found with a seek, and the next place with another.
+    /// are one range of digests, found with a seek, and the next place with another.
     pub(crate) fn scan_member_shard(
         &self,
         prefix: &[u8],
@@ -511,7 +511,7 @@ impl Store {
     ) -> Result<(), StateError> {
         let mut stored = self.db.raw_iterator_cf_opt(self.cf(CF_ENTRIES), uncached());
         stored.seek(prefix);
-        let mut range = Vec::new();
+        let mut bounds = None;
         while let (true, Some(key)) = (stored.valid(), stored.key()) {
             if !key.starts_with(prefix) {
                 break;
@@ -520,12 +520,20 @@ impl Store {
                 column_family: CF_ENTRIES,
                 detail: format!("a member key of {} bytes with no window in it", key.len()),
             })?;
-            range.clear();
-            range.extend_from_slice(&key[..place]);
-            range.extend_from_slice(&shard.to_be_bytes());
-            if key < range.as_slice() {
-                stored.seek(&range);
-            } else if key.starts_with(&range) {
+            // The shard's range in this place, made again only when the place changes.
+            let known = bounds
+                .as_ref()
+                .is_some_and(|(start, _): &(Vec<u8>, Vec<u8>)| {
+                    start.len() == place + 2 && start.starts_with(&key[..place])
+                });
+            if !known {
+                bounds = None;
+            }
+            let (start, end) =
+                bounds.get_or_insert_with(|| member_shard_range(&key[..place], shard));
+            if key < start.as_slice() {
+                stored.seek(start);
+            } else if key < end.as_slice() {
                 each(key, stored.value().unwrap_or_default());
                 stored.next();
             } else {

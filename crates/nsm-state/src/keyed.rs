@@ -4,24 +4,73 @@
 //! (see the [`crate::changelog`] module doc for how a restore reads them). `nsm run` writes
 //! frames and never calls it.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
 use nsm_core::engine::ChangeSet;
 use nsm_core::PartitionKey;
 use rocksdb::WriteBatch;
 
 use crate::changelog::{
-    encode_position, epoch_key, family_of, position_key, record_bound, stored_key, BatchRecorder,
-    ChangeRecord, FAMILIES,
+    encode_position, epoch_key, position_key, record_bound, stored_key, BatchRecorder,
+    ChangeRecord, FAMILIES, OLDER_MEMBER_BYTE,
 };
-use crate::codec::{legacy_member_key, partition_prefix, prefix_successor};
+use crate::codec::{entry_key_into, member_key_into, partition_prefix, prefix_successor};
 use crate::{Recording, StateError, Store, CF_ENTRIES, CF_META, CF_PARTITIONS};
 
+/// Format 6's key (`<window key> <entry>`) of each member entry the writer has seen, by stored
+/// key. A stored key ends in the entry's digest, which cannot be turned back into the entry,
+/// while the records of an older nsm carried the entry itself. It is a function of the entry,
+/// so one map serves every store and test.
+static LEGACY_KEYS: Mutex<Option<HashMap<Vec<u8>, Vec<u8>>>> = Mutex::new(None);
+
+impl Store {
+    /// Remembers format 6's key of each member entry `changes` writes, so that the keyed
+    /// writer can send records of them later (those it prepares itself are remembered anyway).
+    pub fn learn_legacy_keys(&self, changes: &ChangeSet) {
+        let mut known = LEGACY_KEYS.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = known.get_or_insert_with(HashMap::new);
+        for part in &changes.partitions {
+            let prefix = partition_prefix(&part.key);
+            for member in &part.members {
+                let name = self.metric_name(member.metric);
+                let (mut stored, mut legacy) = (Vec::new(), Vec::new());
+                member_key_into(&mut stored, &prefix, name, member.start_ms, &member.member);
+                entry_key_into(&mut legacy, &prefix, name, member.start_ms, &member.member);
+                known.insert(stored, legacy);
+            }
+        }
+    }
+}
+
+/// Format 6's key of a stored member key, if the writer has seen its entry.
+pub(crate) fn legacy_member_key(stored: &[u8]) -> Option<Vec<u8>> {
+    let known = LEGACY_KEYS.lock().unwrap_or_else(PoisonError::into_inner);
+    known.as_ref()?.get(stored).cloned()
+}
+
 /// The record key of a stored key: its family's byte, then the key, a member entry's in
-/// format 6's layout (without its shard), which the keyed changelog kept.
+/// format 6's layout under the byte an older nsm gave it.
 fn record_key(family: &'static str, key: &[u8]) -> Vec<u8> {
-    let legacy = (family == CF_ENTRIES)
-        .then(|| legacy_member_key(key))
-        .flatten();
-    record_bound(family, legacy.as_deref().unwrap_or(key))
+    if family != CF_ENTRIES {
+        return record_bound(family, key);
+    }
+    let legacy = legacy_member_key(key).unwrap_or_else(|| {
+        panic!("the keyed writer sends a member entry only from a change set it has seen")
+    });
+    range_bound(family, &legacy)
+}
+
+/// A bound of a range of record keys: places, the bounds of any range of member entries, are
+/// the same in format 6's layout.
+fn range_bound(family: &'static str, bound: &[u8]) -> Vec<u8> {
+    if family != CF_ENTRIES {
+        return record_bound(family, bound);
+    }
+    let mut out = Vec::with_capacity(bound.len() + 1);
+    out.push(OLDER_MEMBER_BYTE);
+    out.extend_from_slice(bound);
+    out
 }
 
 /// The records of one partition in one write: `records` (one per key, in key order) and those
@@ -63,6 +112,7 @@ pub struct KeyedWrite {
 impl Store {
     /// The batch that stores `changes` and the keyed records of the same changes.
     pub fn prepare_keyed(&self, changes: &ChangeSet) -> Result<KeyedWrite, StateError> {
+        self.learn_legacy_keys(changes);
         let mut recorder = Recorder::new(self);
         self.record_changes(changes, &mut recorder);
         let mut write = recorder.finish();
@@ -99,10 +149,7 @@ impl Store {
             }
         }
         for key in tail {
-            let Some(family) = key.first().copied().and_then(family_of) else {
-                continue;
-            };
-            let key = stored_key(family, &key[1..])?;
+            let (family, key) = stored_key(key)?;
             let stored = self.db.get_cf(self.cf(family), &key)?;
             recorder.record(family, &key, stored.as_deref());
         }
@@ -304,8 +351,8 @@ fn one_per_key(records: Vec<ChangeRecord>, ranges: &[StoredRange]) -> Vec<Change
     }
     for range in ranges.iter().filter(|range| !range.copy) {
         let (start, end) = (
-            record_bound(range.family, &range.start),
-            record_bound(range.family, &range.end),
+            range_bound(range.family, &range.start),
+            range_bound(range.family, &range.end),
         );
         let first = latest.partition_point(|(_, record)| record.key < start);
         for (order, record) in &mut latest[first..] {
@@ -324,17 +371,17 @@ fn one_per_key(records: Vec<ChangeRecord>, ranges: &[StoredRange]) -> Vec<Change
 mod tests {
     use super::*;
 
-    /// A record of a member entry keyed `key`.
+    /// A record of a member entry keyed `key` (in format 6's layout).
     fn put(key: &str, value: &str) -> ChangeRecord {
         ChangeRecord {
-            key: record_key(CF_ENTRIES, key.as_bytes()),
+            key: range_bound(CF_ENTRIES, key.as_bytes()),
             value: Some(value.as_bytes().to_vec()),
         }
     }
 
     fn tombstone(key: &str) -> ChangeRecord {
         ChangeRecord {
-            key: record_key(CF_ENTRIES, key.as_bytes()),
+            key: range_bound(CF_ENTRIES, key.as_bytes()),
             value: None,
         }
     }

@@ -18,13 +18,14 @@
 //!   partition's event watermark when a metric started on it while it already had state (its
 //!   windows starting before are partial).
 //! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
-//! - `entries`: `<window key> [<funnel period>] <shard u16 BE> <entry key>` → value: per-entity
+//! - `entries_by_digest`: `<window key> [<funnel period>] <digest u128 BE>` → value: per-entity
 //!   entries of a window, read one at a time (never loaded whole): members of distinct sets
 //!   (empty value), threshold progress, trailing occurrences (see `nsm_core::engine::members`).
-//!   The shard (one of 1,024, from the entry's digest) makes a shard of a window one key range;
-//!   a conversion's funnel period comes first, so its periods stay key ranges too. Bloom
-//!   filters make the common miss, a new member, cheap. Format 6 kept them in `members`,
-//!   without the shard; the changelog still carries that layout.
+//!   The digest is the XXH3-128 of the entry's key, the member index's key of it; its top 10
+//!   bits are its checkpoint shard (one of 1,024), so a shard of a window is one key range.
+//!   A conversion's funnel period comes before it, so its periods stay key ranges too. Bloom
+//!   filters make the common miss, a new member, cheap. Format 7 kept them in `entries`, keyed
+//!   by the shard and the entry's bytes, and format 6 in `members`, by the bytes alone.
 //! - `gaps`: `<window key> <previous bucket i64, sign-flipped BE> [<segment key>]` → count
 //!   u64 BE: the gap histograms of trailing distinct buckets and of their segments (a bucket's
 //!   own has no segment key), loaded with the windows.
@@ -85,8 +86,10 @@ pub use keyed::{KeyedWrite, PartitionRecords};
 const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
 const CF_WINDOWS: &str = "windows";
-const CF_ENTRIES: &str = "entries";
-/// Format 6's member entries, migrated into `entries` at open.
+const CF_ENTRIES: &str = "entries_by_digest";
+/// Format 7's member entries, migrated into `entries_by_digest` at open.
+const CF_SHARDED_ENTRIES: &str = "entries";
+/// Format 6's member entries, migrated into `entries_by_digest` at open.
 const CF_MEMBERS: &str = "members";
 const CF_SEGMENTS: &str = "segments";
 const CF_GAPS: &str = "gaps";
@@ -307,9 +310,9 @@ impl Store {
         // `format::FORMAT_WITHOUT_WATERMARK` and `format::FORMAT_WITHOUT_PROGRESS`); every
         // older format has its member entries rewritten, which raises the version last.
         if found < FORMAT_VERSION {
-            migrate::members_to_entries(&mut store, path)?;
+            migrate::rewrite_entries(&mut store, path, found)?;
         } else {
-            migrate::drop_legacy_members(&mut store)?;
+            migrate::drop_older_families(&mut store)?;
         }
         Ok(store)
     }

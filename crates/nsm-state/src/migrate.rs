@@ -1,11 +1,12 @@
-//! Format 7's member layout, reached from older stores at open.
+//! Format 8's member layout, reached from older stores at open.
 //!
-//! Format 7 keeps member entries in `entries`, each key with its checkpoint shard after its
-//! place (`codec::member_key_into`). An older store's `members` are copied there, rewritten,
-//! in batches read without filling the block cache; then the version goes to 7 in a write of
-//! its own, and `members` is dropped. The version is written after every batch, so a store
-//! at version 7 has all of its entries; a migration cut short leaves the old version, and the
-//! next open empties `entries` and starts over.
+//! Format 8 keeps member entries in `entries_by_digest`, each key ending in the entry's digest
+//! after its place (`codec::member_key_into`). An older store's entries (format 7's `entries`,
+//! or `members` before it) are copied there, rewritten, in batches read without filling the
+//! block cache; then the version goes to 8 in a write of its own, and the older family is
+//! dropped. The version is written after every batch, so a store at version 8 has all of its
+//! entries; a migration cut short leaves the old version, and the next open empties
+//! `entries_by_digest` and starts over.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,9 +14,12 @@ use std::time::Instant;
 
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, DB};
 
-use crate::codec::{current_member_key, split_partition_prefix};
-use crate::format::{FORMAT_VERSION, FORMAT_VERSION_KEY};
-use crate::{StateError, Store, CF_ENTRIES, CF_MEMBERS, CF_META};
+use crate::codec::{current_member_key, format_7_legacy_key, split_partition_prefix};
+use crate::format::{FORMAT_VERSION, FORMAT_VERSION_KEY, FORMAT_WITH_SHARDED_ENTRIES};
+use crate::{StateError, Store, CF_ENTRIES, CF_MEMBERS, CF_META, CF_SHARDED_ENTRIES};
+
+/// The families older formats kept member entries in: dropped once they are rewritten.
+const OLDER_ENTRIES: [&str; 2] = [CF_MEMBERS, CF_SHARDED_ENTRIES];
 
 /// Entries rewritten per write.
 const BATCH_ENTRIES: usize = 10_000;
@@ -23,8 +27,13 @@ const BATCH_ENTRIES: usize = 10_000;
 /// Above every stored key: keys start with a topic name, which Kafka spells in ASCII.
 const ABOVE_EVERY_KEY: &[u8] = &[0xff];
 
-/// Rewrites an older store's member entries into format 7 and raises its version.
-pub(crate) fn members_to_entries(store: &mut Store, path: &Path) -> Result<(), StateError> {
+/// Rewrites the member entries of a store of format `found` into format 8 and raises its
+/// version.
+pub(crate) fn rewrite_entries(
+    store: &mut Store,
+    path: &Path,
+    found: u32,
+) -> Result<(), StateError> {
     let started = Instant::now();
     let write_options = store.write_options.clone();
     let db = database(store);
@@ -42,7 +51,13 @@ pub(crate) fn members_to_entries(store: &mut Store, path: &Path) -> Result<(), S
         db.write_opt(batch, &write_options)?;
     }
     let (mut rewritten, mut partitions) = (0u64, 0u64);
-    if let Some(members) = db.cf_handle(CF_MEMBERS) {
+    // Format 7's keys carry the shard between place and entry; older ones are format 6's.
+    let (source, of_format_7) = if found == FORMAT_WITH_SHARDED_ENTRIES {
+        (CF_SHARDED_ENTRIES, true)
+    } else {
+        (CF_MEMBERS, false)
+    };
+    if let Some(members) = db.cf_handle(source) {
         let mut read = ReadOptions::default();
         read.fill_cache(false);
         let mut batch = WriteBatch::default();
@@ -50,7 +65,7 @@ pub(crate) fn members_to_entries(store: &mut Store, path: &Path) -> Result<(), S
         for item in db.iterator_cf_opt(members, read, IteratorMode::Start) {
             let (key, value) = item?;
             let corrupt = || StateError::Corrupt {
-                column_family: CF_MEMBERS,
+                column_family: source,
                 detail: format!("a member key of {} bytes with no window in it", key.len()),
             };
             let (_, rest) = split_partition_prefix(&key).ok_or_else(corrupt)?;
@@ -59,9 +74,14 @@ pub(crate) fn members_to_entries(store: &mut Store, path: &Path) -> Result<(), S
                 partitions += 1;
                 last_partition = partition.to_vec();
             }
+            let legacy = if of_format_7 {
+                format_7_legacy_key(&key).ok_or_else(corrupt)?
+            } else {
+                key.to_vec()
+            };
             batch.put_cf(
                 entries,
-                current_member_key(&key).ok_or_else(corrupt)?,
+                current_member_key(&legacy).ok_or_else(corrupt)?,
                 value,
             );
             rewritten += 1;
@@ -80,7 +100,7 @@ pub(crate) fn members_to_entries(store: &mut Store, path: &Path) -> Result<(), S
         FORMAT_VERSION.to_be_bytes(),
         &write_options,
     )?;
-    drop_members(db)?;
+    drop_older_entries(db)?;
     if rewritten > 0 {
         tracing::info!(
             path = %path.display(),
@@ -93,15 +113,17 @@ pub(crate) fn members_to_entries(store: &mut Store, path: &Path) -> Result<(), S
     Ok(())
 }
 
-/// Drops format 6's `members` of a store already at format 7 (a drop that failed after the
-/// migration): nothing reads it.
-pub(crate) fn drop_legacy_members(store: &mut Store) -> Result<(), StateError> {
-    drop_members(database(store))
+/// Drops the older families of a store already at format 8 (a drop that failed after the
+/// migration): nothing reads them.
+pub(crate) fn drop_older_families(store: &mut Store) -> Result<(), StateError> {
+    drop_older_entries(database(store))
 }
 
-fn drop_members(db: &mut DB) -> Result<(), StateError> {
-    if db.cf_handle(CF_MEMBERS).is_some() {
-        db.drop_cf(CF_MEMBERS)?;
+fn drop_older_entries(db: &mut DB) -> Result<(), StateError> {
+    for family in OLDER_ENTRIES {
+        if db.cf_handle(family).is_some() {
+            db.drop_cf(family)?;
+        }
     }
     Ok(())
 }

@@ -94,7 +94,10 @@ fn write_events(dir: &Path, plan: &Plan, events: &[Vec<u8>]) -> Vec<MetricValues
     let mut engine = engine_on(&store, plan);
     engine.restore_partition(key(0), PartitionSnapshot::default());
     feed(&mut engine, 0, 0, events);
-    store.write(&engine.take_changes()).expect("write");
+    let changes = engine.take_changes();
+    // Tests make older layouts of what it wrote from format 6's keys.
+    store.learn_legacy_keys(&changes);
+    store.write(&changes).expect("write");
     engine.metric_values(NOW)
 }
 
@@ -804,7 +807,9 @@ fn seeding_a_changelog_sends_each_stored_entry_once_and_drops_a_changed_metric()
         ],
     );
     // Kept without a changelog, then reopened with the hourly count now daily.
-    store.write(&engine.take_changes()).expect("write");
+    let changes = engine.take_changes();
+    store.learn_legacy_keys(&changes);
+    store.write(&changes).expect("write");
     drop((store, engine));
     let changed_plan = plan_from(&CONFIG.replace("window = \"1h\"", "window = \"1d\""));
     let store = Store::open(dir.path(), &changed_plan, &options()).expect("reopen");
@@ -814,13 +819,8 @@ fn seeding_a_changelog_sends_each_stored_entry_once_and_drops_a_changed_metric()
         .into_iter()
         .find(|(family, _, _)| *family == CF_ENTRIES)
         .expect("a stored member");
-    let member_byte = changelog::FAMILIES
-        .iter()
-        .find(|(_, family)| *family == CF_ENTRIES)
-        .expect("members are in the changelog")
-        .0;
-    let legacy = codec::legacy_member_key(&member).expect("a member key");
-    let tail_key = [&[member_byte][..], &legacy].concat();
+    let legacy = keyed::legacy_member_key(&member).expect("a member key");
+    let tail_key = [&[changelog::OLDER_MEMBER_BYTE][..], &legacy].concat();
     let (seed, discarded) = store
         .prepare_keyed_adoption(
             &key(0),
@@ -878,7 +878,9 @@ fn a_format_2_store_gets_its_metric_definitions_per_partition() {
     let mut engine = engine_on(&store, &plan);
     engine.restore_partition(key(0), PartitionSnapshot::default());
     feed(&mut engine, 0, 0, &[event("message_sent", "ana", 1)]);
-    store.write(&engine.take_changes()).expect("write");
+    let changes = engine.take_changes();
+    store.learn_legacy_keys(&changes);
+    store.write(&changes).expect("write");
     // Format 2 kept one fingerprint per metric in `meta`, none per partition.
     let mut batch = WriteBatch::default();
     for metric in plan.metrics() {
@@ -895,7 +897,7 @@ fn a_format_2_store_gets_its_metric_definitions_per_partition() {
     );
     store.db.write(batch).expect("write");
     drop((store, engine));
-    move_entries_to_format_6(dir.path());
+    move_entries_to_format(dir.path(), 6);
 
     let store = Store::open(dir.path(), &plan, &options()).expect("migrated");
     assert!(
@@ -1182,7 +1184,7 @@ fn a_format_3_store_keeps_its_trailing_counts_and_becomes_format_4() {
     );
     store.db.write(batch).expect("write");
     drop(store);
-    move_entries_to_format_6(dir.path());
+    move_entries_to_format(dir.path(), 6);
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 3 store opens");
     assert_eq!(stored_version(&store), FORMAT_VERSION);
@@ -1236,7 +1238,7 @@ fn a_format_4_store_takes_its_newest_event_as_the_watermark_and_becomes_format_5
     );
     store.db.write(batch).expect("write");
     drop(store);
-    move_entries_to_format_6(dir.path());
+    move_entries_to_format(dir.path(), 6);
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 4 store opens");
     assert_eq!(stored_version(&store), FORMAT_VERSION);
@@ -1348,7 +1350,7 @@ fn baselines_survive_a_restart_and_windows_of_format_5_give_none() {
     );
     store.db.write(batch).expect("write");
     drop((store, restored));
-    move_entries_to_format_6(dir.path());
+    move_entries_to_format(dir.path(), 6);
 
     let store = Store::open(dir.path(), &plan, &options()).expect("a format 5 store opens");
     assert_eq!(stored_version(&store), FORMAT_VERSION);
@@ -1382,24 +1384,43 @@ fn stored_version(store: &Store) -> u32 {
     u32::from_be_bytes(bytes.try_into().expect("4 bytes"))
 }
 
-/// Moves a closed store's member entries back to format 6's `members`, keyed without their
-/// shard, as an nsm of format 6 left them (the caller sets the version).
-fn move_entries_to_format_6(path: &Path) {
+/// Moves a closed store's member entries back to where an older format kept them, as an nsm
+/// of that format left them (the caller sets the version): format 6's `members`, keyed by the
+/// entry's bytes, or format 7's `entries`, by its shard then its bytes.
+fn move_entries_to_format(path: &Path, version: u32) {
+    let (family, of_format_7) = match version {
+        6 => (CF_MEMBERS, false),
+        7 => (CF_SHARDED_ENTRIES, true),
+        _ => unreachable!("formats 6 and 7 only"),
+    };
     let mut options = rocksdb::Options::default();
     options.create_missing_column_families(true);
     let mut families = DB::list_cf(&options, path).expect("families");
-    families.push(CF_MEMBERS.to_string());
+    families.push(family.to_string());
     let db = DB::open_cf(&options, path, &families).expect("open");
     let entries = db.cf_handle(CF_ENTRIES).expect("entries");
-    let members = db.cf_handle(CF_MEMBERS).expect("members");
+    let older = db.cf_handle(family).expect("older entries");
     let mut batch = WriteBatch::default();
     for item in db.iterator_cf(entries, IteratorMode::Start) {
         let (key, value) = item.expect("read");
-        let legacy = codec::legacy_member_key(&key).expect("a member key");
-        batch.put_cf(members, legacy, value);
+        let older_key = if of_format_7 {
+            format_7_key(&key)
+        } else {
+            keyed::legacy_member_key(&key).expect("a member key written by the test")
+        };
+        batch.put_cf(older, older_key, value);
         batch.delete_cf(entries, key);
     }
     db.write(batch).expect("write");
+}
+
+/// Format 7's key of a stored member key (format 8) whose entry the test wrote: its place, its
+/// shard, then the rest of the entry.
+fn format_7_key(key: &[u8]) -> Vec<u8> {
+    let legacy = keyed::legacy_member_key(key).expect("a member key written by the test");
+    let place = codec::member_shard_position(key).expect("a member key");
+    let shard = codec::stored_member_shard(key).expect("a member key");
+    [&key[..place], &shard.to_be_bytes(), &legacy[place..]].concat()
 }
 
 /// Opens a closed store as RocksDB alone, with every family it has.
@@ -1456,45 +1477,52 @@ fn stored_entries(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 #[test]
-fn a_format_6_store_is_rewritten_in_format_7_and_shows_the_same_values() {
+fn stores_of_formats_6_and_7_are_rewritten_in_format_8_and_show_the_same_values() {
     let plan = every_entry_plan();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let expected = write_events(dir.path(), &plan, &every_entry_events());
-    let before = stored_entries(&Store::open(dir.path(), &plan, &options()).expect("open"));
-    assert!(
-        before
-            .iter()
-            .any(|(key, _)| key.windows(20).any(|name| name == b"paid_after_messaging")),
-        "funnel entries are among them"
-    );
-    move_entries_to_format_6(dir.path());
-    set_raw_version(dir.path(), 6);
+    for version in [6, 7] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let expected = write_events(dir.path(), &plan, &every_entry_events());
+        let before = stored_entries(&Store::open(dir.path(), &plan, &options()).expect("open"));
+        assert!(
+            before
+                .iter()
+                .any(|(key, _)| key.windows(20).any(|name| name == b"paid_after_messaging")),
+            "funnel entries are among them"
+        );
+        move_entries_to_format(dir.path(), version);
+        set_raw_version(dir.path(), version);
 
-    let store = Store::open(dir.path(), &plan, &options()).expect("a format 6 store opens");
-    assert_eq!(stored_version(&store), FORMAT_VERSION);
-    assert!(store.db.cf_handle(CF_MEMBERS).is_none(), "members dropped");
-    assert_eq!(stored_entries(&store), before);
-    assert!(adopt(&store, 0, &[]).is_empty(), "format 6 data is kept");
-    assert_eq!(values_of(&store, &plan), expected);
-    // Entries read one at a time are found: ana's pending payment converts.
-    let mut engine = engine_on(&store, &plan);
-    engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
-    let conversion = plan.metric_index("paid_after_messaging").expect("metric");
-    assert_eq!(
-        engine.metric_values(NOW)[conversion].current.value,
-        AggValue::Distinct(1),
-        "bo converted"
-    );
-    feed(&mut engine, 0, 6, &[event("message_sent", "ana", 10)]);
-    assert_eq!(
-        engine.metric_values(NOW)[conversion].current.value,
-        AggValue::Distinct(2),
-        "ana's payment, stored before her message, converts"
-    );
-    assert!(matches!(
-        engine.apply(&key(0), 7, &with_id("y", 17), NOW),
-        Outcome::Duplicate { .. }
-    ));
+        let store = Store::open(dir.path(), &plan, &options()).expect("an older store opens");
+        assert_eq!(stored_version(&store), FORMAT_VERSION);
+        for older in [CF_MEMBERS, CF_SHARDED_ENTRIES] {
+            assert!(store.db.cf_handle(older).is_none(), "{older} dropped");
+        }
+        assert_eq!(stored_entries(&store), before, "format {version}");
+        assert!(
+            adopt(&store, 0, &[]).is_empty(),
+            "the older format's data is kept"
+        );
+        assert_eq!(values_of(&store, &plan), expected);
+        // Entries read one at a time are found: ana's pending payment converts.
+        let mut engine = engine_on(&store, &plan);
+        engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
+        let conversion = plan.metric_index("paid_after_messaging").expect("metric");
+        assert_eq!(
+            engine.metric_values(NOW)[conversion].current.value,
+            AggValue::Distinct(1),
+            "bo converted"
+        );
+        feed(&mut engine, 0, 6, &[event("message_sent", "ana", 10)]);
+        assert_eq!(
+            engine.metric_values(NOW)[conversion].current.value,
+            AggValue::Distinct(2),
+            "ana's payment, stored before her message, converts"
+        );
+        assert!(matches!(
+            engine.apply(&key(0), 7, &with_id("y", 17), NOW),
+            Outcome::Duplicate { .. }
+        ));
+    }
 }
 
 #[test]
@@ -1503,9 +1531,9 @@ fn a_migration_cut_short_starts_over() {
     let dir = tempfile::tempdir().expect("tempdir");
     let expected = write_events(dir.path(), &plan, &every_entry_events());
     let before = stored_entries(&Store::open(dir.path(), &plan, &options()).expect("open"));
-    move_entries_to_format_6(dir.path());
+    move_entries_to_format(dir.path(), 7);
     // Cut short: some entries copied, one of them changed since, one of a metric gone; the
-    // version still 6.
+    // version still 7.
     {
         let db = raw_db(dir.path());
         let entries = db.cf_handle(CF_ENTRIES).expect("entries");
@@ -1514,7 +1542,7 @@ fn a_migration_cut_short_starts_over() {
         db.put_cf(entries, b"events\0\0\0\0\0gone\0", b"")
             .expect("put");
     }
-    set_raw_version(dir.path(), 6);
+    set_raw_version(dir.path(), 7);
 
     let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
     assert_eq!(stored_entries(&store), before);
@@ -1567,7 +1595,7 @@ fn changelog_records_keep_the_bytes_of_format_6() {
     ]
     .concat();
     assert!(funnel.starts_with(&head), "{funnel:?}");
-    // Restored into another store, they are its format 7 keys again.
+    // Restored into another store, they are its format 8 keys again.
     let mut topic = Topic::default();
     let positions = topic.send(&store, &prepared);
     store.commit_keyed(prepared, &positions).expect("commit");
@@ -1685,7 +1713,11 @@ fn a_shard_snapshot_is_the_store_after_the_batch_filtered_by_shard() {
             let snapshots = snapshots_of(&store, &write);
             store.commit_framed(write).expect("commit");
             let stored = frame_rows_of(&store);
-            assert!(stored.keys().any(|row| row[0] == b'm'), "members stored");
+            let member_byte = changelog::family_byte(CF_ENTRIES);
+            assert!(
+                stored.keys().any(|row| row[0] == member_byte),
+                "members stored"
+            );
             let differing: Vec<_> = stored
                 .iter()
                 .filter(|(row, value)| snapshots.get(*row) != Some(value))

@@ -316,12 +316,16 @@ fn a_full_disk_fails_the_write_and_keeps_the_last_complete_batch() {
     let store = Store::open(&state, &plan(), &options()).expect("open on the small disk");
     let mut engine = Engine::new(plan());
     engine.restore_partition(key(), store.load_partition(&key()).expect("load"));
-    // Messages of 50 KiB user ids, one write each, until the disk is full.
+    // Writes of 1,000 users each, until the disk is full: a user is a member entry keyed by
+    // its digest, whatever the id's length.
+    const USERS_PER_WRITE: i64 = 1_000;
     let mut stored = 0;
     let error = loop {
         assert!(stored < 100, "1 MiB never filled");
-        let outcome = engine.apply(&key(), stored, &message(stored as usize, 50 * 1024), NOW);
-        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+        for offset in stored * USERS_PER_WRITE..(stored + 1) * USERS_PER_WRITE {
+            let outcome = engine.apply(&key(), offset, &message(offset as usize, 0), NOW);
+            assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+        }
         match store.write(&engine.take_changes()) {
             Ok(()) => stored += 1,
             Err(error) => break error,
@@ -340,6 +344,9 @@ fn a_full_disk_fails_the_write_and_keeps_the_last_complete_batch() {
     mount.remount("size=64m");
     assert_eq!(
         restored(&state),
-        (AggValue::Distinct(stored as u64), Some(stored))
+        (
+            AggValue::Distinct((stored * USERS_PER_WRITE) as u64),
+            Some(stored * USERS_PER_WRITE)
+        )
     );
 }

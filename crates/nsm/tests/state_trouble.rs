@@ -86,16 +86,16 @@ fn a_full_disk_stops_nsm_and_a_restart_with_room_loses_and_double_counts_nothing
         .expect("changelog topic");
     let brokers = cluster.bootstrap_servers();
 
-    // 40 messages of 40 users with 100 KiB ids: each id is stored as a distinct member, so
-    // the 2 MiB disk fills after about half of them.
-    let users = 40;
+    // 40,000 messages of as many users: each user is a member entry of the daily distinct
+    // count (its key ends in the user's digest, whatever the id's length), so the 2 MiB disk
+    // fills after about a fifth of them.
+    let users = 40_000;
     let time = hour_start_ms(1) + 60_000;
     let lines: Vec<String> = (0..users)
         .map(|user| {
             format!(
-                r#"{{"event":"message_sent","user_id":"u{user}-{}","timestamp":{}}}"#,
-                "x".repeat(100 * 1024),
-                time + user as i64 * 1000
+                r#"{{"event":"message_sent","user_id":"u{user}","timestamp":{}}}"#,
+                time + user as i64 / 100
             )
         })
         .collect();
@@ -127,8 +127,8 @@ fn a_full_disk_stops_nsm_and_a_restart_with_room_loses_and_double_counts_nothing
         )
     };
 
-    // The first 8 fit, and are stored and shown; the rest fill the disk.
-    let stored_first = 8;
+    // The first 8,000 fit, and are stored and shown; the rest fill the disk.
+    let stored_first = 8_000;
     produce("first.jsonl", &lines[..stored_first]);
     let mut nsm = run();
     wait_for(

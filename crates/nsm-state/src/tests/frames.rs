@@ -2,7 +2,9 @@
 //! in-memory changelog, restored from it into another store.
 
 use nsm_checkpoint::testing::MemoryChangelog;
-use nsm_checkpoint::{Checkpointer, Epoch, LineOutcome, LineRestore, LineRestored};
+use nsm_checkpoint::{
+    Checkpoint, Checkpointer, Epoch, LineOutcome, LineRestore, LineRestored, ShardId,
+};
 
 use super::*;
 
@@ -375,4 +377,105 @@ fn a_frame_acknowledged_but_not_stored_is_restored_from_the_position() {
         values_of(&framed.store, &plan),
         values_of(&reference.store, &plan)
     );
+}
+
+/// The checkpoint an nsm of state format 7 made of a write already stored (`overlay`): member
+/// rows keyed as that format stored them, under the byte it gave them, and the `due` snapshots
+/// read from the store as it is. Returns it with how many member rows it carries.
+fn format_7_checkpoint(
+    store: &Store,
+    overlay: &WriteOverlay,
+    due: &[ShardId],
+) -> (Checkpoint, usize) {
+    let prefix = partition_prefix(&key(0));
+    let member_byte = changelog::family_byte(CF_ENTRIES);
+    let mut members = 0;
+    let mut older = |row: &[u8]| -> Vec<u8> {
+        if row[0] != member_byte {
+            return row.to_vec();
+        }
+        members += 1;
+        let key = format_7_key(&[&prefix[..], &row[1..]].concat());
+        [&[changelog::OLDER_MEMBER_BYTE][..], &key[prefix.len()..]].concat()
+    };
+    let meta = store.stored_meta(&key(0)).expect("meta");
+    let mut checkpoint = Checkpoint::new(partition_id(&key(0)), meta);
+    for (start, end) in overlay.ranges() {
+        // A range's bounds are places, the same in format 7 but for the byte.
+        let byte = |bound: &[u8]| match bound.split_first() {
+            Some((first, rest)) if *first == member_byte => {
+                [&[changelog::OLDER_MEMBER_BYTE][..], rest].concat()
+            }
+            _ => bound.to_vec(),
+        };
+        checkpoint.drop_range(&byte(start), &byte(end));
+    }
+    for (shard, key, value) in overlay.rows() {
+        let key = older(key);
+        match value {
+            Some(value) => checkpoint.put(ShardId(u32::from(shard)), &key, value),
+            None => checkpoint.delete(ShardId(u32::from(shard)), &key),
+        }
+    }
+    for &shard in due.iter().take(SNAPSHOTS_PER_CHECKPOINT) {
+        checkpoint.snapshot_shard(shard);
+        let number = u16::try_from(shard.0).expect("a frame shard");
+        let mut rows = Vec::new();
+        store
+            .shard_rows(&key(0), number, &WriteOverlay::default(), |key, value| {
+                rows.push((key.to_vec(), value.to_vec()))
+            })
+            .expect("read");
+        for (key, value) in rows {
+            checkpoint.snapshot_row(shard, &older(&key), &value);
+        }
+    }
+    (checkpoint, members)
+}
+
+#[test]
+fn frames_of_an_nsm_of_format_7_restore_into_format_8_keys() {
+    let plan = every_entry_plan();
+    let changelog = MemoryChangelog::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    let heads = RocksHeadStore::new(store.clone());
+    let mut checkpointer =
+        Checkpointer::with_head_store(checkpoint_config(), changelog.writer(), heads);
+    let id = partition_id(&key(0));
+    checkpointer
+        .resume(&id, Epoch(1))
+        .expect("open the partition");
+    // Each write is stored first, then sent as the older nsm's frame of it.
+    let mut member_rows = 0;
+    let mut send = |write: FramedWrite| {
+        let overlay = write.overlay(&key(0)).cloned().unwrap_or_default();
+        store.commit_framed(write).expect("commit");
+        let due = checkpointer.snapshots_due(&id);
+        let (checkpoint, members) = format_7_checkpoint(&store, &overlay, &due);
+        member_rows += members;
+        checkpointer
+            .commit(std::slice::from_ref(&checkpoint))
+            .expect("commit");
+    };
+    let (adoption, _) = store.prepare_adoption_frames(&key(0)).expect("adoption");
+    send(adoption);
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(key(0), PartitionSnapshot::default());
+    for (now, events) in random_rounds(7) {
+        for (offset, payload) in events {
+            let _ = engine.apply(&key(0), offset, &payload, now);
+        }
+        let changes = engine.take_changes();
+        store.learn_legacy_keys(&changes);
+        send(store.prepare_frames(&changes));
+    }
+    assert!(member_rows > 0, "the frames carry member rows of format 7");
+
+    let copy_dir = tempfile::tempdir().expect("tempdir");
+    let (copy, restored) =
+        restore_frames(copy_dir.path(), &plan, changelog.records_with_offsets(0));
+    assert_eq!(Some(restored.meta), meta_of(&store));
+    assert_eq!(frame_rows_of(&copy), frame_rows_of(&store));
+    assert_eq!(values_of(&copy, &plan), values_of(&store, &plan));
 }
