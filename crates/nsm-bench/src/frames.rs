@@ -64,11 +64,7 @@ impl Frames {
         let started = Instant::now();
         let write = store.prepare_frames(changes);
         let prepared = Instant::now();
-        let mut checkpoints = Vec::new();
-        for key in write.partitions().cloned().collect::<Vec<_>>() {
-            let due = self.checkpointer.snapshots_due(&partition_id(&key));
-            checkpoints.extend(store.checkpoint_of(&write, &key, &due)?);
-        }
+        let checkpoints = store.checkpoints_of(&write, |id| self.checkpointer.snapshots_due(id))?;
         let snapshotted = Instant::now();
         self.heads.stage(write);
         let report = self

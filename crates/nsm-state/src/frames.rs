@@ -402,6 +402,22 @@ impl Store {
         Ok(Some(checkpoint))
     }
 
+    /// The checkpoint of every partition `write` writes, each with the snapshots of the shards
+    /// `due` names for it (see [`Store::checkpoint_of`]): a checkpoint's frames, for
+    /// `Checkpointer::commit`.
+    pub fn checkpoints_of(
+        &self,
+        write: &FramedWrite,
+        mut due: impl FnMut(&PartitionId) -> Vec<ShardId>,
+    ) -> Result<Vec<Checkpoint>, StateError> {
+        let mut checkpoints = Vec::with_capacity(write.partitions.len());
+        for partition in write.partitions() {
+            let due = due(&partition_id(partition));
+            checkpoints.extend(self.checkpoint_of(write, partition, &due)?);
+        }
+        Ok(checkpoints)
+    }
+
     /// The write that takes `partition` with frames: data of metrics that changed or left the
     /// config is dropped (and named in the result), and every metric's fingerprint is stored,
     /// as [`Store::prepare_adoption`] does without the changelog. Its checkpoint is the take's

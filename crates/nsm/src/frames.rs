@@ -118,16 +118,10 @@ impl Changelog {
     /// partition's head and changelog position; returns the records sent.
     pub fn write(&self, store: &Store, changes: &ChangeSet) -> Result<u64, String> {
         let write = store.prepare_frames(changes);
-        let partitions: Vec<PartitionKey> = write.partitions().cloned().collect();
         let mut checkpointer = self.checkpointer();
-        let mut checkpoints = Vec::with_capacity(partitions.len());
-        for key in &partitions {
-            let due = checkpointer.snapshots_due(&partition_id(key));
-            let checkpoint = store
-                .checkpoint_of(&write, key, &due)
-                .map_err(|error| format!("state read failed: {error}"))?;
-            checkpoints.extend(checkpoint);
-        }
+        let checkpoints = store
+            .checkpoints_of(&write, |id| checkpointer.snapshots_due(id))
+            .map_err(|error| format!("state read failed: {error}"))?;
         self.heads.stage(write);
         let report = checkpointer
             .commit(&checkpoints)
