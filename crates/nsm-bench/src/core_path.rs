@@ -199,7 +199,7 @@ fn core_path(plan: &Plan, events: &Events) -> anyhow::Result<(Entries, Split)> {
     let run_started = Instant::now();
     let mut checkpoint = |engine: &mut Engine| -> anyhow::Result<()> {
         let started = Instant::now();
-        let changes = engine.take_changes();
+        let changes = frames.take_changes(engine);
         split.taking += started.elapsed();
         written += changes
             .partitions

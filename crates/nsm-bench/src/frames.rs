@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nsm_checkpoint::{Acknowledged, Checkpointer, Epoch, HeadsOnly};
-use nsm_core::engine::ChangeSet;
+use nsm_core::engine::{ChangeSet, Engine};
 use nsm_core::PartitionKey;
-use nsm_state::{checkpoint_config, partition_id, RocksHeadStore, Store};
+use nsm_state::{checkpoint_config, member_shards, partition_id, RocksHeadStore, Store};
 
 /// Where the checkpoints' time went.
 #[derive(Default, Clone, Copy)]
@@ -56,6 +56,15 @@ impl Frames {
             checkpointer,
             heads,
             times: CheckpointTimes::default(),
+        })
+    }
+
+    /// The engine's changes since the last checkpoint, with the member shards the next
+    /// checkpoint snapshots read from memory where the engine holds them whole, as `nsm run`
+    /// takes them.
+    pub fn take_changes(&self, engine: &mut Engine) -> ChangeSet {
+        engine.take_changes_with_snapshots(|key| {
+            member_shards(&self.checkpointer.snapshots_due(&partition_id(key)))
         })
     }
 

@@ -114,11 +114,11 @@ pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
         since_checkpoint += 1;
         // As `nsm run`: at its interval, or sooner once the engine holds enough entries.
         if since_checkpoint == CHECKPOINT_EVERY || engine.checkpoint_due() {
-            frames.write(&store, &engine.take_changes())?;
+            frames.write(&store, &frames.take_changes(&mut engine))?;
             since_checkpoint = 0;
         }
     }
-    frames.write(&store, &engine.take_changes())?;
+    frames.write(&store, &frames.take_changes(&mut engine))?;
     let elapsed = started.elapsed().as_secs_f64();
 
     let values = engine.metric_values(NOW_MS);
@@ -194,7 +194,7 @@ fn expire_the_week(
         Outcome::Applied { .. } => {}
         other => bail!("the event expiring the week was not applied: {other:?}"),
     }
-    let records = frames.write(store, &engine.take_changes())?;
+    let records = frames.write(store, &frames.take_changes(engine))?;
     let left = store.stored_member_count(key)?;
     if left > LAST_EVENT_ENTRIES {
         bail!("{left} member entries left after the week expired: expected only the last event's");

@@ -1030,6 +1030,7 @@ impl FakeStore {
             event_watermark_ms,
             idle_floor_ms,
             metric_since: Vec::new(),
+            no_stored_members: false,
             windows: self
                 .windows
                 .iter()

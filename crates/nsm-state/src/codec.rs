@@ -115,9 +115,30 @@ pub fn member_key_into(
     start_ms: i64,
     entry: &[u8],
 ) {
+    let period = &entry[..period_len(start_ms, entry.len())];
+    member_key_of_digest(
+        out,
+        partition_prefix,
+        metric,
+        start_ms,
+        period,
+        entity_key(0, entry),
+    );
+}
+
+/// Sets `out` to the stored key of a member entry known by its digest (as the member index
+/// holds it), after `period`: a funnel entry's first 8 bytes, none in any other window.
+pub fn member_key_of_digest(
+    out: &mut Vec<u8>,
+    partition_prefix: &[u8],
+    metric: &str,
+    start_ms: i64,
+    period: &[u8],
+    digest: u128,
+) {
     window_key_into(out, partition_prefix, metric, start_ms, 8 + DIGEST_BYTES);
-    out.extend_from_slice(&entry[..period_len(start_ms, entry.len())]);
-    out.extend_from_slice(&entity_key(0, entry).to_be_bytes());
+    out.extend_from_slice(period);
+    out.extend_from_slice(&digest.to_be_bytes());
 }
 
 /// Where a member key's window key ends, and the window's start.

@@ -13,12 +13,13 @@
 //! period) for a member shard, the partition's key range of each family for the aggregate shard.
 
 use nsm_checkpoint::{Checkpoint, CheckpointConfig, PartitionId, SeedShard, ShardId};
+use nsm_core::engine::{MemberShardRows, FUNNEL_WINDOW};
 use rocksdb::ReadOptions;
 
 use crate::changelog::{family_byte, BatchRecorder};
 use crate::codec::{
-    member_shard_position, member_shard_range, partition_prefix, prefix_successor,
-    split_partition_prefix, stored_member_shard, MEMBER_SHARDS,
+    member_key_of_digest, member_shard_position, member_shard_range, partition_prefix,
+    prefix_successor, split_partition_prefix, stored_member_shard, MEMBER_SHARDS,
 };
 use crate::{
     PartitionKey, Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_SEGMENTS,
@@ -321,14 +322,56 @@ impl Recording for FrameRecorder<'_> {
     }
 }
 
-/// A write made ready for frames: the local batch, and per partition its meta record and what
-/// the write does to its rows.
+/// The rows of a member shard read from memory (see `PartitionChanges::member_snapshots`), as
+/// frame rows: keys and values, in key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryShard {
+    pub rows: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl MemoryShard {
+    /// The frame rows of a shard's entries as the member index holds them.
+    fn of(store: &Store, snapshot: &MemberShardRows) -> MemoryShard {
+        let member_byte = family_byte(CF_ENTRIES);
+        let mut key = Vec::new();
+        let mut rows: Vec<(Vec<u8>, Vec<u8>)> = snapshot
+            .rows
+            .iter()
+            .map(|row| {
+                let period = row.period.to_be_bytes();
+                let period: &[u8] = if row.start_ms == FUNNEL_WINDOW {
+                    &period
+                } else {
+                    &[]
+                };
+                let name = store.metric_name(row.metric);
+                member_key_of_digest(&mut key, &[], name, row.start_ms, period, row.digest);
+                ([&[member_byte][..], &key].concat(), row.value.to_vec())
+            })
+            .collect();
+        rows.sort_unstable();
+        MemoryShard { rows }
+    }
+}
+
+/// A write made ready for frames: the local batch, per partition its meta record and what the
+/// write does to its rows, and the member shards the engine snapshotted from memory.
 pub struct FramedWrite {
     pub(crate) batch: rocksdb::WriteBatch,
     partitions: Vec<(PartitionKey, Vec<u8>, WriteOverlay)>,
+    memory_shards: Vec<(PartitionKey, u16, MemoryShard)>,
 }
 
 impl FramedWrite {
+    /// A member shard of `partition` as it is once the write is stored, from the engine's
+    /// memory, if the engine snapshotted it.
+    pub fn memory_shard(&self, partition: &PartitionKey, shard: u16) -> Option<&MemoryShard> {
+        self.memory_shards
+            .iter()
+            .find(|(key, number, _)| key == partition && *number == shard)
+            .map(|(.., rows)| rows)
+    }
+
     /// What the write does to `partition`'s rows; empty for a partition it does not write.
     pub fn overlay(&self, partition: &PartitionKey) -> Option<&WriteOverlay> {
         self.partitions
@@ -341,6 +384,16 @@ impl FramedWrite {
     pub fn partitions(&self) -> impl Iterator<Item = &PartitionKey> {
         self.partitions.iter().map(|(key, ..)| key)
     }
+}
+
+/// The member shards among the snapshots `due` that a checkpoint takes (the first
+/// [`SNAPSHOTS_PER_CHECKPOINT`]), for the engine to read from memory.
+pub fn member_shards(due: &[ShardId]) -> Vec<u16> {
+    due.iter()
+        .take(SNAPSHOTS_PER_CHECKPOINT)
+        .filter_map(|shard| u16::try_from(shard.0).ok())
+        .filter(|shard| *shard < AGGREGATE_SHARD)
+        .collect()
 }
 
 /// The frames' name of a partition: its key prefix, on the changelog partition of its number
@@ -360,9 +413,20 @@ impl Store {
     pub fn prepare_frames(&self, changes: &nsm_core::engine::ChangeSet) -> FramedWrite {
         let mut recorder = FrameRecorder::new(self, self.batch_bytes_estimate(changes));
         self.record_changes(changes, &mut recorder);
+        let memory_shards = changes
+            .partitions
+            .iter()
+            .flat_map(|part| {
+                part.member_snapshots.iter().map(|snapshot| {
+                    let rows = MemoryShard::of(self, snapshot);
+                    (part.key.clone(), snapshot.shard, rows)
+                })
+            })
+            .collect();
         FramedWrite {
             batch: recorder.batch.into_batch(),
             partitions: recorder.partitions,
+            memory_shards,
         }
     }
 
@@ -395,6 +459,12 @@ impl Store {
             let Ok(number) = u16::try_from(shard.0) else {
                 continue;
             };
+            if let Some(memory) = write.memory_shard(partition, number) {
+                for (key, value) in &memory.rows {
+                    checkpoint.snapshot_row(shard, key, value);
+                }
+                continue;
+            }
             self.shard_rows(partition, number, overlay, |key, value| {
                 checkpoint.snapshot_row(shard, key, value)
             })?;
@@ -431,6 +501,7 @@ impl Store {
         let write = FramedWrite {
             batch: recorder.batch.into_batch(),
             partitions: recorder.partitions,
+            memory_shards: Vec::new(),
         };
         Ok((write, discarded))
     }

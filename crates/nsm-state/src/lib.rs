@@ -77,8 +77,8 @@ pub use changelog::{
 pub use format::{FormatError, FORMAT_VERSION};
 pub use frame_store::{RocksHeadStore, RocksSink};
 pub use frames::{
-    checkpoint_config, partition_id, FramedWrite, WriteOverlay, AGGREGATE_SHARD, FRAME_SHARDS,
-    SNAPSHOTS_PER_CHECKPOINT,
+    checkpoint_config, member_shards, partition_id, FramedWrite, MemoryShard, WriteOverlay,
+    AGGREGATE_SHARD, FRAME_SHARDS, SNAPSHOTS_PER_CHECKPOINT,
 };
 #[cfg(any(test, feature = "testing"))]
 pub use keyed::{KeyedWrite, PartitionRecords};
@@ -591,6 +591,11 @@ impl Store {
             snapshot.idle_floor_ms = meta.idle_floor_ms;
         }
         snapshot.metric_since = self.metric_since(&prefix)?;
+        snapshot.no_stored_members = self
+            .keys_under(CF_ENTRIES, &prefix)
+            .next()
+            .transpose()?
+            .is_none();
         snapshot.windows = self.scan_windows(&prefix, None)?;
         snapshot.gaps = self.scan_gaps(key, &prefix)?;
         snapshot.segments = self.scan_segments(key, &prefix, &prefix, None)?;

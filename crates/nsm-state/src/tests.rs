@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use nsm_core::engine::{AggValue, Engine, MetricValues, Outcome};
+use nsm_core::engine::{AggValue, Engine, MetricValues, Outcome, MEMBER_SHARDS};
 use nsm_core::Config;
 
 use super::*;
@@ -1695,22 +1695,29 @@ fn random_rounds(seed: u64) -> Vec<Round> {
 #[test]
 fn a_shard_snapshot_is_the_store_after_the_batch_filtered_by_shard() {
     let plan = every_entry_plan();
-    for seed in 1..=4u64 {
+    // A budget that keeps every entry in memory, and one so small that shards leave it.
+    for (seed, budget) in (1..=4u64).zip([1 << 30, 1024, 1 << 30, 1024]) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), &plan, &options()).expect("open");
         adopt(&store, 0, &[]);
-        let mut engine = engine_on(&store, &plan);
-        engine.restore_partition(key(0), PartitionSnapshot::default());
+        let mut engine = Engine::with_reader(plan.clone(), Box::new(store.clone()), budget);
+        let loaded = store.load_partition(&key(0)).expect("load");
+        assert!(loaded.no_stored_members, "a new partition");
+        engine.restore_partition(key(0), loaded);
         // Rounds of events in the hour before the clock, then a round 40 days later, which
         // expires every window of the first (ranges deleted in the same write as its puts).
         for (round, (now, events)) in random_rounds(seed).into_iter().enumerate() {
             for (offset, payload) in events {
                 let _ = engine.apply(&key(0), offset, &payload, now);
             }
-            let write = store.prepare_frames(&engine.take_changes());
+            let every_shard = |_: &PartitionKey| (0..MEMBER_SHARDS).collect();
+            let write = store.prepare_frames(&engine.take_changes_with_snapshots(every_shard));
             let ranges = write.overlay(&key(0)).map_or(0, |o| o.ranges().len());
             assert!(ranges > 0 || round < 5, "the last round expires windows");
             let snapshots = snapshots_of(&store, &write);
+            let memory_shards: Vec<(u16, MemoryShard)> = (0..MEMBER_SHARDS)
+                .filter_map(|shard| Some((shard, write.memory_shard(&key(0), shard)?.clone())))
+                .collect();
             store.commit_framed(write).expect("commit");
             let stored = frame_rows_of(&store);
             let member_byte = changelog::family_byte(CF_ENTRIES);
@@ -1733,6 +1740,34 @@ fn a_shard_snapshot_is_the_store_after_the_batch_filtered_by_shard() {
                 "seed {seed}, round {round}: {differing:?}"
             );
             assert_eq!(snapshots.len(), stored.len());
+            // Each member shard the engine holds whole is the store's. With room for every
+            // entry (the partition started empty), that is every shard.
+            if budget > 1024 {
+                assert_eq!(memory_shards.len(), usize::from(MEMBER_SHARDS));
+            }
+            for (shard, memory) in &memory_shards {
+                let shard = *shard;
+                let read: Vec<_> = snapshots
+                    .iter()
+                    .filter(|(_, (number, _))| *number == shard)
+                    .map(|(row, (_, value))| (row.clone(), value.clone()))
+                    .collect();
+                assert_eq!(
+                    memory.rows, read,
+                    "seed {seed}, round {round}, shard {shard}"
+                );
+            }
         }
+        // After a restart the stored entries are not in memory: no shard comes from it.
+        let mut restarted = engine_on(&store, &plan);
+        let loaded = store.load_partition(&key(0)).expect("load");
+        assert!(!loaded.no_stored_members);
+        restarted.restore_partition(key(0), loaded);
+        let later = NOW + 40 * 86_400_000;
+        let payload = format!(r#"{{"event":"message_sent","user_id":"ana","timestamp":{later}}}"#);
+        let outcome = restarted.apply(&key(0), 1_000, payload.as_bytes(), later);
+        assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+        let changes = restarted.take_changes_with_snapshots(|_| (0..MEMBER_SHARDS).collect());
+        assert!(changes.partitions[0].member_snapshots.is_empty());
     }
 }

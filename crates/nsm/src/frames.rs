@@ -129,6 +129,12 @@ impl Changelog {
         Ok(report.records())
     }
 
+    /// The member shards of `key` whose snapshots the next checkpoint takes, for the engine to
+    /// read from memory when it holds them whole (see `Engine::take_changes_with_snapshots`).
+    pub fn member_shards_due(&self, key: &PartitionKey) -> Vec<u16> {
+        nsm_state::member_shards(&self.checkpointer().snapshots_due(&partition_id(key)))
+    }
+
     /// Stops writing partitions given up; the frames they left stay the changelog's.
     pub fn release(&self, partitions: &[PartitionKey]) {
         let mut checkpointer = self.checkpointer();

@@ -278,7 +278,13 @@ impl Pipeline {
             // more, stop, and let the restart resume from the last whole state.
             return Err(HandlerError(failure.clone()));
         }
-        let changes = self.engine.take_changes();
+        // The checkpoint in flight is settled, so the shards due are those of the next one.
+        let changes = match &self.changelog {
+            Some(changelog) => self
+                .engine
+                .take_changes_with_snapshots(|key| changelog.member_shards_due(key)),
+            None => self.engine.take_changes(),
+        };
         let publish = self.snapshot();
         if changes.is_empty() {
             // The engine's state is the stored state.

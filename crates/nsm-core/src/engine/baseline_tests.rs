@@ -277,6 +277,7 @@ fn a_restart_from_stored_state_gives_the_same_baselines() {
         event_watermark_ms: part.event_watermark_ms,
         idle_floor_ms: part.idle_floor_ms,
         metric_since: Vec::new(),
+        no_stored_members: false,
         windows: part
             .upserts
             .iter()

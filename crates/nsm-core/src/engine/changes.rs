@@ -39,6 +39,30 @@ pub struct MemberInsert {
     pub value: EntryValue,
 }
 
+/// A member entry as the member index holds it: its window, a funnel entry's period (the
+/// entry's first 8 bytes, big-endian; 0 in any other window), the XXH3-128 digest of its key
+/// (`crate::table::entity_key(0, key)`), and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRow {
+    pub metric: usize,
+    pub start_ms: EpochMillis,
+    pub period: u64,
+    pub digest: u128,
+    pub value: EntryValue,
+}
+
+/// Every member entry of one checkpoint shard of a partition once its changes are stored,
+/// read from memory: the entries whose digest's top 10 bits are `shard` (one of
+/// [`MEMBER_SHARDS`]), in no order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberShardRows {
+    pub shard: u16,
+    pub rows: Vec<MemberRow>,
+}
+
+/// Checkpoint shards of member entries: a digest's top 10 bits.
+pub const MEMBER_SHARDS: u16 = 1024;
+
 /// Member entries of one window whose keys sort before `before`, to delete (old funnel
 /// periods of a conversion metric).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +107,10 @@ pub struct PartitionChanges {
     pub windows_before: Vec<WindowsBefore>,
     /// Member entries no future event can read, deleted after the puts.
     pub member_range_deletes: Vec<MemberRangeDelete>,
+    /// The checkpoint shards asked of [`super::Engine::take_changes_with_snapshots`] whose every
+    /// entry, stored or not, is in memory: each is what the store holds of it once these
+    /// changes are written, without reading the store.
+    pub member_snapshots: Vec<MemberShardRows>,
 }
 
 /// All partitions' changes since the last flush.
@@ -102,6 +130,7 @@ impl PartitionState {
         &mut self,
         plan: &Plan,
         key: &PartitionKey,
+        snapshot_shards: &[u16],
     ) -> Option<PartitionChanges> {
         if self.poisoned {
             return None;
@@ -166,7 +195,7 @@ impl PartitionState {
             })
             .collect();
         // Entries of windows deleted in this batch are not handed over: the store deletes them.
-        let members = self.members.take_written();
+        let (members, member_snapshots) = self.members.take_written_with_snapshots(snapshot_shards);
         let gaps = pending
             .dirty_gaps
             .into_iter()
@@ -196,6 +225,7 @@ impl PartitionState {
             deletes,
             windows_before,
             member_range_deletes,
+            member_snapshots,
         })
     }
 

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::changes::{
-    MemberInsert, MemberRangeDelete, PartitionChanges, WindowDelete, WindowsBefore,
+    MemberInsert, MemberRangeDelete, MemberRow, MemberShardRows, PartitionChanges, WindowDelete,
+    WindowsBefore, MEMBER_SHARDS,
 };
 
 use super::funnel::FUNNEL_WINDOW;
@@ -397,12 +398,14 @@ struct Space {
 }
 
 impl Space {
-    fn new(checkpoint: u64) -> Self {
+    /// A space of a place whose stored entries are unknown (`known_empty: false`), or known to
+    /// be none: every entry it will hold is one written through the index.
+    fn new(checkpoint: u64, known_empty: bool) -> Self {
         Self {
             rows: EntityTable::new(LANES),
             long: DigestMap::default(),
-            spilled: ALL_SHARDS,
-            checked: false,
+            spilled: if known_empty { 0 } else { ALL_SHARDS },
+            checked: known_empty,
             used_in: checkpoint,
         }
     }
@@ -511,6 +514,10 @@ pub(super) struct MemberIndex {
     budget: usize,
     /// Checkpoints taken so far, plus one: the checkpoint being filled.
     checkpoint: u64,
+    /// Every place with stored entries is in `spaces`: the partition started with none stored
+    /// and no place has left memory whole since. A new place then has nothing stored, and a
+    /// shard no place evicted is whole in memory.
+    all_known: bool,
 }
 
 impl MemberIndex {
@@ -523,7 +530,14 @@ impl MemberIndex {
             written_entries: 0,
             budget,
             checkpoint: 1,
+            all_known: false,
         }
+    }
+
+    /// The same index of a partition with no stored entries.
+    pub fn with_nothing_stored(mut self) -> Self {
+        self.all_known = self.spaces.is_empty();
+        self
     }
 
     /// Sets the budget, as the engine's is split between more or fewer partitions; a smaller
@@ -578,11 +592,16 @@ impl MemberIndex {
     pub fn put(&mut self, metric: usize, start_ms: EpochMillis, key: &[u8], value: &[u8]) {
         let place = place_of(metric, start_ms, key);
         let digest = entity_key(0, key);
-        let checkpoint = self.checkpoint;
+        let (checkpoint, all_known) = (self.checkpoint, self.all_known);
+        // A short funnel key's period is not its stored key's: such a place cannot be
+        // snapshotted from memory (no funnel key is that short).
+        if start_ms == FUNNEL_WINDOW && key.len() < 8 {
+            self.all_known = false;
+        }
         let space = self
             .spaces
             .entry(place)
-            .or_insert_with(|| Space::new(checkpoint));
+            .or_insert_with(|| Space::new(checkpoint, all_known));
         space.used_in = checkpoint;
         if !space.set(digest, value, WRITTEN | (stamp(checkpoint) << STAMP_SHIFT)) {
             self.written_entries += 1;
@@ -617,11 +636,11 @@ impl MemberIndex {
         start_ms: EpochMillis,
         key: &[u8],
     ) -> Result<&mut Space, StateReadError> {
-        let checkpoint = self.checkpoint;
+        let (checkpoint, all_known) = (self.checkpoint, self.all_known);
         let space = self
             .spaces
             .entry(place_of(metric, start_ms, key))
-            .or_insert_with(|| Space::new(checkpoint));
+            .or_insert_with(|| Space::new(checkpoint, all_known));
         space.used_in = checkpoint;
         if !space.checked {
             // Entries written since the space was made are all in it, so "nothing stored"
@@ -640,7 +659,17 @@ impl MemberIndex {
     /// What was written since the last call, to store before the next call; entries stay in
     /// memory meanwhile, so events may be applied while they are being stored. Then, over
     /// the budget, shards of the least recently used places leave memory.
+    #[cfg(test)]
     pub fn take_written(&mut self) -> Vec<MemberInsert> {
+        self.take_written_with_snapshots(&[]).0
+    }
+
+    /// As [`MemberIndex::take_written`], with the entries of the checkpoint shards `shards`
+    /// that are whole in memory, taken before any entry leaves memory.
+    pub fn take_written_with_snapshots(
+        &mut self,
+        shards: &[u16],
+    ) -> (Vec<MemberInsert>, Vec<MemberShardRows>) {
         // A place gone since (its window expired) is deleted whole by the store. Rows of a
         // place still there stay until the log is taken: eviction keeps this checkpoint's.
         let mut known: Option<(Place, bool)> = None;
@@ -666,10 +695,47 @@ impl MemberIndex {
         self.written.clear();
         self.keys.clear();
         self.written_entries = 0;
+        let snapshots = shards
+            .iter()
+            .filter_map(|&shard| self.shard_rows(shard))
+            .collect();
         let handed_over = self.checkpoint;
         self.checkpoint += 1;
         self.evict(handed_over);
-        inserts
+        (inserts, snapshots)
+    }
+
+    /// Every entry of checkpoint shard `shard` (a digest's top 10 bits), when all of them are
+    /// in memory: no place with stored entries is missing, and none evicted the table shard
+    /// that holds it.
+    fn shard_rows(&self, shard: u16) -> Option<MemberShardRows> {
+        if !self.all_known || shard >= MEMBER_SHARDS {
+            return None;
+        }
+        let table_shard = usize::from(shard) * SHARDS / usize::from(MEMBER_SHARDS);
+        if self
+            .spaces
+            .values()
+            .any(|space| space.spilled & (1 << table_shard) != 0)
+        {
+            return None;
+        }
+        let shard_bits = MEMBER_SHARDS.trailing_zeros();
+        let mut rows = Vec::new();
+        for (&(metric, start_ms, period), space) in &self.spaces {
+            space.rows.for_each_in_shard(table_shard, |digest, lanes| {
+                if (digest >> (128 - shard_bits)) as u16 == shard {
+                    rows.push(MemberRow {
+                        metric,
+                        start_ms,
+                        period,
+                        digest,
+                        value: space.value(digest, lanes),
+                    });
+                }
+            });
+        }
+        Some(MemberShardRows { shard, rows })
     }
 
     /// Evicts shards, least recently used places first, until the entries take three
@@ -707,6 +773,8 @@ impl MemberIndex {
                 }
             }
             if space.rows.is_empty() && space.long.is_empty() {
+                // Its stored entries are now in no space: a place made again asks the reader.
+                self.all_known = false;
                 self.spaces.remove(&place);
                 bytes = bytes.saturating_sub(before);
             } else {
@@ -1114,6 +1182,67 @@ mod tests {
             let value = index.get(&source, 0, hour * 3_600_000, b"u").expect("read");
             assert_eq!(value.as_deref(), Some(&b"\x01"[..]), "hour {hour}");
         }
+    }
+
+    /// The digests of checkpoint shard `shard`'s rows, sorted, with the place and value of each.
+    fn shard_digests(
+        snapshots: &[MemberShardRows],
+        shard: u16,
+    ) -> Option<Vec<(Place, u128, Vec<u8>)>> {
+        let rows = &snapshots.iter().find(|rows| rows.shard == shard)?.rows;
+        let mut rows: Vec<_> = rows
+            .iter()
+            .map(|row| {
+                (
+                    (row.metric, row.start_ms, row.period),
+                    row.digest,
+                    row.value.to_vec(),
+                )
+            })
+            .collect();
+        rows.sort();
+        Some(rows)
+    }
+
+    #[test]
+    fn a_shard_is_snapshotted_from_memory_only_while_every_entry_of_it_is_there() {
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
+        let mut index = MemberIndex::new(PLENTY).with_nothing_stored();
+        let mut funnel_key = 7u64.to_be_bytes().to_vec();
+        funnel_key.extend_from_slice(b"\x01ana");
+        index.put(0, 0, b"ana", b"\x05");
+        index.put(1, FUNNEL_WINDOW, &funnel_key, b"\x06");
+        // A new place has nothing stored: its misses are answers, not reads.
+        assert!(!index
+            .contains(&source, 0, 3_600_000, b"bo")
+            .expect("in memory"));
+        assert_eq!(reads(&reader), 0);
+        let shard_of = |key: &[u8]| (entity_key(0, key) >> 118) as u16;
+        let (ana, funnel) = (shard_of(b"ana"), shard_of(&funnel_key));
+        let (taken, snapshots) = index.take_written_with_snapshots(&[ana, funnel]);
+        reader.inner.write_members(&partition, &taken, &[]);
+        assert_eq!(
+            shard_digests(&snapshots, ana).expect("whole in memory"),
+            [((0, 0, 0), entity_key(0, b"ana"), vec![5])]
+        );
+        let funnel_rows = shard_digests(&snapshots, funnel).expect("whole in memory");
+        assert!(funnel_rows.contains(&(
+            (1, FUNNEL_WINDOW, 7),
+            entity_key(0, &funnel_key),
+            vec![6]
+        )));
+        // Once a shard left memory, its snapshots are read from the store.
+        index.resize(0);
+        index.put(0, 0, b"cy", b"\x01");
+        let (taken, _) = index.take_written_with_snapshots(&[]);
+        reader.inner.write_members(&partition, &taken, &[]);
+        let (_, snapshots) = index.take_written_with_snapshots(&[ana, funnel]);
+        assert!(snapshots.is_empty(), "{snapshots:?}");
+        // Nor does an index of a partition with stored entries snapshot any.
+        let mut restarted = MemberIndex::new(PLENTY);
+        restarted.put(0, 0, b"ana", b"\x05");
+        assert!(restarted.take_written_with_snapshots(&[ana]).1.is_empty());
     }
 
     #[test]

@@ -28,8 +28,8 @@ use crate::event::{NoRecord, RecordMeta};
 
 pub use baseline::{progress_step_ms, Baseline, BaselinePoint, Progress, SEASONAL_WEEKS};
 pub use changes::{
-    ChangeSet, MemberInsert, MemberRangeDelete, PartitionChanges, SegmentUpsert, WindowDelete,
-    WindowUpsert, WindowsBefore,
+    ChangeSet, MemberInsert, MemberRangeDelete, MemberRow, MemberShardRows, PartitionChanges,
+    SegmentUpsert, WindowDelete, WindowUpsert, WindowsBefore, MEMBER_SHARDS,
 };
 pub use funnel::FUNNEL_WINDOW;
 pub use members::{CountingReader, EntryValue, MemoryReader, StateReadError, StateReader};
@@ -240,11 +240,22 @@ impl Engine {
     /// and may apply events meanwhile: until then the engine answers for its per-entity
     /// entries from memory, not from the reader.
     pub fn take_changes(&mut self) -> ChangeSet {
+        self.take_changes_with_snapshots(|_| Vec::new())
+    }
+
+    /// As [`Engine::take_changes`], with the member entries of the checkpoint shards
+    /// `snapshot_shards` names for each partition, for those whose every entry is in memory
+    /// (see [`PartitionChanges::member_snapshots`]): a checkpoint's shard snapshots, taken
+    /// before any entry leaves memory.
+    pub fn take_changes_with_snapshots(
+        &mut self,
+        mut snapshot_shards: impl FnMut(&PartitionKey) -> Vec<u16>,
+    ) -> ChangeSet {
         let plan = &self.plan;
         let mut partitions: Vec<PartitionChanges> = self
             .partitions
             .iter_mut()
-            .filter_map(|(key, state)| state.take_changes(plan, key))
+            .filter_map(|(key, state)| state.take_changes(plan, key, &snapshot_shards(key)))
             .collect();
         partitions.sort_by(|a, b| a.key.cmp(&b.key));
         if let Some(memory) = &self.memory {

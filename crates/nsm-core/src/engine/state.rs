@@ -172,6 +172,10 @@ pub struct PartitionSnapshot {
     /// partition's event watermark then. Its windows starting before it lack the events
     /// before it: partial.
     pub metric_since: Vec<(usize, EpochMillis)>,
+    /// The store holds no member entry of the partition: every entry will be one the engine
+    /// wrote, so none is read back, and shard snapshots can be taken from memory. `false`
+    /// (the default) when unknown.
+    pub no_stored_members: bool,
 }
 
 /// A window's value in memory. Members of distinct sets and threshold progress are kept by
@@ -443,7 +447,11 @@ impl PartitionState {
             last_window: vec![None; metric_count],
             funnels_kept_from: vec![None; metric_count],
             ids_kept_from: None,
-            members: MemberIndex::new(state_memory),
+            members: if snapshot.no_stored_members {
+                MemberIndex::new(state_memory).with_nothing_stored()
+            } else {
+                MemberIndex::new(state_memory)
+            },
             poisoned: false,
             pending: Pending::default(),
         }

@@ -1060,6 +1060,7 @@ fn snapshot_of(changes: &ChangeSet) -> PartitionSnapshot {
         event_watermark_ms: part.event_watermark_ms,
         idle_floor_ms: part.idle_floor_ms,
         metric_since: Vec::new(),
+        no_stored_members: false,
         windows: part
             .upserts
             .iter()
