@@ -3,6 +3,11 @@
 //! deletes expanded into a tombstone per key, each partition's records ended by its meta record
 //! (see the [`crate::changelog`] module doc for how a restore reads them). `nsm run` writes
 //! frames and never calls it.
+//!
+//! Its member records carry format 6's keys (`<window key> <entry>`), as an older nsm sent them,
+//! while the store keys entries by digest (format 8): the writer remembers format 6's key of
+//! every entry of the change sets it is shown (`Store::learn_legacy_keys`), and sends a stored
+//! member key only through that map.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
