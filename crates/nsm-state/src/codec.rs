@@ -2,7 +2,7 @@
 //! flipped, so RocksDB's byte order is numeric order.
 
 use nsm_core::decimal::Decimal;
-use nsm_core::engine::{AggValue, Progress, FUNNEL_WINDOW};
+use nsm_core::engine::{member_shard_of, AggValue, Progress, FUNNEL_WINDOW};
 use nsm_core::table::entity_key;
 use nsm_core::PartitionKey;
 
@@ -74,22 +74,20 @@ fn window_key_into(
     out.extend_from_slice(&encode_i64(start_ms));
 }
 
-/// The checkpoint shards of member entries: a shard is a key range of every place (window, or
-/// funnel period), so a checkpoint can read one shard of a partition back.
-pub const MEMBER_SHARDS: usize = 1024;
+/// The checkpoint shards of member entries (nsm-core's): a shard is a key range of every place
+/// (window, or funnel period), so a checkpoint can read one shard of a partition back.
+pub const MEMBER_SHARDS: usize = nsm_core::engine::MEMBER_SHARDS as usize;
 
-/// Bits of a digest that name its checkpoint shard: its top ones, so that a shard is a range
-/// of digests, and one of the member index's table shards is 16 whole checkpoint shards.
+/// Bits of a digest that name its checkpoint shard (`nsm_core::engine::member_shard_of`).
 const SHARD_BITS: u32 = MEMBER_SHARDS.trailing_zeros();
 
 /// Bytes of the digest that ends a member key (format 8).
 const DIGEST_BYTES: usize = 16;
 
-/// The checkpoint shard of a member entry: the top bits of the digest nsm-core's member index
-/// keys the entry by.
+/// The checkpoint shard of a member entry.
 #[cfg(test)]
 fn member_shard(entry: &[u8]) -> u16 {
-    (entity_key(0, entry) >> (128 - SHARD_BITS)) as u16
+    member_shard_of(entity_key(0, entry))
 }
 
 /// How many bytes of a member entry name its place before the entry itself: a funnel entry's
@@ -165,7 +163,8 @@ pub fn member_shard_position(key: &[u8]) -> Option<usize> {
 /// The shard a stored member key (format 8) names.
 pub fn stored_member_shard(key: &[u8]) -> Option<u16> {
     let at = member_shard_position(key)?;
-    Some(u16::from_be_bytes([key[at], key[at + 1]]) >> (16 - SHARD_BITS))
+    let digest = key.get(at..at + DIGEST_BYTES)?.try_into().ok()?;
+    Some(member_shard_of(u128::from_be_bytes(digest)))
 }
 
 /// The key range of `shard` in a place (a window key, and a funnel's period).
@@ -195,9 +194,15 @@ pub fn current_member_key(legacy: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The stored key (format 8) of a stored member key of format 7: format 7's `entries`, and its
+/// frames, are read through it.
+pub fn current_member_key_of_format_7(key: &[u8]) -> Option<Vec<u8>> {
+    current_member_key(&format_7_legacy_key(key)?)
+}
+
 /// A stored member key of format 7, `<window key> [<funnel period>] <shard u16 BE> <entry>`, in
-/// format 6's layout: format 7's `entries`, and its frames, are read through it.
-pub fn format_7_legacy_key(key: &[u8]) -> Option<Vec<u8>> {
+/// format 6's layout.
+fn format_7_legacy_key(key: &[u8]) -> Option<Vec<u8>> {
     let (window_end, start_ms) = split_member_key(key)?;
     let entry_len = (key.len() - window_end).checked_sub(2)?;
     let shard = window_end + period_len(start_ms, entry_len);
@@ -601,6 +606,10 @@ mod tests {
             format_7.extend_from_slice(&member_shard(entry).to_be_bytes());
             format_7.extend_from_slice(&entry[place - window.len()..]);
             assert_eq!(format_7_legacy_key(&format_7).as_deref(), Some(&*legacy));
+            assert_eq!(
+                current_member_key_of_format_7(&format_7).as_deref(),
+                Some(&*key)
+            );
         }
         // The shards of a place are adjacent ranges covering every digest.
         let place = window_key(&prefix, "m", 5);

@@ -12,8 +12,8 @@ use rocksdb::WriteBatch;
 
 use crate::changelog::{encode_position, family_of, position_key, FAMILIES, OLDER_MEMBER_BYTE};
 use crate::codec::{
-    current_member_key, format_7_legacy_key, member_shard_position, member_shard_range,
-    partition_prefix, prefix_successor, split_partition_prefix,
+    current_member_key_of_format_7, member_shard_position, member_shard_range, partition_prefix,
+    prefix_successor, split_partition_prefix,
 };
 use crate::frames::{FramedWrite, AGGREGATE_SHARD};
 use crate::{
@@ -165,8 +165,7 @@ impl<'s> RocksSink<'s> {
         if row[0] != OLDER_MEMBER_BYTE {
             return Ok((family, key));
         }
-        format_7_legacy_key(&key)
-            .and_then(|legacy| current_member_key(&legacy))
+        current_member_key_of_format_7(&key)
             .map(|key| (family, key))
             .ok_or_else(|| corrupt(format!("a format 7 member row of {} bytes", row.len())))
     }

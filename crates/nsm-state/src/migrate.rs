@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, DB};
 
-use crate::codec::{current_member_key, format_7_legacy_key, split_partition_prefix};
+use crate::codec::{current_member_key, current_member_key_of_format_7, split_partition_prefix};
 use crate::format::{FORMAT_VERSION, FORMAT_VERSION_KEY, FORMAT_WITH_SHARDED_ENTRIES};
 use crate::{StateError, Store, CF_ENTRIES, CF_MEMBERS, CF_META, CF_SHARDED_ENTRIES};
 
@@ -74,16 +74,12 @@ pub(crate) fn rewrite_entries(
                 partitions += 1;
                 last_partition = partition.to_vec();
             }
-            let legacy = if of_format_7 {
-                format_7_legacy_key(&key).ok_or_else(corrupt)?
+            let current = if of_format_7 {
+                current_member_key_of_format_7(&key)
             } else {
-                key.to_vec()
+                current_member_key(&key)
             };
-            batch.put_cf(
-                entries,
-                current_member_key(&legacy).ok_or_else(corrupt)?,
-                value,
-            );
+            batch.put_cf(entries, current.ok_or_else(corrupt)?, value);
             rewritten += 1;
             if batch.len() >= BATCH_ENTRIES {
                 db.write_opt(std::mem::take(&mut batch), &write_options)?;

@@ -63,6 +63,12 @@ pub struct MemberShardRows {
 /// Checkpoint shards of member entries: a digest's top 10 bits.
 pub const MEMBER_SHARDS: u16 = 1024;
 
+/// The checkpoint shard of an entry's digest: its top bits, so that a shard is a range of
+/// digests, and one of the member index's table shards is 16 whole checkpoint shards.
+pub fn member_shard_of(digest: u128) -> u16 {
+    (digest >> (128 - MEMBER_SHARDS.trailing_zeros())) as u16
+}
+
 /// Member entries of one window whose keys sort before `before`, to delete (old funnel
 /// periods of a conversion metric).
 #[derive(Debug, Clone, PartialEq, Eq)]

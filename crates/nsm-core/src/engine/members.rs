@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::changes::{
-    MemberInsert, MemberRangeDelete, MemberRow, MemberShardRows, PartitionChanges, WindowDelete,
-    WindowsBefore, MEMBER_SHARDS,
+    member_shard_of, MemberInsert, MemberRangeDelete, MemberRow, MemberShardRows, PartitionChanges,
+    WindowDelete, WindowsBefore, MEMBER_SHARDS,
 };
 
 use super::funnel::FUNNEL_WINDOW;
@@ -593,11 +593,6 @@ impl MemberIndex {
         let place = place_of(metric, start_ms, key);
         let digest = entity_key(0, key);
         let (checkpoint, all_known) = (self.checkpoint, self.all_known);
-        // A short funnel key's period is not its stored key's: such a place cannot be
-        // snapshotted from memory (no funnel key is that short).
-        if start_ms == FUNNEL_WINDOW && key.len() < 8 {
-            self.all_known = false;
-        }
         let space = self
             .spaces
             .entry(place)
@@ -720,11 +715,10 @@ impl MemberIndex {
         {
             return None;
         }
-        let shard_bits = MEMBER_SHARDS.trailing_zeros();
         let mut rows = Vec::new();
         for (&(metric, start_ms, period), space) in &self.spaces {
             space.rows.for_each_in_shard(table_shard, |digest, lanes| {
-                if (digest >> (128 - shard_bits)) as u16 == shard {
+                if member_shard_of(digest) == shard {
                     rows.push(MemberRow {
                         metric,
                         start_ms,
@@ -827,9 +821,12 @@ impl MemberIndex {
     }
 }
 
-/// The place of an entry: a funnel entry's period is its key's first 8 bytes.
+/// The place of an entry: a funnel entry's period is its key's first 8 bytes (every funnel key
+/// starts with its whole period, `funnel::entry_key`, as the store's keys and the snapshots'
+/// rows take it).
 fn place_of(metric: usize, start_ms: EpochMillis, key: &[u8]) -> Place {
     if start_ms == FUNNEL_WINDOW {
+        debug_assert!(key.len() >= 8, "a funnel key without its whole period");
         (metric, start_ms, period_of_key(key))
     } else {
         (metric, start_ms, 0)
@@ -1218,7 +1215,7 @@ mod tests {
             .contains(&source, 0, 3_600_000, b"bo")
             .expect("in memory"));
         assert_eq!(reads(&reader), 0);
-        let shard_of = |key: &[u8]| (entity_key(0, key) >> 118) as u16;
+        let shard_of = |key: &[u8]| member_shard_of(entity_key(0, key));
         let (ana, funnel) = (shard_of(b"ana"), shard_of(&funnel_key));
         let (taken, snapshots) = index.take_written_with_snapshots(&[ana, funnel]);
         reader.inner.write_members(&partition, &taken, &[]);

@@ -28,8 +28,8 @@ use crate::event::{NoRecord, RecordMeta};
 
 pub use baseline::{progress_step_ms, Baseline, BaselinePoint, Progress, SEASONAL_WEEKS};
 pub use changes::{
-    ChangeSet, MemberInsert, MemberRangeDelete, MemberRow, MemberShardRows, PartitionChanges,
-    SegmentUpsert, WindowDelete, WindowUpsert, WindowsBefore, MEMBER_SHARDS,
+    member_shard_of, ChangeSet, MemberInsert, MemberRangeDelete, MemberRow, MemberShardRows,
+    PartitionChanges, SegmentUpsert, WindowDelete, WindowUpsert, WindowsBefore, MEMBER_SHARDS,
 };
 pub use funnel::FUNNEL_WINDOW;
 pub use members::{CountingReader, EntryValue, MemoryReader, StateReadError, StateReader};
