@@ -71,9 +71,10 @@ impl Frames {
     /// Sends and stores one checkpoint; the records it sent.
     pub fn write(&mut self, store: &Store, changes: &ChangeSet) -> anyhow::Result<u64> {
         let started = Instant::now();
-        let write = store.prepare_frames(changes);
+        let mut write = store.prepare_frames(changes);
         let prepared = Instant::now();
-        let checkpoints = store.checkpoints_of(&write, |id| self.checkpointer.snapshots_due(id))?;
+        let checkpoints =
+            store.checkpoints_of(&mut write, |id| self.checkpointer.snapshots_due(id))?;
         let snapshotted = Instant::now();
         self.heads.stage(write);
         let report = self

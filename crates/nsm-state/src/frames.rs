@@ -18,12 +18,12 @@ use rocksdb::ReadOptions;
 
 use crate::changelog::{family_byte, BatchRecorder};
 use crate::codec::{
-    member_key_of_digest, member_shard_position, member_shard_range, partition_prefix,
-    prefix_successor, split_partition_prefix, stored_member_shard, MEMBER_SHARDS,
+    member_key_of_digest, member_shard_range, partition_prefix, prefix_successor,
+    split_partition_prefix, stored_member_shard, MEMBER_SHARDS,
 };
 use crate::{
-    PartitionKey, Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_SEGMENTS,
-    CF_WINDOWS,
+    pages, PartitionKey, Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS,
+    CF_SEGMENTS, CF_WINDOWS,
 };
 
 /// The shard of every row that is not a member entry.
@@ -434,16 +434,24 @@ impl Store {
     /// dropped ranges, and the snapshots of the first [`SNAPSHOTS_PER_CHECKPOINT`] of the `due`
     /// shards, read now (before the write is stored) as they will be once it is. `None` when
     /// the write does not write the partition.
+    ///
+    /// Each member shard snapshotted also has its pages rewritten in the write, one run each
+    /// (see [`crate::pages`]): a page has at most the runs of one round of snapshots.
     pub fn checkpoint_of(
         &self,
-        write: &FramedWrite,
+        write: &mut FramedWrite,
         partition: &PartitionKey,
         due: &[ShardId],
     ) -> Result<Option<Checkpoint>, StateError> {
-        let Some((_, meta, overlay)) = write.partitions.iter().find(|(key, ..)| key == partition)
-        else {
+        let FramedWrite {
+            batch,
+            partitions,
+            memory_shards,
+        } = write;
+        let Some((_, meta, overlay)) = partitions.iter().find(|(key, ..)| key == partition) else {
             return Ok(None);
         };
+        let prefix = partition_prefix(partition);
         let mut checkpoint = Checkpoint::new(partition_id(partition), meta.clone());
         for (start, end) in overlay.ranges() {
             checkpoint.drop_range(start, end);
@@ -459,15 +467,34 @@ impl Store {
             let Ok(number) = u16::try_from(shard.0) else {
                 continue;
             };
-            if let Some(memory) = write.memory_shard(partition, number) {
+            let memory = memory_shards
+                .iter()
+                .find(|(key, found, _)| key == partition && *found == number);
+            if let Some((.., memory)) = memory {
                 for (key, value) in &memory.rows {
                     checkpoint.snapshot_row(shard, key, value);
                 }
+                let rows = memory.rows.iter();
+                self.rewrite_pages(
+                    batch,
+                    &prefix,
+                    rows.map(|(k, v)| (k.as_slice(), v.as_slice())),
+                );
                 continue;
             }
+            let mut rows: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
             self.shard_rows(partition, number, overlay, |key, value| {
-                checkpoint.snapshot_row(shard, key, value)
+                checkpoint.snapshot_row(shard, key, value);
+                if number != AGGREGATE_SHARD {
+                    rows.push((key.to_vec(), value.to_vec()));
+                }
             })?;
+            let rows = rows.iter();
+            self.rewrite_pages(
+                batch,
+                &prefix,
+                rows.map(|(k, v)| (k.as_slice(), v.as_slice())),
+            );
         }
         Ok(Some(checkpoint))
     }
@@ -477,11 +504,12 @@ impl Store {
     /// `Checkpointer::commit`.
     pub fn checkpoints_of(
         &self,
-        write: &FramedWrite,
+        write: &mut FramedWrite,
         mut due: impl FnMut(&PartitionId) -> Vec<ShardId>,
     ) -> Result<Vec<Checkpoint>, StateError> {
-        let mut checkpoints = Vec::with_capacity(write.partitions.len());
-        for partition in write.partitions() {
+        let partitions: Vec<PartitionKey> = write.partitions().cloned().collect();
+        let mut checkpoints = Vec::with_capacity(partitions.len());
+        for partition in &partitions {
             let due = due(&partition_id(partition));
             checkpoints.extend(self.checkpoint_of(write, partition, &due)?);
         }
@@ -588,8 +616,9 @@ impl Store {
         Ok(())
     }
 
-    /// The stored entries of one member shard of a partition: in each place, the shard's keys
-    /// are one range of digests, found with a seek, and the next place with another.
+    /// The stored entries of one member shard of a partition, by their keys of format 8, in
+    /// key order: in each place, the shard is one page, found with a seek, and the next place
+    /// with another.
     pub(crate) fn scan_member_shard(
         &self,
         prefix: &[u8],
@@ -598,38 +627,77 @@ impl Store {
     ) -> Result<(), StateError> {
         let mut stored = self.db.raw_iterator_cf_opt(self.cf(CF_ENTRIES), uncached());
         stored.seek(prefix);
-        let mut bounds = None;
+        let mut page: Vec<u8> = Vec::new();
+        let mut runs: Vec<Box<[u8]>> = Vec::new();
+        let mut emit = |page: &[u8], runs: &mut Vec<Box<[u8]>>| -> Result<(), StateError> {
+            for (digest, value) in pages::merge_runs(runs)? {
+                each(&pages::member_key(page, digest), &value);
+            }
+            runs.clear();
+            Ok(())
+        };
         while let (true, Some(key)) = (stored.valid(), stored.key()) {
             if !key.starts_with(prefix) {
                 break;
             }
-            let place = member_shard_position(key).ok_or_else(|| StateError::Corrupt {
-                column_family: CF_ENTRIES,
-                detail: format!("a member key of {} bytes with no window in it", key.len()),
-            })?;
-            // The shard's range in this place, made again only when the place changes.
-            let known = bounds
-                .as_ref()
-                .is_some_and(|(start, _): &(Vec<u8>, Vec<u8>)| {
-                    start.len() == place + 2 && start.starts_with(&key[..place])
-                });
-            if !known {
-                bounds = None;
-            }
-            let (start, end) =
-                bounds.get_or_insert_with(|| member_shard_range(&key[..place], shard));
-            if key < start.as_slice() {
-                stored.seek(start);
-            } else if key < end.as_slice() {
-                each(key, stored.value().unwrap_or_default());
-                stored.next();
-            } else {
+            let (this_page, place) =
+                pages::page_of_run(key).ok_or_else(|| StateError::Corrupt {
+                    column_family: CF_ENTRIES,
+                    detail: format!("a run key of {} bytes", key.len()),
+                })?;
+            // The shard's page in this place (its range's start is the page).
+            let (start, _) = member_shard_range(&key[..place], shard);
+            match this_page.cmp(start.as_slice()) {
+                std::cmp::Ordering::Less => stored.seek(&start),
+                std::cmp::Ordering::Equal => {
+                    if this_page != page.as_slice() {
+                        emit(&page, &mut runs)?;
+                        page = this_page.to_vec();
+                    }
+                    runs.push(stored.value().unwrap_or_default().into());
+                    stored.next();
+                }
                 // Past the shard in this place: on to the next place.
-                stored.seek(prefix_successor(&key[..place]));
+                std::cmp::Ordering::Greater => stored.seek(prefix_successor(&key[..place])),
             }
         }
         stored.status()?;
-        Ok(())
+        emit(&page, &mut runs)
+    }
+
+    /// Rewrites each page of a member shard snapshot as one run, in `batch`: `rows` are the
+    /// snapshot's frame rows of `partition`, in key order, as they are once the write is stored.
+    fn rewrite_pages<'r>(
+        &self,
+        batch: &mut rocksdb::WriteBatch,
+        partition_prefix: &[u8],
+        rows: impl IntoIterator<Item = (&'r [u8], &'r [u8])>,
+    ) {
+        let mut page: Vec<u8> = Vec::new();
+        let mut page_rows: Vec<(u128, &'r [u8])> = Vec::new();
+        let entries = self.cf(CF_ENTRIES);
+        let mut key = Vec::new();
+        for (row, value) in rows {
+            key.clear();
+            key.extend_from_slice(partition_prefix);
+            key.extend_from_slice(row.get(1..).unwrap_or_default());
+            let (Some(this_page), Some((_, digest))) = (
+                pages::page_of_member_key(&key),
+                pages::split_member_key(&key),
+            ) else {
+                continue;
+            };
+            if this_page != page {
+                if !page.is_empty() {
+                    pages::rewrite_page(batch, entries, &self.runs, &page, page_rows.drain(..));
+                }
+                page = this_page;
+            }
+            page_rows.push((digest, value));
+        }
+        if !page.is_empty() {
+            pages::rewrite_page(batch, entries, &self.runs, &page, page_rows);
+        }
     }
 }
 
