@@ -158,20 +158,12 @@ impl<'s> BatchRecorder<'s> {
     }
 
     fn flush_pages(&mut self) {
-        let store = self.store;
-        self.pages
-            .flush(&mut self.batch, store.cf(CF_ENTRIES), &store.runs);
+        self.pages.flush(&mut self.batch, self.store.cf(CF_ENTRIES));
     }
 
     fn member(&mut self, key: &[u8], value: Option<&[u8]>) {
-        let store = self.store;
-        let put = self.pages.put(
-            &mut self.batch,
-            store.cf(CF_ENTRIES),
-            &store.runs,
-            key,
-            value,
-        );
+        let entries = self.store.cf(CF_ENTRIES);
+        let put = self.pages.put(&mut self.batch, entries, key, value);
         if let Err(error) = put {
             // Every member key recorded is made by `codec`, from a window and an entry.
             unreachable!("a member key the codec did not make: {error}");
@@ -460,8 +452,8 @@ impl Store {
                 written.insert(&record.key);
             }
             if family == CF_ENTRIES {
-                let (entries, runs) = (self.cf(CF_ENTRIES), &self.runs);
-                pages.put(&mut batch, entries, runs, key, record.value.as_deref())?;
+                let entries = self.cf(CF_ENTRIES);
+                pages.put(&mut batch, entries, key, record.value.as_deref())?;
                 continue;
             }
             match &record.value {
@@ -469,7 +461,7 @@ impl Store {
                 None => batch.delete_cf(self.cf(family), key),
             }
         }
-        pages.flush(&mut batch, self.cf(CF_ENTRIES), &self.runs);
+        pages.flush(&mut batch, self.cf(CF_ENTRIES));
         self.db.write_opt(batch, &self.write_options)?;
         Ok(left_out)
     }

@@ -158,17 +158,15 @@ impl<'s> RocksSink<'s> {
     /// The member rows buffered so far, into the batch as runs: before anything that must
     /// come after them.
     fn flush_pages(&mut self) {
-        self.pages
-            .flush(&mut self.batch, self.store.cf(CF_ENTRIES), &self.store.runs);
+        self.pages.flush(&mut self.batch, self.store.cf(CF_ENTRIES));
     }
 
     /// Applies a row to the batch (`value: None` deletes it).
     fn row(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StateError> {
         let (family, key) = self.stored(key)?;
         if family == CF_ENTRIES {
-            let (entries, runs) = (self.store.cf(CF_ENTRIES), &self.store.runs);
-            self.pages
-                .put(&mut self.batch, entries, runs, &key, value)?;
+            let entries = self.store.cf(CF_ENTRIES);
+            self.pages.put(&mut self.batch, entries, &key, value)?;
         } else {
             match value {
                 Some(value) => self.batch.put_cf(self.store.cf(family), key, value),
@@ -280,7 +278,7 @@ impl RestoreSink for RocksSink<'_> {
                         }
                     })?;
                 for place in places {
-                    // The page's runs: its range in a place is the shard's in either layout.
+                    // The page: its range in a place is the shard's in either layout.
                     let (start, end) = member_shard_range(&place, number);
                     self.batch
                         .delete_range_cf(self.store.cf(CF_ENTRIES), start, end);

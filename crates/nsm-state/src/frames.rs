@@ -435,8 +435,8 @@ impl Store {
     /// shards, read now (before the write is stored) as they will be once it is. `None` when
     /// the write does not write the partition.
     ///
-    /// Each member shard snapshotted also has its pages rewritten in the write, one run each
-    /// (see [`crate::pages`]): a page has at most the runs of one round of snapshots.
+    /// Each member shard snapshotted also has its pages put whole in the write (see
+    /// [`crate::pages`]), replacing the runs merged into them since.
     pub fn checkpoint_of(
         &self,
         write: &mut FramedWrite,
@@ -627,45 +627,37 @@ impl Store {
     ) -> Result<(), StateError> {
         let mut stored = self.db.raw_iterator_cf_opt(self.cf(CF_ENTRIES), uncached());
         stored.seek(prefix);
-        let mut page: Vec<u8> = Vec::new();
-        let mut runs: Vec<Box<[u8]>> = Vec::new();
-        let mut emit = |page: &[u8], runs: &mut Vec<Box<[u8]>>| -> Result<(), StateError> {
-            for (digest, value) in pages::merge_runs(runs)? {
-                each(&pages::member_key(page, digest), &value);
-            }
-            runs.clear();
-            Ok(())
-        };
-        while let (true, Some(key)) = (stored.valid(), stored.key()) {
-            if !key.starts_with(prefix) {
+        while let (true, Some(page)) = (stored.valid(), stored.key()) {
+            if !page.starts_with(prefix) {
                 break;
             }
-            let (this_page, place) =
-                pages::page_of_run(key).ok_or_else(|| StateError::Corrupt {
+            let place = page
+                .len()
+                .checked_sub(2)
+                .ok_or_else(|| StateError::Corrupt {
                     column_family: CF_ENTRIES,
-                    detail: format!("a run key of {} bytes", key.len()),
+                    detail: format!("a page key of {} bytes", page.len()),
                 })?;
             // The shard's page in this place (its range's start is the page).
-            let (start, _) = member_shard_range(&key[..place], shard);
-            match this_page.cmp(start.as_slice()) {
+            let (start, _) = member_shard_range(&page[..place], shard);
+            match page.cmp(start.as_slice()) {
                 std::cmp::Ordering::Less => stored.seek(&start),
                 std::cmp::Ordering::Equal => {
-                    if this_page != page.as_slice() {
-                        emit(&page, &mut runs)?;
-                        page = this_page.to_vec();
+                    let run = stored.value().unwrap_or_default();
+                    for (digest, value) in pages::page_entries(run)? {
+                        each(&pages::member_key(page, digest), &value);
                     }
-                    runs.push(stored.value().unwrap_or_default().into());
                     stored.next();
                 }
                 // Past the shard in this place: on to the next place.
-                std::cmp::Ordering::Greater => stored.seek(prefix_successor(&key[..place])),
+                std::cmp::Ordering::Greater => stored.seek(prefix_successor(&page[..place])),
             }
         }
         stored.status()?;
-        emit(&page, &mut runs)
+        Ok(())
     }
 
-    /// Rewrites each page of a member shard snapshot as one run, in `batch`: `rows` are the
+    /// Puts each page of a member shard snapshot whole, in `batch`: `rows` are the
     /// snapshot's frame rows of `partition`, in key order, as they are once the write is stored.
     fn rewrite_pages<'r>(
         &self,
@@ -689,14 +681,14 @@ impl Store {
             };
             if this_page != page {
                 if !page.is_empty() {
-                    pages::rewrite_page(batch, entries, &self.runs, &page, page_rows.drain(..));
+                    pages::rewrite_page(batch, entries, &page, page_rows.drain(..));
                 }
                 page = this_page;
             }
             page_rows.push((digest, value));
         }
         if !page.is_empty() {
-            pages::rewrite_page(batch, entries, &self.runs, &page, page_rows);
+            pages::rewrite_page(batch, entries, &page, page_rows);
         }
     }
 }

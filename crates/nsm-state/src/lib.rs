@@ -18,10 +18,10 @@
 //!   partition's event watermark when a metric started on it while it already had state (its
 //!   windows starting before are partial).
 //! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
-//! - `entry_pages`: `<window key> [<funnel period>] <shard's 2 bytes> <sequence u64 BE>` → a run
-//!   of rows: the per-entity entries of a window (members of distinct sets, threshold progress,
-//!   trailing occurrences; see `nsm_core::engine::members`), stored by page, a window's
-//!   checkpoint shard (see [`pages`]). An entry is known everywhere else by its key of format 8,
+//! - `entry_pages`: `<window key> [<funnel period>] <shard's 2 bytes>` → a run of rows, merged
+//!   by RocksDB from one operand per write: the per-entity entries of a window (members of
+//!   distinct sets, threshold progress, trailing occurrences; see `nsm_core::engine::members`),
+//!   stored by page, a window's checkpoint shard (see [`pages`]). An entry is known everywhere else by its key of format 8,
 //!   `<window key> [<funnel period>] <digest u128 BE>`: the digest is the XXH3-128 of the entry's
 //!   key, the member index's key of it, and its top 10 bits are its checkpoint shard (one of
 //!   1,024). A conversion's funnel period comes before it, so its periods stay key ranges.
@@ -186,8 +186,6 @@ pub struct Store {
     /// What format 3 stored for the same definitions, whose data this nsm reads as it is.
     format_3_fingerprints: Arc<Vec<String>>,
     metric_index: Arc<HashMap<String, usize>>,
-    /// The sequences of the member pages' runs this open writes.
-    runs: Arc<pages::RunSequences>,
 }
 
 impl Store {
@@ -265,9 +263,14 @@ impl Store {
                 names.push(existing);
             }
         }
-        let families = names
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, family_options.clone()));
+        let families = names.iter().map(|name| {
+            let options = if name == CF_ENTRIES {
+                pages::family_options(&family_options)
+            } else {
+                family_options.clone()
+            };
+            ColumnFamilyDescriptor::new(name, options)
+        });
         let db = DB::open_cf_descriptors(&db_options, path, families).map_err(|source| {
             StateError::Open {
                 path: path.to_path_buf(),
@@ -299,8 +302,6 @@ impl Store {
         };
         let data = [CF_PARTITIONS, CF_WINDOWS, CF_ENTRIES].map(family);
         let found = format::check(&db, family(CF_META), &data, &write_options, path)?;
-        // After the check: a store this nsm refuses is left as it was.
-        let runs = pages::RunSequences::open(&db, family(CF_META), &write_options)?;
         let mut store = Store {
             db: Arc::new(db),
             write_options: Arc::new(write_options),
@@ -308,7 +309,6 @@ impl Store {
             metric_fingerprints: Arc::new(metric_fingerprints),
             format_3_fingerprints: Arc::new(format_3_fingerprints),
             metric_index: Arc::new(metric_index),
-            runs: Arc::new(runs),
         };
         if found == format::FORMAT_WITH_GLOBAL_FINGERPRINTS {
             store.migrate_fingerprints_to_partitions()?;
@@ -660,26 +660,17 @@ impl Store {
     /// The value of a member entry, by its key of format 8: the newest run of its page that
     /// names it decides.
     pub(crate) fn stored_member(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        let Some((place, digest)) = pages::split_member_key(key) else {
+        let (Some((_, digest)), Some(page)) =
+            (pages::split_member_key(key), pages::page_of_member_key(key))
+        else {
             return Ok(None);
         };
-        let Some(page) = pages::page_of_member_key(key) else {
+        let Some(run) = self.db.get_pinned_cf(self.cf(CF_ENTRIES), page)? else {
             return Ok(None);
         };
-        debug_assert_eq!(page.len(), place + 2);
-        let mut read = ReadOptions::default();
-        read.set_iterate_lower_bound(page.clone());
-        read.set_iterate_upper_bound(prefix_successor(&page));
-        let mut runs = self.db.raw_iterator_cf_opt(self.cf(CF_ENTRIES), read);
-        runs.seek_to_last();
-        while let (true, Some(run)) = (runs.valid(), runs.value()) {
-            if let Some(value) = pages::find_in_run(run, digest)? {
-                return Ok(value.map(<[u8]>::to_vec));
-            }
-            runs.prev();
-        }
-        runs.status()?;
-        Ok(None)
+        Ok(pages::find_in_run(&run, digest)?
+            .flatten()
+            .map(<[u8]>::to_vec))
     }
 
     /// Hands `each` every member page under `prefix` with its entries (merged from its runs, in
@@ -704,30 +695,14 @@ impl Store {
         read.fill_cache(false);
         let mut stored = self.db.raw_iterator_cf_opt(self.cf(CF_ENTRIES), read);
         stored.seek(start);
-        let mut page: Vec<u8> = Vec::new();
-        let mut runs: Vec<Box<[u8]>> = Vec::new();
-        while let (true, Some(key), Some(run)) = (stored.valid(), stored.key(), stored.value()) {
-            if key >= end {
+        while let (true, Some(page), Some(run)) = (stored.valid(), stored.key(), stored.value()) {
+            if page >= end {
                 break;
             }
-            let (this_page, _) = pages::page_of_run(key).ok_or_else(|| StateError::Corrupt {
-                column_family: CF_ENTRIES,
-                detail: format!("a run key of {} bytes", key.len()),
-            })?;
-            if this_page != page.as_slice() {
-                if !runs.is_empty() {
-                    each(&page, pages::merge_runs(&runs)?);
-                }
-                runs.clear();
-                page = this_page.to_vec();
-            }
-            runs.push(run.into());
+            each(page, pages::page_entries(run)?);
             stored.next();
         }
         stored.status()?;
-        if !runs.is_empty() {
-            each(&page, pages::merge_runs(&runs)?);
-        }
         Ok(())
     }
 
@@ -1017,6 +992,32 @@ impl StateReader for Store {
         );
         self.stored_member(&stored_key)
             .map_err(|error| StateReadError(error.to_string()))
+    }
+
+    fn member_page(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: i64,
+        period: u64,
+        shard: u16,
+    ) -> Result<Vec<(u128, Vec<u8>)>, StateReadError> {
+        let mut place = window_key(
+            &partition_prefix(partition),
+            self.metric_name(metric),
+            start_ms,
+        );
+        if start_ms == nsm_core::engine::FUNNEL_WINDOW {
+            place.extend_from_slice(&period.to_be_bytes());
+        }
+        let (page, _) = codec::member_shard_range(&place, shard);
+        let read = || -> Result<_, StateError> {
+            match self.db.get_pinned_cf(self.cf(CF_ENTRIES), &page)? {
+                Some(run) => pages::page_entries(&run),
+                None => Ok(Vec::new()),
+            }
+        };
+        read().map_err(|error| StateReadError(error.to_string()))
     }
 
     fn has_entries(

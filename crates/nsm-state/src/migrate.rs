@@ -43,7 +43,6 @@ pub(crate) fn rewrite_entries(
 ) -> Result<(), StateError> {
     let started = Instant::now();
     let write_options = store.write_options.clone();
-    let runs = store.runs.clone();
     let db = database(store);
     let entries = db
         .cf_handle(CF_ENTRIES)
@@ -90,14 +89,14 @@ pub(crate) fn rewrite_entries(
                 _ => current_member_key(&key),
             };
             let current = current.ok_or_else(corrupt)?;
-            pages.put(&mut batch, entries, &runs, &current, Some(&value))?;
+            pages.put(&mut batch, entries, &current, Some(&value))?;
             rewritten += 1;
             if rewritten % BATCH_ENTRIES as u64 == 0 {
-                pages.flush(&mut batch, entries, &runs);
+                pages.flush(&mut batch, entries);
                 db.write_opt(std::mem::take(&mut batch), &write_options)?;
             }
         }
-        pages.flush(&mut batch, entries, &runs);
+        pages.flush(&mut batch, entries);
         db.write_opt(batch, &write_options)?;
     }
     let meta = db

@@ -2,89 +2,87 @@
 //!
 //! A member entry is known by its key of format 8, `<place> <digest, 16 bytes BE>`
 //! (`codec::member_key_into`): the frames, the overlay of a write and every reader use that
-//! key. What RocksDB holds is coarser. The entries of one *page*, a place's checkpoint shard
-//! (the digests whose top 10 bits are the shard), are stored as *runs*: one value holding rows
-//! sorted by digest, under `<place> <shard's 2 bytes of digest> <sequence, 8 bytes BE>`. A
-//! write puts one run per page it touches, whatever the number of entries, so a checkpoint
-//! inserts a few thousand keys into the memtable instead of one per entry, and compactions
-//! move large values. A page is read whole, merging its runs: the newest run holding a digest
-//! decides, and a row may be a tombstone. When a shard is snapshotted, each of its pages is
-//! rewritten as one run and its older runs are deleted, so a page has at most the runs of one
-//! round of snapshots.
-//!
-//! Sequences grow with every run the store writes: the store's *generation*, raised and stored
-//! at every open, above a counter of the runs written since. A run written later than another
-//! of its page always has the larger sequence, across restarts too.
+//! key. What RocksDB holds is coarser: one value per *page*, a place's checkpoint shard (the
+//! digests whose top 10 bits are the shard), under `<place> <shard's 2 bytes of digest>`. The
+//! value is a *run*: rows sorted by digest, each a value or a tombstone. A write adds one run
+//! per page it touches as a RocksDB merge operand, whatever the number of entries, so a
+//! checkpoint inserts a few thousand keys into the memtable instead of one per entry, and
+//! compactions move large values. RocksDB merges a page's operands when it is read or
+//! compacted ([`full_merge`]: the newest row of a digest decides, and with the whole history at
+//! hand tombstones go); when a shard is snapshotted, each of its pages is put whole in the same
+//! write, so reads rarely merge more than a round of snapshots' runs.
 //!
 //! A page's key is the two bytes `codec::member_shard_range` puts after a place, so the key
 //! ranges of places, windows, funnel periods and shards are the same in both layouts.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use rocksdb::{ColumnFamily, WriteBatch, WriteOptions, DB};
+use rocksdb::merge_operator::MergeOperands;
+use rocksdb::{ColumnFamily, Options, WriteBatch};
 
 use crate::codec::{member_shard_position, push_varint, take_varint};
 use crate::StateError;
 
-/// Bytes of a run's sequence, after its page.
-const SEQUENCE_BYTES: usize = 8;
 /// Bytes of the digest that name a page after its place.
 const PAGE_BYTES: usize = 2;
 /// Bytes of the digest that end a member key of format 8.
 const DIGEST_BYTES: usize = 16;
 /// Bits of a digest that name its checkpoint shard.
 const SHARD_BITS: u32 = crate::codec::MEMBER_SHARDS.trailing_zeros();
-/// Runs written in one process life at most: the sequence's low bits.
-const COUNTER_BITS: u32 = 40;
 
-/// The key in `meta` of the store's generation.
-const GENERATION_KEY: &[u8] = b"run_generation";
+/// The name RocksDB keeps of the merge operator: a store of this format opens only with it.
+const MERGE_OPERATOR: &str = "nsm.member_pages.v1";
 
-/// The sequences of the runs a store writes.
-#[derive(Debug)]
-pub(crate) struct RunSequences {
-    generation: u64,
-    written: AtomicU64,
+/// The options of the pages' column family: `base`'s, with the merge operator of runs.
+pub(crate) fn family_options(base: &Options) -> Options {
+    let mut options = base.clone();
+    options.set_merge_operator(MERGE_OPERATOR, full_merge, partial_merge);
+    options
 }
 
-impl RunSequences {
-    /// Raises the store's generation and stores it, before any run of this open is written.
-    pub(crate) fn open(
-        db: &DB,
-        meta: &ColumnFamily,
-        write_options: &WriteOptions,
-    ) -> Result<Self, StateError> {
-        let stored = db
-            .get_cf(meta, GENERATION_KEY)?
-            .map(|bytes| {
-                <[u8; 8]>::try_from(&*bytes)
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| StateError::Corrupt {
-                        column_family: "meta",
-                        detail: format!("a run generation of {} bytes", bytes.len()),
-                    })
-            })
-            .transpose()?
-            .unwrap_or(0);
-        let generation = stored + 1;
-        db.put_cf_opt(
-            meta,
-            GENERATION_KEY,
-            generation.to_be_bytes(),
-            write_options,
-        )?;
-        Ok(RunSequences {
-            generation,
-            written: AtomicU64::new(0),
-        })
-    }
+/// Merges a page's runs with the whole history at hand (the stored value, if any, then the
+/// operands, oldest first): the newest row of each digest, deleted ones left out. `None`
+/// (a failed merge, which RocksDB reports as corruption) only for a damaged run.
+fn full_merge(_key: &[u8], stored: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    merge_values(stored, operands, false)
+}
 
-    /// The sequence of the next run.
-    pub(crate) fn next(&self) -> u64 {
-        let counter = self.written.fetch_add(1, Ordering::Relaxed);
-        debug_assert!(counter < 1 << COUNTER_BITS, "runs of one process life");
-        (self.generation << COUNTER_BITS) | counter
+/// Merges operands without what is below them: tombstones stay, they may delete older rows.
+fn partial_merge(_key: &[u8], stored: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    merge_values(stored, operands, true)
+}
+
+fn merge_values(
+    stored: Option<&[u8]>,
+    operands: &MergeOperands,
+    keep_tombstones: bool,
+) -> Option<Vec<u8>> {
+    let runs: Vec<&[u8]> = stored.into_iter().chain(operands).collect();
+    let rows = merge_rows(&runs).ok()?;
+    let mut out = Vec::new();
+    for (digest, value) in rows {
+        if value.is_some() || keep_tombstones {
+            push_row(&mut out, digest, value);
+        }
     }
+    Some(out)
+}
+
+/// A row of a run: a digest, and its value (`None`: deleted).
+type Row<'r> = (u128, Option<&'r [u8]>);
+
+/// The rows of runs given oldest first: each digest's newest row, in digest order.
+fn merge_rows<R: AsRef<[u8]>>(runs: &[R]) -> Result<Vec<Row<'_>>, StateError> {
+    // Newest first, so a stable sort by digest keeps each digest's newest row first.
+    let mut rows: Vec<Row<'_>> = Vec::new();
+    for run in runs.iter().rev() {
+        for row in run_rows(run.as_ref()) {
+            rows.push(row?);
+        }
+    }
+    if runs.len() > 1 {
+        rows.sort_by_key(|(digest, _)| *digest);
+        rows.dedup_by_key(|(digest, _)| *digest);
+    }
+    Ok(rows)
 }
 
 /// The two bytes after a place that name the page of `digest`.
@@ -98,18 +96,6 @@ pub(crate) fn split_member_key(key: &[u8]) -> Option<(usize, u128)> {
     let place = member_shard_position(key)?;
     let digest = key.get(place..place + DIGEST_BYTES)?.try_into().ok()?;
     Some((place, u128::from_be_bytes(digest)))
-}
-
-/// The page of a stored run key (its key without the sequence), and its place's length.
-pub(crate) fn page_of_run(run_key: &[u8]) -> Option<(&[u8], usize)> {
-    let page = run_key.len().checked_sub(SEQUENCE_BYTES)?;
-    let place = page.checked_sub(PAGE_BYTES)?;
-    Some((&run_key[..page], place))
-}
-
-/// The key of a run of `page` with sequence `sequence`.
-fn run_key(page: &[u8], sequence: u64) -> Vec<u8> {
-    [page, &sequence.to_be_bytes()].concat()
 }
 
 /// Appends a row to a run: the digest, then the value's length plus one (zero for a
@@ -173,31 +159,16 @@ pub(crate) fn find_in_run(run: &[u8], digest: u128) -> Result<Option<Option<&[u8
     Ok(None)
 }
 
-/// The entries of a page from its runs, oldest run first: each digest's value in the newest
-/// run that names it, deleted ones left out, in digest order.
-pub(crate) fn merge_runs<R: AsRef<[u8]>>(runs: &[R]) -> Result<Vec<(u128, Vec<u8>)>, StateError> {
-    if let [run] = runs {
-        let mut rows = Vec::new();
-        for row in run_rows(run.as_ref()) {
-            if let (digest, Some(value)) = row? {
-                rows.push((digest, value.to_vec()));
-            }
-        }
-        return Ok(rows);
-    }
-    // Newest first, so a stable sort by digest keeps each digest's newest row first.
-    let mut rows: Vec<(u128, Option<&[u8]>)> = Vec::new();
-    for run in runs.iter().rev() {
-        for row in run_rows(run.as_ref()) {
-            rows.push(row?);
+/// The entries of a page as RocksDB reads it (its runs merged): each digest's value, deleted
+/// ones left out, in digest order.
+pub(crate) fn page_entries(page: &[u8]) -> Result<Vec<(u128, Vec<u8>)>, StateError> {
+    let mut rows = Vec::new();
+    for row in run_rows(page) {
+        if let (digest, Some(value)) = row? {
+            rows.push((digest, value.to_vec()));
         }
     }
-    rows.sort_by_key(|(digest, _)| *digest);
-    rows.dedup_by_key(|(digest, _)| *digest);
-    Ok(rows
-        .into_iter()
-        .filter_map(|(digest, value)| Some((digest, value?.to_vec())))
-        .collect())
+    Ok(rows)
 }
 
 /// A member row waiting in a [`PageWriter`]: its page's bytes and value's in the writer's
@@ -230,7 +201,6 @@ impl PageWriter {
         &mut self,
         batch: &mut WriteBatch,
         family: &ColumnFamily,
-        sequences: &RunSequences,
         key: &[u8],
         value: Option<&[u8]>,
     ) -> Result<(), StateError> {
@@ -256,18 +226,13 @@ impl PageWriter {
             value,
         });
         if self.rows.len() >= ROWS_PER_FLUSH {
-            self.flush(batch, family, sequences);
+            self.flush(batch, family);
         }
         Ok(())
     }
 
     /// Writes the buffered rows into `batch`, one run per page.
-    pub(crate) fn flush(
-        &mut self,
-        batch: &mut WriteBatch,
-        family: &ColumnFamily,
-        sequences: &RunSequences,
-    ) {
+    pub(crate) fn flush(&mut self, batch: &mut WriteBatch, family: &ColumnFamily) {
         if self.rows.is_empty() {
             return;
         }
@@ -294,7 +259,7 @@ impl PageWriter {
                 .peek()
                 .is_none_or(|next| span(next.page) != span(row.page));
             if page_ends {
-                batch.put_cf(family, run_key(span(row.page), sequences.next()), &run);
+                batch.merge_cf(family, span(row.page), &run);
                 run.clear();
             }
         }
@@ -307,24 +272,22 @@ fn offset(at: usize) -> u32 {
     u32::try_from(at).unwrap_or_else(|_| unreachable!("a page writer flushes long before 4 GiB"))
 }
 
-/// Puts `rows` (digests and values, in digest order) as the one run of `page`, deleting its
-/// older runs: a page rewritten whole.
+/// Puts `rows` (digests and values, in digest order) as the whole of `page`: the runs merged
+/// before it are replaced.
 pub(crate) fn rewrite_page(
     batch: &mut WriteBatch,
     family: &ColumnFamily,
-    sequences: &RunSequences,
     page: &[u8],
     rows: impl IntoIterator<Item = (u128, impl AsRef<[u8]>)>,
 ) {
-    let sequence = sequences.next();
     let mut run = Vec::new();
     for (digest, value) in rows {
         push_row(&mut run, digest, Some(value.as_ref()));
     }
-    let key = run_key(page, sequence);
-    batch.delete_range_cf(family, page, &key);
-    if !run.is_empty() {
-        batch.put_cf(family, key, run);
+    if run.is_empty() {
+        batch.delete_cf(family, page);
+    } else {
+        batch.put_cf(family, page, run);
     }
 }
 
@@ -353,12 +316,19 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_run_naming_a_digest_decides_and_tombstones_leave_it_out() {
+    fn the_newest_run_naming_a_digest_decides_and_tombstones_go_with_the_whole_history() {
         let older = run(&[(1, Some(b"a")), (5, Some(b"b")), (9, Some(b"c"))]);
         let newer = run(&[(5, None), (7, Some(b"")), (9, Some(b"d"))]);
+        let runs = [older.as_slice(), newer.as_slice()];
+        let rows = merge_rows(&runs).expect("merge");
         assert_eq!(
-            merge_runs(&[older.clone(), newer.clone()]).expect("merge"),
-            vec![(1, b"a".to_vec()), (7, Vec::new()), (9, b"d".to_vec())]
+            rows,
+            vec![
+                (1, Some(&b"a"[..])),
+                (5, None),
+                (7, Some(&b""[..])),
+                (9, Some(&b"d"[..]))
+            ]
         );
         assert_eq!(find_in_run(&newer, 5).expect("find"), Some(None));
         assert_eq!(find_in_run(&newer, 7).expect("find"), Some(Some(&b""[..])));
@@ -367,13 +337,40 @@ mod tests {
     }
 
     #[test]
+    fn a_store_merges_the_runs_of_a_page_and_a_put_replaces_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let base = Options::default();
+        let family = rocksdb::ColumnFamilyDescriptor::new("pages", family_options(&base));
+        let db = rocksdb::DB::open_cf_descriptors(&options, dir.path(), [family]).expect("open");
+        let pages = db.cf_handle("pages").expect("family");
+        let mut batch = WriteBatch::default();
+        batch.merge_cf(pages, b"p", run(&[(1, Some(b"a")), (5, Some(b"b"))]));
+        batch.merge_cf(pages, b"p", run(&[(5, None), (7, Some(b"c"))]));
+        db.write(batch).expect("write");
+        let read = |db: &rocksdb::DB| {
+            page_entries(&db.get_cf(pages, b"p").expect("read").expect("a page")).expect("rows")
+        };
+        assert_eq!(read(&db), vec![(1, b"a".to_vec()), (7, b"c".to_vec())]);
+        db.flush_cf(pages).expect("flush");
+        db.merge_cf(pages, b"p", run(&[(1, None)])).expect("merge");
+        db.compact_range_cf(pages, None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(read(&db), vec![(7, b"c".to_vec())]);
+        let mut batch = WriteBatch::default();
+        rewrite_page(&mut batch, pages, b"p", [(3u128, b"z")]);
+        db.write(batch).expect("write");
+        assert_eq!(read(&db), vec![(3, b"z".to_vec())]);
+    }
+
+    #[test]
     fn a_page_is_the_two_bytes_a_shard_range_puts_after_its_place() {
         for shard in [0u16, 1, 513, 1023] {
             let digest = (u128::from(shard) << (128 - SHARD_BITS)) | 0xabcdef;
-            let (start, end) = crate::codec::member_shard_range(b"place", shard);
+            let (start, _) = crate::codec::member_shard_range(b"place", shard);
             let page = [&b"place"[..], &page_bytes(digest)].concat();
             assert_eq!(page, start);
-            assert!(run_key(&page, u64::MAX).as_slice() < end.as_slice());
             assert_eq!(nsm_core::engine::member_shard_of(digest), shard);
         }
     }
