@@ -35,8 +35,14 @@ const MERGE_OPERATOR: &str = "nsm.member_pages.v1";
 pub(crate) fn family_options(base: &Options) -> Options {
     let mut options = base.clone();
     options.set_merge_operator(MERGE_OPERATOR, full_merge, partial_merge);
+    // A page written at every checkpoint gathers a run a checkpoint in the memtable, and a
+    // read merges them all: past a few, the write merges them instead, once.
+    options.set_max_successive_merges(MAX_RUNS_IN_MEMTABLE);
     options
 }
+
+/// Runs of a page the memtable holds at most before a write merges them.
+const MAX_RUNS_IN_MEMTABLE: usize = 4;
 
 /// Merges a page's runs with the whole history at hand (the stored value, if any, then the
 /// operands, oldest first): the newest row of each digest, deleted ones left out. `None`

@@ -47,8 +47,8 @@ pub trait StateReader: Send {
     /// Every entry stored in one page: checkpoint shard `shard` (see [`member_shard_of`]) of
     /// window `start_ms` of metric `metric` (of funnel period `period` in a conversion's
     /// funnel window, 0 elsewhere), each by the XXH3-128 digest of its key, in any order.
-    /// The engine reads a page whole on its first miss there, so a window left on disk is read
-    /// back in about a thousand reads, whatever its entries.
+    /// While its entries have room, the engine reads a page whole on its first miss there, so
+    /// a window left on disk is read back in about a thousand reads, whatever its entries.
     fn member_page(
         &self,
         partition: &PartitionKey,
@@ -582,9 +582,11 @@ struct Written {
 /// digest and one probe an access, however many entries. Nothing is a cache to keep in step:
 /// an entry written stays in its table until its window goes, unless the partition's entries
 /// outgrow the budget, when shards of the least recently used places leave memory (the store
-/// has them: only entries written during the checkpoint being stored stay). A miss in a shard that
-/// left, or in a place whose stored entries were never loaded (after a restart), is asked of
-/// the reader; a miss anywhere else is an answer, so a new member of a window costs no read.
+/// has them: only entries written during the checkpoint being stored stay). A miss in a page
+/// (a checkpoint shard of a place) that left, or in a place whose stored entries were never
+/// loaded (after a restart), is asked of the reader: the whole page while the entries have
+/// room, else the entry alone; a miss anywhere else is an answer, so a new member of a window
+/// costs no read.
 #[derive(Debug)]
 pub(super) struct MemberIndex {
     spaces: SpaceMap,
