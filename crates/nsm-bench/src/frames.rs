@@ -71,10 +71,9 @@ impl Frames {
     /// Sends and stores one checkpoint; the records it sent.
     pub fn write(&mut self, store: &Store, changes: &ChangeSet) -> anyhow::Result<u64> {
         let started = Instant::now();
-        let mut write = store.prepare_frames(changes);
+        let write = store.prepare_frames(changes);
         let prepared = Instant::now();
-        let checkpoints =
-            store.checkpoints_of(&mut write, |id| self.checkpointer.snapshots_due(id))?;
+        let checkpoints = store.checkpoints_of(&write, |id| self.checkpointer.snapshots_due(id))?;
         let snapshotted = Instant::now();
         self.heads.stage(write);
         let report = self

@@ -34,7 +34,6 @@ use rocksdb::WriteBatch;
 use std::borrow::Cow;
 
 use crate::codec::{current_member_key, decode_partition_meta, partition_prefix, prefix_successor};
-use crate::pages::PageWriter;
 use crate::{
     Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_META, CF_PARTITIONS,
     CF_SEGMENTS, CF_WINDOWS,
@@ -127,8 +126,6 @@ pub struct PreparedWrite {
 pub(crate) struct BatchRecorder<'s> {
     store: &'s Store,
     batch: WriteBatch,
-    /// Member entries, by their keys of format 8, on their way into runs of their pages.
-    pages: PageWriter,
     partitions: Vec<PartitionKey>,
 }
 
@@ -138,36 +135,20 @@ impl<'s> BatchRecorder<'s> {
         BatchRecorder {
             store,
             batch: WriteBatch::with_capacity_bytes(capacity_bytes),
-            pages: PageWriter::default(),
             partitions: Vec::new(),
         }
     }
 
     pub(crate) fn finish(self) -> PreparedWrite {
-        let partitions = self.partitions.clone();
         PreparedWrite {
-            batch: self.into_batch(),
-            partitions,
+            batch: self.batch,
+            partitions: self.partitions,
         }
     }
 
     /// The batch alone, for a recorder that keeps what the changelog carries beside it.
-    pub(crate) fn into_batch(mut self) -> WriteBatch {
-        self.flush_pages();
+    pub(crate) fn into_batch(self) -> WriteBatch {
         self.batch
-    }
-
-    fn flush_pages(&mut self) {
-        self.pages.flush(&mut self.batch, self.store.cf(CF_ENTRIES));
-    }
-
-    fn member(&mut self, key: &[u8], value: Option<&[u8]>) {
-        let entries = self.store.cf(CF_ENTRIES);
-        let put = self.pages.put(&mut self.batch, entries, key, value);
-        if let Err(error) = put {
-            // Every member key recorded is made by `codec`, from a window and an entry.
-            unreachable!("a member key the codec did not make: {error}");
-        }
     }
 }
 
@@ -175,31 +156,19 @@ impl<'s> BatchRecorder<'s> {
 /// the changelog carries of it.
 impl Recording for BatchRecorder<'_> {
     fn put(&mut self, family: &'static str, key: &[u8], value: &[u8]) {
-        if family == CF_ENTRIES {
-            return self.member(key, Some(value));
-        }
         self.batch.put_cf(self.store.cf(family), key, value);
     }
 
     fn delete(&mut self, family: &'static str, key: &[u8]) {
-        if family == CF_ENTRIES {
-            return self.member(key, None);
-        }
         self.batch.delete_cf(self.store.cf(family), key);
     }
 
     fn delete_range(&mut self, family: &'static str, start: &[u8], end: &[u8]) {
-        // After the entries recorded before it, which it may delete. Its bounds are places, or
-        // a shard of a place: the same in both layouts (see `pages`).
-        if family == CF_ENTRIES {
-            self.flush_pages();
-        }
         self.batch
             .delete_range_cf(self.store.cf(family), start, end);
     }
 
     fn end_partition(&mut self, partition: &PartitionKey, meta: &[u8]) {
-        self.flush_pages();
         self.batch.put_cf(
             self.store.cf(CF_PARTITIONS),
             partition_prefix(partition),
@@ -427,7 +396,6 @@ impl Store {
     /// no value, in the store or earlier in `records`.
     fn apply_records(&self, records: &[Restored]) -> Result<u64, StateError> {
         let mut batch = WriteBatch::default();
-        let mut pages = PageWriter::default();
         // The keys written before, only needed (and kept) when a stale record is among them.
         let any_stale = records.iter().any(|restored| restored.stale);
         let mut written: HashSet<&[u8]> = HashSet::new();
@@ -436,13 +404,9 @@ impl Store {
             let (family, key) = stored_key(&record.key)?;
             let key = key.as_ref();
             if *stale {
-                let stored = if family == CF_ENTRIES {
-                    self.stored_member(key)?.is_some()
-                } else {
-                    self.db.get_pinned_cf(self.cf(family), key)?.is_some()
-                };
-                let fills =
-                    record.value.is_some() && !written.contains(record.key.as_slice()) && !stored;
+                let fills = record.value.is_some()
+                    && !written.contains(record.key.as_slice())
+                    && self.db.get_pinned_cf(self.cf(family), key)?.is_none();
                 if !fills {
                     left_out += 1;
                     continue;
@@ -451,17 +415,11 @@ impl Store {
             if any_stale {
                 written.insert(&record.key);
             }
-            if family == CF_ENTRIES {
-                let entries = self.cf(CF_ENTRIES);
-                pages.put(&mut batch, entries, key, record.value.as_deref())?;
-                continue;
-            }
             match &record.value {
                 Some(value) => batch.put_cf(self.cf(family), key, value),
                 None => batch.delete_cf(self.cf(family), key),
             }
         }
-        pages.flush(&mut batch, self.cf(CF_ENTRIES));
         self.db.write_opt(batch, &self.write_options)?;
         Ok(left_out)
     }

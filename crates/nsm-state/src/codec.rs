@@ -431,7 +431,7 @@ fn decode_progress(bytes: &[u8]) -> Option<Progress> {
     rest.is_empty().then_some(progress)
 }
 
-pub(crate) fn push_varint(out: &mut Vec<u8>, mut value: u128) {
+fn push_varint(out: &mut Vec<u8>, mut value: u128) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
         value >>= 7;
@@ -439,7 +439,7 @@ pub(crate) fn push_varint(out: &mut Vec<u8>, mut value: u128) {
     out.push(value as u8);
 }
 
-pub(crate) fn take_varint(bytes: &mut &[u8]) -> Option<u128> {
+fn take_varint(bytes: &mut &[u8]) -> Option<u128> {
     let mut value = 0u128;
     for shift in (0..128).step_by(7) {
         let (&byte, rest) = bytes.split_first()?;

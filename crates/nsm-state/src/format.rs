@@ -19,9 +19,8 @@ use rocksdb::{ColumnFamily, IteratorMode, WriteOptions, DB};
 /// its value (`nsm_core::engine::baseline`), and its distinct members hold the step of their
 /// earliest event; such metrics' fingerprints say so. 7: member entries move to `entries`, each
 /// key with its checkpoint shard after its place. 8: member entries move to
-/// `entries_by_digest`, each key ending in the entry's digest (`codec::member_key_into`). 9: member
-/// entries move to `entry_pages`, a run of rows per page and write (`pages`).
-pub const FORMAT_VERSION: u32 = 9;
+/// `entries_by_digest`, each key ending in the entry's digest (`codec::member_key_into`).
+pub const FORMAT_VERSION: u32 = 8;
 
 /// An older format this nsm migrates at open (its fingerprints move to each partition, in
 /// format 3's form).
@@ -48,10 +47,6 @@ pub(crate) const FORMAT_WITHOUT_SHARDS: u32 = 6;
 /// An older format this nsm migrates at open: its member entries, in `entries`, are keyed by
 /// shard and bytes; they are rewritten into `entries_by_digest`.
 pub(crate) const FORMAT_WITH_SHARDED_ENTRIES: u32 = 7;
-
-/// An older format this nsm migrates at open: its member entries, in `entries_by_digest`, are
-/// one key each; they are rewritten into `entry_pages`.
-pub(crate) const FORMAT_WITH_DIGEST_KEYS: u32 = 8;
 
 pub(crate) const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
@@ -135,7 +130,6 @@ pub(crate) fn check(
         || found == FORMAT_WITHOUT_PROGRESS
         || found == FORMAT_WITHOUT_SHARDS
         || found == FORMAT_WITH_SHARDED_ENTRIES
-        || found == FORMAT_WITH_DIGEST_KEYS
     {
         return Ok(found);
     }

@@ -16,7 +16,6 @@ use crate::codec::{
     prefix_successor, split_partition_prefix,
 };
 use crate::frames::{FramedWrite, AGGREGATE_SHARD};
-use crate::pages::PageWriter;
 use crate::{
     PartitionKey, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_META, CF_PARTITIONS,
     CF_SEGMENTS, CF_WINDOWS,
@@ -138,10 +137,6 @@ pub struct RocksSink<'s> {
     store: &'s Store,
     prefix: Vec<u8>,
     batch: WriteBatch,
-    /// Member rows on their way into runs of their pages.
-    pages: PageWriter,
-    /// Rows put or deleted since the batch was last written.
-    rows: usize,
 }
 
 impl<'s> RocksSink<'s> {
@@ -150,31 +145,7 @@ impl<'s> RocksSink<'s> {
             store,
             prefix: partition_prefix(partition),
             batch: WriteBatch::default(),
-            pages: PageWriter::default(),
-            rows: 0,
         }
-    }
-
-    /// The member rows buffered so far, into the batch as runs: before anything that must
-    /// come after them.
-    fn flush_pages(&mut self) {
-        self.pages.flush(&mut self.batch, self.store.cf(CF_ENTRIES));
-    }
-
-    /// Applies a row to the batch (`value: None` deletes it).
-    fn row(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StateError> {
-        let (family, key) = self.stored(key)?;
-        if family == CF_ENTRIES {
-            let entries = self.store.cf(CF_ENTRIES);
-            self.pages.put(&mut self.batch, entries, &key, value)?;
-        } else {
-            match value {
-                Some(value) => self.batch.put_cf(self.store.cf(family), key, value),
-                None => self.batch.delete_cf(self.store.cf(family), key),
-            }
-        }
-        self.rows += 1;
-        self.written_one()
     }
 
     /// The family and stored key of a frame row's key. A member entry of an older nsm's frames
@@ -200,15 +171,13 @@ impl<'s> RocksSink<'s> {
     }
 
     fn write(&mut self) -> Result<(), StateError> {
-        self.flush_pages();
         let batch = std::mem::take(&mut self.batch);
         self.store.db.write_opt(batch, &self.store.write_options)?;
-        self.rows = 0;
         Ok(())
     }
 
     fn written_one(&mut self) -> Result<(), StateError> {
-        if self.rows >= APPLY_CHUNK {
+        if self.batch.len() >= APPLY_CHUNK {
             self.write()?;
         }
         Ok(())
@@ -223,7 +192,6 @@ impl RestoreSink for RocksSink<'_> {
         // byte, then the stored key without the partition prefix).
         // An older nsm's frames name member entries by another byte; their places (the bounds
         // of any range of them) are the same in every format.
-        self.flush_pages();
         let member_bytes = [(OLDER_MEMBER_BYTE, CF_ENTRIES)];
         for (byte, family) in FAMILIES.into_iter().chain(member_bytes) {
             let (from, to) = ([byte], [byte + 1]);
@@ -248,18 +216,21 @@ impl RestoreSink for RocksSink<'_> {
     }
 
     fn put(&mut self, _shard: ShardId, key: &[u8], value: &[u8]) -> Result<(), StateError> {
-        self.row(key, Some(value))
+        let (family, key) = self.stored(key)?;
+        self.batch.put_cf(self.store.cf(family), key, value);
+        self.written_one()
     }
 
     fn delete(&mut self, _shard: ShardId, key: &[u8]) -> Result<(), StateError> {
-        self.row(key, None)
+        let (family, key) = self.stored(key)?;
+        self.batch.delete_cf(self.store.cf(family), key);
+        self.written_one()
     }
 
     fn replace_shard(&mut self, shard: ShardId, rows: SnapshotRows<'_>) -> Result<(), StateError> {
         let end = prefix_successor(&self.prefix);
         match u16::try_from(shard.0) {
             Ok(AGGREGATE_SHARD) => {
-                self.flush_pages();
                 for family in [CF_WINDOWS, CF_SEGMENTS, CF_GAPS, CF_FINGERPRINTS] {
                     self.batch
                         .delete_range_cf(self.store.cf(family), &self.prefix, &end);
@@ -278,7 +249,6 @@ impl RestoreSink for RocksSink<'_> {
                         }
                     })?;
                 for place in places {
-                    // The page: its range in a place is the shard's in either layout.
                     let (start, end) = member_shard_range(&place, number);
                     self.batch
                         .delete_range_cf(self.store.cf(CF_ENTRIES), start, end);
@@ -293,7 +263,6 @@ impl RestoreSink for RocksSink<'_> {
     }
 
     fn meta(&mut self, _frame: FrameId, meta: &[u8]) -> Result<(), StateError> {
-        self.flush_pages();
         let partitions = self.store.cf(CF_PARTITIONS);
         if meta.is_empty() {
             self.batch.delete_cf(partitions, &self.prefix);

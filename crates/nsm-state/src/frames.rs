@@ -18,12 +18,12 @@ use rocksdb::ReadOptions;
 
 use crate::changelog::{family_byte, BatchRecorder};
 use crate::codec::{
-    member_key_of_digest, member_shard_range, partition_prefix, prefix_successor,
-    split_partition_prefix, stored_member_shard, MEMBER_SHARDS,
+    member_key_of_digest, member_shard_position, member_shard_range, partition_prefix,
+    prefix_successor, split_partition_prefix, stored_member_shard, MEMBER_SHARDS,
 };
 use crate::{
-    pages, PartitionKey, Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS,
-    CF_SEGMENTS, CF_WINDOWS,
+    PartitionKey, Recording, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_SEGMENTS,
+    CF_WINDOWS,
 };
 
 /// The shard of every row that is not a member entry.
@@ -434,24 +434,16 @@ impl Store {
     /// dropped ranges, and the snapshots of the first [`SNAPSHOTS_PER_CHECKPOINT`] of the `due`
     /// shards, read now (before the write is stored) as they will be once it is. `None` when
     /// the write does not write the partition.
-    ///
-    /// Each member shard snapshotted also has its pages put whole in the write (see
-    /// [`crate::pages`]), replacing the runs merged into them since.
     pub fn checkpoint_of(
         &self,
-        write: &mut FramedWrite,
+        write: &FramedWrite,
         partition: &PartitionKey,
         due: &[ShardId],
     ) -> Result<Option<Checkpoint>, StateError> {
-        let FramedWrite {
-            batch,
-            partitions,
-            memory_shards,
-        } = write;
-        let Some((_, meta, overlay)) = partitions.iter().find(|(key, ..)| key == partition) else {
+        let Some((_, meta, overlay)) = write.partitions.iter().find(|(key, ..)| key == partition)
+        else {
             return Ok(None);
         };
-        let prefix = partition_prefix(partition);
         let mut checkpoint = Checkpoint::new(partition_id(partition), meta.clone());
         for (start, end) in overlay.ranges() {
             checkpoint.drop_range(start, end);
@@ -467,34 +459,15 @@ impl Store {
             let Ok(number) = u16::try_from(shard.0) else {
                 continue;
             };
-            let memory = memory_shards
-                .iter()
-                .find(|(key, found, _)| key == partition && *found == number);
-            if let Some((.., memory)) = memory {
+            if let Some(memory) = write.memory_shard(partition, number) {
                 for (key, value) in &memory.rows {
                     checkpoint.snapshot_row(shard, key, value);
                 }
-                let rows = memory.rows.iter();
-                self.rewrite_pages(
-                    batch,
-                    &prefix,
-                    rows.map(|(k, v)| (k.as_slice(), v.as_slice())),
-                );
                 continue;
             }
-            let mut rows: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
             self.shard_rows(partition, number, overlay, |key, value| {
-                checkpoint.snapshot_row(shard, key, value);
-                if number != AGGREGATE_SHARD {
-                    rows.push((key.to_vec(), value.to_vec()));
-                }
+                checkpoint.snapshot_row(shard, key, value)
             })?;
-            let rows = rows.iter();
-            self.rewrite_pages(
-                batch,
-                &prefix,
-                rows.map(|(k, v)| (k.as_slice(), v.as_slice())),
-            );
         }
         Ok(Some(checkpoint))
     }
@@ -504,12 +477,11 @@ impl Store {
     /// `Checkpointer::commit`.
     pub fn checkpoints_of(
         &self,
-        write: &mut FramedWrite,
+        write: &FramedWrite,
         mut due: impl FnMut(&PartitionId) -> Vec<ShardId>,
     ) -> Result<Vec<Checkpoint>, StateError> {
-        let partitions: Vec<PartitionKey> = write.partitions().cloned().collect();
-        let mut checkpoints = Vec::with_capacity(partitions.len());
-        for partition in &partitions {
+        let mut checkpoints = Vec::with_capacity(write.partitions.len());
+        for partition in write.partitions() {
             let due = due(&partition_id(partition));
             checkpoints.extend(self.checkpoint_of(write, partition, &due)?);
         }
@@ -616,9 +588,8 @@ impl Store {
         Ok(())
     }
 
-    /// The stored entries of one member shard of a partition, by their keys of format 8, in
-    /// key order: in each place, the shard is one page, found with a seek, and the next place
-    /// with another.
+    /// The stored entries of one member shard of a partition: in each place, the shard's keys
+    /// are one range of digests, found with a seek, and the next place with another.
     pub(crate) fn scan_member_shard(
         &self,
         prefix: &[u8],
@@ -627,69 +598,38 @@ impl Store {
     ) -> Result<(), StateError> {
         let mut stored = self.db.raw_iterator_cf_opt(self.cf(CF_ENTRIES), uncached());
         stored.seek(prefix);
-        while let (true, Some(page)) = (stored.valid(), stored.key()) {
-            if !page.starts_with(prefix) {
+        let mut bounds = None;
+        while let (true, Some(key)) = (stored.valid(), stored.key()) {
+            if !key.starts_with(prefix) {
                 break;
             }
-            let place = page
-                .len()
-                .checked_sub(2)
-                .ok_or_else(|| StateError::Corrupt {
-                    column_family: CF_ENTRIES,
-                    detail: format!("a page key of {} bytes", page.len()),
-                })?;
-            // The shard's page in this place (its range's start is the page).
-            let (start, _) = member_shard_range(&page[..place], shard);
-            match page.cmp(start.as_slice()) {
-                std::cmp::Ordering::Less => stored.seek(&start),
-                std::cmp::Ordering::Equal => {
-                    let run = stored.value().unwrap_or_default();
-                    for (digest, value) in pages::page_entries(run)? {
-                        each(&pages::member_key(page, digest), &value);
-                    }
-                    stored.next();
-                }
+            let place = member_shard_position(key).ok_or_else(|| StateError::Corrupt {
+                column_family: CF_ENTRIES,
+                detail: format!("a member key of {} bytes with no window in it", key.len()),
+            })?;
+            // The shard's range in this place, made again only when the place changes.
+            let known = bounds
+                .as_ref()
+                .is_some_and(|(start, _): &(Vec<u8>, Vec<u8>)| {
+                    start.len() == place + 2 && start.starts_with(&key[..place])
+                });
+            if !known {
+                bounds = None;
+            }
+            let (start, end) =
+                bounds.get_or_insert_with(|| member_shard_range(&key[..place], shard));
+            if key < start.as_slice() {
+                stored.seek(start);
+            } else if key < end.as_slice() {
+                each(key, stored.value().unwrap_or_default());
+                stored.next();
+            } else {
                 // Past the shard in this place: on to the next place.
-                std::cmp::Ordering::Greater => stored.seek(prefix_successor(&page[..place])),
+                stored.seek(prefix_successor(&key[..place]));
             }
         }
         stored.status()?;
         Ok(())
-    }
-
-    /// Puts each page of a member shard snapshot whole, in `batch`: `rows` are the
-    /// snapshot's frame rows of `partition`, in key order, as they are once the write is stored.
-    fn rewrite_pages<'r>(
-        &self,
-        batch: &mut rocksdb::WriteBatch,
-        partition_prefix: &[u8],
-        rows: impl IntoIterator<Item = (&'r [u8], &'r [u8])>,
-    ) {
-        let mut page: Vec<u8> = Vec::new();
-        let mut page_rows: Vec<(u128, &'r [u8])> = Vec::new();
-        let entries = self.cf(CF_ENTRIES);
-        let mut key = Vec::new();
-        for (row, value) in rows {
-            key.clear();
-            key.extend_from_slice(partition_prefix);
-            key.extend_from_slice(row.get(1..).unwrap_or_default());
-            let (Some(this_page), Some((_, digest))) = (
-                pages::page_of_member_key(&key),
-                pages::split_member_key(&key),
-            ) else {
-                continue;
-            };
-            if this_page != page {
-                if !page.is_empty() {
-                    pages::rewrite_page(batch, entries, &page, page_rows.drain(..));
-                }
-                page = this_page;
-            }
-            page_rows.push((digest, value));
-        }
-        if !page.is_empty() {
-            pages::rewrite_page(batch, entries, &page, page_rows);
-        }
     }
 }
 

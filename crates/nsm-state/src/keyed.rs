@@ -48,9 +48,6 @@ impl Store {
     }
 }
 
-/// A stored key and its value.
-type StoredRow = (Vec<u8>, Vec<u8>);
-
 /// Format 6's key of a stored member key, if the writer has seen its entry.
 pub(crate) fn legacy_member_key(stored: &[u8]) -> Option<Vec<u8>> {
     let known = LEGACY_KEYS.lock().unwrap_or_else(PoisonError::into_inner);
@@ -158,11 +155,7 @@ impl Store {
         }
         for key in tail {
             let (family, key) = stored_key(key)?;
-            let stored = if family == CF_ENTRIES {
-                self.stored_member(&key)?
-            } else {
-                self.db.get_cf(self.cf(family), &key)?
-            };
+            let stored = self.db.get_cf(self.cf(family), &key)?;
             recorder.record(family, &key, stored.as_deref());
         }
         let discarded = self.record_adoption(partition, &mut recorder)?;
@@ -226,8 +219,12 @@ impl Store {
                         && range.start < other.end
                 })
                 .collect();
-            for (stored_key, value) in self.stored_rows_in(range)? {
-                let stored_key = stored_key.as_slice();
+            let mut stored = self.db.raw_iterator_cf(self.cf(range.family));
+            stored.seek(&range.start);
+            while let (Some(stored_key), true) = (stored.key(), stored.valid()) {
+                if stored_key >= range.end.as_slice() {
+                    break;
+                }
                 let key = record_key(range.family, stored_key);
                 let has_record = part
                     .records
@@ -237,36 +234,14 @@ impl Store {
                     other.start.as_slice() <= stored_key && stored_key < other.end.as_slice()
                 });
                 if !has_record && !covered_later {
-                    send(&key, range.copy.then_some(value.as_slice()))?;
+                    send(&key, if range.copy { stored.value() } else { None })?;
                     sent += 1;
                 }
+                stored.next();
             }
+            stored.status().map_err(StateError::from)?;
         }
         Ok(sent)
-    }
-
-    /// The stored keys and values of a range, member entries by their keys of format 8.
-    fn stored_rows_in(&self, range: &StoredRange) -> Result<Vec<StoredRow>, StateError> {
-        let mut rows = Vec::new();
-        if range.family == CF_ENTRIES {
-            self.scan_member_pages_in(&range.start, &range.end, |page, entries| {
-                for (digest, value) in entries {
-                    rows.push((crate::pages::member_key(page, digest), value));
-                }
-            })?;
-            return Ok(rows);
-        }
-        let mut stored = self.db.raw_iterator_cf(self.cf(range.family));
-        stored.seek(&range.start);
-        while let (Some(key), Some(value), true) = (stored.key(), stored.value(), stored.valid()) {
-            if key >= range.end.as_slice() {
-                break;
-            }
-            rows.push((key.to_vec(), value.to_vec()));
-            stored.next();
-        }
-        stored.status()?;
-        Ok(rows)
     }
 }
 

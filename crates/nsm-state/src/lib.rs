@@ -18,15 +18,14 @@
 //!   partition's event watermark when a metric started on it while it already had state (its
 //!   windows starting before are partial).
 //! - `windows`: `<partition key> <metric> 0x00 <start i64, sign-flipped BE>` → end and value.
-//! - `entry_pages`: `<window key> [<funnel period>] <shard's 2 bytes>` → a run of rows, merged
-//!   by RocksDB from one operand per write: the per-entity entries of a window (members of
-//!   distinct sets, threshold progress, trailing occurrences; see `nsm_core::engine::members`),
-//!   stored by page, a window's checkpoint shard (see [`pages`]). An entry is known everywhere else by its key of format 8,
-//!   `<window key> [<funnel period>] <digest u128 BE>`: the digest is the XXH3-128 of the entry's
-//!   key, the member index's key of it, and its top 10 bits are its checkpoint shard (one of
-//!   1,024). A conversion's funnel period comes before it, so its periods stay key ranges.
-//!   Format 8 kept one key an entry in `entries_by_digest`, format 7 in `entries` (keyed by the
-//!   shard and the entry's bytes), format 6 in `members` (by the bytes alone).
+//! - `entries_by_digest`: `<window key> [<funnel period>] <digest u128 BE>` → value: per-entity
+//!   entries of a window, read one at a time (never loaded whole): members of distinct sets
+//!   (empty value), threshold progress, trailing occurrences (see `nsm_core::engine::members`).
+//!   The digest is the XXH3-128 of the entry's key, the member index's key of it; its top 10
+//!   bits are its checkpoint shard (one of 1,024), so a shard of a window is one key range.
+//!   A conversion's funnel period comes before it, so its periods stay key ranges too. Bloom
+//!   filters make the common miss, a new member, cheap. Format 7 kept them in `entries`, keyed
+//!   by the shard and the entry's bytes, and format 6 in `members`, by the bytes alone.
 //! - `gaps`: `<window key> <previous bucket i64, sign-flipped BE> [<segment key>]` → count
 //!   u64 BE: the gap histograms of trailing distinct buckets and of their segments (a bucket's
 //!   own has no segment key), loaded with the windows.
@@ -48,7 +47,6 @@ mod frames;
 #[cfg(any(test, feature = "testing"))]
 mod keyed;
 mod migrate;
-mod pages;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -62,7 +60,7 @@ use nsm_core::engine::{
 use nsm_core::PartitionKey;
 use rocksdb::{
     BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction,
-    IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, WriteOptions, DB,
+    IteratorMode, Options, WriteBatch, WriteBufferManager, WriteOptions, DB,
 };
 
 use codec::{
@@ -88,12 +86,10 @@ pub use keyed::{KeyedWrite, PartitionRecords};
 const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
 const CF_WINDOWS: &str = "windows";
-const CF_ENTRIES: &str = "entry_pages";
-/// Format 8's member entries, migrated into `entry_pages` at open.
-const CF_DIGEST_ENTRIES: &str = "entries_by_digest";
-/// Format 7's member entries, migrated into `entry_pages` at open.
+const CF_ENTRIES: &str = "entries_by_digest";
+/// Format 7's member entries, migrated into `entries_by_digest` at open.
 const CF_SHARDED_ENTRIES: &str = "entries";
-/// Format 6's member entries, migrated into `entry_pages` at open.
+/// Format 6's member entries, migrated into `entries_by_digest` at open.
 const CF_MEMBERS: &str = "members";
 const CF_SEGMENTS: &str = "segments";
 const CF_GAPS: &str = "gaps";
@@ -263,14 +259,9 @@ impl Store {
                 names.push(existing);
             }
         }
-        let families = names.iter().map(|name| {
-            let options = if name == CF_ENTRIES {
-                pages::family_options(&family_options)
-            } else {
-                family_options.clone()
-            };
-            ColumnFamilyDescriptor::new(name, options)
-        });
+        let families = names
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, family_options.clone()));
         let db = DB::open_cf_descriptors(&db_options, path, families).map_err(|source| {
             StateError::Open {
                 path: path.to_path_buf(),
@@ -296,12 +287,6 @@ impl Store {
             .enumerate()
             .map(|(index, name)| (name.clone(), index))
             .collect();
-        let family = |name: &'static str| {
-            db.cf_handle(name)
-                .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
-        };
-        let data = [CF_PARTITIONS, CF_WINDOWS, CF_ENTRIES].map(family);
-        let found = format::check(&db, family(CF_META), &data, &write_options, path)?;
         let mut store = Store {
             db: Arc::new(db),
             write_options: Arc::new(write_options),
@@ -310,6 +295,14 @@ impl Store {
             format_3_fingerprints: Arc::new(format_3_fingerprints),
             metric_index: Arc::new(metric_index),
         };
+        let data = [CF_PARTITIONS, CF_WINDOWS, CF_ENTRIES].map(|name| store.cf(name));
+        let found = format::check(
+            &store.db,
+            store.cf(CF_META),
+            &data,
+            &store.write_options,
+            path,
+        )?;
         if found == format::FORMAT_WITH_GLOBAL_FINGERPRINTS {
             store.migrate_fingerprints_to_partitions()?;
         }
@@ -631,79 +624,13 @@ impl Store {
     /// How many member entries a partition has stored (it walks them all: for tests and
     /// diagnostics, not for the event path).
     pub fn stored_member_count(&self, key: &PartitionKey) -> Result<usize, StateError> {
+        let prefix = partition_prefix(key);
         let mut count = 0;
-        self.scan_member_pages(&partition_prefix(key), |_, rows| count += rows.len())?;
+        for stored_key in self.keys_under(CF_ENTRIES, &prefix) {
+            stored_key?;
+            count += 1;
+        }
         Ok(count)
-    }
-
-    /// The keys and values of a family under `prefix`, in key order; member entries by their
-    /// keys of format 8, as they are known outside the store.
-    #[cfg(test)]
-    fn rows_under(&self, family: &'static str, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        if family != CF_ENTRIES {
-            return self
-                .entries_under(family, prefix)
-                .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())))
-                .collect::<Result<_, _>>()
-                .expect("read");
-        }
-        let mut rows = Vec::new();
-        self.scan_member_pages(prefix, |page, entries| {
-            for (digest, value) in entries {
-                rows.push((pages::member_key(page, digest), value));
-            }
-        })
-        .expect("read");
-        rows
-    }
-
-    /// The value of a member entry, by its key of format 8: the newest run of its page that
-    /// names it decides.
-    pub(crate) fn stored_member(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        let (Some((_, digest)), Some(page)) =
-            (pages::split_member_key(key), pages::page_of_member_key(key))
-        else {
-            return Ok(None);
-        };
-        let Some(run) = self.db.get_pinned_cf(self.cf(CF_ENTRIES), page)? else {
-            return Ok(None);
-        };
-        Ok(pages::find_in_run(&run, digest)?
-            .flatten()
-            .map(<[u8]>::to_vec))
-    }
-
-    /// Hands `each` every member page under `prefix` with its entries (merged from its runs, in
-    /// digest order), in key order.
-    pub(crate) fn scan_member_pages(
-        &self,
-        prefix: &[u8],
-        each: impl FnMut(&[u8], Vec<(u128, Vec<u8>)>),
-    ) -> Result<(), StateError> {
-        self.scan_member_pages_in(prefix, &prefix_successor(prefix), each)
-    }
-
-    /// Hands `each` every member page in `[start, end)` (bounds that are places, or a shard of
-    /// a place: whole pages) with its entries, in key order.
-    pub(crate) fn scan_member_pages_in(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        mut each: impl FnMut(&[u8], Vec<(u128, Vec<u8>)>),
-    ) -> Result<(), StateError> {
-        let mut read = ReadOptions::default();
-        read.fill_cache(false);
-        let mut stored = self.db.raw_iterator_cf_opt(self.cf(CF_ENTRIES), read);
-        stored.seek(start);
-        while let (true, Some(page), Some(run)) = (stored.valid(), stored.key(), stored.value()) {
-            if page >= end {
-                break;
-            }
-            each(page, pages::page_entries(run)?);
-            stored.next();
-        }
-        stored.status()?;
-        Ok(())
     }
 
     /// The keys of a column family that start with `prefix`, in order.
@@ -990,34 +917,9 @@ impl StateReader for Store {
             start_ms,
             key,
         );
-        self.stored_member(&stored_key)
+        self.db
+            .get_cf(self.cf(CF_ENTRIES), stored_key)
             .map_err(|error| StateReadError(error.to_string()))
-    }
-
-    fn member_page(
-        &self,
-        partition: &PartitionKey,
-        metric: usize,
-        start_ms: i64,
-        period: u64,
-        shard: u16,
-    ) -> Result<Vec<(u128, Vec<u8>)>, StateReadError> {
-        let mut place = window_key(
-            &partition_prefix(partition),
-            self.metric_name(metric),
-            start_ms,
-        );
-        if start_ms == nsm_core::engine::FUNNEL_WINDOW {
-            place.extend_from_slice(&period.to_be_bytes());
-        }
-        let (page, _) = codec::member_shard_range(&place, shard);
-        let read = || -> Result<_, StateError> {
-            match self.db.get_pinned_cf(self.cf(CF_ENTRIES), &page)? {
-                Some(run) => pages::page_entries(&run),
-                None => Ok(Vec::new()),
-            }
-        };
-        read().map_err(|error| StateReadError(error.to_string()))
     }
 
     fn has_entries(

@@ -1,12 +1,12 @@
-//! Format 9's member layout, reached from older stores at open.
+//! Format 8's member layout, reached from older stores at open.
 //!
-//! Format 9 keeps member entries in `entry_pages`, runs of rows by page (`crate::pages`). An
-//! older store's entries (format 8's `entries_by_digest`, format 7's `entries`, or `members`
-//! before them) are read in key order, given their keys of format 8, and written as runs, in
-//! batches read without filling the block cache; then the version goes to 9 in a write of its
-//! own, and the older family is dropped. The version is written after every batch, so a store
-//! at version 9 has all of its entries; a migration cut short leaves the old version, and the
-//! next open empties `entry_pages` and starts over.
+//! Format 8 keeps member entries in `entries_by_digest`, each key ending in the entry's digest
+//! after its place (`codec::member_key_into`). An older store's entries (format 7's `entries`,
+//! or `members` before it) are copied there, rewritten, in batches read without filling the
+//! block cache; then the version goes to 8 in a write of its own, and the older family is
+//! dropped. The version is written after every batch, so a store at version 8 has all of its
+//! entries; a migration cut short leaves the old version, and the next open empties
+//! `entries_by_digest` and starts over.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,26 +15,19 @@ use std::time::Instant;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, DB};
 
 use crate::codec::{current_member_key, current_member_key_of_format_7, split_partition_prefix};
-use crate::format::{
-    FORMAT_VERSION, FORMAT_VERSION_KEY, FORMAT_WITH_DIGEST_KEYS, FORMAT_WITH_SHARDED_ENTRIES,
-};
-use crate::pages::PageWriter;
-use crate::{
-    StateError, Store, CF_DIGEST_ENTRIES, CF_ENTRIES, CF_MEMBERS, CF_META, CF_SHARDED_ENTRIES,
-};
+use crate::format::{FORMAT_VERSION, FORMAT_VERSION_KEY, FORMAT_WITH_SHARDED_ENTRIES};
+use crate::{StateError, Store, CF_ENTRIES, CF_MEMBERS, CF_META, CF_SHARDED_ENTRIES};
 
 /// The families older formats kept member entries in: dropped once they are rewritten.
-const OLDER_ENTRIES: [&str; 3] = [CF_MEMBERS, CF_SHARDED_ENTRIES, CF_DIGEST_ENTRIES];
+const OLDER_ENTRIES: [&str; 2] = [CF_MEMBERS, CF_SHARDED_ENTRIES];
 
-/// Entries rewritten per write. Format 8's come in key order, so a page gets a run from each
-/// write it spans; older formats' come in the order of their bytes, so a page gets a run from
-/// every write (until its shard is next snapshotted), hence large writes.
-const BATCH_ENTRIES: usize = 1 << 16;
+/// Entries rewritten per write.
+const BATCH_ENTRIES: usize = 10_000;
 
 /// Above every stored key: keys start with a topic name, which Kafka spells in ASCII.
 const ABOVE_EVERY_KEY: &[u8] = &[0xff];
 
-/// Rewrites the member entries of a store of format `found` into format 9 and raises its
+/// Rewrites the member entries of a store of format `found` into format 8 and raises its
 /// version.
 pub(crate) fn rewrite_entries(
     store: &mut Store,
@@ -58,18 +51,16 @@ pub(crate) fn rewrite_entries(
         db.write_opt(batch, &write_options)?;
     }
     let (mut rewritten, mut partitions) = (0u64, 0u64);
-    // Format 8's keys are the ones entries are known by; format 7's carry the shard between
-    // place and entry; older ones are format 6's.
-    let source = match found {
-        FORMAT_WITH_DIGEST_KEYS => CF_DIGEST_ENTRIES,
-        FORMAT_WITH_SHARDED_ENTRIES => CF_SHARDED_ENTRIES,
-        _ => CF_MEMBERS,
+    // Format 7's keys carry the shard between place and entry; older ones are format 6's.
+    let (source, of_format_7) = if found == FORMAT_WITH_SHARDED_ENTRIES {
+        (CF_SHARDED_ENTRIES, true)
+    } else {
+        (CF_MEMBERS, false)
     };
     if let Some(members) = db.cf_handle(source) {
         let mut read = ReadOptions::default();
         read.fill_cache(false);
         let mut batch = WriteBatch::default();
-        let mut pages = PageWriter::default();
         let mut last_partition: Vec<u8> = Vec::new();
         for item in db.iterator_cf_opt(members, read, IteratorMode::Start) {
             let (key, value) = item?;
@@ -83,20 +74,17 @@ pub(crate) fn rewrite_entries(
                 partitions += 1;
                 last_partition = partition.to_vec();
             }
-            let current = match found {
-                FORMAT_WITH_DIGEST_KEYS => Some(key.to_vec()),
-                FORMAT_WITH_SHARDED_ENTRIES => current_member_key_of_format_7(&key),
-                _ => current_member_key(&key),
+            let current = if of_format_7 {
+                current_member_key_of_format_7(&key)
+            } else {
+                current_member_key(&key)
             };
-            let current = current.ok_or_else(corrupt)?;
-            pages.put(&mut batch, entries, &current, Some(&value))?;
+            batch.put_cf(entries, current.ok_or_else(corrupt)?, value);
             rewritten += 1;
-            if rewritten % BATCH_ENTRIES as u64 == 0 {
-                pages.flush(&mut batch, entries);
+            if batch.len() >= BATCH_ENTRIES {
                 db.write_opt(std::mem::take(&mut batch), &write_options)?;
             }
         }
-        pages.flush(&mut batch, entries);
         db.write_opt(batch, &write_options)?;
     }
     let meta = db
@@ -121,7 +109,7 @@ pub(crate) fn rewrite_entries(
     Ok(())
 }
 
-/// Drops the older families of a store already at format 9 (a drop that failed after the
+/// Drops the older families of a store already at format 8 (a drop that failed after the
 /// migration): nothing reads them.
 pub(crate) fn drop_older_families(store: &mut Store) -> Result<(), StateError> {
     drop_older_entries(database(store))

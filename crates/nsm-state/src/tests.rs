@@ -602,8 +602,9 @@ fn dump(store: &Store, partition: i32) -> Vec<(&'static str, Vec<u8>, Vec<u8>)> 
     let prefix = partition_prefix(&key(partition));
     let mut out = Vec::new();
     for (_, family) in changelog::FAMILIES {
-        for (stored_key, value) in store.rows_under(family, &prefix) {
-            out.push((family, stored_key, value));
+        for item in store.entries_under(family, &prefix) {
+            let (stored_key, value) = item.expect("read");
+            out.push((family, stored_key.to_vec(), value.to_vec()));
         }
     }
     out
@@ -1385,61 +1386,32 @@ fn stored_version(store: &Store) -> u32 {
 
 /// Moves a closed store's member entries back to where an older format kept them, as an nsm
 /// of that format left them (the caller sets the version): format 6's `members`, keyed by the
-/// entry's bytes, format 7's `entries`, by its shard then its bytes, or format 8's
-/// `entries_by_digest`, by its key of format 8.
+/// entry's bytes, or format 7's `entries`, by its shard then its bytes.
 fn move_entries_to_format(path: &Path, version: u32) {
-    let family = match version {
-        6 => CF_MEMBERS,
-        7 => CF_SHARDED_ENTRIES,
-        8 => CF_DIGEST_ENTRIES,
-        _ => unreachable!("formats 6 to 8 only"),
+    let (family, of_format_7) = match version {
+        6 => (CF_MEMBERS, false),
+        7 => (CF_SHARDED_ENTRIES, true),
+        _ => unreachable!("formats 6 and 7 only"),
     };
     let mut options = rocksdb::Options::default();
     options.create_missing_column_families(true);
     let mut families = DB::list_cf(&options, path).expect("families");
     families.push(family.to_string());
-    let db = open_raw(&options, path, &families);
+    let db = DB::open_cf(&options, path, &families).expect("open");
     let entries = db.cf_handle(CF_ENTRIES).expect("entries");
     let older = db.cf_handle(family).expect("older entries");
     let mut batch = WriteBatch::default();
-    for (key, value) in raw_member_entries(&db) {
-        let older_key = match version {
-            7 => format_7_key(&key),
-            6 => keyed::legacy_member_key(&key).expect("a member key written by the test"),
-            _ => key,
+    for item in db.iterator_cf(entries, IteratorMode::Start) {
+        let (key, value) = item.expect("read");
+        let older_key = if of_format_7 {
+            format_7_key(&key)
+        } else {
+            keyed::legacy_member_key(&key).expect("a member key written by the test")
         };
         batch.put_cf(older, older_key, value);
+        batch.delete_cf(entries, key);
     }
-    batch.delete_range_cf(entries, &b""[..], &[0xff][..]);
     db.write(batch).expect("write");
-}
-
-/// The member entries of a database opened raw, by their keys of format 8.
-fn raw_member_entries(db: &DB) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let entries = db.cf_handle(CF_ENTRIES).expect("entries");
-    let mut rows = Vec::new();
-    for item in db.iterator_cf(entries, IteratorMode::Start) {
-        let (page, run) = item.expect("read");
-        for (digest, value) in pages::page_entries(&run).expect("a page") {
-            rows.push((pages::member_key(&page, digest), value));
-        }
-    }
-    rows
-}
-
-/// Opens a closed store as RocksDB alone, with `families`: the pages' with their merge
-/// operator, which a store of this format needs to be read or compacted.
-fn open_raw(options: &rocksdb::Options, path: &Path, families: &[String]) -> DB {
-    let base = rocksdb::Options::default();
-    let families = families.iter().map(|name| {
-        let options = if name == CF_ENTRIES {
-            pages::family_options(&base)
-        } else {
-            base.clone()
-        };
-        rocksdb::ColumnFamilyDescriptor::new(name, options)
-    });
-    DB::open_cf_descriptors(options, path, families).expect("open")
 }
 
 /// Format 7's key of a stored member key (format 8) whose entry the test wrote: its place, its
@@ -1455,7 +1427,7 @@ fn format_7_key(key: &[u8]) -> Vec<u8> {
 fn raw_db(path: &Path) -> DB {
     let options = rocksdb::Options::default();
     let families = DB::list_cf(&options, path).expect("families");
-    open_raw(&options, path, &families)
+    DB::open_cf(&options, path, &families).expect("open")
 }
 
 fn set_raw_version(path: &Path, version: u32) {
@@ -1494,13 +1466,20 @@ fn every_entry_events() -> Vec<Vec<u8>> {
 }
 
 fn stored_entries(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
-    store.rows_under(CF_ENTRIES, b"")
+    store
+        .db
+        .iterator_cf(store.cf(CF_ENTRIES), IteratorMode::Start)
+        .map(|item| {
+            let (key, value) = item.expect("read");
+            (key.to_vec(), value.to_vec())
+        })
+        .collect()
 }
 
 #[test]
-fn stores_of_formats_6_to_8_are_rewritten_in_format_9_and_show_the_same_values() {
+fn stores_of_formats_6_and_7_are_rewritten_in_format_8_and_show_the_same_values() {
     let plan = every_entry_plan();
-    for version in [6, 7, 8] {
+    for version in [6, 7] {
         let dir = tempfile::tempdir().expect("tempdir");
         let expected = write_events(dir.path(), &plan, &every_entry_events());
         let before = stored_entries(&Store::open(dir.path(), &plan, &options()).expect("open"));
@@ -1515,7 +1494,7 @@ fn stores_of_formats_6_to_8_are_rewritten_in_format_9_and_show_the_same_values()
 
         let store = Store::open(dir.path(), &plan, &options()).expect("an older store opens");
         assert_eq!(stored_version(&store), FORMAT_VERSION);
-        for older in [CF_MEMBERS, CF_SHARDED_ENTRIES, CF_DIGEST_ENTRIES] {
+        for older in [CF_MEMBERS, CF_SHARDED_ENTRIES] {
             assert!(store.db.cf_handle(older).is_none(), "{older} dropped");
         }
         assert_eq!(stored_entries(&store), before, "format {version}");
@@ -1635,7 +1614,8 @@ fn frame_rows_of(store: &Store) -> BTreeMap<Vec<u8>, (u16, Vec<u8>)> {
         if family == CF_PARTITIONS {
             continue;
         }
-        for (stored_key, value) in store.rows_under(family, &prefix) {
+        for item in store.entries_under(family, &prefix) {
+            let (stored_key, value) = item.expect("read");
             let shard = if family == CF_ENTRIES {
                 codec::stored_member_shard(&stored_key).expect("a member key")
             } else {
@@ -1789,58 +1769,5 @@ fn a_shard_snapshot_is_the_store_after_the_batch_filtered_by_shard() {
         assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
         let changes = restarted.take_changes_with_snapshots(|_| (0..MEMBER_SHARDS).collect());
         assert!(changes.partitions[0].member_snapshots.is_empty());
-    }
-}
-
-#[test]
-fn pages_put_whole_when_their_shard_is_snapshotted_hold_what_their_runs_held() {
-    let plan = every_entry_plan();
-    // Shards from the engine's memory (room for every entry), and read back from RocksDB.
-    for (seed, budget) in (1..=4u64).zip([1 << 30, 1024, 1 << 30, 1024]) {
-        let (dir, plain_dir) = (tempfile::tempdir(), tempfile::tempdir());
-        let (dir, plain_dir) = (dir.expect("tempdir"), plain_dir.expect("tempdir"));
-        let store = Store::open(dir.path(), &plan, &options()).expect("open");
-        let plain = Store::open(plain_dir.path(), &plan, &options()).expect("open");
-        let mut engines = [&store, &plain].map(|store| {
-            adopt(store, 0, &[]);
-            let mut engine = Engine::with_reader(plan.clone(), Box::new(store.clone()), budget);
-            engine.restore_partition(key(0), store.load_partition(&key(0)).expect("load"));
-            engine
-        });
-        for (round, (now, events)) in random_rounds(seed).into_iter().enumerate() {
-            for engine in &mut engines {
-                for (offset, payload) in &events {
-                    let _ = engine.apply(&key(0), *offset, payload, now);
-                }
-            }
-            // Shards with stored entries, from a place that moves each round.
-            let mut shards: Vec<u16> = stored_entries(&store)
-                .iter()
-                .filter_map(|(key, _)| codec::stored_member_shard(key))
-                .collect();
-            shards.sort_unstable();
-            shards.dedup();
-            let turn = round * 5 % shards.len().max(1);
-            shards.rotate_left(turn);
-            shards.truncate(SNAPSHOTS_PER_CHECKPOINT);
-            let due: Vec<nsm_checkpoint::ShardId> = shards
-                .iter()
-                .map(|s| nsm_checkpoint::ShardId(u32::from(*s)))
-                .collect();
-            let changes = engines[0].take_changes_with_snapshots(|_| shards.clone());
-            let mut write = store.prepare_frames(&changes);
-            store
-                .checkpoint_of(&mut write, &key(0), &due)
-                .expect("snapshots");
-            store.commit_framed(write).expect("commit");
-            plain.write(&engines[1].take_changes()).expect("write");
-
-            assert_eq!(
-                stored_entries(&store),
-                stored_entries(&plain),
-                "seed {seed}, round {round}"
-            );
-        }
-        assert_eq!(values_of(&store, &plan), values_of(&plain, &plan));
     }
 }

@@ -117,10 +117,10 @@ impl Changelog {
     /// Sends `changes` as one frame per partition, acknowledged, then stores them with each
     /// partition's head and changelog position; returns the records sent.
     pub fn write(&self, store: &Store, changes: &ChangeSet) -> Result<u64, String> {
-        let mut write = store.prepare_frames(changes);
+        let write = store.prepare_frames(changes);
         let mut checkpointer = self.checkpointer();
         let checkpoints = store
-            .checkpoints_of(&mut write, |id| checkpointer.snapshots_due(id))
+            .checkpoints_of(&write, |id| checkpointer.snapshots_due(id))
             .map_err(|error| format!("state read failed: {error}"))?;
         self.heads.stage(write);
         let report = checkpointer
@@ -260,9 +260,9 @@ impl Changelog {
         // The take's first frame: definitions reconciled, and the head written. It snapshots
         // no shard, whatever the credit makes due: reading them (a pass over the partition's
         // entries) would hold the partition's first scrape back; the next checkpoints send them.
-        let (mut write, discarded) = store.prepare_adoption_frames(key).map_err(state_failed)?;
+        let (write, discarded) = store.prepare_adoption_frames(key).map_err(state_failed)?;
         let checkpoint = store
-            .checkpoint_of(&mut write, key, &[])
+            .checkpoint_of(&write, key, &[])
             .map_err(state_failed)?;
         self.heads.stage(write);
         checkpointer

@@ -58,10 +58,10 @@ impl Framed {
         checkpointer
             .resume(&partition_id(&key(0)), epoch)
             .expect("open the partition");
-        let (mut write, discarded) = store.prepare_adoption_frames(&key(0)).expect("adoption");
+        let (write, discarded) = store.prepare_adoption_frames(&key(0)).expect("adoption");
         let due = checkpointer.snapshots_due(&partition_id(&key(0)));
         let checkpoint = store
-            .checkpoint_of(&mut write, &key(0), &due)
+            .checkpoint_of(&write, &key(0), &due)
             .expect("snapshots")
             .expect("the adoption writes partition 0");
         heads.stage(write);
@@ -94,11 +94,11 @@ impl Framed {
         for (offset, payload) in events {
             let _ = self.engine.apply(&key(0), *offset, payload, now);
         }
-        let mut write = self.store.prepare_frames(&self.engine.take_changes());
+        let write = self.store.prepare_frames(&self.engine.take_changes());
         let due = self.checkpointer.snapshots_due(&partition_id(&key(0)));
         let checkpoint = self
             .store
-            .checkpoint_of(&mut write, &key(0), &due)
+            .checkpoint_of(&write, &key(0), &due)
             .expect("snapshots")
             .expect("partition 0 is written");
         let counts = (checkpoint.changes(), checkpoint.dropped_ranges());
