@@ -170,6 +170,17 @@ impl StateReader for TimedReader {
         self.timed(|store| store.member(partition, metric, start_ms, key))
     }
 
+    fn member_page(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: EpochMillis,
+        period: u64,
+        shard: u16,
+    ) -> Result<Vec<(u128, Vec<u8>)>, StateReadError> {
+        self.timed(|store| store.member_page(partition, metric, start_ms, period, shard))
+    }
+
     fn has_entries(
         &self,
         partition: &PartitionKey,

@@ -922,6 +922,50 @@ impl StateReader for Store {
             .map_err(|error| StateReadError(error.to_string()))
     }
 
+    fn member_page(
+        &self,
+        partition: &PartitionKey,
+        metric: usize,
+        start_ms: i64,
+        period: u64,
+        shard: u16,
+    ) -> Result<Vec<(u128, Vec<u8>)>, StateReadError> {
+        let mut place = window_key(
+            &partition_prefix(partition),
+            self.metric_name(metric),
+            start_ms,
+        );
+        if start_ms == nsm_core::engine::FUNNEL_WINDOW {
+            place.extend_from_slice(&period.to_be_bytes());
+        }
+        // A page is one range of digests after its place: one seek, then the next keys.
+        let (start, end) = codec::member_shard_range(&place, shard);
+        let mut options = rocksdb::ReadOptions::default();
+        options.fill_cache(false);
+        options.set_iterate_upper_bound(end);
+        let mut stored = self.db.raw_iterator_cf_opt(self.cf(CF_ENTRIES), options);
+        stored.seek(&start);
+        let mut rows = Vec::new();
+        while let (true, Some(key), Some(value)) = (stored.valid(), stored.key(), stored.value()) {
+            let digest = key
+                .get(place.len()..)
+                .and_then(|digest| <[u8; 16]>::try_from(digest).ok())
+                .ok_or_else(|| {
+                    StateReadError(format!(
+                        "{CF_ENTRIES}: a member key of {} bytes in a page of a place of {}",
+                        key.len(),
+                        place.len()
+                    ))
+                })?;
+            rows.push((u128::from_be_bytes(digest), value.to_vec()));
+            stored.next();
+        }
+        stored
+            .status()
+            .map_err(|error| StateReadError(error.to_string()))?;
+        Ok(rows)
+    }
+
     fn has_entries(
         &self,
         partition: &PartitionKey,

@@ -1525,6 +1525,83 @@ fn stores_of_formats_6_and_7_are_rewritten_in_format_8_and_show_the_same_values(
     }
 }
 
+/// A stored member key's place as the member index names it: metric, window start and funnel
+/// period; then its digest.
+fn place_and_digest(store: &Store, key: &[u8]) -> ((usize, i64, u64), u128) {
+    let at = codec::member_shard_position(key).expect("a member key");
+    let (_, rest) = codec::split_partition_prefix(key).expect("a partition");
+    let separator = rest
+        .iter()
+        .position(|byte| *byte == 0)
+        .expect("a metric name");
+    let name = std::str::from_utf8(&rest[..separator]).expect("a name");
+    // Event ids are kept under the metric index past the last, with no name.
+    let metric = store
+        .metric_names
+        .iter()
+        .position(|known| known == name)
+        .unwrap_or(store.metric_names.len());
+    let start = codec::decode_i64(rest[separator + 1..separator + 9].try_into().expect("8"));
+    let window_end = key.len() - rest.len() + separator + 9;
+    let period = match &key[window_end..at] {
+        [] => 0,
+        period => u64::from_be_bytes(period.try_into().expect("a funnel period of 8 bytes")),
+    };
+    let digest = u128::from_be_bytes(key[at..].try_into().expect("16 bytes of digest"));
+    ((metric, start, period), digest)
+}
+
+/// A page: metric, window start, funnel period, checkpoint shard.
+type PageName = (usize, i64, u64, u16);
+
+#[test]
+fn a_page_read_whole_holds_exactly_the_stored_entries_of_its_shard_of_a_place() {
+    let plan = every_entry_plan();
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_events(dir.path(), &plan, &every_entry_events());
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    let mut pages: BTreeMap<PageName, Vec<(u128, Vec<u8>)>> = BTreeMap::new();
+    for (key, value) in stored_entries(&store) {
+        let ((metric, start, period), digest) = place_and_digest(&store, &key);
+        let shard = nsm_core::engine::member_shard_of(digest);
+        pages
+            .entry((metric, start, period, shard))
+            .or_default()
+            .push((digest, value));
+    }
+    let funnel = plan.metric_index("paid_after_messaging").expect("metric");
+    assert!(
+        pages.keys().any(|(metric, ..)| *metric == funnel),
+        "funnel periods are among the pages"
+    );
+    assert!(pages.len() > 5, "entries of several places: {pages:?}");
+    for ((metric, start, period, shard), mut expected) in pages.clone() {
+        let mut read = store
+            .member_page(&key(0), metric, start, period, shard)
+            .expect("read");
+        read.sort();
+        expected.sort();
+        assert_eq!(
+            read, expected,
+            "page {shard} of {metric} at {start} ({period})"
+        );
+        // The pages beside it in the same place hold only their own entries.
+        for beside in [shard.wrapping_sub(1), shard + 1] {
+            if beside < MEMBER_SHARDS && !pages.contains_key(&(metric, start, period, beside)) {
+                let read = store
+                    .member_page(&key(0), metric, start, period, beside)
+                    .expect("read");
+                assert!(read.is_empty(), "page {beside} beside {shard}: {read:?}");
+            }
+        }
+        // Another partition's page of the same place holds nothing.
+        let other = store
+            .member_page(&key(1), metric, start, period, shard)
+            .expect("read");
+        assert!(other.is_empty());
+    }
+}
+
 #[test]
 fn a_migration_cut_short_starts_over() {
     let plan = every_entry_plan();
