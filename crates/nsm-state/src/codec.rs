@@ -139,6 +139,22 @@ pub fn member_key_of_digest(
     out.extend_from_slice(&digest.to_be_bytes());
 }
 
+/// Sets `out` to the key of a place as the member index names it (metric, window start and
+/// funnel period): its window key, then the period in a funnel window. Its member keys are this
+/// place followed by a digest.
+pub fn member_place_into(
+    out: &mut Vec<u8>,
+    partition_prefix: &[u8],
+    metric: &str,
+    start_ms: i64,
+    period: u64,
+) {
+    window_key_into(out, partition_prefix, metric, start_ms, 8 + DIGEST_BYTES);
+    if start_ms == FUNNEL_WINDOW {
+        out.extend_from_slice(&period.to_be_bytes());
+    }
+}
+
 /// Where a member key's window key ends, and the window's start.
 fn split_member_key(key: &[u8]) -> Option<(usize, i64)> {
     let (_, rest) = split_partition_prefix(key)?;

@@ -13,12 +13,12 @@
 //! period) for a member shard, the partition's key range of each family for the aggregate shard.
 
 use nsm_checkpoint::{Checkpoint, CheckpointConfig, PartitionId, SeedShard, ShardId};
-use nsm_core::engine::{MemberShardRows, FUNNEL_WINDOW};
+use nsm_core::engine::MemberShardRows;
 use rocksdb::ReadOptions;
 
 use crate::changelog::{family_byte, BatchRecorder};
 use crate::codec::{
-    member_key_of_digest, member_shard_position, member_shard_range, partition_prefix,
+    member_place_into, member_shard_position, member_shard_range, partition_prefix,
     prefix_successor, split_partition_prefix, stored_member_shard, MEMBER_SHARDS,
 };
 use crate::{
@@ -338,14 +338,9 @@ impl MemoryShard {
             .rows
             .iter()
             .map(|row| {
-                let period = row.period.to_be_bytes();
-                let period: &[u8] = if row.start_ms == FUNNEL_WINDOW {
-                    &period
-                } else {
-                    &[]
-                };
                 let name = store.metric_name(row.metric);
-                member_key_of_digest(&mut key, &[], name, row.start_ms, period, row.digest);
+                member_place_into(&mut key, &[], name, row.start_ms, row.period);
+                key.extend_from_slice(&row.digest.to_be_bytes());
                 ([&[member_byte][..], &key].concat(), row.value.to_vec())
             })
             .collect();

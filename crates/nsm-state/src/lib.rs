@@ -930,14 +930,14 @@ impl StateReader for Store {
         period: u64,
         shard: u16,
     ) -> Result<Vec<(u128, Vec<u8>)>, StateReadError> {
-        let mut place = window_key(
+        let mut place = Vec::new();
+        codec::member_place_into(
+            &mut place,
             &partition_prefix(partition),
             self.metric_name(metric),
             start_ms,
+            period,
         );
-        if start_ms == nsm_core::engine::FUNNEL_WINDOW {
-            place.extend_from_slice(&period.to_be_bytes());
-        }
         // A page is one range of digests after its place: one seek, then the next keys.
         let (start, end) = codec::member_shard_range(&place, shard);
         let mut options = rocksdb::ReadOptions::default();

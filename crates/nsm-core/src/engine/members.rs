@@ -608,7 +608,7 @@ pub(super) struct MemberIndex {
     rows_since: usize,
     /// Entries left memory at a checkpoint, and have not fallen to half the budget since: the
     /// entries do not fit, so a page read whole would push out others that are read back in
-    /// turn (measured: the memory bench ran 17% slower). A miss then reads its entry alone.
+    /// turn. A miss then reads its entry alone.
     evicting: bool,
     /// Checkpoints taken so far, plus one: the checkpoint being filled.
     checkpoint: u64,
@@ -690,8 +690,7 @@ impl MemberIndex {
         let loaded = rows.len();
         // Pages of a place hold about as many entries each (digests are uniform): when the
         // place as a whole would not fit, reading its other pages whole would end in
-        // evicting them (`nsm-bench e2e` at 10M events: freshness p99 10.9 s without this
-        // rule, 3.8 s with it).
+        // evicting them.
         let place_bytes = loaded * usize::from(MEMBER_SHARDS) * ROW_BYTES;
         space.too_large = taken + place_bytes > budget;
         space.load_page(page, rows);
