@@ -421,25 +421,75 @@ type Place = (usize, EpochMillis, u64);
 
 type SpaceMap = HashMap<Place, Space, BuildHasherDefault<NamespaceHasher>>;
 
-/// An entry's row: its value's length and flags, then up to 8 bytes of value.
-const LANES: usize = 3;
-/// About the bytes an entry takes in memory (its key, its lanes, the table's free slots): to
-/// tell, between two measures, whether the entries still have room.
-const ROW_BYTES: usize = 40;
-const LENGTH: u32 = 0xff;
+/// An entry's row: a first lane of the value's length, flags and stamp, and the value's first
+/// 2 bytes; then, only in the tables that need them, lanes of 4 more bytes each. A table starts
+/// with the first lane alone (a member, a step, a small count: most entries) and is widened
+/// once a value needs more (see [`RowLayout`]): a row costs 20, 24 or 28 bytes a slot.
+const LENGTH: u32 = 0xf;
 /// The value is longer than 8 bytes and kept in [`Space::long`].
-const LONG: u32 = 1 << 8;
+const LONG: u32 = 1 << 4;
 /// The entry was written (not only read from the store): with its stamp, whether it is in the
 /// index's written log of the checkpoint being filled.
-const WRITTEN: u32 = 1 << 9;
-/// The rest of the first lane: the checkpoint during which the entry was last written (its
-/// low 22 bits; 0 for an entry read from the store). An entry of the checkpoint just handed
-/// over is not in the store yet and must stay in memory; any other may leave. A stamp equal
-/// to that checkpoint's by wrapping around keeps an entry one checkpoint longer, no more.
-const STAMP_SHIFT: u32 = 10;
+const WRITTEN: u32 = 1 << 5;
+/// All but the value's last 2 bytes are zero, and those 2 are the ones in the first lane (a
+/// count stored as 4 big-endian bytes, below 65,536).
+const ZEROS: u32 = 1 << 6;
+/// Bits 7 to 15 of the first lane: the checkpoint during which the entry was last written
+/// (its low 9 bits; 0 for an entry read from the store). An entry of the checkpoint just
+/// handed over is not in the store yet and must stay in memory; any other may leave. A stamp
+/// equal to that checkpoint's by wrapping around keeps an entry one checkpoint longer, no
+/// more.
+const STAMP_SHIFT: u32 = 7;
+const STAMP_MASK: u32 = 0x1ff;
+/// The top half of the first lane: the value's first 2 bytes.
+const INLINE_SHIFT: u32 = 16;
+/// About the bytes a row of the widest tables takes in memory.
+#[cfg(test)]
+const ROW_BYTES: usize = 40;
 
 fn stamp(checkpoint: u64) -> u32 {
-    ((checkpoint as u32) << STAMP_SHIFT) >> STAMP_SHIFT
+    checkpoint as u32 & STAMP_MASK
+}
+
+fn stamp_of(first_lane: u32) -> u32 {
+    first_lane >> STAMP_SHIFT & STAMP_MASK
+}
+
+/// Where a row keeps its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowLayout {
+    /// In the first lane's 2 bytes and as many lanes after it as it needs (up to 8 bytes).
+    Lanes(usize),
+    /// Zeros but for its last 2 bytes, which the first lane holds.
+    Zeros,
+    /// Longer than 8 bytes: in [`Space::long`].
+    Long,
+}
+
+impl RowLayout {
+    fn of(value: &[u8]) -> Self {
+        match value.len() {
+            0..=2 => RowLayout::Lanes(1),
+            len @ 3..=8 if value[..len - 2].iter().all(|&byte| byte == 0) => RowLayout::Zeros,
+            3..=6 => RowLayout::Lanes(2),
+            7..=8 => RowLayout::Lanes(3),
+            _ => RowLayout::Long,
+        }
+    }
+
+    /// The lanes a row of this layout needs.
+    fn lanes(self) -> usize {
+        match self {
+            RowLayout::Lanes(lanes) => lanes,
+            RowLayout::Zeros | RowLayout::Long => 1,
+        }
+    }
+}
+
+/// About the bytes a row of `lanes` lanes takes: its slot (the key and the lanes) times the
+/// slots a row takes on average (1.41, see [`crate::table`]).
+fn row_bytes(lanes: usize) -> usize {
+    (16 + 4 * lanes) * 141 / 100
 }
 
 /// One bit per page of a space (a checkpoint shard of its place, see [`member_shard_of`]).
@@ -472,7 +522,7 @@ impl Space {
     /// be none: every entry it will hold is one written through the index.
     fn new(checkpoint: u64, known_empty: bool) -> Self {
         Self {
-            rows: EntityTable::new(LANES),
+            rows: EntityTable::new(1),
             long: DigestMap::default(),
             spilled: [if known_empty { 0 } else { u64::MAX }; MEMBER_SHARDS as usize / 64],
             checked: known_empty,
@@ -503,12 +553,21 @@ impl Space {
             }
         }
         let mut bytes = [0; 8];
-        bytes[..4].copy_from_slice(&lanes[1].to_le_bytes());
-        bytes[4..].copy_from_slice(&lanes[2].to_le_bytes());
-        EntryValue::Small(Small {
-            len: (lanes[0] & LENGTH) as u8,
-            bytes,
-        })
+        let len = (lanes[0] & LENGTH) as u8;
+        let inline = ((lanes[0] >> INLINE_SHIFT) as u16).to_le_bytes();
+        if lanes[0] & ZEROS != 0 {
+            let end = usize::from(len);
+            bytes[end - 2..end].copy_from_slice(&inline);
+            return EntryValue::Small(Small { len, bytes });
+        }
+        bytes[..2].copy_from_slice(&inline);
+        if let Some(lane) = lanes.get(1) {
+            bytes[2..6].copy_from_slice(&lane.to_le_bytes());
+        }
+        if let Some(lane) = lanes.get(2) {
+            bytes[6..].copy_from_slice(&lane.to_le_bytes()[..2]);
+        }
+        EntryValue::Small(Small { len, bytes })
     }
 
     /// Sets a row's value with `flags` ([`WRITTEN`] and a stamp, or 0 for a value read from
@@ -516,27 +575,48 @@ impl Space {
     /// `flags`'s stamp. The table's own record of changed rows is not kept: the index's log
     /// is.
     fn set(&mut self, digest: u128, value: &[u8], flags: u32) -> bool {
-        let (lanes, _) = self.rows.entry_untracked(digest);
-        let was_long = lanes[0] & LONG != 0;
-        let was_written = lanes[0] & WRITTEN != 0
-            && flags & WRITTEN != 0
-            && lanes[0] >> STAMP_SHIFT == flags >> STAMP_SHIFT;
-        match Small::new(value) {
-            Some(small) => {
-                let [a, b, c, d, e, f, g, h] = small.bytes;
-                lanes[0] = u32::from(small.len) | flags;
-                lanes[1] = u32::from_le_bytes([a, b, c, d]);
-                lanes[2] = u32::from_le_bytes([e, f, g, h]);
-                if was_long {
-                    self.long.remove(&digest);
+        let layout = RowLayout::of(value);
+        if layout.lanes() > self.rows.lanes() {
+            self.rows.widen(layout.lanes());
+        }
+        let (row, _) = self.rows.entry_untracked(digest);
+        let was_long = row[0] & LONG != 0;
+        let was_written =
+            row[0] & WRITTEN != 0 && flags & WRITTEN != 0 && stamp_of(row[0]) == stamp_of(flags);
+        let len = value.len() as u32;
+        match layout {
+            RowLayout::Long => {
+                row[0] = LONG | flags;
+                self.long.insert(digest, value.into());
+                return was_written;
+            }
+            RowLayout::Zeros => {
+                let [.., a, b] = value else {
+                    unreachable!("a value of zeros has 3 bytes or more")
+                };
+                row[0] =
+                    len | flags | ZEROS | u32::from(u16::from_le_bytes([*a, *b])) << INLINE_SHIFT;
+            }
+            RowLayout::Lanes(_) => {
+                let mut bytes = [0; 10];
+                bytes[..value.len()].copy_from_slice(value);
+                row[0] = len
+                    | flags
+                    | u32::from(u16::from_le_bytes([bytes[0], bytes[1]])) << INLINE_SHIFT;
+                for (lane, chunk) in row[1..].iter_mut().zip(bytes[2..].chunks_exact(4)) {
+                    *lane = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
                 }
             }
-            None => {
-                lanes[0] = LONG | flags;
-                self.long.insert(digest, value.into());
-            }
+        }
+        if was_long {
+            self.long.remove(&digest);
         }
         was_written
+    }
+
+    /// About the bytes a row of this space takes.
+    fn row_bytes(&self) -> usize {
+        row_bytes(self.rows.lanes())
     }
 
     /// Drops a shard's entries but those written during checkpoint `handed_over` (the store
@@ -546,7 +626,7 @@ impl Space {
         // A sub-table left sparse shrinks, one left empty frees its slots.
         let removed = self
             .rows
-            .retain_shard(shard, |_, lanes| lanes[0] >> STAMP_SHIFT == pending);
+            .retain_shard(shard, |_, lanes| stamp_of(lanes[0]) == pending);
         if removed == 0 {
             // Nothing left: a miss here is still an answer, not a read.
             return 0;
@@ -602,10 +682,11 @@ pub(super) struct MemberIndex {
     written_entries: usize,
     /// Bytes the entries may take in memory.
     budget: usize,
-    /// Bytes the entries took when last measured (at the last checkpoint), and rows taken in
-    /// since (read back or written): whether a miss may read its page whole.
+    /// Bytes the entries took when last measured (at the last checkpoint), and about the bytes
+    /// of the rows taken in since (read back or written): whether a miss may read its page
+    /// whole.
     measured_bytes: usize,
-    rows_since: usize,
+    bytes_since: usize,
     /// Entries left memory at a checkpoint, and have not fallen to half the budget since: the
     /// entries do not fit, so a page read whole would push out others that are read back in
     /// turn. A miss then reads its entry alone.
@@ -628,7 +709,7 @@ impl MemberIndex {
             written_entries: 0,
             budget,
             measured_bytes: 0,
-            rows_since: 0,
+            bytes_since: 0,
             evicting: false,
             checkpoint: 1,
             all_known: false,
@@ -656,10 +737,7 @@ impl MemberIndex {
         key: &[u8],
     ) -> Result<Option<EntryValue>, StateReadError> {
         let digest = entity_key(0, key);
-        let (taken, budget) = (
-            self.measured_bytes + self.rows_since * ROW_BYTES,
-            self.budget,
-        );
+        let (taken, budget) = (self.measured_bytes + self.bytes_since, self.budget);
         let room = !self.evicting && taken < budget;
         let space = self.space_to_read(source, metric, start_ms, key)?;
         if let Some(lanes) = space.rows.get(digest) {
@@ -680,7 +758,7 @@ impl MemberIndex {
                 return Ok(None);
             };
             space.set(digest, &value, 0);
-            self.rows_since += 1;
+            self.bytes_since += space.row_bytes();
             return Ok(Some(EntryValue::new(&value)));
         }
         let (_, _, period) = place_of(metric, start_ms, key);
@@ -688,17 +766,17 @@ impl MemberIndex {
             .reader
             .member_page(source.partition, metric, start_ms, period, page)?;
         let loaded = rows.len();
+        space.load_page(page, rows);
         // Pages of a place hold about as many entries each (digests are uniform): when the
         // place as a whole would not fit, reading its other pages whole would end in
-        // evicting them.
-        let place_bytes = loaded * usize::from(MEMBER_SHARDS) * ROW_BYTES;
-        space.too_large = taken + place_bytes > budget;
-        space.load_page(page, rows);
+        // evicting them. (Its rows' width is known once a page is in.)
+        let page_bytes = loaded * space.row_bytes();
+        space.too_large = taken + page_bytes * usize::from(MEMBER_SHARDS) > budget;
         let value = space
             .rows
             .get(digest)
             .map(|lanes| space.value(digest, lanes));
-        self.rows_since += loaded;
+        self.bytes_since += page_bytes;
         Ok(value)
     }
 
@@ -728,9 +806,9 @@ impl MemberIndex {
             .entry(place)
             .or_insert_with(|| Space::new(checkpoint, all_known));
         space.used_in = checkpoint;
-        if !space.set(digest, value, WRITTEN | (stamp(checkpoint) << STAMP_SHIFT)) {
+        if !space.set(digest, value, WRITTEN | stamp(checkpoint) << STAMP_SHIFT) {
             self.written_entries += 1;
-            self.rows_since += 1;
+            self.bytes_since += space.row_bytes();
         }
         let from = self.keys.len();
         self.keys.extend_from_slice(key);
@@ -867,7 +945,7 @@ impl MemberIndex {
     /// made again, it asks the reader as after a restart.
     fn evict(&mut self, handed_over: u64) {
         let mut bytes: usize = self.spaces.values().map(Space::heap_bytes).sum();
-        self.rows_since = 0;
+        self.bytes_since = 0;
         self.measured_bytes = bytes;
         if bytes <= self.budget / 2 {
             self.evicting = false;
@@ -1144,6 +1222,76 @@ mod tests {
         index.put(0, 0, b"a", b"\x09");
         assert_eq!(index.take_written().len(), 1);
         assert_eq!(get(&mut index, b"a"), Some(vec![9]));
+    }
+
+    #[test]
+    fn values_of_every_length_read_back_exactly_as_their_table_widens() {
+        let (reader, partition) = (CountingReader::default(), PartitionKey::new("t", 0));
+        let source = source_of(&reader, &partition);
+        let mut index = MemberIndex::new(PLENTY);
+        // No zero byte, or zeros but for the last 2 bytes (a small count's form).
+        let value = |len: usize| {
+            (1..=len as u8)
+                .map(|b| b.wrapping_mul(37))
+                .collect::<Vec<_>>()
+        };
+        let zeros = |len: usize| {
+            let mut value = vec![0; len];
+            if len >= 2 {
+                value[len - 2..].copy_from_slice(&[len as u8, 7]);
+            }
+            value
+        };
+        let key = |len: usize, round: usize| format!("member-{len}-{round}").into_bytes();
+        // Lengths rising, so the table widens twice with rows of every length in it, each row
+        // rewritten with another length, from one lane's form to another's and back.
+        for round in 0..4 {
+            for len in 0..=12 {
+                index.put(0, 0, &key(len, round), &value(len));
+                index.put(0, 0, &key(len, 0), &value(12 - len));
+                index.put(0, 0, &key(len, 1), &zeros(len));
+                index.put(0, 0, &key(len, 2), &zeros(12 - len));
+                index.put(0, 0, &key(len, 3), &value(len));
+            }
+        }
+        let widest = index.spaces.values().map(|space| space.rows.lanes()).max();
+        assert_eq!(widest, Some(3));
+        for len in 0..=12 {
+            let expected = [value(12 - len), zeros(len), zeros(12 - len), value(len)];
+            for (round, expected) in expected.iter().enumerate() {
+                let read = index
+                    .get(&source, 0, 0, &key(len, round))
+                    .expect("in memory");
+                assert_eq!(read.as_deref(), Some(&expected[..]), "{len} {round}");
+            }
+        }
+        assert_eq!(index.take_written().len(), 13 * 4);
+    }
+
+    #[test]
+    fn members_steps_and_small_counts_take_one_lane_a_row_under_three_quarters_of_the_widest() {
+        let mut index = MemberIndex::new(PLENTY);
+        for user in 0..200_000u32 {
+            let key = format!("user-{user}");
+            index.insert(0, 0, key.as_bytes());
+            index.put(1, 0, key.as_bytes(), &(user as u16).to_be_bytes());
+            index.put(2, 0, key.as_bytes(), &(user % 5).to_be_bytes());
+            index.put(3, 0, key.as_bytes(), &(u64::from(user) << 40).to_be_bytes());
+        }
+        let bytes = |metric: usize| {
+            let space = &index.spaces[&(metric, 0, 0)];
+            (space.rows.lanes(), space.heap_bytes())
+        };
+        let (widest_lanes, widest) = bytes(3);
+        assert_eq!(widest_lanes, 3, "an event time's 8 bytes");
+        for metric in [0, 1, 2] {
+            let (lanes, narrow) = bytes(metric);
+            assert_eq!(lanes, 1, "metric {metric}");
+            assert!(
+                narrow * 4 < widest * 3,
+                "metric {metric}: {narrow} bytes against {widest}"
+            );
+        }
     }
 
     #[test]

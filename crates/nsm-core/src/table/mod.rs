@@ -192,6 +192,18 @@ impl EntityTable {
         self.len += usize::from(inserted);
     }
 
+    /// Gives every row `lanes` lanes, the new ones 0: a table whose rows turn out to need more
+    /// room than it started with. Rows keep their slots and dirty marks.
+    ///
+    /// Panics if `lanes` is fewer than the rows have.
+    pub fn widen(&mut self, lanes: usize) {
+        assert!(lanes >= self.lanes, "a table never narrows");
+        for shard in self.shards.iter_mut() {
+            shard.widen(lanes);
+        }
+        self.lanes = lanes;
+    }
+
     /// Removes the row of `key`; returns whether it was present. Not recorded as dirty: see the
     /// invariant of removal in the [module documentation](self).
     pub fn remove(&mut self, key: u128) -> bool {
@@ -388,6 +400,15 @@ impl Shard {
         let (slot, inserted) = self.find_or_insert(key);
         self.dirty.insert(slot);
         (self.row_mut(slot), inserted)
+    }
+
+    fn widen(&mut self, width: usize) {
+        let mut lanes = vec![0; self.keys.len() * width];
+        for (slot, row) in self.lanes.chunks_exact(self.width.max(1)).enumerate() {
+            lanes[slot * width..][..self.width].copy_from_slice(&row[..self.width]);
+        }
+        self.lanes = lanes;
+        self.width = width;
     }
 
     /// Returns whether the row was inserted.

@@ -352,6 +352,38 @@ fn loaded_rows_are_not_dirty_and_dirty_rows_stay_dirty_through_growth() {
 }
 
 #[test]
+fn a_widened_table_keeps_its_rows_their_lanes_and_dirty_marks_with_new_lanes_zero() {
+    let mut table = EntityTable::new(1);
+    for i in 0..50_000 {
+        table.load(random_key(i), &[i as u32]);
+    }
+    for i in (0..50_000).step_by(7) {
+        table.entry(random_key(i)).0[0] += 1;
+    }
+    table.widen(3);
+    assert_eq!((table.lanes(), table.len()), (3, 50_000));
+    for i in 0..50_000u64 {
+        let written = u32::from(i % 7 == 0);
+        assert_eq!(
+            table.get(random_key(i)),
+            Some(&[i as u32 + written, 0, 0][..]),
+            "row {i}"
+        );
+    }
+    // Rows go on growing and changing at the new width.
+    for i in 50_000..60_000 {
+        table.entry(random_key(i)).0[2] = 9;
+    }
+    assert_eq!(table.get(random_key(59_999)), Some(&[0, 0, 9][..]));
+    let mut drained = 0;
+    table.drain_dirty(|_, lanes| {
+        assert_eq!(lanes.len(), 3);
+        drained += 1;
+    });
+    assert_eq!(drained, 50_000 / 7 + 1 + 10_000);
+}
+
+#[test]
 fn a_row_removed_while_dirty_is_not_drained() {
     let mut table = EntityTable::new(1);
     table.entry(random_key(1)).0[0] = 1;
