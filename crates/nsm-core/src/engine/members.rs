@@ -486,12 +486,6 @@ impl RowLayout {
     }
 }
 
-/// About the bytes a row of `lanes` lanes takes: its slot (the key and the lanes) times the
-/// slots a row takes on average (1.41, see [`crate::table`]).
-fn row_bytes(lanes: usize) -> usize {
-    (16 + 4 * lanes) * 141 / 100
-}
-
 /// One bit per page of a space (a checkpoint shard of its place, see [`member_shard_of`]).
 type PageBits = [u64; MEMBER_SHARDS as usize / 64];
 
@@ -616,7 +610,7 @@ impl Space {
 
     /// About the bytes a row of this space takes.
     fn row_bytes(&self) -> usize {
-        row_bytes(self.rows.lanes())
+        self.rows.mean_row_bytes()
     }
 
     /// Drops a shard's entries but those written during checkpoint `handed_over` (the store

@@ -282,6 +282,12 @@ impl EntityTable {
         self.shards[shard].len
     }
 
+    /// About the bytes a row of this table takes on average: its slot (the key and the lanes)
+    /// times the 1.41 slots a row takes over table sizes (see the module documentation).
+    pub fn mean_row_bytes(&self) -> usize {
+        (16 + 4 * self.lanes) * 141 / 100
+    }
+
     /// The bytes allocated by the table, for memory accounting and limits.
     pub fn heap_bytes(&self) -> usize {
         std::mem::size_of::<[Shard; SHARDS]>()
