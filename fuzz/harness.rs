@@ -240,7 +240,9 @@ impl Harness {
                 );
                 assert_eq!(changes.max_event_ms, self.max_event_ms, "event time");
             }
-            Outcome::AlreadyApplied => panic!("a new offset reported as already applied"),
+            Outcome::AlreadyApplied | Outcome::Resent => {
+                panic!("a new offset of an input partition reported as already applied")
+            }
             Outcome::StateUnreadable(error) => panic!("in-memory state failed to read: {error}"),
         }
         self.record(&changes);

@@ -126,6 +126,17 @@ impl MetricKind {
         }
     }
 
+    /// The entity a metric counts distinct, whose events must all be counted in one partition
+    /// for the count to be exact: a distinct count's field, a threshold's or conversion's
+    /// entity. A retention counts its base's entity (not known here).
+    pub fn counted_entity(&self) -> Option<&FieldPath> {
+        match self {
+            Self::Distinct { field } => Some(field),
+            Self::Threshold { entity, .. } | Self::Conversion { entity, .. } => Some(entity),
+            Self::Count | Self::Sum { .. } | Self::Ratio { .. } | Self::Retention { .. } => None,
+        }
+    }
+
     /// The event field the metric reads, if any.
     pub fn field(&self) -> Option<&FieldPath> {
         match self {

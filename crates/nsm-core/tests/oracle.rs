@@ -376,6 +376,7 @@ fn plan() -> Plan {
                 id_field: path("event_id"),
                 horizon_ms: DEDUP_HORIZON,
             }),
+            message_key: None,
         },
     )
 }
@@ -1031,6 +1032,7 @@ impl FakeStore {
             idle_floor_ms,
             metric_since: Vec::new(),
             no_stored_members: false,
+            upstream: None,
             windows: self
                 .windows
                 .iter()

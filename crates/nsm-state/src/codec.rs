@@ -2,7 +2,7 @@
 //! flipped, so RocksDB's byte order is numeric order.
 
 use nsm_core::decimal::Decimal;
-use nsm_core::engine::{member_shard_of, AggValue, Progress, FUNNEL_WINDOW};
+use nsm_core::engine::{member_shard_of, AggValue, Epoch, Mark, Progress, Upstream, FUNNEL_WINDOW};
 use nsm_core::table::entity_key;
 use nsm_core::PartitionKey;
 
@@ -313,6 +313,84 @@ pub fn decode_partition_meta(bytes: &[u8]) -> Option<PartitionMeta> {
     })
 }
 
+/// A repartition partition's sources (`nsm_core::engine::Upstream`): each input topic and its
+/// partitions, then each source partition's mark.
+pub fn encode_upstream(upstream: &Upstream) -> Vec<u8> {
+    fn put_text(out: &mut Vec<u8>, text: &str) {
+        let len = u16::try_from(text.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&text.as_bytes()[..usize::from(len)]);
+    }
+    let mut out = Vec::with_capacity(8 + upstream.marks.len() * 64);
+    out.extend_from_slice(
+        &u32::try_from(upstream.topics.len())
+            .unwrap_or(0)
+            .to_be_bytes(),
+    );
+    for (topic, partitions) in &upstream.topics {
+        put_text(&mut out, topic);
+        out.extend_from_slice(&partitions.to_be_bytes());
+    }
+    out.extend_from_slice(
+        &u32::try_from(upstream.marks.len())
+            .unwrap_or(0)
+            .to_be_bytes(),
+    );
+    for ((topic, partition), mark) in &upstream.marks {
+        put_text(&mut out, topic);
+        out.extend_from_slice(&partition.to_be_bytes());
+        out.extend_from_slice(&mark.next_offset.to_be_bytes());
+        out.extend_from_slice(&mark.epoch.resumed_from.to_be_bytes());
+        out.extend_from_slice(&mark.epoch.taken_at_ms.to_be_bytes());
+        encode_optional(&mut out, mark.watermark_ms);
+        encode_optional(&mut out, mark.clock_ms);
+    }
+    out
+}
+
+pub fn decode_upstream(bytes: &[u8]) -> Option<Upstream> {
+    struct Reader<'a>(&'a [u8]);
+    impl<'a> Reader<'a> {
+        fn take(&mut self, len: usize) -> Option<&'a [u8]> {
+            let (head, rest) = (self.0.get(..len)?, self.0.get(len..)?);
+            self.0 = rest;
+            Some(head)
+        }
+        fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+            self.take(N)?.try_into().ok()
+        }
+        fn text(&mut self) -> Option<String> {
+            let len = u16::from_be_bytes(self.array()?);
+            String::from_utf8(self.take(usize::from(len))?.to_vec()).ok()
+        }
+        fn optional(&mut self) -> Option<Option<i64>> {
+            decode_optional(self.take(9)?)
+        }
+    }
+    let mut reader = Reader(bytes);
+    let mut upstream = Upstream::default();
+    for _ in 0..u32::from_be_bytes(reader.array()?) {
+        let topic = reader.text()?;
+        upstream
+            .topics
+            .insert(topic, u32::from_be_bytes(reader.array()?));
+    }
+    for _ in 0..u32::from_be_bytes(reader.array()?) {
+        let source = (reader.text()?, i32::from_be_bytes(reader.array()?));
+        let mark = Mark {
+            next_offset: i64::from_be_bytes(reader.array()?),
+            epoch: Epoch {
+                resumed_from: i64::from_be_bytes(reader.array()?),
+                taken_at_ms: i64::from_be_bytes(reader.array()?),
+            },
+            watermark_ms: reader.optional()?,
+            clock_ms: reader.optional()?,
+        };
+        upstream.marks.insert(source, mark);
+    }
+    reader.0.is_empty().then_some(upstream)
+}
+
 const TAG_COUNT: u8 = 1;
 const TAG_SUM: u8 = 2;
 const TAG_DISTINCT: u8 = 3;
@@ -471,6 +549,33 @@ fn take_varint(bytes: &mut &[u8]) -> Option<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repartition_partitions_sources_round_trip() {
+        let mut upstream = Upstream::default();
+        upstream.topics.insert("events".into(), 3);
+        upstream.topics.insert("other".into(), 1);
+        upstream.marks.insert(
+            ("events".into(), 2),
+            Mark {
+                next_offset: 41,
+                epoch: Epoch {
+                    resumed_from: 17,
+                    taken_at_ms: 1_795_435_200_000,
+                },
+                watermark_ms: Some(-5),
+                clock_ms: None,
+            },
+        );
+        let bytes = encode_upstream(&upstream);
+        assert_eq!(decode_upstream(&bytes), Some(upstream));
+        assert_eq!(
+            decode_upstream(&bytes[..bytes.len() - 1]),
+            None,
+            "cut short"
+        );
+        assert_eq!(decode_upstream(&[bytes.as_slice(), &[0]].concat()), None);
+    }
 
     #[test]
     fn signed_integers_sort_numerically_as_bytes() {

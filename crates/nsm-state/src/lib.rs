@@ -108,6 +108,14 @@ const FAMILIES_IN_USE: [&str; 7] = [
 /// partition's data of that metric exists (no metric name starts with a zero byte).
 const SINCE_MARKER: &[u8] = b"\0since\0";
 
+/// The key in `fingerprints` of a repartition partition's sources (its marks of the input
+/// partitions, `nsm_core::engine::Upstream`).
+const UPSTREAM_MARKER: &[u8] = b"\0upstream";
+
+fn upstream_key(prefix: &[u8]) -> Vec<u8> {
+    [prefix, UPSTREAM_MARKER].concat()
+}
+
 fn since_key(prefix: &[u8], metric: &str) -> Vec<u8> {
     let mut key = prefix.to_vec();
     key.extend_from_slice(SINCE_MARKER);
@@ -363,7 +371,8 @@ impl Store {
         let mut stored = HashMap::new();
         for item in self.entries_under(CF_FINGERPRINTS, prefix) {
             let (key, value) = item?;
-            if key[prefix.len()..].starts_with(SINCE_MARKER) {
+            // Markers, not metric names: no metric name starts with a zero byte.
+            if key[prefix.len()..].starts_with(b"\0") {
                 continue;
             }
             let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
@@ -521,6 +530,13 @@ impl Store {
                     &window_key(&prefix, name, expired.before_ms),
                 );
             }
+            if let Some(upstream) = &part.upstream {
+                recorder.put(
+                    CF_FINGERPRINTS,
+                    &upstream_key(&prefix),
+                    &codec::encode_upstream(upstream),
+                );
+            }
             // Last: the partition's offsets and watermark, the end marker of its records.
             recorder.end_partition(
                 &part.key,
@@ -591,6 +607,20 @@ impl Store {
             snapshot.idle_floor_ms = meta.idle_floor_ms;
         }
         snapshot.metric_since = self.metric_since(&prefix)?;
+        snapshot.upstream = match self
+            .db
+            .get_cf(self.cf(CF_FINGERPRINTS), upstream_key(&prefix))?
+        {
+            Some(bytes) => {
+                Some(
+                    codec::decode_upstream(&bytes).ok_or_else(|| StateError::Corrupt {
+                        column_family: CF_FINGERPRINTS,
+                        detail: format!("the sources of repartition partition {key}"),
+                    })?,
+                )
+            }
+            None => None,
+        };
         snapshot.no_stored_members = self
             .keys_under(CF_ENTRIES, &prefix)
             .next()

@@ -234,6 +234,79 @@ fn changed_metric_definitions_discard_only_that_metric() {
     assert_eq!(again.metric_since, vec![(1, snapshot_watermark(&store))]);
 }
 
+/// Takes a partition of the repartition topic as the pipeline does; the metrics discarded.
+fn adopt_key(store: &Store, partition: &PartitionKey) -> Vec<DiscardedMetric> {
+    let epoch = store.adoption_epoch(partition, None).expect("epoch");
+    let (adoption, discarded) = store
+        .prepare_keyed_adoption(partition, &[], false, epoch)
+        .expect("adopt");
+    store.commit_keyed(adoption, &[]).expect("commit");
+    discarded
+}
+
+#[test]
+fn a_repartition_partitions_marks_of_its_sources_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let teams = plan_with_input(
+        "name = \"active_teams\"\nowner = \"team\"\nkind = \"distinct\"\n\
+         field = \"team_id\"\nwhere = { event = \"message_sent\" }\nwindow = \"1d\"",
+    );
+    let mut settings = teams.settings().clone();
+    settings.message_key = Some(nsm_core::engine::MessageKey {
+        field: nsm_core::metric::FieldPath::parse("user_id").expect("path"),
+        nested: Vec::new(),
+    });
+    let plan = Plan::new(teams.metrics().to_vec(), settings);
+    let repartition = PartitionKey::new("nsm-repartition", 0);
+    let store = Store::open(dir.path(), &plan, &options()).expect("open");
+    assert!(adopt_key(&store, &repartition).is_empty());
+    let mut engine = engine_on(&store, &plan);
+    engine.restore_partition(repartition.clone(), PartitionSnapshot::default());
+    let topics = vec![("events".to_string(), 1)];
+    let forwarded = nsm_core::engine::Forwarded {
+        group: 0,
+        topic: "events",
+        partition: 0,
+        offset: 7,
+        epoch: nsm_core::engine::Epoch {
+            resumed_from: 3,
+            taken_at_ms: NOW - 60_000,
+        },
+        watermark_ms: Some(NOW - 120_000),
+        clock_ms: Some(NOW - 60_000),
+        topics: &topics,
+    };
+    let payload = format!(
+        r#"{{"event":"message_sent","user_id":"ana","team_id":"red","timestamp":{}}}"#,
+        NOW - 120_000
+    );
+    let outcome = engine.apply_forwarded(
+        &repartition,
+        0,
+        payload.as_bytes(),
+        &nsm_core::event::NoRecord::default(),
+        &forwarded,
+        NOW,
+    );
+    assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    store.write(&engine.take_changes()).expect("write");
+    drop((store, engine));
+
+    let store = Store::open(dir.path(), &plan, &options()).expect("reopen");
+    assert!(
+        adopt_key(&store, &repartition).is_empty(),
+        "the marks are not taken for a metric that left the config"
+    );
+    let snapshot = store.load_partition(&repartition).expect("load");
+    let upstream = snapshot.upstream.expect("the marks");
+    assert_eq!(upstream.topics.get("events"), Some(&1));
+    let mark = upstream.marks[&("events".to_string(), 0)];
+    assert_eq!(mark.next_offset, 8);
+    assert_eq!(mark.epoch, forwarded.epoch);
+    assert_eq!(mark.watermark_ms, Some(NOW - 120_000));
+    assert_eq!(snapshot.event_watermark_ms, Some(NOW - 120_000));
+}
+
 fn snapshot_watermark(store: &Store) -> i64 {
     let snapshot = store.load_partition(&key(0)).expect("load");
     snapshot

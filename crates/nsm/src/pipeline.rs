@@ -725,7 +725,7 @@ impl PartitionHandler for Pipeline {
                 }
                 Disposition::Done
             }
-            Outcome::AlreadyApplied => Disposition::Done,
+            Outcome::AlreadyApplied | Outcome::Resent => Disposition::Done,
             Outcome::StateUnreadable(read_error) => {
                 if self.failure.is_none() {
                     error!(partition = %key, offset, error = %read_error,

@@ -14,7 +14,7 @@ use super::dedup::SeenIds;
 use super::filter;
 use super::funnel::Funnel;
 use super::members::{MemberIndex, Source, StateReadError};
-use super::plan::{CompiledMetric, Plan, ValueSource};
+use super::plan::{entity_hash, CompiledMetric, Forwards, Plan, Route, Stage, ValueSource};
 use super::segment::{segment_key, segment_member, MAX_SEGMENTS_PER_WINDOW, OVERFLOW_KEY};
 use super::state::{Agg, PartitionState, Pending, WindowState};
 use super::threshold::{Step, ThresholdWindow};
@@ -51,10 +51,11 @@ pub(super) fn apply_event(
     source: &Source<'_>,
     payload: &[u8],
     record: &dyn RecordMeta,
+    stage: Stage,
     now_ms: EpochMillis,
 ) -> Outcome {
-    match evaluate(plan, state, payload, record, now_ms) {
-        Ok(evaluated) => {
+    match evaluate(plan, state, payload, record, stage, now_ms) {
+        Ok(mut evaluated) => {
             let event_time_ms = evaluated.event_time_ms;
             if let Some(id) = &evaluated.id {
                 match is_duplicate(plan, state, source, id, event_time_ms) {
@@ -67,7 +68,11 @@ pub(super) fn apply_event(
                 }
             }
             let matched = evaluated.contributions.len();
-            if let Err(error) = commit(plan, state, source, evaluated, now_ms) {
+            let forward = match stage {
+                Stage::Input => take_rekeyed(plan, &mut evaluated.contributions),
+                Stage::Rekeyed(_) => Forwards::default(),
+            };
+            if let Err(error) = commit(plan, state, source, evaluated, stage, now_ms) {
                 // The event may be half applied: nothing of this partition is stored any
                 // more, so a restart resumes from its last whole state.
                 state.poisoned = true;
@@ -76,9 +81,42 @@ pub(super) fn apply_event(
             Outcome::Applied {
                 event_time_ms,
                 matched,
+                forward,
             }
         }
         Err(rejection) => Outcome::Rejected(rejection),
+    }
+}
+
+/// Takes out the contributions of re-keyed metrics (an input partition validated them, a
+/// repartition partition counts them): the groups the event goes on to, and its entity's hash
+/// in each.
+fn take_rekeyed(plan: &Plan, contributions: &mut Contributions<'_>) -> Forwards {
+    let mut forward = Forwards::default();
+    contributions.retain(|(index, contribution, _)| {
+        let Route::Rekeyed(group) = plan.route(*index) else {
+            return true;
+        };
+        if !forward.0.iter().any(|(known, _)| *known == group) {
+            if let Some(entity) = contribution.entity() {
+                forward.0.push((group, entity_hash(entity)));
+            }
+        }
+        false
+    });
+    forward
+}
+
+impl Contribution<'_> {
+    /// The entity a distinct-style metric counts.
+    fn entity(&self) -> Option<&[u8]> {
+        match self {
+            Self::Member(entity)
+            | Self::FunnelStart(entity)
+            | Self::FunnelEnd(entity)
+            | Self::Progress { entity, .. } => Some(entity),
+            Self::One | Self::Amount(_) => None,
+        }
     }
 }
 
@@ -116,11 +154,15 @@ fn is_duplicate(
     .is_duplicate(source, id, watermark_ms, newest_ms.max(event_time_ms))
 }
 
+/// Decodes and validates an event for the metrics of `stage`: an input partition validates
+/// every metric (an event counts in all or none, re-keyed ones included), a repartition
+/// partition only its group's.
 fn evaluate<'a>(
     plan: &Plan,
     state: &PartitionState,
     payload: &'a [u8],
     record: &'a dyn RecordMeta,
+    stage: Stage,
     now_ms: EpochMillis,
 ) -> Result<Evaluated<'a>, Rejection> {
     let settings = &plan.settings;
@@ -171,7 +213,9 @@ fn evaluate<'a>(
         ));
     }
 
-    let id = match plan.id_slot.and_then(|slot| fields.get(slot)) {
+    // Ids are deduplicated where the event is read; a forwarded one was already.
+    let id_slot = plan.id_slot.filter(|_| stage == Stage::Input);
+    let id = match id_slot.and_then(|slot| fields.get(slot)) {
         None | Some(Scalar::Null) => None,
         Some(Scalar::Composite) => {
             return Err(Rejection::new(
@@ -191,6 +235,9 @@ fn evaluate<'a>(
 
     let mut contributions = Vec::new();
     for (index, metric) in plan.compiled.iter().enumerate() {
+        if stage != Stage::Input && !plan.applies_at(index, stage) {
+            continue;
+        }
         let segment = || segment_of(metric, &fields);
         if let ValueSource::Conversion { entity, .. } = metric.value {
             let starts = filter::matches(&metric.from_clauses, &fields);
@@ -488,6 +535,7 @@ fn commit(
     state: &mut PartitionState,
     source: &Source<'_>,
     evaluated: Evaluated<'_>,
+    stage: Stage,
     now_ms: EpochMillis,
 ) -> Result<(), StateReadError> {
     let Evaluated {
@@ -503,11 +551,17 @@ fn commit(
         }
         .remember(&id, event_time_ms);
     }
-    state.advance_event_time(event_time_ms, now_ms);
+    match stage {
+        Stage::Input => state.advance_event_time(event_time_ms, now_ms),
+        // A repartition partition's watermark is its sources' (see `upstream`).
+        Stage::Rekeyed(_) => state.note_newest(event_time_ms),
+    }
     let newest_ms = state.max_event_ms.unwrap_or(event_time_ms);
+    // Until every source has reported, a repartition partition has no watermark, and any
+    // event its sources still accept may come: only the retention bounds them.
     let accepted_from_ms = state
         .accepted_from_ms(plan.settings.allowed_lateness_ms)
-        .unwrap_or(event_time_ms);
+        .unwrap_or(now_ms.saturating_sub(plan.settings.retention_ms));
     for (index, contribution, segment) in contributions {
         let compiled = &plan.compiled[index];
         if let Contribution::FunnelStart(_) | Contribution::FunnelEnd(_) = contribution {

@@ -278,6 +278,7 @@ fn a_restart_from_stored_state_gives_the_same_baselines() {
         idle_floor_ms: part.idle_floor_ms,
         metric_since: Vec::new(),
         no_stored_members: false,
+        upstream: None,
         windows: part
             .upserts
             .iter()

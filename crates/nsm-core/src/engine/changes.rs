@@ -7,6 +7,7 @@ use super::funnel::{period_bound, period_of, FUNNEL_WINDOW};
 use super::members::EntryValue;
 use super::plan::{Plan, ValueSource};
 use super::state::{AggValue, PartitionState, StoredGap};
+use super::upstream::Upstream;
 use crate::{EpochMillis, PartitionKey};
 
 /// A window's new value.
@@ -117,6 +118,9 @@ pub struct PartitionChanges {
     /// entry, stored or not, is in memory: each is what the store holds of it once these
     /// changes are written, without reading the store.
     pub member_snapshots: Vec<MemberShardRows>,
+    /// A repartition partition's sources, whole, when they changed (see
+    /// [`super::upstream`]).
+    pub upstream: Option<Upstream>,
 }
 
 /// All partitions' changes since the last flush.
@@ -232,6 +236,10 @@ impl PartitionState {
             windows_before,
             member_range_deletes,
             member_snapshots,
+            upstream: pending
+                .upstream_dirty
+                .then(|| self.upstream.clone())
+                .flatten(),
         })
     }
 

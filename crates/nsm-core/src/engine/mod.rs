@@ -20,6 +20,7 @@ mod state;
 mod threshold;
 mod trailing;
 mod trailing_threshold;
+mod upstream;
 mod view;
 
 use std::collections::HashMap;
@@ -33,10 +34,13 @@ pub use changes::{
 };
 pub use funnel::FUNNEL_WINDOW;
 pub use members::{CountingReader, EntryValue, MemoryReader, StateReadError, StateReader};
-pub use plan::{DedupSettings, EngineSettings, Plan};
+pub use plan::{
+    entity_hash, DedupSettings, EngineSettings, Forwards, MessageKey, Plan, Route, Stage,
+};
 pub use segment::{metric_segments, segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
 pub use state::{AggValue, PartitionSnapshot, StoredGap, StoredSegment, StoredWindow, NO_PREVIOUS};
 pub use trailing::last_occurrence_bucket;
+pub use upstream::{Epoch, Forwarded, Mark, SourcePartition, Upstream};
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
 };
@@ -48,13 +52,19 @@ use state::PartitionState;
 /// What happened to one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The event was valid and counted by `matched` metrics (possibly none).
+    /// The event was valid and counted by `matched` metrics (possibly none), some of them
+    /// re-keyed: an input partition forwards it to the repartition topic's partitions of
+    /// `forward`.
     Applied {
         event_time_ms: EpochMillis,
         matched: usize,
+        forward: Forwards,
     },
     /// The offset was already applied before a restart; the message is skipped.
     AlreadyApplied,
+    /// A forwarded record whose source offset was already applied (sent again after a crash
+    /// or a rebalance), or a record carrying only its source's time: skipped.
+    Resent,
     /// A valid event whose id was already applied within the dedup horizon: counted once,
     /// skipped now (not a dead letter: nothing is wrong with it).
     Duplicate { event_time_ms: EpochMillis },
@@ -218,10 +228,82 @@ impl Engine {
             reader: &*self.reader,
             partition: key,
         };
-        let outcome = apply::apply_event(&self.plan, state, &source, payload, record, now_ms);
+        let outcome = apply::apply_event(
+            &self.plan,
+            state,
+            &source,
+            payload,
+            record,
+            Stage::Input,
+            now_ms,
+        );
         state.next_offset = Some(offset + 1);
         state.pending.meta_dirty = true;
         outcome
+    }
+
+    /// A record of the repartition topic, read from its partition `key` at `offset`: an event
+    /// forwarded by an input partition for one group of re-keyed metrics (an empty `payload`:
+    /// only its source's time). Applied to that group's metrics unless its source offset was
+    /// applied before (see [`upstream`]).
+    pub fn apply_forwarded(
+        &mut self,
+        key: &PartitionKey,
+        offset: i64,
+        payload: &[u8],
+        record: &dyn RecordMeta,
+        forwarded: &Forwarded<'_>,
+        now_ms: EpochMillis,
+    ) -> Outcome {
+        let Some(state) = self.partitions.get_mut(key) else {
+            debug_assert!(false, "apply on partition {key} that was never restored");
+            return Outcome::AlreadyApplied;
+        };
+        if state.next_offset.is_some_and(|next| offset < next) {
+            return Outcome::AlreadyApplied;
+        }
+        if state.poisoned {
+            return Outcome::StateUnreadable(members::StateReadError(format!(
+                "partition {key} stopped after an earlier read failure"
+            )));
+        }
+        let upstream = state.upstream.get_or_insert_with(Upstream::default);
+        let fresh = !payload.is_empty() && upstream.admits(forwarded);
+        let outcome = if fresh {
+            let source = members::Source {
+                reader: &*self.reader,
+                partition: key,
+            };
+            apply::apply_event(
+                &self.plan,
+                state,
+                &source,
+                payload,
+                record,
+                Stage::Rekeyed(forwarded.group),
+                now_ms,
+            )
+        } else {
+            Outcome::Resent
+        };
+        // A rejected event is done with too: its source offset is not applied again.
+        let applied = fresh && !matches!(outcome, Outcome::StateUnreadable(_));
+        let upstream = state.upstream.get_or_insert_with(Upstream::default);
+        if upstream.note(forwarded, applied) {
+            state.pending.upstream_dirty = true;
+        }
+        state.follow_upstream();
+        state.next_offset = Some(offset + 1);
+        state.pending.meta_dirty = true;
+        outcome
+    }
+
+    /// An input partition's time as a record forwarded from it says it: its event watermark
+    /// (what makes events late) and its clock (the watermark, or the wall clock once idle).
+    pub fn source_time(&self, key: &PartitionKey) -> (Option<EpochMillis>, Option<EpochMillis>) {
+        self.partitions.get(key).map_or((None, None), |state| {
+            (state.watermark_ms(), state.clock_ms())
+        })
     }
 
     /// Moves an idle partition's watermark to the wall clock, so current windows roll over and
@@ -326,5 +408,7 @@ impl Engine {
 
 #[cfg(test)]
 mod baseline_tests;
+#[cfg(test)]
+mod rekey_tests;
 #[cfg(test)]
 mod tests;

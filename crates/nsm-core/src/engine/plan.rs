@@ -22,6 +22,47 @@ pub struct EngineSettings {
     pub max_event_bytes: usize,
     /// Counting each event id once; `None` turns deduplication off.
     pub dedup: Option<DedupSettings>,
+    /// How producers key events (`kafka.key_field`), when the config says: metrics counting
+    /// another entity are re-keyed (see [`Route`]). `None`: every metric is local.
+    pub message_key: Option<MessageKey>,
+}
+
+/// The event field producers key messages by, and the fields whose every value belongs to one
+/// key value (each user in one team): counting either distinct is exact per partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageKey {
+    pub field: FieldPath,
+    pub nested: Vec<FieldPath>,
+}
+
+/// Where a metric is counted (docs/design/repartition.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// In the input partition that read the event.
+    Local,
+    /// In the partitions of the repartition topic, keyed by the field of this group of
+    /// [`Plan::rekey_fields`]: the metric counts an entity the message key does not hold.
+    Rekeyed(usize),
+}
+
+/// Which metrics a partition applies an event to: an input partition's local ones, or a
+/// repartition partition's of one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Input,
+    Rekeyed(usize),
+}
+
+/// Where an event goes on from an input partition: per group of [`Plan::rekey_fields`] it is
+/// forwarded to, the hash of its entity there ([`entity_hash`]), which picks the partition of
+/// the repartition topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwards(pub Vec<(usize, u64)>);
+
+/// The hash of an entity's member key that picks its partition of the repartition topic:
+/// XXH3-64, the same on every instance and version.
+pub fn entity_hash(member: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(member)
 }
 
 /// An event whose id was applied before, with an event time less than `horizon_ms` behind the
@@ -92,6 +133,10 @@ pub struct Plan {
     pub(super) id_slot: Option<Slot>,
     /// Per metric: the retention metrics that read it.
     pub(super) retention_of: Vec<Vec<usize>>,
+    /// Per metric: where it is counted.
+    pub(super) routes: Vec<Route>,
+    /// The entity fields events are re-keyed by, one per group.
+    rekey_fields: Vec<FieldPath>,
     pub(super) settings: EngineSettings,
 }
 
@@ -112,6 +157,10 @@ impl Plan {
                     id_field: config.events.id.clone(),
                     horizon_ms: config.events.dedup_horizon_ms,
                 }),
+                // Re-keying needs the pipeline to forward events through the repartition topic,
+                // which is not wired yet (docs/design/repartition.md, step 4): until then every
+                // metric stays local, as `nsm check` warns.
+                message_key: None,
             },
         )
     }
@@ -201,10 +250,38 @@ impl Plan {
                 }
             }
         }
+        let mut rekey_fields: Vec<FieldPath> = Vec::new();
+        let mut route_of = |metric: &MetricDef| -> Route {
+            let Some(key) = &settings.message_key else {
+                return Route::Local;
+            };
+            let Some(entity) = metric.kind.counted_entity() else {
+                return Route::Local;
+            };
+            if *entity == key.field || key.nested.contains(entity) {
+                return Route::Local;
+            }
+            match rekey_fields.iter().position(|field| field == entity) {
+                Some(group) => Route::Rekeyed(group),
+                None => {
+                    rekey_fields.push(entity.clone());
+                    Route::Rekeyed(rekey_fields.len() - 1)
+                }
+            }
+        };
+        let mut routes: Vec<Route> = metrics.iter().map(&mut route_of).collect();
+        // A retention reads its base's members: it is counted where its base is.
+        for (index, metric) in compiled.iter().enumerate() {
+            if let ValueSource::Retention { of } = metric.value {
+                routes[index] = routes[of];
+            }
+        }
         Plan {
             metrics,
             compiled,
             retention_of,
+            routes,
+            rekey_fields,
             schema,
             name_slot,
             timestamp_slot,
@@ -215,6 +292,32 @@ impl Plan {
 
     pub fn metrics(&self) -> &[MetricDef] {
         &self.metrics
+    }
+
+    /// Where a metric is counted.
+    pub fn route(&self, metric: usize) -> Route {
+        self.routes.get(metric).copied().unwrap_or(Route::Local)
+    }
+
+    /// Whether a partition at `stage` applies events to `metric`.
+    pub fn applies_at(&self, metric: usize, stage: Stage) -> bool {
+        match (self.route(metric), stage) {
+            (Route::Local, Stage::Input) => true,
+            (Route::Rekeyed(group), Stage::Rekeyed(at)) => group == at,
+            _ => false,
+        }
+    }
+
+    /// The entity fields events are re-keyed by, by group: empty when every metric is local.
+    pub fn rekey_fields(&self) -> &[FieldPath] {
+        &self.rekey_fields
+    }
+
+    /// The group re-keyed by `field`, as a forwarded record names it.
+    pub fn rekey_group(&self, field: &str) -> Option<usize> {
+        self.rekey_fields
+            .iter()
+            .position(|path| path.to_string() == field)
     }
 
     pub fn metric_index(&self, name: &str) -> Option<usize> {

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::baseline::Progress;
 use super::members::MemberIndex;
 use super::plan::{Plan, ValueSource};
+use super::upstream::Upstream;
 use crate::decimal::Decimal;
 use crate::window::WindowBounds;
 use crate::EpochMillis;
@@ -176,6 +177,8 @@ pub struct PartitionSnapshot {
     /// wrote, so none is read back, and shard snapshots can be taken from memory. `false`
     /// (the default) when unknown.
     pub no_stored_members: bool,
+    /// A repartition partition's sources (see [`super::upstream`]).
+    pub upstream: Option<Upstream>,
 }
 
 /// A window's value in memory. Members of distinct sets and threshold progress are kept by
@@ -331,6 +334,7 @@ pub(super) struct Pending {
     pub dirty_gaps: BTreeSet<(usize, EpochMillis, Box<[u8]>, EpochMillis)>,
     pub dirty_segments: BTreeSet<(usize, EpochMillis, Box<[u8]>)>,
     pub meta_dirty: bool,
+    pub upstream_dirty: bool,
 }
 
 #[derive(Debug)]
@@ -363,6 +367,8 @@ pub(super) struct PartitionState {
     /// Per metric: from when this partition's data of it exists, when not from its start
     /// (see [`PartitionSnapshot::metric_since`]).
     pub metric_since: Vec<Option<EpochMillis>>,
+    /// A repartition partition's sources (see [`super::upstream`]); `None` on an input one.
+    pub upstream: Option<Upstream>,
 }
 
 impl PartitionState {
@@ -439,6 +445,7 @@ impl PartitionState {
         }
         PartitionState {
             metric_since,
+            upstream: snapshot.upstream,
             next_offset: snapshot.next_offset,
             max_event_ms: snapshot.max_event_ms,
             event_watermark_ms: snapshot.event_watermark_ms.or(snapshot.max_event_ms),
@@ -487,6 +494,35 @@ impl PartitionState {
                 .map_or(bounded, |watermark| watermark.max(bounded)),
         );
         self.pending.meta_dirty = true;
+    }
+
+    /// Notes an event at `event_time_ms` on a repartition partition, whose watermark its
+    /// sources set (see [`super::upstream`]).
+    pub fn note_newest(&mut self, event_time_ms: EpochMillis) {
+        self.max_event_ms = Some(
+            self.max_event_ms
+                .map_or(event_time_ms, |max| max.max(event_time_ms)),
+        );
+        self.pending.meta_dirty = true;
+    }
+
+    /// Takes a repartition partition's time from its sources: the smallest of their
+    /// watermarks and clocks, once all have reported. Never moves back.
+    pub fn follow_upstream(&mut self) {
+        let Some((watermark, clock)) = self.upstream.as_ref().and_then(Upstream::time) else {
+            return;
+        };
+        if self
+            .event_watermark_ms
+            .is_none_or(|current| current < watermark)
+        {
+            self.event_watermark_ms = Some(watermark);
+            self.pending.meta_dirty = true;
+        }
+        if clock > watermark && self.idle_floor_ms.is_none_or(|current| current < clock) {
+            self.idle_floor_ms = Some(clock);
+            self.pending.meta_dirty = true;
+        }
     }
 
     /// The earliest event time the partition still accepts: no accepted event can land

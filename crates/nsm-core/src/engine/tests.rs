@@ -84,6 +84,7 @@ fn test_plan() -> Plan {
                 id_field: path("event_id"),
                 horizon_ms: 10 * MINUTE,
             }),
+            message_key: None,
         },
     )
 }
@@ -306,7 +307,8 @@ fn epoch_millisecond_timestamps_are_accepted() {
         outcome,
         Outcome::Applied {
             event_time_ms: time,
-            matched: 2
+            matched: 2,
+            forward: Forwards::default(),
         }
     );
 }
@@ -1061,6 +1063,7 @@ fn snapshot_of(changes: &ChangeSet) -> PartitionSnapshot {
         idle_floor_ms: part.idle_floor_ms,
         metric_since: Vec::new(),
         no_stored_members: false,
+        upstream: None,
         windows: part
             .upserts
             .iter()

@@ -1,0 +1,221 @@
+//! What a partition of the repartition topic knows of the input partitions whose events it
+//! counts (docs/design/repartition.md): per source partition, a mark of how far it applied
+//! them and what the source said of time.
+//!
+//! Records are sent again after a crash or a rebalance (the new owner of a source partition
+//! resumes from its last stored offset), and an owner cut off from the group may land records
+//! after its successor's. A record is applied only when its source offset is at least the
+//! mark's next one and its sender's epoch is no older than the mark's: each offset counts once.
+//!
+//! The partition's watermark is the smallest of its sources' watermarks once every partition of
+//! every input topic has reported: an event its source accepted is then never late here, and a
+//! window completes only once every source has passed it.
+
+use std::collections::BTreeMap;
+
+use crate::EpochMillis;
+
+/// An owner of a source partition, ordered by when it took it: a new owner resumes at or after
+/// the previous one's last stored offset, and takes the partition after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Epoch {
+    pub resumed_from: i64,
+    pub taken_at_ms: EpochMillis,
+}
+
+/// How far a repartition partition applied one source partition's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// The source offset after the last record applied.
+    pub next_offset: i64,
+    pub epoch: Epoch,
+    /// The source partition's event watermark, and its clock (the watermark, or the wall
+    /// clock once idle), as its last record said.
+    pub watermark_ms: Option<EpochMillis>,
+    pub clock_ms: Option<EpochMillis>,
+}
+
+/// A source partition: input topic and partition.
+pub type SourcePartition = (String, i32);
+
+/// What a repartition partition knows of its sources; stored with its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upstream {
+    /// Every input topic and its partitions, as the last record said.
+    pub topics: BTreeMap<String, u32>,
+    pub marks: BTreeMap<SourcePartition, Mark>,
+}
+
+/// What a forwarded record says of where it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded<'a> {
+    /// The group of [`super::Plan::rekey_fields`] it was forwarded for.
+    pub group: usize,
+    pub topic: &'a str,
+    pub partition: i32,
+    /// The event's offset in its source partition; for a watermark-only record, the source's
+    /// next offset when it was sent.
+    pub offset: i64,
+    pub epoch: Epoch,
+    pub watermark_ms: Option<EpochMillis>,
+    pub clock_ms: Option<EpochMillis>,
+    /// Every input topic and its partitions.
+    pub topics: &'a [(String, u32)],
+}
+
+impl Upstream {
+    /// Whether the record's event is yet to be applied: not sent again, not from an owner
+    /// older than the last one heard.
+    pub fn admits(&self, record: &Forwarded<'_>) -> bool {
+        self.marks
+            .get(&(record.topic.to_string(), record.partition))
+            .is_none_or(|mark| record.epoch >= mark.epoch && record.offset >= mark.next_offset)
+    }
+
+    /// Takes what a record says of its source: its event applied (`applied`), or only its
+    /// time. Returns whether anything changed.
+    pub fn note(&mut self, record: &Forwarded<'_>, applied: bool) -> bool {
+        let mut changed = false;
+        for (topic, partitions) in record.topics {
+            if self.topics.get(topic) != Some(partitions) {
+                self.topics.insert(topic.clone(), *partitions);
+                changed = true;
+            }
+        }
+        let source = (record.topic.to_string(), record.partition);
+        let mark = self.marks.entry(source).or_insert_with(|| {
+            changed = true;
+            Mark {
+                next_offset: 0,
+                epoch: record.epoch,
+                watermark_ms: None,
+                clock_ms: None,
+            }
+        });
+        if record.epoch < mark.epoch {
+            // An owner cut off from the group: its time says nothing of the partition's now.
+            return changed;
+        }
+        let before = *mark;
+        mark.epoch = record.epoch;
+        if applied {
+            mark.next_offset = mark.next_offset.max(record.offset + 1);
+        }
+        mark.watermark_ms = later(mark.watermark_ms, record.watermark_ms);
+        mark.clock_ms = later(mark.clock_ms, record.clock_ms);
+        changed || *mark != before
+    }
+
+    /// The smallest watermark and clock of the sources, once every partition of every input
+    /// topic has reported both; `None` until then.
+    pub fn time(&self) -> Option<(EpochMillis, EpochMillis)> {
+        if self.topics.is_empty() {
+            return None;
+        }
+        let mut watermark = EpochMillis::MAX;
+        let mut clock = EpochMillis::MAX;
+        for (topic, partitions) in &self.topics {
+            for partition in 0..*partitions {
+                let partition = i32::try_from(partition).ok()?;
+                let mark = self.marks.get(&(topic.clone(), partition))?;
+                watermark = watermark.min(mark.watermark_ms?);
+                clock = clock.min(mark.clock_ms.or(mark.watermark_ms)?);
+            }
+        }
+        Some((watermark, clock.max(watermark)))
+    }
+}
+
+fn later(a: Option<EpochMillis>, b: Option<EpochMillis>) -> Option<EpochMillis> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPICS: &[(&str, u32)] = &[("events", 2)];
+
+    fn topics() -> Vec<(String, u32)> {
+        TOPICS
+            .iter()
+            .map(|(topic, partitions)| (topic.to_string(), *partitions))
+            .collect()
+    }
+
+    fn record(topics: &[(String, u32)], partition: i32, offset: i64, epoch: i64) -> Forwarded<'_> {
+        Forwarded {
+            group: 0,
+            topic: "events",
+            partition,
+            offset,
+            epoch: Epoch {
+                resumed_from: epoch,
+                taken_at_ms: 0,
+            },
+            watermark_ms: Some(1_000 + offset),
+            clock_ms: Some(1_000 + offset),
+            topics,
+        }
+    }
+
+    #[test]
+    fn each_source_offset_is_applied_once_whoever_sends_it_again() {
+        let topics = topics();
+        let mut upstream = Upstream::default();
+        // The first owner (resumed from 0) sends offsets 0..5.
+        for offset in 0..5 {
+            let sent = record(&topics, 0, offset, 0);
+            assert!(upstream.admits(&sent));
+            upstream.note(&sent, true);
+        }
+        // Its successor resumed from its last stored offset, 3: 3 and 4 were applied.
+        let again: Vec<bool> = (3..7)
+            .map(|offset| {
+                let sent = record(&topics, 0, offset, 3);
+                let admitted = upstream.admits(&sent);
+                upstream.note(&sent, admitted);
+                admitted
+            })
+            .collect();
+        assert_eq!(again, [false, false, true, true]);
+        // The first owner, cut off, lands offsets 7 and 8 late: its successor sends them.
+        assert!(!upstream.admits(&record(&topics, 0, 7, 0)));
+        assert!(upstream.admits(&record(&topics, 0, 7, 3)));
+    }
+
+    #[test]
+    fn time_is_the_slowest_source_once_every_partition_reported() {
+        let topics = topics();
+        let mut upstream = Upstream::default();
+        assert_eq!(upstream.time(), None);
+        upstream.note(&record(&topics, 1, 500, 0), true);
+        assert_eq!(upstream.time(), None, "partition 0 has not reported");
+        upstream.note(&record(&topics, 0, 20, 0), true);
+        assert_eq!(upstream.time(), Some((1_020, 1_020)));
+        // A watermark never goes back, whatever a record says.
+        let mut older = record(&topics, 0, 21, 0);
+        older.watermark_ms = Some(10);
+        upstream.note(&older, true);
+        assert_eq!(upstream.time(), Some((1_020, 1_021)));
+        // A partition added to the input topic holds time until it reports.
+        let more = vec![("events".to_string(), 3)];
+        upstream.note(&record(&more, 1, 501, 0), true);
+        assert_eq!(upstream.time(), None);
+    }
+
+    #[test]
+    fn an_older_owner_moves_neither_offsets_nor_time() {
+        let topics = topics();
+        let mut upstream = Upstream::default();
+        upstream.note(&record(&topics, 0, 10, 5), true);
+        upstream.note(&record(&topics, 1, 10, 5), true);
+        let stale = record(&topics, 0, 50, 4);
+        assert!(!upstream.admits(&stale));
+        assert!(!upstream.note(&stale, false));
+        assert_eq!(upstream.time(), Some((1_010, 1_010)));
+    }
+}
