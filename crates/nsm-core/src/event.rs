@@ -116,6 +116,16 @@ impl EventSchema {
             .unwrap_or_else(|| unreachable!("a field path is never empty"))
     }
 
+    /// The names of the Kafka headers the schema reads (`@header.NAME`).
+    pub fn record_headers(&self) -> impl Iterator<Item = &str> {
+        self.record_slots
+            .iter()
+            .filter_map(|(_, field)| match field {
+                RecordField::Header(name) => Some(name.as_str()),
+                RecordField::Key => None,
+            })
+    }
+
     /// Decodes one event. `payload` must already be valid UTF-8.
     pub fn decode<'a>(&self, payload: &'a str) -> Result<Fields<'a>, Rejection> {
         const NONE: &NoRecord = &NoRecord { timestamp_ms: None };

@@ -202,94 +202,47 @@ pub fn lint(config: &Config) -> Vec<Finding> {
     findings
 }
 
-/// The entity whose events must all land in one partition for a metric to be exact, and the
-/// config key naming it: distinct values, threshold entities and converting entities are kept
-/// per partition and summed (see ARCHITECTURE.md, "Distinct counts across partitions").
-fn partitioned_entity(metric: &MetricDef) -> Option<(&FieldPath, &'static str)> {
-    match &metric.kind {
-        MetricKind::Distinct { field } => Some((field, "field")),
-        MetricKind::Threshold { entity, .. } => Some((entity, "entity")),
-        MetricKind::Conversion { entity, .. } => Some((entity, "field")),
-        MetricKind::Count
-        | MetricKind::Sum { .. }
-        | MetricKind::Ratio { .. }
-        | MetricKind::Retention { .. } => None,
-    }
-}
-
-/// Where a metric is in the config file: `north_star`, `inputs[2]`, `revenue`.
-fn metric_path(config: &Config, metric: &MetricDef) -> String {
-    let same_role: Vec<&MetricDef> = config.metrics_with_role(metric.role).collect();
-    let index = same_role
-        .iter()
-        .position(|other| other.name == metric.name)
-        .unwrap_or_default();
-    match metric.role {
-        Role::NorthStar if same_role.len() == 1 => "north_star".into(),
-        Role::NorthStar => format!("north_star[{index}]"),
-        Role::Input => format!("inputs[{index}]"),
-        Role::Guardrail => format!("guardrails[{index}]"),
-        Role::Revenue => "revenue".into(),
-    }
-}
-
-/// Distinct counts are exact only when producers key events by the entity counted. Without
-/// `kafka.key_field` nsm cannot tell, and says so once; with it, every metric counting another
-/// entity (not declared in `kafka.nested_in_key`) gets a warning of its own.
+/// Distinct counts are exact only when all events of one entity are counted in one partition.
+/// With `kafka.key_field` set, metrics counting another entity are counted through the
+/// repartition topic, exactly (docs/design/repartition.md); without it nsm cannot tell how
+/// producers key events, and says so once.
 fn lint_partitioning(config: &Config, findings: &mut Vec<Finding>) {
-    let counted: Vec<(&MetricDef, &FieldPath, &'static str)> = config
+    if config.kafka.key_field.is_some() {
+        return;
+    }
+    let counted: Vec<(&MetricDef, &FieldPath)> = config
         .metrics
         .iter()
-        .filter_map(|metric| partitioned_entity(metric).map(|(field, key)| (metric, field, key)))
+        .filter_map(|metric| metric.kind.counted_entity().map(|field| (metric, field)))
         .collect();
     if counted.is_empty() {
         return;
     }
-    let Some(key_field) = &config.kafka.key_field else {
-        let mut entities: Vec<String> = Vec::new();
-        for (_, field, _) in &counted {
-            let field = field.to_string();
-            if !entities.contains(&field) {
-                entities.push(field);
-            }
+    let mut entities: Vec<String> = Vec::new();
+    for (_, field) in &counted {
+        let field = field.to_string();
+        if !entities.contains(&field) {
+            entities.push(field);
         }
-        let names: Vec<&str> = counted
-            .iter()
-            .map(|(metric, _, _)| metric.name.as_str())
-            .collect();
-        findings.push(Finding {
-            severity: Severity::Warning,
-            check: "message_key_unknown",
-            path: "kafka.key_field".into(),
-            message: format!(
-                "{} count distinct {} per Kafka partition, but the config does not say how \
-                 producers key events",
-                names.join(", "),
-                entities.join(", ")
-            ),
-            hint: "distinct counts are exact only when all events of one entity share a \
-                   partition: key events by the entity and set kafka.key_field to that field, \
-                   so nsm check can warn about metrics counting another one",
-        });
-        return;
-    };
-    for (metric, field, key) in counted {
-        if field == key_field || config.kafka.nested_in_key.contains(field) {
-            continue;
-        }
-        findings.push(Finding {
-            severity: Severity::Warning,
-            check: "distinct_not_keyed",
-            path: format!("{}.{key}", metric_path(config, metric)),
-            message: format!(
-                "{:?} counts distinct {field}, but events are keyed by {key_field}: one \
-                 {field} in several partitions counts once in each",
-                metric.name
-            ),
-            hint: "key events by this field, or, if each of its values belongs to a single \
-                   key value (every user in one team), list it in kafka.nested_in_key",
-        });
     }
+    let names: Vec<&str> = counted
+        .iter()
+        .map(|(metric, _)| metric.name.as_str())
+        .collect();
+    findings.push(Finding {
+        severity: Severity::Warning,
+        check: "message_key_unknown",
+        path: "kafka.key_field".into(),
+        message: format!(
+            "{} count distinct {} per Kafka partition, but the config does not say how \
+             producers key events",
+            names.join(", "),
+            entities.join(", ")
+        ),
+        hint: "distinct counts are exact only when all events of one entity are counted in one \
+               partition: set kafka.key_field to the field producers key events by, and nsm \
+               counts the metrics of other entities through a repartition topic",
+    });
 }
 
 fn lint_north_star(
@@ -734,37 +687,22 @@ window = "1w"
     }
 
     #[test]
-    fn metrics_counting_another_entity_than_the_key_are_warned_each_with_its_path() {
-        let by_team = keyed("key_field = \"team_id\"", TEAM_TREE);
-        assert_eq!(
-            checks(&by_team),
-            vec![(
-                Severity::Warning,
-                "distinct_not_keyed",
-                "north_star.field".into()
-            )]
-        );
-        // Users nest in teams: declared, it is exact and says nothing.
-        let nested = keyed(
+    fn metrics_counting_another_entity_than_the_key_need_no_warning_they_are_re_keyed() {
+        for key in [
+            "key_field = \"team_id\"",
             "key_field = \"team_id\"\nnested_in_key = [\"user_id\"]",
-            TEAM_TREE,
-        );
-        assert_eq!(checks(&nested), vec![]);
+            "key_field = \"user_id\"",
+        ] {
+            let config = keyed(key, TEAM_TREE);
+            assert_eq!(checks(&config), vec![], "{key}");
+        }
         let by_user = keyed("key_field = \"user_id\"", TEAM_TREE);
-        assert_eq!(
-            checks(&by_user),
-            vec![
-                (
-                    Severity::Warning,
-                    "distinct_not_keyed",
-                    "inputs[0].entity".into()
-                ),
-                (
-                    Severity::Warning,
-                    "distinct_not_keyed",
-                    "inputs[2].field".into()
-                ),
-            ]
-        );
+        let plan = crate::engine::Plan::from_config(&by_user);
+        let fields: Vec<String> = plan
+            .rekey_fields()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(fields, ["team_id"]);
     }
 }

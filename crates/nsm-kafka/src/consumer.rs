@@ -24,6 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::client::{ClientRole, ClientSettings};
 use crate::dead_letter::{DeadLetter, DeadLetterProducer, DeadLetterStats, LogLimiter};
+use crate::forward::{FlushError, Forward, ForwardProducer};
 use crate::record::MessageRecord;
 use crate::KafkaError;
 
@@ -37,6 +38,8 @@ pub enum Disposition {
         reason: &'static str,
         detail: String,
     },
+    /// Applied here, and to be counted on through the repartition topic as these records.
+    Forward(Vec<Forward>),
 }
 
 /// A failure of the handler that the consumer cannot work around (storage is broken).
@@ -123,6 +126,12 @@ pub trait PartitionHandler: Send + 'static {
     fn wait_for_store(&mut self, _patience: Duration) -> bool {
         !self.hold()
     }
+    /// Records for the repartition topic carrying only the owned input partitions' time,
+    /// sent before each checkpoint (see docs/design/repartition.md): quiet partitions keep
+    /// the repartition partitions' watermarks moving.
+    fn time_records(&mut self) -> Vec<Forward> {
+        Vec::new()
+    }
     /// Fresh consumer-lag figures.
     fn lag(&mut self, lags: Vec<PartitionLag>);
     /// How many of the cluster's brokers the consumer is connected to, of those it knows.
@@ -142,6 +151,9 @@ pub struct ConsumerOptions {
     pub checkpoint_interval: Duration,
     /// Where a partition with neither a stored nor a committed offset starts.
     pub start_from: StartFrom,
+    /// The repartition topic, when metrics count an entity the message key does not hold:
+    /// read beside `topics` (from its start), and written by [`Disposition::Forward`].
+    pub repartition_topic: Option<String>,
 }
 
 struct Shared<H: PartitionHandler> {
@@ -149,6 +161,8 @@ struct Shared<H: PartitionHandler> {
     /// The restore of the partitions last assigned, while it runs.
     restoring: Mutex<Option<Restoring<H::Restored>>>,
     dead_letters: DeadLetterProducer,
+    forwards: Option<ForwardProducer>,
+    repartition_topic: Option<String>,
     start_from: StartFrom,
     /// Set when the handler failed in a rebalance: the loop stops with that error.
     fatal: Mutex<Option<String>>,
@@ -169,6 +183,14 @@ struct Restoring<R> {
 }
 
 impl<H: PartitionHandler> Shared<H> {
+    /// Waits for the records forwarded to the repartition topic, if any are.
+    fn flush_forwards(&self, timeout: Duration) -> Result<(), FlushError> {
+        match &self.forwards {
+            Some(forwards) => forwards.flush(timeout),
+            None => Ok(()),
+        }
+    }
+
     fn restoring(&self) -> MutexGuard<'_, Option<Restoring<H::Restored>>> {
         self.restoring
             .lock()
@@ -313,6 +335,10 @@ impl<H: PartitionHandler> ConsumerContext for Context<H> {
                     warn!(error = %error, "dead letters not yet delivered at revoke; the partitions are given up unstored and their events will be re-read");
                     self.shared.dead_letters.forget(&keys);
                     self.shared.handler().abandoned(&keys);
+                // Forwarded records likewise: they are sent again by the next owner if not.
+                } else if let Err(error) = self.shared.flush_forwards(Duration::from_secs(30)) {
+                    warn!(error = ?error, "records for the repartition topic not yet delivered at revoke; the partitions are given up unstored and their events will be re-read");
+                    self.shared.handler().abandoned(&keys);
                 } else if let Err(HandlerError(message)) = self.shared.handler().revoked(&keys) {
                     self.shared
                         .fail(format!("cannot persist revoked partitions: {message}"));
@@ -454,10 +480,14 @@ fn finish_restore<H: PartitionHandler>(consumer: &BaseConsumer<Context<H>>, shar
             return;
         }
     };
+    // The repartition topic is read from its start (records forwarded before its partitions
+    // were first taken count), whatever kafka.start_from says of the input topics.
     let new: Vec<PartitionKey> = partitions
         .iter()
         .zip(&offsets)
-        .filter(|(_, offset)| offset.is_none())
+        .filter(|(key, offset)| {
+            offset.is_none() && shared.repartition_topic.as_deref() != Some(&*key.topic)
+        })
         .map(|(key, _)| key.clone())
         .collect();
     let mut starts: Vec<(PartitionKey, Offset)> = partitions
@@ -591,10 +621,16 @@ pub fn run_consumer<H: PartitionHandler>(
         dead_letter_stats,
         options.dead_letter_on_failure,
     )?;
+    let forwards = match &options.repartition_topic {
+        Some(topic) => Some(ForwardProducer::new(&options.client, topic)?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         handler: Mutex::new(handler),
         restoring: Mutex::new(None),
         dead_letters,
+        forwards,
+        repartition_topic: options.repartition_topic.clone(),
         start_from: options.start_from,
         fatal: Mutex::new(None),
     });
@@ -612,7 +648,12 @@ pub fn run_consumer<H: PartitionHandler>(
             shared: shared.clone(),
         },
     )?;
-    let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
+    let topics: Vec<&str> = options
+        .topics
+        .iter()
+        .chain(&options.repartition_topic)
+        .map(String::as_str)
+        .collect();
     consumer.subscribe(&topics)?;
     info!(brokers = %options.client.brokers, topics = ?options.topics, group = %options.group_id,
           properties = %options.client.redacted(), "consumer started");
@@ -654,6 +695,13 @@ pub fn run_consumer<H: PartitionHandler>(
                     payload,
                     &MessageRecord(&message),
                 );
+                if let Disposition::Forward(records) = &disposition {
+                    if let Some(forwards) = &shared.forwards {
+                        for record in records {
+                            forwards.send(record);
+                        }
+                    }
+                }
                 if let Disposition::DeadLetter { reason, detail } = disposition {
                     shared.dead_letters.send(&DeadLetter {
                         source_topic: message.topic(),
@@ -757,6 +805,22 @@ fn checkpoint<H: PartitionHandler>(
             warn!(error = %error, postponed_since_last_line = left_out, "dead letters not delivered yet; checkpoint postponed");
         }
         return Ok(false);
+    }
+    // Then the records forwarded to the repartition topic, and the input partitions' time.
+    if let Some(forwards) = &shared.forwards {
+        for record in shared.handler().time_records() {
+            forwards.send(&record);
+        }
+    }
+    match shared.flush_forwards(Duration::from_secs(5)) {
+        Ok(()) => {}
+        Err(FlushError::Refused(reason)) => return Err(KafkaError::Other(reason)),
+        Err(FlushError::Slow(timeout)) => {
+            if let Some(left_out) = postponed_log.allow((), Duration::from_secs(30)) {
+                warn!(timeout = ?timeout, postponed_since_last_line = left_out, "records for the repartition topic not delivered yet; checkpoint postponed");
+            }
+            return Ok(false);
+        }
     }
     let offsets =
         persist(&mut shared.handler()).map_err(|HandlerError(detail)| KafkaError::Handler {

@@ -12,6 +12,7 @@ mod client;
 mod consumer;
 mod dead_letter;
 mod delivery;
+mod forward;
 mod history;
 mod record;
 mod tools;
@@ -25,6 +26,7 @@ pub use consumer::{
     Restore,
 };
 pub use dead_letter::{DeadLetterStats, HEADER_ERROR, HEADER_REASON};
+pub use forward::Forward;
 pub use history::{read_history, HistorySink};
 pub use tools::{
     ensure_topics, ensure_topics_replicated, header_map, read_topic, topic_partition_count,

@@ -118,6 +118,7 @@ fn start(
         dead_letter_on_failure: DeadLetterOnFailure::Hold,
         checkpoint_interval: Duration::from_millis(200),
         start_from: StartFrom::Earliest,
+        repartition_topic: None,
     };
     let seen = Arc::new(Seen::default());
     let stop = Arc::new(AtomicBool::new(false));

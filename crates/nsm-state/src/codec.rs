@@ -336,9 +336,10 @@ pub fn encode_upstream(upstream: &Upstream) -> Vec<u8> {
             .unwrap_or(0)
             .to_be_bytes(),
     );
-    for ((topic, partition), mark) in &upstream.marks {
+    for ((topic, partition, group), mark) in &upstream.marks {
         put_text(&mut out, topic);
         out.extend_from_slice(&partition.to_be_bytes());
+        put_text(&mut out, group);
         out.extend_from_slice(&mark.next_offset.to_be_bytes());
         out.extend_from_slice(&mark.epoch.resumed_from.to_be_bytes());
         out.extend_from_slice(&mark.epoch.taken_at_ms.to_be_bytes());
@@ -376,7 +377,11 @@ pub fn decode_upstream(bytes: &[u8]) -> Option<Upstream> {
             .insert(topic, u32::from_be_bytes(reader.array()?));
     }
     for _ in 0..u32::from_be_bytes(reader.array()?) {
-        let source = (reader.text()?, i32::from_be_bytes(reader.array()?));
+        let source = (
+            reader.text()?,
+            i32::from_be_bytes(reader.array()?),
+            reader.text()?,
+        );
         let mark = Mark {
             next_offset: i64::from_be_bytes(reader.array()?),
             epoch: Epoch {
@@ -556,7 +561,7 @@ mod tests {
         upstream.topics.insert("events".into(), 3);
         upstream.topics.insert("other".into(), 1);
         upstream.marks.insert(
-            ("events".into(), 2),
+            ("events".into(), 2, "team_id".into()),
             Mark {
                 next_offset: 41,
                 epoch: Epoch {

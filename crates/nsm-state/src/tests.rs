@@ -265,6 +265,7 @@ fn a_repartition_partitions_marks_of_its_sources_survive_a_reopen() {
     let topics = vec![("events".to_string(), 1)];
     let forwarded = nsm_core::engine::Forwarded {
         group: 0,
+        group_field: "team_id",
         topic: "events",
         partition: 0,
         offset: 7,
@@ -300,7 +301,7 @@ fn a_repartition_partitions_marks_of_its_sources_survive_a_reopen() {
     let snapshot = store.load_partition(&repartition).expect("load");
     let upstream = snapshot.upstream.expect("the marks");
     assert_eq!(upstream.topics.get("events"), Some(&1));
-    let mark = upstream.marks[&("events".to_string(), 0)];
+    let mark = upstream.marks[&("events".to_string(), 0, "team_id".to_string())];
     assert_eq!(mark.next_offset, 8);
     assert_eq!(mark.epoch, forwarded.epoch);
     assert_eq!(mark.watermark_ms, Some(NOW - 120_000));

@@ -12,6 +12,7 @@ mod generator;
 mod logging;
 mod open_files;
 mod pipeline;
+mod repartition;
 mod replay;
 mod run;
 mod tools;

@@ -18,26 +18,31 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nsm_core::engine::{Engine, MetricValues, Outcome, PartitionSnapshot, PartitionStatus, Plan};
+use nsm_core::engine::{
+    Engine, Epoch, MetricValues, Outcome, PartitionSnapshot, PartitionStatus, Plan,
+};
 use nsm_core::event::RecordMeta;
-use nsm_core::reject::RejectReason;
+use nsm_core::reject::{RejectReason, Rejection};
 use nsm_core::PartitionKey;
 use nsm_http::{
     BatchCounts, DeadLetterCounts, Liveness, OffsetSkip, Published, Readiness, Telemetry, Watch,
 };
 use nsm_kafka::{
-    DeadLetterStats, Disposition, HandlerError, PartitionHandler, PartitionLag, Restore,
+    DeadLetterStats, Disposition, Forward, HandlerError, PartitionHandler, PartitionLag, Restore,
 };
 use nsm_state::Store;
 use tracing::{error, info, warn};
 
 use crate::changelog::Changelog;
 use crate::clock::EventClock;
+use crate::repartition::{AsOriginal, Origin, Received, Repartition};
 
 /// How many event latencies to keep between publishes; beyond, every n-th is kept.
 const MAX_LATENCY_SAMPLES: usize = 50_000;
 /// How often idle partitions are checked.
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the owned input partitions' time goes to every repartition partition at most.
+const TIME_RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
 pub use crate::clock::wall_clock_ms;
 
@@ -85,6 +90,14 @@ pub struct Pipeline {
     /// The last line logged of each partition's skipped offsets, and the jumps and offsets
     /// skipped since.
     skip_logged: HashMap<(OffsetSkip, PartitionKey), (Instant, u64, u64)>,
+    /// The repartition topic, when metrics count another entity than the message key.
+    repartition: Option<Repartition>,
+    /// The Kafka headers the metrics read: a forwarded event carries them on.
+    headers_read: Vec<String>,
+    /// Per owned input partition: this instance's epoch as its owner (see
+    /// `nsm_core::engine::upstream`).
+    epochs: HashMap<PartitionKey, Epoch>,
+    last_time_records: Option<Instant>,
 }
 
 /// A checkpoint being stored on its own thread, and what to publish once it is.
@@ -192,10 +205,12 @@ pub struct PipelineParts {
     pub liveness: Arc<Liveness>,
     pub stuck_after: Duration,
     pub clock: EventClock,
+    pub repartition: Option<Repartition>,
 }
 
 impl Pipeline {
     pub fn new(parts: PipelineParts) -> Pipeline {
+        let headers_read = parts.plan.record_headers().map(String::from).collect();
         Pipeline {
             // Entries past the memory limit are read from the store: memory stays bounded
             // whatever the users.
@@ -234,7 +249,95 @@ impl Pipeline {
             messages_since_publish: 0,
             last_warned: HashMap::new(),
             skip_logged: HashMap::new(),
+            headers_read,
+            repartition: parts.repartition,
+            epochs: HashMap::new(),
+            last_time_records: None,
         }
+    }
+
+    /// Whether `key` is a partition of the repartition topic.
+    fn is_repartition(&self, key: &PartitionKey) -> bool {
+        self.repartition
+            .as_ref()
+            .is_some_and(|repartition| *repartition.topic == *key.topic)
+    }
+
+    /// Applies a record of the repartition topic to the metrics of its group.
+    fn apply_received(
+        &mut self,
+        key: &PartitionKey,
+        offset: i64,
+        payload: &[u8],
+        record: &dyn RecordMeta,
+    ) -> Outcome {
+        let Some(received) = Received::read(record) else {
+            return Outcome::Rejected(Rejection::new(
+                RejectReason::MissingField,
+                "a record of the repartition topic without nsm's headers (nsm-rekey, nsm-from, \
+                 nsm-at, nsm-inputs): not forwarded by nsm"
+                    .to_string(),
+            ));
+        };
+        let now_ms = self.clock.now_ms();
+        let original = AsOriginal(record);
+        match self.engine.plan().rekey_group(&received.group_field) {
+            Some(group) => self.engine.apply_forwarded(
+                key,
+                offset,
+                payload,
+                &original,
+                &received.forwarded(group),
+                now_ms,
+            ),
+            // No metric counts that field any more: only the source's time is taken.
+            None => self.engine.apply_forwarded(
+                key,
+                offset,
+                &[],
+                &original,
+                &received.forwarded(0),
+                now_ms,
+            ),
+        }
+    }
+
+    /// The records forwarding an event of input partition `key` to the repartition topic.
+    fn forwards_of(
+        &self,
+        key: &PartitionKey,
+        offset: i64,
+        payload: &[u8],
+        record: &dyn RecordMeta,
+        forward: &[(usize, u64)],
+    ) -> Vec<Forward> {
+        let Some(repartition) = &self.repartition else {
+            return Vec::new();
+        };
+        let (watermark_ms, clock_ms) = self.engine.source_time(key);
+        let origin = Origin {
+            partition: key.partition,
+            offset,
+            epoch: self.epochs.get(key).copied().unwrap_or_default(),
+            watermark_ms,
+            clock_ms,
+        };
+        let fields = self.engine.plan().rekey_fields();
+        forward
+            .iter()
+            .map(|(group, hash)| {
+                repartition.record(
+                    repartition.partition_of(*hash),
+                    *hash,
+                    &fields[*group].to_string(),
+                    &key.topic,
+                    &origin,
+                    payload,
+                    record,
+                    &self.headers_read,
+                )
+            })
+            .collect()
     }
 
     /// Forgets partitions given up, their offsets to commit too: the group may have handed
@@ -249,6 +352,7 @@ impl Pipeline {
         }
         for key in partitions {
             self.engine.remove_partition(key);
+            self.epochs.remove(key);
             self.last_message.remove(key);
             self.lag.remove(key);
             self.telemetry.forget_restore(key);
@@ -516,9 +620,11 @@ impl Pipeline {
             .last_message
             .iter()
             .filter(|(key, last)| {
+                // A repartition partition's time is its sources' (they send it when idle).
+                !self.is_repartition(key)
                 // Moving a lagging partition's time to the wall clock would make its backlog
                 // late (seen: a starved partition of a 10M-event catch-up lost 2.4M events).
-                last.elapsed() >= self.idle_timeout
+                && last.elapsed() >= self.idle_timeout
                     && self.lag.get(*key).is_none_or(|lag| *lag <= 0)
             })
             .map(|(key, _)| key.clone())
@@ -654,8 +760,17 @@ impl PartitionHandler for Pipeline {
         restored: Self::Restored,
     ) -> Result<Vec<Option<i64>>, HandlerError> {
         let mut offsets = Vec::with_capacity(restored.len());
+        let taken_at_ms = wall_clock_ms();
         for (key, snapshot) in restored {
             offsets.push(snapshot.next_offset);
+            if !self.is_repartition(&key) {
+                // After the last owner's stored offset and its taking: a newer owner.
+                let epoch = Epoch {
+                    resumed_from: snapshot.next_offset.unwrap_or(-1),
+                    taken_at_ms,
+                };
+                self.epochs.insert(key.clone(), epoch);
+            }
             self.engine.restore_partition(key.clone(), snapshot);
             self.last_message.insert(key, Instant::now());
         }
@@ -686,9 +801,12 @@ impl PartitionHandler for Pipeline {
         record: &dyn RecordMeta,
     ) -> Disposition {
         let expected = self.engine.next_offset(key);
-        let outcome = self
-            .engine
-            .apply_record(key, offset, payload, record, self.clock.now_ms());
+        let outcome = if self.is_repartition(key) {
+            self.apply_received(key, offset, payload, record)
+        } else {
+            self.engine
+                .apply_record(key, offset, payload, record, self.clock.now_ms())
+        };
         let produced_ms = record.timestamp_ms();
         if let Some(next) = expected.filter(|next| *next != offset) {
             self.offsets_skipped(key, next, offset);
@@ -703,8 +821,13 @@ impl PartitionHandler for Pipeline {
             *last = Instant::now();
         }
         match outcome {
-            Outcome::Applied { .. } => {
+            Outcome::Applied { forward, .. } => {
                 self.messages_since_publish += 1;
+                let forwards = if forward.0.is_empty() {
+                    Vec::new()
+                } else {
+                    self.forwards_of(key, offset, payload, record, &forward.0)
+                };
                 if let Some(produced_ms) = produced_ms {
                     if self.produced_times_ms.len() >= MAX_LATENCY_SAMPLES {
                         // Keep memory bounded under bursts: thin the samples evenly.
@@ -723,7 +846,11 @@ impl PartitionHandler for Pipeline {
                         self.produced_times_ms.push(produced_ms);
                     }
                 }
-                Disposition::Done
+                if forwards.is_empty() {
+                    Disposition::Done
+                } else {
+                    Disposition::Forward(forwards)
+                }
             }
             Outcome::AlreadyApplied | Outcome::Resent => Disposition::Done,
             Outcome::StateUnreadable(read_error) => {
@@ -835,6 +962,44 @@ impl PartitionHandler for Pipeline {
         self.telemetry.record_brokers_up(up);
     }
 
+    fn time_records(&mut self) -> Vec<Forward> {
+        let Some(repartition) = &self.repartition else {
+            return Vec::new();
+        };
+        if self
+            .last_time_records
+            .is_some_and(|last| last.elapsed() < TIME_RECORD_INTERVAL)
+        {
+            return Vec::new();
+        }
+        self.last_time_records = Some(Instant::now());
+        let none = nsm_core::event::NoRecord::default();
+        let mut records = Vec::new();
+        for (key, epoch) in &self.epochs {
+            let (watermark_ms, clock_ms) = self.engine.source_time(key);
+            let origin = Origin {
+                partition: key.partition,
+                offset: self.engine.next_offset(key).unwrap_or(0),
+                epoch: *epoch,
+                watermark_ms,
+                clock_ms,
+            };
+            for partition in 0..repartition.partitions {
+                records.push(repartition.record(
+                    partition,
+                    0,
+                    "",
+                    &key.topic,
+                    &origin,
+                    &[],
+                    &none,
+                    &[],
+                ));
+            }
+        }
+        records
+    }
+
     fn lag(&mut self, lags: Vec<PartitionLag>) {
         for PartitionLag { key, lag } in lags {
             if self.engine.owns(&key) {
@@ -887,6 +1052,7 @@ window = "1d"
             liveness: Arc::new(Liveness::default()),
             stuck_after: Duration::from_secs(300),
             clock: EventClock::wall(),
+            repartition: None,
         })
     }
 

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use nsm_core::config::Config;
-use nsm_core::engine::{Engine, Plan, StoredWindow};
+use nsm_core::engine::{Engine, Epoch, Forwarded, Outcome, Plan, StoredWindow};
+use nsm_core::event::RecordMeta;
 use nsm_core::lint::lint;
 use nsm_core::query::windows_between;
 use nsm_core::window::parse_instant;
@@ -49,14 +50,65 @@ enum Format {
 struct Replayed {
     plan: Plan,
     engine: Engine,
+    /// Records applied to [`REKEYED`]: events of metrics counting another entity than the
+    /// message key, counted there once each, as the repartition topic counts them live.
+    rekeyed: i64,
 }
+
+/// The one partition where a replay counts re-keyed metrics: all of the history is in this
+/// process, so one partition holds every entity.
+const REKEYED: &str = "nsm-replay-rekeyed";
 
 impl Replayed {
     fn new(config: &Config) -> Replayed {
         let plan = Plan::from_config(config);
+        let mut engine = Engine::new(plan.clone());
+        engine.restore_partition(PartitionKey::new(REKEYED, 0), Default::default());
         Replayed {
-            engine: Engine::new(plan.clone()),
+            engine,
             plan,
+            rekeyed: 0,
+        }
+    }
+
+    fn apply(
+        &mut self,
+        key: &PartitionKey,
+        offset: i64,
+        payload: &[u8],
+        record: &dyn RecordMeta,
+        now_ms: i64,
+    ) {
+        let outcome = self
+            .engine
+            .apply_record(key, offset, payload, record, now_ms);
+        let Outcome::Applied { forward, .. } = outcome else {
+            return;
+        };
+        let rekeyed = PartitionKey::new(REKEYED, 0);
+        for (group, _) in forward.0 {
+            let field = self.plan.rekey_fields()[group].to_string();
+            // No time: the partition has no watermark, so nothing is late or expires in it.
+            let forwarded = Forwarded {
+                group,
+                group_field: &field,
+                topic: &key.topic,
+                partition: key.partition,
+                offset,
+                epoch: Epoch::default(),
+                watermark_ms: None,
+                clock_ms: None,
+                topics: &[],
+            };
+            self.engine.apply_forwarded(
+                &rekeyed,
+                self.rekeyed,
+                payload,
+                record,
+                &forwarded,
+                now_ms,
+            );
+            self.rekeyed += 1;
         }
     }
 
@@ -131,9 +183,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
                 }
             }
             for config in &mut replayed {
-                config
-                    .engine
-                    .apply_record(key, offset, payload, record, now_ms);
+                config.apply(key, offset, payload, record, now_ms);
             }
         },
     )

@@ -21,6 +21,7 @@ use crate::changelog::Changelog;
 use crate::clock::EventClock;
 use crate::open_files;
 use crate::pipeline::{Pipeline, PipelineParts};
+use crate::repartition::Repartition;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -147,9 +148,16 @@ pub fn run_pipeline_with_clock(
     runtime.spawn(stop_on_signal(stop.clone()));
 
     ensure_dead_letter_topic(&config)?;
+    let needs_inputs = config.state.changelog_topic.is_some() || !plan.rekey_fields().is_empty();
+    let inputs = if needs_inputs {
+        input_topics(&config, &readiness, &stop)?
+    } else {
+        Vec::new()
+    };
+    let repartition = ensure_repartition_topic(&config, &plan, inputs.clone())?;
     let changelog = match &config.state.changelog_topic {
         Some(topic) => {
-            ensure_changelog_topic(&config, topic, &readiness, &stop)?;
+            ensure_changelog_topic(&config, topic, &inputs)?;
             info!(topic = %topic, "state changes go to the changelog topic; partitions taken over are restored from it");
             Some(Changelog::new(
                 &client_settings(&config),
@@ -171,6 +179,9 @@ pub fn run_pipeline_with_clock(
         dead_letter_on_failure: config.kafka.dead_letter_on_failure,
         checkpoint_interval: config.state.flush_interval,
         start_from: config.kafka.start_from,
+        repartition_topic: repartition
+            .as_ref()
+            .map(|repartition| repartition.topic.clone()),
     };
     let pipeline = Pipeline::new(PipelineParts {
         plan,
@@ -186,6 +197,7 @@ pub fn run_pipeline_with_clock(
         liveness,
         stuck_after: stuck_after(&config),
         clock,
+        repartition,
     });
     let consumer_stop = stop.clone();
     let consumer = std::thread::Builder::new()
@@ -286,29 +298,27 @@ fn ensure_dead_letter_topic(config: &Config) -> Result<()> {
     }
 }
 
-/// The changelog needs a partition for every input partition number: as many as the input
-/// topic with the most. Until every input topic exists its partitions are unknown, so nsm
-/// waits for them, not ready and saying why, rather than guess a size; partitions added
-/// later are added to the changelog when they are taken (`Changelog::restore`).
-fn ensure_changelog_topic(
+/// Every input topic and its partitions. Until every input topic exists its partitions are
+/// unknown, so nsm waits for them, not ready and saying why, rather than guess the size of the
+/// topics it creates from them.
+fn input_topics(
     config: &Config,
-    topic: &str,
     readiness: &Readiness,
     stop: &AtomicBool,
-) -> Result<()> {
+) -> Result<Vec<(String, u32)>> {
     let settings = client_settings(config);
     let mut waiting_since: Option<Instant> = None;
-    let partitions = loop {
-        let mut partitions = 1;
+    let inputs = loop {
+        let mut inputs = Vec::new();
         let mut missing = Vec::new();
         for input in &config.kafka.topics {
             match nsm_kafka::topic_partition_count(&settings, input)? {
-                Some(count) => partitions = partitions.max(count),
+                Some(count) => inputs.push((input.clone(), u32::try_from(count).unwrap_or(0))),
                 None => missing.push(input.as_str()),
             }
         }
         if missing.is_empty() {
-            break partitions;
+            break inputs;
         }
         if stop.load(Ordering::Relaxed) {
             return Err(anyhow!(
@@ -316,7 +326,7 @@ fn ensure_changelog_topic(
             ));
         }
         if waiting_since.is_none() {
-            warn!(topics = ?missing, "input topic(s) missing: waiting for them before sizing the changelog (kafka.topics)");
+            warn!(topics = ?missing, "input topic(s) missing: waiting for them before sizing the topics nsm creates (kafka.topics)");
             readiness.set_not_ready(format!(
                 "waiting for the input topic(s) {} to exist (kafka.topics)",
                 missing.join(", ")
@@ -332,13 +342,77 @@ fn ensure_changelog_topic(
         );
         readiness.set_not_ready("waiting for the partition assignment");
     }
+    Ok(inputs)
+}
+
+/// The largest input topic's partitions.
+fn most_partitions(inputs: &[(String, u32)]) -> u32 {
+    inputs
+        .iter()
+        .map(|(_, partitions)| *partitions)
+        .max()
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The changelog needs a partition for every input partition number: as many as the input
+/// topic with the most; partitions added later are added to the changelog when they are taken
+/// (`Changelog::restore`).
+fn ensure_changelog_topic(config: &Config, topic: &str, inputs: &[(String, u32)]) -> Result<()> {
     nsm_kafka::ensure_changelog_topic(
-        &settings,
+        &client_settings(config),
         topic,
-        partitions,
+        most_partitions(inputs) as usize,
         config.kafka.replication_factor,
     )?;
     Ok(())
+}
+
+/// The repartition topic, created with as many partitions as the largest input topic. An
+/// existing one keeps its partitions: an entity's partition is its hash modulo their number,
+/// so changing it would split entities counted so far.
+fn ensure_repartition_topic(
+    config: &Config,
+    plan: &Plan,
+    inputs: Vec<(String, u32)>,
+) -> Result<Option<Repartition>> {
+    if plan.rekey_fields().is_empty() {
+        return Ok(None);
+    }
+    let settings = client_settings(config);
+    let topic = config.kafka.repartition_topic.as_str();
+    let partitions = match nsm_kafka::topic_partition_count(&settings, topic)? {
+        Some(found) => found,
+        None => {
+            let wanted = most_partitions(&inputs);
+            nsm_kafka::ensure_topics_replicated(
+                &settings,
+                &[(topic, i32::try_from(wanted).unwrap_or(i32::MAX))],
+                config.kafka.replication_factor,
+            )
+            .with_context(|| {
+                format!(
+                    "cannot create the repartition topic {topic:?} (kafka.repartition_topic); \
+                     create it with {wanted} partitions"
+                )
+            })?;
+            nsm_kafka::topic_partition_count(&settings, topic)?.ok_or_else(|| {
+                anyhow!("the repartition topic {topic:?} (kafka.repartition_topic) does not exist and cannot be created; create it with {wanted} partitions")
+            })?
+        }
+    };
+    let fields: Vec<String> = plan
+        .rekey_fields()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    info!(topic, partitions, by = ?fields,
+          "metrics counting another entity than the message key (kafka.key_field) are counted through the repartition topic");
+    Ok(Some(Repartition {
+        topic: topic.to_string(),
+        partitions: u32::try_from(partitions).unwrap_or(1),
+        inputs,
+    }))
 }
 
 /// How long a turn of the consumer loop or a checkpoint write may last before `/healthz`

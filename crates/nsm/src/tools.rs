@@ -29,6 +29,33 @@ pub fn check(path: &Path) -> Result<()> {
         config.kafka.group_id,
         config.kafka.dead_letter_topic
     )?;
+    let plan = nsm_core::engine::Plan::from_config(&config);
+    if !plan.rekey_fields().is_empty() {
+        let rekeyed: Vec<&str> = (0..plan.metrics().len())
+            .filter(|index| plan.route(*index) != nsm_core::engine::Route::Local)
+            .map(|index| plan.metrics()[index].name.as_str())
+            .collect();
+        let fields: Vec<String> = plan
+            .rekey_fields()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        writeln!(
+            out,
+            "  repartition: {} count {} while events are keyed by {}: counted exactly through \
+             the topic {:?} (kafka.repartition_topic), keyed by {}",
+            rekeyed.join(", "),
+            fields.join(", "),
+            config
+                .kafka
+                .key_field
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            config.kafka.repartition_topic,
+            fields.join(", ")
+        )?;
+    }
     let users = config
         .http
         .basic_auth

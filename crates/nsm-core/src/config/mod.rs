@@ -43,12 +43,15 @@ pub struct KafkaConfig {
     pub group_id: String,
     pub dead_letter_topic: String,
     /// The event field producers use as the message key, when the config says; `nsm check`
-    /// compares it with what distinct counts count (see ARCHITECTURE.md, "Distinct counts
-    /// across partitions"). nsm itself never reads message keys.
+    /// compares it with what distinct counts count: metrics counting another entity are
+    /// counted through `repartition_topic`. nsm itself never reads message keys.
     pub key_field: Option<FieldPath>,
     /// Fields whose every value belongs to one key value (each user in one team), so that
     /// counting them distinct is exact under that key too.
     pub nested_in_key: Vec<FieldPath>,
+    /// Where events of metrics counting another entity than the key go to be counted by it
+    /// (docs/design/repartition.md); used only when `key_field` is set and such metrics exist.
+    pub repartition_topic: String,
     /// Passed to librdkafka as they are, after `${VAR}` and `${file:PATH}` expansion;
     /// secret values never show in `Debug` output.
     pub properties: KafkaProperties,

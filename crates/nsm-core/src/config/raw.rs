@@ -52,6 +52,7 @@ pub struct RawKafka {
     pub dead_letter_topic: Option<String>,
     pub key_field: Option<String>,
     pub nested_in_key: Option<Vec<String>>,
+    pub repartition_topic: Option<String>,
     pub start_from: Option<String>,
     pub dead_letter_on_failure: Option<String>,
     pub replication_factor: Option<toml::Value>,

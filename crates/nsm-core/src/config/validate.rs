@@ -288,6 +288,20 @@ fn validate_kafka(
             )
         })
         .collect();
+    let repartition_topic = raw
+        .kafka
+        .repartition_topic
+        .clone()
+        .unwrap_or_else(|| format!("{group_id}-repartition"));
+    if let Err(message) = check_topic_name(&repartition_topic) {
+        problems.add("kafka.repartition_topic", message);
+    }
+    if topics.contains(&repartition_topic) || repartition_topic == dead_letter_topic {
+        problems.add(
+            "kafka.repartition_topic",
+            "must differ from the topics nsm reads and the dead-letter topic",
+        );
+    }
     if !nested.is_empty() && raw.kafka.key_field.is_none() {
         problems.add(
             "kafka.nested_in_key",
@@ -376,6 +390,7 @@ fn validate_kafka(
         dead_letter_topic,
         key_field,
         nested_in_key,
+        repartition_topic,
         properties,
         start_from: start_from?,
         dead_letter_on_failure: dead_letter_on_failure?,
@@ -738,10 +753,14 @@ fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfi
             problems.add("state.changelog_topic", message);
         }
         let inputs = raw.kafka.topics.as_deref().unwrap_or_default();
-        if inputs.contains(topic) || raw.kafka.dead_letter_topic.as_ref() == Some(topic) {
+        if inputs.contains(topic)
+            || raw.kafka.dead_letter_topic.as_ref() == Some(topic)
+            || raw.kafka.repartition_topic.as_ref() == Some(topic)
+        {
             problems.add(
                 "state.changelog_topic",
-                "must differ from the topics nsm reads and the dead-letter topic",
+                "must differ from the topics nsm reads, the dead-letter topic and the \
+                 repartition topic",
             );
         }
     } else if state.changelog_topic.is_some() {

@@ -40,7 +40,7 @@ pub use plan::{
 pub use segment::{metric_segments, segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
 pub use state::{AggValue, PartitionSnapshot, StoredGap, StoredSegment, StoredWindow, NO_PREVIOUS};
 pub use trailing::last_occurrence_bucket;
-pub use upstream::{Epoch, Forwarded, Mark, SourcePartition, Upstream};
+pub use upstream::{Epoch, Forwarded, Mark, MarkKey, Upstream};
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
 };

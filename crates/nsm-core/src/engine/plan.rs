@@ -157,10 +157,10 @@ impl Plan {
                     id_field: config.events.id.clone(),
                     horizon_ms: config.events.dedup_horizon_ms,
                 }),
-                // Re-keying needs the pipeline to forward events through the repartition topic,
-                // which is not wired yet (docs/design/repartition.md, step 4): until then every
-                // metric stays local, as `nsm check` warns.
-                message_key: None,
+                message_key: config.kafka.key_field.as_ref().map(|field| MessageKey {
+                    field: field.clone(),
+                    nested: config.kafka.nested_in_key.clone(),
+                }),
             },
         )
     }
@@ -311,6 +311,11 @@ impl Plan {
     /// The entity fields events are re-keyed by, by group: empty when every metric is local.
     pub fn rekey_fields(&self) -> &[FieldPath] {
         &self.rekey_fields
+    }
+
+    /// The Kafka headers the metrics read (`@header.NAME`): a forwarded event carries them on.
+    pub fn record_headers(&self) -> impl Iterator<Item = &str> {
+        self.schema.record_headers()
     }
 
     /// The group re-keyed by `field`, as a forwarded record names it.

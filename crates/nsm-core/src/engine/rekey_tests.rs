@@ -2,6 +2,8 @@
 //! repartition topic (docs/design/repartition.md), driven as the pipeline drives them: input
 //! partitions forward, repartition partitions count.
 
+use std::collections::BTreeMap;
+
 use super::plan::{EngineSettings, MessageKey};
 use super::*;
 use crate::metric::{Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role};
@@ -20,6 +22,8 @@ const ACTIVE_TEAMS: usize = 0;
 const COLLABORATIVE_TEAMS: usize = 1;
 const ACTIVE_USERS: usize = 2;
 const MESSAGES: usize = 3;
+/// Teams with at least 3 messages: a count, which a record applied twice would change.
+const BUSY_TEAMS: usize = 4;
 
 fn path(text: &str) -> FieldPath {
     FieldPath::parse(text).expect("path")
@@ -69,6 +73,14 @@ fn plan(message_key: Option<MessageKey>) -> Plan {
             },
         ),
         metric("messages", MetricKind::Count),
+        metric(
+            "busy_teams",
+            MetricKind::Threshold {
+                entity: path("team_id"),
+                actor: None,
+                at_least: 3,
+            },
+        ),
     ];
     Plan::new(
         metrics,
@@ -217,6 +229,11 @@ impl Cluster {
             for (offset, sent) in log.iter().enumerate().skip(self.read[partition]) {
                 let forwarded = Forwarded {
                     group: sent.group,
+                    group_field: if sent.payload.is_empty() {
+                        ""
+                    } else {
+                        "team_id"
+                    },
                     topic: TOPIC,
                     partition: sent.partition,
                     offset: sent.offset,
@@ -265,6 +282,7 @@ fn metrics_counting_another_entity_than_the_key_are_re_keyed_and_their_retention
     assert_eq!(keyed.route(COLLABORATIVE_TEAMS), Route::Rekeyed(0));
     assert_eq!(keyed.route(ACTIVE_USERS), Route::Local);
     assert_eq!(keyed.route(MESSAGES), Route::Local);
+    assert_eq!(keyed.route(BUSY_TEAMS), Route::Rekeyed(0));
     let nested = plan(Some(MessageKey {
         field: path("user_id"),
         nested: vec![path("team_id")],
@@ -421,7 +439,7 @@ fn a_repartition_partitions_marks_are_stored_with_it_and_skip_records_after_a_re
     let upstream = stored.upstream.clone().expect("its marks changed");
     let last = cluster.logs[0].last().expect("records").clone();
     assert_eq!(
-        upstream.marks[&(TOPIC.to_string(), last.partition)].next_offset,
+        upstream.marks[&(TOPIC.to_string(), last.partition, "team_id".to_string())].next_offset,
         last.offset + 1
     );
     // Restored elsewhere, it skips a record sent again.
@@ -437,6 +455,7 @@ fn a_repartition_partitions_marks_are_stored_with_it_and_skip_records_after_a_re
     let topics = vec![(TOPIC.to_string(), INPUTS as u32)];
     let forwarded = Forwarded {
         group: 0,
+        group_field: "team_id",
         topic: TOPIC,
         partition: last.partition,
         offset: last.offset,
@@ -454,4 +473,151 @@ fn a_repartition_partitions_marks_are_stored_with_it_and_skip_records_after_a_re
         NOW_MS,
     );
     assert_eq!(outcome, Outcome::Resent);
+}
+
+/// What a step of the random run does.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Input partition 0 or 1 reads its next event.
+    Read(i32),
+    /// The repartition partitions apply what was sent to them.
+    Count,
+    /// A new owner takes an input partition and sends again what was sent from `back`
+    /// records before its last one; the cut-off owner lands one more of them late.
+    TakeOver { partition: i32, back: usize },
+    /// The input partitions send their time.
+    SendTime,
+}
+
+fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0..INPUTS).prop_map(Step::Read),
+        2 => Just(Step::Count),
+        1 => (0..INPUTS, 0usize..8).prop_map(|(partition, back)| Step::TakeOver { partition, back }),
+        1 => Just(Step::SendTime),
+    ]
+}
+
+impl Cluster {
+    /// A new owner of `partition` sends again its last `back` forwarded records, as it reads
+    /// their events again from its stored offset; the old owner lands one of them late.
+    fn take_over_and_resend(&mut self, partition: i32, back: usize, taken_at_ms: EpochMillis) {
+        let old = self.epochs[partition as usize];
+        // Each event the partition forwarded, once, with the repartition partition it went to.
+        let mut sent: BTreeMap<i64, (usize, Sent)> = BTreeMap::new();
+        for (target, log) in self.logs.iter().enumerate() {
+            for record in log {
+                if record.partition == partition && !record.payload.is_empty() {
+                    sent.entry(record.offset)
+                        .or_insert_with(|| (target, record.clone()));
+                }
+            }
+        }
+        let Some(&last) = sent.keys().next_back() else {
+            return;
+        };
+        let from = last - back as i64;
+        let epoch = Epoch {
+            resumed_from: from.max(old.resumed_from),
+            taken_at_ms,
+        };
+        self.epochs[partition as usize] = epoch;
+        let again: Vec<(usize, Sent)> = sent.range(from..).map(|(_, sent)| sent.clone()).collect();
+        for (target, record) in &again {
+            self.logs[*target].push(Sent {
+                epoch,
+                ..record.clone()
+            });
+        }
+        if let Some((target, late)) = again.first() {
+            self.logs[*target].push(Sent {
+                epoch: old,
+                ..late.clone()
+            });
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 96, ..Default::default() })]
+
+    #[test]
+    fn re_keyed_counts_equal_the_streams_whatever_the_order_resends_and_take_overs(
+        events in proptest::collection::vec((0u32..30, 0u32..6, 0i64..90), 1..80),
+        steps in proptest::collection::vec(step_strategy(), 0..160),
+    ) {
+        let mut cluster = Cluster::new(plan(keyed_by_user()));
+        let mut logs: Vec<Vec<Vec<u8>>> = vec![Vec::new(); INPUTS as usize];
+        for (user, team, minutes) in &events {
+            let payload = format!(
+                r#"{{"event":"message_sent","user_id":"u{user}","team_id":"t{team}","timestamp":{}}}"#,
+                NOW_MS - 2 * HOUR + minutes * 60_000
+            );
+            logs[(user % INPUTS as u32) as usize].push(payload.into_bytes());
+        }
+        let mut cursors = vec![0usize; INPUTS as usize];
+        let mut accepted: Vec<(u32, u32)> = Vec::new();
+        let mut read = |cluster: &mut Cluster, partition: i32, cursors: &mut Vec<usize>| {
+            let cursor = &mut cursors[partition as usize];
+            let Some(payload) = logs[partition as usize].get(*cursor) else {
+                return;
+            };
+            *cursor += 1;
+            if let Outcome::Applied { .. } = cluster.read(partition, payload) {
+                let text = std::str::from_utf8(payload).expect("utf8");
+                let field = |name: &str| -> u32 {
+                    let start = text.find(&format!("\"{name}\":\"")).expect("field") + name.len() + 5;
+                    text[start..].split('"').next().expect("value").parse().expect("number")
+                };
+                accepted.push((field("user_id"), field("team_id")));
+            }
+        };
+        let mut clock = NOW_MS - HOUR;
+        for step in steps {
+            match step {
+                Step::Read(partition) => read(&mut cluster, partition, &mut cursors),
+                Step::Count => {
+                    for outcome in cluster.count() {
+                        proptest::prop_assert!(
+                            matches!(outcome, Outcome::Applied { .. } | Outcome::Resent),
+                            "{outcome:?}"
+                        );
+                    }
+                }
+                Step::TakeOver { partition, back } => {
+                    clock += 1;
+                    cluster.take_over_and_resend(partition, back, clock);
+                }
+                Step::SendTime => cluster.send_time(),
+            }
+        }
+        for partition in 0..INPUTS {
+            while cursors[partition as usize] < logs[partition as usize].len() {
+                read(&mut cluster, partition, &mut cursors);
+            }
+        }
+        cluster.send_time();
+        for outcome in cluster.count() {
+            proptest::prop_assert!(
+                matches!(outcome, Outcome::Applied { .. } | Outcome::Resent),
+                "{outcome:?}"
+            );
+        }
+        let teams: std::collections::BTreeSet<u32> = accepted.iter().map(|(_, team)| *team).collect();
+        let mut senders: std::collections::BTreeMap<u32, std::collections::BTreeSet<u32>> = Default::default();
+        for (user, team) in &accepted {
+            senders.entry(*team).or_default().insert(*user);
+        }
+        let collaborative = senders.values().filter(|users| users.len() >= 3).count();
+        let mut messages: BTreeMap<u32, usize> = BTreeMap::new();
+        for (_, team) in &accepted {
+            *messages.entry(*team).or_default() += 1;
+        }
+        let busy = messages.values().filter(|count| **count >= 3).count();
+        proptest::prop_assert_eq!(cluster.current(BUSY_TEAMS), busy as f64);
+        proptest::prop_assert_eq!(cluster.current(ACTIVE_TEAMS), teams.len() as f64);
+        proptest::prop_assert_eq!(cluster.current(COLLABORATIVE_TEAMS), collaborative as f64);
+        proptest::prop_assert_eq!(cluster.current(MESSAGES), accepted.len() as f64);
+    }
 }

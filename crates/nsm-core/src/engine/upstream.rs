@@ -6,10 +6,15 @@
 //! resumes from its last stored offset), and an owner cut off from the group may land records
 //! after its successor's. A record is applied only when its source offset is at least the
 //! mark's next one and its sender's epoch is no older than the mark's: each offset counts once.
+//! Marks are per source partition and group (the field re-keyed by): one event forwarded for
+//! two groups to the same partition is two records of the same source offset.
 //!
 //! The partition's watermark is the smallest of its sources' watermarks once every partition of
 //! every input topic has reported: an event its source accepted is then never late here, and a
-//! window completes only once every source has passed it.
+//! window completes only once every source has passed it. A source without any event yet
+//! counts with its clock, so that an empty input partition does not hold time back; its first
+//! events, if older than the others' watermark by more than the allowed lateness, are then
+//! late here (counted as rejected, and dead-lettered, like any late event).
 
 use std::collections::BTreeMap;
 
@@ -35,22 +40,26 @@ pub struct Mark {
     pub clock_ms: Option<EpochMillis>,
 }
 
-/// A source partition: input topic and partition.
-pub type SourcePartition = (String, i32);
+/// What a mark is of: a source partition (input topic and partition) and the field of the
+/// group its records are forwarded for (empty for records carrying only time).
+pub type MarkKey = (String, i32, String);
 
 /// What a repartition partition knows of its sources; stored with its state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Upstream {
     /// Every input topic and its partitions, as the last record said.
     pub topics: BTreeMap<String, u32>,
-    pub marks: BTreeMap<SourcePartition, Mark>,
+    pub marks: BTreeMap<MarkKey, Mark>,
 }
 
 /// What a forwarded record says of where it came from.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded<'a> {
-    /// The group of [`super::Plan::rekey_fields`] it was forwarded for.
+    /// The group of [`super::Plan::rekey_fields`] it was forwarded for, and that group's
+    /// field as the record names it (marks are kept by the name, which a config change does
+    /// not renumber).
     pub group: usize,
+    pub group_field: &'a str,
     pub topic: &'a str,
     pub partition: i32,
     /// The event's offset in its source partition; for a watermark-only record, the source's
@@ -68,7 +77,7 @@ impl Upstream {
     /// older than the last one heard.
     pub fn admits(&self, record: &Forwarded<'_>) -> bool {
         self.marks
-            .get(&(record.topic.to_string(), record.partition))
+            .get(&mark_key(record))
             .is_none_or(|mark| record.epoch >= mark.epoch && record.offset >= mark.next_offset)
     }
 
@@ -82,8 +91,7 @@ impl Upstream {
                 changed = true;
             }
         }
-        let source = (record.topic.to_string(), record.partition);
-        let mark = self.marks.entry(source).or_insert_with(|| {
+        let mark = self.marks.entry(mark_key(record)).or_insert_with(|| {
             changed = true;
             Mark {
                 next_offset: 0,
@@ -107,23 +115,42 @@ impl Upstream {
     }
 
     /// The smallest watermark and clock of the sources, once every partition of every input
-    /// topic has reported both; `None` until then.
+    /// topic has reported; `None` until then. A source's time is the latest any of its marks
+    /// heard.
     pub fn time(&self) -> Option<(EpochMillis, EpochMillis)> {
         if self.topics.is_empty() {
             return None;
+        }
+        // Per source partition: the latest watermark and clock heard.
+        type Heard = (Option<EpochMillis>, Option<EpochMillis>);
+        let mut sources: BTreeMap<(&str, i32), Heard> = BTreeMap::new();
+        for ((topic, partition, _), mark) in &self.marks {
+            let heard = sources.entry((topic, *partition)).or_default();
+            heard.0 = later(heard.0, mark.watermark_ms);
+            heard.1 = later(heard.1, mark.clock_ms);
         }
         let mut watermark = EpochMillis::MAX;
         let mut clock = EpochMillis::MAX;
         for (topic, partitions) in &self.topics {
             for partition in 0..*partitions {
                 let partition = i32::try_from(partition).ok()?;
-                let mark = self.marks.get(&(topic.clone(), partition))?;
-                watermark = watermark.min(mark.watermark_ms?);
-                clock = clock.min(mark.clock_ms.or(mark.watermark_ms)?);
+                let (source_watermark, source_clock) = sources.get(&(topic.as_str(), partition))?;
+                // A source that never had an event counts with its clock (the wall clock once
+                // idle): an empty partition must not hold the others' time back for ever.
+                watermark = watermark.min(source_watermark.or(*source_clock)?);
+                clock = clock.min(source_clock.or(*source_watermark)?);
             }
         }
         Some((watermark, clock.max(watermark)))
     }
+}
+
+fn mark_key(record: &Forwarded<'_>) -> MarkKey {
+    (
+        record.topic.to_string(),
+        record.partition,
+        record.group_field.to_string(),
+    )
 }
 
 fn later(a: Option<EpochMillis>, b: Option<EpochMillis>) -> Option<EpochMillis> {
@@ -149,6 +176,7 @@ mod tests {
     fn record(topics: &[(String, u32)], partition: i32, offset: i64, epoch: i64) -> Forwarded<'_> {
         Forwarded {
             group: 0,
+            group_field: "team_id",
             topic: "events",
             partition,
             offset,
