@@ -68,11 +68,25 @@ pub struct E2eArgs {
     /// The Quix Streams peer's script.
     #[arg(long, default_value = quix::DEFAULT_SCRIPT)]
     quix_peer: PathBuf,
+    /// `off` declares teams nested in users (`kafka.nested_in_key = ["team_id"]`), so the
+    /// team metrics are counted per partition, as before the repartition topic (inexact:
+    /// events are keyed by user): to measure what the repartition topic costs beside `on`.
+    #[arg(long, value_enum, default_value_t = Repartition::On)]
+    repartition: Repartition,
     /// Events the Quix Streams peer reads (it reads about 4,000 a second here): fewer than
     /// `--events` make a shorter stream of the same shape, users scaled, in a topic of its own
     /// [default: the whole stream].
     #[arg(long)]
     quix_events: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Repartition {
+    /// The config as users run it: events keyed by user, teams counted through the
+    /// repartition topic.
+    On,
+    /// Teams counted per partition (declared nested in users).
+    Off,
 }
 
 const TOPIC: &str = "bench-events";
@@ -154,7 +168,10 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
     );
     let http_port = free_port()?;
     let config = dir.join("nsm.toml");
-    std::fs::write(&config, nsm_config(&brokers, &dir.join("state"), http_port))?;
+    std::fs::write(
+        &config,
+        nsm_config(&brokers, &dir.join("state"), http_port, args.repartition),
+    )?;
     let start_nsm = || {
         Running::spawn(
             "nsm",
@@ -236,7 +253,7 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
     );
 
     println!(
-        "{{\"bench\":\"e2e\",\"events\":{},\"users\":{},\"partitions\":{},\"mean_event_bytes\":{mean_bytes},\
+        "{{\"bench\":\"e2e\",\"events\":{},\"users\":{},\"partitions\":{},\"repartition\":{},\"mean_event_bytes\":{mean_bytes},\
          \"produce_seconds\":{produce_seconds:.1},\
          \"bare_events_per_second\":{:.0},\"bare_cpu_seconds_per_million\":{:.2},\
          \"nsm_events_per_second\":{:.0},\"nsm_cpu_seconds_per_million\":{:.2},\
@@ -250,6 +267,7 @@ fn measure(args: &E2eArgs, nsm: &Path, tansu: &Path, dir: &Path) -> anyhow::Resu
         args.events,
         args.users,
         args.partitions,
+        args.repartition == Repartition::On,
         bare.events_per_second(args.events),
         bare.cpu_per_million(args.events),
         through.events_per_second(args.events),
@@ -397,12 +415,16 @@ fn write_stream(path: &Path, events: u64, users: u64, end_ms: i64) -> anyhow::Re
 /// arrives as a Kafka broker does, so librdkafka's 500 ms would cap both sides' throughput and
 /// add to every delay. (Not nsm's default: frequent fetches wedged tansu after a broker
 /// outage in the outage test.)
-fn nsm_config(brokers: &str, state: &Path, http_port: u16) -> String {
+fn nsm_config(brokers: &str, state: &Path, http_port: u16, repartition: Repartition) -> String {
+    let nested = match repartition {
+        Repartition::On => "",
+        Repartition::Off => "nested_in_key = [\"team_id\"]\n",
+    };
     let config = CONFIG.replace(
         "brokers = \"127.0.0.1:9092\"\ntopics = [\"events\"]",
         &format!(
             "brokers = \"{brokers}\"\ntopics = [\"{TOPIC}\"]\ngroup_id = \"nsm-bench\"\n\
-             dead_letter_topic = \"{TOPIC}-dlq\"\nkey_field = \"user_id\"\n\
+             dead_letter_topic = \"{TOPIC}-dlq\"\nkey_field = \"user_id\"\n{nested}\
              [kafka.properties]\n\"fetch.wait.max.ms\" = \"100\""
         ),
     );
@@ -478,8 +500,11 @@ fn nsm_consumes(
         if skipped > 0.0 {
             bail!("nsm skipped {skipped} offsets of the stream (see its log)");
         }
-        let consumed = sum_of(&samples, "nsm_events_consumed_total");
-        Ok((consumed >= events as f64).then_some(()))
+        // The stream's topic read, and the repartition topic caught up with what was sent.
+        let consumed = consumed_of(&samples, TOPIC);
+        let forwarded = sum_of(&samples, "nsm_events_forwarded_total");
+        let counted = sum_of(&samples, "nsm_events_consumed_total") - consumed;
+        Ok((consumed >= events as f64 && counted >= forwarded).then_some(()))
     })?;
     Ok(Span {
         seconds: started.elapsed().as_secs_f64(),
@@ -903,6 +928,18 @@ fn scrape(port: u16) -> Option<BTreeMap<String, f64>> {
 }
 
 /// The sum of every series of a metric.
+/// Messages consumed from one topic.
+fn consumed_of(samples: &BTreeMap<String, f64>, topic: &str) -> f64 {
+    let label = format!("topic=\"{topic}\"");
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            series.starts_with("nsm_events_consumed_total{") && series.contains(&label)
+        })
+        .map(|(_, value)| value)
+        .sum()
+}
+
 fn sum_of(samples: &BTreeMap<String, f64>, metric: &str) -> f64 {
     samples
         .iter()

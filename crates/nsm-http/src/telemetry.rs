@@ -61,6 +61,8 @@ pub struct BatchCounts {
     pub skipped: Vec<(OffsetSkip, u64)>,
     /// Valid events skipped because their id was already applied within the dedup horizon.
     pub duplicates: u64,
+    /// Records sent to the repartition topic.
+    pub forwarded: u64,
     /// Seconds from the Kafka message timestamp to the moment its effect became visible.
     pub visible_latencies_seconds: Vec<f64>,
 }
@@ -85,6 +87,7 @@ pub struct Telemetry {
     invalid: IntCounterVec,
     late: IntCounter,
     duplicates: IntCounter,
+    forwarded: IntCounter,
     dead_letters: IntCounterVec,
     dead_letters_held: IntGauge,
     offsets_skipped: IntCounterVec,
@@ -189,6 +192,7 @@ impl Telemetry {
         }
         let late = register(&registry, IntCounter::new("nsm_events_late_total", "Events older than the watermark by more than the allowed lateness; sent to the dead-letter topic.").unwrap_or_else(|e| panic!("{e}")));
         let duplicates = register(&registry, IntCounter::new("nsm_events_duplicate_total", "Valid events skipped because an event with the same id was applied within events.dedup_horizon.").unwrap_or_else(|e| panic!("{e}")));
+        let forwarded = register(&registry, IntCounter::new("nsm_events_forwarded_total", "Records sent to the repartition topic: events of metrics counting another entity than kafka.key_field, and records carrying only an input partition's time.").unwrap_or_else(|e| panic!("{e}")));
         let dead_letters = register(
             &registry,
             IntCounterVec::new(
@@ -368,6 +372,7 @@ impl Telemetry {
             invalid,
             late,
             duplicates,
+            forwarded,
             dead_letters,
             dead_letters_held,
             offsets_skipped,
@@ -595,6 +600,7 @@ impl Telemetry {
                 .inc_by(*count);
         }
         self.duplicates.inc_by(counts.duplicates);
+        self.forwarded.inc_by(counts.forwarded);
         for latency in &counts.visible_latencies_seconds {
             self.visible_latency.observe(*latency);
         }

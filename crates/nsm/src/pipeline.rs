@@ -83,6 +83,8 @@ pub struct Pipeline {
     /// Offsets never applied since the last publish, by why.
     skipped: HashMap<OffsetSkip, u64>,
     duplicates: u64,
+    /// Records sent to the repartition topic since the last publish.
+    forwarded: u64,
     produced_times_ms: Vec<i64>,
     latency_sample_every: usize,
     messages_since_publish: usize,
@@ -164,6 +166,7 @@ struct Snapshot {
     rejected: Vec<(RejectReason, u64)>,
     skipped: Vec<(OffsetSkip, u64)>,
     duplicates: u64,
+    forwarded: u64,
     produced_times_ms: Vec<i64>,
 }
 
@@ -244,6 +247,7 @@ impl Pipeline {
                 .liveness
                 .watch("the checkpoint writer", parts.stuck_after),
             duplicates: 0,
+            forwarded: 0,
             produced_times_ms: Vec::new(),
             latency_sample_every: 1,
             messages_since_publish: 0,
@@ -506,6 +510,7 @@ impl Pipeline {
             rejected: self.rejected.drain().collect(),
             skipped: self.skipped.drain().collect(),
             duplicates: std::mem::take(&mut self.duplicates),
+            forwarded: std::mem::take(&mut self.forwarded),
             produced_times_ms: std::mem::take(&mut self.produced_times_ms),
         }
     }
@@ -521,6 +526,7 @@ impl Pipeline {
             rejected,
             skipped,
             duplicates,
+            forwarded,
             produced_times_ms,
         } = snapshot;
         if with_values {
@@ -541,6 +547,7 @@ impl Pipeline {
             rejected,
             skipped,
             duplicates,
+            forwarded,
             visible_latencies_seconds: produced_times_ms
                 .into_iter()
                 .map(|produced_ms| (visible_ms - produced_ms).max(0) as f64 / 1000.0)
@@ -849,6 +856,7 @@ impl PartitionHandler for Pipeline {
                 if forwards.is_empty() {
                     Disposition::Done
                 } else {
+                    self.forwarded += forwards.len() as u64;
                     Disposition::Forward(forwards)
                 }
             }
@@ -997,6 +1005,7 @@ impl PartitionHandler for Pipeline {
                 ));
             }
         }
+        self.forwarded += records.len() as u64;
         records
     }
 
