@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use nsm_checkpoint::{Acknowledged, Checkpointer, Epoch, HeadsOnly};
 use nsm_core::engine::{ChangeSet, Engine};
 use nsm_core::PartitionKey;
-use nsm_state::{checkpoint_config, member_shards, partition_id, RocksHeadStore, Store};
+use nsm_state::{
+    checkpoint_config, member_shards, partition_id, ChangelogLayout, RocksHeadStore, Store,
+};
 
 /// Where the checkpoints' time went.
 #[derive(Default, Clone, Copy)]
@@ -73,7 +75,9 @@ impl Frames {
         let started = Instant::now();
         let write = store.prepare_frames(changes);
         let prepared = Instant::now();
-        let checkpoints = store.checkpoints_of(&write, |id| self.checkpointer.snapshots_due(id))?;
+        let checkpoints = store.checkpoints_of(&write, &ChangelogLayout::default(), |id| {
+            self.checkpointer.snapshots_due(id)
+        })?;
         let snapshotted = Instant::now();
         self.heads.stage(write);
         let report = self

@@ -394,7 +394,36 @@ pub fn member_shards(due: &[ShardId]) -> Vec<u16> {
 /// The frames' name of a partition: its key prefix, on the changelog partition of its number
 /// (a changelog partition carries that partition number of every input topic).
 pub fn partition_id(partition: &PartitionKey) -> PartitionId {
-    PartitionId::new(partition.partition as u32, partition_prefix(partition))
+    ChangelogLayout::default().partition_id(partition)
+}
+
+/// Which changelog partition carries a partition's frames: the partition's number, plus an
+/// offset for the topics given one. The repartition topic's partitions come after the input
+/// topics': sharing a changelog partition with an input partition, each take would read the
+/// other's records of the tail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangelogLayout {
+    offsets: std::collections::BTreeMap<String, u32>,
+}
+
+impl ChangelogLayout {
+    /// The partitions of `topic` start at changelog partition `offset`.
+    pub fn with_offset(mut self, topic: &str, offset: u32) -> Self {
+        self.offsets.insert(topic.to_string(), offset);
+        self
+    }
+
+    pub fn changelog_partition(&self, partition: &PartitionKey) -> i32 {
+        let offset = self.offsets.get(&*partition.topic).copied().unwrap_or(0);
+        partition
+            .partition
+            .saturating_add(i32::try_from(offset).unwrap_or(i32::MAX))
+    }
+
+    pub fn partition_id(&self, partition: &PartitionKey) -> PartitionId {
+        let changelog = u32::try_from(self.changelog_partition(partition)).unwrap_or(0);
+        PartitionId::new(changelog, partition_prefix(partition))
+    }
 }
 
 /// The frame configuration of every partition: 1,025 shards, chunks of nsm-checkpoint's default.
@@ -433,13 +462,14 @@ impl Store {
         &self,
         write: &FramedWrite,
         partition: &PartitionKey,
+        layout: &ChangelogLayout,
         due: &[ShardId],
     ) -> Result<Option<Checkpoint>, StateError> {
         let Some((_, meta, overlay)) = write.partitions.iter().find(|(key, ..)| key == partition)
         else {
             return Ok(None);
         };
-        let mut checkpoint = Checkpoint::new(partition_id(partition), meta.clone());
+        let mut checkpoint = Checkpoint::new(layout.partition_id(partition), meta.clone());
         for (start, end) in overlay.ranges() {
             checkpoint.drop_range(start, end);
         }
@@ -473,12 +503,13 @@ impl Store {
     pub fn checkpoints_of(
         &self,
         write: &FramedWrite,
+        layout: &ChangelogLayout,
         mut due: impl FnMut(&PartitionId) -> Vec<ShardId>,
     ) -> Result<Vec<Checkpoint>, StateError> {
         let mut checkpoints = Vec::with_capacity(write.partitions.len());
         for partition in write.partitions() {
-            let due = due(&partition_id(partition));
-            checkpoints.extend(self.checkpoint_of(write, partition, &due)?);
+            let due = due(&layout.partition_id(partition));
+            checkpoints.extend(self.checkpoint_of(write, partition, layout, &due)?);
         }
         Ok(checkpoints)
     }

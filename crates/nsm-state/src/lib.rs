@@ -77,8 +77,8 @@ pub use changelog::{
 pub use format::{FormatError, FORMAT_VERSION};
 pub use frame_store::{RocksHeadStore, RocksSink};
 pub use frames::{
-    checkpoint_config, member_shards, partition_id, FramedWrite, MemoryShard, WriteOverlay,
-    AGGREGATE_SHARD, FRAME_SHARDS, SNAPSHOTS_PER_CHECKPOINT,
+    checkpoint_config, member_shards, partition_id, ChangelogLayout, FramedWrite, MemoryShard,
+    WriteOverlay, AGGREGATE_SHARD, FRAME_SHARDS, SNAPSHOTS_PER_CHECKPOINT,
 };
 #[cfg(any(test, feature = "testing"))]
 pub use keyed::{KeyedWrite, PartitionRecords};

@@ -15,7 +15,9 @@ use nsm_checkpoint::{Checkpointer, HeadsOnly};
 
 use nsm_core::PartitionKey;
 use nsm_kafka::{ChangelogReader, ChangelogWriter, ClientSettings};
-use nsm_state::{ChangelogProbe, PartitionRestore, RestoreOutcome, RocksHeadStore, Store};
+use nsm_state::{
+    ChangelogLayout, ChangelogProbe, PartitionRestore, RestoreOutcome, RocksHeadStore, Store,
+};
 use tracing::{info, warn};
 
 /// How old a stored position may be and still be read from: tombstones written after it
@@ -37,6 +39,8 @@ pub struct Changelog {
     /// Partitions the topic is known to have: an input partition beyond them (added to an
     /// input topic since) gets its changelog partition when it is first taken.
     partitions: AtomicUsize,
+    /// Which changelog partition carries each partition's frames.
+    pub(crate) layout: ChangelogLayout,
 }
 
 /// What bringing a partition up to date did.
@@ -59,6 +63,7 @@ impl Changelog {
         topic: &str,
         store: &Store,
         stop: Arc<AtomicBool>,
+        layout: ChangelogLayout,
     ) -> Result<Self, nsm_kafka::KafkaError> {
         let writer = Arc::new(ChangelogWriter::new(settings, topic)?);
         let heads = RocksHeadStore::new(store.clone());
@@ -74,6 +79,7 @@ impl Changelog {
             heads,
             settings: settings.clone(),
             partitions: AtomicUsize::new(0),
+            layout,
         })
     }
 
@@ -81,7 +87,8 @@ impl Changelog {
     pub(crate) fn read_failed(&self, key: &PartitionKey, error: nsm_kafka::KafkaError) -> String {
         format!(
             "cannot read the changelog {} partition {} for {key}: {error}",
-            self.topic, key.partition
+            self.topic,
+            self.layout.changelog_partition(key)
         )
     }
 
@@ -128,8 +135,12 @@ impl Changelog {
     ) -> Result<Restored, String> {
         let failed = |error| self.read_failed(key, error);
         let state_failed = |error: nsm_state::StateError| format!("partition {key}: {error}");
-        self.ensure_partition(key.partition)?;
-        let (low, high) = self.reader.watermarks(key.partition).map_err(failed)?;
+        let changelog_partition = self.layout.changelog_partition(key);
+        self.ensure_partition(changelog_partition)?;
+        let (low, high) = self
+            .reader
+            .watermarks(changelog_partition)
+            .map_err(failed)?;
         let position = store.changelog_position(key).map_err(state_failed)?;
         let mut changelog_lost = false;
         let start = match position {
@@ -230,7 +241,7 @@ impl Changelog {
         let records = self
             .reader
             .read(
-                key.partition,
+                self.layout.changelog_partition(key),
                 low,
                 high,
                 &mut |_: i64, record_key: &[u8], value: Option<&[u8]>, epoch: Option<u64>| {
@@ -271,7 +282,7 @@ impl Changelog {
         let records = self
             .reader
             .read(
-                key.partition,
+                self.layout.changelog_partition(key),
                 from,
                 to,
                 &mut |offset: i64, record_key: &[u8], value: Option<&[u8]>, epoch: Option<u64>| {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nsm_checkpoint::{Acknowledged, Epoch, LineOutcome, LineRestore, LineRestored, RetiredFrames};
 use nsm_core::engine::ChangeSet;
 use nsm_core::PartitionKey;
-use nsm_state::{checkpoint_config, partition_id, DiscardedMetric, RocksSink, StateError, Store};
+use nsm_state::{checkpoint_config, DiscardedMetric, RocksSink, StateError, Store};
 use tracing::{info, warn};
 
 use crate::changelog::Changelog;
@@ -120,7 +120,7 @@ impl Changelog {
         let write = store.prepare_frames(changes);
         let mut checkpointer = self.checkpointer();
         let checkpoints = store
-            .checkpoints_of(&write, |id| checkpointer.snapshots_due(id))
+            .checkpoints_of(&write, &self.layout, |id| checkpointer.snapshots_due(id))
             .map_err(|error| format!("state read failed: {error}"))?;
         self.heads.stage(write);
         let report = checkpointer
@@ -132,14 +132,18 @@ impl Changelog {
     /// The member shards of `key` whose snapshots the next checkpoint takes, for the engine to
     /// read from memory when it holds them whole (see `Engine::take_changes_with_snapshots`).
     pub fn member_shards_due(&self, key: &PartitionKey) -> Vec<u16> {
-        nsm_state::member_shards(&self.checkpointer().snapshots_due(&partition_id(key)))
+        nsm_state::member_shards(
+            &self
+                .checkpointer()
+                .snapshots_due(&self.layout.partition_id(key)),
+        )
     }
 
     /// Stops writing partitions given up; the frames they left stay the changelog's.
     pub fn release(&self, partitions: &[PartitionKey]) {
         let mut checkpointer = self.checkpointer();
         for key in partitions {
-            checkpointer.release(&partition_id(key));
+            checkpointer.release(&self.layout.partition_id(key));
         }
     }
 
@@ -156,10 +160,14 @@ impl Changelog {
     ) -> Result<Taken, String> {
         let failed = |error| self.read_failed(key, error);
         let state_failed = |error: StateError| format!("partition {key}: {error}");
-        self.ensure_partition(key.partition)?;
-        let (low, high) = self.reader.watermarks(key.partition).map_err(failed)?;
+        let changelog_partition = self.layout.changelog_partition(key);
+        self.ensure_partition(changelog_partition)?;
+        let (low, high) = self
+            .reader
+            .watermarks(changelog_partition)
+            .map_err(failed)?;
         let config = checkpoint_config();
-        let id = partition_id(key);
+        let id = self.layout.partition_id(key);
         let head = nsm_checkpoint::restore_head(&config, &self.heads, &id)
             .map_err(|error| format!("partition {key}: {error}"))?;
         let has_head = head.head != nsm_checkpoint::FrameId::EMPTY;
@@ -262,7 +270,7 @@ impl Changelog {
         // entries) would hold the partition's first scrape back; the next checkpoints send them.
         let (write, discarded) = store.prepare_adoption_frames(key).map_err(state_failed)?;
         let checkpoint = store
-            .checkpoint_of(&write, key, &[])
+            .checkpoint_of(&write, key, &self.layout, &[])
             .map_err(state_failed)?;
         self.heads.stage(write);
         checkpointer
@@ -284,7 +292,11 @@ impl Changelog {
     ) -> Result<LineRestored, String> {
         let state_failed = |error: StateError| format!("partition {key}: {error}");
         store.start_whole_restore(key).map_err(state_failed)?;
-        let restore = LineRestore::new(&checkpoint_config(), &partition_id(key), HOLD_LIMIT);
+        let restore = LineRestore::new(
+            &checkpoint_config(),
+            &self.layout.partition_id(key),
+            HOLD_LIMIT,
+        );
         match self.read_frames(store, key, restore, low, high, cancel, taken)? {
             Read::Restored(restored) => Ok(*restored),
             Read::Broken => Err(format!(
@@ -315,7 +327,7 @@ impl Changelog {
             taken.records += self
                 .reader
                 .read(
-                    key.partition,
+                    self.layout.changelog_partition(key),
                     from,
                     high,
                     &mut |offset, record_key, value, _| {

@@ -155,15 +155,24 @@ pub fn run_pipeline_with_clock(
         Vec::new()
     };
     let repartition = ensure_repartition_topic(&config, &plan, inputs.clone())?;
+    // The repartition topic's partitions have changelog partitions of their own, after the
+    // input topics'.
+    let mut layout = nsm_state::ChangelogLayout::default();
+    let mut changelog_partitions = most_partitions(&inputs);
+    if let Some(repartition) = &repartition {
+        layout = layout.with_offset(&repartition.topic, changelog_partitions);
+        changelog_partitions += repartition.partitions;
+    }
     let changelog = match &config.state.changelog_topic {
         Some(topic) => {
-            ensure_changelog_topic(&config, topic, &inputs)?;
+            ensure_changelog_topic(&config, topic, changelog_partitions)?;
             info!(topic = %topic, "state changes go to the changelog topic; partitions taken over are restored from it");
             Some(Changelog::new(
                 &client_settings(&config),
                 topic,
                 &store,
                 stop.clone(),
+                layout,
             )?)
         }
         None => {
@@ -355,14 +364,14 @@ fn most_partitions(inputs: &[(String, u32)]) -> u32 {
         .max(1)
 }
 
-/// The changelog needs a partition for every input partition number: as many as the input
-/// topic with the most; partitions added later are added to the changelog when they are taken
-/// (`Changelog::restore`).
-fn ensure_changelog_topic(config: &Config, topic: &str, inputs: &[(String, u32)]) -> Result<()> {
+/// The changelog needs a partition for every input partition number (as many as the input
+/// topic with the most), then one for each repartition partition; partitions added later are
+/// added to the changelog when they are taken (`Changelog::restore`).
+fn ensure_changelog_topic(config: &Config, topic: &str, partitions: u32) -> Result<()> {
     nsm_kafka::ensure_changelog_topic(
         &client_settings(config),
         topic,
-        most_partitions(inputs) as usize,
+        partitions as usize,
         config.kafka.replication_factor,
     )?;
     Ok(())

@@ -61,7 +61,7 @@ impl Framed {
         let (write, discarded) = store.prepare_adoption_frames(&key(0)).expect("adoption");
         let due = checkpointer.snapshots_due(&partition_id(&key(0)));
         let checkpoint = store
-            .checkpoint_of(&write, &key(0), &due)
+            .checkpoint_of(&write, &key(0), &ChangelogLayout::default(), &due)
             .expect("snapshots")
             .expect("the adoption writes partition 0");
         heads.stage(write);
@@ -98,7 +98,7 @@ impl Framed {
         let due = self.checkpointer.snapshots_due(&partition_id(&key(0)));
         let checkpoint = self
             .store
-            .checkpoint_of(&write, &key(0), &due)
+            .checkpoint_of(&write, &key(0), &ChangelogLayout::default(), &due)
             .expect("snapshots")
             .expect("partition 0 is written");
         let counts = (checkpoint.changes(), checkpoint.dropped_ranges());
