@@ -98,6 +98,28 @@ pub const DEFAULT_STATE_MEMORY: usize = 128 << 20;
 /// a second: it bounds a backlog being caught up, not the steady state.
 pub const DEFAULT_MAX_CHECKPOINT_ENTRIES: usize = 100_000;
 
+/// The partition a message at `offset` is applied to, or the outcome instead: applied before
+/// (a restart reads from an older offset), or the partition stopped by a read failure.
+fn partition_at<'p>(
+    partitions: &'p mut HashMap<PartitionKey, PartitionState>,
+    key: &PartitionKey,
+    offset: i64,
+) -> Result<&'p mut PartitionState, Outcome> {
+    let Some(state) = partitions.get_mut(key) else {
+        debug_assert!(false, "apply on partition {key} that was never restored");
+        return Err(Outcome::AlreadyApplied);
+    };
+    if state.next_offset.is_some_and(|next| offset < next) {
+        return Err(Outcome::AlreadyApplied);
+    }
+    if state.poisoned {
+        return Err(Outcome::StateUnreadable(members::StateReadError(format!(
+            "partition {key} stopped after an earlier read failure"
+        ))));
+    }
+    Ok(state)
+}
+
 /// The engine for all partitions this instance owns.
 pub struct Engine {
     plan: Plan,
@@ -212,18 +234,10 @@ impl Engine {
         record: &dyn RecordMeta,
         now_ms: EpochMillis,
     ) -> Outcome {
-        let Some(state) = self.partitions.get_mut(key) else {
-            debug_assert!(false, "apply on partition {key} that was never restored");
-            return Outcome::AlreadyApplied;
+        let state = match partition_at(&mut self.partitions, key, offset) {
+            Ok(state) => state,
+            Err(outcome) => return outcome,
         };
-        if state.next_offset.is_some_and(|next| offset < next) {
-            return Outcome::AlreadyApplied;
-        }
-        if state.poisoned {
-            return Outcome::StateUnreadable(members::StateReadError(format!(
-                "partition {key} stopped after an earlier read failure"
-            )));
-        }
         let source = members::Source {
             reader: &*self.reader,
             partition: key,
@@ -255,18 +269,10 @@ impl Engine {
         forwarded: &Forwarded<'_>,
         now_ms: EpochMillis,
     ) -> Outcome {
-        let Some(state) = self.partitions.get_mut(key) else {
-            debug_assert!(false, "apply on partition {key} that was never restored");
-            return Outcome::AlreadyApplied;
+        let state = match partition_at(&mut self.partitions, key, offset) {
+            Ok(state) => state,
+            Err(outcome) => return outcome,
         };
-        if state.next_offset.is_some_and(|next| offset < next) {
-            return Outcome::AlreadyApplied;
-        }
-        if state.poisoned {
-            return Outcome::StateUnreadable(members::StateReadError(format!(
-                "partition {key} stopped after an earlier read failure"
-            )));
-        }
         let upstream = state.upstream.get_or_insert_with(Upstream::default);
         let fresh = !payload.is_empty() && upstream.admits(forwarded);
         let outcome = if fresh {
