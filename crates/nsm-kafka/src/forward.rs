@@ -25,7 +25,8 @@ use crate::KafkaError;
 pub struct Forward {
     pub partition: i32,
     pub key: Vec<u8>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Names shared between records (`Arc`): a record copies no header name.
+    pub headers: Vec<(Arc<str>, Vec<u8>)>,
     /// The event's own bytes, or empty for a record carrying only its source's time.
     pub payload: Vec<u8>,
     pub timestamp_ms: Option<i64>,
@@ -91,7 +92,7 @@ impl ForwardProducer {
         let mut headers = OwnedHeaders::new_with_capacity(forward.headers.len());
         for (key, value) in &forward.headers {
             headers = headers.insert(Header {
-                key: key.as_str(),
+                key,
                 value: Some(value.as_slice()),
             });
         }

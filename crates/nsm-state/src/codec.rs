@@ -321,7 +321,7 @@ pub fn encode_upstream(upstream: &Upstream) -> Vec<u8> {
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&text.as_bytes()[..usize::from(len)]);
     }
-    let mut out = Vec::with_capacity(8 + upstream.marks.len() * 64);
+    let mut out = Vec::with_capacity(8 + upstream.mark_count() * 64);
     out.extend_from_slice(
         &u32::try_from(upstream.topics.len())
             .unwrap_or(0)
@@ -332,11 +332,11 @@ pub fn encode_upstream(upstream: &Upstream) -> Vec<u8> {
         out.extend_from_slice(&partitions.to_be_bytes());
     }
     out.extend_from_slice(
-        &u32::try_from(upstream.marks.len())
+        &u32::try_from(upstream.mark_count())
             .unwrap_or(0)
             .to_be_bytes(),
     );
-    for ((topic, partition, group), mark) in &upstream.marks {
+    for (topic, partition, group, mark) in upstream.marks() {
         put_text(&mut out, topic);
         out.extend_from_slice(&partition.to_be_bytes());
         put_text(&mut out, group);
@@ -377,7 +377,7 @@ pub fn decode_upstream(bytes: &[u8]) -> Option<Upstream> {
             .insert(topic, u32::from_be_bytes(reader.array()?));
     }
     for _ in 0..u32::from_be_bytes(reader.array()?) {
-        let source = (
+        let (topic, partition, group) = (
             reader.text()?,
             i32::from_be_bytes(reader.array()?),
             reader.text()?,
@@ -391,7 +391,7 @@ pub fn decode_upstream(bytes: &[u8]) -> Option<Upstream> {
             watermark_ms: reader.optional()?,
             clock_ms: reader.optional()?,
         };
-        upstream.marks.insert(source, mark);
+        upstream.insert_mark(&topic, partition, &group, mark);
     }
     reader.0.is_empty().then_some(upstream)
 }
@@ -560,8 +560,10 @@ mod tests {
         let mut upstream = Upstream::default();
         upstream.topics.insert("events".into(), 3);
         upstream.topics.insert("other".into(), 1);
-        upstream.marks.insert(
-            ("events".into(), 2, "team_id".into()),
+        upstream.insert_mark(
+            "events",
+            2,
+            "team_id",
             Mark {
                 next_offset: 41,
                 epoch: Epoch {

@@ -262,7 +262,6 @@ fn a_repartition_partitions_marks_of_its_sources_survive_a_reopen() {
     assert!(adopt_key(&store, &repartition).is_empty());
     let mut engine = engine_on(&store, &plan);
     engine.restore_partition(repartition.clone(), PartitionSnapshot::default());
-    let topics = vec![("events".to_string(), 1)];
     let forwarded = nsm_core::engine::Forwarded {
         group: 0,
         group_field: "team_id",
@@ -275,7 +274,7 @@ fn a_repartition_partitions_marks_of_its_sources_survive_a_reopen() {
         },
         watermark_ms: Some(NOW - 120_000),
         clock_ms: Some(NOW - 60_000),
-        topics: &topics,
+        topics: nsm_core::engine::Inputs::parse("events:1").expect("well formed"),
     };
     let payload = format!(
         r#"{{"event":"message_sent","user_id":"ana","team_id":"red","timestamp":{}}}"#,
@@ -301,7 +300,7 @@ fn a_repartition_partitions_marks_of_its_sources_survive_a_reopen() {
     let snapshot = store.load_partition(&repartition).expect("load");
     let upstream = snapshot.upstream.expect("the marks");
     assert_eq!(upstream.topics.get("events"), Some(&1));
-    let mark = upstream.marks[&("events".to_string(), 0, "team_id".to_string())];
+    let mark = *upstream.mark("events", 0, "team_id").expect("the mark");
     assert_eq!(mark.next_offset, 8);
     assert_eq!(mark.epoch, forwarded.epoch);
     assert_eq!(mark.watermark_ms, Some(NOW - 120_000));

@@ -94,8 +94,6 @@ pub struct Pipeline {
     skip_logged: HashMap<(OffsetSkip, PartitionKey), (Instant, u64, u64)>,
     /// The repartition topic, when metrics count another entity than the message key.
     repartition: Option<Repartition>,
-    /// The Kafka headers the metrics read: a forwarded event carries them on.
-    headers_read: Vec<String>,
     /// Per owned input partition: this instance's epoch as its owner (see
     /// `nsm_core::engine::upstream`).
     epochs: HashMap<PartitionKey, Epoch>,
@@ -213,7 +211,6 @@ pub struct PipelineParts {
 
 impl Pipeline {
     pub fn new(parts: PipelineParts) -> Pipeline {
-        let headers_read = parts.plan.record_headers().map(String::from).collect();
         Pipeline {
             // Entries past the memory limit are read from the store: memory stays bounded
             // whatever the users.
@@ -253,7 +250,6 @@ impl Pipeline {
             messages_since_publish: 0,
             last_warned: HashMap::new(),
             skip_logged: HashMap::new(),
-            headers_read,
             repartition: parts.repartition,
             epochs: HashMap::new(),
             last_time_records: None,
@@ -285,7 +281,7 @@ impl Pipeline {
         };
         let now_ms = self.clock.now_ms();
         let original = AsOriginal(record);
-        match self.engine.plan().rekey_group(&received.group_field) {
+        match self.engine.plan().rekey_group(received.group_field) {
             Some(group) => self.engine.apply_forwarded(
                 key,
                 offset,
@@ -326,19 +322,17 @@ impl Pipeline {
             watermark_ms,
             clock_ms,
         };
-        let fields = self.engine.plan().rekey_fields();
         forward
             .iter()
             .map(|(group, hash)| {
                 repartition.record(
                     repartition.partition_of(*hash),
                     *hash,
-                    &fields[*group].to_string(),
+                    Some(*group),
                     &key.topic,
                     &origin,
                     payload,
                     record,
-                    &self.headers_read,
                 )
             })
             .collect()
@@ -996,12 +990,11 @@ impl PartitionHandler for Pipeline {
                 records.push(repartition.record(
                     partition,
                     0,
-                    "",
+                    None,
                     &key.topic,
                     &origin,
                     &[],
                     &none,
-                    &[],
                 ));
             }
         }

@@ -10,7 +10,9 @@
 //! - `nsm-inputs`: every input topic and its partitions (`events:8,other:4`);
 //! - `nsm-key`: the original message key, if any.
 
-use nsm_core::engine::{Epoch, Forwarded};
+use std::sync::Arc;
+
+use nsm_core::engine::{Epoch, Forwarded, Inputs, Plan};
 use nsm_core::event::RecordMeta;
 use nsm_core::EpochMillis;
 use nsm_kafka::Forward;
@@ -26,8 +28,13 @@ const HEADER_KEY: &str = "nsm-key";
 pub struct Repartition {
     pub topic: String,
     pub partitions: u32,
-    /// Every input topic and its partitions.
-    pub inputs: Vec<(String, u32)>,
+    /// What every record repeats, built once: a record costs no formatting.
+    inputs_text: Vec<u8>,
+    /// Per group: its field as records name it.
+    group_fields: Vec<Vec<u8>>,
+    /// The header names: nsm's own, then the headers the config reads.
+    names: [Arc<str>; 5],
+    headers_read: Vec<Arc<str>>,
 }
 
 /// Where a record comes from: its source partition, offset, owner and time.
@@ -84,30 +91,55 @@ impl Origin {
 }
 
 impl Repartition {
-    /// The record forwarding an event (or, with `payload` empty, only its source's time) to
-    /// partition `partition`, for the group re-keyed by `group_field`.
+    /// `inputs`: every input topic and its partitions.
+    pub fn new(topic: &str, partitions: u32, inputs: &[(String, u32)], plan: &Plan) -> Repartition {
+        Repartition {
+            topic: topic.to_string(),
+            partitions,
+            inputs_text: Inputs::text_of(inputs).into_bytes(),
+            group_fields: (0..plan.rekey_fields().len())
+                .map(|group| plan.rekey_name(group).as_bytes().to_vec())
+                .collect(),
+            names: [
+                HEADER_GROUP,
+                HEADER_FROM,
+                HEADER_AT,
+                HEADER_INPUTS,
+                HEADER_KEY,
+            ]
+            .map(Arc::from),
+            headers_read: plan.record_headers().map(Arc::from).collect(),
+        }
+    }
+
+    /// The record forwarding an event for `group` (or, with `payload` empty and no group, only
+    /// its source's time) to partition `partition`.
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         partition: u32,
         entity_hash: u64,
-        group_field: &str,
+        group: Option<usize>,
         source_topic: &str,
         origin: &Origin,
         payload: &[u8],
         original: &dyn RecordMeta,
-        headers_read: &[String],
     ) -> Forward {
-        let mut headers = vec![
-            (HEADER_GROUP.to_string(), group_field.as_bytes().to_vec()),
-            (HEADER_FROM.to_string(), source_topic.as_bytes().to_vec()),
-            (HEADER_AT.to_string(), origin.encode()),
-            (HEADER_INPUTS.to_string(), self.inputs_text().into_bytes()),
-        ];
+        let [group_name, from, at, inputs, key_name] = &self.names;
+        let group_field = group
+            .and_then(|group| self.group_fields.get(group))
+            .map_or(&[][..], Vec::as_slice);
+        let mut headers = Vec::with_capacity(5 + self.headers_read.len());
+        headers.extend([
+            (group_name.clone(), group_field.to_vec()),
+            (from.clone(), source_topic.as_bytes().to_vec()),
+            (at.clone(), origin.encode()),
+            (inputs.clone(), self.inputs_text.clone()),
+        ]);
         if let Some(key) = original.key() {
-            headers.push((HEADER_KEY.to_string(), key.to_vec()));
+            headers.push((key_name.clone(), key.to_vec()));
         }
-        for name in headers_read {
+        for name in &self.headers_read {
             if let Some(value) = original.header(name) {
                 headers.push((name.clone(), value.to_vec()));
             }
@@ -125,56 +157,41 @@ impl Repartition {
     pub fn partition_of(&self, entity_hash: u64) -> u32 {
         u32::try_from(entity_hash % u64::from(self.partitions.max(1))).unwrap_or(0)
     }
-
-    fn inputs_text(&self) -> String {
-        self.inputs
-            .iter()
-            .map(|(topic, partitions)| format!("{topic}:{partitions}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
 }
 
-/// A record read from the repartition topic, as the engine takes it.
-pub struct Received {
-    pub group_field: String,
-    pub source_topic: String,
+/// A record read from the repartition topic, as the engine takes it; borrowed from the
+/// record's headers.
+pub struct Received<'r> {
+    pub group_field: &'r str,
+    pub source_topic: &'r str,
     pub origin: Origin,
-    pub inputs: Vec<(String, u32)>,
+    pub inputs: Inputs<'r>,
 }
 
-impl Received {
+impl<'r> Received<'r> {
     /// `None` when a header is missing or malformed: not a record nsm wrote.
-    pub fn read(record: &dyn RecordMeta) -> Option<Received> {
-        let text = |name: &str| -> Option<String> {
-            String::from_utf8(record.header(name)?.to_vec()).ok()
-        };
-        let inputs = text(HEADER_INPUTS)?
-            .split(',')
-            .map(|pair| {
-                let (topic, partitions) = pair.rsplit_once(':')?;
-                Some((topic.to_string(), partitions.parse().ok()?))
-            })
-            .collect::<Option<Vec<_>>>()?;
+    pub fn read(record: &'r dyn RecordMeta) -> Option<Received<'r>> {
+        let text =
+            |name: &str| -> Option<&'r str> { std::str::from_utf8(record.header(name)?).ok() };
         Some(Received {
             group_field: text(HEADER_GROUP)?,
             source_topic: text(HEADER_FROM)?,
             origin: Origin::decode(record.header(HEADER_AT)?)?,
-            inputs,
+            inputs: Inputs::parse(text(HEADER_INPUTS)?)?,
         })
     }
 
-    pub fn forwarded(&self, group: usize) -> Forwarded<'_> {
+    pub fn forwarded(&self, group: usize) -> Forwarded<'r> {
         Forwarded {
             group,
-            group_field: &self.group_field,
-            topic: &self.source_topic,
+            group_field: self.group_field,
+            topic: self.source_topic,
             partition: self.origin.partition,
             offset: self.origin.offset,
             epoch: self.origin.epoch,
             watermark_ms: self.origin.watermark_ms,
             clock_ms: self.origin.clock_ms,
-            topics: &self.inputs,
+            topics: self.inputs,
         }
     }
 }
@@ -201,7 +218,7 @@ impl RecordMeta for AsOriginal<'_> {
 mod tests {
     use super::*;
 
-    struct Headers(Vec<(String, Vec<u8>)>, Option<i64>);
+    struct Headers(Vec<(Arc<str>, Vec<u8>)>, Option<i64>);
 
     impl RecordMeta for Headers {
         fn key(&self) -> Option<&[u8]> {
@@ -210,7 +227,7 @@ mod tests {
         fn header(&self, name: &str) -> Option<&[u8]> {
             self.0
                 .iter()
-                .find(|(key, _)| key == name)
+                .find(|(key, _)| **key == *name)
                 .map(|(_, value)| value.as_slice())
         }
         fn timestamp_ms(&self) -> Option<i64> {
@@ -220,11 +237,29 @@ mod tests {
 
     #[test]
     fn a_forwarded_record_reads_back_as_it_was_sent_and_as_the_original() {
-        let repartition = Repartition {
-            topic: "nsm-repartition".into(),
-            partitions: 6,
-            inputs: vec![("events".into(), 8), ("app:events".into(), 2)],
-        };
+        let config = nsm_core::config::Config::from_toml(
+            r#"
+[kafka]
+brokers = "127.0.0.1:9"
+topics = ["events"]
+group_id = "test"
+key_field = "user_id"
+[state]
+path = "unused"
+[north_star]
+name = "weekly_active_teams"
+description = "Teams with a message from an iOS app this week"
+kind = "distinct"
+field = "team_id"
+where = { event = "message_sent", "@header.source" = "ios" }
+window = "1w"
+"#,
+            &|_| None,
+        )
+        .expect("config");
+        let plan = Plan::from_config(&config);
+        let inputs = vec![("events".to_string(), 8), ("app:events".to_string(), 2)];
+        let repartition = Repartition::new("nsm-repartition", 6, &inputs, &plan);
         let original = Headers(
             vec![
                 ("source".into(), b"ios".to_vec()),
@@ -245,12 +280,11 @@ mod tests {
         let forward = repartition.record(
             repartition.partition_of(41),
             41,
-            "team_id",
+            Some(0),
             "events",
             &origin,
             b"{}",
             &original,
-            &["source".to_string()],
         );
         assert_eq!(forward.partition, 5);
         assert_eq!(forward.timestamp_ms, Some(1_795_435_200_000));
@@ -259,7 +293,8 @@ mod tests {
         assert_eq!(received.group_field, "team_id");
         assert_eq!(received.source_topic, "events");
         assert_eq!(received.origin, origin);
-        assert_eq!(received.inputs, repartition.inputs);
+        let read: Vec<(&str, u32)> = received.inputs.iter().collect();
+        assert_eq!(read, [("events", 8), ("app:events", 2)]);
         let as_original = AsOriginal(&sent);
         assert_eq!(as_original.key(), Some(&b"hash"[..]));
         assert_eq!(as_original.header("source"), Some(&b"ios"[..]));

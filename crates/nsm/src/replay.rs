@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use nsm_core::config::Config;
-use nsm_core::engine::{Engine, Epoch, Forwarded, Outcome, Plan, StoredWindow};
+use nsm_core::engine::{Engine, Epoch, Forwarded, Inputs, Outcome, Plan, StoredWindow};
 use nsm_core::event::RecordMeta;
 use nsm_core::lint::lint;
 use nsm_core::query::windows_between;
@@ -87,18 +87,17 @@ impl Replayed {
         };
         let rekeyed = PartitionKey::new(REKEYED, 0);
         for (group, _) in forward.0 {
-            let field = self.plan.rekey_fields()[group].to_string();
             // No time: the partition has no watermark, so nothing is late or expires in it.
             let forwarded = Forwarded {
                 group,
-                group_field: &field,
+                group_field: self.plan.rekey_name(group),
                 topic: &key.topic,
                 partition: key.partition,
                 offset,
                 epoch: Epoch::default(),
                 watermark_ms: None,
                 clock_ms: None,
-                topics: &[],
+                topics: Inputs::default(),
             };
             self.engine.apply_forwarded(
                 &rekeyed,

@@ -417,11 +417,12 @@ fn ensure_repartition_topic(
         .collect();
     info!(topic, partitions, by = ?fields,
           "metrics counting another entity than the message key (kafka.key_field) are counted through the repartition topic");
-    Ok(Some(Repartition {
-        topic: topic.to_string(),
-        partitions: u32::try_from(partitions).unwrap_or(1),
-        inputs,
-    }))
+    Ok(Some(Repartition::new(
+        topic,
+        u32::try_from(partitions).unwrap_or(1),
+        &inputs,
+        plan,
+    )))
 }
 
 /// How long a turn of the consumer loop or a checkpoint write may last before `/healthz`

@@ -40,7 +40,7 @@ pub use plan::{
 pub use segment::{metric_segments, segment_label, top_segments, SegmentValue, OVERFLOW_LABEL};
 pub use state::{AggValue, PartitionSnapshot, StoredGap, StoredSegment, StoredWindow, NO_PREVIOUS};
 pub use trailing::last_occurrence_bucket;
-pub use upstream::{Epoch, Forwarded, Mark, MarkKey, Upstream};
+pub use upstream::{Epoch, Forwarded, Inputs, Mark, Upstream};
 pub use view::{
     completeness_watermark, instance_clock, MetricValues, PartitionStatus, WindowValue,
 };
@@ -273,8 +273,11 @@ impl Engine {
             Ok(state) => state,
             Err(outcome) => return outcome,
         };
-        let upstream = state.upstream.get_or_insert_with(Upstream::default);
-        let fresh = !payload.is_empty() && upstream.admits(forwarded);
+        let fresh = !payload.is_empty()
+            && state
+                .upstream
+                .as_ref()
+                .is_none_or(|upstream| upstream.admits(forwarded));
         let outcome = if fresh {
             let source = members::Source {
                 reader: &*self.reader,

@@ -137,6 +137,8 @@ pub struct Plan {
     pub(super) routes: Vec<Route>,
     /// The entity fields events are re-keyed by, one per group.
     rekey_fields: Vec<FieldPath>,
+    /// The same fields as forwarded records name them (`team_id`, `team.id`).
+    rekey_names: Vec<String>,
     pub(super) settings: EngineSettings,
 }
 
@@ -276,12 +278,14 @@ impl Plan {
                 routes[index] = routes[of];
             }
         }
+        let rekey_names = rekey_fields.iter().map(ToString::to_string).collect();
         Plan {
             metrics,
             compiled,
             retention_of,
             routes,
             rekey_fields,
+            rekey_names,
             schema,
             name_slot,
             timestamp_slot,
@@ -318,11 +322,14 @@ impl Plan {
         self.schema.record_headers()
     }
 
+    /// The field of a group as forwarded records name it.
+    pub fn rekey_name(&self, group: usize) -> &str {
+        self.rekey_names.get(group).map_or("", String::as_str)
+    }
+
     /// The group re-keyed by `field`, as a forwarded record names it.
     pub fn rekey_group(&self, field: &str) -> Option<usize> {
-        self.rekey_fields
-            .iter()
-            .position(|path| path.to_string() == field)
+        self.rekey_names.iter().position(|name| name == field)
     }
 
     pub fn metric_index(&self, name: &str) -> Option<usize> {

@@ -143,7 +143,7 @@ struct Sent {
 /// Both stages in one engine, with the repartition topic's partitions as logs.
 struct Cluster {
     engine: Engine,
-    topics: Vec<(String, u32)>,
+    topics: String,
     logs: Vec<Vec<Sent>>,
     /// Per repartition partition: the records applied so far.
     read: Vec<usize>,
@@ -163,7 +163,7 @@ impl Cluster {
         }
         Cluster {
             engine,
-            topics: vec![(TOPIC.to_string(), INPUTS as u32)],
+            topics: format!("{TOPIC}:{INPUTS}"),
             logs: vec![Vec::new(); REPARTITIONS as usize],
             read: vec![0; REPARTITIONS as usize],
             offsets: vec![0; INPUTS as usize],
@@ -240,7 +240,7 @@ impl Cluster {
                     epoch: sent.epoch,
                     watermark_ms: sent.watermark_ms,
                     clock_ms: sent.clock_ms,
-                    topics: &self.topics,
+                    topics: Inputs::parse(&self.topics).expect("well formed"),
                 };
                 outcomes.push(self.engine.apply_forwarded(
                     &repartition(partition as u64),
@@ -439,7 +439,10 @@ fn a_repartition_partitions_marks_are_stored_with_it_and_skip_records_after_a_re
     let upstream = stored.upstream.clone().expect("its marks changed");
     let last = cluster.logs[0].last().expect("records").clone();
     assert_eq!(
-        upstream.marks[&(TOPIC.to_string(), last.partition, "team_id".to_string())].next_offset,
+        upstream
+            .mark(TOPIC, last.partition, "team_id")
+            .expect("the mark")
+            .next_offset,
         last.offset + 1
     );
     // Restored elsewhere, it skips a record sent again.
@@ -452,7 +455,7 @@ fn a_repartition_partitions_marks_are_stored_with_it_and_skip_records_after_a_re
             ..PartitionSnapshot::default()
         },
     );
-    let topics = vec![(TOPIC.to_string(), INPUTS as u32)];
+    let topics = format!("{TOPIC}:{INPUTS}");
     let forwarded = Forwarded {
         group: 0,
         group_field: "team_id",
@@ -462,7 +465,7 @@ fn a_repartition_partitions_marks_are_stored_with_it_and_skip_records_after_a_re
         epoch: last.epoch,
         watermark_ms: last.watermark_ms,
         clock_ms: last.clock_ms,
-        topics: &topics,
+        topics: Inputs::parse(&topics).expect("well formed"),
     };
     let outcome = restored.apply_forwarded(
         &repartition(0),

@@ -40,16 +40,48 @@ pub struct Mark {
     pub clock_ms: Option<EpochMillis>,
 }
 
-/// What a mark is of: a source partition (input topic and partition) and the field of the
-/// group its records are forwarded for (empty for records carrying only time).
-pub type MarkKey = (String, i32, String);
-
 /// What a repartition partition knows of its sources; stored with its state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Upstream {
     /// Every input topic and its partitions, as the last record said.
     pub topics: BTreeMap<String, u32>,
-    pub marks: BTreeMap<MarkKey, Mark>,
+    /// A mark per source partition (input topic, then group field, then partition) and group
+    /// its records are forwarded for (the empty field for records carrying only time). Nested
+    /// so that a record's mark is found from its borrowed names, without building a key.
+    marks: BTreeMap<String, BTreeMap<String, BTreeMap<i32, Mark>>>,
+}
+
+/// Every input topic and its partitions, as a forwarded record lists them
+/// (`events:8,other:4`), read without copying.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inputs<'a>(&'a str);
+
+impl<'a> Inputs<'a> {
+    /// `None` when a pair is not `topic:partitions`.
+    pub fn parse(text: &'a str) -> Option<Inputs<'a>> {
+        let inputs = Inputs(text);
+        let pairs = text.split(',').filter(|pair| !pair.is_empty()).count();
+        (inputs.iter().count() == pairs).then_some(inputs)
+    }
+
+    /// The text listing `inputs`.
+    pub fn text_of(inputs: &[(String, u32)]) -> String {
+        inputs
+            .iter()
+            .map(|(topic, partitions)| format!("{topic}:{partitions}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = (&'a str, u32)> {
+        self.0
+            .split(',')
+            .filter(|pair| !pair.is_empty())
+            .filter_map(|pair| {
+                let (topic, partitions) = pair.rsplit_once(':')?;
+                Some((topic, partitions.parse().ok()?))
+            })
+    }
 }
 
 /// What a forwarded record says of where it came from.
@@ -69,29 +101,69 @@ pub struct Forwarded<'a> {
     pub watermark_ms: Option<EpochMillis>,
     pub clock_ms: Option<EpochMillis>,
     /// Every input topic and its partitions.
-    pub topics: &'a [(String, u32)],
+    pub topics: Inputs<'a>,
 }
 
 impl Upstream {
     /// Whether the record's event is yet to be applied: not sent again, not from an owner
     /// older than the last one heard.
     pub fn admits(&self, record: &Forwarded<'_>) -> bool {
-        self.marks
-            .get(&mark_key(record))
+        self.mark(record.topic, record.partition, record.group_field)
             .is_none_or(|mark| record.epoch >= mark.epoch && record.offset >= mark.next_offset)
+    }
+
+    /// The mark of a source partition and group field.
+    pub fn mark(&self, topic: &str, partition: i32, group_field: &str) -> Option<&Mark> {
+        self.marks.get(topic)?.get(group_field)?.get(&partition)
+    }
+
+    /// Every mark: source topic, partition, group field.
+    pub fn marks(&self) -> impl Iterator<Item = (&str, i32, &str, &Mark)> {
+        self.marks.iter().flat_map(|(topic, groups)| {
+            groups.iter().flat_map(move |(group, partitions)| {
+                partitions.iter().map(move |(partition, mark)| {
+                    (topic.as_str(), *partition, group.as_str(), mark)
+                })
+            })
+        })
+    }
+
+    pub fn mark_count(&self) -> usize {
+        self.marks
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(BTreeMap::len)
+            .sum()
+    }
+
+    /// Sets a mark, as a stored state gives it back.
+    pub fn insert_mark(&mut self, topic: &str, partition: i32, group_field: &str, mark: Mark) {
+        self.marks_of(topic, group_field).insert(partition, mark);
+    }
+
+    fn marks_of(&mut self, topic: &str, group_field: &str) -> &mut BTreeMap<i32, Mark> {
+        if !self.marks.contains_key(topic) {
+            self.marks.insert(topic.to_string(), BTreeMap::new());
+        }
+        let groups = self.marks.get_mut(topic).expect("inserted above");
+        if !groups.contains_key(group_field) {
+            groups.insert(group_field.to_string(), BTreeMap::new());
+        }
+        groups.get_mut(group_field).expect("inserted above")
     }
 
     /// Takes what a record says of its source: its event applied (`applied`), or only its
     /// time. Returns whether anything changed.
     pub fn note(&mut self, record: &Forwarded<'_>, applied: bool) -> bool {
         let mut changed = false;
-        for (topic, partitions) in record.topics {
-            if self.topics.get(topic) != Some(partitions) {
-                self.topics.insert(topic.clone(), *partitions);
+        for (topic, partitions) in record.topics.iter() {
+            if self.topics.get(topic) != Some(&partitions) {
+                self.topics.insert(topic.to_string(), partitions);
                 changed = true;
             }
         }
-        let mark = self.marks.entry(mark_key(record)).or_insert_with(|| {
+        let marks = self.marks_of(record.topic, record.group_field);
+        let mark = marks.entry(record.partition).or_insert_with(|| {
             changed = true;
             Mark {
                 next_offset: 0,
@@ -124,8 +196,8 @@ impl Upstream {
         // Per source partition: the latest watermark and clock heard.
         type Heard = (Option<EpochMillis>, Option<EpochMillis>);
         let mut sources: BTreeMap<(&str, i32), Heard> = BTreeMap::new();
-        for ((topic, partition, _), mark) in &self.marks {
-            let heard = sources.entry((topic, *partition)).or_default();
+        for (topic, partition, _, mark) in self.marks() {
+            let heard = sources.entry((topic, partition)).or_default();
             heard.0 = later(heard.0, mark.watermark_ms);
             heard.1 = later(heard.1, mark.clock_ms);
         }
@@ -145,14 +217,6 @@ impl Upstream {
     }
 }
 
-fn mark_key(record: &Forwarded<'_>) -> MarkKey {
-    (
-        record.topic.to_string(),
-        record.partition,
-        record.group_field.to_string(),
-    )
-}
-
 fn later(a: Option<EpochMillis>, b: Option<EpochMillis>) -> Option<EpochMillis> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.max(b)),
@@ -164,16 +228,11 @@ fn later(a: Option<EpochMillis>, b: Option<EpochMillis>) -> Option<EpochMillis> 
 mod tests {
     use super::*;
 
-    const TOPICS: &[(&str, u32)] = &[("events", 2)];
-
-    fn topics() -> Vec<(String, u32)> {
-        TOPICS
-            .iter()
-            .map(|(topic, partitions)| (topic.to_string(), *partitions))
-            .collect()
+    fn topics() -> &'static str {
+        "events:2"
     }
 
-    fn record(topics: &[(String, u32)], partition: i32, offset: i64, epoch: i64) -> Forwarded<'_> {
+    fn record(topics: &str, partition: i32, offset: i64, epoch: i64) -> Forwarded<'_> {
         Forwarded {
             group: 0,
             group_field: "team_id",
@@ -186,7 +245,7 @@ mod tests {
             },
             watermark_ms: Some(1_000 + offset),
             clock_ms: Some(1_000 + offset),
-            topics,
+            topics: Inputs::parse(topics).expect("well formed"),
         }
     }
 
@@ -196,14 +255,14 @@ mod tests {
         let mut upstream = Upstream::default();
         // The first owner (resumed from 0) sends offsets 0..5.
         for offset in 0..5 {
-            let sent = record(&topics, 0, offset, 0);
+            let sent = record(topics, 0, offset, 0);
             assert!(upstream.admits(&sent));
             upstream.note(&sent, true);
         }
         // Its successor resumed from its last stored offset, 3: 3 and 4 were applied.
         let again: Vec<bool> = (3..7)
             .map(|offset| {
-                let sent = record(&topics, 0, offset, 3);
+                let sent = record(topics, 0, offset, 3);
                 let admitted = upstream.admits(&sent);
                 upstream.note(&sent, admitted);
                 admitted
@@ -211,8 +270,8 @@ mod tests {
             .collect();
         assert_eq!(again, [false, false, true, true]);
         // The first owner, cut off, lands offsets 7 and 8 late: its successor sends them.
-        assert!(!upstream.admits(&record(&topics, 0, 7, 0)));
-        assert!(upstream.admits(&record(&topics, 0, 7, 3)));
+        assert!(!upstream.admits(&record(topics, 0, 7, 0)));
+        assert!(upstream.admits(&record(topics, 0, 7, 3)));
     }
 
     #[test]
@@ -220,28 +279,38 @@ mod tests {
         let topics = topics();
         let mut upstream = Upstream::default();
         assert_eq!(upstream.time(), None);
-        upstream.note(&record(&topics, 1, 500, 0), true);
+        upstream.note(&record(topics, 1, 500, 0), true);
         assert_eq!(upstream.time(), None, "partition 0 has not reported");
-        upstream.note(&record(&topics, 0, 20, 0), true);
+        upstream.note(&record(topics, 0, 20, 0), true);
         assert_eq!(upstream.time(), Some((1_020, 1_020)));
         // A watermark never goes back, whatever a record says.
-        let mut older = record(&topics, 0, 21, 0);
+        let mut older = record(topics, 0, 21, 0);
         older.watermark_ms = Some(10);
         upstream.note(&older, true);
         assert_eq!(upstream.time(), Some((1_020, 1_021)));
         // A partition added to the input topic holds time until it reports.
-        let more = vec![("events".to_string(), 3)];
-        upstream.note(&record(&more, 1, 501, 0), true);
+        upstream.note(&record("events:3", 1, 501, 0), true);
         assert_eq!(upstream.time(), None);
+    }
+
+    #[test]
+    fn inputs_read_back_as_written_and_malformed_lists_are_refused() {
+        let inputs = [("events".to_string(), 8), ("app:events".to_string(), 2)];
+        let text = Inputs::text_of(&inputs);
+        let read: Vec<(&str, u32)> = Inputs::parse(&text).expect("well formed").iter().collect();
+        assert_eq!(read, [("events", 8), ("app:events", 2)]);
+        assert!(Inputs::parse("events:8,other").is_none());
+        assert!(Inputs::parse("events:x").is_none());
+        assert_eq!(Inputs::parse("").expect("none").iter().count(), 0);
     }
 
     #[test]
     fn an_older_owner_moves_neither_offsets_nor_time() {
         let topics = topics();
         let mut upstream = Upstream::default();
-        upstream.note(&record(&topics, 0, 10, 5), true);
-        upstream.note(&record(&topics, 1, 10, 5), true);
-        let stale = record(&topics, 0, 50, 4);
+        upstream.note(&record(topics, 0, 10, 5), true);
+        upstream.note(&record(topics, 1, 10, 5), true);
+        let stale = record(topics, 0, 50, 4);
         assert!(!upstream.admits(&stale));
         assert!(!upstream.note(&stale, false));
         assert_eq!(upstream.time(), Some((1_010, 1_010)));
