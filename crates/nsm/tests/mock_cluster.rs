@@ -3,7 +3,8 @@
 //! and after a graceful stop and restart, or the loss of its state directory (restored from
 //! the changelog), neither loses nor double-counts anything; a backlog is stored once
 //! `state.flush_max_entries` entries wait, not only at the flush interval; 2,000 idle HTTP
-//! connections held while events flow leave scrapes answering and every write stored.
+//! connections held while events flow leave scrapes answering and every write stored; a
+//! repartition topic refusing records stops nsm with nothing lost.
 
 mod common;
 
@@ -1312,4 +1313,84 @@ fn a_changelog_of_per_key_records_is_taken_over_and_rewritten_as_frames() {
     assert!(status.success(), "{status}: {log}");
     assert!(!log.contains("keyed records of an older nsm"), "{log}");
     assert!(samples.get("nsm_state_restored_records_total").copied() > Some(0.0));
+}
+
+/// The repartition topic refuses a forwarded record (nsm may not write it any more): nsm
+/// stops with an error that says so and stores nothing past the record, and once the topic
+/// takes records again a restart counts every team once.
+#[test]
+fn a_repartition_topic_refusing_records_stops_nsm_with_nothing_lost() {
+    use rdkafka::types::RDKafkaRespErr;
+
+    let group = "nsm-rp-refused";
+    let repartition_topic = format!("{group}-repartition");
+    let (cluster, brokers) = cluster_for(group, 1);
+    cluster
+        .create_topic(&repartition_topic, 1, 1)
+        .expect("repartition topic");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    // Events keyed by user; teams counted through the repartition topic.
+    let config = format!(
+        "{}\n[[inputs]]\nname = \"active_teams\"\nowner = \"growth-team\"\nkind = \"distinct\"\n\
+         field = \"team_id\"\nwhere = {{ event = \"message_sent\" }}\nwindow = \"1d\"\n",
+        test_config(&brokers, "events", &dir.path().join("state"), port, group)
+            .replace("[state]\n", "[state]\nchangelog = false\n")
+    );
+    let sent_by_teams = |teams: std::ops::Range<usize>| -> Vec<String> {
+        let now = now_ms();
+        teams
+            .map(|team| {
+                format!(
+                    r#"{{"event":"message_sent","user_id":"u{team}","team_id":"t{team}","timestamp":{now}}}"#
+                )
+            })
+            .collect()
+    };
+    let counted = |samples: &std::collections::BTreeMap<String, f64>| {
+        (
+            messages(samples).unwrap_or(-1.0),
+            metric_value(samples, "active_teams", "current").unwrap_or(-1.0),
+        )
+    };
+    let mut nsm = spawn_nsm(dir.path(), "nsm-1", &config);
+    produce(&brokers, "events", dir.path(), &sent_by_teams(0..3), &[]);
+    wait_for("3 teams", Duration::from_secs(60), Some(&nsm), || {
+        (counted(&scrape(port)?) == (3.0, 3.0)).then_some(())
+    });
+
+    cluster
+        .topic_error(
+            &repartition_topic,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .expect("topic error");
+    // The producer learns it from its next metadata refresh, every second here.
+    std::thread::sleep(Duration::from_secs(3));
+    produce(&brokers, "events", dir.path(), &sent_by_teams(3..5), &[]);
+    let status = wait_for("nsm to stop", Duration::from_secs(60), None, || {
+        nsm.child.try_wait().expect("wait")
+    });
+    assert!(!status.success(), "{}", nsm.log_text());
+    assert!(
+        nsm.log_text()
+            .contains("a record for the repartition topic was refused"),
+        "{}",
+        nsm.log_text()
+    );
+
+    cluster
+        .topic_error(
+            &repartition_topic,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+        )
+        .expect("topic error");
+    let mut nsm = spawn_nsm(dir.path(), "nsm-2", &config);
+    wait_for("5 teams", Duration::from_secs(60), Some(&nsm), || {
+        (counted(&scrape(port)?) == (5.0, 5.0)).then_some(())
+    });
+    // Time for any record applied twice to show.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(scrape(port).as_ref().map(counted), Some((5.0, 5.0)));
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
