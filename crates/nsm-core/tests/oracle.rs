@@ -6,6 +6,10 @@
 //! the engine restarts from what was stored, and Kafka redelivers from an older committed
 //! offset. Whatever happens, the stored windows must equal a batch recomputation over each
 //! partition's log.
+//!
+//! With the message key known, the same streams go through the repartition topic's two
+//! stages: the metrics counting users or teams, spread over both input partitions, must then
+//! equal the batch recomputation over the whole stream, and the others each partition's.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,7 +19,8 @@ use nsm_core::engine::{
     StoredWindow, OVERFLOW_LABEL,
 };
 use nsm_core::engine::{
-    AggValue, ChangeSet, DedupSettings, Engine, EngineSettings, Outcome, PartitionSnapshot, Plan,
+    AggValue, ChangeSet, DedupSettings, Engine, EngineSettings, Epoch, Forwarded, Inputs,
+    MessageKey, Outcome, PartitionSnapshot, Plan, Route,
 };
 use nsm_core::metric::{
     Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role, Segmentation,
@@ -361,6 +366,12 @@ const RATIO: usize = 6;
 const RATIO_PARTS: (usize, usize) = (4, 3);
 
 fn plan() -> Plan {
+    plan_keyed_by(None)
+}
+
+/// The plan, with the message key known: metrics counting another entity go through the
+/// repartition topic.
+fn plan_keyed_by(message_key: Option<MessageKey>) -> Plan {
     Plan::new(
         metrics(),
         EngineSettings {
@@ -376,7 +387,7 @@ fn plan() -> Plan {
                 id_field: path("event_id"),
                 horizon_ms: DEDUP_HORIZON,
             }),
-            message_key: None,
+            message_key,
         },
     )
 }
@@ -507,8 +518,12 @@ type SegmentKey = (i32, usize, i64, String);
 /// segment's values are the metric's over the events carrying the segment, so the oracle of
 /// those events gives them.
 fn segment_oracle(logs: &[Log]) -> BTreeMap<SegmentKey, AggValue> {
-    let defs = metrics();
     let accepted: Vec<Vec<Event>> = logs.iter().map(accepted_events).collect();
+    segment_oracle_of(&accepted)
+}
+
+fn segment_oracle_of(accepted: &[Vec<Event>]) -> BTreeMap<SegmentKey, AggValue> {
+    let defs = metrics();
     let mut result = BTreeMap::new();
     for segment in Segment::ALL {
         let carrying: Vec<Vec<Event>> = accepted
@@ -1353,5 +1368,261 @@ proptest! {
                 prop_assert_eq!(record.value, sum);
             }
         }
+    }
+}
+
+/// The repartition topic's partitions in the two-stage runs.
+const REPARTITIONS: u64 = 3;
+const REPARTITION_TOPIC: &str = "events-repartition";
+
+/// A record of the repartition topic: the event forwarded for a group (or, with no payload,
+/// only its source's time), and what its headers say.
+#[derive(Clone)]
+struct Sent {
+    group: Option<usize>,
+    partition: i32,
+    offset: i64,
+    watermark_ms: Option<i64>,
+    clock_ms: Option<i64>,
+    payload: Vec<u8>,
+}
+
+/// The stored values of every window and segment, by topic, partition, metric and start
+/// (and segment label), from one take of an engine's changes.
+type TopicWindows = BTreeMap<(String, i32, usize, i64), AggValue>;
+type TopicSegments = BTreeMap<(String, i32, usize, i64, String), AggValue>;
+
+fn stored_by_topic(changes: ChangeSet) -> (TopicWindows, TopicSegments) {
+    let mut windows = BTreeMap::new();
+    let mut segments = BTreeMap::new();
+    for part in changes.partitions {
+        let (topic, partition) = (part.key.topic.to_string(), part.key.partition);
+        for upsert in part.upserts {
+            windows.insert(
+                (topic.clone(), partition, upsert.metric, upsert.start_ms),
+                upsert.value,
+            );
+        }
+        for segment in part.segments {
+            segments.insert(
+                (
+                    topic.clone(),
+                    partition,
+                    segment.metric,
+                    segment.start_ms,
+                    segment_label(&segment.segment),
+                ),
+                segment.value,
+            );
+        }
+    }
+    (windows, segments)
+}
+
+/// A value left out of a comparison: the empty period-start bucket a trailing distinct or
+/// threshold metric may keep (see the single-stage test).
+fn kept_empty(metric: usize, value: AggValue) -> bool {
+    let keeps_empty = [TRAILING_DISTINCT, TRAILING_CONVERSION].contains(&metric)
+        || TRAILING_THRESHOLDS.contains(&metric);
+    keeps_empty && value == AggValue::Distinct(0)
+}
+
+/// Sums values of the same key (metric, start, ...) found in several partitions.
+fn summed_over_partitions<K: Ord + Clone>(
+    values: impl IntoIterator<Item = (K, AggValue)>,
+) -> BTreeMap<K, AggValue> {
+    let mut summed: BTreeMap<K, AggValue> = BTreeMap::new();
+    for (key, value) in values {
+        let entry = summed.entry(key);
+        match entry {
+            std::collections::btree_map::Entry::Occupied(mut sum) => {
+                let total = sum.get().plus(value);
+                sum.insert(total);
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(value);
+            }
+        }
+    }
+    summed
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 120, ..ProptestConfig::default() })]
+
+    /// Events keyed by event id (so every user's and every team's events are spread over
+    /// both input partitions), read in any interleaving, forwarded to three repartition
+    /// partitions which apply them in any interleaving with the sources' time records.
+    #[test]
+    fn metrics_counting_entities_spread_over_partitions_equal_the_whole_streams_oracle(
+        messages in prop::collection::vec(message_strategy(), 1..150),
+        choices in prop::collection::vec(any::<u8>(), 0..600),
+        sort in any::<bool>(),
+        start in 0..STARTS.len(),
+    ) {
+        let messages = starting_at(messages, start_ms(start));
+        let messages = if sort { sorted_by_time(messages) } else { messages };
+        let logs = build_logs(&messages);
+        let now_ms = start_ms(start) + 30 * HOUR;
+        let plan = plan_keyed_by(Some(MessageKey { field: path("event_id"), nested: Vec::new() }));
+        prop_assert_eq!(plan.rekey_fields(), [path("user_id"), path("team_id")]);
+        let rekey_names: Vec<String> = plan.rekey_fields().iter().map(ToString::to_string).collect();
+        let rekeyed: BTreeSet<usize> = (0..metrics().len())
+            .filter(|metric| matches!(plan.route(*metric), Route::Rekeyed(_)))
+            .collect();
+        prop_assert!(rekeyed.contains(&RETENTION) && rekeyed.contains(&CONVERSION));
+
+        let mut engine = Engine::new(plan);
+        let repartition = |partition: u64| PartitionKey::new(REPARTITION_TOPIC, partition as i32);
+        for partition in 0..PARTITIONS {
+            engine.restore_partition(key(partition), PartitionSnapshot::default());
+        }
+        for partition in 0..REPARTITIONS {
+            engine.restore_partition(repartition(partition), PartitionSnapshot::default());
+        }
+        let inputs = format!("events:{PARTITIONS}");
+        let mut cursors = vec![0usize; PARTITIONS as usize];
+        let mut sent: Vec<Vec<Sent>> = vec![Vec::new(); REPARTITIONS as usize];
+        let mut applied = vec![0usize; REPARTITIONS as usize];
+        let mut choices = choices.into_iter();
+        loop {
+            // What can move: an input partition with events left, a repartition partition
+            // with records left, or every source's time sent to every repartition partition.
+            let readable: Vec<i32> = (0..PARTITIONS)
+                .filter(|p| cursors[*p as usize] < logs[*p as usize].payloads.len())
+                .collect();
+            let countable: Vec<usize> = (0..REPARTITIONS as usize)
+                .filter(|p| applied[*p] < sent[*p].len())
+                .collect();
+            if readable.is_empty() && countable.is_empty() {
+                break;
+            }
+            let choice = choices.next().unwrap_or(0) as usize;
+            let moves = readable.len() + countable.len() + 1;
+            match choice % moves {
+                read if read < readable.len() => {
+                    let partition = readable[read];
+                    let cursor = &mut cursors[partition as usize];
+                    let offset = *cursor as i64;
+                    let payload = &logs[partition as usize].payloads[*cursor];
+                    *cursor += 1;
+                    if let Outcome::Applied { forward, .. } = engine.apply(&key(partition), offset, payload, now_ms) {
+                        let (watermark_ms, clock_ms) = engine.source_time(&key(partition));
+                        for (group, hash) in forward.0 {
+                            sent[(hash % REPARTITIONS) as usize].push(Sent {
+                                group: Some(group),
+                                partition,
+                                offset,
+                                watermark_ms,
+                                clock_ms,
+                                payload: payload.clone(),
+                            });
+                        }
+                    }
+                }
+                count if count < readable.len() + countable.len() => {
+                    let partition = countable[count - readable.len()];
+                    let record = &sent[partition][applied[partition]];
+                    let forwarded = Forwarded {
+                        group: record.group.unwrap_or(0),
+                        group_field: record.group.map_or("", |group| &rekey_names[group]),
+                        topic: "events",
+                        partition: record.partition,
+                        offset: record.offset,
+                        epoch: Epoch::default(),
+                        watermark_ms: record.watermark_ms,
+                        clock_ms: record.clock_ms,
+                        topics: Inputs::parse(&inputs).expect("well formed"),
+                    };
+                    let outcome = engine.apply_forwarded(
+                        &repartition(partition as u64),
+                        applied[partition] as i64,
+                        &record.payload,
+                        &nsm_core::event::NoRecord::default(),
+                        &forwarded,
+                        now_ms,
+                    );
+                    // What its source accepted is never late here.
+                    prop_assert!(!matches!(outcome, Outcome::Rejected(_)), "{:?}", outcome);
+                    applied[partition] += 1;
+                }
+                _ => {
+                    for partition in 0..PARTITIONS {
+                        let (watermark_ms, clock_ms) = engine.source_time(&key(partition));
+                        for log in &mut sent {
+                            log.push(Sent {
+                                group: None,
+                                partition,
+                                offset: cursors[partition as usize] as i64,
+                                watermark_ms,
+                                clock_ms,
+                                payload: Vec::new(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let (windows, segments) = stored_by_topic(engine.take_changes());
+
+        // Each input partition holds its own metrics' windows, as without the repartition
+        // topic; the repartition partitions hold the others', summing to the whole stream's.
+        let accepted: Vec<Vec<Event>> = logs.iter().map(accepted_events).collect();
+        let whole_stream = vec![accepted.iter().flatten().copied().collect::<Vec<Event>>()];
+        let local_truth: BTreeMap<(i32, usize, i64), AggValue> = oracle_of(&accepted)
+            .into_iter()
+            .filter(|((_, metric, _), (_, value))| !rekeyed.contains(metric) && !kept_empty(*metric, *value))
+            .map(|(key, (_, value))| (key, value))
+            .collect();
+        let local: BTreeMap<(i32, usize, i64), AggValue> = windows
+            .iter()
+            .filter(|((topic, _, metric, _), value)| topic == "events" && !kept_empty(*metric, **value))
+            .map(|((_, partition, metric, start), value)| ((*partition, *metric, *start), *value))
+            .collect();
+        prop_assert_eq!(&local, &local_truth);
+        prop_assert!(
+            windows.keys().all(|(topic, _, metric, _)| (topic == REPARTITION_TOPIC) == rekeyed.contains(metric)),
+            "each metric counted in one stage only"
+        );
+        let rekeyed_truth: BTreeMap<(usize, i64), AggValue> = oracle_of(&whole_stream)
+            .into_iter()
+            .filter(|((_, metric, _), (_, value))| rekeyed.contains(metric) && !kept_empty(*metric, *value))
+            .map(|((_, metric, start), (_, value))| ((metric, start), value))
+            .collect();
+        let rekeyed_sums: BTreeMap<(usize, i64), AggValue> = summed_over_partitions(
+            windows
+                .iter()
+                .filter(|((topic, _, _, _), _)| topic == REPARTITION_TOPIC)
+                .map(|((_, _, metric, start), value)| ((*metric, *start), *value)),
+        )
+        .into_iter()
+        .filter(|((metric, _), value)| !kept_empty(*metric, *value))
+        .collect();
+        prop_assert_eq!(&rekeyed_sums, &rekeyed_truth);
+
+        // The breakdowns too: each partition's for local metrics, the whole stream's summed
+        // over the repartition partitions for the others.
+        let local_segments: BTreeMap<SegmentKey, AggValue> = segments
+            .iter()
+            .filter(|((topic, ..), _)| topic == "events")
+            .map(|((_, partition, metric, start, label), value)| ((*partition, *metric, *start, label.clone()), *value))
+            .collect();
+        let local_segment_truth: BTreeMap<SegmentKey, AggValue> = segment_oracle_of(&accepted)
+            .into_iter()
+            .filter(|((_, metric, _, _), _)| !rekeyed.contains(metric))
+            .collect();
+        prop_assert_eq!(&local_segments, &local_segment_truth);
+        let rekeyed_segments = summed_over_partitions(
+            segments
+                .iter()
+                .filter(|((topic, ..), _)| topic == REPARTITION_TOPIC)
+                .map(|((_, _, metric, start, label), value)| ((*metric, *start, label.clone()), *value)),
+        );
+        let rekeyed_segment_truth: BTreeMap<(usize, i64, String), AggValue> = segment_oracle_of(&whole_stream)
+            .into_iter()
+            .filter(|((_, metric, _, _), _)| rekeyed.contains(metric))
+            .map(|((_, metric, start, label), value)| ((metric, start, label), value))
+            .collect();
+        prop_assert_eq!(&rekeyed_segments, &rekeyed_segment_truth);
     }
 }
