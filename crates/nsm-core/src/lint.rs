@@ -205,9 +205,10 @@ pub fn lint(config: &Config) -> Vec<Finding> {
 /// Distinct counts are exact only when all events of one entity are counted in one partition.
 /// With `kafka.key_field` set, metrics counting another entity are counted through the
 /// repartition topic, exactly (docs/design/repartition.md); without it nsm cannot tell how
-/// producers key events, and says so once.
+/// producers key events, and says so once. With `events.dedup_across_partitions` every metric
+/// goes through the repartition topic.
 fn lint_partitioning(config: &Config, findings: &mut Vec<Finding>) {
-    if config.kafka.key_field.is_some() {
+    if config.kafka.key_field.is_some() || config.events.dedup_across_partitions {
         return;
     }
     let counted: Vec<(&MetricDef, &FieldPath)> = config
@@ -241,7 +242,8 @@ fn lint_partitioning(config: &Config, findings: &mut Vec<Finding>) {
         ),
         hint: "distinct counts are exact only when all events of one entity are counted in one \
                partition: set kafka.key_field to the field producers key events by, and nsm \
-               counts the metrics of other entities through a repartition topic",
+               counts the metrics of other entities through a repartition topic (or, when copies \
+               of one event may be on different partitions, events.dedup_across_partitions)",
     });
 }
 
@@ -696,6 +698,9 @@ window = "1w"
             let config = keyed(key, TEAM_TREE);
             assert_eq!(checks(&config), vec![], "{key}");
         }
+        // Copies of one event on any partition: every metric goes through the topic.
+        let across = keyed("[events]\ndedup_across_partitions = true", TEAM_TREE);
+        assert_eq!(checks(&across), vec![]);
         let by_user = keyed("key_field = \"user_id\"", TEAM_TREE);
         let plan = crate::engine::Plan::from_config(&by_user);
         let fields: Vec<String> = plan

@@ -366,12 +366,13 @@ const RATIO: usize = 6;
 const RATIO_PARTS: (usize, usize) = (4, 3);
 
 fn plan() -> Plan {
-    plan_keyed_by(None)
+    plan_keyed_by(None, false)
 }
 
-/// The plan, with the message key known: metrics counting another entity go through the
-/// repartition topic.
-fn plan_keyed_by(message_key: Option<MessageKey>) -> Plan {
+/// The plan, with the message key known (metrics counting another entity go through the
+/// repartition topic), or with copies of an event on any partition (`across`: every metric
+/// goes through it, and ids are remembered for the whole stream).
+fn plan_keyed_by(message_key: Option<MessageKey>, across: bool) -> Plan {
     Plan::new(
         metrics(),
         EngineSettings {
@@ -385,7 +386,12 @@ fn plan_keyed_by(message_key: Option<MessageKey>) -> Plan {
             max_event_bytes: 1024,
             dedup: Some(DedupSettings {
                 id_field: path("event_id"),
-                horizon_ms: DEDUP_HORIZON,
+                horizon_ms: if across {
+                    400 * 24 * HOUR
+                } else {
+                    DEDUP_HORIZON
+                },
+                across_partitions: across,
             }),
             message_key,
         },
@@ -1447,6 +1453,230 @@ fn summed_over_partitions<K: Ord + Clone>(
     summed
 }
 
+/// Runs both stages in one engine: the input partitions read their logs and forward what
+/// they accept; the repartition partitions apply it, with the sources' time records between.
+/// `choices` pick what moves next. Returns the stored windows and segments, after checking
+/// that no forwarded event is refused at stage two (what its source accepted is never late
+/// there).
+fn run_two_stages(
+    plan: Plan,
+    logs: &[Log],
+    choices: Vec<u8>,
+    now_ms: i64,
+) -> Result<(TopicWindows, TopicSegments), TestCaseError> {
+    let rekey_names: Vec<String> = plan
+        .rekey_fields()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let mut engine = Engine::new(plan);
+    let repartition = |partition: u64| PartitionKey::new(REPARTITION_TOPIC, partition as i32);
+    for partition in 0..PARTITIONS {
+        engine.restore_partition(key(partition), PartitionSnapshot::default());
+    }
+    for partition in 0..REPARTITIONS {
+        engine.restore_partition(repartition(partition), PartitionSnapshot::default());
+    }
+    let inputs = format!("events:{PARTITIONS}");
+    let mut cursors = vec![0usize; PARTITIONS as usize];
+    let mut sent: Vec<Vec<Sent>> = vec![Vec::new(); REPARTITIONS as usize];
+    let mut applied = vec![0usize; REPARTITIONS as usize];
+    let mut choices = choices.into_iter();
+    loop {
+        // What can move: an input partition with events left, a repartition partition with
+        // records left, or every source's time sent to every repartition partition.
+        let readable: Vec<i32> = (0..PARTITIONS)
+            .filter(|p| cursors[*p as usize] < logs[*p as usize].payloads.len())
+            .collect();
+        let countable: Vec<usize> = (0..REPARTITIONS as usize)
+            .filter(|p| applied[*p] < sent[*p].len())
+            .collect();
+        if readable.is_empty() && countable.is_empty() {
+            break;
+        }
+        let choice = choices.next().unwrap_or(0) as usize;
+        let moves = readable.len() + countable.len() + 1;
+        match choice % moves {
+            read if read < readable.len() => {
+                let partition = readable[read];
+                let cursor = &mut cursors[partition as usize];
+                let offset = *cursor as i64;
+                let payload = &logs[partition as usize].payloads[*cursor];
+                *cursor += 1;
+                if let Outcome::Applied { forward, .. } =
+                    engine.apply(&key(partition), offset, payload, now_ms)
+                {
+                    let (watermark_ms, clock_ms) = engine.source_time(&key(partition));
+                    for (group, hash) in forward.0 {
+                        sent[(hash % REPARTITIONS) as usize].push(Sent {
+                            group: Some(group),
+                            partition,
+                            offset,
+                            watermark_ms,
+                            clock_ms,
+                            payload: payload.clone(),
+                        });
+                    }
+                }
+            }
+            count if count < readable.len() + countable.len() => {
+                let partition = countable[count - readable.len()];
+                let record = &sent[partition][applied[partition]];
+                let forwarded = Forwarded {
+                    group: record.group.unwrap_or(0),
+                    group_field: record.group.map_or("", |group| &rekey_names[group]),
+                    topic: "events",
+                    partition: record.partition,
+                    offset: record.offset,
+                    epoch: Epoch::default(),
+                    watermark_ms: record.watermark_ms,
+                    clock_ms: record.clock_ms,
+                    topics: Inputs::parse(&inputs).expect("well formed"),
+                };
+                let outcome = engine.apply_forwarded(
+                    &repartition(partition as u64),
+                    applied[partition] as i64,
+                    &record.payload,
+                    &nsm_core::event::NoRecord::default(),
+                    &forwarded,
+                    now_ms,
+                );
+                prop_assert!(!matches!(outcome, Outcome::Rejected(_)), "{:?}", outcome);
+                applied[partition] += 1;
+            }
+            _ => {
+                for partition in 0..PARTITIONS {
+                    let (watermark_ms, clock_ms) = engine.source_time(&key(partition));
+                    for log in &mut sent {
+                        log.push(Sent {
+                            group: None,
+                            partition,
+                            offset: cursors[partition as usize] as i64,
+                            watermark_ms,
+                            clock_ms,
+                            payload: Vec::new(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(stored_by_topic(engine.take_changes()))
+}
+
+/// The windows of the re-keyed metrics summed over the repartition partitions, and what the
+/// oracle says of them over `events`.
+type Compared<K> = (BTreeMap<K, AggValue>, BTreeMap<K, AggValue>);
+
+fn rekeyed_windows(
+    windows: &TopicWindows,
+    rekeyed: &BTreeSet<usize>,
+    events: &[Event],
+) -> Compared<(usize, i64)> {
+    let truth = oracle_of(&[events.to_vec()])
+        .into_iter()
+        .filter(|((_, metric, _), (_, value))| {
+            rekeyed.contains(metric) && !kept_empty(*metric, *value)
+        })
+        .map(|((_, metric, start), (_, value))| ((metric, start), value))
+        .collect();
+    let sums = summed_over_partitions(
+        windows
+            .iter()
+            .filter(|((topic, _, _, _), _)| topic == REPARTITION_TOPIC)
+            .map(|((_, _, metric, start), value)| ((*metric, *start), *value)),
+    )
+    .into_iter()
+    .filter(|((metric, _), value)| !kept_empty(*metric, *value))
+    .collect();
+    (sums, truth)
+}
+
+fn rekeyed_segments(
+    segments: &TopicSegments,
+    rekeyed: &BTreeSet<usize>,
+    events: &[Event],
+) -> Compared<(usize, i64, String)> {
+    let truth = segment_oracle_of(&[events.to_vec()])
+        .into_iter()
+        .filter(|((_, metric, _, _), _)| rekeyed.contains(metric))
+        .map(|((_, metric, start, label), value)| ((metric, start, label), value))
+        .collect();
+    let sums = summed_over_partitions(
+        segments
+            .iter()
+            .filter(|((topic, ..), _)| topic == REPARTITION_TOPIC)
+            .map(|((_, _, metric, start, label), value)| {
+                ((*metric, *start, label.clone()), *value)
+            }),
+    );
+    (sums, truth)
+}
+
+fn rekeyed_metrics(plan: &Plan) -> BTreeSet<usize> {
+    (0..metrics().len())
+        .filter(|metric| matches!(plan.route(*metric), Route::Rekeyed(_)))
+        .collect()
+}
+
+/// Logs where a repeat copies an earlier message of any partition (a producer sending an
+/// event again with another key), and each valid message with an id has an id of its own:
+/// copies of one event share an id, different events never do.
+fn build_logs_across(messages: &[(i32, Message)]) -> Vec<Log> {
+    let mut resolved: Vec<(i32, Message)> = Vec::new();
+    for (index, (partition, message)) in messages.iter().enumerate() {
+        let message = match message {
+            Message::Repeat(n) => {
+                let earlier: Vec<&Message> = resolved
+                    .iter()
+                    .map(|(_, message)| message)
+                    .filter(|message| matches!(message, Message::Valid { .. }))
+                    .collect();
+                if earlier.is_empty() {
+                    continue;
+                }
+                earlier[n % earlier.len()].clone()
+            }
+            Message::Valid {
+                name,
+                user,
+                time_ms,
+                cents,
+                id,
+            } => Message::Valid {
+                name: *name,
+                user: *user,
+                time_ms: *time_ms,
+                cents: *cents,
+                id: id.map(|_| index as u8),
+            },
+            Message::Invalid(variant) => Message::Invalid(*variant),
+        };
+        resolved.push((*partition, message));
+    }
+    build_logs(&resolved)
+}
+
+/// The events the whole stream counts when copies meet: each partition keeps what is not late
+/// there (no id is deduplicated where it is read), then each id counts once.
+fn accepted_across(logs: &[Log]) -> Vec<Event> {
+    let mut seen_ids = BTreeSet::new();
+    let mut accepted = Vec::new();
+    for log in logs {
+        let mut watermark: Option<i64> = None;
+        for (name, user, time_ms, cents, id) in log.truth.iter().flatten().copied() {
+            if watermark.is_some_and(|w| time_ms < w - LATENESS) {
+                continue;
+            }
+            watermark = Some(watermark.map_or(time_ms, |w| w.max(time_ms)));
+            if id.is_none_or(|id| seen_ids.insert(id)) {
+                accepted.push((name, user, time_ms, cents));
+            }
+        }
+    }
+    accepted
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 120, ..ProptestConfig::default() })]
 
@@ -1464,111 +1694,16 @@ proptest! {
         let messages = if sort { sorted_by_time(messages) } else { messages };
         let logs = build_logs(&messages);
         let now_ms = start_ms(start) + 30 * HOUR;
-        let plan = plan_keyed_by(Some(MessageKey { field: path("event_id"), nested: Vec::new() }));
+        let plan = plan_keyed_by(Some(MessageKey { field: path("event_id"), nested: Vec::new() }), false);
         prop_assert_eq!(plan.rekey_fields(), [path("user_id"), path("team_id")]);
-        let rekey_names: Vec<String> = plan.rekey_fields().iter().map(ToString::to_string).collect();
-        let rekeyed: BTreeSet<usize> = (0..metrics().len())
-            .filter(|metric| matches!(plan.route(*metric), Route::Rekeyed(_)))
-            .collect();
+        let rekeyed = rekeyed_metrics(&plan);
         prop_assert!(rekeyed.contains(&RETENTION) && rekeyed.contains(&CONVERSION));
-
-        let mut engine = Engine::new(plan);
-        let repartition = |partition: u64| PartitionKey::new(REPARTITION_TOPIC, partition as i32);
-        for partition in 0..PARTITIONS {
-            engine.restore_partition(key(partition), PartitionSnapshot::default());
-        }
-        for partition in 0..REPARTITIONS {
-            engine.restore_partition(repartition(partition), PartitionSnapshot::default());
-        }
-        let inputs = format!("events:{PARTITIONS}");
-        let mut cursors = vec![0usize; PARTITIONS as usize];
-        let mut sent: Vec<Vec<Sent>> = vec![Vec::new(); REPARTITIONS as usize];
-        let mut applied = vec![0usize; REPARTITIONS as usize];
-        let mut choices = choices.into_iter();
-        loop {
-            // What can move: an input partition with events left, a repartition partition
-            // with records left, or every source's time sent to every repartition partition.
-            let readable: Vec<i32> = (0..PARTITIONS)
-                .filter(|p| cursors[*p as usize] < logs[*p as usize].payloads.len())
-                .collect();
-            let countable: Vec<usize> = (0..REPARTITIONS as usize)
-                .filter(|p| applied[*p] < sent[*p].len())
-                .collect();
-            if readable.is_empty() && countable.is_empty() {
-                break;
-            }
-            let choice = choices.next().unwrap_or(0) as usize;
-            let moves = readable.len() + countable.len() + 1;
-            match choice % moves {
-                read if read < readable.len() => {
-                    let partition = readable[read];
-                    let cursor = &mut cursors[partition as usize];
-                    let offset = *cursor as i64;
-                    let payload = &logs[partition as usize].payloads[*cursor];
-                    *cursor += 1;
-                    if let Outcome::Applied { forward, .. } = engine.apply(&key(partition), offset, payload, now_ms) {
-                        let (watermark_ms, clock_ms) = engine.source_time(&key(partition));
-                        for (group, hash) in forward.0 {
-                            sent[(hash % REPARTITIONS) as usize].push(Sent {
-                                group: Some(group),
-                                partition,
-                                offset,
-                                watermark_ms,
-                                clock_ms,
-                                payload: payload.clone(),
-                            });
-                        }
-                    }
-                }
-                count if count < readable.len() + countable.len() => {
-                    let partition = countable[count - readable.len()];
-                    let record = &sent[partition][applied[partition]];
-                    let forwarded = Forwarded {
-                        group: record.group.unwrap_or(0),
-                        group_field: record.group.map_or("", |group| &rekey_names[group]),
-                        topic: "events",
-                        partition: record.partition,
-                        offset: record.offset,
-                        epoch: Epoch::default(),
-                        watermark_ms: record.watermark_ms,
-                        clock_ms: record.clock_ms,
-                        topics: Inputs::parse(&inputs).expect("well formed"),
-                    };
-                    let outcome = engine.apply_forwarded(
-                        &repartition(partition as u64),
-                        applied[partition] as i64,
-                        &record.payload,
-                        &nsm_core::event::NoRecord::default(),
-                        &forwarded,
-                        now_ms,
-                    );
-                    // What its source accepted is never late here.
-                    prop_assert!(!matches!(outcome, Outcome::Rejected(_)), "{:?}", outcome);
-                    applied[partition] += 1;
-                }
-                _ => {
-                    for partition in 0..PARTITIONS {
-                        let (watermark_ms, clock_ms) = engine.source_time(&key(partition));
-                        for log in &mut sent {
-                            log.push(Sent {
-                                group: None,
-                                partition,
-                                offset: cursors[partition as usize] as i64,
-                                watermark_ms,
-                                clock_ms,
-                                payload: Vec::new(),
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        let (windows, segments) = stored_by_topic(engine.take_changes());
+        let (windows, segments) = run_two_stages(plan, &logs, choices, now_ms)?;
 
         // Each input partition holds its own metrics' windows, as without the repartition
         // topic; the repartition partitions hold the others', summing to the whole stream's.
         let accepted: Vec<Vec<Event>> = logs.iter().map(accepted_events).collect();
-        let whole_stream = vec![accepted.iter().flatten().copied().collect::<Vec<Event>>()];
+        let whole_stream: Vec<Event> = accepted.iter().flatten().copied().collect();
         let local_truth: BTreeMap<(i32, usize, i64), AggValue> = oracle_of(&accepted)
             .into_iter()
             .filter(|((_, metric, _), (_, value))| !rekeyed.contains(metric) && !kept_empty(*metric, *value))
@@ -1584,21 +1719,8 @@ proptest! {
             windows.keys().all(|(topic, _, metric, _)| (topic == REPARTITION_TOPIC) == rekeyed.contains(metric)),
             "each metric counted in one stage only"
         );
-        let rekeyed_truth: BTreeMap<(usize, i64), AggValue> = oracle_of(&whole_stream)
-            .into_iter()
-            .filter(|((_, metric, _), (_, value))| rekeyed.contains(metric) && !kept_empty(*metric, *value))
-            .map(|((_, metric, start), (_, value))| ((metric, start), value))
-            .collect();
-        let rekeyed_sums: BTreeMap<(usize, i64), AggValue> = summed_over_partitions(
-            windows
-                .iter()
-                .filter(|((topic, _, _, _), _)| topic == REPARTITION_TOPIC)
-                .map(|((_, _, metric, start), value)| ((*metric, *start), *value)),
-        )
-        .into_iter()
-        .filter(|((metric, _), value)| !kept_empty(*metric, *value))
-        .collect();
-        prop_assert_eq!(&rekeyed_sums, &rekeyed_truth);
+        let (sums, truth) = rekeyed_windows(&windows, &rekeyed, &whole_stream);
+        prop_assert_eq!(&sums, &truth);
 
         // The breakdowns too: each partition's for local metrics, the whole stream's summed
         // over the repartition partitions for the others.
@@ -1612,17 +1734,36 @@ proptest! {
             .filter(|((_, metric, _, _), _)| !rekeyed.contains(metric))
             .collect();
         prop_assert_eq!(&local_segments, &local_segment_truth);
-        let rekeyed_segments = summed_over_partitions(
-            segments
-                .iter()
-                .filter(|((topic, ..), _)| topic == REPARTITION_TOPIC)
-                .map(|((_, _, metric, start, label), value)| ((*metric, *start, label.clone()), *value)),
-        );
-        let rekeyed_segment_truth: BTreeMap<(usize, i64, String), AggValue> = segment_oracle_of(&whole_stream)
-            .into_iter()
-            .filter(|((_, metric, _, _), _)| rekeyed.contains(metric))
-            .map(|((_, metric, start, label), value)| ((metric, start, label), value))
-            .collect();
-        prop_assert_eq!(&rekeyed_segments, &rekeyed_segment_truth);
+        let (sums, truth) = rekeyed_segments(&segments, &rekeyed, &whole_stream);
+        prop_assert_eq!(&sums, &truth);
+    }
+
+    /// Copies of an event on both input partitions (`events.dedup_across_partitions`): every
+    /// metric goes through the repartition topic, counts and sums by the id, and each event
+    /// counts once wherever its copies were read.
+    #[test]
+    fn copies_of_an_event_on_different_partitions_count_once(
+        messages in prop::collection::vec(message_strategy(), 1..150),
+        choices in prop::collection::vec(any::<u8>(), 0..600),
+        sort in any::<bool>(),
+        start in 0..STARTS.len(),
+    ) {
+        let messages = starting_at(messages, start_ms(start));
+        let messages = if sort { sorted_by_time(messages) } else { messages };
+        let logs = build_logs_across(&messages);
+        let now_ms = start_ms(start) + 30 * HOUR;
+        let plan = plan_keyed_by(None, true);
+        prop_assert!(plan.rekey_fields().contains(&path("event_id")));
+        let rekeyed = rekeyed_metrics(&plan);
+        let stateful: BTreeSet<usize> = (0..metrics().len()).filter(|metric| *metric != RATIO).collect();
+        prop_assert_eq!(&rekeyed, &stateful);
+        let (windows, segments) = run_two_stages(plan, &logs, choices, now_ms)?;
+
+        let whole_stream = accepted_across(&logs);
+        prop_assert!(windows.keys().all(|(topic, ..)| topic == REPARTITION_TOPIC));
+        let (sums, truth) = rekeyed_windows(&windows, &rekeyed, &whole_stream);
+        prop_assert_eq!(&sums, &truth);
+        let (sums, truth) = rekeyed_segments(&segments, &rekeyed, &whole_stream);
+        prop_assert_eq!(&sums, &truth);
     }
 }

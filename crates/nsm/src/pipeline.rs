@@ -281,7 +281,7 @@ impl Pipeline {
         };
         let now_ms = self.clock.now_ms();
         let original = AsOriginal(record);
-        match self.engine.plan().rekey_group(received.group_field) {
+        let outcome = match self.engine.plan().rekey_group(received.group_field) {
             Some(group) => self.engine.apply_forwarded(
                 key,
                 offset,
@@ -299,6 +299,12 @@ impl Pipeline {
                 &received.forwarded(0),
                 now_ms,
             ),
+        };
+        match outcome {
+            // A copy reaches a partition per group it is forwarded for, and is skipped in
+            // each: it counts as one duplicate, on its first record.
+            Outcome::Duplicate { .. } if !received.first => Outcome::AlreadyApplied,
+            outcome => outcome,
         }
     }
 
@@ -324,11 +330,13 @@ impl Pipeline {
         };
         forward
             .iter()
-            .map(|(group, hash)| {
+            .enumerate()
+            .map(|(index, (group, hash))| {
                 repartition.record(
                     repartition.partition_of(*hash),
                     *hash,
                     Some(*group),
+                    index == 0,
                     &key.topic,
                     &origin,
                     payload,
@@ -991,6 +999,7 @@ impl PartitionHandler for Pipeline {
                     partition,
                     0,
                     None,
+                    false,
                     &key.topic,
                     &origin,
                     &[],

@@ -8,7 +8,9 @@
 //! - `nsm-at`: the source partition, the event's offset there, the owner's epoch and the
 //!   source's watermark and clock;
 //! - `nsm-inputs`: every input topic and its partitions (`events:8,other:4`);
-//! - `nsm-key`: the original message key, if any.
+//! - `nsm-key`: the original message key, if any;
+//! - `nsm-first`: on the first record of an event forwarded for several groups, so that a
+//!   copy skipped as a duplicate in each (`events.dedup_across_partitions`) counts once.
 
 use std::sync::Arc;
 
@@ -22,6 +24,7 @@ const HEADER_FROM: &str = "nsm-from";
 const HEADER_AT: &str = "nsm-at";
 const HEADER_INPUTS: &str = "nsm-inputs";
 const HEADER_KEY: &str = "nsm-key";
+const HEADER_FIRST: &str = "nsm-first";
 
 /// The repartition topic and what its records say of the inputs.
 #[derive(Debug, Clone)]
@@ -33,7 +36,7 @@ pub struct Repartition {
     /// Per group: its field as records name it.
     group_fields: Vec<Vec<u8>>,
     /// The header names: nsm's own, then the headers the config reads.
-    names: [Arc<str>; 5],
+    names: [Arc<str>; 6],
     headers_read: Vec<Arc<str>>,
 }
 
@@ -106,6 +109,7 @@ impl Repartition {
                 HEADER_AT,
                 HEADER_INPUTS,
                 HEADER_KEY,
+                HEADER_FIRST,
             ]
             .map(Arc::from),
             headers_read: plan.record_headers().map(Arc::from).collect(),
@@ -113,23 +117,24 @@ impl Repartition {
     }
 
     /// The record forwarding an event for `group` (or, with `payload` empty and no group, only
-    /// its source's time) to partition `partition`.
+    /// its source's time) to partition `partition`; `first` of the event's records.
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         partition: u32,
         entity_hash: u64,
         group: Option<usize>,
+        first: bool,
         source_topic: &str,
         origin: &Origin,
         payload: &[u8],
         original: &dyn RecordMeta,
     ) -> Forward {
-        let [group_name, from, at, inputs, key_name] = &self.names;
+        let [group_name, from, at, inputs, key_name, first_name] = &self.names;
         let group_field = group
             .and_then(|group| self.group_fields.get(group))
             .map_or(&[][..], Vec::as_slice);
-        let mut headers = Vec::with_capacity(5 + self.headers_read.len());
+        let mut headers = Vec::with_capacity(6 + self.headers_read.len());
         headers.extend([
             (group_name.clone(), group_field.to_vec()),
             (from.clone(), source_topic.as_bytes().to_vec()),
@@ -138,6 +143,9 @@ impl Repartition {
         ]);
         if let Some(key) = original.key() {
             headers.push((key_name.clone(), key.to_vec()));
+        }
+        if first {
+            headers.push((first_name.clone(), Vec::new()));
         }
         for name in &self.headers_read {
             if let Some(value) = original.header(name) {
@@ -166,6 +174,8 @@ pub struct Received<'r> {
     pub source_topic: &'r str,
     pub origin: Origin,
     pub inputs: Inputs<'r>,
+    /// The first record of its event (see `nsm-first`).
+    pub first: bool,
 }
 
 impl<'r> Received<'r> {
@@ -178,6 +188,7 @@ impl<'r> Received<'r> {
             source_topic: text(HEADER_FROM)?,
             origin: Origin::decode(record.header(HEADER_AT)?)?,
             inputs: Inputs::parse(text(HEADER_INPUTS)?)?,
+            first: record.header(HEADER_FIRST).is_some(),
         })
     }
 
@@ -281,6 +292,7 @@ window = "1w"
             repartition.partition_of(41),
             41,
             Some(0),
+            true,
             "events",
             &origin,
             b"{}",
@@ -293,6 +305,7 @@ window = "1w"
         assert_eq!(received.group_field, "team_id");
         assert_eq!(received.source_topic, "events");
         assert_eq!(received.origin, origin);
+        assert!(received.first);
         let read: Vec<(&str, u32)> = received.inputs.iter().collect();
         assert_eq!(read, [("events", 8), ("app:events", 2)]);
         let as_original = AsOriginal(&sent);

@@ -40,21 +40,34 @@ pub fn check(path: &Path) -> Result<()> {
             .iter()
             .map(ToString::to_string)
             .collect();
-        writeln!(
-            out,
-            "  repartition: {} count {} while events are keyed by {}: counted exactly through \
-             the topic {:?} (kafka.repartition_topic), keyed by {}",
-            rekeyed.join(", "),
-            fields.join(", "),
-            config
-                .kafka
-                .key_field
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            config.kafka.repartition_topic,
-            fields.join(", ")
-        )?;
+        if config.events.dedup_across_partitions {
+            writeln!(
+                out,
+                "  repartition: copies of an event may be on different partitions \
+                 (events.dedup_across_partitions): every metric ({}) is counted through the \
+                 topic {:?} (kafka.repartition_topic), keyed by {}, where each event's copies \
+                 meet and count once",
+                rekeyed.join(", "),
+                config.kafka.repartition_topic,
+                fields.join(", ")
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  repartition: {} count {} while events are keyed by {}: counted exactly \
+                 through the topic {:?} (kafka.repartition_topic), keyed by {}",
+                rekeyed.join(", "),
+                fields.join(", "),
+                config
+                    .kafka
+                    .key_field
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                config.kafka.repartition_topic,
+                fields.join(", ")
+            )?;
+        }
     }
     let users = config
         .http

@@ -1394,3 +1394,80 @@ fn a_repartition_topic_refusing_records_stops_nsm_with_nothing_lost() {
     assert_eq!(scrape(port).as_ref().map(counted), Some((5.0, 5.0)));
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
+
+/// Two producers send each event, one keyed as the web app, one as the server: the copies
+/// land on different partitions (`web` and `server` hash to partitions 1 and 0). With
+/// `events.dedup_across_partitions` every event counts once, in every kind of metric.
+#[test]
+fn copies_of_events_on_different_partitions_count_once_when_deduplicated_across_them() {
+    let group = "nsm-copies";
+    let (cluster, brokers) = cluster_for(group, 2);
+    cluster
+        .create_topic(&format!("{group}-repartition"), 2, 1)
+        .expect("repartition topic");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config =
+        format!(
+        "{}\n[[inputs]]\nname = \"active_teams\"\nowner = \"growth-team\"\nkind = \"distinct\"\n\
+         field = \"team_id\"\nwhere = {{ event = \"message_sent\" }}\nwindow = \"1d\"\n",
+        test_config(&brokers, "events", &dir.path().join("state"), port, group)
+            .replace("key_field = \"user_id\"\n", "")
+            .replace("[time]\n", "[events]\ndedup_across_partitions = true\n[time]\n")
+            .replace("[state]\n", "[state]\nchangelog = false\n")
+    );
+    let now = now_ms();
+    let copies: Vec<String> = (0..20)
+        .flat_map(|event| {
+            ["web", "server"].map(|sent_by| {
+                format!(
+                    r#"{{"event":"message_sent","event_id":"e{event}","user_id":"u{}","team_id":"t{}","timestamp":{now},"sent_by":"{sent_by}"}}"#,
+                    event % 5,
+                    event % 3
+                )
+            })
+        })
+        .collect();
+    let mut nsm = spawn_nsm(dir.path(), "nsm", &config);
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &copies,
+        &["--key-field", "sent_by"],
+    );
+    let counted = |samples: &std::collections::BTreeMap<String, f64>| {
+        (
+            messages(samples).unwrap_or(-1.0),
+            metric_value(samples, "daily_active_messagers", "current").unwrap_or(-1.0),
+            metric_value(samples, "active_teams", "current").unwrap_or(-1.0),
+        )
+    };
+    let samples = wait_for(
+        "every event counted",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (counted(&samples) == (20.0, 5.0, 3.0)
+                && sample(&samples, "nsm_events_duplicate_total") == 20.0)
+                .then_some(samples)
+        },
+    );
+    for partition in 0..2 {
+        assert_eq!(
+            sample(
+                &samples,
+                &format!("nsm_events_consumed_total{{partition=\"{partition}\",topic=\"events\"}}")
+            ),
+            20.0,
+            "one copy of each event on each partition"
+        );
+    }
+    // Time for a copy counted twice to show.
+    std::thread::sleep(Duration::from_secs(3));
+    let samples = scrape(port).expect("scrape");
+    assert_eq!(counted(&samples), (20.0, 5.0, 3.0));
+    assert_eq!(sample(&samples, "nsm_events_duplicate_total"), 20.0);
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+}

@@ -112,6 +112,10 @@ pub struct EventsConfig {
     /// An event whose id was applied less than this before (in event time, behind the
     /// watermark) counts once; 0 turns deduplication off. Defaults to the allowed lateness.
     pub dedup_horizon_ms: i64,
+    /// Copies of one event may be on different partitions (the topic is not keyed by a field
+    /// of the event): every metric is then counted through the repartition topic, where each
+    /// event's copies meet (docs/design/repartition.md).
+    pub dedup_across_partitions: bool,
     pub max_bytes: usize,
 }
 

@@ -67,6 +67,7 @@ pub struct RawEvents {
     pub user: Option<String>,
     pub id: Option<String>,
     pub dedup_horizon: Option<String>,
+    pub dedup_across_partitions: Option<bool>,
     pub max_bytes: Option<toml::Value>,
     pub timestamp_unit: Option<String>,
     pub timestamp_zone: Option<String>,

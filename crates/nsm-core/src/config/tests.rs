@@ -792,3 +792,34 @@ fn the_memory_for_entries_takes_a_size() {
         "{errors:#?}"
     );
 }
+
+#[test]
+fn deduplicating_across_partitions_needs_ids_and_no_key_field() {
+    let with = |kafka: &str, events: &str| {
+        RATIO_BASE
+            .replace(
+                "topics = [\"events\"]\n",
+                &format!("topics = [\"events\"]\n{kafka}"),
+            )
+            .replace(
+                "[north_star]",
+                &format!("[events]\ndedup_across_partitions = true\n{events}[north_star]"),
+            )
+    };
+    let config = Config::from_toml(&with("", ""), &no_env).expect("valid");
+    assert!(config.events.dedup_across_partitions);
+    let errors = errors_of(&with(
+        "key_field = \"user_id\"\n",
+        "dedup_horizon = \"0s\"\n",
+    ));
+    let paths: Vec<&str> = errors.iter().map(|(path, _)| path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "events.dedup_across_partitions",
+            "events.dedup_across_partitions"
+        ]
+    );
+    assert!(errors[0].1.contains("dedup_horizon"), "{}", errors[0].1);
+    assert!(errors[1].1.contains("kafka.key_field"), "{}", errors[1].1);
+}

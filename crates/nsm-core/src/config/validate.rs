@@ -83,6 +83,27 @@ fn parse_raw(text: &str, problems: &mut Problems) -> Option<RawConfig> {
     }
 }
 
+/// Deduplicating across partitions routes every event by its id; it contradicts a message key
+/// taken from the events (copies of an event then share a partition) and needs ids.
+fn check_dedup_across_partitions(raw: &RawConfig, events: &EventsConfig, problems: &mut Problems) {
+    if !events.dedup_across_partitions {
+        return;
+    }
+    if events.dedup_horizon_ms == 0 {
+        problems.add(
+            "events.dedup_across_partitions",
+            "needs deduplication on: events.dedup_horizon is \"0s\"",
+        );
+    }
+    if raw.kafka.key_field.is_some() {
+        problems.add(
+            "events.dedup_across_partitions",
+            "contradicts kafka.key_field: with the key taken from a field of the event, copies of \
+             an event share a partition and are deduplicated there; remove one of the two",
+        );
+    }
+}
+
 /// `line 12` for an error span, so a syntax error without a key path still says where it is.
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
@@ -102,6 +123,9 @@ fn validate(raw: RawConfig, resolver: &Resolver<'_>, problems: &mut Problems) ->
         if events.dedup_horizon_ms < 0 {
             events.dedup_horizon_ms = time.allowed_lateness_ms;
         }
+    }
+    if let Some(events) = &events {
+        check_dedup_across_partitions(&raw, events, problems);
     }
     let state = validate_state(&raw, problems);
     let http = validate_http(&raw, problems);
@@ -550,6 +574,7 @@ fn validate_events(raw: &RawConfig, problems: &mut Problems) -> Option<EventsCon
         user: user?,
         id: id?,
         dedup_horizon_ms: dedup_horizon?,
+        dedup_across_partitions: events.dedup_across_partitions.unwrap_or(false),
         max_bytes: max_bytes?,
     })
 }

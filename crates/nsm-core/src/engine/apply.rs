@@ -57,8 +57,17 @@ pub(super) fn apply_event(
     match evaluate(plan, state, payload, record, stage, now_ms) {
         Ok(mut evaluated) => {
             let event_time_ms = evaluated.event_time_ms;
-            if let Some(id) = &evaluated.id {
-                match is_duplicate(plan, state, source, id, event_time_ms) {
+            let dedups = plan.dedups_at(stage);
+            if let (Stage::Rekeyed(group), Some(id), true) = (stage, &evaluated.id, dedups) {
+                // One event reaches a partition once per group it is forwarded for: each
+                // group remembers its ids apart.
+                let mut seen = plan.rekey_name(group).as_bytes().to_vec();
+                seen.push(0);
+                seen.extend_from_slice(id);
+                evaluated.id = Some(Cow::Owned(seen));
+            }
+            if let Some(id) = evaluated.id.as_ref().filter(|_| dedups) {
+                match is_duplicate(plan, state, source, id, event_time_ms, stage) {
                     Ok(true) => return Outcome::Duplicate { event_time_ms },
                     Ok(false) => {}
                     Err(error) => {
@@ -69,7 +78,12 @@ pub(super) fn apply_event(
             }
             let matched = evaluated.contributions.len();
             let forward = match stage {
-                Stage::Input => take_rekeyed(plan, &mut evaluated.contributions),
+                Stage::Input => take_rekeyed(
+                    plan,
+                    &mut evaluated.contributions,
+                    evaluated.id.as_deref(),
+                    payload,
+                ),
                 Stage::Rekeyed(_) => Forwards::default(),
             };
             if let Err(error) = commit(plan, state, source, evaluated, stage, now_ms) {
@@ -90,16 +104,27 @@ pub(super) fn apply_event(
 
 /// Takes out the contributions of re-keyed metrics (an input partition validated them, a
 /// repartition partition counts them): the groups the event goes on to, and its entity's hash
-/// in each.
-fn take_rekeyed(plan: &Plan, contributions: &mut Contributions<'_>) -> Forwards {
+/// in each. Counts and sums re-keyed by the id (deduplicated across partitions) go by the id,
+/// or without one by the event's bytes: a copy sent again must reach the same partition.
+fn take_rekeyed(
+    plan: &Plan,
+    contributions: &mut Contributions<'_>,
+    id: Option<&[u8]>,
+    payload: &[u8],
+) -> Forwards {
     let mut forward = Forwards::default();
     contributions.retain(|(index, contribution, _)| {
         let Route::Rekeyed(group) = plan.route(*index) else {
             return true;
         };
         if !forward.0.iter().any(|(known, _)| *known == group) {
-            if let Some(entity) = contribution.entity() {
-                forward.0.push((group, entity_hash(entity)));
+            let by = match contribution.entity() {
+                Some(entity) => Some(entity),
+                None if plan.is_id_group(group) => Some(id.unwrap_or(payload)),
+                None => None,
+            };
+            if let Some(by) = by {
+                forward.0.push((group, entity_hash(by)));
             }
         }
         false
@@ -138,20 +163,30 @@ fn is_duplicate(
     source: &Source<'_>,
     id: &[u8],
     event_time_ms: EpochMillis,
+    stage: Stage,
 ) -> Result<bool, StateReadError> {
     let Some(dedup) = &plan.settings.dedup else {
         return Ok(false);
     };
     // Nothing applied yet: nothing to repeat.
-    let (Some(watermark_ms), Some(newest_ms)) = (state.watermark_ms(), state.max_event_ms) else {
+    let Some(newest_ms) = state.max_event_ms else {
         return Ok(false);
+    };
+    let (watermark_ms, newest_ms) = match (state.watermark_ms(), stage) {
+        (Some(watermark_ms), _) => (watermark_ms, newest_ms.max(event_time_ms)),
+        (None, Stage::Input) => return Ok(false),
+        // A repartition partition before every source reported (or in `nsm replay`, without
+        // time): an id applied within the horizon of the event's own time. A copy has its
+        // original's time, and the lookup reads at most three periods however far apart the
+        // sources are.
+        (None, Stage::Rekeyed(_)) => (event_time_ms, event_time_ms + dedup.horizon_ms),
     };
     SeenIds {
         namespace: plan.ids_namespace(),
         horizon_ms: dedup.horizon_ms,
         members: &mut state.members,
     }
-    .is_duplicate(source, id, watermark_ms, newest_ms.max(event_time_ms))
+    .is_duplicate(source, id, watermark_ms, newest_ms)
 }
 
 /// Decodes and validates an event for the metrics of `stage`: an input partition validates
@@ -213,9 +248,9 @@ fn evaluate<'a>(
         ));
     }
 
-    // Ids are deduplicated where the event is read; a forwarded one was already.
-    let id_slot = plan.id_slot.filter(|_| stage == Stage::Input);
-    let id = match id_slot.and_then(|slot| fields.get(slot)) {
+    // Ids are deduplicated where the event is read, or where its copies meet
+    // (`Plan::dedups_at`); stage one also routes counts by them then.
+    let id = match plan.id_slot.and_then(|slot| fields.get(slot)) {
         None | Some(Scalar::Null) => None,
         Some(Scalar::Composite) => {
             return Err(Rejection::new(
@@ -543,7 +578,12 @@ fn commit(
         id,
         contributions,
     } = evaluated;
-    if let (Some(id), Some(dedup)) = (id, &plan.settings.dedup) {
+    let dedup = plan
+        .settings
+        .dedup
+        .as_ref()
+        .filter(|_| plan.dedups_at(stage));
+    if let (Some(id), Some(dedup)) = (id, dedup) {
         SeenIds {
             namespace: plan.ids_namespace(),
             horizon_ms: dedup.horizon_ms,

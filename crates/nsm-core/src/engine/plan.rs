@@ -71,6 +71,10 @@ pub fn entity_hash(member: &[u8]) -> u64 {
 pub struct DedupSettings {
     pub id_field: FieldPath,
     pub horizon_ms: i64,
+    /// Copies of an event may be on different input partitions: every metric is re-keyed
+    /// (counts and sums by the id), and ids are deduplicated where the copies meet, in the
+    /// repartition topic's partitions, instead of where the event is read.
+    pub across_partitions: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +162,7 @@ impl Plan {
                 dedup: (config.events.dedup_horizon_ms > 0).then(|| DedupSettings {
                     id_field: config.events.id.clone(),
                     horizon_ms: config.events.dedup_horizon_ms,
+                    across_partitions: config.events.dedup_across_partitions,
                 }),
                 message_key: config.kafka.key_field.as_ref().map(|field| MessageKey {
                     field: field.clone(),
@@ -253,20 +258,30 @@ impl Plan {
             }
         }
         let mut rekey_fields: Vec<FieldPath> = Vec::new();
+        let across = settings
+            .dedup
+            .as_ref()
+            .filter(|dedup| dedup.across_partitions);
         let mut route_of = |metric: &MetricDef| -> Route {
-            let Some(key) = &settings.message_key else {
-                return Route::Local;
+            let by = match (metric.kind.counted_entity(), across) {
+                // Copies of an event meet where they are routed by a field they share: the
+                // entity counted, or for counts and sums the id.
+                (Some(entity), Some(_)) => entity,
+                (None, Some(dedup))
+                    if matches!(metric.kind, MetricKind::Count | MetricKind::Sum { .. }) =>
+                {
+                    &dedup.id_field
+                }
+                (None, _) => return Route::Local,
+                (Some(entity), None) => match &settings.message_key {
+                    Some(key) if *entity != key.field && !key.nested.contains(entity) => entity,
+                    _ => return Route::Local,
+                },
             };
-            let Some(entity) = metric.kind.counted_entity() else {
-                return Route::Local;
-            };
-            if *entity == key.field || key.nested.contains(entity) {
-                return Route::Local;
-            }
-            match rekey_fields.iter().position(|field| field == entity) {
+            match rekey_fields.iter().position(|field| field == by) {
                 Some(group) => Route::Rekeyed(group),
                 None => {
-                    rekey_fields.push(entity.clone());
+                    rekey_fields.push(by.clone());
                     Route::Rekeyed(rekey_fields.len() - 1)
                 }
             }
@@ -310,6 +325,28 @@ impl Plan {
             (Route::Rekeyed(group), Stage::Rekeyed(at)) => group == at,
             _ => false,
         }
+    }
+
+    /// Whether ids are deduplicated at `stage`: where the event is read, or where its copies
+    /// meet when they may be on different partitions.
+    pub(super) fn dedups_at(&self, stage: Stage) -> bool {
+        let across = self
+            .settings
+            .dedup
+            .as_ref()
+            .is_some_and(|dedup| dedup.across_partitions);
+        match stage {
+            Stage::Input => !across,
+            Stage::Rekeyed(_) => across,
+        }
+    }
+
+    /// The field of the group counts and sums are re-keyed by when ids are deduplicated
+    /// across partitions: an event without an id goes by a hash of its bytes.
+    pub(super) fn is_id_group(&self, group: usize) -> bool {
+        self.settings.dedup.as_ref().is_some_and(|dedup| {
+            dedup.across_partitions && self.rekey_fields.get(group) == Some(&dedup.id_field)
+        })
     }
 
     /// The entity fields events are re-keyed by, by group: empty when every metric is local.

@@ -83,6 +83,7 @@ fn test_plan() -> Plan {
             dedup: Some(DedupSettings {
                 id_field: path("event_id"),
                 horizon_ms: 10 * MINUTE,
+                across_partitions: false,
             }),
             message_key: None,
         },
