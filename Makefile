@@ -36,6 +36,9 @@ BENCH_EVENTS ?= 1000000
 BENCH_USERS ?= 5000000
 # Events of the end-to-end run on tansu (its state is the one the restart is timed with).
 BENCH_E2E_EVENTS ?= 10000000
+# Events of the two shorter end-to-end runs that show what the repartition topic costs: with
+# it, and with the teams counted per partition.
+BENCH_REPARTITION_EVENTS ?= 1000000
 BENCH_DIR := target/bench
 # The Quix Streams peer's Python: a venv of its pinned requirements, made by `make bench` once
 # (and again when the requirements change); `make test` never needs it.
@@ -120,8 +123,11 @@ bench: deps tansu $(if $(QUIX_WANTED),quix-venv)
 	$$bin memory --users $(BENCH_USERS) --store rocksdb --metrics every-kind | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin memory --users $(BENCH_USERS) --store memory | tee -a $(BENCH_DIR)/results.jsonl; \
 	$$bin e2e --events $(BENCH_E2E_EVENTS) $(if $(QUIX_WANTED),--quix-python $(abspath $(QUIX_VENV))/bin/python --quix-events $(BENCH_QUIX_EVENTS)) | tee -a $(BENCH_DIR)/results.jsonl; \
+	for repartition in on off; do \
+	  $$bin e2e --events $(BENCH_REPARTITION_EVENTS) --repartition $$repartition | tee -a $(BENCH_DIR)/results.jsonl; \
+	done; \
 	$$bin report --results $(BENCH_DIR)/results.jsonl \
-	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS) BENCH_E2E_EVENTS=$(BENCH_E2E_EVENTS) BENCH_QUIX=$(BENCH_QUIX) BENCH_QUIX_EVENTS=$(BENCH_QUIX_EVENTS)"
+	  --command "make bench BENCH_EVENTS=$(BENCH_EVENTS) BENCH_USERS=$(BENCH_USERS) BENCH_E2E_EVENTS=$(BENCH_E2E_EVENTS) BENCH_REPARTITION_EVENTS=$(BENCH_REPARTITION_EVENTS) BENCH_QUIX=$(BENCH_QUIX) BENCH_QUIX_EVENTS=$(BENCH_QUIX_EVENTS)"
 
 # The alerting confusion table: every scenario of the promtool scenario library against every
 # example config's generated rules (about 5 minutes on 2 cores), what paged and when, written

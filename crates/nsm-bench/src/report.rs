@@ -164,8 +164,18 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
             target
         ));
     }
-    for e2e in find("e2e") {
-        end_to_end(&mut out, e2e);
+    let e2e: Vec<&Value> = find("e2e").collect();
+    if let Some(main) = e2e.first() {
+        end_to_end(&mut out, main);
+    }
+    // After the main run, one with and one without the repartition topic, side by side.
+    let with = |on: bool| {
+        e2e.iter()
+            .skip(1)
+            .find(|run| run["repartition"].as_bool() == Some(on))
+    };
+    if let (Some(on), Some(off)) = (with(true), with(false)) {
+        repartition_cost(&mut out, on, off);
     }
     // The alerting section is measured by `make alert-report`, not here: kept as it was.
     if let Some(section) = crate::alerts::kept_section(&args.output) {
@@ -280,6 +290,33 @@ fn end_to_end(out: &mut String, e2e: &Value) {
 }
 
 /// The Quix Streams peer beside the bare consumer and nsm, over the same topic.
+/// What counting teams through the repartition topic costs: the same stream, once with the
+/// teams re-keyed (exact), once declared nested in users (counted per partition, inexact).
+fn repartition_cost(out: &mut String, on: &Value, off: &Value) {
+    out.push_str("\n## Cost of the repartition topic\n\n");
+    out.push_str(&format!(
+        "The same stream of {} events keyed by user, read twice: with the team metrics counted \
+         exactly through the repartition topic (each `message_sent` event forwarded once more \
+         through tansu, on the same 2 cores, and applied a second time), and with teams \
+         declared nested in users (`kafka.nested_in_key`: counted per partition, inexact \
+         here), as a config without the topic would count them.\n\n",
+        on["events"]
+    ));
+    out.push_str(
+        "| run | nsm events/s | nsm / bare | nsm CPU-s per million | freshness p99 (ms) | restart (s) |\n|---|---|---|---|---|---|\n",
+    );
+    for (name, run) in [("repartition topic", on), ("per partition", off)] {
+        out.push_str(&format!(
+            "| {name} | {:.0} | {:.2} | {:.1} | {:.0} | {:.2} |\n",
+            number(run, "nsm_events_per_second"),
+            number(run, "nsm_to_bare"),
+            number(run, "nsm_cpu_seconds_per_million"),
+            number(run, "freshness_p99_ms"),
+            number(run, "restart_seconds"),
+        ));
+    }
+}
+
 fn quix_peer(out: &mut String, e2e: &Value) {
     out.push_str("\n## The Quix Streams peer\n\n");
     if e2e.get("quix_events_per_second").is_none() {
