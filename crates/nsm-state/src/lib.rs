@@ -47,6 +47,7 @@ mod frames;
 #[cfg(any(test, feature = "testing"))]
 mod keyed;
 mod migrate;
+mod swap;
 
 use std::collections::HashMap;
 use std::ops::Range;

@@ -5,6 +5,7 @@ use nsm_core::Config;
 
 use super::*;
 
+mod backfill;
 mod frames;
 
 const CONFIG: &str = r#"

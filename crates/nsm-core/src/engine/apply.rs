@@ -76,6 +76,12 @@ pub(super) fn apply_event(
                     }
                 }
             }
+            if plan.keeps_some_only() {
+                // A backfill: validated by every metric, applied to its own.
+                evaluated
+                    .contributions
+                    .retain(|(index, _, _)| plan.keeps(*index));
+            }
             let matched = evaluated.contributions.len();
             let forward = match stage {
                 Stage::Input => take_rekeyed(

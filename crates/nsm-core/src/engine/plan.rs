@@ -143,6 +143,9 @@ pub struct Plan {
     rekey_fields: Vec<FieldPath>,
     /// The same fields as forwarded records name them (`team_id`, `team.id`).
     rekey_names: Vec<String>,
+    /// Per metric, whether events are applied to it; `None`: all, but in a backfill
+    /// (docs/design/backfill.md), which validates every metric and keeps a few.
+    kept: Option<Vec<bool>>,
     pub(super) settings: EngineSettings,
 }
 
@@ -301,6 +304,7 @@ impl Plan {
             routes,
             rekey_fields,
             rekey_names,
+            kept: None,
             schema,
             name_slot,
             timestamp_slot,
@@ -325,6 +329,37 @@ impl Plan {
             (Route::Rekeyed(group), Stage::Rekeyed(at)) => group == at,
             _ => false,
         }
+    }
+
+    /// The same plan applying events only to `metrics` and the metrics they are computed from
+    /// (a retention's base), for a backfill: every metric still validates each event, so an
+    /// event is accepted or refused as with the whole plan.
+    pub fn keeping_only(mut self, metrics: &[usize]) -> Plan {
+        let mut kept = vec![false; self.metrics.len()];
+        for &metric in metrics {
+            if let Some(slot) = kept.get_mut(metric) {
+                *slot = true;
+            }
+            if let Some(ValueSource::Retention { of }) =
+                self.compiled.get(metric).map(|compiled| &compiled.value)
+            {
+                kept[*of] = true;
+            }
+        }
+        self.kept = Some(kept);
+        self
+    }
+
+    /// Whether events are applied to `metric` (see [`Plan::keeping_only`]).
+    pub fn keeps(&self, metric: usize) -> bool {
+        self.kept
+            .as_ref()
+            .is_none_or(|kept| kept.get(metric).copied().unwrap_or(false))
+    }
+
+    /// Whether some metric is left out (a backfill's plan).
+    pub(super) fn keeps_some_only(&self) -> bool {
+        self.kept.is_some()
     }
 
     /// Whether ids are deduplicated at `stage`: where the event is read, or where its copies

@@ -1,0 +1,112 @@
+//! The swap of a backfill (docs/design/backfill.md): a partition's data of some metrics,
+//! computed over the topic's history by a backfill engine in a store of its own, replaces the
+//! live store's.
+//!
+//! A metric's data of a partition is one key range per family (the partition prefix, then the
+//! metric's name), so the swap deletes the live ranges and copies the backfill's in, in
+//! batches of bounded size. A marker written with the first batch and removed with the last
+//! says a swap is under way: a crash in between leaves the marker, and the caller does the
+//! swap again from the start (it is idempotent) or gives the metric up
+//! ([`Store::abandon_swap`]).
+
+use rocksdb::WriteBatch;
+
+use crate::codec::{partition_prefix, prefix_successor, window_metric_prefix};
+use crate::{
+    since_key, StateError, Store, CF_ENTRIES, CF_FINGERPRINTS, CF_GAPS, CF_SEGMENTS, CF_WINDOWS,
+};
+use nsm_core::{EpochMillis, PartitionKey};
+
+/// The families holding a metric's data of a partition, one key range each.
+const METRIC_FAMILIES: [&str; 4] = [CF_WINDOWS, CF_ENTRIES, CF_SEGMENTS, CF_GAPS];
+
+/// Before a metric's name in `fingerprints`: a swap of that metric is under way.
+const SWAP_MARKER: &[u8] = b"\0swap\0";
+
+/// Entries copied per batch: a swap of millions of entries holds a few MB at a time.
+const ENTRIES_PER_BATCH: usize = 50_000;
+
+fn swap_key(prefix: &[u8], metric: &str) -> Vec<u8> {
+    [prefix, SWAP_MARKER, metric.as_bytes()].concat()
+}
+
+impl Store {
+    /// Replaces the partition's data of `metric` with `from`'s (a backfill's store, opened
+    /// with the same config). `since_ms`: from when the data is whole (`None`: from the
+    /// partition's start, so its windows are no longer partial).
+    pub fn replace_metric(
+        &self,
+        key: &PartitionKey,
+        metric: &str,
+        from: &Store,
+        since_ms: Option<EpochMillis>,
+    ) -> Result<(), StateError> {
+        let prefix = partition_prefix(key);
+        let start = window_metric_prefix(&prefix, metric);
+        let end = prefix_successor(&start);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_FINGERPRINTS), swap_key(&prefix, metric), []);
+        for family in METRIC_FAMILIES {
+            batch.delete_range_cf(self.cf(family), &start, &end);
+        }
+        let mut in_batch = 0;
+        for family in METRIC_FAMILIES {
+            for item in from.entries_under(family, &start) {
+                let (entry, value) = item?;
+                batch.put_cf(self.cf(family), entry, value);
+                in_batch += 1;
+                if in_batch == ENTRIES_PER_BATCH {
+                    self.db.write(std::mem::take(&mut batch))?;
+                    in_batch = 0;
+                }
+            }
+        }
+        let since = since_key(&prefix, metric);
+        match since_ms {
+            Some(since_ms) => {
+                batch.put_cf(self.cf(CF_FINGERPRINTS), &since, since_ms.to_be_bytes())
+            }
+            None => batch.delete_cf(self.cf(CF_FINGERPRINTS), &since),
+        }
+        batch.delete_cf(self.cf(CF_FINGERPRINTS), swap_key(&prefix, metric));
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// The metrics whose swap into the partition was cut short: their data is part old, part
+    /// new, until swapped again or given up.
+    pub fn unfinished_swaps(&self, key: &PartitionKey) -> Result<Vec<String>, StateError> {
+        let marker = [&partition_prefix(key)[..], SWAP_MARKER].concat();
+        self.entries_under(CF_FINGERPRINTS, &marker)
+            .map(|item| {
+                let (entry, _) = item?;
+                Ok(String::from_utf8_lossy(&entry[marker.len()..]).into_owned())
+            })
+            .collect()
+    }
+
+    /// Gives a cut-short swap up: the partition's data of `metric` is deleted, and starts at
+    /// `since_ms` (partial before), as for a metric just added.
+    pub fn abandon_swap(
+        &self,
+        key: &PartitionKey,
+        metric: &str,
+        since_ms: EpochMillis,
+    ) -> Result<(), StateError> {
+        let prefix = partition_prefix(key);
+        let start = window_metric_prefix(&prefix, metric);
+        let end = prefix_successor(&start);
+        let mut batch = WriteBatch::default();
+        for family in METRIC_FAMILIES {
+            batch.delete_range_cf(self.cf(family), &start, &end);
+        }
+        batch.put_cf(
+            self.cf(CF_FINGERPRINTS),
+            since_key(&prefix, metric),
+            since_ms.to_be_bytes(),
+        );
+        batch.delete_cf(self.cf(CF_FINGERPRINTS), swap_key(&prefix, metric));
+        self.db.write(batch)?;
+        Ok(())
+    }
+}
