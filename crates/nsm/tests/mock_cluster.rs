@@ -1429,6 +1429,18 @@ fn copies_of_events_on_different_partitions_count_once_when_deduplicated_across_
         })
         .collect();
     let mut nsm = spawn_nsm(dir.path(), "nsm", &config);
+    // `nsm check` says where each event's copies meet.
+    let checked = nsm_tool(&[
+        "check",
+        "--config",
+        dir.path().join("nsm.toml").to_str().expect("utf8"),
+    ]);
+    assert!(
+        checked.contains("copies of an event may be on different partitions")
+            && checked.contains("messages_sent")
+            && checked.contains("keyed by "),
+        "{checked}"
+    );
     produce(
         &brokers,
         "events",
