@@ -101,6 +101,7 @@ pub struct Telemetry {
     last_publish: Gauge,
     state_entries_in_memory: IntGauge,
     restore_duration: GaugeVec,
+    backfill_progress: GaugeVec,
     brokers_up: IntGauge,
     restored_records: IntCounter,
     changelog_records: IntCounter,
@@ -324,6 +325,12 @@ impl Telemetry {
             "Time the last take-over of each owned partition spent restoring its state from the changelog (0: the local copy was current).",
             &["topic", "partition"],
         );
+        let backfill_progress = gauge_vec(
+            &registry,
+            "nsm_backfill_progress_ratio",
+            "Share of the retained history read by the backfill of each owned partition whose metrics were added or changed (1: swapped in; their windows are partial until then).",
+            &["topic", "partition"],
+        );
         let brokers_up = register(
             &registry,
             IntGauge::new(
@@ -387,6 +394,7 @@ impl Telemetry {
             state_entries_in_memory,
             exported_partitions: std::sync::Mutex::new(BTreeSet::new()),
             restore_duration,
+            backfill_progress,
             brokers_up,
             restored_records,
             changelog_records,
@@ -653,6 +661,22 @@ impl Telemetry {
             .with_label_values(&[&*key.topic, partition.as_str()])
             .set(seconds);
         self.restored_records.inc_by(records);
+    }
+
+    /// How far the backfill of a partition has read its history (1: swapped in).
+    pub fn record_backfill_progress(&self, key: &PartitionKey, ratio: f64) {
+        let partition = key.partition.to_string();
+        self.backfill_progress
+            .with_label_values(&[&*key.topic, partition.as_str()])
+            .set(ratio);
+    }
+
+    /// A partition was given up: its backfill figure goes with it.
+    pub fn forget_backfill(&self, key: &PartitionKey) {
+        let partition = key.partition.to_string();
+        let _ = self
+            .backfill_progress
+            .remove_label_values(&[&*key.topic, partition.as_str()]);
     }
 
     /// A partition was taken whose changelog had lost records this instance had seen.

@@ -130,3 +130,131 @@ pub fn read_history(
     }
     Ok(read)
 }
+
+/// Reads some partitions from given offsets, without a group, up to a *target* offset each
+/// that may move forward: a backfill's reader (docs/design/backfill.md). A message at or past
+/// its partition's target is not handed over: the partition is paused at it, and goes on from
+/// there once its target moves.
+pub struct PartitionReader {
+    consumer: BaseConsumer,
+    keys: HashMap<(String, i32), PartitionKey>,
+    /// Per partition read: its target, and whether it is paused at it.
+    targets: HashMap<PartitionKey, (i64, bool)>,
+}
+
+impl PartitionReader {
+    pub fn new(settings: &ClientSettings) -> Result<Self, KafkaError> {
+        let consumer: BaseConsumer = settings.create(
+            ClientRole::Consumer,
+            &[
+                ("group.id", "nsm-backfill"),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("enable.partition.eof", "false"),
+                ("auto.offset.reset", "earliest"),
+            ],
+        )?;
+        Ok(PartitionReader {
+            consumer,
+            keys: HashMap::new(),
+            targets: HashMap::new(),
+        })
+    }
+
+    /// The partition's first and next offsets now (its retained history).
+    pub fn bounds(&self, key: &PartitionKey) -> Result<(i64, i64), KafkaError> {
+        Ok(self
+            .consumer
+            .fetch_watermarks(&key.topic, key.partition, Duration::from_secs(30))?)
+    }
+
+    /// Reads `key` from `offset` (`None`: its first retained message) up to `target`.
+    pub fn start(
+        &mut self,
+        key: &PartitionKey,
+        offset: Option<i64>,
+        target: i64,
+    ) -> Result<(), KafkaError> {
+        let mut list = TopicPartitionList::new();
+        let from = offset.map_or(Offset::Beginning, Offset::Offset);
+        list.add_partition_offset(&key.topic, key.partition, from)?;
+        self.consumer.incremental_assign(&list)?;
+        self.keys
+            .insert((key.topic.to_string(), key.partition), key.clone());
+        self.targets.insert(key.clone(), (target, false));
+        Ok(())
+    }
+
+    /// Stops reading `key`.
+    pub fn stop(&mut self, key: &PartitionKey) -> Result<(), KafkaError> {
+        if self.targets.remove(key).is_some() {
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&key.topic, key.partition);
+            self.consumer.incremental_unassign(&list)?;
+        }
+        Ok(())
+    }
+
+    /// Moves `key`'s target forward, resuming it if it was paused at the old one.
+    pub fn set_target(&mut self, key: &PartitionKey, target: i64) -> Result<(), KafkaError> {
+        if let Some((current, paused)) = self.targets.get_mut(key) {
+            if target > *current {
+                *current = target;
+                if *paused {
+                    *paused = false;
+                    let mut list = TopicPartitionList::new();
+                    list.add_partition(&key.topic, key.partition);
+                    self.consumer.resume(&list)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a message, and hands it to `sink` if it is before its
+    /// partition's target; a message at or past it pauses the partition there (it is read
+    /// again once the target moves). Whether a message was handed over.
+    pub fn poll(
+        &mut self,
+        timeout: Duration,
+        sink: &mut HistorySink<'_>,
+    ) -> Result<bool, KafkaError> {
+        let Some(result) = self.consumer.poll(timeout) else {
+            return Ok(false);
+        };
+        let message = result?;
+        let Some(key) = self
+            .keys
+            .get(&(message.topic().to_string(), message.partition()))
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        let Some((target, paused)) = self.targets.get_mut(&key) else {
+            return Ok(false);
+        };
+        if *paused {
+            return Ok(false);
+        }
+        if message.offset() >= *target {
+            *paused = true;
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&key.topic, key.partition);
+            self.consumer.pause(&list)?;
+            self.consumer.seek(
+                &key.topic,
+                key.partition,
+                Offset::Offset(message.offset()),
+                Duration::from_secs(10),
+            )?;
+            return Ok(false);
+        }
+        sink(
+            &key,
+            message.offset(),
+            message.payload().unwrap_or_default(),
+            &MessageRecord(&message),
+        );
+        Ok(true)
+    }
+}

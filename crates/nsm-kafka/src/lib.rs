@@ -27,7 +27,7 @@ pub use consumer::{
 };
 pub use dead_letter::{DeadLetterStats, HEADER_ERROR, HEADER_REASON};
 pub use forward::Forward;
-pub use history::{read_history, HistorySink};
+pub use history::{read_history, HistorySink, PartitionReader};
 pub use tools::{
     ensure_topics, ensure_topics_replicated, header_map, read_topic, topic_partition_count,
     EventProducer, ReadRecord,

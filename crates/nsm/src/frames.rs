@@ -280,6 +280,33 @@ impl Changelog {
         Ok(taken)
     }
 
+    /// Sends the store's copy of `key`, an open partition of this instance, whole as base
+    /// frames at a new epoch: its rows changed outside the checkpoints (a backfill swapped in,
+    /// docs/design/backfill.md), and the frames before cannot rebuild them. Returns the records
+    /// sent. No checkpoint may be in flight.
+    pub fn reseed(&self, store: &Store, key: &PartitionKey) -> Result<u64, String> {
+        let state_failed = |error: StateError| format!("partition {key}: {error}");
+        let config = checkpoint_config();
+        let id = self.layout.partition_id(key);
+        let head = nsm_checkpoint::restore_head(&config, &self.heads, &id)
+            .map_err(|error| format!("partition {key}: {error}"))?;
+        let epoch =
+            Epoch((head.highest_epoch.0 + 1).max(crate::pipeline::wall_clock_ms().max(0) as u64));
+        let meta = store.stored_meta(key).map_err(state_failed)?;
+        let mut checkpointer = self.checkpointer();
+        checkpointer.release(&id);
+        let report = checkpointer
+            .seed(
+                &id,
+                &meta,
+                epoch,
+                RetiredFrames::of_head(&head),
+                |_, seed| store.seed_shard(key, seed),
+            )
+            .map_err(|error| format!("changelog {}: {error}", self.topic))?;
+        Ok(report.records())
+    }
+
     /// Restores the partition whole from the changelog's newest line, into a cleared store.
     fn restore_whole(
         &self,

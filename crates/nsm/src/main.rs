@@ -3,6 +3,7 @@
 //! The binary wires the edges (Kafka, RocksDB, HTTP) around the pure core; it holds no
 //! business logic of its own.
 
+mod backfill;
 mod changelog;
 mod clock;
 mod demo;

@@ -33,6 +33,7 @@ use nsm_kafka::{
 use nsm_state::Store;
 use tracing::{error, info, warn};
 
+use crate::backfill::{late_metrics, Backfills};
 use crate::changelog::Changelog;
 use crate::clock::EventClock;
 use crate::repartition::{AsOriginal, Origin, Received, Repartition};
@@ -43,6 +44,10 @@ const MAX_LATENCY_SAMPLES: usize = 50_000;
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the owned input partitions' time goes to every repartition partition at most.
 const TIME_RECORD_INTERVAL: Duration = Duration::from_secs(1);
+/// How close to the live partition a backfill must be for the consumer to wait for it (the
+/// last stretch read while nothing more is applied), and how long it waits at most.
+const BACKFILL_CLOSE_OFFSETS: i64 = 20_000;
+const BACKFILL_CLOSE_PATIENCE: Duration = Duration::from_secs(10);
 
 pub use crate::clock::wall_clock_ms;
 
@@ -98,6 +103,12 @@ pub struct Pipeline {
     /// `nsm_core::engine::upstream`).
     epochs: HashMap<PartitionKey, Epoch>,
     last_time_records: Option<Instant>,
+    /// The backfills of metrics added or changed (docs/design/backfill.md).
+    backfills: Option<Backfills>,
+    /// The backfill the consumer waits for (it holds), since when; and those that made it
+    /// wait too long, not waited for again until then.
+    closing: Option<(PartitionKey, Instant)>,
+    close_again_after: HashMap<PartitionKey, Instant>,
 }
 
 /// A checkpoint being stored on its own thread, and what to publish once it is.
@@ -207,6 +218,7 @@ pub struct PipelineParts {
     pub stuck_after: Duration,
     pub clock: EventClock,
     pub repartition: Option<Repartition>,
+    pub backfills: Option<Backfills>,
 }
 
 impl Pipeline {
@@ -253,6 +265,9 @@ impl Pipeline {
             repartition: parts.repartition,
             epochs: HashMap::new(),
             last_time_records: None,
+            backfills: parts.backfills,
+            closing: None,
+            close_again_after: HashMap::new(),
         }
     }
 
@@ -357,6 +372,17 @@ impl Pipeline {
             self.release_frames();
         }
         for key in partitions {
+            if let Some(backfills) = &self.backfills {
+                backfills.forget(key);
+                self.telemetry.forget_backfill(key);
+            }
+            if self
+                .closing
+                .as_ref()
+                .is_some_and(|(closing, _)| closing == key)
+            {
+                self.closing = None;
+            }
             self.engine.remove_partition(key);
             self.epochs.remove(key);
             self.last_message.remove(key);
@@ -617,6 +643,101 @@ impl Pipeline {
         }
     }
 
+    /// Moves the backfills' targets to their live partitions, waits for one close to its
+    /// live partition (the consumer holds meanwhile), and swaps in those that reached it.
+    fn follow_backfills(&mut self) {
+        let Some(backfills) = &self.backfills else {
+            return;
+        };
+        for (key, _) in backfills.failures() {
+            self.telemetry.forget_backfill(&key);
+        }
+        let mut swap = None;
+        let mut close = None;
+        for (key, metrics, progress) in backfills.status() {
+            let Some(live_next) = self.engine.next_offset(&key) else {
+                continue;
+            };
+            self.telemetry
+                .record_backfill_progress(&key, progress.ratio());
+            if progress.ready && progress.next == live_next {
+                swap = Some((key, metrics, progress.since_ms));
+                break;
+            }
+            backfills.set_target(&key, live_next);
+            let near = progress.next > 0 && live_next - progress.next <= BACKFILL_CLOSE_OFFSETS;
+            let may_wait = self
+                .close_again_after
+                .get(&key)
+                .is_none_or(|after| Instant::now() >= *after);
+            if near && may_wait && self.closing.is_none() && close.is_none() {
+                close = Some(key);
+            }
+        }
+        if let Some((key, metrics, since_ms)) = swap {
+            self.closing = None;
+            if let Err(HandlerError(message)) = self.swap_backfill(&key, &metrics, since_ms) {
+                error!(partition = %key, error = %message, "the swap of a backfill failed");
+            }
+            return;
+        }
+        match (&self.closing, close) {
+            (Some((key, since)), _) if since.elapsed() >= BACKFILL_CLOSE_PATIENCE => {
+                warn!(partition = %key, "a backfill did not reach its live partition within 10 s while the consumer waited for it: going on, and trying again in a minute");
+                self.close_again_after
+                    .insert(key.clone(), Instant::now() + Duration::from_secs(60));
+                self.closing = None;
+            }
+            (None, Some(key)) => self.closing = Some((key, Instant::now())),
+            _ => {}
+        }
+    }
+
+    /// Replaces the live partition's data of the backfilled metrics with the backfill's, which
+    /// holds the partition at the same offset; the changelog gets the partition whole.
+    fn swap_backfill(
+        &mut self,
+        key: &PartitionKey,
+        metrics: &[usize],
+        since_ms: Option<i64>,
+    ) -> Result<(), HandlerError> {
+        // The live partition's changes stored: the store is what the engine holds.
+        self.persist_now()?;
+        let Some(backfills) = &self.backfills else {
+            return Ok(());
+        };
+        let names: Vec<String> = metrics
+            .iter()
+            .map(|metric| self.engine.plan().metrics()[*metric].name.clone())
+            .collect();
+        let swapped: Result<(), String> = names.iter().try_for_each(|name| {
+            self.store
+                .replace_metric(key, name, backfills.store(), since_ms)
+                .map_err(|error| format!("cannot swap the backfill of {name} in: {error}"))
+        });
+        let reloaded = swapped.and_then(|()| {
+            self.store
+                .load_partition(key)
+                .map_err(|error| format!("cannot load partition {key}: {error}"))
+        });
+        let snapshot = match reloaded {
+            Ok(snapshot) => snapshot,
+            Err(message) => return Err(self.failed(message)),
+        };
+        self.engine.restore_partition(key.clone(), snapshot);
+        if let Some(changelog) = &self.changelog {
+            if let Err(message) = changelog.reseed(&self.store, key) {
+                return Err(self.failed(message));
+            }
+        }
+        backfills.swapped(key);
+        self.telemetry.record_backfill_progress(key, 1.0);
+        info!(partition = %key, metrics = ?names, whole_from = ?since_ms,
+              "backfill swapped in: the metrics added or changed now hold the partition's history");
+        self.publish_now();
+        Ok(())
+    }
+
     /// Publishes the engine's values as they are: only when they are all stored.
     fn publish_now(&mut self) {
         let snapshot = self.snapshot();
@@ -780,6 +901,13 @@ impl PartitionHandler for Pipeline {
                 };
                 self.epochs.insert(key.clone(), epoch);
             }
+            if let (Some(backfills), Some(target)) = (&self.backfills, snapshot.next_offset) {
+                let late = late_metrics(self.engine.plan(), &snapshot.metric_since);
+                if !late.is_empty() && !self.is_repartition(&key) {
+                    backfills.want(&key, late, target);
+                    self.telemetry.record_backfill_progress(&key, 0.0);
+                }
+            }
             self.engine.restore_partition(key.clone(), snapshot);
             self.last_message.insert(key, Instant::now());
         }
@@ -922,14 +1050,16 @@ impl PartitionHandler for Pipeline {
     }
 
     fn hold(&self) -> bool {
-        self.writing() && self.engine.checkpoint_overdue()
+        (self.writing() && self.engine.checkpoint_overdue()) || self.closing.is_some()
     }
 
     fn wait_for_store(&mut self, patience: Duration) -> bool {
         let waiting = Instant::now();
         if self.hold() {
-            if let Some(in_flight) = &self.in_flight {
-                in_flight.ended.wait(patience);
+            match &self.in_flight {
+                Some(in_flight) if self.writing() => in_flight.ended.wait(patience),
+                // A backfill's last stretch: its runner reads it meanwhile.
+                _ => std::thread::sleep(patience.min(Duration::from_millis(20))),
             }
             self.tick();
         }
@@ -946,6 +1076,9 @@ impl PartitionHandler for Pipeline {
             // A failure is kept in `self.failure` and stops the consumer at its next
             // checkpoint.
             let _ = self.settle();
+        }
+        if self.backfills.is_some() && self.failure.is_none() {
+            self.follow_backfills();
         }
         if self.last_idle_check.elapsed() >= IDLE_CHECK_INTERVAL {
             self.last_idle_check = Instant::now();
@@ -1063,6 +1196,7 @@ window = "1d"
             liveness: Arc::new(Liveness::default()),
             stuck_after: Duration::from_secs(300),
             clock: EventClock::wall(),
+            backfills: None,
             repartition: None,
         })
     }

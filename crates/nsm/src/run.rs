@@ -180,6 +180,26 @@ pub fn run_pipeline_with_clock(
             None
         }
     };
+    // Metrics added or changed are backfilled from the history into a store of their own,
+    // beside the live one (docs/design/backfill.md).
+    let backfill_dir = crate::backfill::backfill_path(&config.state.path);
+    std::fs::create_dir_all(&backfill_dir).with_context(|| {
+        format!(
+            "cannot create the backfill directory {}",
+            backfill_dir.display()
+        )
+    })?;
+    let backfill_store = Store::open(&backfill_dir, &plan, &StoreOptions::default())?;
+    let backfills = crate::backfill::Backfills::start(
+        plan.clone(),
+        backfill_store,
+        backfill_dir,
+        client_settings(&config),
+        // Each backfilling partition's engine: a share of the live budget.
+        (config.state.memory_limit / 8).max(1 << 20),
+        clock,
+    )
+    .context("cannot start the backfill thread")?;
     let options = ConsumerOptions {
         client: client_settings(&config),
         topics: config.kafka.topics.clone(),
@@ -207,6 +227,7 @@ pub fn run_pipeline_with_clock(
         stuck_after: stuck_after(&config),
         clock,
         repartition,
+        backfills: Some(backfills),
     });
     let consumer_stop = stop.clone();
     let consumer = std::thread::Builder::new()

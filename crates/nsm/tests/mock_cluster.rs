@@ -1483,3 +1483,89 @@ fn copies_of_events_on_different_partitions_count_once_when_deduplicated_across_
     assert_eq!(sample(&samples, "nsm_events_duplicate_total"), 20.0);
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
+
+/// A metric added to the config while nsm already has state is computed from the topic's
+/// retained history, while the others keep running, and swapped in: its windows are partial
+/// until then, whole after, and it keeps the members it found in the history.
+#[test]
+fn a_metric_added_is_backfilled_from_the_history_and_swapped_in() {
+    let group = "nsm-backfill";
+    let (_cluster, brokers) = cluster_for(group, 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let before = test_config(&brokers, "events", &dir.path().join("state"), port, group);
+    let after = format!(
+        "{before}\n[[inputs]]\nname = \"hourly_messagers\"\nowner = \"growth-team\"\n\
+         kind = \"distinct\"\nfield = \"user_id\"\nwhere = {{ event = \"message_sent\" }}\n\
+         window = \"1h\"\n"
+    );
+    let mut history = sent_now("a", 10, 0);
+    history.extend(sent_now("a", 10, 0));
+    history.extend(sent_now("a", 10, 0));
+    produce(&brokers, "events", dir.path(), &history, &[]);
+    let mut nsm = spawn_nsm(dir.path(), "nsm-1", &before);
+    wait_for("30 messages", Duration::from_secs(60), Some(&nsm), || {
+        (messages(&scrape(port)?)? == 30.0).then_some(())
+    });
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+
+    produce(&brokers, "events", dir.path(), &sent_now("b", 5, 0), &[]);
+    let mut nsm = spawn_nsm(dir.path(), "nsm-2", &after);
+    let backfilled = |samples: &std::collections::BTreeMap<String, f64>| {
+        (
+            sample(
+                samples,
+                "nsm_backfill_progress_ratio{partition=\"0\",topic=\"events\"}",
+            ),
+            metric_value(samples, "hourly_messagers", "current").unwrap_or(-1.0),
+            sample(
+                samples,
+                "nsm_metric_window_partial{metric=\"hourly_messagers\",window=\"current\"}",
+            ),
+            messages(samples).unwrap_or(-1.0),
+        )
+    };
+    wait_for(
+        "the added metric backfilled",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || (backfilled(&scrape(port)?) == (1.0, 15.0, 0.0, 35.0)).then_some(()),
+    );
+    assert!(
+        nsm.log_text().contains("backfill swapped in"),
+        "{}",
+        nsm.log_text()
+    );
+    // The changelog has the swapped state at once: an instance killed right after the swap
+    // and its state directory lost restore it from the changelog, whole.
+    nsm.kill_9();
+    std::fs::remove_dir_all(dir.path().join("state")).expect("remove state");
+    std::fs::remove_dir_all(dir.path().join("state-backfill")).expect("remove backfill");
+    let mut nsm = spawn_nsm(dir.path(), "nsm-3", &after);
+    wait_for(
+        "the swapped state restored",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            // No backfill left to run: the progress series is not exported.
+            (backfilled(&scrape(port)?) == (-1.0, 15.0, 0.0, 35.0)).then_some(())
+        },
+    );
+    // A user of the history is no new member; a new one is.
+    let mut more = sent_now("a", 1, 0);
+    more.extend(sent_now("c", 1, 0));
+    produce(&brokers, "events", dir.path(), &more, &[]);
+    wait_for("37 messages", Duration::from_secs(60), Some(&nsm), || {
+        (backfilled(&scrape(port)?) == (-1.0, 16.0, 0.0, 37.0)).then_some(())
+    });
+    // And a restart on the local state shows the same.
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+    let mut nsm = spawn_nsm(dir.path(), "nsm-4", &after);
+    wait_for(
+        "the values again",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || (backfilled(&scrape(port)?) == (-1.0, 16.0, 0.0, 37.0)).then_some(()),
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+}
