@@ -4,6 +4,7 @@
 //! business logic of its own.
 
 mod backfill;
+mod backfill_watch;
 mod changelog;
 mod clock;
 mod demo;
@@ -83,6 +84,10 @@ enum Command {
     /// the live pipeline: `nsm replay --config candidate.toml --against nsm.toml --from
     /// 2026-11-01`.
     Replay(replay::ReplayArgs),
+    /// Follow a running nsm's backfills of metrics added or changed (their history read again
+    /// and swapped in), with a progress bar per partition, until each is swapped in:
+    /// `nsm backfill --config nsm.toml`.
+    Backfill(backfill_watch::BackfillArgs),
     /// Print the bcrypt hash of a password read from standard input (one line), for
     /// `[http.basic_auth] users`: `nsm hash-password < password-file`.
     HashPassword(tools::HashPasswordArgs),
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
         Command::Rules(args) => generate::write_rules(args),
         Command::Dashboards(args) => generate::write(args, nsm_gen::dashboard),
         Command::Replay(args) => replay::replay(args),
+        Command::Backfill(args) => backfill_watch::watch(args),
         Command::HashPassword(args) => tools::hash_password(args),
     };
     match result {

@@ -1511,6 +1511,17 @@ fn a_metric_added_is_backfilled_from_the_history_and_swapped_in() {
 
     produce(&brokers, "events", dir.path(), &sent_now("b", 5, 0), &[]);
     let mut nsm = spawn_nsm(dir.path(), "nsm-2", &after);
+    // `nsm backfill` follows it to the end.
+    let after_path = dir.path().join("nsm-2.toml");
+    let watcher = std::thread::spawn(move || {
+        nsm_tool(&[
+            "backfill",
+            "--config",
+            after_path.to_str().expect("utf8"),
+            "--timeout",
+            "60s",
+        ])
+    });
     let backfilled = |samples: &std::collections::BTreeMap<String, f64>| {
         (
             sample(
@@ -1535,6 +1546,13 @@ fn a_metric_added_is_backfilled_from_the_history_and_swapped_in() {
         nsm.log_text().contains("backfill swapped in"),
         "{}",
         nsm.log_text()
+    );
+    let watched = watcher.join().expect("nsm backfill");
+    assert!(
+        watched.contains("events/0")
+            && watched.contains("100%")
+            && watched.contains("every backfill is swapped in"),
+        "{watched}"
     );
     // The changelog has the swapped state at once: an instance killed right after the swap
     // and its state directory lost restore it from the changelog, whole.
