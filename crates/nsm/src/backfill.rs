@@ -28,6 +28,8 @@ use crate::clock::EventClock;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 /// How often progress is logged.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Messages applied between two looks at what the pipeline wants.
+const MESSAGES_PER_TURN: usize = 1_000;
 
 /// The backfill store's directory: beside the live one (`<state.path>-backfill`).
 pub fn backfill_path(state: &Path) -> PathBuf {
@@ -226,26 +228,34 @@ struct Runner {
 
 impl Runner {
     fn run(mut self, settings: ClientSettings) {
-        let mut reader = match PartitionReader::new(&settings) {
-            Ok(reader) => reader,
-            Err(error) => {
-                error!(error = %error, "cannot start the backfill reader: metrics added or changed stay partial");
-                return;
-            }
-        };
+        // A Kafka client only once some backfill is wanted: most starts need none.
+        let mut reader: Option<PartitionReader> = None;
         let mut last_checkpoint = Instant::now();
         let mut last_log = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            self.follow_wanted(&mut reader);
+            if reader.is_none() && !lock(&self.shared).wanted.is_empty() {
+                match PartitionReader::new(&settings) {
+                    Ok(created) => reader = Some(created),
+                    Err(error) => {
+                        error!(error = %error, "cannot start the backfill reader; trying again");
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            }
+            let Some(reader) = reader.as_mut() else {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            };
+            self.follow_wanted(reader);
             if self.running.is_empty() {
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             }
             let running = &mut self.running;
             let clock = self.clock;
-            let polled = reader.poll(
-                Duration::from_millis(100),
-                &mut |key: &PartitionKey, offset: i64, payload: &[u8], record: &dyn RecordMeta| {
+            let mut apply =
+                |key: &PartitionKey, offset: i64, payload: &[u8], record: &dyn RecordMeta| {
                     let Some(backfill) = running.get_mut(key) else {
                         return;
                     };
@@ -259,8 +269,15 @@ impl Runner {
                             *since = (*since).min(event_time_ms);
                         }
                     }
-                },
-            );
+                };
+            // Up to a batch of messages a turn: the bookkeeping below is per turn.
+            let mut polled = reader.poll(Duration::from_millis(100), &mut apply);
+            for _ in 1..MESSAGES_PER_TURN {
+                match polled {
+                    Ok(true) => polled = reader.poll(Duration::ZERO, &mut apply),
+                    _ => break,
+                }
+            }
             if let Err(error) = polled {
                 error!(error = %error, "reading the history for a backfill failed; trying again");
                 std::thread::sleep(Duration::from_secs(1));
