@@ -1499,13 +1499,20 @@ fn a_metric_added_is_backfilled_from_the_history_and_swapped_in() {
          kind = \"distinct\"\nfield = \"user_id\"\nwhere = {{ event = \"message_sent\" }}\n\
          window = \"1h\"\n"
     );
-    let mut history = sent_now("a", 10, 0);
+    // 5 users in the previous hour, then 10 users three times in this one.
+    let hour_ago = now_ms() - 3_600_000;
+    let mut history: Vec<String> = (0..5)
+        .map(|user| {
+            format!(r#"{{"event":"message_sent","user_id":"p{user}","timestamp":{hour_ago}}}"#)
+        })
+        .collect();
+    history.extend(sent_now("a", 10, 0));
     history.extend(sent_now("a", 10, 0));
     history.extend(sent_now("a", 10, 0));
     produce(&brokers, "events", dir.path(), &history, &[]);
     let mut nsm = spawn_nsm(dir.path(), "nsm-1", &before);
-    wait_for("30 messages", Duration::from_secs(60), Some(&nsm), || {
-        (messages(&scrape(port)?)? == 30.0).then_some(())
+    wait_for("35 messages", Duration::from_secs(60), Some(&nsm), || {
+        (messages(&scrape(port)?)? == 35.0).then_some(())
     });
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 
@@ -1536,11 +1543,26 @@ fn a_metric_added_is_backfilled_from_the_history_and_swapped_in() {
             messages(samples).unwrap_or(-1.0),
         )
     };
-    wait_for(
+    let samples = wait_for(
         "the added metric backfilled",
         Duration::from_secs(60),
         Some(&nsm),
-        || (backfilled(&scrape(port)?) == (1.0, 15.0, 0.0, 35.0)).then_some(()),
+        || {
+            let samples = scrape(port)?;
+            (backfilled(&samples) == (1.0, 15.0, 0.0, 40.0)).then_some(samples)
+        },
+    );
+    // Its past window too: the previous hour's users, read from the history.
+    assert_eq!(
+        metric_value(&samples, "hourly_messagers", "previous"),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "nsm_metric_window_partial{metric=\"hourly_messagers\",window=\"previous\"}"
+        ),
+        0.0
     );
     assert!(
         nsm.log_text().contains("backfill swapped in"),
@@ -1566,15 +1588,15 @@ fn a_metric_added_is_backfilled_from_the_history_and_swapped_in() {
         Some(&nsm),
         || {
             // No backfill left to run: the progress series is not exported.
-            (backfilled(&scrape(port)?) == (-1.0, 15.0, 0.0, 35.0)).then_some(())
+            (backfilled(&scrape(port)?) == (-1.0, 15.0, 0.0, 40.0)).then_some(())
         },
     );
     // A user of the history is no new member; a new one is.
     let mut more = sent_now("a", 1, 0);
     more.extend(sent_now("c", 1, 0));
     produce(&brokers, "events", dir.path(), &more, &[]);
-    wait_for("37 messages", Duration::from_secs(60), Some(&nsm), || {
-        (backfilled(&scrape(port)?) == (-1.0, 16.0, 0.0, 37.0)).then_some(())
+    wait_for("42 messages", Duration::from_secs(60), Some(&nsm), || {
+        (backfilled(&scrape(port)?) == (-1.0, 16.0, 0.0, 42.0)).then_some(())
     });
     // And a restart on the local state shows the same.
     assert!(nsm.terminate(Duration::from_secs(30)).success());
@@ -1583,7 +1605,7 @@ fn a_metric_added_is_backfilled_from_the_history_and_swapped_in() {
         "the values again",
         Duration::from_secs(60),
         Some(&nsm),
-        || (backfilled(&scrape(port)?) == (-1.0, 16.0, 0.0, 37.0)).then_some(()),
+        || (backfilled(&scrape(port)?) == (-1.0, 16.0, 0.0, 42.0)).then_some(()),
     );
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
