@@ -360,6 +360,18 @@ impl Store {
         Ok(())
     }
 
+    /// The event watermark of a partition with state (its largest event time before any
+    /// watermark): from there on, a metric starting now sees every event.
+    fn stored_watermark(&self, prefix: &[u8]) -> Result<Option<nsm_core::EpochMillis>, StateError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_PARTITIONS), prefix)?
+            .as_deref()
+            .and_then(decode_partition_meta)
+            .filter(|meta| meta.next_offset.is_some())
+            .and_then(|meta| meta.event_watermark_ms.or(meta.max_event_ms)))
+    }
+
     /// A take's operations on one partition, ended by its meta record as stored: the data of
     /// metrics that changed or left the config deleted (the result names them), and every
     /// configured metric's fingerprint stored.
@@ -381,13 +393,7 @@ impl Store {
         }
         // A metric that starts on a partition that already has state lacks the events before
         // its watermark: its windows starting before are partial (`metric_since`).
-        let watermark = self
-            .db
-            .get_cf(self.cf(CF_PARTITIONS), prefix)?
-            .as_deref()
-            .and_then(decode_partition_meta)
-            .filter(|meta| meta.next_offset.is_some())
-            .and_then(|meta| meta.event_watermark_ms.or(meta.max_event_ms));
+        let watermark = self.stored_watermark(prefix)?;
         let mut discarded = Vec::new();
         for (name, fingerprint) in &stored {
             let reason = match self.metric_index.get(name) {

@@ -26,7 +26,7 @@ const SWAP_MARKER: &[u8] = b"\0swap\0";
 /// Entries copied per batch: a swap of millions of entries holds a few MB at a time.
 const ENTRIES_PER_BATCH: usize = 50_000;
 
-fn swap_key(prefix: &[u8], metric: &str) -> Vec<u8> {
+pub(crate) fn swap_key(prefix: &[u8], metric: &str) -> Vec<u8> {
     [prefix, SWAP_MARKER, metric.as_bytes()].concat()
 }
 
@@ -83,6 +83,44 @@ impl Store {
                 Ok(String::from_utf8_lossy(&entry[marker.len()..]).into_owned())
             })
             .collect()
+    }
+
+    /// Gives up every swap into the partition that was cut short (a crash between its
+    /// batches): each such metric starts again at the partition's watermark, partial before,
+    /// as a metric just added, and is backfilled again. Returns their names.
+    pub fn abandon_unfinished_swaps(&self, key: &PartitionKey) -> Result<Vec<String>, StateError> {
+        let metrics = self.unfinished_swaps(key)?;
+        if metrics.is_empty() {
+            return Ok(metrics);
+        }
+        let since_ms = self
+            .stored_watermark(&partition_prefix(key))?
+            .unwrap_or(EpochMillis::MIN);
+        for metric in &metrics {
+            self.abandon_swap(key, metric, since_ms)?;
+        }
+        Ok(metrics)
+    }
+
+    /// Says the partition's data of `metrics` lacks the events before `since_ms`, unless
+    /// something was said of them already: a partition of the repartition topic starting
+    /// empty while the input topics have history, whose metrics are then backfilled.
+    pub fn start_partial(
+        &self,
+        key: &PartitionKey,
+        metrics: &[String],
+        since_ms: EpochMillis,
+    ) -> Result<(), StateError> {
+        let prefix = partition_prefix(key);
+        let mut batch = WriteBatch::default();
+        for metric in metrics {
+            let since = since_key(&prefix, metric);
+            if self.db.get_cf(self.cf(CF_FINGERPRINTS), &since)?.is_none() {
+                batch.put_cf(self.cf(CF_FINGERPRINTS), since, since_ms.to_be_bytes());
+            }
+        }
+        self.db.write(batch)?;
+        Ok(())
     }
 
     /// Gives a cut-short swap up: the partition's data of `metric` is deleted, and starts at

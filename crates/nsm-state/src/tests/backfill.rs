@@ -120,9 +120,31 @@ fn a_metric_backfilled_over_the_history_and_swapped_in_equals_one_there_from_the
     );
     drop(engine);
 
-    // Given up instead: the metric starts again, partial.
-    live.abandon_swap(&key(0), "weekly_payers", NOW - 60_000)
-        .expect("abandon");
+    // A swap cut short (its marker left, as a crash between its batches leaves it) is
+    // given up at the next take: the metric starts again, partial, to be backfilled again.
+    let marker = crate::swap::swap_key(&partition_prefix(&key(0)), "weekly_payers");
+    live.db
+        .put_cf(live.cf(CF_FINGERPRINTS), marker, [])
+        .expect("marker");
+    assert_eq!(
+        live.unfinished_swaps(&key(0)).expect("swaps"),
+        ["weekly_payers"]
+    );
+    assert_eq!(
+        live.abandon_unfinished_swaps(&key(0)).expect("abandon"),
+        ["weekly_payers"]
+    );
+    assert!(live.unfinished_swaps(&key(0)).expect("swaps").is_empty());
+    let snapshot = live.load_partition(&key(0)).expect("load");
+    assert_eq!(
+        snapshot
+            .metric_since
+            .iter()
+            .map(|(metric, _)| *metric)
+            .collect::<Vec<_>>(),
+        [added],
+        "backfilled again at the next take"
+    );
     let abandoned = values_after_restore(&live, &after);
     assert!(abandoned[added].current.partial);
     assert_eq!(abandoned[added].current.value, AggValue::Distinct(0));
