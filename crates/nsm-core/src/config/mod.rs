@@ -139,6 +139,9 @@ pub struct StateConfig {
     /// `engine::DEFAULT_STATE_MEMORY`); past it, entries are read back from RocksDB.
     pub memory_limit: usize,
     pub sync_writes: bool,
+    /// `state.backfill_rate`: history messages a backfill reads per second, over all its
+    /// partitions; `None` reads as fast as it can.
+    pub backfill_rate: Option<u32>,
     /// The compacted topic every state change is also written to, from which the instance a
     /// partition moves to restores it; `None` when `state.changelog = false`.
     pub changelog_topic: Option<String>,

@@ -89,6 +89,7 @@ pub struct RawState {
     pub retention: Option<String>,
     pub flush_interval: Option<String>,
     pub flush_max_entries: Option<i64>,
+    pub backfill_rate: Option<i64>,
     pub memory_limit: Option<toml::Value>,
     pub sync_writes: Option<bool>,
     pub changelog: Option<bool>,

@@ -36,6 +36,7 @@ fn example_config_is_valid_and_typed() {
     assert_eq!(config.time.calendar.zone_name(), "Europe/Berlin");
     assert_eq!(config.state.flush_max_entries, 100_000);
     assert_eq!(config.state.memory_limit, 128 << 20);
+    assert_eq!(config.state.backfill_rate, None, "as fast as it reads");
     assert_eq!(config.metrics.len(), 8);
     let north_star = &config.metrics[0];
     assert_eq!(north_star.name, "weekly_active_messagers");
@@ -68,6 +69,7 @@ allowed_lateness = "soon"
 [state]
 flush_max_entries = 10
 memory_limit = "12"
+backfill_rate = 0
 [north_star]
 name = "Bad Name"
 kind = "median"
@@ -88,6 +90,7 @@ window = "1d"
         "time.allowed_lateness",
         "state.flush_max_entries",
         "state.memory_limit",
+        "state.backfill_rate",
         "north_star.name",
         "north_star.kind",
         "north_star.window",

@@ -752,6 +752,17 @@ fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfi
             None
         }
     };
+    let backfill_rate = match state.backfill_rate {
+        None => Some(None),
+        Some(rate) if (1..=10_000_000).contains(&rate) => u32::try_from(rate).ok().map(Some),
+        Some(_) => {
+            problems.add(
+                "state.backfill_rate",
+                "must be between 1 and 10000000 (history messages a backfill reads per second)",
+            );
+            None
+        }
+    };
     let memory_limit = match &state.memory_limit {
         None => Some(crate::engine::DEFAULT_STATE_MEMORY),
         Some(value) => match parse_size(value) {
@@ -801,6 +812,7 @@ fn validate_state(raw: &RawConfig, problems: &mut Problems) -> Option<StateConfi
         flush_max_entries: flush_max_entries?,
         memory_limit: memory_limit?,
         sync_writes: state.sync_writes.unwrap_or(true),
+        backfill_rate: backfill_rate?,
         changelog_topic,
     })
 }

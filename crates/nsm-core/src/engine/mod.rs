@@ -203,6 +203,26 @@ impl Engine {
         self.partitions.keys()
     }
 
+    /// What a partition of the repartition topic knows of its sources (`None` for an input
+    /// partition, or one that heard nothing yet).
+    pub fn upstream(&self, key: &PartitionKey) -> Option<&Upstream> {
+        self.partitions.get(key)?.upstream.as_ref()
+    }
+
+    /// Raises the marks of `group`'s records from each source to the given next offset: a
+    /// backfill swapped in counted the events before them (docs/design/backfill.md).
+    pub fn raise_marks(&mut self, key: &PartitionKey, group: usize, next: &[(PartitionKey, i64)]) {
+        let group_field = self.plan.rekey_name(group).to_string();
+        let Some(state) = self.partitions.get_mut(key) else {
+            return;
+        };
+        let upstream = state.upstream.get_or_insert_with(Upstream::default);
+        for (source, next_offset) in next {
+            upstream.raise_mark(&source.topic, source.partition, &group_field, *next_offset);
+        }
+        state.pending.upstream_dirty = true;
+    }
+
     /// The offset to resume a partition from: the first not yet applied.
     pub fn next_offset(&self, key: &PartitionKey) -> Option<i64> {
         self.partitions.get(key).and_then(|state| state.next_offset)
@@ -298,7 +318,7 @@ impl Engine {
         // A rejected event is done with too: its source offset is not applied again.
         let applied = fresh && !matches!(outcome, Outcome::StateUnreadable(_));
         let upstream = state.upstream.get_or_insert_with(Upstream::default);
-        if upstream.note(forwarded, applied) {
+        if upstream.note(forwarded, applied, payload.is_empty()) {
             state.pending.upstream_dirty = true;
         }
         state.follow_upstream();

@@ -9,6 +9,10 @@
 //! Marks are per source partition and group (the field re-keyed by): one event forwarded for
 //! two groups to the same partition is two records of the same source offset.
 //!
+//! A record carrying only time says its source's next offset: every event before it was
+//! forwarded ahead of it, so its group's mark moves there too. A backfill of a re-keyed metric
+//! reads each source up to that mark (docs/design/backfill.md).
+//!
 //! The partition's watermark is the smallest of its sources' watermarks once every partition of
 //! every input topic has reported: an event its source accepted is then never late here, and a
 //! window completes only once every source has passed it. A source without any event yet
@@ -136,6 +140,20 @@ impl Upstream {
             .sum()
     }
 
+    /// Raises the mark of a source and group to `next_offset`: the events before it counted
+    /// already (a backfill swapped in read them).
+    pub fn raise_mark(&mut self, topic: &str, partition: i32, group_field: &str, next_offset: i64) {
+        self.marks_of(topic, group_field)
+            .entry(partition)
+            .and_modify(|mark| mark.next_offset = mark.next_offset.max(next_offset))
+            .or_insert(Mark {
+                next_offset,
+                epoch: Epoch::default(),
+                watermark_ms: None,
+                clock_ms: None,
+            });
+    }
+
     /// Sets a mark, as a stored state gives it back.
     pub fn insert_mark(&mut self, topic: &str, partition: i32, group_field: &str, mark: Mark) {
         self.marks_of(topic, group_field).insert(partition, mark);
@@ -153,8 +171,9 @@ impl Upstream {
     }
 
     /// Takes what a record says of its source: its event applied (`applied`), or only its
-    /// time. Returns whether anything changed.
-    pub fn note(&mut self, record: &Forwarded<'_>, applied: bool) -> bool {
+    /// time; a record of time alone (`time_only`) says every event of its group before its
+    /// offset was sent ahead of it. Returns whether anything changed.
+    pub fn note(&mut self, record: &Forwarded<'_>, applied: bool, time_only: bool) -> bool {
         let mut changed = false;
         for (topic, partitions) in record.topics.iter() {
             if self.topics.get(topic) != Some(&partitions) {
@@ -180,6 +199,8 @@ impl Upstream {
         mark.epoch = record.epoch;
         if applied {
             mark.next_offset = mark.next_offset.max(record.offset + 1);
+        } else if time_only {
+            mark.next_offset = mark.next_offset.max(record.offset);
         }
         mark.watermark_ms = later(mark.watermark_ms, record.watermark_ms);
         mark.clock_ms = later(mark.clock_ms, record.clock_ms);
@@ -257,14 +278,14 @@ mod tests {
         for offset in 0..5 {
             let sent = record(topics, 0, offset, 0);
             assert!(upstream.admits(&sent));
-            upstream.note(&sent, true);
+            upstream.note(&sent, true, false);
         }
         // Its successor resumed from its last stored offset, 3: 3 and 4 were applied.
         let again: Vec<bool> = (3..7)
             .map(|offset| {
                 let sent = record(topics, 0, offset, 3);
                 let admitted = upstream.admits(&sent);
-                upstream.note(&sent, admitted);
+                upstream.note(&sent, admitted, false);
                 admitted
             })
             .collect();
@@ -279,18 +300,49 @@ mod tests {
         let topics = topics();
         let mut upstream = Upstream::default();
         assert_eq!(upstream.time(), None);
-        upstream.note(&record(topics, 1, 500, 0), true);
+        upstream.note(&record(topics, 1, 500, 0), true, false);
         assert_eq!(upstream.time(), None, "partition 0 has not reported");
-        upstream.note(&record(topics, 0, 20, 0), true);
+        upstream.note(&record(topics, 0, 20, 0), true, false);
         assert_eq!(upstream.time(), Some((1_020, 1_020)));
         // A watermark never goes back, whatever a record says.
         let mut older = record(topics, 0, 21, 0);
         older.watermark_ms = Some(10);
-        upstream.note(&older, true);
+        upstream.note(&older, true, false);
         assert_eq!(upstream.time(), Some((1_020, 1_021)));
         // A partition added to the input topic holds time until it reports.
-        upstream.note(&record("events:3", 1, 501, 0), true);
+        upstream.note(&record("events:3", 1, 501, 0), true, false);
         assert_eq!(upstream.time(), None);
+    }
+
+    #[test]
+    fn a_record_of_time_alone_moves_its_groups_mark_to_the_sources_next_offset() {
+        let topics = topics();
+        let mut upstream = Upstream::default();
+        upstream.note(&record(topics, 0, 10, 0), true, false);
+        // The source read up to 40 and forwarded nothing more of this group: 40 it says.
+        upstream.note(&record(topics, 0, 40, 0), false, true);
+        assert_eq!(
+            upstream.mark("events", 0, "team_id").map(|m| m.next_offset),
+            Some(40)
+        );
+        assert!(!upstream.admits(&record(topics, 0, 39, 0)), "sent again");
+        // An event refused is done with; one only passed on (a group no longer counted) is not.
+        upstream.note(&record(topics, 0, 45, 0), false, false);
+        assert_eq!(
+            upstream.mark("events", 0, "team_id").map(|m| m.next_offset),
+            Some(40)
+        );
+        // A backfill swapped in raises it; a mark never goes back.
+        upstream.raise_mark("events", 1, "team_id", 7);
+        upstream.raise_mark("events", 0, "team_id", 30);
+        assert_eq!(
+            upstream.mark("events", 1, "team_id").map(|m| m.next_offset),
+            Some(7)
+        );
+        assert_eq!(
+            upstream.mark("events", 0, "team_id").map(|m| m.next_offset),
+            Some(40)
+        );
     }
 
     #[test]
@@ -308,11 +360,11 @@ mod tests {
     fn an_older_owner_moves_neither_offsets_nor_time() {
         let topics = topics();
         let mut upstream = Upstream::default();
-        upstream.note(&record(topics, 0, 10, 5), true);
-        upstream.note(&record(topics, 1, 10, 5), true);
+        upstream.note(&record(topics, 0, 10, 5), true, false);
+        upstream.note(&record(topics, 1, 10, 5), true, false);
         let stale = record(topics, 0, 50, 4);
         assert!(!upstream.admits(&stale));
-        assert!(!upstream.note(&stale, false));
+        assert!(!upstream.note(&stale, false, true));
         assert_eq!(upstream.time(), Some((1_010, 1_010)));
     }
 }
