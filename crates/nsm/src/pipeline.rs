@@ -19,7 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nsm_core::engine::{
-    Engine, Epoch, MetricValues, Outcome, PartitionSnapshot, PartitionStatus, Plan,
+    Engine, Epoch, Forwarded, MetricValues, Outcome, PartitionSnapshot, PartitionStatus, Plan,
+    Route,
 };
 use nsm_core::event::RecordMeta;
 use nsm_core::reject::{RejectReason, Rejection};
@@ -33,7 +34,9 @@ use nsm_kafka::{
 use nsm_state::Store;
 use tracing::{error, info, warn};
 
-use crate::backfill::{late_metrics, Backfills};
+use crate::backfill::{
+    late_metrics, Backfills, Targets, CLOSE_PATIENCE as BACKFILL_CLOSE_PATIENCE,
+};
 use crate::changelog::Changelog;
 use crate::clock::EventClock;
 use crate::repartition::{AsOriginal, Origin, Received, Repartition};
@@ -44,10 +47,6 @@ const MAX_LATENCY_SAMPLES: usize = 50_000;
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the owned input partitions' time goes to every repartition partition at most.
 const TIME_RECORD_INTERVAL: Duration = Duration::from_secs(1);
-/// How close to the live partition a backfill must be for the consumer to wait for it (the
-/// last stretch read while nothing more is applied), and how long it waits at most.
-const BACKFILL_CLOSE_OFFSETS: i64 = 20_000;
-const BACKFILL_CLOSE_PATIENCE: Duration = Duration::from_secs(10);
 
 pub use crate::clock::wall_clock_ms;
 
@@ -105,6 +104,9 @@ pub struct Pipeline {
     last_time_records: Option<Instant>,
     /// The backfills of metrics added or changed (docs/design/backfill.md).
     backfills: Option<Backfills>,
+    /// Owned partitions with metrics to backfill, wanted from the runner once their targets
+    /// are known (a repartition partition's, once every source was heard from).
+    late: HashMap<PartitionKey, Vec<usize>>,
     /// The backfill the consumer waits for (it holds), since when; and those that made it
     /// wait too long, not waited for again until then.
     closing: Option<(PartitionKey, Instant)>,
@@ -266,6 +268,7 @@ impl Pipeline {
             epochs: HashMap::new(),
             last_time_records: None,
             backfills: parts.backfills,
+            late: HashMap::new(),
             closing: None,
             close_again_after: HashMap::new(),
         }
@@ -305,13 +308,17 @@ impl Pipeline {
                 &received.forwarded(group),
                 now_ms,
             ),
-            // No metric counts that field any more: only the source's time is taken.
+            // No metric counts that field any more: only the source's time is taken, under no
+            // group (its mark would say the event counted).
             None => self.engine.apply_forwarded(
                 key,
                 offset,
                 &[],
                 &original,
-                &received.forwarded(0),
+                &Forwarded {
+                    group_field: "",
+                    ..received.forwarded(0)
+                },
                 now_ms,
             ),
         };
@@ -376,6 +383,7 @@ impl Pipeline {
                 backfills.forget(key);
                 self.telemetry.forget_backfill(key);
             }
+            self.late.remove(key);
             if self
                 .closing
                 .as_ref()
@@ -643,6 +651,53 @@ impl Pipeline {
         }
     }
 
+    /// The repartition topic and its metrics' names, when backfills run: a partition of it
+    /// starting empty has them backfilled.
+    fn rekeyed_to_backfill(&self) -> Option<(String, Vec<String>)> {
+        let repartition = self
+            .repartition
+            .as_ref()
+            .filter(|_| self.backfills.is_some())?;
+        let plan = self.engine.plan();
+        let metrics = (0..plan.metrics().len())
+            .filter(|metric| matches!(plan.route(*metric), Route::Rekeyed(_)))
+            .map(|metric| plan.metrics()[metric].name.clone())
+            .collect();
+        Some((repartition.topic.clone(), metrics))
+    }
+
+    /// Where a backfill of `metrics` into `key` reads each source up to: an input partition's
+    /// next offset; for a repartition partition, how far it heard from each source for the
+    /// metrics' group (`None` until every source was heard from).
+    fn live_targets(&self, key: &PartitionKey, metrics: &[usize]) -> Option<Targets> {
+        if !self.is_repartition(key) {
+            return Some(Targets::from([(
+                key.clone(),
+                self.engine.next_offset(key)?,
+            )]));
+        }
+        let plan = self.engine.plan();
+        let Route::Rekeyed(group) = plan.route(*metrics.first()?) else {
+            return None;
+        };
+        let upstream = self.engine.upstream(key)?;
+        if upstream.topics.is_empty() {
+            return None;
+        }
+        let mut targets = Targets::new();
+        for (topic, partitions) in &upstream.topics {
+            for partition in 0..*partitions {
+                let partition = i32::try_from(partition).ok()?;
+                let mark = upstream.mark(topic, partition, plan.rekey_name(group))?;
+                targets.insert(
+                    PartitionKey::new(topic.as_str(), partition),
+                    mark.next_offset,
+                );
+            }
+        }
+        Some(targets)
+    }
+
     /// Moves the backfills' targets to their live partitions, waits for one close to its
     /// live partition (the consumer holds meanwhile), and swaps in those that reached it.
     fn follow_backfills(&mut self) {
@@ -651,21 +706,28 @@ impl Pipeline {
         };
         for (key, _) in backfills.failures() {
             self.telemetry.forget_backfill(&key);
+            self.late.remove(&key);
+        }
+        for (key, metrics) in &self.late {
+            if let Some(targets) = self.live_targets(key, metrics) {
+                backfills.want(key, metrics.clone(), targets);
+            }
         }
         let mut swap = None;
         let mut close = None;
+        let close_offsets = backfills.close_offsets();
         for (key, metrics, progress) in backfills.status() {
-            let Some(live_next) = self.engine.next_offset(&key) else {
+            let Some(live) = self.live_targets(&key, &metrics) else {
                 continue;
             };
             self.telemetry
                 .record_backfill_progress(&key, progress.ratio());
-            if progress.ready && progress.next == live_next {
-                swap = Some((key, metrics, progress.since_ms));
+            if progress.ready.as_ref() == Some(&live) {
+                swap = Some((key, metrics, progress.since_ms, live));
                 break;
             }
-            backfills.set_target(&key, live_next);
-            let near = progress.next > 0 && live_next - progress.next <= BACKFILL_CLOSE_OFFSETS;
+            let behind = live.values().sum::<i64>() - progress.next;
+            let near = progress.next > 0 && behind <= close_offsets;
             let may_wait = self
                 .close_again_after
                 .get(&key)
@@ -674,9 +736,11 @@ impl Pipeline {
                 close = Some(key);
             }
         }
-        if let Some((key, metrics, since_ms)) = swap {
+        if let Some((key, metrics, since_ms, reached)) = swap {
             self.closing = None;
-            if let Err(HandlerError(message)) = self.swap_backfill(&key, &metrics, since_ms) {
+            if let Err(HandlerError(message)) =
+                self.swap_backfill(&key, &metrics, since_ms, reached)
+            {
                 error!(partition = %key, error = %message, "the swap of a backfill failed");
             }
             return;
@@ -695,11 +759,15 @@ impl Pipeline {
 
     /// Replaces the live partition's data of the backfilled metrics with the backfill's, which
     /// holds the partition at the same offset; the changelog gets the partition whole.
+    /// For a repartition partition, its marks of the metrics' group are raised to the targets
+    /// the backfill `reached`: events before them counted in the backfill, and a source sending
+    /// them again is not counted twice.
     fn swap_backfill(
         &mut self,
         key: &PartitionKey,
         metrics: &[usize],
         since_ms: Option<i64>,
+        reached: Targets,
     ) -> Result<(), HandlerError> {
         // The live partition's changes stored: the store is what the engine holds.
         self.persist_now()?;
@@ -724,12 +792,28 @@ impl Pipeline {
             Ok(snapshot) => snapshot,
             Err(message) => return Err(self.failed(message)),
         };
+        let repartition = self.is_repartition(key);
+        let still_late = late_metrics(self.engine.plan(), &snapshot.metric_since, repartition);
+        let snapshot = holding_only_own_data(self.engine.plan(), snapshot, repartition);
         self.engine.restore_partition(key.clone(), snapshot);
+        if let Some(Route::Rekeyed(group)) = metrics.first().map(|m| self.engine.plan().route(*m)) {
+            let reached: Vec<(PartitionKey, i64)> = reached.into_iter().collect();
+            self.engine.raise_marks(key, group, &reached);
+            self.persist_now()?;
+        }
         if let Some(changelog) = &self.changelog {
             if let Err(message) = changelog.reseed(&self.store, key) {
                 return Err(self.failed(message));
             }
         }
+        // Another group's re-keyed metrics are backfilled next.
+        self.late.remove(key);
+        if !still_late.is_empty() {
+            self.late.insert(key.clone(), still_late);
+        }
+        let Some(backfills) = &self.backfills else {
+            return Ok(());
+        };
         backfills.swapped(key);
         self.telemetry.record_backfill_progress(key, 1.0);
         info!(partition = %key, metrics = ?names, whole_from = ?since_ms,
@@ -791,12 +875,16 @@ fn write_alone<T>(
 /// when another instance wrote it since, an unfinished write reverted, data of changed
 /// metrics dropped. Runs off the consumer thread (see [`Restore`]); no checkpoint is in
 /// flight meanwhile, so its writes are the only ones.
+///
+/// `rekeyed`, for a partition of the repartition topic: its metrics, which lack the input
+/// topics' history when it starts empty, and are then backfilled.
 fn adopt(
     store: &Store,
     changelog: Option<&Changelog>,
     telemetry: &Telemetry,
     readiness: &Readiness,
     key: &PartitionKey,
+    rekeyed: &[String],
     cancel: &AtomicBool,
 ) -> Result<PartitionSnapshot, String> {
     let started = Instant::now();
@@ -835,13 +923,64 @@ fn adopt(
               elapsed_ms = (seconds * 1000.0) as u64, "partition restored from the changelog");
     }
     telemetry.record_restore(key, seconds, records);
+    abandon_unfinished_swaps(store, changelog, key)?;
     let loading = Instant::now();
-    let snapshot = store
-        .load_partition(key)
-        .map_err(|state_error| format!("cannot load partition {key}: {state_error}"))?;
+    let load = || {
+        store
+            .load_partition(key)
+            .map_err(|state_error| format!("cannot load partition {key}: {state_error}"))
+    };
+    let mut snapshot = load()?;
+    if !rekeyed.is_empty() && snapshot.next_offset.is_none() {
+        store
+            .start_partial(key, rekeyed, wall_clock_ms())
+            .map_err(|error| format!("partition {key}: {error}"))?;
+        if let Some(changelog) = changelog {
+            changelog.reseed(store, key)?;
+        }
+        snapshot = load()?;
+        info!(partition = %key, metrics = ?rekeyed,
+              "a repartition partition starting empty: its metrics are partial until backfilled from the input topics' history");
+    }
     info!(partition = %key, next_offset = ?snapshot.next_offset, windows = snapshot.windows.len(),
           elapsed_ms = loading.elapsed().as_millis() as u64, "partition state restored");
     Ok(snapshot)
+}
+
+/// A partition's `metric_since` of the metrics whose data it holds: an input partition's of
+/// those counted locally, a repartition partition's of the re-keyed ones. Every partition
+/// taken is told of every metric added, but one it does not count makes no window partial.
+fn holding_only_own_data(
+    plan: &Plan,
+    mut snapshot: PartitionSnapshot,
+    repartition: bool,
+) -> PartitionSnapshot {
+    snapshot
+        .metric_since
+        .retain(|(metric, _)| matches!(plan.route(*metric), Route::Rekeyed(_)) == repartition);
+    snapshot
+}
+
+/// A backfill's swap cut short by a crash left the partition's data of its metrics part old,
+/// part new: given up, each starts again partial and is backfilled again; the changelog gets
+/// the partition whole, as after a swap.
+fn abandon_unfinished_swaps(
+    store: &Store,
+    changelog: Option<&Changelog>,
+    key: &PartitionKey,
+) -> Result<(), String> {
+    let abandoned = store
+        .abandon_unfinished_swaps(key)
+        .map_err(|error| format!("partition {key}: {error}"))?;
+    if abandoned.is_empty() {
+        return Ok(());
+    }
+    warn!(partition = %key, metrics = ?abandoned,
+          "a backfill's swap was cut short (a crash): these metrics start again, partial, and are backfilled again");
+    if let Some(changelog) = changelog {
+        changelog.reseed(store, key)?;
+    }
+    Ok(())
 }
 
 impl PartitionHandler for Pipeline {
@@ -859,6 +998,7 @@ impl PartitionHandler for Pipeline {
             partitions.len()
         ));
         let partitions = partitions.to_vec();
+        let rekeyed = self.rekeyed_to_backfill();
         let store = self.store.clone();
         let changelog = self.changelog.clone();
         let telemetry = self.telemetry.clone();
@@ -867,12 +1007,17 @@ impl PartitionHandler for Pipeline {
             partitions
                 .into_iter()
                 .map(|key| {
+                    let rekeyed = rekeyed
+                        .as_ref()
+                        .filter(|(topic, _)| **topic == *key.topic)
+                        .map_or(&[][..], |(_, metrics)| metrics.as_slice());
                     adopt(
                         &store,
                         changelog.as_deref(),
                         &telemetry,
                         &readiness,
                         &key,
+                        rekeyed,
                         cancel,
                     )
                     .map(|snapshot| (key, snapshot))
@@ -901,13 +1046,16 @@ impl PartitionHandler for Pipeline {
                 };
                 self.epochs.insert(key.clone(), epoch);
             }
-            if let (Some(backfills), Some(target)) = (&self.backfills, snapshot.next_offset) {
-                let late = late_metrics(self.engine.plan(), &snapshot.metric_since);
-                if !late.is_empty() && !self.is_repartition(&key) {
-                    backfills.want(&key, late, target);
+            let repartition = self.is_repartition(&key);
+            // A partition with state, or one of the repartition topic (started empty).
+            if self.backfills.is_some() && (snapshot.next_offset.is_some() || repartition) {
+                let late = late_metrics(self.engine.plan(), &snapshot.metric_since, repartition);
+                if !late.is_empty() {
+                    self.late.insert(key.clone(), late);
                     self.telemetry.record_backfill_progress(&key, 0.0);
                 }
             }
+            let snapshot = holding_only_own_data(self.engine.plan(), snapshot, repartition);
             self.engine.restore_partition(key.clone(), snapshot);
             self.last_message.insert(key, Instant::now());
         }
@@ -1127,17 +1275,20 @@ impl PartitionHandler for Pipeline {
                 watermark_ms,
                 clock_ms,
             };
+            // One per group: each says its group's events before the offset were all sent.
             for partition in 0..repartition.partitions {
-                records.push(repartition.record(
-                    partition,
-                    0,
-                    None,
-                    false,
-                    &key.topic,
-                    &origin,
-                    &[],
-                    &none,
-                ));
+                for group in 0..self.engine.plan().rekey_fields().len() {
+                    records.push(repartition.record(
+                        partition,
+                        0,
+                        Some(group),
+                        false,
+                        &key.topic,
+                        &origin,
+                        &[],
+                        &none,
+                    ));
+                }
             }
         }
         self.forwarded += records.len() as u64;

@@ -194,10 +194,19 @@ pub fn run_pipeline_with_clock(
         plan.clone(),
         backfill_store,
         backfill_dir,
-        client_settings(&config),
-        // Each backfilling partition's engine: a share of the live budget.
-        (config.state.memory_limit / 8).max(1 << 20),
-        clock,
+        crate::backfill::Setting {
+            settings: client_settings(&config),
+            // Each backfilling partition's engine: a share of the live budget.
+            memory_limit: (config.state.memory_limit / 8).max(1 << 20),
+            clock,
+            rate: config.state.backfill_rate,
+            rekeying: repartition
+                .as_ref()
+                .map(|repartition| crate::backfill::Rekeying {
+                    partitions: repartition.partitions,
+                    inputs: nsm_core::engine::Inputs::text_of(&inputs),
+                }),
+        },
     )
     .context("cannot start the backfill thread")?;
     let options = ConsumerOptions {

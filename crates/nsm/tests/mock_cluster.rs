@@ -1484,6 +1484,209 @@ fn copies_of_events_on_different_partitions_count_once_when_deduplicated_across_
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
 
+/// A metric counting teams while producers key events by user, added to an nsm with state,
+/// is counted through the repartition topic, whose partitions start empty: each backfills it
+/// from every input partition's history, so the teams of the history count, once each.
+#[test]
+fn a_metric_counted_through_the_repartition_topic_is_backfilled_from_every_input_partition() {
+    let group = "nsm-backfill-rekeyed";
+    let (cluster, brokers) = cluster_for(group, 2);
+    cluster
+        .create_topic(&format!("{group}-repartition"), 2, 1)
+        .expect("repartition topic");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let before = test_config(&brokers, "events", &dir.path().join("state"), port, group)
+        .replace("[state]\n", "[state]\nchangelog = false\n");
+    let after = format!(
+        "{before}\n[[inputs]]\nname = \"active_teams\"\nowner = \"growth-team\"\n\
+         kind = \"distinct\"\nfield = \"team_id\"\nwhere = {{ event = \"message_sent\" }}\n\
+         window = \"1d\"\n"
+    );
+    let now = now_ms();
+    let sent = |user: usize, team: usize| {
+        format!(
+            r#"{{"event":"message_sent","user_id":"u{user}","team_id":"t{team}","timestamp":{now}}}"#
+        )
+    };
+    // 40 messages of 20 users in 6 teams, keyed by user: every team on both partitions.
+    let history: Vec<String> = (0..40).map(|n| sent(n % 20, n % 6)).collect();
+    produce(&brokers, "events", dir.path(), &history, &[]);
+    let mut nsm = spawn_nsm(dir.path(), "nsm-1", &before);
+    wait_for("40 messages", Duration::from_secs(60), Some(&nsm), || {
+        (messages(&scrape(port)?)? == 40.0).then_some(())
+    });
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+
+    // Then a new team's messages and an old team's.
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &[sent(30, 9), sent(31, 9), sent(32, 2)],
+        &[],
+    );
+    let mut nsm = spawn_nsm(dir.path(), "nsm-2", &after);
+    let counted = |samples: &std::collections::BTreeMap<String, f64>| {
+        (
+            metric_value(samples, "active_teams", "current").unwrap_or(-1.0),
+            sample(
+                samples,
+                "nsm_metric_window_partial{metric=\"active_teams\",window=\"current\"}",
+            ),
+            messages(samples).unwrap_or(-1.0),
+        )
+    };
+    let samples = wait_for(
+        "the teams of the history counted",
+        Duration::from_secs(90),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (counted(&samples) == (7.0, 0.0, 43.0)).then_some(samples)
+        },
+    );
+    let repartition = format!("{group}-repartition");
+    for partition in 0..2 {
+        assert_eq!(
+            sample(
+                &samples,
+                &format!(
+                    "nsm_backfill_progress_ratio{{partition=\"{partition}\",topic=\"{repartition}\"}}"
+                )
+            ),
+            1.0,
+            "{}",
+            nsm.log_text()
+        );
+    }
+    // Events sent after the swap count once more each, not twice.
+    produce(
+        &brokers,
+        "events",
+        dir.path(),
+        &[sent(33, 10), sent(34, 9)],
+        &[],
+    );
+    wait_for("a team more", Duration::from_secs(60), Some(&nsm), || {
+        (counted(&scrape(port)?) == (8.0, 0.0, 45.0)).then_some(())
+    });
+    // And a restart on the local state shows the same, with nothing left to backfill.
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+    let mut nsm = spawn_nsm(dir.path(), "nsm-3", &after);
+    wait_for(
+        "the same after a restart",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || (counted(&scrape(port)?) == (8.0, 0.0, 45.0)).then_some(()),
+    );
+    assert!(
+        !nsm.log_text().contains("backfill started"),
+        "{}",
+        nsm.log_text()
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+}
+
+/// A log line without its terminal colour codes (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// A backfill killed midway goes on from its last checkpoint, not from the start; meanwhile
+/// the added metric shows partial and the others keep publishing. `state.backfill_rate` paces
+/// it, so there is a midway to kill it in.
+#[test]
+fn a_backfill_killed_midway_goes_on_from_where_it_was() {
+    let group = "nsm-backfill-resume";
+    let (_cluster, brokers) = cluster_for(group, 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let before = test_config(&brokers, "events", &dir.path().join("state"), port, group);
+    let after = format!(
+        "{}\n[[inputs]]\nname = \"hourly_messagers\"\nowner = \"growth-team\"\n\
+         kind = \"distinct\"\nfield = \"user_id\"\nwhere = {{ event = \"message_sent\" }}\n\
+         window = \"1h\"\n",
+        before.replace("[state]\n", "[state]\nbackfill_rate = 1000\n")
+    );
+    // 400 users, 20 messages each: 8,000 messages, 8 s of backfill at 1,000 a second.
+    let history: Vec<String> = (0..20).flat_map(|_| sent_now("u", 400, 0)).collect();
+    produce(&brokers, "events", dir.path(), &history, &[]);
+    let mut nsm = spawn_nsm(dir.path(), "nsm-1", &before);
+    wait_for(
+        "8000 messages",
+        Duration::from_secs(120),
+        Some(&nsm),
+        || (messages(&scrape(port)?)? == 8000.0).then_some(()),
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+
+    let progress = |samples: &std::collections::BTreeMap<String, f64>| {
+        (
+            sample(
+                samples,
+                "nsm_backfill_progress_ratio{partition=\"0\",topic=\"events\"}",
+            ),
+            sample(
+                samples,
+                "nsm_metric_window_partial{metric=\"hourly_messagers\",window=\"current\"}",
+            ),
+            messages(samples).unwrap_or(-1.0),
+        )
+    };
+    let mut nsm = spawn_nsm(dir.path(), "nsm-2", &after);
+    // Midway (past its first checkpoint, 2 s in): partial, the other metrics published.
+    wait_for(
+        "the backfill midway",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let (ratio, partial, messages) = progress(&scrape(port)?);
+            ((0.4..0.9).contains(&ratio) && partial == 1.0 && messages == 8000.0).then_some(())
+        },
+    );
+    nsm.kill_9();
+
+    let mut nsm = spawn_nsm(dir.path(), "nsm-3", &after);
+    let samples = wait_for(
+        "the backfill resumed and swapped in",
+        Duration::from_secs(60),
+        Some(&nsm),
+        || {
+            let samples = scrape(port)?;
+            (progress(&samples) == (1.0, 0.0, 8000.0)).then_some(samples)
+        },
+    );
+    assert_eq!(
+        metric_value(&samples, "hourly_messagers", "current"),
+        Some(400.0)
+    );
+    let log = nsm.log_text();
+    let resumed_from: i64 = log
+        .lines()
+        .find(|line| line.contains("backfill started"))
+        .map(without_colours)
+        .as_deref()
+        .and_then(|line| line.split("from=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|from| from.parse().ok())
+        .unwrap_or_else(|| panic!("no backfill start in\n{log}"));
+    assert!(
+        (1_000..8_000).contains(&resumed_from),
+        "went on from the last checkpoint, not from the start: {resumed_from}\n{log}"
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+}
+
 /// A metric added to the config while nsm already has state is computed from the topic's
 /// retained history, while the others keep running, and swapped in: its windows are partial
 /// until then, whole after, and it keeps the members it found in the history.
