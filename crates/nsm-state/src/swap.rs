@@ -123,6 +123,19 @@ impl Store {
         Ok(())
     }
 
+    /// The partition's data of `metrics` is whole after all: what [`Store::start_partial`]
+    /// said is taken back (every source of a repartition partition starting empty had started
+    /// empty too, so it missed nothing).
+    pub fn end_partial(&self, key: &PartitionKey, metrics: &[String]) -> Result<(), StateError> {
+        let prefix = partition_prefix(key);
+        let mut batch = WriteBatch::default();
+        for metric in metrics {
+            batch.delete_cf(self.cf(CF_FINGERPRINTS), since_key(&prefix, metric));
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
     /// Gives a cut-short swap up: the partition's data of `metric` is deleted, and starts at
     /// `since_ms` (partial before), as for a metric just added.
     pub fn abandon_swap(

@@ -698,6 +698,26 @@ impl Pipeline {
         Some(targets)
     }
 
+    /// Whether a repartition partition's backfill would find nothing the live one missed:
+    /// every source's records of the metrics' group come from an owner that started it
+    /// without stored state (a first start), so it forwarded every event it read. Saves a
+    /// first deployment reading the whole history again once per repartition partition.
+    fn missed_nothing(&self, key: &PartitionKey, metrics: &[usize]) -> bool {
+        if !self.is_repartition(key) || self.live_targets(key, metrics).is_none() {
+            return false;
+        }
+        let plan = self.engine.plan();
+        let Some(Route::Rekeyed(group)) = metrics.first().map(|metric| plan.route(*metric)) else {
+            return false;
+        };
+        self.engine.upstream(key).is_some_and(|upstream| {
+            upstream
+                .marks()
+                .filter(|(_, _, field, _)| *field == plan.rekey_name(group))
+                .all(|(_, _, _, mark)| mark.epoch.resumed_from < 0)
+        })
+    }
+
     /// Moves the backfills' targets to their live partitions, waits for one close to its
     /// live partition (the consumer holds meanwhile), and swaps in those that reached it.
     fn follow_backfills(&mut self) {
@@ -708,10 +728,19 @@ impl Pipeline {
             self.telemetry.forget_backfill(&key);
             self.late.remove(&key);
         }
+        let mut whole = None;
         for (key, metrics) in &self.late {
-            if let Some(targets) = self.live_targets(key, metrics) {
+            if self.missed_nothing(key, metrics) {
+                whole = Some((key.clone(), metrics.clone()));
+            } else if let Some(targets) = self.live_targets(key, metrics) {
                 backfills.want(key, metrics.clone(), targets);
             }
+        }
+        if let Some((key, metrics)) = whole {
+            if let Err(HandlerError(message)) = self.swap_backfill(&key, &metrics, None, None) {
+                error!(partition = %key, error = %message, "the swap of a backfill failed");
+            }
+            return;
         }
         let mut swap = None;
         let mut close = None;
@@ -739,7 +768,7 @@ impl Pipeline {
         if let Some((key, metrics, since_ms, reached)) = swap {
             self.closing = None;
             if let Err(HandlerError(message)) =
-                self.swap_backfill(&key, &metrics, since_ms, reached)
+                self.swap_backfill(&key, &metrics, since_ms, Some(reached))
             {
                 error!(partition = %key, error = %message, "the swap of a backfill failed");
             }
@@ -761,13 +790,14 @@ impl Pipeline {
     /// holds the partition at the same offset; the changelog gets the partition whole.
     /// For a repartition partition, its marks of the metrics' group are raised to the targets
     /// the backfill `reached`: events before them counted in the backfill, and a source sending
-    /// them again is not counted twice.
+    /// them again is not counted twice. `reached` is `None` when there is nothing to swap: the
+    /// live data is whole after all (see [`Pipeline::missed_nothing`]).
     fn swap_backfill(
         &mut self,
         key: &PartitionKey,
         metrics: &[usize],
         since_ms: Option<i64>,
-        reached: Targets,
+        reached: Option<Targets>,
     ) -> Result<(), HandlerError> {
         // The live partition's changes stored: the store is what the engine holds.
         self.persist_now()?;
@@ -778,11 +808,17 @@ impl Pipeline {
             .iter()
             .map(|metric| self.engine.plan().metrics()[*metric].name.clone())
             .collect();
-        let swapped: Result<(), String> = names.iter().try_for_each(|name| {
-            self.store
-                .replace_metric(key, name, backfills.store(), since_ms)
-                .map_err(|error| format!("cannot swap the backfill of {name} in: {error}"))
-        });
+        let swapped: Result<(), String> = match &reached {
+            Some(_) => names.iter().try_for_each(|name| {
+                self.store
+                    .replace_metric(key, name, backfills.store(), since_ms)
+                    .map_err(|error| format!("cannot swap the backfill of {name} in: {error}"))
+            }),
+            None => self
+                .store
+                .end_partial(key, &names)
+                .map_err(|error| format!("partition {key}: {error}")),
+        };
         let reloaded = swapped.and_then(|()| {
             self.store
                 .load_partition(key)
@@ -796,8 +832,12 @@ impl Pipeline {
         let still_late = late_metrics(self.engine.plan(), &snapshot.metric_since, repartition);
         let snapshot = holding_only_own_data(self.engine.plan(), snapshot, repartition);
         self.engine.restore_partition(key.clone(), snapshot);
-        if let Some(Route::Rekeyed(group)) = metrics.first().map(|m| self.engine.plan().route(*m)) {
-            let reached: Vec<(PartitionKey, i64)> = reached.into_iter().collect();
+        let group = match metrics.first().map(|m| self.engine.plan().route(*m)) {
+            Some(Route::Rekeyed(group)) => Some(group),
+            _ => None,
+        };
+        if let (Some(group), Some(reached)) = (group, &reached) {
+            let reached: Vec<(PartitionKey, i64)> = reached.clone().into_iter().collect();
             self.engine.raise_marks(key, group, &reached);
             self.persist_now()?;
         }
@@ -816,8 +856,13 @@ impl Pipeline {
         };
         backfills.swapped(key);
         self.telemetry.record_backfill_progress(key, 1.0);
-        info!(partition = %key, metrics = ?names, whole_from = ?since_ms,
-              "backfill swapped in: the metrics added or changed now hold the partition's history");
+        if reached.is_some() {
+            info!(partition = %key, metrics = ?names, whole_from = ?since_ms,
+                  "backfill swapped in: the metrics added or changed now hold the partition's history");
+        } else {
+            info!(partition = %key, metrics = ?names,
+                  "nothing to backfill: every input partition started empty, so the repartition partition missed none of their events");
+        }
         self.publish_now();
         Ok(())
     }

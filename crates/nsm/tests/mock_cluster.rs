@@ -1481,6 +1481,20 @@ fn copies_of_events_on_different_partitions_count_once_when_deduplicated_across_
     let samples = scrape(port).expect("scrape");
     assert_eq!(counted(&samples), (20.0, 5.0, 3.0));
     assert_eq!(sample(&samples, "nsm_events_duplicate_total"), 20.0);
+    // A first start: the repartition partitions start empty, as every input partition does,
+    // so they missed nothing and read no history again; their metrics are whole.
+    let log = nsm.log_text();
+    assert!(
+        log.contains("nothing to backfill") && !log.contains("backfill started"),
+        "{log}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "nsm_metric_window_partial{metric=\"active_teams\",window=\"current\"}"
+        ),
+        0.0
+    );
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
 
