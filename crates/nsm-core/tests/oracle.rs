@@ -11,6 +11,7 @@
 //! stages: the metrics counting users or teams, spread over both input partitions, must then
 //! equal the batch recomputation over the whole stream, and the others each partition's.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use nsm_core::decimal::Decimal;
@@ -23,9 +24,11 @@ use nsm_core::engine::{
     MessageKey, Outcome, PartitionSnapshot, Plan, Route,
 };
 use nsm_core::metric::{
-    Clause, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind, Role, Segmentation,
+    Clause, Comparison, Condition, FieldPath, Filter, FilterField, Literal, MetricDef, MetricKind,
+    Role, Segmentation, Test,
 };
 use nsm_core::query::windows_between;
+use nsm_core::timestamp::{EpochUnit, TimestampFormat, TimestampSource};
 use nsm_core::window::{Calendar, CalendarUnit, Trailing};
 use nsm_core::PartitionKey;
 use proptest::prelude::*;
@@ -75,6 +78,32 @@ fn metric(name: &str, kind: MetricKind, event: Option<&str>, window: CalendarUni
 /// trailing metric.
 fn metrics() -> Vec<MetricDef> {
     let mut metrics = unsegmented_metrics();
+    // The tests a `where` has besides equality: messages of everybody but user-1 under 80.00;
+    // payers of at least 20.00 whose id starts with "user-" and whose event has no coupon.
+    let condition = |field: &str, test: Test| Condition {
+        field: FilterField::Path(path(field)),
+        test,
+    };
+    let number = |text: &str| Decimal::parse(text).expect("decimal");
+    metrics[2].filter.conditions = vec![
+        condition(
+            "user_id",
+            Test::NoneOf(vec![Literal::Text("user-1".into())]),
+        ),
+        condition(
+            "properties.amount",
+            Test::Compare(Comparison::Less, number("80.00")),
+        ),
+    ];
+    metrics[5].filter.conditions = vec![
+        condition(
+            "properties.amount",
+            Test::Compare(Comparison::AtLeast, number("20.00")),
+        ),
+        condition("user_id", Test::Prefix("user-".into())),
+        condition("properties.coupon", Test::Missing),
+        condition("team_id", Test::Present),
+    ];
     let by = |fields: &[&str]| {
         Some(Segmentation {
             by: fields.iter().map(|field| path(field)).collect(),
@@ -290,8 +319,8 @@ fn qualifying_teams(
     };
     let (actor, at_least) = (actor.is_some(), *at_least as usize);
     let mut by_team: BTreeMap<u8, Vec<u8>> = BTreeMap::new();
-    for &(name, user, time_ms, _) in events {
-        if start <= time_ms && time_ms < end && wants(def, name) {
+    for event @ &(_, user, time_ms, _) in events {
+        if start <= time_ms && time_ms < end && wants(def, event) {
             let seen = by_team.entry(team_of(user)).or_default();
             if !actor || !seen.contains(&user) {
                 seen.push(user);
@@ -378,7 +407,7 @@ fn plan_keyed_by(message_key: Option<MessageKey>, across: bool) -> Plan {
         EngineSettings {
             event_name_field: path("event"),
             timestamp_field: path("timestamp"),
-            timestamp_format: Default::default(),
+            timestamp_format: timestamp_format(),
             calendar: Calendar::new("Europe/Berlin", jiff::civil::Weekday::Sunday).expect("zone"),
             allowed_lateness_ms: LATENESS,
             retention_ms: 400 * 24 * HOUR,
@@ -407,6 +436,34 @@ const STARTS: [&str; 3] = [
     "2026-03-28T20:00:00Z",
     "2026-05-31T12:00:00Z",
 ];
+
+/// How a stream writes its event times, and the config reading them: epoch milliseconds and
+/// RFC 3339 in UTC (the defaults), or fractional epoch seconds and RFC 3339 local times
+/// without an offset (`events.timestamp_unit = "s"`, `events.timestamp_zone`), in a zone
+/// without summer time so that every local time names one instant. Per test thread: a case
+/// sets it before it builds its logs and plans.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Encoding {
+    Default,
+    SecondsAndLocal,
+}
+
+const LOCAL_ZONE: &str = "Asia/Kolkata";
+
+thread_local! {
+    static ENCODING: Cell<Encoding> = const { Cell::new(Encoding::Default) };
+}
+
+fn timestamp_format() -> TimestampFormat {
+    match ENCODING.get() {
+        Encoding::Default => TimestampFormat::default(),
+        Encoding::SecondsAndLocal => TimestampFormat {
+            source: TimestampSource::Field,
+            unit: EpochUnit::Seconds,
+            zone: Some(jiff::tz::TimeZone::get(LOCAL_ZONE).expect("zone")),
+        },
+    }
+}
 
 fn start_ms(start: usize) -> i64 {
     STARTS[start]
@@ -446,7 +503,17 @@ impl Message {
             Message::Valid { name, user, time_ms, cents, id } => {
                 let timestamp = jiff::Timestamp::from_millisecond(*time_ms).expect("time");
                 // Alternate the two timestamp encodings and number spellings.
-                let time = if user % 2 == 0 { format!("\"{timestamp}\"") } else { time_ms.to_string() };
+                let time = match (ENCODING.get(), user % 2 == 0) {
+                    (Encoding::Default, true) => format!("\"{timestamp}\""),
+                    (Encoding::Default, false) => time_ms.to_string(),
+                    (Encoding::SecondsAndLocal, true) => {
+                        let zone = jiff::tz::TimeZone::get(LOCAL_ZONE).expect("zone");
+                        format!("\"{}\"", zone.to_datetime(timestamp))
+                    }
+                    (Encoding::SecondsAndLocal, false) => {
+                        format!("{}.{:03}", time_ms.div_euclid(1000), time_ms.rem_euclid(1000))
+                    }
+                };
                 // Ids as text and as numbers: 7 and "7" are different ids.
                 let id = match id {
                     None => String::new(),
@@ -594,11 +661,39 @@ impl Segment {
     }
 }
 
-fn wants(def: &MetricDef, name: usize) -> bool {
-    match &def.filter.clauses.first() {
-        Some(clause) => clause.any_of[0] == Literal::Text(EVENT_NAMES[name].into()),
-        None => true,
-    }
+/// Whether the metric's filter takes the event: every test of it, on the fields the oracle
+/// knows an event has (and no other).
+fn wants(def: &MetricDef, &(name, user, _, cents): &Event) -> bool {
+    def.filter.tests().all(|(field, test)| {
+        let value = match field {
+            FilterField::EventName => Some(Literal::Text(EVENT_NAMES[name].into())),
+            FilterField::Path(path) => match path.to_string().as_str() {
+                "user_id" => Some(Literal::Text(format!("user-{user}"))),
+                "team_id" => Some(Literal::Text(format!("team-{}", team_of(user)))),
+                "properties.amount" => Some(Literal::Number(amount(cents))),
+                _ => None,
+            },
+        };
+        match (test, value) {
+            (Test::AnyOf(values), Some(value)) => values.contains(&value),
+            (Test::NoneOf(values), value) => value.is_none_or(|value| !values.contains(&value)),
+            (Test::Compare(comparison, bound), Some(Literal::Number(number))) => match comparison {
+                Comparison::Greater => number > bound,
+                Comparison::AtLeast => number >= bound,
+                Comparison::Less => number < bound,
+                Comparison::AtMost => number <= bound,
+            },
+            (Test::Present, value) => value.is_some(),
+            (Test::Missing, value) => value.is_none(),
+            (Test::Prefix(prefix), Some(Literal::Text(text))) => text.starts_with(&prefix),
+            _ => false,
+        }
+    })
+}
+
+/// An event's amount: its cents as a decimal of 9 places.
+fn amount(cents: u32) -> Decimal {
+    Decimal(i128::from(cents) * 10_000_000)
 }
 
 /// An applied event: name, user, time, cents.
@@ -653,7 +748,7 @@ fn oracle_of(accepted: &[Vec<Event>]) -> BTreeMap<(i32, usize, i64), (i64, AggVa
                 ];
                 if derived.contains(&index)
                     || TRAILING_THRESHOLDS.contains(&index)
-                    || !wants(def, name)
+                    || !wants(def, &(name, user, time_ms, cents))
                 {
                     continue;
                 }
@@ -1167,7 +1262,9 @@ proptest! {
         steps in prop::collection::vec(step_strategy(), 0..300),
         sort in any::<bool>(),
         start in 0..STARTS.len(),
+        seconds_and_local in any::<bool>(),
     ) {
+        ENCODING.set(if seconds_and_local { Encoding::SecondsAndLocal } else { Encoding::Default });
         let messages = starting_at(messages, start_ms(start));
         let messages = if sort { sorted_by_time(messages) } else { messages };
         let logs = build_logs(&messages);

@@ -90,6 +90,9 @@ brokers = "localhost:9092"
 topics = ["events"]
 [kafka.properties]
 "sasl.password" = "${NSM_TEST_UNSET_SECRET}"
+[events]
+timestamp_unit = "minutes"
+timestamp_zone = "Mars/Base"
 [time]
 zone = "Europe/Berlinn"
 [north_star]
@@ -101,6 +104,7 @@ name = "clicks"
 kind = "count"
 field = "x"
 window = "1d"
+where = { amount = { gte = "lots" }, user_id = { prefix = 3 }, "@header.x-source" = { present = "yes" }, plan = { bogus = 1 } }
 "#,
     )
     .expect("write");
@@ -116,6 +120,12 @@ window = "1d"
         "time.zone: unknown time zone \"Europe/Berlinn\"",
         "north_star.window: unknown window \"1wk\"",
         "inputs[0].field: a count has no field",
+        "events.timestamp_unit: unknown unit \"minutes\"",
+        "events.timestamp_zone: unknown time zone \"Mars/Base\"",
+        "inputs[0].where.amount.gte: expected a number, found \"lots\"",
+        "inputs[0].where.user_id.prefix: expected a non-empty string, found 3",
+        "inputs[0].where.@header.x-source.present: expected true",
+        "inputs[0].where.plan.bogus: unknown test \"bogus\"",
     ] {
         assert!(
             stderr.contains(expected),
