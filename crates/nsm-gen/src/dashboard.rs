@@ -368,7 +368,7 @@ fn uid(config: &Config) -> String {
     format!("nsm-{slug}-{:012x}", hash & 0xffff_ffff_ffff)
 }
 
-/// What a window's baseline is taken from (see README, "What nsm exports").
+/// What a window's baseline is taken from (see docs/metrics.md, "Baselines").
 fn baseline_source(window: CalendarUnit) -> &'static str {
     match window {
         CalendarUnit::Hour => {

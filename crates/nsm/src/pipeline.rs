@@ -645,8 +645,8 @@ impl Pipeline {
                 "the partition's log went back below its stored offset (the topic was deleted \
                  and recreated, or truncated): its messages below the stored offset are skipped \
                  as already applied and counted in \
-                 nsm_offsets_skipped_total{{reason=\"rewound\"}}; see README, \"Where \
-                 reading starts, and offsets nsm skips\""
+                 nsm_offsets_skipped_total{{reason=\"rewound\"}}; see docs/configuration.md, \
+                 \"Where reading starts, and offsets nsm skips\""
             ),
         }
     }
