@@ -14,6 +14,7 @@ pub mod lint;
 pub mod metric;
 pub mod query;
 pub mod reject;
+pub mod series;
 pub mod table;
 pub mod timestamp;
 pub mod window;

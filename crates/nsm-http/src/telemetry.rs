@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use nsm_core::engine::{AggValue, Baseline, MetricValues, PartitionStatus, Plan, WindowValue};
 use nsm_core::reject::RejectReason;
+use nsm_core::series::{self, Series};
 use nsm_core::PartitionKey;
 use prometheus::{
     Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -109,51 +110,41 @@ pub struct Telemetry {
     exported_partitions: std::sync::Mutex<BTreeSet<PartitionKey>>,
 }
 
-fn register<T: prometheus::core::Collector + Clone + 'static>(
+/// Registers the collector `build` makes for `series` (names are static and unique: a failure
+/// here is a bug every test catches).
+fn made<T: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,
-    collector: T,
+    series: &Series,
+    build: impl FnOnce(&Series) -> prometheus::Result<T>,
 ) -> T {
-    // Names are static and unique; a failure here is a bug caught by every test.
+    let collector = build(series).unwrap_or_else(|error| panic!("{}: {error}", series.name));
     registry
         .register(Box::new(collector.clone()))
-        .unwrap_or_else(|error| panic!("telemetry registration: {error}"));
+        .unwrap_or_else(|error| panic!("{}: {error}", series.name));
     collector
 }
 
-fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-    register(
-        registry,
-        GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}")),
-    )
+fn opts(series: &Series) -> Opts {
+    Opts::new(series.name, series.help)
 }
 
 impl Telemetry {
     pub fn new(plan: &Plan, version: &str) -> Telemetry {
         let registry = Registry::new();
-        let metric_value = gauge_vec(&registry, "nsm_metric_value", "Value of a metric in its current or previous window (and before_previous, when the retention keeps it), summed over the partitions this instance owns. window=\"baseline\": what the comparable past window(s) held at the current window's elapsed point (weekly, monthly: the previous window; hourly, daily: the median of the same weekday (and hour) 1 to 4 weeks back, each also exported as baseline_<k>w; trailing: the previous range); absent when no past window has a value.", &["metric", "window"]);
-        let window_start = gauge_vec(
-            &registry,
-            "nsm_metric_window_start_timestamp_seconds",
-            "Start of the window the value belongs to, Unix seconds.",
-            &["metric", "window"],
-        );
-        let window_end = gauge_vec(
-            &registry,
-            "nsm_metric_window_end_timestamp_seconds",
-            "End (exclusive) of the window the value belongs to, Unix seconds.",
-            &["metric", "window"],
-        );
-        let window_complete = gauge_vec(&registry, "nsm_metric_window_complete", "1 once the window can no longer change: every owned partition's watermark passed its end plus the allowed lateness.", &["metric", "window"]);
-        let window_partial = gauge_vec(&registry, "nsm_metric_window_partial", "1 when the window lacks events nsm never counted for this metric: it was added to the config or changed after the window started (on some partition this instance owns).", &["metric", "window"]);
-        let segment_ratio_part = gauge_vec(&registry, "nsm_metric_segment_ratio_part", "Numerator and denominator of one exported segment of a ratio or retention metric with a breakdown. Sum each part across instances before dividing.", &["metric", "window", "segment", "part"]);
-        let ratio_part = gauge_vec(&registry, "nsm_metric_ratio_part", "Numerator and denominator of a ratio metric in its current or previous window. Sum each part across instances before dividing.", &["metric", "window", "part"]);
-        let segment_value = gauge_vec(&registry, "nsm_metric_segment_value", "Value of one segment of a metric with a breakdown (`by`), in its current or previous window: the `top` largest segments, and `__other__` summing the rest.", &["metric", "window", "segment"]);
-        let info = gauge_vec(
-            &registry,
-            "nsm_metric_info",
-            "Metadata of each configured metric; always 1.",
-            &["metric", "role", "kind", "period", "owner", "description"],
-        );
+        let gauge_vec = |s: &Series| made(&registry, s, |s| GaugeVec::new(opts(s), s.labels));
+        let int_counter = |s: &Series| made(&registry, s, |s| IntCounter::with_opts(opts(s)));
+        let int_counter_vec =
+            |s: &Series| made(&registry, s, |s| IntCounterVec::new(opts(s), s.labels));
+        let int_gauge = |s: &Series| made(&registry, s, |s| IntGauge::with_opts(opts(s)));
+        let metric_value = gauge_vec(&series::METRIC_VALUE);
+        let window_start = gauge_vec(&series::WINDOW_START);
+        let window_end = gauge_vec(&series::WINDOW_END);
+        let window_complete = gauge_vec(&series::WINDOW_COMPLETE);
+        let window_partial = gauge_vec(&series::WINDOW_PARTIAL);
+        let segment_ratio_part = gauge_vec(&series::SEGMENT_RATIO_PART);
+        let ratio_part = gauge_vec(&series::RATIO_PART);
+        let segment_value = gauge_vec(&series::SEGMENT_VALUE);
+        let info = gauge_vec(&series::METRIC_INFO);
         for metric in plan.metrics() {
             info.with_label_values(&[
                 metric.name.as_str(),
@@ -165,204 +156,61 @@ impl Telemetry {
             ])
             .set(1.0);
         }
-        let build = gauge_vec(
-            &registry,
-            "nsm_build_info",
-            "Version of the running nsm; always 1.",
-            &["version"],
-        );
+        let build = gauge_vec(&series::BUILD_INFO);
         build.with_label_values(&[version]).set(1.0);
 
-        let consumed = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "nsm_events_consumed_total",
-                    "Kafka messages consumed, valid or not.",
-                ),
-                &["topic", "partition"],
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let invalid = register(&registry, IntCounterVec::new(Opts::new("nsm_events_invalid_total", "Messages rejected as invalid, by reason; each is sent to the dead-letter topic."), &["reason"]).unwrap_or_else(|e| panic!("{e}")));
+        let consumed = int_counter_vec(&series::EVENTS_CONSUMED);
+        let invalid = int_counter_vec(&series::EVENTS_INVALID);
         for reason in RejectReason::ALL
             .iter()
             .filter(|reason| **reason != RejectReason::Late)
         {
             invalid.with_label_values(&[reason.label()]);
         }
-        let late = register(&registry, IntCounter::new("nsm_events_late_total", "Events older than the watermark by more than the allowed lateness; sent to the dead-letter topic.").unwrap_or_else(|e| panic!("{e}")));
-        let duplicates = register(&registry, IntCounter::new("nsm_events_duplicate_total", "Valid events skipped because an event with the same id was applied within events.dedup_horizon.").unwrap_or_else(|e| panic!("{e}")));
-        let forwarded = register(&registry, IntCounter::new("nsm_events_forwarded_total", "Records sent to the repartition topic: events of metrics counting another entity than kafka.key_field, and records carrying only an input partition's time.").unwrap_or_else(|e| panic!("{e}")));
-        let dead_letters = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "nsm_dead_letters_total",
-                    "Dead letters by delivery result: delivered; failed, a delivery refused for \
-                     good (unknown topic, not authorized, too large), each attempt; dropped, \
-                     given up under kafka.dead_letter_on_failure = \"drop\".",
-                ),
-                &["result"],
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
+        let late = int_counter(&series::EVENTS_LATE);
+        let duplicates = int_counter(&series::EVENTS_DUPLICATE);
+        let forwarded = int_counter(&series::EVENTS_FORWARDED);
+        let dead_letters = int_counter_vec(&series::DEAD_LETTERS);
         for result in ["delivered", "failed", "dropped"] {
             dead_letters.with_label_values(&[result]);
         }
-        let dead_letters_held = register(
-            &registry,
-            IntGauge::new(
-                "nsm_dead_letters_held",
-                "Dead letters refused for good and held to be sent again \
-                 (kafka.dead_letter_on_failure = \"hold\"): while above 0 no checkpoint is \
-                 stored and values do not advance.",
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let offsets_skipped = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "nsm_offsets_skipped_total",
-                    "Offsets of input partitions never applied, by reason: gap, offsets \
-                     missing between two messages (deleted by retention before they were read, \
-                     or compaction and transaction markers); rewound, messages below the \
-                     stored offset after the log went back (a recreated or truncated topic).",
-                ),
-                &["reason"],
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
+        let dead_letters_held = int_gauge(&series::DEAD_LETTERS_HELD);
+        let offsets_skipped = int_counter_vec(&series::OFFSETS_SKIPPED);
         for reason in OffsetSkip::ALL {
             offsets_skipped.with_label_values(&[reason.label()]);
         }
-        let consumer_lag = register(
-            &registry,
-            IntGaugeVec::new(
-                Opts::new(
-                    "nsm_consumer_lag_messages",
-                    "Messages between the consumer position and the end of the partition.",
-                ),
-                &["topic", "partition"],
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let watermark = gauge_vec(&registry, "nsm_watermark_timestamp_seconds", "Event-time watermark of a partition, Unix seconds; moves to the wall clock when the partition is idle.", &["topic", "partition"]);
-        let last_event = gauge_vec(
-            &registry,
-            "nsm_last_event_timestamp_seconds",
-            "Largest event time applied in a partition, Unix seconds.",
-            &["topic", "partition"],
-        );
-        let partitions_owned = register(
-            &registry,
-            IntGauge::new(
-                "nsm_partitions_owned",
-                "Kafka partitions this instance owns.",
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let visible_latency = register(
-            &registry,
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "nsm_event_visible_latency_seconds",
-                    "From an event's Kafka timestamp to its effect being visible on /metrics.",
-                )
-                .buckets(vec![
-                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-                ]),
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let checkpoint_duration = register(
-            &registry,
+        let consumer_lag = made(&registry, &series::CONSUMER_LAG, |s| {
+            IntGaugeVec::new(opts(s), s.labels)
+        });
+        let watermark = gauge_vec(&series::WATERMARK);
+        let last_event = gauge_vec(&series::LAST_EVENT);
+        let partitions_owned = int_gauge(&series::PARTITIONS_OWNED);
+        let visible_latency = made(&registry, &series::VISIBLE_LATENCY, |s| {
+            Histogram::with_opts(HistogramOpts::new(s.name, s.help).buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]))
+        });
+        let checkpoint_duration = made(&registry, &series::CHECKPOINT_DURATION, |s| {
             HistogramVec::new(
-                HistogramOpts::new(
-                    "nsm_state_checkpoint_duration_seconds",
-                    "Time to store one checkpoint (changelog sent and acknowledged, then state \
-                     and offsets in one atomic batch), by result. Events go on being applied \
-                     meanwhile.",
-                )
-                .buckets(vec![
+                HistogramOpts::new(s.name, s.help).buckets(vec![
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                 ]),
-                &["result"],
+                s.labels,
             )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let checkpoint_wait = register(
-            &registry,
-            Counter::new(
-                "nsm_state_checkpoint_wait_seconds_total",
-                "Time the consumer waited for a checkpoint still being stored before it could \
-                 take the next: a rate near 1 means storing state is the bottleneck.",
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let last_publish = register(
-            &registry,
-            Gauge::new(
-                "nsm_last_publish_timestamp_seconds",
-                "Wall-clock time values were last published, Unix seconds.",
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let state_entries_in_memory = register(
-            &registry,
-            IntGauge::new(
-                "nsm_state_entries_in_memory",
-                "Per-entity state entries (members, threshold progress, funnels, event ids) held \
-                 in memory: written since the last checkpoint, or cached. Bounded; the rest is \
-                 read from RocksDB.",
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let restore_duration = gauge_vec(
-            &registry,
-            "nsm_state_restore_duration_seconds",
-            "Time the last take-over of each owned partition spent restoring its state from the changelog (0: the local copy was current).",
-            &["topic", "partition"],
-        );
-        let backfill_progress = gauge_vec(
-            &registry,
-            "nsm_backfill_progress_ratio",
-            "Share of the retained history read by the backfill of each owned partition whose metrics were added or changed (1: swapped in; their windows are partial until then).",
-            &["topic", "partition"],
-        );
-        let brokers_up = register(
-            &registry,
-            IntGauge::new(
-                "nsm_kafka_brokers_up",
-                "Kafka brokers the consumer is connected to, from librdkafka's statistics every 5s; 0 while the cluster is unreachable.",
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let restored_records = register(
-            &registry,
-            IntCounter::new(
-                "nsm_state_restored_records_total",
-                "Changelog records read to restore partitions taken over.",
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let changelog_records = register(
-            &registry,
-            IntCounter::new(
-                "nsm_changelog_records_total",
-                "State change records written to the changelog topic, end markers included.",
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
-        let changelog_lost = register(
-            &registry,
-            IntCounter::new(
-                "nsm_changelog_lost_total",
-                "Partitions taken whose changelog no longer held the records this instance had written or read (the topic was deleted, recreated or truncated): the local state was kept and sent to the changelog again, unless the changelog held a newer copy.",
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        );
+        });
+        let checkpoint_wait = made(&registry, &series::CHECKPOINT_WAIT, |s| {
+            Counter::with_opts(opts(s))
+        });
+        let last_publish = made(&registry, &series::LAST_PUBLISH, |s| {
+            Gauge::with_opts(opts(s))
+        });
+        let state_entries_in_memory = int_gauge(&series::ENTRIES_IN_MEMORY);
+        let restore_duration = gauge_vec(&series::RESTORE_DURATION);
+        let backfill_progress = gauge_vec(&series::BACKFILL_PROGRESS);
+        let brokers_up = int_gauge(&series::BROKERS_UP);
+        let restored_records = int_counter(&series::RESTORED_RECORDS);
+        let changelog_records = int_counter(&series::CHANGELOG_RECORDS);
+        let changelog_lost = int_counter(&series::CHANGELOG_LOST);
         Telemetry {
             registry,
             metric_value,
