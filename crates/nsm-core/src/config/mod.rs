@@ -5,6 +5,7 @@
 pub mod alerting;
 pub mod librdkafka;
 mod raw;
+pub mod reference;
 pub mod secrets;
 mod validate;
 
