@@ -3,6 +3,10 @@
 //! Calendar windows are aligned in the configured IANA time zone with jiff, so days and weeks
 //! that contain a daylight-saving change are 23 or 25 hours long, exactly as a person in that
 //! zone would count them. Offsets are never hand-rolled.
+//!
+//! A trailing window ([`Trailing`]) is kept as step buckets aligned to the Unix epoch, stored
+//! as windows, so applying, storing, expiring and restoring are those of calendar windows;
+//! only its view differs, summing the buckets of one length that end with the clock's.
 
 use std::fmt;
 

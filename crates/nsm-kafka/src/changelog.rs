@@ -1,10 +1,19 @@
-//! The changelog topic: a compacted topic holding the latest value of every stored state key,
-//! partitioned like the input (changelog partition `p` carries input partition `p` of every
+//! The changelog topic: a compacted topic holding each partition's state as checkpoint frames
+//! and shard snapshots (`nsm-checkpoint`), partitioned like the input (changelog partition `p` carries input partition `p` of every
 //! input topic), so that the instance a partition moves to rebuilds its state from there.
 //!
 //! This module moves opaque keys and values, and each record's epoch (the
 //! [`EPOCH_HEADER`]); what they mean, which record ends a write and how a restore treats an
 //! unfinished one or one of an older epoch are the state store's business.
+//!
+//! A topic nsm creates compacts (replicas: `kafka.replication_factor`, else the broker's), and
+//! keeps records a day before compaction may touch them (`min.compaction.lag.ms`): tombstoned
+//! frames stay readable, so an instance back within the day goes on from its local head. An
+//! existing topic that does not compact is refused: the broker would delete state by age. A
+//! record waits at most half the group session for its acknowledgement (`delivery_timeout`), so
+//! an instance cut off with a write in flight gives it up before the group can hand its
+//! partitions on. The reader refuses an offset gone from the log (`auto.offset.reset=error`)
+//! rather than skip to its end.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -4,6 +4,15 @@
 //! A plain thread with `BaseConsumer` rather than an async stream: rebalance callbacks then
 //! run inside `poll`, on this thread, between two messages, so the handler can persist a
 //! partition before giving it up without any cross-task coordination.
+//!
+//! So nothing long may run inside `poll`. A restore runs on a thread of its own (`nsm-restore`),
+//! its partitions assigned at once but paused: librdkafka ignores a new rebalance until the
+//! assignment it handed out is assigned, so a restore left in the callback held the whole
+//! group up; the next rebalance stops it. A revoked partition is stored before it is given up,
+//! unless its dead letters or forwarded records cannot be delivered first, or the session was
+//! lost (`assignment_lost`): then it is given up unstored, at once, and never written again. A
+//! checkpoint still being stored is waited for only when the handler holds, for a few seconds,
+//! then the partitions are paused so that polling goes on serving the group.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -11,6 +11,8 @@
 //! A shard's snapshot is read while its write is prepared and not yet stored, so it is the store
 //! overlaid with the write ([`WriteOverlay`]): one short scan per place (window, or funnel
 //! period) for a member shard, the partition's key range of each family for the aggregate shard.
+//! A member shard the engine's index holds whole, stored or not, is handed over from memory
+//! instead, with no read.
 
 use nsm_checkpoint::{Checkpoint, CheckpointConfig, PartitionId, SeedShard, ShardId};
 use nsm_core::engine::MemberShardRows;

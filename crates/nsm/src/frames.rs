@@ -8,6 +8,12 @@
 //! a record per key, or kept without the changelog) is first brought up to date by the keyed
 //! restore of `changelog.rs`, then sent whole as base frames (a seed), which win over every
 //! frame of a lower epoch.
+//!
+//! A take compares the store's changelog position with the log: at its end, nothing to read (a
+//! restart); inside, the frames after it, applied if they continue the local head, else the
+//! newest line restored whole; past its end or before its start, the changelog lost what the
+//! store saw acknowledged (deleted, recreated or truncated), so the local copy is kept and
+//! seeded again. The take's epoch is above every one read, and at least the wall clock.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,6 +3,12 @@
 //! An event is applied to all metrics it matches or to none: every check (timestamp, value
 //! types, lateness) happens before the first state change, so a rejected event leaves no trace
 //! and can be replayed from the dead-letter topic once fixed.
+//!
+//! A calendar retention stores per window how many members of its distinct metric were in the
+//! previous window too, kept up to date as the distinct metric gains a member
+//! ([`count_returning`]): the member returns in its own window if the previous one has it, and
+//! makes the next window's copy (seen earlier, out of order) a returning one. So the value
+//! never needs the two member sets compared; the rate divides by the previous window's count.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;

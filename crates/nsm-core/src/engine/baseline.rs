@@ -22,6 +22,12 @@
 //! - A threshold keeps none: the step where an entity reached k depends on the order of its
 //!   events in time, which per-entity counts up to k do not keep.
 //!
+//! The past windows compared: the previous one for weeks and months; for hours and days, the
+//! median of the same weekday (and hour) 1 to 4 weeks back that the state holds, found in the
+//! zone's calendar so that a DST change keeps the local hour. A median does not add up across
+//! instances, so each point is exported too (`window="baseline_<k>w"`), for PromQL to take the
+//! median of their sums. A trailing metric's baseline is its previous range, always whole.
+//!
 //! Windows stored before progress records existed (or whose record could not be kept exact)
 //! have none and give no baseline, never a wrong one.
 

@@ -10,6 +10,11 @@
 //! aligned to the epoch: `id` → the event time it was applied at. A lookup reads the periods
 //! from that of `watermark - horizon` to that of the newest event, at most two. Whole periods
 //! behind the horizon are deleted as windows.
+//!
+//! With `events.dedup_across_partitions` (copies of one event on different partitions), ids are
+//! deduplicated where the copies meet instead: on the repartition partition, per group
+//! ([`Plan::dedups_at`]). Until all its sources have reported it has no watermark, so an id
+//! counts as seen within the horizon of the event's own time (a copy has its original's time).
 
 use super::changes::WindowsBefore;
 use super::members::{MemberIndex, Source, StateReadError};

@@ -7,7 +7,9 @@
 //! shards of the least recently used windows leave memory (but for the entries not stored
 //! yet), and a miss there is asked of a
 //! [`StateReader`]: nsm-state answers from RocksDB; [`MemoryReader`] answers from memory for
-//! tests and benchmarks.
+//! tests and benchmarks. A miss where every entry is in memory is an answer, not a read, so a
+//! new member costs no I/O; a restart loads no entries, they come back a page (a checkpoint
+//! shard of a window) at a time as events need them. How, on [`MemberIndex`].
 //!
 //! Entries live in the namespace of one window of one metric, so expiring a window deletes
 //! them with it.

@@ -31,6 +31,13 @@
 //! whole key; no label of a whole value ends that way, so the two never meet. The digests
 //! keep values apart by chance, not against a producer forging collisions on purpose (who
 //! could as well send one value twice).
+//!
+//! **Every kind.** A segment is its metric over the events carrying the segment's values: its
+//! per-entity entries are the metric's, the entity tagged by the segment ([`segment_member`]),
+//! so distinct members, threshold progress, funnels and retentions are exact per segment. A
+//! ratio's or a retention's segments are computed when read from the segments of the metrics
+//! they read ([`metric_segments`]), which validation requires to share its `by`. A trailing
+//! metric keeps segments per bucket, its distinct ones through per-segment gap histograms.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

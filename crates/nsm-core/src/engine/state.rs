@@ -1,4 +1,16 @@
 //! In-memory state of one partition, and its stored form.
+//!
+//! **Time.** A partition's *watermark* is the largest event time applied, each taken no
+//! further than the wall clock when it was applied: one event stamped ahead (local time sent
+//! as UTC) counts in its own window but does not make the on-time events beside it late. An
+//! event more than `allowed_lateness` behind the watermark is late: lateness is measured
+//! against the stream, so old events replayed in order are not. The partition's *clock* is the
+//! watermark, or the wall clock once the caller finds the partition idle: it picks and
+//! completes windows, so time moves without traffic, but it never makes an event late, so a
+//! backfill of a stalled period still counts. A window is complete once every owned
+//! partition's clock has passed its end by the lateness. Validation keeps `max_future_skew`
+//! within `allowed_lateness`: a replay applies an event stamped ahead at a later wall clock,
+//! where it may move the watermark, and the events sent beside it must still be on time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

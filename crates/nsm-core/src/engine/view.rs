@@ -1,5 +1,9 @@
 //! Read-only views of the engine for exposition: current and previous windows, summed over
 //! the partitions this instance owns.
+//!
+//! A ratio keeps no state: it is computed from its two parts' windows whenever it is read, and
+//! divides only when a float is exported. Its parts are exported too, so that across instances
+//! PromQL divides summed parts rather than averaging ratios, which would be wrong.
 
 use std::collections::{BTreeSet, HashMap};
 
