@@ -19,7 +19,7 @@ use nsm_kafka::{ClientSettings, EventProducer};
 use tracing::{info, warn};
 
 use crate::clock::EventClock;
-use crate::generator::{run_generator, stop_flag, GeneratorOptions, Product, Scenario};
+use crate::demo_events::{run_generator, GeneratorOptions, Product, Scenario};
 use crate::run::{load_config, run_pipeline_with_clock};
 
 #[derive(Debug, clap::Args)]
@@ -143,7 +143,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         )?,
     };
 
-    let stop = stop_flag();
+    let stop = crate::run::stop_flag();
     let producer = EventProducer::new(&ClientSettings::new(config.kafka.brokers.clone()))?;
     let generator_stop = stop.clone();
     let options = GeneratorOptions {

@@ -3,14 +3,14 @@
 //! The binary wires the edges (Kafka, RocksDB, HTTP) around the pure core; it holds no
 //! business logic of its own.
 
+mod assets;
 mod backfill;
 mod backfill_watch;
 mod changelog;
 mod clock;
 mod demo;
+mod demo_events;
 mod frames;
-mod generate;
-mod generator;
 mod logging;
 mod open_files;
 mod pipeline;
@@ -76,9 +76,9 @@ enum Command {
     Generate(tools::GenerateArgs),
     /// Write the Prometheus rule file of a config: recording rules (metrics summed across
     /// instances, growth, the revenue gap) and the on-call alerts, `[alerting]` thresholds.
-    Rules(generate::RulesArgs),
+    Rules(assets::RulesArgs),
     /// Write the Grafana dashboard of a config (provisioning JSON model).
-    Dashboards(generate::GenerateArgs),
+    Dashboards(assets::AssetArgs),
     /// Compute a candidate config over the retained history of its topics, beside the live
     /// config (--against) over the same events, with the linter's findings, without touching
     /// the live pipeline: `nsm replay --config candidate.toml --against nsm.toml --from
@@ -100,15 +100,16 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Run { config } => run::load_config(&config)
-            .and_then(|config| run::run_pipeline(config, generator::stop_flag())),
+        Command::Run { config } => {
+            run::load_config(&config).and_then(|config| run::run_pipeline(config, run::stop_flag()))
+        }
         Command::Check { config } => tools::check(&config),
         Command::Demo(args) => demo::run(args),
         Command::Produce(args) => tools::produce(args),
         Command::Read(args) => tools::read(args),
         Command::Generate(args) => tools::generate(args),
-        Command::Rules(args) => generate::write_rules(args),
-        Command::Dashboards(args) => generate::write(args, nsm_gen::dashboard),
+        Command::Rules(args) => assets::write_rules(args),
+        Command::Dashboards(args) => assets::write(args, nsm_gen::dashboard),
         Command::Replay(args) => replay::replay(args),
         Command::Backfill(args) => backfill_watch::watch(args),
         Command::HashPassword(args) => tools::hash_password(args),

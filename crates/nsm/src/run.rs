@@ -73,6 +73,11 @@ pub fn client_settings(config: &Config) -> ClientSettings {
     }
 }
 
+/// A flag that stops what watches it once set: the pipeline, a demo's event thread.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
 /// Runs the pipeline until `stop` is set (by a signal, or by the caller).
 pub fn run_pipeline(config: Config, stop: Arc<AtomicBool>) -> Result<()> {
     run_pipeline_with_clock(config, stop, EventClock::wall())

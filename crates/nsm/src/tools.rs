@@ -9,7 +9,7 @@ use nsm_core::metric::{MetricKind, Role};
 use nsm_kafka::{ensure_topics, read_topic, ClientSettings, EventProducer};
 use serde_json::json;
 
-use crate::generator::{run_generator, stop_flag, GeneratorOptions, Product};
+use crate::demo_events::{run_generator, GeneratorOptions, Product};
 use crate::run::{http_protection, load_config};
 
 /// Prints a summary of a valid config, or every problem of an invalid one.
@@ -316,7 +316,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         ensure_topics(&settings, &[(topic.as_str(), partitions)])?;
     }
     let producer = EventProducer::new(&settings)?;
-    let stop = stop_flag();
+    let stop = crate::run::stop_flag();
     let options = GeneratorOptions {
         product: args.product,
         topic,

@@ -8,7 +8,7 @@ use nsm_core::config::Resolver;
 use nsm_core::Config;
 
 #[derive(Debug, clap::Args)]
-pub struct GenerateArgs {
+pub struct AssetArgs {
     /// The TOML config file to generate from.
     #[arg(long, short, env = "NSM_CONFIG")]
     config: PathBuf,
@@ -21,7 +21,7 @@ pub struct GenerateArgs {
 #[derive(Debug, clap::Args)]
 pub struct RulesArgs {
     #[command(flatten)]
-    common: GenerateArgs,
+    common: AssetArgs,
     /// Divide every window-derived duration of the business rules (growth look-back,
     /// sustained ranges, `for`, hold-back) by this, for event time replayed this many times
     /// faster than the wall clock (end-to-end tests, demos). Never in production.
@@ -38,7 +38,7 @@ pub fn write_rules(args: RulesArgs) -> Result<()> {
 }
 
 /// Loads the config and writes `generate(config, source)` to the output.
-pub fn write(args: GenerateArgs, generate: impl Fn(&Config, &str) -> String) -> Result<()> {
+pub fn write(args: AssetArgs, generate: impl Fn(&Config, &str) -> String) -> Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read config file {}", args.config.display()))?;
     // Generated files never contain Kafka properties, so an unset `${VAR}` or an absent

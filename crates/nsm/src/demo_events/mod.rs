@@ -17,7 +17,6 @@ mod tests;
 pub use scenario::Scenario;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -440,9 +439,4 @@ fn seed_history(
     }
     producer.flush(Duration::from_secs(60))?;
     Ok(sent)
-}
-
-/// Shared stop flag for a generator thread.
-pub fn stop_flag() -> Arc<AtomicBool> {
-    Arc::new(AtomicBool::new(false))
 }
