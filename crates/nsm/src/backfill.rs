@@ -510,13 +510,15 @@ impl Runner {
             let mut read = 0;
             let now_ms = self.setting.clock.now_ms();
             let mut failed = Vec::new();
+            // An even share each, so that every partition's backfill moves.
+            let share = (allowed / self.running.len()).max(1);
             for (key, backfill) in &mut self.running {
                 if allowed == 0 {
                     break;
                 }
                 match backfill.read(
                     key,
-                    allowed,
+                    share.min(allowed),
                     &self.plan,
                     self.setting.rekeying.as_ref(),
                     now_ms,

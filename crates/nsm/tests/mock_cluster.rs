@@ -1602,6 +1602,82 @@ fn a_metric_counted_through_the_repartition_topic_is_backfilled_from_every_input
     assert!(nsm.terminate(Duration::from_secs(30)).success());
 }
 
+/// The same while events keep coming: each source's target moves with the live partition's
+/// marks, the consumer holds for the last stretch, and every team counts once.
+#[test]
+fn a_rekeyed_backfill_catches_up_with_events_arriving_meanwhile() {
+    let group = "nsm-backfill-moving";
+    let (cluster, brokers) = cluster_for(group, 2);
+    cluster
+        .create_topic(&format!("{group}-repartition"), 2, 1)
+        .expect("repartition topic");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let before = test_config(&brokers, "events", &dir.path().join("state"), port, group).replace(
+        "[state]\n",
+        "[state]\nchangelog = false\nbackfill_rate = 500\n",
+    );
+    let after = format!(
+        "{before}\n[[inputs]]\nname = \"active_teams\"\nowner = \"growth-team\"\n\
+         kind = \"distinct\"\nfield = \"team_id\"\nwhere = {{ event = \"message_sent\" }}\n\
+         window = \"1d\"\n"
+    );
+    let sent = |user: usize, team: usize| {
+        let now = now_ms();
+        format!(
+            r#"{{"event":"message_sent","user_id":"u{user}","team_id":"t{team}","timestamp":{now}}}"#
+        )
+    };
+    // 3,000 messages of 300 users in 60 teams: 12 s of backfill at 500 a second, for the two
+    // repartition partitions reading both input partitions each.
+    let history: Vec<String> = (0..3000).map(|n| sent(n % 300, n % 60)).collect();
+    produce(&brokers, "events", dir.path(), &history, &[]);
+    let mut nsm = spawn_nsm(dir.path(), "nsm-1", &before);
+    wait_for(
+        "3000 messages",
+        Duration::from_secs(120),
+        Some(&nsm),
+        || (messages(&scrape(port)?)? == 3000.0).then_some(()),
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+
+    let mut nsm = spawn_nsm(dir.path(), "nsm-2", &after);
+    // While it backfills: 10 batches of 20 messages, a new team in each, and old teams.
+    for batch in 0..10 {
+        let messages: Vec<String> = (0..20)
+            .map(|n| match n {
+                0 => sent(1000 + batch, 60 + batch),
+                n => sent(1000 + batch * 20 + n, n % 60),
+            })
+            .collect();
+        produce(&brokers, "events", dir.path(), &messages, &[]);
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let counted = |samples: &std::collections::BTreeMap<String, f64>| {
+        (
+            metric_value(samples, "active_teams", "current").unwrap_or(-1.0),
+            sample(
+                samples,
+                "nsm_metric_window_partial{metric=\"active_teams\",window=\"current\"}",
+            ),
+            messages(samples).unwrap_or(-1.0),
+        )
+    };
+    wait_for(
+        "every team counted once",
+        Duration::from_secs(120),
+        Some(&nsm),
+        || (counted(&scrape(port)?) == (70.0, 0.0, 3200.0)).then_some(()),
+    );
+    let log = nsm.log_text();
+    assert_eq!(
+        log.matches("backfill swapped in").count(),
+        2,
+        "one swap per repartition partition\n{log}"
+    );
+    assert!(nsm.terminate(Duration::from_secs(30)).success());
+}
+
 /// A log line without its terminal colour codes (`ESC [ ... m`).
 fn without_colours(line: &str) -> String {
     let mut plain = String::with_capacity(line.len());
