@@ -1737,7 +1737,7 @@ fn a_backfill_killed_midway_goes_on_from_where_it_was() {
     // Midway (past its first checkpoint, 2 s in): partial, the other metrics published.
     wait_for(
         "the backfill midway",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         Some(&nsm),
         || {
             let (ratio, partial, messages) = progress(&scrape(port)?);
@@ -1749,7 +1749,7 @@ fn a_backfill_killed_midway_goes_on_from_where_it_was() {
     let mut nsm = spawn_nsm(dir.path(), "nsm-3", &after);
     let samples = wait_for(
         "the backfill resumed and swapped in",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         Some(&nsm),
         || {
             let samples = scrape(port)?;
