@@ -32,6 +32,41 @@ fn cluster_for(group: &str, partitions: i32) -> (Cluster, String) {
     (cluster, brokers)
 }
 
+/// [`cluster_for`], with the group's repartition topic of as many partitions.
+fn cluster_with_repartition(group: &str, partitions: i32) -> (Cluster, String) {
+    let (cluster, brokers) = cluster_for(group, partitions);
+    cluster
+        .create_topic(&format!("{group}-repartition"), partitions, 1)
+        .expect("repartition topic");
+    (cluster, brokers)
+}
+
+/// A daily distinct count of teams: with events keyed by user, counted through the
+/// repartition topic.
+const ACTIVE_TEAMS: &str = "\n[[inputs]]\nname = \"active_teams\"\nowner = \"growth-team\"\n\
+     kind = \"distinct\"\nfield = \"team_id\"\nwhere = { event = \"message_sent\" }\n\
+     window = \"1d\"\n";
+
+/// A message of `user`, in `team`, sent now.
+fn team_message(user: usize, team: usize) -> String {
+    let now = now_ms();
+    format!(
+        r#"{{"event":"message_sent","user_id":"u{user}","team_id":"t{team}","timestamp":{now}}}"#
+    )
+}
+
+/// The team count of [`ACTIVE_TEAMS`], whether its current window is partial, and the messages.
+fn teams_counted(samples: &std::collections::BTreeMap<String, f64>) -> (f64, f64, f64) {
+    (
+        metric_value(samples, "active_teams", "current").unwrap_or(-1.0),
+        sample(
+            samples,
+            "nsm_metric_window_partial{metric=\"active_teams\",window=\"current\"}",
+        ),
+        messages(samples).unwrap_or(-1.0),
+    )
+}
+
 /// Starts `nsm run` with the config `text`, written to `dir/<name>.toml`.
 fn run_config(dir: &std::path::Path, name: &str, text: &str) -> Process {
     let path = dir.join(format!("{name}.toml"));
@@ -1324,16 +1359,12 @@ fn a_repartition_topic_refusing_records_stops_nsm_with_nothing_lost() {
 
     let group = "nsm-rp-refused";
     let repartition_topic = format!("{group}-repartition");
-    let (cluster, brokers) = cluster_for(group, 1);
-    cluster
-        .create_topic(&repartition_topic, 1, 1)
-        .expect("repartition topic");
+    let (cluster, brokers) = cluster_with_repartition(group, 1);
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     // Events keyed by user; teams counted through the repartition topic.
     let config = format!(
-        "{}\n[[inputs]]\nname = \"active_teams\"\nowner = \"growth-team\"\nkind = \"distinct\"\n\
-         field = \"team_id\"\nwhere = {{ event = \"message_sent\" }}\nwindow = \"1d\"\n",
+        "{}{ACTIVE_TEAMS}",
         test_config(&brokers, "events", &dir.path().join("state"), port, group)
             .replace("[state]\n", "[state]\nchangelog = false\n")
     );
@@ -1401,19 +1432,17 @@ fn a_repartition_topic_refusing_records_stops_nsm_with_nothing_lost() {
 #[test]
 fn copies_of_events_on_different_partitions_count_once_when_deduplicated_across_them() {
     let group = "nsm-copies";
-    let (cluster, brokers) = cluster_for(group, 2);
-    cluster
-        .create_topic(&format!("{group}-repartition"), 2, 1)
-        .expect("repartition topic");
+    let (_cluster, brokers) = cluster_with_repartition(group, 2);
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let config =
-        format!(
-        "{}\n[[inputs]]\nname = \"active_teams\"\nowner = \"growth-team\"\nkind = \"distinct\"\n\
-         field = \"team_id\"\nwhere = {{ event = \"message_sent\" }}\nwindow = \"1d\"\n",
+    let config = format!(
+        "{}{ACTIVE_TEAMS}",
         test_config(&brokers, "events", &dir.path().join("state"), port, group)
             .replace("key_field = \"user_id\"\n", "")
-            .replace("[time]\n", "[events]\ndedup_across_partitions = true\n[time]\n")
+            .replace(
+                "[time]\n",
+                "[events]\ndedup_across_partitions = true\n[time]\n"
+            )
             .replace("[state]\n", "[state]\nchangelog = false\n")
     );
     let now = now_ms();
@@ -1504,25 +1533,13 @@ fn copies_of_events_on_different_partitions_count_once_when_deduplicated_across_
 #[test]
 fn a_metric_counted_through_the_repartition_topic_is_backfilled_from_every_input_partition() {
     let group = "nsm-backfill-rekeyed";
-    let (cluster, brokers) = cluster_for(group, 2);
-    cluster
-        .create_topic(&format!("{group}-repartition"), 2, 1)
-        .expect("repartition topic");
+    let (_cluster, brokers) = cluster_with_repartition(group, 2);
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let before = test_config(&brokers, "events", &dir.path().join("state"), port, group)
         .replace("[state]\n", "[state]\nchangelog = false\n");
-    let after = format!(
-        "{before}\n[[inputs]]\nname = \"active_teams\"\nowner = \"growth-team\"\n\
-         kind = \"distinct\"\nfield = \"team_id\"\nwhere = {{ event = \"message_sent\" }}\n\
-         window = \"1d\"\n"
-    );
-    let now = now_ms();
-    let sent = |user: usize, team: usize| {
-        format!(
-            r#"{{"event":"message_sent","user_id":"u{user}","team_id":"t{team}","timestamp":{now}}}"#
-        )
-    };
+    let after = format!("{before}{ACTIVE_TEAMS}");
+    let sent = team_message;
     // 40 messages of 20 users in 6 teams, keyed by user: every team on both partitions.
     let history: Vec<String> = (0..40).map(|n| sent(n % 20, n % 6)).collect();
     produce(&brokers, "events", dir.path(), &history, &[]);
@@ -1541,16 +1558,7 @@ fn a_metric_counted_through_the_repartition_topic_is_backfilled_from_every_input
         &[],
     );
     let mut nsm = spawn_nsm(dir.path(), "nsm-2", &after);
-    let counted = |samples: &std::collections::BTreeMap<String, f64>| {
-        (
-            metric_value(samples, "active_teams", "current").unwrap_or(-1.0),
-            sample(
-                samples,
-                "nsm_metric_window_partial{metric=\"active_teams\",window=\"current\"}",
-            ),
-            messages(samples).unwrap_or(-1.0),
-        )
-    };
+    let counted = teams_counted;
     let samples = wait_for(
         "the teams of the history counted",
         Duration::from_secs(90),
@@ -1607,27 +1615,15 @@ fn a_metric_counted_through_the_repartition_topic_is_backfilled_from_every_input
 #[test]
 fn a_rekeyed_backfill_catches_up_with_events_arriving_meanwhile() {
     let group = "nsm-backfill-moving";
-    let (cluster, brokers) = cluster_for(group, 2);
-    cluster
-        .create_topic(&format!("{group}-repartition"), 2, 1)
-        .expect("repartition topic");
+    let (_cluster, brokers) = cluster_with_repartition(group, 2);
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let before = test_config(&brokers, "events", &dir.path().join("state"), port, group).replace(
         "[state]\n",
         "[state]\nchangelog = false\nbackfill_rate = 500\n",
     );
-    let after = format!(
-        "{before}\n[[inputs]]\nname = \"active_teams\"\nowner = \"growth-team\"\n\
-         kind = \"distinct\"\nfield = \"team_id\"\nwhere = {{ event = \"message_sent\" }}\n\
-         window = \"1d\"\n"
-    );
-    let sent = |user: usize, team: usize| {
-        let now = now_ms();
-        format!(
-            r#"{{"event":"message_sent","user_id":"u{user}","team_id":"t{team}","timestamp":{now}}}"#
-        )
-    };
+    let after = format!("{before}{ACTIVE_TEAMS}");
+    let sent = team_message;
     // 3,000 messages of 300 users in 60 teams: 12 s of backfill at 500 a second, for the two
     // repartition partitions reading both input partitions each.
     let history: Vec<String> = (0..3000).map(|n| sent(n % 300, n % 60)).collect();
@@ -1653,16 +1649,7 @@ fn a_rekeyed_backfill_catches_up_with_events_arriving_meanwhile() {
         produce(&brokers, "events", dir.path(), &messages, &[]);
         std::thread::sleep(Duration::from_millis(700));
     }
-    let counted = |samples: &std::collections::BTreeMap<String, f64>| {
-        (
-            metric_value(samples, "active_teams", "current").unwrap_or(-1.0),
-            sample(
-                samples,
-                "nsm_metric_window_partial{metric=\"active_teams\",window=\"current\"}",
-            ),
-            messages(samples).unwrap_or(-1.0),
-        )
-    };
+    let counted = teams_counted;
     wait_for(
         "every team counted once",
         Duration::from_secs(120),
