@@ -15,9 +15,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const NSM: &str = env!("CARGO_BIN_EXE_nsm");
 
+/// A free port for a server a test starts, taken below the kernel's ephemeral range (32768
+/// and up on Linux): a port found free there can be taken by a client of the tests (a Kafka
+/// connection, a scrape) before the server binds it, which failed a test with "Address
+/// already in use". Each process walks its own stretch of 20000..32000.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id() % 120 * 100;
+    for _ in 0..SPAN {
+        let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(LOW + (start + step) % SPAN).expect("below 32000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 pub fn now_ms() -> i64 {
